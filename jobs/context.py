@@ -1,0 +1,60 @@
+"""What every stage gets: the one config object, the partition date, and the lake."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterator
+
+from matcher.config import Config
+from matcher.lake import Lake
+
+log = logging.getLogger("matcher")
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason a user can act on; the message is one line."""
+
+    def __init__(self, stage: str, cause: str):
+        super().__init__(f"stage {stage} failed: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
+@dataclass
+class RunContext:
+    config: Config
+    date: str
+    catalog: str = ""
+    lake_uri: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            dt.date.fromisoformat(self.date)
+        except ValueError:
+            raise ValueError(f"date must be YYYY-MM-DD, got {self.date!r}") from None
+        self.catalog = self.catalog or self.config.run.catalog
+        self.lake_uri = self.lake_uri or self.config.run.lake
+
+    @cached_property
+    def lake(self) -> Lake:
+        return Lake(self.lake_uri, self.config.storage)
+
+    def save_stage_stats(self, stage: str, stats: dict) -> None:
+        self.lake.write_json(f"_runs/dt={self.date}/{stage}.json", stats)
+
+    def stage_stats(self, stage: str) -> dict | None:
+        return self.lake.read_json(f"_runs/dt={self.date}/{stage}.json")
+
+
+@contextmanager
+def throughput(label: str, items: int) -> Iterator[None]:
+    """Log items/s of a block of work."""
+    started = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - started
+    log.info("%s: %d items in %.1fs (%.1f items/s)", label, items, seconds, items / seconds if seconds else 0.0)

@@ -1,0 +1,45 @@
+"""The pipeline definition: stages in order, each a job module with run(ctx) -> stats."""
+from __future__ import annotations
+
+import importlib
+import time
+
+from jobs.context import RunContext, StageError, log
+
+STAGES = ("clean", "validate", "extract", "train", "score", "publish")
+
+
+def parse_steps(steps: str | None) -> list[str]:
+    if not steps:
+        return list(STAGES)
+    wanted = [s.strip() for s in steps.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown steps {unknown}; choose from {','.join(STAGES)}")
+    return [s for s in STAGES if s in wanted]
+
+
+def run_stage(stage: str, ctx: RunContext) -> dict:
+    """Run one stage for ctx.date; its statistics (with seconds) are saved to the lake. Raises StageError."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    module = importlib.import_module(f"jobs.{stage}")
+    log.info("stage %s for %s: started", stage, ctx.date)
+    started = time.perf_counter()
+    try:
+        stats = module.run(ctx)
+    except StageError:
+        raise
+    except Exception as exc:
+        cause = " ".join(str(exc).split()) or type(exc).__name__
+        raise StageError(stage, f"{type(exc).__name__}: {cause[:500]}") from exc
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    if stage != "publish":
+        ctx.save_stage_stats(stage, stats)
+    ctx.timings[stage] = stats["seconds"]
+    log.info("stage %s for %s: done in %.1fs", stage, ctx.date, stats["seconds"])
+    return stats
+
+
+def run_pipeline(ctx: RunContext, steps: list[str]) -> dict[str, dict]:
+    return {stage: run_stage(stage, ctx) for stage in steps}

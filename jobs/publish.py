@@ -1,0 +1,46 @@
+"""publish: make the staged tables of the partition visible, then write the run manifest."""
+from __future__ import annotations
+
+import datetime as dt
+
+from jobs.context import RunContext, StageError, log
+from matcher.tables import table_schema
+
+PUBLISHED_TABLES = ("embeddings", "recommendations", "categories")
+STAGE_NAMES = ("clean", "validate", "extract", "train", "score")
+
+
+def run(ctx: RunContext) -> dict:
+    lake = ctx.lake
+    staged = {name: lake.read_staged(name, ctx.date) for name in PUBLISHED_TABLES}
+    missing = [name for name, table in staged.items() if table is None]
+    if missing:
+        raise StageError("publish", f"nothing staged for {missing} on {ctx.date}: run the score stage first")
+    for name, table in staged.items():
+        if not table.schema.equals(table_schema(name), check_metadata=False):
+            raise StageError("publish", f"staged {name} does not match schemas/tables.json")
+    tables = {}
+    for name, table in staged.items():
+        lake.commit_staged(name, ctx.date)
+        tables[name] = {"rows": table.num_rows, "path": lake.display(f"{name}/dt={ctx.date}")}
+    lake.clear_staging(ctx.date)
+    for name in ("clean", "quarantine", "features"):
+        t = lake.read_partition(name, ctx.date)
+        tables[name] = {"rows": t.num_rows if t is not None else 0, "path": lake.display(f"{name}/dt={ctx.date}")}
+    stages = {s: ctx.stage_stats(s) for s in STAGE_NAMES}
+    manifest = {
+        "date": ctx.date,
+        "catalog": ctx.catalog,
+        "model_version": (stages.get("score") or {}).get("model_version"),
+        "counts": {k: (stages.get("clean") or {}).get(k) for k in
+                   ("input_rows", "clean_rows", "quarantined_rows", "quarantine_by_reason")},
+        "features": {k: (stages.get("extract") or {}).get(k) for k in ("embedded", "reused")},
+        "metrics": (stages.get("train") or {}).get("metrics"),
+        "promotion": (stages.get("train") or {}).get("decision"),
+        "stage_seconds": {s: (stats or {}).get("seconds") for s, stats in stages.items()},
+        "tables": tables,
+        "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    lake.write_json(f"manifests/dt={ctx.date}/manifest.json", manifest)
+    log.info("publish: %s", {k: v["rows"] for k, v in tables.items()})
+    return {"tables": tables}

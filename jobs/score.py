@@ -1,0 +1,50 @@
+"""score: embeddings in the learned space, all-pairs exact top-K recommendations, categories; staged for publish."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from jobs.context import RunContext, log, throughput
+from jobs.features_io import load_feature_set
+from jobs.validate import require_passed
+from matcher.evaluate import embed
+from matcher.registry import check_encoders, load_current_model
+from matcher.scoring import assign_categories, topk
+from matcher.tables import to_arrow
+
+
+def run(ctx: RunContext) -> dict:
+    require_passed(ctx, "score")
+    fs = load_feature_set(ctx, "score")
+    model, config = load_current_model(ctx.lake)
+    check_encoders(config, fs.image_encoder, fs.text_encoder)
+    version = config["version"]
+    z, u, v = embed(model, fs.image_feats, fs.text_feats)
+    n, k = len(fs.product_ids), ctx.config.score.top_k
+    with throughput("score all-pairs", n):
+        scores, idx = topk(v, v, k, block_size=ctx.config.score.block_size, exclude_self=True)
+    k_eff = scores.shape[1]
+    recommendations = pd.DataFrame({
+        "product_id": np.repeat(fs.product_ids, k_eff),
+        "rank": np.tile(np.arange(1, k_eff + 1, dtype=np.int32), n),
+        "rec_product_id": fs.product_ids[idx.ravel()],
+        "score": scores.ravel(),
+        "model_version": version,
+    })
+    embeddings = pd.DataFrame({"product_id": fs.product_ids, "image_vec": list(z), "text_vec": list(u),
+                               "fused_vec": list(v), "model_version": version})
+    predicted, cat_scores = assign_categories(v, fs.categories)
+    categories = pd.DataFrame({
+        "product_id": fs.product_ids, "category": fs.categories, "predicted_category": predicted,
+        "score": cat_scores,
+        "agrees": [bool(c == p) if c else None for c, p in zip(fs.categories, predicted)],
+        "model_version": version,
+    })
+    ctx.lake.clear_staging(ctx.date)
+    for name, df in (("embeddings", embeddings), ("recommendations", recommendations), ("categories", categories)):
+        ctx.lake.stage_partition(name, ctx.date, to_arrow(name, df))
+    labelled = fs.categories != ""
+    agreement = float((predicted[labelled] == fs.categories[labelled]).mean()) if labelled.any() else None
+    log.info("score: %d products, top-%d each, model %s", n, k_eff, version)
+    return {"products": n, "top_k": k_eff, "recommendation_rows": int(len(recommendations)), "model_version": version,
+            "category_agreement": agreement}

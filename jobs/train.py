@@ -1,0 +1,58 @@
+"""train: nightly retraining on the date's features; the new model is promoted only if it is not worse."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from jobs.context import RunContext, log
+from jobs.features_io import load_feature_set
+from jobs.validate import require_passed
+from matcher.evaluate import evaluate_model
+from matcher.model import ModelSpec
+from matcher.registry import check_encoders, current_version, load_model, promote, save_model
+from matcher.train import holdout_mask, train_model, training_fingerprint
+
+
+def run(ctx: RunContext) -> dict:
+    require_passed(ctx, "train")
+    fs = load_feature_set(ctx, "train")
+    cfg = ctx.config.train
+    spec = ModelSpec(image_dim=fs.image_feats.shape[1], text_dim=fs.text_feats.shape[1], dim=cfg.dim,
+                     hidden=cfg.hidden, fusion=cfg.fusion, fusion_alpha=cfg.fusion_alpha,
+                     image_encoder=fs.image_encoder, text_encoder=fs.text_encoder)
+    heldout = holdout_mask(fs.product_ids, cfg.holdout_fraction)
+    if heldout.all() or (~heldout).sum() < 2:
+        heldout[:] = False  # too small a catalog to hold anything out: train on all, metrics are then in-sample
+    result = train_model(fs.image_feats[~heldout], fs.text_feats[~heldout], spec, cfg)
+    metrics = evaluate_model(result.model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
+    metrics["train_seconds"] = result.seconds
+    fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
+    version = f"{ctx.date}-{fingerprint[:10]}"
+    location = save_model(ctx.lake, version, result.model,
+                          {"train": asdict(cfg), "data_fingerprint": fingerprint, "trained_for_date": ctx.date,
+                           "products": int(len(fs.product_ids)), "heldout": int(heldout.sum())},
+                          metrics, result.history)
+
+    # Promotion gate: compare with the current model on the same held-out split.
+    previous = current_version(ctx.lake)
+    decision, previous_metrics = "promoted (no current model)", None
+    if previous and previous != version:
+        prev_model, prev_config = load_model(ctx.lake, previous)
+        try:
+            check_encoders(prev_config, fs.image_encoder, fs.text_encoder)
+            previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
+        except Exception as exc:  # the current model cannot read these features: it cannot be kept
+            decision = f"promoted (current model {previous} unusable: {exc})"
+    promoted = True
+    if previous_metrics is not None:
+        new, old = metrics.get(cfg.promotion_metric, 0.0), previous_metrics.get(cfg.promotion_metric, 0.0)
+        promoted = new >= old - cfg.promotion_tolerance
+        decision = (f"{'promoted' if promoted else 'kept current model ' + previous}: {cfg.promotion_metric} "
+                    f"{new:.4f} vs current {old:.4f} (tolerance {cfg.promotion_tolerance})")
+    elif previous == version:
+        decision = "promoted (same model as current)"
+    if promoted:
+        promote(ctx.lake, version, ctx.date)
+    log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,
+             {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)})
+    return {"model_version": version, "promoted": promoted, "decision": decision, "metrics": metrics,
+            "previous_version": previous, "previous_metrics": previous_metrics, "model_location": location}

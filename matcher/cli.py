@@ -1,0 +1,188 @@
+"""The `matcher` command."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from matcher.config import WORKSPACE_CONFIG, Config, load_config
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jobs.context import StageError
+    from matcher.catalog import CatalogError
+    from matcher.config import ConfigError
+    from matcher.encoders import EncoderError
+    from matcher.model import ModelError
+    from matcher.published import NotPublishedError
+    from matcher.s3server import S3ServerError
+    from matcher.storage import StorageError
+
+    return (StageError, CatalogError, ConfigError, EncoderError, ModelError, NotPublishedError, S3ServerError,
+            StorageError, ValueError, FileNotFoundError, OSError)
+
+
+def resolve_config(path: str | None) -> Config:
+    """--config FILE, else the workspace's .matcher/config.toml (written by `matcher demo`), else the defaults."""
+    if path:
+        return load_config(path)
+    if WORKSPACE_CONFIG.is_file():
+        return load_config(WORKSPACE_CONFIG)
+    return load_config()
+
+
+@contextmanager
+def storage_ready(cfg: Config) -> Iterator[Config]:
+    """With storage.embedded, run the project's own S3 server for the duration and point the config at it."""
+    if not cfg.storage.embedded:
+        yield cfg
+        return
+    from matcher.s3server import EmbeddedS3
+
+    with EmbeddedS3(cfg.storage.data_dir, cfg.storage.s3_access_key, cfg.storage.s3_secret_key) as server:
+        yield cfg.with_overrides({"storage": {"s3_endpoint": server.endpoint, "embedded": False}})
+
+
+def _lake(cfg: Config, lake_uri: str | None):
+    from matcher.lake import Lake
+
+    return Lake(lake_uri or cfg.run.lake, cfg.storage)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from jobs.context import RunContext
+    from jobs.pipeline import parse_steps, run_pipeline
+    from jobs.spark import stop_spark
+
+    steps = parse_steps(args.steps)
+    with storage_ready(resolve_config(args.config)) as cfg:
+        ctx = RunContext(cfg, args.date, catalog=args.catalog or "", lake_uri=args.lake or "")
+        try:
+            run_pipeline(ctx, steps)
+        finally:
+            stop_spark()
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items())
+    print(f"matcher: {args.date} done ({timings}); lake {ctx.lake.display('')}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from matcher.demo import run_demo
+
+    return run_demo(Path(args.workdir), products=args.products, date=args.date)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from matcher.search import recommendations_for
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        recs = recommendations_for(_lake(cfg, args.lake), args.product_id, args.date)
+    print(f"{args.product_id}  {recs.attrs['query_title']}  (published {recs.attrs['date']})")
+    for row in recs.itertuples():
+        print(f"  {row.rank:>2}. {row.rec_product_id:<12} {row.score:.3f}  {row.title}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from matcher.search import search_text
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        hits = search_text(_lake(cfg, args.lake), args.text, k=args.k, date=args.date)
+    for row in hits.itertuples():
+        print(f"  {row.rank:>2}. {row.product_id:<12} {row.score:.3f}  {row.title}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from matcher.published import QUERYABLE_TABLES, published_dataset
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        con = duckdb.connect()
+        datasets = {name: published_dataset(lake, name) for name in QUERYABLE_TABLES}
+        for name, dataset in datasets.items():
+            if dataset is not None:
+                con.register(name, dataset)
+        if not any(d is not None for d in datasets.values()):
+            raise FileNotFoundError(f"nothing published in {lake.display('')}")
+        rel = con.sql(args.sql)
+        if rel is None:
+            return 0
+        df = rel.fetchdf()
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 20, "display.width", 160,
+                           "display.max_colwidth", 60):
+        print(df.to_string(index=False, max_rows=args.max_rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matcher", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, with_date: bool = True) -> None:
+        p.add_argument("--config", help="TOML config file (default: .matcher/config.toml if present, else defaults)")
+        p.add_argument("--lake", help="lake URI: file:///path or s3://bucket/prefix (default: run.lake of the config)")
+        if with_date:
+            p.add_argument("--date", help="published partition YYYY-MM-DD (default: the latest)")
+
+    p = sub.add_parser("run", help="run pipeline stages for one partition date")
+    common(p, with_date=False)
+    p.add_argument("--catalog", help="catalog folder or s3:// prefix (default: run.catalog of the config)")
+    p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
+    p.add_argument("--steps", help="comma-separated subset of clean,validate,extract,train,score,publish")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("demo", help="embedded S3 + demo catalog + the Airflow DAG, then print recommendations")
+    p.add_argument("--workdir", default=".matcher", help="where the demo keeps its catalog, S3 data and Airflow home")
+    p.add_argument("--products", type=int, default=300)
+    p.add_argument("--date", default=dt.date.today().isoformat())
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("recommend", help="a product's published recommendations")
+    common(p)
+    p.add_argument("product_id")
+    p.set_defaults(handler=cmd_recommend)
+
+    p = sub.add_parser("search", help="text search (English or Chinese) over the published products")
+    common(p)
+    p.add_argument("text")
+    p.add_argument("-k", type=int, default=10)
+    p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + "recommendations, embeddings, "
+                       "categories, quarantine, clean (each with a dt column)")
+    common(p, with_date=False)
+    p.add_argument("sql")
+    p.add_argument("--max-rows", type=int, default=50)
+    p.set_defaults(handler=cmd_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "great_expectations", "jieba", "botocore", "urllib3", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except _user_errors() as exc:
+        message = " ".join(str(exc).split())
+        print(f"matcher: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("matcher: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

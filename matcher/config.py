@@ -1,0 +1,205 @@
+"""One configuration object, loaded once from the embedded defaults plus a user's TOML file, then passed down."""
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULTS_PATH = Path(__file__).with_name("defaults.toml")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS_DIR = REPO_ROOT / "schemas"
+WORKSPACE_CONFIG = Path(".matcher/config.toml")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    catalog: str
+    lake: str
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    embedded: bool
+    data_dir: str
+    s3_endpoint: str
+    s3_region: str
+    s3_access_key: str = field(repr=False)
+    s3_secret_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    image_size: int
+    jpeg_quality: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_title_chars: int
+    max_description_chars: int
+    image_threads: int
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    clean_suite: str
+    run_suite: str
+    max_quarantine_rate: float
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    image_encoder: str
+    text_encoder: str
+    image_weights: str
+    batch_size: int
+    arrow_batch_size: int
+    device: str
+    spark_master: str
+    spark_driver_memory: str
+    spark_partitions: int
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dim: int
+    hidden: int
+    fusion: str
+    fusion_alpha: float
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    temperature: float
+    learn_temperature: bool
+    holdout_fraction: float
+    seed: int
+    promotion_metric: str
+    promotion_tolerance: float
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    top_k: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig
+    storage: StorageConfig
+    clean: CleanConfig
+    validate: ValidateConfig
+    extract: ExtractConfig
+    train: TrainConfig
+    score: ScoreConfig
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "Config":
+        merged = _merge(self.to_dict(), overrides)
+        return _from_dict(merged)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for section, values in overrides.items():
+        if section not in out:
+            raise ConfigError(f"unknown config section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section [{section}] must be a table")
+        for key, value in values.items():
+            if key not in out[section]:
+                raise ConfigError(f"unknown config key {section}.{key}")
+            out[section][key] = value
+    return out
+
+
+def _from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    sections = {}
+    for f in fields(Config):
+        cls = f.type if isinstance(f.type, type) else globals()[f.type]
+        values = data[f.name]
+        typed = {}
+        for sf in fields(cls):
+            default = values[sf.name]
+            typed[sf.name] = _coerce(f"{f.name}.{sf.name}", default, sf.type)
+        sections[f.name] = cls(**typed)
+    cfg = Config(**sections)
+    _check(cfg)
+    return cfg
+
+
+def _coerce(name: str, value: Any, type_name: Any) -> Any:
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name} must be {kind}, got {value!r}") from None
+    return value
+
+
+def _check(cfg: Config) -> None:
+    if cfg.train.fusion not in ("weighted", "concat", "concat_weighted"):
+        raise ConfigError(f"train.fusion must be weighted, concat or concat_weighted, got {cfg.train.fusion!r}")
+    if not 0.0 <= cfg.train.fusion_alpha <= 1.0:
+        raise ConfigError("train.fusion_alpha must be in [0, 1]")
+    if not 0.0 < cfg.train.holdout_fraction < 1.0:
+        raise ConfigError("train.holdout_fraction must be in (0, 1)")
+    if cfg.score.top_k < 1:
+        raise ConfigError("score.top_k must be >= 1")
+    if cfg.extract.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("extract.device must be auto, cpu or cuda")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Embedded defaults, then the file at `path` (if any), then `overrides`."""
+    with open(DEFAULTS_PATH, "rb") as fh:
+        data = tomllib.load(fh)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        with open(p, "rb") as fh:
+            try:
+                data = _merge(data, tomllib.load(fh))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    if overrides:
+        data = _merge(data, overrides)
+    return _from_dict(data)
+
+
+def dump_toml(cfg_sections: dict[str, dict[str, Any]]) -> str:
+    """Write a (partial) config as TOML; values are str, bool, int or float."""
+    lines = []
+    for section, values in cfg_sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, (int, float)):
+                lines.append(f"{key} = {value}")
+            else:
+                escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{key} = "{escaped}"')
+        lines.append("")
+    return "\n".join(lines)

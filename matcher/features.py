@@ -1,0 +1,40 @@
+"""Feature extraction over a batch of clean rows: pure (no Spark), so any runner can map it over partitions."""
+from __future__ import annotations
+
+import pandas as pd
+
+from matcher.encoders import ImageEncoder, TextEncoder, product_text
+
+FEATURE_COLUMNS = ["product_id", "content_hash", "image_feat", "text_feat", "image_encoder", "text_encoder"]
+
+
+def extract_features(batch: pd.DataFrame, image_encoder: ImageEncoder, text_encoder: TextEncoder,
+                     batch_size: int) -> pd.DataFrame:
+    """Image and text features for rows with product_id, title, description, image_bytes, content_hash."""
+    if batch.empty:
+        return pd.DataFrame(columns=FEATURE_COLUMNS)
+    image_feats = image_encoder.encode(list(batch["image_bytes"]), batch_size=batch_size)
+    texts = [product_text(t, d) for t, d in zip(batch["title"], batch["description"])]
+    text_feats = text_encoder.encode(texts, batch_size=max(batch_size, 64))
+    return pd.DataFrame({
+        "product_id": batch["product_id"].to_numpy(),
+        "content_hash": batch["content_hash"].to_numpy(),
+        "image_feat": list(image_feats),
+        "text_feat": list(text_feats),
+        "image_encoder": image_encoder.version,
+        "text_encoder": text_encoder.version,
+    })
+
+
+def split_reusable(clean: pd.DataFrame, previous: pd.DataFrame | None, image_version: str,
+                   text_version: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows to embed, previous feature rows to carry forward): a product is reused when its content hash and
+    both encoder versions equal the previous run's."""
+    if previous is None or previous.empty:
+        return clean, pd.DataFrame(columns=FEATURE_COLUMNS)
+    prev = previous[(previous["image_encoder"] == image_version) & (previous["text_encoder"] == text_version)]
+    prev = prev.drop_duplicates("product_id")
+    key = clean[["product_id", "content_hash"]]
+    reused = prev.merge(key, on=["product_id", "content_hash"], how="inner")[FEATURE_COLUMNS]
+    todo = clean[~clean["product_id"].isin(set(reused["product_id"]))]
+    return todo, reused

@@ -1,0 +1,75 @@
+"""Decode any catalog image into the canonical square RGB JPEG the encoders read."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageRejected(Exception):
+    """An image that cannot be used; `reason` is a stable quarantine code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class CanonicalImage:
+    data: bytes
+    width: int
+    height: int
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits before converting.
+        return img.point(lambda v: v / 256).convert("L").convert("RGB")
+    return img.convert("RGB")
+
+
+def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, quality: int = 90) -> CanonicalImage:
+    """Decode, orient by EXIF, convert to RGB, resize the short side to `size`, centre-crop, re-encode as JPEG."""
+    if not data:
+        raise ImageRejected("image_empty", "zero-byte file")
+    if len(data) > max_bytes:
+        raise ImageRejected("image_too_large", f"{len(data)} bytes > {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0 or width * height > max_pixels:
+                raise ImageRejected("image_too_large", f"{width}x{height} pixels > {max_pixels}")
+            img.seek(0)  # first frame of animations
+            img.load()
+    except ImageRejected:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        reason = "not_an_image" if isinstance(exc, UnidentifiedImageError) else "image_too_large"
+        raise ImageRejected(reason, str(exc)[:200]) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected("image_corrupt", str(exc)[:200]) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the product its photo
+        pass
+    img = _to_rgb(img)
+    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return CanonicalImage(out.getvalue(), size, size)
+
+
+def decode_canonical(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")

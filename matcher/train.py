@@ -96,6 +96,6 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
             totals["contrastive"] += contrastive.item()
             totals["matching"] += matching.item()
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in totals.items()},
-                        "temperature": float(1.0 / model.logit_scale.exp())})
+                        "temperature": 1.0 / model.logit_scale.exp().item()})
     model.eval()
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started)

@@ -1,0 +1,40 @@
+"""Nightly product matching: clean -> validate -> extract -> train -> score -> publish, one task per stage,
+each for the run's logical date ({{ ds }}). Trigger with conf {"config": "/path/matcher.toml"} or set the params."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk import DAG, Param
+
+from jobs.airflow_tasks import log_failure, run_stage_task
+from jobs.pipeline import STAGES
+
+with DAG(
+    dag_id="product_matching_nightly",
+    description="Product image-text matching: recommendation, search and category tables",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(minutes=2),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=30),
+        "on_failure_callback": log_failure,
+    },
+    params={
+        "config": Param("", type="string", description="matcher TOML config file; empty = embedded defaults"),
+        "catalog": Param("", type="string", description="overrides run.catalog"),
+        "lake": Param("", type="string", description="overrides run.lake"),
+    },
+    tags=["matcher"],
+) as dag:
+    previous = None
+    for stage in STAGES:
+        # `ds` and `params` come from the task context (matched by the callable's argument names).
+        task = PythonOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage})
+        if previous is not None:
+            previous >> task
+        previous = task

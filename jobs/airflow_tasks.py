@@ -1,0 +1,31 @@
+"""The callable each Airflow task runs: one stage of the pipeline for the run's logical date."""
+from __future__ import annotations
+
+import logging
+
+from jobs.context import RunContext
+from jobs.pipeline import run_stage
+from matcher.cli import storage_ready
+from matcher.config import load_config
+
+log = logging.getLogger("matcher")
+
+
+def run_stage_task(stage: str, ds: str, params: dict | None = None) -> dict:
+    """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
+
+    params: "config" (a TOML file; empty = embedded defaults), "catalog" and "lake" (override the config's)."""
+    params = params or {}
+    cfg = load_config(params.get("config") or None)
+    with storage_ready(cfg) as cfg:
+        ctx = RunContext(cfg, ds, catalog=params.get("catalog") or "", lake_uri=params.get("lake") or "")
+        stats = run_stage(stage, ctx)
+    # Small, JSON-safe summary for XCom; the full statistics are in the lake.
+    return {"stage": stage, "date": ds, "seconds": stats.get("seconds")}
+
+
+def log_failure(context: dict) -> None:
+    """on_failure_callback: one line with the stage, the date and the cause."""
+    ti = context.get("task_instance")
+    log.error("matcher stage %s failed for %s: %s", getattr(ti, "task_id", "?"), context.get("ds"),
+              " ".join(str(context.get("exception")).split())[:500])

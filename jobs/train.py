@@ -7,8 +7,9 @@ from jobs.context import RunContext, log
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
 from matcher.evaluate import evaluate_model
-from matcher.model import ModelSpec
-from matcher.registry import check_encoders, current_version, load_model, promote, save_model
+from matcher.model import ModelError, ModelSpec
+from matcher.registry import (check_encoders, current_version, load_model, promote, promotion_decision,
+                              save_model)
 from matcher.train import holdout_mask, train_model, training_fingerprint
 
 
@@ -40,14 +41,12 @@ def run(ctx: RunContext) -> dict:
         try:
             check_encoders(prev_config, fs.image_encoder, fs.text_encoder)
             previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
-        except Exception as exc:  # the current model cannot read these features: it cannot be kept
+        except (ModelError, RuntimeError) as exc:  # the current model cannot read these features
             decision = f"promoted (current model {previous} unusable: {exc})"
     promoted = True
     if previous_metrics is not None:
-        new, old = metrics.get(cfg.promotion_metric, 0.0), previous_metrics.get(cfg.promotion_metric, 0.0)
-        promoted = new >= old - cfg.promotion_tolerance
-        decision = (f"{'promoted' if promoted else 'kept current model ' + previous}: {cfg.promotion_metric} "
-                    f"{new:.4f} vs current {old:.4f} (tolerance {cfg.promotion_tolerance})")
+        promoted, decision = promotion_decision(metrics, previous_metrics, previous, cfg.promotion_metric,
+                                                cfg.promotion_tolerance)
     elif previous == version:
         decision = "promoted (same model as current)"
     if promoted:

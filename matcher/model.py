@@ -58,17 +58,23 @@ def fuse(z: torch.Tensor, u: torch.Tensor, mode: str, alpha: float) -> torch.Ten
 
 
 class MatchingNetwork(nn.Module):
-    """s = sigmoid(N(v)) where v fuses a photo's z and a text's u: does this photo belong with this text?"""
+    """s = sigmoid(N(v)) where v fuses a photo's z and a text's u: does this photo belong with this text?
+
+    N is an MLP over v and v's second-order terms (v*v for the weighted sum, whose total is a monotone function of
+    cos(z, u); the product of the two halves for concatenations), since agreement between the two modalities is a
+    quadratic property of v that a small MLP on v alone learns only slowly."""
 
     def __init__(self, dim: int, fusion: str, alpha: float, hidden: int = 256):
         super().__init__()
-        self.fusion, self.alpha = fusion, alpha
-        in_dim = dim if fusion == "weighted" else 2 * dim
+        self.fusion, self.alpha, self.dim = fusion, alpha, dim
+        in_dim = 2 * dim if fusion == "weighted" else 3 * dim
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Logits; apply sigmoid for the match probability."""
-        return self.net(fuse(z, u, self.fusion, self.alpha)).squeeze(-1)
+        v = fuse(z, u, self.fusion, self.alpha)
+        second_order = v * v if self.fusion == "weighted" else v[..., : self.dim] * v[..., self.dim:]
+        return self.net(torch.cat([v, second_order], dim=-1)).squeeze(-1)
 
 
 class MatcherModel(nn.Module):

@@ -50,3 +50,15 @@ def check_encoders(config: dict, image_encoder: str, text_encoder: str) -> None:
         raise ModelError(
             f"model {config.get('version')} was trained on features of {spec['image_encoder']} + "
             f"{spec['text_encoder']}, but the features are from {image_encoder} + {text_encoder}; retrain (train stage)")
+
+
+def promotion_decision(new: dict, current: dict, current_version_name: str, metric: str,
+                       tolerance: float) -> tuple[bool, str]:
+    """The gate: promote only if the new model's held-out `metric` is not worse than the current model's on the
+    same split, within `tolerance`."""
+    if metric not in new:
+        return False, f"kept current model {current_version_name}: new model has no {metric}"
+    new_value, old_value = float(new[metric]), float(current.get(metric, float("-inf")))
+    promoted = new_value >= old_value - tolerance
+    verdict = "promoted" if promoted else f"kept current model {current_version_name}"
+    return promoted, f"{verdict}: {metric} {new_value:.4f} vs current {old_value:.4f} (tolerance {tolerance})"

@@ -51,7 +51,10 @@ def _stem(word: str) -> str:
                 return word[:-3] + "y"
             if suffix == "es" and not word.endswith(("ses", "xes", "zes", "ches", "shes")):
                 return word[:-1]
-            return word[: -len(suffix)]
+            stem = word[: -len(suffix)]
+            if suffix in ("ing", "ed") and len(stem) > 3 and stem[-1] == stem[-2] and stem[-1] not in "lsz":
+                stem = stem[:-1]  # running -> run, shopped -> shop
+            return stem
     return word
 
 

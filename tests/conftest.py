@@ -1,0 +1,75 @@
+"""Shared fixtures: a real S3 server, small slices of the real fashion catalog, configs, Airflow on SQLite."""
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Airflow reads these at import time: set them before anything imports airflow.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="matcher-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parent.parent / "dags")
+
+from matcher.config import Config, load_config  # noqa: E402
+
+FASHION = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fashion"
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    if not (FASHION / "products.csv").is_file():
+        pytest.skip(f"real data not found at {FASHION} (../shared/data/fashion beside the repository)")
+    return FASHION
+
+
+def make_fashion_slice(dest: Path, n: int, start: int = 0) -> Path:
+    """A catalog folder with the first n products of the fashion catalog, images copied in."""
+    src = FASHION
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "images").mkdir(exist_ok=True)
+    with open(src / "products.csv", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = [r for i, r in enumerate(reader) if start <= i < start + n]
+        fields = reader.fieldnames
+    for r in rows:
+        (dest / r["image"]).write_bytes((src / r["image"]).read_bytes())
+    with open(dest / "products.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def fashion_slice(fashion_dir: Path, tmp_path_factory) -> Path:
+    # Interleave categories: 48 products from across the catalog.
+    return make_fashion_slice(tmp_path_factory.mktemp("fashion48"), 48, start=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from matcher.s3server import EmbeddedS3
+
+    server = EmbeddedS3(tmp_path_factory.mktemp("seaweedfs"), "test" + secrets.token_hex(3), secrets.token_hex(16))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_config(s3_server) -> Config:
+    return load_config(overrides={
+        "storage": {"s3_endpoint": s3_server.endpoint, "s3_access_key": s3_server.access_key,
+                    "s3_secret_key": s3_server.secret_key},
+    })
+
+
+@pytest.fixture
+def fast_config() -> Config:
+    """Defaults with a short training schedule, for tests."""
+    return load_config(overrides={"train": {"epochs": 8, "batch_size": 32}})

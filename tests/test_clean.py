@@ -1,0 +1,103 @@
+import io
+
+import pytest
+from PIL import Image
+
+from matcher.catalog import CatalogError, CatalogReader
+from matcher.clean import clean_catalog
+from matcher.config import load_config
+
+
+def jpeg(colour=(200, 30, 30), size=(80, 60)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy_catalog(tmp_path):
+    """Good rows mixed with every kind of bad row the clean stage must quarantine."""
+    root = tmp_path / "catalog"
+    (root / "images").mkdir(parents=True)
+    (tmp_path / "outside.jpg").write_bytes(jpeg())
+    good = []
+    for i in range(6):
+        (root / "images" / f"g{i}.jpg").write_bytes(jpeg((40 * i, 100, 200)))
+        title = f"Good product {i}" if i % 2 else f"好产品 {i} 连衣裙"
+        good.append(f'G{i},"{title}",<p>nice &amp; soft</p>,Dresses,images/g{i}.jpg')
+    (root / "images" / "empty.jpg").write_bytes(b"")
+    (root / "images" / "trunc.jpg").write_bytes(jpeg(size=(400, 400))[:300])
+    (root / "images" / "text.jpg").write_bytes(b"this is a text file")
+    big = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(big, format="PNG")
+    (root / "images" / "bomb.png").write_bytes(big.getvalue())
+    bad = [
+        ',"No id",,Dresses,images/g0.jpg',                       # missing product_id
+        'G1,"Duplicate of G1",,Dresses,images/g1.jpg',             # duplicate product_id
+        'B2,"",,Dresses,images/g2.jpg',                            # empty title
+        'B3,"Missing photo",,Dresses,images/nope.jpg',             # image missing
+        'B4,"Zero bytes",,Dresses,images/empty.jpg',               # zero-byte image
+        'B5,"Truncated",,Dresses,images/trunc.jpg',                # truncated image
+        'B6,"Not an image",,Dresses,images/text.jpg',              # not an image
+        'B7,"Bomb",,Dresses,images/bomb.png',                      # absurd dimensions
+        'B8,"Escapes root",,Dresses,../outside.jpg',               # path escapes the catalog root
+        'B9,"Too,many",fields,here,x,y,z',                         # wrong number of fields
+    ]
+    body = "\n".join(["product_id,title,description,category,image", *good[:3], *bad[:5], *good[3:], *bad[5:]])
+    data = body.encode("utf-8") + "\nB10,\"Bad ".encode() + b"\xff\xfe utf8\",,Dresses,images/g3.jpg\n"
+    (root / "products.csv").write_bytes(b"\xef\xbb\xbf" + data)  # with a BOM
+    return root
+
+
+EXPECTED_REASONS = {
+    "": "missing_product_id", "B2": "missing_title", "B3": "image_missing", "B4": "image_empty",
+    "B5": "image_corrupt", "B6": "not_an_image", "B7": "image_too_large", "B8": "image_path_escapes_root",
+    "B10": "text_invalid_utf8",
+}
+
+
+def test_every_bad_row_is_quarantined_and_every_good_row_kept(messy_catalog):
+    cfg = load_config(overrides={"clean": {"image_size": 64, "max_image_pixels": 10_000_000}}).clean
+    reader = CatalogReader(str(messy_catalog), load_config().storage)
+    raw = reader.read()
+    result = clean_catalog(raw, reader.read_image, cfg)
+
+    assert sorted(result.clean["product_id"]) == [f"G{i}" for i in range(6)]
+    q = result.quarantine
+    by_id = dict(zip(q["product_id"], q["reason"]))
+    for pid, reason in EXPECTED_REASONS.items():
+        assert by_id.get(pid) == reason, (pid, by_id)
+    assert (q["reason"] == "duplicate_product_id").sum() == 1
+    assert (q["reason"] == "wrong_field_count").sum() == 1
+    # Counts reconcile: every input row is either clean or quarantined.
+    input_rows = len(raw.rows) + len(raw.bad_lines)
+    assert input_rows == 17
+    assert len(result.clean) + len(q) == input_rows
+    assert result.stats(input_rows)["quarantined_rows"] == 11
+
+    row = result.clean.set_index("product_id").loc["G0"]
+    assert row["title"] == "好产品 0 连衣裙" and row["description"] == "nice & soft"
+    assert "连衣裙" in list(row["tokens"])
+    assert row["image_width"] == 64 and len(row["content_hash"]) == 64
+
+
+def test_the_kept_duplicate_is_the_first_occurrence(messy_catalog):
+    reader = CatalogReader(str(messy_catalog), load_config().storage)
+    result = clean_catalog(reader.read(), reader.read_image, load_config().clean)
+    assert result.clean.set_index("product_id").loc["G1", "title"] == "Good product 1"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"sku,name\n1,shoe\n", "lacks required columns"),
+    (b"\x00\x01\x02binary\x00" * 20, "binary"),
+])
+def test_a_file_that_is_not_a_catalog_fails_at_once(tmp_path, content, message):
+    (tmp_path / "products.csv").write_bytes(content)
+    with pytest.raises(CatalogError, match=message):
+        CatalogReader(str(tmp_path), load_config().storage).read()
+
+
+def test_no_catalog_file(tmp_path):
+    with pytest.raises(CatalogError, match="expected one of"):
+        CatalogReader(str(tmp_path), load_config().storage).read()

@@ -1,0 +1,45 @@
+import pytest
+
+from matcher.config import ConfigError, dump_toml, load_config
+
+
+def test_defaults_load_and_have_documented_values():
+    cfg = load_config()
+    assert cfg.score.top_k == 10
+    assert cfg.train.dim == 256
+    assert cfg.train.fusion == "weighted"
+    assert cfg.extract.image_encoder == "efficientnet-lite0"
+
+
+def test_file_overrides_subset(tmp_path):
+    p = tmp_path / "m.toml"
+    p.write_text(dump_toml({"score": {"top_k": 5}, "train": {"fusion": "concat"}}))
+    cfg = load_config(p)
+    assert cfg.score.top_k == 5 and cfg.train.fusion == "concat"
+    assert cfg.train.dim == 256  # untouched keys keep defaults
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"score": {"top_kk": 5}}, "unknown config key score.top_kk"),
+    ({"nope": {"a": 1}}, "unknown config section"),
+    ({"score": {"top_k": "ten"}}, "score.top_k must be int"),
+    ({"train": {"fusion": "sum"}}, "train.fusion"),
+    ({"storage": {"embedded": "yes"}}, "storage.embedded must be bool"),
+])
+def test_bad_config_is_a_clear_error(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=sections)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[score\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_secrets_not_in_repr():
+    cfg = load_config(overrides={"storage": {"s3_access_key": "AKIAXYZ", "s3_secret_key": "supersecret"}})
+    assert "supersecret" not in repr(cfg) and "AKIAXYZ" not in repr(cfg)

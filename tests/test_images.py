@@ -1,0 +1,76 @@
+import io
+
+import pytest
+from PIL import Image
+
+from matcher.images import ImageRejected, canonicalize_image
+
+LIMITS = dict(size=64, max_bytes=5_000_000, max_pixels=4_000_000)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("img, fmt", [
+    (Image.new("RGB", (120, 80), (200, 10, 10)), "JPEG"),
+    (Image.new("RGBA", (50, 90), (10, 200, 10, 128)), "PNG"),
+    (Image.new("P", (40, 40), 3), "GIF"),
+    (Image.new("L", (70, 70), 100), "PNG"),
+    (Image.new("I;16", (70, 70), 40000), "PNG"),
+    (Image.new("CMYK", (70, 50), (0, 255, 255, 0)), "JPEG"),
+    (Image.new("RGB", (30, 30), (0, 0, 255)), "WEBP"),
+])
+def test_any_mode_and_format_becomes_square_rgb_jpeg(img, fmt):
+    out = canonicalize_image(encode(img, fmt), **LIMITS)
+    im = decoded(out.data)
+    assert im.format == "JPEG" and im.mode == "RGB" and im.size == (64, 64)
+    assert (out.width, out.height) == (64, 64)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (100, 50), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 50, 50))  # left half black
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    data = encode(img, "JPEG", exif=exif.tobytes())
+    out = decoded(canonicalize_image(data, size=50, max_bytes=10**7, max_pixels=10**7).data).convert("L")
+    # After rotation the black half is on top.
+    assert out.getpixel((25, 5)) < 60 and out.getpixel((25, 45)) > 200
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("P", (32, 32), i) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    assert decoded(canonicalize_image(buf.getvalue(), **LIMITS).data).size == (64, 64)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "image_empty"),
+    (b"hello, not an image at all", "not_an_image"),
+    (encode(Image.new("RGB", (300, 300)), "JPEG")[:200], "image_corrupt"),
+])
+def test_bad_bytes_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(data, **LIMITS)
+    assert err.value.reason == reason
+
+
+def test_absurd_dimensions_are_rejected_before_decoding():
+    data = encode(Image.new("L", (3000, 2000)), "PNG")
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(data, size=64, max_bytes=10**8, max_pixels=1_000_000)
+    assert err.value.reason == "image_too_large"
+
+
+def test_oversized_file_is_rejected():
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(b"x" * 2000, size=64, max_bytes=1000, max_pixels=10**6)
+    assert err.value.reason == "image_too_large"

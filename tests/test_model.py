@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from jobs.context import RunContext
+from jobs.pipeline import run_stage
+from matcher.config import load_config
+from matcher.evaluate import evaluate_model, roc_auc
+from matcher.model import MatcherModel, ModelError, ModelSpec, fuse, model_from_bytes, model_to_bytes
+from matcher.registry import current_version, load_current_model
+from matcher.train import holdout_mask, train_model
+from tests.synthetic import IMAGE_ENCODER, TEXT_ENCODER, synthetic_features, write_synthetic_partition
+
+SPEC = ModelSpec(image_dim=48, text_dim=32, dim=16, hidden=32, fusion="weighted", fusion_alpha=0.5,
+                 image_encoder=IMAGE_ENCODER, text_encoder=TEXT_ENCODER)
+
+
+def small_train_config(**kw):
+    return load_config(overrides={"train": {"epochs": 15, "batch_size": 64, "dim": 16, "hidden": 32, "learning_rate": 5e-3, **kw}}).train
+
+
+def test_fusion_modes():
+    z, u = torch.ones(2, 4), torch.zeros(2, 4)
+    assert torch.allclose(fuse(z, u, "weighted", 0.25), torch.full((2, 4), 0.25))
+    assert fuse(z, u, "concat", 0.25).shape == (2, 8)
+    assert torch.allclose(fuse(z, u, "concat_weighted", 0.25)[:, :4], torch.full((2, 4), 0.25))
+
+
+def test_training_is_deterministic_and_learns():
+    img, txt, cats = synthetic_features(240)
+    cfg = small_train_config()
+    a = train_model(img, txt, SPEC, cfg)
+    b = train_model(img, txt, SPEC, cfg)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    heldout = holdout_mask([f"P{i}" for i in range(240)], 0.2)
+    trained = train_model(img[~heldout], txt[~heldout], SPEC, cfg)
+    m = evaluate_model(trained.model, img, txt, cats, heldout)
+    assert m["mean_recall_at_10"] > 0.5, m
+    assert m["matching_auc"] > 0.8, m
+    assert a.history[-1]["contrastive"] < a.history[0]["contrastive"]
+
+
+def test_safetensors_round_trip_keeps_outputs():
+    img, txt, _ = synthetic_features(64)
+    model = train_model(img, txt, SPEC, small_train_config(epochs=2)).model
+    data = model_to_bytes(model)
+    assert data[:8] != b"\x80\x04\x95"  # not a pickle
+    loaded = model_from_bytes(data, SPEC)
+    x = torch.as_tensor(img[:5])
+    assert torch.equal(model.embed_images(x), loaded.embed_images(x))
+
+
+def test_weights_that_do_not_fit_the_config_are_refused():
+    data = model_to_bytes(MatcherModel(SPEC))
+    other = ModelSpec(**{**SPEC.__dict__, "dim": 8})
+    with pytest.raises((ModelError, RuntimeError)):
+        model_from_bytes(data, other)
+
+
+def test_holdout_split_is_stable():
+    ids = [f"id{i}" for i in range(1000)]
+    a, b = holdout_mask(ids, 0.2), holdout_mask(list(reversed(ids)), 0.2)
+    assert (a == b[::-1]).all() and 0.15 < a.mean() < 0.25
+
+
+def test_roc_auc():
+    assert roc_auc(np.array([0.9, 0.8]), np.array([0.1, 0.2])) == 1.0
+    assert roc_auc(np.array([0.5]), np.array([0.5])) == 0.5
+
+
+def _ctx(tmp_path, date, **train):
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},
+                                 "train": {"epochs": 15, "batch_size": 64, "dim": 16, "hidden": 32, **train}})
+    return RunContext(cfg, date)
+
+
+def test_gate_refuses_a_worse_model_and_keeps_the_current_one(tmp_path):
+    good = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(good.lake, "2026-01-01")
+    stats = run_stage("train", good)
+    assert stats["promoted"] and current_version(good.lake) == stats["model_version"]
+
+    # Same data next night, but a crippled training run: the gate must keep the good model.
+    worse = _ctx(tmp_path, "2026-01-02", epochs=1, learning_rate=1e-7)
+    write_synthetic_partition(worse.lake, "2026-01-02")
+    stats2 = run_stage("train", worse)
+    assert not stats2["promoted"], stats2["decision"]
+    assert "kept current model" in stats2["decision"]
+    assert current_version(worse.lake) == stats["model_version"]
+    assert worse.lake.exists(f"models/{stats2['model_version']}/model.safetensors")  # kept for inspection
+
+
+def test_a_model_whose_encoders_differ_is_refused(tmp_path):
+    ctx = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(ctx.lake, "2026-01-01")
+    run_stage("train", ctx)
+    ctx2 = _ctx(tmp_path, "2026-01-02")
+    write_synthetic_partition(ctx2.lake, "2026-01-02", image_encoder="other-image@2")
+    from jobs.context import StageError
+
+    with pytest.raises((StageError, ModelError), match="trained on features of"):
+        run_stage("score", ctx2)
+    model, config = load_current_model(ctx2.lake)
+    assert config["spec"]["image_encoder"] == IMAGE_ENCODER

@@ -1,0 +1,26 @@
+from matcher.text import normalize_text, tokenize
+
+
+def test_normalize_strips_html_entities_controls_and_whitespace():
+    text, cut = normalize_text("  <b>Red</b>&nbsp;Dress\x00\x07 &amp;  Ｓhoes\n\n", 100)
+    assert text == "Red Dress & Shoes" and not cut
+
+
+def test_normalize_caps_length_and_reports_it():
+    text, cut = normalize_text("x" * 50, 10)
+    assert text == "x" * 10 and cut
+
+
+def test_normalize_handles_missing_values():
+    assert normalize_text(None, 10) == ("", False)
+    assert normalize_text(float("nan"), 10) == ("", False)
+
+
+def test_tokenize_english_stems_and_drops_stop_words():
+    assert tokenize("The Running Shoes for Girls") == ["run", "shoe", "girl"]
+
+
+def test_tokenize_chinese_segments_words():
+    tokens = tokenize("红色连衣裙 Nike运动鞋")
+    assert "连衣裙" in tokens and "nike" in tokens
+    assert "红色连衣裙" not in tokens  # segmented, not one run

@@ -64,7 +64,7 @@ def run_dag_for_date(date: str, conf: dict) -> str:
     bag = DagBag(str(REPO_ROOT / "dags"))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-    dag = bag.get_dag(DAG_ID)
+    dag = bag.dags[DAG_ID]
     logical = dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc)
     run = dag.test(logical_date=logical, run_conf=conf)
     return str(getattr(run, "state", "unknown"))

@@ -1,0 +1,60 @@
+import csv
+
+import numpy as np
+import pytest
+
+from jobs.context import RunContext
+from jobs.pipeline import run_pipeline
+from matcher.config import load_config
+from matcher.encoders import load_image_encoder, load_text_encoder
+from matcher.features import extract_features
+from tests.conftest import make_fashion_slice
+
+
+@pytest.fixture(scope="module")
+def catalog(fashion_dir, tmp_path_factory):
+    return make_fashion_slice(tmp_path_factory.mktemp("fashion12"), 12, start=100)
+
+
+def _ctx(tmp_path, catalog, date):
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
+                                 "extract": {"batch_size": 4, "arrow_batch_size": 5}})
+    return RunContext(cfg, date)
+
+
+def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_path, catalog):
+    ctx = _ctx(tmp_path, catalog, "2026-02-01")
+    stats = run_pipeline(ctx, ["clean", "validate", "extract"])["extract"]
+    assert stats["embedded"] == 12 and stats["reused"] == 0
+
+    features = ctx.lake.read_partition("features", ctx.date).to_pandas().set_index("product_id")
+    clean = ctx.lake.read_partition("clean", ctx.date).to_pandas()
+    expected = extract_features(clean, load_image_encoder("efficientnet-lite0", "cpu"),
+                                load_text_encoder("all-minilm-l6-v2", "cpu"), batch_size=3).set_index("product_id")
+    for col in ("image_feat", "text_feat"):
+        got = np.stack(features.loc[expected.index, col].to_numpy())
+        want = np.stack(expected[col].to_numpy())
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() < 1e-4, col
+    assert set(features["image_encoder"]) == {expected["image_encoder"].iloc[0]}
+
+    # Unchanged catalog the next night: nothing embedded again.
+    ctx2 = _ctx(tmp_path, catalog, "2026-02-02")
+    stats2 = run_pipeline(ctx2, ["clean", "validate", "extract"])["extract"]
+    assert stats2["embedded"] == 0 and stats2["reused"] == 12
+
+    # One title edited: exactly that product is embedded again.
+    rows = list(csv.DictReader(open(catalog / "products.csv", encoding="utf-8")))
+    edited = rows[3]["product_id"]
+    rows[3]["title"] = rows[3]["title"] + " limited edition"
+    with open(catalog / "products.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ctx3 = _ctx(tmp_path, catalog, "2026-02-03")
+    stats3 = run_pipeline(ctx3, ["clean", "validate", "extract"])["extract"]
+    assert stats3["embedded"] == 1 and stats3["reused"] == 11
+    f3 = ctx3.lake.read_partition("features", ctx3.date).to_pandas().set_index("product_id")
+    assert not np.allclose(f3.loc[edited, "text_feat"], features.loc[edited, "text_feat"])
+    other = rows[0]["product_id"]
+    assert np.array_equal(f3.loc[other, "image_feat"], features.loc[other, "image_feat"])

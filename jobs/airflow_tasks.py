@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from jobs.context import RunContext
+from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
 from matcher.cli import storage_ready
 from matcher.config import load_config
@@ -19,7 +19,15 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None) -> dict:
     cfg = load_config(params.get("config") or None)
     with storage_ready(cfg) as cfg:
         ctx = RunContext(cfg, ds, catalog=params.get("catalog") or "", lake_uri=params.get("lake") or "")
-        stats = run_stage(stage, ctx)
+        try:
+            stats = run_stage(stage, ctx)
+        except StageError as exc:
+            if exc.retryable:
+                raise
+            # Bad input or a failed gate: retrying would fail the same way, so fail the task now.
+            from airflow.exceptions import AirflowFailException
+
+            raise AirflowFailException(str(exc)) from exc
     # Small, JSON-safe summary for XCom; the full statistics are in the lake.
     return {"stage": stage, "date": ds, "seconds": stats.get("seconds")}
 

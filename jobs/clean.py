@@ -10,7 +10,7 @@ from matcher.tables import to_arrow
 def run(ctx: RunContext) -> dict:
     if not ctx.catalog:
         raise ValueError("no catalog given (--catalog or run.catalog in the config)")
-    reader = CatalogReader(ctx.catalog, ctx.config.storage)
+    reader = CatalogReader(ctx.catalog, ctx.config.storage, ctx.config.catalog)
     raw = reader.read()
     input_rows = len(raw.rows) + len(raw.bad_lines)
     with throughput("clean", input_rows):

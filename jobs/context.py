@@ -16,12 +16,14 @@ log = logging.getLogger("matcher")
 
 
 class StageError(RuntimeError):
-    """A stage failed for a reason a user can act on; the message is one line."""
+    """A stage failed; the message is one line. `retryable`: a transient cause (storage or network) that a retry
+    may cure, rather than bad input or a failed gate, which a retry would only repeat."""
 
-    def __init__(self, stage: str, cause: str):
+    def __init__(self, stage: str, cause: str, retryable: bool = False):
         super().__init__(f"stage {stage} failed: {cause}")
         self.stage = stage
         self.cause = cause
+        self.retryable = retryable
 
 
 @dataclass

@@ -32,7 +32,9 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
         raise
     except Exception as exc:
         cause = " ".join(str(exc).split()) or type(exc).__name__
-        raise StageError(stage, f"{type(exc).__name__}: {cause[:500]}") from exc
+        transient = isinstance(exc, (ConnectionError, TimeoutError)) or (
+            isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)))
+        raise StageError(stage, f"{type(exc).__name__}: {cause[:500]}", retryable=transient) from exc
     stats["seconds"] = round(time.perf_counter() - started, 2)
     if stage != "publish":
         ctx.save_stage_stats(stage, stats)

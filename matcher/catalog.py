@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from matcher.config import StorageConfig
+from matcher.config import CatalogConfig, StorageConfig
 from matcher.images import ImageRejected
 from matcher.storage import exists, read_bytes, resolve_uri
 
@@ -33,12 +33,20 @@ class RawCatalog:
 class CatalogReader:
     """Opens the catalog root once; reads the product table and image bytes relative to it."""
 
-    def __init__(self, uri: str, storage: StorageConfig):
+    def __init__(self, uri: str, storage: StorageConfig, options: CatalogConfig | None = None):
         self.uri = uri
         self.storage = storage
+        self.options = options or CatalogConfig(file="", image_template="", columns={})
         self.fs, self.root = resolve_uri(uri, storage)
 
     def find_products_file(self) -> str:
+        if self.options.file:
+            p = posixpath.join(self.root, self.options.file)
+            if not exists(self.fs, p):
+                raise CatalogError(f"no catalog file {self.options.file} at {self.uri}")
+            if not p.endswith((".csv", ".parquet", ".jsonl")):
+                raise CatalogError(f"catalog file {self.options.file} must end in .csv, .parquet or .jsonl")
+            return p
         for name in CATALOG_FILES:
             p = posixpath.join(self.root, name)
             if exists(self.fs, p):
@@ -61,14 +69,29 @@ class CatalogReader:
             df = df.astype(object).where(df.notna(), "").astype(str)
         else:
             df = _read_jsonl(data, bad)
+        df = self._apply_column_mapping(df)
         missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
         if missing:
             raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {list(df.columns)[:12]}")
         for col in OPTIONAL_COLUMNS:
             if col not in df.columns:
                 df[col] = ""
+        if self.options.image_template:
+            no_ref = df["image"].str.strip() == ""
+            df.loc[no_ref, "image"] = [self.options.image_template.format(product_id=str(p).strip())
+                                       for p in df.loc[no_ref, "product_id"]]
         df.insert(0, "_row", range(len(df)))
         return RawCatalog(rows=df.reset_index(drop=True), bad_lines=bad, source=path)
+
+    def _apply_column_mapping(self, df: pd.DataFrame) -> pd.DataFrame:
+        mapping = self.options.columns
+        absent = [src for src in mapping.values() if src not in df.columns]
+        if absent:
+            raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; "
+                               f"it has {list(df.columns)[:12]}")
+        # A source column mapped to a matcher field replaces any column already named like that field.
+        renamed = df.drop(columns=[c for c in mapping if c in df.columns and c not in mapping.values()])
+        return renamed.rename(columns={src: dst for dst, src in mapping.items()})
 
     def read_image(self, ref: str) -> bytes:
         """Bytes of an image reference: a path relative to the catalog root, an s3:// URI or a file:// URI.

@@ -34,6 +34,13 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class CatalogConfig:
+    file: str
+    image_template: str
+    columns: dict[str, str]
+
+
+@dataclass(frozen=True)
 class CleanConfig:
     image_size: int
     jpeg_quality: int
@@ -92,6 +99,7 @@ class ScoreConfig:
 class Config:
     run: RunConfig
     storage: StorageConfig
+    catalog: CatalogConfig
     clean: CleanConfig
     validate: ValidateConfig
     extract: ExtractConfig
@@ -148,6 +156,11 @@ def _coerce(name: str, value: Any, type_name: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind.startswith("dict"):
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in value.items()):
+                raise TypeError
+            return dict(value)
         if kind == "str":
             if not isinstance(value, str):
                 raise TypeError
@@ -166,6 +179,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.holdout_fraction must be in (0, 1)")
     if cfg.score.top_k < 1:
         raise ConfigError("score.top_k must be >= 1")
+    known = {"product_id", "title", "description", "category", "image"}
+    unknown = set(cfg.catalog.columns) - known
+    if unknown:
+        raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
 
@@ -189,17 +206,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
 
 
 def dump_toml(cfg_sections: dict[str, dict[str, Any]]) -> str:
-    """Write a (partial) config as TOML; values are str, bool, int or float."""
+    """Write a (partial) config as TOML; values are str, bool, int, float or a str -> str table."""
     lines = []
     for section, values in cfg_sections.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            if isinstance(value, bool):
+            if isinstance(value, dict):
+                inner = ", ".join(f"{k} = {_toml_str(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{{inner}}}")
+            elif isinstance(value, bool):
                 lines.append(f"{key} = {'true' if value else 'false'}")
             elif isinstance(value, (int, float)):
                 lines.append(f"{key} = {value}")
             else:
-                escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-                lines.append(f'{key} = "{escaped}"')
+                lines.append(f"{key} = {_toml_str(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_str(value: object) -> str:
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

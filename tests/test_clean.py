@@ -101,3 +101,52 @@ def test_a_file_that_is_not_a_catalog_fails_at_once(tmp_path, content, message):
 def test_no_catalog_file(tmp_path):
     with pytest.raises(CatalogError, match="expected one of"):
         CatalogReader(str(tmp_path), load_config().storage).read()
+
+
+def _formats_catalog(tmp_path, fmt):
+    import json
+
+    import pandas as pd
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.png").write_bytes(jpeg((i * 60, 0, 0)))
+    rows = [{"product_id": str(i), "title": f"t{i}", "image": f"img/{i}.png", "colour": "red"} for i in range(3)]
+    if fmt == "parquet":
+        pd.DataFrame(rows).to_parquet(tmp_path / "products.parquet")
+    else:
+        lines = [json.dumps(r) for r in rows] + ["{not json"]
+        (tmp_path / "products.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_parquet_and_json_lines_catalogs(tmp_path, fmt):
+    root = _formats_catalog(tmp_path, fmt)
+    reader = CatalogReader(str(root), load_config().storage)
+    raw = reader.read()
+    result = clean_catalog(raw, reader.read_image, load_config().clean)
+    assert sorted(result.clean["product_id"]) == ["0", "1", "2"]
+    assert list(result.clean["colour"]) == ["red"] * 3  # pass-through column
+    assert len(result.quarantine) == (1 if fmt == "jsonl" else 0)
+
+
+def test_column_mapping_and_image_template_read_a_foreign_catalog(tmp_path):
+    (tmp_path / "images").mkdir()
+    for pid in ("7", "8"):
+        (tmp_path / "images" / f"{pid}.jpg").write_bytes(jpeg())
+    (tmp_path / "styles.csv").write_text("id,productDisplayName,articleType\n7,Blue Shirt,Shirts\n8,Red Shoe,Shoes\n")
+    cfg = load_config(overrides={"catalog": {
+        "file": "styles.csv", "image_template": "images/{product_id}.jpg",
+        "columns": {"product_id": "id", "title": "productDisplayName", "category": "articleType"}}})
+    reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert result.clean[["product_id", "title", "category"]].values.tolist() == [
+        ["7", "Blue Shirt", "Shirts"], ["8", "Red Shoe", "Shoes"]]
+
+
+def test_column_mapping_naming_an_absent_column_is_a_clear_error(tmp_path):
+    (tmp_path / "products.csv").write_text("product_id,title\n1,a\n")
+    cfg = load_config(overrides={"catalog": {"columns": {"title": "productDisplayName"}}})
+    with pytest.raises(CatalogError, match="productDisplayName"):
+        CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).read()

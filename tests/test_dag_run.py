@@ -105,3 +105,33 @@ def test_a_failing_stage_is_a_one_line_error(dag_run, capsys):
     assert main(["-q", "run", "--config", str(config_path), "--date", "2026-03-09", "--steps", "extract"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "stage extract failed" in err and "validate" in err
+
+
+def test_a_night_over_the_quarantine_ceiling_stops_at_validate_and_changes_nothing(dag_run, s3_server, tmp_path):
+    state, cfg, config_path = dag_run
+    lake = Lake(cfg.run.lake, cfg.storage)
+    before = {name: lake.read_partition(name, DATE) for name in ("recommendations", "embeddings", "categories")}
+    current_before = lake.read_json("models/current.json")
+
+    # Next night the photo server is broken: most images are corrupt.
+    broken = make_demo_catalog(tmp_path / "broken", products=20, with_bad_rows=False)
+    for i, image in enumerate(sorted((broken / "images").iterdir())):
+        if i % 4:
+            image.write_bytes(b"\xff\xd8\xff garbage")
+    catalog_uri = "s3://lake/dagtest/broken-catalog"
+    fs, path = resolve_uri(catalog_uri, cfg.storage)
+    pafs.copy_files(str(broken), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    bad_date = "2026-03-02"
+    state = run_dag_for_date(bad_date, {"config": str(config_path), "catalog": catalog_uri})
+    assert state == "failed"
+
+    result = lake.read_json(f"validation/dt={bad_date}/result.json")
+    assert result["success"] is False and any("quarantine_rate" in f for f in result["failures"])
+    assert lake.exists(f"validation/dt={bad_date}/report.html")
+    assert lake.read_partition("quarantine", bad_date).num_rows == 15
+    for name in ("recommendations", "embeddings", "categories", "features"):
+        assert lake.read_partition(name, bad_date) is None, name
+    for name, table in before.items():
+        assert lake.read_partition(name, DATE).equals(table), name
+    assert lake.read_json("models/current.json") == current_before
+    assert not lake.exists(f"manifests/dt={bad_date}/manifest.json")

@@ -57,8 +57,12 @@ def make_partition_extractor(image_name: str, text_name: str, weights: str, devi
 
     def extract_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         image_encoder, text_encoder = _encoders(image_name, text_name, weights, _task_device(device), threads)
+        started, done = time.perf_counter(), 0
         for batch in batches:
             out = extract_features(batch, image_encoder, text_encoder, batch_size)
+            done += len(batch)
+            # Goes to the executor's log: progress and items/s while the stage runs.
+            log.info("extract task: %d products, %.1f items/s", done, done / (time.perf_counter() - started))
             out["image_feat"] = [v.tolist() for v in out["image_feat"]]
             out["text_feat"] = [v.tolist() for v in out["text_feat"]]
             yield out

@@ -7,7 +7,7 @@ import pandas as pd
 from jobs.context import RunContext, log, throughput
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
-from matcher.evaluate import embed
+from matcher.evaluate import embed, model_pair_scorer
 from matcher.registry import check_encoders, load_current_model
 from matcher.scoring import assign_categories, topk
 from matcher.tables import to_arrow
@@ -40,11 +40,19 @@ def run(ctx: RunContext) -> dict:
         "agrees": [bool(c == p) if c else None for c, p in zip(fs.categories, predicted)],
         "model_version": version,
     })
+    # Catalog errors a merchandiser should fix: a product whose own photo and text the matching network rejects.
+    own = model_pair_scorer(model, z, u)(np.arange(n), np.arange(n))
+    threshold = float(model.match_threshold)
+    low = np.argsort(own, kind="stable")
+    low = low[own[low] < threshold]
+    mismatches = pd.DataFrame({"product_id": fs.product_ids[low], "title": fs.titles[low], "match_score": own[low],
+                               "threshold": threshold, "model_version": version})
     ctx.lake.clear_staging(ctx.date)
-    for name, df in (("embeddings", embeddings), ("recommendations", recommendations), ("categories", categories)):
+    for name, df in (("embeddings", embeddings), ("recommendations", recommendations), ("categories", categories),
+                     ("mismatches", mismatches)):
         ctx.lake.stage_partition(name, ctx.date, to_arrow(name, df))
     labelled = fs.categories != ""
     agreement = float((predicted[labelled] == fs.categories[labelled]).mean()) if labelled.any() else None
     log.info("score: %d products, top-%d each, model %s", n, k_eff, version)
     return {"products": n, "top_k": k_eff, "recommendation_rows": int(len(recommendations)), "model_version": version,
-            "category_agreement": agreement}
+            "category_agreement": agreement, "mismatches": int(len(mismatches))}

@@ -97,6 +97,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from matcher.published import resolve_date
+    from matcher.registry import current_version
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        date = resolve_date(lake, args.date)
+        manifest = lake.read_json(f"manifests/dt={date}/manifest.json")
+        version = manifest["model_version"]
+        train = lake.read_json(f"_runs/dt={date}/train.json") or {}
+        report = {
+            "date": date,
+            "model_version": version,
+            "current_model_version": current_version(lake),
+            "metrics": lake.read_json(f"models/{version}/metrics.json"),
+            "trained_this_date": train.get("model_version"),
+            "promotion": train.get("decision"),
+            "previous_model_metrics": train.get("previous_metrics"),
+        }
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -157,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("-k", type=int, default=10)
     p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("evaluate", help="held-out metrics of the model behind a published partition, as JSON")
+    common(p)
+    p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + "recommendations, embeddings, "
                        "categories, quarantine, clean (each with a dt column)")

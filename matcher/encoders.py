@@ -1,6 +1,7 @@
 """Pretrained encoders whose weights ship inside packages (or a user's local file); never a hub download."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,18 +62,28 @@ class ImageEncoder:
     def half(self) -> bool:
         return self.device.type == "cuda"
 
+    def _prepare(self, chunk: list[bytes]) -> np.ndarray:
+        return np.stack([self.preprocess(decode_canonical(b)) for b in chunk])
+
     def encode(self, images: list[bytes], batch_size: int = 32) -> np.ndarray:
-        """Features for canonical image bytes, float32 (N, dim)."""
+        """Features for canonical image bytes, float32 (N, dim). The next batch is decoded on a CPU thread while
+        the model runs on the current one."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            arr = np.stack([self.preprocess(decode_canonical(b)) for b in chunk])
-            x = torch.from_numpy(arr).to(self.device)
-            if self.device.type == "cuda":
-                x = x.half().contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                feats = self.forward(x).float().cpu().numpy()
-            out[start:start + len(chunk)] = feats
+        starts = list(range(0, len(images), batch_size))
+        if not starts:
+            return out
+        with ThreadPoolExecutor(max_workers=1) as decoder:
+            pending = decoder.submit(self._prepare, images[0:batch_size])
+            for i, start in enumerate(starts):
+                arr = pending.result()
+                if i + 1 < len(starts):
+                    nxt = starts[i + 1]
+                    pending = decoder.submit(self._prepare, images[nxt:nxt + batch_size])
+                x = torch.from_numpy(arr).to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    x = x.half().contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode():
+                    out[start:start + len(arr)] = self.forward(x).float().cpu().numpy()
         return out
 
 

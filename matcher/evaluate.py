@@ -1,11 +1,19 @@
-"""Held-out metrics of a model: cross-modal recall, matching AUC/accuracy, category accuracy, rec precision."""
+"""Held-out metrics: cross-modal recall, matching AUC/accuracy, category accuracy, recommendation precision.
+
+The metrics are computed from embeddings and a pair-scoring function, so baselines (random, ridge) and the matcher
+model are measured by the same code."""
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
 
 from matcher.model import MatcherModel
 from matcher.scoring import topk
+
+# (image row indices, text row indices) -> match scores in [0, 1] (or any monotone score)
+PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
@@ -17,29 +25,31 @@ def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     scores = np.concatenate([pos, neg])
-    ranks = np.empty(len(scores))
     order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
     ranks[order] = np.arange(1, len(scores) + 1)
-    # Average ranks of ties.
     _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    ranks = (sums / counts)[inv]
+    ranks = (np.bincount(inv, weights=ranks) / counts)[inv]  # ties share their average rank
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-@torch.no_grad()
-def embed(model: MatcherModel, image_feats: np.ndarray, text_feats: np.ndarray) -> tuple[np.ndarray, ...]:
-    z = model.embed_images(torch.as_tensor(image_feats, dtype=torch.float32))
-    u = model.embed_texts(torch.as_tensor(text_feats, dtype=torch.float32))
-    v = model.product_vectors(z, u)
-    return z.numpy(), u.numpy(), v.numpy()
+def best_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
+    """The score threshold with the best accuracy on these true and false pairs."""
+    candidates = np.unique(np.concatenate([pos, neg]))
+    if len(candidates) > 512:
+        candidates = np.quantile(candidates, np.linspace(0, 1, 513))
+    acc = [((pos >= t).sum() + (neg < t).sum()) for t in candidates]
+    return float(candidates[int(np.argmax(acc))])
 
 
-@torch.no_grad()
-def evaluate_model(model: MatcherModel, image_feats: np.ndarray, text_feats: np.ndarray, categories: np.ndarray,
-                   heldout: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Metrics on the held-out rows; categories ("" = unknown) of all rows serve the kNN and precision metrics."""
-    z, u, v = embed(model, image_feats, text_feats)
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A fixed shift: index i is paired with another product's text."""
+    shift = int(np.random.default_rng(seed).integers(1, n)) if n > 1 else 0
+    return np.roll(np.arange(n), shift)
+
+
+def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: np.ndarray, heldout: np.ndarray,
+                      pair_score: PairScorer, threshold: float, seed: int = 0) -> dict[str, float]:
     ho = np.nonzero(heldout)[0]
     metrics: dict[str, float] = {"heldout_products": int(len(ho))}
     if len(ho) < 2:
@@ -51,33 +61,56 @@ def evaluate_model(model: MatcherModel, image_feats: np.ndarray, text_feats: np.
         metrics[f"text_to_image_recall_at_{k}"] = r
     metrics["mean_recall_at_10"] = (metrics["image_to_text_recall_at_10"] + metrics["text_to_image_recall_at_10"]) / 2
 
-    rng = np.random.default_rng(seed)
-    shift = rng.integers(1, len(ho))
-    zt, ut = torch.as_tensor(z[ho]), torch.as_tensor(u[ho])
-    pos = model.match_probability(zt, ut).numpy()
-    neg = model.match_probability(zt, torch.roll(ut, int(shift), 0)).numpy()
+    pos = pair_score(ho, ho)
+    neg = pair_score(ho, ho[derangement(len(ho), seed)])
     metrics["matching_auc"] = roc_auc(pos, neg)
-    metrics["matching_accuracy"] = float(((pos >= 0.5).sum() + (neg < 0.5).sum()) / (len(pos) + len(neg)))
+    metrics["matching_threshold"] = float(threshold)
+    metrics["matching_accuracy"] = float(((pos >= threshold).sum() + (neg < threshold).sum()) / (2 * len(ho)))
 
     labelled = categories != ""
     train_lab = np.nonzero(labelled & ~heldout)[0]
     test_lab = np.nonzero(labelled & heldout)[0]
     if len(train_lab) >= 1 and len(test_lab) >= 1:
         _, nn_idx = topk(v[test_lab], v[train_lab], k=10)
-        votes = categories[train_lab][nn_idx]
-        predicted = np.array([_majority(row) for row in votes])
+        predicted = np.array([_majority(row) for row in categories[train_lab][nn_idx]])
         metrics["category_accuracy"] = float((predicted == categories[test_lab]).mean())
-        _, rec_idx = topk(v, v, k=10, exclude_self=True)
-        rec_idx = rec_idx[test_lab]
+        _, rec_idx = topk(v[test_lab], v, k=11)
+        # Drop each product itself from its own list (it is its own nearest neighbour).
+        rec_idx = np.array([[j for j in row if j != i][:10] for i, row in zip(test_lab, rec_idx)])
         metrics["recommendation_precision_at_10"] = float((categories[rec_idx] == categories[test_lab][:, None]).mean())
     return metrics
 
 
+@torch.no_grad()
+def embed(model: MatcherModel, image_feats: np.ndarray, text_feats: np.ndarray) -> tuple[np.ndarray, ...]:
+    z = model.embed_images(torch.as_tensor(image_feats, dtype=torch.float32))
+    u = model.embed_texts(torch.as_tensor(text_feats, dtype=torch.float32))
+    v = model.product_vectors(z, u)
+    return z.numpy(), u.numpy(), v.numpy()
+
+
+def model_pair_scorer(model: MatcherModel, z: np.ndarray, u: np.ndarray) -> PairScorer:
+    zt, ut = torch.as_tensor(z), torch.as_tensor(u)
+
+    @torch.no_grad()
+    def score(img_idx: np.ndarray, txt_idx: np.ndarray) -> np.ndarray:
+        return model.match_probability(zt[img_idx], ut[txt_idx]).numpy()
+
+    return score
+
+
+def evaluate_model(model: MatcherModel, image_feats: np.ndarray, text_feats: np.ndarray, categories: np.ndarray,
+                   heldout: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Metrics on the held-out rows; categories ("" = unknown) of all rows serve the kNN and precision metrics."""
+    z, u, v = embed(model, image_feats, text_feats)
+    return embedding_metrics(z, u, v, categories, heldout, model_pair_scorer(model, z, u),
+                             float(model.match_threshold), seed)
+
+
 def _majority(labels: np.ndarray) -> str:
     values, counts = np.unique(labels, return_counts=True)
-    # First-seen (nearest) label wins ties.
     best = counts.max()
-    for label in labels:
+    for label in labels:  # the nearest of the most frequent labels wins ties
         if counts[values == label][0] == best:
             return str(label)
     return str(labels[0])

@@ -87,6 +87,8 @@ class MatcherModel(nn.Module):
         self.text_head = ProjectionHead(spec.text_dim, spec.hidden, spec.dim)
         self.matcher = MatchingNetwork(spec.dim, spec.fusion, spec.fusion_alpha)
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        # Match probability at or above which a photo and a text are called a match (set after training).
+        self.register_buffer("match_threshold", torch.tensor(0.5))
 
     def embed_images(self, feats: torch.Tensor) -> torch.Tensor:
         return self.image_head(feats)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from matcher.config import TrainConfig
+from matcher.evaluate import best_threshold, derangement
 from matcher.model import MatcherModel, ModelSpec
 
 
@@ -98,4 +99,14 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in totals.items()},
                         "temperature": 1.0 / model.logit_scale.exp().item()})
     model.eval()
+    _calibrate_threshold(model, img, txt, cfg.seed)
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started)
+
+
+@torch.no_grad()
+def _calibrate_threshold(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, seed: int) -> None:
+    """Pick the match threshold with the best accuracy on training pairs vs. mismatched training pairs."""
+    z, u = model.embed_images(img), model.embed_texts(txt)
+    pos = model.match_probability(z, u).numpy()
+    neg = model.match_probability(z, u[derangement(len(u), seed)]).numpy()
+    model.match_threshold.fill_(best_threshold(pos, neg))

@@ -135,3 +135,22 @@ def test_a_night_over_the_quarantine_ceiling_stops_at_validate_and_changes_nothi
         assert lake.read_partition(name, DATE).equals(table), name
     assert lake.read_json("models/current.json") == current_before
     assert not lake.exists(f"manifests/dt={bad_date}/manifest.json")
+
+
+def test_evaluate_prints_the_models_metrics_as_json(dag_run, capsys):
+    import json
+
+    _, _, config_path = dag_run
+    assert main(["-q", "evaluate", "--config", str(config_path), "--date", DATE]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["date"] == DATE and report["model_version"] == report["current_model_version"]
+    assert 0.0 <= report["metrics"]["text_to_image_recall_at_10"] <= 1.0
+    assert "matching_auc" in report["metrics"]
+
+
+def test_mismatches_table_lists_low_scoring_own_pairs(dag_run):
+    _, cfg, _ = dag_run
+    lake = Lake(cfg.run.lake, cfg.storage)
+    mism = lake.read_partition("mismatches", DATE).to_pandas()
+    assert (mism["match_score"] < mism["threshold"]).all()
+    assert mism["match_score"].is_monotonic_increasing

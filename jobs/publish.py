@@ -6,7 +6,7 @@ import datetime as dt
 from jobs.context import RunContext, StageError, log
 from matcher.tables import table_schema
 
-PUBLISHED_TABLES = ("embeddings", "recommendations", "categories", "mismatches")
+PUBLISHED_TABLES = ("embeddings", "recommendations", "categories", "mismatches", "search")
 STAGE_NAMES = ("clean", "validate", "extract", "train", "score")
 
 

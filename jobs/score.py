@@ -10,6 +10,7 @@ from jobs.validate import require_passed
 from matcher.evaluate import embed, model_pair_scorer
 from matcher.registry import check_encoders, load_current_model
 from matcher.scoring import assign_categories, topk
+from matcher.search import query_vectors, search_vectors
 from matcher.tables import to_arrow
 
 
@@ -47,9 +48,16 @@ def run(ctx: RunContext) -> dict:
     low = low[own[low] < threshold]
     mismatches = pd.DataFrame({"product_id": fs.product_ids[low], "title": fs.titles[low], "match_score": own[low],
                                "threshold": threshold, "model_version": version})
+    queries = ctx.config.score.search_queries
+    if queries:
+        search = search_vectors(queries, query_vectors(model, config["spec"]["text_encoder"].split("@")[0], queries),
+                                fs.product_ids, v, ctx.config.score.search_top_k)
+    else:
+        search = pd.DataFrame({"query": [], "rank": [], "product_id": [], "score": []})
+    search["model_version"] = version
     ctx.lake.clear_staging(ctx.date)
     for name, df in (("embeddings", embeddings), ("recommendations", recommendations), ("categories", categories),
-                     ("mismatches", mismatches)):
+                     ("mismatches", mismatches), ("search", search)):
         ctx.lake.stage_partition(name, ctx.date, to_arrow(name, df))
     labelled = fs.categories != ""
     agreement = float((predicted[labelled] == fs.categories[labelled]).mean()) if labelled.any() else None

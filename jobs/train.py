@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
+
 from jobs.context import RunContext, log
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
-from matcher.evaluate import evaluate_model
+from matcher.evaluate import derangement, embed, evaluate_model, model_pair_scorer
 from matcher.model import ModelError, ModelSpec
 from matcher.registry import (check_encoders, current_version, load_model, promote, promotion_decision,
                               save_model)
-from matcher.train import holdout_mask, train_model, training_fingerprint
+from matcher.train import train_on_split, training_fingerprint
+from matcher.training_report import render_training_report
 
 
 def run(ctx: RunContext) -> dict:
@@ -20,10 +23,7 @@ def run(ctx: RunContext) -> dict:
     spec = ModelSpec(image_dim=fs.image_feats.shape[1], text_dim=fs.text_feats.shape[1], dim=cfg.dim,
                      hidden=cfg.hidden, fusion=cfg.fusion, fusion_alpha=cfg.fusion_alpha,
                      image_encoder=fs.image_encoder, text_encoder=fs.text_encoder)
-    heldout = holdout_mask(fs.product_ids, cfg.holdout_fraction)
-    if heldout.all() or (~heldout).sum() < 2:
-        heldout[:] = False  # too small a catalog to hold anything out: train on all, metrics are then in-sample
-    result = train_model(fs.image_feats[~heldout], fs.text_feats[~heldout], spec, cfg)
+    result, heldout = train_on_split(fs.image_feats, fs.text_feats, fs.product_ids, spec, cfg)
     metrics = evaluate_model(result.model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
     metrics["train_seconds"] = result.seconds
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
@@ -51,7 +51,20 @@ def run(ctx: RunContext) -> dict:
         decision = "promoted (same model as current)"
     if promoted:
         promote(ctx.lake, version, ctx.date)
+    ctx.lake.write_bytes(f"models/{version}/report.html", _report(ctx.date, version, result, fs, heldout, metrics,
+                                                                  previous_metrics, decision).encode())
     log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,
              {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)})
     return {"model_version": version, "promoted": promoted, "decision": decision, "metrics": metrics,
-            "previous_version": previous, "previous_metrics": previous_metrics, "model_location": location}
+            "previous_version": previous, "previous_metrics": previous_metrics, "model_location": location,
+            "report": ctx.lake.display(f"models/{version}/report.html")}
+
+
+def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision) -> str:
+    rows = np.nonzero(heldout)[0] if heldout.any() else np.arange(len(fs.product_ids))
+    z, u, _ = embed(result.model, fs.image_feats[rows], fs.text_feats[rows])
+    score = model_pair_scorer(result.model, z, u)
+    idx = np.arange(len(rows))
+    true_scores, false_scores = score(idx, idx), score(idx, idx[derangement(len(idx), 0)])
+    return render_training_report(version, date, metrics, previous_metrics, result.history, true_scores,
+                                  false_scores, decision)

@@ -84,6 +84,7 @@ class TrainConfig:
     temperature: float
     learn_temperature: bool
     holdout_fraction: float
+    calibration_fraction: float
     seed: int
     promotion_metric: str
     promotion_tolerance: float
@@ -93,6 +94,8 @@ class TrainConfig:
 class ScoreConfig:
     top_k: int
     block_size: int
+    search_queries: list[str]
+    search_top_k: int
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ def _coerce(name: str, value: Any, type_name: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind.startswith("list"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
         if kind.startswith("dict"):
             if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in value.items()):
@@ -177,6 +184,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.fusion_alpha must be in [0, 1]")
     if not 0.0 < cfg.train.holdout_fraction < 1.0:
         raise ConfigError("train.holdout_fraction must be in (0, 1)")
+    if not 0.0 <= cfg.train.calibration_fraction < 1.0 - cfg.train.holdout_fraction:
+        raise ConfigError("train.calibration_fraction must be in [0, 1 - holdout_fraction)")
     if cfg.score.top_k < 1:
         raise ConfigError("score.top_k must be >= 1")
     known = {"product_id", "title", "description", "category", "image"}
@@ -211,7 +220,9 @@ def dump_toml(cfg_sections: dict[str, dict[str, Any]]) -> str:
     for section, values in cfg_sections.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            if isinstance(value, dict):
+            if isinstance(value, list):
+                lines.append(f"{key} = [{', '.join(_toml_str(v) for v in value)}]")
+            elif isinstance(value, dict):
                 inner = ", ".join(f"{k} = {_toml_str(v)}" for k, v in value.items())
                 lines.append(f"{key} = {{{inner}}}")
             elif isinstance(value, bool):

@@ -42,6 +42,7 @@ def demo_config_sections(workdir: Path, access_key: str, secret_key: str) -> dic
                     "s3_secret_key": secret_key},
         # The demo's titles are half Chinese: use the multilingual text encoder.
         "extract": {"text_encoder": "multilingual-e5-small"},
+        "score": {"search_queries": ["red dress", "红色 连衣裙", "black sneakers", "黄色 手提包", "watch"]},
     }
 
 

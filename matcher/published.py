@@ -6,7 +6,7 @@ import pyarrow.dataset as ds
 
 from matcher.lake import Lake
 
-QUERYABLE_TABLES = ("recommendations", "embeddings", "categories", "mismatches", "quarantine", "clean")
+QUERYABLE_TABLES = ("recommendations", "embeddings", "categories", "mismatches", "search", "quarantine", "clean")
 
 
 class NotPublishedError(LookupError):

@@ -36,20 +36,35 @@ def recommendations_for(lake: Lake, product_id: str, date: str | None = None) ->
     return recs.reset_index(drop=True)
 
 
+def query_vectors(model, text_encoder_name: str, queries: list[str], device: str = "cpu") -> np.ndarray:
+    """Text queries as vectors where the products' fused vectors live: a query is a product whose photo and
+    text are both the query."""
+    encoder = load_text_encoder(text_encoder_name, device)
+    with torch.no_grad():
+        u = model.embed_texts(torch.as_tensor(encoder.encode(queries)))
+        return model.product_vectors(u, u).numpy()
+
+
+def search_vectors(queries: list[str], query_vecs: np.ndarray, product_ids: np.ndarray, fused: np.ndarray,
+                   k: int) -> pd.DataFrame:
+    scores, idx = topk(query_vecs, fused, k)
+    return pd.DataFrame({
+        "query": np.repeat(queries, idx.shape[1]),
+        "rank": np.tile(np.arange(1, idx.shape[1] + 1, dtype=np.int32), len(queries)),
+        "product_id": product_ids[idx.ravel()],
+        "score": scores.ravel(),
+    })
+
+
 def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, device: str = "cpu") -> pd.DataFrame:
     """Products whose fused vectors are nearest the query text's vector in the learned space."""
     dt = resolve_date(lake, date)
     emb = read_published(lake, "embeddings", dt, ["product_id", "fused_vec", "model_version"])
     version = emb["model_version"][0].as_py()
     model, config = load_model(lake, version)
-    encoder = load_text_encoder(config["spec"]["text_encoder"].split("@")[0], device)
-    with torch.no_grad():
-        u = model.embed_texts(torch.as_tensor(encoder.encode([text])))
-        # A text query is a product whose photo and text are both the query: it lands where fused vectors live.
-        q = model.product_vectors(u, u).numpy()
+    q = query_vectors(model, config["spec"]["text_encoder"].split("@")[0], [text], device)
     vectors = np.stack(emb["fused_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    scores, idx = topk(q, vectors, k)
-    ids = [emb["product_id"][int(i)].as_py() for i in idx[0]]
-    titles = titles_for(lake, dt, ids)
-    return pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "product_id": ids, "score": scores[0],
-                         "title": [titles.get(i, "") for i in ids]})
+    hits = search_vectors([text], q, emb["product_id"].to_numpy(zero_copy_only=False), vectors, k)
+    titles = titles_for(lake, dt, hits["product_id"].tolist())
+    hits["title"] = hits["product_id"].map(titles).fillna("")
+    return hits.drop(columns=["query"])

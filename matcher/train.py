@@ -14,11 +14,22 @@ from matcher.evaluate import best_threshold, derangement
 from matcher.model import MatcherModel, ModelSpec
 
 
+def _buckets(product_ids: list[str] | np.ndarray) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.sha1(str(p).encode()).digest()[:4], "little") % 10000
+                     for p in product_ids])
+
+
 def holdout_mask(product_ids: list[str] | np.ndarray, fraction: float) -> np.ndarray:
     """Stable split: a product is held out when the hash of its id falls in the first `fraction` of buckets."""
-    buckets = np.array([int.from_bytes(hashlib.sha1(str(p).encode()).digest()[:4], "little") % 10000
-                        for p in product_ids])
-    return buckets < int(round(fraction * 10000))
+    return _buckets(product_ids) < int(round(fraction * 10000))
+
+
+def calibration_mask(product_ids: list[str] | np.ndarray, holdout_fraction: float, fraction: float) -> np.ndarray:
+    """The next `fraction` of hash buckets after the held-out ones: training rows kept aside to set the match
+    threshold, since the network scores the pairs it was trained on too confidently."""
+    start = int(round(holdout_fraction * 10000))
+    b = _buckets(product_ids)
+    return (b >= start) & (b < start + int(round(fraction * 10000)))
 
 
 def training_fingerprint(content_hashes: list[str], spec: ModelSpec, cfg: TrainConfig) -> str:
@@ -54,8 +65,11 @@ def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, genera
     return F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
 
 
-def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig) -> TrainResult:
-    """Train heads (symmetric InfoNCE) and matching network (cross-entropy) on paired features. Deterministic on CPU."""
+def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
+                calibration: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """Train heads (symmetric InfoNCE) and matching network (cross-entropy) on paired features. Deterministic on CPU.
+
+    The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -99,14 +113,34 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in totals.items()},
                         "temperature": 1.0 / model.logit_scale.exp().item()})
     model.eval()
-    _calibrate_threshold(model, img, txt, cfg.seed)
+    if calibration is not None and len(calibration[0]) >= 2:
+        _calibrate_threshold(model, torch.as_tensor(calibration[0], dtype=torch.float32),
+                             torch.as_tensor(calibration[1], dtype=torch.float32), cfg.seed)
+    else:
+        _calibrate_threshold(model, img, txt, cfg.seed)
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started)
 
 
 @torch.no_grad()
 def _calibrate_threshold(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, seed: int) -> None:
-    """Pick the match threshold with the best accuracy on training pairs vs. mismatched training pairs."""
+    """Pick the match threshold with the best accuracy on true pairs vs. mismatched pairs."""
     z, u = model.embed_images(img), model.embed_texts(txt)
     pos = model.match_probability(z, u).numpy()
     neg = model.match_probability(z, u[derangement(len(u), seed)]).numpy()
     model.match_threshold.fill_(best_threshold(pos, neg))
+
+
+def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray, spec: ModelSpec,
+                   cfg: TrainConfig) -> tuple[TrainResult, np.ndarray]:
+    """Train on the products outside the held-out and calibration buckets; returns (result, held-out mask).
+
+    A catalog too small to hold anything out trains on everything (its metrics are then in-sample)."""
+    heldout = holdout_mask(product_ids, cfg.holdout_fraction)
+    calib = calibration_mask(product_ids, cfg.holdout_fraction, cfg.calibration_fraction)
+    fit = ~heldout & ~calib
+    if fit.sum() < 2 or heldout.sum() < 2:
+        heldout = np.zeros(len(product_ids), dtype=bool)
+        fit, calib = ~heldout, heldout
+    result = train_model(image_feats[fit], text_feats[fit], spec, cfg,
+                         calibration=(image_feats[calib], text_feats[calib]))
+    return result, heldout

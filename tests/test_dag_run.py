@@ -23,7 +23,7 @@ def dag_run(s3_server, tmp_path_factory):
                     "s3_secret_key": s3_server.secret_key},
         "extract": {"text_encoder": "multilingual-e5-small"},
         "train": {"epochs": 30, "batch_size": 16, "learning_rate": 3e-3},
-        "score": {"top_k": 5},
+        "score": {"top_k": 5, "search_queries": ["red dress", "红色 连衣裙"], "search_top_k": 3},
     }
     config_path = tmp / "matcher.toml"
     config_path.write_text(dump_toml(sections))
@@ -154,3 +154,15 @@ def test_mismatches_table_lists_low_scoring_own_pairs(dag_run):
     mism = lake.read_partition("mismatches", DATE).to_pandas()
     assert (mism["match_score"] < mism["threshold"]).all()
     assert mism["match_score"].is_monotonic_increasing
+
+
+def test_search_table_answers_the_configured_queries(dag_run):
+    _, cfg, _ = dag_run
+    lake = Lake(cfg.run.lake, cfg.storage)
+    search = lake.read_partition("search", DATE).to_pandas()
+    assert sorted(set(search["query"])) == ["red dress", "红色 连衣裙"]
+    assert search.groupby("query")["rank"].apply(list).tolist() == [[1, 2, 3]] * 2
+    cats = lake.read_partition("clean", DATE).to_pandas().set_index("product_id")["category"]
+    for query in ("red dress", "红色 连衣裙"):
+        hits = search[search["query"] == query]["product_id"]
+        assert (cats[hits] == "Dress").any(), (query, list(cats[hits]))

@@ -103,3 +103,12 @@ def test_a_model_whose_encoders_differ_is_refused(tmp_path):
         run_stage("score", ctx2)
     model, config = load_current_model(ctx2.lake)
     assert config["spec"]["image_encoder"] == IMAGE_ENCODER
+
+
+def test_training_report_is_written_next_to_the_model(tmp_path):
+    ctx = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(ctx.lake, "2026-01-01")
+    stats = run_stage("train", ctx)
+    page = ctx.lake.read_bytes(f"models/{stats['model_version']}/report.html").decode()
+    assert page.count("<svg") == 3 and "Training loss" in page and "recall@K" in page
+    assert f"{stats['metrics']['mean_recall_at_10']:.4f}" in page

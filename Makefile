@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test fashion clean-workspace
+.PHONY: install system-deps demo test fashion clean-workspace
 
 install: $(STAMP)
 
@@ -20,7 +20,15 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 demo: install
 	$(BIN)/matcher demo
 
-test: install
+# Headless Chromium and a CJK font, for the test that renders the nightly report (Debian packages; needs root).
+system-deps:
+	@if ! command -v chromium >/dev/null || ! fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk"; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null; \
+	  else echo "note: chromium or a CJK font is missing; the report screenshot test will be skipped"; fi; \
+	fi
+
+test: install system-deps
 	$(BIN)/python -m pytest
 
 # The whole pipeline on the shared fashion catalog (9,583 products), lake in /tmp/lake.

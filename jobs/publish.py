@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 
 from jobs.context import RunContext, StageError, log
+from matcher.run_report import render_run_report
 from matcher.tables import table_schema
 
 PUBLISHED_TABLES = ("embeddings", "recommendations", "categories", "mismatches", "search")
@@ -43,4 +44,10 @@ def run(ctx: RunContext) -> dict:
     }
     lake.write_json(f"manifests/dt={ctx.date}/manifest.json", manifest)
     log.info("publish: %s", {k: v["rows"] for k, v in tables.items()})
-    return {"tables": tables}
+    report = f"reports/dt={ctx.date}/report.html"
+    try:
+        lake.write_bytes(report, render_run_report(lake, ctx.date).encode())
+    except Exception as exc:  # the tables are committed; a report that cannot be drawn must not undo the night
+        log.warning("publish: report not written: %s", exc)
+        return {"tables": tables, "report": None, "report_error": str(exc)}
+    return {"tables": tables, "report": lake.display(report)}

@@ -122,6 +122,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from matcher.published import resolve_date
+    from matcher.run_report import render_run_report
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        date = resolve_date(lake, args.date)
+        page = render_run_report(lake, date)
+    out = Path(args.out or f"matcher-report-{date}.html")
+    out.write_text(page, encoding="utf-8")
+    print(f"report for {date}: {out.resolve()}")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -186,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="held-out metrics of the model behind a published partition, as JSON")
     common(p)
     p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write the nightly HTML report of a published partition")
+    common(p)
+    p.add_argument("--out", help="output HTML file (default matcher-report-DATE.html)")
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + "recommendations, embeddings, "
                        "categories, quarantine, clean (each with a dt column)")

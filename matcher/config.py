@@ -78,6 +78,7 @@ class TrainConfig:
     fusion: str
     fusion_alpha: float
     epochs: int
+    min_steps: int
     batch_size: int
     learning_rate: float
     weight_decay: float

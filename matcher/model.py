@@ -113,7 +113,12 @@ def model_to_bytes(model: MatcherModel) -> bytes:
 def model_from_bytes(data: bytes, spec: ModelSpec) -> MatcherModel:
     model = MatcherModel(spec)
     state = load_safetensors(data)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[-1].strip()
+        raise ModelError(f"model weights do not fit the model config or this matcher version ({first}); "
+                         "retrain with the train stage") from None
     if missing or unexpected:
         raise ModelError(f"model weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()

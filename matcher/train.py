@@ -88,11 +88,12 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
     optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     batch = max(2, min(cfg.batch_size, n))
     steps_per_epoch = max(1, n // batch)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.learning_rate,
-                                                    total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
+                                                    total_steps=epochs * steps_per_epoch, pct_start=0.1)
     history = []
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         totals = {"contrastive": 0.0, "matching": 0.0}
         for step in range(steps_per_epoch):

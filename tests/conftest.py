@@ -69,12 +69,6 @@ def s3_config(s3_server) -> Config:
     })
 
 
-@pytest.fixture
-def fast_config() -> Config:
-    """Defaults with a short training schedule, for tests."""
-    return load_config(overrides={"train": {"epochs": 8, "batch_size": 32}})
-
-
 @pytest.fixture(scope="session", autouse=True)
 def stop_spark_at_the_end():
     yield

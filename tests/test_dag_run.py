@@ -166,3 +166,49 @@ def test_search_table_answers_the_configured_queries(dag_run):
     for query in ("red dress", "红色 连衣裙"):
         hits = search[search["query"] == query]["product_id"]
         assert (cats[hits] == "Dress").any(), (query, list(cats[hits]))
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.querySelectorAll('.gallery-item img')];
+  const counts = {};
+  document.querySelectorAll('[data-manifest]').forEach(e => counts[e.dataset.manifest] = e.textContent.trim());
+  const out = document.createElement('pre'); out.id = 'probe';
+  out.textContent = JSON.stringify({gallery: imgs.length, loaded: imgs.filter(i => i.naturalWidth > 0).length,
+                                    counts: counts});
+  document.body.appendChild(out);
+});</script>"""
+
+
+def test_nightly_report_renders_in_headless_chromium(dag_run, tmp_path):
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make system-deps installs it)")
+    _, cfg, _ = dag_run
+    lake = Lake(cfg.run.lake, cfg.storage)
+    page = lake.read_bytes(f"reports/dt={DATE}/report.html").decode()
+    manifest = lake.read_json(f"manifests/dt={DATE}/manifest.json")
+    assert "<script" not in page  # the page itself needs no JavaScript
+    assert "红色" in page or "连衣裙" in page or "运动鞋" in page  # Chinese titles are in the page as text
+    probe_page = tmp_path / "report.html"
+    probe_page.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*common, "--virtual-time-budget=5000", "--dump-dom", probe_page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    probe = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1).replace("&quot;", '"'))
+    assert probe["gallery"] >= 12 * 2 and probe["loaded"] == probe["gallery"]
+    counts = manifest["counts"]
+    for key in ("input_rows", "clean_rows", "quarantined_rows"):
+        assert probe["counts"][key] == str(counts[key]), key
+    assert probe["counts"]["embedded"] == str(manifest["features"]["embedded"])
+
+    shot = tmp_path / "report.png"
+    subprocess.run([*common, "--window-size=1200,2000", f"--screenshot={shot}", probe_page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000

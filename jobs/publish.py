@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 from jobs.context import RunContext, StageError, log
 from matcher.run_report import render_run_report
@@ -20,11 +21,14 @@ def run(ctx: RunContext) -> dict:
     for name, table in staged.items():
         if not table.schema.equals(table_schema(name), check_metadata=False):
             raise StageError("publish", f"staged {name} does not match schemas/tables.json")
+    # New files go in beside the current ones; the manifest naming them is the single atomic switch; only then
+    # are the previous files removed. A crash before the switch leaves the previous partition as it was.
+    publish_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     tables = {}
     for name, table in staged.items():
-        lake.commit_staged(name, ctx.date)
-        tables[name] = {"rows": table.num_rows, "path": lake.display(f"{name}/dt={ctx.date}")}
-    lake.clear_staging(ctx.date)
+        relpath = lake.commit_staged(name, ctx.date, publish_id)
+        tables[name] = {"rows": table.num_rows, "path": lake.display(f"{name}/dt={ctx.date}"), "files": [relpath],
+                        "schema": [f"{f.name}: {f.type}" for f in table.schema]}
     for name in ("clean", "quarantine", "features"):
         t = lake.read_partition(name, ctx.date)
         tables[name] = {"rows": t.num_rows if t is not None else 0, "path": lake.display(f"{name}/dt={ctx.date}")}
@@ -40,9 +44,13 @@ def run(ctx: RunContext) -> dict:
         "promotion": (stages.get("train") or {}).get("decision"),
         "stage_seconds": {s: (stats or {}).get("seconds") for s, stats in stages.items()},
         "tables": tables,
+        "publish_id": publish_id,
         "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     lake.write_json(f"manifests/dt={ctx.date}/manifest.json", manifest)
+    for name in PUBLISHED_TABLES:
+        lake.remove_unlisted_files(name, ctx.date, keep=set(tables[name]["files"]))
+    lake.clear_staging(ctx.date)
     log.info("publish: %s", {k: v["rows"] for k, v in tables.items()})
     report = f"reports/dt={ctx.date}/report.html"
     try:

@@ -1,10 +1,12 @@
 """The lake: Hive-partitioned Parquet tables, JSON documents and model files under one root (local or S3).
 
 Layout (see docs in README):
-  <table>/dt=YYYY-MM-DD/part-00000.parquet   a table's partition, one file, replaced whole on rerun
+  <table>/dt=YYYY-MM-DD/part-00000.parquet   an internal table's partition (clean, quarantine, features), one
+                                             file, swapped in whole on rerun
+  <table>/dt=YYYY-MM-DD/part-<publish>.parquet  a published table's partition: the file the manifest names
   _staging/dt=YYYY-MM-DD/<table>/...         output of `score`, made visible by `publish`
   _runs/dt=YYYY-MM-DD/<stage>.json           per-stage statistics of a run
-  manifests/dt=YYYY-MM-DD/manifest.json      the published run manifest
+  manifests/dt=YYYY-MM-DD/manifest.json      the published run manifest: the commit point of a partition
   models/<version>/..., models/current.json  versioned models and the promoted one
 """
 from __future__ import annotations
@@ -64,7 +66,21 @@ class Lake:
         return final_dir
 
     def read_partition(self, table_name: str, dt: str) -> pa.Table | None:
-        return self._read_dir(self.partition_path(table_name, dt))
+        files = self.partition_files(table_name, dt)
+        if not files:
+            return None
+        tables = [pq.read_table(f, filesystem=self.fs) for f in files]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+    def partition_files(self, table_name: str, dt: str) -> list[str]:
+        """A partition's files: for a published table exactly those its run manifest names (so files of an
+        unfinished publish are never read); for an internal table its one part file."""
+        manifest = self.read_json(f"manifests/dt={dt}/manifest.json")
+        listed = ((manifest or {}).get("tables") or {}).get(table_name, {}).get("files")
+        if listed:
+            return [self.path(f) for f in listed]
+        part = posixpath.join(self.partition_path(table_name, dt), PART_FILE)
+        return [part] if exists(self.fs, part) else []
 
     def _read_dir(self, directory: str) -> pa.Table | None:
         file_path = posixpath.join(directory, PART_FILE)
@@ -90,16 +106,29 @@ class Lake:
     def read_staged(self, table_name: str, dt: str) -> pa.Table | None:
         return self._read_dir(self.staging_path(table_name, dt))
 
-    def commit_staged(self, table_name: str, dt: str) -> str:
+    def commit_staged(self, table_name: str, dt: str, publish_id: str) -> str:
+        """Move the staged file beside the partition's current file, under a new name; returns its lake-relative
+        path. Readers do not see it until a manifest names it."""
         staged = posixpath.join(self.staging_path(table_name, dt), PART_FILE)
         if not exists(self.fs, staged):
             raise FileNotFoundError(f"nothing staged for {table_name} dt={dt}; run the score stage first")
-        final_dir = self.partition_path(table_name, dt)
-        if exists(self.fs, final_dir):
-            self.fs.delete_dir(final_dir)
-        self.fs.create_dir(final_dir, recursive=True)
-        self.fs.move(staged, posixpath.join(final_dir, PART_FILE))
-        return final_dir
+        relpath = posixpath.join(table_name, f"dt={dt}", f"part-{publish_id}.parquet")
+        self.fs.create_dir(self.partition_path(table_name, dt), recursive=True)
+        self.fs.move(staged, self.path(relpath))
+        return relpath
+
+    def remove_unlisted_files(self, table_name: str, dt: str, keep: set[str]) -> int:
+        """Delete a partition's files other than `keep` (lake-relative): earlier publishes, unfinished ones."""
+        directory = self.partition_path(table_name, dt)
+        if not exists(self.fs, directory):
+            return 0
+        removed = 0
+        for info in self.fs.get_file_info(pafs.FileSelector(directory, recursive=False)):
+            rel = posixpath.relpath(info.path, self.root)
+            if info.type == pafs.FileType.File and rel not in keep:
+                self.fs.delete_file(info.path)
+                removed += 1
+        return removed
 
     def clear_staging(self, dt: str) -> None:
         self._delete_quietly(self.path("_staging", f"dt={dt}"))

@@ -38,9 +38,7 @@ def read_published(lake: Lake, table: str, date: str | None = None, columns: lis
 
 def published_dataset(lake: Lake, table: str) -> ds.Dataset | None:
     """All committed partitions of a table as one dataset with a `dt` column."""
-    dates = set(committed_dates(lake))
-    files = [lake.path(table, f"dt={d}", "part-00000.parquet") for d in sorted(dates)
-             if lake.exists(f"{table}/dt={d}/part-00000.parquet")]
+    files = [f for d in committed_dates(lake) for f in lake.partition_files(table, d)]
     if not files:
         return None
     return ds.dataset(files, filesystem=lake.fs, format="parquet",

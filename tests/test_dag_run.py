@@ -79,12 +79,41 @@ def test_the_nightly_dag_publishes_every_table(dag_run):
     assert cats["agrees"].mean() > 0.5
 
 
-def test_score_and_publish_alone_reuse_the_promoted_model(dag_run, capsys):
+def test_score_and_publish_alone_reuse_the_promoted_model_and_rerun_identically(dag_run):
     _, cfg, config_path = dag_run
-    assert main(["-q", "run", "--config", str(config_path), "--date", DATE, "--steps", "score,publish"]) == 0
     lake = Lake(cfg.run.lake, cfg.storage)
-    recs = lake.read_partition("recommendations", DATE).to_pandas()
-    assert len(recs) == PRODUCTS * 5  # replaced, not appended
+    before = {name: lake.read_partition(name, DATE) for name in ("recommendations", "embeddings", "categories")}
+    assert main(["-q", "run", "--config", str(config_path), "--date", DATE, "--steps", "score,publish"]) == 0
+    for name, table in before.items():
+        assert lake.read_partition(name, DATE).equals(table), name  # same rows, replaced not appended
+        assert len(lake.fs.get_file_info(pafs.FileSelector(lake.partition_path(name, DATE)))) == 1
+
+
+def test_a_publish_that_dies_before_its_manifest_leaves_the_previous_partition(dag_run, monkeypatch):
+    _, cfg, config_path = dag_run
+    lake = Lake(cfg.run.lake, cfg.storage)
+    before = {name: lake.read_partition(name, DATE) for name in ("recommendations", "embeddings")}
+    manifest_before = lake.read_json(f"manifests/dt={DATE}/manifest.json")
+    real_write_json = Lake.write_json
+
+    def dying_write_json(self, relpath, obj):  # the injected fault: the process dies at the commit point
+        if relpath.startswith("manifests/"):
+            raise ConnectionError("injected: storage lost while publishing")
+        return real_write_json(self, relpath, obj)
+
+    monkeypatch.setattr(Lake, "write_json", dying_write_json)
+    assert main(["-q", "run", "--config", str(config_path), "--date", DATE, "--steps", "score,publish"]) == 1
+    monkeypatch.undo()
+    assert lake.read_json(f"manifests/dt={DATE}/manifest.json") == manifest_before
+    for name, table in before.items():
+        assert lake.read_partition(name, DATE).equals(table), name
+        # The unfinished publish's file is there, but no reader that goes through the manifest sees it.
+        assert len(lake.fs.get_file_info(pafs.FileSelector(lake.partition_path(name, DATE)))) == 2
+    # The retry completes the night and tidies up.
+    assert main(["-q", "run", "--config", str(config_path), "--date", DATE, "--steps", "score,publish"]) == 0
+    for name, table in before.items():
+        assert lake.read_partition(name, DATE).equals(table), name
+        assert len(lake.fs.get_file_info(pafs.FileSelector(lake.partition_path(name, DATE)))) == 1
 
 
 def test_recommend_search_and_query_read_the_published_tables(dag_run, capsys):

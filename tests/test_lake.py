@@ -24,12 +24,17 @@ def test_partition_write_replaces_whole_partition(lake):
     assert not lake.exists("_tmp") or lake.fs.get_file_info(lake.path("_tmp")).type.name != "File"
 
 
-def test_staging_is_invisible_until_committed(lake):
-    lake.write_partition("r", "2026-01-01", pa.table({"a": [1]}))
+def test_a_published_file_is_read_only_once_a_manifest_names_it(lake):
+    lake.stage_partition("r", "2026-01-01", pa.table({"a": [1]}))
+    first = lake.commit_staged("r", "2026-01-01", "p1")
+    lake.write_json("manifests/dt=2026-01-01/manifest.json", {"tables": {"r": {"files": [first]}}})
     lake.stage_partition("r", "2026-01-01", pa.table({"a": [2, 3]}))
-    assert lake.read_partition("r", "2026-01-01").num_rows == 1
-    lake.commit_staged("r", "2026-01-01")
+    second = lake.commit_staged("r", "2026-01-01", "p2")
+    assert lake.read_partition("r", "2026-01-01").num_rows == 1  # not yet switched
+    lake.write_json("manifests/dt=2026-01-01/manifest.json", {"tables": {"r": {"files": [second]}}})
     assert lake.read_partition("r", "2026-01-01").num_rows == 2
+    assert lake.remove_unlisted_files("r", "2026-01-01", keep={second}) == 1
+    assert lake.partition_files("r", "2026-01-01") == [lake.path(second)]
     assert lake.read_staged("r", "2026-01-01") is None
 
 

@@ -37,6 +37,7 @@ def run(ctx: RunContext) -> dict:
         "date": ctx.date,
         "catalog": ctx.catalog,
         "model_version": (stages.get("score") or {}).get("model_version"),
+        "input_fingerprint": (stages.get("score") or {}).get("input_fingerprint"),
         "counts": {k: (stages.get("clean") or {}).get(k) for k in
                    ("input_rows", "clean_rows", "quarantined_rows", "quarantine_by_reason")},
         "features": {k: (stages.get("extract") or {}).get(k) for k in ("embedded", "reused")},

@@ -1,12 +1,17 @@
 """score: embeddings in the learned space, all-pairs exact top-K recommendations, categories; staged for publish."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
 from jobs.context import RunContext, log, throughput
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
+from jobs.score_spark import topk_with_spark
+from jobs.spark import get_spark
+from matcher.encoders import pick_device
 from matcher.evaluate import embed, model_pair_scorer
 from matcher.registry import check_encoders, load_current_model
 from matcher.scoring import assign_categories, topk
@@ -22,8 +27,14 @@ def run(ctx: RunContext) -> dict:
     version = config["version"]
     z, u, v = embed(model, fs.image_feats, fs.text_feats)
     n, k = len(fs.product_ids), ctx.config.score.top_k
-    with throughput("score all-pairs", n):
-        scores, idx = topk(v, v, k, block_size=ctx.config.score.block_size, exclude_self=True)
+    sc = ctx.config.score
+    engine = sc.engine if sc.engine != "auto" else ("spark" if n >= sc.spark_min_products else "local")
+    with throughput(f"score all-pairs ({engine})", n):
+        if engine == "spark":
+            scores, idx = topk_with_spark(get_spark(ctx.config.extract), v, k, sc.block_size)
+        else:
+            scores, idx = topk(v, v, k, block_size=sc.block_size, exclude_self=True,
+                               device=pick_device(ctx.config.extract.device))
     k_eff = scores.shape[1]
     recommendations = pd.DataFrame({
         "product_id": np.repeat(fs.product_ids, k_eff),
@@ -63,4 +74,5 @@ def run(ctx: RunContext) -> dict:
     agreement = float((predicted[labelled] == fs.categories[labelled]).mean()) if labelled.any() else None
     log.info("score: %d products, top-%d each, model %s", n, k_eff, version)
     return {"products": n, "top_k": k_eff, "recommendation_rows": int(len(recommendations)), "model_version": version,
-            "category_agreement": agreement, "mismatches": int(len(mismatches))}
+            "category_agreement": agreement, "mismatches": int(len(mismatches)), "engine": engine,
+            "input_fingerprint": hashlib.sha256("".join(sorted(fs.content_hashes)).encode()).hexdigest()}

@@ -95,6 +95,8 @@ class TrainConfig:
 class ScoreConfig:
     top_k: int
     block_size: int
+    engine: str
+    spark_min_products: int
     search_queries: list[str]
     search_top_k: int
 
@@ -193,6 +195,8 @@ def _check(cfg: Config) -> None:
     unknown = set(cfg.catalog.columns) - known
     if unknown:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    if cfg.score.engine not in ("auto", "local", "spark"):
+        raise ConfigError("score.engine must be auto, local or spark")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
 

@@ -99,6 +99,19 @@ def main() -> int:
     rows["matcher"] = (evaluate_model(result.model, fs.image_feats, fs.text_feats, fs.categories, heldout),
                        result.seconds)
 
+    # Recommendation precision@10 after re-ranking each product's top-50 with the matching network.
+    from matcher.evaluate import embed, model_pair_scorer
+    from matcher.scoring import rerank, topk
+
+    z, u, v = embed(result.model, fs.image_feats, fs.text_feats)
+    pair = model_pair_scorer(result.model, z, u)
+    test = np.nonzero(heldout & (fs.categories != ""))[0]
+    sim, cand = topk(v[test], v, 51, exclude=test)
+    for weight in (0.3, 0.6):
+        _, _, idx = rerank(sim, cand, lambda p, q: (pair(q, test[p]) + pair(test[p], q)) / 2, 10, weight)
+        precision = float((fs.categories[idx] == fs.categories[test][:, None]).mean())
+        rows[f"+ rerank w={weight}"] = ({"recommendation_precision_at_10": precision}, 0.0)
+
     header = f"{'method':<16}" + "".join(f"{label:>11}" for _, label in COLUMNS) + f"{'train s':>9}"
     print("\n" + header + "\n" + "-" * len(header))
     for name, (metrics, seconds) in rows.items():

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.python import PythonOperator
+from airflow.providers.standard.sensors.python import PythonSensor
 from airflow.sdk import DAG, Param
 
-from jobs.airflow_tasks import log_failure, run_stage_task
+from jobs.airflow_tasks import catalog_ready, log_failure, run_stage_task
 from jobs.pipeline import STAGES
 
 with DAG(
@@ -31,10 +32,13 @@ with DAG(
     },
     tags=["matcher"],
 ) as dag:
-    previous = None
+    # The night starts when the catalog has arrived; reschedule mode frees the worker slot while waiting.
+    previous = PythonSensor(task_id="wait_for_catalog", python_callable=catalog_ready, mode="reschedule",
+                            poke_interval=300, timeout=6 * 3600, retries=0)
     for stage in STAGES:
         # `ds` and `params` come from the task context (matched by the callable's argument names).
-        task = PythonOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage})
-        if previous is not None:
-            previous >> task
+        task = PythonOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage},
+                              # The accelerator stage: one at a time across runs (e.g. during a backfill).
+                              max_active_tis_per_dag=1 if stage == "extract" else None)
+        previous >> task
         previous = task

@@ -32,6 +32,22 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None) -> dict:
     return {"stage": stage, "date": ds, "seconds": stats.get("seconds")}
 
 
+def catalog_ready(params: dict | None = None) -> bool:
+    """Sensor check: has the catalog file arrived (local folder or S3 prefix)? Reads nothing else."""
+    from matcher.catalog import CatalogError, CatalogReader
+
+    params = params or {}
+    cfg = load_config(params.get("config") or None)
+    with storage_ready(cfg) as cfg:
+        catalog = params.get("catalog") or cfg.run.catalog
+        try:
+            CatalogReader(catalog, cfg.storage, cfg.catalog).find_products_file()
+            return True
+        except CatalogError:
+            log.info("catalog not there yet: %s", catalog)
+            return False
+
+
 def log_failure(context: dict) -> None:
     """on_failure_callback: one line with the stage, the date and the cause."""
     ti = context.get("task_instance")

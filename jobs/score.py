@@ -14,7 +14,7 @@ from jobs.spark import get_spark
 from matcher.encoders import pick_device
 from matcher.evaluate import embed, model_pair_scorer
 from matcher.registry import check_encoders, load_current_model
-from matcher.scoring import assign_categories, topk
+from matcher.scoring import assign_categories, rerank, topk
 from matcher.search import query_vectors, search_vectors
 from matcher.tables import to_arrow
 
@@ -28,18 +28,27 @@ def run(ctx: RunContext) -> dict:
     z, u, v = embed(model, fs.image_feats, fs.text_feats)
     n, k = len(fs.product_ids), ctx.config.score.top_k
     sc = ctx.config.score
+    m = max(k, sc.rerank_candidates)
     engine = sc.engine if sc.engine != "auto" else ("spark" if n >= sc.spark_min_products else "local")
     with throughput(f"score all-pairs ({engine})", n):
         if engine == "spark":
-            scores, idx = topk_with_spark(get_spark(ctx.config.extract), v, k, sc.block_size)
+            similarity, candidates = topk_with_spark(get_spark(ctx.config.extract), v, m, sc.block_size)
         else:
-            scores, idx = topk(v, v, k, block_size=sc.block_size, exclude_self=True,
-                               device=pick_device(ctx.config.extract.device))
+            similarity, candidates = topk(v, v, m, block_size=sc.block_size, exclude_self=True,
+                                          device=pick_device(ctx.config.extract.device))
+    pair = model_pair_scorer(model, z, u)
+
+    def cross_match(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        # Does q's photo go with p's text, and p's photo with q's text?
+        return (pair(q, p) + pair(p, q)) / 2
+
+    scores, similarity, idx = rerank(similarity, candidates, cross_match, k, sc.rerank_weight)
     k_eff = scores.shape[1]
     recommendations = pd.DataFrame({
         "product_id": np.repeat(fs.product_ids, k_eff),
         "rank": np.tile(np.arange(1, k_eff + 1, dtype=np.int32), n),
         "rec_product_id": fs.product_ids[idx.ravel()],
+        "similarity": similarity.ravel(),
         "score": scores.ravel(),
         "model_version": version,
     })
@@ -53,7 +62,7 @@ def run(ctx: RunContext) -> dict:
         "model_version": version,
     })
     # Catalog errors a merchandiser should fix: a product whose own photo and text the matching network rejects.
-    own = model_pair_scorer(model, z, u)(np.arange(n), np.arange(n))
+    own = pair(np.arange(n), np.arange(n))
     threshold = float(model.match_threshold)
     low = np.argsort(own, kind="stable")
     low = low[own[low] < threshold]

@@ -95,6 +95,8 @@ class TrainConfig:
 class ScoreConfig:
     top_k: int
     block_size: int
+    rerank_candidates: int
+    rerank_weight: float
     engine: str
     spark_min_products: int
     search_queries: list[str]
@@ -195,6 +197,8 @@ def _check(cfg: Config) -> None:
     unknown = set(cfg.catalog.columns) - known
     if unknown:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    if not 0.0 <= cfg.score.rerank_weight <= 1.0:
+        raise ConfigError("score.rerank_weight must be in [0, 1]")
     if cfg.score.engine not in ("auto", "local", "spark"):
         raise ConfigError("score.engine must be auto, local or spark")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):

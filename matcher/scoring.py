@@ -1,6 +1,8 @@
 """Exact top-K by inner product, in blocks so memory is bounded by block_size * N rather than N^2."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -142,3 +144,17 @@ def assign_categories(vectors: np.ndarray, categories: np.ndarray) -> tuple[np.n
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
     scores, idx = topk(vectors, centroids, k=1)
     return names[idx[:, 0]].astype(object), scores[:, 0]
+
+
+def rerank(similarity: np.ndarray, candidates: np.ndarray, cross_match: Callable[[np.ndarray, np.ndarray], np.ndarray],
+           k: int, weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-rank each row's candidates: score = (1 - weight) * similarity + weight * cross_match(rows, candidates).
+
+    Returns (score, similarity, candidate index), each (N, min(k, M)), best score first, ties by lower index."""
+    n, m = candidates.shape
+    rows = np.repeat(np.arange(n), m)
+    match = cross_match(rows, candidates.ravel()).reshape(n, m) if m else np.zeros((n, 0), np.float32)
+    score = ((1.0 - weight) * similarity + weight * match).astype(np.float32)
+    order = np.lexsort((candidates, -score), axis=1)[:, :min(k, m)]
+    return (np.take_along_axis(score, order, 1), np.take_along_axis(similarity, order, 1),
+            np.take_along_axis(candidates, order, 1))

@@ -57,3 +57,17 @@ def test_assign_categories_nearest_centroid():
     pred, score = assign_categories(v, cats)
     assert list(pred) == ["a", "a", "b", "b", "a"]
     assert score.shape == (5,)
+
+
+def test_rerank_orders_by_the_blended_score_and_keeps_similarity():
+    from matcher.scoring import rerank
+
+    sim = np.array([[0.9, 0.8, 0.7]], dtype=np.float32)
+    cand = np.array([[5, 6, 7]])
+    match = {5: 0.0, 6: 1.0, 7: 0.5}
+    scores, sims, idx = rerank(sim, cand, lambda p, q: np.array([match[j] for j in q], np.float32), 2, 0.5)
+    assert idx.tolist() == [[6, 7]]
+    np.testing.assert_allclose(sims, [[0.8, 0.7]])
+    np.testing.assert_allclose(scores, [[0.9, 0.6]])
+    _, _, plain = rerank(sim, cand, lambda p, q: np.zeros(len(q), np.float32), 3, 0.0)
+    assert plain.tolist() == [[5, 6, 7]]

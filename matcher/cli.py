@@ -122,6 +122,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from matcher.registry import list_models, load_model, promote
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        if args.promote:
+            load_model(lake, args.promote)  # refuses a version that is missing or unreadable
+            promote(lake, args.promote, "manual")
+            print(f"current model is now {args.promote}; rerun score,publish for a date to use it")
+            return 0
+        for m in list_models(lake):
+            recall = f"{m['mean_recall_at_10']:.3f}" if m["mean_recall_at_10"] is not None else "-"
+            print(f"{'*' if m['current'] else ' '} {m['version']:<28} trained for {m['trained_for_date']}  "
+                  f"mean R@10 {recall}")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from jobs.context import RunContext
+    from jobs.pipeline import parse_steps, run_pipeline
+    from jobs.spark import stop_spark
+
+    start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)
+    if end < start:
+        raise ValueError("--to is before --from")
+    steps = parse_steps(args.steps)
+    with storage_ready(resolve_config(args.config)) as cfg:
+        try:
+            day = start
+            while day <= end:
+                ctx = RunContext(cfg, day.isoformat(), catalog=args.catalog or "", lake_uri=args.lake or "")
+                run_pipeline(ctx, steps)
+                print(f"matcher: {day.isoformat()} done", flush=True)
+                day += dt.timedelta(days=1)
+        finally:
+            stop_spark()
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from matcher.published import resolve_date
     from matcher.run_report import render_run_report
@@ -200,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="held-out metrics of the model behind a published partition, as JSON")
     common(p)
     p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list model versions (* = current), or --promote VERSION to roll back")
+    common(p, with_date=False)
+    p.add_argument("--promote", metavar="VERSION", help="make VERSION the current model")
+    p.set_defaults(handler=cmd_models)
+
+    p = sub.add_parser("backfill", help="run the pipeline for each date of a range, in order, without Airflow")
+    common(p, with_date=False)
+    p.add_argument("--catalog")
+    p.add_argument("--from", dest="start", required=True, help="first date YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, help="last date YYYY-MM-DD (inclusive)")
+    p.add_argument("--steps")
+    p.set_defaults(handler=cmd_backfill)
 
     p = sub.add_parser("report", help="write the nightly HTML report of a published partition")
     common(p)

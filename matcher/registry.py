@@ -62,3 +62,26 @@ def promotion_decision(new: dict, current: dict, current_version_name: str, metr
     promoted = new_value >= old_value - tolerance
     verdict = "promoted" if promoted else f"kept current model {current_version_name}"
     return promoted, f"{verdict}: {metric} {new_value:.4f} vs current {old_value:.4f} (tolerance {tolerance})"
+
+
+def list_models(lake: Lake) -> list[dict]:
+    """Every model version in the lake with its date, promotion status and headline metrics, oldest first."""
+    import pyarrow.fs as pafs
+
+    base = lake.path("models")
+    if not lake.exists("models"):
+        return []
+    current = current_version(lake)
+    out = []
+    for info in lake.fs.get_file_info(pafs.FileSelector(base, recursive=False)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        config = lake.read_json(f"models/{info.base_name}/config.json")
+        if config is None:
+            continue
+        metrics = lake.read_json(f"models/{info.base_name}/metrics.json") or {}
+        out.append({"version": info.base_name, "trained_for_date": config.get("trained_for_date"),
+                    "current": info.base_name == current,
+                    "mean_recall_at_10": metrics.get("mean_recall_at_10"),
+                    "matching_auc": metrics.get("matching_auc")})
+    return sorted(out, key=lambda m: (m["trained_for_date"] or "", m["version"]))

@@ -58,3 +58,21 @@ def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_pat
     assert not np.allclose(f3.loc[edited, "text_feat"], features.loc[edited, "text_feat"])
     other = rows[0]["product_id"]
     assert np.array_equal(f3.loc[other, "image_feat"], features.loc[other, "image_feat"])
+
+
+def test_backfill_runs_each_date_into_its_own_partition(tmp_path, catalog):
+    from matcher.cli import main
+    from matcher.config import dump_toml
+    from matcher.lake import Lake
+
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
+                                 "train": {"epochs": 5, "min_steps": 20}, "score": {"top_k": 3}}))
+    assert main(["-q", "backfill", "--config", str(config), "--from", "2026-04-01", "--to", "2026-04-02"]) == 0
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    m1 = lake.read_json("manifests/dt=2026-04-01/manifest.json")
+    m2 = lake.read_json("manifests/dt=2026-04-02/manifest.json")
+    assert m1["features"] == {"embedded": 12, "reused": 0}
+    assert m2["features"] == {"embedded": 0, "reused": 12}
+    for date in ("2026-04-01", "2026-04-02"):
+        assert lake.read_partition("recommendations", date).num_rows == 12 * 3

@@ -112,3 +112,24 @@ def test_training_report_is_written_next_to_the_model(tmp_path):
     page = ctx.lake.read_bytes(f"models/{stats['model_version']}/report.html").decode()
     assert page.count("<svg") == 3 and "Training loss" in page and "recall@K" in page
     assert f"{stats['metrics']['mean_recall_at_10']:.4f}" in page
+
+
+def test_models_lists_versions_and_promote_rolls_back(tmp_path, capsys):
+    from matcher.cli import main
+    from matcher.config import dump_toml
+
+    first = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(first.lake, "2026-01-01")
+    v1 = run_stage("train", first)["model_version"]
+    second = _ctx(tmp_path, "2026-01-02", seed=1)
+    write_synthetic_partition(second.lake, "2026-01-02", seed=5)
+    v2 = run_stage("train", second)["model_version"]
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"lake": first.lake_uri}}))
+    assert main(["-q", "models", "--config", str(config)]) == 0
+    listing = capsys.readouterr().out
+    assert v1 in listing and v2 in listing
+    assert main(["-q", "models", "--config", str(config), "--promote", v1]) == 0
+    assert current_version(first.lake) == v1
+    assert main(["-q", "models", "--config", str(config), "--promote", "no-such-version"]) == 1
+    assert current_version(first.lake) == v1

@@ -25,7 +25,7 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None) -> dict:
             if exc.retryable:
                 raise
             # Bad input or a failed gate: retrying would fail the same way, so fail the task now.
-            from airflow.exceptions import AirflowFailException
+            from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(str(exc)) from exc
     # Small, JSON-safe summary for XCom; the full statistics are in the lake.

@@ -10,7 +10,7 @@ import torch
 from matcher.encoders import load_text_encoder
 from matcher.lake import Lake
 from matcher.published import NotPublishedError, read_published, resolve_date
-from matcher.registry import load_model
+from matcher.registry import load_model, text_encoder_name
 from matcher.scoring import topk
 
 
@@ -62,7 +62,7 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     emb = read_published(lake, "embeddings", dt, ["product_id", "fused_vec", "model_version"])
     version = emb["model_version"][0].as_py()
     model, config = load_model(lake, version)
-    q = query_vectors(model, config["spec"]["text_encoder"].split("@")[0], [text], device)
+    q = query_vectors(model, text_encoder_name(config), [text], device)
     vectors = np.stack(emb["fused_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
     hits = search_vectors([text], q, emb["product_id"].to_numpy(zero_copy_only=False), vectors, k)
     titles = titles_for(lake, dt, hits["product_id"].tolist())

@@ -27,9 +27,22 @@ def get_spark(cfg: ExtractConfig):
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.shuffle.partitions", "4"))
+    for key, value in spark_gpu_conf(cfg).items():
+        builder = builder.config(key, value)
     _session = builder.getOrCreate()
     _session.sparkContext.setLogLevel("ERROR")
     return _session
+
+
+def spark_gpu_conf(cfg: ExtractConfig) -> dict[str, str]:
+    """Spark resource settings for executors with GPUs; empty when the config asks for none."""
+    if cfg.executor_gpus <= 0:
+        return {}
+    conf = {"spark.executor.resource.gpu.amount": str(cfg.executor_gpus),
+            "spark.task.resource.gpu.amount": str(cfg.task_gpus)}
+    if cfg.gpu_discovery_script:
+        conf["spark.executor.resource.gpu.discoveryScript"] = cfg.gpu_discovery_script
+    return conf
 
 
 def stop_spark() -> None:

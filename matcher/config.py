@@ -69,6 +69,9 @@ class ExtractConfig:
     spark_master: str
     spark_driver_memory: str
     spark_partitions: int
+    executor_gpus: int
+    task_gpus: float
+    gpu_discovery_script: str
 
 
 @dataclass(frozen=True)

@@ -150,3 +150,22 @@ def test_column_mapping_naming_an_absent_column_is_a_clear_error(tmp_path):
     cfg = load_config(overrides={"catalog": {"columns": {"title": "productDisplayName"}}})
     with pytest.raises(CatalogError, match="productDisplayName"):
         CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).read()
+
+
+def test_image_references_may_be_s3_and_file_uris(tmp_path, s3_config):
+    from matcher.storage import resolve_uri, write_bytes
+
+    fs, path = resolve_uri("s3://lake/uri-test/a.jpg", s3_config.storage)
+    write_bytes(fs, path, jpeg((10, 200, 10)))
+    (tmp_path / "b.jpg").write_bytes(jpeg((10, 10, 200)))
+    (tmp_path / "products.csv").write_text(
+        "product_id,title,image\n"
+        "A,From S3,s3://lake/uri-test/a.jpg\n"
+        f"B,From a file URI,file://{tmp_path / 'b.jpg'}\n"
+        "C,Missing on S3,s3://lake/uri-test/none.jpg\n"
+        "D,Unsupported,http://example.invalid/d.jpg\n")
+    reader = CatalogReader(str(tmp_path), s3_config.storage)
+    result = clean_catalog(reader.read(), reader.read_image, s3_config.clean)
+    assert sorted(result.clean["product_id"]) == ["A", "B"]
+    assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
+        "C": "image_missing", "D": "image_unsupported_uri"}

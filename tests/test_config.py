@@ -43,3 +43,14 @@ def test_missing_and_invalid_files(tmp_path):
 def test_secrets_not_in_repr():
     cfg = load_config(overrides={"storage": {"s3_access_key": "AKIAXYZ", "s3_secret_key": "supersecret"}})
     assert "supersecret" not in repr(cfg) and "AKIAXYZ" not in repr(cfg)
+
+
+def test_gpu_executors_map_to_spark_resource_settings():
+    from jobs.spark import spark_gpu_conf
+
+    assert spark_gpu_conf(load_config().extract) == {}
+    cfg = load_config(overrides={"extract": {"executor_gpus": 2, "task_gpus": 0.5,
+                                             "gpu_discovery_script": "/opt/matcher/docker/gpu-discovery.sh"}})
+    assert spark_gpu_conf(cfg.extract) == {
+        "spark.executor.resource.gpu.amount": "2", "spark.task.resource.gpu.amount": "0.5",
+        "spark.executor.resource.gpu.discoveryScript": "/opt/matcher/docker/gpu-discovery.sh"}

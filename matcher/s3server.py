@@ -63,6 +63,7 @@ class EmbeddedS3:
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
+        self._ports: list[int] | None = None  # kept across stop/start, so a restarted server has the same endpoint
 
     @property
     def endpoint(self) -> str:
@@ -87,7 +88,8 @@ class EmbeddedS3:
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(identities, fh)
-        master, volume, filer, s3, admin = _free_ports(5)
+        self._ports = self._ports or _free_ports(5)
+        master, volume, filer, s3, admin = self._ports
         self.port = s3
         cmd = [_weed_binary(), "mini", f"-dir={self.data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-bucket={self.bucket}", f"-s3.config={config_path}", "-admin.ui=false", "-webdav=false",

@@ -37,8 +37,8 @@ def run(ctx: RunContext) -> dict:
     previous = current_version(ctx.lake)
     decision, previous_metrics = "promoted (no current model)", None
     if previous and previous != version:
-        prev_model, prev_config = load_model(ctx.lake, previous)
         try:
+            prev_model, prev_config = load_model(ctx.lake, previous)
             check_encoders(prev_config, fs.image_encoder, fs.text_encoder)
             previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
         except (ModelError, RuntimeError) as exc:  # the current model cannot read these features

@@ -112,7 +112,10 @@ def model_to_bytes(model: MatcherModel) -> bytes:
 
 def model_from_bytes(data: bytes, spec: ModelSpec) -> MatcherModel:
     model = MatcherModel(spec)
-    state = load_safetensors(data)
+    try:
+        state = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise ModelError(f"model weights are not a readable safetensors file ({exc})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:

@@ -133,3 +133,15 @@ def test_models_lists_versions_and_promote_rolls_back(tmp_path, capsys):
     assert current_version(first.lake) == v1
     assert main(["-q", "models", "--config", str(config), "--promote", "no-such-version"]) == 1
     assert current_version(first.lake) == v1
+
+
+def test_an_unreadable_current_model_is_replaced_with_a_reason(tmp_path):
+    first = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(first.lake, "2026-01-01")
+    v1 = run_stage("train", first)["model_version"]
+    first.lake.write_bytes(f"models/{v1}/model.safetensors", b"not safetensors at all")
+    second = _ctx(tmp_path, "2026-01-02")
+    write_synthetic_partition(second.lake, "2026-01-02", seed=3)
+    stats = run_stage("train", second)
+    assert stats["promoted"] and "unusable" in stats["decision"]
+    assert current_version(second.lake) == stats["model_version"] != v1

@@ -108,7 +108,7 @@ def main() -> int:
                 hits = [len(set(a) & set(b)) for a, b in zip(idx.tolist(), ref[2].tolist())]
                 recall = f"{np.sum(hits) / (len(hits) * args.k):.6f}"
             print(f"{n:>8} {method:<16}{seconds:>9.2f}{peak:>9.0f}{ratio:>11}{recall:>19}")
-    print("\nmatcher's memory bound: O(N*K + block*N); the naive baseline holds N*N.")
+    print("\nmatcher's memory bound: O(N*K + block^2) for all pairs; the naive baseline holds N*N.")
     return 0
 
 

@@ -44,22 +44,33 @@ def _tables(lake, date):
     return {name: lake.read_partition(name, date).drop_columns(["model_version"]) for name in PUBLISHED}
 
 
-def test_a_run_killed_mid_extract_then_rerun_equals_an_undisturbed_run(s3_server, tmp_path):
-    cfg, config, local = _setup(s3_server, tmp_path, "killed")
+def _first_night(s3_server, tmp_path, name, date):
+    """A catalog uploaded and one undisturbed night run: (config path, lake, that night's tables)."""
+    cfg, config, local = _setup(s3_server, tmp_path, name)
     _upload(cfg, local)
     lake = Lake(cfg.run.lake, cfg.storage)
-    assert main(["-q", "run", "--config", str(config), "--date", "2026-05-01"]) == 0
-    undisturbed = _tables(lake, "2026-05-01")
+    assert main(["-q", "run", "--config", str(config), "--date", date]) == 0
+    return config, lake, _tables(lake, date)
 
+
+def _start_run_until_extract(config, lake, date) -> subprocess.Popen:
+    """`matcher run` in its own process group, returned once the night has passed validate (extract is next)."""
     proc = subprocess.Popen([sys.executable, "-m", "matcher.cli", "-q", "run", "--config", str(config),
-                             "--date", "2026-05-02"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--date", date], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while not lake.exists("_runs/dt=2026-05-02/validate.json") and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while not lake.exists(f"_runs/dt={date}/validate.json") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return proc
+
+
+def test_a_run_killed_mid_extract_then_rerun_equals_an_undisturbed_run(s3_server, tmp_path):
+    config, lake, undisturbed = _first_night(s3_server, tmp_path, "killed", "2026-05-01")
+
+    proc = _start_run_until_extract(config, lake, "2026-05-02")
     time.sleep(3)  # well into extract: Spark workers are embedding
     os.killpg(proc.pid, signal.SIGKILL)  # the task's process and its Spark children die at once
-    proc.wait()
+    proc.communicate()
     assert lake.read_json("manifests/dt=2026-05-02/manifest.json") is None
     assert lake.read_partition("recommendations", "2026-05-02") is None
 
@@ -120,18 +131,9 @@ def test_the_s3_server_going_away_mid_run_loses_nothing(tmp_path):
 
     server = EmbeddedS3(tmp_path / "s3", "ops" + secrets.token_hex(3), secrets.token_hex(16)).start()
     try:
-        cfg, config, local = _setup(server, tmp_path, "outage")
-        _upload(cfg, local)
-        lake = Lake(cfg.run.lake, cfg.storage)
-        assert main(["-q", "run", "--config", str(config), "--date", "2026-07-01"]) == 0
-        night1 = _tables(lake, "2026-07-01")
+        config, lake, night1 = _first_night(server, tmp_path, "outage", "2026-07-01")
 
-        proc = subprocess.Popen([sys.executable, "-m", "matcher.cli", "-q", "run", "--config", str(config),
-                                 "--date", "2026-07-02"], start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 180
-        while not lake.exists("_runs/dt=2026-07-02/validate.json") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        proc = _start_run_until_extract(config, lake, "2026-07-02")
         server.stop()  # the outage: S3 is gone for a few seconds during extract
         time.sleep(4)
         server.start()

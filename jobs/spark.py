@@ -18,10 +18,13 @@ def get_spark(cfg: ExtractConfig):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if cfg.spark_master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
-    builder = (SparkSession.builder.appName("matcher").master(cfg.spark_master)
-               .config("spark.driver.memory", cfg.spark_driver_memory)
+    builder = SparkSession.builder.appName("matcher")
+    if not SparkConf().contains("spark.master"):  # under spark-submit, its --master wins
+        builder = builder.master(cfg.spark_master).config("spark.driver.memory", cfg.spark_driver_memory)
+    builder = (builder
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
                .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_size))
                .config("spark.ui.enabled", "false")

@@ -34,6 +34,12 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class RunnerConfig:
+    mode: str
+    spark_conn_id: str
+
+
+@dataclass(frozen=True)
 class CatalogConfig:
     file: str
     image_template: str
@@ -110,6 +116,7 @@ class ScoreConfig:
 class Config:
     run: RunConfig
     storage: StorageConfig
+    runner: RunnerConfig
     catalog: CatalogConfig
     clean: CleanConfig
     validate: ValidateConfig
@@ -202,6 +209,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
     if not 0.0 <= cfg.score.rerank_weight <= 1.0:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
+    if cfg.runner.mode not in ("in_process", "spark_submit"):
+        raise ConfigError("runner.mode must be in_process or spark_submit")
     if cfg.score.engine not in ("auto", "local", "spark"):
         raise ConfigError("score.engine must be auto, local or spark")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):

@@ -150,3 +150,23 @@ def test_the_s3_server_going_away_mid_run_loses_nothing(tmp_path):
             assert night2[name].equals(night1[name]), name  # same catalog, same tables
     finally:
         server.stop()
+
+
+def test_stages_run_through_spark_submit_when_the_config_says_so(tmp_path, monkeypatch):
+    import json
+
+    from jobs.airflow_tasks import run_stage_task
+
+    catalog = make_demo_catalog(tmp_path / "catalog", products=12, with_bad_rows=False)
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"catalog": str(catalog), "lake": f"file://{tmp_path}/lake"},
+                                 "runner": {"mode": "spark_submit", "spark_conn_id": "matcher_local_spark"}}))
+    # The Airflow connection spark-submit uses: a local master here, a cluster's in production.
+    monkeypatch.setenv("AIRFLOW_CONN_MATCHER_LOCAL_SPARK", json.dumps({"conn_type": "spark", "host": "local[2]"}))
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    params = {"config": str(config)}
+    assert run_stage_task("clean", "2026-08-01", params)["runner"] == "spark_submit"
+    assert run_stage_task("validate", "2026-08-01", params)["runner"] == "spark_submit"
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    assert lake.read_partition("clean", "2026-08-01").num_rows == 12
+    assert lake.read_json("validation/dt=2026-08-01/result.json")["success"] is True

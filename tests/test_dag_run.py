@@ -263,8 +263,9 @@ def test_rerunning_a_date_through_the_dag_reproduces_its_partitions_and_reuses_f
     _, cfg, config_path = dag_run
     lake = Lake(cfg.run.lake, cfg.storage)
     first = _checksums(lake, DATE)
-    assert run_dag_for_date(DATE, {"config": str(config_path)}) == "success"
-    assert _checksums(lake, DATE) == first
+    for _ in range(2):  # a date rerun twice
+        assert run_dag_for_date(DATE, {"config": str(config_path)}) == "success"
+        assert _checksums(lake, DATE) == first
     manifest = lake.read_json(f"manifests/dt={DATE}/manifest.json")
     assert manifest["features"] == {"embedded": 0, "reused": PRODUCTS}
 

@@ -57,8 +57,6 @@ def catalog_ready(params: dict | None = None) -> bool:
 
     params = params or {}
     cfg = load_config(params.get("config") or None)
-    if cfg.runner.mode == "spark_submit":
-        return submit_stage(stage, ds, params, cfg.runner.spark_conn_id)
     with storage_ready(cfg) as cfg:
         catalog = params.get("catalog") or cfg.run.catalog
         try:

@@ -170,3 +170,13 @@ def test_stages_run_through_spark_submit_when_the_config_says_so(tmp_path, monke
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
     assert lake.read_partition("clean", "2026-08-01").num_rows == 12
     assert lake.read_json("validation/dt=2026-08-01/result.json")["success"] is True
+
+
+def test_the_catalog_sensor_checks_the_catalog_whatever_the_runner(tmp_path):
+    from jobs.airflow_tasks import catalog_ready
+
+    catalog = make_demo_catalog(tmp_path / "catalog", products=10, with_bad_rows=False)
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"catalog": str(catalog)}, "runner": {"mode": "spark_submit"}}))
+    assert catalog_ready({"config": str(config)}) is True
+    assert catalog_ready({"config": str(config), "catalog": str(tmp_path / "absent")}) is False

@@ -21,7 +21,8 @@ from jobs.context import RunContext  # noqa: E402
 from jobs.features_io import load_feature_set  # noqa: E402
 from jobs.pipeline import run_pipeline  # noqa: E402
 from matcher.config import load_config  # noqa: E402
-from matcher.evaluate import best_threshold, derangement, embedding_metrics, evaluate_model  # noqa: E402
+from matcher.evaluate import (best_threshold, embedding_metrics, evaluate_model,  # noqa: E402
+                              true_and_false_pair_scores)
 from matcher.model import ModelSpec  # noqa: E402
 from matcher.train import holdout_mask, train_on_split  # noqa: E402
 
@@ -42,7 +43,7 @@ def cosine_metrics(z, u, v, categories, heldout):
         return np.einsum("nd,nd->n", z[i], u[j])
 
     train = np.nonzero(~heldout)[0]
-    threshold = best_threshold(score(train, train), score(train, train[derangement(len(train), 0)]))
+    threshold = best_threshold(*true_and_false_pair_scores(score, train))
     return embedding_metrics(z, u, v, categories, heldout, score, threshold)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from jobs.context import RunContext, log
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
-from matcher.evaluate import derangement, embed, evaluate_model, model_pair_scorer
+from matcher.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
 from matcher.model import ModelError, ModelSpec
 from matcher.registry import (check_encoders, current_version, load_model, promote, promotion_decision,
                               save_model)
@@ -63,8 +63,7 @@ def run(ctx: RunContext) -> dict:
 def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision) -> str:
     rows = np.nonzero(heldout)[0] if heldout.any() else np.arange(len(fs.product_ids))
     z, u, _ = embed(result.model, fs.image_feats[rows], fs.text_feats[rows])
-    score = model_pair_scorer(result.model, z, u)
-    idx = np.arange(len(rows))
-    true_scores, false_scores = score(idx, idx), score(idx, idx[derangement(len(idx), 0)])
+    true_scores, false_scores = true_and_false_pair_scores(model_pair_scorer(result.model, z, u),
+                                                           np.arange(len(rows)))
     return render_training_report(version, date, metrics, previous_metrics, result.history, true_scores,
                                   false_scores, decision)

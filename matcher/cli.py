@@ -53,21 +53,27 @@ def _lake(cfg: Config, lake_uri: str | None):
     return Lake(lake_uri or cfg.run.lake, cfg.storage)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_dates(args: argparse.Namespace, dates: list[str]) -> int:
+    """The pipeline's steps for each date in order (stopping at the first failure), one line per date done."""
     from jobs.context import RunContext
     from jobs.pipeline import parse_steps, run_pipeline
     from jobs.spark import stop_spark
 
     steps = parse_steps(args.steps)
     with storage_ready(resolve_config(args.config)) as cfg:
-        ctx = RunContext(cfg, args.date, catalog=args.catalog or "", lake_uri=args.lake or "")
         try:
-            run_pipeline(ctx, steps)
+            for date in dates:
+                ctx = RunContext(cfg, date, catalog=args.catalog or "", lake_uri=args.lake or "")
+                run_pipeline(ctx, steps)
+                timings = ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items())
+                print(f"matcher: {date} done ({timings}); lake {ctx.lake.display('')}", flush=True)
         finally:
             stop_spark()
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items())
-    print(f"matcher: {args.date} done ({timings}); lake {ctx.lake.display('')}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_dates(args, [args.date])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -140,25 +146,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from jobs.context import RunContext
-    from jobs.pipeline import parse_steps, run_pipeline
-    from jobs.spark import stop_spark
-
     start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)
     if end < start:
         raise ValueError("--to is before --from")
-    steps = parse_steps(args.steps)
-    with storage_ready(resolve_config(args.config)) as cfg:
-        try:
-            day = start
-            while day <= end:
-                ctx = RunContext(cfg, day.isoformat(), catalog=args.catalog or "", lake_uri=args.lake or "")
-                run_pipeline(ctx, steps)
-                print(f"matcher: {day.isoformat()} done", flush=True)
-                day += dt.timedelta(days=1)
-        finally:
-            stop_spark()
-    return 0
+    return _run_dates(args, [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)])
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -48,6 +48,12 @@ def derangement(n: int, seed: int) -> np.ndarray:
     return np.roll(np.arange(n), shift)
 
 
+def true_and_false_pair_scores(pair_score: PairScorer, rows: np.ndarray,
+                               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of each row's own photo and text, and of its photo with another row's text."""
+    return pair_score(rows, rows), pair_score(rows, rows[derangement(len(rows), seed)])
+
+
 def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: np.ndarray, heldout: np.ndarray,
                       pair_score: PairScorer, threshold: float, seed: int = 0) -> dict[str, float]:
     ho = np.nonzero(heldout)[0]
@@ -61,8 +67,7 @@ def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: n
         metrics[f"text_to_image_recall_at_{k}"] = r
     metrics["mean_recall_at_10"] = (metrics["image_to_text_recall_at_10"] + metrics["text_to_image_recall_at_10"]) / 2
 
-    pos = pair_score(ho, ho)
-    neg = pair_score(ho, ho[derangement(len(ho), seed)])
+    pos, neg = true_and_false_pair_scores(pair_score, ho, seed)
     metrics["matching_auc"] = roc_auc(pos, neg)
     metrics["matching_threshold"] = float(threshold)
     metrics["matching_accuracy"] = float(((pos >= threshold).sum() + (neg < threshold).sum()) / (2 * len(ho)))

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from matcher.evaluate import derangement, model_pair_scorer
+from matcher.evaluate import model_pair_scorer, true_and_false_pair_scores
 from matcher.lake import Lake
 from matcher.plots import histogram, line_chart
 from matcher.registry import load_model
@@ -96,10 +96,9 @@ def _quality(lake: Lake, date: str, manifest: dict) -> str:
         model, _ = load_model(lake, version)
         z = np.stack(emb["image_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
         u = np.stack(emb["text_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        score = model_pair_scorer(model, z, u)
-        idx = np.arange(len(z))
+        true_scores, false_scores = true_and_false_pair_scores(model_pair_scorer(model, z, u), np.arange(len(z)))
         charts += histogram("Match probability: own photo+text vs. another's",
-                            {"true pairs": score(idx, idx), "false pairs": score(idx, idx[derangement(len(z), 0)])})
+                            {"true pairs": true_scores, "false pairs": false_scores})
     note = "" if previous else "<p>No previous model to compare with on this date.</p>"
     return f'<div class="charts">{charts}</div>{note}{metrics_table(metrics, previous)}'
 

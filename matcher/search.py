@@ -36,10 +36,10 @@ def recommendations_for(lake: Lake, product_id: str, date: str | None = None) ->
     return recs.reset_index(drop=True)
 
 
-def query_vectors(model, text_encoder_name: str, queries: list[str], device: str = "cpu") -> np.ndarray:
+def query_vectors(model, encoder_name: str, queries: list[str], device: str = "cpu") -> np.ndarray:
     """Text queries as vectors where the products' fused vectors live: a query is a product whose photo and
     text are both the query."""
-    encoder = load_text_encoder(text_encoder_name, device)
+    encoder = load_text_encoder(encoder_name, device)
     with torch.no_grad():
         u = model.embed_texts(torch.as_tensor(encoder.encode(queries)))
         return model.product_vectors(u, u).numpy()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from matcher.config import TrainConfig
-from matcher.evaluate import best_threshold, derangement
+from matcher.evaluate import best_threshold, model_pair_scorer, true_and_false_pair_scores
 from matcher.model import MatcherModel, ModelSpec
 
 
@@ -125,9 +125,8 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
 @torch.no_grad()
 def _calibrate_threshold(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, seed: int) -> None:
     """Pick the match threshold with the best accuracy on true pairs vs. mismatched pairs."""
-    z, u = model.embed_images(img), model.embed_texts(txt)
-    pos = model.match_probability(z, u).numpy()
-    neg = model.match_probability(z, u[derangement(len(u), seed)]).numpy()
+    z, u = model.embed_images(img).numpy(), model.embed_texts(txt).numpy()
+    pos, neg = true_and_false_pair_scores(model_pair_scorer(model, z, u), np.arange(len(z)), seed)
     model.match_threshold.fill_(best_threshold(pos, neg))
 
 

@@ -1,5 +1,6 @@
 """All-pairs top-K spread over Spark: the item matrix is broadcast, query rows are split across tasks, each task
-runs the same exact blocked top-K as the single-machine path (so the results are identical)."""
+runs the same exact blocked top-K as the single-machine path: the same neighbours in the same order, with
+similarities equal to float32 rounding (blocks of another shape make the BLAS sum in another order)."""
 from __future__ import annotations
 
 from typing import Iterator

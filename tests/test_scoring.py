@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from matcher.scoring import assign_categories, topk
 
@@ -41,6 +42,55 @@ def test_ties_go_to_the_lower_index():
     scores, idx = topk(x, x, 15, block_size=25, exclude_self=True)
     expected = brute_force(x, x, 15, True)
     np.testing.assert_array_equal(idx, expected)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_many_blocks_with_duplicate_products_are_exact(symmetric):
+    # Small-integer vectors repeat (like duplicate listings in a catalog): whole runs of equal scores cross the
+    # k boundary in many blocks, so the running filter and the batched merges must settle ties by index.
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 3, size=(900, 4)).astype(np.float32)
+    if symmetric:
+        _, idx = topk(x, x, 15, block_size=64, exclude_self=True)
+    else:  # the general path, as Spark tasks run it: a slice of queries, each excluding its own row
+        rows = np.arange(100, 400)
+        _, idx = topk(x[rows], x, 15, block_size=64, exclude=rows)
+    expected = brute_force(x, x, 15, True)
+    np.testing.assert_array_equal(idx, expected if symmetric else expected[100:400])
+
+
+def test_random_catalog_over_many_blocks_matches_brute_force():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2500, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scores, idx = topk(x, x, 20, block_size=96, exclude_self=True)
+    expected = brute_force(x, x, 20, True)
+    np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, expected, 1), atol=1e-5)
+    assert (idx == expected).mean() > 0.999
+
+
+def test_gpu_filter_path_equals_the_cpu_one():
+    # The torch filtering used on a GPU, run here on CPU tensors, against the numpy one used on the CPU.
+    from matcher.scoring import _entries_above_numpy, _entries_above_torch
+
+    sims = torch.from_numpy(np.random.default_rng(5).normal(size=(70, 90)).astype(np.float32))
+    for along_columns, n in ((False, 70), (True, 90)):
+        thresholds = np.random.default_rng(n).normal(1.0, 0.3, size=n).astype(np.float32)
+        got = _entries_above_torch(sims, thresholds, along_columns)
+        want = _entries_above_numpy(sims.numpy(), thresholds, along_columns)
+        assert len(want[0]) > 100
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_sort_key_orders_by_row_then_score_descending():
+    from matcher.scoring import _row_then_descending_score
+
+    scores = np.array([1.0, 0.5, 0.0, -0.0, -0.5, -1.0, -np.inf, 3e-38, -3e-38], dtype=np.float32)
+    rows = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1])
+    keys = _row_then_descending_score(rows, scores)
+    assert np.all(np.diff(keys[:3]) > 0) and keys[2] == keys[3] and np.all(np.diff(keys[3:7]) > 0)
+    assert keys[6] < keys[7] < keys[8]
 
 
 def test_empty_and_degenerate_inputs():

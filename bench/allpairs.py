@@ -2,9 +2,12 @@
 baseline, same data, same threads, each method in its own process so peak memory is its own.
 
     .venv/bin/pip install -r requirements-bench.txt
-    .venv/bin/python bench/allpairs.py [--n 20000 100000] [--dim 256] [--k 20] [--threads 2] [--device cpu|cuda]
+    .venv/bin/python bench/allpairs.py [--n 20000 100000] [--dim 256] [--k 20] [--threads 2] [--repeat 3]
+                                       [--device cpu|cuda]
 
-Peak memory is the process's maximum resident set minus its resident set once the data was made."""
+Each repeat runs every method once, in turn, so that a noisy neighbour on the machine slows them alike; the table
+shows the median time. Peak memory is the process's maximum resident set minus its resident set once the data was
+made (the largest over the repeats)."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +82,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each method; the median time is shown")
     parser.add_argument("--memory-gb", type=float, default=20.0, help="skip the naive baseline above this")
     args = parser.parse_args()
     try:
@@ -88,26 +92,35 @@ def main() -> int:
         have_faiss = False
         print("faiss not installed (pip install -r requirements-bench.txt): FAISS rows skipped")
 
-    print(f"d={args.dim} K={args.k} threads={args.threads} block={args.block} device={args.device}\n")
-    print(f"{'N':>8} {'method':<16}{'seconds':>9}{'peak MB':>9}{'time/faiss':>11}{'recall@K vs faiss':>19}")
+    print(f"d={args.dim} K={args.k} threads={args.threads} block={args.block} device={args.device} "
+          f"repeat={args.repeat}\n")
+    print(f"{'N':>8} {'method':<16}{'seconds':>9}{'runs (s)':>26}{'peak MB':>9}{'time/faiss':>11}"
+          f"{'recall@K vs faiss':>19}")
     for n in args.n:
-        results = {}
+        methods = []
         for method in ("faiss", "matcher", "numpy naive"):
             if method == "faiss" and not have_faiss:
                 continue
             if method == "numpy naive" and 4 * n * n / 2**30 > args.memory_gb:
                 print(f"{n:>8} {method:<16}skipped: the float32 N x N matrix alone needs {4 * n * n / 2**30:.0f} GB")
                 continue
-            device = args.device if method == "matcher" else "cpu"
-            results[method] = measure(method, n, args.dim, args.k, args.threads, args.block, device)
+            methods.append(method)
+        runs: dict[str, list] = {method: [] for method in methods}
+        for _ in range(max(1, args.repeat)):
+            for method in methods:
+                device = args.device if method == "matcher" else "cpu"
+                runs[method].append(measure(method, n, args.dim, args.k, args.threads, args.block, device))
+        results = {method: (float(np.median([r[0] for r in rs])), max(r[1] for r in rs), rs[0][2],
+                            [r[0] for r in rs]) for method, rs in runs.items()}
         ref = results.get("faiss")
-        for method, (seconds, peak, idx) in results.items():
+        for method, (seconds, peak, idx, times) in results.items():
             ratio = f"{seconds / ref[0]:.2f}" if ref else ""
             recall = ""
             if ref:
                 hits = [len(set(a) & set(b)) for a, b in zip(idx.tolist(), ref[2].tolist())]
                 recall = f"{np.sum(hits) / (len(hits) * args.k):.6f}"
-            print(f"{n:>8} {method:<16}{seconds:>9.2f}{peak:>9.0f}{ratio:>11}{recall:>19}")
+            spread = " ".join(f"{t:.2f}" for t in times)
+            print(f"{n:>8} {method:<16}{seconds:>9.2f}{spread:>26}{peak:>9.0f}{ratio:>11}{recall:>19}")
     print("\nmatcher's memory bound: O(N*K + block^2) for all pairs; the naive baseline holds N*N.")
     return 0
 

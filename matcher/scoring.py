@@ -74,16 +74,17 @@ class _RunningTopK:
         self._flush_at = flush_at
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_count = 0
-        self._full = False
+        self.full = False
 
     def add_block(self, sims: torch.Tensor, offset: int, rows_are_columns: bool = False) -> None:
         """Fold in one block of similarities whose items start at index `offset`; with rows_are_columns this
         block's rows are the columns of `sims` (the mirror half of a symmetric block pair)."""
-        if not self._full:
+        if not self.full:
             self.flush()
+            # Callers orient blocks so this is rare by columns (a strided top-k is slow).
             values, indices = _block_candidates(sims.T if rows_are_columns else sims, offset, self.k)
             self.values, self.indices = _merge(self.values, self.indices, values, indices, self.k)
-            self._full = not np.isneginf(self.values[:, -1]).any()
+            self.full = not np.isneginf(self.values[:, -1]).any()
             return
         rows, cols, values = _entries_above(sims, self.values[:, -1], along_columns=rows_are_columns)
         if rows_are_columns:
@@ -136,16 +137,24 @@ def _entries_above_torch(sims: torch.Tensor, thresholds: np.ndarray,
 def _block_candidates(sims: torch.Tensor, offset: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's exact top-k of one block by (-score, index), indices shifted by `offset`."""
     width = sims.shape[1]
-    take = min(width, k + 8)
-    vals, idx = torch.topk(sims, take, dim=1, largest=True, sorted=True)
-    vals_np, idx_np = vals.cpu().numpy(), idx.cpu().numpy()
+    take = min(width, k + 8)  # a few extra so that most ties at the k-th score are settled by index here
+    if sims.device.type == "cpu":
+        # numpy rather than torch.topk: in a loop of numpy BLAS calls, torch's threads would fight BLAS's.
+        sims_np = sims.numpy()
+        idx_np = np.argpartition(sims_np, width - take, axis=1)[:, width - take:]
+        vals_np = np.take_along_axis(sims_np, idx_np, 1)
+        order = np.lexsort((idx_np, -vals_np), axis=1)
+        vals_np, idx_np = np.take_along_axis(vals_np, order, 1), np.take_along_axis(idx_np, order, 1)
+    else:
+        vals, idx = torch.topk(sims, take, dim=1, largest=True, sorted=True)
+        vals_np, idx_np = vals.cpu().numpy(), idx.cpu().numpy()
     if take < width:
         kth = vals_np[:, min(k, take) - 1]
         for r in np.nonzero(vals_np[:, -1] == kth)[0]:  # a tie may run past the extra candidates
             row = sims[r].cpu().numpy()
             full = np.lexsort((np.arange(width), -row))[:take]
             vals_np[r], idx_np[r] = row[full], full
-    return vals_np, idx_np + offset
+    return vals_np, idx_np.astype(np.int64) + offset
 
 
 def _merge(best_v: np.ndarray, best_i: np.ndarray, cand_v: np.ndarray, cand_i: np.ndarray,
@@ -192,11 +201,18 @@ def _topk_all_pairs(x: torch.Tensor, k: int, block: int) -> tuple[np.ndarray, np
     for a, bi in enumerate(starts):
         for b in range(a, len(starts)):
             bj = starts[b]
-            sims = _similarities(x[bi:bi + block], x[bj:bj + block])
             if a == b:
+                sims = _similarities(x[bi:bi + block], x[bi:bi + block])
                 sims.fill_diagonal_(-torch.inf)
-            best[a].add_block(sims, bj)
-            if a != b:
+                best[a].add_block(sims, bi)
+            elif not best[b].full:
+                # Block b's first pair: put its rows on the rows of the product, as its first fill is a top-k.
+                sims = _similarities(x[bj:bj + block], x[bi:bi + block])
+                best[b].add_block(sims, bi)
+                best[a].add_block(sims, bj, rows_are_columns=True)
+            else:
+                sims = _similarities(x[bi:bi + block], x[bj:bj + block])
+                best[a].add_block(sims, bj)
                 best[b].add_block(sims, bi, rows_are_columns=True)
     values, indices = zip(*(running.result() for running in best))
     return np.concatenate(values), np.concatenate(indices)

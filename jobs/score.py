@@ -17,7 +17,7 @@ from matcher.encoders import pick_device
 from matcher.evaluate import PairScorer, embed, model_pair_scorer
 from matcher.model import MatcherModel
 from matcher.registry import check_encoders, load_current_model, text_encoder_name
-from matcher.scoring import assign_categories, rerank, topk
+from matcher.scoring import assign_categories, cross_match_scorer, rerank, topk
 from matcher.search import query_vectors, search_vectors
 from matcher.tables import to_arrow
 
@@ -34,11 +34,7 @@ def _recommendations(ctx: RunContext, fs: FeatureSet, v: np.ndarray, pair: PairS
             similarity, candidates = topk(v, v, m, block_size=sc.block_size, exclude_self=True,
                                           device=pick_device(ctx.config.extract.device))
 
-    def cross_match(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-        # Does q's photo go with p's text, and p's photo with q's text?
-        return (pair(q, p) + pair(p, q)) / 2
-
-    scores, similarity, idx = rerank(similarity, candidates, cross_match, k, sc.rerank_weight)
+    scores, similarity, idx = rerank(similarity, candidates, cross_match_scorer(pair), k, sc.rerank_weight)
     k_eff = scores.shape[1]
     return pd.DataFrame({
         "product_id": np.repeat(fs.product_ids, k_eff),

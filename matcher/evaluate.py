@@ -94,12 +94,18 @@ def embed(model: MatcherModel, image_feats: np.ndarray, text_feats: np.ndarray) 
     return z.numpy(), u.numpy(), v.numpy()
 
 
-def model_pair_scorer(model: MatcherModel, z: np.ndarray, u: np.ndarray) -> PairScorer:
+def model_pair_scorer(model: MatcherModel, z: np.ndarray, u: np.ndarray, batch_size: int = 4096) -> PairScorer:
+    """Match probability of (photo i, text j) pairs, batch_size pairs at a time: a catalog's candidate pairs
+    (products x re-ranked candidates) would otherwise hold gigabytes of hidden activations at once."""
     zt, ut = torch.as_tensor(z), torch.as_tensor(u)
 
     @torch.no_grad()
     def score(img_idx: np.ndarray, txt_idx: np.ndarray) -> np.ndarray:
-        return model.match_probability(zt[img_idx], ut[txt_idx]).numpy()
+        out = np.empty(len(img_idx), dtype=np.float32)
+        for start in range(0, len(img_idx), batch_size):
+            stop = start + batch_size
+            out[start:stop] = model.match_probability(zt[img_idx[start:stop]], ut[txt_idx[start:stop]]).numpy()
+        return out
 
     return score
 

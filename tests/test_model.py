@@ -5,7 +5,7 @@ import torch
 from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
-from matcher.evaluate import evaluate_model, roc_auc
+from matcher.evaluate import evaluate_model, model_pair_scorer, roc_auc
 from matcher.model import MatcherModel, ModelError, ModelSpec, fuse, model_from_bytes, model_to_bytes
 from matcher.registry import current_version, load_current_model
 from matcher.train import holdout_mask, train_model
@@ -49,6 +49,20 @@ def test_safetensors_round_trip_keeps_outputs():
     loaded = model_from_bytes(data, SPEC)
     x = torch.as_tensor(img[:5])
     assert torch.equal(model.embed_images(x), loaded.embed_images(x))
+
+
+def test_pair_scores_in_batches_equal_one_batch():
+    torch.manual_seed(0)
+    model = MatcherModel(SPEC).eval()
+    z = torch.nn.functional.normalize(torch.randn(50, 16), dim=1).numpy()
+    u = torch.nn.functional.normalize(torch.randn(50, 16), dim=1).numpy()
+    rng = np.random.default_rng(0)
+    img, txt = rng.integers(0, 50, 1000), rng.integers(0, 50, 1000)
+    whole = model_pair_scorer(model, z, u, batch_size=10_000)(img, txt)
+    np.testing.assert_allclose(model_pair_scorer(model, z, u, batch_size=7)(img, txt), whole, atol=1e-6)
+    with torch.no_grad():
+        expected = model.match_probability(torch.as_tensor(z[img[:3]]), torch.as_tensor(u[txt[:3]])).numpy()
+    np.testing.assert_allclose(whole[:3], expected, atol=1e-6)
 
 
 def test_weights_that_do_not_fit_the_config_are_refused():

@@ -121,3 +121,20 @@ def test_rerank_orders_by_the_blended_score_and_keeps_similarity():
     np.testing.assert_allclose(scores, [[0.9, 0.6]])
     _, _, plain = rerank(sim, cand, lambda p, q: np.zeros(len(q), np.float32), 3, 0.0)
     assert plain.tolist() == [[5, 6, 7]]
+
+
+def test_cross_match_scores_each_unordered_pair_once():
+    from matcher.scoring import cross_match_scorer
+
+    calls = []
+
+    def pair(img, txt):  # a fixed, asymmetric function of (photo, text)
+        calls.append(len(img))
+        return (np.asarray(img) * 0.01 + np.asarray(txt) * 0.001).astype(np.float32)
+
+    p = np.array([0, 0, 1, 2, 3, 3])
+    q = np.array([1, 2, 0, 0, 3, 1])
+    got = cross_match_scorer(pair)(p, q)
+    expected = (pair(q, p) + pair(p, q)) / 2
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert calls[:2] == [4, 4]  # the unordered pairs {0,1}, {0,2}, {3,3}, {1,3}, each scored once per direction

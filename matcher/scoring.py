@@ -18,8 +18,15 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
     With exclude_self, query i is item i and never its own neighbour (queries and items must then be the same set);
     `exclude` names, per query, one item index never to return (e.g. the query's own row in a larger item set).
     Queries and items are both taken in blocks of block_size (default 2048)."""
-    q = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32), device=device)
-    x = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=device)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    items = np.ascontiguousarray(items, dtype=np.float32)
+    for name, array in (("queries", queries), ("items", items)):
+        bad = ~np.isfinite(array).all(axis=1) if array.ndim == 2 and array.size else np.zeros(0, bool)
+        if bad.any():  # a NaN would sort above every real score and surface as a "best" neighbour
+            raise ValueError(f"{name} hold NaN or infinite values in {int(bad.sum())} rows, e.g. row "
+                             f"{int(np.argmax(bad))}")
+    q = torch.as_tensor(queries, device=device)
+    x = torch.as_tensor(items, device=device)
     n_q, n_items = q.shape[0], x.shape[0]
     block = max(1, block_size or 2048)
     if exclude_self:
@@ -44,7 +51,8 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
             if exclude is not None:
                 own = np.asarray(exclude[q_start:q_stop]) - x_start
                 rows = np.nonzero((own >= 0) & (own < x_stop - x_start))[0]
-                sims[torch.as_tensor(rows, device=sims.device), torch.as_tensor(own[rows], device=sims.device)] = -torch.inf
+                cols = own[rows]
+                sims[torch.as_tensor(rows, device=sims.device), torch.as_tensor(cols, device=sims.device)] = -torch.inf
             best.add_block(sims, x_start)
         scores[q_start:q_stop], indices[q_start:q_stop] = best.result()
     return scores, indices
@@ -140,21 +148,30 @@ def _block_candidates(sims: torch.Tensor, offset: int, k: int) -> tuple[np.ndarr
     take = min(width, k + 8)  # a few extra so that most ties at the k-th score are settled by index here
     if sims.device.type == "cpu":
         # numpy rather than torch.topk: in a loop of numpy BLAS calls, torch's threads would fight BLAS's.
-        sims_np = sims.numpy()
-        idx_np = np.argpartition(sims_np, width - take, axis=1)[:, width - take:]
-        vals_np = np.take_along_axis(sims_np, idx_np, 1)
-        order = np.lexsort((idx_np, -vals_np), axis=1)
-        vals_np, idx_np = np.take_along_axis(vals_np, order, 1), np.take_along_axis(idx_np, order, 1)
+        vals_np, idx_np = _top_of_rows_numpy(sims.numpy(), take)
     else:
-        vals, idx = torch.topk(sims, take, dim=1, largest=True, sorted=True)
-        vals_np, idx_np = vals.cpu().numpy(), idx.cpu().numpy()
+        vals_np, idx_np = _top_of_rows_torch(sims, take)
     if take < width:
         kth = vals_np[:, min(k, take) - 1]
         for r in np.nonzero(vals_np[:, -1] == kth)[0]:  # a tie may run past the extra candidates
             row = sims[r].cpu().numpy()
             full = np.lexsort((np.arange(width), -row))[:take]
             vals_np[r], idx_np[r] = row[full], full
-    return vals_np, idx_np.astype(np.int64) + offset
+    return vals_np, idx_np + offset
+
+
+def _top_of_rows_numpy(sims: np.ndarray, take: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `take` largest scores, best first (ties in index order), with their column indices."""
+    width = sims.shape[1]
+    idx = np.argpartition(sims, width - take, axis=1)[:, width - take:]
+    vals = np.take_along_axis(sims, idx, 1)
+    order = np.lexsort((idx, -vals), axis=1)
+    return np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1).astype(np.int64)
+
+
+def _top_of_rows_torch(sims: torch.Tensor, take: int) -> tuple[np.ndarray, np.ndarray]:
+    vals, idx = torch.topk(sims, take, dim=1, largest=True, sorted=True)
+    return vals.cpu().numpy(), idx.cpu().numpy().astype(np.int64)
 
 
 def _merge(best_v: np.ndarray, best_i: np.ndarray, cand_v: np.ndarray, cand_i: np.ndarray,

@@ -70,8 +70,8 @@ def test_random_catalog_over_many_blocks_matches_brute_force():
 
 
 def test_gpu_filter_path_equals_the_cpu_one():
-    # The torch filtering used on a GPU, run here on CPU tensors, against the numpy one used on the CPU.
-    from matcher.scoring import _entries_above_numpy, _entries_above_torch
+    # The torch filtering and top-k used on a GPU, run here on CPU tensors, against the numpy ones used on the CPU.
+    from matcher.scoring import _entries_above_numpy, _entries_above_torch, _top_of_rows_numpy, _top_of_rows_torch
 
     sims = torch.from_numpy(np.random.default_rng(5).normal(size=(70, 90)).astype(np.float32))
     for along_columns, n in ((False, 70), (True, 90)):
@@ -81,6 +81,8 @@ def test_gpu_filter_path_equals_the_cpu_one():
         assert len(want[0]) > 100
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
+    for got, want in zip(_top_of_rows_torch(sims, 12), _top_of_rows_numpy(sims.numpy(), 12)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_sort_key_orders_by_row_then_score_descending():
@@ -91,6 +93,15 @@ def test_sort_key_orders_by_row_then_score_descending():
     keys = _row_then_descending_score(rows, scores)
     assert np.all(np.diff(keys[:3]) > 0) and keys[2] == keys[3] and np.all(np.diff(keys[3:7]) > 0)
     assert keys[6] < keys[7] < keys[8]
+
+
+def test_non_finite_vectors_are_refused_with_the_row():
+    x = np.eye(4, dtype=np.float32)
+    x[2, 1] = np.nan
+    with pytest.raises(ValueError, match="items hold NaN or infinite values in 1 rows, e.g. row 2"):
+        topk(np.eye(4, dtype=np.float32), x, 2)
+    with pytest.raises(ValueError, match="queries hold NaN"):
+        topk(x, x, 2, exclude_self=True)
 
 
 def test_empty_and_degenerate_inputs():

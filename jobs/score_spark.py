@@ -15,9 +15,11 @@ SCHEMA = "qi long, scores array<float>, idx array<long>"
 
 def make_topk_mapper(items_broadcast, k: int, block_size: int):
     def topk_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        items = items_broadcast.value
-        for batch in batches:
-            qi = batch["qi"].to_numpy()
+        # The whole partition's queries in one call: Arrow batches are small (sized for image rows), and each
+        # call sweeps every item block, so per-batch calls would redo that sweep many times over.
+        qi = np.concatenate([batch["qi"].to_numpy() for batch in batches] or [np.zeros(0, np.int64)])
+        if len(qi):
+            items = items_broadcast.value
             scores, idx = topk(items[qi], items, k, block_size=block_size, exclude=qi)
             yield pd.DataFrame({"qi": qi, "scores": list(scores), "idx": list(idx)})
 

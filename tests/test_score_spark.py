@@ -14,10 +14,16 @@ def test_spark_scoring_equals_single_machine_scoring():
         v[5] = v[6]  # exact ties
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         local = topk(v, v, k, block_size=64, exclude_self=True)
-        distributed = topk_with_spark(spark, v, k, block_size=64, partitions=3)
-        np.testing.assert_array_equal(distributed[1], local[1])
-        # The same dot products, summed by the BLAS in blocks of another shape: equal to float32 rounding.
-        np.testing.assert_allclose(distributed[0], local[0], rtol=0, atol=1e-6)
+        configured = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+        for arrow_batch in (configured, "16"):  # one Arrow batch per partition, then several
+            spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch)
+            try:
+                distributed = topk_with_spark(spark, v, k, block_size=64, partitions=3)
+            finally:
+                spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", configured)
+            np.testing.assert_array_equal(distributed[1], local[1])
+            # The same dot products, summed by the BLAS in blocks of another shape: equal to float32 rounding.
+            np.testing.assert_allclose(distributed[0], local[0], rtol=0, atol=1e-6)
 
 
 def test_exclude_names_one_item_per_query():

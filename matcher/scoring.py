@@ -18,15 +18,16 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
     With exclude_self, query i is item i and never its own neighbour (queries and items must then be the same set);
     `exclude` names, per query, one item index never to return (e.g. the query's own row in a larger item set).
     Queries and items are both taken in blocks of block_size (default 2048)."""
+    same = items is queries  # topk(v, v, ...): check, convert and copy to the device once
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    items = np.ascontiguousarray(items, dtype=np.float32)
-    for name, array in (("queries", queries), ("items", items)):
+    items = queries if same else np.ascontiguousarray(items, dtype=np.float32)
+    for name, array in (("queries", queries),) + ((() if same else (("items", items),))):
         bad = ~np.isfinite(array).all(axis=1) if array.ndim == 2 and array.size else np.zeros(0, bool)
         if bad.any():  # a NaN would sort above every real score and surface as a "best" neighbour
             raise ValueError(f"{name} hold NaN or infinite values in {int(bad.sum())} rows, e.g. row "
                              f"{int(np.argmax(bad))}")
     q = torch.as_tensor(queries, device=device)
-    x = torch.as_tensor(items, device=device)
+    x = q if same else torch.as_tensor(items, device=device)
     n_q, n_items = q.shape[0], x.shape[0]
     block = max(1, block_size or 2048)
     if exclude_self:
@@ -171,7 +172,7 @@ def _top_of_rows_numpy(sims: np.ndarray, take: int) -> tuple[np.ndarray, np.ndar
 
 def _top_of_rows_torch(sims: torch.Tensor, take: int) -> tuple[np.ndarray, np.ndarray]:
     vals, idx = torch.topk(sims, take, dim=1, largest=True, sorted=True)
-    return vals.cpu().numpy(), idx.cpu().numpy().astype(np.int64)
+    return vals.cpu().numpy(), idx.cpu().numpy()
 
 
 def _merge(best_v: np.ndarray, best_i: np.ndarray, cand_v: np.ndarray, cand_i: np.ndarray,
@@ -215,22 +216,17 @@ def _topk_all_pairs(x: torch.Tensor, k: int, block: int) -> tuple[np.ndarray, np
     k_eff = min(k, n - 1)
     starts = list(range(0, n, block))
     best = [_RunningTopK(min(n, start + block) - start, k_eff, flush_at=block * k_eff) for start in starts]
-    for a, bi in enumerate(starts):
+    for a in range(len(starts)):
         for b in range(a, len(starts)):
-            bj = starts[b]
+            # Block b's first pair puts b on the rows of the product, as its first fill is a top-k of rows.
+            on_rows, on_cols = (b, a) if a != b and not best[b].full else (a, b)
+            r0, c0 = starts[on_rows], starts[on_cols]
+            sims = _similarities(x[r0:r0 + block], x[c0:c0 + block])
             if a == b:
-                sims = _similarities(x[bi:bi + block], x[bi:bi + block])
                 sims.fill_diagonal_(-torch.inf)
-                best[a].add_block(sims, bi)
-            elif not best[b].full:
-                # Block b's first pair: put its rows on the rows of the product, as its first fill is a top-k.
-                sims = _similarities(x[bj:bj + block], x[bi:bi + block])
-                best[b].add_block(sims, bi)
-                best[a].add_block(sims, bj, rows_are_columns=True)
-            else:
-                sims = _similarities(x[bi:bi + block], x[bj:bj + block])
-                best[a].add_block(sims, bj)
-                best[b].add_block(sims, bi, rows_are_columns=True)
+            best[on_rows].add_block(sims, c0)
+            if a != b:
+                best[on_cols].add_block(sims, r0, rows_are_columns=True)
     values, indices = zip(*(running.result() for running in best))
     return np.concatenate(values), np.concatenate(indices)
 

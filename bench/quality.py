@@ -81,7 +81,7 @@ def main() -> int:
     if ctx.lake.read_partition("features", args.date) is None:
         print("extracting features once (cached in the lake for later runs)...", flush=True)
         run_pipeline(ctx, ["clean", "validate", "extract"])
-    fs = load_feature_set(ctx, "bench")
+    fs = load_feature_set(ctx, "bench", 10**9)
     heldout = holdout_mask(fs.product_ids, 0.2)
     n = len(fs.product_ids)
     print(f"{n} products, {int(heldout.sum())} held out; features {fs.image_encoder} + {fs.text_encoder}")

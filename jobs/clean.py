@@ -1,23 +1,123 @@
-"""clean: the raw catalog -> clean/ and quarantine/ partitions."""
+"""clean: the raw catalog -> clean/ and quarantine/ partitions, on executors.
+
+The driver reads the catalog's header or footer only (the plan); executors parse the rows, normalise the text,
+find duplicates (a shuffle by product_id), fetch and canonicalise the images and write part files."""
 from __future__ import annotations
 
-from jobs.context import RunContext, log, throughput
-from matcher.catalog import CatalogReader
-from matcher.clean import clean_catalog
-from matcher.tables import to_arrow
+import math
+from typing import Iterator
+
+import pandas as pd
+import pyarrow as pa
+
+from jobs.context import RunContext, log
+from jobs.spark import get_spark
+from jobs.spark_lake import STATS, Progress, write_parts
+from matcher.catalog import CatalogPlan, CatalogReader
+from matcher.clean import (DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, bad_line_rows, clean_images,
+                           clean_text_rows)
+from matcher.lake import new_attempt_id
+
+_TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "image_ref"]
+_BYTES_PER_TASK = 2 << 20  # catalog bytes per image task: a few thousand rows
+
+
+def _parsed_schema(plan: CatalogPlan) -> pa.Schema:
+    passthrough = _passthrough(plan)
+    return pa.schema([("_row", pa.int64()), ("kind", pa.string()), *[(c, pa.string()) for c in _TEXT_FIELDS],
+                      ("text_truncated", pa.bool_()), *[(c, pa.string()) for c in passthrough]])
+
+
+def _passthrough(plan: CatalogPlan) -> list[str]:
+    from matcher.clean import CORE_COLUMNS
+
+    return [c for c in plan.columns if c not in CORE_COLUMNS]
+
+
+def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg, rows_read):
+    """Executors: a split's raw rows -> candidates and rejected rows (text checks), one schema for both."""
+    schema = _parsed_schema(plan)
+
+    def parse(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for split_no in batch.column("split").to_pylist():
+                for raw in reader.read_split(plan, plan.splits[split_no]):
+                    rows_read.add(len(raw.rows) + len(raw.bad_lines))
+                    candidates, rejected = clean_text_rows(raw.rows, cfg)
+                    bad = bad_line_rows(raw.bad_lines).assign(_row=None)
+                    frames = [candidates.assign(kind="candidate"), rejected.assign(kind="rejected"),
+                              bad.assign(kind="rejected")]
+                    df = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
+                        else pd.DataFrame(columns=schema.names)
+                    for col in schema.names:
+                        if col not in df.columns:
+                            df[col] = None
+                    yield pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False).to_batches()[0] \
+                        if len(df) else pa.RecordBatch.from_pylist([], schema=schema)
+
+    return parse
+
+
+def make_image_cleaner(reader: CatalogReader, cfg):
+    """Executors: candidates -> clean rows (canonical images) and quarantined rows; rejected rows pass through."""
+
+    def clean(batches: Iterator[pa.RecordBatch]):
+        for batch in batches:
+            df = batch.to_pandas()
+            candidates = df[df["kind"] == "candidate"].drop(columns=["kind", "reason", "detail"])
+            rejected = df.loc[df["kind"] == "rejected", QUARANTINE_COLUMNS]
+            good, bad_images = clean_images(candidates, reader.read_image, cfg)
+            quarantine = pd.concat([rejected, bad_images], ignore_index=True).fillna({"product_id": "", "detail": ""})
+            yield "clean", pa.Table.from_pandas(good, preserve_index=False)
+            yield "quarantine", pa.Table.from_pandas(quarantine, preserve_index=False)
+            yield STATS, quarantine["reason"].value_counts().to_dict()
+
+    return clean
 
 
 def run(ctx: RunContext) -> dict:
     if not ctx.catalog:
         raise ValueError("no catalog given (--catalog or run.catalog in the config)")
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
     reader = CatalogReader(ctx.catalog, ctx.config.storage, ctx.config.catalog)
-    raw = reader.read()
-    input_rows = len(raw.rows) + len(raw.bad_lines)
-    with throughput("clean", input_rows):
-        result = clean_catalog(raw, reader.read_image, ctx.config.clean)
-    stats = result.stats(input_rows)
-    ctx.lake.write_partition("clean", ctx.date, to_arrow("clean", result.clean))
-    ctx.lake.write_partition("quarantine", ctx.date, to_arrow("quarantine", result.quarantine))
-    log.info("clean: %d rows in, %d clean, %d quarantined %s", input_rows, stats["clean_rows"],
-             stats["quarantined_rows"], stats["quarantine_by_reason"])
+    plan = reader.plan()
+    spark = get_spark(ctx.config.extract)
+    rows_read = spark.sparkContext.accumulator(0)
+    splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
+        max(1, len(plan.splits)))
+    from jobs.spark_lake import spark_schema
+
+    parsed = splits.mapInArrow(make_split_parser(reader, plan, ctx.config.clean, rows_read),
+                               spark_schema(_parsed_schema(plan)))
+    # The first row in file order of each product_id is kept; later ones are quarantined as duplicates.
+    first = Window.partitionBy("product_id", "kind").orderBy("_row")
+    is_dup = (F.col("kind") == "candidate") & (F.row_number().over(first) > 1)
+    marked = (parsed.withColumn("_dup", is_dup)
+              .withColumn("reason", F.when(F.col("_dup"), F.lit(DUPLICATE_REASON)).otherwise(F.col("reason")))
+              .withColumn("detail", F.when(F.col("_dup"), F.lit(DUPLICATE_DETAIL)).otherwise(F.col("detail")))
+              .withColumn("kind", F.when(F.col("_dup"), F.lit("rejected")).otherwise(F.col("kind")))
+              .drop("_dup"))
+    size = reader.fs.get_file_info(plan.path).size or 0
+    tasks = max(spark.sparkContext.defaultParallelism, math.ceil(size / _BYTES_PER_TASK))
+    attempt = new_attempt_id()
+    written = write_parts(marked.repartition(tasks), make_image_cleaner(reader, ctx.config.clean), ctx.lake, ctx.date,
+                          attempt, ["clean", "quarantine"], Progress(spark, "clean", 0))
+    clean_doc = ctx.lake.commit_parts("clean", ctx.date, written.parts["clean"], attempt)
+    quarantine_doc = ctx.lake.commit_parts("quarantine", ctx.date, written.parts["quarantine"], attempt)
+    input_rows = int(rows_read.value)
+    clean_rows, quarantined = int(clean_doc["rows"]), int(quarantine_doc["rows"])
+    if input_rows != clean_rows + quarantined:  # only a re-executed task can double-count the accumulator
+        log.warning("clean: %d rows read but %d clean + %d quarantined", input_rows, clean_rows, quarantined)
+    stats = {
+        "input_rows": clean_rows + quarantined,
+        "clean_rows": clean_rows,
+        "quarantined_rows": quarantined,
+        "quarantine_by_reason": {k: int(v) for k, v in sorted(written.stats.items())},
+        "quarantine_rate": quarantined / (clean_rows + quarantined) if clean_rows + quarantined else 0.0,
+        "clean_parts": len(clean_doc["files"]),
+    }
+    log.info("clean: %d rows in, %d clean, %d quarantined %s", stats["input_rows"], clean_rows, quarantined,
+             stats["quarantine_by_reason"])
     return stats

@@ -1,22 +1,25 @@
 """extract: image and text features in Spark pandas UDFs (mapInPandas), only for products that changed."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Iterator
 
-import pandas as pd
+import pyarrow as pa
+from pyspark.sql import functions as F
 
-from jobs.context import RunContext, log
+from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark
+from jobs.spark_lake import Progress, read_partition, write_parts
 from jobs.validate import require_passed
 from matcher.encoders import image_encoder_version, load_image_encoder, load_text_encoder, text_encoder_version
-from matcher.features import FEATURE_COLUMNS, extract_features, split_reusable
+from matcher.features import extract_features
+from matcher.lake import new_attempt_id
 from matcher.tables import to_arrow
 
-SPARK_SCHEMA = ("product_id string, content_hash string, image_feat array<float>, text_feat array<float>, "
-                "image_encoder string, text_encoder string")
 INPUT_COLUMNS = ["product_id", "title", "description", "image_bytes", "content_hash"]
+_ROWS_PER_TASK = 2000  # clean rows per extract task: enough tasks to balance executors, few enough files
 
 # One set of encoders per Python worker, reused by every batch and task that worker runs.
 _worker_encoders: dict[tuple, tuple] = {}
@@ -53,53 +56,73 @@ def _encoders(image_name: str, text_name: str, weights: str, device: str, thread
 
 def make_partition_extractor(image_name: str, text_name: str, weights: str, device: str, batch_size: int,
                              threads: int):
-    """The function mapInPandas runs on each partition's Arrow batches."""
+    """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded."""
 
-    def extract_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def extract_partition(batches: Iterator[pa.RecordBatch]):
         image_encoder, text_encoder = _encoders(image_name, text_name, weights, _task_device(device), threads)
         started, done = time.perf_counter(), 0
         for batch in batches:
-            out = extract_features(batch, image_encoder, text_encoder, batch_size)
-            done += len(batch)
+            out = extract_features(batch.to_pandas(), image_encoder, text_encoder, batch_size)
+            done += batch.num_rows
             # Goes to the executor's log: progress and items/s while the stage runs.
             log.info("extract task: %d products, %.1f items/s", done, done / (time.perf_counter() - started))
-            out["image_feat"] = [v.tolist() for v in out["image_feat"]]
-            out["text_feat"] = [v.tolist() for v in out["text_feat"]]
-            yield out
+            yield "features", to_arrow("features", out)
 
     return extract_partition
 
 
-def extract_with_spark(ctx: RunContext, todo: pd.DataFrame) -> pd.DataFrame:
-    cfg = ctx.config.extract
-    spark = get_spark(cfg)
-    parallelism = cfg.spark_partitions or spark.sparkContext.defaultParallelism
-    threads = max(1, (os.cpu_count() or 1) // parallelism) if cfg.spark_master.startswith("local") else 1
-    sdf = spark.createDataFrame(todo[INPUT_COLUMNS])
-    sdf = sdf.repartition(min(parallelism, max(1, len(todo))))
-    fn = make_partition_extractor(cfg.image_encoder, cfg.text_encoder, cfg.image_weights, cfg.device,
-                                  cfg.batch_size, threads)
-    out = sdf.mapInPandas(fn, SPARK_SCHEMA).toPandas()
-    return out[FEATURE_COLUMNS]
+def _carry_forward(batches: Iterator[pa.RecordBatch]):
+    for batch in batches:
+        yield "features", batch
 
 
 def run(ctx: RunContext) -> dict:
     require_passed(ctx, "extract")
-    clean = ctx.lake.read_partition("clean", ctx.date).to_pandas()
     cfg = ctx.config.extract
+    lake, date = ctx.lake, ctx.date
+    committed = lake.committed("clean", date)
+    if committed is None:
+        raise StageError("extract", f"no clean partition for {date}: run the clean stage first")
     image_version = image_encoder_version(cfg.image_encoder, cfg.image_weights)
     text_version = text_encoder_version(cfg.text_encoder)
-    earlier = [d for d in ctx.lake.partitions("features") if d <= ctx.date]
-    previous = ctx.lake.read_partition("features", earlier[-1]).to_pandas() if earlier else None
-    todo, reused = split_reusable(clean, previous, image_version, text_version)
+    spark = get_spark(cfg)
+    keys = ["product_id", "content_hash"]
+    clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)
+    clean_keys = read_partition(spark, lake, "clean", date, columns=keys)
+    earlier = [d for d in lake.partitions("features") if d <= date]
+    reused = None
+    todo, todo_keys = clean, clean_keys
+    if earlier:
+        # Reuse a feature row when product, content hash and both encoder versions are unchanged: a left anti
+        # join on executors picks what to embed.
+        previous = (read_partition(spark, lake, "features", earlier[-1])
+                    .filter((F.col("image_encoder") == image_version) & (F.col("text_encoder") == text_version))
+                    .dropDuplicates(["product_id"]))
+        reused = previous.join(clean_keys, keys, "left_semi")
+        reused_keys = read_partition(spark, lake, "features", earlier[-1], columns=keys + ["image_encoder", "text_encoder"]) \
+            .filter((F.col("image_encoder") == image_version) & (F.col("text_encoder") == text_version)).select(keys)
+        todo = clean.join(reused_keys, keys, "left_anti")
+        todo_keys = clean_keys.join(reused_keys, keys, "left_anti")
+    to_embed = todo_keys.count()
+    parallelism = cfg.spark_partitions or spark.sparkContext.defaultParallelism
+    threads = max(1, (os.cpu_count() or 1) // parallelism) if cfg.spark_master.startswith("local") else 1
+    tasks = max(1, min(max(parallelism, math.ceil(to_embed / _ROWS_PER_TASK)), to_embed))
+    attempt = new_attempt_id()
+    fn = make_partition_extractor(cfg.image_encoder, cfg.text_encoder, cfg.image_weights, cfg.device,
+                                  cfg.batch_size, threads)
     started = time.perf_counter()
-    computed = extract_with_spark(ctx, todo) if len(todo) else pd.DataFrame(columns=FEATURE_COLUMNS)
+    parts: list[str] = []
+    if to_embed:
+        parts += write_parts(todo.repartition(tasks), fn, lake, date, attempt, ["features"],
+                             Progress(spark, "extract", to_embed)).parts["features"]
     seconds = time.perf_counter() - started
-    features = pd.concat([reused, computed], ignore_index=True).sort_values("product_id").reset_index(drop=True)
-    ctx.lake.write_partition("features", ctx.date, to_arrow("features", features))
-    rate = len(todo) / seconds if seconds and len(todo) else 0.0
-    log.info("extract: embedded %d products (%.1f items/s), reused %d from %s", len(todo), rate, len(reused),
+    if reused is not None:
+        parts += write_parts(reused, _carry_forward, lake, date, attempt, ["features"]).parts["features"]
+    doc = lake.commit_parts("features", date, parts, attempt)
+    reused_rows = int(doc["rows"]) - to_embed
+    rate = to_embed / seconds if seconds and to_embed else 0.0
+    log.info("extract: embedded %d products (%.1f items/s), reused %d from %s", to_embed, rate, reused_rows,
              earlier[-1] if earlier else "nothing")
-    return {"embedded": int(len(todo)), "reused": int(len(reused)), "feature_rows": int(len(features)),
+    return {"embedded": int(to_embed), "reused": reused_rows, "feature_rows": int(doc["rows"]),
             "items_per_second": rate, "image_encoder": image_version, "text_encoder": text_version,
             "reused_from": earlier[-1] if earlier else None}

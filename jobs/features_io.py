@@ -1,4 +1,5 @@
-"""Load a date's features joined with the clean table's categories, as arrays the model steps take."""
+"""A date's features joined with the clean table's categories: a DataFrame on executors, or a bounded sample as the
+arrays the model steps take."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from jobs.context import RunContext, StageError
+from jobs.spark import get_spark
+from jobs.spark_lake import read_partition
 
 
 @dataclass
@@ -20,14 +23,26 @@ class FeatureSet:
     text_encoder: str
 
 
-def load_feature_set(ctx: RunContext, stage: str) -> FeatureSet:
-    features = ctx.lake.read_partition("features", ctx.date)
-    clean = ctx.lake.read_partition("clean", ctx.date)
+def feature_frame(ctx: RunContext, stage: str):
+    """The date's feature rows joined with the clean table's category and title, as a DataFrame on executors."""
+    spark = get_spark(ctx.config.extract)
+    features = read_partition(spark, ctx.lake, "features", ctx.date)
+    clean = read_partition(spark, ctx.lake, "clean", ctx.date, columns=["product_id", "category", "title"])
     if features is None or clean is None:
         raise StageError(stage, f"no features for {ctx.date}: run the extract stage first")
-    feats = features.to_pandas()
-    meta = clean.select(["product_id", "category", "title"]).to_pandas()
-    df = feats.merge(meta, on="product_id", how="inner").sort_values("product_id").reset_index(drop=True)
+    return features.join(clean, "product_id", "inner")
+
+
+def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureSet:
+    """At most `max_products` products in this process, always the same ones for the same catalog: those with the
+    smallest hash of their product_id (a bounded, deterministic sample of any catalog size)."""
+    from pyspark.sql import functions as F
+
+    frame = feature_frame(ctx, stage)
+    if ctx.lake.partition_rows("features", ctx.date) > max_products:
+        frame = frame.withColumn("_h", F.xxhash64("product_id")).orderBy("_h", "product_id").limit(max_products)
+        frame = frame.drop("_h")
+    df = frame.toArrow().to_pandas().sort_values("product_id").reset_index(drop=True)
     if len(df) < 2:
         raise StageError(stage, f"only {len(df)} products with features for {ctx.date}; need at least 2")
     encoders = df[["image_encoder", "text_encoder"]].drop_duplicates()

@@ -2,36 +2,37 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
+
+import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError, log
+from matcher.lake import PUBLISHED_TABLES, Lake, new_attempt_id
 from matcher.run_report import render_run_report
 from matcher.tables import table_schema
-
-PUBLISHED_TABLES = ("embeddings", "recommendations", "categories", "mismatches", "search")
 STAGE_NAMES = ("clean", "validate", "extract", "train", "score")
 
 
 def run(ctx: RunContext) -> dict:
     lake = ctx.lake
-    staged = {name: lake.read_staged(name, ctx.date) for name in PUBLISHED_TABLES}
-    missing = [name for name, table in staged.items() if table is None]
+    staged = {name: lake.staged_parts(name, ctx.date) for name in PUBLISHED_TABLES}
+    missing = [name for name, parts in staged.items() if parts is None]
     if missing:
         raise StageError("publish", f"nothing staged for {missing} on {ctx.date}: run the score stage first")
-    for name, table in staged.items():
-        if not table.schema.equals(table_schema(name), check_metadata=False):
-            raise StageError("publish", f"staged {name} does not match schemas/tables.json")
+    for name, parts in staged.items():
+        for part in parts[:1]:  # the writers cast every part to the same schema
+            schema = pq.read_schema(lake.path(part), filesystem=lake.fs)
+            if not schema.equals(table_schema(name), check_metadata=False):
+                raise StageError("publish", f"staged {name} does not match schemas/tables.json")
     # New files go in beside the current ones; the manifest naming them is the single atomic switch; only then
     # are the previous files removed. A crash before the switch leaves the previous partition as it was.
-    publish_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    publish_id = new_attempt_id()
     tables = {}
-    for name, table in staged.items():
-        relpath = lake.commit_staged(name, ctx.date, publish_id)
-        tables[name] = {"rows": table.num_rows, "path": lake.display(f"{name}/dt={ctx.date}"), "files": [relpath],
-                        "schema": [f"{f.name}: {f.type}" for f in table.schema]}
+    for name in PUBLISHED_TABLES:
+        files = lake.commit_staged(name, ctx.date, publish_id)
+        tables[name] = {"rows": _footer_rows(lake, files), "path": lake.display(f"{name}/dt={ctx.date}"),
+                        "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)]}
     for name in ("clean", "quarantine", "features"):
-        t = lake.read_partition(name, ctx.date)
-        tables[name] = {"rows": t.num_rows if t is not None else 0, "path": lake.display(f"{name}/dt={ctx.date}")}
+        tables[name] = {"rows": lake.partition_rows(name, ctx.date), "path": lake.display(f"{name}/dt={ctx.date}")}
     stages = {s: ctx.stage_stats(s) for s in STAGE_NAMES}
     manifest = {
         "date": ctx.date,
@@ -48,15 +49,20 @@ def run(ctx: RunContext) -> dict:
         "publish_id": publish_id,
         "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    lake.write_json(f"manifests/dt={ctx.date}/manifest.json", manifest)
+    lake.write_json(Lake.manifest_file(ctx.date), manifest)
     for name in PUBLISHED_TABLES:
         lake.remove_unlisted_files(name, ctx.date, keep=set(tables[name]["files"]))
     lake.clear_staging(ctx.date)
+    lake.clear_work(ctx.date)
     log.info("publish: %s", {k: v["rows"] for k, v in tables.items()})
-    report = f"reports/dt={ctx.date}/report.html"
+    report = Lake.report_file(ctx.date)
     try:
         lake.write_bytes(report, render_run_report(lake, ctx.date).encode())
     except Exception as exc:  # the tables are committed; a report that cannot be drawn must not undo the night
         log.warning("publish: report not written: %s", exc)
         return {"tables": tables, "report": None, "report_error": str(exc)}
     return {"tables": tables, "report": lake.display(report)}
+
+
+def _footer_rows(lake: Lake, files: list[str]) -> int:
+    return sum(pq.read_metadata(lake.path(f), filesystem=lake.fs).num_rows for f in files)

@@ -1,100 +1,264 @@
-"""score: embeddings in the learned space, all-pairs exact top-K recommendations re-ranked by the matching network,
-categories, catalog mismatches and search results; staged for publish."""
+"""score: on executors, the date's products in the learned space; all-pairs exact top-K recommendations re-ranked
+by the matching network, categories, catalog mismatches and search results; part files staged for publish.
+
+The driver holds the model, the category centroids (categories x dim) and the search queries' vectors; products'
+vectors stay on executors (persisted between the tables that read them)."""
 from __future__ import annotations
 
 import hashlib
+from typing import Iterator
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import torch
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
 
-from jobs.context import RunContext, log, throughput
-from jobs.features_io import FeatureSet, load_feature_set
-from jobs.score_spark import topk_with_spark
+from jobs.context import RunContext, StageError, log
+from jobs.features_io import feature_frame
+from jobs.score_spark import rerank_spark, topk_spark
 from jobs.spark import get_spark
+from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
 from jobs.validate import require_passed
-from matcher.config import ScoreConfig
-from matcher.encoders import pick_device
-from matcher.evaluate import PairScorer, embed, model_pair_scorer
-from matcher.model import MatcherModel
+from matcher.evaluate import embed
+from matcher.lake import PUBLISHED_TABLES, new_attempt_id
+from matcher.model import MatcherModel, model_from_bytes, model_to_bytes
 from matcher.registry import check_encoders, load_current_model, text_encoder_name
-from matcher.scoring import assign_categories, cross_match_scorer, rerank, topk
-from matcher.search import query_vectors, search_vectors
-from matcher.tables import to_arrow
+from matcher.scoring import topk
+from matcher.search import query_vectors
+
+_VECTORS = pa.schema([("idx", pa.int64()), ("product_id", pa.string()), ("category", pa.string()),
+                      ("title", pa.string()), ("z", pa.list_(pa.float32())), ("u", pa.list_(pa.float32())),
+                      ("v", pa.list_(pa.float32())), ("own_match", pa.float32())])
+_models: dict[str, MatcherModel] = {}  # per Python worker: the model rebuilt once per version
 
 
-def _recommendations(ctx: RunContext, fs: FeatureSet, v: np.ndarray, pair: PairScorer) -> tuple[pd.DataFrame, str]:
-    sc = ctx.config.score
-    n, k = len(fs.product_ids), sc.top_k
-    m = max(k, sc.rerank_candidates)
-    engine = sc.engine if sc.engine != "auto" else ("spark" if n >= sc.spark_min_products else "local")
-    with throughput(f"score all-pairs ({engine})", n):
-        if engine == "spark":
-            similarity, candidates = topk_with_spark(get_spark(ctx.config.extract), v, m, sc.block_size)
-        else:
-            similarity, candidates = topk(v, v, m, block_size=sc.block_size, exclude_self=True,
-                                          device=pick_device(ctx.config.extract.device))
-
-    scores, similarity, idx = rerank(similarity, candidates, cross_match_scorer(pair), k, sc.rerank_weight)
-    k_eff = scores.shape[1]
-    return pd.DataFrame({
-        "product_id": np.repeat(fs.product_ids, k_eff),
-        "rank": np.tile(np.arange(1, k_eff + 1, dtype=np.int32), n),
-        "rec_product_id": fs.product_ids[idx.ravel()],
-        "similarity": similarity.ravel(),
-        "score": scores.ravel(),
-    }), engine
+def _worker_model(version: str, weights, spec) -> MatcherModel:
+    if version not in _models:
+        torch.set_num_threads(1)
+        _models[version] = model_from_bytes(weights.value, spec)
+    return _models[version]
 
 
-def _categories(fs: FeatureSet, v: np.ndarray) -> pd.DataFrame:
-    predicted, scores = assign_categories(v, fs.categories)
-    return pd.DataFrame({
-        "product_id": fs.product_ids, "category": fs.categories, "predicted_category": predicted, "score": scores,
-        "agrees": [bool(c == p) if c else None for c, p in zip(fs.categories, predicted)],
-    })
+def _matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
-def _mismatches(fs: FeatureSet, pair: PairScorer, threshold: float) -> pd.DataFrame:
-    """Catalog errors a merchandiser should fix: products whose own photo and text the matching network rejects."""
-    own = pair(np.arange(len(fs.product_ids)), np.arange(len(fs.product_ids)))
-    low = np.argsort(own, kind="stable")
-    low = low[own[low] < threshold]
-    return pd.DataFrame({"product_id": fs.product_ids[low], "title": fs.titles[low], "match_score": own[low],
-                         "threshold": threshold})
+def with_dense_index(df: DataFrame, key: str, partitions: int) -> DataFrame:
+    """`idx` 0..N-1 in the order of `key`, computed on executors: range partitions sorted within, then each
+    partition's offset from the per-partition counts (the only thing the driver sees)."""
+    ordered = df.repartitionByRange(partitions, key).sortWithinPartitions(key).persist(StorageLevel.MEMORY_AND_DISK)
+
+    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        rows = sum(b.num_rows for b in batches)
+        yield pa.RecordBatch.from_pylist([{"part": TaskContext.get().partitionId(), "rows": rows}])
+
+    counts = dict((r["part"], r["rows"]) for r in ordered.mapInArrow(count, "part long, rows long").collect())
+    offsets, total = {}, 0
+    for part in sorted(counts):
+        offsets[part], total = total, total + counts[part]
+    schema = pa.schema([*[pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields], ("idx", pa.int64())])
+
+    def number(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        next_idx = offsets.get(TaskContext.get().partitionId(), 0)
+        for b in batches:
+            yield b.append_column("idx", pa.array(np.arange(next_idx, next_idx + b.num_rows), pa.int64()))
+            next_idx += b.num_rows
+
+    return ordered.mapInArrow(number, spark_schema(schema))
 
 
-def _search(sc: ScoreConfig, model: MatcherModel, config: dict, fs: FeatureSet, v: np.ndarray) -> pd.DataFrame:
-    if not sc.search_queries:
-        return pd.DataFrame({"query": [], "rank": [], "product_id": [], "score": []})
-    vectors = query_vectors(model, text_encoder_name(config), sc.search_queries)
-    return search_vectors(sc.search_queries, vectors, fs.product_ids, v, sc.search_top_k)
+def _arrow_type(spark_type) -> pa.DataType:
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return to_arrow_type(spark_type)
+
+
+def make_embedder(version: str, weights, spec):
+    """Executors: feature rows -> (idx, product_id, category, title, z, u, v, own photo-title match)."""
+
+    def embed_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        model = _worker_model(version, weights, spec)
+        for b in batches:
+            if b.num_rows == 0:
+                continue
+            z, u, v = embed(model, _matrix(b.column("image_feat"), spec.image_dim),
+                            _matrix(b.column("text_feat"), spec.text_dim))
+            with torch.no_grad():
+                own = model.match_probability(torch.from_numpy(z), torch.from_numpy(u)).numpy()
+            yield pa.RecordBatch.from_arrays(
+                [b.column("idx"), b.column("product_id"), pa.array(b.column("category").to_pylist(), pa.string()),
+                 b.column("title"), *[pa.array(list(m), pa.list_(pa.float32())) for m in (z, u, v)],
+                 pa.array(own, pa.float32())], schema=_VECTORS)
+
+    return embed_rows
+
+
+def _category_centroids(vectors: DataFrame, dim: int) -> tuple[list[str], np.ndarray]:
+    """Normalised mean fused vector per labelled category: per-partition sums on executors, added up here."""
+
+    def sums(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        acc: dict[str, tuple[np.ndarray, int]] = {}
+        for b in batches:
+            cats = np.asarray(b.column("category").to_pylist(), dtype=object)
+            v = _matrix(b.column("v"), dim)
+            for name in set(cats) - {"", None}:
+                rows = v[cats == name]
+                total, n = acc.get(name, (np.zeros(dim, np.float64), 0))
+                acc[name] = (total + rows.sum(0, dtype=np.float64), n + len(rows))
+        yield pa.RecordBatch.from_pylist([{"category": k, "n": n, "total": t.tolist()} for k, (t, n) in acc.items()],
+                                         schema=pa.schema([("category", pa.string()), ("n", pa.int64()),
+                                                           ("total", pa.list_(pa.float64()))]))
+
+    rows = vectors.select("category", "v").mapInArrow(sums, "category string, n long, total array<double>").collect()
+    merged: dict[str, list] = {}
+    for r in rows:
+        t, n = merged.get(r["category"], (np.zeros(dim), 0))
+        merged[r["category"]] = (t + np.asarray(r["total"]), n + r["n"])
+    names = sorted(merged)
+    if not names:
+        return [], np.zeros((0, dim), np.float32)
+    centroids = np.stack([merged[c][0] / merged[c][1] for c in names]).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
+    return names, centroids
+
+
+def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
+    def categorise(batches: Iterator[pa.RecordBatch]):
+        for b in batches:
+            cats = [c or "" for c in b.column("category").to_pylist()]
+            if names:
+                scores, idx = topk(_matrix(b.column("v"), centroids.shape[1]), centroids, k=1)
+                predicted, score = [names[i] for i in idx[:, 0]], scores[:, 0]
+            else:
+                predicted, score = [""] * len(cats), np.zeros(len(cats), np.float32)
+            agrees = [bool(c == p) if c else None for c, p in zip(cats, predicted)]
+            yield "categories", pa.table({"product_id": b.column("product_id"), "category": cats,
+                                          "predicted_category": predicted, "score": pa.array(score, pa.float32()),
+                                          "agrees": pa.array(agrees, pa.bool_()), "model_version": [version] * len(cats)})
+            labelled = [a for a in agrees if a is not None]
+            yield STATS, {"labelled": len(labelled), "agree": sum(labelled)}
+
+    return categorise
+
+
+def make_searcher(qvecs: np.ndarray, k: int):
+    """Executors: each partition's top-k products for every query (merged per query afterwards)."""
+
+    def search(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            if b.num_rows == 0:
+                continue
+            scores, idx = topk(qvecs, _matrix(b.column("v"), qvecs.shape[1]), k)
+            pids = b.column("product_id").to_numpy(zero_copy_only=False)
+            gidx = b.column("idx").to_numpy()
+            yield pa.RecordBatch.from_pydict({
+                "query_no": np.repeat(np.arange(len(qvecs)), idx.shape[1]), "score": scores.ravel(),
+                "idx": gidx[idx.ravel()], "product_id": pids[idx.ravel()]},
+                schema=pa.schema([("query_no", pa.int64()), ("score", pa.float32()), ("idx", pa.int64()),
+                                  ("product_id", pa.string())]))
+
+    return search
+
+
+def _as_table(name: str):
+    def passthrough(batches: Iterator[pa.RecordBatch]):
+        for b in batches:
+            yield name, b
+
+    return passthrough
 
 
 def run(ctx: RunContext) -> dict:
     require_passed(ctx, "score")
-    fs = load_feature_set(ctx, "score")
-    model, config = load_current_model(ctx.lake)
-    check_encoders(config, fs.image_encoder, fs.text_encoder)
+    lake, date, sc = ctx.lake, ctx.date, ctx.config.score
+    model, config = load_current_model(lake)
     version = config["version"]
-    z, u, v = embed(model, fs.image_feats, fs.text_feats)
-    pair = model_pair_scorer(model, z, u)
-    recommendations, engine = _recommendations(ctx, fs, v, pair)
-    tables = {
-        "embeddings": pd.DataFrame({"product_id": fs.product_ids, "image_vec": list(z), "text_vec": list(u),
-                                    "fused_vec": list(v)}),
-        "recommendations": recommendations,
-        "categories": _categories(fs, v),
-        "mismatches": _mismatches(fs, pair, float(model.match_threshold)),
-        "search": _search(ctx.config.score, model, config, fs, v),
-    }
-    ctx.lake.clear_staging(ctx.date)
-    for name, df in tables.items():
-        df["model_version"] = version
-        ctx.lake.stage_partition(name, ctx.date, to_arrow(name, df))
-    cats = tables["categories"]
-    labelled = cats["category"] != ""
-    agreement = float(cats.loc[labelled, "agrees"].astype(bool).mean()) if labelled.any() else None
-    log.info("score: %d products, top-%d each, model %s", len(fs.product_ids), ctx.config.score.top_k, version)
-    return {"products": len(fs.product_ids), "recommendation_rows": int(len(recommendations)),
-            "model_version": version, "category_agreement": agreement, "mismatches": int(len(tables["mismatches"])),
-            "engine": engine,
-            "input_fingerprint": hashlib.sha256("".join(sorted(fs.content_hashes)).encode()).hexdigest()}
+    spark = get_spark(ctx.config.extract)
+    n = lake.partition_rows("features", date)
+    if n < 2:
+        raise StageError("score", f"only {n} products with features for {date}; need at least 2")
+    frame = feature_frame(ctx, "score")
+    encoders = frame.select("image_encoder", "text_encoder").distinct().limit(3).collect()
+    if len(encoders) != 1:
+        raise StageError("score", f"features for {date} mix encoders {[tuple(e) for e in encoders]}; rerun extract")
+    check_encoders(config, encoders[0][0], encoders[0][1])
+    spec = model.spec
+    weights = spark.sparkContext.broadcast(model_to_bytes(model))
+    partitions = max(spark.sparkContext.defaultParallelism, -(-n // sc.block_size))
+    indexed = with_dense_index(frame.select("product_id", "category", "title", "image_feat", "text_feat"),
+                               "product_id", partitions)
+    vectors = indexed.mapInArrow(make_embedder(version, weights, spec), spark_schema(_VECTORS)).persist(
+        StorageLevel.MEMORY_AND_DISK)
+    attempt, tag = new_attempt_id(), F.lit(version).alias("model_version")
+    parts: dict[str, list[str]] = {}
+    try:
+        with Progress(spark, "score: embed", n):
+            parts |= write_parts(vectors.select("product_id", F.col("z").alias("image_vec"),
+                                                F.col("u").alias("text_vec"), F.col("v").alias("fused_vec"), tag),
+                                 _as_table("embeddings"), lake, date, attempt, ["embeddings"]).parts
+
+        threshold = float(model.match_threshold)
+        low = (vectors.filter(F.col("own_match") < threshold).orderBy("own_match", "idx")
+               .select("product_id", "title", F.col("own_match").alias("match_score"),
+                       F.lit(threshold).cast("float").alias("threshold"), tag))
+        mismatches = write_parts(low, _as_table("mismatches"), lake, date, attempt, ["mismatches"])
+        parts |= mismatches.parts
+
+        names, centroids = _category_centroids(vectors, spec.dim)
+        categories = write_parts(vectors.select("product_id", "category", "v"),
+                                 make_categoriser(names, centroids, version), lake, date, attempt, ["categories"])
+        parts |= categories.parts
+
+        parts |= write_parts(_search(sc, model, config, vectors, version), _as_table("search"), lake, date,
+                             attempt, ["search"]).parts
+
+        m = max(sc.top_k, sc.rerank_candidates)
+        candidates = topk_spark(vectors.select("idx", F.col("v").alias("vec")), m, sc.block_size, num_rows=n)
+        ranked = rerank_spark(candidates, vectors.select("idx", "z", "u"), weights.value, spec, sc.top_k,
+                              sc.rerank_weight, sc.block_size)
+        ids = vectors.select("idx", "product_id")
+        recs = (ranked.join(ids, "idx")
+                .join(ids.select(F.col("idx").alias("cand"), F.col("product_id").alias("rec_product_id")), "cand")
+                .select("product_id", "rank", "rec_product_id", "similarity", "score", tag)
+                .repartitionByRange(partitions, "product_id", "rank").sortWithinPartitions("product_id", "rank"))
+        with Progress(spark, "score: recommendations", n):
+            recommendations = write_parts(recs, _as_table("recommendations"), lake, date, attempt,
+                                          ["recommendations"])
+        parts |= recommendations.parts
+        # Order-free fingerprint of the scored inputs, added up on executors.
+        digest = frame.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
+    finally:
+        vectors.unpersist()
+        indexed.unpersist()
+    lake.clear_staging(date)
+    for name in PUBLISHED_TABLES:
+        lake.stage_parts(name, date, parts.get(name, []))
+    agree = categories.stats
+    agreement = agree["agree"] / agree["labelled"] if agree.get("labelled") else None
+    log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)
+    return {"products": n, "recommendation_rows": int(recommendations.rows["recommendations"]),
+            "model_version": version, "category_agreement": agreement,
+            "mismatches": int(mismatches.rows["mismatches"]), "engine": "spark",
+            "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest()}
+
+
+def _search(sc, model: MatcherModel, config: dict, vectors: DataFrame, version: str) -> DataFrame:
+    """The configured queries' top products: each partition's top-k per query, then a per-query ranking."""
+    spark = vectors.sparkSession
+    if not sc.search_queries:
+        return spark.createDataFrame([], "query string, rank int, product_id string, score float, model_version string")
+    qvecs = query_vectors(model, text_encoder_name(config), sc.search_queries)
+    partial = vectors.select("idx", "product_id", "v").mapInArrow(
+        make_searcher(qvecs, sc.search_top_k), "query_no long, score float, idx long, product_id string")
+    best = Window.partitionBy("query_no").orderBy(F.col("score").desc(), F.col("idx"))
+    queries = spark.createDataFrame(list(enumerate(sc.search_queries)), "query_no long, query string")
+    return (partial.withColumn("rank", F.row_number().over(best)).filter(F.col("rank") <= sc.search_top_k)
+            .join(F.broadcast(queries), "query_no").orderBy("query_no", "rank")
+            .select("query", F.col("rank").cast("int"), "product_id", "score", F.lit(version).alias("model_version")))

@@ -2,39 +2,89 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
+from urllib.parse import urlparse
 
 from matcher.config import ExtractConfig
 
 _session = None
+_session_key: tuple | None = None  # (master or None under spark-submit, sorted settings) the session was built from
+
+
+def under_spark_submit() -> bool:
+    """True in a driver that spark-submit (or bin/pyspark) launched: its JVM already runs, with spark-submit's
+    --master, and hands this process the gateway through PYSPARK_GATEWAY_PORT. (SparkConf().contains("spark.master")
+    cannot tell: before the first session it sees no JVM, after it sees the master an earlier session launched.)"""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def spark_settings(cfg: ExtractConfig, submitted: bool | None = None) -> tuple[str | None, dict[str, str]]:
+    """The master (None under spark-submit, whose --master wins) and the Spark settings get_spark applies."""
+    submitted = under_spark_submit() if submitted is None else submitted
+    conf: dict[str, str] = {}
+    if not submitted:
+        conf["spark.driver.memory"] = cfg.spark_driver_memory
+    conf.update({
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
+        "spark.ui.enabled": "true" if cfg.spark_ui else "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": "4",
+        "spark.driver.maxResultSize": cfg.spark_max_result_size,
+    })
+    if cfg.spark_event_log_dir:
+        conf["spark.eventLog.enabled"] = "true"
+        conf["spark.eventLog.dir"] = cfg.spark_event_log_dir
+    conf.update(spark_gpu_conf(cfg))
+    conf.update(cfg.spark_conf)  # operators' own settings, last
+    return (None if submitted else cfg.spark_master), conf
+
+
+def _loopback_master(master: str) -> bool:
+    if master.startswith("local"):
+        return True
+    m = re.match(r"spark://([^:/,]+)", master)
+    return bool(m) and m.group(1) in ("127.0.0.1", "localhost")
 
 
 def get_spark(cfg: ExtractConfig):
-    global _session
+    """The shared session, built from `cfg`; one built from other settings (another master, UI, ...) is stopped
+    and replaced. The JVM is started once per process: spark.driver.memory only takes effect the first time."""
+    global _session, _session_key
+    master, conf = spark_settings(cfg)
+    key = (master, tuple(sorted(conf.items())))
     if _session is not None and _session._jsc is not None and not _session._jsc.sc().isStopped():
-        return _session
-    # Workers must run this interpreter (with torch and pyarrow), not the system python.
+        if key == _session_key:
+            return _session
+        stop_spark()
+    # Workers must run this interpreter (with torch and pyarrow), not the system python. The driver sends it to
+    # the executors with each Python function, so this is enough for a standalone cluster too.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    if cfg.spark_master.startswith("local"):
+    if master is not None and _loopback_master(master):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from pyspark import SparkConf
+    if cfg.spark_event_log_dir:
+        _make_local_dir(cfg.spark_event_log_dir)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName("matcher")
-    if not SparkConf().contains("spark.master"):  # under spark-submit, its --master wins
-        builder = builder.master(cfg.spark_master).config("spark.driver.memory", cfg.spark_driver_memory)
-    builder = (builder
-               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch_size))
-               .config("spark.ui.enabled", "false")
-               .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.sql.shuffle.partitions", "4"))
-    for key, value in spark_gpu_conf(cfg).items():
-        builder = builder.config(key, value)
+    if master is not None:
+        builder = builder.master(master)
+    for k, v in conf.items():
+        builder = builder.config(k, v)
     _session = builder.getOrCreate()
+    _session_key = key
     _session.sparkContext.setLogLevel("ERROR")
     return _session
+
+
+def _make_local_dir(uri: str) -> None:
+    """Spark refuses to start when a local event log folder is missing; remote ones (s3a://, hdfs://) it makes."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        Path(parsed.path if parsed.scheme else uri).mkdir(parents=True, exist_ok=True)
 
 
 def spark_gpu_conf(cfg: ExtractConfig) -> dict[str, str]:
@@ -49,7 +99,8 @@ def spark_gpu_conf(cfg: ExtractConfig) -> dict[str, str]:
 
 
 def stop_spark() -> None:
-    global _session
+    global _session, _session_key
     if _session is not None:
         _session.stop()
         _session = None
+        _session_key = None

@@ -18,7 +18,7 @@ from matcher.training_report import render_training_report
 
 def run(ctx: RunContext) -> dict:
     require_passed(ctx, "train")
-    fs = load_feature_set(ctx, "train")
+    fs = load_feature_set(ctx, "train", ctx.config.train.max_products)
     cfg = ctx.config.train
     spec = ModelSpec(image_dim=fs.image_feats.shape[1], text_dim=fs.text_feats.shape[1], dim=cfg.dim,
                      hidden=cfg.hidden, fusion=cfg.fusion, fusion_alpha=cfg.fusion_alpha,

@@ -5,6 +5,7 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -14,6 +15,7 @@ from matcher.config import CatalogConfig, StorageConfig
 from matcher.images import ImageRejected
 from matcher.storage import exists, read_bytes, resolve_uri
 
+_HEAD_BYTES = 1 << 16
 CATALOG_FILES = ("products.csv", "products.parquet", "products.jsonl")
 REQUIRED_COLUMNS = ("product_id", "title")
 OPTIONAL_COLUMNS = ("description", "category", "image")
@@ -21,6 +23,20 @@ OPTIONAL_COLUMNS = ("description", "category", "image")
 
 class CatalogError(ValueError):
     """The input is not a catalog at all: the run stops with this message."""
+
+
+@dataclass(frozen=True)
+class CatalogSplit:
+    row_group: int | None      # a Parquet row group; None: the whole (text) file
+    row_offset: int            # rows before this split, so `_row` numbers rows in file order
+
+
+@dataclass(frozen=True)
+class CatalogPlan:
+    path: str
+    format: str                # csv | parquet | jsonl
+    columns: list[str]         # after column mapping; required and optional columns always present
+    splits: list[CatalogSplit]
 
 
 @dataclass
@@ -39,6 +55,11 @@ class CatalogReader:
         self.options = options or CatalogConfig(file="", image_template="", columns={})
         self.fs, self.root = resolve_uri(uri, storage)
 
+    def __reduce__(self):
+        # Executors rebuild the reader; a local catalog by its absolute path (their working directory differs).
+        uri = self.uri if self.uri.startswith(("s3://", "s3a://")) else "file://" + self.root
+        return (CatalogReader, (uri, self.storage, self.options))
+
     def find_products_file(self) -> str:
         if self.options.file:
             p = posixpath.join(self.root, self.options.file)
@@ -53,35 +74,91 @@ class CatalogReader:
                 return p
         raise CatalogError(f"no catalog at {self.uri}: expected one of {', '.join(CATALOG_FILES)}")
 
-    def read(self) -> RawCatalog:
+    def plan(self) -> CatalogPlan:
+        """What executors need to read the catalog, from its header or footer only: the file, its format, the
+        columns (after mapping) and the splits. A file that is not a catalog fails here, at once."""
         path = self.find_products_file()
-        data = read_bytes(self.fs, path)
-        if not data.strip():
-            raise CatalogError(f"catalog file {path} is empty")
-        bad: list[dict] = []
-        if path.endswith(".csv"):
-            df = _read_csv(data, bad)
-        elif path.endswith(".parquet"):
+        size = self.fs.get_file_info(path).size or 0
+        fmt = posixpath.splitext(path)[1][1:]
+        if fmt == "parquet":
             try:
-                df = pq.read_table(io.BytesIO(data)).to_pandas()
+                with self.fs.open_input_file(path) as fh:
+                    meta = pq.ParquetFile(fh).metadata
             except Exception as exc:
                 raise CatalogError(f"catalog file {path} is not readable Parquet: {exc}") from None
-            df = df.astype(object).where(df.notna(), "").astype(str)
+            columns = list(meta.schema.names)
+            offsets = [0]
+            for g in range(meta.num_row_groups):
+                offsets.append(offsets[-1] + meta.row_group(g).num_rows)
+            splits = [CatalogSplit(g, offsets[g]) for g in range(meta.num_row_groups)]
         else:
-            df = _read_jsonl(data, bad)
+            with self.fs.open_input_stream(path) as fh:
+                head = fh.read(_HEAD_BYTES)
+            if not head.strip():
+                raise CatalogError(f"catalog file {path} is empty")
+            text = head.decode("utf-8-sig", errors="surrogateescape")
+            if fmt == "csv":
+                if "\x00" in text[:4096]:
+                    raise CatalogError("catalog CSV looks binary (NUL bytes)")
+                try:
+                    columns = list(pd.read_csv(io.StringIO(text), dtype=str, nrows=0, engine="python").columns)
+                except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+                    raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
+            else:
+                columns = _first_record_keys(text, complete=size <= _HEAD_BYTES)
+            splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
+        columns = self._mapped_columns(columns, path)
+        return CatalogPlan(path=path, format=fmt, columns=columns, splits=splits)
+
+    def read_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int = 5000) -> Iterator[RawCatalog]:
+        """The rows of one split, in chunks of about `chunk_rows`; `_row` numbers rows in file order."""
+        if plan.format == "parquet":
+            with self.fs.open_input_file(plan.path) as fh:
+                df = pq.ParquetFile(fh).read_row_group(split.row_group).to_pandas()
+            df = df.astype(object).where(df.notna(), "").astype(str)
+            yield self._finish(df, [], plan, split.row_offset)
+            return
+        with self.fs.open_input_stream(plan.path) as raw:
+            stream = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            chunks = _csv_chunks(stream, chunk_rows) if plan.format == "csv" else _jsonl_chunks(stream, chunk_rows)
+            offset = split.row_offset
+            for df, bad in chunks:
+                yield self._finish(df, bad, plan, offset)
+                offset += len(df)
+
+    def read(self) -> RawCatalog:
+        """The whole catalog in this process (small catalogs, tests); the clean stage reads splits on executors."""
+        plan = self.plan()
+        parts = [chunk for split in plan.splits for chunk in self.read_split(plan, split)]
+        rows = pd.concat([p.rows for p in parts], ignore_index=True) if parts else pd.DataFrame(columns=plan.columns)
+        if plan.format == "jsonl" and rows.empty:
+            raise CatalogError("catalog JSON Lines file has no product records")
+        return RawCatalog(rows=rows, bad_lines=[b for p in parts for b in p.bad_lines], source=plan.path)
+
+    def _finish(self, df: pd.DataFrame, bad: list[dict], plan: CatalogPlan, offset: int) -> RawCatalog:
         df = self._apply_column_mapping(df)
-        missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-        if missing:
-            raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {list(df.columns)[:12]}")
-        for col in OPTIONAL_COLUMNS:
+        for col in plan.columns:
             if col not in df.columns:
                 df[col] = ""
+        df = df[plan.columns].copy()
         if self.options.image_template:
             no_ref = df["image"].str.strip() == ""
             df.loc[no_ref, "image"] = [self.options.image_template.format(product_id=str(p).strip())
                                        for p in df.loc[no_ref, "product_id"]]
-        df.insert(0, "_row", range(len(df)))
-        return RawCatalog(rows=df.reset_index(drop=True), bad_lines=bad, source=path)
+        df.insert(0, "_row", range(offset, offset + len(df)))
+        return RawCatalog(rows=df.reset_index(drop=True), bad_lines=bad, source=plan.path)
+
+    def _mapped_columns(self, columns: list[str], path: str) -> list[str]:
+        mapping = self.options.columns
+        absent = [src for src in mapping.values() if src not in columns]
+        if absent:
+            raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; it has {columns[:12]}")
+        mapped = [c for c in columns if not (c in mapping and c not in mapping.values())]
+        mapped = [next((dst for dst, src in mapping.items() if src == c), c) for c in mapped]
+        missing = [c for c in REQUIRED_COLUMNS if c not in mapped]
+        if missing:
+            raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {columns[:12]}")
+        return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
 
     def _apply_column_mapping(self, df: pd.DataFrame) -> pd.DataFrame:
         mapping = self.options.columns
@@ -119,10 +196,8 @@ class CatalogReader:
             raise ImageRejected("image_unreadable", str(exc)[:200]) from None
 
 
-def _read_csv(data: bytes, bad: list[dict]) -> pd.DataFrame:
-    text = data.decode("utf-8-sig", errors="surrogateescape")
-    if "\x00" in text[:4096]:
-        raise CatalogError("catalog CSV looks binary (NUL bytes)")
+def _csv_chunks(stream: io.TextIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    bad: list[dict] = []
 
     def on_bad_line(fields: list[str]) -> None:
         bad.append({"raw": ",".join(fields)[:2000], "reason": "wrong_field_count",
@@ -130,16 +205,20 @@ def _read_csv(data: bytes, bad: list[dict]) -> pd.DataFrame:
         return None
 
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python",
-                         on_bad_lines=on_bad_line)
+        for df in pd.read_csv(stream, dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad_line,
+                              chunksize=chunk_rows):
+            yield df, bad[:]
+            bad.clear()
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
-    return df
+    if bad:
+        yield pd.DataFrame(), bad[:]
 
 
-def _read_jsonl(data: bytes, bad: list[dict]) -> pd.DataFrame:
-    records = []
-    for line in data.decode("utf-8-sig", errors="surrogateescape").splitlines():
+def _jsonl_chunks(stream: io.TextIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    records: list[dict] = []
+    bad: list[dict] = []
+    for line in stream:
         if not line.strip():
             continue
         try:
@@ -147,10 +226,26 @@ def _read_jsonl(data: bytes, bad: list[dict]) -> pd.DataFrame:
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
-            bad.append({"raw": line[:2000], "reason": "malformed_json", "detail": str(exc)[:200]})
+            bad.append({"raw": line.rstrip("\r\n")[:2000], "reason": "malformed_json", "detail": str(exc)[:200]})
             continue
         records.append({k: "" if v is None else str(v) for k, v in obj.items()})
-    if not records:
-        raise CatalogError("catalog JSON Lines file has no product records")
-    return pd.DataFrame.from_records(records).fillna("")
+        if len(records) >= chunk_rows:
+            yield pd.DataFrame.from_records(records).fillna(""), bad[:]
+            records.clear()
+            bad.clear()
+    if records or bad:
+        yield pd.DataFrame.from_records(records).fillna(""), bad[:]
 
+
+def _first_record_keys(text: str, complete: bool) -> list[str]:
+    lines = text.splitlines()
+    if not complete:
+        lines = lines[:-1]  # the head may end inside a record
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return list(obj)
+    raise CatalogError("catalog JSON Lines file has no product records")

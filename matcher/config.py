@@ -78,6 +78,10 @@ class ExtractConfig:
     executor_gpus: int
     task_gpus: float
     gpu_discovery_script: str
+    spark_ui: bool
+    spark_event_log_dir: str
+    spark_max_result_size: str
+    spark_conf: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class TrainConfig:
     seed: int
     promotion_metric: str
     promotion_tolerance: float
+    max_products: int
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError("score.engine must be auto, local or spark")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
+    bad = sorted(k for k in cfg.extract.spark_conf if not k.startswith("spark."))
+    if bad:
+        raise ConfigError(f"extract.spark_conf keys must be Spark settings (spark.*), got {bad}")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -244,7 +252,7 @@ def dump_toml(cfg_sections: dict[str, dict[str, Any]]) -> str:
             if isinstance(value, list):
                 lines.append(f"{key} = [{', '.join(_toml_str(v) for v in value)}]")
             elif isinstance(value, dict):
-                inner = ", ".join(f"{k} = {_toml_str(v)}" for k, v in value.items())
+                inner = ", ".join(f"{_toml_str(k)} = {_toml_str(v)}" for k, v in value.items())
                 lines.append(f"{key} = {{{inner}}}")
             elif isinstance(value, bool):
                 lines.append(f"{key} = {'true' if value else 'false'}")

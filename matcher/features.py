@@ -24,17 +24,3 @@ def extract_features(batch: pd.DataFrame, image_encoder: ImageEncoder, text_enco
         "image_encoder": image_encoder.version,
         "text_encoder": text_encoder.version,
     })
-
-
-def split_reusable(clean: pd.DataFrame, previous: pd.DataFrame | None, image_version: str,
-                   text_version: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows to embed, previous feature rows to carry forward): a product is reused when its content hash and
-    both encoder versions equal the previous run's."""
-    if previous is None or previous.empty:
-        return clean, pd.DataFrame(columns=FEATURE_COLUMNS)
-    prev = previous[(previous["image_encoder"] == image_version) & (previous["text_encoder"] == text_version)]
-    prev = prev.drop_duplicates("product_id")
-    key = clean[["product_id", "content_hash"]]
-    reused = prev.merge(key, on=["product_id", "content_hash"], how="inner")[FEATURE_COLUMNS]
-    todo = clean[~clean["product_id"].isin(set(reused["product_id"]))]
-    return todo, reused

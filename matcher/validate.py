@@ -1,4 +1,10 @@
-"""The validation gate: Great Expectations suites from schemas/ over the clean table and the night's statistics."""
+"""The validation gate: Great Expectations suites from schemas/ over the clean table and the night's statistics.
+
+The clean table may be a pandas DataFrame or a Spark DataFrame. A Spark one is validated by GE's Spark datasource on
+the executors (GE computes aggregates and at most a few sample rows of failures; the table is never collected), and
+pyspark is imported only when such a frame is given. The suites are engine-neutral: type expectations list both the
+pandas/Python names and the Spark type names, and each engine ignores the names it does not know.
+"""
 from __future__ import annotations
 
 import html
@@ -6,13 +12,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from matcher.config import SCHEMAS_DIR
 
 # Columns too heavy or too nested for row-level expectations; their derived columns are checked instead.
-_SKIPPED_COLUMNS = ("image_bytes", "tokens")
+HEAVY_COLUMNS = ("image_bytes", "tokens")
 
 
 @dataclass
@@ -43,7 +50,17 @@ def _gx():
     return gx
 
 
-def _validate_frame(df: pd.DataFrame, spec: dict, parameters: dict) -> dict:
+def _is_spark_frame(df: Any) -> bool:
+    """True for a pyspark.sql.DataFrame (classic or Connect); pyspark is imported only if the object comes from it."""
+    if isinstance(df, pd.DataFrame) or not type(df).__module__.startswith("pyspark."):
+        return False
+    from pyspark.sql import DataFrame as SparkDataFrame
+
+    return isinstance(df, SparkDataFrame)
+
+
+def _validate_frame(df: Any, spec: dict, parameters: dict) -> dict:
+    """Validate one suite over a pandas DataFrame or a Spark DataFrame (by GE's matching datasource)."""
     gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.registry import get_expectation_impl
@@ -52,9 +69,17 @@ def _validate_frame(df: pd.DataFrame, spec: dict, parameters: dict) -> dict:
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     expectations = [get_expectation_impl(e["type"])(**e["kwargs"]) for e in spec["expectations"]]
     suite = gx.ExpectationSuite(name=spec["name"], expectations=expectations)
-    batch = (ctx.data_sources.add_pandas("frames").add_dataframe_asset(spec["name"])
-             .add_batch_definition_whole_dataframe("whole").get_batch(batch_parameters={"dataframe": df}))
-    result = batch.validate(suite, expectation_parameters=parameters).to_json_dict()
+    spark = _is_spark_frame(df)
+    # The Spark datasource reuses the running session; persist=True caches the (slimmed) frame on the executors so
+    # that GE's several metric passes do not each recompute it; it is unpersisted below.
+    source = ctx.data_sources.add_spark("frames", persist=True) if spark else ctx.data_sources.add_pandas("frames")
+    try:
+        batch = (source.add_dataframe_asset(spec["name"]).add_batch_definition_whole_dataframe("whole")
+                 .get_batch(batch_parameters={"dataframe": df}))
+        result = batch.validate(suite, expectation_parameters=parameters).to_json_dict()
+    finally:
+        if spark:
+            df.unpersist()
     failed = []
     for r in result["results"]:
         if not r["success"]:
@@ -64,14 +89,30 @@ def _validate_frame(df: pd.DataFrame, spec: dict, parameters: dict) -> dict:
     return {"suite": spec["name"], "success": bool(result["success"]), "failed": failed, "result": result}
 
 
-def validate_night(clean: pd.DataFrame, stats: dict, clean_suite: str, run_suite: str, max_quarantine_rate: float,
-                   schemas_dir: Path = SCHEMAS_DIR) -> ValidationOutcome:
-    """Run the clean-table suite and the run-statistics suite; success only if both pass."""
-    table = clean.drop(columns=[c for c in _SKIPPED_COLUMNS if c in clean.columns])
-    # The column-set expectation is about the table, so keep the skipped columns' names visible as empty columns.
-    for c in _SKIPPED_COLUMNS:
+def _slim_table(clean: Any) -> Any:
+    """The clean table without its heavy columns; their names stay visible as cheap literal stand-in columns, since
+    the column-set expectation is about the table."""
+    if _is_spark_frame(clean):
+        from pyspark.sql import functions as F
+
+        return clean.select(*[c for c in clean.columns if c not in HEAVY_COLUMNS],
+                            *[F.lit(1).alias(c) for c in HEAVY_COLUMNS if c in clean.columns])
+    if not isinstance(clean, pd.DataFrame):
+        raise TypeError(f"validate_night needs a pandas or a Spark DataFrame, not {type(clean).__name__}")
+    table = clean.drop(columns=[c for c in HEAVY_COLUMNS if c in clean.columns])
+    for c in HEAVY_COLUMNS:
         if c in clean.columns:
             table[c] = 1
+    return table
+
+
+def validate_night(clean: Any, stats: dict, clean_suite: str, run_suite: str, max_quarantine_rate: float,
+                   schemas_dir: Path = SCHEMAS_DIR) -> ValidationOutcome:
+    """Run the clean-table suite and the run-statistics suite; success only if both pass.
+
+    `clean` is a pandas DataFrame or a pyspark.sql.DataFrame; a Spark one is validated where it lives, never collected.
+    """
+    table = _slim_table(clean)
     run_stats = pd.DataFrame([{"quarantine_rate": float(stats["quarantine_rate"]),
                                "clean_rows": int(stats["clean_rows"]), "input_rows": int(stats["input_rows"])}])
     params = {"max_quarantine_rate": max_quarantine_rate}

@@ -1,12 +1,15 @@
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
-from matcher.encoders import EncoderError, image_encoder_version, load_image_encoder, load_text_encoder
+from matcher.encoders import (IMAGE_ENCODERS, TEXT_ENCODERS, EncoderError, image_encoder_version, load_image_encoder,
+                              load_text_encoder, text_encoder_version)
+from matcher.features import extract_features
 
 
 def jpeg(colour) -> bytes:
@@ -42,3 +45,50 @@ def test_packaged_encoders_give_deterministic_features():
     assert t.shape == (3, 384)
     # The multilingual encoder puts a Chinese title near its English meaning.
     assert t[0] @ t[1] > t[2] @ t[1]
+
+
+def test_thumbnail_8x8_is_a_deterministic_192_d_pixel_vector():
+    images = [jpeg((255, 0, 0)), jpeg((0, 0, 255)), jpeg((255, 0, 0))]
+    a = load_image_encoder("thumbnail-8x8", "cpu").encode(images, batch_size=2)
+    b = load_image_encoder("thumbnail-8x8", "cpu").encode(images, batch_size=3)
+    assert a.shape == (3, 192) and a.dtype == np.float32
+    assert np.array_equal(a, b) and np.array_equal(a[0], a[2])
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    red, blue = a[0].reshape(8, 8, 3), a[1].reshape(8, 8, 3)
+    assert red[..., 0].mean() > 0.9 > 0.1 > red[..., 2].mean() and blue[..., 2].mean() > 0.9 > 0.1 > blue[..., 0].mean()
+    assert image_encoder_version("thumbnail-8x8", "ignored.pth") == "thumbnail-8x8@1"
+
+
+def test_hashing_384_is_deterministic_and_puts_similar_titles_closer():
+    titles = ["red cotton summer dress for women", "women's red cotton dresses", "black leather running shoes",
+              "红色连衣裙 女 夏季", "女士红色连衣裙", "男士黑色皮鞋", ""]
+    a = load_text_encoder("hashing-384", "cpu").encode(titles)
+    b = load_text_encoder("hashing-384", "cpu").encode(titles)
+    assert a.shape == (7, 384) and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert np.allclose(np.linalg.norm(a[:6], axis=1), 1.0, atol=1e-6) and not a[6].any()
+    assert not np.allclose(a[0], a[2])
+    sim = a @ a.T
+    assert sim[0, 1] > sim[0, 2] + 0.2  # English: shared words and character 3-grams
+    assert sim[3, 4] > sim[3, 5] + 0.2  # Chinese, no segmenter: shared characters and bigrams
+    assert text_encoder_version("hashing-384") == "hashing-384@1"
+
+
+def test_every_listed_name_is_known_and_errors_list_them():
+    assert {"thumbnail-8x8", "efficientnet-lite0"} <= set(IMAGE_ENCODERS)
+    assert {"hashing-384", "all-minilm-l6-v2", "multilingual-e5-small"} <= set(TEXT_ENCODERS)
+    with pytest.raises(EncoderError, match="thumbnail-8x8"):
+        load_image_encoder("thumbnail-4x4", "cpu")
+    with pytest.raises(EncoderError, match="hashing-384"):
+        load_text_encoder("hashing-512", "cpu")
+
+
+def test_extract_features_with_the_baseline_pair():
+    batch = pd.DataFrame({"product_id": ["p1", "p2"], "content_hash": ["h1", "h2"],
+                          "title": ["red dress", "蓝色运动鞋"], "description": ["cotton, knee length", ""],
+                          "image_bytes": [jpeg((255, 0, 0)), jpeg((0, 0, 255))]})
+    out = extract_features(batch, load_image_encoder("thumbnail-8x8", "cpu"), load_text_encoder("hashing-384", "cpu"),
+                           batch_size=1)
+    assert list(out["product_id"]) == ["p1", "p2"]
+    assert np.stack(out["image_feat"]).shape == (2, 192) and np.stack(out["text_feat"]).shape == (2, 384)
+    assert set(out["image_encoder"]) == {"thumbnail-8x8@1"} and set(out["text_encoder"]) == {"hashing-384@1"}

@@ -14,6 +14,19 @@ def lake(request, tmp_path):
     return Lake(f"s3://lake/test-{tmp_path.name}", cfg.storage)
 
 
+def _parts(lake, table, dt, attempt, *tables):
+    """Part files written as executors write them: under the attempt's work folder."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for n, t in enumerate(tables):
+        rel = f"{Lake.work_dir(table, dt, attempt)}/part-{n}.parquet"
+        lake.fs.create_dir(lake.path(Lake.work_dir(table, dt, attempt)), recursive=True)
+        pq.write_table(t, lake.path(rel), filesystem=lake.fs)
+        parts.append(rel)
+    return parts
+
+
 def test_partition_write_replaces_whole_partition(lake):
     lake.write_partition("t", "2026-01-01", pa.table({"a": [1, 2, 3]}))
     lake.write_partition("t", "2026-01-01", pa.table({"a": [7]}))
@@ -21,21 +34,39 @@ def test_partition_write_replaces_whole_partition(lake):
     assert lake.read_partition("t", "2026-01-01").column("a").to_pylist() == [7]
     assert lake.partitions("t") == ["2026-01-01", "2026-01-02"]
     assert lake.read_partition("t", "2026-01-03") is None
-    assert not lake.exists("_tmp") or lake.fs.get_file_info(lake.path("_tmp")).type.name != "File"
+    import pyarrow.fs as pafs
+    leftovers = lake.fs.get_file_info(pafs.FileSelector(lake.path("_work"), recursive=True, allow_not_found=True))
+    assert [i.path for i in leftovers if i.type == pafs.FileType.File] == []
+
+
+def test_a_partition_of_many_parts_is_seen_only_once_committed(lake):
+    lake.write_partition("t", "2026-01-01", pa.table({"a": [1]}))
+    parts = _parts(lake, "t", "2026-01-01", "a2", pa.table({"a": [2, 3]}), pa.table({"a": [4]}))
+    assert lake.read_partition("t", "2026-01-01").column("a").to_pylist() == [1]  # written, not committed
+    doc = lake.commit_parts("t", "2026-01-01", parts, "a2")
+    assert doc["rows"] == 3 and len(doc["files"]) == 2
+    assert sorted(lake.read_partition("t", "2026-01-01").column("a").to_pylist()) == [2, 3, 4]
+    assert lake.partition_rows("t", "2026-01-01") == 3
+    # Only the committed files remain in the folder: a bare glob sees the same rows.
+    import pyarrow.fs as pafs
+    listed = lake.fs.get_file_info(pafs.FileSelector(lake.partition_path("t", "2026-01-01")))
+    assert sorted(i.base_name for i in listed if i.base_name.endswith(".parquet")) == \
+        sorted(f.rsplit("/", 1)[1] for f in doc["files"])
 
 
 def test_a_published_file_is_read_only_once_a_manifest_names_it(lake):
-    lake.stage_partition("r", "2026-01-01", pa.table({"a": [1]}))
-    first = lake.commit_staged("r", "2026-01-01", "p1")
-    lake.write_json("manifests/dt=2026-01-01/manifest.json", {"tables": {"r": {"files": [first]}}})
-    lake.stage_partition("r", "2026-01-01", pa.table({"a": [2, 3]}))
-    second = lake.commit_staged("r", "2026-01-01", "p2")
-    assert lake.read_partition("r", "2026-01-01").num_rows == 1  # not yet switched
-    lake.write_json("manifests/dt=2026-01-01/manifest.json", {"tables": {"r": {"files": [second]}}})
-    assert lake.read_partition("r", "2026-01-01").num_rows == 2
-    assert lake.remove_unlisted_files("r", "2026-01-01", keep={second}) == 1
-    assert lake.partition_files("r", "2026-01-01") == [lake.path(second)]
-    assert lake.read_staged("r", "2026-01-01") is None
+    lake.stage_parts("recommendations", "2026-01-01", _parts(lake, "recommendations", "2026-01-01", "s1",
+                                                             pa.table({"a": [1]})))
+    first = lake.commit_staged("recommendations", "2026-01-01", "p1")
+    lake.write_json("manifests/dt=2026-01-01/manifest.json", {"tables": {"recommendations": {"files": first}}})
+    lake.stage_parts("recommendations", "2026-01-01", _parts(lake, "recommendations", "2026-01-01", "s2",
+                                                             pa.table({"a": [2]}), pa.table({"a": [3]})))
+    second = lake.commit_staged("recommendations", "2026-01-01", "p2")
+    assert lake.read_partition("recommendations", "2026-01-01").num_rows == 1  # not yet switched
+    lake.write_json("manifests/dt=2026-01-01/manifest.json", {"tables": {"recommendations": {"files": second}}})
+    assert lake.read_partition("recommendations", "2026-01-01").num_rows == 2
+    assert lake.remove_unlisted_files("recommendations", "2026-01-01", keep=set(second)) == 1
+    assert lake.partition_files("recommendations", "2026-01-01") == [lake.path(f) for f in second]
 
 
 def test_json_documents(lake):

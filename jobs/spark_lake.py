@@ -1,0 +1,182 @@
+"""Lake partitions read and written by Spark executors, through the project's storage layer (pyarrow's file://
+and s3:// filesystems in the Python workers, as clip-retrieval's workers do), so no Hadoop S3 connector is needed.
+
+The driver only handles metadata: it lists a partition's files (from its commit point), hands the paths to
+executors, and gets back one small row per written part file (path, rows, statistics)."""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from matcher.lake import Lake
+from matcher.tables import table_schema
+
+log = logging.getLogger("matcher")
+
+# What a writer's mapper yields: (table name, rows) to write, or (STATS, {name: count}) to add up on the driver.
+STATS = "__stats__"
+Output = tuple[str, "pa.Table | pa.RecordBatch | dict[str, int]"]
+_META_SCHEMA = "table string, path string, rows long, stats string"
+
+
+def spark_schema(schema: pa.Schema):
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
+def read_parts(spark, lake: Lake, files: list[str], schema: pa.Schema, columns: list[str] | None = None,
+               batch_rows: int = 1024):
+    """A DataFrame over Parquet part files (full paths on the lake), read by executors one file per task, a
+    record batch at a time. `schema` is the table's Arrow schema (its `columns`, when given, are read)."""
+    wanted = pa.schema([schema.field(c) for c in columns]) if columns else schema
+    names = wanted.names
+
+    def read_files(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for path in batch.column("path").to_pylist():
+                parquet = pq.ParquetFile(path, filesystem=lake.fs)
+                for rb in parquet.iter_batches(batch_size=batch_rows, columns=names):
+                    yield from pa.Table.from_batches([rb]).select(names).cast(wanted).to_batches()
+
+    paths = spark.createDataFrame([(f,) for f in files], "path string") if files else \
+        spark.createDataFrame([], "path string")
+    return paths.repartition(max(1, len(files))).mapInArrow(read_files, spark_schema(wanted))
+
+
+def read_partition(spark, lake: Lake, table: str, dt: str, columns: list[str] | None = None,
+                   schema: pa.Schema | None = None):
+    """A committed partition of a lake table as a DataFrame read on executors; None when it does not exist."""
+    files = lake.partition_files(table, dt)
+    if not files and lake.committed(table, dt) is None and lake.manifest(dt) is None:
+        return None
+    if schema is None:
+        schema = pq.read_schema(files[0], filesystem=lake.fs) if files else table_schema(table)
+    return read_parts(spark, lake, files, schema, columns)
+
+
+@dataclass
+class Written:
+    """What executors wrote: part files per table (lake-relative) and summed statistics."""
+    parts: dict[str, list[str]] = field(default_factory=dict)
+    rows: Counter = field(default_factory=Counter)
+    stats: Counter = field(default_factory=Counter)
+
+
+def write_parts(df, mapper: Callable[[Iterator[pa.RecordBatch]], Iterable[Output]], lake: Lake, dt: str,
+                attempt: str, tables: Iterable[str], progress: "Progress | None" = None) -> Written:
+    """Run `mapper` over each Spark partition of `df` on executors; each task writes what it yields as one Parquet
+    part file per table under the attempt's work folder, cast to the table's schema (schemas/tables.json, extra
+    columns kept). The driver gets back only (table, path, rows, stats) per part."""
+    tables = list(tables)
+    counter = progress.accumulator if progress else None
+
+    def write_task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        tc = TaskContext.get()
+        tag = f"{tc.partitionId():05d}-{tc.attemptNumber()}-{uuid.uuid4().hex[:6]}" if tc else uuid.uuid4().hex
+        writers: dict[str, tuple[pq.ParquetWriter, str]] = {}
+        rows: Counter = Counter()
+        stats: Counter = Counter()
+
+        def counted(source: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for rb in source:
+                yield rb
+                if counter is not None:
+                    counter.add(rb.num_rows)
+
+        for name, data in mapper(counted(batches)):
+            if name == STATS:
+                stats.update(data)
+                continue
+            table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+            if table.num_rows == 0:
+                continue
+            table = conform(name, table)
+            if name not in writers:
+                rel = posixpath.join(Lake.work_dir(name, dt, attempt), f"part-{tag}.parquet")
+                lake.fs.create_dir(lake.path(posixpath.dirname(rel)), recursive=True)
+                writers[name] = (pq.ParquetWriter(lake.path(rel), table.schema, filesystem=lake.fs,
+                                                  compression="zstd"), rel)
+            writers[name][0].write_table(table)
+            rows[name] += table.num_rows
+        out = []
+        for name, (writer, rel) in writers.items():
+            writer.close()
+            out.append({"table": name, "path": rel, "rows": rows[name], "stats": ""})
+        out.append({"table": STATS, "path": "", "rows": 0, "stats": json.dumps(dict(stats))})
+        yield pa.RecordBatch.from_pylist(out, schema=pa.schema([("table", pa.string()), ("path", pa.string()),
+                                                                ("rows", pa.int64()), ("stats", pa.string())]))
+
+    written = Written(parts={t: [] for t in tables})
+    with progress or _nothing():
+        for row in df.mapInArrow(write_task, _META_SCHEMA).collect():
+            if row["table"] == STATS:
+                written.stats.update(json.loads(row["stats"]))
+            else:
+                written.parts.setdefault(row["table"], []).append(row["path"])
+                written.rows[row["table"]] += row["rows"]
+    return written
+
+
+def conform(name: str, table: pa.Table) -> pa.Table:
+    """Cast a table's declared columns to schemas/tables.json (declared first, extra columns after)."""
+    try:
+        schema = table_schema(name)
+    except KeyError:
+        return table
+    declared = [c for c in schema.names if c in table.column_names]
+    extra = [c for c in table.column_names if c not in schema.names]
+    target = pa.schema([schema.field(c) for c in declared] + [table.schema.field(c) for c in extra])
+    return table.select(declared + extra).cast(target)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class Progress:
+    """Products done / total and the rate, logged every few seconds while a Spark job runs (tasks report as
+    they finish, through an accumulator)."""
+
+    def __init__(self, spark, label: str, total: int, every: float = 5.0):
+        self.accumulator = spark.sparkContext.accumulator(0)
+        self.label, self.total, self.every = label, total, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._report, daemon=True)
+
+    def _line(self) -> str:
+        done = self.accumulator.value
+        seconds = time.perf_counter() - self._started
+        rate = done / seconds if seconds else 0.0
+        of = f"/{self.total:,} products ({100 * done / self.total:.0f}%)" if self.total else " products"
+        return f"{self.label}: {done:,}{of}, {rate:.1f}/s"
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.every):
+            log.info(self._line())
+
+    def __enter__(self) -> "Progress":
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        log.info(self._line())

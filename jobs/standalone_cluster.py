@@ -1,0 +1,396 @@
+"""A real Spark standalone cluster (one Master, N Workers) on this machine, from the pyspark package alone.
+
+    with StandaloneCluster(tmp_dir, workers=1, cores_per_worker=2, memory_per_worker="2g") as cluster:
+        cfg = load_config(overrides={"extract": {"spark_master": cluster.master_url}})
+        spark = get_spark(cfg.extract)
+
+Or from a shell, for operators and the bench:
+
+    python -m jobs.standalone_cluster start --work-dir /tmp/spark-cluster --workers 2   # prints the master URL
+    python -m jobs.standalone_cluster stop --work-dir /tmp/spark-cluster
+
+The daemons are started with the package's own sbin/spark-daemon.sh; logs, pid files, the workers' application
+folders and Spark's scratch space all live under work_dir, so nothing is written into the virtualenv. Everything
+binds to 127.0.0.1. The driver picks the executors' python (PYSPARK_PYTHON in the driver's environment, which
+jobs.spark.get_spark sets to this interpreter), so executors run the venv's python with torch and pyarrow."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+MASTER_CLASS = "org.apache.spark.deploy.master.Master"
+WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+IDENT = "matcher"  # SPARK_IDENT_STRING: names the pid and log files
+STATE_FILE = "cluster.json"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def spark_home() -> Path:
+    """The pyspark package folder: it ships bin/, sbin/ and jars/ like a Spark distribution."""
+    import pyspark
+
+    home = Path(pyspark.__file__).resolve().parent
+    if not (home / "sbin" / "spark-daemon.sh").is_file():
+        raise ClusterError(f"{home}/sbin/spark-daemon.sh not found: this pyspark install has no daemon scripts")
+    return home
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None if gone): tells a pid apart from its reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in seen:
+                seen.append(child)
+                todo.append(child)
+    return seen
+
+
+def _alive(pid: int, started: int | None) -> bool:
+    now = _proc_start_time(pid)
+    if now is None:
+        return False
+    try:  # a zombie (exited, not yet reaped) counts as gone
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except OSError:
+        return False
+    return started is None or now == started
+
+
+class StandaloneCluster:
+    def __init__(self, work_dir: Path | str, workers: int = 1, cores_per_worker: int = 2,
+                 memory_per_worker: str = "3g", startup_timeout: float = 120.0):
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.work_dir = Path(work_dir).resolve()
+        self.workers = workers
+        self.cores_per_worker = cores_per_worker
+        self.memory_per_worker = memory_per_worker
+        self.startup_timeout = startup_timeout
+        self.log_dir = self.work_dir / "logs"
+        self.pid_dir = self.work_dir / "pids"
+        self.worker_dir = self.work_dir / "work"      # executors' stdout/stderr, per application
+        self.local_dir = self.work_dir / "local"      # shuffle and scratch files
+        self.conf_dir = self.work_dir / "conf"        # empty: no spark-env.sh from anywhere else
+        self.port: int | None = None
+        self.webui_port: int | None = None
+        self.rest_port: int | None = None
+        self.worker_webui_ports: list[int] = []
+        self.startup_seconds: float | None = None  # set by start(): launch to every worker ALIVE
+        self._load_state()
+
+    # -- what callers use -------------------------------------------------------------------------------------
+
+    @property
+    def master_url(self) -> str:
+        if self.port is None:
+            raise ClusterError("the cluster is not started")
+        return f"spark://127.0.0.1:{self.port}"
+
+    @property
+    def webui_url(self) -> str:
+        if self.webui_port is None:
+            raise ClusterError("the cluster is not started")
+        return f"http://127.0.0.1:{self.webui_port}"
+
+    @property
+    def master_log(self) -> Path:
+        return self._log_path(MASTER_CLASS, 1)
+
+    @property
+    def worker_logs(self) -> list[Path]:
+        return [self._log_path(WORKER_CLASS, i) for i in range(1, self.workers + 1)]
+
+    @property
+    def ports(self) -> list[int]:
+        """The ports this class chose for the daemons: master RPC, master UI, master REST, worker UIs (the workers'
+        RPC ports are random: see master_state()["workers"])."""
+        return [p for p in [self.port, self.webui_port, self.rest_port, *self.worker_webui_ports] if p is not None]
+
+    def master_state(self) -> dict:
+        """The master's own JSON status (workers, their state, cores, memory, applications)."""
+        with urllib.request.urlopen(f"{self.webui_url}/json/", timeout=5) as resp:
+            return json.load(resp)
+
+    def pids(self) -> dict[str, int]:
+        """Daemon name (pid file stem) -> pid, for the daemons whose pid files exist."""
+        out = {}
+        for f in sorted(self.pid_dir.glob(f"spark-{IDENT}-*.pid")):
+            try:
+                out[f.stem] = int(f.read_text().strip())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def start(self) -> "StandaloneCluster":
+        running = {name: pid for name, pid in self.pids().items()
+                   if _alive(pid, None) and _parse_pid_name(name)[0] in _proc_cmdline(pid)}
+        if running:
+            raise ClusterError(f"a cluster is already running from {self.work_dir} (pids {running}); stop it first")
+        for d in (self.log_dir, self.pid_dir, self.worker_dir, self.local_dir, self.conf_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        home = spark_home()
+        self.port, self.webui_port, self.rest_port = free_port(), free_port(), free_port()
+        self.worker_webui_ports = [free_port() for _ in range(self.workers)]
+        self._save_state()
+        env = self._env(home)
+        # The master's REST submission server listens on 6066 unless told otherwise: give it a free port too.
+        master_env = dict(env, SPARK_MASTER_OPTS=f"{env.get('SPARK_MASTER_OPTS', '')} "
+                                                 f"-Dspark.master.rest.port={self.rest_port}".strip())
+        started = time.monotonic()
+        try:
+            # spark-daemon.sh sleeps ~2.5 s after each launch: start the workers as soon as the master's RPC port
+            # answers (a worker that finds no master retries only after 5-15 s), and run their scripts side by side.
+            master = self._daemon(home, master_env, "start", MASTER_CLASS, 1, "--host", "127.0.0.1",
+                                  "--port", str(self.port), "--webui-port", str(self.webui_port), wait=False)
+            self._wait(lambda: port_open(self.port), started, "the master's port to open", master)
+            procs = [master] + [
+                self._daemon(home, env, "start", WORKER_CLASS, i,
+                             "--host", "127.0.0.1", "--port", "0", "--webui-port", str(ui),
+                             "--cores", str(self.cores_per_worker), "--memory", self.memory_per_worker,
+                             "--work-dir", str(self.worker_dir), self.master_url, wait=False)
+                for i, ui in enumerate(self.worker_webui_ports, start=1)]
+            for p in procs:
+                self._finish(p)
+            self._wait(lambda: self._alive_workers() >= self.workers, started,
+                       f"{self.workers} worker(s) to register ALIVE")
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        """Workers first (each takes its executors down), then the master; whatever outlives spark-daemon.sh stop
+        is killed by the pid recorded in its pid file, checked against its start time so a reused pid is spared."""
+        pids = self.pids()
+        if not pids:
+            return
+        home = spark_home()
+        env = self._env(home)
+        order = sorted(pids, key=lambda name: MASTER_CLASS in name)  # workers, then the master
+        for name in order:
+            pid = pids[name]
+            cls, instance = _parse_pid_name(name)
+            started = _proc_start_time(pid)
+            if started is None or cls not in _proc_cmdline(pid):
+                (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+                continue
+            family = [(p, _proc_start_time(p)) for p in _descendants(pid)]  # executors and their python workers
+            try:
+                self._daemon(home, env, "stop", cls, instance, timeout=30)
+            except (ClusterError, subprocess.TimeoutExpired):
+                pass
+            _terminate([(pid, started)] + family, grace=15.0)
+            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+
+    def __enter__(self) -> "StandaloneCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _env(self, home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        # spark-daemon.sh rsyncs the install from $SPARK_MASTER when that is set, and SPARK_NO_DAEMONIZE would run
+        # the daemon in the foreground; neither belongs here. SPARK_CONF_DIR is ours (empty) for the same reason.
+        for key in ("SPARK_MASTER", "SPARK_NO_DAEMONIZE", "SPARK_ENV_LOADED", "PYSPARK_PYTHONPATH_SET"):
+            env.pop(key, None)
+        env.update({
+            "SPARK_HOME": str(home),
+            "SPARK_CONF_DIR": str(self.conf_dir),
+            "SPARK_LOG_DIR": str(self.log_dir),
+            "SPARK_PID_DIR": str(self.pid_dir),
+            "SPARK_WORKER_DIR": str(self.worker_dir),
+            "SPARK_LOCAL_DIRS": str(self.local_dir),
+            "SPARK_LOCAL_IP": "127.0.0.1",
+            "SPARK_IDENT_STRING": IDENT,
+        })
+        # No PYSPARK_PYTHON here: the driver names the executors' python with each Python function it ships.
+        return env
+
+    def _daemon(self, home: Path, env: dict[str, str], action: str, cls: str, instance: int, *args: str,
+                wait: bool = True, timeout: float = 60.0):
+        # Run with bash: that needs no executable bit on the script, whatever the installer kept.
+        cmd = ["bash", str(home / "sbin" / "spark-daemon.sh"), action, cls, str(instance), *args]
+        proc = subprocess.Popen(cmd, env=env, cwd=self.work_dir, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if not wait:
+            return proc
+        return self._finish(proc, timeout)
+
+    def _finish(self, proc: subprocess.Popen, timeout: float = 60.0) -> str:
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode != 0 or "failed to launch" in out:
+            raise ClusterError(f"{' '.join(proc.args[1:4])} failed (exit {proc.returncode}):\n{out}"
+                               f"{self._log_report()}")
+        return out
+
+    def _alive_workers(self) -> int:
+        state = self.master_state()
+        if state.get("status") != "ALIVE":
+            return 0
+        return sum(w.get("state") == "ALIVE" for w in state.get("workers", []))
+
+    def _wait(self, ready, started: float, what: str, script: subprocess.Popen | None = None) -> None:
+        last_error = None
+        while True:
+            if script is not None and script.poll() is not None:
+                self._finish(script)  # raises if the script failed
+                script = None
+            dead = [name for name, pid in self.pids().items() if not _alive(pid, None)]
+            if dead:
+                raise ClusterError(f"Spark daemon(s) {dead} exited while waiting for {what}.{self._log_report()}")
+            try:
+                if ready():
+                    return
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                last_error = exc
+            if time.monotonic() - started > self.startup_timeout:
+                raise ClusterError(f"timed out after {self.startup_timeout:.0f}s waiting for {what} "
+                                   f"(master UI {self.webui_url}/json/, last error: {last_error}).{self._log_report()}")
+            time.sleep(0.2)
+
+    def _log_path(self, cls: str, instance: int) -> Path:
+        # spark-daemon.sh names it spark-$SPARK_IDENT_STRING-$command-$instance-$HOSTNAME.out
+        found = sorted(self.log_dir.glob(f"spark-{IDENT}-{cls}-{instance}-*.out"))
+        return found[0] if found else self.log_dir / f"spark-{IDENT}-{cls}-{instance}-{socket.gethostname()}.out"
+
+    def _log_report(self) -> str:
+        lines = []
+        for log in [self.master_log, *self.worker_logs]:
+            lines.append(f"\n  log: {log}")
+            if log.is_file():
+                tail = log.read_text(errors="replace").splitlines()[-8:]
+                lines += [f"\n    {line[:300]}" for line in tail]
+        return "".join(lines)
+
+    def _save_state(self) -> None:
+        state = {"port": self.port, "webui_port": self.webui_port, "rest_port": self.rest_port,
+                 "worker_webui_ports": self.worker_webui_ports,
+                 "workers": self.workers, "cores_per_worker": self.cores_per_worker,
+                 "memory_per_worker": self.memory_per_worker}
+        (self.work_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    def _load_state(self) -> None:
+        """A cluster started by another process (the CLI) from the same work_dir: its ports and worker count."""
+        path = self.work_dir / STATE_FILE
+        if not path.is_file() or not self.pids():
+            return
+        state = json.loads(path.read_text())
+        self.port, self.webui_port, self.rest_port = state["port"], state["webui_port"], state.get("rest_port")
+        self.worker_webui_ports = state["worker_webui_ports"]
+        self.workers = state["workers"]
+
+
+def _parse_pid_name(name: str) -> tuple[str, int]:
+    m = re.fullmatch(rf"spark-{IDENT}-(.+)-(\d+)", name)
+    if not m:
+        raise ClusterError(f"unexpected pid file name {name}")
+    return m.group(1), int(m.group(2))
+
+
+def _terminate(procs: list[tuple[int, int | None]], grace: float) -> None:
+    """SIGTERM what is still alive, wait up to `grace` seconds, then SIGKILL the rest."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        alive = [(p, s) for p, s in procs if s is not None and _alive(p, s)]
+        if not alive:
+            return
+        for p, _ in alive:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_alive(p, s) for p, s in alive):
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.standalone_cluster",
+                                     description="A Spark standalone cluster on 127.0.0.1 from the pyspark package.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start a master and workers; prints the master URL")
+    start.add_argument("--work-dir", required=True, type=Path)
+    start.add_argument("--workers", type=int, default=1)
+    start.add_argument("--cores", type=int, default=2, help="cores per worker")
+    start.add_argument("--memory", default="3g", help="memory per worker, e.g. 3g")
+    start.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the workers")
+    stop = sub.add_parser("stop", help="stop the cluster started from --work-dir")
+    stop.add_argument("--work-dir", required=True, type=Path)
+    status = sub.add_parser("status", help="print the master's JSON status")
+    status.add_argument("--work-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start":
+            cluster = StandaloneCluster(args.work_dir, args.workers, args.cores, args.memory, args.timeout).start()
+            print(cluster.master_url)
+            print(f"started in {cluster.startup_seconds:.1f}s; web UI {cluster.webui_url}; logs in {cluster.log_dir}",
+                  file=sys.stderr)
+        elif args.command == "stop":
+            StandaloneCluster(args.work_dir).stop()
+        else:
+            print(json.dumps(StandaloneCluster(args.work_dir).master_state(), indent=2))
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""A real Spark standalone cluster (Master + Worker daemons from the pyspark package) and get_spark's settings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.spark import get_spark, spark_settings, stop_spark
+from jobs.standalone_cluster import StandaloneCluster, port_open
+from matcher.config import ConfigError, load_config
+
+
+def _extract(**values):
+    return load_config(overrides={"extract": values}).extract
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        out.append(pid)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_spark_settings_come_from_config():
+    master, conf = spark_settings(_extract(), submitted=False)
+    assert master == "local[2]"
+    assert conf["spark.ui.enabled"] == "false"
+    assert conf["spark.driver.maxResultSize"] == "256m"
+    assert conf["spark.driver.memory"] == "2g"
+    assert "spark.eventLog.enabled" not in conf
+
+    cfg = _extract(spark_ui=True, spark_event_log_dir="s3a://logs/spark-events", spark_max_result_size="2g",
+                   executor_gpus=1, spark_conf={"spark.sql.shuffle.partitions": "64",
+                                                "spark.task.resource.gpu.amount": "0.5"})
+    master, conf = spark_settings(cfg, submitted=True)
+    assert master is None and "spark.driver.memory" not in conf  # spark-submit's --master and memory win
+    assert conf["spark.ui.enabled"] == "true"
+    assert conf["spark.eventLog.enabled"] == "true" and conf["spark.eventLog.dir"] == "s3a://logs/spark-events"
+    assert conf["spark.driver.maxResultSize"] == "2g"
+    assert conf["spark.executor.resource.gpu.amount"] == "1"
+    assert conf["spark.sql.shuffle.partitions"] == "64"  # spark_conf is applied last
+    assert conf["spark.task.resource.gpu.amount"] == "0.5"
+
+    with pytest.raises(ConfigError, match="spark_conf"):
+        _extract(spark_conf={"spark.ui.port": 4040})
+    with pytest.raises(ConfigError, match="spark_conf"):
+        _extract(spark_conf={"executor.memory": "4g"})
+
+
+def test_get_spark_rebuilds_the_session_when_its_settings_change(tmp_path):
+    one = get_spark(_extract(spark_master="local[1]"))
+    assert one.sparkContext.master == "local[1]"
+    assert get_spark(_extract(spark_master="local[1]")) is one  # equal config: the same session
+
+    two = get_spark(_extract(spark_master="local[2]"))
+    assert two is not one and two.sparkContext.master == "local[2]"
+    assert one.sparkContext._jsc is None  # the first one was stopped
+    assert two.sparkContext.parallelize(range(10), 2).sum() == 45
+
+    three = get_spark(_extract(spark_master="local[2]", spark_conf={"spark.sql.shuffle.partitions": "3"}))
+    assert three is not two and three.conf.get("spark.sql.shuffle.partitions") == "3"
+    assert three.sparkContext.uiWebUrl is None
+
+    events = tmp_path / "spark-events"  # get_spark makes a missing local folder: Spark would refuse to start
+    four = get_spark(_extract(spark_master="local[2]", spark_ui=True, spark_event_log_dir=str(events)))
+    assert four.sparkContext.uiWebUrl is not None
+    assert four.sparkContext.parallelize(range(3)).count() == 3
+    stop_spark()
+    assert ["local-" in p.name for p in events.iterdir()] == [True]  # Spark 4: eventlog_v2_local-.../
+    # Leave the default session for the tests that follow.
+    assert get_spark(load_config().extract).conf.get("spark.sql.shuffle.partitions") == "4"
+
+
+@pytest.mark.slow
+def test_standalone_cluster_runs_tasks_in_executors_and_stops_clean(tmp_path, monkeypatch):
+    cluster = StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="2g")
+    # The daemons get a python that does not exist: the executors must run the one the driver names.
+    monkeypatch.setenv("PYSPARK_PYTHON", "/nonexistent/python3")
+    cluster.start()
+    try:
+        monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+        assert cluster.master_url.startswith("spark://127.0.0.1:")
+        assert cluster.master_log.is_file() and len(cluster.worker_logs) == 1 and cluster.worker_logs[0].is_file()
+        assert str(cluster.master_log).startswith(str(tmp_path))
+        state = cluster.master_state()
+        assert [(w["state"], w["cores"], w["memory"]) for w in state["workers"]] == [("ALIVE", 2, 2048)]
+        worker_port = state["workers"][0]["port"]
+        daemons = cluster.pids()
+        assert len(daemons) == 2 and all(_running(p) for p in daemons.values())
+
+        spark = get_spark(_extract(spark_master=cluster.master_url, spark_max_result_size="1m",
+                                   spark_conf={"spark.executor.memory": "1g"}))
+        sc = spark.sparkContext
+        assert sc.master == cluster.master_url
+
+        def probe(_):
+            yield os.getpid(), sys.executable
+
+        ran = sc.parallelize(range(4), 4).mapPartitions(probe).collect()
+        workers = {pid for pid, _ in ran}
+        assert os.getpid() not in workers
+        assert {exe for _, exe in ran} == {sys.executable}
+        # Each python worker descends from an executor JVM, itself launched by the Worker daemon.
+        executor_jvms = set()
+        for pid in workers:
+            jvms = [p for p in _ancestors(pid) if "CoarseGrainedExecutorBackend" in _cmdline(p)]
+            assert jvms, f"python worker {pid} is not under an executor JVM"
+            executor_jvms.add(jvms[0])
+            assert daemons[next(n for n in daemons if "Worker" in n)] in _ancestors(jvms[0])
+        assert len(executor_jvms) == 1
+        assert len(sc._jsc.sc().statusTracker().getExecutorInfos()) == 2  # the driver and one executor
+        apps = cluster.master_state()["activeapps"]
+        assert [(a["name"], a["state"], a["cores"]) for a in apps] == [("matcher", "RUNNING", 2)]
+
+        # spark.driver.maxResultSize: ~4 MB collected against a 1 MB cap fails the job, not the session.
+        with pytest.raises(Exception, match="maxResultSize"):
+            sc.parallelize(range(4), 4).map(lambda _: b"x" * 1_000_000).collect()
+        assert sc.parallelize(range(100), 4).sum() == 4950
+    finally:
+        stop_spark()
+        cluster.stop()
+
+    assert not any(_running(p) for p in [*daemons.values(), *executor_jvms, *workers])
+    assert cluster.pids() == {}
+    for port in [*cluster.ports, worker_port]:
+        assert not port_open(port), f"port {port} still open"
+
+
+@pytest.mark.slow
+def test_cli_starts_and_stops_a_cluster(tmp_path):
+    work_dir = tmp_path / "cli-cluster"
+    cmd = [sys.executable, "-m", "jobs.standalone_cluster"]
+    root = Path(__file__).resolve().parent.parent
+    started = subprocess.run([*cmd, "start", "--work-dir", str(work_dir), "--workers", "1", "--cores", "1",
+                              "--memory", "1g"], cwd=root, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr
+        url = started.stdout.strip()
+        assert url.startswith("spark://127.0.0.1:")
+        cluster = StandaloneCluster(work_dir)  # another process: ports and pids come from work_dir
+        assert cluster.master_url == url
+        assert [w["state"] for w in cluster.master_state()["workers"]] == ["ALIVE"]
+        again = subprocess.run([*cmd, "start", "--work-dir", str(work_dir)], cwd=root, capture_output=True,
+                               text=True, timeout=300)
+        assert again.returncode == 1 and "already running" in again.stderr
+        pids = cluster.pids()
+    finally:
+        stopped = subprocess.run([*cmd, "stop", "--work-dir", str(work_dir)], cwd=root, capture_output=True,
+                                 text=True, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr
+    assert pids and not any(_running(p) for p in pids.values())
+    assert not any(port_open(p) for p in cluster.ports)

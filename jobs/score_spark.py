@@ -1,9 +1,10 @@
 """All-pairs top-K and the matching-network re-rank as Spark DataFrame -> DataFrame steps.
 
 The driver holds metadata only (the product count, the list of block pairs that hold candidates, the model's
-weights); vectors and per-product results stay on the executors and move only through shuffles, never through a
-collect or a broadcast. Products are cut into blocks of `block_rows` consecutive idx; one grouped task handles one
-block pair, so a task's memory is O(block_rows^2 + block_rows * k) whatever the catalog's size.
+weights, broadcast as bytes); vectors and per-product results stay on the executors and move only through
+shuffles, never through a collect or a broadcast. Products are cut into blocks of `block_rows` consecutive idx;
+one grouped task handles one block pair, so a task's memory is O(block_rows^2 + block_rows * k) whatever the
+catalog's size.
 
 topk_spark:    vectors --explode to the nb block pairs each row belongs to--> groupBy(block pair) --numpy top-k of
                both directions--> partial lists --groupBy(idx), sort by (-similarity, idx), slice--> top-k
@@ -90,6 +91,8 @@ def _make_pair_topk(k: int):
             return _partial_table(idx, *_top_of_rows(sims, idx, min(k, len(idx) - 1)))
         in_a = blk == a
         ia, ib, xa, xb = idx[in_a], idx[~in_a], vec[in_a], vec[~in_a]
+        if not len(ia) or not len(ib):  # only where idx has gaps: nothing to pair with
+            return _partial_table(idx[:0], np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64))
         sims = np.matmul(xa, xb.T)
         rows_a = _top_of_rows(torch.from_numpy(sims), ib, min(k, len(ib)))
         # The columns' top-k from a contiguous transpose: numpy's row-wise partition is much faster than strided.
@@ -156,9 +159,10 @@ def rerank_spark(candidates: DataFrame, embeddings: DataFrame, model_state: byte
       z/u of those two blocks, so a task scores its pairs where both vectors already are: the shuffle moves each
       block's embeddings once per block pair that holds candidates (about N * nb * 2d floats) and the pairs as
       scalars, never a pair row carrying vectors (N * M * 4d floats). That is smaller while block_rows > N / M;
-    - the list of block pairs holding candidates (at most nb^2 / 2 pairs of ints: metadata) is the only broadcast,
-      so blocks are not copied to pairs without candidates; the weights go to the executors as one broadcast of
-      bytes;
+    - the list of block pairs holding candidates (at most nb^2 / 2 pairs of ints: metadata, gathered through the
+      driver, so keep nb in the hundreds) is the only broadcast of rows, so blocks are not copied to pairs without
+      candidates; it reads `candidates` a second time (persist them if they are not read from storage); the
+      weights go to the executors as one broadcast of bytes;
     - a pair found from both sides (p in q's list and q in p's) falls in the same group, and cross_match scores
       each unordered pair once, as the single-machine path does;
     - the ranking is a per-product sort of M (score, cand) structs in the JVM."""
@@ -267,7 +271,8 @@ def topk_with_spark(spark: SparkSession, vectors: np.ndarray, k: int, block_size
                     partitions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Legacy driver-side wrapper (jobs/score.py until it is wired to the DataFrames): topk_spark on a local
     matrix, collected back as (similarity, candidates) like matcher.scoring.topk(v, v, k, exclude_self=True).
-    It ships all vectors from and all results to the driver, so spark.driver.maxResultSize caps it."""
+    It ships all vectors from and all results to the driver, so spark.driver.maxResultSize caps it; `partitions`
+    is accepted for old callers and ignored."""
     n = len(vectors)
     out = topk_spark(frame_from_arrays(spark, vec=vectors), k, block_size, num_rows=n).toArrow()
     order = np.argsort(out.column("idx").to_numpy())

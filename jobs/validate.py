@@ -8,7 +8,7 @@ from jobs.spark import get_spark
 from jobs.spark_lake import read_partition
 from matcher.lake import Lake
 from matcher.tables import table_schema
-from matcher.validate import _SKIPPED_COLUMNS as HEAVY_COLUMNS, render_html, validate_night
+from matcher.validate import HEAVY_COLUMNS, render_html, validate_night
 
 
 def run(ctx: RunContext) -> dict:

@@ -115,7 +115,7 @@ class Lake:
         doc = {"table": table, "dt": dt, "attempt": attempt, "files": files, "rows": rows}
         self.write_json(posixpath.join(table, f"dt={dt}", COMMIT_FILE), doc)
         self.remove_unlisted_files(table, dt, keep=set(files) | {posixpath.join(table, f"dt={dt}", COMMIT_FILE)})
-        self._delete_quietly(self.path(f"_work/dt={dt}/{attempt}"))
+        self._delete_quietly(self.path(self.work_dir(table, dt, attempt)))  # unlisted files of failed task attempts
         return doc
 
     def committed(self, table: str, dt: str) -> dict | None:

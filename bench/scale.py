@@ -47,6 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATE = "2026-01-01"
+STAGES = ("clean", "validate", "extract", "train", "score", "publish")  # matcher run's stages, in order
 MB = 1024 * 1024
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 
@@ -344,6 +345,7 @@ class Monitor:
         self.max_driver_procs = 0
         self.max_executor_procs = 0
         self.samples = 0
+        self.loads: list[float] = []
         self.workers = find_workers(worker_dir)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -366,6 +368,8 @@ class Monitor:
             self.max_driver_procs = max(self.max_driver_procs, nd)
             self.max_executor_procs = max(self.max_executor_procs, ne)
             self.samples += 1
+            if self.samples % 20 == 1:
+                self.loads.append(os.getloadavg()[0])
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -443,7 +447,7 @@ def run_one(n: int, catalog: Path, args, cluster, env: dict, rundir: Path) -> di
                 m = DONE_RE.search(line)
                 if m:
                     result["stages"].setdefault(m.group(1), {})["seconds"] = float(m.group(3))
-                    mon.set_stage(f"after {m.group(1)}")
+                    mon.set_stage("shutdown" if m.group(1) == STAGES[-1] else "between stages")
                     print(f"   {m.group(1)}: {m.group(3)}s", flush=True)
                     continue
                 m = STARTED_RE.search(line)
@@ -483,6 +487,8 @@ def run_one(n: int, catalog: Path, args, cluster, env: dict, rundir: Path) -> di
     result["max_driver_procs"] = mon.max_driver_procs
     result["max_executor_procs"] = mon.max_executor_procs
     result["samples"] = mon.samples
+    result["load_avg_1m"] = round(sum(mon.loads) / len(mon.loads), 2) if mon.loads else None
+    result["load_avg_1m_max"] = max(mon.loads) if mon.loads else None
     result["worker_pids"] = mon.workers
     for stage, (drv, exe) in mon.peaks.items():
         entry = result["stages"].setdefault(stage, {}) if stage in result["stages"] else None
@@ -505,16 +511,13 @@ def run_one(n: int, catalog: Path, args, cluster, env: dict, rundir: Path) -> di
             pass
     status = result["status"] + (f" ({result['error']})" if result["error"] else "")
     print(f"   N={n}: {status}; {result['seconds']:.1f}s, driver peak {result['driver_peak_mb']:.0f} MB, "
-          f"executor peak {result['executor_peak_mb']:.0f} MB", flush=True)
+          f"executor peak {result['executor_peak_mb']:.0f} MB; machine load {result['load_avg_1m']}", flush=True)
     if not args.keep_lakes and lake.exists():
         shutil.rmtree(lake, ignore_errors=True)
     return result
 
 
 # -- report --------------------------------------------------------------------------------------------------------
-
-STAGES = ("clean", "validate", "extract", "train", "score", "publish")
-
 
 def _f(x, fmt="{:.1f}"):
     return "-" if x is None else fmt.format(x)
@@ -570,8 +573,11 @@ def render(results: list[dict], meta: dict) -> str:
             cells.append(_f(v, "{:.3f}"))
         ratio = vals[-1] / vals[0] if len(vals) > 1 and vals[0] and vals[-1] is not None else None
         out.append(f"| {stage} | " + " | ".join(cells) + f" | {_f(ratio, '{:.2f}')} |")
-    out += ["", "(startup) = before the first stage, (after X) = after stage X until the next one starts or the child "
-            "exits; total seconds = the child's wall time, startup and shutdown included."]
+    out += ["", "(startup) = before the first stage's log line, (between stages) = from one stage's `done` line to the "
+            "next one's `started` line (the next stage's module import happens there), (shutdown) = after the last "
+            "stage; total seconds = the child's wall time, startup and shutdown included.", "",
+            f"machine load (1-min load average, mean over each run, {os.cpu_count()} cores; other work on the machine "
+            "inflates the seconds): " + ", ".join(f"N={r['products']}: {r.get('load_avg_1m')}" for r in results)]
     if results:
         out += ["", "child imports: " + "; ".join(f"N={r['products']}: {r['child_imports']}" for r in results)]
     return "\n".join(out)

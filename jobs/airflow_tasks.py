@@ -5,8 +5,8 @@ import logging
 
 from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
-from matcher.cli import storage_ready
 from matcher.config import REPO_ROOT, load_config
+from matcher.s3server import storage_ready
 
 log = logging.getLogger("matcher")
 

@@ -47,10 +47,10 @@ class RunContext:
         return Lake(self.lake_uri, self.config.storage)
 
     def save_stage_stats(self, stage: str, stats: dict) -> None:
-        self.lake.write_json(f"_runs/dt={self.date}/{stage}.json", stats)
+        self.lake.write_json(Lake.stage_stats_file(self.date, stage), stats)
 
     def stage_stats(self, stage: str) -> dict | None:
-        return self.lake.read_json(f"_runs/dt={self.date}/{stage}.json")
+        return self.lake.read_json(Lake.stage_stats_file(self.date, stage))
 
 
 @contextmanager

@@ -245,7 +245,7 @@ def run(ctx: RunContext) -> dict:
     log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)
     return {"products": n, "recommendation_rows": int(recommendations.rows["recommendations"]),
             "model_version": version, "category_agreement": agreement,
-            "mismatches": int(mismatches.rows["mismatches"]), "engine": "spark",
+            "mismatches": int(mismatches.rows["mismatches"]),
             "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest()}
 
 

@@ -254,7 +254,7 @@ def _state_bytes(model_state: bytes | Mapping[str, torch.Tensor]) -> bytes:
 
 def frame_from_arrays(spark: SparkSession, **columns: np.ndarray) -> DataFrame:
     """A DataFrame with `idx long` = 0..N-1 and one array<float> column per (N, d) array, built from the driver:
-    for tests and for callers that still hold the vectors locally (see topk_with_spark)."""
+    for tests and small inputs."""
     n = len(next(iter(columns.values()))) if columns else 0
     fields = {"idx": pa.array(np.arange(n, dtype=np.int64))}
     for name, matrix in columns.items():
@@ -265,18 +265,3 @@ def frame_from_arrays(spark: SparkSession, **columns: np.ndarray) -> DataFrame:
         offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int64) if d else np.zeros(n + 1, np.int64))
         fields[name] = pa.LargeListArray.from_arrays(offsets, pa.array(matrix.ravel())).cast(pa.list_(pa.float32()))
     return spark.createDataFrame(pa.table(fields))
-
-
-def topk_with_spark(spark: SparkSession, vectors: np.ndarray, k: int, block_size: int,
-                    partitions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Legacy driver-side wrapper (jobs/score.py until it is wired to the DataFrames): topk_spark on a local
-    matrix, collected back as (similarity, candidates) like matcher.scoring.topk(v, v, k, exclude_self=True).
-    It ships all vectors from and all results to the driver, so spark.driver.maxResultSize caps it; `partitions`
-    is accepted for old callers and ignored."""
-    n = len(vectors)
-    out = topk_spark(frame_from_arrays(spark, vec=vectors), k, block_size, num_rows=n).toArrow()
-    order = np.argsort(out.column("idx").to_numpy())
-    k_eff = max(0, min(k, n - 1))
-    sims = out.column("similarity").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    cands = out.column("cand").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return (sims.reshape(n, k_eff)[order].astype(np.float32), cands.reshape(n, k_eff)[order].astype(np.int64))

@@ -2,15 +2,21 @@
 
     spark-submit --master spark://host:7077 jobs/submit.py --stage extract --date 2026-01-01 --config m.toml
 
-It is `matcher run --steps STAGE` with Spark's master, resources and deploy mode coming from spark-submit."""
+It runs what `matcher run --steps STAGE` runs, with Spark's master, resources and deploy mode coming from
+spark-submit. Exit status 0, or 1 with one line `matcher: error: stage S failed: ...`."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from matcher.cli import main as matcher_main
+    from jobs.context import RunContext, StageError
+    from jobs.pipeline import run_stage
+    from jobs.spark import stop_spark
+    from matcher.config import load_config
+    from matcher.s3server import storage_ready
 
     parser = argparse.ArgumentParser(prog="jobs/submit.py")
     parser.add_argument("--stage", required=True)
@@ -19,11 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catalog", default="")
     parser.add_argument("--lake", default="")
     args = parser.parse_args(argv)
-    command = ["run", "--steps", args.stage, "--date", args.date]
-    for flag in ("config", "catalog", "lake"):
-        if getattr(args, flag):
-            command += [f"--{flag}", getattr(args, flag)]
-    return matcher_main(command)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        with storage_ready(load_config(args.config or None)) as cfg:
+            ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake)
+            run_stage(args.stage, ctx)
+            print(f"matcher: {args.date} {args.stage} done in {ctx.timings[args.stage]:.1f}s", flush=True)
+    except (StageError, ValueError, OSError) as exc:
+        print(f"matcher: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    finally:
+        stop_spark()
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 from jobs.context import RunContext, log
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
+from matcher.lake import Lake
 from matcher.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
 from matcher.model import ModelError, ModelSpec
 from matcher.registry import (check_encoders, current_version, load_model, promote, promotion_decision,
@@ -51,13 +52,14 @@ def run(ctx: RunContext) -> dict:
         decision = "promoted (same model as current)"
     if promoted:
         promote(ctx.lake, version, ctx.date)
-    ctx.lake.write_bytes(f"models/{version}/report.html", _report(ctx.date, version, result, fs, heldout, metrics,
+    report = f"{Lake.model_dir(version)}/report.html"
+    ctx.lake.write_bytes(report, _report(ctx.date, version, result, fs, heldout, metrics,
                                                                   previous_metrics, decision).encode())
     log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,
              {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)})
     return {"model_version": version, "promoted": promoted, "decision": decision, "metrics": metrics,
             "previous_version": previous, "previous_metrics": previous_metrics, "model_location": location,
-            "report": ctx.lake.display(f"models/{version}/report.html")}
+            "report": ctx.lake.display(report)}
 
 
 def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision) -> str:

@@ -5,11 +5,10 @@ import argparse
 import datetime as dt
 import logging
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from matcher.config import WORKSPACE_CONFIG, Config, load_config
+from matcher.s3server import storage_ready
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -33,18 +32,6 @@ def resolve_config(path: str | None) -> Config:
     if WORKSPACE_CONFIG.is_file():
         return load_config(WORKSPACE_CONFIG)
     return load_config()
-
-
-@contextmanager
-def storage_ready(cfg: Config) -> Iterator[Config]:
-    """With storage.embedded, run the project's own S3 server for the duration and point the config at it."""
-    if not cfg.storage.embedded:
-        yield cfg
-        return
-    from matcher.s3server import EmbeddedS3
-
-    with EmbeddedS3(cfg.storage.data_dir, cfg.storage.s3_access_key, cfg.storage.s3_secret_key) as server:
-        yield cfg.with_overrides({"storage": {"s3_endpoint": server.endpoint, "embedded": False}})
 
 
 def _lake(cfg: Config, lake_uri: str | None):
@@ -112,14 +99,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with storage_ready(resolve_config(args.config)) as cfg:
         lake = _lake(cfg, args.lake)
         date = resolve_date(lake, args.date)
-        manifest = lake.read_json(f"manifests/dt={date}/manifest.json")
+        manifest = lake.manifest(date)
         version = manifest["model_version"]
-        train = lake.read_json(f"_runs/dt={date}/train.json") or {}
+        train = lake.read_json(lake.stage_stats_file(date, "train")) or {}
         report = {
             "date": date,
             "model_version": version,
             "current_model_version": current_version(lake),
-            "metrics": lake.read_json(f"models/{version}/metrics.json"),
+            "metrics": lake.read_json(f"{lake.model_dir(version)}/metrics.json"),
             "trained_this_date": train.get("model_version"),
             "promotion": train.get("decision"),
             "previous_model_metrics": train.get("previous_metrics"),

@@ -111,8 +111,6 @@ class ScoreConfig:
     block_size: int
     rerank_candidates: int
     rerank_weight: float
-    engine: str
-    spark_min_products: int
     search_queries: list[str]
     search_top_k: int
 
@@ -216,8 +214,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
     if cfg.runner.mode not in ("in_process", "spark_submit"):
         raise ConfigError("runner.mode must be in_process or spark_submit")
-    if cfg.score.engine not in ("auto", "local", "spark"):
-        raise ConfigError("score.engine must be auto, local or spark")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
     bad = sorted(k for k in cfg.extract.spark_conf if not k.startswith("spark."))

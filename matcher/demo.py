@@ -122,7 +122,7 @@ def run_demo(workdir: Path, products: int = 300, date: str | None = None) -> int
             print(f"\n  {pid}  {recs.attrs['query_title']}")
             for row in recs.itertuples():
                 print(f"     {row.rank}. {row.rec_product_id}  {row.score:.3f}  {row.title}")
-        manifest = lake.read_json(f"manifests/dt={date}/manifest.json")
+        manifest = lake.manifest(date)
         print()
         _say("5/5 tables published for dt=" + date)
         for name, info in manifest["tables"].items():

@@ -85,6 +85,10 @@ class Lake:
     def model_dir(version: str) -> str:
         return f"models/{version}"
 
+    MODELS_DIR = "models"
+    CURRENT_MODEL_FILE = "models/current.json"
+    MANIFESTS_DIR = "manifests"
+
     @staticmethod
     def work_dir(table: str, dt: str, attempt: str) -> str:
         return f"_work/dt={dt}/{attempt}/{table}"

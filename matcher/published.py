@@ -14,7 +14,7 @@ class NotPublishedError(LookupError):
 
 
 def committed_dates(lake: Lake) -> list[str]:
-    return lake.partitions_with_file("manifests", "manifest.json")
+    return lake.partitions_with_file(lake.MANIFESTS_DIR, "manifest.json")
 
 
 def resolve_date(lake: Lake, date: str | None) -> str:

@@ -7,11 +7,11 @@ from dataclasses import asdict
 from matcher.lake import Lake
 from matcher.model import MatcherModel, ModelError, model_from_bytes, model_to_bytes, spec_from_dict
 
-CURRENT = "models/current.json"
+CURRENT = Lake.CURRENT_MODEL_FILE
 
 
 def save_model(lake: Lake, version: str, model: MatcherModel, config: dict, metrics: dict, history: list[dict]) -> str:
-    base = f"models/{version}"
+    base = Lake.model_dir(version)
     lake.write_bytes(f"{base}/model.safetensors", model_to_bytes(model))
     lake.write_json(f"{base}/config.json", {"version": version, "spec": asdict(model.spec), **config})
     lake.write_json(f"{base}/metrics.json", metrics)
@@ -20,8 +20,8 @@ def save_model(lake: Lake, version: str, model: MatcherModel, config: dict, metr
 
 
 def load_model(lake: Lake, version: str) -> tuple[MatcherModel, dict]:
-    config = lake.read_json(f"models/{version}/config.json")
-    weights = lake.read_bytes(f"models/{version}/model.safetensors")
+    config = lake.read_json(f"{Lake.model_dir(version)}/config.json")
+    weights = lake.read_bytes(f"{Lake.model_dir(version)}/model.safetensors")
     if config is None or weights is None:
         raise ModelError(f"model {version} not found in {lake.display('models')}")
     return model_from_bytes(weights, spec_from_dict(config["spec"])), config
@@ -73,18 +73,18 @@ def list_models(lake: Lake) -> list[dict]:
     """Every model version in the lake with its date, promotion status and headline metrics, oldest first."""
     import pyarrow.fs as pafs
 
-    base = lake.path("models")
-    if not lake.exists("models"):
+    base = lake.path(Lake.MODELS_DIR)
+    if not lake.exists(Lake.MODELS_DIR):
         return []
     current = current_version(lake)
     out = []
     for info in lake.fs.get_file_info(pafs.FileSelector(base, recursive=False)):
         if info.type != pafs.FileType.Directory:
             continue
-        config = lake.read_json(f"models/{info.base_name}/config.json")
+        config = lake.read_json(f"{Lake.model_dir(info.base_name)}/config.json")
         if config is None:
             continue
-        metrics = lake.read_json(f"models/{info.base_name}/metrics.json") or {}
+        metrics = lake.read_json(f"{Lake.model_dir(info.base_name)}/metrics.json") or {}
         out.append({"version": info.base_name, "trained_for_date": config.get("trained_for_date"),
                     "current": info.base_name == current,
                     "mean_recall_at_10": metrics.get("mean_recall_at_10"),

@@ -8,8 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Iterator
+
+from matcher.config import Config
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -142,3 +146,13 @@ class EmbeddedS3:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+@contextmanager
+def storage_ready(cfg: Config) -> Iterator[Config]:
+    """With storage.embedded, run the project's own S3 server for the duration and point the config at it."""
+    if not cfg.storage.embedded:
+        yield cfg
+        return
+    with EmbeddedS3(cfg.storage.data_dir, cfg.storage.s3_access_key, cfg.storage.s3_secret_key) as server:
+        yield cfg.with_overrides({"storage": {"s3_endpoint": server.endpoint, "embedded": False}})

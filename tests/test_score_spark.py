@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.score_spark import frame_from_arrays, rerank_spark, topk_spark, topk_with_spark
+from jobs.score_spark import frame_from_arrays, rerank_spark, topk_spark
 from jobs.spark import get_spark
 from matcher.config import ExtractConfig, load_config
 from matcher.evaluate import model_pair_scorer
@@ -58,10 +58,6 @@ def test_topk_spark_equals_single_machine_topk(spark, n, d, k, integer):
     np.testing.assert_array_equal(idx, local_idx)
     # The same dot products, summed by the BLAS in blocks of another shape: equal to float32 rounding.
     np.testing.assert_allclose(sims, local_sims, rtol=0, atol=1e-6)
-    if n < 100:  # the legacy driver-side wrapper that jobs/score.py still calls
-        legacy_sims, legacy_idx = topk_with_spark(spark, v, k, BLOCK)
-        np.testing.assert_array_equal(legacy_idx, local_idx)
-        np.testing.assert_allclose(legacy_sims, local_sims, rtol=0, atol=1e-6)
 
 
 def test_rerank_spark_equals_single_machine_rerank(spark):

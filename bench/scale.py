@@ -222,7 +222,7 @@ def wanted_config(master: str) -> dict[str, dict]:
         "extract": {"spark_master": master, "image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384"},
         "clean": {"image_size": 32},
         "train": {"epochs": 3, "dim": 64, "hidden": 128, "max_products": 20000},
-        "score": {"top_k": 10, "rerank_candidates": 20},
+        "score": {"top_k": 10, "rerank_candidates": 20, "block_size": 8192},
     }
 
 
@@ -303,11 +303,12 @@ def find_workers(worker_dir: Path) -> list[int]:
     return pids
 
 
-def tree_rss(pids: list[int], include_roots: bool) -> tuple[int, int]:
-    """(summed RSS bytes, process count) of the processes' descendants (and themselves if include_roots)."""
+def tree_rss(pids: list[int], include_roots: bool) -> tuple[int, int, int]:
+    """(summed RSS bytes, process count) of the processes' descendants (and themselves if include_roots), and the
+    RSS of the roots alone (0 unless include_roots)."""
     import psutil
 
-    total, count, seen = 0, 0, set()
+    total, count, roots, seen = 0, 0, 0, set()
     for pid in pids:
         try:
             root = psutil.Process(pid)
@@ -319,11 +320,14 @@ def tree_rss(pids: list[int], include_roots: bool) -> tuple[int, int]:
                 continue
             seen.add(p.pid)
             try:
-                total += p.memory_info().rss
-                count += 1
+                rss = p.memory_info().rss
             except psutil.Error:
-                pass
-    return total, count
+                continue
+            total += rss
+            count += 1
+            if include_roots and p.pid in pids:
+                roots += rss
+    return total, count, roots
 
 
 STARTED_RE = re.compile(r"stage (\w+) for (\S+): started")
@@ -341,6 +345,7 @@ class Monitor:
         self.lock = threading.Lock()
         self.peaks: dict[str, list[int]] = {}  # stage -> [driver max, executor max]
         self.driver_peak = 0
+        self.driver_python_peak = 0  # the child python process alone (the rest of the driver side is its JVM)
         self.executor_peak = 0
         self.max_driver_procs = 0
         self.max_executor_procs = 0
@@ -357,12 +362,14 @@ class Monitor:
     def sample(self) -> None:
         if not self.workers:
             self.workers = find_workers(self.worker_dir)
-        drv, nd = tree_rss([self.child_pid], include_roots=True)
-        exe, ne = tree_rss(self.workers, include_roots=False)
+        drv, nd, py = tree_rss([self.child_pid], include_roots=True)
+        exe, ne, _ = tree_rss(self.workers, include_roots=False)
         with self.lock:
-            peaks = self.peaks.setdefault(self.stage, [0, 0])
+            peaks = self.peaks.setdefault(self.stage, [0, 0, 0])
             peaks[0] = max(peaks[0], drv)
             peaks[1] = max(peaks[1], exe)
+            peaks[2] = max(peaks[2], py)
+            self.driver_python_peak = max(self.driver_python_peak, py)
             self.driver_peak = max(self.driver_peak, drv)
             self.executor_peak = max(self.executor_peak, exe)
             self.max_driver_procs = max(self.max_driver_procs, nd)
@@ -483,6 +490,7 @@ def run_one(n: int, catalog: Path, args, cluster, env: dict, rundir: Path) -> di
         if any("OutOfMemoryError" in e for e in error_lines) and "OutOfMemoryError" not in picked:
             result["error"] += " (OutOfMemoryError in the log)"
     result["driver_peak_mb"] = round(mon.driver_peak / MB, 1)
+    result["driver_python_peak_mb"] = round(mon.driver_python_peak / MB, 1)
     result["executor_peak_mb"] = round(mon.executor_peak / MB, 1)
     result["max_driver_procs"] = mon.max_driver_procs
     result["max_executor_procs"] = mon.max_executor_procs
@@ -490,14 +498,16 @@ def run_one(n: int, catalog: Path, args, cluster, env: dict, rundir: Path) -> di
     result["load_avg_1m"] = round(sum(mon.loads) / len(mon.loads), 2) if mon.loads else None
     result["load_avg_1m_max"] = max(mon.loads) if mon.loads else None
     result["worker_pids"] = mon.workers
-    for stage, (drv, exe) in mon.peaks.items():
+    for stage, (drv, exe, py) in mon.peaks.items():
         entry = result["stages"].setdefault(stage, {}) if stage in result["stages"] else None
         if entry is None:  # startup / between stages: kept apart from the pipeline's stages
             result.setdefault("outside_stages", {})[stage] = {"driver_peak_mb": round(drv / MB, 1),
+                                                              "driver_python_peak_mb": round(py / MB, 1),
                                                               "executor_peak_mb": round(exe / MB, 1)}
             continue
         entry["driver_peak_mb"] = round(drv / MB, 1)
         entry["executor_peak_mb"] = round(exe / MB, 1)
+        entry["driver_python_peak_mb"] = round(py / MB, 1)
     manifest = lake / "manifests" / f"dt={DATE}" / "manifest.json"
     if manifest.is_file():
         try:
@@ -550,12 +560,13 @@ def render(results: list[dict], meta: dict) -> str:
     ok = [r for r in results if r["status"] == "ok"]
     out += ["", "Driver peak / driver peak at the smallest N (goal <= 1.15 at the largest N):", ""]
     base = results[0]["driver_peak_mb"] if results else None
-    out.append("| N | status | driver peak MB | ratio | executor peak MB | ratio |")
-    out.append("|---:|---|---:|---:|---:|---:|")
+    out.append("| N | status | driver peak MB | ratio | python process alone, peak MB | executor peak MB | ratio |")
+    out.append("|---:|---|---:|---:|---:|---:|---:|")
     ebase = results[0]["executor_peak_mb"] if results else None
     for r in results:
         out.append(f"| {r['products']} | {r['status']} | {r['driver_peak_mb']:.0f} | "
-                   f"{_f(r['driver_peak_mb'] / base if base else None, '{:.2f}')} | {r['executor_peak_mb']:.0f} | "
+                   f"{_f(r['driver_peak_mb'] / base if base else None, '{:.2f}')} | "
+                   f"{_f(r.get('driver_python_peak_mb'), '{:.0f}')} | {r['executor_peak_mb']:.0f} | "
                    f"{_f(r['executor_peak_mb'] / ebase if ebase else None, '{:.2f}')} |")
     if results and results[0]["status"] != "ok":
         out.append(f"(the smallest N did not finish: its peak is a lower bound)")

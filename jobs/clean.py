@@ -19,7 +19,7 @@ from matcher.clean import (DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMN
 from matcher.lake import new_attempt_id
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "image_ref"]
-_BYTES_PER_TASK = 2 << 20  # catalog bytes per image task: a few thousand rows
+_BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows
 
 
 def _parsed_schema(plan: CatalogPlan) -> pa.Schema:

@@ -46,9 +46,10 @@ def _matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
-def with_dense_index(df: DataFrame, key: str, partitions: int) -> DataFrame:
+def with_dense_index(df: DataFrame, key: str, partitions: int) -> tuple[DataFrame, DataFrame]:
     """`idx` 0..N-1 in the order of `key`, computed on executors: range partitions sorted within, then each
-    partition's offset from the per-partition counts (the only thing the driver sees)."""
+    partition's offset from the per-partition counts (the only thing the driver sees). Returns (the numbered
+    rows, the persisted sorted rows they come from: unpersist it when done)."""
     ordered = df.repartitionByRange(partitions, key).sortWithinPartitions(key).persist(StorageLevel.MEMORY_AND_DISK)
 
     def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -71,7 +72,7 @@ def with_dense_index(df: DataFrame, key: str, partitions: int) -> DataFrame:
             yield b.append_column("idx", pa.array(np.arange(next_idx, next_idx + b.num_rows), pa.int64()))
             next_idx += b.num_rows
 
-    return ordered.mapInArrow(number, spark_schema(schema))
+    return ordered.mapInArrow(number, spark_schema(schema)), ordered
 
 
 def _arrow_type(spark_type) -> pa.DataType:
@@ -192,17 +193,17 @@ def run(ctx: RunContext) -> dict:
     spec = model.spec
     weights = spark.sparkContext.broadcast(model_to_bytes(model))
     partitions = max(spark.sparkContext.defaultParallelism, -(-n // sc.block_size))
-    indexed = with_dense_index(frame.select("product_id", "category", "title", "image_feat", "text_feat"),
+    indexed, ordered = with_dense_index(frame.select("product_id", "category", "title", "image_feat", "text_feat"),
                                "product_id", partitions)
     vectors = indexed.mapInArrow(make_embedder(version, weights, spec), spark_schema(_VECTORS)).persist(
         StorageLevel.MEMORY_AND_DISK)
     attempt, tag = new_attempt_id(), F.lit(version).alias("model_version")
     parts: dict[str, list[str]] = {}
     try:
-        with Progress(spark, "score: embed", n):
-            parts |= write_parts(vectors.select("product_id", F.col("z").alias("image_vec"),
-                                                F.col("u").alias("text_vec"), F.col("v").alias("fused_vec"), tag),
-                                 _as_table("embeddings"), lake, date, attempt, ["embeddings"]).parts
+        parts |= write_parts(vectors.select("product_id", F.col("z").alias("image_vec"),
+                                            F.col("u").alias("text_vec"), F.col("v").alias("fused_vec"), tag),
+                             _as_table("embeddings"), lake, date, attempt, ["embeddings"],
+                             Progress(spark, "score: embed", n)).parts
 
         threshold = float(model.match_threshold)
         low = (vectors.filter(F.col("own_match") < threshold).orderBy("own_match", "idx")
@@ -228,15 +229,15 @@ def run(ctx: RunContext) -> dict:
                 .join(ids.select(F.col("idx").alias("cand"), F.col("product_id").alias("rec_product_id")), "cand")
                 .select("product_id", "rank", "rec_product_id", "similarity", "score", tag)
                 .repartitionByRange(partitions, "product_id", "rank").sortWithinPartitions("product_id", "rank"))
-        with Progress(spark, "score: recommendations", n):
-            recommendations = write_parts(recs, _as_table("recommendations"), lake, date, attempt,
-                                          ["recommendations"])
+        recommendations = write_parts(recs, _as_table("recommendations"), lake, date, attempt, ["recommendations"],
+                                      Progress(spark, "score: all-pairs top-K, re-rank", n * sc.top_k,
+                                               unit="recommendation rows"))
         parts |= recommendations.parts
         # Order-free fingerprint of the scored inputs, added up on executors.
         digest = frame.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
     finally:
         vectors.unpersist()
-        indexed.unpersist()
+        ordered.unpersist()
     lake.clear_staging(date)
     for name in PUBLISHED_TABLES:
         lake.stage_parts(name, date, parts.get(name, []))

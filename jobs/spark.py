@@ -1,10 +1,14 @@
 """The Spark session the jobs share: local mode by default, a cluster master from config otherwise."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 from matcher.config import ExtractConfig
@@ -74,10 +78,35 @@ def get_spark(cfg: ExtractConfig):
         builder = builder.master(master)
     for k, v in conf.items():
         builder = builder.config(k, v)
-    _session = builder.getOrCreate()
+    with _jvm_output_to_log():
+        _session = builder.getOrCreate()
     _session_key = key
     _session.sparkContext.setLogLevel("ERROR")
     return _session
+
+
+@contextmanager
+def _jvm_output_to_log() -> Iterator[None]:
+    """Start the driver's JVM with its stderr in a log file, so its banner and log lines never mix with a command's
+    own output (whose failures are one line); later JVM messages go there too. A JVM already running (a second
+    session, or spark-submit's) is left as it is."""
+    from pyspark import SparkContext
+
+    if SparkContext._gateway is not None or under_spark_submit():
+        yield
+        return
+    path = Path(tempfile.gettempdir()) / f"matcher-spark-{os.getpid()}.log"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    logging.getLogger("matcher").info("Spark driver log: %s", path)
 
 
 def _make_local_dir(uri: str) -> None:

@@ -151,21 +151,32 @@ class _nothing:
 
 
 class Progress:
-    """Products done / total and the rate, logged every few seconds while a Spark job runs (tasks report as
-    they finish, through an accumulator)."""
+    """Products done / total and the rate, and the running Spark stage's tasks, logged every few seconds while a
+    job runs (tasks report products through an accumulator as they finish)."""
 
-    def __init__(self, spark, label: str, total: int, every: float = 5.0):
-        self.accumulator = spark.sparkContext.accumulator(0)
+    def __init__(self, spark, label: str, total: int, every: float = 5.0, unit: str = "products"):
+        self.sc = spark.sparkContext
+        self.unit = unit
+        self.accumulator = self.sc.accumulator(0)
         self.label, self.total, self.every = label, total, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._report, daemon=True)
 
-    def _line(self) -> str:
+    def _tasks(self) -> str:
+        try:
+            tracker = self.sc.statusTracker()
+            infos = [tracker.getStageInfo(s) for s in tracker.getActiveStageIds()]
+            return "; ".join(f"Spark stage {i.stageId}: {i.numCompletedTasks}/{i.numTasks} tasks" for i in infos if i)
+        except Exception:  # progress is best effort: never fail a stage over it
+            return ""
+
+    def _line(self, tasks: bool = True) -> str:
         done = self.accumulator.value
         seconds = time.perf_counter() - self._started
         rate = done / seconds if seconds else 0.0
-        of = f"/{self.total:,} products ({100 * done / self.total:.0f}%)" if self.total else " products"
-        return f"{self.label}: {done:,}{of}, {rate:.1f}/s"
+        of = f"/{self.total:,} {self.unit} ({100 * done / self.total:.0f}%)" if self.total else f" {self.unit}"
+        running = self._tasks() if tasks else ""
+        return f"{self.label}: {done:,}{of}, {rate:.1f}/s" + (f" ({running})" if running else "")
 
     def _report(self) -> None:
         while not self._stop.wait(self.every):
@@ -179,4 +190,9 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        log.info(self._line())
+        # Accumulator updates reach the driver's Python side just after the job ends.
+        deadline = time.perf_counter() + 2.0
+        while exc == (None, None, None) and self.total and self.accumulator.value < self.total \
+                and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        log.info(self._line(tasks=False))

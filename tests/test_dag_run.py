@@ -82,6 +82,30 @@ def test_the_nightly_dag_publishes_every_table(dag_run):
     assert cats["agrees"].mean() > 0.5
 
 
+def test_distributed_scoring_equals_the_single_machine_steps_on_the_published_vectors(dag_run):
+    """The score stage's recommendations (executors, block pairs, no broadcast) equal matcher.scoring's top-K and
+    re-rank run in one process on the published embeddings with the same model."""
+    import numpy as np
+
+    from matcher.evaluate import model_pair_scorer
+    from matcher.registry import load_model
+    from matcher.scoring import cross_match_scorer, rerank, topk
+
+    _, cfg, _ = dag_run
+    lake = Lake(cfg.run.lake, cfg.storage)
+    emb = lake.read_partition("embeddings", DATE).to_pandas().sort_values("product_id").reset_index(drop=True)
+    model, _ = load_model(lake, emb["model_version"].iloc[0])
+    z, u, v = (np.stack(emb[c].to_numpy()).astype(np.float32) for c in ("image_vec", "text_vec", "fused_vec"))
+    m = max(cfg.score.top_k, cfg.score.rerank_candidates)
+    sims, cands = topk(v, v, m, exclude_self=True)
+    scores, _, idx = rerank(sims, cands, cross_match_scorer(model_pair_scorer(model, z, u)), cfg.score.top_k,
+                            cfg.score.rerank_weight)
+    recs = lake.read_partition("recommendations", DATE).to_pandas().sort_values(["product_id", "rank"])
+    ids = emb["product_id"].to_numpy()
+    assert recs["rec_product_id"].tolist() == ids[idx].ravel().tolist()
+    np.testing.assert_allclose(recs["score"].to_numpy(), scores.ravel(), atol=1e-5)
+
+
 def test_score_and_publish_alone_reuse_the_promoted_model_and_rerun_identically(dag_run):
     _, cfg, config_path = dag_run
     lake = Lake(cfg.run.lake, cfg.storage)

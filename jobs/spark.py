@@ -35,7 +35,10 @@ def spark_settings(cfg: ExtractConfig, submitted: bool | None = None) -> tuple[s
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
         "spark.ui.enabled": "true" if cfg.spark_ui else "false",
         "spark.ui.showConsoleProgress": "false",
-        "spark.sql.shuffle.partitions": "4",
+        # Spark's 200 shuffle partitions, coalesced by adaptive execution to what the data needs: a fixed small
+        # number would leave a large cluster's cores idle in every shuffle.
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.driver.maxResultSize": cfg.spark_max_result_size,
     })
     if cfg.spark_event_log_dir:

@@ -86,7 +86,7 @@ def test_get_spark_rebuilds_the_session_when_its_settings_change(tmp_path):
     stop_spark()
     assert ["local-" in p.name for p in events.iterdir()] == [True]  # Spark 4: eventlog_v2_local-.../
     # Leave the default session for the tests that follow.
-    assert get_spark(load_config().extract).conf.get("spark.sql.shuffle.partitions") == "4"
+    assert get_spark(load_config().extract).conf.get("spark.sql.adaptive.enabled") == "true"
 
 
 @pytest.mark.slow

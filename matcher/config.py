@@ -13,6 +13,12 @@ SCHEMAS_DIR = REPO_ROOT / "schemas"
 WORKSPACE_CONFIG = Path(".matcher/config.toml")
 
 
+# Every encoder matcher can load, by config name (matcher/encoders.py loads them); here so that a config naming
+# another fails when it is loaded, not inside a Spark worker.
+IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "thumbnail-8x8")
+TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -214,6 +220,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
     if cfg.runner.mode not in ("in_process", "spark_submit"):
         raise ConfigError("runner.mode must be in_process or spark_submit")
+    if cfg.extract.image_encoder not in IMAGE_ENCODERS:
+        raise ConfigError(f"extract.image_encoder must be one of {', '.join(IMAGE_ENCODERS)}; "
+                          f"got {cfg.extract.image_encoder!r}")
+    if cfg.extract.text_encoder not in TEXT_ENCODERS:
+        raise ConfigError(f"extract.text_encoder must be one of {', '.join(TEXT_ENCODERS)}; "
+                          f"got {cfg.extract.text_encoder!r}")
+    if cfg.train.max_products < 2:
+        raise ConfigError("train.max_products must be >= 2")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
     bad = sorted(k for k in cfg.extract.spark_conf if not k.startswith("spark."))

@@ -13,13 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from matcher.config import IMAGE_ENCODERS, TEXT_ENCODERS  # the names live with the config check
 from matcher.images import decode_canonical
 
 
 # Every supported config name: extract.image_encoder / extract.text_encoder. The single list; messages use it.
-_RESNETS = ("resnet18", "resnet50", "resnet101")
-IMAGE_ENCODERS = ("efficientnet-lite0", *_RESNETS, "thumbnail-8x8")
-TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
+_RESNETS = tuple(name for name in IMAGE_ENCODERS if name.startswith("resnet"))
 
 # Baselines: cheap, deterministic, no weights. Their versions are hand-kept: bump on ANY change to the algorithm
 # (features are reused across runs by content hash + version, so a silent change would mix incompatible vectors).

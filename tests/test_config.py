@@ -54,3 +54,10 @@ def test_gpu_executors_map_to_spark_resource_settings():
     assert spark_gpu_conf(cfg.extract) == {
         "spark.executor.resource.gpu.amount": "2", "spark.task.resource.gpu.amount": "0.5",
         "spark.executor.resource.gpu.discoveryScript": "/opt/matcher/docker/gpu-discovery.sh"}
+
+
+def test_an_unknown_encoder_fails_when_the_config_loads_in_one_line():
+    with pytest.raises(ConfigError, match="extract.image_encoder must be one of .*thumbnail-8x8.*got 'vit-huge'"):
+        load_config(overrides={"extract": {"image_encoder": "vit-huge"}})
+    with pytest.raises(ConfigError, match="extract.text_encoder must be one of"):
+        load_config(overrides={"extract": {"text_encoder": "bert"}})

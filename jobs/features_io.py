@@ -11,6 +11,9 @@ from jobs.spark import get_spark
 from jobs.spark_lake import read_partition
 
 
+_HASH_SPACE = 1 << 40
+
+
 @dataclass
 class FeatureSet:
     product_ids: np.ndarray
@@ -39,9 +42,14 @@ def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureS
     from pyspark.sql import functions as F
 
     frame = feature_frame(ctx, stage)
-    if ctx.lake.partition_rows("features", ctx.date) > max_products:
-        frame = frame.withColumn("_h", F.xxhash64("product_id")).orderBy("_h", "product_id").limit(max_products)
-        frame = frame.drop("_h")
+    n = ctx.lake.partition_rows("features", ctx.date)
+    if n > max_products:
+        # A hash threshold keeps about max_products rows on the executors first, so the ordered limit below gathers
+        # that many, not every partition's rows (Spark's top-k returns each partition's best `limit` rows).
+        h = F.pmod(F.xxhash64("product_id"), F.lit(_HASH_SPACE))
+        keep = min(_HASH_SPACE, int(_HASH_SPACE * max_products / n * 1.05) + 1)
+        frame = (frame.withColumn("_h", h).filter(F.col("_h") < keep)
+                 .orderBy("_h", "product_id").limit(max_products).drop("_h"))
     df = frame.toArrow().to_pandas().sort_values("product_id").reset_index(drop=True)
     if len(df) < 2:
         raise StageError(stage, f"only {len(df)} products with features for {ctx.date}; need at least 2")

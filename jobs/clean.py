@@ -12,10 +12,10 @@ import pyarrow as pa
 
 from jobs.context import RunContext, log
 from jobs.spark import get_spark
-from jobs.spark_lake import STATS, Progress, write_parts
+from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
 from matcher.catalog import CatalogPlan, CatalogReader
-from matcher.clean import (DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, bad_line_rows, clean_images,
-                           clean_text_rows)
+from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, bad_line_rows,
+                           clean_images, clean_text_rows)
 from matcher.lake import new_attempt_id
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "image_ref"]
@@ -29,8 +29,6 @@ def _parsed_schema(plan: CatalogPlan) -> pa.Schema:
 
 
 def _passthrough(plan: CatalogPlan) -> list[str]:
-    from matcher.clean import CORE_COLUMNS
-
     return [c for c in plan.columns if c not in CORE_COLUMNS]
 
 
@@ -52,8 +50,7 @@ def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg, rows_read):
                     for col in schema.names:
                         if col not in df.columns:
                             df[col] = None
-                    yield pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False).to_batches()[0] \
-                        if len(df) else pa.RecordBatch.from_pylist([], schema=schema)
+                    yield from pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False).to_batches()
 
     return parse
 
@@ -87,8 +84,6 @@ def run(ctx: RunContext) -> dict:
     rows_read = spark.sparkContext.accumulator(0)
     splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
         max(1, len(plan.splits)))
-    from jobs.spark_lake import spark_schema
-
     parsed = splits.mapInArrow(make_split_parser(reader, plan, ctx.config.clean, rows_read),
                                spark_schema(_parsed_schema(plan)))
     # The first row in file order of each product_id is kept; later ones are quarantined as duplicates.

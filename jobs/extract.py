@@ -1,4 +1,4 @@
-"""extract: image and text features in Spark pandas UDFs (mapInPandas), only for products that changed."""
+"""extract: image and text features in Spark Arrow UDFs (mapInArrow) on executors, only for products that changed."""
 from __future__ import annotations
 
 import math

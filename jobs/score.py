@@ -19,7 +19,7 @@ from jobs.context import RunContext, StageError, log
 from jobs.features_io import feature_frame
 from jobs.score_spark import rerank_spark, topk_spark
 from jobs.spark import get_spark
-from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
+from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import require_passed
 from matcher.evaluate import embed
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
@@ -186,7 +186,10 @@ def run(ctx: RunContext) -> dict:
     if n < 2:
         raise StageError("score", f"only {n} products with features for {date}; need at least 2")
     frame = feature_frame(ctx, "score")
-    encoders = frame.select("image_encoder", "text_encoder").distinct().limit(3).collect()
+    # The encoder check and the input fingerprint need only these columns: a light read, not the whole frame.
+    keys = read_partition(spark, lake, "features", date,
+                          columns=["product_id", "content_hash", "image_encoder", "text_encoder"])
+    encoders = keys.select("image_encoder", "text_encoder").distinct().limit(3).collect()
     if len(encoders) != 1:
         raise StageError("score", f"features for {date} mix encoders {[tuple(e) for e in encoders]}; rerun extract")
     check_encoders(config, encoders[0][0], encoders[0][1])
@@ -234,7 +237,7 @@ def run(ctx: RunContext) -> dict:
                                                unit="recommendation rows"))
         parts |= recommendations.parts
         # Order-free fingerprint of the scored inputs, added up on executors.
-        digest = frame.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
+        digest = keys.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
     finally:
         vectors.unpersist()
         ordered.unpersist()

@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
 from jobs.features_io import feature_frame
-from jobs.score_spark import rerank_spark, topk_spark
+from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import require_passed
@@ -168,6 +168,15 @@ def make_searcher(qvecs: np.ndarray, k: int):
     return search
 
 
+def _embeddings_and_vectors(batches: Iterator[pa.RecordBatch]):
+    """The published embeddings, and the vectors scoring streams (idx kept: a part holds consecutive idx)."""
+    for b in batches:
+        yield "embeddings", pa.table({"product_id": b.column("product_id"), "image_vec": b.column("z"),
+                                      "text_vec": b.column("u"), "fused_vec": b.column("v"),
+                                      "model_version": b.column("model_version")})
+        yield VECTORS_TABLE, pa.Table.from_batches([b]).select(["idx", "product_id", "z", "u", "v"])
+
+
 def _as_table(name: str):
     def passthrough(batches: Iterator[pa.RecordBatch]):
         for b in batches:
@@ -203,10 +212,10 @@ def run(ctx: RunContext) -> dict:
     attempt, tag = new_attempt_id(), F.lit(version).alias("model_version")
     parts: dict[str, list[str]] = {}
     try:
-        parts |= write_parts(vectors.select("product_id", F.col("z").alias("image_vec"),
-                                            F.col("u").alias("text_vec"), F.col("v").alias("fused_vec"), tag),
-                             _as_table("embeddings"), lake, date, attempt, ["embeddings"],
-                             Progress(spark, "score: embed", n)).parts
+        embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag), _embeddings_and_vectors,
+                               lake, date, attempt, ["embeddings", VECTORS_TABLE], Progress(spark, "score: embed", n))
+        parts["embeddings"] = embedded.parts["embeddings"]
+        vector_files = embedded.parts[VECTORS_TABLE]
 
         threshold = float(model.match_threshold)
         low = (vectors.filter(F.col("own_match") < threshold).orderBy("own_match", "idx")
@@ -223,24 +232,20 @@ def run(ctx: RunContext) -> dict:
         parts |= write_parts(_search(sc, model, config, vectors, version), _as_table("search"), lake, date,
                              attempt, ["search"]).parts
 
-        m = max(sc.top_k, sc.rerank_candidates)
-        candidates = topk_spark(vectors.select("idx", F.col("v").alias("vec")), m, sc.block_size, num_rows=n)
-        ranked = rerank_spark(candidates, vectors.select("idx", "z", "u"), weights.value, spec, sc.top_k,
-                              sc.rerank_weight, sc.block_size)
-        ids = vectors.select("idx", "product_id")
-        recs = (ranked.join(ids, "idx")
-                .join(ids.select(F.col("idx").alias("cand"), F.col("product_id").alias("rec_product_id")), "cand")
-                .select("product_id", "rank", "rec_product_id", "similarity", "score", tag)
-                .repartitionByRange(partitions, "product_id", "rank").sortWithinPartitions("product_id", "rank"))
-        recommendations = write_parts(recs, _as_table("recommendations"), lake, date, attempt, ["recommendations"],
-                                      Progress(spark, "score: all-pairs top-K, re-rank", n * sc.top_k,
-                                               unit="recommendation rows"))
+        blocks = vector_parts(lake, vector_files)
+        recommendations = write_parts(
+            recommendations_frame(spark, blocks),
+            make_recommender(lake, blocks, weights, spec, sc.top_k, max(sc.top_k, sc.rerank_candidates),
+                             sc.rerank_weight, version),
+            lake, date, attempt, ["recommendations"],
+            Progress(spark, "score: all-pairs top-K, re-rank", len(blocks), unit="query blocks"))
         parts |= recommendations.parts
         # Order-free fingerprint of the scored inputs, added up on executors.
         digest = keys.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
     finally:
         vectors.unpersist()
         ordered.unpersist()
+        lake.clear_work_table(VECTORS_TABLE, date, attempt)  # only the staged tables' parts outlive the stage
     lake.clear_staging(date)
     for name in PUBLISHED_TABLES:
         lake.stage_parts(name, date, parts.get(name, []))

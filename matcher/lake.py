@@ -205,6 +205,9 @@ class Lake:
     def clear_work(self, dt: str, attempt: str | None = None) -> None:
         self._delete_quietly(self.path("_work", f"dt={dt}", *([attempt] if attempt else [])))
 
+    def clear_work_table(self, table: str, dt: str, attempt: str) -> None:
+        self._delete_quietly(self.path(self.work_dir(table, dt, attempt)))
+
     def _delete_quietly(self, path: str) -> None:
         try:
             if exists(self.fs, path):

@@ -2,7 +2,7 @@
 rather than N^2."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -57,6 +57,38 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
             best.add_block(sims, x_start)
         scores[q_start:q_stop], indices[q_start:q_stop] = best.result()
     return scores, indices
+
+
+def topk_over_blocks(queries: np.ndarray, query_idx: np.ndarray,
+                     item_blocks: Iterable[tuple[int, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top-k items by dot product, as (scores, global item indices), best first, ties by the lower index;
+    a query is never its own neighbour (item index == its entry in `query_idx`).
+
+    The items arrive as (first index, rows) blocks of consecutive indices, in increasing order, one at a time: a
+    caller can stream them from storage, holding one block and the queries' running top-k. `k` must not exceed
+    the number of items other than the queries themselves (topk's min(k, N - 1))."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    query_idx = np.asarray(query_idx, dtype=np.int64)
+    best = _RunningTopK(len(queries), k, flush_at=max(1, len(queries)) * max(1, k))
+    if k <= 0:
+        return best.result()
+    q = torch.from_numpy(queries)
+    last = None
+    for first, items in item_blocks:
+        if last is not None and first < last:
+            raise ValueError(f"item blocks out of order: a block starting at {first} after one ending at {last}")
+        items = np.ascontiguousarray(items, dtype=np.float32)
+        last = first + len(items)
+        sims = _similarities(q, torch.from_numpy(items))
+        own = query_idx - first
+        rows = np.nonzero((own >= 0) & (own < len(items)))[0]
+        if len(rows):
+            sims[torch.from_numpy(rows), torch.from_numpy(own[rows])] = -torch.inf
+        best.add_block(sims, first)
+    values, indices = best.result()
+    if (indices == _NO_INDEX).any():
+        raise ValueError(f"fewer than k={k} items besides the queries themselves")
+    return values, indices
 
 
 def _similarities(queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

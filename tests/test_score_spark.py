@@ -1,28 +1,28 @@
-"""The Spark DataFrame steps of scoring against the single-machine functions they replace, on local[2] with a small
-spark.driver.maxResultSize so that a stray collect of vectors or results would fail."""
-import dataclasses
-
+"""Distributed all-pairs scoring (query-block tasks streaming item blocks from the lake) against the single-machine
+functions, on local[2] with a small spark.driver.maxResultSize so that a stray collect of vectors or results would
+fail."""
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.score_spark import frame_from_arrays, rerank_spark, topk_spark
+from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
-from matcher.config import ExtractConfig, load_config
+from jobs.spark_lake import write_parts
+from matcher.config import load_config
 from matcher.evaluate import model_pair_scorer
+from matcher.lake import Lake, new_attempt_id
 from matcher.model import MatcherModel, ModelSpec, model_to_bytes
-from matcher.scoring import cross_match_scorer, rerank, topk
+from matcher.scoring import cross_match_scorer, rerank, topk, topk_over_blocks
 
-BLOCK = 64
+DATE = "2026-01-01"
 
 
 @pytest.fixture(scope="module")
 def spark():
-    extract = {"spark_master": "local[2]"}
-    if "spark_max_result_size" in {f.name for f in dataclasses.fields(ExtractConfig)}:
-        extract["spark_max_result_size"] = "1m"
-    return get_spark(load_config(overrides={"extract": extract}).extract)
+    return get_spark(load_config(overrides={"extract": {"spark_master": "local[2]",
+                                                        "spark_max_result_size": "1m"}}).extract)
 
 
 def unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
@@ -35,94 +35,113 @@ def unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def as_matrices(df: pd.DataFrame, n: int) -> tuple[np.ndarray, np.ndarray]:
-    df = df.sort_values("idx")
-    assert df["idx"].tolist() == list(range(n))
-    return (np.stack(df["similarity"].to_numpy()).astype(np.float32).reshape(n, -1),
-            np.stack(df["cand"].to_numpy()).astype(np.int64).reshape(n, -1))
-
-
-@pytest.mark.parametrize("n, d, k, integer", [
-    (300, 16, 10, False),  # 5 blocks, the last one ragged (44 rows)
-    (40, 4, 50, False),    # one block, k > N - 1
-    (300, 4, 15, True),    # small-integer vectors: runs of exactly equal scores cross k in every block pair
-])
-def test_topk_spark_equals_single_machine_topk(spark, n, d, k, integer):
-    if integer:
-        v = np.random.default_rng(3).integers(0, 3, size=(n, d)).astype(np.float32)
-    else:
-        v = unit_vectors(n, d, seed=n + d)
-    local_sims, local_idx = topk(v, v, k, block_size=BLOCK, exclude_self=True)
-    sims, idx = as_matrices(topk_spark(frame_from_arrays(spark, vec=v), k, BLOCK).toPandas(), n)
-    assert idx.shape == local_idx.shape == (n, min(k, n - 1))
-    np.testing.assert_array_equal(idx, local_idx)
-    # The same dot products, summed by the BLAS in blocks of another shape: equal to float32 rounding.
-    np.testing.assert_allclose(sims, local_sims, rtol=0, atol=1e-6)
-
-
-def test_rerank_spark_equals_single_machine_rerank(spark):
-    n, d, m, k, weight = 300, 16, 20, 10, 0.3
-    rng = np.random.default_rng(11)
-    z, u = unit_vectors(n, d, seed=1), unit_vectors(n, d, seed=2)
-    v = unit_vectors(n, d, seed=3)
+def spread_model(d: int, seed: int = 11) -> tuple[MatcherModel, ModelSpec]:
     spec = ModelSpec(image_dim=8, text_dim=8, dim=d, hidden=16, fusion="weighted", fusion_alpha=0.5,
                      image_encoder="img@1", text_encoder="txt@1")
     torch.manual_seed(0)
     model = MatcherModel(spec).eval()
     with torch.no_grad():  # a random network scores near 0.5 everywhere; spread it so the re-rank moves things
         model.matcher.net[-1].weight.mul_(20)
-        model.matcher.net[-1].bias.copy_(torch.as_tensor(rng.normal(), dtype=torch.float32))
-
-    candidates = topk_spark(frame_from_arrays(spark, vec=v), m, BLOCK).cache()  # read twice, computed once
-    try:
-        ranked = rerank_spark(candidates, frame_from_arrays(spark, z=z, u=u), model_to_bytes(model), spec, k,
-                              weight, BLOCK).toPandas()
-        similarity, cands = as_matrices(candidates.toPandas(), n)
-    finally:
-        candidates.unpersist()
-    scores, sims, idx = rerank(similarity, cands, cross_match_scorer(model_pair_scorer(model, z, u)), k, weight)
-    ranked = ranked.sort_values(["idx", "rank"])
-    assert len(ranked) == n * k and ranked["rank"].tolist() == list(range(1, k + 1)) * n
-    assert ranked["idx"].tolist() == np.repeat(np.arange(n), k).tolist()
-    np.testing.assert_array_equal(ranked["cand"].to_numpy().reshape(n, k), idx)
-    np.testing.assert_array_equal(ranked["similarity"].to_numpy().reshape(n, k), sims)
-    np.testing.assert_allclose(ranked["score"].to_numpy().reshape(n, k), scores, rtol=0, atol=1e-6)
-    assert (idx != cands[:, :k]).any()  # the network did re-order some lists
+        model.matcher.net[-1].bias.copy_(torch.as_tensor(np.random.default_rng(seed).normal(), dtype=torch.float32))
+    return model, spec
 
 
-def _plan_nodes(plan):
-    """Every node of an executed physical plan, looking inside adaptive plans and their query stages."""
-    stack, nodes = [plan], []
-    while stack:
-        node = stack.pop()
-        name = node.getClass().getSimpleName()
-        nodes.append(node)
-        if name == "AdaptiveSparkPlanExec":
-            stack.append(node.executedPlan())
-        elif name.endswith("QueryStageExec"):
-            stack.append(node.plan())
-        children = node.children()
-        stack.extend(children.apply(i) for i in range(children.size()))
-    return nodes
+def write_vector_parts(lake: Lake, attempt: str, z, u, v, sizes: list[int]) -> list[str]:
+    paths, start = [], 0
+    for n, rows in enumerate(sizes):
+        sl = slice(start, start + rows)
+        table = pa.table({"idx": pa.array(np.arange(start, start + rows), pa.int64()),
+                          "product_id": [f"p{i:05d}" for i in range(start, start + rows)],
+                          **{name: pa.array(list(m[sl]), pa.list_(pa.float32())) for name, m in
+                             (("z", z), ("u", u), ("v", v))}})
+        rel = f"{Lake.work_dir(VECTORS_TABLE, DATE, attempt)}/part-{n:05d}.parquet"
+        lake.fs.create_dir(lake.path(Lake.work_dir(VECTORS_TABLE, DATE, attempt)), recursive=True)
+        pq.write_table(table, lake.path(rel), filesystem=lake.fs, row_group_size=max(1, rows // 2))
+        paths.append(rel)
+        start += rows
+    return paths[::-1]  # any listing order: the parts are put in idx order from their footers
 
 
-def test_vectors_are_never_broadcast(spark):
-    v = unit_vectors(100, 8, seed=5)
-    candidates = topk_spark(frame_from_arrays(spark, vec=v), 5, 32, num_rows=100)
-    spec = ModelSpec(image_dim=4, text_dim=4, dim=8, hidden=8, fusion="weighted", fusion_alpha=0.5,
-                     image_encoder="img@1", text_encoder="txt@1")
-    ranked = rerank_spark(candidates, frame_from_arrays(spark, z=v, u=v), MatcherModel(spec).state_dict(), spec,
-                          3, 0.3, 32)
-    for df in (candidates, ranked):
-        assert df.collect()  # run this very plan, so the adaptive plan is final
-    topk_nodes = _plan_nodes(candidates._jdf.queryExecution().executedPlan())
-    assert not [n for n in topk_nodes if "Broadcast" in n.getClass().getSimpleName()]
-    assert not [n for n in topk_nodes if "Cartesian" in n.getClass().getSimpleName()]
-    rerank_nodes = _plan_nodes(ranked._jdf.queryExecution().executedPlan())
-    broadcast = [n.schema().simpleString() for n in rerank_nodes
-                 if n.getClass().getSimpleName() == "BroadcastExchangeExec"]
-    assert broadcast  # the list of block pairs holding candidates
-    assert not [s for s in broadcast if "array" in s], broadcast  # but never a vector column
+def distributed(spark, lake, z, u, v, sizes, model, spec, k, m, weight):
+    attempt = new_attempt_id()
+    parts = vector_parts(lake, write_vector_parts(lake, attempt, z, u, v, sizes))
+    weights = spark.sparkContext.broadcast(model_to_bytes(model))
+    written = write_parts(recommendations_frame(spark, parts),
+                          make_recommender(lake, parts, weights, spec, k, m, weight, "m1"),
+                          lake, DATE, attempt, ["recommendations"])
+    files = written.parts["recommendations"]
+    assert len(files) == len(parts)  # one part file per query block
+    tables = [pq.read_table(lake.path(f), filesystem=lake.fs) for f in files]
+    for t in tables:  # each part is already in (product_id, rank) order
+        keys = list(zip(t.column("product_id").to_pylist(), t.column("rank").to_pylist()))
+        assert keys == sorted(keys)
+    return pa.concat_tables(tables).to_pandas().sort_values(["product_id", "rank"])
+
+
+@pytest.mark.parametrize("n, d, sizes, k, m, integer", [
+    (300, 16, [64] * 4 + [44], 10, 20, False),  # 5 blocks, the last one ragged
+    (40, 4, [40], 10, 50, False),               # one block, M > N - 1
+    (300, 4, [100, 7, 93, 100], 10, 15, True),  # small-integer vectors: runs of equal scores cross M everywhere
+])
+def test_distributed_recommendations_equal_single_machine_topk_and_rerank(spark, tmp_path, n, d, sizes, k, m,
+                                                                          integer):
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    if integer:
+        v = np.random.default_rng(3).integers(0, 3, size=(n, d)).astype(np.float32)
+    else:
+        v = unit_vectors(n, d, seed=n + d)
+    z, u = unit_vectors(n, d, seed=1), unit_vectors(n, d, seed=2)
+    model, spec = spread_model(d)
+    weight = 0.3
+    recs = distributed(spark, lake, z, u, v, sizes, model, spec, k, m, weight)
+
+    sims, cands = topk(v, v, m, block_size=64, exclude_self=True)
+    scores, similarity, idx = rerank(sims, cands, cross_match_scorer(model_pair_scorer(model, z, u)), k, weight)
+    kk = min(k, m, n - 1)
+    assert len(recs) == n * kk and recs["rank"].tolist() == list(range(1, kk + 1)) * n
+    assert recs["product_id"].tolist() == [f"p{i:05d}" for i in np.repeat(np.arange(n), kk)]
+    assert recs["rec_product_id"].tolist() == [f"p{i:05d}" for i in idx.ravel()]
+    # The same dot products, summed by the BLAS in blocks of another shape: equal to float32 rounding.
+    np.testing.assert_allclose(recs["similarity"].to_numpy(), similarity.ravel(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(recs["score"].to_numpy(), scores.ravel(), rtol=0, atol=1e-6)
+    if not integer:
+        assert (idx != cands[:, :kk]).any()  # the network did re-order some lists
+    assert lake.partition_files("recommendations", DATE) == []  # written to the work folder, nothing committed
+
+
+def test_topk_over_blocks_equals_topk_for_any_block_cut():
+    v = unit_vectors(250, 8, seed=9)
+    expected = topk(v, v, 12, exclude_self=True)
+    for cuts in ([0, 250], [0, 1, 2, 100, 250], [0, 13, 26, 39, 200, 250]):
+        blocks = [(a, v[a:b]) for a, b in zip(cuts, cuts[1:])]
+        for qa, qb in zip(cuts, cuts[1:]):
+            got = topk_over_blocks(v[qa:qb], np.arange(qa, qb), iter(blocks), 12)
+            np.testing.assert_array_equal(got[1], expected[1][qa:qb])
+            np.testing.assert_allclose(got[0], expected[0][qa:qb], rtol=0, atol=1e-6)
+
+
+def test_topk_over_blocks_refuses_blocks_out_of_order():
+    v = unit_vectors(20, 4, seed=1)
+    with pytest.raises(ValueError, match="out of order"):
+        topk_over_blocks(v[:5], np.arange(5), iter([(10, v[10:]), (0, v[:10])]), 3)
+
+
+def test_vector_parts_must_tile_the_index_range(tmp_path):
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    v = unit_vectors(30, 4, seed=2)
+    paths = write_vector_parts(lake, "a1", v, v, v, [10, 10, 10])
+    assert [(p.first, p.rows) for p in vector_parts(lake, paths)] == [(0, 10), (10, 10), (20, 10)]
+    with pytest.raises(ValueError, match="do not tile"):
+        vector_parts(lake, paths[:1] + paths[2:])  # the middle part (listed second) is missing
+
+
+def test_a_nan_vector_is_a_clear_error(spark, tmp_path):
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    v = unit_vectors(50, 4, seed=4)
+    v[17, 2] = np.nan
+    model, spec = spread_model(4)
+    with pytest.raises(Exception, match="NaN or infinite values .* idx 17"):
+        distributed(spark, lake, v, v, v, [25, 25], model, spec, 5, 10, 0.3)
 
 
 def test_exclude_names_one_item_per_query():

@@ -18,7 +18,7 @@ from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUA
                            clean_images, clean_text_rows)
 from matcher.lake import new_attempt_id
 
-_TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "image_ref"]
+_TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "repairs", "image_ref"]
 _BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows
 
 

@@ -1,6 +1,7 @@
 """Read a catalog (products.csv | .parquet | .jsonl, local or S3) and the image bytes it references."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import posixpath
@@ -16,6 +17,7 @@ from matcher.images import ImageRejected
 from matcher.storage import exists, read_bytes, resolve_uri
 
 _HEAD_BYTES = 1 << 16
+_MAX_IMAGE_REF_CHARS = 2048
 CATALOG_FILES = ("products.csv", "products.parquet", "products.jsonl")
 REQUIRED_COLUMNS = ("product_id", "title")
 OPTIONAL_COLUMNS = ("description", "category", "image")
@@ -98,12 +100,10 @@ class CatalogReader:
                 raise CatalogError(f"catalog file {path} is empty")
             text = head.decode("utf-8-sig", errors="surrogateescape")
             if fmt == "csv":
-                if "\x00" in text[:4096]:
+                sample = text[:4096]
+                if sample.count("\x00") * 20 > len(sample):  # a stray NUL is damage in a row; many, a binary file
                     raise CatalogError("catalog CSV looks binary (NUL bytes)")
-                try:
-                    columns = list(pd.read_csv(io.StringIO(text), dtype=str, nrows=0, engine="python").columns)
-                except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-                    raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
+                columns = _csv_columns(text)
             else:
                 columns = _first_record_keys(text, complete=size <= _HEAD_BYTES)
             splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
@@ -119,8 +119,11 @@ class CatalogReader:
             yield self._finish(df, [], plan, split.row_offset)
             return
         with self.fs.open_input_stream(plan.path) as raw:
-            stream = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            chunks = _csv_chunks(stream, chunk_rows) if plan.format == "csv" else _jsonl_chunks(stream, chunk_rows)
+            if plan.format == "csv":
+                text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+                chunks = _csv_chunks(text, chunk_rows)
+            else:
+                chunks = _jsonl_chunks(io.BufferedReader(raw), chunk_rows)
             offset = split.row_offset
             for df, bad in chunks:
                 yield self._finish(df, bad, plan, offset)
@@ -177,6 +180,8 @@ class CatalogReader:
         ref = ref.strip()
         if not ref:
             raise ImageRejected("image_missing", "no image reference")
+        if len(ref) > _MAX_IMAGE_REF_CHARS or any(ord(ch) < 32 for ch in ref):
+            raise ImageRejected("image_reference_invalid", f"{len(ref)} characters: {ref[:200]!r}")
         if ref.startswith(("s3://", "s3a://", "file://")):
             fs, path = resolve_uri(ref, self.storage)
         elif "://" in ref:
@@ -191,44 +196,103 @@ class CatalogReader:
         except FileNotFoundError:
             raise ImageRejected("image_missing", ref[:200]) from None
         except OSError as exc:
-            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            try:
+                missing = fs.get_file_info(path).type == pafs.FileType.NotFound
+            except OSError:  # a path the filesystem cannot even look up (too long, bad characters)
+                missing = False
+            if missing:
                 raise ImageRejected("image_missing", ref[:200]) from None
             raise ImageRejected("image_unreadable", str(exc)[:200]) from None
 
 
-def _csv_chunks(stream: io.TextIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
-    bad: list[dict] = []
+# A field may legitimately be long (a description) or be damage (a runaway title); either way it is read and then
+# capped by the clean step, never dropped by the parser (csv's default limit is 128 KiB).
+_CSV_FIELD_LIMIT = 1 << 30
+_RAW_CHARS = 2000
 
-    def on_bad_line(fields: list[str]) -> None:
-        bad.append({"raw": ",".join(fields)[:2000], "reason": "wrong_field_count",
-                    "detail": f"{len(fields)} fields"})
-        return None
 
+def _csv_header(fields: list[str]) -> list[str]:
+    """Column names as pandas names them: blank ones "Unnamed: i", repeated ones "name.1", "name.2"..."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for i, name in enumerate(fields):
+        name = name.strip() or f"Unnamed: {i}"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}.{seen[name]}"
+        seen.setdefault(name, 0)
+        names.append(name)
+    return names
+
+
+def _csv_columns(text: str) -> list[str]:
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
-        for df in pd.read_csv(stream, dtype=str, keep_default_na=False, engine="python", on_bad_lines=on_bad_line,
-                              chunksize=chunk_rows):
-            yield df, bad[:]
-            bad.clear()
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        header = next(csv.reader(io.StringIO(text, newline="")), None)
+    except csv.Error as exc:
         raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
-    if bad:
-        yield pd.DataFrame(), bad[:]
+    if not header or not any(h.strip() for h in header):
+        raise CatalogError("catalog CSV has no header row")
+    return _csv_header(header)
 
 
-def _jsonl_chunks(stream: io.TextIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+def _csv_chunks(stream: io.TextIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    """Rows of a CSV as string columns, read with the csv module one record at a time, so that one damaged record
+    costs only itself: a record with more fields than the header is a bad line; one with fewer is padded with
+    empty fields; blank lines are no records. Line endings may be LF, CRLF or CR, mixed."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(stream, strict=False)
+    try:
+        header = _csv_header(next(reader))
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
+    width = len(header)
+    records: list[list[str]] = []
+    bad: list[dict] = []
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # strict=False leaves few of these; the reader resumes at the next record
+            bad.append({"raw": "", "reason": "unparseable_line", "detail": f"line {reader.line_num}: {exc}"})
+            continue
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) > width:
+            bad.append({"raw": ",".join(fields)[:_RAW_CHARS], "reason": "wrong_field_count",
+                        "detail": f"{len(fields)} fields, the header has {width}"})
+        else:
+            records.append(fields + [""] * (width - len(fields)))
+        if len(records) >= chunk_rows:
+            yield pd.DataFrame(records, columns=header, dtype=object), bad[:]
+            records.clear()
+            bad.clear()
+    if records or bad:
+        yield pd.DataFrame(records, columns=header, dtype=object), bad[:]
+
+
+def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    """Records of a JSON Lines file: lines end at LF only (a stray CR is damage inside a record, not a line
+    break); bytes that are not UTF-8 are kept as surrogates for the clean step to quarantine; control characters
+    inside strings are accepted here and repaired there."""
     records: list[dict] = []
     bad: list[dict] = []
-    for line in stream:
+    for raw_line in stream:
+        line = raw_line.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, strict=False)
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
-            bad.append({"raw": line.rstrip("\r\n")[:2000], "reason": "malformed_json", "detail": str(exc)[:200]})
+        except (ValueError, RecursionError) as exc:
+            bad.append({"raw": line.rstrip("\r\n")[:_RAW_CHARS], "reason": "malformed_json",
+                        "detail": str(exc)[:200]})
             continue
-        records.append({k: "" if v is None else str(v) for k, v in obj.items()})
+        records.append({str(k): "" if v is None else str(v) for k, v in obj.items()})
         if len(records) >= chunk_rows:
             yield pd.DataFrame.from_records(records).fillna(""), bad[:]
             records.clear()

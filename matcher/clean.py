@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -12,7 +13,8 @@ import pandas as pd
 from matcher.catalog import RawCatalog
 from matcher.config import CleanConfig
 from matcher.images import CanonicalImage, ImageRejected, canonicalize_image
-from matcher.text import normalize_text, tokenize
+from matcher.text import (escape_undecodable, first_undecodable, has_control_characters, normalize_text,
+                          tokenize)
 
 CORE_COLUMNS = ("product_id", "title", "description", "category", "image")
 
@@ -41,47 +43,88 @@ def content_hash(title: str, description: str, image_bytes: bytes) -> str:
     return h.hexdigest()
 
 
-def _has_invalid_utf8(value: str) -> bool:
-    # Undecodable bytes arrive as lone surrogates (surrogateescape).
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
-
-
 def _raw_json(row: dict) -> str:
-    return json.dumps({k: v for k, v in row.items() if k != "_row"}, ensure_ascii=False, default=str)[:4000]
+    """The row as it came, for the quarantine: JSON, undecodable bytes escaped, capped."""
+    text = json.dumps({k: v for k, v in row.items() if k != "_row"}, ensure_ascii=False, default=str)
+    return escape_undecodable(text[:_RAW_CHARS])
 
 
-CANDIDATE_COLUMNS = ["_row", "product_id", "title", "description", "category", "text_truncated", "image_ref", "raw"]
+_RAW_CHARS = 4000
+MAX_PRODUCT_ID_CHARS = 256
+CANDIDATE_COLUMNS = ["_row", "product_id", "title", "description", "category", "text_truncated", "repairs",
+                     "image_ref", "raw"]
 QUARANTINE_COLUMNS = ["product_id", "reason", "detail", "raw"]
+# Repairs a kept row may carry (its `repairs` column, comma-separated).
+REPAIR_CONTROL_CHARACTERS = "control_characters"  # NUL, escape, BOM... in the text: replaced by spaces
+REPAIR_BYTE_ORDER_MARK = "byte_order_mark"          # a BOM around the product_id (a file concatenated mid-row)
+
+
+def _text_problem(row: dict) -> tuple[str, str] | None:
+    """(reason, detail) when a field of the row is not text at all."""
+    for column, value in row.items():
+        if isinstance(value, str):
+            at = first_undecodable(value)
+            if at >= 0:
+                snippet = escape_undecodable(value[max(0, at - 20):at + 20])
+                return "text_invalid_utf8", f"{column} at character {at}: {snippet}"
+    return None
+
+
+def _product_id(value: object) -> tuple[str, list[str], str]:
+    """(product id, repairs, problem): whitespace and byte-order marks around it are dropped (a repair);
+    control characters inside or an absurd length make it no id at all."""
+    pid = str(value if value is not None else "").strip()
+    repairs = []
+    if "\ufeff" in pid:
+        pid, repairs = pid.replace("\ufeff", "").strip(), [REPAIR_BYTE_ORDER_MARK]
+    bad = next((ch for ch in pid if unicodedata.category(ch)[0] == "C"), None)
+    if bad is not None:
+        return pid, repairs, f"control character U+{ord(bad):04X} in product_id"
+    if len(pid) > MAX_PRODUCT_ID_CHARS:
+        return pid, repairs, f"product_id of {len(pid)} characters (at most {MAX_PRODUCT_ID_CHARS})"
+    return pid, repairs, ""
 
 
 def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Normalise the text of raw rows: (candidates with their `_row` order and pass-through columns, rejected
-    rows with a reason). Duplicates are not looked for here: that needs every row (see first_of_each_product)."""
+    rows with a reason). Duplicates are not looked for here: that needs every row (see first_of_each_product).
+
+    Every row comes out exactly once, in one of the two: a damaged row is either repaired and kept (control
+    characters, a byte-order mark, over-long text: see `repairs`, `text_truncated`) or rejected with a stable
+    reason and its raw text, undecodable bytes escaped."""
     passthrough = [c for c in rows.columns if c not in CORE_COLUMNS and c != "_row"]
     candidates: list[dict] = []
     rejected: list[dict] = []
+
+    def reject(row: dict, pid: str, reason: str, detail: str = "") -> None:
+        rejected.append({"_row": row["_row"], "product_id": escape_undecodable(pid[:MAX_PRODUCT_ID_CHARS]),
+                         "reason": reason, "detail": detail, "raw": _raw_json(row)})
+
     for row in rows.to_dict("records"):
-        pid = str(row.get("product_id", "")).strip()
-        raw = _raw_json(row)
-        if any(_has_invalid_utf8(str(v)) for v in row.values() if isinstance(v, str)):
-            rejected.append({"_row": row["_row"], "product_id": pid, "reason": "text_invalid_utf8", "detail": "",
-                             "raw": raw})
+        problem = _text_problem(row)
+        if problem:
+            reject(row, str(row.get("product_id", "")).strip(), *problem)
+            continue
+        pid, repairs, pid_problem = _product_id(row.get("product_id"))
+        if pid_problem:
+            reject(row, pid, "invalid_product_id", pid_problem)
             continue
         if not pid:
-            rejected.append({"_row": row["_row"], "product_id": pid, "reason": "missing_product_id", "detail": "",
-                             "raw": raw})
+            reject(row, pid, "missing_product_id")
             continue
+        if any(has_control_characters(str(row.get(c) or "")) for c in ("title", "description", "category")):
+            repairs.append(REPAIR_CONTROL_CHARACTERS)
         title, title_cut = normalize_text(row.get("title"), cfg.max_title_chars)
         if not title:
-            rejected.append({"_row": row["_row"], "product_id": pid, "reason": "missing_title", "detail": "",
-                             "raw": raw})
+            reject(row, pid, "missing_title")
             continue
         description, desc_cut = normalize_text(row.get("description"), cfg.max_description_chars)
         category, _ = normalize_text(row.get("category"), 200)
         candidates.append({
             "_row": row["_row"], "product_id": pid, "title": title, "description": description,
-            "category": category, "text_truncated": title_cut or desc_cut, "image_ref": str(row.get("image", "")),
-            "raw": raw, **{c: str(row.get(c, "")) for c in passthrough},
+            "category": category, "text_truncated": title_cut or desc_cut, "repairs": ",".join(repairs),
+            "image_ref": str(row.get("image", "")), "raw": _raw_json(row),
+            **{c: str(row.get(c, "")) for c in passthrough},
         })
     return (pd.DataFrame(candidates, columns=CANDIDATE_COLUMNS + passthrough),
             pd.DataFrame(rejected, columns=["_row", *QUARANTINE_COLUMNS]))
@@ -126,14 +169,15 @@ def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], c
             content_hash=content_hash(cand["title"], cand["description"], img.data),
         )
         clean_rows.append(out)
-    clean_cols = ["product_id", "title", "description", "category", "tokens", "text_truncated", "image_bytes",
+    clean_cols = ["product_id", "title", "description", "category", "tokens", "text_truncated", "repairs", "image_bytes",
                   "image_nbytes", "image_width", "image_height", "content_hash", *passthrough]
     return pd.DataFrame(clean_rows, columns=clean_cols), pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
 
 
 def bad_line_rows(bad_lines: list[dict]) -> pd.DataFrame:
     """Quarantine rows for lines the reader could not parse into a row."""
-    return pd.DataFrame([{"product_id": "", "reason": b["reason"], "detail": b["detail"], "raw": b["raw"]}
+    return pd.DataFrame([{"product_id": "", "reason": b["reason"], "detail": escape_undecodable(b["detail"]),
+                          "raw": escape_undecodable(b["raw"])}
                          for b in bad_lines], columns=QUARANTINE_COLUMNS)
 
 

@@ -17,6 +17,32 @@ EN_STOP_WORDS = frozenset(
 ZH_STOP_WORDS = frozenset("的 了 和 是 在 与 及 或 就 都 而 也 又 之 其 这 那 有 为 款 新款".split())
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_BREAKS = frozenset("\t\n\r")
+
+
+def first_undecodable(value: str) -> int:
+    """Position of the first character that is not text: a byte that was not valid UTF-8 (read with
+    surrogateescape, it arrives as U+DC80..U+DCFF) or a lone surrogate (a JSON "\\ud800" escape); -1 if none."""
+    m = _SURROGATE.search(value)
+    return m.start() if m else -1
+
+
+def escape_undecodable(value: str) -> str:
+    """`value` made storable as UTF-8: each undecodable byte written as \\xNN, any other lone surrogate as
+    \\uNNNN, so the quarantine keeps the raw bytes visibly."""
+    def escape(m: re.Match) -> str:
+        code = ord(m.group())
+        return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+    return _SURROGATE.sub(escape, value)
+
+
+def has_control_characters(value: str) -> bool:
+    """Control or format characters (NUL, escape, a byte-order mark...) other than tab and line breaks."""
+    return any(unicodedata.category(ch)[0] == "C" and ch not in _LINE_BREAKS for ch in value)
+
+
 def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     """NFKC, HTML tags/entities removed, control characters dropped, whitespace collapsed, capped at max_chars.
 

@@ -1,0 +1,181 @@
+"""A night never crashes on its input: every damaged row is repaired and flagged or quarantined with a stable reason
+and its raw bytes escaped; no other row is affected; input rows = clean + quarantined."""
+import io
+import json
+import random
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from jobs.context import RunContext
+from jobs.pipeline import run_pipeline
+from jobs.spark_lake import conform
+from matcher.catalog import CatalogReader
+from matcher.clean import clean_catalog
+from matcher.config import load_config
+
+ROWS = 40
+
+
+def catalog_dir(tmp_path, name="catalog"):
+    root = tmp_path / name
+    (root / "img").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), (180, 40, 40)).save(buf, format="JPEG")
+    (root / "img" / "a.jpg").write_bytes(buf.getvalue())
+    return root
+
+
+def csv_lines(n=ROWS) -> list[bytes]:
+    return [f"SKU-{i:04d},Red cotton shirt {i},Soft and light,Shirts,img/a.jpg".encode() for i in range(n)]
+
+
+def write_csv(root, lines: list[bytes], ending=b"\n") -> None:
+    (root / "products.csv").write_bytes(b"product_id,title,description,category,image" + ending
+                                        + ending.join(lines) + ending)
+
+
+def clean_in_process(root):
+    cfg = load_config(overrides={"clean": {"image_size": 32}})
+    reader = CatalogReader(str(root), cfg.storage)
+    raw = reader.read()
+    result = clean_catalog(raw, reader.read_image, cfg.clean)
+    # Both tables must be storable: conform casts to the lake schema and Arrow encodes every string as UTF-8.
+    conform("clean", pa.Table.from_pandas(result.clean, preserve_index=False))
+    conform("quarantine", pa.Table.from_pandas(result.quarantine, preserve_index=False))
+    return raw, result
+
+
+# (damaged title bytes, expected outcome for row 7): ("kept", repairs, truncated) or ("quarantined", reason)
+DAMAGE = {
+    "invalid utf-8": (b"bad \xff\xfe bytes", ("quarantined", "text_invalid_utf8")),
+    "latin-1": (b"Caf\xe9 cr\xe8me mug", ("quarantined", "text_invalid_utf8")),
+    "encoded surrogate": (b"x \xed\xa0\x80 y", ("quarantined", "text_invalid_utf8")),
+    "nul": (b"nul \x00 inside", ("kept", "control_characters", False)),
+    "control characters": (b"bell \x07 esc \x1b", ("kept", "control_characters", False)),
+    "bom inside text": (b"\xef\xbb\xbfshirt", ("kept", "control_characters", False)),
+    "over the csv field limit": (b"y" * 200_000, ("kept", "", True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_one_damaged_title_costs_only_its_row(tmp_path, case):
+    title, expected = DAMAGE[case]
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[7] = b"SKU-0007," + title + b",Soft,Shirts,img/a.jpg"
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert len(raw.rows) + len(raw.bad_lines) == ROWS
+    assert len(result.clean) + len(result.quarantine) == ROWS
+    others = {f"SKU-{i:04d}" for i in range(ROWS)} - {"SKU-0007"}
+    assert others <= set(result.clean["product_id"])
+    if expected[0] == "quarantined":
+        row = result.quarantine.set_index("product_id").loc["SKU-0007"]
+        assert row["reason"] == expected[1]
+        assert "\\x" in row["raw"] and "\\x" in row["detail"]  # the bytes, escaped, not lost
+    else:
+        row = result.clean.set_index("product_id").loc["SKU-0007"]
+        assert row["repairs"] == expected[1] and bool(row["text_truncated"]) is expected[2]
+        assert "\x00" not in row["title"] and "\x07" not in row["title"] and "\ufeff" not in row["title"]
+
+
+def test_a_byte_order_mark_mid_file_and_mixed_line_endings(tmp_path):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[10] = b"\xef\xbb\xbf" + lines[10]  # a second file's BOM where two exports were concatenated
+    body = b"product_id,title,description,category,image\r\n" + b"\r\n".join(lines[:15]) + b"\n" \
+        + b"\r".join(lines[15:30]) + b"\r" + b"\n".join(lines[30:]) + b"\n"
+    (root / "products.csv").write_bytes(body)
+    _, result = clean_in_process(root)
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS)]
+    assert result.clean.set_index("product_id").loc["SKU-0010", "repairs"] == "byte_order_mark"
+    assert len(result.quarantine) == 0
+
+
+def test_a_control_character_inside_a_product_id_is_quarantined(tmp_path):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[3] = lines[3].replace(b"SKU-0003", b"SKU-\x000003")
+    write_csv(root, lines)
+    _, result = clean_in_process(root)
+    assert result.quarantine["reason"].tolist() == ["invalid_product_id"]
+    assert "U+0000" in result.quarantine["detail"].iloc[0]
+    assert len(result.clean) == ROWS - 1
+
+
+def test_json_lines_damage(tmp_path):
+    root = catalog_dir(tmp_path)
+    records = [json.dumps({"product_id": f"J{i}", "title": f"Blue mug {i}", "image": "img/a.jpg"}).encode()
+               for i in range(10)]
+    records[2] = b'{"product_id": "J2", "title": "lone \\ud800 surrogate", "image": "img/a.jpg"}'
+    records[3] = b'{"product_id": "J3", "title": "raw \xff byte", "image": "img/a.jpg"}'
+    records[4] = b'{"product_id": "J4", "title": "tab\x01ctrl \x00", "image": "img/a.jpg"}'
+    records[5] = b'{"product_id": "J5", "title": "stray\rcarriage return", "image": "img/a.jpg"}'
+    records[6] = b'{"product_id": "J6", "title": "cut off'
+    (root / "products.jsonl").write_bytes(b"\n".join(records) + b"\n")
+    _, result = clean_in_process(root)
+    reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
+    assert reasons == {"J2": "text_invalid_utf8", "J3": "text_invalid_utf8", "": "malformed_json"}
+    clean = result.clean.set_index("product_id")
+    assert set(clean.index) == {"J0", "J1", "J4", "J5", "J7", "J8", "J9"}
+    assert clean.loc["J4", "repairs"] == "control_characters" and clean.loc["J5", "title"] == "stray carriage return"
+
+
+# Bytes a mutator writes into a row: anything but the CSV's structure (a quote, CR or LF re-cuts records: the
+# file's structure is only as good as its quoting) and digits (which could turn one SKU into another's).
+_POOL = [b for b in range(256) if b not in b'"\r\n0123456789']
+_SPECIAL = [b"\xef\xbb\xbf", b"\x00", b"\xed\xa0\x80", b"\xe9", b"\xff\xfe", b"z" * 150_000, b",", b"\x1b[31m"]
+
+
+def mutate(line: bytes, rng: random.Random) -> bytes:
+    data = bytearray(line)
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randrange(len(data) + 1)
+        if rng.random() < 0.3:
+            piece = rng.choice(_SPECIAL)
+        else:
+            piece = bytes(rng.choice(_POOL) for _ in range(rng.randint(1, 3)))
+        if rng.random() < 0.5 and at < len(data):
+            data[at:at + len(piece)] = piece  # overwrite
+        else:
+            data[at:at] = piece  # insert
+    return bytes(data)
+
+
+def test_random_damage_never_escapes_clean_and_never_costs_an_undamaged_row(tmp_path):
+    rng = random.Random(20261128)
+    root = catalog_dir(tmp_path)
+    n = 24
+    for trial in range(200):
+        lines = csv_lines(n)
+        damaged = set(rng.sample(range(n), rng.randint(1, 6)))
+        for i in damaged:
+            lines[i] = mutate(lines[i], rng)
+        write_csv(root, lines, ending=rng.choice([b"\n", b"\r\n", b"\r"]))
+        raw, result = clean_in_process(root)  # no exception may escape
+        assert len(raw.rows) + len(raw.bad_lines) == n, trial
+        assert len(result.clean) + len(result.quarantine) == n, trial
+        kept = set(result.clean["product_id"])
+        undamaged = {f"SKU-{i:04d}" for i in range(n) if i not in damaged}
+        assert undamaged <= kept, (trial, sorted(undamaged - kept))
+        assert result.quarantine["reason"].str.len().min() > 0 if len(result.quarantine) else True
+
+
+def test_the_clean_stage_on_spark_quarantines_bad_bytes_instead_of_failing_the_night(tmp_path):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[3] = b"SKU-0003,Caf\xe9 latte mug,Soft,Shirts,img/a.jpg"
+    lines[5] = b"SKU-0005," + b"t" * 200_000 + b",Soft,Shirts,img/a.jpg"
+    lines[8] = b"SKU-0008,nul \x00 here,Soft,Shirts,img/a.jpg"
+    write_csv(root, lines)
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(root)},
+                                 "clean": {"image_size": 32}})
+    ctx = RunContext(cfg, "2026-03-01")
+    stats = run_pipeline(ctx, ["clean"])["clean"]
+    assert (stats["input_rows"], stats["clean_rows"], stats["quarantined_rows"]) == (ROWS, ROWS - 1, 1)
+    quarantine = ctx.lake.read_partition("quarantine", ctx.date).to_pandas()
+    assert quarantine["reason"].tolist() == ["text_invalid_utf8"] and "Caf\\xe9" in quarantine["raw"].iloc[0]
+    clean = ctx.lake.read_partition("clean", ctx.date).to_pandas().set_index("product_id")
+    assert clean.loc["SKU-0005", "text_truncated"] and clean.loc["SKU-0008", "repairs"] == "control_characters"

@@ -1,5 +1,6 @@
 """Nightly product matching: clean -> validate -> extract -> train -> score -> publish, one task per stage,
-each for the run's logical date ({{ ds }}). Trigger with conf {"config": "/path/matcher.toml"} or set the params."""
+each for the run's logical date ({{ ds }}). The deployment names its TOML config in $MATCHER_CONFIG (scheduled
+runs get no conf); a triggered run may pass conf {"config": ..., "catalog": ..., "lake": ..., "model": ...}."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -26,15 +27,17 @@ with DAG(
         "on_failure_callback": log_failure,
     },
     params={
-        "config": Param("", type="string", description="matcher TOML config file; empty = embedded defaults"),
-        "catalog": Param("", type="string", description="overrides run.catalog"),
+        "config": Param("", type="string", description="matcher TOML config file; empty = $MATCHER_CONFIG"),
+        "catalog": Param("", type="string", description="overrides run.catalog; {ds} is the run's date"),
         "lake": Param("", type="string", description="overrides run.lake"),
+        "model": Param("", type="string", description="score with this model version, not the date's own"),
     },
     tags=["matcher"],
 ) as dag:
-    # The night starts when the catalog has arrived; reschedule mode frees the worker slot while waiting.
+    # The night starts when its date's catalog has arrived; reschedule mode frees the worker slot while waiting.
+    # Storage errors during a poke are retried inside the check; the retries cover a worker lost mid-poke.
     previous = PythonSensor(task_id="wait_for_catalog", python_callable=catalog_ready, mode="reschedule",
-                            poke_interval=300, timeout=6 * 3600, retries=0)
+                            poke_interval=300, timeout=6 * 3600)
     for stage in STAGES:
         # `ds` and `params` come from the task context (matched by the callable's argument names).
         task = PythonOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage},

@@ -10,10 +10,10 @@ from typing import Iterator
 import pandas as pd
 import pyarrow as pa
 
-from jobs.context import RunContext, log
+from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark
 from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
-from matcher.catalog import CatalogPlan, CatalogReader
+from matcher.catalog import CatalogError, CatalogPlan, CatalogReader
 from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, bad_line_rows,
                            clean_images, clean_text_rows)
 from matcher.lake import new_attempt_id
@@ -79,7 +79,10 @@ def run(ctx: RunContext) -> dict:
     from pyspark.sql import functions as F
 
     reader = CatalogReader(ctx.catalog, ctx.config.storage, ctx.config.catalog)
-    plan = reader.plan()
+    try:
+        plan = reader.plan()
+    except CatalogError as exc:  # a backfilled date without its snapshot fails here, naming the date
+        raise StageError("clean", f"catalog for {ctx.date}: {exc}") from None
     spark = get_spark(ctx.config.extract)
     rows_read = spark.sparkContext.accumulator(0)
     splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
@@ -112,6 +115,7 @@ def run(ctx: RunContext) -> dict:
         "quarantine_by_reason": {k: int(v) for k, v in sorted(written.stats.items())},
         "quarantine_rate": quarantined / (clean_rows + quarantined) if clean_rows + quarantined else 0.0,
         "clean_parts": len(clean_doc["files"]),
+        "catalog": ctx.catalog,
     }
     log.info("clean: %d rows in, %d clean, %d quarantined %s", stats["input_rows"], clean_rows, quarantined,
              stats["quarantine_by_reason"])

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
-from matcher.config import Config
+from matcher.config import Config, dated
 from matcher.lake import Lake
 
 log = logging.getLogger("matcher")
@@ -32,6 +32,8 @@ class RunContext:
     date: str
     catalog: str = ""
     lake_uri: str = ""
+    model_version: str = ""    # score with this model instead of the one the date is pinned to
+    runner: str = "matcher run"  # who runs the stages, named in the date lock (e.g. an Airflow task)
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -39,7 +41,7 @@ class RunContext:
             dt.date.fromisoformat(self.date)
         except ValueError:
             raise ValueError(f"date must be YYYY-MM-DD, got {self.date!r}") from None
-        self.catalog = self.catalog or self.config.run.catalog
+        self.catalog = dated(self.catalog or self.config.run.catalog, self.date)
         self.lake_uri = self.lake_uri or self.config.run.lake
 
     @cached_property

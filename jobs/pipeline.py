@@ -5,6 +5,7 @@ import importlib
 import time
 
 from jobs.context import RunContext, StageError, log
+from matcher.locks import DateLockedError, date_lock
 
 STAGES = ("clean", "validate", "extract", "train", "score", "publish")
 
@@ -27,9 +28,12 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     log.info("stage %s for %s: started", stage, ctx.date)
     started = time.perf_counter()
     try:
-        stats = module.run(ctx)
+        with date_lock(ctx.lake, ctx.date, holder=f"stage {stage} ({ctx.runner})"):
+            stats = module.run(ctx)
     except StageError:
         raise
+    except DateLockedError as exc:  # another run of this date: a later retry may find it done
+        raise StageError(stage, str(exc), retryable=True) from None
     except Exception as exc:
         cause = " ".join(str(exc).split()) or type(exc).__name__
         transient = isinstance(exc, (ConnectionError, TimeoutError)) or (

@@ -36,8 +36,9 @@ def run(ctx: RunContext) -> dict:
     stages = {s: ctx.stage_stats(s) for s in STAGE_NAMES}
     manifest = {
         "date": ctx.date,
-        "catalog": ctx.catalog,
+        "catalog": (stages.get("clean") or {}).get("catalog") or ctx.catalog,  # what clean read, not today's config
         "model_version": (stages.get("score") or {}).get("model_version"),
+        "model_source": (stages.get("score") or {}).get("model_source"),
         "input_fingerprint": (stages.get("score") or {}).get("input_fingerprint"),
         "counts": {k: (stages.get("clean") or {}).get(k) for k in
                    ("input_rows", "clean_rows", "quarantined_rows", "quarantine_by_reason")},

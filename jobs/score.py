@@ -24,7 +24,7 @@ from jobs.validate import require_passed
 from matcher.evaluate import embed
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
 from matcher.model import MatcherModel, model_from_bytes, model_to_bytes
-from matcher.registry import check_encoders, load_current_model, text_encoder_name
+from matcher.registry import check_encoders, current_version, load_model, model_for_date, text_encoder_name
 from matcher.scoring import topk
 from matcher.search import query_vectors
 
@@ -188,8 +188,10 @@ def _as_table(name: str):
 def run(ctx: RunContext) -> dict:
     require_passed(ctx, "score")
     lake, date, sc = ctx.lake, ctx.date, ctx.config.score
-    model, config = load_current_model(lake)
-    version = config["version"]
+    version, why = model_for_date(ctx.model_version, ctx.stage_stats("train"), lake.manifest(date),
+                                  current_version(lake))
+    model, config = load_model(lake, version)
+    log.info("score: model %s (%s)", version, why)
     spark = get_spark(ctx.config.extract)
     n = lake.partition_rows("features", date)
     if n < 2:
@@ -253,7 +255,7 @@ def run(ctx: RunContext) -> dict:
     agreement = agree["agree"] / agree["labelled"] if agree.get("labelled") else None
     log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)
     return {"products": n, "recommendation_rows": int(recommendations.rows["recommendations"]),
-            "model_version": version, "category_agreement": agreement,
+            "model_version": version, "model_source": why, "category_agreement": agreement,
             "mismatches": int(mismatches.rows["mismatches"]),
             "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest()}
 

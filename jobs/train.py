@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import numpy as np
+import torch
 
 from jobs.context import RunContext, log
 from jobs.features_io import load_feature_set
@@ -37,14 +38,23 @@ def run(ctx: RunContext) -> dict:
     # Promotion gate: compare with the current model on the same held-out split.
     previous = current_version(ctx.lake)
     decision, previous_metrics = "promoted (no current model)", None
+    promoted = True
     if previous and previous != version:
         try:
             prev_model, prev_config = load_model(ctx.lake, previous)
             check_encoders(prev_config, fs.image_encoder, fs.text_encoder)
-            previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
-        except (ModelError, RuntimeError) as exc:  # the current model cannot read these features
-            decision = f"promoted (current model {previous} unusable: {exc})"
-    promoted = True
+        except ModelError as exc:  # the current model cannot be read, or cannot read these features
+            prev_model, decision = None, f"promoted (current model {previous} unusable: {exc})"
+        if prev_model is not None:
+            try:
+                previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout,
+                                                  cfg.seed)
+            except torch.cuda.OutOfMemoryError:
+                raise  # a resource problem for the operator (and a retry), not a verdict on either model
+            except Exception as exc:  # fail closed: no promotion without a comparison
+                promoted = False
+                decision = (f"kept current model {previous}: evaluating it failed "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
     if previous_metrics is not None:
         promoted, decision = promotion_decision(metrics, previous_metrics, previous, cfg.promotion_metric,
                                                 cfg.promotion_tolerance)

@@ -54,13 +54,29 @@ class CatalogReader:
     def __init__(self, uri: str, storage: StorageConfig, options: CatalogConfig | None = None):
         self.uri = uri
         self.storage = storage
-        self.options = options or CatalogConfig(file="", image_template="", columns={})
+        self.options = options or CatalogConfig(file="", image_template="", columns={}, ready_marker="")
         self.fs, self.root = resolve_uri(uri, storage)
 
     def __reduce__(self):
         # Executors rebuild the reader; a local catalog by its absolute path (their working directory differs).
         uri = self.uri if self.uri.startswith(("s3://", "s3a://")) else "file://" + self.root
         return (CatalogReader, (uri, self.storage, self.options))
+
+    def ready(self) -> bool:
+        """Has the catalog fully arrived: its products file, and the ready marker when one is configured?"""
+        try:
+            self.find_products_file()
+        except CatalogError:
+            return False
+        marker = self.options.ready_marker
+        return not marker or exists(self.fs, posixpath.join(self.root, marker))
+
+    def require_ready(self) -> None:
+        """One line naming what is missing, where a reader expects a complete snapshot."""
+        self.find_products_file()
+        marker = self.options.ready_marker
+        if marker and not exists(self.fs, posixpath.join(self.root, marker)):
+            raise CatalogError(f"catalog at {self.uri} is not complete: no {marker} marker yet")
 
     def find_products_file(self) -> str:
         if self.options.file:
@@ -79,6 +95,7 @@ class CatalogReader:
     def plan(self) -> CatalogPlan:
         """What executors need to read the catalog, from its header or footer only: the file, its format, the
         columns (after mapping) and the splits. A file that is not a catalog fails here, at once."""
+        self.require_ready()
         path = self.find_products_file()
         size = self.fs.get_file_info(path).size or 0
         fmt = posixpath.splitext(path)[1][1:]

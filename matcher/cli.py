@@ -26,12 +26,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def resolve_config(path: str | None) -> Config:
-    """--config FILE, else the workspace's .matcher/config.toml (written by `matcher demo`), else the defaults."""
+    """--config FILE, else the workspace's .matcher/config.toml (written by `matcher demo`), else the defaults.
+    Says which on stderr first, so a workspace config never applies silently."""
     if path:
-        return load_config(path)
-    if WORKSPACE_CONFIG.is_file():
-        return load_config(WORKSPACE_CONFIG)
-    return load_config()
+        source, cfg = path, load_config(path)
+    elif WORKSPACE_CONFIG.is_file():
+        source = f"{WORKSPACE_CONFIG} (the workspace config `matcher demo` wrote; --config FILE to use another)"
+        cfg = load_config(WORKSPACE_CONFIG)
+    else:
+        source, cfg = "embedded defaults (matcher/defaults.toml)", load_config()
+    if not _quiet:
+        print(f"matcher: config {source}", file=sys.stderr, flush=True)
+    return cfg
+
+
+_quiet = False  # -q: only warnings and errors on stderr (set once by main)
 
 
 def _lake(cfg: Config, lake_uri: str | None):
@@ -48,9 +57,14 @@ def _run_dates(args: argparse.Namespace, dates: list[str]) -> int:
 
     steps = parse_steps(args.steps)
     with storage_ready(resolve_config(args.config)) as cfg:
+        catalog = args.catalog or cfg.run.catalog
+        if len(dates) > 1 and "clean" in steps and "{ds" not in catalog:
+            logging.getLogger("matcher").warning(
+                "catalog %s has no {ds}: every date reads this same snapshot (use e.g. .../dt={ds})", catalog)
         try:
             for date in dates:
-                ctx = RunContext(cfg, date, catalog=args.catalog or "", lake_uri=args.lake or "")
+                ctx = RunContext(cfg, date, catalog=args.catalog or "", lake_uri=args.lake or "",
+                                 model_version=args.model or "")
                 run_pipeline(ctx, steps)
                 timings = ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items())
                 print(f"matcher: {date} done ({timings}); lake {ctx.lake.display('')}", flush=True)
@@ -192,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run pipeline stages for one partition date")
     common(p, with_date=False)
-    p.add_argument("--catalog", help="catalog folder or s3:// prefix (default: run.catalog of the config)")
+    p.add_argument("--catalog", help="catalog folder or s3:// prefix (default: run.catalog of the config); "
+                   "{ds} stands for the date, e.g. s3://bucket/catalog/dt={ds}")
     p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
     p.add_argument("--steps", help="comma-separated subset of clean,validate,extract,train,score,publish")
+    p.add_argument("--model", help="score with this model version instead of the one the date is pinned to")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("demo", help="embedded S3 + demo catalog + the Airflow DAG, then print recommendations")
@@ -225,10 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backfill", help="run the pipeline for each date of a range, in order, without Airflow")
     common(p, with_date=False)
-    p.add_argument("--catalog")
+    p.add_argument("--catalog", help="the dates' catalog; {ds} stands for each date (its own snapshot)")
     p.add_argument("--from", dest="start", required=True, help="first date YYYY-MM-DD")
     p.add_argument("--to", dest="end", required=True, help="last date YYYY-MM-DD (inclusive)")
     p.add_argument("--steps")
+    p.add_argument("--model", help="score every date with this model version")
     p.set_defaults(handler=cmd_backfill)
 
     p = sub.add_parser("report", help="write the nightly HTML report of a published partition")
@@ -246,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _quiet
     args = build_parser().parse_args(argv)
+    _quiet = args.quiet
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("py4j", "great_expectations", "jieba", "botocore", "urllib3", "transformers", "httpx"):

@@ -50,6 +50,7 @@ class CatalogConfig:
     file: str
     image_template: str
     columns: dict[str, str]
+    ready_marker: str
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,12 @@ def _check(cfg: Config) -> None:
     bad = sorted(k for k in cfg.extract.spark_conf if not k.startswith("spark."))
     if bad:
         raise ConfigError(f"extract.spark_conf keys must be Spark settings (spark.*), got {bad}")
+
+
+def dated(uri: str, ds: str) -> str:
+    """A dated input's location for partition date `ds` (YYYY-MM-DD): `{ds}` and `{ds_nodash}` replaced, as in
+    Airflow's templates, e.g. s3://bucket/catalog/dt={ds}."""
+    return uri.replace("{ds}", ds).replace("{ds_nodash}", ds.replace("-", ""))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

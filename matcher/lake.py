@@ -94,6 +94,10 @@ class Lake:
         return f"_work/dt={dt}/{attempt}/{table}"
 
     @staticmethod
+    def lock_dir(dt: str) -> str:
+        return f"_locks/dt={dt}"
+
+    @staticmethod
     def staged_file(table: str, dt: str) -> str:
         return f"_staging/dt={dt}/{table}.json"
 
@@ -207,6 +211,12 @@ class Lake:
 
     def clear_work_table(self, table: str, dt: str, attempt: str) -> None:
         self._delete_quietly(self.path(self.work_dir(table, dt, attempt)))
+
+    def delete_file_quietly(self, relpath: str) -> None:
+        try:
+            self.fs.delete_file(self.path(relpath))
+        except (FileNotFoundError, OSError):
+            pass
 
     def _delete_quietly(self, path: str) -> None:
         try:

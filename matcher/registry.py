@@ -39,6 +39,28 @@ def load_current_model(lake: Lake) -> tuple[MatcherModel, dict]:
     return load_model(lake, version)
 
 
+def model_for_date(override: str | None, train_stats: dict | None, manifest: dict | None,
+                   current: str | None) -> tuple[str, str]:
+    """(version, why) of the model that scores a date, so that a date's tables never depend on what was promoted
+    after it (a rerun, a backfill, nights running at once):
+      1. `override` (`--model`), when given;
+      2. the model that date's own training chose: its new model if promoted, else the model it was compared with;
+      3. the version recorded in the date's manifest (the model it was first scored with);
+      4. the current model, for a date scored for the first time without training."""
+    if override:
+        return override, "given with --model"
+    if train_stats and train_stats.get("model_version"):
+        if train_stats.get("promoted"):
+            return train_stats["model_version"], "trained and promoted for this date"
+        if train_stats.get("previous_version"):
+            return train_stats["previous_version"], "current when this date trained (its new model was not promoted)"
+    if manifest and manifest.get("model_version"):
+        return manifest["model_version"], "pinned by this date's manifest"
+    if current:
+        return current, "the current model (first scoring of this date)"
+    raise ModelError("no promoted model: run the train stage first")
+
+
 def promote(lake: Lake, version: str, date: str) -> None:
     lake.write_json(CURRENT, {"version": version, "promoted_for_date": date})
 

@@ -159,3 +159,42 @@ def test_an_unreadable_current_model_is_replaced_with_a_reason(tmp_path):
     stats = run_stage("train", second)
     assert stats["promoted"] and "unusable" in stats["decision"]
     assert current_version(second.lake) == stats["model_version"] != v1
+
+
+def _second_night_with_failing_comparison(tmp_path, monkeypatch, error: BaseException):
+    import jobs.train
+
+    first = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(first.lake, "2026-01-01")
+    v1 = run_stage("train", first)["model_version"]
+    second = _ctx(tmp_path, "2026-01-02")
+    write_synthetic_partition(second.lake, "2026-01-02", seed=3)
+    real = jobs.train.evaluate_model
+    calls = []
+
+    def evaluate(model, *args, **kwargs):  # the candidate evaluates; the current model's evaluation fails
+        calls.append(model)
+        if len(calls) == 2:
+            raise error
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(jobs.train, "evaluate_model", evaluate)
+    return second, v1
+
+
+def test_the_gate_fails_closed_when_the_current_model_cannot_be_evaluated(tmp_path, monkeypatch):
+    second, v1 = _second_night_with_failing_comparison(tmp_path, monkeypatch, ValueError("scores are NaN"))
+    stats = run_stage("train", second)
+    assert not stats["promoted"]
+    assert stats["decision"] == f"kept current model {v1}: evaluating it failed (ValueError: scores are NaN)"
+    assert current_version(second.lake) == v1
+
+
+def test_cuda_out_of_memory_in_the_gate_fails_the_stage(tmp_path, monkeypatch):
+    from jobs.context import StageError
+
+    second, v1 = _second_night_with_failing_comparison(tmp_path, monkeypatch,
+                                                       torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(StageError, match="OutOfMemoryError"):
+        run_stage("train", second)
+    assert current_version(second.lake) == v1

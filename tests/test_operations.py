@@ -177,6 +177,7 @@ def test_the_catalog_sensor_checks_the_catalog_whatever_the_runner(tmp_path):
 
     catalog = make_demo_catalog(tmp_path / "catalog", products=10, with_bad_rows=False)
     config = tmp_path / "m.toml"
-    config.write_text(dump_toml({"run": {"catalog": str(catalog)}, "runner": {"mode": "spark_submit"}}))
-    assert catalog_ready({"config": str(config)}) is True
-    assert catalog_ready({"config": str(config), "catalog": str(tmp_path / "absent")}) is False
+    config.write_text(dump_toml({"run": {"catalog": str(catalog), "lake": f"file://{tmp_path}/lake"},
+                                 "runner": {"mode": "spark_submit"}}))
+    assert catalog_ready("2026-01-01", {"config": str(config)}) is True
+    assert catalog_ready("2026-01-01", {"config": str(config), "catalog": str(tmp_path / "absent")}) is False

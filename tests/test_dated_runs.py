@@ -1,0 +1,237 @@
+"""Backfills you can trust: dated catalogs ({ds}), the catalog sensor, models pinned per date, one writer per date,
+and the deployment's configuration for scheduled runs."""
+import csv
+import threading
+import time
+
+import pytest
+
+from jobs.context import RunContext, StageError
+from jobs.pipeline import run_stage
+from matcher.cli import main
+from matcher.config import dated, dump_toml, load_config
+from matcher.demo_catalog import make_demo_catalog
+from matcher.lake import Lake
+from matcher.locks import DateLockedError, date_lock
+from matcher.model import ModelError
+from matcher.registry import current_version, model_for_date, promote
+from tests.synthetic import write_synthetic_partition
+
+D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
+
+
+def test_dated_locations():
+    assert dated("s3://b/catalog/dt={ds}", D1) == "s3://b/catalog/dt=2026-01-01"
+    assert dated("/data/{ds_nodash}/export", D2) == "/data/20260102/export"
+    assert dated("/data/fixed", D2) == "/data/fixed"
+
+
+def snapshot_ids(folder) -> list[str]:
+    with open(folder / "products.csv", newline="", encoding="utf-8") as fh:
+        return sorted(r["product_id"] for r in csv.DictReader(fh))
+
+
+def test_a_backfill_reads_each_dates_own_snapshot_and_a_missing_one_fails_naming_it(tmp_path, capsys):
+    make_demo_catalog(tmp_path / "catalog" / f"dt={D1}", products=8, with_bad_rows=False)
+    make_demo_catalog(tmp_path / "catalog" / f"dt={D2}", products=13, seed=4, with_bad_rows=False)
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake",
+                                         "catalog": str(tmp_path / "catalog" / "dt={ds}")},
+                                 "clean": {"image_size": 32}}))
+    assert main(["backfill", "--config", str(config), "--from", D1, "--to", D2, "--steps", "clean"]) == 0
+    assert capsys.readouterr().err.startswith(f"matcher: config {config}")
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    for date in (D1, D2):
+        clean = sorted(lake.read_partition("clean", date).column("product_id").to_pylist())
+        assert clean == snapshot_ids(tmp_path / "catalog" / f"dt={date}")
+    assert main(["run", "--config", str(config), "--date", D3, "--steps", "clean"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"matcher: error: stage clean failed: catalog for {D3}: no catalog at ")
+    assert f"dt={D3}" in err[-1]
+
+
+def test_a_configured_ready_marker_holds_back_a_half_copied_snapshot(tmp_path):
+    catalog = make_demo_catalog(tmp_path / "catalog", products=4, with_bad_rows=False)
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
+                                 "catalog": {"ready_marker": "_SUCCESS"}})
+    with pytest.raises(StageError, match="not complete: no _SUCCESS marker"):
+        run_stage("clean", RunContext(cfg, D1))
+    (catalog / "_SUCCESS").write_text("")
+    assert run_stage("clean", RunContext(cfg, D1))["clean_rows"] == 4
+
+
+def test_the_sensor_waits_for_the_dates_snapshot_and_its_marker_and_pokes_again_after_storage_errors(
+        tmp_path, monkeypatch):
+    from jobs.airflow_tasks import catalog_ready
+    from matcher.catalog import CatalogReader
+
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake",
+                                         "catalog": str(tmp_path / "catalog" / "dt={ds}")},
+                                 "catalog": {"ready_marker": "_SUCCESS"}}))
+    params = {"config": str(config)}
+    assert catalog_ready(D1, params) is False
+    snapshot = make_demo_catalog(tmp_path / "catalog" / f"dt={D1}", products=4, with_bad_rows=False)
+    assert catalog_ready(D1, params) is False  # files there, marker not yet
+    (snapshot / "_SUCCESS").write_text("")
+    assert catalog_ready(D1, params) is True
+    assert catalog_ready(D2, params) is False  # another date's snapshot does not count
+
+    def hiccup(self):
+        raise OSError("When reading information for key 'catalog': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(CatalogReader, "ready", hiccup)  # an injected storage fault
+    assert catalog_ready(D1, params) is False
+
+
+@pytest.mark.parametrize("run, message", [
+    ({}, "no catalog configured: set run.catalog in the TOML file named by $MATCHER_CONFIG"),
+    ({"catalog": "/data/c", "lake": "file://.matcher/lake"}, "is relative, and Airflow workers run"),
+])
+def test_a_scheduled_run_without_a_usable_deployment_config_fails_in_one_line(tmp_path, run, message):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs.airflow_tasks import deployment_config
+
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": run}))
+    with pytest.raises(AirflowFailException, match=message.replace("$", r"\$")):
+        deployment_config({}, environ={"MATCHER_CONFIG": str(config)})
+
+
+def test_scheduled_runs_take_their_config_from_matcher_config(tmp_path):
+    from jobs.airflow_tasks import deployment_config
+
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"catalog": "s3://b/c/dt={ds}", "lake": "s3://b/lake"},
+                                 "score": {"top_k": 7}}))
+    cfg, source = deployment_config({}, environ={"MATCHER_CONFIG": str(config)})
+    assert (cfg.score.top_k, source) == (7, str(config))
+    other = tmp_path / "other.toml"
+    other.write_text(dump_toml({"run": {"catalog": "/c", "lake": "file:///l"}, "score": {"top_k": 3}}))
+    cfg, source = deployment_config({"config": str(other)}, environ={"MATCHER_CONFIG": str(config)})
+    assert (cfg.score.top_k, source) == (3, str(other))  # a run's conf wins
+
+
+def test_model_for_date_prefers_the_dates_own_model():
+    trained = {"model_version": "m2", "promoted": True, "previous_version": "m1"}
+    refused = {"model_version": "m3", "promoted": False, "previous_version": "m1"}
+    pinned = {"model_version": "m1"}
+    assert model_for_date("m9", trained, pinned, "m5")[0] == "m9"
+    assert model_for_date(None, trained, pinned, "m5")[0] == "m2"
+    assert model_for_date(None, refused, None, "m5")[0] == "m1"
+    assert model_for_date(None, None, pinned, "m5")[0] == "m1"
+    assert model_for_date(None, None, None, "m5")[0] == "m5"
+    with pytest.raises(ModelError, match="no promoted model"):
+        model_for_date(None, None, None, None)
+
+
+def _ctx(tmp_path, date, **kw):
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},
+                                 "train": {"epochs": 3, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0}})
+    return RunContext(cfg, date, **kw)
+
+
+def _tables(lake: Lake, date: str) -> dict:
+    return {t: lake.read_partition(t, date).to_pandas().sort_values(list(
+        {"recommendations": ["product_id", "rank"], "categories": ["product_id"]}[t])).reset_index(drop=True)
+        for t in ("recommendations", "categories")}
+
+
+def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path):
+    first = _ctx(tmp_path, D1)
+    write_synthetic_partition(first.lake, D1, n=120)
+    v1 = run_stage("train", first)["model_version"]
+    for stage in ("score", "publish"):
+        run_stage(stage, first)
+    before = _tables(first.lake, D1)
+
+    second = _ctx(tmp_path, D2)
+    write_synthetic_partition(second.lake, D2, n=120, seed=7)
+    v2 = run_stage("train", second)["model_version"]
+    promote(second.lake, v2, D2)  # a newer model is current, whatever the gate said
+    assert current_version(second.lake) == v2 != v1
+
+    again = _ctx(tmp_path, D1)
+    stats = run_stage("score", again)
+    run_stage("publish", again)
+    assert stats["model_version"] == v1 and "trained and promoted for this date" in stats["model_source"]
+    after = _tables(again.lake, D1)
+    for table in before:
+        assert before[table].equals(after[table]), table
+    assert again.lake.manifest(D1)["model_version"] == v1
+
+    # A date first scored without training keeps the model its manifest records.
+    third = _ctx(tmp_path, D3)
+    write_synthetic_partition(third.lake, D3, n=120, seed=9)
+    assert run_stage("score", third)["model_version"] == v2
+    run_stage("publish", third)
+    promote(third.lake, v1, D3)
+    stats = run_stage("score", _ctx(tmp_path, D3))
+    assert stats["model_version"] == v2 and stats["model_source"] == "pinned by this date's manifest"
+
+    # --model overrides the pin.
+    assert run_stage("score", _ctx(tmp_path, D1, model_version=v2))["model_version"] == v2
+
+
+def test_one_writer_per_date(tmp_path):
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    write_synthetic_partition(lake, D1, n=40)
+    ctx = _ctx(tmp_path, D1)
+    with date_lock(lake, D1, holder="Airflow task score for 2026-01-01"):
+        with pytest.raises(StageError, match="date 2026-01-01 is being run by Airflow task score") as err:
+            run_stage("train", ctx)
+        assert err.value.retryable  # Airflow retries later, by when the other run may be done
+        with date_lock(lake, D2, holder="another date"):
+            pass  # other dates are free
+    run_stage("train", ctx)  # released
+    assert list((tmp_path / "lake" / "_locks" / f"dt={D1}").glob("*.json")) == []
+
+
+def test_a_dead_holders_lock_expires(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    lake.write_json(f"{Lake.lock_dir(D1)}/1-old.json", {"holder": "elsewhere", "host": "other-host", "pid": 1,
+                                                        "heartbeat": time.time() - 3600})
+    with date_lock(lake, D1, holder="me", stale_after=300):
+        pass
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lake.write_json(f"{Lake.lock_dir(D1)}/2-killed.json", {"holder": "killed", "host": socket.gethostname(),
+                                                           "pid": int(gone.stdout), "heartbeat": time.time()})
+    with date_lock(lake, D1, holder="me", stale_after=300):  # fresh heartbeat, but its process is gone
+        pass
+    lake.write_json(f"{Lake.lock_dir(D1)}/3-alive.json", {"holder": "alive", "host": "other-host", "pid": 1,
+                                                          "heartbeat": time.time()})
+    with pytest.raises(DateLockedError, match="being run by alive"):
+        with date_lock(lake, D1, holder="me", stale_after=300):
+            pass
+
+
+def test_racing_holders_never_both_hold_the_date(tmp_path):
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    holding, overlaps, held = [], [], []
+    start = threading.Barrier(4)
+
+    def contender(n: int) -> None:
+        start.wait()
+        for _ in range(15):
+            try:
+                with date_lock(lake, D1, holder=f"t{n}"):
+                    holding.append(n)
+                    held.append(n)
+                    if len(holding) > 1:
+                        overlaps.append(list(holding))
+                    time.sleep(0.002)
+                    holding.remove(n)
+            except DateLockedError:
+                time.sleep(0.001)
+
+    threads = [threading.Thread(target=contender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and held  # mutual exclusion, and the date was held now and then

@@ -40,6 +40,11 @@ def spark_settings(cfg: ExtractConfig, submitted: bool | None = None) -> tuple[s
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.driver.maxResultSize": cfg.spark_max_result_size,
+        # No automatic broadcast joins: a broadcast table is collected to the driver first, so the driver would
+        # hold a slice of the catalog that grows with it (the clean table's side of the feature join, ~10 MB at
+        # 200k products). Joins shuffle on executors instead; explicit broadcast hints of small lists still work.
+        "spark.sql.autoBroadcastJoinThreshold": "-1",
+        "spark.sql.adaptive.autoBroadcastJoinThreshold": "-1",
     })
     if cfg.spark_event_log_dir:
         conf["spark.eventLog.enabled"] = "true"

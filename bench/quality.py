@@ -1,9 +1,22 @@
-"""Match quality on the fashion catalog: random vs a ridge map on frozen features vs matcher, one split, one run.
+"""Match quality on the fashion catalog.
 
     .venv/bin/python bench/quality.py [--catalog ../shared/data/fashion] [--lake file:///tmp/matcher-bench-lake]
+    .venv/bin/python bench/quality.py --small [--draws 10] [--products 1000] [--types 7]
 
-Features are cached in the lake: the first run extracts them (about 10 minutes on 2 cores), later runs reuse them.
-Test split: 20% of products by a stable hash of product_id (the same split the train stage holds out)."""
+Full mode: random vs a ridge map on frozen features vs matcher, one split, one run. Test split: 20% of products by a
+stable hash of product_id (the same split the train stage holds out).
+
+--small: the protocol for catalogs the defaults were never tuned on. Each draw takes `--products` fashion products
+from `--types` randomly chosen article types; night 1 trains on 70% of them (by product-id hash) exactly as the train
+stage does (its own held-out, calibration and validation buckets inside those 70%), night 2 embeds all with that
+model, and the metrics are on the unseen 30%: text->image and image->text R@10 (gallery: the unseen products),
+recommendation P@10 (same article type, over the whole draw). In the same run, on the same rows: the previous recipe
+(fixed epochs, random init), the closed-form baselines (ridge both ways, CCA; fitted on the rows the model trains
+on, settings chosen on its validation rows) and each method with the inverted-softmax gallery re-ranking (+isl). Mean and
+standard deviation over the draws.
+
+Features are cached in the lake: the first run extracts them (about 10 minutes on 2 cores), later runs reuse them
+(and --small keeps them as arrays in --cache)."""
 from __future__ import annotations
 
 import argparse
@@ -64,12 +77,115 @@ def ridge_baseline(img, txt, categories, heldout, lam: float = 10.0):
     return cosine_metrics(z, t, _normalise(np.concatenate([z, t], 1)), categories, heldout)
 
 
+def draw_metrics(z, u, v, categories, unseen) -> dict[str, float]:
+    """Retrieval on the unseen products, with and without inverted-softmax re-ranking; P@10 over the whole draw."""
+    from matcher.evaluate import inverted_softmax, recall_at_k
+
+    m = embedding_metrics(z, u, v, categories, unseen, lambda i, j: np.einsum("nd,nd->n", z[i], u[j]), 0.0)
+    ho = np.nonzero(unseen)[0]
+    sim = z[ho] @ u[ho].T
+    m["image_to_text_recall_at_10_isl"] = recall_at_k(inverted_softmax(sim), (10,))[10]
+    m["text_to_image_recall_at_10_isl"] = recall_at_k(inverted_softmax(sim.T), (10,))[10]
+    return m
+
+
+def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int) -> int:
+    from matcher.baselines import fit_baselines
+    from matcher.train import model_spec, split_rows
+
+    rng = np.random.default_rng(seed)
+    names, counts = np.unique(fs.categories[fs.categories != ""], return_counts=True)
+    eligible = names[counts >= 30]
+    recipes = {"matcher (new recipe)": cfg.train,
+               "matcher (previous recipe)": cfg.with_overrides({"train": {"patience": 0, "init": "random",
+                                                                          "validation_fraction": 0.0}}).train}
+    keys = [("text_to_image_recall_at_10", "t->i R@10"), ("image_to_text_recall_at_10", "i->t R@10"),
+            ("recommendation_precision_at_10", "P@10"), ("text_to_image_recall_at_10_isl", "t->i R@10 +isl"),
+            ("image_to_text_recall_at_10_isl", "i->t R@10 +isl")]
+    results: dict[str, list[dict]] = {}
+    for d in range(draws):
+        chosen = rng.choice(eligible, size=min(types, len(eligible)), replace=False)
+        pool = np.nonzero(np.isin(fs.categories, chosen))[0]
+        rows = np.sort(rng.choice(pool, size=min(products, len(pool)), replace=False))
+        ids, img, txt, cats = fs.product_ids[rows], fs.image_feats[rows], fs.text_feats[rows], fs.categories[rows]
+        # A salted hash: the train stage's own buckets (held-out, calibration, validation) must fall inside night 1.
+        night1 = ~holdout_mask(np.array([f"protocol:{p}" for p in ids]), 0.3)
+        unseen = ~night1
+        for name, tcfg in recipes.items():
+            spec = model_spec(tcfg, img.shape[1], txt.shape[1], fs.image_encoder, fs.text_encoder)
+            result, _ = train_on_split(img[night1], txt[night1], ids[night1], spec, tcfg)
+            from matcher.evaluate import embed
+
+            z, u, v = embed(result.model, img, txt)
+            m = draw_metrics(z, u, v, cats, unseen)
+            m["seconds"], m["best_epoch"] = result.seconds, result.best_epoch
+            results.setdefault(name, []).append(m)
+        split = split_rows(ids[night1], cfg.train)  # the baselines see the rows the model trains and validates on
+        used = split.fit | split.validation
+        fit_rows = np.nonzero(night1)[0][used]
+        baselines = fit_baselines(img[fit_rows], txt[fit_rows], split.validation[used])
+        for name, pair in baselines.items():
+            z, u = pair.embed_images(img), pair.embed_texts(txt)
+            results.setdefault(name, []).append(draw_metrics(z, u, _normalise(z + u), cats, unseen))
+        line = "; ".join(f"{n}: {r[-1]['text_to_image_recall_at_10']:.3f}/{r[-1]['image_to_text_recall_at_10']:.3f}"
+                         for n, r in results.items())
+        print(f"draw {d + 1}/{draws} ({', '.join(chosen)}; {len(rows)} products): t->i/i->t R@10 {line}",
+              flush=True)
+
+    print(f"\n{draws} draws x {products} fashion products from {types} random article types; night 1 trains on 70% "
+          f"(by product-id hash), metrics on the unseen 30%: mean (std)\n")
+    print("| method | " + " | ".join(label for _, label in keys) + " | train s | best epoch |")
+    print("|---|" + "---:|" * (len(keys) + 2))
+    for name, runs in results.items():
+        cells = []
+        for key, _ in keys:
+            vals = np.array([r[key] for r in runs])
+            cells.append(f"{vals.mean():.3f} ({vals.std():.3f})")
+        secs = [r["seconds"] for r in runs if "seconds" in r]
+        epochs = [str(r["best_epoch"]) for r in runs if r.get("best_epoch") is not None]
+        cells += [f"{np.mean(secs):.1f}" if secs else "", "/".join(epochs)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    best_baseline = np.max([[min(r["text_to_image_recall_at_10"], r["image_to_text_recall_at_10"])
+                             for r in results[b]] for b in ("ridge_image_to_text", "ridge_text_to_image", "cca")],
+                           axis=0)
+    new = np.array([min(r["text_to_image_recall_at_10"], r["image_to_text_recall_at_10"])
+                    for r in results["matcher (new recipe)"]])
+    print(f"\nnew recipe below the best baseline (worse direction's R@10) in {int((new < best_baseline).sum())} of "
+          f"{draws} draws; goal: R@10 >= 0.80 both ways, P@10 >= 0.90 on average, no draw below the best baseline")
+    return 0
+
+
+def load_fashion_features(args, cfg):
+    """The fashion catalog's features: from the --cache arrays, else from the lake (extracted there once)."""
+    from types import SimpleNamespace
+
+    cache = Path(args.cache)
+    if cache.is_file():
+        data = np.load(cache, allow_pickle=True)
+        return SimpleNamespace(**{k: data[k] for k in data.files}, image_encoder=str(data["image_encoder"]),
+                               text_encoder=str(data["text_encoder"]))
+    ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake)
+    if ctx.lake.read_partition("features", args.date) is None:
+        print("extracting features once (cached in the lake for later runs)...", flush=True)
+        run_pipeline(ctx, ["clean", "validate", "extract"])
+    fs = load_feature_set(ctx, "bench", 10**9)
+    np.savez(cache, product_ids=fs.product_ids, image_feats=fs.image_feats, text_feats=fs.text_feats,
+             categories=fs.categories, image_encoder=fs.image_encoder, text_encoder=fs.text_encoder)
+    return fs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", default=str(REPO.parent / "shared" / "data" / "fashion"))
     parser.add_argument("--lake", default="file:///tmp/matcher-bench-lake")
     parser.add_argument("--date", default="2026-01-01")
     parser.add_argument("--config", help="matcher TOML config (train section: the matcher row's settings)")
+    parser.add_argument("--small", action="store_true", help="the small-catalog protocol (see above)")
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--products", type=int, default=1000)
+    parser.add_argument("--types", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="/tmp/matcher-fashion-features.npz", help="feature arrays for --small")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not (Path(args.catalog) / "products.csv").is_file() and not args.catalog.startswith("s3://"):
@@ -77,6 +193,9 @@ def main() -> int:
         return 0
 
     cfg = load_config(args.config)
+    if args.small:
+        fs = load_fashion_features(args, cfg)
+        return small_protocol(fs, cfg, args.draws, args.products, args.types, args.seed)
     ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake)
     if ctx.lake.read_partition("features", args.date) is None:
         print("extracting features once (cached in the lake for later runs)...", flush=True)

@@ -11,10 +11,11 @@ from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
 from matcher.lake import Lake
 from matcher.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
-from matcher.model import ModelError, ModelSpec
-from matcher.registry import (check_encoders, current_version, load_model, promote, promotion_decision,
-                              save_model)
-from matcher.train import train_on_split, training_fingerprint
+from matcher.model import ModelError
+from matcher.registry import (baseline_verdict, check_encoders, current_version, load_model, promote,
+                              promotion_decision, save_model)
+from matcher.baselines import baseline_metrics
+from matcher.train import model_spec, split_rows, train_on_split, training_fingerprint
 from matcher.training_report import render_training_report
 
 
@@ -22,12 +23,14 @@ def run(ctx: RunContext) -> dict:
     require_passed(ctx, "train")
     fs = load_feature_set(ctx, "train", ctx.config.train.max_products)
     cfg = ctx.config.train
-    spec = ModelSpec(image_dim=fs.image_feats.shape[1], text_dim=fs.text_feats.shape[1], dim=cfg.dim,
-                     hidden=cfg.hidden, fusion=cfg.fusion, fusion_alpha=cfg.fusion_alpha,
-                     image_encoder=fs.image_encoder, text_encoder=fs.text_encoder)
+    spec = model_spec(cfg, fs.image_feats.shape[1], fs.text_feats.shape[1], fs.image_encoder, fs.text_encoder)
     result, heldout = train_on_split(fs.image_feats, fs.text_feats, fs.product_ids, spec, cfg)
     metrics = evaluate_model(result.model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
     metrics["train_seconds"] = result.seconds
+    metrics["best_epoch"] = result.best_epoch
+    split = split_rows(fs.product_ids, cfg)
+    baselines = baseline_metrics(fs.image_feats, fs.text_feats, fs.categories, heldout, split.fit | split.validation,
+                                 split.validation[split.fit | split.validation]) if heldout.any() else {}
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"
     location = save_model(ctx.lake, version, result.model,
@@ -60,22 +63,27 @@ def run(ctx: RunContext) -> dict:
                                                 cfg.promotion_tolerance)
     elif previous == version:
         decision = "promoted (same model as current)"
+    below = baseline_verdict(metrics, baselines, cfg.promotion_metric, cfg.promotion_tolerance)
+    if promoted and below:
+        promoted = False
+        decision = f"refused: {below}" + (f"; kept current model {previous}" if previous else "; no model to serve")
     if promoted:
         promote(ctx.lake, version, ctx.date)
     report = f"{Lake.model_dir(version)}/report.html"
     ctx.lake.write_bytes(report, _report(ctx.date, version, result, fs, heldout, metrics,
-                                                                  previous_metrics, decision).encode())
+                                         previous_metrics, decision, baselines).encode())
     log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,
              {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)})
     return {"model_version": version, "promoted": promoted, "decision": decision, "metrics": metrics,
+            "baselines": baselines,
             "previous_version": previous, "previous_metrics": previous_metrics, "model_location": location,
             "report": ctx.lake.display(report)}
 
 
-def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision) -> str:
+def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision, baselines) -> str:
     rows = np.nonzero(heldout)[0] if heldout.any() else np.arange(len(fs.product_ids))
     z, u, _ = embed(result.model, fs.image_feats[rows], fs.text_feats[rows])
     true_scores, false_scores = true_and_false_pair_scores(model_pair_scorer(result.model, z, u),
                                                            np.arange(len(rows)))
     return render_training_report(version, date, metrics, previous_metrics, result.history, true_scores,
-                                  false_scores, decision)
+                                  false_scores, decision, baselines)

@@ -48,7 +48,8 @@ class LinearPair:
     text_std: Standardiser
     image_w: np.ndarray
     text_w: np.ndarray
-    setting: float
+    kind: str          # ridge_image_to_text | ridge_text_to_image | cca
+    params: tuple      # the setting: (penalty,) or (regulariser, width)
 
     def embed_images(self, image_feats: np.ndarray) -> np.ndarray:
         return _normalise(self.image_std(image_feats) @ self.image_w).astype(np.float32)
@@ -75,9 +76,11 @@ def fit_ridge(image_feats: np.ndarray, text_feats: np.ndarray, direction: str, p
     si, st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
     x, y = si(image_feats), st(text_feats)
     if direction == "image_to_text":
-        return LinearPair("ridge image->text", si, st, _ridge_map(x, y, penalty), np.eye(y.shape[1]), penalty)
+        return LinearPair("ridge image->text", si, st, _ridge_map(x, y, penalty), np.eye(y.shape[1]),
+                          "ridge_image_to_text", (penalty,))
     if direction == "text_to_image":
-        return LinearPair("ridge text->image", si, st, np.eye(x.shape[1]), _ridge_map(y, x, penalty), penalty)
+        return LinearPair("ridge text->image", si, st, np.eye(x.shape[1]), _ridge_map(y, x, penalty),
+                          "ridge_text_to_image", (penalty,))
     raise ValueError(f"unknown direction {direction!r}")
 
 
@@ -86,24 +89,35 @@ def _inverse_sqrt(c: np.ndarray) -> np.ndarray:
     return (vectors / np.sqrt(values.clip(1e-9))) @ vectors.T
 
 
+class CCAFit:
+    """Regularised CCA of two feature views, factored once so that every (regulariser, width) setting costs one
+    small eigen- and singular-value decomposition: whiten each view (covariance + regulariser * I, on unit-variance
+    features, in each view's row space when features outnumber products), then the top `width` singular
+    directions of the whitened cross-covariance, each weighted by its canonical correlation."""
+
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
+        self.si, self.st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
+        x, y = self.si(image_feats), self.st(text_feats)
+        self.n = len(x)
+        self.bx, self.by = _span(x), _span(y)
+        xr, yr = x @ self.bx, y @ self.by
+        self.cxx, self.cyy, self.cxy = xr.T @ xr / self.n, yr.T @ yr / self.n, xr.T @ yr / self.n
+        self._solved: dict[float, tuple] = {}
+
+    def pair(self, regulariser: float, width: int) -> LinearPair:
+        if regulariser not in self._solved:
+            wx = _inverse_sqrt(self.cxx + regulariser * np.eye(len(self.cxx)))
+            wy = _inverse_sqrt(self.cyy + regulariser * np.eye(len(self.cyy)))
+            self._solved[regulariser] = (wx, wy, *np.linalg.svd(wx @ self.cxy @ wy, full_matrices=False))
+        wx, wy, u, s, vt = self._solved[regulariser]
+        k = max(1, min(width, len(s)))
+        return LinearPair(f"cca (width {k})", self.si, self.st, self.bx @ wx @ u[:, :k] * s[:k],
+                          self.by @ wy @ vt[:k].T * s[:k], "cca", (regulariser, width))
+
+
 def fit_cca(image_feats: np.ndarray, text_feats: np.ndarray, regulariser: float, width: int) -> LinearPair:
-    """Regularised CCA: whiten each view (covariance + regulariser * I, on unit-variance features), then the top
-    `width` singular directions of the whitened cross-covariance, each weighted by its canonical correlation."""
-    si, st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
-    x, y = si(image_feats), st(text_feats)
-    n = len(x)
-    # Work in each view's span when features outnumber products (the covariance is then rank-deficient anyway).
-    bx = _span(x)
-    by = _span(y)
-    xr, yr = x @ bx, y @ by
-    cxx = xr.T @ xr / n + regulariser * np.eye(xr.shape[1])
-    cyy = yr.T @ yr / n + regulariser * np.eye(yr.shape[1])
-    wx, wy = _inverse_sqrt(cxx), _inverse_sqrt(cyy)
-    u, s, vt = np.linalg.svd(wx @ (xr.T @ yr / n) @ wy, full_matrices=False)
-    k = max(1, min(width, len(s)))
-    scale = s[:k]
-    return LinearPair(f"cca (width {k})", si, st, bx @ wx @ u[:, :k] * scale, by @ wy @ vt[:k].T * scale,
-                      regulariser)
+    """One CCA setting (see CCAFit)."""
+    return CCAFit(image_feats, text_feats).pair(regulariser, width)
 
 
 def _span(x: np.ndarray) -> np.ndarray:
@@ -116,24 +130,59 @@ def _span(x: np.ndarray) -> np.ndarray:
     return vt[keep].T
 
 
+def reduce_width(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray, dim: int) -> LinearPair:
+    """The same pair in at most `dim` dimensions: the top principal directions of both views' embeddings of these
+    rows (a ridge map lands in a whole feature space, 384 or 1,280 wide, where the learned space has `dim`)."""
+    k = pair.image_w.shape[1]
+    if k <= dim:
+        return pair
+    both = np.concatenate([pair.image_std(image_feats) @ pair.image_w, pair.text_std(text_feats) @ pair.text_w])
+    _, _, vt = np.linalg.svd(both - both.mean(0), full_matrices=False)
+    q = vt[:dim].T
+    return LinearPair(f"{pair.name} (top {dim} directions)", pair.image_std, pair.text_std, pair.image_w @ q,
+                      pair.text_w @ q, pair.kind, pair.params)
+
+
+def refit(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray) -> LinearPair:
+    """The same kind of baseline with the same setting, fitted on other rows (e.g. training + validation)."""
+    if pair.kind == "cca":
+        return fit_cca(image_feats, text_feats, *pair.params)
+    return fit_ridge(image_feats, text_feats, pair.kind.removeprefix("ridge_"), *pair.params)
+
+
 def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: np.ndarray) -> dict[str, LinearPair]:
-    """Ridge both ways and CCA, each with its setting chosen by validation MRR, then refitted on all the rows
-    given (training + validation). `validation` marks the rows held out for the choice."""
+    """Ridge both ways and CCA, each with its setting chosen by validation MRR, fitted on the other rows.
+    `validation` marks the rows held out for the choice."""
     fit = ~validation
     if validation.sum() < 2 or fit.sum() < 2:
         fit = validation = np.ones(len(image_feats), dtype=bool)
+    xi, xt, vi, vt = image_feats[fit], text_feats[fit], image_feats[validation], text_feats[validation]
 
-    def choose(make, settings):
-        scored = [(make(image_feats[fit], text_feats[fit], *s).validation_mrr(image_feats[validation],
-                                                                             text_feats[validation]), i)
-                  for i, s in enumerate(settings)]
-        best = settings[max(scored)[1]]
-        return make(image_feats, text_feats, *best)
+    def best(candidates):
+        return max(candidates, key=lambda pair: pair.validation_mrr(vi, vt))
 
+    cca = CCAFit(xi, xt)
     return {
-        "ridge_image_to_text": choose(lambda x, y, p: fit_ridge(x, y, "image_to_text", p),
-                                      [(p,) for p in RIDGE_PENALTIES]),
-        "ridge_text_to_image": choose(lambda x, y, p: fit_ridge(x, y, "text_to_image", p),
-                                      [(p,) for p in RIDGE_PENALTIES]),
-        "cca": choose(fit_cca, [(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS]),
+        "ridge_image_to_text": best(fit_ridge(xi, xt, "image_to_text", p) for p in RIDGE_PENALTIES),
+        "ridge_text_to_image": best(fit_ridge(xi, xt, "text_to_image", p) for p in RIDGE_PENALTIES),
+        "cca": best(cca.pair(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS),
     }
+
+
+def baseline_metrics(image_feats: np.ndarray, text_feats: np.ndarray, categories: np.ndarray, heldout: np.ndarray,
+                     train_rows: np.ndarray, validation: np.ndarray) -> dict[str, dict[str, float]]:
+    """Each baseline fitted on `train_rows` (settings chosen on its `validation` rows, a mask over train_rows)
+    and measured on the held-out rows by the same code as the learned model (cosine for the pair score)."""
+    from matcher.evaluate import best_threshold, embedding_metrics, true_and_false_pair_scores
+
+    rows = np.nonzero(train_rows)[0]
+    out = {}
+    for name, pair in fit_baselines(image_feats[rows], text_feats[rows], validation).items():
+        z, u = pair.embed_images(image_feats), pair.embed_texts(text_feats)
+
+        def cosine(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            return np.einsum("nd,nd->n", z[i], u[j])
+
+        threshold = best_threshold(*true_and_false_pair_scores(cosine, rows))
+        out[name] = embedding_metrics(z, u, _normalise(z + u), categories, heldout, cosine, threshold)
+    return out

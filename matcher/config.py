@@ -106,6 +106,10 @@ class TrainConfig:
     learn_temperature: bool
     holdout_fraction: float
     calibration_fraction: float
+    validation_fraction: float
+    patience: int
+    init: str
+    refit: bool
     seed: int
     promotion_metric: str
     promotion_tolerance: float
@@ -227,6 +231,10 @@ def _check(cfg: Config) -> None:
     if cfg.extract.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"extract.text_encoder must be one of {', '.join(TEXT_ENCODERS)}; "
                           f"got {cfg.extract.text_encoder!r}")
+    if cfg.train.init not in ("closed_form", "random"):
+        raise ConfigError(f"train.init must be closed_form or random, got {cfg.train.init!r}")
+    if not 0.0 <= cfg.train.validation_fraction < 1.0 - cfg.train.holdout_fraction - cfg.train.calibration_fraction:
+        raise ConfigError("train.validation_fraction must leave products to train on")
     if cfg.train.max_products < 2:
         raise ConfigError("train.max_products must be >= 2")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):

@@ -23,6 +23,15 @@ def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, 
     return {k: float((rank < k).mean()) for k in ks}
 
 
+def inverted_softmax(sim: np.ndarray, temperature: float = 0.05) -> np.ndarray:
+    """Gallery-aware scores for a (queries x gallery) similarity matrix: each gallery item's scores normalised
+    across all the queries (a softmax over each column, in log form), so an item that is close to every query (a
+    hub) counts less for each of them. Rank each query's row by the result."""
+    scaled = sim / temperature
+    top = scaled.max(axis=0, keepdims=True)
+    return scaled - (top + np.log(np.exp(scaled - top).sum(axis=0, keepdims=True)))
+
+
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     scores = np.concatenate([pos, neg])
     order = np.argsort(scores, kind="mergesort")

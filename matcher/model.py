@@ -1,6 +1,7 @@
 """The learned shared space: projection heads, fusion and the matching network; saved as safetensors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
@@ -27,23 +28,42 @@ class ModelSpec:
     fusion_alpha: float
     image_encoder: str
     text_encoder: str
+    head: str = "mlp"  # mlp | mlp+linear (a linear path beside the MLP, seeded with a closed-form solution)
+
+
+HEADS = ("mlp", "mlp+linear")
 
 
 class ProjectionHead(nn.Module):
-    """Standardise frozen encoder features, then a two-layer MLP into the shared space (L2-normalised)."""
+    """Standardise frozen encoder features, then a two-layer MLP into the shared space (L2-normalised); with
+    `linear`, plus a linear map of the same input, so a closed-form solution can be the starting point."""
 
-    def __init__(self, in_dim: int, hidden: int, dim: int):
+    def __init__(self, in_dim: int, hidden: int, dim: int, linear: bool = False):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, dim))
+        self.linear = nn.Linear(in_dim, dim) if linear else None
 
     def set_standardisation(self, feats: torch.Tensor) -> None:
         self.mean.copy_(feats.mean(0))
         self.std.copy_(feats.std(0).clamp_min(1e-6))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net((feats - self.mean) / self.std), dim=-1)
+        x = (feats - self.mean) / self.std
+        out = self.net(x) if self.linear is None else self.net(x) + self.linear(x)
+        return F.normalize(out, dim=-1)
+
+    @torch.no_grad()
+    def start_from_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Make the head compute normalise(x_std @ weight.T + bias) exactly: the MLP's output layer starts at zero
+        (training then learns what the linear map misses)."""
+        if self.linear is None:
+            raise ModelError("this head has no linear path")
+        self.linear.weight.copy_(weight)
+        self.linear.bias.copy_(bias)
+        self.net[-1].weight.zero_()
+        self.net[-1].bias.zero_()
 
 
 def fuse(z: torch.Tensor, u: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:
@@ -82,9 +102,12 @@ class MatcherModel(nn.Module):
         super().__init__()
         if spec.fusion not in FUSION_MODES:
             raise ModelError(f"unknown fusion mode {spec.fusion!r}")
+        if spec.head not in HEADS:
+            raise ModelError(f"unknown head {spec.head!r}")
         self.spec = spec
-        self.image_head = ProjectionHead(spec.image_dim, spec.hidden, spec.dim)
-        self.text_head = ProjectionHead(spec.text_dim, spec.hidden, spec.dim)
+        linear = spec.head == "mlp+linear"
+        self.image_head = ProjectionHead(spec.image_dim, spec.hidden, spec.dim, linear)
+        self.text_head = ProjectionHead(spec.text_dim, spec.hidden, spec.dim, linear)
         self.matcher = MatchingNetwork(spec.dim, spec.fusion, spec.fusion_alpha)
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
         # Match probability at or above which a photo and a text are called a match (set after training).
@@ -130,6 +153,8 @@ def model_from_bytes(data: bytes, spec: ModelSpec) -> MatcherModel:
 
 def spec_from_dict(data: dict) -> ModelSpec:
     try:
-        return ModelSpec(**{k: data[k] for k in ModelSpec.__dataclass_fields__})
+        # Fields added later have defaults: a model saved before them loads as it was trained.
+        fields = ModelSpec.__dataclass_fields__
+        return ModelSpec(**{k: data[k] for k in fields if k in data or fields[k].default is dataclasses.MISSING})
     except KeyError as exc:
         raise ModelError(f"model config lacks {exc}") from None

@@ -33,18 +33,28 @@ def _y(value: float, lo: float, hi: float) -> float:
     return H - PAD - (value - lo) / span * (H - PAD - 30)
 
 
-def line_chart(title: str, series: dict[str, Sequence[float]]) -> str:
-    values = [v for s in series.values() for v in s if np.isfinite(v)]
+def line_chart(title: str, series: dict[str, Sequence[float | None]]) -> str:
+    """One line per series over the index (epochs); missing (None or NaN) points are left out."""
+    values = [v for s in series.values() for v in s if v is not None and np.isfinite(v)]
     if not values:
         return _frame(title, "", [])
     lo, hi = min(0.0, min(values)), max(values)
     n = max(len(s) for s in series.values())
     body = _y_axis(lo, hi)
     for i, (name, s) in enumerate(series.items()):
-        pts = " ".join(f"{PAD + j / max(1, n - 1) * (W - PAD - 20):.1f},{_y(v, lo, hi):.1f}" for j, v in enumerate(s))
+        pts = " ".join(f"{PAD + j / max(1, n - 1) * (W - PAD - 20):.1f},{_y(v, lo, hi):.1f}" for j, v in enumerate(s)
+                       if v is not None and np.isfinite(v))
         body += f'<polyline fill="none" stroke="{PALETTE[i % len(PALETTE)]}" stroke-width="2" points="{pts}"/>'
     body += f'<text x="{W - 12}" y="{H - PAD + 14}" text-anchor="end" font-size="10">epoch {n}</text>'
     return _frame(title, body, list(series))
+
+
+def training_curves(history: list[dict]) -> str:
+    """The training losses and the validation recall per epoch, whichever the history holds."""
+    names = {"contrastive": "contrastive", "matching": "matching (BCE)", "validation_mrr": "validation MRR"}
+    series = {label: [h.get(key) for h in history] for key, label in names.items()
+              if any(h.get(key) is not None for h in history)}
+    return line_chart("Training loss and validation", series)
 
 
 def bar_chart(title: str, labels: Sequence[str], series: dict[str, Sequence[float]]) -> str:

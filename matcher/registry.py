@@ -54,6 +54,8 @@ def model_for_date(override: str | None, train_stats: dict | None, manifest: dic
             return train_stats["model_version"], "trained and promoted for this date"
         if train_stats.get("previous_version"):
             return train_stats["previous_version"], "current when this date trained (its new model was not promoted)"
+        raise ModelError(f"the model trained for this date was not promoted ({train_stats.get('decision')}) and "
+                         "there is no earlier model to score with")
     if manifest and manifest.get("model_version"):
         return manifest["model_version"], "pinned by this date's manifest"
     if current:
@@ -89,6 +91,19 @@ def promotion_decision(new: dict, current: dict, current_version_name: str, metr
     promoted = new_value >= old_value - tolerance
     verdict = "promoted" if promoted else f"kept current model {current_version_name}"
     return promoted, f"{verdict}: {metric} {new_value:.4f} vs current {old_value:.4f} (tolerance {tolerance})"
+
+
+def baseline_verdict(new: dict, baselines: dict[str, dict], metric: str, tolerance: float) -> str:
+    """Why a new model must not be promoted against the closed-form baselines fitted on the same split ("" when
+    it beats the best of them, within `tolerance`)."""
+    scored = {name: float(m[metric]) for name, m in baselines.items() if metric in m}
+    if not scored or metric not in new:
+        return ""
+    best = max(scored, key=scored.get)
+    if float(new[metric]) >= scored[best] - tolerance:
+        return ""
+    return (f"{metric} {float(new[metric]):.4f} is below the closed-form baseline {best} ({scored[best]:.4f}, "
+            f"tolerance {tolerance})")
 
 
 def list_models(lake: Lake) -> list[dict]:

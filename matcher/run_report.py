@@ -21,7 +21,7 @@ from PIL import Image
 
 from matcher.evaluate import model_pair_scorer, true_and_false_pair_scores
 from matcher.lake import Lake
-from matcher.plots import histogram, line_chart
+from matcher.plots import histogram, training_curves
 from matcher.registry import load_model
 from matcher.training_report import metrics_table, recall_chart
 
@@ -188,8 +188,7 @@ def _quality(lake: Lake, date: str, manifest: dict) -> str:
     history = lake.read_json(posixpath.join(model_dir, "history.json")) or []
     charts = recall_chart(metrics, previous)
     if history:
-        charts += line_chart("Training loss", {"contrastive": [h["contrastive"] for h in history],
-                                               "matching (BCE)": [h["matching"] for h in history]})
+        charts += training_curves(history)
     # A sample of the products' own photo/text pairs: the first rows of the embeddings, not the catalog.
     emb = _first_rows(lake, lake.partition_files("embeddings", date), ["image_vec", "text_vec"], HISTOGRAM_ROWS)
     if emb is not None and emb.num_rows >= 2:

@@ -1,6 +1,7 @@
 """Nightly retraining: contrastive projection heads + the matching network, on frozen encoder features."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from matcher.baselines import LinearPair, fit_baselines, mean_reciprocal_rank, reduce_width, refit
 from matcher.config import TrainConfig
 from matcher.evaluate import best_threshold, model_pair_scorer, true_and_false_pair_scores
 from matcher.model import MatcherModel, ModelSpec
@@ -27,9 +29,26 @@ def holdout_mask(product_ids: list[str] | np.ndarray, fraction: float) -> np.nda
 def calibration_mask(product_ids: list[str] | np.ndarray, holdout_fraction: float, fraction: float) -> np.ndarray:
     """The next `fraction` of hash buckets after the held-out ones: training rows kept aside to set the match
     threshold, since the network scores the pairs it was trained on too confidently."""
-    start = int(round(holdout_fraction * 10000))
+    return _bucket_range(product_ids, holdout_fraction, fraction)
+
+
+def validation_mask(product_ids: list[str] | np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """The `validation_fraction` of hash buckets after the calibration ones: rows that choose the training epoch
+    and the closed-form settings (model selection), never trained on."""
+    return _bucket_range(product_ids, cfg.holdout_fraction + cfg.calibration_fraction, cfg.validation_fraction)
+
+
+def _bucket_range(product_ids: list[str] | np.ndarray, start_fraction: float, fraction: float) -> np.ndarray:
+    start = int(round(start_fraction * 10000))
     b = _buckets(product_ids)
     return (b >= start) & (b < start + int(round(fraction * 10000)))
+
+
+def model_spec(cfg: TrainConfig, image_dim: int, text_dim: int, image_encoder: str, text_encoder: str) -> ModelSpec:
+    """The model the training config describes (heads with a linear path when they start from a closed-form solution)."""
+    return ModelSpec(image_dim=image_dim, text_dim=text_dim, dim=cfg.dim, hidden=cfg.hidden, fusion=cfg.fusion,
+                     fusion_alpha=cfg.fusion_alpha, image_encoder=image_encoder, text_encoder=text_encoder,
+                     head="mlp+linear" if cfg.init == "closed_form" and cfg.patience > 0 else "mlp")
 
 
 def training_fingerprint(content_hashes: list[str], spec: ModelSpec, cfg: TrainConfig) -> str:
@@ -45,6 +64,9 @@ class TrainResult:
     model: MatcherModel
     history: list[dict]
     seconds: float
+    best_epoch: int | None = None  # the epoch early stopping kept (0 = the starting point); None: fixed epochs
+    matching_loss: float | None = None  # the matching network's mean loss, when it trains after the heads
+    start: str = "random"  # what the heads started from: random, or the closed-form baseline they copied
 
 
 def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -65,11 +87,28 @@ def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, genera
     return F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
 
 
+MIN_VALIDATION = 8  # fewer validation products than this cannot rank epochs: train the fixed recipe instead
+
+
 def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
-                calibration: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+                calibration: tuple[np.ndarray, np.ndarray] | None = None,
+                validation: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
     """Train heads (symmetric InfoNCE) and matching network (cross-entropy) on paired features. Deterministic on CPU.
 
+    With `validation` (image, text) pairs and `cfg.patience` > 0: the heads train epoch by epoch, starting from the
+    best closed-form baseline when the spec has linear paths, and the epoch with the best validation mean reciprocal rank
+    (epoch 0 = the starting point) is kept; training stops `patience` epochs after it. The matching network then
+    trains on the chosen heads' frozen embeddings. Otherwise the fixed recipe: `epochs` (at least `min_steps`
+    steps), heads and matching network together.
+
     The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs."""
+    if cfg.patience > 0 and validation is not None and len(validation[0]) >= MIN_VALIDATION:
+        return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation)
+    return _train_fixed_epochs(image_feats, text_feats, spec, cfg, calibration)
+
+
+def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
+                        calibration: tuple[np.ndarray, np.ndarray] | None) -> TrainResult:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -78,12 +117,7 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
     n = img.shape[0]
     if n < 2:
         raise ValueError("training needs at least 2 products")
-    model = MatcherModel(spec)
-    model.image_head.set_standardisation(img)
-    model.text_head.set_standardisation(txt)
-    with torch.no_grad():
-        model.logit_scale.fill_(float(np.log(1.0 / cfg.temperature)))
-    model.logit_scale.requires_grad_(cfg.learn_temperature)
+    model = _new_model(img, txt, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     batch = max(2, min(cfg.batch_size, n))
@@ -122,6 +156,174 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started)
 
 
+def _new_model(img: torch.Tensor, txt: torch.Tensor, spec: ModelSpec, cfg: TrainConfig) -> MatcherModel:
+    model = MatcherModel(spec)
+    model.image_head.set_standardisation(img)
+    model.text_head.set_standardisation(txt)
+    with torch.no_grad():
+        model.logit_scale.fill_(float(np.log(1.0 / cfg.temperature)))
+    model.logit_scale.requires_grad_(cfg.learn_temperature)
+    return model
+
+
+def batch_size_for(n: int, configured: int) -> int:
+    """The configured batch, but small enough for about 8 steps an epoch on small catalogs: an epoch of one step
+    gives early stopping nothing to choose between."""
+    return max(2, min(configured, n, max(32, n // 8)))
+
+
+def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
+                               calibration: tuple[np.ndarray, np.ndarray] | None,
+                               validation: tuple[np.ndarray, np.ndarray]) -> TrainResult:
+    started = time.perf_counter()
+    img = torch.as_tensor(image_feats, dtype=torch.float32)
+    txt = torch.as_tensor(text_feats, dtype=torch.float32)
+    val_img = torch.as_tensor(validation[0], dtype=torch.float32)
+    val_txt = torch.as_tensor(validation[1], dtype=torch.float32)
+    if img.shape[0] < 2:
+        raise ValueError("training needs at least 2 products")
+    torch.manual_seed(cfg.seed)
+    model = _new_model(img, txt, spec, cfg)
+    start = _closed_form_start(model, img, txt, val_img, val_txt) if spec.head == "mlp+linear" else None
+    if start is not None:
+        _seed_heads(model, start)
+
+    def validation_mrr() -> float:
+        model.eval()
+        with torch.no_grad():
+            z, u = model.embed_images(val_img).numpy(), model.embed_texts(val_txt).numpy()
+        model.train()
+        return (mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2
+
+    best = {"mrr": validation_mrr(), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    history = [{"epoch": 0, "validation_mrr": best["mrr"]}]
+
+    def after_epoch(epoch: int, loss: float) -> bool:
+        mrr = validation_mrr()
+        history.append({"epoch": epoch, "contrastive": loss, "validation_mrr": mrr,
+                        "temperature": 1.0 / model.logit_scale.exp().item()})
+        if mrr > best["mrr"] + 1e-4:
+            best.update(mrr=mrr, epoch=epoch, state=copy.deepcopy(model.state_dict()))
+        return epoch - best["epoch"] < cfg.patience  # go on?
+
+    _contrastive_epochs(model, img, txt, cfg, cfg.epochs, after_epoch)
+    model.load_state_dict(best["state"])
+    if cfg.refit:
+        # The choices are made (start, epochs): the same recipe again on training + validation rows, since on a
+        # small catalog a tenth more products is worth more than anything the validation rows still tell.
+        img, txt = torch.cat([img, val_img]), torch.cat([txt, val_txt])
+        torch.manual_seed(cfg.seed)
+        model = _new_model(img, txt, spec, cfg)
+        if start is not None:
+            _seed_heads(model, _standardised_refit(model, start, img, txt))
+        _contrastive_epochs(model, img, txt, cfg, best["epoch"], lambda epoch, loss: True)
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    matching = _train_matching_network(model, img, txt, cfg, generator)
+    model.eval()
+    if calibration is not None and len(calibration[0]) >= 2:
+        _calibrate_threshold(model, torch.as_tensor(calibration[0], dtype=torch.float32),
+                             torch.as_tensor(calibration[1], dtype=torch.float32), cfg.seed)
+    else:
+        _calibrate_threshold(model, img, txt, cfg.seed)
+    return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
+                       best_epoch=best["epoch"], matching_loss=matching,
+                       start=start.name if start is not None else "random")
+
+
+def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig, epochs: int,
+                        after_epoch) -> None:
+    """Up to `epochs` epochs of symmetric InfoNCE on the heads, on a one-cycle schedule the length of
+    `cfg.epochs` (so a refit of the first E epochs follows the same learning rates); `after_epoch(epoch, loss)`
+    returns whether to go on."""
+    n = img.shape[0]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    heads = [p for m in (model.image_head, model.text_head) for p in m.parameters()]
+    params = heads + ([model.logit_scale] if cfg.learn_temperature else [])
+    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    batch = batch_size_for(n, cfg.batch_size)
+    steps_per_epoch = max(1, n // batch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.learning_rate,
+                                                    total_steps=max(1, cfg.epochs) * steps_per_epoch, pct_start=0.1)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * batch:(step + 1) * batch]
+            z, u = model.embed_images(img[idx]), model.embed_texts(txt[idx])
+            logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
+            target = torch.arange(len(idx))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total += loss.item()
+        if not after_epoch(epoch, total / steps_per_epoch):
+            break
+    model.eval()
+
+
+def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig,
+                            generator: torch.Generator) -> float:
+    """s = sigmoid(N(v)) by cross-entropy on the chosen heads' embeddings (true pairs, a random and the hardest
+    in-batch negative), for `epochs` epochs and at least `min_steps` steps."""
+    with torch.no_grad():
+        z_all, u_all = model.embed_images(img), model.embed_texts(txt)
+    optimiser = torch.optim.AdamW(model.matcher.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    n = len(z_all)
+    batch = batch_size_for(n, cfg.batch_size)
+    steps = max(cfg.min_steps, cfg.epochs * max(1, n // batch))
+    model.matcher.train()
+    total = 0.0
+    for step in range(steps):
+        idx = torch.randperm(n, generator=generator)[:batch]
+        loss = _matching_loss(model, z_all[idx], u_all[idx], generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        total += loss.item()
+    return total / max(1, steps)  # the mean loss over the steps
+
+
+def _standardised(head, x: torch.Tensor) -> np.ndarray:
+    return ((x - head.mean) / head.std).double().numpy()
+
+
+@torch.no_grad()
+def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, val_img: torch.Tensor,
+                       val_txt: torch.Tensor) -> LinearPair:
+    """The best closed-form baseline on the validation pairs (ridge either way or CCA, cut to the model's width),
+    fitted on the training pairs in the heads' own standardised coordinates."""
+    xi = np.concatenate([_standardised(model.image_head, img), _standardised(model.image_head, val_img)])
+    xt = np.concatenate([_standardised(model.text_head, txt), _standardised(model.text_head, val_txt)])
+    validation = np.arange(len(xi)) >= len(img)
+    dim = model.spec.dim
+    reduced = [reduce_width(p, xi[~validation], xt[~validation], dim)
+               for p in fit_baselines(xi, xt, validation).values()]
+    return max(reduced, key=lambda p: p.validation_mrr(xi[validation], xt[validation]))
+
+
+def _standardised_refit(model: MatcherModel, start: LinearPair, img: torch.Tensor, txt: torch.Tensor) -> LinearPair:
+    xi, xt = _standardised(model.image_head, img), _standardised(model.text_head, txt)
+    return reduce_width(refit(start, xi, xt), xi, xt, model.spec.dim)
+
+
+@torch.no_grad()
+def _seed_heads(model: MatcherModel, pair: LinearPair) -> None:
+    """Both heads' linear paths compute `pair` exactly (its maps act on the heads' standardised inputs)."""
+    dim = model.spec.dim
+    for head, std, w in ((model.image_head, pair.image_std, pair.image_w),
+                         (model.text_head, pair.text_std, pair.text_w)):
+        weight = np.zeros((dim, w.shape[0]))
+        weight[:w.shape[1]] = (w / std.std[:, None]).T
+        bias = np.zeros(dim)
+        bias[:w.shape[1]] = -(std.mean / std.std) @ w
+        head.start_from_linear(torch.as_tensor(weight, dtype=torch.float32),
+                               torch.as_tensor(bias, dtype=torch.float32))
+
+
 @torch.no_grad()
 def _calibrate_threshold(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, seed: int) -> None:
     """Pick the match threshold with the best accuracy on true pairs vs. mismatched pairs."""
@@ -130,17 +332,33 @@ def _calibrate_threshold(model: MatcherModel, img: torch.Tensor, txt: torch.Tens
     model.match_threshold.fill_(best_threshold(pos, neg))
 
 
-def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray, spec: ModelSpec,
-                   cfg: TrainConfig) -> tuple[TrainResult, np.ndarray]:
-    """Train on the products outside the held-out and calibration buckets; returns (result, held-out mask).
+@dataclass
+class Split:
+    """A train-stage input's rows by product-id hash: held out (metrics, the gate), calibration (the match
+    threshold), validation (model selection) and fit (trained on)."""
+    heldout: np.ndarray
+    calibration: np.ndarray
+    validation: np.ndarray
+    fit: np.ndarray
 
-    A catalog too small to hold anything out trains on everything (its metrics are then in-sample)."""
+
+def split_rows(product_ids: list[str] | np.ndarray, cfg: TrainConfig) -> Split:
+    """A catalog too small to hold anything out trains on everything (its metrics are then in-sample)."""
     heldout = holdout_mask(product_ids, cfg.holdout_fraction)
     calib = calibration_mask(product_ids, cfg.holdout_fraction, cfg.calibration_fraction)
-    fit = ~heldout & ~calib
+    valid = validation_mask(product_ids, cfg)
+    fit = ~heldout & ~calib & ~valid
     if fit.sum() < 2 or heldout.sum() < 2:
-        heldout = np.zeros(len(product_ids), dtype=bool)
-        fit, calib = ~heldout, heldout
-    result = train_model(image_feats[fit], text_feats[fit], spec, cfg,
-                         calibration=(image_feats[calib], text_feats[calib]))
-    return result, heldout
+        none = np.zeros(len(product_ids), dtype=bool)
+        return Split(none, none, none, ~none)
+    return Split(heldout, calib, valid, fit)
+
+
+def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray, spec: ModelSpec,
+                   cfg: TrainConfig) -> tuple[TrainResult, np.ndarray]:
+    """Train on the fit rows of split_rows (validation rows choose the epoch); returns (result, held-out mask)."""
+    split = split_rows(product_ids, cfg)
+    result = train_model(image_feats[split.fit], text_feats[split.fit], spec, cfg,
+                         calibration=(image_feats[split.calibration], text_feats[split.calibration]),
+                         validation=(image_feats[split.validation], text_feats[split.validation]))
+    return result, split.heldout

@@ -32,7 +32,8 @@ def write_synthetic_partition(lake: Lake, date: str, n: int = 200, seed: int = 0
     hashes = [hashlib.sha256(f"{p}-{seed}".encode()).hexdigest() for p in ids]
     clean = pd.DataFrame({
         "product_id": ids, "title": [f"product {i}" for i in range(n)], "description": "", "category": cats,
-        "tokens": [["product"]] * n, "text_truncated": False, "repairs": "", "image_bytes": [b"x"] * n, "image_nbytes": 1,
+        "tokens": [["product"]] * n, "text_truncated": False, "repairs": "", "image_bytes": [b"x"] * n,
+        "image_nbytes": 1,
         "image_width": 1, "image_height": 1, "content_hash": hashes,
     })
     features = pd.DataFrame({"product_id": ids, "content_hash": hashes, "image_feat": list(img),

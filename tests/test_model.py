@@ -96,7 +96,7 @@ def test_gate_refuses_a_worse_model_and_keeps_the_current_one(tmp_path):
     assert stats["promoted"] and current_version(good.lake) == stats["model_version"]
 
     # Same data next night, but a crippled training run: the gate must keep the good model.
-    worse = _ctx(tmp_path, "2026-01-02", epochs=1, learning_rate=1e-7)
+    worse = _ctx(tmp_path, "2026-01-02", epochs=1, learning_rate=1e-7, patience=0, init="random")
     write_synthetic_partition(worse.lake, "2026-01-02")
     stats2 = run_stage("train", worse)
     assert not stats2["promoted"], stats2["decision"]

@@ -69,7 +69,8 @@ def _clean(ids: list[str]) -> pa.Table:
     n = len(ids)
     return _table("clean", {
         "product_id": ids, "title": [f"标题 {pid}" for pid in ids], "description": [""] * n,
-        "category": ["c"] * n, "tokens": [[]] * n, "text_truncated": [False] * n, "image_bytes": images,
+        "category": ["c"] * n, "tokens": [[]] * n, "text_truncated": [False] * n, "repairs": [""] * n,
+        "image_bytes": images,
         "image_nbytes": [len(b) for b in images], "image_width": [64] * n, "image_height": [64] * n,
         "content_hash": ids})
 

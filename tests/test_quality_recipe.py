@@ -1,0 +1,167 @@
+"""The training recipe for catalogs it was never tuned on: early stopping by validation recall, heads started from
+the CCA solution, closed-form baselines and the gate against them, gallery re-ranking."""
+import numpy as np
+import pytest
+import torch
+
+from jobs.context import RunContext, StageError
+from jobs.pipeline import run_stage
+from matcher.baselines import fit_baselines, fit_ridge, mean_reciprocal_rank, reduce_width, refit
+from matcher.config import load_config
+from matcher.evaluate import embed, inverted_softmax, recall_at_k
+from matcher.model import MatcherModel
+from matcher.registry import baseline_verdict, current_version
+from matcher.train import batch_size_for, model_spec, train_model
+from tests.synthetic import synthetic_features, write_synthetic_partition
+
+
+def noisy_views(n: int, seed: int, noise: float = 2.0):
+    """Two views of a latent vector, noisy enough that a flexible head overfits a small training set."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 8))
+    wi, wt = np.random.default_rng(100).normal(size=(8, 40)), np.random.default_rng(101).normal(size=(8, 30))
+    img = latent @ wi + noise * rng.normal(size=(n, 40))
+    txt = latent @ wt + noise * rng.normal(size=(n, 30))
+    return img.astype(np.float32), txt.astype(np.float32)
+
+
+def recipe(**kw):
+    return load_config(overrides={"train": {"dim": 16, "hidden": 64, "learning_rate": 3e-3, "min_steps": 20,
+                                            "weight_decay": 0.0, **kw}}).train
+
+
+def test_early_stopping_keeps_the_best_validation_epoch():
+    img, txt = noisy_views(260, seed=1)
+    cfg = recipe(epochs=30, patience=4, init="random", refit=False)
+    spec = model_spec(cfg, 40, 30, "a", "b")
+    result = train_model(img[:200], txt[:200], spec, cfg, validation=(img[200:], txt[200:]))
+    scores = [h["validation_mrr"] for h in result.history]
+    assert result.best_epoch == int(np.argmax(scores)) and result.best_epoch > 0
+    # It stopped `patience` epochs after the best one (or at the last epoch), and kept the best one's weights.
+    assert len(scores) - 1 == min(cfg.epochs, result.best_epoch + cfg.patience)
+    z, u, _ = embed(result.model, img[200:], txt[200:])
+    kept = (mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2
+    assert kept == pytest.approx(max(scores), abs=1e-6)
+    assert max(scores) > scores[-1]  # the last epoch was worse: stopping early mattered here
+
+
+def _expected_start(model, img, txt, val_img, val_txt, dim):
+    """The best closed-form baseline on the validation pairs, computed here the way the recipe documents it."""
+    def standardised(head, x):
+        return ((torch.as_tensor(x) - head.mean) / head.std).double().numpy()
+
+    xi, xt = standardised(model.image_head, img), standardised(model.text_head, txt)
+    vi, vt = standardised(model.image_head, val_img), standardised(model.text_head, val_txt)
+    validation = np.r_[np.zeros(len(xi), bool), np.ones(len(vi), bool)]
+    fitted = fit_baselines(np.r_[xi, vi], np.r_[xt, vt], validation)
+    best = max((reduce_width(p, xi, xt, dim) for p in fitted.values()), key=lambda p: p.validation_mrr(vi, vt))
+    return best, standardised
+
+
+@pytest.mark.parametrize("noise", [1.0, 3.0])
+def test_heads_start_exactly_at_the_best_closed_form_baseline(noise):
+    img, txt = noisy_views(300, seed=2, noise=noise)
+    cfg = recipe(epochs=0, patience=3, init="closed_form", refit=False)
+    spec = model_spec(cfg, 40, 30, "a", "b")
+    assert spec.head == "mlp+linear"
+    result = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:]))
+    assert result.best_epoch == 0
+    best, standardised = _expected_start(result.model, img[:240], txt[:240], img[240:], txt[240:], cfg.dim)
+    assert result.start == best.name
+    z, u, _ = embed(result.model, img, txt)
+    want_z = best.embed_images(standardised(result.model.image_head, img))
+    want_u = best.embed_texts(standardised(result.model.text_head, txt))
+    np.testing.assert_allclose(z[:, :want_z.shape[1]], want_z, atol=1e-4)
+    np.testing.assert_allclose(u[:, :want_u.shape[1]], want_u, atol=1e-4)
+
+
+def test_refit_trains_the_chosen_recipe_again_on_training_and_validation_rows():
+    img, txt = noisy_views(300, seed=4, noise=1.0)
+    cfg = recipe(epochs=0, patience=3, init="closed_form", refit=True)
+    spec = model_spec(cfg, 40, 30, "a", "b")
+    result = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:]))
+    # Standardisation and the starting baseline now come from all 300 rows, with the setting chosen before.
+    np.testing.assert_allclose(result.model.image_head.mean.numpy(), img.mean(0), rtol=1e-5, atol=1e-5)
+    first = _standardised_model(spec, img[:240], txt[:240])  # the heads as the choice saw them
+    chosen, standardised = _expected_start(first, img[:240], txt[:240], img[240:], txt[240:], cfg.dim)
+    xi = standardised(result.model.image_head, img)
+    xt = standardised(result.model.text_head, txt)
+    want = reduce_width(refit(chosen, xi, xt), xi, xt, cfg.dim)
+    z, _, _ = embed(result.model, img, txt)
+    np.testing.assert_allclose(z[:, :want.image_w.shape[1]], want.embed_images(xi), atol=1e-4)
+
+
+def _standardised_model(spec, img, txt):
+    model = MatcherModel(spec)
+    model.image_head.set_standardisation(torch.as_tensor(img))
+    model.text_head.set_standardisation(torch.as_tensor(txt))
+    return model
+
+
+def test_closed_form_baselines_recover_a_planted_linear_match():
+    img, txt = noisy_views(400, seed=3, noise=0.3)
+    validation = np.zeros(300, dtype=bool)
+    validation[::5] = True
+    fitted = fit_baselines(img[:300], txt[:300], validation)
+    assert set(fitted) == {"ridge_image_to_text", "ridge_text_to_image", "cca"}
+    for name, pair in fitted.items():
+        z, u = pair.embed_images(img[300:]), pair.embed_texts(txt[300:])
+        r = recall_at_k(z @ u.T, (10,))[10]
+        assert r > 0.8, (name, r)
+    # Random features match nothing: the baselines are not hard-wired to succeed.
+    noise = np.random.default_rng(0).normal(size=img.shape).astype(np.float32)
+    pair = fit_ridge(noise[:300], txt[:300], "image_to_text", 1.0)
+    assert recall_at_k(pair.embed_images(noise[300:]) @ pair.embed_texts(txt[300:]).T, (10,))[10] < 0.3
+
+
+def test_the_verdict_names_the_best_baseline_the_model_fails_to_beat():
+    baselines = {"cca": {"mean_recall_at_10": 0.62}, "ridge_image_to_text": {"mean_recall_at_10": 0.55}}
+    assert baseline_verdict({"mean_recall_at_10": 0.70}, baselines, "mean_recall_at_10", 0.01) == ""
+    assert baseline_verdict({"mean_recall_at_10": 0.615}, baselines, "mean_recall_at_10", 0.01) == ""
+    verdict = baseline_verdict({"mean_recall_at_10": 0.43}, baselines, "mean_recall_at_10", 0.01)
+    assert verdict.startswith("mean_recall_at_10 0.4300 is below the closed-form baseline cca (0.6200")
+
+
+def test_the_gate_refuses_a_model_below_the_best_closed_form_baseline(tmp_path):
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},
+                                 "train": {"epochs": 1, "learning_rate": 1e-7, "patience": 0, "init": "random",
+                                           "min_steps": 0, "dim": 16, "hidden": 32}})
+    ctx = RunContext(cfg, "2026-01-01")
+    write_synthetic_partition(ctx.lake, "2026-01-01", n=300)
+    stats = run_stage("train", ctx)
+    assert not stats["promoted"]
+    assert stats["decision"].startswith("refused: mean_recall_at_10 ") and "no model to serve" in stats["decision"]
+    best = max(m["mean_recall_at_10"] for m in stats["baselines"].values())
+    assert stats["metrics"]["mean_recall_at_10"] < best - 0.01
+    assert current_version(ctx.lake) is None
+    page = ctx.lake.read_bytes(f"models/{stats['model_version']}/report.html").decode()
+    assert "Closed-form baselines" in page and "cca" in page
+    with pytest.raises(StageError, match="was not promoted .* no earlier model"):
+        run_stage("score", ctx)
+
+
+def test_inverted_softmax_on_a_hand_computed_case():
+    # Gallery item 0 is a hub: close to both queries. Query 1 is closer to the hub than to its own match (item 1).
+    sim = np.array([[0.9, 0.1],
+                    [0.8, 0.7]])
+    assert recall_at_k(sim, (1,))[1] == 0.5
+    t = 0.1
+    expected = np.log(np.exp(sim / t) / np.exp(sim / t).sum(axis=0, keepdims=True))
+    np.testing.assert_allclose(inverted_softmax(sim, t), expected, atol=1e-12)
+    # Column-normalised: query 1 now ranks item 1 first (e^7 / (e^1 + e^7) > e^8 / (e^9 + e^8)).
+    assert recall_at_k(inverted_softmax(sim, t), (1,))[1] == 1.0
+
+
+def test_small_catalogs_get_several_steps_an_epoch():
+    assert batch_size_for(455, 256) == 56
+    assert batch_size_for(20000, 256) == 256
+    assert batch_size_for(60, 256) == 32
+
+
+def test_the_fixed_recipe_stays_available():
+    img, txt, _ = synthetic_features(120)
+    cfg = recipe(epochs=2, patience=0, init="random")
+    spec = model_spec(cfg, 48, 32, "a", "b")
+    assert spec.head == "mlp"
+    result = train_model(img, txt, spec, cfg, validation=(img[:20], txt[:20]))
+    assert result.best_epoch is None and len(result.history) >= 2

@@ -162,8 +162,9 @@ def load_fashion_features(args, cfg):
     cache = Path(args.cache)
     if cache.is_file():
         data = np.load(cache, allow_pickle=True)
-        return SimpleNamespace(**{k: data[k] for k in data.files}, image_encoder=str(data["image_encoder"]),
-                               text_encoder=str(data["text_encoder"]))
+        arrays = {k: data[k] for k in data.files}
+        return SimpleNamespace(**{**arrays, "image_encoder": str(arrays["image_encoder"]),
+                                  "text_encoder": str(arrays["text_encoder"])})
     ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake)
     if ctx.lake.read_partition("features", args.date) is None:
         print("extracting features once (cached in the lake for later runs)...", flush=True)

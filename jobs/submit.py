@@ -24,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="")
     parser.add_argument("--catalog", default="")
     parser.add_argument("--lake", default="")
+    parser.add_argument("--model", default="", help="score with this model version, not the date's own")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         with storage_ready(load_config(args.config or None)) as cfg:
-            ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake)
+            ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake, model_version=args.model,
+                             runner=f"spark-submit {args.stage} for {args.date}")
             run_stage(args.stage, ctx)
             print(f"matcher: {args.date} {args.stage} done in {ctx.timings[args.stage]:.1f}s", flush=True)
     except (StageError, ValueError, OSError) as exc:

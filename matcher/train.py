@@ -148,11 +148,7 @@ def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: M
         history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in totals.items()},
                         "temperature": 1.0 / model.logit_scale.exp().item()})
     model.eval()
-    if calibration is not None and len(calibration[0]) >= 2:
-        _calibrate_threshold(model, torch.as_tensor(calibration[0], dtype=torch.float32),
-                             torch.as_tensor(calibration[1], dtype=torch.float32), cfg.seed)
-    else:
-        _calibrate_threshold(model, img, txt, cfg.seed)
+    _calibrate(model, calibration, img, txt, cfg.seed)
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started)
 
 
@@ -221,11 +217,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     matching = _train_matching_network(model, img, txt, cfg, generator)
     model.eval()
-    if calibration is not None and len(calibration[0]) >= 2:
-        _calibrate_threshold(model, torch.as_tensor(calibration[0], dtype=torch.float32),
-                             torch.as_tensor(calibration[1], dtype=torch.float32), cfg.seed)
-    else:
-        _calibrate_threshold(model, img, txt, cfg.seed)
+    _calibrate(model, calibration, img, txt, cfg.seed)
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
                        best_epoch=best["epoch"], matching_loss=matching,
                        start=start.name if start is not None else "random")
@@ -322,6 +314,16 @@ def _seed_heads(model: MatcherModel, pair: LinearPair) -> None:
         bias[:w.shape[1]] = -(std.mean / std.std) @ w
         head.start_from_linear(torch.as_tensor(weight, dtype=torch.float32),
                                torch.as_tensor(bias, dtype=torch.float32))
+
+
+def _calibrate(model: MatcherModel, calibration: tuple[np.ndarray, np.ndarray] | None, img: torch.Tensor,
+               txt: torch.Tensor, seed: int) -> None:
+    """The match threshold from the calibration pairs, else (none kept aside) from the training pairs."""
+    if calibration is not None and len(calibration[0]) >= 2:
+        _calibrate_threshold(model, torch.as_tensor(calibration[0], dtype=torch.float32),
+                             torch.as_tensor(calibration[1], dtype=torch.float32), seed)
+    else:
+        _calibrate_threshold(model, img, txt, seed)
 
 
 @torch.no_grad()

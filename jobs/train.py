@@ -63,10 +63,11 @@ def run(ctx: RunContext) -> dict:
                                                 cfg.promotion_tolerance)
     elif previous == version:
         decision = "promoted (same model as current)"
-    below = baseline_verdict(metrics, baselines, cfg.promotion_metric, cfg.promotion_tolerance)
-    if promoted and below:
-        promoted = False
-        decision = f"refused: {below}" + (f"; kept current model {previous}" if previous else "; no model to serve")
+    below = baseline_verdict(metrics, baselines, cfg.promotion_metric, cfg.baseline_tolerance)
+    if promoted and below and previous:
+        promoted, decision = False, f"refused: {below}; kept current model {previous}"
+    elif promoted and below:  # nothing else to serve: a weak first model beats a night without recommendations
+        decision = f"{decision}; warning: {below}"
     if promoted:
         promote(ctx.lake, version, ctx.date)
     report = f"{Lake.model_dir(version)}/report.html"

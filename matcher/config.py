@@ -113,6 +113,7 @@ class TrainConfig:
     seed: int
     promotion_metric: str
     promotion_tolerance: float
+    baseline_tolerance: float
     max_products: int
 
 

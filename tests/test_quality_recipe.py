@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.context import RunContext, StageError
+from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.baselines import fit_baselines, fit_ridge, mean_reciprocal_rank, reduce_width, refit
 from matcher.config import load_config
@@ -123,21 +123,36 @@ def test_the_verdict_names_the_best_baseline_the_model_fails_to_beat():
 
 
 def test_the_gate_refuses_a_model_below_the_best_closed_form_baseline(tmp_path):
-    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},
-                                 "train": {"epochs": 1, "learning_rate": 1e-7, "patience": 0, "init": "random",
-                                           "min_steps": 0, "dim": 16, "hidden": 32}})
-    ctx = RunContext(cfg, "2026-01-01")
-    write_synthetic_partition(ctx.lake, "2026-01-01", n=300)
-    stats = run_stage("train", ctx)
-    assert not stats["promoted"]
-    assert stats["decision"].startswith("refused: mean_recall_at_10 ") and "no model to serve" in stats["decision"]
+    def night(date, seed, **train):
+        cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},
+                                     "train": {"epochs": 1, "learning_rate": 1e-7, "patience": 0, "init": "random",
+                                               "min_steps": 0, "dim": 16, "hidden": 32, "seed": seed, **train}})
+        ctx = RunContext(cfg, date)
+        write_synthetic_partition(ctx.lake, date, n=300, seed=seed)
+        return ctx, run_stage("train", ctx)
+
+    # The first model has nothing to be compared with: below the baselines, it is still served, with a warning.
+    first, stats = night("2026-01-01", 0)
+    assert stats["promoted"] and "warning: mean_recall_at_10 " in stats["decision"]
+    assert "below the closed-form baseline" in stats["decision"]
     best = max(m["mean_recall_at_10"] for m in stats["baselines"].values())
     assert stats["metrics"]["mean_recall_at_10"] < best - 0.01
-    assert current_version(ctx.lake) is None
-    page = ctx.lake.read_bytes(f"models/{stats['model_version']}/report.html").decode()
+    page = first.lake.read_bytes(f"models/{stats['model_version']}/report.html").decode()
     assert "Closed-form baselines" in page and "cca" in page
-    with pytest.raises(StageError, match="was not promoted .* no earlier model"):
-        run_stage("score", ctx)
+    # Later ones are refused below the best baseline even when the current-model comparison would let them in.
+    second, stats2 = night("2026-01-02", 1, promotion_tolerance=1.0)
+    assert not stats2["promoted"]
+    assert stats2["decision"].startswith("refused: mean_recall_at_10 ")
+    assert stats2["decision"].endswith(f"kept current model {stats['model_version']}")
+    assert current_version(second.lake) == stats["model_version"]
+
+
+def test_a_date_whose_first_model_was_refused_fails_score_in_one_line():
+    from matcher.model import ModelError
+    from matcher.registry import model_for_date
+
+    with pytest.raises(ModelError, match="was not promoted .* no earlier model"):
+        model_for_date(None, {"model_version": "m1", "promoted": False, "decision": "kept"}, None, None)
 
 
 def test_inverted_softmax_on_a_hand_computed_case():

@@ -95,11 +95,12 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
                 validation: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
     """Train heads (symmetric InfoNCE) and matching network (cross-entropy) on paired features. Deterministic on CPU.
 
-    With `validation` (image, text) pairs and `cfg.patience` > 0: the heads train epoch by epoch, starting from the
-    best closed-form baseline when the spec has linear paths, and the epoch with the best validation mean reciprocal rank
-    (epoch 0 = the starting point) is kept; training stops `patience` epochs after it. The matching network then
-    trains on the chosen heads' frozen embeddings. Otherwise the fixed recipe: `epochs` (at least `min_steps`
-    steps), heads and matching network together.
+    With `validation` (image, text) pairs and `cfg.patience` > 0: the heads train epoch by epoch, starting from
+    the best closed-form baseline when the spec has linear paths, and the epoch with the best validation mean
+    reciprocal rank (epoch 0 = the starting point) is kept; training stops `patience` epochs after it. With
+    `cfg.refit` the chosen recipe then runs again on training + validation pairs. The matching network trains last,
+    on the chosen heads' frozen embeddings. Otherwise the fixed recipe: `epochs` (at least `min_steps` steps), heads
+    and matching network together.
 
     The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs."""
     if cfg.patience > 0 and validation is not None and len(validation[0]) >= MIN_VALIDATION:

@@ -170,8 +170,7 @@ def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], c
         )
         clean_rows.append(out)
     clean_cols = ["product_id", "title", "description", "category", "tokens", "text_truncated", "repairs",
-                  "image_bytes",
-                  "image_nbytes", "image_width", "image_height", "content_hash", *passthrough]
+                  "image_bytes", "image_nbytes", "image_width", "image_height", "content_hash", *passthrough]
     return pd.DataFrame(clean_rows, columns=clean_cols), pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
 
 

@@ -124,8 +124,7 @@ def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: M
     batch = max(2, min(cfg.batch_size, n))
     steps_per_epoch = max(1, n // batch)
     epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.learning_rate,
-                                                    total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    scheduler = one_cycle(optimiser, cfg.learning_rate, epochs * steps_per_epoch)
     history = []
     model.train()
     for epoch in range(epochs):
@@ -161,6 +160,14 @@ def _new_model(img: torch.Tensor, txt: torch.Tensor, spec: ModelSpec, cfg: Train
         model.logit_scale.fill_(float(np.log(1.0 / cfg.temperature)))
     model.logit_scale.requires_grad_(cfg.learn_temperature)
     return model
+
+
+def one_cycle(optimiser: torch.optim.Optimizer, max_lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Warm up over the first 10% of `steps`, then anneal. A short run (a tiny catalog, few epochs) gets a warm-up
+    of at least two steps: torch divides by the warm-up's length minus one, so 10% of 10 steps would divide by 0."""
+    total = max(4, steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=total,
+                                               pct_start=min(0.5, max(0.1, 2.0 / total)))
 
 
 def batch_size_for(n: int, configured: int) -> int:
@@ -236,8 +243,7 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
     optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     batch = batch_size_for(n, cfg.batch_size)
     steps_per_epoch = max(1, n // batch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.learning_rate,
-                                                    total_steps=max(1, cfg.epochs) * steps_per_epoch, pct_start=0.1)
+    scheduler = one_cycle(optimiser, cfg.learning_rate, max(1, cfg.epochs) * steps_per_epoch)
     model.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=generator)

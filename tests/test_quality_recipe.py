@@ -180,3 +180,19 @@ def test_the_fixed_recipe_stays_available():
     assert spec.head == "mlp"
     result = train_model(img, txt, spec, cfg, validation=(img[:20], txt[:20]))
     assert result.best_epoch is None and len(result.history) >= 2
+
+
+@pytest.mark.parametrize("n, train", [
+    (8, {"patience": 0, "init": "random"}),  # 10 steps: a 10% warm-up of one step once divided by zero
+    (8, {}),
+    (40, {"epochs": 2}),
+])
+def test_tiny_catalogs_and_short_runs_train(n, train):
+    from matcher.train import train_on_split
+
+    img, txt, _ = synthetic_features(n)
+    cfg = recipe(min_steps=10, **train)
+    result, _ = train_on_split(img, txt, np.array([f"D{i:05d}" for i in range(n)]), model_spec(cfg, 48, 32, "a",
+                                                                                              "b"), cfg)
+    z, u, _ = embed(result.model, img, txt)
+    assert np.isfinite(z).all() and np.isfinite(u).all()

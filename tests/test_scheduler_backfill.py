@@ -1,0 +1,112 @@
+"""A backfill through Airflow's real scheduler: `airflow standalone` (scheduler, DAG processor, API server) with the
+LocalExecutor on a temporary SQLite metadata database, `airflow backfill create` over two dates whose catalogs
+differ, the deployment's configuration from $MATCHER_CONFIG. Each date's partitions must come from its own snapshot
+and each date must be scored with the model its own night trained."""
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from matcher.config import REPO_ROOT, dump_toml, load_config
+from matcher.demo_catalog import make_demo_catalog
+from matcher.lake import Lake
+
+DATES = ("2026-01-01", "2026-01-02")
+DAG = "product_matching_nightly"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _airflow(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _runs(env: dict) -> dict[str, str]:
+    out = _airflow(env, "dags", "list-runs", DAG, "-o", "json").stdout
+    # Airflow may print warnings on stdout before the JSON: take the line that holds the list.
+    table = next((line for line in out.splitlines() if line.startswith("[")), "[]")
+    try:
+        return {r["run_id"]: r["state"] for r in json.loads(table)}
+    except ValueError:
+        return {}
+
+
+def _snapshot_ids(folder: Path) -> list[str]:
+    with open(folder / "products.csv", newline="", encoding="utf-8") as fh:
+        return sorted(r["product_id"] for r in csv.DictReader(fh))
+
+
+def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
+    catalogs = tmp_path / "catalog"
+    make_demo_catalog(catalogs / f"dt={DATES[0]}", products=8, with_bad_rows=False)
+    make_demo_catalog(catalogs / f"dt={DATES[1]}", products=11, seed=3, with_bad_rows=False)
+    config = tmp_path / "matcher.toml"
+    config.write_text(dump_toml({
+        "run": {"catalog": str(catalogs / "dt={ds}"), "lake": f"file://{tmp_path}/lake"},
+        "clean": {"image_size": 32},
+        "extract": {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "spark_master": "local[1]"},
+        "train": {"epochs": 2, "dim": 16, "hidden": 32, "min_steps": 10},
+        "score": {"top_k": 3},
+    }))
+    port = _free_port()
+    env = {**os.environ,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "AIRFLOW_HOME": str(tmp_path / "airflow"),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+           "AIRFLOW__CORE__PARALLELISM": "2",
+           "AIRFLOW__API__PORT": str(port),
+           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+           "MATCHER_CONFIG": str(config),  # scheduled and backfilled runs get no conf: the deployment's file
+           "PYTHONPATH": str(REPO_ROOT)}
+    assert _airflow(env, "db", "migrate", timeout=300).returncode == 0
+    log = open(tmp_path / "standalone.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while DAG not in _airflow(env, "dags", "list").stdout:  # the DAG processor has parsed the file
+            assert time.monotonic() < deadline and server.poll() is None, "the DAG never appeared"
+            time.sleep(5)
+        assert _airflow(env, "dags", "unpause", DAG).returncode == 0
+        made = _airflow(env, "backfill", "create", "--dag-id", DAG, "--from-date", DATES[0], "--to-date", DATES[1],
+                        "--max-active-runs", "1")
+        assert made.returncode == 0, made.stderr[-2000:]
+        wanted = {f"backfill__{d}T00:00:00+00:00" for d in DATES}
+        deadline = time.monotonic() + 1200
+        while True:
+            states = _runs(env)
+            done = {r: s for r, s in states.items() if r in wanted and s in ("success", "failed")}
+            if len(done) == len(wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(10)
+        assert done == {r: "success" for r in wanted}, (states, (tmp_path / "standalone.log").read_text()[-3000:])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    for date in DATES:
+        clean = sorted(lake.read_partition("clean", date).column("product_id").to_pylist())
+        assert clean == _snapshot_ids(catalogs / f"dt={date}")
+        manifest = lake.manifest(date)
+        assert manifest["catalog"] == str(catalogs / f"dt={date}")
+        # Scored with the model its own night chose: its new model if promoted, else the one it was compared with.
+        train = lake.read_json(Lake.stage_stats_file(date, "train"))
+        expected = train["model_version"] if train["promoted"] else train["previous_version"]
+        assert manifest["model_version"] == expected, (date, train["decision"])

@@ -33,8 +33,6 @@ from matcher.model import MatcherModel, ModelSpec, model_from_bytes
 from matcher.scoring import rerank, topk_over_blocks
 
 VECTORS_TABLE = "score_vectors"
-VECTORS_SCHEMA = pa.schema([("idx", pa.int64()), ("product_id", pa.string()), ("z", pa.list_(pa.float32())),
-                            ("u", pa.list_(pa.float32())), ("v", pa.list_(pa.float32()))])
 RECOMMENDATIONS = pa.schema([("product_id", pa.string()), ("rank", pa.int32()), ("rec_product_id", pa.string()),
                              ("similarity", pa.float32()), ("score", pa.float32()), ("model_version", pa.string())])
 
@@ -103,9 +101,13 @@ def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSp
 def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, model: MatcherModel, k: int, m: int,
                      weight: float, version: str) -> pa.Table:
     q = _read_part(lake, query, ["idx", "product_id", "z", "u", "v"])
-    q_idx = np.arange(query.first, query.first + query.rows)
-    similarity, cands = topk_over_blocks(_vectors(q, "v"), q_idx,
-                                         ((p.first, _vectors(_read_part(lake, p, ["idx", "v"]), "v")) for p in parts),
+
+    def read(part: VectorPart, columns: list[str]) -> pa.Table:
+        return q if part == query else _read_part(lake, part, columns)  # the query part is read once
+
+    q_idx, q_v = np.arange(query.first, query.first + query.rows), _vectors(q, "v")
+    similarity, cands = topk_over_blocks(q_v, q_idx, ((p.first, q_v if p == query else
+                                                       _vectors(_read_part(lake, p, ["idx", "v"]), "v")) for p in parts),
                                          m)
     z_q, u_q = _vectors(q, "z"), _vectors(q, "u")
     match = np.zeros(cands.shape, np.float32)
@@ -114,7 +116,7 @@ def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, mod
         inside = (cands >= p.first) & (cands < p.first + p.rows)
         if not inside.any():
             continue
-        items = _read_part(lake, p, ["idx", "product_id", "z", "u"])
+        items = read(p, ["idx", "product_id", "z", "u"])
         rows, local = np.nonzero(inside)[0], cands[inside] - p.first
         z = np.concatenate([z_q, _vectors(items, "z")])
         u = np.concatenate([u_q, _vectors(items, "u")])

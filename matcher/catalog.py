@@ -65,18 +65,18 @@ class CatalogReader:
     def ready(self) -> bool:
         """Has the catalog fully arrived: its products file, and the ready marker when one is configured?"""
         try:
-            self.find_products_file()
+            self.require_ready()
         except CatalogError:
             return False
-        marker = self.options.ready_marker
-        return not marker or exists(self.fs, posixpath.join(self.root, marker))
+        return True
 
-    def require_ready(self) -> None:
-        """One line naming what is missing, where a reader expects a complete snapshot."""
-        self.find_products_file()
+    def require_ready(self) -> str:
+        """The products file of a complete snapshot; else one line naming what is missing."""
+        path = self.find_products_file()
         marker = self.options.ready_marker
         if marker and not exists(self.fs, posixpath.join(self.root, marker)):
             raise CatalogError(f"catalog at {self.uri} is not complete: no {marker} marker yet")
+        return path
 
     def find_products_file(self) -> str:
         if self.options.file:
@@ -95,8 +95,7 @@ class CatalogReader:
     def plan(self) -> CatalogPlan:
         """What executors need to read the catalog, from its header or footer only: the file, its format, the
         columns (after mapping) and the splits. A file that is not a catalog fails here, at once."""
-        self.require_ready()
-        path = self.find_products_file()
+        path = self.require_ready()
         size = self.fs.get_file_info(path).size or 0
         fmt = posixpath.splitext(path)[1][1:]
         if fmt == "parquet":

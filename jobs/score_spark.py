@@ -108,7 +108,7 @@ def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, mod
     q_idx, q_v = np.arange(query.first, query.first + query.rows), _vectors(q, "v")
     similarity, cands = topk_over_blocks(q_v, q_idx, ((p.first, q_v if p == query else
                                                        _vectors(_read_part(lake, p, ["idx", "v"]), "v")) for p in parts),
-                                         m)
+                                         m, threads=1)  # Spark runs one task per core
     z_q, u_q = _vectors(q, "z"), _vectors(q, "u")
     match = np.zeros(cands.shape, np.float32)
     rec_ids = np.empty(cands.shape, object)

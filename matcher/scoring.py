@@ -1,23 +1,38 @@
-"""Exact top-K by inner product, in blocks so memory is bounded by block_size^2 (plus N*K for the answer)
-rather than N^2."""
+"""Exact top-K by inner product, in blocks so memory is bounded by threads * block_size^2 (plus N*K for the
+answer) rather than N^2.
+
+On the CPU the block products run in a pool of threads, each calling BLAS single-threaded, and each thread filters
+its own block: the top-K selection then runs on every core beside the arithmetic instead of one core after it. The
+filter is a threshold per row (its current K-th score): the block's column maxima over tiles of a few rows are
+compared with it first, and only the tiles that can hold a hit are read again, so a block is scanned about once
+beyond its product. Merges sort by (row, -score, index), which makes the result independent of the order blocks
+finish in."""
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 _NO_INDEX = np.iinfo(np.int64).max
+_LOWEST = np.finfo(np.float32).min  # a threshold that lets every finite score through but never an excluded -inf
+_TILE_ROWS = 8
 
 
 def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None = None,
          exclude_self: bool = False, device: str | torch.device = "cpu",
-         exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+         exclude: np.ndarray | None = None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, indices), each (Q, min(k, candidates)), best first; ties broken by lower item index.
 
     With exclude_self, query i is item i and never its own neighbour (queries and items must then be the same set);
     `exclude` names, per query, one item index never to return (e.g. the query's own row in a larger item set).
-    Queries and items are both taken in blocks of block_size (default 2048)."""
+    Queries and items are both taken in blocks of block_size (default: `default_block_size`), the CPU's blocks
+    spread over `threads` threads (default: torch's thread count)."""
     same = items is queries  # topk(v, v, ...): check, convert and copy to the device once
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     items = queries if same else np.ascontiguousarray(items, dtype=np.float32)
@@ -26,206 +41,307 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
         if bad.any():  # a NaN would sort above every real score and surface as a "best" neighbour
             raise ValueError(f"{name} hold NaN or infinite values in {int(bad.sum())} rows, e.g. row "
                              f"{int(np.argmax(bad))}")
-    q = torch.as_tensor(queries, device=device)
-    x = q if same else torch.as_tensor(items, device=device)
-    n_q, n_items = q.shape[0], x.shape[0]
-    block = max(1, block_size or 2048)
+    n_q, n_items = queries.shape[0], items.shape[0]
+    engine = _BlockEngine(device, block_size, threads)
     if exclude_self:
         if n_q != n_items:
             raise ValueError("exclude_self needs queries and items to be the same set")
         exclude = np.arange(n_q)
     if exclude is not None and len(exclude) != n_q:
         raise ValueError("exclude needs one item index per query")
-    if exclude_self and n_q > 1 and min(k, n_q - 1) > 0:
-        return _topk_all_pairs(x, k, block)
     k_eff = max(0, min(k, n_items - (1 if exclude is not None else 0)))
-    scores = np.zeros((n_q, k_eff), dtype=np.float32)
-    indices = np.zeros((n_q, k_eff), dtype=np.int64)
     if k_eff == 0 or n_q == 0:
-        return scores, indices
-    for q_start in range(0, n_q, block):
-        q_stop = min(n_q, q_start + block)
-        best = _RunningTopK(q_stop - q_start, k_eff, flush_at=block * k_eff)
-        for x_start in range(0, n_items, block):
-            x_stop = min(n_items, x_start + block)
-            sims = _similarities(q[q_start:q_stop], x[x_start:x_stop])
-            if exclude is not None:
-                own = np.asarray(exclude[q_start:q_stop]) - x_start
-                rows = np.nonzero((own >= 0) & (own < x_stop - x_start))[0]
-                cols = own[rows]
-                sims[torch.as_tensor(rows, device=sims.device), torch.as_tensor(cols, device=sims.device)] = -torch.inf
-            best.add_block(sims, x_start)
-        scores[q_start:q_stop], indices[q_start:q_stop] = best.result()
-    return scores, indices
+        return np.zeros((n_q, k_eff), dtype=np.float32), np.zeros((n_q, k_eff), dtype=np.int64)
+    if exclude_self:
+        return engine.all_pairs(queries, k_eff)
+    return engine.queries_against(queries, 0, [(0, items)], k_eff, exclude)
 
 
 def topk_over_blocks(queries: np.ndarray, query_idx: np.ndarray,
-                     item_blocks: Iterable[tuple[int, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+                     item_blocks: Iterable[tuple[int, np.ndarray]], k: int,
+                     threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each query's top-k items by dot product, as (scores, global item indices), best first, ties by the lower index;
     a query is never its own neighbour (item index == its entry in `query_idx`).
 
-    The items arrive as (first index, rows) blocks of consecutive indices, in increasing order, one at a time: a
-    caller can stream them from storage, holding one block and the queries' running top-k. `k` must not exceed
-    the number of items other than the queries themselves (topk's min(k, N - 1))."""
+    The items arrive as (first index, rows) blocks, one at a time: a caller can stream them from storage, holding
+    one block and the queries' running top-k. `k` must not exceed the number of items other than the queries
+    themselves (topk's min(k, N - 1))."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     query_idx = np.asarray(query_idx, dtype=np.int64)
-    best = _RunningTopK(len(queries), k, flush_at=max(1, len(queries)) * max(1, k))
     if k <= 0:
-        return best.result()
-    q = torch.from_numpy(queries)
-    last = None
-    for first, items in item_blocks:
-        if last is not None and first < last:
-            raise ValueError(f"item blocks out of order: a block starting at {first} after one ending at {last}")
-        items = np.ascontiguousarray(items, dtype=np.float32)
-        last = first + len(items)
-        sims = _similarities(q, torch.from_numpy(items))
-        own = query_idx - first
-        rows = np.nonzero((own >= 0) & (own < len(items)))[0]
-        if len(rows):
-            sims[torch.from_numpy(rows), torch.from_numpy(own[rows])] = -torch.inf
-        best.add_block(sims, first)
-    values, indices = best.result()
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    engine = _BlockEngine("cpu", None, threads)
+    values, indices = engine.queries_against(queries, 0, item_blocks, k, exclude_global=query_idx)
     if (indices == _NO_INDEX).any():
         raise ValueError(f"fewer than k={k} items besides the queries themselves")
     return values, indices
 
 
-def _similarities(queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """queries @ items.T. On the CPU through numpy's BLAS (OpenBLAS): on this project's AMD EPYC machine it ran
-    the 2048-row blocks 20-25% faster than torch's MKL and bench/allpairs.py at N=100,000 took 38 s instead of
-    43 s; the result shares memory with a torch tensor either way."""
-    if queries.device.type == "cpu":
-        return torch.from_numpy(np.matmul(queries.numpy(), items.numpy().T))
-    return queries @ items.T
+def default_block_size(device: str | torch.device = "cpu", threads: int | None = None) -> int:
+    """Rows per block. On the CPU the largest power of two (256..2048) whose square blocks of float32 scores, one
+    per thread, fill at most a quarter of the last-level cache, so a block's second read by the filter is a cache
+    hit and the threads do not evict each other's blocks; on a GPU 8192."""
+    if torch.device(device).type != "cpu":
+        return 8192
+    budget = _cache_bytes("index3", 8 * 2**20) // 4 // max(1, threads or torch.get_num_threads())
+    block = 256
+    while (2 * block) ** 2 * 4 <= budget and block < 2048:
+        block *= 2
+    return block
+
+
+def _cache_bytes(level: str, fallback: int) -> int:
+    """The size of cpu0's cache `level` (index2: L2, index3: L3) as Linux reports it."""
+    try:
+        text = Path(f"/sys/devices/system/cpu/cpu0/cache/{level}/size").read_text().strip()
+        units = {"K": 2**10, "M": 2**20}
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError, IndexError):
+        return fallback
+
+
+class _BlockEngine:
+    """Runs block products and their top-k filtering, on the CPU in a pool of threads (BLAS single-threaded in
+    each), on a GPU in order on the device."""
+
+    def __init__(self, device: str | torch.device, block_size: int | None, threads: int | None):
+        self.device = torch.device(device)
+        self.on_cpu = self.device.type == "cpu"
+        self.threads = max(1, threads or torch.get_num_threads()) if self.on_cpu else 1
+        self.block = max(1, block_size or default_block_size(self.device, self.threads))
+
+    def all_pairs(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of every row of x against all other rows. The similarity matrix is symmetric, so each block pair
+        (a, b >= a) is computed once and serves the rows of both: half the multiply-adds. The diagonal pairs go
+        first, so every block holds k entries (a threshold) before the others arrive."""
+        n, block = len(x), self.block
+        starts = list(range(0, n, block))
+        best = [_RunningTopK(min(n, s + block) - s, k, flush_at=block * k) for s in starts]
+        xs = self._on_device(x)
+
+        def pair(a: int, b: int) -> None:
+            r0, c0 = starts[a], starts[b]
+            sims = self._product(xs[r0:r0 + block], xs[c0:c0 + block])
+            if a == b:
+                _fill_diagonal(sims)
+                best[a].add(sims, c0)
+            else:
+                best[a].add(sims, c0, best[b], r0)
+
+        pairs = [(a, b) for a in range(len(starts)) for b in range(a + 1, len(starts))]
+        self._run([(a, a) for a in range(len(starts))], pair)
+        self._run(pairs, pair)
+        values, indices = zip(*(running.result() for running in best))
+        return np.concatenate(values), np.concatenate(indices)
+
+    def queries_against(self, queries: np.ndarray, first_query: int, item_blocks: Iterable[tuple[int, np.ndarray]],
+                        k: int, exclude: np.ndarray | None = None,
+                        exclude_global: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each query over items arriving as (first index, rows) blocks; `exclude` (item index per
+        query) or `exclude_global` (the same, named so for streamed catalogs) is never returned."""
+        banned = exclude if exclude is not None else exclude_global
+        block = self.block
+        q_starts = list(range(0, len(queries), block))
+        best = [_RunningTopK(min(len(queries), s + block) - s, k, flush_at=block * k) for s in q_starts]
+        qs = self._on_device(queries)
+
+        def tile(a: int, first: int, c0: int, items: torch.Tensor | np.ndarray) -> None:
+            r0 = q_starts[a]
+            sims = self._product(qs[r0:r0 + block], items[c0:c0 + block])
+            if banned is not None:
+                own = np.asarray(banned[r0:r0 + block], dtype=np.int64) - (first + c0)
+                rows = np.nonzero((own >= 0) & (own < sims.shape[1]))[0]
+                if len(rows) and self.on_cpu:
+                    sims[rows, own[rows]] = -np.inf
+                elif len(rows):
+                    sims[torch.as_tensor(rows, device=self.device),
+                         torch.as_tensor(own[rows], device=self.device)] = -torch.inf
+            best[a].add(sims, first + c0)
+
+        for first, items in item_blocks:
+            on_device = self._on_device(np.ascontiguousarray(items, dtype=np.float32))
+            self._run([(a, first, c0, on_device) for a in range(len(q_starts))
+                       for c0 in range(0, len(on_device), block)], tile)
+        if not best:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        values, indices = zip(*(running.result() for running in best))
+        return np.concatenate(values), np.concatenate(indices)
+
+    def _on_device(self, array: np.ndarray) -> np.ndarray | torch.Tensor:
+        return array if self.on_cpu else torch.as_tensor(array, device=self.device)
+
+    def _product(self, a, b):
+        return np.matmul(a, b.T) if self.on_cpu else a @ b.T
+
+    def _run(self, jobs: list[tuple], work: Callable[..., None]) -> None:
+        """work(*job) for every job: in order on a GPU or with one thread, else in the thread pool."""
+        if self.threads == 1 or len(jobs) <= 1:
+            with _blas_threads(self.threads if self.on_cpu else None):
+                for job in jobs:
+                    work(*job)
+            return
+        with _blas_threads(1), ThreadPoolExecutor(self.threads) as pool:
+            for _ in pool.map(lambda job: work(*job), jobs):  # re-raises a worker's exception here
+                pass
+
+
+def _blas_threads(limit: int | None):
+    if limit is None:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=limit, user_api="blas")
+
+
+def _fill_diagonal(sims) -> None:
+    if isinstance(sims, np.ndarray):
+        np.fill_diagonal(sims, -np.inf)
+    else:
+        sims.fill_diagonal_(-torch.inf)
 
 
 class _RunningTopK:
     """The best k (score, index) of each row of a block of queries so far, ties by lower index.
 
-    Item blocks must arrive in increasing index order: then an entry that only equals a row's current k-th score
-    can never displace it, so once every row holds k entries only scores strictly above the k-th are kept. Those
-    are few after the first blocks; they are buffered and merged in batches (the k-th scores used as the filter
-    may lag behind by one batch, which only lets a few more through)."""
+    Entries at or above a row's current k-th score are kept (an entry equal to it may still win on index), buffered
+    and merged in batches sorted by (row, -score, index), so blocks may arrive in any order and from any thread.
+    The k-th scores used as the filter lag behind by one batch, which only lets a few more through."""
 
     def __init__(self, n_rows: int, k: int, flush_at: int):
         self.k = k
         self.values = np.full((n_rows, k), -np.inf, dtype=np.float32)
         self.indices = np.full((n_rows, k), _NO_INDEX, dtype=np.int64)
+        self.thresholds = np.full(n_rows, _LOWEST, dtype=np.float32)
+        self.full = False
         self._flush_at = flush_at
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_count = 0
-        self.full = False
+        self._lock = threading.Lock()
 
-    def add_block(self, sims: torch.Tensor, offset: int, rows_are_columns: bool = False) -> None:
-        """Fold in one block of similarities whose items start at index `offset`; with rows_are_columns this
-        block's rows are the columns of `sims` (the mirror half of a symmetric block pair)."""
+    def add(self, sims, offset: int, columns: "_RunningTopK | None" = None, column_offset: int = 0) -> None:
+        """Fold in one block of similarities whose items start at index `offset`; with `columns`, the block's
+        columns are that other block's rows (the mirror half of a symmetric pair), whose items start at
+        `column_offset`."""
+        row_limits = self._limits(sims, along_columns=False)
+        col_limits = columns._limits(sims, along_columns=True) if columns is not None else None
+        row_hits, col_hits = _entries_at_least(sims, row_limits, col_limits)
+        rows, cols, values = row_hits
+        self._push(rows, values, cols + offset)
+        if columns is not None:
+            rows, cols, values = col_hits
+            columns._push(cols, values, rows + column_offset)
+
+    def _limits(self, sims, along_columns: bool) -> np.ndarray:
+        """The current thresholds; while some rows hold fewer than k entries, raised to each row's k-th score
+        within this block (nothing below it can make that row's top k)."""
+        limits = self.thresholds
         if not self.full:
-            self.flush()
-            # Callers orient blocks so this is rare by columns (a strided top-k is slow).
-            values, indices = _block_candidates(sims.T if rows_are_columns else sims, offset, self.k)
-            self.values, self.indices = _merge(self.values, self.indices, values, indices, self.k)
-            self.full = not np.isneginf(self.values[:, -1]).any()
-            return
-        rows, cols, values = _entries_above(sims, self.values[:, -1], along_columns=rows_are_columns)
-        if rows_are_columns:
-            rows, cols = cols, rows
-        if len(rows):
-            self._pending.append((rows, values, cols + offset))
-            self._pending_count += len(rows)
-            if self._pending_count >= self._flush_at:
-                self.flush()
+            width = sims.shape[0 if along_columns else 1]
+            if width >= self.k:
+                kth = _kth_largest(sims, self.k, axis=0 if along_columns else 1)
+                limits = np.maximum(limits, kth)
+        return limits
 
-    def flush(self) -> None:
+    def _push(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> None:
+        if not len(rows):
+            return
+        with self._lock:
+            self._pending.append((rows, values, indices))
+            self._pending_count += len(rows)
+            if self._pending_count >= self._flush_at or not self.full:
+                self._flush()
+
+    def _flush(self) -> None:
         if self._pending:
             rows, values, indices = (np.concatenate(part) for part in zip(*self._pending))
             self._pending, self._pending_count = [], 0
             self.values, self.indices = _merge_sparse(self.values, self.indices, rows, values, indices, self.k)
+            self.full = not np.isneginf(self.values[:, -1]).any()
+            self.thresholds = np.where(np.isneginf(self.values[:, -1]), _LOWEST, self.values[:, -1])
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        self.flush()
+        with self._lock:
+            self._flush()
         return self.values, self.indices
 
 
-def _entries_above(sims: torch.Tensor, thresholds: np.ndarray,
-                   along_columns: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, score) of every entry of `sims` strictly above its row's threshold (its column's, with
-    along_columns), in row-major order. On the CPU numpy's flat nonzero is several times faster than torch's
-    two-dimensional one; on a GPU the filtering stays on the device and only the hits are copied back."""
-    if sims.device.type == "cpu":
-        return _entries_above_numpy(sims.numpy(), thresholds, along_columns)
-    return _entries_above_torch(sims, thresholds, along_columns)
+def _kth_largest(sims, k: int, axis: int) -> np.ndarray:
+    if isinstance(sims, np.ndarray):
+        width = sims.shape[axis]
+        kth = np.take(np.partition(sims, width - k, axis=axis), width - k, axis=axis)
+    else:
+        kth = torch.topk(sims, k, dim=axis).values.select(axis, k - 1).cpu().numpy()
+    return np.where(np.isneginf(kth), _LOWEST, kth).astype(np.float32)
+
+
+def _entries_at_least(sims, row_limits: np.ndarray, col_limits: np.ndarray | None):
+    """((row, column, score) of the entries of `sims` >= their row's limit, the same for their column's limit
+    or None)."""
+    if not isinstance(sims, np.ndarray):
+        return (_entries_above_torch(sims, row_limits, False),
+                None if col_limits is None else _entries_above_torch(sims, col_limits, True))
+    n_rows, n_cols = sims.shape
+    if n_rows % _TILE_ROWS or n_rows < 4 * _TILE_ROWS:
+        return (_entries_above_numpy(sims, row_limits, False),
+                None if col_limits is None else _entries_above_numpy(sims, col_limits, True))
+    # The best of each tile of _TILE_ROWS rows in every column: a tile-column can only hold a row hit if it
+    # reaches the lowest row limit in the tile, and a column hit if it reaches the column's limit.
+    tile_max = sims.reshape(n_rows // _TILE_ROWS, _TILE_ROWS, n_cols).max(axis=1)
+    row_hits = _tile_entries(sims, tile_max, row_limits, along_columns=False)
+    col_hits = None if col_limits is None else _tile_entries(sims, tile_max, col_limits, along_columns=True)
+    return row_hits, col_hits
+
+
+def _tile_entries(sims: np.ndarray, tile_max: np.ndarray, limits: np.ndarray, along_columns: bool):
+    n_cols = sims.shape[1]
+    tile_limits = limits[None, :] if along_columns else limits.reshape(-1, _TILE_ROWS).min(axis=1)[:, None]
+    tiles, cols = np.divmod(np.flatnonzero(tile_max >= tile_limits), n_cols)
+    rows = tiles[:, None] * _TILE_ROWS + np.arange(_TILE_ROWS)
+    values = sims.reshape(-1)[rows * n_cols + cols[:, None]]
+    keep = values >= (limits[cols][:, None] if along_columns else limits[rows])
+    return rows[keep], np.broadcast_to(cols[:, None], rows.shape)[keep], values[keep]
 
 
 def _entries_above_numpy(sims: np.ndarray, thresholds: np.ndarray,
                          along_columns: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, score) of every entry of `sims` at or above its row's threshold (its column's, with
+    along_columns), in row-major order."""
     limits = thresholds[None, :] if along_columns else thresholds[:, None]
-    flat = np.flatnonzero(sims > limits)
+    flat = np.flatnonzero(sims >= limits)
     rows, cols = np.divmod(flat, sims.shape[1])
     return rows, cols, sims.reshape(-1)[flat]
 
 
 def _entries_above_torch(sims: torch.Tensor, thresholds: np.ndarray,
                          along_columns: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As _entries_above_numpy; on a GPU the filtering stays on the device and only the hits are copied back."""
     limits = torch.as_tensor(thresholds, device=sims.device)
     limits = limits[None, :] if along_columns else limits[:, None]
-    flat = (sims > limits).reshape(-1).nonzero().squeeze(1)
+    flat = (sims >= limits).reshape(-1).nonzero().squeeze(1)
     values = sims.reshape(-1)[flat].cpu().numpy()
     rows, cols = np.divmod(flat.cpu().numpy(), sims.shape[1])
     return rows, cols, values
 
 
-def _block_candidates(sims: torch.Tensor, offset: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's exact top-k of one block by (-score, index), indices shifted by `offset`."""
-    width = sims.shape[1]
-    take = min(width, k + 8)  # a few extra so that most ties at the k-th score are settled by index here
-    if sims.device.type == "cpu":
-        # numpy rather than torch.topk: in a loop of numpy BLAS calls, torch's threads would fight BLAS's.
-        vals_np, idx_np = _top_of_rows_numpy(sims.numpy(), take)
-    else:
-        vals_np, idx_np = _top_of_rows_torch(sims, take)
-    if take < width:
-        kth = vals_np[:, min(k, take) - 1]
-        for r in np.nonzero(vals_np[:, -1] == kth)[0]:  # a tie may run past the extra candidates
-            row = sims[r].cpu().numpy()
-            full = np.lexsort((np.arange(width), -row))[:take]
-            vals_np[r], idx_np[r] = row[full], full
-    return vals_np, idx_np + offset
-
-
-def _top_of_rows_numpy(sims: np.ndarray, take: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's `take` largest scores, best first (ties in index order), with their column indices."""
-    width = sims.shape[1]
-    idx = np.argpartition(sims, width - take, axis=1)[:, width - take:]
-    vals = np.take_along_axis(sims, idx, 1)
-    order = np.lexsort((idx, -vals), axis=1)
-    return np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1).astype(np.int64)
-
-
-def _top_of_rows_torch(sims: torch.Tensor, take: int) -> tuple[np.ndarray, np.ndarray]:
-    vals, idx = torch.topk(sims, take, dim=1, largest=True, sorted=True)
-    return vals.cpu().numpy(), idx.cpu().numpy()
-
-
-def _merge(best_v: np.ndarray, best_i: np.ndarray, cand_v: np.ndarray, cand_i: np.ndarray,
-           k: int) -> tuple[np.ndarray, np.ndarray]:
-    v = np.concatenate([best_v, cand_v], 1)
-    i = np.concatenate([best_i, cand_i], 1)
-    order = np.lexsort((i, -v), axis=1)[:, :k]
-    return np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
-
-
 def _merge_sparse(best_v: np.ndarray, best_i: np.ndarray, rows: np.ndarray, vals: np.ndarray, idx: np.ndarray,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge (row, score, index) candidates into each row's current top-k, by (-score, index).
-
-    The candidates must come after the entries they join in index order, and in increasing index order within a
-    row (true when item blocks arrive in order): then a stable sort by (row, -score) settles ties by index."""
+    """Merge (row, score, index) candidates into each row's current top-k, by (row, -score, index), whatever
+    order the candidates come in."""
     n = len(best_v)
     all_rows = np.concatenate([np.repeat(np.arange(n), k), rows])
     all_v = np.concatenate([best_v.ravel(), vals])
     all_i = np.concatenate([best_i.ravel(), idx])
-    order = np.argsort(_row_then_descending_score(all_rows, all_v), kind="stable")
+    keys = _row_then_descending_score(all_rows, all_v)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    tied = sorted_keys[1:] == sorted_keys[:-1]
+    if tied.any():  # equal (row, score): settle each run of equal keys by index (rare outside duplicate vectors)
+        in_run = np.zeros(len(order), dtype=bool)
+        in_run[1:] |= tied
+        in_run[:-1] |= tied
+        at = np.flatnonzero(in_run)
+        run = order[at]
+        order[at] = run[np.lexsort((all_i[run], keys[run]))]
     counts = k + np.bincount(rows, minlength=n)
     pick = order[((np.cumsum(counts) - counts)[:, None] + np.arange(k)).ravel()]
     return all_v[pick].reshape(n, k), all_i[pick].reshape(n, k)
@@ -237,30 +353,6 @@ def _row_then_descending_score(rows: np.ndarray, scores: np.ndarray) -> np.ndarr
     bits = (scores.astype(np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)
     monotone = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return rows.astype(np.int64) * (1 << 33) - monotone
-
-
-def _topk_all_pairs(x: torch.Tensor, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of every row of x against all other rows. The similarity matrix is symmetric, so each block pair
-    (i, j >= i) is computed once and serves the rows of both blocks: half the multiply-adds of the general path.
-    Every row block still sees item blocks in increasing order (first as the columns of earlier pairs, then as
-    the rows of its own). Memory: O(N*k + block^2)."""
-    n = x.shape[0]
-    k_eff = min(k, n - 1)
-    starts = list(range(0, n, block))
-    best = [_RunningTopK(min(n, start + block) - start, k_eff, flush_at=block * k_eff) for start in starts]
-    for a in range(len(starts)):
-        for b in range(a, len(starts)):
-            # Block b's first pair puts b on the rows of the product, as its first fill is a top-k of rows.
-            on_rows, on_cols = (b, a) if a != b and not best[b].full else (a, b)
-            r0, c0 = starts[on_rows], starts[on_cols]
-            sims = _similarities(x[r0:r0 + block], x[c0:c0 + block])
-            if a == b:
-                sims.fill_diagonal_(-torch.inf)
-            best[on_rows].add_block(sims, c0)
-            if a != b:
-                best[on_cols].add_block(sims, r0, rows_are_columns=True)
-    values, indices = zip(*(running.result() for running in best))
-    return np.concatenate(values), np.concatenate(indices)
 
 
 def assign_categories(vectors: np.ndarray, categories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

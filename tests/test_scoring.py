@@ -70,19 +70,46 @@ def test_random_catalog_over_many_blocks_matches_brute_force():
 
 
 def test_gpu_filter_path_equals_the_cpu_one():
-    # The torch filtering and top-k used on a GPU, run here on CPU tensors, against the numpy ones used on the CPU.
-    from matcher.scoring import _entries_above_numpy, _entries_above_torch, _top_of_rows_numpy, _top_of_rows_torch
+    # The torch filtering used on a GPU, run here on CPU tensors, against the numpy one used on the CPU: plain
+    # and through the tiles of rows.
+    from matcher.scoring import _entries_above_numpy, _entries_above_torch, _entries_at_least
 
-    sims = torch.from_numpy(np.random.default_rng(5).normal(size=(70, 90)).astype(np.float32))
-    for along_columns, n in ((False, 70), (True, 90)):
-        thresholds = np.random.default_rng(n).normal(1.0, 0.3, size=n).astype(np.float32)
-        got = _entries_above_torch(sims, thresholds, along_columns)
-        want = _entries_above_numpy(sims.numpy(), thresholds, along_columns)
+    def as_set(hits):
+        return set(zip(*(h.tolist() for h in hits)))
+
+    sims = np.random.default_rng(5).normal(size=(64, 90)).astype(np.float32)
+    row_limits = np.random.default_rng(64).normal(1.0, 0.3, size=64).astype(np.float32)
+    col_limits = np.random.default_rng(90).normal(1.0, 0.3, size=90).astype(np.float32)
+    tiled_rows, tiled_cols = _entries_at_least(sims, row_limits, col_limits)
+    for along_columns, limits, tiled in ((False, row_limits, tiled_rows), (True, col_limits, tiled_cols)):
+        got = _entries_above_torch(torch.from_numpy(sims), limits, along_columns)
+        want = _entries_above_numpy(sims, limits, along_columns)
         assert len(want[0]) > 100
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
-    for got, want in zip(_top_of_rows_torch(sims, 12), _top_of_rows_numpy(sims.numpy(), 12)):
-        np.testing.assert_array_equal(got, want)
+        assert as_set(tiled) == as_set(want)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_result_does_not_depend_on_threads_or_block_size(threads):
+    x = np.random.default_rng(11).integers(0, 3, size=(700, 5)).astype(np.float32)
+    expected = brute_force(x, x, 12, True)
+    for block in (64, 96, 200):
+        _, idx = topk(x, x, 12, block_size=block, exclude_self=True, threads=threads)
+        np.testing.assert_array_equal(idx, expected)
+        _, idx = topk(x[50:300], x, 12, block_size=block, exclude=np.arange(50, 300), threads=threads)
+        np.testing.assert_array_equal(idx, expected[50:300])
+
+
+def test_default_block_is_chosen_from_the_cache_and_the_threads():
+    from matcher.scoring import _cache_bytes, default_block_size
+
+    for threads in (1, 2, 8, 64):
+        block = default_block_size(threads=threads)
+        assert 256 <= block <= 2048 and block & (block - 1) == 0
+        assert block == 256 or threads * block * block * 4 <= _cache_bytes("index3", 8 * 2**20) // 4
+    assert default_block_size(threads=64) <= default_block_size(threads=1)
+    assert default_block_size("cuda") == 8192  # only reads the device type; no GPU needed
 
 
 def test_sort_key_orders_by_row_then_score_descending():

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -77,6 +77,36 @@ def topk_over_blocks(queries: np.ndarray, query_idx: np.ndarray,
     return values, indices
 
 
+def topk_for_row_groups(queries: np.ndarray, query_idx: np.ndarray,
+                        groups: Iterable[tuple[np.ndarray, int, np.ndarray]], k: int,
+                        threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top-k (scores, item indices) over the items it is shown, never itself (item index ==
+    its query_idx). `groups` yields (query rows, first index, items): those rows of `queries` against items
+    numbered first, first + 1, ...; a query may appear in many groups, an (query, item) pair in at most one.
+    Rows shown fewer than k items keep -inf / the largest int64 in the slots left over."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    query_idx = np.asarray(query_idx, dtype=np.int64)
+    best = _RunningTopK(len(queries), k, flush_at=max(1, len(queries)) * max(1, k), eager=False)
+    engine = _BlockEngine("cpu", None, threads)
+
+    def group(rows: np.ndarray, first: int, items: np.ndarray) -> None:
+        sims = np.matmul(queries[rows], np.ascontiguousarray(items, dtype=np.float32).T)
+        own = query_idx[rows] - first
+        inside = np.nonzero((own >= 0) & (own < len(items)))[0]
+        sims[inside, own[inside]] = -np.inf
+        best.add_rows(sims, np.asarray(rows), first)
+
+    with engine._workers():
+        batch: list[tuple] = []
+        for job in groups:
+            batch.append(job)
+            if len(batch) >= 4 * engine.threads:
+                engine._run(batch, group)
+                batch = []
+        engine._run(batch, group)
+    return best.result()
+
+
 def default_block_size(device: str | torch.device = "cpu", threads: int | None = None) -> int:
     """Rows per block. On the CPU the largest power of two (256..2048) whose square blocks of float32 scores, one
     per thread, fill at most a quarter of the last-level cache, so a block's second read by the filter is a cache
@@ -109,6 +139,7 @@ class _BlockEngine:
         self.on_cpu = self.device.type == "cpu"
         self.threads = max(1, threads or torch.get_num_threads()) if self.on_cpu else 1
         self.block = max(1, block_size or default_block_size(self.device, self.threads))
+        self._pool: ThreadPoolExecutor | None = None
 
     def all_pairs(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of every row of x against all other rows. The similarity matrix is symmetric, so each block pair
@@ -129,8 +160,9 @@ class _BlockEngine:
                 best[a].add(sims, c0, best[b], r0)
 
         pairs = [(a, b) for a in range(len(starts)) for b in range(a + 1, len(starts))]
-        self._run([(a, a) for a in range(len(starts))], pair)
-        self._run(pairs, pair)
+        with self._workers():
+            self._run([(a, a) for a in range(len(starts))], pair)
+            self._run(pairs, pair)
         values, indices = zip(*(running.result() for running in best))
         return np.concatenate(values), np.concatenate(indices)
 
@@ -158,10 +190,11 @@ class _BlockEngine:
                          torch.as_tensor(own[rows], device=self.device)] = -torch.inf
             best[a].add(sims, first + c0)
 
-        for first, items in item_blocks:
-            on_device = self._on_device(np.ascontiguousarray(items, dtype=np.float32))
-            self._run([(a, first, c0, on_device) for a in range(len(q_starts))
-                       for c0 in range(0, len(on_device), block)], tile)
+        with self._workers():
+            for first, items in item_blocks:
+                on_device = self._on_device(np.ascontiguousarray(items, dtype=np.float32))
+                self._run([(a, first, c0, on_device) for a in range(len(q_starts))
+                           for c0 in range(0, len(on_device), block)], tile)
         if not best:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         values, indices = zip(*(running.result() for running in best))
@@ -173,24 +206,42 @@ class _BlockEngine:
     def _product(self, a, b):
         return np.matmul(a, b.T) if self.on_cpu else a @ b.T
 
+    @contextmanager
+    def _workers(self) -> Iterator[None]:
+        """For one top-k call: BLAS single-threaded (the workers are the threads) and the pool of workers."""
+        with _blas_threads(1 if self.on_cpu else None):
+            if self.threads == 1:
+                yield
+                return
+            with ThreadPoolExecutor(self.threads) as pool:
+                self._pool = pool
+                try:
+                    yield
+                finally:
+                    self._pool = None
+
     def _run(self, jobs: list[tuple], work: Callable[..., None]) -> None:
-        """work(*job) for every job: in order on a GPU or with one thread, else in the thread pool."""
-        if self.threads == 1 or len(jobs) <= 1:
-            with _blas_threads(self.threads if self.on_cpu else None):
-                for job in jobs:
-                    work(*job)
+        """work(*job) for every job: in order on a GPU or with one thread, else in the pool."""
+        if self._pool is None or len(jobs) <= 1:
+            for job in jobs:
+                work(*job)
             return
-        with _blas_threads(1), ThreadPoolExecutor(self.threads) as pool:
-            for _ in pool.map(lambda job: work(*job), jobs):  # re-raises a worker's exception here
-                pass
+        for _ in self._pool.map(lambda job: work(*job), jobs):  # re-raises a worker's exception here
+            pass
+
+
+_BLAS = None  # threadpoolctl's view of the loaded BLAS libraries: looking them up costs about a millisecond
 
 
 def _blas_threads(limit: int | None):
+    global _BLAS
     if limit is None:
         return nullcontext()
-    from threadpoolctl import threadpool_limits
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
 
-    return threadpool_limits(limits=limit, user_api="blas")
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=limit, user_api="blas")
 
 
 def _fill_diagonal(sims) -> None:
@@ -207,8 +258,9 @@ class _RunningTopK:
     and merged in batches sorted by (row, -score, index), so blocks may arrive in any order and from any thread.
     The k-th scores used as the filter lag behind by one batch, which only lets a few more through."""
 
-    def __init__(self, n_rows: int, k: int, flush_at: int):
+    def __init__(self, n_rows: int, k: int, flush_at: int, eager: bool = True):
         self.k = k
+        self._eager = eager  # merge every push until all rows hold k (thresholds early; costly for many rows)
         self.values = np.full((n_rows, k), -np.inf, dtype=np.float32)
         self.indices = np.full((n_rows, k), _NO_INDEX, dtype=np.int64)
         self.thresholds = np.full(n_rows, _LOWEST, dtype=np.float32)
@@ -231,6 +283,14 @@ class _RunningTopK:
             rows, cols, values = col_hits
             columns._push(cols, values, rows + column_offset)
 
+    def add_rows(self, sims: np.ndarray, rows: np.ndarray, offset: int) -> None:
+        """Fold in a block whose rows are these rows (of this object's), items starting at index `offset`."""
+        limits = self.thresholds[rows]
+        if not self.full and sims.shape[1] >= self.k:
+            limits = np.maximum(limits, _kth_largest(sims, self.k, axis=1))
+        hit_rows, cols, values = _entries_above_numpy(sims, limits, along_columns=False)
+        self._push(rows[hit_rows], values, cols + offset)
+
     def _limits(self, sims, along_columns: bool) -> np.ndarray:
         """The current thresholds; while some rows hold fewer than k entries, raised to each row's k-th score
         within this block (nothing below it can make that row's top k)."""
@@ -248,7 +308,7 @@ class _RunningTopK:
         with self._lock:
             self._pending.append((rows, values, indices))
             self._pending_count += len(rows)
-            if self._pending_count >= self._flush_at or not self.full:
+            if self._pending_count >= self._flush_at or (self._eager and not self.full):
                 self._flush()
 
     def _flush(self) -> None:

@@ -1,0 +1,188 @@
+"""Approximate all-pairs candidates beyond the exact budget: the vectors are cut into k-means lists, and each list's
+products are searched, exactly, against the products of its nearest lists only.
+
+The catalog is numbered list by list (idx sorted by list), so a list is one range of idx and a search reads whole
+ranges: the same streamed (first idx, rows) blocks as the exact path, fewer of them. Within the candidates every
+dot product is exact and ties go to the lower idx; what is approximate is only which items are looked at. Recall
+against the exact top-K is measured by `sampled_recall` on queries drawn each night, not assumed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from matcher.scoring import topk, topk_for_row_groups
+
+
+@dataclass(frozen=True)
+class ListIndex:
+    """centroids (lists, d); offsets (lists + 1): list c holds idx offsets[c] .. offsets[c + 1] - 1; probes
+    (lists, P): the lists each list searches, itself first, nearest centroids next, -1 as padding."""
+    centroids: np.ndarray
+    offsets: np.ndarray
+    probes: np.ndarray
+    query_probes: int = 0
+
+    def list_of(self, idx: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offsets, idx, side="right") - 1
+
+    def searched(self, c: int) -> np.ndarray:
+        """The lists list c searches, in increasing order (empty ones dropped)."""
+        lists = self.probes[c][self.probes[c] >= 0]
+        return np.sort(lists[self.offsets[lists + 1] > self.offsets[lists]])
+
+
+def list_count(n_items: int, lists: int = 0) -> int:
+    """`lists` when set, else about sqrt(N), within 1 .. N."""
+    return max(1, min(n_items, lists or int(round(np.sqrt(n_items)))))
+
+
+def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: int = 0) -> np.ndarray:
+    """Spherical k-means on a sample of the vectors (inner product, so the centroids are kept at unit length):
+    `lists` centroids seeded from distinct sample rows. A list left empty keeps its previous centroid."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if len(sample) == 0:
+        raise ValueError("no vectors to train the lists on")
+    lists = min(lists, len(sample))
+    rng = np.random.default_rng(seed)
+    centroids = _seeds(sample, lists, rng)
+    for _ in range(iterations):
+        assigned = assign_lists(sample, centroids)
+        order = np.argsort(assigned, kind="stable")
+        filled, starts = np.unique(assigned[order], return_index=True)
+        centroids[filled] = _unit(np.add.reduceat(sample[order], starts, axis=0))
+    return centroids
+
+
+def _seeds(sample: np.ndarray, lists: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding on up to 32 rows per list: each next seed drawn with probability proportional to its
+    distance (1 - cosine) from the seeds so far, so two seeds rarely start in one cluster."""
+    rows = sample[rng.choice(len(sample), min(len(sample), 32 * lists), replace=False)]
+    chosen = [int(rng.integers(len(rows)))]
+    nearest = rows @ rows[chosen[0]]
+    for _ in range(1, lists):
+        distance = np.clip(1.0 - nearest, 0.0, None).astype(np.float64)
+        total = distance.sum()
+        pick = int(rng.choice(len(rows), p=distance / total)) if total > 0 else int(rng.integers(len(rows)))
+        chosen.append(pick)
+        nearest = np.maximum(nearest, rows @ rows[pick])
+    return _unit(rows[chosen])
+
+
+def assign_lists(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each vector's list: its centroid of largest dot product (ties to the lower list)."""
+    if len(vectors) == 0:
+        return np.zeros(0, np.int64)
+    return topk(vectors, centroids, 1)[1][:, 0]
+
+
+def probe_lists(centroids: np.ndarray, counts: np.ndarray, probes: int, min_items: int) -> np.ndarray:
+    """(lists, P) padded with -1: each list, then its nearest lists by centroid dot product, at least `probes`
+    lists and as many more as it takes to hold `min_items` products (a query's own row included), so every
+    product gets its full K even beside small lists."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n_lists = len(centroids)
+    if counts.sum() < min_items:
+        raise ValueError(f"{counts.sum()} products cannot give {min_items} candidates")
+    width = min(n_lists, 4 * probes + 64)
+    while True:
+        order = _lists_by_nearness(centroids, width)
+        covered = np.cumsum(counts[order], axis=1)
+        if width == n_lists or (covered[:, -1] >= min_items).all():
+            break
+        width = n_lists
+    need = np.minimum(np.maximum(probes, 1 + (covered < min_items).sum(axis=1)), width)
+    width = int(need.max())
+    return np.where(np.arange(width)[None, :] < need[:, None], order[:, :width], -1)
+
+
+def _lists_by_nearness(centroids: np.ndarray, width: int) -> np.ndarray:
+    """(lists, width): each list first (its centroid need not be its own best match), then the others by
+    decreasing dot product."""
+    own = np.arange(len(centroids))[:, None]
+    nearest = topk(centroids, centroids, width)[1]
+    others = np.take_along_axis(nearest, np.argsort(nearest == own, axis=1, kind="stable")[:, :width - 1], 1)
+    return np.concatenate([own, others], axis=1)
+
+
+def build_index(centroids: np.ndarray, lists_of_items: np.ndarray, probes: int, min_items: int,
+                query_probes: int = 0) -> ListIndex:
+    """The index over items numbered list by list: `lists_of_items` must be sorted (idx order)."""
+    lists_of_items = np.asarray(lists_of_items)
+    if len(lists_of_items) and np.any(np.diff(lists_of_items) < 0):
+        raise ValueError("items must be numbered list by list")
+    counts = np.bincount(lists_of_items, minlength=len(centroids))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return ListIndex(centroids, offsets, probe_lists(centroids, counts, probes, min_items), query_probes)
+
+
+def search_lists(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray,
+                 read_items: Callable[[int, int], np.ndarray], k: int,
+                 threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top-k (scores, idx) among the items of the lists it searches, never itself: its own list's
+    `probes` (nearest to the list's centroid, enough to hold k others) and the `query_probes` lists nearest to the
+    query itself (a query near the edge of its list has neighbours the centroid's nearest lists miss).
+    read_items(first, stop) returns the vectors of idx first .. stop - 1; each list is read once."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    query_idx = np.asarray(query_idx, dtype=np.int64)
+    n = len(query_idx)
+    rows = [np.repeat(np.arange(n), index.probes.shape[1])]
+    lists = [index.probes[index.list_of(query_idx)].ravel()]
+    probes = min(index.query_probes, len(index.centroids))
+    if probes and n:
+        rows.append(np.repeat(np.arange(n), probes))
+        lists.append(topk(queries, index.centroids, probes, threads=threads)[1].ravel())
+    rows, lists = np.concatenate(rows), np.concatenate(lists)
+    keep = lists >= 0
+    pairs = np.unique(lists[keep] * max(1, n) + rows[keep])  # (list, row) once each, by list
+    lists, rows = np.divmod(pairs, max(1, n))
+    starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]) if len(lists) else np.zeros(0, np.int64)
+    bounds = np.r_[starts, len(lists)]
+
+    def groups():
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            s = int(lists[a])
+            first, stop = int(index.offsets[s]), int(index.offsets[s + 1])
+            if stop > first:
+                yield rows[a:b], first, read_items(first, stop)
+
+    scores, found = topk_for_row_groups(queries, query_idx, groups(), k, threads=threads)
+    if (found == np.iinfo(np.int64).max).any():
+        raise ValueError(f"a query was shown fewer than k={k} other items; the probes must cover k + 1 items")
+    return scores, found
+
+
+def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 16, query_probes: int = 0,
+                  sample: int = 100_000, seed: int = 0, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's approximate top-k other rows (scores, row numbers), in one process: train on a sample, number
+    the rows list by list, search. For benchmarks and tests; the score stage runs the same steps on Spark."""
+    n = len(vectors)
+    rng = np.random.default_rng(seed)
+    sample_rows = rng.choice(n, min(n, sample), replace=False)
+    centroids = train_centroids(vectors[sample_rows], list_count(n, lists), seed=seed)
+    assigned = assign_lists(vectors, centroids)
+    order = np.argsort(assigned, kind="stable")
+    ordered = np.ascontiguousarray(vectors[order])
+    k = min(k, n - 1)
+    index = build_index(centroids, assigned[order], probes, k + 1, query_probes)
+    scores = np.zeros((n, k), np.float32)
+    found = np.zeros((n, k), np.int64)
+    for a in range(0, n, chunk):  # as the score stage's query blocks
+        rows = np.arange(a, min(n, a + chunk))
+        scores[rows], found[rows] = search_lists(index, ordered[rows], rows, lambda a, b: ordered[a:b], k)
+    result_scores, result_idx = np.empty_like(scores), np.empty_like(found)
+    result_scores[order], result_idx[order] = scores, order[found]
+    return result_scores, result_idx
+
+
+def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """The share of the exact top-k neighbours the approximate lists also hold (row by row, order ignored)."""
+    if exact.size == 0:
+        return 1.0
+    hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approximate, exact))
+    return hits / exact.size
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from matcher.ann import (ListIndex, ann_all_pairs, assign_lists, build_index, probe_lists, recall_at_k,
+                         search_lists, train_centroids)
+from matcher.scoring import topk
+
+
+def clustered(n: int, d: int, centers: int, spread: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d), dtype=np.float32)
+    x = c[rng.integers(0, centers, n)] + spread * rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_one_list_is_the_exact_search():
+    x = np.random.default_rng(2).integers(0, 3, size=(400, 4)).astype(np.float32)  # ties everywhere
+    scores, idx = ann_all_pairs(x, 10, lists=1, probes=1)
+    want_scores, want_idx = topk(x, x, 10, exclude_self=True)
+    np.testing.assert_array_equal(scores, want_scores)
+    # One list numbers the rows as they are, so even the ties go to the same (lower) rows.
+    np.testing.assert_array_equal(idx, want_idx)
+
+
+def test_clustered_catalog_recall_and_shape():
+    x = clustered(6000, 32, 120, spread=0.5)
+    scores, idx = ann_all_pairs(x, 20, probes=1, query_probes=8)
+    assert idx.shape == (6000, 20) and not (idx == np.arange(6000)[:, None]).any()
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+    np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, idx, 1), atol=1e-5)  # exact dot products
+    _, exact = topk(x, x, 20, exclude_self=True)
+    assert recall_at_k(idx, exact) >= 0.95
+    # With one probe per list and none per query, recall is lower: the per-query probes are what carries it.
+    _, narrow = ann_all_pairs(x, 20, probes=1, query_probes=0)
+    assert recall_at_k(narrow, exact) < recall_at_k(idx, exact)
+
+
+def test_probes_grow_until_they_hold_k_candidates():
+    centroids = np.eye(4, dtype=np.float32)
+    counts = np.array([1, 1, 1, 30])
+    probes = probe_lists(centroids, counts, probes=1, min_items=3)
+    for c in range(3):  # lists of one product take two more lists to show it 2 others
+        chosen = probes[c][probes[c] >= 0]
+        assert chosen[0] == c and counts[chosen].sum() >= 3
+    assert list(probes[3][probes[3] >= 0]) == [3]
+    with pytest.raises(ValueError, match="cannot give"):
+        probe_lists(centroids, counts, probes=1, min_items=40)
+
+
+def test_a_query_shown_too_few_items_is_an_error():
+    x = np.eye(4, dtype=np.float32)
+    index = ListIndex(x[:2], np.array([0, 2, 4]), np.array([[0], [1]]))  # lists of 2, each searching itself only
+    with pytest.raises(ValueError, match="fewer than k=2"):
+        search_lists(index, x, np.arange(4), lambda a, b: x[a:b], 2)
+
+
+def test_kmeans_finds_separated_clusters_and_assigns_to_them():
+    x = clustered(3000, 16, 5, spread=0.05, seed=4)
+    centroids = train_centroids(x, 5, seed=1)
+    assigned = assign_lists(x, centroids)
+    # Points of one true cluster share a list.
+    truth = np.random.default_rng(4)
+    truth.standard_normal((5, 16), dtype=np.float32)
+    labels = truth.integers(0, 5, 3000)
+    for c in range(5):
+        assert len(np.unique(assigned[labels == c])) == 1
+    with pytest.raises(ValueError, match="numbered list by list"):
+        build_index(centroids, assigned, 1, 2)
+
+
+def test_recall_at_k_by_hand():
+    exact = np.array([[1, 2, 3], [4, 5, 6]])
+    approximate = np.array([[3, 2, 9], [6, 5, 4]])
+    assert recall_at_k(approximate, exact) == pytest.approx(5 / 6)

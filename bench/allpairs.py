@@ -4,11 +4,12 @@ process so peak memory is its own.
 
     .venv/bin/pip install -r requirements-bench.txt
     .venv/bin/python bench/allpairs.py [--n 20000 100000] [--dim 256] [--k 20] [--threads 2] [--repeat 3]
-                                       [--device cpu|cuda]
+                                       [--device cpu|cuda] [--precision fp32 fp16 bf16]
+    .venv/bin/python bench/allpairs.py --ann [--n 1000000] [--queries 2000] [--query-probes 16]
 
 Each repeat runs every method once, in turn, so that a noisy neighbour on the machine slows them alike; the table
 shows the median time. Peak memory is the process's maximum resident set minus its resident set once the data was
-made (the largest over the repeats)."""
+made (the largest over the repeats); on a GPU, torch's peak allocated device memory."""
 from __future__ import annotations
 
 import argparse
@@ -35,17 +36,27 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _run(method: str, n: int, d: int, k: int, threads: int, block: int, device: str, queue) -> None:
+def _run(method: str, n: int, d: int, k: int, threads: int, block: int, queue) -> None:
     import torch
 
     torch.set_num_threads(threads)
     x = _data(n, d)
     base = _rss_mb()
     started, elapsed = time.perf_counter(), None
-    if method == "matcher":
+    if method.startswith("matcher"):
         from matcher.scoring import topk
 
-        _, idx = topk(x, x, k, exclude_self=True, device=device, threads=threads)  # its own block size
+        precision = method.split()[-1] if method.startswith("matcher cuda") else "fp32"
+        device = "cuda" if method.startswith("matcher cuda") else "cpu"
+        if device == "cuda":
+            topk(x[:2048], x[:2048], k, exclude_self=True, device=device, precision=precision)  # CUDA start-up
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+        _, idx = topk(x, x, k, exclude_self=True, device=device, threads=threads, precision=precision)
+        if device == "cuda":
+            elapsed = time.perf_counter() - started
+            queue.put((elapsed, torch.cuda.max_memory_allocated() / 2**20, idx))
+            return
     elif method == "faiss":
         import faiss
 
@@ -83,14 +94,70 @@ def _run(method: str, n: int, d: int, k: int, threads: int, block: int, device: 
     queue.put((seconds, peak - base, idx))
 
 
-def measure(method: str, n: int, d: int, k: int, threads: int, block: int, device: str):
+def measure(method: str, n: int, d: int, k: int, threads: int, block: int):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(method, n, d, k, threads, block, device, queue))
+    proc = ctx.Process(target=_run, args=(method, n, d, k, threads, block, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+def clustered(n: int, d: int, seed: int = 0, per_cluster: int = 50, spread: float = 0.7) -> np.ndarray:
+    """Unit vectors around n / per_cluster random centres: centre + spread * N(0, I) per dimension, so products of
+    one cluster sit at a cosine of about 1 / (1 + spread^2) from each other."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // per_cluster), d), dtype=np.float32)
+    x = np.empty((n, d), np.float32)
+    for a in range(0, n, 100_000):  # in slices: the noise of a million rows at once would double peak memory
+        b = min(n, a + 100_000)
+        x[a:b] = centres[rng.integers(0, len(centres), b - a)] + spread * rng.standard_normal((b - a, d), np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _run_ann(n: int, d: int, k: int, threads: int, queries: int, query_probes: int, spread: float, lists: int,
+             queue) -> None:
+    import torch
+
+    from matcher.ann import ann_all_pairs, list_count, recall_at_k
+    from matcher.scoring import topk
+
+    torch.set_num_threads(threads)
+    x = clustered(n, d, spread=spread)
+    base = _rss_mb()
+    started = time.perf_counter()
+    _, idx = ann_all_pairs(x, k, lists=lists, probes=1, query_probes=query_probes, threads=threads)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    sample = np.random.default_rng(1).choice(n, min(n, queries), replace=False)
+    started = time.perf_counter()
+    _, exact = topk(x[sample], x, k, exclude=sample, threads=threads)
+    exact_seconds = time.perf_counter() - started
+    queue.put((seconds, peak, recall_at_k(idx[sample], exact), exact_seconds, list_count(n, lists)))
+
+
+def ann_table(args) -> None:
+    """ANN candidates against exact search on a sample of queries, one process per N."""
+    print(f"d={args.dim} K={args.k} threads={args.threads} spread={args.spread} "
+          f"query_probes={args.query_probes} sampled queries={args.queries}\n")
+    print(f"{'N':>9} {'lists':>6}{'ANN s':>9}{'peak MB':>9}{'recall@K':>10}{'exact s, sample':>17}"
+          f"{'exact s, all (projected)':>26}{'exact/ANN':>10}")
+    for n in args.n:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_run_ann, args=(n, args.dim, args.k, args.threads, args.queries,
+                                                  args.query_probes, args.spread, args.lists, queue))
+        proc.start()
+        seconds, peak, recall, exact_seconds, lists = queue.get()
+        proc.join()
+        # The general exact path's measured rate, times N queries; the symmetric path does about half the work.
+        projected = exact_seconds * n / min(n, args.queries)
+        print(f"{n:>9} {lists:>6}{seconds:>9.1f}{peak:>9.0f}{recall:>10.4f}{exact_seconds:>17.2f}"
+              f"{projected:>14.0f} ({projected / 2:>5.0f} sym){projected / 2 / seconds:>10.1f}")
+    print("\nANN: k-means lists (about 4 sqrt(N) unless --lists), each product searched exactly against its own list's "
+          "covering lists and its query_probes nearest lists; recall@K against the exact top-K of the sampled "
+          "queries. exact/ANN: the symmetric projection over the ANN time (goal recall >= 0.98).")
 
 
 def main() -> int:
@@ -100,10 +167,22 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--block", type=int, default=2048)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cuda: also matcher on the GPU, one row per --precision")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "fp16", "bf16"], help="with --device cuda")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each method; the median time is shown")
     parser.add_argument("--memory-gb", type=float, default=20.0, help="skip the naive baseline above this")
+    parser.add_argument("--ann", action="store_true",
+                        help="approximate candidates on synthetic clustered vectors (default N = 1,000,000)")
+    parser.add_argument("--queries", type=int, default=2000, help="--ann: sampled queries for recall")
+    parser.add_argument("--query-probes", type=int, default=16, help="--ann: lists searched per query")
+    parser.add_argument("--spread", type=float, default=0.7, help="--ann: noise around each cluster centre")
+    parser.add_argument("--lists", type=int, default=0, help="--ann: k-means lists (0: about 4 sqrt(N))")
     args = parser.parse_args()
+    if args.ann:
+        if args.n == parser.get_default("n"):
+            args.n = [1_000_000]
+        ann_table(args)
+        return 0
     try:
         import faiss  # noqa: F401
         have_faiss = True
@@ -113,22 +192,22 @@ def main() -> int:
 
     print(f"d={args.dim} K={args.k} threads={args.threads} block={args.block} device={args.device} "
           f"repeat={args.repeat}\n")
-    print(f"{'N':>8} {'method':<16}{'seconds':>9}{'runs (s)':>26}{'peak MB':>9}{'time/faiss':>11}"
+    print(f"{'N':>8} {'method':<20}{'seconds':>9}{'runs (s)':>26}{'peak MB':>9}{'time/faiss':>11}"
           f"{'time/bare':>10}{'recall@K vs faiss':>19}")
     for n in args.n:
         methods = []
-        for method in ("bare product", "faiss", "matcher", "numpy naive"):
+        gpu = [f"matcher cuda {p}" for p in args.precision] if args.device == "cuda" else []
+        for method in ("bare product", "faiss", "matcher", *gpu, "numpy naive"):
             if method == "faiss" and not have_faiss:
                 continue
             if method == "numpy naive" and 4 * n * n / 2**30 > args.memory_gb:
-                print(f"{n:>8} {method:<16}skipped: the float32 N x N matrix alone needs {4 * n * n / 2**30:.0f} GB")
+                print(f"{n:>8} {method:<20}skipped: the float32 N x N matrix alone needs {4 * n * n / 2**30:.0f} GB")
                 continue
             methods.append(method)
         runs: dict[str, list] = {method: [] for method in methods}
         for _ in range(max(1, args.repeat)):
             for method in methods:
-                device = args.device if method == "matcher" else "cpu"
-                runs[method].append(measure(method, n, args.dim, args.k, args.threads, args.block, device))
+                runs[method].append(measure(method, n, args.dim, args.k, args.threads, args.block))
         results = {method: (float(np.median([r[0] for r in rs])), max(r[1] for r in rs), rs[0][2],
                             [r[0] for r in rs]) for method, rs in runs.items()}
         ref, bare = results.get("faiss"), results["bare product"]
@@ -140,7 +219,7 @@ def main() -> int:
                 hits = [len(set(a) & set(b)) for a, b in zip(idx.tolist(), ref[2].tolist())]
                 recall = f"{np.sum(hits) / (len(hits) * args.k):.6f}"
             spread = " ".join(f"{t:.2f}" for t in times)
-            print(f"{n:>8} {method:<16}{seconds:>9.2f}{spread:>26}{peak:>9.0f}{ratio:>11}{to_bare:>10}{recall:>19}")
+            print(f"{n:>8} {method:<20}{seconds:>9.2f}{spread:>26}{peak:>9.0f}{ratio:>11}{to_bare:>10}{recall:>19}")
     print("\nmatcher's memory bound: O(N*K + block^2) for all pairs; the naive baseline holds N*N. time/bare: "
           "against the symmetric blocked matrix product alone, same data and threads (goal for matcher <= 1.3).")
     return 0

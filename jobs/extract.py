@@ -10,7 +10,7 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
-from jobs.spark import get_spark
+from jobs.spark import get_spark, task_device
 from jobs.spark_lake import Progress, read_partition, write_parts
 from jobs.validate import require_passed
 from matcher.encoders import image_encoder_version, load_image_encoder, load_text_encoder, text_encoder_version
@@ -23,22 +23,6 @@ _ROWS_PER_TASK = 2000  # clean rows per extract task: enough tasks to balance ex
 
 # One set of encoders per Python worker, reused by every batch and task that worker runs.
 _worker_encoders: dict[tuple, tuple] = {}
-
-
-def _task_device(requested: str) -> str:
-    """The GPU Spark assigned this task (task resources), else the requested device."""
-    if requested == "cpu":
-        return "cpu"
-    try:
-        from pyspark import TaskContext
-
-        tc = TaskContext.get()
-        gpus = tc.resources().get("gpu") if tc is not None else None
-        if gpus is not None and gpus.addresses:
-            return f"cuda:{gpus.addresses[0]}"
-    except Exception:  # outside a Spark task (e.g. a plain loop) fall through
-        pass
-    return requested
 
 
 def _encoders(image_name: str, text_name: str, weights: str, device: str, threads: int):
@@ -59,7 +43,7 @@ def make_partition_extractor(image_name: str, text_name: str, weights: str, devi
     """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded."""
 
     def extract_partition(batches: Iterator[pa.RecordBatch]):
-        image_encoder, text_encoder = _encoders(image_name, text_name, weights, _task_device(device), threads)
+        image_encoder, text_encoder = _encoders(image_name, text_name, weights, task_device(device), threads)
         started, done = time.perf_counter(), 0
         for batch in batches:
             out = extract_features(batch.to_pandas(), image_encoder, text_encoder, batch_size)

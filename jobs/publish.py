@@ -40,6 +40,8 @@ def run(ctx: RunContext) -> dict:
         "model_version": (stages.get("score") or {}).get("model_version"),
         "model_source": (stages.get("score") or {}).get("model_source"),
         "input_fingerprint": (stages.get("score") or {}).get("input_fingerprint"),
+        "candidates": {k: v for k, v in (stages.get("score") or {}).items()
+                       if k == "candidates" or k.startswith("ann_")},
         "counts": {k: (stages.get("clean") or {}).get(k) for k in
                    ("input_rows", "clean_rows", "quarantined_rows", "quarantine_by_reason")},
         "features": {k: (stages.get("extract") or {}).get(k) for k in ("embedded", "reused")},

@@ -17,8 +17,10 @@ from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
 from jobs.features_io import feature_frame
+from jobs.score_ann import list_index, number_by_list, sampled_recall, train_lists
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
+from jobs.spark_frames import vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import require_passed
 from matcher.evaluate import embed
@@ -41,46 +43,6 @@ def _worker_model(version: str, weights, spec) -> MatcherModel:
     return _models[version]
 
 
-def _matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
-
-
-def with_dense_index(df: DataFrame, key: str, partitions: int) -> tuple[DataFrame, DataFrame]:
-    """`idx` 0..N-1 in the order of `key`, computed on executors: range partitions sorted within, then each
-    partition's offset from the per-partition counts (the only thing the driver sees). Returns (the numbered
-    rows, the persisted sorted rows they come from: unpersist it when done)."""
-    ordered = df.repartitionByRange(partitions, key).sortWithinPartitions(key).persist(StorageLevel.MEMORY_AND_DISK)
-
-    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
-        rows = sum(b.num_rows for b in batches)
-        yield pa.RecordBatch.from_pylist([{"part": TaskContext.get().partitionId(), "rows": rows}])
-
-    counts = dict((r["part"], r["rows"]) for r in ordered.mapInArrow(count, "part long, rows long").collect())
-    offsets, total = {}, 0
-    for part in sorted(counts):
-        offsets[part], total = total, total + counts[part]
-    schema = pa.schema([*[pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields], ("idx", pa.int64())])
-
-    def number(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
-        next_idx = offsets.get(TaskContext.get().partitionId(), 0)
-        for b in batches:
-            yield b.append_column("idx", pa.array(np.arange(next_idx, next_idx + b.num_rows), pa.int64()))
-            next_idx += b.num_rows
-
-    return ordered.mapInArrow(number, spark_schema(schema)), ordered
-
-
-def _arrow_type(spark_type) -> pa.DataType:
-    from pyspark.sql.pandas.types import to_arrow_type
-
-    return to_arrow_type(spark_type)
-
-
 def make_embedder(version: str, weights, spec):
     """Executors: feature rows -> (idx, product_id, category, title, z, u, v, own photo-title match)."""
 
@@ -89,8 +51,8 @@ def make_embedder(version: str, weights, spec):
         for b in batches:
             if b.num_rows == 0:
                 continue
-            z, u, v = embed(model, _matrix(b.column("image_feat"), spec.image_dim),
-                            _matrix(b.column("text_feat"), spec.text_dim))
+            z, u, v = embed(model, vector_matrix(b.column("image_feat"), spec.image_dim),
+                            vector_matrix(b.column("text_feat"), spec.text_dim))
             with torch.no_grad():
                 own = model.match_probability(torch.from_numpy(z), torch.from_numpy(u)).numpy()
             yield pa.RecordBatch.from_arrays(
@@ -108,7 +70,7 @@ def _category_centroids(vectors: DataFrame, dim: int) -> tuple[list[str], np.nda
         acc: dict[str, tuple[np.ndarray, int]] = {}
         for b in batches:
             cats = np.asarray(b.column("category").to_pylist(), dtype=object)
-            v = _matrix(b.column("v"), dim)
+            v = vector_matrix(b.column("v"), dim)
             for name in set(cats) - {"", None}:
                 rows = v[cats == name]
                 total, n = acc.get(name, (np.zeros(dim, np.float64), 0))
@@ -135,7 +97,7 @@ def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
         for b in batches:
             cats = [c or "" for c in b.column("category").to_pylist()]
             if names:
-                scores, idx = topk(_matrix(b.column("v"), centroids.shape[1]), centroids, k=1)
+                scores, idx = topk(vector_matrix(b.column("v"), centroids.shape[1]), centroids, k=1)
                 predicted, score = [names[i] for i in idx[:, 0]], scores[:, 0]
             else:
                 predicted, score = [""] * len(cats), np.zeros(len(cats), np.float32)
@@ -156,7 +118,7 @@ def make_searcher(qvecs: np.ndarray, k: int):
         for b in batches:
             if b.num_rows == 0:
                 continue
-            scores, idx = topk(qvecs, _matrix(b.column("v"), qvecs.shape[1]), k)
+            scores, idx = topk(qvecs, vector_matrix(b.column("v"), qvecs.shape[1]), k)
             pids = b.column("product_id").to_numpy(zero_copy_only=False)
             gidx = b.column("idx").to_numpy()
             yield pa.RecordBatch.from_pydict({
@@ -213,7 +175,27 @@ def run(ctx: RunContext) -> dict:
         StorageLevel.MEMORY_AND_DISK)
     attempt, tag = new_attempt_id(), F.lit(version).alias("model_version")
     parts: dict[str, list[str]] = {}
+    m = max(sc.top_k, sc.rerank_candidates)
+    index, candidates = None, {"candidates": "exact"}
+    frames = [vectors, ordered]
     try:
+        if sc.uses_ann(n):
+            centroids = train_lists(vectors, n, sc.ann_lists, sc.ann_sample, spec.dim)
+            vectors, by_list = number_by_list(vectors, centroids, partitions, spec.dim)
+            vectors = vectors.persist(StorageLevel.MEMORY_AND_DISK)
+            frames += [vectors, by_list]
+            index = list_index(vectors, centroids, sc.ann_query_probes, min(m, n - 1) + 1)
+            recall, sampled = sampled_recall(vectors, index, n, min(sc.top_k, n - 1), sc.ann_recall_queries,
+                                             date, spec.dim)
+            candidates = {"candidates": "ann", "ann_lists": len(centroids), "ann_query_probes": sc.ann_query_probes,
+                          "ann_recall_at_k": round(recall, 6), "ann_recall_k": min(sc.top_k, n - 1),
+                          "ann_recall_queries": sampled, "ann_recall_floor": sc.ann_recall_floor}
+            log.info("score: ANN candidates, %d lists, recall@%d %.4f on %d sampled products", len(centroids),
+                     min(sc.top_k, n - 1), recall, sampled)
+            if recall < sc.ann_recall_floor:
+                raise StageError("score", f"ANN recall@{min(sc.top_k, n - 1)} {recall:.4f} on {sampled} sampled "
+                                          f"products is below score.ann_recall_floor {sc.ann_recall_floor}: raise "
+                                          f"score.ann_query_probes or score.ann_lists, or use candidates = \"exact\"")
         embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag), _embeddings_and_vectors,
                                lake, date, attempt, ["embeddings", VECTORS_TABLE], Progress(spark, "score: embed", n))
         parts["embeddings"] = embedded.parts["embeddings"]
@@ -237,16 +219,16 @@ def run(ctx: RunContext) -> dict:
         blocks = vector_parts(lake, vector_files)
         recommendations = write_parts(
             recommendations_frame(spark, blocks),
-            make_recommender(lake, blocks, weights, spec, sc.top_k, max(sc.top_k, sc.rerank_candidates),
-                             sc.rerank_weight, version),
+            make_recommender(lake, blocks, weights, spec, sc.top_k, m, sc.rerank_weight, version, index,
+                             ctx.config.extract.device, sc.precision),
             lake, date, attempt, ["recommendations"],
             Progress(spark, "score: all-pairs top-K, re-rank", len(blocks), unit="query blocks"))
         parts |= recommendations.parts
         # Order-free fingerprint of the scored inputs, added up on executors.
         digest = keys.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
     finally:
-        vectors.unpersist()
-        ordered.unpersist()
+        for frame in frames:
+            frame.unpersist()
         lake.clear_work_table(VECTORS_TABLE, date, attempt)  # only the staged tables' parts outlive the stage
     lake.clear_staging(date)
     for name in PUBLISHED_TABLES:
@@ -256,7 +238,7 @@ def run(ctx: RunContext) -> dict:
     log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)
     return {"products": n, "recommendation_rows": int(recommendations.rows["recommendations"]),
             "model_version": version, "model_source": why, "category_agreement": agreement,
-            "mismatches": int(mismatches.rows["mismatches"]),
+            "mismatches": int(mismatches.rows["mismatches"]), **candidates,
             "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest()}
 
 

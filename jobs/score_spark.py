@@ -25,8 +25,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from pyspark.sql import DataFrame, SparkSession
 
+from jobs.spark import task_device
+from matcher.ann import ListIndex, search_lists
 from matcher.evaluate import model_pair_scorer
 from matcher.lake import Lake
 from matcher.model import MatcherModel, ModelSpec, model_from_bytes
@@ -78,10 +81,13 @@ _MODELS: dict[tuple[str, ModelSpec], MatcherModel] = {}  # per Python worker: re
 
 
 def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSpec, k: int, m: int,
-                     weight: float, version: str):
+                     weight: float, version: str, index: ListIndex | None = None, device: str = "cpu",
+                     precision: str = "fp32"):
     """A write_parts mapper: for each query part named in its rows, yields ("recommendations", rows): each product's
     min(k, M) best other products, M = min(m, N - 1) cosine candidates re-ranked by
-    (1 - weight) * similarity + weight * match."""
+    (1 - weight) * similarity + weight * match. The candidates are exact, or with an index (the catalog numbered
+    list by list) those of matcher.ann.search_lists, which reads only the lists each product searches. Exact
+    candidates are computed on the task's GPU where Spark gave it one (or `device` asks for one), in `precision`."""
     n = sum(p.rows for p in parts)
     m_eff, k_eff = min(m, n - 1), min(k, m, n - 1)
     model_key = (hashlib.sha256(weights.value).hexdigest(), spec)
@@ -93,22 +99,28 @@ def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSp
         for b in batches:
             for part_no in b.column("part").to_pylist():
                 yield "recommendations", _recommend_block(lake, parts, parts[part_no], model, k_eff, m_eff,
-                                                          weight, version)
+                                                          weight, version, index, _score_device(device),
+                                                          precision)
 
     return recommend
 
 
 def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, model: MatcherModel, k: int, m: int,
-                     weight: float, version: str) -> pa.Table:
+                     weight: float, version: str, index: ListIndex | None = None, device: str = "cpu",
+                     precision: str = "fp32") -> pa.Table:
     q = _read_part(lake, query, ["idx", "product_id", "z", "u", "v"])
 
     def read(part: VectorPart, columns: list[str]) -> pa.Table:
         return q if part == query else _read_part(lake, part, columns)  # the query part is read once
 
     q_idx, q_v = np.arange(query.first, query.first + query.rows), _vectors(q, "v")
-    similarity, cands = topk_over_blocks(q_v, q_idx, ((p.first, q_v if p == query else
-                                                       _vectors(_read_part(lake, p, ["idx", "v"]), "v")) for p in parts),
-                                         m, threads=1)  # Spark runs one task per core
+    if index is None:  # Spark runs one task per core: one thread each
+        similarity, cands = topk_over_blocks(q_v, q_idx, ((p.first, q_v if p == query else _vectors(
+            _read_part(lake, p, ["idx", "v"]), "v")) for p in parts), m, threads=1, device=device,
+            precision=precision if device != "cpu" else "fp32")
+    else:
+        similarity, cands = search_lists(index, q_v, q_idx, _RangeReader(lake, parts, query, q_v).rows, m,
+                                         threads=1)
     z_q, u_q = _vectors(q, "z"), _vectors(q, "u")
     match = np.zeros(cands.shape, np.float32)
     rec_ids = np.empty(cands.shape, object)
@@ -136,6 +148,36 @@ def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, mod
         "score": pa.array(score.ravel(), pa.float32()),
         "model_version": pa.array([version] * (n_q * k), pa.string()),
     }, schema=RECOMMENDATIONS)
+
+
+def _score_device(requested: str) -> str:
+    device = task_device(requested)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class _RangeReader:
+    """v of idx first .. stop - 1, from the parts that hold them. search_lists asks for lists in increasing idx,
+    so each part is read at most once and only the last one read is kept (a list may run into the next part)."""
+
+    def __init__(self, lake: Lake, parts: list[VectorPart], query: VectorPart, query_v: np.ndarray):
+        self.lake, self.parts = lake, parts
+        self.starts = np.array([p.first for p in parts])
+        self.loaded: dict[VectorPart, np.ndarray] = {query: query_v}
+
+    def rows(self, first: int, stop: int) -> np.ndarray:
+        pieces = []
+        for i in range(int(np.searchsorted(self.starts, first, side="right")) - 1, len(self.parts)):
+            part = self.parts[i]
+            if part.first >= stop:
+                break
+            if part not in self.loaded:
+                self.loaded = {key: value for key, value in self.loaded.items() if key.first > part.first}
+                self.loaded[part] = _vectors(_read_part(self.lake, part, ["idx", "v"]), "v")
+            a, b = max(first, part.first) - part.first, min(stop, part.first + part.rows) - part.first
+            pieces.append(self.loaded[part][a:b])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _read_part(lake: Lake, part: VectorPart, columns: list[str]) -> pa.Table:

@@ -141,3 +141,20 @@ def stop_spark() -> None:
         _session.stop()
         _session = None
         _session_key = None
+
+
+def task_device(requested: str) -> str:
+    """The GPU Spark assigned this task (task resources), else the requested device ("cpu", "cuda" or "auto")."""
+    if requested == "cpu":
+        return "cpu"
+    try:
+        from pyspark import TaskContext
+
+        tc = TaskContext.get()
+        gpus = tc.resources().get("gpu") if tc is not None else None
+        if gpus is not None and gpus.addresses:
+            return f"cuda:{gpus.addresses[0]}"
+    except Exception:  # outside a Spark task (e.g. a plain loop) fall through
+        pass
+    return requested
+

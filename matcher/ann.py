@@ -34,8 +34,8 @@ class ListIndex:
 
 
 def list_count(n_items: int, lists: int = 0) -> int:
-    """`lists` when set, else about sqrt(N), within 1 .. N."""
-    return max(1, min(n_items, lists or int(round(np.sqrt(n_items)))))
+    """`lists` when set, else about 4 sqrt(N) (FAISS's guide for inverted lists is 4 to 16 sqrt(N)), within 1 .. N."""
+    return max(1, min(n_items, lists or int(round(4 * np.sqrt(n_items)))))
 
 
 def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: int = 0) -> np.ndarray:
@@ -56,9 +56,10 @@ def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: 
 
 
 def _seeds(sample: np.ndarray, lists: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding on up to 32 rows per list: each next seed drawn with probability proportional to its
-    distance (1 - cosine) from the seeds so far, so two seeds rarely start in one cluster."""
-    rows = sample[rng.choice(len(sample), min(len(sample), 32 * lists), replace=False)]
+    """k-means++ seeding on up to 8 rows per list (few enough to stay in cache over `lists` passes): each next
+    seed drawn with probability proportional to its distance (1 - cosine) from the seeds so far, so two seeds
+    rarely start in one cluster."""
+    rows = sample[rng.choice(len(sample), min(len(sample), 8 * lists), replace=False)]
     chosen = [int(rng.integers(len(rows)))]
     nearest = rows @ rows[chosen[0]]
     for _ in range(1, lists):
@@ -70,11 +71,13 @@ def _seeds(sample: np.ndarray, lists: int, rng: np.random.Generator) -> np.ndarr
     return _unit(rows[chosen])
 
 
-def assign_lists(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def assign_lists(vectors: np.ndarray, centroids: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Each vector's list: its centroid of largest dot product (ties to the lower list)."""
-    if len(vectors) == 0:
-        return np.zeros(0, np.int64)
-    return topk(vectors, centroids, 1)[1][:, 0]
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    out = np.zeros(len(vectors), np.int64)
+    for a in range(0, len(vectors), chunk):  # an argmax per row: k = 1 needs none of topk's running merges
+        out[a:a + chunk] = np.argmax(vectors[a:a + chunk] @ centroids.T, axis=1)
+    return out
 
 
 def probe_lists(centroids: np.ndarray, counts: np.ndarray, probes: int, min_items: int) -> np.ndarray:
@@ -106,20 +109,35 @@ def _lists_by_nearness(centroids: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([own, others], axis=1)
 
 
-def build_index(centroids: np.ndarray, lists_of_items: np.ndarray, probes: int, min_items: int,
+def build_index(centroids: np.ndarray, counts: np.ndarray, probes: int, min_items: int,
                 query_probes: int = 0) -> ListIndex:
-    """The index over items numbered list by list: `lists_of_items` must be sorted (idx order)."""
-    lists_of_items = np.asarray(lists_of_items)
-    if len(lists_of_items) and np.any(np.diff(lists_of_items) < 0):
-        raise ValueError("items must be numbered list by list")
-    counts = np.bincount(lists_of_items, minlength=len(centroids))
+    """The index over items numbered list by list, list c holding counts[c] of them."""
+    counts = np.asarray(counts, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return ListIndex(centroids, offsets, probe_lists(centroids, counts, probes, min_items), query_probes)
 
 
+def searched_lists(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray, threads: int | None = None,
+                   nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, list) pairs, possibly repeated: the lists each query searches (see search_lists). `nearest`:
+    each query's lists by decreasing dot product, when the caller has them already."""
+    n = len(query_idx)
+    rows = [np.repeat(np.arange(n), index.probes.shape[1])]
+    lists = [index.probes[index.list_of(query_idx)].ravel()]
+    probes = min(index.query_probes, len(index.centroids))
+    if probes and n:
+        rows.append(np.repeat(np.arange(n), probes))
+        if nearest is None or nearest.shape[1] < probes:
+            nearest = topk(queries, index.centroids, probes, threads=threads)[1]
+        lists.append(nearest[:, :probes].ravel())
+    rows, lists = np.concatenate(rows), np.concatenate(lists)
+    keep = lists >= 0
+    return rows[keep], lists[keep]
+
+
 def search_lists(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray,
-                 read_items: Callable[[int, int], np.ndarray], k: int,
-                 threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 read_items: Callable[[int, int], np.ndarray], k: int, threads: int | None = None,
+                 nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each query's top-k (scores, idx) among the items of the lists it searches, never itself: its own list's
     `probes` (nearest to the list's centroid, enough to hold k others) and the `query_probes` lists nearest to the
     query itself (a query near the edge of its list has neighbours the centroid's nearest lists miss).
@@ -127,15 +145,8 @@ def search_lists(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     query_idx = np.asarray(query_idx, dtype=np.int64)
     n = len(query_idx)
-    rows = [np.repeat(np.arange(n), index.probes.shape[1])]
-    lists = [index.probes[index.list_of(query_idx)].ravel()]
-    probes = min(index.query_probes, len(index.centroids))
-    if probes and n:
-        rows.append(np.repeat(np.arange(n), probes))
-        lists.append(topk(queries, index.centroids, probes, threads=threads)[1].ravel())
-    rows, lists = np.concatenate(rows), np.concatenate(lists)
-    keep = lists >= 0
-    pairs = np.unique(lists[keep] * max(1, n) + rows[keep])  # (list, row) once each, by list
+    rows, lists = searched_lists(index, queries, query_idx, threads, nearest)
+    pairs = np.unique(lists * max(1, n) + rows)  # (list, row) once each, by list
     lists, rows = np.divmod(pairs, max(1, n))
     starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]) if len(lists) else np.zeros(0, np.int64)
     bounds = np.r_[starts, len(lists)]
@@ -154,23 +165,27 @@ def search_lists(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray,
 
 
 def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 16, query_probes: int = 0,
-                  sample: int = 100_000, seed: int = 0, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+                  sample: int = 100_000, seed: int = 0, chunk: int = 8192,
+                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's approximate top-k other rows (scores, row numbers), in one process: train on a sample, number
     the rows list by list, search. For benchmarks and tests; the score stage runs the same steps on Spark."""
     n = len(vectors)
     rng = np.random.default_rng(seed)
     sample_rows = rng.choice(n, min(n, sample), replace=False)
     centroids = train_centroids(vectors[sample_rows], list_count(n, lists), seed=seed)
-    assigned = assign_lists(vectors, centroids)
+    nearest = topk(vectors, centroids, max(1, min(query_probes, len(centroids))), threads=threads)[1]
+    assigned = nearest[:, 0]  # as assign_lists: the one product of the vectors and centroids serves both
     order = np.argsort(assigned, kind="stable")
+    nearest = nearest[order]
     ordered = np.ascontiguousarray(vectors[order])
     k = min(k, n - 1)
-    index = build_index(centroids, assigned[order], probes, k + 1, query_probes)
+    index = build_index(centroids, np.bincount(assigned, minlength=len(centroids)), probes, k + 1, query_probes)
     scores = np.zeros((n, k), np.float32)
     found = np.zeros((n, k), np.int64)
     for a in range(0, n, chunk):  # as the score stage's query blocks
         rows = np.arange(a, min(n, a + chunk))
-        scores[rows], found[rows] = search_lists(index, ordered[rows], rows, lambda a, b: ordered[a:b], k)
+        scores[rows], found[rows] = search_lists(index, ordered[rows], rows, lambda a, b: ordered[a:b], k,
+                                                 threads=threads, nearest=nearest[rows])
     result_scores, result_idx = np.empty_like(scores), np.empty_like(found)
     result_scores[order], result_idx[order] = scores, order[found]
     return result_scores, result_idx

@@ -125,6 +125,18 @@ class ScoreConfig:
     rerank_weight: float
     search_queries: list[str]
     search_top_k: int
+    candidates: str
+    exact_max_products: int
+    ann_lists: int
+    ann_query_probes: int
+    ann_sample: int
+    ann_recall_queries: int
+    ann_recall_floor: float
+    precision: str
+
+    def uses_ann(self, products: int) -> bool:
+        """Whether a night of this many products takes its candidates from the k-means lists."""
+        return self.candidates == "ann" or (self.candidates == "auto" and products > self.exact_max_products)
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,15 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
     if not 0.0 <= cfg.score.rerank_weight <= 1.0:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
+    if cfg.score.precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"score.precision must be fp32, fp16 or bf16, got {cfg.score.precision!r}")
+    if cfg.score.candidates not in ("exact", "ann", "auto"):
+        raise ConfigError(f"score.candidates must be exact, ann or auto, got {cfg.score.candidates!r}")
+    if not 0.0 <= cfg.score.ann_recall_floor <= 1.0:
+        raise ConfigError("score.ann_recall_floor must be in [0, 1]")
+    if cfg.score.ann_lists < 0 or cfg.score.ann_query_probes < 0 or cfg.score.ann_sample < 1 \
+            or cfg.score.ann_recall_queries < 1:
+        raise ConfigError("score.ann_lists and ann_query_probes must be >= 0, ann_sample and ann_recall_queries >= 1")
     if cfg.runner.mode not in ("in_process", "spark_submit"):
         raise ConfigError("runner.mode must be in_process or spark_submit")
     if cfg.extract.image_encoder not in IMAGE_ENCODERS:

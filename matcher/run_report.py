@@ -172,8 +172,14 @@ def _summary(manifest: dict) -> str:
                       for r, n in sorted((counts.get("quarantine_by_reason") or {}).items()))
     timings = "".join(f"<tr><td>{html.escape(s)}</td><td class='num'>{t if t is not None else ''}</td></tr>"
                       for s, t in (manifest.get("stage_seconds") or {}).items())
+    found = manifest.get("candidates") or {}
+    candidates = ("<p>Candidates: exact, every pair.</p>" if found.get("candidates") != "ann" else
+                  f"<p>Candidates: ANN, {found.get('ann_lists')} lists, {found.get('ann_query_probes')} searched "
+                  f"per product besides its own; recall@{found.get('ann_recall_k')} against exact "
+                  f"<b data-manifest='ann_recall_at_k'>{found.get('ann_recall_at_k')}</b> on "
+                  f"{found.get('ann_recall_queries')} sampled products (floor {found.get('ann_recall_floor')}).</p>")
     return (f"<p>Model <b>{html.escape(str(manifest.get('model_version')))}</b>: "
-            f"{html.escape(str(manifest.get('promotion')))}</p>"
+            f"{html.escape(str(manifest.get('promotion')))}</p>{candidates if found else ''}"
             f"<table><tr><th>rows</th><th></th></tr>{cells}</table>"
             f"<h3>Quarantined by reason</h3><table><tr><th>reason</th><th>rows</th></tr>{reasons or '<tr><td>none</td><td></td></tr>'}</table>"
             f"<h3>Stage seconds</h3><table><tr><th>stage</th><th>seconds</th></tr>{timings}</table>")

@@ -13,6 +13,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -22,17 +23,21 @@ import torch
 _NO_INDEX = np.iinfo(np.int64).max
 _LOWEST = np.finfo(np.float32).min  # a threshold that lets every finite score through but never an excluded -inf
 _TILE_ROWS = 8
+_UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 
 
 def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None = None,
          exclude_self: bool = False, device: str | torch.device = "cpu",
-         exclude: np.ndarray | None = None, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+         exclude: np.ndarray | None = None, threads: int | None = None,
+         precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """(scores, indices), each (Q, min(k, candidates)), best first; ties broken by lower item index.
 
     With exclude_self, query i is item i and never its own neighbour (queries and items must then be the same set);
     `exclude` names, per query, one item index never to return (e.g. the query's own row in a larger item set).
     Queries and items are both taken in blocks of block_size (default: `default_block_size`), the CPU's blocks
-    spread over `threads` threads (default: torch's thread count)."""
+    spread over `threads` threads (default: torch's thread count). precision "fp16" or "bf16" multiplies the
+    blocks in that precision (with float32 accumulation: a GPU's tensor cores) and rescores in float32 every entry
+    that the rounding error bound cannot rule out, so the answer is still the float32 one."""
     same = items is queries  # topk(v, v, ...): check, convert and copy to the device once
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     items = queries if same else np.ascontiguousarray(items, dtype=np.float32)
@@ -42,7 +47,7 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
             raise ValueError(f"{name} hold NaN or infinite values in {int(bad.sum())} rows, e.g. row "
                              f"{int(np.argmax(bad))}")
     n_q, n_items = queries.shape[0], items.shape[0]
-    engine = _BlockEngine(device, block_size, threads)
+    engine = _BlockEngine(device, block_size, threads, precision)
     if exclude_self:
         if n_q != n_items:
             raise ValueError("exclude_self needs queries and items to be the same set")
@@ -58,8 +63,8 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
 
 
 def topk_over_blocks(queries: np.ndarray, query_idx: np.ndarray,
-                     item_blocks: Iterable[tuple[int, np.ndarray]], k: int,
-                     threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     item_blocks: Iterable[tuple[int, np.ndarray]], k: int, threads: int | None = None,
+                     device: str | torch.device = "cpu", precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """Each query's top-k items by dot product, as (scores, global item indices), best first, ties by the lower index;
     a query is never its own neighbour (item index == its entry in `query_idx`).
 
@@ -70,7 +75,7 @@ def topk_over_blocks(queries: np.ndarray, query_idx: np.ndarray,
     query_idx = np.asarray(query_idx, dtype=np.int64)
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    engine = _BlockEngine("cpu", None, threads)
+    engine = _BlockEngine(device, None, threads, precision)
     values, indices = engine.queries_against(queries, 0, item_blocks, k, exclude_global=query_idx)
     if (indices == _NO_INDEX).any():
         raise ValueError(f"fewer than k={k} items besides the queries themselves")
@@ -134,9 +139,14 @@ class _BlockEngine:
     """Runs block products and their top-k filtering, on the CPU in a pool of threads (BLAS single-threaded in
     each), on a GPU in order on the device."""
 
-    def __init__(self, device: str | torch.device, block_size: int | None, threads: int | None):
+    def __init__(self, device: str | torch.device, block_size: int | None, threads: int | None,
+                 precision: str = "fp32"):
+        if precision not in _UNIT_ROUNDOFF:
+            raise ValueError(f"precision must be one of {', '.join(_UNIT_ROUNDOFF)}, got {precision!r}")
         self.device = torch.device(device)
-        self.on_cpu = self.device.type == "cpu"
+        self.low = None if precision == "fp32" else getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])
+        self.unit_roundoff = _UNIT_ROUNDOFF[precision]
+        self.on_cpu = self.device.type == "cpu" and self.low is None  # numpy's BLAS; else torch on the device
         self.threads = max(1, threads or torch.get_num_threads()) if self.on_cpu else 1
         self.block = max(1, block_size or default_block_size(self.device, self.threads))
         self._pool: ThreadPoolExecutor | None = None
@@ -152,12 +162,13 @@ class _BlockEngine:
 
         def pair(a: int, b: int) -> None:
             r0, c0 = starts[a], starts[b]
-            sims = self._product(xs[r0:r0 + block], xs[c0:c0 + block])
+            sims, bounds = self._product(xs[r0:r0 + block], xs[c0:c0 + block])
             if a == b:
-                _fill_diagonal(sims)
-                best[a].add(sims, c0)
+                for scores in (sims,) + (() if bounds is None else (bounds.lower, bounds.upper)):
+                    _fill_diagonal(scores)
+                best[a].add(sims, c0, bounds=bounds)
             else:
-                best[a].add(sims, c0, best[b], r0)
+                best[a].add(sims, c0, best[b], r0, bounds=bounds)
 
         pairs = [(a, b) for a in range(len(starts)) for b in range(a + 1, len(starts))]
         with self._workers():
@@ -179,16 +190,17 @@ class _BlockEngine:
 
         def tile(a: int, first: int, c0: int, items: torch.Tensor | np.ndarray) -> None:
             r0 = q_starts[a]
-            sims = self._product(qs[r0:r0 + block], items[c0:c0 + block])
+            sims, bounds = self._product(qs[r0:r0 + block], items[c0:c0 + block])
             if banned is not None:
                 own = np.asarray(banned[r0:r0 + block], dtype=np.int64) - (first + c0)
                 rows = np.nonzero((own >= 0) & (own < sims.shape[1]))[0]
                 if len(rows) and self.on_cpu:
                     sims[rows, own[rows]] = -np.inf
                 elif len(rows):
-                    sims[torch.as_tensor(rows, device=self.device),
-                         torch.as_tensor(own[rows], device=self.device)] = -torch.inf
-            best[a].add(sims, first + c0)
+                    at = (torch.as_tensor(rows, device=self.device), torch.as_tensor(own[rows], device=self.device))
+                    for scores in (sims,) + (() if bounds is None else (bounds.lower, bounds.upper)):
+                        scores[at] = -torch.inf
+            best[a].add(sims, first + c0, bounds=bounds)
 
         with self._workers():
             for first, items in item_blocks:
@@ -200,11 +212,36 @@ class _BlockEngine:
         values, indices = zip(*(running.result() for running in best))
         return np.concatenate(values), np.concatenate(indices)
 
-    def _on_device(self, array: np.ndarray) -> np.ndarray | torch.Tensor:
-        return array if self.on_cpu else torch.as_tensor(array, device=self.device)
+    def _on_device(self, array: np.ndarray):
+        if self.on_cpu:
+            return array
+        exact = torch.as_tensor(array, device=self.device)
+        if self.low is None:
+            return exact
+        norms = exact.norm(dim=1)
+        if self.low == torch.float16 and len(norms) and float(norms.max()) ** 2 > 6e4:
+            raise ValueError("fp16 products of these vectors would overflow (norms up to "
+                             f"{float(norms.max()):.0f}); use bf16 or fp32")
+        return _LowPrecisionRows(exact, exact.to(self.low), norms)
 
-    def _product(self, a, b):
-        return np.matmul(a, b.T) if self.on_cpu else a @ b.T
+    def _product(self, a, b) -> tuple[np.ndarray | torch.Tensor, _Bounds | None]:
+        """The block's scores, and with reduced precision the bounds of the float32 ones and their rescoring."""
+        if self.on_cpu:
+            return np.matmul(a, b.T), None
+        if self.low is None:
+            return a @ b.T, None
+        approx = (a.low @ b.low.T).float()
+        # Rounding each input to `low` moves a dot product by at most 2u|a||b| (+u^2), rounding the result by
+        # u|a||b| and float32 accumulation over d terms by about d 2^-24 |a||b|: twice that is the margin.
+        eps = 2 * (3 * self.unit_roundoff + a.exact.shape[1] * 2.0 ** -24)
+        margin = eps * a.norms[:, None] * b.norms[None, :]
+
+        def rescore(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+            r = torch.as_tensor(rows, device=self.device)
+            c = torch.as_tensor(cols, device=self.device)
+            return (a.exact[r] * b.exact[c]).sum(dim=1).cpu().numpy()
+
+        return approx, _Bounds(approx - margin, approx + margin, rescore)
 
     @contextmanager
     def _workers(self) -> Iterator[None]:
@@ -270,13 +307,20 @@ class _RunningTopK:
         self._pending_count = 0
         self._lock = threading.Lock()
 
-    def add(self, sims, offset: int, columns: "_RunningTopK | None" = None, column_offset: int = 0) -> None:
+    def add(self, sims, offset: int, columns: "_RunningTopK | None" = None, column_offset: int = 0,
+            bounds: "_Bounds | None" = None) -> None:
         """Fold in one block of similarities whose items start at index `offset`; with `columns`, the block's
         columns are that other block's rows (the mirror half of a symmetric pair), whose items start at
-        `column_offset`."""
-        row_limits = self._limits(sims, along_columns=False)
-        col_limits = columns._limits(sims, along_columns=True) if columns is not None else None
-        row_hits, col_hits = _entries_at_least(sims, row_limits, col_limits)
+        `column_offset`. With `bounds` the scores are approximate: limits come from the lower bounds, entries are
+        found by the upper ones and kept by their rescored float32 values."""
+        lower, upper = (sims, sims) if bounds is None else (bounds.lower, bounds.upper)
+        row_limits = self._limits(lower, along_columns=False)
+        col_limits = columns._limits(lower, along_columns=True) if columns is not None else None
+        row_hits, col_hits = _entries_at_least(upper, row_limits, col_limits)
+        if bounds is not None:
+            row_hits = _rescored(row_hits, bounds.rescore, row_limits[row_hits[0]])
+            if col_hits is not None:
+                col_hits = _rescored(col_hits, bounds.rescore, col_limits[col_hits[1]])
         rows, cols, values = row_hits
         self._push(rows, values, cols + offset)
         if columns is not None:
@@ -323,6 +367,37 @@ class _RunningTopK:
         with self._lock:
             self._flush()
         return self.values, self.indices
+
+
+@dataclass(frozen=True)
+class _LowPrecisionRows:
+    """Rows on the device in float32, the same rounded to fp16 / bf16, and their norms; sliced together."""
+    exact: torch.Tensor
+    low: torch.Tensor
+    norms: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> "_LowPrecisionRows":
+        return _LowPrecisionRows(self.exact[rows], self.low[rows], self.norms[rows])
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """Reduced-precision scores' bounds of the float32 ones, and rescore(rows, cols) -> their float32 values."""
+    lower: torch.Tensor
+    upper: torch.Tensor
+    rescore: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _rescored(hits: tuple[np.ndarray, np.ndarray, np.ndarray], rescore: Callable, limits: np.ndarray):
+    rows, cols, _ = hits
+    if not len(rows):
+        return hits
+    values = rescore(rows, cols).astype(np.float32)
+    keep = values >= limits
+    return rows[keep], cols[keep], values[keep]
 
 
 def _kth_largest(sims, k: int, axis: int) -> np.ndarray:

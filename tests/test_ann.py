@@ -64,8 +64,8 @@ def test_kmeans_finds_separated_clusters_and_assigns_to_them():
     labels = truth.integers(0, 5, 3000)
     for c in range(5):
         assert len(np.unique(assigned[labels == c])) == 1
-    with pytest.raises(ValueError, match="numbered list by list"):
-        build_index(centroids, assigned, 1, 2)
+    index = build_index(centroids, np.bincount(assigned, minlength=5), probes=1, min_items=2)
+    assert index.offsets[-1] == 3000 and (np.diff(index.offsets) == np.bincount(assigned, minlength=5)).all()
 
 
 def test_recall_at_k_by_hand():

@@ -176,3 +176,24 @@ def test_cross_match_scores_each_unordered_pair_once():
     expected = (pair(q, p) + pair(p, q)) / 2
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert calls[:2] == [4, 4]  # the unordered pairs {0,1}, {0,2}, {3,3}, {1,3}, each scored once per direction
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_products_give_the_float32_answer(precision):
+    # The GPU kernel's arithmetic (torch, fp16 / bf16 inputs) run on the CPU: candidates found within the rounding
+    # error bound and rescored in float32 give exactly the float32 neighbours, ties included.
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[7] = x[3]  # an exact tie
+    for kwargs in ({"exclude_self": True}, {"exclude": np.arange(100, 400)}):
+        q = x if "exclude_self" in kwargs else x[100:400]
+        want_s, want_i = topk(q, x, 15, block_size=128, **kwargs)
+        got_s, got_i = topk(q, x, 15, block_size=128, precision=precision, **kwargs)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_s, want_s, rtol=0, atol=2e-6)
+    small_integers = rng.integers(0, 3, size=(300, 4)).astype(np.float32)  # runs of equal scores
+    np.testing.assert_array_equal(topk(small_integers, small_integers, 9, block_size=64, exclude_self=True,
+                                       precision=precision)[1], brute_force(small_integers, small_integers, 9, True))
+    with pytest.raises(ValueError, match="precision must be"):
+        topk(x, x, 3, precision="fp8")

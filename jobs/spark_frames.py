@@ -1,0 +1,54 @@
+"""Spark DataFrames of products and their vectors: numbering rows densely in a key's order on executors, and
+reading Arrow list<float> columns as matrices."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+
+from jobs.spark_lake import spark_schema
+
+
+def vector_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """A list<float> column of d-value rows as a (rows, d) float32 matrix."""
+    flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+
+
+def with_dense_index(df: DataFrame, key: str | list[str], partitions: int) -> tuple[DataFrame, DataFrame]:
+    """`idx` 0..N-1 in the order of `key`, computed on executors: range partitions sorted within, then each
+    partition's offset from the per-partition counts (the only thing the driver sees). Returns (the numbered
+    rows, the persisted sorted rows they come from: unpersist it when done)."""
+    keys = [key] if isinstance(key, str) else key
+    ordered = df.repartitionByRange(partitions, *keys).sortWithinPartitions(*keys).persist(StorageLevel.MEMORY_AND_DISK)
+
+    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        rows = sum(b.num_rows for b in batches)
+        yield pa.RecordBatch.from_pylist([{"part": TaskContext.get().partitionId(), "rows": rows}])
+
+    counts = dict((r["part"], r["rows"]) for r in ordered.mapInArrow(count, "part long, rows long").collect())
+    offsets, total = {}, 0
+    for part in sorted(counts):
+        offsets[part], total = total, total + counts[part]
+    schema = pa.schema([*[pa.field(f.name, _arrow_type(f.dataType)) for f in df.schema.fields], ("idx", pa.int64())])
+
+    def number(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        next_idx = offsets.get(TaskContext.get().partitionId(), 0)
+        for b in batches:
+            yield b.append_column("idx", pa.array(np.arange(next_idx, next_idx + b.num_rows), pa.int64()))
+            next_idx += b.num_rows
+
+    return ordered.mapInArrow(number, spark_schema(schema)), ordered
+
+
+def _arrow_type(spark_type) -> pa.DataType:
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return to_arrow_type(spark_type)

@@ -1,6 +1,7 @@
 """ANN candidates on Spark (score.candidates = "ann", or "auto" above score.exact_max_products).
 
-  1. About score.ann_sample products' fused vectors, chosen by a hash of product_id, are collected and the k-means
+  1. About score.ann_sample products' fused vectors (by default 64 per list, at least 100,000), chosen by a hash of
+     product_id, are collected and the k-means
      lists trained on them (matcher.ann.train_centroids): the driver holds the sample and the centroids, bounded
      by the sample's size, never the catalog.
   2. Executors assign every product its list; the catalog is numbered again list by list (idx ordered by list,
@@ -23,17 +24,20 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.spark_frames import vector_matrix, with_dense_index
-from matcher.ann import ListIndex, assign_lists, build_index, list_count, searched_lists, train_centroids
+from matcher.ann import (ListIndex, assign_lists, build_index, list_count, searched_lists, train_centroids,
+                         training_sample_size)
 
 
 def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -> np.ndarray:
-    """Centroids trained on about `sample` products' v (all of them in a smaller catalog)."""
+    """Centroids trained on about training_sample_size products' v (all of them in a smaller catalog)."""
+    lists = list_count(n, lists)
+    sample = training_sample_size(n, lists, sample)
     chosen = vectors
     if n > sample:
         modulus = 1 << 30
         chosen = vectors.filter(F.pmod(F.xxhash64("product_id"), F.lit(modulus)) < int(modulus * sample / n))
     table = chosen.select("v").toArrow()
-    return train_centroids(vector_matrix(table.column("v"), dim), list_count(n, lists))
+    return train_centroids(vector_matrix(table.column("v"), dim), lists)
 
 
 def number_by_list(vectors: DataFrame, centroids: np.ndarray, partitions: int, dim: int):

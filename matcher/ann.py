@@ -38,6 +38,12 @@ def list_count(n_items: int, lists: int = 0) -> int:
     return max(1, min(n_items, lists or int(round(4 * np.sqrt(n_items)))))
 
 
+def training_sample_size(n_items: int, lists: int, requested: int = 0) -> int:
+    """`requested` when set, else 64 products per list and at least 100,000 (all of a smaller catalog): with a
+    handful per list, k-means misplaces whole clusters and recall falls (bench/allpairs.py --ann)."""
+    return min(n_items, requested or max(100_000, 64 * lists))
+
+
 def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: int = 0) -> np.ndarray:
     """Spherical k-means on a sample of the vectors (inner product, so the centroids are kept at unit length):
     `lists` centroids seeded from distinct sample rows. A list left empty keeps its previous centroid."""
@@ -164,15 +170,16 @@ def search_lists(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray,
     return scores, found
 
 
-def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 16, query_probes: int = 0,
-                  sample: int = 100_000, seed: int = 0, chunk: int = 8192,
+def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 1, query_probes: int = 32,
+                  sample: int = 0, seed: int = 0, chunk: int = 8192,
                   threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's approximate top-k other rows (scores, row numbers), in one process: train on a sample, number
     the rows list by list, search. For benchmarks and tests; the score stage runs the same steps on Spark."""
     n = len(vectors)
     rng = np.random.default_rng(seed)
-    sample_rows = rng.choice(n, min(n, sample), replace=False)
-    centroids = train_centroids(vectors[sample_rows], list_count(n, lists), seed=seed)
+    lists = list_count(n, lists)
+    sample_rows = rng.choice(n, training_sample_size(n, lists, sample), replace=False)
+    centroids = train_centroids(vectors[sample_rows], lists, seed=seed)
     nearest = topk(vectors, centroids, max(1, min(query_probes, len(centroids))), threads=threads)[1]
     assigned = nearest[:, 0]  # as assign_lists: the one product of the vectors and centroids serves both
     order = np.argsort(assigned, kind="stable")

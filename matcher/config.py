@@ -242,9 +242,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"score.candidates must be exact, ann or auto, got {cfg.score.candidates!r}")
     if not 0.0 <= cfg.score.ann_recall_floor <= 1.0:
         raise ConfigError("score.ann_recall_floor must be in [0, 1]")
-    if cfg.score.ann_lists < 0 or cfg.score.ann_query_probes < 0 or cfg.score.ann_sample < 1 \
+    if min(cfg.score.ann_lists, cfg.score.ann_query_probes, cfg.score.ann_sample) < 0 \
             or cfg.score.ann_recall_queries < 1:
-        raise ConfigError("score.ann_lists and ann_query_probes must be >= 0, ann_sample and ann_recall_queries >= 1")
+        raise ConfigError("score.ann_lists, ann_query_probes and ann_sample must be >= 0, ann_recall_queries >= 1")
     if cfg.runner.mode not in ("in_process", "spark_submit"):
         raise ConfigError("runner.mode must be in_process or spark_submit")
     if cfg.extract.image_encoder not in IMAGE_ENCODERS:

@@ -59,7 +59,7 @@ def topk(queries: np.ndarray, items: np.ndarray, k: int, block_size: int | None 
         return np.zeros((n_q, k_eff), dtype=np.float32), np.zeros((n_q, k_eff), dtype=np.int64)
     if exclude_self:
         return engine.all_pairs(queries, k_eff)
-    return engine.queries_against(queries, 0, [(0, items)], k_eff, exclude)
+    return engine.queries_against(queries, [(0, items)], k_eff, exclude)
 
 
 def topk_over_blocks(queries: np.ndarray, query_idx: np.ndarray,
@@ -76,7 +76,7 @@ def topk_over_blocks(queries: np.ndarray, query_idx: np.ndarray,
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     engine = _BlockEngine(device, None, threads, precision)
-    values, indices = engine.queries_against(queries, 0, item_blocks, k, exclude_global=query_idx)
+    values, indices = engine.queries_against(queries, item_blocks, k, exclude=query_idx)
     if (indices == _NO_INDEX).any():
         raise ValueError(f"fewer than k={k} items besides the queries themselves")
     return values, indices
@@ -177,12 +177,10 @@ class _BlockEngine:
         values, indices = zip(*(running.result() for running in best))
         return np.concatenate(values), np.concatenate(indices)
 
-    def queries_against(self, queries: np.ndarray, first_query: int, item_blocks: Iterable[tuple[int, np.ndarray]],
-                        k: int, exclude: np.ndarray | None = None,
-                        exclude_global: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of each query over items arriving as (first index, rows) blocks; `exclude` (item index per
-        query) or `exclude_global` (the same, named so for streamed catalogs) is never returned."""
-        banned = exclude if exclude is not None else exclude_global
+    def queries_against(self, queries: np.ndarray, item_blocks: Iterable[tuple[int, np.ndarray]], k: int,
+                        exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each query over items arriving as (first index, rows) blocks; `exclude` (an item index per
+        query) is never returned."""
         block = self.block
         q_starts = list(range(0, len(queries), block))
         best = [_RunningTopK(min(len(queries), s + block) - s, k, flush_at=block * k) for s in q_starts]
@@ -191,8 +189,8 @@ class _BlockEngine:
         def tile(a: int, first: int, c0: int, items: torch.Tensor | np.ndarray) -> None:
             r0 = q_starts[a]
             sims, bounds = self._product(qs[r0:r0 + block], items[c0:c0 + block])
-            if banned is not None:
-                own = np.asarray(banned[r0:r0 + block], dtype=np.int64) - (first + c0)
+            if exclude is not None:
+                own = np.asarray(exclude[r0:r0 + block], dtype=np.int64) - (first + c0)
                 rows = np.nonzero((own >= 0) & (own < sims.shape[1]))[0]
                 if len(rows) and self.on_cpu:
                     sims[rows, own[rows]] = -np.inf

@@ -111,6 +111,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int) ->
         # A salted hash: the train stage's own buckets (held-out, calibration, validation) must fall inside night 1.
         night1 = ~holdout_mask(np.array([f"protocol:{p}" for p in ids]), 0.3)
         unseen = ~night1
+        heads = {}
         for name, tcfg in recipes.items():
             spec = model_spec(tcfg, img.shape[1], txt.shape[1], fs.image_encoder, fs.text_encoder)
             result, _ = train_on_split(img[night1], txt[night1], ids[night1], spec, tcfg)
@@ -120,6 +121,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int) ->
             m = draw_metrics(z, u, v, cats, unseen)
             m["seconds"], m["best_epoch"] = result.seconds, result.best_epoch
             results.setdefault(name, []).append(m)
+            heads[name] = (z, u)
         split = split_rows(ids[night1], cfg.train)  # the baselines see the rows the model trains and validates on
         used = split.fit | split.validation
         fit_rows = np.nonzero(night1)[0][used]
@@ -127,6 +129,13 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int) ->
         for name, pair in baselines.items():
             z, u = pair.embed_images(img), pair.embed_texts(txt)
             results.setdefault(name, []).append(draw_metrics(z, u, _normalise(z + u), cats, unseen))
+        # The ensemble the issue asks to measure: the new recipe's heads and CCA, scores added (unit parts
+        # concatenated, so a pair's score is the sum of the two cosines, halved).
+        zc, uc = baselines["cca"].embed_images(img), baselines["cca"].embed_texts(txt)
+        zh, uh = heads["matcher (new recipe)"]
+        z, u = _normalise(np.concatenate([zh, zc], 1)), _normalise(np.concatenate([uh, uc], 1))
+        results.setdefault("matcher + CCA, scores added", []).append(
+            draw_metrics(z, u, _normalise(z + u), cats, unseen))
         line = "; ".join(f"{n}: {r[-1]['text_to_image_recall_at_10']:.3f}/{r[-1]['image_to_text_recall_at_10']:.3f}"
                          for n, r in results.items())
         print(f"draw {d + 1}/{draws} ({', '.join(chosen)}; {len(rows)} products): t->i/i->t R@10 {line}",

@@ -185,15 +185,15 @@ def run(ctx: RunContext) -> dict:
             vectors = vectors.persist(StorageLevel.MEMORY_AND_DISK)
             frames += [vectors, by_list]
             index = list_index(vectors, centroids, sc.ann_query_probes, min(m, n - 1) + 1)
-            recall, sampled = sampled_recall(vectors, index, n, min(sc.top_k, n - 1), sc.ann_recall_queries,
-                                             date, spec.dim)
+            k = min(sc.top_k, n - 1)
+            recall, sampled = sampled_recall(vectors, index, n, k, sc.ann_recall_queries, date, spec.dim)
             candidates = {"candidates": "ann", "ann_lists": len(centroids), "ann_query_probes": sc.ann_query_probes,
-                          "ann_recall_at_k": round(recall, 6), "ann_recall_k": min(sc.top_k, n - 1),
+                          "ann_recall_at_k": round(recall, 6), "ann_recall_k": k,
                           "ann_recall_queries": sampled, "ann_recall_floor": sc.ann_recall_floor}
-            log.info("score: ANN candidates, %d lists, recall@%d %.4f on %d sampled products", len(centroids),
-                     min(sc.top_k, n - 1), recall, sampled)
+            log.info("score: ANN candidates, %d lists, recall@%d %.4f on %d sampled products", len(centroids), k,
+                     recall, sampled)
             if recall < sc.ann_recall_floor:
-                raise StageError("score", f"ANN recall@{min(sc.top_k, n - 1)} {recall:.4f} on {sampled} sampled "
+                raise StageError("score", f"ANN recall@{k} {recall:.4f} on {sampled} sampled "
                                           f"products is below score.ann_recall_floor {sc.ann_recall_floor}: raise "
                                           f"score.ann_query_probes or score.ann_lists, or use candidates = \"exact\"")
         embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag), _embeddings_and_vectors,

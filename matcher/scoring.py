@@ -9,7 +9,6 @@ beyond its product. Merges sort by (row, -score, index), which makes the result 
 finish in."""
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext

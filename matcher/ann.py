@@ -4,7 +4,7 @@ products are searched, exactly, against the products of its nearest lists only.
 The catalog is numbered list by list (idx sorted by list), so a list is one range of idx and a search reads whole
 ranges: the same streamed (first idx, rows) blocks as the exact path, fewer of them. Within the candidates every
 dot product is exact and ties go to the lower idx; what is approximate is only which items are looked at. Recall
-against the exact top-K is measured by `sampled_recall` on queries drawn each night, not assumed."""
+against the exact top-K is measured each night on sampled queries (jobs/score_ann.py), not assumed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,11 +26,6 @@ class ListIndex:
 
     def list_of(self, idx: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.offsets, idx, side="right") - 1
-
-    def searched(self, c: int) -> np.ndarray:
-        """The lists list c searches, in increasing order (empty ones dropped)."""
-        lists = self.probes[c][self.probes[c] >= 0]
-        return np.sort(lists[self.offsets[lists + 1] > self.offsets[lists]])
 
 
 def list_count(n_items: int, lists: int = 0) -> int:

@@ -217,7 +217,7 @@ def known_keys(code: Path) -> dict[str, set[str]]:
     return {section: set(keys) for section, keys in defaults.items() if isinstance(keys, dict)}
 
 
-def wanted_config(master: str, driver_memory: str = "") -> dict[str, dict]:
+def wanted_config(master: str, driver_memory: str = "", candidates: str = "auto") -> dict[str, dict]:
     extract = {"spark_master": master, "image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384"}
     if driver_memory:
         extract["spark_driver_memory"] = driver_memory
@@ -225,15 +225,16 @@ def wanted_config(master: str, driver_memory: str = "") -> dict[str, dict]:
         "extract": extract,
         "clean": {"image_size": 32},
         "train": {"epochs": 3, "dim": 64, "hidden": 128, "max_products": 20000},
-        "score": {"top_k": 10, "rerank_candidates": 20, "block_size": 8192},
+        "score": {"top_k": 10, "rerank_candidates": 20, "block_size": 8192, "candidates": candidates},
     }
 
 
-def write_config(path: Path, code: Path, master: str, driver_memory: str = "") -> tuple[dict, list[str]]:
+def write_config(path: Path, code: Path, master: str, driver_memory: str = "",
+                 candidates: str = "auto") -> tuple[dict, list[str]]:
     """The config TOML, without keys the checkout's defaults.toml lacks (returned as dropped)."""
     known = known_keys(code)
     cfg, dropped = {}, []
-    for section, values in wanted_config(master, driver_memory).items():
+    for section, values in wanted_config(master, driver_memory, candidates).items():
         for key, value in values.items():
             if key in known.get(section, set()):
                 cfg.setdefault(section, {})[key] = value
@@ -430,7 +431,7 @@ def run_one(n: int, catalog: Path, args, cluster, env: dict, rundir: Path) -> di
     if lake.exists():
         shutil.rmtree(lake)
     cfg_path = rundir / "config.toml"
-    cfg, dropped = write_config(cfg_path, args.code, cluster.master_url, args.driver_memory)
+    cfg, dropped = write_config(cfg_path, args.code, cluster.master_url, args.driver_memory, args.candidates)
     log_path = rundir / "child.log"
     cmd = [args.python, "-c", CHILD_BOOT, "run", "--catalog", str(catalog), "--lake", f"file://{lake}",
            "--date", DATE, "--config", str(cfg_path)]
@@ -610,6 +611,8 @@ def main() -> int:
     parser.add_argument("--driver-memory", default="", help="extract.spark_driver_memory, the driver JVM's heap "
                         "(default: the config's); a night that passes with a small heap needs no more")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--candidates", default="auto", choices=["exact", "ann", "auto"],
+                        help="score.candidates (auto: ANN above score.exact_max_products)")
     parser.add_argument("--timeout", type=float, default=2400.0, help="seconds per N before the run is killed")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between memory samples")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the child and the executors")
@@ -645,6 +648,7 @@ def main() -> int:
     meta = {"code": str(args.code), "code_rev": code_rev, "workers": args.workers, "cores": args.cores,
             "memory": args.memory, "executor_memory": args.executor_memory,
             "driver_memory": args.driver_memory or "config default", "poll": args.poll, "seed": args.seed,
+            "candidates": args.candidates,
             "python": args.python, "timeout_s": args.timeout, "dropped_keys": []}
     try:
         cluster.start()

@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -95,9 +96,7 @@ def topk_for_row_groups(queries: np.ndarray, query_idx: np.ndarray,
 
     def group(rows: np.ndarray, first: int, items: np.ndarray) -> None:
         sims = np.matmul(queries[rows], np.ascontiguousarray(items, dtype=np.float32).T)
-        own = query_idx[rows] - first
-        inside = np.nonzero((own >= 0) & (own < len(items)))[0]
-        sims[inside, own[inside]] = -np.inf
+        _exclude_own(sims, None, query_idx[rows] - first)
         best.add_rows(sims, np.asarray(rows), first)
 
     with engine._workers():
@@ -124,6 +123,7 @@ def default_block_size(device: str | torch.device = "cpu", threads: int | None =
     return block
 
 
+@lru_cache(maxsize=None)  # read once per process: topk builds an engine per call, Spark tasks call it per batch
 def _cache_bytes(level: str, fallback: int) -> int:
     """The size of cpu0's cache `level` (index2: L2, index3: L3) as Linux reports it."""
     try:
@@ -163,7 +163,7 @@ class _BlockEngine:
             r0, c0 = starts[a], starts[b]
             sims, bounds = self._product(xs[r0:r0 + block], xs[c0:c0 + block])
             if a == b:
-                for scores in (sims,) + (() if bounds is None else (bounds.lower, bounds.upper)):
+                for scores in _with_bounds(sims, bounds):
                     _fill_diagonal(scores)
                 best[a].add(sims, c0, bounds=bounds)
             else:
@@ -189,14 +189,7 @@ class _BlockEngine:
             r0 = q_starts[a]
             sims, bounds = self._product(qs[r0:r0 + block], items[c0:c0 + block])
             if exclude is not None:
-                own = np.asarray(exclude[r0:r0 + block], dtype=np.int64) - (first + c0)
-                rows = np.nonzero((own >= 0) & (own < sims.shape[1]))[0]
-                if len(rows) and self.on_cpu:
-                    sims[rows, own[rows]] = -np.inf
-                elif len(rows):
-                    at = (torch.as_tensor(rows, device=self.device), torch.as_tensor(own[rows], device=self.device))
-                    for scores in (sims,) + (() if bounds is None else (bounds.lower, bounds.upper)):
-                        scores[at] = -torch.inf
+                _exclude_own(sims, bounds, np.asarray(exclude[r0:r0 + block], dtype=np.int64) - (first + c0))
             best[a].add(sims, first + c0, bounds=bounds)
 
         with self._workers():
@@ -278,6 +271,24 @@ def _blas_threads(limit: int | None):
     return _BLAS.limit(limits=limit, user_api="blas")
 
 
+def _with_bounds(sims, bounds: "_Bounds | None") -> tuple:
+    """The block's scores and, with reduced precision, their bounds: what an exclusion must reach."""
+    return (sims,) if bounds is None else (sims, bounds.lower, bounds.upper)
+
+
+def _exclude_own(sims, bounds: "_Bounds | None", own: np.ndarray) -> None:
+    """-inf at (r, own[r]) for every row whose own item (its column in this block) falls inside the block."""
+    rows = np.nonzero((own >= 0) & (own < sims.shape[1]))[0]
+    if not len(rows):
+        return
+    if isinstance(sims, np.ndarray):
+        sims[rows, own[rows]] = -np.inf
+        return
+    at = (torch.as_tensor(rows, device=sims.device), torch.as_tensor(own[rows], device=sims.device))
+    for scores in _with_bounds(sims, bounds):
+        scores[at] = -torch.inf
+
+
 def _fill_diagonal(sims) -> None:
     if isinstance(sims, np.ndarray):
         np.fill_diagonal(sims, -np.inf)
@@ -326,16 +337,14 @@ class _RunningTopK:
 
     def add_rows(self, sims: np.ndarray, rows: np.ndarray, offset: int) -> None:
         """Fold in a block whose rows are these rows (of this object's), items starting at index `offset`."""
-        limits = self.thresholds[rows]
-        if not self.full and sims.shape[1] >= self.k:
-            limits = np.maximum(limits, _kth_largest(sims, self.k, axis=1))
+        limits = self._limits(sims, along_columns=False, rows=rows)
         hit_rows, cols, values = _entries_above_numpy(sims, limits, along_columns=False)
         self._push(rows[hit_rows], values, cols + offset)
 
-    def _limits(self, sims, along_columns: bool) -> np.ndarray:
-        """The current thresholds; while some rows hold fewer than k entries, raised to each row's k-th score
-        within this block (nothing below it can make that row's top k)."""
-        limits = self.thresholds
+    def _limits(self, sims, along_columns: bool, rows: np.ndarray | None = None) -> np.ndarray:
+        """The current thresholds (of `rows`, when the block holds only those); while some rows hold fewer than
+        k entries, raised to each row's k-th score within this block (nothing below it can make that row's top k)."""
+        limits = self.thresholds if rows is None else self.thresholds[rows]
         if not self.full:
             width = sims.shape[0 if along_columns else 1]
             if width >= self.k:

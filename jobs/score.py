@@ -185,6 +185,9 @@ def run(ctx: RunContext) -> dict:
             vectors = vectors.persist(StorageLevel.MEMORY_AND_DISK)
             frames += [vectors, by_list]
             index = list_index(vectors, centroids, sc.ann_query_probes, min(m, n - 1) + 1)
+            for frame in frames[:2] + [by_list]:  # the numbered copy is cached now (list_index ran on it)
+                frame.unpersist()
+            frames = [vectors]
             k = min(sc.top_k, n - 1)
             recall, sampled = sampled_recall(vectors, index, n, k, sc.ann_recall_queries, date, spec.dim)
             candidates = {"candidates": "ann", "ann_lists": len(centroids), "ann_query_probes": sc.ann_query_probes,

@@ -25,8 +25,8 @@ _ROWS_PER_TASK = 2000  # clean rows per extract task: enough tasks to balance ex
 _worker_encoders: dict[tuple, tuple] = {}
 
 
-def _encoders(image_name: str, text_name: str, weights: str, device: str, threads: int):
-    key = (image_name, text_name, weights, device)
+def _encoders(image_name: str, text_name: str, weights: str, colour: bool, device: str, threads: int):
+    key = (image_name, text_name, weights, colour, device)
     if key not in _worker_encoders:
         import torch
 
@@ -34,16 +34,17 @@ def _encoders(image_name: str, text_name: str, weights: str, device: str, thread
         dev = "cuda" if device.startswith("cuda") else device
         if device.startswith("cuda:"):
             torch.cuda.set_device(int(device.split(":")[1]))
-        _worker_encoders[key] = (load_image_encoder(image_name, dev, weights), load_text_encoder(text_name, dev))
+        _worker_encoders[key] = (load_image_encoder(image_name, dev, weights, colour),
+                                  load_text_encoder(text_name, dev))
     return _worker_encoders[key]
 
 
-def make_partition_extractor(image_name: str, text_name: str, weights: str, device: str, batch_size: int,
-                             threads: int):
+def make_partition_extractor(image_name: str, text_name: str, weights: str, colour: bool, device: str,
+                             batch_size: int, threads: int):
     """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded."""
 
     def extract_partition(batches: Iterator[pa.RecordBatch]):
-        image_encoder, text_encoder = _encoders(image_name, text_name, weights, task_device(device), threads)
+        image_encoder, text_encoder = _encoders(image_name, text_name, weights, colour, task_device(device), threads)
         started, done = time.perf_counter(), 0
         for batch in batches:
             out = extract_features(batch.to_pandas(), image_encoder, text_encoder, batch_size)
@@ -67,7 +68,7 @@ def run(ctx: RunContext) -> dict:
     committed = lake.committed("clean", date)
     if committed is None:
         raise StageError("extract", f"no clean partition for {date}: run the clean stage first")
-    image_version = image_encoder_version(cfg.image_encoder, cfg.image_weights)
+    image_version = image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour)
     text_version = text_encoder_version(cfg.text_encoder)
     spark = get_spark(cfg)
     keys = ["product_id", "content_hash"]
@@ -92,8 +93,8 @@ def run(ctx: RunContext) -> dict:
     threads = max(1, (os.cpu_count() or 1) // parallelism) if cfg.spark_master.startswith("local") else 1
     tasks = max(1, min(max(parallelism, math.ceil(to_embed / _ROWS_PER_TASK)), to_embed))
     attempt = new_attempt_id()
-    fn = make_partition_extractor(cfg.image_encoder, cfg.text_encoder, cfg.image_weights, cfg.device,
-                                  cfg.batch_size, threads)
+    fn = make_partition_extractor(cfg.image_encoder, cfg.text_encoder, cfg.image_weights, cfg.image_colour,
+                                  cfg.device, cfg.batch_size, threads)
     started = time.perf_counter()
     parts: list[str] = []
     if to_embed:

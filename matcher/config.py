@@ -77,6 +77,7 @@ class ExtractConfig:
     text_encoder: str
     image_weights: str
     image_colour: bool
+    description: str
     batch_size: int
     arrow_batch_size: int
     device: str
@@ -254,6 +255,8 @@ def _check(cfg: Config) -> None:
     if cfg.extract.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"extract.text_encoder must be one of {', '.join(TEXT_ENCODERS)}; "
                           f"got {cfg.extract.text_encoder!r}")
+    if cfg.extract.description not in ("separate", "joined"):
+        raise ConfigError(f"extract.description must be separate or joined, got {cfg.extract.description!r}")
     if cfg.train.init not in ("closed_form", "random"):
         raise ConfigError(f"train.init must be closed_form or random, got {cfg.train.init!r}")
     if not 0.0 <= cfg.train.validation_fraction < 1.0 - cfg.train.holdout_fraction - cfg.train.calibration_fraction:

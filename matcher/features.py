@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from matcher.encoders import ImageEncoder, TextEncoder, product_text
+from matcher.encoders import ImageEncoder, TextEncoder
 
 FEATURE_COLUMNS = ["product_id", "content_hash", "image_feat", "text_feat", "image_encoder", "text_encoder"]
 
@@ -14,8 +14,8 @@ def extract_features(batch: pd.DataFrame, image_encoder: ImageEncoder, text_enco
     if batch.empty:
         return pd.DataFrame(columns=FEATURE_COLUMNS)
     image_feats = image_encoder.encode(list(batch["image_bytes"]), batch_size=batch_size)
-    texts = [product_text(t, d) for t, d in zip(batch["title"], batch["description"])]
-    text_feats = text_encoder.encode(texts, batch_size=max(batch_size, 64))
+    text_feats = text_encoder.encode_products(list(batch["title"]), list(batch["description"]),
+                                              batch_size=max(batch_size, 64))
     return pd.DataFrame({
         "product_id": batch["product_id"].to_numpy(),
         "content_hash": batch["content_hash"].to_numpy(),

@@ -67,11 +67,6 @@ def promote(lake: Lake, version: str, date: str) -> None:
     lake.write_json(CURRENT, {"version": version, "promoted_for_date": date})
 
 
-def text_encoder_name(config: dict) -> str:
-    """The name (as in config) of the text encoder a model was trained on; its spec records name@version."""
-    return config["spec"]["text_encoder"].split("@")[0]
-
-
 def check_encoders(config: dict, image_encoder: str, text_encoder: str) -> None:
     """A model only understands features from the encoders it was trained on."""
     spec = config["spec"]

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from matcher.encoders import load_text_encoder
+from matcher.encoders import load_text_encoder_for
 from matcher.lake import Lake
 from matcher.published import NotPublishedError, read_published, resolve_date
-from matcher.registry import load_model, text_encoder_name
+from matcher.registry import load_model
 from matcher.scoring import topk
 
 
@@ -36,12 +36,12 @@ def recommendations_for(lake: Lake, product_id: str, date: str | None = None) ->
     return recs.reset_index(drop=True)
 
 
-def query_vectors(model, encoder_name: str, queries: list[str], device: str = "cpu") -> np.ndarray:
+def query_vectors(model, text_encoder_version: str, queries: list[str], device: str = "cpu") -> np.ndarray:
     """Text queries as vectors where the products' fused vectors live: a query is a product whose photo and
-    text are both the query."""
-    encoder = load_text_encoder(encoder_name, device)
+    text are both the query (its title, without description)."""
+    encoder = load_text_encoder_for(text_encoder_version, device)
     with torch.no_grad():
-        u = model.embed_texts(torch.as_tensor(encoder.encode(queries)))
+        u = model.embed_texts(torch.as_tensor(encoder.encode_products(queries, [""] * len(queries))))
         return model.product_vectors(u, u).numpy()
 
 
@@ -62,7 +62,7 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     emb = read_published(lake, "embeddings", dt, ["product_id", "fused_vec", "model_version"])
     version = emb["model_version"][0].as_py()
     model, config = load_model(lake, version)
-    q = query_vectors(model, text_encoder_name(config), [text], device)
+    q = query_vectors(model, config["spec"]["text_encoder"], [text], device)
     vectors = np.stack(emb["fused_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
     hits = search_vectors([text], q, emb["product_id"].to_numpy(zero_copy_only=False), vectors, k)
     titles = titles_for(lake, dt, hits["product_id"].tolist())

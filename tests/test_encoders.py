@@ -8,7 +8,8 @@ import torchvision
 from PIL import Image
 
 from matcher.encoders import (COLOUR_DIM, IMAGE_ENCODERS, TEXT_ENCODERS, EncoderError, colour_histogram,
-                              image_encoder_version, load_image_encoder, load_text_encoder, text_encoder_version)
+                              image_encoder_version, load_image_encoder, load_text_encoder, load_text_encoder_for,
+                              product_text, text_encoder_version)
 from matcher.images import decode_canonical
 from matcher.features import extract_features
 
@@ -126,3 +127,27 @@ def test_extract_features_with_the_baseline_pair():
     assert list(out["product_id"]) == ["p1", "p2"]
     assert np.stack(out["image_feat"]).shape == (2, 192) and np.stack(out["text_feat"]).shape == (2, 384)
     assert set(out["image_encoder"]) == {"thumbnail-8x8@1"} and set(out["text_encoder"]) == {"hashing-384@1"}
+
+
+@pytest.mark.parametrize("name", ["hashing-384", "all-minilm-l6-v2"])
+def test_a_separate_description_view_keeps_the_title_vector_whole(name):
+    titles = ["Red cotton dress", "Steel kettle 1.7 l", "Black leather wallet"]
+    descriptions = ["A summer dress. " * 40, "", "Slim, with six card slots and a coin pocket."]
+    joined = load_text_encoder(name, "cpu")
+    separate = load_text_encoder(name, "cpu", "separate")
+    d = joined.dim
+    feats = separate.encode_products(titles, descriptions, batch_size=2)
+    assert feats.shape == (3, 2 * d) and separate.dim == 2 * d and separate.model_dim == d
+    assert np.allclose(feats[:, :d], joined.encode(titles), atol=1e-5)
+    assert np.allclose(feats[[0, 2], d:], joined.encode([descriptions[0], descriptions[2]]), atol=1e-5)
+    assert not feats[1, d:].any()  # no description: zeros
+    # A long description no longer moves the title's vector; joined, it does.
+    other = separate.encode_products(titles[:1], ["Nothing alike at all."])
+    assert np.allclose(other[0, :d], feats[0, :d], atol=1e-5)
+    assert np.allclose(joined.encode_products(titles, descriptions), joined.encode(
+        [product_text(t, x) for t, x in zip(titles, descriptions)]), atol=1e-5)
+    # The version says which layout, and a model's recorded version loads the same encoder for search queries.
+    assert separate.version == text_encoder_version(name, "separate") != joined.version
+    again = load_text_encoder_for(separate.version, "cpu")
+    assert again.separate_description and again.dim == 2 * d
+    assert not load_text_encoder_for(joined.version, "cpu").separate_description

@@ -40,6 +40,7 @@ def run(ctx: RunContext) -> dict:
 
     # Promotion gate: compare with the current model on the same held-out split.
     previous = current_version(ctx.lake)
+    serving = previous  # the current model, while it can still score tonight's features
     decision, previous_metrics = "promoted (no current model)", None
     promoted = True
     if previous and previous != version:
@@ -47,7 +48,7 @@ def run(ctx: RunContext) -> dict:
             prev_model, prev_config = load_model(ctx.lake, previous)
             check_encoders(prev_config, fs.image_encoder, fs.text_encoder)
         except ModelError as exc:  # the current model cannot be read, or cannot read these features
-            prev_model, decision = None, f"promoted (current model {previous} unusable: {exc})"
+            prev_model, serving, decision = None, None, f"promoted (current model {previous} unusable: {exc})"
         if prev_model is not None:
             try:
                 previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout,
@@ -64,9 +65,9 @@ def run(ctx: RunContext) -> dict:
     elif previous == version:
         decision = "promoted (same model as current)"
     below = baseline_verdict(metrics, baselines, cfg.promotion_metric, cfg.baseline_tolerance)
-    if promoted and below and previous:
+    if promoted and below and serving:
         promoted, decision = False, f"refused: {below}; kept current model {previous}"
-    elif promoted and below:  # nothing else to serve: a weak first model beats a night without recommendations
+    elif promoted and below:  # nothing else can serve: a weak model beats a night without recommendations
         decision = f"{decision}; warning: {below}"
     if promoted:
         promote(ctx.lake, version, ctx.date)

@@ -160,6 +160,7 @@ class TextEncoder:
         """Text features, (N, dim). Joined: one vector of "title. description". Separate: the title's vector, then
         the description's (zeros where a product has none), so a long description cannot drown the title in a
         mean-pooled vector and the model weighs the two itself. A search query is a title without description."""
+        descriptions = [d if isinstance(d, str) and d.strip() else "" for d in descriptions]  # null, NaN: none
         if not self.separate_description:
             return self.encode([product_text(t, d) for t, d in zip(titles, descriptions)], batch_size)
         out = np.zeros((len(titles), self.dim), dtype=np.float32)

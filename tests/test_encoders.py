@@ -141,6 +141,8 @@ def test_a_separate_description_view_keeps_the_title_vector_whole(name):
     assert np.allclose(feats[:, :d], joined.encode(titles), atol=1e-5)
     assert np.allclose(feats[[0, 2], d:], joined.encode([descriptions[0], descriptions[2]]), atol=1e-5)
     assert not feats[1, d:].any()  # no description: zeros
+    missing = separate.encode_products(titles, [None, float("nan"), "   "])
+    assert np.allclose(missing[:, :d], feats[:, :d], atol=1e-5) and not missing[:, d:].any()
     # A long description no longer moves the title's vector; joined, it does.
     other = separate.encode_products(titles[:1], ["Nothing alike at all."])
     assert np.allclose(other[0, :d], feats[0, :d], atol=1e-5)

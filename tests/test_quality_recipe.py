@@ -145,6 +145,14 @@ def test_the_gate_refuses_a_model_below_the_best_closed_form_baseline(tmp_path):
     assert stats2["decision"].startswith("refused: mean_recall_at_10 ")
     assert stats2["decision"].endswith(f"kept current model {stats['model_version']}")
     assert current_version(second.lake) == stats["model_version"]
+    # The features change encoder (an upgrade): the current model cannot read them, so the new model is served even
+    # below the baselines, with the warning, rather than keeping a model that would fail the score stage.
+    cfg = second.config
+    third = RunContext(cfg, "2026-01-03")
+    write_synthetic_partition(third.lake, "2026-01-03", n=300, seed=2, image_encoder="another-encoder@2")
+    stats3 = run_stage("train", third)
+    assert stats3["promoted"] and "unusable" in stats3["decision"] and "warning: mean_recall_at_10 " in stats3["decision"]
+    assert current_version(third.lake) == stats3["model_version"]
 
 
 def test_a_date_whose_first_model_was_refused_fails_score_in_one_line():

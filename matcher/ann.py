@@ -28,15 +28,23 @@ class ListIndex:
         return np.searchsorted(self.offsets, idx, side="right") - 1
 
 
+SAMPLE_PER_LIST = 64
+MAX_TRAINING_SAMPLE = 300_000  # rows the driver holds to train the lists on (300 MB of float32 at dim 256)
+
+
 def list_count(n_items: int, lists: int = 0) -> int:
-    """`lists` when set, else about 4 sqrt(N) (FAISS's guide for inverted lists is 4 to 16 sqrt(N)), within 1 .. N."""
-    return max(1, min(n_items, lists or int(round(4 * np.sqrt(n_items)))))
+    """`lists` when set, else about 4 sqrt(N) (FAISS's guide for inverted lists is 4 to 16 sqrt(N)), within 1 .. N,
+    and at most as many as the capped training sample can give 64 products each (4,687: reached above 1.37M
+    products, where the lists then grow longer instead of more numerous)."""
+    default = min(int(round(4 * np.sqrt(n_items))), MAX_TRAINING_SAMPLE // SAMPLE_PER_LIST)
+    return max(1, min(n_items, lists or default))
 
 
 def training_sample_size(n_items: int, lists: int, requested: int = 0) -> int:
-    """`requested` when set, else 64 products per list and at least 100,000 (all of a smaller catalog): with a
-    handful per list, k-means misplaces whole clusters and recall falls (bench/allpairs.py --ann)."""
-    return min(n_items, requested or max(100_000, 64 * lists))
+    """`requested` when set, else 64 products per list, at least 100,000 (all of a smaller catalog) and at most
+    MAX_TRAINING_SAMPLE: with a handful per list, k-means misplaces whole clusters and recall falls
+    (bench/allpairs.py --ann)."""
+    return min(n_items, requested or min(MAX_TRAINING_SAMPLE, max(100_000, SAMPLE_PER_LIST * lists)))
 
 
 def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: int = 0) -> np.ndarray:

@@ -72,3 +72,18 @@ def test_recall_at_k_by_hand():
     exact = np.array([[1, 2, 3], [4, 5, 6]])
     approximate = np.array([[3, 2, 9], [6, 5, 4]])
     assert recall_at_k(approximate, exact) == pytest.approx(5 / 6)
+
+
+def test_the_driver_side_training_sample_is_bounded_whatever_the_catalog():
+    from matcher.ann import MAX_TRAINING_SAMPLE, list_count, training_sample_size
+
+    # Up to 1M products: about 4 sqrt(N) lists, 64 sampled products each (at least 100,000).
+    assert (list_count(1_000_000), training_sample_size(1_000_000, list_count(1_000_000))) == (4000, 256_000)
+    assert training_sample_size(50_000, list_count(50_000)) == 50_000  # a small catalog: all of it
+    # Beyond: the sample stops at the cap and the lists stop growing in number, so each still gets 64.
+    for n in (2_000_000, 10_000_000, 100_000_000):
+        lists = list_count(n)
+        sample = training_sample_size(n, lists)
+        assert sample <= MAX_TRAINING_SAMPLE and sample >= 64 * lists and lists == MAX_TRAINING_SAMPLE // 64
+    # What a user sets is kept.
+    assert list_count(10_000_000, 20_000) == 20_000 and training_sample_size(10_000_000, 20_000, 900_000) == 900_000

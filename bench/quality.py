@@ -20,8 +20,8 @@ category path, colour, season, usage; the catalog's descriptions are empty): the
 vector of "title. description" (extract.description = joined) and as two vectors (separate), each with this recipe
 and CCA. The text is embedded in-process by the shipped encoder (TextEncoder.encode_products).
 
-Features are cached in the lake: the first run extracts them (about 10 minutes on 2 cores), later runs reuse them
-(and --small keeps them as arrays in --cache)."""
+Features are cached in the lake: the first run extracts them (about 5-10 minutes on 2 cores), later runs reuse them
+(and --small keeps them as arrays in --cache) while they come from the config's encoder settings."""
 from __future__ import annotations
 
 import argparse
@@ -218,21 +218,41 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
     return 0
 
 
+def _configured_versions(cfg) -> tuple[str, str]:
+    from matcher.encoders import image_encoder_version, text_encoder_version
+
+    e = cfg.extract
+    return (image_encoder_version(e.image_encoder, e.image_weights, e.image_colour),
+            text_encoder_version(e.text_encoder, e.description))
+
+
+def lake_features(ctx, cfg):
+    """The catalog's features from the lake, extracted there first when missing or made by other encoder settings
+    than the config's (the extract stage re-embeds only what changed)."""
+    stored = ctx.lake.read_partition("features", ctx.date)
+    versions = set() if stored is None else set(zip(stored.column("image_encoder").to_pylist(),
+                                                    stored.column("text_encoder").to_pylist()))
+    if versions != {_configured_versions(cfg)}:
+        print("extracting features (cached in the lake for later runs)...", flush=True)
+        run_pipeline(ctx, ["clean", "validate", "extract"])
+    return load_feature_set(ctx, "bench", 10**9)
+
+
 def load_fashion_features(args, cfg):
-    """The fashion catalog's features: from the --cache arrays, else from the lake (extracted there once)."""
+    """The fashion catalog's features: from the --cache arrays when they came from the config's encoder settings,
+    else from the lake (and cached again)."""
     from types import SimpleNamespace
 
     cache = Path(args.cache)
     if cache.is_file():
         data = np.load(cache, allow_pickle=True)
         arrays = {k: data[k] for k in data.files}
-        return SimpleNamespace(**{**arrays, "image_encoder": str(arrays["image_encoder"]),
-                                  "text_encoder": str(arrays["text_encoder"])})
-    ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake)
-    if ctx.lake.read_partition("features", args.date) is None:
-        print("extracting features once (cached in the lake for later runs)...", flush=True)
-        run_pipeline(ctx, ["clean", "validate", "extract"])
-    fs = load_feature_set(ctx, "bench", 10**9)
+        fs = SimpleNamespace(**{**arrays, "image_encoder": str(arrays["image_encoder"]),
+                                "text_encoder": str(arrays["text_encoder"])})
+        if (fs.image_encoder, fs.text_encoder) == _configured_versions(cfg):
+            return fs
+        print(f"{cache} holds features of {fs.image_encoder} + {fs.text_encoder}: not the config's", flush=True)
+    fs = lake_features(RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake), cfg)
     np.savez(cache, product_ids=fs.product_ids, image_feats=fs.image_feats, text_feats=fs.text_feats,
              categories=fs.categories, image_encoder=fs.image_encoder, text_encoder=fs.text_encoder)
     return fs
@@ -265,11 +285,7 @@ def main() -> int:
         views = description_views(fs, args.catalog, Path(args.cache).with_suffix(".described.npz")) \
             if args.describe else None
         return small_protocol(fs, cfg, args.draws, args.products, args.types, args.seed, views)
-    ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake)
-    if ctx.lake.read_partition("features", args.date) is None:
-        print("extracting features once (cached in the lake for later runs)...", flush=True)
-        run_pipeline(ctx, ["clean", "validate", "extract"])
-    fs = load_feature_set(ctx, "bench", 10**9)
+    fs = lake_features(RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake), cfg)
     heldout = holdout_mask(fs.product_ids, 0.2)
     n = len(fs.product_ids)
     print(f"{n} products, {int(heldout.sum())} held out; features {fs.image_encoder} + {fs.text_encoder}")

@@ -39,6 +39,7 @@ from jobs.context import RunContext  # noqa: E402
 from jobs.features_io import load_feature_set  # noqa: E402
 from jobs.pipeline import run_pipeline  # noqa: E402
 from matcher.config import load_config  # noqa: E402
+from matcher.encoders import feature_versions  # noqa: E402
 from matcher.evaluate import (best_threshold, embedding_metrics, evaluate_model,  # noqa: E402
                               true_and_false_pair_scores)
 from matcher.model import ModelSpec  # noqa: E402
@@ -218,21 +219,13 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
     return 0
 
 
-def _configured_versions(cfg) -> tuple[str, str]:
-    from matcher.encoders import image_encoder_version, text_encoder_version
-
-    e = cfg.extract
-    return (image_encoder_version(e.image_encoder, e.image_weights, e.image_colour),
-            text_encoder_version(e.text_encoder, e.description))
-
-
 def lake_features(ctx, cfg):
     """The catalog's features from the lake, extracted there first when missing or made by other encoder settings
     than the config's (the extract stage re-embeds only what changed)."""
     stored = ctx.lake.read_partition("features", ctx.date)
     versions = set() if stored is None else set(zip(stored.column("image_encoder").to_pylist(),
                                                     stored.column("text_encoder").to_pylist()))
-    if versions != {_configured_versions(cfg)}:
+    if versions != {feature_versions(cfg.extract)}:
         print("extracting features (cached in the lake for later runs)...", flush=True)
         run_pipeline(ctx, ["clean", "validate", "extract"])
     return load_feature_set(ctx, "bench", 10**9)
@@ -249,7 +242,7 @@ def load_fashion_features(args, cfg):
         arrays = {k: data[k] for k in data.files}
         fs = SimpleNamespace(**{**arrays, "image_encoder": str(arrays["image_encoder"]),
                                 "text_encoder": str(arrays["text_encoder"])})
-        if (fs.image_encoder, fs.text_encoder) == _configured_versions(cfg):
+        if (fs.image_encoder, fs.text_encoder) == feature_versions(cfg.extract):
             return fs
         print(f"{cache} holds features of {fs.image_encoder} + {fs.text_encoder}: not the config's", flush=True)
     fs = lake_features(RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake), cfg)

@@ -14,7 +14,7 @@ from jobs.spark import get_spark, task_device
 from jobs.spark_lake import Progress, read_partition, write_parts
 from jobs.validate import require_passed
 from matcher.config import ExtractConfig
-from matcher.encoders import image_encoder_version, load_image_encoder, load_text_encoder, text_encoder_version
+from matcher.encoders import feature_versions, load_image_encoder, load_text_encoder
 from matcher.features import extract_features
 from matcher.lake import new_attempt_id
 from matcher.tables import to_arrow
@@ -68,8 +68,7 @@ def run(ctx: RunContext) -> dict:
     committed = lake.committed("clean", date)
     if committed is None:
         raise StageError("extract", f"no clean partition for {date}: run the clean stage first")
-    image_version = image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour)
-    text_version = text_encoder_version(cfg.text_encoder, cfg.description)
+    image_version, text_version = feature_versions(cfg)
     spark = get_spark(cfg)
     keys = ["product_id", "content_hash"]
     clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)

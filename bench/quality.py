@@ -134,7 +134,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
     """`text_views`: several text features of the same products (label -> matrix), each measured with this recipe
     and CCA; without, the cached features with every row of the table."""
     from matcher.baselines import fit_baselines
-    from matcher.train import model_spec, split_rows
+    from matcher.train import closed_form_folds, model_spec, split_rows
 
     rng = np.random.default_rng(seed)
     names, counts = np.unique(fs.categories[fs.categories != ""], return_counts=True)
@@ -174,7 +174,8 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
                 m["seconds"], m["best_epoch"] = result.seconds, result.best_epoch
                 results.setdefault(label + name, []).append(m)
                 heads[name] = (z, u)
-            baselines = fit_baselines(img[fit_rows], txt[fit_rows], split.validation[used])
+            baselines = fit_baselines(img[fit_rows], txt[fit_rows], split.validation[used],
+                                      closed_form_folds(cfg.train, len(fit_rows)))
             for name, pair in baselines.items():
                 if text_views and name != "cca":
                     continue

@@ -4,10 +4,12 @@ of them, and the CCA solution seeds the learned heads (see matcher.train).
 
 All work in standardised feature space (the training split's mean and standard deviation) and return L2-normalised
 embeddings, so retrieval is by cosine as for the learned model. Their one hyper-parameter (the ridge penalty, the
-CCA regulariser and width) is chosen on a validation split by mean reciprocal rank, not tuned to any catalog."""
+CCA regulariser and width) is chosen by mean reciprocal rank, not tuned to any catalog: by k-fold cross-validation
+over the training and validation rows together (a small catalog's validation split alone, ~70 products, is too
+noisy to choose among 36 settings), or on the validation split alone with folds <= 1."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,6 +55,7 @@ class LinearPair:
     text_w: np.ndarray
     kind: str          # ridge_image_to_text | ridge_text_to_image | cca
     params: tuple      # the setting: (penalty,) or (regulariser, width)
+    selection_mrr: float = float("nan")  # the score its setting was chosen by (cross-validated or validation MRR)
 
     def embed_images(self, image_feats: np.ndarray) -> np.ndarray:
         return _normalise(self.image_std(image_feats) @ self.image_w).astype(np.float32)
@@ -65,36 +68,49 @@ class LinearPair:
         return (mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2
 
 
-def _ridge_map(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
-    """argmin ||x w - y||^2 + lam ||w||^2, in whichever of the primal or dual forms is smaller."""
-    n, d = x.shape
-    lam = penalty * float((x * x).sum()) / n
-    if d <= n:
-        return np.linalg.solve(x.T @ x + lam * np.eye(d), x.T @ y)
-    return x.T @ np.linalg.solve(x @ x.T + lam * np.eye(n), y)
+class RidgeFit:
+    """Ridge maps between two feature views in one direction, factored once (an eigendecomposition of the Gram
+    matrix, in whichever of the primal or dual forms is smaller) so that every penalty costs two small products:
+    argmin ||x w - y||^2 + lam ||w||^2, lam = penalty * mean squared row norm of x."""
+
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, direction: str):
+        if direction not in ("image_to_text", "text_to_image"):
+            raise ValueError(f"unknown direction {direction!r}")
+        self.direction = direction
+        self.si, self.st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
+        x, y = self.si(image_feats), self.st(text_feats)
+        if direction == "text_to_image":
+            x, y = y, x
+        n, d = x.shape
+        self.scale = float((x * x).sum()) / n
+        self.primal = d <= n
+        self.values, vectors = np.linalg.eigh(x.T @ x if self.primal else x @ x.T)
+        self.left = vectors if self.primal else x.T @ vectors  # w = left diag(1 / (values + lam)) right
+        self.right = vectors.T @ (x.T @ y if self.primal else y)
+        self.width = (x.shape[1], y.shape[1])
+
+    def pair(self, penalty: float) -> LinearPair:
+        w = self.left @ (self.right / (self.values.clip(0) + penalty * self.scale)[:, None])
+        if self.direction == "image_to_text":
+            return LinearPair("ridge image->text", self.si, self.st, w, np.eye(self.width[1]),
+                              "ridge_image_to_text", (penalty,))
+        return LinearPair("ridge text->image", self.si, self.st, np.eye(self.width[1]), w,
+                          "ridge_text_to_image", (penalty,))
 
 
 def fit_ridge(image_feats: np.ndarray, text_feats: np.ndarray, direction: str, penalty: float) -> LinearPair:
     """`image_to_text`: images mapped into the (standardised) text space; `text_to_image`: the reverse."""
-    si, st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
-    x, y = si(image_feats), st(text_feats)
-    if direction == "image_to_text":
-        return LinearPair("ridge image->text", si, st, _ridge_map(x, y, penalty), np.eye(y.shape[1]),
-                          "ridge_image_to_text", (penalty,))
-    if direction == "text_to_image":
-        return LinearPair("ridge text->image", si, st, np.eye(x.shape[1]), _ridge_map(y, x, penalty),
-                          "ridge_text_to_image", (penalty,))
-    raise ValueError(f"unknown direction {direction!r}")
+    return RidgeFit(image_feats, text_feats, direction).pair(penalty)
 
 
-def _inverse_sqrt(c: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh(c)
-    return (vectors / np.sqrt(values.clip(1e-9))) @ vectors.T
+def _inverse_sqrt(values: np.ndarray, vectors: np.ndarray, regulariser: float) -> np.ndarray:
+    """(c + regulariser * I)^(-1/2) from c's eigendecomposition."""
+    return (vectors / np.sqrt((values + regulariser).clip(1e-9))) @ vectors.T
 
 
 class CCAFit:
-    """Regularised CCA of two feature views, factored once so that every (regulariser, width) setting costs one
-    small eigen- and singular-value decomposition: whiten each view (covariance + regulariser * I, on unit-variance
+    """Regularised CCA of two feature views, factored once so that every regulariser costs one small singular-value
+    decomposition and every width a slice: whiten each view (covariance + regulariser * I, on unit-variance
     features, in each view's row space when features outnumber products), then the top `width` singular
     directions of the whitened cross-covariance, each weighted by its canonical correlation."""
 
@@ -104,18 +120,19 @@ class CCAFit:
         self.n = len(x)
         self.bx, self.by = _span(x), _span(y)
         xr, yr = x @ self.bx, y @ self.by
-        self.cxx, self.cyy, self.cxy = xr.T @ xr / self.n, yr.T @ yr / self.n, xr.T @ yr / self.n
-        self._solved: dict[float, tuple] = {}
+        self.cxy = xr.T @ yr / self.n
+        self.eig_x, self.eig_y = np.linalg.eigh(xr.T @ xr / self.n), np.linalg.eigh(yr.T @ yr / self.n)
+        self._solved: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def pair(self, regulariser: float, width: int) -> LinearPair:
         if regulariser not in self._solved:
-            wx = _inverse_sqrt(self.cxx + regulariser * np.eye(len(self.cxx)))
-            wy = _inverse_sqrt(self.cyy + regulariser * np.eye(len(self.cyy)))
-            self._solved[regulariser] = (wx, wy, *np.linalg.svd(wx @ self.cxy @ wy, full_matrices=False))
-        wx, wy, u, s, vt = self._solved[regulariser]
+            wx, wy = _inverse_sqrt(*self.eig_x, regulariser), _inverse_sqrt(*self.eig_y, regulariser)
+            u, s, vt = np.linalg.svd(wx @ self.cxy @ wy, full_matrices=False)
+            self._solved[regulariser] = (self.bx @ (wx @ u), self.by @ (wy @ vt.T), s)
+        image_w, text_w, s = self._solved[regulariser]
         k = max(1, min(width, len(s)))
-        return LinearPair(f"cca (width {k})", self.si, self.st, self.bx @ wx @ u[:, :k] * s[:k],
-                          self.by @ wy @ vt[:k].T * s[:k], "cca", (regulariser, width))
+        return LinearPair(f"cca (width {k})", self.si, self.st, image_w[:, :k] * s[:k], text_w[:, :k] * s[:k],
+                          "cca", (regulariser, width))
 
 
 def fit_cca(image_feats: np.ndarray, text_feats: np.ndarray, regulariser: float, width: int) -> LinearPair:
@@ -153,34 +170,69 @@ def refit(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray) -> 
     return fit_ridge(image_feats, text_feats, pair.kind.removeprefix("ridge_"), *pair.params)
 
 
-def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: np.ndarray) -> dict[str, LinearPair]:
-    """Ridge both ways and CCA, each with its setting chosen by validation MRR, fitted on the other rows.
-    `validation` marks the rows held out for the choice."""
+def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: np.ndarray,
+                  folds: int = 1) -> dict[str, LinearPair]:
+    """Ridge both ways and CCA, each fitted on the rows outside `validation` (a mask) with its setting chosen by
+    mean reciprocal rank: cross-validated over all the rows in `folds` folds, or (folds <= 1) on the validation
+    rows. Each pair's `selection_mrr` is that score, comparable across the three."""
     fit = ~validation
     if validation.sum() < 2 or fit.sum() < 2:
         fit = validation = np.ones(len(image_feats), dtype=bool)
-    xi, xt, vi, vt = image_feats[fit], text_feats[fit], image_feats[validation], text_feats[validation]
+    grids = {"ridge_image_to_text": [(p,) for p in RIDGE_PENALTIES],
+             "ridge_text_to_image": [(p,) for p in RIDGE_PENALTIES],
+             "cca": [(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS]}
+    fitters = _Fitters(image_feats[fit], text_feats[fit])
+    if folds > 1 and len(image_feats) >= 2 * folds:
+        scores = _cross_validated_mrr(image_feats, text_feats, grids, folds)
+    else:
+        vi, vt = image_feats[validation], text_feats[validation]
+        scores = {kind: [fitters.pair(kind, setting).validation_mrr(vi, vt) for setting in grid]
+                  for kind, grid in grids.items()}
+    out = {}
+    for kind, grid in grids.items():
+        best = int(np.argmax(scores[kind]))  # the first of equals
+        out[kind] = replace(fitters.pair(kind, grid[best]), selection_mrr=float(scores[kind][best]))
+    return out
 
-    def best(candidates):
-        return max(candidates, key=lambda pair: pair.validation_mrr(vi, vt))
 
-    cca = CCAFit(xi, xt)
-    return {
-        "ridge_image_to_text": best(fit_ridge(xi, xt, "image_to_text", p) for p in RIDGE_PENALTIES),
-        "ridge_text_to_image": best(fit_ridge(xi, xt, "text_to_image", p) for p in RIDGE_PENALTIES),
-        "cca": best(cca.pair(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS),
-    }
+class _Fitters:
+    """Each kind's pair for a setting on one set of rows; CCA's factorisation shared by all its settings."""
+
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
+        self.image_feats, self.text_feats = image_feats, text_feats
+        self._fits: dict[str, CCAFit | RidgeFit] = {}
+
+    def pair(self, kind: str, setting: tuple) -> LinearPair:
+        if kind not in self._fits:
+            self._fits[kind] = (CCAFit(self.image_feats, self.text_feats) if kind == "cca" else
+                                RidgeFit(self.image_feats, self.text_feats, kind.removeprefix("ridge_")))
+        return self._fits[kind].pair(*setting)
+
+
+def _cross_validated_mrr(image_feats: np.ndarray, text_feats: np.ndarray, grids: dict[str, list[tuple]],
+                         folds: int) -> dict[str, list[float]]:
+    """Each setting's mean validation MRR over `folds` folds of the rows (a fixed shuffle: the same rows give the
+    same folds every night)."""
+    fold = np.random.default_rng(0).permutation(len(image_feats)) % folds
+    totals = {kind: np.zeros(len(grid)) for kind, grid in grids.items()}
+    for f in range(folds):
+        held = fold == f
+        fitters = _Fitters(image_feats[~held], text_feats[~held])
+        vi, vt = image_feats[held], text_feats[held]
+        for kind, grid in grids.items():
+            totals[kind] += [fitters.pair(kind, setting).validation_mrr(vi, vt) for setting in grid]
+    return {kind: list(total / folds) for kind, total in totals.items()}
 
 
 def baseline_metrics(image_feats: np.ndarray, text_feats: np.ndarray, categories: np.ndarray, heldout: np.ndarray,
-                     train_rows: np.ndarray, validation: np.ndarray) -> dict[str, dict[str, float]]:
+                     train_rows: np.ndarray, validation: np.ndarray, folds: int = 1) -> dict[str, dict[str, float]]:
     """Each baseline fitted on `train_rows` (settings chosen on its `validation` rows, a mask over train_rows)
     and measured on the held-out rows by the same code as the learned model (cosine for the pair score)."""
     from matcher.evaluate import best_threshold, embedding_metrics, true_and_false_pair_scores
 
     rows = np.nonzero(train_rows)[0]
     out = {}
-    for name, pair in fit_baselines(image_feats[rows], text_feats[rows], validation).items():
+    for name, pair in fit_baselines(image_feats[rows], text_feats[rows], validation, folds).items():
         z, u = pair.embed_images(image_feats), pair.embed_texts(text_feats)
 
         def cosine(i: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -109,6 +109,8 @@ class TrainConfig:
     holdout_fraction: float
     calibration_fraction: float
     validation_fraction: float
+    closed_form_folds: int
+    closed_form_cv_max_products: int
     patience: int
     init: str
     refit: bool
@@ -259,6 +261,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"extract.description must be separate or joined, got {cfg.extract.description!r}")
     if cfg.train.init not in ("closed_form", "random"):
         raise ConfigError(f"train.init must be closed_form or random, got {cfg.train.init!r}")
+    if cfg.train.closed_form_folds < 0:
+        raise ConfigError("train.closed_form_folds must be 0 (the validation split alone) or more")
+    if cfg.train.closed_form_cv_max_products < 0:
+        raise ConfigError("train.closed_form_cv_max_products must be 0 or more")
     if not 0.0 <= cfg.train.validation_fraction < 1.0 - cfg.train.holdout_fraction - cfg.train.calibration_fraction:
         raise ConfigError("train.validation_fraction must leave products to train on")
     if cfg.train.max_products < 2:

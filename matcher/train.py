@@ -44,6 +44,12 @@ def _bucket_range(product_ids: list[str] | np.ndarray, start_fraction: float, fr
     return (b >= start) & (b < start + int(round(fraction * 10000)))
 
 
+def closed_form_folds(cfg: TrainConfig, products: int) -> int:
+    """Folds the closed-form settings are cross-validated in for this many training + validation products; 1: the
+    validation split alone chooses."""
+    return cfg.closed_form_folds if 1 < cfg.closed_form_folds and products <= cfg.closed_form_cv_max_products else 1
+
+
 def model_spec(cfg: TrainConfig, image_dim: int, text_dim: int, image_encoder: str, text_encoder: str) -> ModelSpec:
     """The model the training config describes (heads with a linear path when they start from a closed-form solution)."""
     return ModelSpec(image_dim=image_dim, text_dim=text_dim, dim=cfg.dim, hidden=cfg.hidden, fusion=cfg.fusion,
@@ -188,7 +194,8 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
         raise ValueError("training needs at least 2 products")
     torch.manual_seed(cfg.seed)
     model = _new_model(img, txt, spec, cfg)
-    start = _closed_form_start(model, img, txt, val_img, val_txt) if spec.head == "mlp+linear" else None
+    folds = closed_form_folds(cfg, len(img) + len(val_img))
+    start = _closed_form_start(model, img, txt, val_img, val_txt, folds) if spec.head == "mlp+linear" else None
     if start is not None:
         _seed_heads(model, start)
 
@@ -292,15 +299,18 @@ def _standardised(head, x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, val_img: torch.Tensor,
-                       val_txt: torch.Tensor) -> LinearPair:
-    """The best closed-form baseline on the validation pairs (ridge either way or CCA, cut to the model's width),
-    fitted on the training pairs in the heads' own standardised coordinates."""
+                       val_txt: torch.Tensor, folds: int) -> LinearPair:
+    """The best closed-form baseline (ridge either way or CCA, cut to the model's width), fitted on the training
+    pairs in the heads' own standardised coordinates: best by cross-validated MRR over training + validation pairs
+    in `folds` folds, or (folds <= 1) on the validation pairs."""
     xi = np.concatenate([_standardised(model.image_head, img), _standardised(model.image_head, val_img)])
     xt = np.concatenate([_standardised(model.text_head, txt), _standardised(model.text_head, val_txt)])
     validation = np.arange(len(xi)) >= len(img)
     dim = model.spec.dim
-    reduced = [reduce_width(p, xi[~validation], xt[~validation], dim)
-               for p in fit_baselines(xi, xt, validation).values()]
+    fitted = fit_baselines(xi, xt, validation, folds).values()
+    if folds > 1:
+        return reduce_width(max(fitted, key=lambda p: p.selection_mrr), xi[~validation], xt[~validation], dim)
+    reduced = [reduce_width(p, xi[~validation], xt[~validation], dim) for p in fitted]
     return max(reduced, key=lambda p: p.validation_mrr(xi[validation], xt[validation]))
 
 

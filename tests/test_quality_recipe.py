@@ -11,7 +11,7 @@ from matcher.config import load_config
 from matcher.evaluate import embed, inverted_softmax, recall_at_k
 from matcher.model import MatcherModel
 from matcher.registry import baseline_verdict, current_version
-from matcher.train import batch_size_for, model_spec, train_model
+from matcher.train import batch_size_for, closed_form_folds, model_spec, train_model
 from tests.synthetic import synthetic_features, write_synthetic_partition
 
 
@@ -45,28 +45,32 @@ def test_early_stopping_keeps_the_best_validation_epoch():
     assert max(scores) > scores[-1]  # the last epoch was worse: stopping early mattered here
 
 
-def _expected_start(model, img, txt, val_img, val_txt, dim):
-    """The best closed-form baseline on the validation pairs, computed here the way the recipe documents it."""
+def _expected_start(model, img, txt, val_img, val_txt, dim, folds):
+    """The best closed-form baseline, by cross-validated MRR over training + validation pairs (folds > 1) or on the
+    validation pairs, computed here the way the recipe documents it."""
     def standardised(head, x):
         return ((torch.as_tensor(x) - head.mean) / head.std).double().numpy()
 
     xi, xt = standardised(model.image_head, img), standardised(model.text_head, txt)
     vi, vt = standardised(model.image_head, val_img), standardised(model.text_head, val_txt)
     validation = np.r_[np.zeros(len(xi), bool), np.ones(len(vi), bool)]
-    fitted = fit_baselines(np.r_[xi, vi], np.r_[xt, vt], validation)
+    fitted = fit_baselines(np.r_[xi, vi], np.r_[xt, vt], validation, folds)
+    if folds > 1:
+        return reduce_width(max(fitted.values(), key=lambda p: p.selection_mrr), xi, xt, dim), standardised
     best = max((reduce_width(p, xi, xt, dim) for p in fitted.values()), key=lambda p: p.validation_mrr(vi, vt))
     return best, standardised
 
 
-@pytest.mark.parametrize("noise", [1.0, 3.0])
-def test_heads_start_exactly_at_the_best_closed_form_baseline(noise):
+@pytest.mark.parametrize("noise,folds", [(1.0, 5), (3.0, 5), (3.0, 0)])
+def test_heads_start_exactly_at_the_best_closed_form_baseline(noise, folds):
     img, txt = noisy_views(300, seed=2, noise=noise)
-    cfg = recipe(epochs=0, patience=3, init="closed_form", refit=False)
+    cfg = recipe(epochs=0, patience=3, init="closed_form", refit=False, closed_form_folds=folds)
     spec = model_spec(cfg, 40, 30, "a", "b")
     assert spec.head == "mlp+linear"
     result = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:]))
     assert result.best_epoch == 0
-    best, standardised = _expected_start(result.model, img[:240], txt[:240], img[240:], txt[240:], cfg.dim)
+    best, standardised = _expected_start(result.model, img[:240], txt[:240], img[240:], txt[240:], cfg.dim,
+                                         closed_form_folds(cfg, 300))
     assert result.start == best.name
     z, u, _ = embed(result.model, img, txt)
     want_z = best.embed_images(standardised(result.model.image_head, img))
@@ -83,7 +87,8 @@ def test_refit_trains_the_chosen_recipe_again_on_training_and_validation_rows():
     # Standardisation and the starting baseline now come from all 300 rows, with the setting chosen before.
     np.testing.assert_allclose(result.model.image_head.mean.numpy(), img.mean(0), rtol=1e-5, atol=1e-5)
     first = _standardised_model(spec, img[:240], txt[:240])  # the heads as the choice saw them
-    chosen, standardised = _expected_start(first, img[:240], txt[:240], img[240:], txt[240:], cfg.dim)
+    chosen, standardised = _expected_start(first, img[:240], txt[:240], img[240:], txt[240:], cfg.dim,
+                                           closed_form_folds(cfg, 300))
     xi = standardised(result.model.image_head, img)
     xt = standardised(result.model.text_head, txt)
     want = reduce_width(refit(chosen, xi, xt), xi, xt, cfg.dim)
@@ -226,3 +231,37 @@ def test_cca_reaches_the_regularisation_that_wide_noisy_features_need():
         return recall_at_k(pair.embed_images(img[400:]) @ pair.embed_texts(txt[400:]).T, (10,))[10]
 
     assert unseen_recall(chosen) > unseen_recall(CCAFit(img[:340], txt[:340]).pair(0.5, width)) + 0.03
+
+
+def test_cross_validation_chooses_the_closed_form_setting_better_than_a_small_validation_split():
+    # A small catalog's validation split holds a few dozen products: too few to choose among 36 CCA settings.
+    # Folds over all the rows choose a setting that holds at least as well on unseen rows, and better on average.
+    def views(seed, n=600, k=8):
+        rng = np.random.default_rng(seed)
+        latent = rng.normal(size=(n, k))
+        img = np.hstack([latent @ rng.normal(size=(k, 40)), rng.normal(size=(n, 600))]) + 0.5 * rng.normal(size=(n, 640))
+        txt = np.hstack([latent @ rng.normal(size=(k, 30)), rng.normal(size=(n, 300))]) + 0.5 * rng.normal(size=(n, 330))
+        return img, txt
+
+    validation = np.arange(300) >= 270
+    single, folded = [], []
+    for seed in range(6):
+        img, txt = views(seed)
+
+        def unseen_recall(pair):
+            return recall_at_k(pair.embed_images(img[300:]) @ pair.embed_texts(txt[300:]).T, (10,))[10]
+
+        by_split = fit_baselines(img[:300], txt[:300], validation, folds=1)["cca"]
+        by_folds = fit_baselines(img[:300], txt[:300], validation, folds=5)["cca"]
+        assert np.isfinite(by_folds.selection_mrr)
+        single.append(unseen_recall(by_split))
+        folded.append(unseen_recall(by_folds))
+    assert all(f >= s for f, s in zip(folded, single)), (folded, single)
+    assert np.mean(folded) > np.mean(single) + 0.02, (folded, single)
+
+
+def test_closed_form_folds_apply_to_small_catalogs_only():
+    cfg = recipe(closed_form_folds=5, closed_form_cv_max_products=1000)
+    assert closed_form_folds(cfg, 1000) == 5
+    assert closed_form_folds(cfg, 1001) == 1  # the validation split alone is large enough
+    assert closed_form_folds(recipe(closed_form_folds=0), 100) == 1

@@ -64,7 +64,8 @@ def main() -> int:
     torch.set_num_threads(cores)
     image_encoder = load_image_encoder(cfg.extract.image_encoder, args.device, cfg.extract.image_weights,
                                        cfg.extract.image_colour)
-    text_encoder = load_text_encoder(cfg.extract.text_encoder, args.device, cfg.extract.description)
+    text_encoder = load_text_encoder(cfg.extract.text_encoder, args.device, cfg.extract.description,
+                                     cfg.extract.second_title_encoder)
     extract_features(clean.head(8), image_encoder, text_encoder, args.batch_size)  # warm-up
     started = time.perf_counter()
     extract_features(clean, image_encoder, text_encoder, args.batch_size)

@@ -111,21 +111,24 @@ def attribute_descriptions(catalog: str, product_ids: np.ndarray) -> tuple[list[
 
 def description_views(fs, catalog: str, cache: Path) -> dict[str, np.ndarray]:
     """Text features of the fashion products with attribute descriptions, joined and as a separate view, from the
-    shipped encoder (cached next to the feature arrays)."""
-    from matcher.encoders import load_text_encoder
+    encoders that made `fs` (cached next to the feature arrays, under that version)."""
+    from matcher.encoders import load_text_encoder, load_text_encoder_for
 
     if cache.is_file():
         data = np.load(cache)
-        return {k: data[k] for k in data.files}
-    name = str(fs.text_encoder).split("@")[0]
+        if "version" in data.files and str(data["version"]) == fs.text_encoder:
+            return {k: data[k] for k in data.files if k != "version"}
     titles, descriptions = attribute_descriptions(catalog, fs.product_ids)
     print(f"embedding {len(titles)} titles with attribute descriptions (e.g. {titles[0]!r}: {descriptions[0]!r})",
           flush=True)
-    views = {"title only": load_text_encoder(name, "cpu").encode(titles)}
+    made = load_text_encoder_for(fs.text_encoder, "cpu")
+    second = made.second_title.name if made.second_title is not None else ""
+    views = {"title only": load_text_encoder(made.name, "cpu", "joined", second).encode_products(
+        titles, [""] * len(titles))}
     for layout in ("joined", "separate"):
-        views[f"title + description, {layout}"] = load_text_encoder(name, "cpu", layout).encode_products(
+        views[f"title + description, {layout}"] = load_text_encoder(made.name, "cpu", layout, second).encode_products(
             titles, descriptions)
-    np.savez(cache, **views)
+    np.savez(cache, version=fs.text_encoder, **views)
     return views
 
 

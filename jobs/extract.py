@@ -27,7 +27,8 @@ _worker_encoders: dict[tuple, tuple] = {}
 
 
 def _encoders(cfg: ExtractConfig, device: str, threads: int):
-    key = (cfg.image_encoder, cfg.text_encoder, cfg.image_weights, cfg.image_colour, cfg.description, device)
+    key = (cfg.image_encoder, cfg.text_encoder, cfg.second_title_encoder, cfg.image_weights, cfg.image_colour,
+           cfg.description, device)
     if key not in _worker_encoders:
         import torch
 
@@ -36,7 +37,8 @@ def _encoders(cfg: ExtractConfig, device: str, threads: int):
         if device.startswith("cuda:"):
             torch.cuda.set_device(int(device.split(":")[1]))
         _worker_encoders[key] = (load_image_encoder(cfg.image_encoder, dev, cfg.image_weights, cfg.image_colour),
-                                  load_text_encoder(cfg.text_encoder, dev, cfg.description))
+                                  load_text_encoder(cfg.text_encoder, dev, cfg.description,
+                                                    cfg.second_title_encoder))
     return _worker_encoders[key]
 
 

@@ -75,6 +75,7 @@ class ValidateConfig:
 class ExtractConfig:
     image_encoder: str
     text_encoder: str
+    second_title_encoder: str
     image_weights: str
     image_colour: bool
     description: str
@@ -257,6 +258,9 @@ def _check(cfg: Config) -> None:
     if cfg.extract.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"extract.text_encoder must be one of {', '.join(TEXT_ENCODERS)}; "
                           f"got {cfg.extract.text_encoder!r}")
+    if cfg.extract.second_title_encoder not in ("", *TEXT_ENCODERS):
+        raise ConfigError(f"extract.second_title_encoder must be empty or one of {', '.join(TEXT_ENCODERS)}; "
+                          f"got {cfg.extract.second_title_encoder!r}")
     if cfg.extract.description not in ("separate", "joined"):
         raise ConfigError(f"extract.description must be separate or joined, got {cfg.extract.description!r}")
     if cfg.train.init not in ("closed_form", "random"):

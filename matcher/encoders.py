@@ -26,6 +26,7 @@ THUMBNAIL_VERSION = "thumbnail-8x8@1"
 HASHING_VERSION = "hashing-384@1"
 COLOUR_VERSION = "colour-hsv192@1"
 DESCRIPTION_VIEW_SUFFIX = "+description-view@1"
+SECOND_TITLE_MARK = "+second-title-view@1:"  # followed by the second encoder's own version, always last
 _COLOUR_BINS = (12, 4, 4)  # hue x saturation x value
 COLOUR_DIM = 12 * 4 * 4
 _COLOUR_SIDE = 112  # the histogram is read from a copy this size: the same distribution, a quarter of the pixels
@@ -55,9 +56,11 @@ def image_encoder_version(name: str, weights: str = "", colour: bool = False) ->
     return f"{name}@torchvision-{_package_version('torchvision')}+{weights}" + suffix
 
 
-def text_encoder_version(name: str, description: str = "joined") -> str:
+def text_encoder_version(name: str, description: str = "joined", second_title: str = "") -> str:
     """Recorded on every feature row and in a model's spec (which is how search embeds queries the same way)."""
     suffix = DESCRIPTION_VIEW_SUFFIX if description == "separate" else ""
+    if second_title and second_title != name:
+        suffix += SECOND_TITLE_MARK + text_encoder_version(second_title)
     if name == "hashing-384":
         return HASHING_VERSION + suffix
     if name == "all-minilm-l6-v2":
@@ -70,7 +73,7 @@ def text_encoder_version(name: str, description: str = "joined") -> str:
 def feature_versions(cfg: ExtractConfig) -> tuple[str, str]:
     """The (image, text) versions the extract settings give a feature row."""
     return (image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour),
-            text_encoder_version(cfg.text_encoder, cfg.description))
+            text_encoder_version(cfg.text_encoder, cfg.description, cfg.second_title_encoder))
 
 
 def pick_device(requested: str) -> torch.device:
@@ -148,13 +151,16 @@ class ImageEncoder:
 class TextEncoder:
     name: str
     version: str
-    dim: int  # a product's text feature: the model's width, twice over with a separate description view
+    dim: int  # a product's text feature: see encode_products
     encode_fn: Callable[[list[str], int], np.ndarray]
     separate_description: bool = False
+    second_title: "TextEncoder | None" = None  # another model's vector of the title, appended
 
     @property
     def model_dim(self) -> int:
-        return self.dim // 2 if self.separate_description else self.dim
+        """The model's own width (of one vector from `encode`)."""
+        own = self.dim - (self.second_title.dim if self.second_title is not None else 0)
+        return own // 2 if self.separate_description else own
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """The model's vectors for texts, (N, model_dim)."""
@@ -165,15 +171,22 @@ class TextEncoder:
     def encode_products(self, titles: list[str], descriptions: list[str], batch_size: int = 64) -> np.ndarray:
         """Text features, (N, dim). Joined: one vector of "title. description". Separate: the title's vector, then
         the description's (zeros where a product has none), so a long description cannot drown the title in a
-        mean-pooled vector and the model weighs the two itself. A search query is a title without description."""
+        mean-pooled vector and the model weighs the two itself. With a second title encoder, its vector of the
+        title follows (two models' views of a short title carry more than either). A search query is a title
+        without description."""
         descriptions = [d if isinstance(d, str) and d.strip() else "" for d in descriptions]  # null, NaN: none
-        if not self.separate_description:
-            return self.encode([product_text(t, d) for t, d in zip(titles, descriptions)], batch_size)
         out = np.zeros((len(titles), self.dim), dtype=np.float32)
-        out[:, :self.model_dim] = self.encode(list(titles), batch_size)
-        described = [i for i, d in enumerate(descriptions) if d]
-        if described:
-            out[described, self.model_dim:] = self.encode([descriptions[i] for i in described], batch_size)
+        if not self.separate_description:
+            out[:, :self.model_dim] = self.encode([product_text(t, d) for t, d in zip(titles, descriptions)],
+                                                  batch_size)
+        else:
+            out[:, :self.model_dim] = self.encode(list(titles), batch_size)
+            described = [i for i, d in enumerate(descriptions) if d]
+            if described:
+                out[described, self.model_dim:2 * self.model_dim] = self.encode([descriptions[i] for i in described],
+                                                                                batch_size)
+        if self.second_title is not None:
+            out[:, self.dim - self.second_title.dim:] = self.second_title.encode(list(titles), batch_size)
         return out
 
 
@@ -320,19 +333,27 @@ class _HashingText:
         return (out / np.maximum(norms, 1e-12)).astype(np.float32)  # texts without tokens stay all-zero
 
 
-def load_text_encoder(name: str, device: str = "auto", description: str = "joined") -> TextEncoder:
-    """`description`: "joined" or "separate" (extract.description; see TextEncoder.encode_products)."""
+def load_text_encoder(name: str, device: str = "auto", description: str = "joined",
+                      second_title: str = "") -> TextEncoder:
+    """`description`: "joined" or "separate" (extract.description; see TextEncoder.encode_products).
+    `second_title`: another encoder whose vector of the title is appended (extract.second_title_encoder); none
+    when empty or the same as `name`."""
     encoder = _load_model_text_encoder(name, device)
-    if description != "separate":
+    separate = description == "separate"
+    second = _load_model_text_encoder(second_title, device) if second_title and second_title != name else None
+    if not separate and second is None:
         return encoder
-    return replace(encoder, dim=2 * encoder.dim, version=text_encoder_version(name, description),
-                   separate_description=True)
+    return replace(encoder, dim=encoder.dim * (2 if separate else 1) + (second.dim if second is not None else 0),
+                   version=text_encoder_version(name, description, second_title), separate_description=separate,
+                   second_title=second)
 
 
 def load_text_encoder_for(version: str, device: str = "auto") -> TextEncoder:
     """The text encoder that made features of this version (a model's spec records it): for embedding queries."""
-    name = version.split("@")[0].split("+")[0]
-    return load_text_encoder(name, device, "separate" if version.endswith(DESCRIPTION_VIEW_SUFFIX) else "joined")
+    own, _, second = version.partition(SECOND_TITLE_MARK)
+    name = own.split("@")[0].split("+")[0]
+    return load_text_encoder(name, device, "separate" if own.endswith(DESCRIPTION_VIEW_SUFFIX) else "joined",
+                             second.split("@")[0].split("+")[0])
 
 
 def _load_model_text_encoder(name: str, device: str) -> TextEncoder:

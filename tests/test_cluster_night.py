@@ -25,7 +25,7 @@ def _config(master: str, lake: str, catalog: str):
         "run": {"lake": lake, "catalog": catalog},
         "clean": {"image_size": 64},
         "extract": {"spark_master": master, "spark_max_result_size": CAP, "image_encoder": "thumbnail-8x8",
-                    "text_encoder": "hashing-384"},
+                    "text_encoder": "hashing-384", "second_title_encoder": ""},
         "train": {"epochs": 3, "min_steps": 40, "dim": 32, "hidden": 64, "max_products": 100},
         "score": {"top_k": 5, "rerank_candidates": 10, "block_size": 128, "search_queries": ["red dress"]},
     })

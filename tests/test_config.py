@@ -61,3 +61,5 @@ def test_an_unknown_encoder_fails_when_the_config_loads_in_one_line():
         load_config(overrides={"extract": {"image_encoder": "vit-huge"}})
     with pytest.raises(ConfigError, match="extract.text_encoder must be one of"):
         load_config(overrides={"extract": {"text_encoder": "bert"}})
+    with pytest.raises(ConfigError, match="extract.second_title_encoder must be empty or one of"):
+        load_config(overrides={"extract": {"second_title_encoder": "bert"}})

@@ -153,3 +153,25 @@ def test_a_separate_description_view_keeps_the_title_vector_whole(name):
     again = load_text_encoder_for(separate.version, "cpu")
     assert again.separate_description and again.dim == 2 * d
     assert not load_text_encoder_for(joined.version, "cpu").separate_description
+
+
+@pytest.mark.parametrize("description", ["joined", "separate"])
+def test_a_second_title_encoder_appends_its_vector_of_the_title(description):
+    titles = ["Red cotton dress", "红色连衣裙", "Steel kettle 1.7 l"]
+    descriptions = ["A summer dress.", "", "Brushed steel, 1.7 litres."]
+    own = load_text_encoder("hashing-384", "cpu", description)
+    second = load_text_encoder("all-minilm-l6-v2", "cpu")
+    both = load_text_encoder("hashing-384", "cpu", description, "all-minilm-l6-v2")
+    feats = both.encode_products(titles, descriptions, batch_size=2)
+    assert feats.shape == (3, own.dim + 384) and both.model_dim == own.model_dim == 384
+    assert np.allclose(feats[:, :own.dim], own.encode_products(titles, descriptions), atol=1e-5)
+    assert np.allclose(feats[:, own.dim:], second.encode(titles), atol=1e-5)  # the title alone, never the description
+    # The version names both, and a model's recorded version loads the same pair for search queries.
+    assert both.version == text_encoder_version("hashing-384", description, "all-minilm-l6-v2") != own.version
+    again = load_text_encoder_for(both.version, "cpu")
+    assert again.dim == both.dim and again.separate_description == (description == "separate")
+    assert again.second_title is not None and again.second_title.name == "all-minilm-l6-v2"
+    assert np.allclose(again.encode_products(titles[:1], [""]), both.encode_products(titles[:1], [""]), atol=1e-5)
+    # Naming the primary encoder again adds nothing.
+    same = load_text_encoder("hashing-384", "cpu", description, "hashing-384")
+    assert same.dim == own.dim and same.version == own.version

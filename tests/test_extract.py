@@ -29,15 +29,18 @@ def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_pat
 
     features = ctx.lake.read_partition("features", ctx.date).to_pandas().set_index("product_id")
     clean = ctx.lake.read_partition("clean", ctx.date).to_pandas()
-    # The defaults: the photo's colour histogram follows the CNN's features; title and description are two vectors.
+    # The defaults: the photo's colour histogram follows the CNN's features; title and description are two vectors,
+    # and E5's vector of the title follows them.
     assert ctx.config.extract.image_colour and ctx.config.extract.description == "separate"
+    assert ctx.config.extract.second_title_encoder == "multilingual-e5-small"
     expected = extract_features(clean, load_image_encoder("efficientnet-lite0", "cpu", colour=True),
-                                load_text_encoder("all-minilm-l6-v2", "cpu", ctx.config.extract.description),
+                                load_text_encoder("all-minilm-l6-v2", "cpu", ctx.config.extract.description,
+                                                  ctx.config.extract.second_title_encoder),
                                 batch_size=3).set_index("product_id")
     for col in ("image_feat", "text_feat"):
         got = np.stack(features.loc[expected.index, col].to_numpy())
         want = np.stack(expected[col].to_numpy())
-        assert got.shape == want.shape == (12, {"image_feat": 1280 + COLOUR_DIM, "text_feat": 2 * 384}[col])
+        assert got.shape == want.shape == (12, {"image_feat": 1280 + COLOUR_DIM, "text_feat": 3 * 384}[col])
         assert np.abs(got - want).max() < 1e-4, col
     assert set(features["image_encoder"]) == {expected["image_encoder"].iloc[0]}
 

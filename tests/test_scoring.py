@@ -197,3 +197,20 @@ def test_reduced_precision_products_give_the_float32_answer(precision):
                                        precision=precision)[1], brute_force(small_integers, small_integers, 9, True))
     with pytest.raises(ValueError, match="precision must be"):
         topk(x, x, 3, precision="fp8")
+
+
+@pytest.mark.parametrize("shape,k,axis", [((64, 2048), 20, 1), ((2048, 64), 20, 0), ((30, 100), 7, 1),
+                                          ((37, 21), 21, 1), ((50, 40), 3, 0)])
+def test_the_kth_score_bound_never_exceeds_the_kth_score_and_k_entries_reach_it(shape, k, axis):
+    from matcher.scoring import _kth_largest_bound
+
+    sims = np.random.default_rng(k).standard_normal(shape).astype(np.float32)
+    sims[0, :] = -np.inf  # excluded entries (a product and itself) count for nothing
+    bound = _kth_largest_bound(sims, k, axis)
+    exact = -np.sort(-sims, axis=axis).take(k - 1, axis=axis)
+    exact = np.where(np.isneginf(exact), np.finfo(np.float32).min, exact)
+    assert (bound <= exact).all()
+    reach = (sims >= np.expand_dims(bound, axis)).sum(axis=axis)
+    assert (reach[np.isfinite(exact) & (exact > np.finfo(np.float32).min)] >= k).all()
+    # Close: on these random scores it lets through few more than k entries per row.
+    assert reach.mean() < 2 * k

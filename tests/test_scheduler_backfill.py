@@ -66,6 +66,7 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
            "AIRFLOW__CORE__PARALLELISM": "2",
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "tests.airflow_sqlite.connect_args",
            "AIRFLOW__API__PORT": str(port),
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
            "MATCHER_CONFIG": str(config),  # scheduled and backfilled runs get no conf: the deployment's file

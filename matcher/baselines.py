@@ -83,19 +83,17 @@ class RidgeFit:
             x, y = y, x
         n, d = x.shape
         self.scale = float((x * x).sum()) / n
-        self.primal = d <= n
-        self.values, vectors = np.linalg.eigh(x.T @ x if self.primal else x @ x.T)
-        self.left = vectors if self.primal else x.T @ vectors  # w = left diag(1 / (values + lam)) right
-        self.right = vectors.T @ (x.T @ y if self.primal else y)
-        self.width = (x.shape[1], y.shape[1])
+        primal = d <= n
+        self.values, vectors = np.linalg.eigh(x.T @ x if primal else x @ x.T)
+        self.left = vectors if primal else x.T @ vectors  # w = left diag(1 / (values + lam)) right
+        self.right = vectors.T @ (x.T @ y if primal else y)
 
     def pair(self, penalty: float) -> LinearPair:
         w = self.left @ (self.right / (self.values.clip(0) + penalty * self.scale)[:, None])
+        target = np.eye(w.shape[1])  # the mapped-onto view stays as it is
         if self.direction == "image_to_text":
-            return LinearPair("ridge image->text", self.si, self.st, w, np.eye(self.width[1]),
-                              "ridge_image_to_text", (penalty,))
-        return LinearPair("ridge text->image", self.si, self.st, np.eye(self.width[1]), w,
-                          "ridge_text_to_image", (penalty,))
+            return LinearPair("ridge image->text", self.si, self.st, w, target, "ridge_image_to_text", (penalty,))
+        return LinearPair("ridge text->image", self.si, self.st, target, w, "ridge_text_to_image", (penalty,))
 
 
 def fit_ridge(image_feats: np.ndarray, text_feats: np.ndarray, direction: str, penalty: float) -> LinearPair:

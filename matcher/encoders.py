@@ -351,9 +351,12 @@ def load_text_encoder(name: str, device: str = "auto", description: str = "joine
 def load_text_encoder_for(version: str, device: str = "auto") -> TextEncoder:
     """The text encoder that made features of this version (a model's spec records it): for embedding queries."""
     own, _, second = version.partition(SECOND_TITLE_MARK)
-    name = own.split("@")[0].split("+")[0]
-    return load_text_encoder(name, device, "separate" if own.endswith(DESCRIPTION_VIEW_SUFFIX) else "joined",
-                             second.split("@")[0].split("+")[0])
+
+    def name_of(part: str) -> str:  # "all-minilm-l6-v2@0.1.0+description-view@1" -> "all-minilm-l6-v2"
+        return part.split("@")[0].split("+")[0]
+
+    return load_text_encoder(name_of(own), device, "separate" if own.endswith(DESCRIPTION_VIEW_SUFFIX) else "joined",
+                             name_of(second))
 
 
 def _load_model_text_encoder(name: str, device: str) -> TextEncoder:

@@ -12,8 +12,10 @@ stage does (its own held-out, calibration and validation buckets inside those 70
 model, and the metrics are on the unseen 30%: text->image and image->text R@10 (gallery: the unseen products),
 recommendation P@10 (same article type, over the whole draw). In the same run, on the same rows: the previous recipe
 (fixed epochs, random init), the closed-form baselines (ridge both ways, CCA; fitted on the rows the model trains
-on, settings chosen on its validation rows) and each method with the inverted-softmax gallery re-ranking (+isl). Mean and
-standard deviation over the draws.
+on, settings chosen on its validation rows) and each method with the inverted-softmax gallery re-ranking over the
+unseen queries (+isl) and normalised by the hubness the score stage publishes (+hub: each photo's or text's soft
+maximum cosine to a bank of the whole draw's other modality, matcher.hubness). Mean and standard deviation over the
+draws.
 
 --small --describe: the same draws with descriptions written from the fashion rows' attribute columns (gender,
 category path, colour, season, usage; the catalog's descriptions are empty): the text as the title only, as one
@@ -40,6 +42,7 @@ from jobs.features_io import load_feature_set  # noqa: E402
 from jobs.pipeline import run_pipeline  # noqa: E402
 from matcher.config import load_config  # noqa: E402
 from matcher.encoders import feature_versions  # noqa: E402
+from matcher.hubness import bank_rows  # noqa: E402
 from matcher.evaluate import (best_threshold, embedding_metrics, evaluate_model,  # noqa: E402
                               true_and_false_pair_scores)
 from matcher.model import ModelSpec  # noqa: E402
@@ -48,7 +51,8 @@ from matcher.train import holdout_mask, train_on_split  # noqa: E402
 COLUMNS = [("text_to_image_recall_at_10", "t->i R@10"), ("image_to_text_recall_at_10", "i->t R@10"),
            ("text_to_image_recall_at_1", "t->i R@1"), ("image_to_text_recall_at_1", "i->t R@1"),
            ("category_accuracy", "cat acc"), ("recommendation_precision_at_10", "rec P@10"),
-           ("matching_auc", "match AUC"), ("matching_accuracy", "match acc")]
+           ("matching_auc", "match AUC"), ("matching_accuracy", "match acc"),
+           ("text_to_image_recall_at_10_hub", "t->i +hub"), ("image_to_text_recall_at_10_hub", "i->t +hub")]
 GOALS = {"text_to_image_recall_at_10": 0.75, "image_to_text_recall_at_10": 0.75, "category_accuracy": 0.90,
          "recommendation_precision_at_10": 0.85, "matching_auc": 0.95}
 
@@ -83,8 +87,20 @@ def ridge_baseline(img, txt, categories, heldout, lam: float = 10.0):
     return cosine_metrics(z, t, _normalise(np.concatenate([z, t], 1)), categories, heldout)
 
 
-def draw_metrics(z, u, v, categories, unseen) -> dict[str, float]:
-    """Retrieval on the unseen products, with and without inverted-softmax re-ranking; P@10 over the whole draw."""
+def hubness_recall(z, u, rows, bank, temperature) -> dict[str, float]:
+    """R@10 among `rows` ranked as the published hubness columns rank them (matcher.hubness, the score stage's
+    bank: `bank` rows of the night's catalog)."""
+    from matcher.evaluate import recall_at_k
+    from matcher.hubness import hubness, normalised_scores
+
+    image_hub, text_hub = hubness(z[rows], u[bank], temperature), hubness(u[rows], z[bank], temperature)
+    return {"text_to_image_recall_at_10_hub": recall_at_k(normalised_scores(u[rows], z[rows], image_hub), (10,))[10],
+            "image_to_text_recall_at_10_hub": recall_at_k(normalised_scores(z[rows], u[rows], text_hub), (10,))[10]}
+
+
+def draw_metrics(z, u, v, categories, unseen, bank, temperature) -> dict[str, float]:
+    """Retrieval on the unseen products: plain, with inverted-softmax re-ranking over the unseen queries (+isl) and
+    normalised by hubness against the bank, as published (+hub); P@10 over the whole draw."""
     from matcher.evaluate import inverted_softmax, recall_at_k
 
     m = embedding_metrics(z, u, v, categories, unseen, lambda i, j: np.einsum("nd,nd->n", z[i], u[j]), 0.0)
@@ -92,7 +108,7 @@ def draw_metrics(z, u, v, categories, unseen) -> dict[str, float]:
     sim = z[ho] @ u[ho].T
     m["image_to_text_recall_at_10_isl"] = recall_at_k(inverted_softmax(sim), (10,))[10]
     m["text_to_image_recall_at_10_isl"] = recall_at_k(inverted_softmax(sim.T), (10,))[10]
-    return m
+    return m | hubness_recall(z, u, ho, bank, temperature)
 
 
 def attribute_descriptions(catalog: str, product_ids: np.ndarray) -> tuple[list[str], list[str]]:
@@ -150,7 +166,8 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
         recipes = {"matcher (new recipe)": cfg.train}
     keys = [("text_to_image_recall_at_10", "t->i R@10"), ("image_to_text_recall_at_10", "i->t R@10"),
             ("recommendation_precision_at_10", "P@10"), ("text_to_image_recall_at_10_isl", "t->i R@10 +isl"),
-            ("image_to_text_recall_at_10_isl", "i->t R@10 +isl")]
+            ("image_to_text_recall_at_10_isl", "i->t R@10 +isl"), ("text_to_image_recall_at_10_hub", "t->i R@10 +hub"),
+            ("image_to_text_recall_at_10_hub", "i->t R@10 +hub")]
     results: dict[str, list[dict]] = {}
     for d in range(draws):
         chosen = rng.choice(eligible, size=min(types, len(eligible)), replace=False)
@@ -163,6 +180,8 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
         split = split_rows(ids[night1], cfg.train)  # the baselines see the rows the model trains and validates on
         used = split.fit | split.validation
         fit_rows = np.nonzero(night1)[0][used]
+        bank = bank_rows(ids, cfg.score.hubness_bank)  # night 2's catalog: the whole draw
+        t = cfg.score.hubness_temperature
         for view, all_txt in views.items():
             txt = all_txt[rows]
             label = f"{view}: " if view else ""
@@ -173,7 +192,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
                 from matcher.evaluate import embed
 
                 z, u, v = embed(result.model, img, txt)
-                m = draw_metrics(z, u, v, cats, unseen)
+                m = draw_metrics(z, u, v, cats, unseen, bank, t)
                 m["seconds"], m["best_epoch"] = result.seconds, result.best_epoch
                 results.setdefault(label + name, []).append(m)
                 heads[name] = (z, u)
@@ -183,7 +202,8 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
                 if text_views and name != "cca":
                     continue
                 z, u = pair.embed_images(img), pair.embed_texts(txt)
-                results.setdefault(label + name, []).append(draw_metrics(z, u, _normalise(z + u), cats, unseen))
+                results.setdefault(label + name, []).append(
+                    draw_metrics(z, u, _normalise(z + u), cats, unseen, bank, t))
             if text_views:
                 continue
             # The ensemble the issue asks to measure: the new recipe's heads and CCA, scores added (unit parts
@@ -192,7 +212,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
             zh, uh = heads["matcher (new recipe)"]
             z, u = _normalise(np.concatenate([zh, zc], 1)), _normalise(np.concatenate([uh, uc], 1))
             results.setdefault("matcher + CCA, scores added", []).append(
-                draw_metrics(z, u, _normalise(z + u), cats, unseen))
+                draw_metrics(z, u, _normalise(z + u), cats, unseen, bank, t))
         line = "; ".join(f"{n}: {r[-1]['text_to_image_recall_at_10']:.3f}/{r[-1]['image_to_text_recall_at_10']:.3f}"
                          for n, r in results.items())
         print(f"draw {d + 1}/{draws} ({', '.join(chosen)}; {len(rows)} products): t->i/i->t R@10 {line}",
@@ -306,6 +326,9 @@ def main() -> int:
     from matcher.scoring import rerank, topk
 
     z, u, v = embed(result.model, fs.image_feats, fs.text_feats)
+    rows["matcher"][0].update(hubness_recall(z, u, np.nonzero(heldout)[0],
+                                             bank_rows(fs.product_ids, cfg.score.hubness_bank),
+                                             cfg.score.hubness_temperature))
     pair = model_pair_scorer(result.model, z, u)
     test = np.nonzero(heldout & (fs.categories != ""))[0]
     sim, cand = topk(v[test], v, 51, exclude=test)

@@ -1,8 +1,9 @@
 """score: on executors, the date's products in the learned space; all-pairs exact top-K recommendations re-ranked
 by the matching network, categories, catalog mismatches and search results; part files staged for publish.
 
-The driver holds the model, the category centroids (categories x dim) and the search queries' vectors; products'
-vectors stay on executors (persisted between the tables that read them)."""
+The driver holds the model, the category centroids (categories x dim), the search queries' vectors and the hubness
+bank (score.hubness_bank products' photo and text vectors); products' vectors stay on executors (persisted between
+the tables that read them)."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +25,7 @@ from jobs.spark_frames import vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import require_passed
 from matcher.evaluate import embed
+from matcher.hubness import hubness
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
 from matcher.model import MatcherModel, model_from_bytes, model_to_bytes
 from matcher.registry import check_encoders, current_version, load_model, model_for_date
@@ -130,13 +132,35 @@ def make_searcher(qvecs: np.ndarray, k: int):
     return search
 
 
-def _embeddings_and_vectors(batches: Iterator[pa.RecordBatch]):
-    """The published embeddings, and the vectors scoring streams (idx kept: a part holds consecutive idx)."""
-    for b in batches:
-        yield "embeddings", pa.table({"product_id": b.column("product_id"), "image_vec": b.column("z"),
-                                      "text_vec": b.column("u"), "fused_vec": b.column("v"),
-                                      "model_version": b.column("model_version")})
-        yield VECTORS_TABLE, pa.Table.from_batches([b]).select(["idx", "product_id", "z", "u", "v"])
+def make_embeddings_writer(bank, temperature: float, dim: int):
+    """Executors: the published embeddings with each vector's hubness against the bank (a broadcast pair of photo
+    and text vectors; nulls when empty), and the vectors scoring streams (idx kept: a part holds consecutive idx)."""
+
+    def write(batches: Iterator[pa.RecordBatch]):
+        bank_images, bank_texts = bank.value
+        for b in batches:
+            if len(bank_texts):
+                image_hub = pa.array(hubness(vector_matrix(b.column("z"), dim), bank_texts, temperature))
+                text_hub = pa.array(hubness(vector_matrix(b.column("u"), dim), bank_images, temperature))
+            else:
+                image_hub = text_hub = pa.nulls(b.num_rows, pa.float32())
+            yield "embeddings", pa.table({"product_id": b.column("product_id"), "image_vec": b.column("z"),
+                                          "text_vec": b.column("u"), "fused_vec": b.column("v"),
+                                          "image_hubness": image_hub, "text_hubness": text_hub,
+                                          "model_version": b.column("model_version")})
+            yield VECTORS_TABLE, pa.Table.from_batches([b]).select(["idx", "product_id", "z", "u", "v"])
+
+    return write
+
+
+def _hubness_bank(vectors: DataFrame, size: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.hubness), taken
+    per partition by Spark (an ordered limit), so the driver receives only those rows."""
+    if size == 0:
+        return np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
+    rows = vectors.select("product_id", "z", "u").orderBy(F.md5("product_id"), "product_id").limit(size).collect()
+    return (np.asarray([r["z"] for r in rows], np.float32).reshape(-1, dim),
+            np.asarray([r["u"] for r in rows], np.float32).reshape(-1, dim))
 
 
 def _as_table(name: str):
@@ -199,7 +223,9 @@ def run(ctx: RunContext) -> dict:
                 raise StageError("score", f"ANN recall@{k} {recall:.4f} on {sampled} sampled "
                                           f"products is below score.ann_recall_floor {sc.ann_recall_floor}: raise "
                                           f"score.ann_query_probes or score.ann_lists, or use candidates = \"exact\"")
-        embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag), _embeddings_and_vectors,
+        bank = spark.sparkContext.broadcast(_hubness_bank(vectors, min(sc.hubness_bank, n), spec.dim))
+        embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag),
+                               make_embeddings_writer(bank, sc.hubness_temperature, spec.dim),
                                lake, date, attempt, ["embeddings", VECTORS_TABLE], Progress(spark, "score: embed", n))
         parts["embeddings"] = embedded.parts["embeddings"]
         vector_files = embedded.parts[VECTORS_TABLE]

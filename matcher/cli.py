@@ -98,7 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from matcher.search import search_text
 
     with storage_ready(resolve_config(args.config)) as cfg:
-        hits = search_text(_lake(cfg, args.lake), args.text, k=args.k, date=args.date)
+        hits = search_text(_lake(cfg, args.lake), args.text, k=args.k, date=args.date, by=args.by)
     for row in hits.itertuples():
         print(f"  {row.rank:>2}. {row.product_id:<12} {row.score:.3f}  {row.title}")
     return 0
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("text")
     p.add_argument("-k", type=int, default=10)
+    p.add_argument("--by", choices=("product", "photo"), default="product",
+                   help="product: photo and text together (fused vectors); photo: the photos alone, normalised by "
+                        "their hubness")
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("evaluate", help="held-out metrics of the model behind a published partition, as JSON")

@@ -138,6 +138,8 @@ class ScoreConfig:
     ann_recall_queries: int
     ann_recall_floor: float
     precision: str
+    hubness_bank: int
+    hubness_temperature: float
 
     def uses_ann(self, products: int) -> bool:
         """Whether a night of this many products takes its candidates from the k-means lists."""
@@ -241,6 +243,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
     if not 0.0 <= cfg.score.rerank_weight <= 1.0:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
+    if cfg.score.hubness_bank < 0:
+        raise ConfigError("score.hubness_bank must be >= 0 (0: no hubness columns)")
+    if cfg.score.hubness_temperature <= 0:
+        raise ConfigError("score.hubness_temperature must be > 0")
     if cfg.score.precision not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"score.precision must be fp32, fp16 or bf16, got {cfg.score.precision!r}")
     if cfg.score.candidates not in ("exact", "ann", "auto"):

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import torch
 
 from matcher.encoders import load_text_encoder_for
+from matcher.hubness import normalised_scores
 from matcher.lake import Lake
 from matcher.published import NotPublishedError, read_published, resolve_date
 from matcher.registry import load_model
@@ -36,13 +37,15 @@ def recommendations_for(lake: Lake, product_id: str, date: str | None = None) ->
     return recs.reset_index(drop=True)
 
 
-def query_vectors(model, text_encoder_version: str, queries: list[str], device: str = "cpu") -> np.ndarray:
-    """Text queries as vectors where the products' fused vectors live: a query is a product whose photo and
-    text are both the query (its title, without description)."""
+def query_vectors(model, text_encoder_version: str, queries: list[str], device: str = "cpu",
+                  space: str = "product") -> np.ndarray:
+    """Text queries as vectors: `product`, where the products' fused vectors live (a query is a product whose photo
+    and text are both the query's title, without description); `text`, the text head's vectors, which photos are
+    compared with."""
     encoder = load_text_encoder_for(text_encoder_version, device)
     with torch.no_grad():
         u = model.embed_texts(torch.as_tensor(encoder.encode_products(queries, [""] * len(queries))))
-        return model.product_vectors(u, u).numpy()
+        return (u if space == "text" else model.product_vectors(u, u)).numpy()
 
 
 def search_vectors(queries: list[str], query_vecs: np.ndarray, product_ids: np.ndarray, fused: np.ndarray,
@@ -56,15 +59,33 @@ def search_vectors(queries: list[str], query_vecs: np.ndarray, product_ids: np.n
     })
 
 
-def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, device: str = "cpu") -> pd.DataFrame:
-    """Products whose fused vectors are nearest the query text's vector in the learned space."""
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, device: str = "cpu",
+                by: str = "product") -> pd.DataFrame:
+    """Products nearest the query text in the learned space: `product`, by their fused vectors (photo and text);
+    `photo`, by their photos alone (cosine less each photo's published hubness, matcher.hubness), which finds
+    products whose photo shows what their own title may not say."""
+    if by not in ("product", "photo"):
+        raise ValueError(f"search by 'product' or 'photo', not {by!r}")
     dt = resolve_date(lake, date)
-    emb = read_published(lake, "embeddings", dt, ["product_id", "fused_vec", "model_version"])
+    emb = read_published(lake, "embeddings", dt)
     version = emb["model_version"][0].as_py()
     model, config = load_model(lake, version)
-    q = query_vectors(model, config["spec"]["text_encoder"], [text], device)
-    vectors = np.stack(emb["fused_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    hits = search_vectors([text], q, emb["product_id"].to_numpy(zero_copy_only=False), vectors, k)
+    q = query_vectors(model, config["spec"]["text_encoder"], [text], device, "product" if by == "product" else "text")
+    ids = emb["product_id"].to_numpy(zero_copy_only=False)
+    if by == "product":
+        hits = search_vectors([text], q, ids, _matrix(emb["fused_vec"]), k)
+    else:
+        if "image_hubness" not in emb.column_names or emb["image_hubness"].null_count:
+            raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (score.hubness_bank = 0, or "
+                                    f"published before it existed): rerun the score stage for {dt}")
+        scores = normalised_scores(q, _matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())[0]
+        order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+        hits = pd.DataFrame({"rank": np.arange(1, len(order) + 1, dtype=np.int32), "product_id": ids[order],
+                             "score": scores[order].astype(np.float32)})
     titles = titles_for(lake, dt, hits["product_id"].tolist())
     hits["title"] = hits["product_id"].map(titles).fillna("")
-    return hits.drop(columns=["query"])
+    return hits.drop(columns=["query"], errors="ignore")

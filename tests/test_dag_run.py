@@ -23,7 +23,8 @@ def dag_run(s3_server, tmp_path_factory):
                     "s3_secret_key": s3_server.secret_key},
         "extract": {"text_encoder": "multilingual-e5-small"},
         "train": {"epochs": 30, "batch_size": 16, "learning_rate": 3e-3},
-        "score": {"top_k": 5, "search_queries": ["red dress", "红色 连衣裙"], "search_top_k": 3},
+        "score": {"top_k": 5, "search_queries": ["red dress", "红色 连衣裙"], "search_top_k": 3,
+                  "hubness_bank": 16},
     }
     config_path = tmp / "matcher.toml"
     config_path.write_text(dump_toml(sections))
@@ -106,6 +107,26 @@ def test_distributed_scoring_equals_the_single_machine_steps_on_the_published_ve
     np.testing.assert_allclose(recs["score"].to_numpy(), scores.ravel(), atol=1e-5)
 
 
+def test_published_hubness_is_each_vector_against_the_bank_of_the_first_products_by_md5(dag_run):
+    """Spark chose the bank (16 of 48 products, an ordered limit on executors) as matcher.hubness.bank_rows does,
+    and each published hubness equals matcher.hubness on the published vectors."""
+    import numpy as np
+
+    from matcher.hubness import bank_rows, hubness
+
+    _, cfg, _ = dag_run
+    emb = Lake(cfg.run.lake, cfg.storage).read_partition("embeddings", DATE).to_pandas()
+    z, u = (np.stack(emb[c].to_numpy()).astype(np.float32) for c in ("image_vec", "text_vec"))
+    bank = bank_rows(emb["product_id"].to_numpy(), cfg.score.hubness_bank)
+    assert len(bank) == 16
+    t = cfg.score.hubness_temperature
+    np.testing.assert_allclose(emb["image_hubness"], hubness(z, u[bank], t), atol=1e-5)
+    np.testing.assert_allclose(emb["text_hubness"], hubness(u, z[bank], t), atol=1e-5)
+    # Not the bank of the last 16 by the same key: the choice is what the values depend on.
+    other = np.setdiff1d(np.arange(len(emb)), bank)[:16]
+    assert np.abs(emb["image_hubness"] - hubness(z, u[other], t)).max() > 1e-3
+
+
 def test_score_and_publish_alone_reuse_the_promoted_model_and_rerun_identically(dag_run):
     _, cfg, config_path = dag_run
     lake = Lake(cfg.run.lake, cfg.storage)
@@ -147,13 +168,30 @@ def test_a_publish_that_dies_before_its_manifest_leaves_the_previous_partition(d
 
 
 def test_recommend_search_and_query_read_the_published_tables(dag_run, capsys):
-    _, _, config_path = dag_run
+    _, cfg, config_path = dag_run
     assert main(["-q", "recommend", "D00001", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 6 and "D00001" in out.splitlines()[0]
 
     assert main(["-q", "search", "红色 连衣裙", "-k", "3", "--config", str(config_path)]) == 0
     assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) == 3
+
+    # By photo: the photos' cosine to the query's text vector less their published hubness, best first.
+    import numpy as np
+
+    from matcher.registry import load_model
+    from matcher.search import query_vectors, search_text
+
+    lake = Lake(cfg.run.lake, cfg.storage)
+    hits = search_text(lake, "red dress", k=4, date=DATE, by="photo")
+    emb = lake.read_partition("embeddings", DATE).to_pandas()
+    model, config = load_model(lake, emb["model_version"].iloc[0])
+    q = query_vectors(model, config["spec"]["text_encoder"], ["red dress"], space="text")[0]
+    scores = np.stack(emb["image_vec"].to_numpy()) @ q - emb["image_hubness"].to_numpy()
+    assert hits["product_id"].tolist() == emb["product_id"].to_numpy()[np.argsort(-scores, kind="stable")[:4]].tolist()
+    np.testing.assert_allclose(hits["score"], np.sort(scores)[::-1][:4], atol=1e-5)
+    assert main(["-q", "search", "red dress", "-k", "2", "--by", "photo", "--config", str(config_path)]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) == 2
 
     assert main(["-q", "query", "select count(*) as n from recommendations", "--config", str(config_path)]) == 0
     assert str(PRODUCTS * 5) in capsys.readouterr().out

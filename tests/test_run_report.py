@@ -92,6 +92,7 @@ def _embeddings(start: int, n: int) -> pa.Table:
     u = (z + 0.3 * rng.normal(size=(n, DIM))).astype(np.float32)
     return _table("embeddings", {"product_id": [f"E{start + i}" for i in range(n)], "image_vec": list(z),
                                  "text_vec": list(u), "fused_vec": list((z + u) / 2),
+                                 "image_hubness": [0.1] * n, "text_hubness": [0.1] * n,
                                  "model_version": [VERSION] * n})
 
 

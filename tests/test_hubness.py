@@ -1,0 +1,59 @@
+"""Gallery normalisation: the hubness formula on a hand-computed case, a hub demoted, the bank's choice."""
+import hashlib
+
+import numpy as np
+import pytest
+
+from matcher.hubness import bank_rows, hubness, normalised_scores
+
+
+def _unit(rows):
+    x = np.asarray(rows, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_hubness_is_the_temperature_scaled_log_mean_exp_of_the_cosines():
+    items = _unit([[1, 0], [0, 1]])
+    bank = _unit([[1, 0], [1, 1], [-1, 0]])
+    t = 0.5
+    # item 0: cosines 1, 1/sqrt(2), -1; item 1: 0, 1/sqrt(2), 0
+    expected = [t * np.log(np.mean(np.exp(np.array([1, 2 ** -0.5, -1]) / t))),
+                t * np.log(np.mean(np.exp(np.array([0, 2 ** -0.5, 0]) / t)))]
+    np.testing.assert_allclose(hubness(items, bank, t), expected, rtol=1e-6)
+    # Between the mean and the maximum cosine; near the maximum as the temperature falls.
+    cos = items @ bank.T
+    h = hubness(items, bank, t)
+    assert (h >= cos.mean(1) - 1e-6).all() and (h <= cos.max(1) + 1e-6).all()
+    np.testing.assert_allclose(hubness(items, bank, 1e-3), cos.max(1), atol=2e-3)
+
+
+def test_blocks_do_not_change_the_values(monkeypatch):
+    rng = np.random.default_rng(0)
+    items, bank = _unit(rng.normal(size=(50, 8))), _unit(rng.normal(size=(20, 8)))
+    whole = hubness(items, bank, 0.1)
+    monkeypatch.setattr("matcher.hubness._BLOCK", 7)
+    np.testing.assert_allclose(hubness(items, bank, 0.1), whole, rtol=1e-6)
+
+
+def test_a_hub_photo_near_every_text_loses_its_place_to_the_true_matches():
+    # Photo 0 is a hub: raw cosine ranks it first for every text, though only text 0 describes it.
+    photos = _unit([[1, 1, 0.2], [1, 0, 0], [0, 1, 0]])
+    texts = _unit([[1, 1, 0.3], [0.8, 0.6, 0], [0.6, 0.8, 0]])
+    assert [int(np.argmax(row)) for row in texts @ photos.T] == [0, 0, 0]
+    scores = normalised_scores(texts, photos, hubness(photos, texts, 0.1))
+    assert [int(np.argmax(row)) for row in scores] == [0, 1, 2]
+
+
+def test_the_bank_is_the_products_first_by_md5_of_their_id():
+    ids = np.array([f"P{i:03d}" for i in range(40)])
+    chosen = bank_rows(ids, 10)
+    by_hash = sorted(ids, key=lambda p: hashlib.md5(p.encode()).hexdigest())[:10]
+    assert sorted(ids[chosen]) == sorted(by_hash)
+    assert (np.diff(chosen) > 0).all()
+    assert len(bank_rows(ids, 100)) == 40
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_temperature_must_be_positive(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        hubness(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), temperature)

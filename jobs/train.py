@@ -15,7 +15,7 @@ from matcher.model import ModelError
 from matcher.registry import (baseline_verdict, check_encoders, current_version, load_model, promote,
                               promotion_decision, save_model)
 from matcher.baselines import baseline_metrics
-from matcher.train import closed_form_folds, model_spec, split_rows, train_on_split, training_fingerprint
+from matcher.train import gate_baselines, model_spec, split_rows, train_on_split, training_fingerprint
 from matcher.training_report import render_training_report
 
 
@@ -30,8 +30,9 @@ def run(ctx: RunContext) -> dict:
     metrics["best_epoch"] = result.best_epoch
     split = split_rows(fs.product_ids, cfg)
     used = split.fit | split.validation
-    baselines = baseline_metrics(fs.image_feats, fs.text_feats, fs.categories, heldout, used, split.validation[used],
-                                 closed_form_folds(cfg, int(used.sum()))) if heldout.any() else {}
+    baselines = baseline_metrics(fs.image_feats, fs.text_feats, fs.categories, heldout, used,
+                                 gate_baselines(result, fs.image_feats, fs.text_feats, fs.product_ids, cfg)
+                                 ) if heldout.any() else {}
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"
     location = save_model(ctx.lake, version, result.model,

@@ -4,13 +4,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from matcher.baselines import LinearPair, fit_baselines, mean_reciprocal_rank, reduce_width, refit
+from matcher.baselines import (LinearPair, Standardiser, fit_baselines, mean_reciprocal_rank, reduce_width,
+                               refit)
 from matcher.config import TrainConfig
 from matcher.evaluate import best_threshold, model_pair_scorer, true_and_false_pair_scores
 from matcher.model import MatcherModel, ModelSpec
@@ -73,6 +74,9 @@ class TrainResult:
     best_epoch: int | None = None  # the epoch early stopping kept (0 = the starting point); None: fixed epochs
     matching_loss: float | None = None  # the matching network's mean loss, when it trains after the heads
     start: str = "random"  # what the heads started from: random, or the closed-form baseline they copied
+    # The closed-form baselines the start was chosen among, fitted on the training pairs (settings chosen as
+    # train.closed_form_folds says), as maps of the raw features: the gate measures these instead of fitting again.
+    baselines: dict[str, LinearPair] | None = None
 
 
 def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -195,7 +199,8 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     torch.manual_seed(cfg.seed)
     model = _new_model(img, txt, spec, cfg)
     folds = closed_form_folds(cfg, len(img) + len(val_img))
-    start = _closed_form_start(model, img, txt, val_img, val_txt, folds) if spec.head == "mlp+linear" else None
+    start, baselines = (_closed_form_start(model, img, txt, val_img, val_txt, folds) if spec.head == "mlp+linear"
+                        else (None, None))
     if start is not None:
         _seed_heads(model, start)
 
@@ -235,7 +240,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     _calibrate(model, calibration, img, txt, cfg.seed)
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
                        best_epoch=best["epoch"], matching_loss=matching,
-                       start=start.name if start is not None else "random")
+                       start=start.name if start is not None else "random", baselines=baselines)
 
 
 def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig, epochs: int,
@@ -299,19 +304,32 @@ def _standardised(head, x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, val_img: torch.Tensor,
-                       val_txt: torch.Tensor, folds: int) -> LinearPair:
+                       val_txt: torch.Tensor, folds: int) -> tuple[LinearPair, dict[str, LinearPair]]:
     """The best closed-form baseline (ridge either way or CCA, cut to the model's width), fitted on the training
     pairs in the heads' own standardised coordinates: best by cross-validated MRR over training + validation pairs
-    in `folds` folds, or (folds <= 1) on the validation pairs."""
+    in `folds` folds, or (folds <= 1) on the validation pairs. Also every baseline, as maps of the raw features."""
     xi = np.concatenate([_standardised(model.image_head, img), _standardised(model.image_head, val_img)])
     xt = np.concatenate([_standardised(model.text_head, txt), _standardised(model.text_head, val_txt)])
     validation = np.arange(len(xi)) >= len(img)
     dim = model.spec.dim
-    fitted = fit_baselines(xi, xt, validation, folds).values()
+    fitted = fit_baselines(xi, xt, validation, folds)
+    raw = {name: _of_raw_features(model, pair) for name, pair in fitted.items()}
     if folds > 1:
-        return reduce_width(max(fitted, key=lambda p: p.selection_mrr), xi[~validation], xt[~validation], dim)
-    reduced = [reduce_width(p, xi[~validation], xt[~validation], dim) for p in fitted]
-    return max(reduced, key=lambda p: p.validation_mrr(xi[validation], xt[validation]))
+        return reduce_width(max(fitted.values(), key=lambda p: p.selection_mrr), xi[~validation], xt[~validation],
+                            dim), raw
+    reduced = [reduce_width(p, xi[~validation], xt[~validation], dim) for p in fitted.values()]
+    return max(reduced, key=lambda p: p.validation_mrr(xi[validation], xt[validation])), raw
+
+
+def _of_raw_features(model: MatcherModel, pair: LinearPair) -> LinearPair:
+    """`pair` (fitted on the heads' standardised inputs) as the same maps of the raw features: the two affine
+    standardisations composed."""
+    def composed(head, std: Standardiser) -> Standardiser:
+        mean, scale = head.mean.double().numpy(), head.std.double().numpy()
+        return Standardiser(mean + scale * std.mean, scale * std.std)
+
+    return replace(pair, image_std=composed(model.image_head, pair.image_std),
+                   text_std=composed(model.text_head, pair.text_std))
 
 
 def _standardised_refit(model: MatcherModel, start: LinearPair, img: torch.Tensor, txt: torch.Tensor) -> LinearPair:
@@ -381,3 +399,15 @@ def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids:
                          calibration=(image_feats[split.calibration], text_feats[split.calibration]),
                          validation=(image_feats[split.validation], text_feats[split.validation]))
     return result, split.heldout
+
+
+def gate_baselines(result: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray,
+                   cfg: TrainConfig) -> dict[str, LinearPair]:
+    """The closed-form baselines the promotion gate compares with: those the heads' start was chosen among, or (a
+    recipe without that start) fitted now the same way, on the same split_rows rows."""
+    if result.baselines is not None:
+        return result.baselines
+    split = split_rows(product_ids, cfg)
+    used = split.fit | split.validation
+    return fit_baselines(image_feats[used], text_feats[used], split.validation[used],
+                         closed_form_folds(cfg, int(used.sum())))

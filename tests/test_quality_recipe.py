@@ -96,6 +96,44 @@ def test_refit_trains_the_chosen_recipe_again_on_training_and_validation_rows():
     np.testing.assert_allclose(z[:, :want.image_w.shape[1]], want.embed_images(xi), atol=1e-4)
 
 
+def test_the_gate_measures_the_baselines_the_start_was_chosen_among(monkeypatch):
+    """One closed-form fit a night: the start's baselines, mapped back to raw features, are what a fit on the raw
+    features (same rows, same folds) gives, and gate_baselines returns them without fitting again."""
+    import matcher.train as train
+
+    img, txt = noisy_views(300, seed=5, noise=1.0)
+    cfg = recipe(epochs=2, patience=3, init="closed_form", refit=True, closed_form_folds=5)
+    spec = model_spec(cfg, 40, 30, "a", "b")
+    calls = []
+    monkeypatch.setattr(train, "fit_baselines", lambda *a, **kw: calls.append(1) or fit_baselines(*a, **kw))
+    result = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:]))
+    assert train.gate_baselines(result, img, txt, np.arange(300).astype(str), cfg) is result.baselines
+    assert len(calls) == 1
+    on_raw = fit_baselines(img, txt, np.arange(300) >= 240, closed_form_folds(cfg, 300))
+    assert set(result.baselines) == set(on_raw) == {"ridge_image_to_text", "ridge_text_to_image", "cca"}
+    for name, pair in result.baselines.items():
+        assert pair.params == on_raw[name].params
+        np.testing.assert_allclose(pair.embed_images(img), on_raw[name].embed_images(img), atol=1e-3)
+        np.testing.assert_allclose(pair.embed_texts(txt), on_raw[name].embed_texts(txt), atol=1e-3)
+
+
+def test_a_recipe_without_the_closed_form_start_fits_the_gate_baselines_itself():
+    img, txt = noisy_views(300, seed=6, noise=1.0)
+    cfg = recipe(epochs=1, patience=0, init="random")
+    ids = np.array([f"P{i}" for i in range(300)])
+    result = train_model(img, txt, model_spec(cfg, 40, 30, "a", "b"), cfg)
+    assert result.baselines is None
+    from matcher.train import gate_baselines, split_rows
+
+    split = split_rows(ids, cfg)
+    used = split.fit | split.validation
+    want = fit_baselines(img[used], txt[used], split.validation[used], closed_form_folds(cfg, int(used.sum())))
+    got = gate_baselines(result, img, txt, ids, cfg)
+    for name in want:
+        assert got[name].params == want[name].params
+        np.testing.assert_allclose(got[name].embed_images(img), want[name].embed_images(img), atol=1e-6)
+
+
 def _standardised_model(spec, img, txt):
     model = MatcherModel(spec)
     model.image_head.set_standardisation(torch.as_tensor(img))

@@ -11,6 +11,7 @@ from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
 from matcher.lake import Lake
 from matcher.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
+from matcher.hubness import bank_rows
 from matcher.model import ModelError
 from matcher.registry import (baseline_verdict, check_encoders, current_version, load_model, promote,
                               promotion_decision, save_model)
@@ -25,7 +26,9 @@ def run(ctx: RunContext) -> dict:
     cfg = ctx.config.train
     spec = model_spec(cfg, fs.image_feats.shape[1], fs.text_feats.shape[1], fs.image_encoder, fs.text_encoder)
     result, heldout = train_on_split(fs.image_feats, fs.text_feats, fs.product_ids, spec, cfg)
-    metrics = evaluate_model(result.model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed)
+    score = ctx.config.score  # R@10 also as the published hubness columns rank (the bank: this sample's products)
+    bank = (bank_rows(fs.product_ids, score.hubness_bank), score.hubness_temperature)
+    metrics = evaluate_model(result.model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed, bank)
     metrics["train_seconds"] = result.seconds
     metrics["best_epoch"] = result.best_epoch
     split = split_rows(fs.product_ids, cfg)
@@ -54,7 +57,7 @@ def run(ctx: RunContext) -> dict:
         if prev_model is not None:
             try:
                 previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout,
-                                                  cfg.seed)
+                                                  cfg.seed, bank)
             except torch.cuda.OutOfMemoryError:
                 raise  # a resource problem for the operator (and a retry), not a verdict on either model
             except Exception as exc:  # fail closed: no promotion without a comparison

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from matcher.hubness import hubness, normalised_scores
 from matcher.model import MatcherModel
 from matcher.scoring import topk
 
@@ -63,8 +64,21 @@ def true_and_false_pair_scores(pair_score: PairScorer, rows: np.ndarray,
     return pair_score(rows, rows), pair_score(rows, rows[derangement(len(rows), seed)])
 
 
+def recall_at_10_with_hubness(z: np.ndarray, u: np.ndarray, rows: np.ndarray, bank: np.ndarray,
+                              temperature: float) -> dict[str, float]:
+    """Text->image and image->text R@10 among `rows`, ranked by cosine less hubness against the `bank` rows'
+    other modality: as a user ranks with the published embeddings' hubness columns."""
+    image_hub, text_hub = hubness(z[rows], u[bank], temperature), hubness(u[rows], z[bank], temperature)
+    return {"text_to_image_recall_at_10_hubness":
+            recall_at_k(normalised_scores(u[rows], z[rows], image_hub), (10,))[10],
+            "image_to_text_recall_at_10_hubness":
+            recall_at_k(normalised_scores(z[rows], u[rows], text_hub), (10,))[10]}
+
+
 def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: np.ndarray, heldout: np.ndarray,
-                      pair_score: PairScorer, threshold: float, seed: int = 0) -> dict[str, float]:
+                      pair_score: PairScorer, threshold: float, seed: int = 0,
+                      hubness_bank: tuple[np.ndarray, float] | None = None) -> dict[str, float]:
+    """`hubness_bank`: (bank rows, temperature), to add R@10 ranked with hubness against those rows."""
     ho = np.nonzero(heldout)[0]
     metrics: dict[str, float] = {"heldout_products": int(len(ho))}
     if len(ho) < 2:
@@ -75,6 +89,8 @@ def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: n
     for k, r in recall_at_k(sim.T).items():
         metrics[f"text_to_image_recall_at_{k}"] = r
     metrics["mean_recall_at_10"] = (metrics["image_to_text_recall_at_10"] + metrics["text_to_image_recall_at_10"]) / 2
+    if hubness_bank is not None and len(hubness_bank[0]):
+        metrics |= recall_at_10_with_hubness(z, u, ho, *hubness_bank)
 
     pos, neg = true_and_false_pair_scores(pair_score, ho, seed)
     metrics["matching_auc"] = roc_auc(pos, neg)
@@ -120,11 +136,12 @@ def model_pair_scorer(model: MatcherModel, z: np.ndarray, u: np.ndarray, batch_s
 
 
 def evaluate_model(model: MatcherModel, image_feats: np.ndarray, text_feats: np.ndarray, categories: np.ndarray,
-                   heldout: np.ndarray, seed: int = 0) -> dict[str, float]:
+                   heldout: np.ndarray, seed: int = 0,
+                   hubness_bank: tuple[np.ndarray, float] | None = None) -> dict[str, float]:
     """Metrics on the held-out rows; categories ("" = unknown) of all rows serve the kNN and precision metrics."""
     z, u, v = embed(model, image_feats, text_feats)
     return embedding_metrics(z, u, v, categories, heldout, model_pair_scorer(model, z, u),
-                             float(model.match_threshold), seed)
+                             float(model.match_threshold), seed, hubness_bank)
 
 
 def _majority(labels: np.ndarray) -> str:

@@ -180,6 +180,8 @@ def test_the_gate_refuses_a_model_below_the_best_closed_form_baseline(tmp_path):
     assert "below the closed-form baseline" in stats["decision"]
     best = max(m["mean_recall_at_10"] for m in stats["baselines"].values())
     assert stats["metrics"]["mean_recall_at_10"] < best - 0.01
+    # The held-out metrics also rank as the published hubness columns do (the bank: the night's products).
+    assert {"text_to_image_recall_at_10_hubness", "image_to_text_recall_at_10_hubness"} <= set(stats["metrics"])
     page = first.lake.read_bytes(f"models/{stats['model_version']}/report.html").decode()
     assert "Closed-form baselines" in page and "cca" in page
     # Later ones are refused below the best baseline even when the current-model comparison would let them in.

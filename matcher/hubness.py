@@ -15,7 +15,7 @@ import hashlib
 
 import numpy as np
 
-_BLOCK = 4096  # items per block: block x bank similarities held at once
+_BLOCK = 1024  # items per block: block x bank float32 similarities held at once (8 MB with a bank of 2,048)
 
 
 def hubness(items: np.ndarray, bank: np.ndarray, temperature: float) -> np.ndarray:
@@ -27,9 +27,12 @@ def hubness(items: np.ndarray, bank: np.ndarray, temperature: float) -> np.ndarr
     out = np.empty(len(items), np.float32)
     bank = np.ascontiguousarray(bank, dtype=np.float32)
     for start in range(0, len(items), _BLOCK):
-        scaled = (items[start:start + _BLOCK].astype(np.float32) @ bank.T).astype(np.float64) / temperature
+        scaled = items[start:start + _BLOCK].astype(np.float32) @ bank.T
+        scaled /= np.float32(temperature)
         top = scaled.max(axis=1)
-        out[start:start + _BLOCK] = temperature * (top + np.log(np.exp(scaled - top[:, None]).mean(axis=1)))
+        scaled -= top[:, None]  # every exponent <= 0: no overflow in float32 at any temperature
+        np.exp(scaled, out=scaled)
+        out[start:start + _BLOCK] = temperature * (top + np.log(scaled.mean(axis=1, dtype=np.float64)))
     return out
 
 

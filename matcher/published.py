@@ -37,10 +37,14 @@ def read_published(lake: Lake, table: str, date: str | None = None, columns: lis
 
 
 def published_dataset(lake: Lake, table: str) -> ds.Dataset | None:
-    """All committed partitions of a table as one dataset with a `dt` column."""
-    files = [f for d in committed_dates(lake) for f in lake.partition_files(table, d)]
-    if not files:
+    """All committed partitions of a table as one dataset with a `dt` column. Its schema unites the partitions'
+    (one footer read per date): a column a later release added reads as nulls in older partitions instead of
+    vanishing because the oldest file lacks it."""
+    by_date = [files for d in committed_dates(lake) if (files := lake.partition_files(table, d))]
+    if not by_date:
         return None
-    return ds.dataset(files, filesystem=lake.fs, format="parquet",
-                      partitioning=ds.partitioning(pa.schema([("dt", pa.string())]), flavor="hive"),
-                      partition_base_dir=lake.path(table))
+    dt = pa.schema([("dt", pa.string())])
+    schema = pa.unify_schemas([ds.dataset(files[0], filesystem=lake.fs, format="parquet").schema
+                               for files in by_date] + [dt])
+    return ds.dataset([f for files in by_date for f in files], schema=schema, filesystem=lake.fs, format="parquet",
+                      partitioning=ds.partitioning(dt, flavor="hive"), partition_base_dir=lake.path(table))

@@ -69,6 +69,22 @@ def test_a_published_file_is_read_only_once_a_manifest_names_it(lake):
     assert lake.partition_files("recommendations", "2026-01-01") == [lake.path(f) for f in second]
 
 
+def test_a_column_a_later_release_added_reads_as_nulls_in_older_partitions(lake):
+    """matcher query's view of a table across dates: the oldest partition lacks image_hubness, a newer one has it."""
+    from matcher.published import published_dataset
+
+    nights = {"2026-01-01": pa.table({"product_id": ["a", "b"]}),
+              "2026-01-02": pa.table({"product_id": ["c"], "image_hubness": pa.array([0.25], pa.float32())})}
+    for dt, table in nights.items():
+        lake.stage_parts("embeddings", dt, _parts(lake, "embeddings", dt, "s1", table))
+        files = lake.commit_staged("embeddings", dt, "p1")
+        lake.write_json(f"manifests/dt={dt}/manifest.json", {"tables": {"embeddings": {"files": files}}})
+    rows = published_dataset(lake, "embeddings").to_table().sort_by("product_id").to_pylist()
+    assert rows == [{"product_id": "a", "image_hubness": None, "dt": "2026-01-01"},
+                    {"product_id": "b", "image_hubness": None, "dt": "2026-01-01"},
+                    {"product_id": "c", "image_hubness": 0.25, "dt": "2026-01-02"}]
+
+
 def test_json_documents(lake):
     lake.write_json("x/doc.json", {"k": "值"})
     assert lake.read_json("x/doc.json") == {"k": "值"}

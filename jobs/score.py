@@ -113,14 +113,20 @@ def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
     return categorise
 
 
-def make_searcher(qvecs: np.ndarray, k: int):
-    """Executors: each partition's top-k products for every query (merged per query afterwards)."""
+def make_searcher(qvecs: np.ndarray, k: int, bank=None, temperature: float = 0.1):
+    """Executors: each partition's top-k products for every query (merged per query afterwards). By the fused
+    vectors (column v); with `bank` (the broadcast hubness bank), by the photos (column z) less their hubness
+    against the bank's texts, as the inner product of [query, 1] and [photo, -hubness]."""
+    queries = qvecs if bank is None else np.hstack([qvecs, np.ones((len(qvecs), 1), np.float32)])
 
     def search(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
             if b.num_rows == 0:
                 continue
-            scores, idx = topk(qvecs, vector_matrix(b.column("v"), qvecs.shape[1]), k)
+            items = vector_matrix(b.column("v" if bank is None else "z"), qvecs.shape[1])
+            if bank is not None:
+                items = np.hstack([items, -hubness(items, bank.value[1], temperature)[:, None]])
+            scores, idx = topk(queries, items, k)
             pids = b.column("product_id").to_numpy(zero_copy_only=False)
             gidx = b.column("idx").to_numpy()
             yield pa.RecordBatch.from_pydict({
@@ -242,7 +248,7 @@ def run(ctx: RunContext) -> dict:
                                  make_categoriser(names, centroids, version), lake, date, attempt, ["categories"])
         parts |= categories.parts
 
-        parts |= write_parts(_search(sc, model, config, vectors, version), _as_table("search"), lake, date,
+        parts |= write_parts(_search(sc, model, config, vectors, version, bank), _as_table("search"), lake, date,
                              attempt, ["search"]).parts
 
         blocks = vector_parts(lake, vector_files)
@@ -271,14 +277,19 @@ def run(ctx: RunContext) -> dict:
             "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest()}
 
 
-def _search(sc, model: MatcherModel, config: dict, vectors: DataFrame, version: str) -> DataFrame:
-    """The configured queries' top products: each partition's top-k per query, then a per-query ranking."""
+def _search(sc, model: MatcherModel, config: dict, vectors: DataFrame, version: str, bank) -> DataFrame:
+    """The configured queries' top products (by score.search_by): each partition's top-k per query, then a
+    per-query ranking."""
     spark = vectors.sparkSession
     if not sc.search_queries:
         return spark.createDataFrame([], "query string, rank int, product_id string, score float, model_version string")
-    qvecs = query_vectors(model, config["spec"]["text_encoder"], sc.search_queries)
-    partial = vectors.select("idx", "product_id", "v").mapInArrow(
-        make_searcher(qvecs, sc.search_top_k), "query_no long, score float, idx long, product_id string")
+    by_photo = sc.search_by == "photo"
+    qvecs = query_vectors(model, config["spec"]["text_encoder"], sc.search_queries,
+                          space="text" if by_photo else "product")
+    searcher = make_searcher(qvecs, sc.search_top_k, bank, sc.hubness_temperature) if by_photo else \
+        make_searcher(qvecs, sc.search_top_k)
+    partial = vectors.select("idx", "product_id", "z" if by_photo else "v").mapInArrow(
+        searcher, "query_no long, score float, idx long, product_id string")
     best = Window.partitionBy("query_no").orderBy(F.col("score").desc(), F.col("idx"))
     queries = spark.createDataFrame(list(enumerate(sc.search_queries)), "query_no long, query string")
     return (partial.withColumn("rank", F.row_number().over(best)).filter(F.col("rank") <= sc.search_top_k)

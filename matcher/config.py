@@ -140,6 +140,7 @@ class ScoreConfig:
     precision: str
     hubness_bank: int
     hubness_temperature: float
+    search_by: str
 
     def uses_ann(self, products: int) -> bool:
         """Whether a night of this many products takes its candidates from the k-means lists."""
@@ -247,6 +248,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("score.hubness_bank must be >= 0 (0: no hubness columns)")
     if cfg.score.hubness_temperature <= 0:
         raise ConfigError("score.hubness_temperature must be > 0")
+    if cfg.score.search_by not in ("product", "photo"):
+        raise ConfigError(f"score.search_by must be product or photo, got {cfg.score.search_by!r}")
+    if cfg.score.search_by == "photo" and cfg.score.hubness_bank == 0:
+        raise ConfigError("score.search_by = \"photo\" ranks photos less their hubness: set score.hubness_bank > 0")
     if cfg.score.precision not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"score.precision must be fp32, fp16 or bf16, got {cfg.score.precision!r}")
     if cfg.score.candidates not in ("exact", "ann", "auto"):

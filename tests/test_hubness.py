@@ -85,3 +85,38 @@ def test_held_out_recall_with_hubness_ranks_as_the_published_columns_would():
     no_bank = embedding_metrics(z, u, _unit(z + u), np.array([""] * 120), heldout,
                                 lambda i, j: (z[i] * u[j]).sum(1), 0.0)
     assert "text_to_image_recall_at_10_hubness" not in no_bank
+
+
+def test_the_search_table_by_photo_ranks_each_partition_by_cosine_less_hubness():
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from jobs.score import make_searcher
+
+    rng = np.random.default_rng(4)
+    photos, texts, queries = _unit(rng.normal(size=(30, 5))), _unit(rng.normal(size=(12, 5))), _unit(
+        rng.normal(size=(3, 5)))
+    batch = pa.RecordBatch.from_pydict({
+        "idx": np.arange(100, 130), "product_id": [f"P{i}" for i in range(30)],
+        "z": pa.array(list(photos), pa.list_(pa.float32()))})
+    bank = SimpleNamespace(value=(np.zeros((12, 5), np.float32), texts))  # (photos, texts): photos rank vs texts
+    out = pa.Table.from_batches(list(make_searcher(queries, 4, bank, 0.1)(iter([batch])))).to_pandas()
+    want = queries @ photos.T - hubness(photos, texts, 0.1)[None, :]
+    for q in range(3):
+        rows = out[out["query_no"] == q]
+        assert rows["idx"].tolist() == (100 + np.argsort(-want[q], kind="stable")[:4]).tolist()
+        np.testing.assert_allclose(rows["score"], np.sort(want[q])[::-1][:4], atol=1e-5)
+    # Not the plain cosine order (the hubness changed it for at least one query).
+    assert any(out[out["query_no"] == q]["idx"].tolist() != (100 + np.argsort(-(queries[q] @ photos.T))[:4]).tolist()
+               for q in range(3))
+
+
+def test_search_by_photo_needs_a_hubness_bank():
+    from matcher.config import ConfigError, load_config
+
+    assert load_config(overrides={"score": {"search_by": "photo"}}).score.search_by == "photo"
+    with pytest.raises(ConfigError, match="hubness_bank"):
+        load_config(overrides={"score": {"search_by": "photo", "hubness_bank": 0}})
+    with pytest.raises(ConfigError, match="search_by"):
+        load_config(overrides={"score": {"search_by": "title"}})

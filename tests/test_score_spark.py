@@ -200,3 +200,35 @@ def test_exclude_names_one_item_per_query():
     x = np.eye(4, dtype=np.float32)
     _, idx = topk(x[[2, 3]], x, 4, exclude=np.array([2, 3]))
     assert idx.shape == (2, 3) and 2 not in idx[0] and 3 not in idx[1]
+
+
+def test_the_search_table_by_photo_equals_cosine_less_hubness_over_the_whole_catalog(spark):
+    """score.search_by = "photo" on Spark: each partition's top-k by the photos' cosine less their hubness against
+    the broadcast bank, merged per query, equals the same ranking computed in one piece."""
+    from jobs.score import _search
+    from matcher.encoders import load_text_encoder
+    from matcher.hubness import hubness
+    from matcher.search import query_vectors
+
+    version = load_text_encoder("hashing-384", "cpu", "joined", "").version
+    spec = ModelSpec(image_dim=8, text_dim=384, dim=16, hidden=16, fusion="weighted", fusion_alpha=0.5,
+                     image_encoder="img@1", text_encoder=version)
+    torch.manual_seed(0)
+    model = MatcherModel(spec).eval()
+    z, v = unit_vectors(90, 16, 1), unit_vectors(90, 16, 2)
+    bank_texts = unit_vectors(20, 16, 3)
+    frame = spark.createDataFrame(
+        [(i, f"p{i:03d}", z[i].tolist(), v[i].tolist()) for i in range(90)],
+        "idx long, product_id string, z array<float>, v array<float>").repartition(4)
+    queries = ["red dress", "leather wallet", "running shoes"]
+    sc = load_config(overrides={"score": {"search_queries": queries, "search_top_k": 5,
+                                          "search_by": "photo"}}).score
+    bank = spark.sparkContext.broadcast((np.zeros_like(bank_texts), bank_texts))
+    got = _search(sc, model, {"spec": {"text_encoder": version}}, frame, "v1", bank).toPandas()
+    q = query_vectors(model, version, queries, space="text")
+    want = q @ z.T - hubness(z, bank_texts, sc.hubness_temperature)[None, :]
+    for n, query in enumerate(queries):
+        hits = got[got["query"] == query]
+        assert hits["rank"].tolist() == [1, 2, 3, 4, 5]
+        assert hits["product_id"].tolist() == [f"p{i:03d}" for i in np.argsort(-want[n], kind="stable")[:5]]
+        np.testing.assert_allclose(hits["score"], np.sort(want[n])[::-1][:5], atol=1e-5)

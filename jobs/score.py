@@ -25,7 +25,7 @@ from jobs.spark_frames import vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import require_passed
 from matcher.evaluate import embed
-from matcher.hubness import hubness
+from matcher.hubness import hubness, inner_product_form
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
 from matcher.model import MatcherModel, model_from_bytes, model_to_bytes
 from matcher.registry import check_encoders, current_version, load_model, model_for_date
@@ -116,16 +116,15 @@ def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
 def make_searcher(qvecs: np.ndarray, k: int, bank=None, temperature: float = 0.1):
     """Executors: each partition's top-k products for every query (merged per query afterwards). By the fused
     vectors (column v); with `bank` (the broadcast hubness bank), by the photos (column z) less their hubness
-    against the bank's texts, as the inner product of [query, 1] and [photo, -hubness]."""
-    queries = qvecs if bank is None else np.hstack([qvecs, np.ones((len(qvecs), 1), np.float32)])
+    against the bank's texts (matcher.hubness.inner_product_form)."""
 
     def search(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
             if b.num_rows == 0:
                 continue
-            items = vector_matrix(b.column("v" if bank is None else "z"), qvecs.shape[1])
+            queries, items = qvecs, vector_matrix(b.column("v" if bank is None else "z"), qvecs.shape[1])
             if bank is not None:
-                items = np.hstack([items, -hubness(items, bank.value[1], temperature)[:, None]])
+                queries, items = inner_product_form(qvecs, items, hubness(items, bank.value[1], temperature))
             scores, idx = topk(queries, items, k)
             pids = b.column("product_id").to_numpy(zero_copy_only=False)
             gidx = b.column("idx").to_numpy()

@@ -41,6 +41,14 @@ def normalised_scores(queries: np.ndarray, gallery: np.ndarray, gallery_hubness:
     return queries @ gallery.T - gallery_hubness[None, :]
 
 
+def inner_product_form(queries: np.ndarray, gallery: np.ndarray,
+                       gallery_hubness: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[query, 1] and [item, -hubness]: their inner products are cosine less hubness, so an exact inner-product
+    top-K (matcher.scoring.topk) ranks by it with its own tie rules."""
+    return (np.hstack([queries, np.ones((len(queries), 1), np.float32)]).astype(np.float32),
+            np.hstack([gallery, -gallery_hubness[:, None]]).astype(np.float32))
+
+
 def bank_order_key(product_id: str) -> str:
     """The bank is the products with the smallest keys (Spark: `md5(product_id)`, ties by product_id), so the
     same catalog gives the same bank on every rerun."""

@@ -30,10 +30,10 @@ def resolve_date(lake: Lake, date: str | None) -> str:
 
 def read_published(lake: Lake, table: str, date: str | None = None, columns: list[str] | None = None) -> pa.Table:
     dt = resolve_date(lake, date)
-    t = lake.read_partition(table, dt)
+    t = lake.read_partition(table, dt, columns)  # only these columns are read from the files
     if t is None:
         raise NotPublishedError(f"table {table} has no partition for {dt}")
-    return t.select(columns) if columns else t
+    return t
 
 
 def published_dataset(lake: Lake, table: str) -> ds.Dataset | None:

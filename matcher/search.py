@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import torch
 
 from matcher.encoders import load_text_encoder_for
-from matcher.hubness import normalised_scores
+from matcher.hubness import inner_product_form
 from matcher.lake import Lake
 from matcher.published import NotPublishedError, read_published, resolve_date
 from matcher.registry import load_model
@@ -71,7 +71,12 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     if by not in ("product", "photo"):
         raise ValueError(f"search by 'product' or 'photo', not {by!r}")
     dt = resolve_date(lake, date)
-    emb = read_published(lake, "embeddings", dt)
+    vectors = ["fused_vec"] if by == "product" else ["image_vec", "image_hubness"]
+    try:
+        emb = read_published(lake, "embeddings", dt, ["product_id", "model_version", *vectors])
+    except pa.ArrowInvalid:  # a column the partition lacks: published before hubness existed
+        raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (published before it existed): "
+                                f"rerun the score stage for {dt}") from None
     version = emb["model_version"][0].as_py()
     model, config = load_model(lake, version)
     q = query_vectors(model, config["spec"]["text_encoder"], [text], device, "product" if by == "product" else "text")
@@ -79,13 +84,11 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     if by == "product":
         hits = search_vectors([text], q, ids, _matrix(emb["fused_vec"]), k)
     else:
-        if "image_hubness" not in emb.column_names or emb["image_hubness"].null_count:
-            raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (score.hubness_bank = 0, or "
-                                    f"published before it existed): rerun the score stage for {dt}")
-        scores = normalised_scores(q, _matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())[0]
-        order = np.lexsort((np.arange(len(scores)), -scores))[:k]
-        hits = pd.DataFrame({"rank": np.arange(1, len(order) + 1, dtype=np.int32), "product_id": ids[order],
-                             "score": scores[order].astype(np.float32)})
+        if emb["image_hubness"].null_count:
+            raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (score.hubness_bank = 0): "
+                                    f"rerun the score stage for {dt} with a bank")
+        queries, photos = inner_product_form(q, _matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())
+        hits = search_vectors([text], queries, ids, photos, k)
     titles = titles_for(lake, dt, hits["product_id"].tolist())
     hits["title"] = hits["product_id"].map(titles).fillna("")
-    return hits.drop(columns=["query"], errors="ignore")
+    return hits.drop(columns=["query"])

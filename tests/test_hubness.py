@@ -120,3 +120,25 @@ def test_search_by_photo_needs_a_hubness_bank():
         load_config(overrides={"score": {"search_by": "photo", "hubness_bank": 0}})
     with pytest.raises(ConfigError, match="search_by"):
         load_config(overrides={"score": {"search_by": "title"}})
+
+
+def test_search_by_photo_on_a_partition_published_before_hubness_says_so(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matcher.config import load_config
+    from matcher.lake import Lake
+    from matcher.published import NotPublishedError
+    from matcher.search import search_text
+
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    dt = "2026-01-01"
+    rel = f"{Lake.work_dir('embeddings', dt, 's1')}/part-0.parquet"
+    lake.fs.create_dir(lake.path(Lake.work_dir("embeddings", dt, "s1")), recursive=True)
+    pq.write_table(pa.table({"product_id": ["a"], "image_vec": [[1.0, 0.0]], "model_version": ["v1"]}),
+                   lake.path(rel), filesystem=lake.fs)
+    lake.stage_parts("embeddings", dt, [rel])
+    files = lake.commit_staged("embeddings", dt, "p1")
+    lake.write_json(f"manifests/dt={dt}/manifest.json", {"tables": {"embeddings": {"files": files}}})
+    with pytest.raises(NotPublishedError, match="no image_hubness"):
+        search_text(lake, "red dress", date=dt, by="photo")

@@ -34,7 +34,7 @@ def run(ctx: RunContext) -> dict:
     split = split_rows(fs.product_ids, cfg)
     used = split.fit | split.validation
     baselines = baseline_metrics(fs.image_feats, fs.text_feats, fs.categories, heldout, used,
-                                 gate_baselines(result, fs.image_feats, fs.text_feats, fs.product_ids, cfg)
+                                 gate_baselines(result, fs.image_feats, fs.text_feats, split, cfg)
                                  ) if heldout.any() else {}
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"

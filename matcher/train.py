@@ -401,13 +401,12 @@ def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids:
     return result, split.heldout
 
 
-def gate_baselines(result: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray,
+def gate_baselines(result: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, split: Split,
                    cfg: TrainConfig) -> dict[str, LinearPair]:
     """The closed-form baselines the promotion gate compares with: those the heads' start was chosen among, or (a
-    recipe without that start) fitted now the same way, on the same split_rows rows."""
+    recipe without that start) fitted now the same way, on the split's training and validation rows."""
     if result.baselines is not None:
         return result.baselines
-    split = split_rows(product_ids, cfg)
     used = split.fit | split.validation
     return fit_baselines(image_feats[used], text_feats[used], split.validation[used],
                          closed_form_folds(cfg, int(used.sum())))

@@ -107,7 +107,8 @@ def test_the_gate_measures_the_baselines_the_start_was_chosen_among(monkeypatch)
     calls = []
     monkeypatch.setattr(train, "fit_baselines", lambda *a, **kw: calls.append(1) or fit_baselines(*a, **kw))
     result = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:]))
-    assert train.gate_baselines(result, img, txt, np.arange(300).astype(str), cfg) is result.baselines
+    split = train.split_rows(np.arange(300).astype(str), cfg)
+    assert train.gate_baselines(result, img, txt, split, cfg) is result.baselines
     assert len(calls) == 1
     on_raw = fit_baselines(img, txt, np.arange(300) >= 240, closed_form_folds(cfg, 300))
     assert set(result.baselines) == set(on_raw) == {"ridge_image_to_text", "ridge_text_to_image", "cca"}
@@ -128,7 +129,7 @@ def test_a_recipe_without_the_closed_form_start_fits_the_gate_baselines_itself()
     split = split_rows(ids, cfg)
     used = split.fit | split.validation
     want = fit_baselines(img[used], txt[used], split.validation[used], closed_form_folds(cfg, int(used.sum())))
-    got = gate_baselines(result, img, txt, ids, cfg)
+    got = gate_baselines(result, img, txt, split, cfg)
     for name in want:
         assert got[name].params == want[name].params
         np.testing.assert_allclose(got[name].embed_images(img), want[name].embed_images(img), atol=1e-6)

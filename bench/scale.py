@@ -218,7 +218,8 @@ def known_keys(code: Path) -> dict[str, set[str]]:
 
 
 def wanted_config(master: str, driver_memory: str = "", candidates: str = "auto") -> dict[str, dict]:
-    extract = {"spark_master": master, "image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "second_title_encoder": ""}
+    extract = {"spark_master": master, "image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384",
+               "second_title_encoder": ""}
     if driver_memory:
         extract["spark_driver_memory"] = driver_memory
     return {

@@ -33,12 +33,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from quality import draw_metrics  # noqa: E402
+from quality import draw_metrics, eligible_types, night_one, protocol_draw  # noqa: E402
 
 from matcher.config import load_config  # noqa: E402
 from matcher.evaluate import embed, recall_at_k  # noqa: E402
 from matcher.hubness import bank_rows  # noqa: E402
-from matcher.train import holdout_mask, model_spec, split_rows, train_on_split  # noqa: E402
+from matcher.train import model_spec, split_rows, train_on_split  # noqa: E402
 
 IMAGE_WIDTH, TITLE_WIDTH = 1280, 384  # Lite0's pooled features; MiniLM's title vector (first in the text feature)
 TEXT_LAYER = 4  # MiniLM's hidden states after this many layers are cached; the layers after it are fine-tuned
@@ -234,8 +234,7 @@ def main() -> int:
 
     cfg = load_config(None)
     rng = np.random.default_rng(args.seed)
-    names, counts = np.unique(cats_all[cats_all != ""], return_counts=True)
-    eligible = names[counts >= 30]
+    eligible = eligible_types(cats_all)
     results: dict[str, list[dict]] = {}
     for d in range(1 if args.full else args.draws):
         if args.full:
@@ -243,11 +242,9 @@ def main() -> int:
             ids = np.array([f"{args.salt}{p}" for p in ids_all])  # the salt draws another split of the same rows
             night1 = np.ones(len(ids), bool)  # the train stage's own split holds out its 20% (as bench/quality.py)
         else:
-            chosen = rng.choice(eligible, size=min(args.types, len(eligible)), replace=False)
-            pool = np.nonzero(np.isin(cats_all, chosen))[0]
-            rows = np.sort(rng.choice(pool, size=min(args.products, len(pool)), replace=False))
+            _, rows = protocol_draw(cats_all, eligible, rng, args.types, args.products)
             ids = ids_all[rows]
-            night1 = ~holdout_mask(np.array([f"protocol:{p}" for p in ids]), 0.3)
+            night1 = night_one(ids)
         img, txt, cats = img_all[rows], txt_all[rows], cats_all[rows]
         split = split_rows(ids[night1], cfg.train)
         unseen = ~night1

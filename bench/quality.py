@@ -138,6 +138,26 @@ def description_views(fs, catalog: str, cache: Path) -> dict[str, np.ndarray]:
     return views
 
 
+def eligible_types(categories: np.ndarray) -> np.ndarray:
+    """The article types a draw chooses among: those with at least 30 products."""
+    names, counts = np.unique(categories[categories != ""], return_counts=True)
+    return names[counts >= 30]
+
+
+def protocol_draw(categories: np.ndarray, eligible: np.ndarray, rng: np.random.Generator, types: int,
+                  products: int) -> tuple[np.ndarray, np.ndarray]:
+    """One draw: (the article types chosen, the sorted rows of up to `products` products of those types)."""
+    chosen = rng.choice(eligible, size=min(types, len(eligible)), replace=False)
+    pool = np.nonzero(np.isin(categories, chosen))[0]
+    return chosen, np.sort(rng.choice(pool, size=min(products, len(pool)), replace=False))
+
+
+def night_one(product_ids: np.ndarray) -> np.ndarray:
+    """The draw's products night 1 trains on (70%). A salted hash: the train stage's own buckets (held-out,
+    calibration, validation) must fall inside night 1."""
+    return ~holdout_mask(np.array([f"protocol:{p}" for p in product_ids]), 0.3)
+
+
 def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
                    text_views: dict[str, np.ndarray] | None = None) -> int:
     """`text_views`: several text features of the same products (label -> matrix), each measured with this recipe
@@ -146,8 +166,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
     from matcher.train import closed_form_folds, model_spec, split_rows
 
     rng = np.random.default_rng(seed)
-    names, counts = np.unique(fs.categories[fs.categories != ""], return_counts=True)
-    eligible = names[counts >= 30]
+    eligible = eligible_types(fs.categories)
     recipes = {"matcher (new recipe)": cfg.train,
                "matcher (previous recipe)": cfg.with_overrides({"train": {"patience": 0, "init": "random",
                                                                           "validation_fraction": 0.0}}).train}
@@ -161,12 +180,9 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
             ("image_to_text_recall_at_10_hubness", "i->t R@10 +hub")]
     results: dict[str, list[dict]] = {}
     for d in range(draws):
-        chosen = rng.choice(eligible, size=min(types, len(eligible)), replace=False)
-        pool = np.nonzero(np.isin(fs.categories, chosen))[0]
-        rows = np.sort(rng.choice(pool, size=min(products, len(pool)), replace=False))
+        chosen, rows = protocol_draw(fs.categories, eligible, rng, types, products)
         ids, img, cats = fs.product_ids[rows], fs.image_feats[rows], fs.categories[rows]
-        # A salted hash: the train stage's own buckets (held-out, calibration, validation) must fall inside night 1.
-        night1 = ~holdout_mask(np.array([f"protocol:{p}" for p in ids]), 0.3)
+        night1 = night_one(ids)
         unseen = ~night1
         split = split_rows(ids[night1], cfg.train)  # the baselines see the rows the model trains and validates on
         used = split.fit | split.validation

@@ -438,19 +438,23 @@ def _entries_at_least(sims, row_limits: np.ndarray, col_limits: np.ndarray | Non
     # The best of each tile of _TILE_ROWS rows in every column: a tile-column can only hold a row hit if it
     # reaches the lowest row limit in the tile, and a column hit if it reaches the column's limit. One scan finds
     # the tile-columns that can hold either; their entries are then sorted into row and column hits.
-    tile_max = sims.reshape(n_rows // _TILE_ROWS, _TILE_ROWS, n_cols).max(axis=1)
+    tiled = sims.reshape(n_rows // _TILE_ROWS, _TILE_ROWS, n_cols)
+    tile_max = tiled.max(axis=1)
     tile_row_limits = row_limits.reshape(-1, _TILE_ROWS).min(axis=1)[:, None]
     tile_limits = tile_row_limits if col_limits is None else np.minimum(tile_row_limits, col_limits[None, :])
     tiles, cols = np.divmod(np.flatnonzero(tile_max >= tile_limits), n_cols)
-    rows = tiles[:, None] * _TILE_ROWS + np.arange(_TILE_ROWS)
-    cols = np.broadcast_to(cols[:, None], rows.shape)
-    values = sims.reshape(-1)[rows * n_cols + cols]
-    row_keep = values >= row_limits[rows]
-    row_hits = rows[row_keep], cols[row_keep], values[row_keep]
+    values = tiled[tiles, :, cols]  # (candidate tile-columns, _TILE_ROWS)
+
+    def hits(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Positions first, then rows, columns and scores of the hits only: the candidates' values are read once.
+        at = np.flatnonzero(keep)
+        candidate, offset = np.divmod(at, _TILE_ROWS)
+        return tiles[candidate] * _TILE_ROWS + offset, cols[candidate], values.reshape(-1)[at]
+
+    row_hits = hits(values >= row_limits.reshape(-1, _TILE_ROWS)[tiles])
     if col_limits is None:
         return row_hits, None
-    col_keep = values >= col_limits[cols]
-    return row_hits, (rows[col_keep], cols[col_keep], values[col_keep])
+    return row_hits, hits(values >= col_limits[cols][:, None])
 
 
 def _entries_above_numpy(sims: np.ndarray, thresholds: np.ndarray,

@@ -409,15 +409,17 @@ def _rescored(hits: tuple[np.ndarray, np.ndarray, np.ndarray], rescore: Callable
 
 def _kth_largest_bound(sims, k: int, axis: int) -> np.ndarray:
     """A lower bound of each row's (column's, axis 0) k-th largest score. On the CPU the k-th largest of the
-    maxima of groups of up to 16 neighbouring entries: k groups reach it, so at least k entries do, and it costs
+    maxima of groups of up to 16 entries: k groups reach it, so at least k entries do, and it costs
     one pass over the block and a partition a sixteenth its size instead of a partition of the whole block. On a
     GPU the exact k-th, by torch.topk."""
     if isinstance(sims, np.ndarray):
         width = sims.shape[axis]
         group = next(g for g in (16, 8, 4, 2, 1) if width % g == 0 and width // g >= k)
         if group > 1:
-            shape = (sims.shape[0], width // group, group) if axis == 1 else (width // group, group, sims.shape[1])
-            sims = sims.reshape(shape).max(axis=axis + 1)
+            # Any split into groups gives the bound; groups of entries width // group apart (along a row) and of
+            # neighbouring rows (along a column) are both a maximum over the middle axis, which numpy vectorises.
+            shape = (sims.shape[0], group, width // group) if axis == 1 else (width // group, group, sims.shape[1])
+            sims = sims.reshape(shape).max(axis=1)
         width = sims.shape[axis]
         kth = np.take(np.partition(sims, width - k, axis=axis), width - k, axis=axis)
     else:

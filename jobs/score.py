@@ -285,8 +285,7 @@ def _search(sc, model: MatcherModel, config: dict, vectors: DataFrame, version: 
     by_photo = sc.search_by == "photo"
     qvecs = query_vectors(model, config["spec"]["text_encoder"], sc.search_queries,
                           space="text" if by_photo else "product")
-    searcher = make_searcher(qvecs, sc.search_top_k, bank, sc.hubness_temperature) if by_photo else \
-        make_searcher(qvecs, sc.search_top_k)
+    searcher = make_searcher(qvecs, sc.search_top_k, bank if by_photo else None, sc.hubness_temperature)
     partial = vectors.select("idx", "product_id", "z" if by_photo else "v").mapInArrow(
         searcher, "query_no long, score float, idx long, product_id string")
     best = Window.partitionBy("query_no").orderBy(F.col("score").desc(), F.col("idx"))

@@ -74,7 +74,9 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     vectors = ["fused_vec"] if by == "product" else ["image_vec", "image_hubness"]
     try:
         emb = read_published(lake, "embeddings", dt, ["product_id", "model_version", *vectors])
-    except pa.ArrowInvalid:  # a column the partition lacks: published before hubness existed
+    except pa.ArrowInvalid:  # by photo: a column the partition lacks, published before hubness existed
+        if by == "product":
+            raise
         raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (published before it existed): "
                                 f"rerun the score stage for {dt}") from None
     version = emb["model_version"][0].as_py()

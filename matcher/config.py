@@ -17,6 +17,7 @@ WORKSPACE_CONFIG = Path(".matcher/config.toml")
 # another fails when it is loaded, not inside a Spark worker.
 IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "thumbnail-8x8")
 TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
+MAX_HUBNESS_BANK = 16384  # products; at dim 256 the broadcast pair of vectors is 32 MB
 
 
 class ConfigError(ValueError):
@@ -244,8 +245,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
     if not 0.0 <= cfg.score.rerank_weight <= 1.0:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
-    if cfg.score.hubness_bank < 0:
-        raise ConfigError("score.hubness_bank must be >= 0 (0: no hubness columns)")
+    if not 0 <= cfg.score.hubness_bank <= MAX_HUBNESS_BANK:
+        # The bank is collected on the driver and broadcast to every executor: a sample, never the catalog.
+        raise ConfigError(f"score.hubness_bank must be in [0, {MAX_HUBNESS_BANK}] (0: no hubness columns), got "
+                          f"{cfg.score.hubness_bank}: the bank's photo and text vectors are collected on the driver "
+                          "and broadcast to every executor")
     if cfg.score.hubness_temperature <= 0:
         raise ConfigError("score.hubness_temperature must be > 0")
     if cfg.score.search_by not in ("product", "photo"):

@@ -122,6 +122,15 @@ def test_search_by_photo_needs_a_hubness_bank():
         load_config(overrides={"score": {"search_by": "title"}})
 
 
+def test_hubness_bank_is_bounded_because_the_driver_collects_it():
+    from matcher.config import MAX_HUBNESS_BANK, ConfigError, load_config
+
+    assert load_config(overrides={"score": {"hubness_bank": MAX_HUBNESS_BANK}}).score.hubness_bank == MAX_HUBNESS_BANK
+    for bad in (MAX_HUBNESS_BANK + 1, -1):
+        with pytest.raises(ConfigError, match="hubness_bank must be in"):
+            load_config(overrides={"score": {"hubness_bank": bad}})
+
+
 def test_search_by_photo_on_a_partition_published_before_hubness_says_so(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -7,6 +7,7 @@ the tables that read them)."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -18,12 +19,13 @@ from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
 from jobs.features_io import feature_frame
-from jobs.score_ann import list_index, number_by_list, sampled_recall, train_lists
+from jobs.score_ann import list_index, number_by_list, sampled_neighbours, train_lists
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
 from jobs.spark_frames import vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import require_passed
+from matcher.ann import choose_query_probes
 from matcher.evaluate import embed
 from matcher.hubness import hubness, inner_product_form
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
@@ -218,16 +220,21 @@ def run(ctx: RunContext) -> dict:
                 frame.unpersist()
             frames = [vectors]
             k = min(sc.top_k, n - 1)
-            recall, sampled = sampled_recall(vectors, index, n, k, sc.ann_recall_queries, date, spec.dim)
-            candidates = {"candidates": "ann", "ann_lists": len(centroids), "ann_query_probes": sc.ann_query_probes,
+            queries, query_idx, exact = sampled_neighbours(vectors, n, k, sc.ann_recall_queries, date, spec.dim)
+            probes, recall = choose_query_probes(index, queries, query_idx, exact, sc.ann_query_probes,
+                                                 sc.ann_target_recall, sc.ann_max_query_probes)
+            index, sampled = replace(index, query_probes=probes), len(query_idx)
+            candidates = {"candidates": "ann", "ann_lists": len(centroids), "ann_query_probes": probes,
                           "ann_recall_at_k": round(recall, 6), "ann_recall_k": k,
-                          "ann_recall_queries": sampled, "ann_recall_floor": sc.ann_recall_floor}
-            log.info("score: ANN candidates, %d lists, recall@%d %.4f on %d sampled products", len(centroids), k,
-                     recall, sampled)
+                          "ann_recall_queries": sampled, "ann_recall_floor": sc.ann_recall_floor,
+                          "ann_target_recall": sc.ann_target_recall}
+            log.info("score: ANN candidates, %d lists, %d query probes, recall@%d %.4f on %d sampled products",
+                     len(centroids), probes, k, recall, sampled)
             if recall < sc.ann_recall_floor:
                 raise StageError("score", f"ANN recall@{k} {recall:.4f} on {sampled} sampled "
-                                          f"products is below score.ann_recall_floor {sc.ann_recall_floor}: raise "
-                                          f"score.ann_query_probes or score.ann_lists, or use candidates = \"exact\"")
+                                          f"products (with {probes} query probes) is below score.ann_recall_floor "
+                                          f"{sc.ann_recall_floor}: raise score.ann_max_query_probes or "
+                                          f"score.ann_lists, or use candidates = \"exact\"")
         bank = spark.sparkContext.broadcast(_hubness_bank(vectors, min(sc.hubness_bank, n), spec.dim))
         embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag),
                                make_embeddings_writer(bank, sc.hubness_temperature, spec.dim),

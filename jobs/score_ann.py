@@ -8,10 +8,12 @@
      then product_id), so each list is one idx range of the vector parts.
   3. The driver counts products per list (one row per list) and builds the ListIndex (offsets and probes).
   4. Sampled recall: score.ann_recall_queries products drawn by the date; executors score them against every
-     product, exactly and restricted to the lists the ANN search would search (matcher.ann.searched_lists, the
-     same code), keep each query's top-K of both per partition, and a window keeps the top K overall. Recall@K of
-     the ANN lists against the exact ones goes to the stage's stats, the manifest and the report; under
-     score.ann_recall_floor the stage fails before anything is written.
+     product and keep each query's exact top-K per partition, and a window keeps the top K overall. The search is
+     exact within the lists it reads, so its recall@K with P query probes is the share of those neighbours in
+     the lists it would search (matcher.ann.recall_of_probes); P starts at score.ann_query_probes and doubles
+     until the recall reaches score.ann_target_recall or P reaches score.ann_max_query_probes. The recall and P
+     go to the stage's stats, the manifest and the report; under score.ann_recall_floor the stage fails before
+     anything is written.
 The recommendations themselves are searched by make_recommender's tasks (jobs/score_spark.py) with the index."""
 from __future__ import annotations
 
@@ -24,8 +26,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.spark_frames import vector_matrix, with_dense_index
-from matcher.ann import (ListIndex, assign_lists, build_index, list_count, searched_lists, train_centroids,
-                         training_sample_size)
+from matcher.ann import ListIndex, assign_lists, build_index, list_count, train_centroids, training_sample_size
 
 
 def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -> np.ndarray:
@@ -61,18 +62,16 @@ def list_index(vectors: DataFrame, centroids: np.ndarray, query_probes: int, min
     return build_index(centroids, counts, probes=1, min_items=min_items, query_probes=query_probes)
 
 
-def sampled_recall(vectors: DataFrame, index: ListIndex, n: int, k: int, queries: int, date: str,
-                   dim: int) -> tuple[float, int]:
-    """(recall@k of the ANN search against the exact one, queries sampled), the sample drawn by the date."""
+def sampled_neighbours(vectors: DataFrame, n: int, k: int, queries: int, date: str,
+                       dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query vectors, their idx, their exact top-k idx with -1 as padding) for `queries` products drawn by the
+    date: executors score the queries against their partitions' products and keep each query's top k; a window
+    keeps the top k overall, so only queries x k rows reach the driver."""
     seed = int.from_bytes(hashlib.sha256(f"ann-recall/{date}".encode()).digest()[:8], "little")
     sample = np.sort(np.random.default_rng(seed).choice(n, min(n, queries), replace=False))
     table = vectors.filter(F.col("idx").isin([int(i) for i in sample])).select("idx", "v").toArrow()
     table = table.sort_by("idx")
     q_idx, q = table.column("idx").to_numpy(), vector_matrix(table.column("v"), dim)
-    rows, lists = searched_lists(index, q, q_idx, threads=1)
-    allowed = np.zeros((len(q_idx), len(index.centroids)), bool)
-    allowed[rows, lists] = True
-    kind_exact, kind_ann = 0, 1
 
     def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
@@ -81,26 +80,18 @@ def sampled_recall(vectors: DataFrame, index: ListIndex, n: int, k: int, queries
             idx = b.column("idx").to_numpy()
             sims = q @ vector_matrix(b.column("v"), dim).T
             sims[q_idx[:, None] == idx[None, :]] = -np.inf
-            masked = np.where(allowed[:, b.column("list").to_numpy()], sims, -np.inf)
-            for kind, scores in ((kind_exact, sims), (kind_ann, masked)):
-                take = min(k, scores.shape[1])
-                cols = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-                values = np.take_along_axis(scores, cols, 1)
-                query_no, slot = np.nonzero(np.isfinite(values))
-                yield pa.RecordBatch.from_pydict({
-                    "query_no": pa.array(query_no, pa.int64()), "kind": pa.array(np.full(len(query_no), kind), pa.int8()),
-                    "score": pa.array(values[query_no, slot], pa.float32()),
-                    "idx": pa.array(idx[cols[query_no, slot]], pa.int64())})
+            take = min(k, sims.shape[1])
+            cols = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+            values = np.take_along_axis(sims, cols, 1)
+            query_no, slot = np.nonzero(np.isfinite(values))
+            yield pa.RecordBatch.from_pydict({
+                "query_no": pa.array(query_no, pa.int64()), "score": pa.array(values[query_no, slot], pa.float32()),
+                "idx": pa.array(idx[cols[query_no, slot]], pa.int64())})
 
-    best = Window.partitionBy("query_no", "kind").orderBy(F.col("score").desc(), F.col("idx"))
-    top = (vectors.select("idx", "list", "v").mapInArrow(partial, "query_no long, kind byte, score float, idx long")
+    best = Window.partitionBy("query_no").orderBy(F.col("score").desc(), F.col("idx"))
+    top = (vectors.select("idx", "v").mapInArrow(partial, "query_no long, score float, idx long")
            .withColumn("rank", F.row_number().over(best)).filter(F.col("rank") <= k)
-           .select("query_no", "kind", "idx").toArrow())
-    found = {(kind, query): [] for kind in (kind_exact, kind_ann) for query in range(len(q_idx))}
-    for query, kind, item in zip(*(top.column(c).to_pylist() for c in ("query_no", "kind", "idx"))):
-        found[(kind, query)].append(item)
-    exact = [found[(kind_exact, query)] for query in range(len(q_idx))]
-    approximate = [found[(kind_ann, query)] for query in range(len(q_idx))]
-    hits = sum(len(set(a) & set(e)) for a, e in zip(approximate, exact))
-    total = sum(len(e) for e in exact)
-    return (hits / total if total else 1.0), len(q_idx)
+           .select("query_no", "rank", "idx").toArrow())
+    exact = np.full((len(q_idx), k), -1, np.int64)
+    exact[top.column("query_no").to_numpy(), top.column("rank").to_numpy() - 1] = top.column("idx").to_numpy()
+    return q, q_idx, exact

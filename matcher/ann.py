@@ -7,7 +7,7 @@ dot product is exact and ties go to the lower idx; what is approximate is only w
 against the exact top-K is measured each night on sampled queries (jobs/score_ann.py), not assumed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -171,6 +171,40 @@ def search_lists(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray,
     if (found == np.iinfo(np.int64).max).any():
         raise ValueError(f"a query was shown fewer than k={k} other items; the probes must cover k + 1 items")
     return scores, found
+
+
+def recall_of_probes(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray, exact_idx: np.ndarray,
+                     query_probes: int, nearest: np.ndarray | None = None) -> float:
+    """Recall@k that search_lists reaches with `query_probes` on these queries, given their exact top-k (idx,
+    -1 as padding): the share of those neighbours whose list the query searches. The search is exact within the
+    lists it reads, so it finds every such neighbour, and no other item can displace one."""
+    exact_idx = np.asarray(exact_idx, dtype=np.int64).reshape(len(query_idx), -1)
+    present = exact_idx >= 0
+    if not present.any():
+        return 1.0
+    rows, lists = searched_lists(replace(index, query_probes=query_probes), queries, query_idx, nearest=nearest)
+    searched = np.zeros((len(query_idx), len(index.centroids)), bool)
+    searched[rows, lists] = True
+    neighbour_lists = index.list_of(np.where(present, exact_idx, 0))
+    found = searched[np.arange(len(query_idx))[:, None], neighbour_lists] & present
+    return float(found.sum() / present.sum())
+
+
+def choose_query_probes(index: ListIndex, queries: np.ndarray, query_idx: np.ndarray, exact_idx: np.ndarray,
+                        start: int, target: float, most: int) -> tuple[int, float]:
+    """(query probes, sampled recall@k): the fewest of start, 2 start, 4 start, ... up to `most` whose recall on
+    these sampled queries (recall_of_probes) reaches `target`, else `most` and its recall. A catalog whose lists
+    hold many small clusters needs more probes than one of a few large ones, so the count is measured per night
+    rather than fixed."""
+    most = max(start, min(most, len(index.centroids)))
+    nearest = topk(np.ascontiguousarray(queries, dtype=np.float32), index.centroids, max(1, most))[1] \
+        if len(query_idx) else None
+    probes = start
+    while True:
+        recall = recall_of_probes(index, queries, query_idx, exact_idx, probes, nearest)
+        if recall >= target or probes >= most:
+            return probes, recall
+        probes = min(most, max(1, 2 * probes))
 
 
 def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 1, query_probes: int = 32,

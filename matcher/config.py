@@ -138,6 +138,8 @@ class ScoreConfig:
     ann_sample: int
     ann_recall_queries: int
     ann_recall_floor: float
+    ann_target_recall: float
+    ann_max_query_probes: int
     precision: str
     hubness_bank: int
     hubness_temperature: float
@@ -262,6 +264,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"score.candidates must be exact, ann or auto, got {cfg.score.candidates!r}")
     if not 0.0 <= cfg.score.ann_recall_floor <= 1.0:
         raise ConfigError("score.ann_recall_floor must be in [0, 1]")
+    if not 0.0 <= cfg.score.ann_target_recall <= 1.0:
+        raise ConfigError("score.ann_target_recall must be in [0, 1]")
+    if cfg.score.ann_max_query_probes < cfg.score.ann_query_probes:
+        raise ConfigError(f"score.ann_max_query_probes ({cfg.score.ann_max_query_probes}) must be >= "
+                          f"score.ann_query_probes ({cfg.score.ann_query_probes}), where the search starts")
     if min(cfg.score.ann_lists, cfg.score.ann_query_probes, cfg.score.ann_sample) < 0 \
             or cfg.score.ann_recall_queries < 1:
         raise ConfigError("score.ann_lists, ann_query_probes and ann_sample must be >= 0, ann_recall_queries >= 1")

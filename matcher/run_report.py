@@ -177,7 +177,8 @@ def _summary(manifest: dict) -> str:
                   f"<p>Candidates: ANN, {found.get('ann_lists')} lists, {found.get('ann_query_probes')} searched "
                   f"per product besides its own; recall@{found.get('ann_recall_k')} against exact "
                   f"<b data-manifest='ann_recall_at_k'>{found.get('ann_recall_at_k')}</b> on "
-                  f"{found.get('ann_recall_queries')} sampled products (floor {found.get('ann_recall_floor')}).</p>")
+                  f"{found.get('ann_recall_queries')} sampled products (target {found.get('ann_target_recall')}, floor "
+                  f"{found.get('ann_recall_floor')}).</p>")
     return (f"<p>Model <b>{html.escape(str(manifest.get('model_version')))}</b>: "
             f"{html.escape(str(manifest.get('promotion')))}</p>{candidates if found else ''}"
             f"<table><tr><th>rows</th><th></th></tr>{cells}</table>"

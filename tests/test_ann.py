@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from matcher.ann import (ListIndex, ann_all_pairs, assign_lists, build_index, probe_lists, recall_at_k,
-                         search_lists, train_centroids)
+from matcher.ann import (ListIndex, ann_all_pairs, assign_lists, build_index, choose_query_probes, probe_lists,
+                         recall_at_k, recall_of_probes, search_lists, train_centroids)
 from matcher.scoring import topk
 
 
@@ -87,3 +87,45 @@ def test_the_driver_side_training_sample_is_bounded_whatever_the_catalog():
         assert sample <= MAX_TRAINING_SAMPLE and sample >= 64 * lists and lists == MAX_TRAINING_SAMPLE // 64
     # What a user sets is kept.
     assert list_count(10_000_000, 20_000) == 20_000 and training_sample_size(10_000_000, 20_000, 900_000) == 900_000
+
+
+def _numbered_by_list(x: np.ndarray, lists: int, k: int):
+    """x renumbered list by list and its index with one probe per list, as the score stage builds them."""
+    centroids = train_centroids(x, lists, seed=3)
+    assigned = assign_lists(x, centroids)
+    order = np.argsort(assigned, kind="stable")
+    index = build_index(centroids, np.bincount(assigned, minlength=lists), probes=1, min_items=k + 1)
+    return x[order], index
+
+
+def test_recall_of_probes_is_the_recall_the_search_reaches():
+    k = 10
+    ordered, index = _numbered_by_list(clustered(3000, 16, 150, spread=0.8, seed=6), 40, k)
+    q_idx = np.sort(np.random.default_rng(1).choice(len(ordered), 300, replace=False))
+    _, exact = topk(ordered[q_idx], ordered, k, exclude=q_idx)
+    seen = []
+    for probes in (0, 1, 2, 4, 40):
+        _, found = search_lists(ListIndex(index.centroids, index.offsets, index.probes, probes), ordered[q_idx],
+                                q_idx, lambda a, b: ordered[a:b], k)
+        computed = recall_of_probes(index, ordered[q_idx], q_idx, exact, probes)
+        assert computed == pytest.approx(recall_at_k(found, exact), abs=1e-12)
+        seen.append(computed)
+    assert seen[0] < seen[2] < seen[-1] == 1.0  # more probes find more; all of them is the exact search
+    # Padding (a query with fewer than k neighbours) is left out, not counted as missed.
+    padded = exact.copy()
+    padded[:, -1] = -1
+    assert recall_of_probes(index, ordered[q_idx], q_idx, padded, 40) == 1.0
+
+
+def test_choose_query_probes_doubles_until_the_target_and_stops_at_the_most():
+    k = 10
+    ordered, index = _numbered_by_list(clustered(3000, 16, 150, spread=0.8, seed=6), 40, k)
+    q_idx = np.sort(np.random.default_rng(1).choice(len(ordered), 300, replace=False))
+    q, (_, exact) = ordered[q_idx], topk(ordered[q_idx], ordered, k, exclude=q_idx)
+    recall = {p: recall_of_probes(index, q, q_idx, exact, p) for p in (1, 2, 4, 8, 16, 32)}
+    target = (recall[4] + recall[8]) / 2  # between what 4 and 8 probes reach
+    assert recall[4] < target <= recall[8]
+    assert choose_query_probes(index, q, q_idx, exact, 1, target, 256) == (8, recall[8])
+    assert choose_query_probes(index, q, q_idx, exact, 16, target, 256) == (16, recall[16])  # never below start
+    assert choose_query_probes(index, q, q_idx, exact, 1, target, 2) == (2, recall[2])  # capped: its recall
+    assert choose_query_probes(index, q, q_idx, exact, 0, 1.0, 256)[1] == 1.0  # from none: 1, 2, 4, ... lists

@@ -32,9 +32,9 @@ def trained(tmp_path_factory):
 
 
 def test_an_ann_night_publishes_full_lists_and_records_its_recall(trained):
-    ctx = _ctx(trained, ann_query_probes=2, ann_recall_floor=0.0)
+    ctx = _ctx(trained, ann_query_probes=2, ann_max_query_probes=2, ann_recall_floor=0.0)
     stats = run_stage("score", ctx)
-    assert stats["candidates"] == "ann" and stats["ann_lists"] == 12
+    assert stats["candidates"] == "ann" and stats["ann_lists"] == 12 and stats["ann_query_probes"] == 2
     assert 0.0 < stats["ann_recall_at_k"] <= 1.0 and stats["ann_recall_queries"] == N
     run_stage("publish", ctx)
     manifest = ctx.lake.manifest(DATE)
@@ -52,9 +52,20 @@ def test_an_ann_night_publishes_full_lists_and_records_its_recall(trained):
 
 
 def test_a_night_under_the_recall_floor_fails_before_staging_anything(trained):
-    ctx = _ctx(trained, ann_query_probes=0, ann_recall_floor=1.0)
-    with pytest.raises(StageError, match=r"ANN recall@5 0\.\d+ on 150 sampled products is below "
-                                         r"score.ann_recall_floor 1.0"):
+    ctx = _ctx(trained, ann_query_probes=0, ann_max_query_probes=0, ann_recall_floor=1.0)
+    with pytest.raises(StageError, match=r"ANN recall@5 0\.\d+ on 150 sampled products \(with 0 query probes\) "
+                                         r"is below score.ann_recall_floor 1.0"):
         run_stage("score", ctx)
     # The same night passes with exact candidates.
     assert run_stage("score", _ctx(trained, candidates="exact"))["candidates"] == "exact"
+
+
+def test_query_probes_grow_until_the_sampled_recall_reaches_the_target(trained):
+    # From no query probes, as the night above that failed: the probes double (1, 2, 4, ...) until the recall
+    # on the sampled products reaches the target, here all of them.
+    ctx = _ctx(trained, ann_query_probes=0, ann_target_recall=1.0, ann_recall_floor=1.0)
+    stats = run_stage("score", ctx)
+    assert stats["ann_recall_at_k"] == 1.0 and stats["ann_target_recall"] == 1.0
+    assert 1 <= stats["ann_query_probes"] <= 12
+    run_stage("publish", ctx)
+    assert ctx.lake.manifest(DATE)["candidates"]["ann_query_probes"] == stats["ann_query_probes"]

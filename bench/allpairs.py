@@ -6,6 +6,7 @@ process so peak memory is its own.
     .venv/bin/python bench/allpairs.py [--n 20000 100000] [--dim 256] [--k 20] [--threads 2] [--repeat 3]
                                        [--device cpu|cuda] [--precision fp32 fp16 bf16]
     .venv/bin/python bench/allpairs.py --ann [--n 1000000] [--queries 2000] [--query-probes 32] [--sample 0]
+                                       [--refine 3]
 
 Each repeat runs every method once, in turn (matcher right after the bare product), so that a noisy neighbour on
 the machine slows them alike; the table shows the median time, and time/bare is the median of each repeat's own
@@ -118,7 +119,7 @@ def clustered(n: int, d: int, seed: int = 0, per_cluster: int = 50, spread: floa
 
 
 def _run_ann(n: int, d: int, k: int, threads: int, queries: int, query_probes: int, spread: float, lists: int,
-             sample: int, queue) -> None:
+             sample: int, refine: int, queue) -> None:
     import torch
 
     from matcher.ann import ann_all_pairs, list_count, recall_at_k
@@ -128,7 +129,8 @@ def _run_ann(n: int, d: int, k: int, threads: int, queries: int, query_probes: i
     x = clustered(n, d, spread=spread)
     base = _rss_mb()
     started = time.perf_counter()
-    _, idx = ann_all_pairs(x, k, lists=lists, probes=1, query_probes=query_probes, sample=sample, threads=threads)
+    _, idx = ann_all_pairs(x, k, lists=lists, probes=1, query_probes=query_probes, sample=sample, threads=threads,
+                           refine=refine)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     sample = np.random.default_rng(1).choice(n, min(n, queries), replace=False)
@@ -141,14 +143,15 @@ def _run_ann(n: int, d: int, k: int, threads: int, queries: int, query_probes: i
 def ann_table(args) -> None:
     """ANN candidates against exact search on a sample of queries, one process per N."""
     print(f"d={args.dim} K={args.k} threads={args.threads} spread={args.spread} query_probes={args.query_probes} "
-          f"training sample={args.sample} sampled queries={args.queries}\n")
+          f"training sample={args.sample} refine={args.refine} sampled queries={args.queries}\n")
     print(f"{'N':>9} {'lists':>6}{'ANN s':>9}{'peak MB':>9}{'recall@K':>10}{'exact s, sample':>17}"
           f"{'exact s, all (projected)':>26}{'exact/ANN':>10}")
     for n in args.n:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         proc = ctx.Process(target=_run_ann, args=(n, args.dim, args.k, args.threads, args.queries,
-                                                  args.query_probes, args.spread, args.lists, args.sample, queue))
+                                                  args.query_probes, args.spread, args.lists, args.sample,
+                                                  args.refine, queue))
         proc.start()
         seconds, peak, recall, exact_seconds, lists = queue.get()
         proc.join()
@@ -180,6 +183,8 @@ def main() -> int:
     parser.add_argument("--lists", type=int, default=0, help="--ann: k-means lists (0: about 4 sqrt(N))")
     parser.add_argument("--sample", type=int, default=0,
                         help="--ann: vectors the lists are trained on (0: 64 per list, at least 100,000)")
+    parser.add_argument("--refine", type=int, default=3,
+                        help="--ann: k-means passes over all N after the sample's (score.ann_refine_iterations)")
     args = parser.parse_args()
     if args.ann:
         if args.n == parser.get_default("n"):

@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
 from jobs.features_io import feature_frame
-from jobs.score_ann import list_index, number_by_list, sampled_neighbours, train_lists
+from jobs.score_ann import list_index, number_by_list, refine_lists, sampled_neighbours, train_lists
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
 from jobs.spark_frames import vector_matrix, with_dense_index
@@ -212,6 +212,7 @@ def run(ctx: RunContext) -> dict:
     try:
         if sc.uses_ann(n):
             centroids = train_lists(vectors, n, sc.ann_lists, sc.ann_sample, spec.dim)
+            centroids = refine_lists(vectors, centroids, sc.ann_refine_iterations, spec.dim)
             vectors, by_list = number_by_list(vectors, centroids, partitions, spec.dim)
             vectors = vectors.persist(StorageLevel.MEMORY_AND_DISK)
             frames += [vectors, by_list]
@@ -225,6 +226,7 @@ def run(ctx: RunContext) -> dict:
                                                  sc.ann_target_recall, sc.ann_max_query_probes)
             index, sampled = replace(index, query_probes=probes), len(query_idx)
             candidates = {"candidates": "ann", "ann_lists": len(centroids), "ann_query_probes": probes,
+                          "ann_refine_iterations": sc.ann_refine_iterations,
                           "ann_recall_at_k": round(recall, 6), "ann_recall_k": k,
                           "ann_recall_queries": sampled, "ann_recall_floor": sc.ann_recall_floor,
                           "ann_target_recall": sc.ann_target_recall}

@@ -4,10 +4,12 @@
      product_id, are collected and the k-means
      lists trained on them (matcher.ann.train_centroids): the driver holds the sample and the centroids, bounded
      by the sample's size, never the catalog.
-  2. Executors assign every product its list; the catalog is numbered again list by list (idx ordered by list,
+  2. score.ann_refine_iterations k-means iterations over the whole catalog move the lists where the products are
+     (each task sums its products per list; the driver receives lists x dim sums per iteration).
+  3. Executors assign every product its list; the catalog is numbered again list by list (idx ordered by list,
      then product_id), so each list is one idx range of the vector parts.
-  3. The driver counts products per list (one row per list) and builds the ListIndex (offsets and probes).
-  4. Sampled recall: score.ann_recall_queries products drawn by the date; executors score them against every
+  4. The driver counts products per list (one row per list) and builds the ListIndex (offsets and probes).
+  5. Sampled recall: score.ann_recall_queries products drawn by the date; executors score them against every
      product and keep each query's exact top-K per partition, and a window keeps the top K overall. The search is
      exact within the lists it reads, so its recall@K with P query probes is the share of those neighbours in
      the lists it would search (matcher.ann.recall_of_probes); P starts at score.ann_query_probes and doubles
@@ -26,7 +28,8 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.spark_frames import vector_matrix, with_dense_index
-from matcher.ann import ListIndex, assign_lists, build_index, list_count, train_centroids, training_sample_size
+from matcher.ann import (ListIndex, assign_lists, build_index, centroids_from_sums, list_count, list_sums,
+                         train_centroids, training_sample_size)
 
 
 def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -> np.ndarray:
@@ -39,6 +42,31 @@ def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -
         chosen = vectors.filter(F.pmod(F.xxhash64("product_id"), F.lit(modulus)) < int(modulus * sample / n))
     table = chosen.select("v").toArrow()
     return train_centroids(vector_matrix(table.column("v"), dim), lists)
+
+
+def refine_lists(vectors: DataFrame, centroids: np.ndarray, iterations: int, dim: int) -> np.ndarray:
+    """k-means iterations over the whole catalog (matcher.ann.refine_centroids, on Spark): each task sums its
+    products' v per list (matcher.ann.list_sums), the sums are added in a tree on executors, and the driver
+    receives one (lists x dim) array per iteration."""
+    spark = vectors.sparkSession
+    for _ in range(iterations):
+        current = spark.sparkContext.broadcast(centroids)
+
+        def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            sums, counts = np.zeros(current.value.shape, np.float64), np.zeros(len(current.value), np.int64)
+            for b in batches:
+                if b.num_rows:
+                    part_sums, part_counts = list_sums(vector_matrix(b.column("v"), dim), current.value)
+                    sums += part_sums
+                    counts += part_counts
+            yield pa.RecordBatch.from_pydict({"sums": [sums.tobytes()], "counts": [counts.tobytes()]})
+
+        sums, counts = (vectors.select("v").mapInArrow(partial, "sums binary, counts binary").rdd
+                        .map(lambda row: (np.frombuffer(row["sums"], np.float64), np.frombuffer(row["counts"], np.int64)))
+                        .treeReduce(lambda a, b: (a[0] + b[0], a[1] + b[1])))
+        centroids = centroids_from_sums(sums.reshape(centroids.shape), counts, centroids)
+        current.unpersist()
+    return centroids
 
 
 def number_by_list(vectors: DataFrame, centroids: np.ndarray, partitions: int, dim: int):

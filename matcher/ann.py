@@ -57,10 +57,42 @@ def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: 
     rng = np.random.default_rng(seed)
     centroids = _seeds(sample, lists, rng)
     for _ in range(iterations):
-        assigned = assign_lists(sample, centroids)
-        order = np.argsort(assigned, kind="stable")
-        filled, starts = np.unique(assigned[order], return_index=True)
-        centroids[filled] = _unit(np.add.reduceat(sample[order], starts, axis=0))
+        centroids = centroids_from_sums(*list_sums(sample, centroids), centroids)
+    return centroids
+
+
+def list_sums(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each list's sum of the vectors it is assigned (lists, d) float64, each list's count): one k-means step's
+    statistics over these vectors, which add up across any split of the catalog."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    assigned = assign_lists(vectors, centroids)
+    order = np.argsort(assigned, kind="stable")
+    filled, starts = np.unique(assigned[order], return_index=True)
+    sums = np.zeros(centroids.shape, np.float64)
+    if len(filled):
+        sums[filled] = np.add.reduceat(vectors[order], starts, axis=0, dtype=np.float64)
+    return sums, np.bincount(assigned, minlength=len(centroids))
+
+
+def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Each list's new centroid, its members' mean direction; a list with no members keeps its previous one."""
+    centroids = np.array(previous, dtype=np.float32, copy=True)
+    filled = np.asarray(counts) > 0
+    centroids[filled] = _unit(sums[filled])
+    return centroids
+
+
+def refine_centroids(vectors: np.ndarray, centroids: np.ndarray, iterations: int, chunk: int = 100_000) -> np.ndarray:
+    """k-means iterations over all the vectors, from centroids trained on a sample: with few sampled products per
+    cluster, the sample's lists cut clusters apart, and each pass over the whole catalog moves them back
+    (bench/allpairs.py --ann). In chunks, as the score stage's tasks do."""
+    for _ in range(iterations):
+        sums, counts = np.zeros(centroids.shape, np.float64), np.zeros(len(centroids), np.int64)
+        for a in range(0, len(vectors), chunk):
+            part_sums, part_counts = list_sums(vectors[a:a + chunk], centroids)
+            sums += part_sums
+            counts += part_counts
+        centroids = centroids_from_sums(sums, counts, centroids)
     return centroids
 
 
@@ -208,15 +240,15 @@ def choose_query_probes(index: ListIndex, queries: np.ndarray, query_idx: np.nda
 
 
 def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 1, query_probes: int = 32,
-                  sample: int = 0, seed: int = 0, chunk: int = 8192,
-                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's approximate top-k other rows (scores, row numbers), in one process: train on a sample, number
-    the rows list by list, search. For benchmarks and tests; the score stage runs the same steps on Spark."""
+                  sample: int = 0, seed: int = 0, chunk: int = 8192, threads: int | None = None,
+                  refine: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's approximate top-k other rows (scores, row numbers), in one process: train on a sample, refine
+    over all rows (`refine` iterations), number the rows list by list, search. For benchmarks and tests; the score stage runs the same steps on Spark."""
     n = len(vectors)
     rng = np.random.default_rng(seed)
     lists = list_count(n, lists)
     sample_rows = rng.choice(n, training_sample_size(n, lists, sample), replace=False)
-    centroids = train_centroids(vectors[sample_rows], lists, seed=seed)
+    centroids = refine_centroids(vectors, train_centroids(vectors[sample_rows], lists, seed=seed), refine)
     nearest = topk(vectors, centroids, max(1, min(query_probes, len(centroids))), threads=threads)[1]
     assigned = nearest[:, 0]  # as assign_lists: the one product of the vectors and centroids serves both
     order = np.argsort(assigned, kind="stable")

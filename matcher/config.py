@@ -136,6 +136,7 @@ class ScoreConfig:
     ann_lists: int
     ann_query_probes: int
     ann_sample: int
+    ann_refine_iterations: int
     ann_recall_queries: int
     ann_recall_floor: float
     ann_target_recall: float
@@ -269,9 +270,10 @@ def _check(cfg: Config) -> None:
     if cfg.score.ann_max_query_probes < cfg.score.ann_query_probes:
         raise ConfigError(f"score.ann_max_query_probes ({cfg.score.ann_max_query_probes}) must be >= "
                           f"score.ann_query_probes ({cfg.score.ann_query_probes}), where the search starts")
-    if min(cfg.score.ann_lists, cfg.score.ann_query_probes, cfg.score.ann_sample) < 0 \
+    if min(cfg.score.ann_lists, cfg.score.ann_query_probes, cfg.score.ann_sample, cfg.score.ann_refine_iterations) < 0 \
             or cfg.score.ann_recall_queries < 1:
-        raise ConfigError("score.ann_lists, ann_query_probes and ann_sample must be >= 0, ann_recall_queries >= 1")
+        raise ConfigError("score.ann_lists, ann_query_probes, ann_sample and ann_refine_iterations must be >= 0, "
+                          "ann_recall_queries >= 1")
     if cfg.runner.mode not in ("in_process", "spark_submit"):
         raise ConfigError("runner.mode must be in_process or spark_submit")
     if cfg.extract.image_encoder not in IMAGE_ENCODERS:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from matcher.ann import (ListIndex, ann_all_pairs, assign_lists, build_index, choose_query_probes, probe_lists,
-                         recall_at_k, recall_of_probes, search_lists, train_centroids)
+                         recall_at_k, recall_of_probes, refine_centroids, search_lists, train_centroids)
 from matcher.scoring import topk
 
 
@@ -129,3 +129,14 @@ def test_choose_query_probes_doubles_until_the_target_and_stops_at_the_most():
     assert choose_query_probes(index, q, q_idx, exact, 16, target, 256) == (16, recall[16])  # never below start
     assert choose_query_probes(index, q, q_idx, exact, 1, target, 2) == (2, recall[2])  # capped: its recall
     assert choose_query_probes(index, q, q_idx, exact, 0, 1.0, 256)[1] == 1.0  # from none: 1, 2, 4, ... lists
+
+
+def test_refining_on_the_whole_catalog_mends_lists_trained_on_a_thin_sample():
+    x = clustered(6000, 32, 300, spread=0.6, seed=8)  # 20 products a cluster, 1.3 of them sampled
+    _, exact = topk(x, x, 10, exclude_self=True)
+    thin = recall_at_k(ann_all_pairs(x, 10, lists=100, query_probes=2, sample=400)[1], exact)
+    refined = recall_at_k(ann_all_pairs(x, 10, lists=100, query_probes=2, sample=400, refine=3)[1], exact)
+    assert refined > thin + 0.02
+    # The passes add up per-chunk statistics: any chunking gives the same centroids.
+    start = train_centroids(x[:400], 100, seed=0)
+    np.testing.assert_allclose(refine_centroids(x, start, 2, chunk=700), refine_centroids(x, start, 2), atol=1e-6)

@@ -232,3 +232,19 @@ def test_the_search_table_by_photo_equals_cosine_less_hubness_over_the_whole_cat
         assert hits["rank"].tolist() == [1, 2, 3, 4, 5]
         assert hits["product_id"].tolist() == [f"p{i:03d}" for i in np.argsort(-want[n], kind="stable")[:5]]
         np.testing.assert_allclose(hits["score"], np.sort(want[n])[::-1][:5], atol=1e-5)
+
+
+def test_refining_the_lists_on_executors_equals_the_single_machine_refinement(spark):
+    """k-means passes over the whole catalog on Spark (per-task sums added in a tree, under a 1 MB
+    maxResultSize) give the centroids of matcher.ann.refine_centroids over the same vectors."""
+    from jobs.score_ann import refine_lists
+    from matcher.ann import refine_centroids
+
+    v = unit_vectors(600, 16, 4)
+    start = train_centroids(v[:60], 12, seed=2)  # trained on a tenth: the whole catalog moves them
+    frame = spark.createDataFrame([(i, v[i].tolist()) for i in range(600)], "idx long, v array<float>").repartition(5)
+    got = refine_lists(frame, start, 2, 16)
+    want = refine_centroids(v, start, 2)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(want, start, atol=1e-3)
+    np.testing.assert_array_equal(refine_lists(frame, start, 0, 16), start)

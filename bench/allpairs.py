@@ -6,7 +6,7 @@ process so peak memory is its own.
     .venv/bin/python bench/allpairs.py [--n 20000 100000] [--dim 256] [--k 20] [--threads 2] [--repeat 3]
                                        [--device cpu|cuda] [--precision fp32 fp16 bf16]
     .venv/bin/python bench/allpairs.py --ann [--n 1000000] [--queries 2000] [--query-probes 32] [--sample 0]
-                                       [--refine 3]
+                                       [--refine 3] [--target-recall 0.98]
 
 Each repeat runs every method once, in turn (matcher right after the bare product), so that a noisy neighbour on
 the machine slows them alike; the table shows the median time, and time/bare is the median of each repeat's own
@@ -119,7 +119,7 @@ def clustered(n: int, d: int, seed: int = 0, per_cluster: int = 50, spread: floa
 
 
 def _run_ann(n: int, d: int, k: int, threads: int, queries: int, query_probes: int, spread: float, lists: int,
-             sample: int, refine: int, queue) -> None:
+             sample: int, refine: int, target_recall: float, queue) -> None:
     import torch
 
     from matcher.ann import ann_all_pairs, list_count, recall_at_k
@@ -129,39 +129,40 @@ def _run_ann(n: int, d: int, k: int, threads: int, queries: int, query_probes: i
     x = clustered(n, d, spread=spread)
     base = _rss_mb()
     started = time.perf_counter()
-    _, idx = ann_all_pairs(x, k, lists=lists, probes=1, query_probes=query_probes, sample=sample, threads=threads,
-                           refine=refine)
+    _, idx, probes = ann_all_pairs(x, k, lists=lists, probes=1, query_probes=query_probes, sample=sample,
+                                   threads=threads, refine=refine, target_recall=target_recall or None)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     sample = np.random.default_rng(1).choice(n, min(n, queries), replace=False)
     started = time.perf_counter()
     _, exact = topk(x[sample], x, k, exclude=sample, threads=threads)
     exact_seconds = time.perf_counter() - started
-    queue.put((seconds, peak, recall_at_k(idx[sample], exact), exact_seconds, list_count(n, lists)))
+    queue.put((seconds, peak, recall_at_k(idx[sample], exact), exact_seconds, list_count(n, lists), probes))
 
 
 def ann_table(args) -> None:
     """ANN candidates against exact search on a sample of queries, one process per N."""
     print(f"d={args.dim} K={args.k} threads={args.threads} spread={args.spread} query_probes={args.query_probes} "
-          f"training sample={args.sample} refine={args.refine} sampled queries={args.queries}\n")
-    print(f"{'N':>9} {'lists':>6}{'ANN s':>9}{'peak MB':>9}{'recall@K':>10}{'exact s, sample':>17}"
+          f"training sample={args.sample} refine={args.refine} target recall={args.target_recall} "
+          f"sampled queries={args.queries}\n")
+    print(f"{'N':>9} {'lists':>6}{'probes':>7}{'ANN s':>9}{'peak MB':>9}{'recall@K':>10}{'exact s, sample':>17}"
           f"{'exact s, all (projected)':>26}{'exact/ANN':>10}")
     for n in args.n:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         proc = ctx.Process(target=_run_ann, args=(n, args.dim, args.k, args.threads, args.queries,
                                                   args.query_probes, args.spread, args.lists, args.sample,
-                                                  args.refine, queue))
+                                                  args.refine, args.target_recall, queue))
         proc.start()
-        seconds, peak, recall, exact_seconds, lists = queue.get()
+        seconds, peak, recall, exact_seconds, lists, probes = queue.get()
         proc.join()
         # The general exact path's measured rate, times N queries; the symmetric path does about half the work.
         projected = exact_seconds * n / min(n, args.queries)
-        print(f"{n:>9} {lists:>6}{seconds:>9.1f}{peak:>9.0f}{recall:>10.4f}{exact_seconds:>17.2f}"
+        print(f"{n:>9} {lists:>6}{probes:>7}{seconds:>9.1f}{peak:>9.0f}{recall:>10.4f}{exact_seconds:>17.2f}"
               f"{projected:>14.0f} ({projected / 2:>5.0f} sym){projected / 2 / seconds:>10.1f}")
     print("\nANN: k-means lists (about 4 sqrt(N) unless --lists), each product searched exactly against its own list's "
-          "covering lists and its query_probes nearest lists; recall@K against the exact top-K of the sampled "
-          "queries. exact/ANN: the symmetric projection over the ANN time (goal recall >= 0.98).")
+          "covering lists and its nearest lists (probes: --query-probes, doubled until the recall on other sampled "
+          "rows reaches --target-recall); recall@K against the exact top-K of the sampled queries. exact/ANN: the symmetric projection over the ANN time (goal recall >= 0.98).")
 
 
 def main() -> int:
@@ -183,6 +184,8 @@ def main() -> int:
     parser.add_argument("--lists", type=int, default=0, help="--ann: k-means lists (0: about 4 sqrt(N))")
     parser.add_argument("--sample", type=int, default=0,
                         help="--ann: vectors the lists are trained on (0: 64 per list, at least 100,000)")
+    parser.add_argument("--target-recall", type=float, default=0.98,
+                        help="--ann: probes grow until this (score.ann_target_recall); 0: fixed --query-probes")
     parser.add_argument("--refine", type=int, default=3,
                         help="--ann: k-means passes over all N after the sample's (score.ann_refine_iterations)")
     args = parser.parse_args()

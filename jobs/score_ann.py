@@ -62,7 +62,7 @@ def refine_lists(vectors: DataFrame, centroids: np.ndarray, iterations: int, dim
             yield pa.RecordBatch.from_pydict({"sums": [sums.tobytes()], "counts": [counts.tobytes()]})
 
         sums, counts = (vectors.select("v").mapInArrow(partial, "sums binary, counts binary").rdd
-                        .map(lambda row: (np.frombuffer(row["sums"], np.float64), np.frombuffer(row["counts"], np.int64)))
+                        .map(lambda row: (np.frombuffer(row["sums"]), np.frombuffer(row["counts"], np.int64)))
                         .treeReduce(lambda a, b: (a[0] + b[0], a[1] + b[1])))
         centroids = centroids_from_sums(sums.reshape(centroids.shape), counts, centroids)
         current.unpersist()

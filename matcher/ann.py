@@ -241,9 +241,13 @@ def choose_query_probes(index: ListIndex, queries: np.ndarray, query_idx: np.nda
 
 def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 1, query_probes: int = 32,
                   sample: int = 0, seed: int = 0, chunk: int = 8192, threads: int | None = None,
-                  refine: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's approximate top-k other rows (scores, row numbers), in one process: train on a sample, refine
-    over all rows (`refine` iterations), number the rows list by list, search. For benchmarks and tests; the score stage runs the same steps on Spark."""
+                  refine: int = 0, target_recall: float | None = None, max_query_probes: int = 256,
+                  recall_queries: int = 2000) -> tuple[np.ndarray, np.ndarray, int]:
+    """(each row's approximate top-k other rows' scores, their row numbers, the query probes used), in one process:
+    train on a sample, refine over all rows (`refine` iterations), number the rows list by list, search. With
+    `target_recall`, the query probes grow from `query_probes` as the score stage grows them (choose_query_probes
+    on `recall_queries` rows drawn by `seed`). For benchmarks and tests; the score stage runs the same steps on
+    Spark."""
     n = len(vectors)
     rng = np.random.default_rng(seed)
     lists = list_count(n, lists)
@@ -256,15 +260,22 @@ def ann_all_pairs(vectors: np.ndarray, k: int, lists: int = 0, probes: int = 1, 
     ordered = np.ascontiguousarray(vectors[order])
     k = min(k, n - 1)
     index = build_index(centroids, np.bincount(assigned, minlength=len(centroids)), probes, k + 1, query_probes)
+    if target_recall is not None:
+        q_idx = np.sort(rng.choice(n, min(n, recall_queries), replace=False))
+        exact = topk(ordered[q_idx], ordered, k, exclude=q_idx, threads=threads)[1]
+        chosen, _ = choose_query_probes(index, ordered[q_idx], q_idx, exact, query_probes, target_recall,
+                                        max_query_probes)
+        if chosen != query_probes:
+            index, nearest = replace(index, query_probes=chosen), None  # each chunk finds its own nearest lists
     scores = np.zeros((n, k), np.float32)
     found = np.zeros((n, k), np.int64)
     for a in range(0, n, chunk):  # as the score stage's query blocks
         rows = np.arange(a, min(n, a + chunk))
         scores[rows], found[rows] = search_lists(index, ordered[rows], rows, lambda a, b: ordered[a:b], k,
-                                                 threads=threads, nearest=nearest[rows])
+                                                 threads=threads, nearest=None if nearest is None else nearest[rows])
     result_scores, result_idx = np.empty_like(scores), np.empty_like(found)
     result_scores[order], result_idx[order] = scores, order[found]
-    return result_scores, result_idx
+    return result_scores, result_idx, index.query_probes
 
 
 def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:

@@ -15,7 +15,7 @@ def clustered(n: int, d: int, centers: int, spread: float, seed: int = 0) -> np.
 
 def test_one_list_is_the_exact_search():
     x = np.random.default_rng(2).integers(0, 3, size=(400, 4)).astype(np.float32)  # ties everywhere
-    scores, idx = ann_all_pairs(x, 10, lists=1, probes=1)
+    scores, idx, _ = ann_all_pairs(x, 10, lists=1, probes=1)
     want_scores, want_idx = topk(x, x, 10, exclude_self=True)
     np.testing.assert_array_equal(scores, want_scores)
     # One list numbers the rows as they are, so even the ties go to the same (lower) rows.
@@ -24,14 +24,14 @@ def test_one_list_is_the_exact_search():
 
 def test_clustered_catalog_recall_and_shape():
     x = clustered(6000, 32, 120, spread=0.5)
-    scores, idx = ann_all_pairs(x, 20, probes=1, query_probes=8)
+    scores, idx, _ = ann_all_pairs(x, 20, probes=1, query_probes=8)
     assert idx.shape == (6000, 20) and not (idx == np.arange(6000)[:, None]).any()
     assert (np.diff(scores, axis=1) <= 0).all()  # best first
     np.testing.assert_allclose(scores, np.take_along_axis(x @ x.T, idx, 1), atol=1e-5)  # exact dot products
     _, exact = topk(x, x, 20, exclude_self=True)
     assert recall_at_k(idx, exact) >= 0.95
     # With one probe per list and none per query, recall is lower: the per-query probes are what carries it.
-    _, narrow = ann_all_pairs(x, 20, probes=1, query_probes=0)
+    _, narrow, _ = ann_all_pairs(x, 20, probes=1, query_probes=0)
     assert recall_at_k(narrow, exact) < recall_at_k(idx, exact)
 
 
@@ -140,3 +140,13 @@ def test_refining_on_the_whole_catalog_mends_lists_trained_on_a_thin_sample():
     # The passes add up per-chunk statistics: any chunking gives the same centroids.
     start = train_centroids(x[:400], 100, seed=0)
     np.testing.assert_allclose(refine_centroids(x, start, 2, chunk=700), refine_centroids(x, start, 2), atol=1e-6)
+
+
+def test_ann_all_pairs_grows_its_query_probes_to_the_target_recall():
+    x = clustered(6000, 32, 300, spread=0.6, seed=8)
+    _, exact = topk(x, x, 10, exclude_self=True)
+    _, fixed, fixed_probes = ann_all_pairs(x, 10, lists=100, query_probes=1, sample=400)
+    _, grown, grown_probes = ann_all_pairs(x, 10, lists=100, query_probes=1, sample=400, target_recall=0.97,
+                                           recall_queries=500)
+    assert fixed_probes == 1 and grown_probes in (2, 4, 8, 16, 32, 64, 100)
+    assert recall_at_k(fixed, exact) < 0.97 <= recall_at_k(grown, exact) + 0.01  # the target is met on a sample

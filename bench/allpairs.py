@@ -10,8 +10,9 @@ process so peak memory is its own.
 
 Each repeat runs every method once, in turn (matcher right after the bare product), so that a noisy neighbour on
 the machine slows them alike; the table shows the median time, and time/bare is the median of each repeat's own
-ratio (the two runs next to each other), with every repeat's ratio beside it. Peak memory is the process's maximum resident set minus its resident set once the data was
-made (the largest over the repeats); on a GPU, torch's peak allocated device memory."""
+ratio (the two runs next to each other), with every repeat's ratio beside it. Peak memory is the process's
+maximum resident set minus its resident set once the data was made (the largest over the repeats); on a GPU,
+torch's peak allocated device memory."""
 from __future__ import annotations
 
 import argparse
@@ -162,7 +163,8 @@ def ann_table(args) -> None:
               f"{projected:>14.0f} ({projected / 2:>5.0f} sym){projected / 2 / seconds:>10.1f}")
     print("\nANN: k-means lists (about 4 sqrt(N) unless --lists), each product searched exactly against its own list's "
           "covering lists and its nearest lists (probes: --query-probes, doubled until the recall on other sampled "
-          "rows reaches --target-recall); recall@K against the exact top-K of the sampled queries. exact/ANN: the symmetric projection over the ANN time (goal recall >= 0.98).")
+          "rows reaches --target-recall); recall@K against the exact top-K of the sampled queries. exact/ANN: the "
+          "symmetric projection over the ANN time (goal recall >= 0.98).")
 
 
 def main() -> int:

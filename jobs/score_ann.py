@@ -28,7 +28,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.spark_frames import vector_matrix, with_dense_index
-from matcher.ann import (ListIndex, assign_lists, build_index, centroids_from_sums, list_count, list_sums,
+from matcher.ann import (ListIndex, assign_lists, build_index, centroids_from_sums, list_count, list_sums_over,
                          train_centroids, training_sample_size)
 
 
@@ -46,19 +46,14 @@ def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -
 
 def refine_lists(vectors: DataFrame, centroids: np.ndarray, iterations: int, dim: int) -> np.ndarray:
     """k-means iterations over the whole catalog (matcher.ann.refine_centroids, on Spark): each task sums its
-    products' v per list (matcher.ann.list_sums), the sums are added in a tree on executors, and the driver
+    products' v per list (matcher.ann.list_sums_over), the sums are added in a tree on executors, and the driver
     receives one (lists x dim) array per iteration."""
     spark = vectors.sparkSession
     for _ in range(iterations):
         current = spark.sparkContext.broadcast(centroids)
 
         def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-            sums, counts = np.zeros(current.value.shape, np.float64), np.zeros(len(current.value), np.int64)
-            for b in batches:
-                if b.num_rows:
-                    part_sums, part_counts = list_sums(vector_matrix(b.column("v"), dim), current.value)
-                    sums += part_sums
-                    counts += part_counts
+            sums, counts = list_sums_over((vector_matrix(b.column("v"), dim) for b in batches), current.value)
             yield pa.RecordBatch.from_pydict({"sums": [sums.tobytes()], "counts": [counts.tobytes()]})
 
         sums, counts = (vectors.select("v").mapInArrow(partial, "sums binary, counts binary").rdd

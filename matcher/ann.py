@@ -8,7 +8,7 @@ against the exact top-K is measured each night on sampled queries (jobs/score_an
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -82,17 +82,24 @@ def centroids_from_sums(sums: np.ndarray, counts: np.ndarray, previous: np.ndarr
     return centroids
 
 
+def list_sums_over(chunks: Iterable[np.ndarray], centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """list_sums added up over chunks of the vectors (a task's batches, or a catalog in slices)."""
+    sums, counts = np.zeros(centroids.shape, np.float64), np.zeros(len(centroids), np.int64)
+    for chunk in chunks:
+        if len(chunk):
+            part_sums, part_counts = list_sums(chunk, centroids)
+            sums += part_sums
+            counts += part_counts
+    return sums, counts
+
+
 def refine_centroids(vectors: np.ndarray, centroids: np.ndarray, iterations: int, chunk: int = 100_000) -> np.ndarray:
     """k-means iterations over all the vectors, from centroids trained on a sample: with few sampled products per
     cluster, the sample's lists cut clusters apart, and each pass over the whole catalog moves them back
     (bench/allpairs.py --ann). In chunks, as the score stage's tasks do."""
     for _ in range(iterations):
-        sums, counts = np.zeros(centroids.shape, np.float64), np.zeros(len(centroids), np.int64)
-        for a in range(0, len(vectors), chunk):
-            part_sums, part_counts = list_sums(vectors[a:a + chunk], centroids)
-            sums += part_sums
-            counts += part_counts
-        centroids = centroids_from_sums(sums, counts, centroids)
+        chunks = (vectors[a:a + chunk] for a in range(0, len(vectors), chunk))
+        centroids = centroids_from_sums(*list_sums_over(chunks, centroids), centroids)
     return centroids
 
 

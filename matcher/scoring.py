@@ -5,8 +5,8 @@ On the CPU the block products run in a pool of threads, each calling BLAS single
 its own block: the top-K selection then runs on every core beside the arithmetic instead of one core after it. The
 filter is a threshold per row (its current K-th score): the block's column maxima over tiles of a few rows are
 compared with it first, and only the tiles that can hold a hit are read again, so a block is scanned about once
-beyond its product. Merges sort by (row, -score, index), which makes the result independent of the order blocks
-finish in."""
+beyond its product. Merges keep each row's k least (-score, index) sort keys, which makes the result independent
+of the order blocks finish in."""
 from __future__ import annotations
 
 import threading
@@ -23,6 +23,10 @@ import torch
 _NO_INDEX = np.iinfo(np.int64).max
 _LOWEST = np.finfo(np.float32).min  # a threshold that lets every finite score through but never an excluded -inf
 _TILE_ROWS = 8
+_SIGN = np.uint32(0x80000000)
+_NO_INDEX_32 = 0xFFFFFFFF  # a free slot's index inside a sort key; real item indices stay below it
+_EMPTY_KEY = np.uint64(0xFF800000_FFFFFFFF)  # (-inf, free): after every real entry
+_PAD_KEY = np.uint64(np.iinfo(np.uint64).max)
 _UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 
 
@@ -300,14 +304,14 @@ class _RunningTopK:
     """The best k (score, index) of each row of a block of queries so far, ties by lower index.
 
     Entries at or above a row's current k-th score are kept (an entry equal to it may still win on index), buffered
-    and merged in batches sorted by (row, -score, index), so blocks may arrive in any order and from any thread.
-    The k-th scores used as the filter lag behind by one batch, which only lets a few more through."""
+    and merged in batches, so blocks may arrive in any order and from any thread. Each row's best are held as
+    (score, index) sort keys (`_descending_keys`), so a merge needs no tie rule of its own. The k-th scores used as
+    the filter lag behind by one batch, which only lets a few more through."""
 
     def __init__(self, n_rows: int, k: int, flush_at: int, eager: bool = True):
         self.k = k
         self._eager = eager  # merge every push until all rows hold k (thresholds early; costly for many rows)
-        self.values = np.full((n_rows, k), -np.inf, dtype=np.float32)
-        self.indices = np.full((n_rows, k), _NO_INDEX, dtype=np.int64)
+        self.keys = np.full((n_rows, k), _EMPTY_KEY, dtype=np.uint64)
         self.thresholds = np.full(n_rows, _LOWEST, dtype=np.float32)
         self.full = False
         self._flush_at = flush_at
@@ -366,14 +370,15 @@ class _RunningTopK:
         if self._pending:
             rows, values, indices = (np.concatenate(part) for part in zip(*self._pending))
             self._pending, self._pending_count = [], 0
-            self.values, self.indices = _merge_sparse(self.values, self.indices, rows, values, indices, self.k)
-            self.full = not np.isneginf(self.values[:, -1]).any()
-            self.thresholds = np.where(np.isneginf(self.values[:, -1]), _LOWEST, self.values[:, -1])
+            self.keys = _merge_keys(self.keys, rows, _descending_keys(values, indices), self.k)
+            kth, _ = _decode_keys(self.keys[:, -1])
+            self.full = not np.isneginf(kth).any()
+            self.thresholds = np.where(np.isneginf(kth), _LOWEST, kth)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             self._flush()
-        return self.values, self.indices
+        return _decode_keys(self.keys)
 
 
 @dataclass(frozen=True)
@@ -480,36 +485,49 @@ def _entries_above_torch(sims: torch.Tensor, thresholds: np.ndarray,
     return rows, cols, values
 
 
-def _merge_sparse(best_v: np.ndarray, best_i: np.ndarray, rows: np.ndarray, vals: np.ndarray, idx: np.ndarray,
-                  k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge (row, score, index) candidates into each row's current top-k, by (row, -score, index), whatever
-    order the candidates come in."""
-    n = len(best_v)
-    all_rows = np.concatenate([np.repeat(np.arange(n), k), rows])
-    all_v = np.concatenate([best_v.ravel(), vals])
-    all_i = np.concatenate([best_i.ravel(), idx])
-    keys = _row_then_descending_score(all_rows, all_v)
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    tied = sorted_keys[1:] == sorted_keys[:-1]
-    if tied.any():  # equal (row, score): settle each run of equal keys by index (rare outside duplicate vectors)
-        in_run = np.zeros(len(order), dtype=bool)
-        in_run[1:] |= tied
-        in_run[:-1] |= tied
-        at = np.flatnonzero(in_run)
-        run = order[at]
-        order[at] = run[np.lexsort((all_i[run], keys[run]))]
-    counts = k + np.bincount(rows, minlength=n)
-    pick = order[((np.cumsum(counts) - counts)[:, None] + np.arange(k)).ravel()]
-    return all_v[pick].reshape(n, k), all_i[pick].reshape(n, k)
+def _descending_keys(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """One uint64 per (score, real item index), ascending as the score descends, then as the index ascends: the
+    float32 bits made monotone and inverted above, the index below (+ 0.0 turns -0.0 into 0.0 so the two tie as
+    they compare)."""
+    if len(indices) and int(indices.max()) >= _NO_INDEX_32:
+        raise ValueError(f"item indices must stay below {_NO_INDEX_32:,}")
+    bits = (np.asarray(values, dtype=np.float32) + np.float32(0.0)).view(np.uint32)
+    ascending = np.where(bits >= _SIGN, ~bits, bits | _SIGN)
+    return ((~ascending).astype(np.uint64) << np.uint64(32)) | indices.astype(np.uint64)
 
 
-def _row_then_descending_score(rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """One int64 sort key per entry ordering by row, then by score from high to low (float32 bits made
-    monotone; + 0.0 turns -0.0 into 0.0 so the two tie as they compare)."""
-    bits = (scores.astype(np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)
-    monotone = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return rows.astype(np.int64) * (1 << 33) - monotone
+def _decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices) of `_descending_keys` output; a free slot is (-inf, the largest int64)."""
+    ascending = ~(keys >> np.uint64(32)).astype(np.uint32)
+    bits = np.where(ascending >= _SIGN, ascending & ~_SIGN, ~ascending)
+    indices = (keys & np.uint64(_NO_INDEX_32)).astype(np.int64)
+    return bits.view(np.float32), np.where(indices == _NO_INDEX_32, _NO_INDEX, indices)
+
+
+def _merge_keys(best: np.ndarray, rows: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k smallest of its current keys (n, k, ascending) and the new (row, key) pairs, ascending.
+
+    The new keys are laid out beside their row's current ones in an (n, k + most new in a row) table, padded with
+    the largest key, and each row partitioned at k: linear in the table. A row with far more new keys than the
+    rest would make the table mostly padding; then one sort by (row, key) instead."""
+    n = len(best)
+    if not len(rows):
+        return best
+    counts = np.bincount(rows, minlength=n)
+    width = k + int(counts.max())
+    if n * width > 4 * (n * k + len(rows)):
+        all_rows = np.concatenate([np.repeat(np.arange(n), k), rows])
+        all_keys = np.concatenate([best.ravel(), keys])
+        order = np.lexsort((all_keys, all_rows))
+        first = np.cumsum(k + counts) - (k + counts)
+        return all_keys[order[(first[:, None] + np.arange(k)).ravel()]].reshape(n, k)
+    by_row = np.argsort(rows.astype(np.uint16 if n <= 2**16 else np.int64), kind="stable")  # a radix sort
+    sorted_rows = rows[by_row]
+    slot = k + np.arange(len(rows)) - (np.cumsum(counts) - counts)[sorted_rows]
+    table = np.full((n, width), _PAD_KEY, dtype=np.uint64)
+    table[:, :k] = best
+    table[sorted_rows, slot] = keys[by_row]
+    return np.sort(np.partition(table, k - 1, axis=1)[:, :k], axis=1)
 
 
 def assign_categories(vectors: np.ndarray, categories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

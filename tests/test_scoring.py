@@ -112,14 +112,35 @@ def test_default_block_is_chosen_from_the_cache_and_the_threads():
     assert default_block_size("cuda") == 8192  # only reads the device type; no GPU needed
 
 
-def test_sort_key_orders_by_row_then_score_descending():
-    from matcher.scoring import _row_then_descending_score
+def test_sort_keys_order_by_score_descending_then_index_and_decode_back():
+    from matcher.scoring import _NO_INDEX, _EMPTY_KEY, _decode_keys, _descending_keys
 
-    scores = np.array([1.0, 0.5, 0.0, -0.0, -0.5, -1.0, -np.inf, 3e-38, -3e-38], dtype=np.float32)
-    rows = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1])
-    keys = _row_then_descending_score(rows, scores)
-    assert np.all(np.diff(keys[:3]) > 0) and keys[2] == keys[3] and np.all(np.diff(keys[3:7]) > 0)
-    assert keys[6] < keys[7] < keys[8]
+    scores = np.array([1.0, 0.5, 0.5, 0.0, -0.0, -0.5, -1.0, -np.inf, 3e-38, -3e-38], dtype=np.float32)
+    indices = np.array([9, 3, 4, 7, 2, 0, 1, 5, 6, 8])
+    keys = _descending_keys(scores, indices)
+    expected = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), indices[i]))  # -0.0 ties 0.0
+    assert list(np.argsort(keys)) == expected
+    values, back = _decode_keys(keys)
+    np.testing.assert_array_equal(values, scores)
+    np.testing.assert_array_equal(back, indices)
+    assert keys.max() < _EMPTY_KEY
+    assert _decode_keys(np.array([_EMPTY_KEY]))[1][0] == _NO_INDEX
+    with pytest.raises(ValueError, match="item indices must stay below"):
+        _descending_keys(np.zeros(1, np.float32), np.array([2**32]))
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_merged_keys_are_each_rows_k_least(skewed):
+    from matcher.scoring import _merge_keys
+
+    rng = np.random.default_rng(5)
+    n, k = 50, 6
+    best = np.sort(rng.integers(0, 2**40, (n, k)).astype(np.uint64), axis=1)
+    rows = np.full(400, 3) if skewed else rng.integers(0, n, 400)  # skewed: the one-sort path
+    keys = rng.integers(0, 2**40, len(rows)).astype(np.uint64)
+    merged = _merge_keys(best, rows, keys, k)
+    for row in range(n):
+        np.testing.assert_array_equal(merged[row], np.sort(np.concatenate([best[row], keys[rows == row]]))[:k])
 
 
 def test_non_finite_vectors_are_refused_with_the_row():

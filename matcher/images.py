@@ -56,8 +56,10 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
     except ImageRejected:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        reason = "not_an_image" if isinstance(exc, UnidentifiedImageError) else "image_too_large"
-        raise ImageRejected(reason, str(exc)[:200]) from None
+        if isinstance(exc, UnidentifiedImageError):
+            # Pillow's message names a BytesIO's address; the first bytes show what the file is (HTML, text...).
+            raise ImageRejected("not_an_image", f"no image format recognises it; starts with {data[:16]!r}") from None
+        raise ImageRejected("image_too_large", str(exc)[:200]) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected("image_corrupt", str(exc)[:200]) from None
     try:

@@ -6,7 +6,9 @@ import re
 import unicodedata
 from functools import lru_cache
 
-_TAG = re.compile(r"<[^>]*>")
+# An HTML tag, comment or declaration: "<" then a letter, "/", "!" or "?". A "<" before a digit or a space is text
+# ("Voltage <12V, current >2A" keeps both halves).
+_TAG = re.compile(r"<!--.*?-->|<[/!?]?[A-Za-z][^<>]*>", re.DOTALL)
 _WS = re.compile(r"\s+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN_WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
@@ -50,7 +52,8 @@ def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     if value is None or (isinstance(value, float) and value != value):
         return "", False
     text = unicodedata.normalize("NFKC", str(value))
-    text = html.unescape(_TAG.sub(" ", text))
+    # Tags removed again after the entities: exports escape HTML twice ("&lt;b&gt;Bold&lt;/b&gt;").
+    text = _TAG.sub(" ", html.unescape(_TAG.sub(" ", text)))
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
     text = _WS.sub(" ", text).strip()
     if len(text) > max_chars:

@@ -63,6 +63,12 @@ def test_bad_bytes_are_rejected_with_a_reason(data, reason):
     assert err.value.reason == reason
 
 
+def test_a_file_that_is_no_image_is_described_by_its_first_bytes():
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(b"<!DOCTYPE html><html>404 not found</html>", **LIMITS)
+    assert err.value.detail == "no image format recognises it; starts with b'<!DOCTYPE html><'"
+
+
 def test_absurd_dimensions_are_rejected_before_decoding():
     data = encode(Image.new("L", (3000, 2000)), "PNG")
     with pytest.raises(ImageRejected) as err:

@@ -6,6 +6,16 @@ def test_normalize_strips_html_entities_controls_and_whitespace():
     assert text == "Red Dress & Shoes" and not cut
 
 
+def test_a_less_than_sign_in_text_is_not_a_tag():
+    text, _ = normalize_text("Charger <12V, current >2A, 5 < 6", 100)
+    assert text == "Charger <12V, current >2A, 5 < 6"
+
+
+def test_html_escaped_twice_and_comments_are_removed():
+    text, _ = normalize_text("&lt;b&gt;Steel&lt;/b&gt; kettle<!-- sku\n 42 --> <br/>1.7 L", 100)
+    assert text == "Steel kettle 1.7 L"
+
+
 def test_normalize_caps_length_and_reports_it():
     text, cut = normalize_text("x" * 50, 10)
     assert text == "x" * 10 and cut

@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql")
     p.add_argument("--max-rows", type=int, default=50)
     p.set_defaults(handler=cmd_query)
+    for command in sub.choices.values():  # `matcher run -q` as well as `matcher -q run`
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="only warnings and errors on stderr")
     return parser
 
 

@@ -143,18 +143,34 @@ def stop_spark() -> None:
         _session_key = None
 
 
-def task_device(requested: str) -> str:
-    """The GPU Spark assigned this task (task resources), else the requested device ("cpu", "cuda" or "auto")."""
-    if requested == "cpu":
-        return "cpu"
+def assigned_gpu() -> str | None:
+    """The address of the GPU Spark's scheduler gave the running task (task resources), or None: outside a task,
+    or on a cluster that schedules no GPUs."""
     try:
         from pyspark import TaskContext
 
         tc = TaskContext.get()
         gpus = tc.resources().get("gpu") if tc is not None else None
-        if gpus is not None and gpus.addresses:
-            return f"cuda:{gpus.addresses[0]}"
-    except Exception:  # outside a Spark task (e.g. a plain loop) fall through
-        pass
-    return requested
+    except Exception:  # outside a Spark task (e.g. a plain loop)
+        return None
+    return gpus.addresses[0] if gpus is not None and gpus.addresses else None
+
+
+def task_device(requested: str) -> str:
+    """The GPU Spark assigned this task, as cuda:<address>, else the requested device ("cpu", "cuda" or "auto").
+
+    A task given a GPU on an executor whose torch cannot use CUDA fails here, naming both, rather than deep inside
+    the first tensor moved to the device."""
+    if requested == "cpu":
+        return "cpu"
+    address = assigned_gpu()
+    if address is None:
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"Spark gave this task GPU {address}, but torch {torch.__version__} on this executor "
+                           "cannot use CUDA (a CPU-only build, or no driver); install a CUDA build of torch, or "
+                           "set extract.executor_gpus = 0 / extract.device = \"cpu\"")
+    return f"cuda:{address}"
 

@@ -32,6 +32,7 @@ MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 IDENT = "matcher"  # SPARK_IDENT_STRING: names the pid and log files
 STATE_FILE = "cluster.json"
+GPU_DISCOVERY_SCRIPT = Path(__file__).resolve().parent.parent / "docker" / "gpu-discovery.sh"  # nvidia-smi's indices
 
 
 class ClusterError(RuntimeError):
@@ -112,14 +113,22 @@ def _alive(pid: int, started: int | None) -> bool:
 
 class StandaloneCluster:
     def __init__(self, work_dir: Path | str, workers: int = 1, cores_per_worker: int = 2,
-                 memory_per_worker: str = "3g", startup_timeout: float = 120.0):
+                 memory_per_worker: str = "3g", startup_timeout: float = 120.0, worker_gpus: int = 0,
+                 gpu_discovery_script: Path | str = GPU_DISCOVERY_SCRIPT):
+        """worker_gpus > 0: each worker offers that many GPUs to Spark's scheduler, their addresses printed by
+        gpu_discovery_script (Spark's discovery-script JSON); executors then get them with
+        spark.executor.resource.gpu.amount and each task its own with spark.task.resource.gpu.amount."""
         if workers < 1:
             raise ValueError("workers must be >= 1")
+        if worker_gpus < 0:
+            raise ValueError("worker_gpus must be >= 0")
         self.work_dir = Path(work_dir).resolve()
         self.workers = workers
         self.cores_per_worker = cores_per_worker
         self.memory_per_worker = memory_per_worker
         self.startup_timeout = startup_timeout
+        self.worker_gpus = worker_gpus
+        self.gpu_discovery_script = Path(gpu_discovery_script).resolve()
         self.log_dir = self.work_dir / "logs"
         self.pid_dir = self.work_dir / "pids"
         self.worker_dir = self.work_dir / "work"      # executors' stdout/stderr, per application
@@ -190,6 +199,13 @@ class StandaloneCluster:
         # The master's REST submission server listens on 6066 unless told otherwise: give it a free port too.
         master_env = dict(env, SPARK_MASTER_OPTS=f"{env.get('SPARK_MASTER_OPTS', '')} "
                                                  f"-Dspark.master.rest.port={self.rest_port}".strip())
+        worker_env = env
+        if self.worker_gpus:
+            if not os.access(self.gpu_discovery_script, os.X_OK):
+                raise ClusterError(f"GPU discovery script {self.gpu_discovery_script} is missing or not executable")
+            worker_env = dict(env, SPARK_WORKER_OPTS=(
+                f"{env.get('SPARK_WORKER_OPTS', '')} -Dspark.worker.resource.gpu.amount={self.worker_gpus} "
+                f"-Dspark.worker.resource.gpu.discoveryScript={self.gpu_discovery_script}").strip())
         started = time.monotonic()
         try:
             # spark-daemon.sh sleeps ~2.5 s after each launch: start the workers as soon as the master's RPC port
@@ -198,7 +214,7 @@ class StandaloneCluster:
                                   "--port", str(self.port), "--webui-port", str(self.webui_port), wait=False)
             self._wait(lambda: port_open(self.port), started, "the master's port to open", master)
             procs = [master] + [
-                self._daemon(home, env, "start", WORKER_CLASS, i,
+                self._daemon(home, worker_env, "start", WORKER_CLASS, i,
                              "--host", "127.0.0.1", "--port", "0", "--webui-port", str(ui),
                              "--cores", str(self.cores_per_worker), "--memory", self.memory_per_worker,
                              "--work-dir", str(self.worker_dir), self.master_url, wait=False)
@@ -371,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--cores", type=int, default=2, help="cores per worker")
     start.add_argument("--memory", default="3g", help="memory per worker, e.g. 3g")
     start.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the workers")
+    start.add_argument("--gpus", type=int, default=0, help="GPUs each worker offers to Spark's scheduler")
+    start.add_argument("--gpu-discovery-script", type=Path, default=GPU_DISCOVERY_SCRIPT,
+                       help="prints the GPUs' addresses as Spark's discovery JSON (default: docker/gpu-discovery.sh)")
     stop = sub.add_parser("stop", help="stop the cluster started from --work-dir")
     stop.add_argument("--work-dir", required=True, type=Path)
     status = sub.add_parser("status", help="print the master's JSON status")
@@ -378,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "start":
-            cluster = StandaloneCluster(args.work_dir, args.workers, args.cores, args.memory, args.timeout).start()
+            cluster = StandaloneCluster(args.work_dir, args.workers, args.cores, args.memory, args.timeout,
+                                        args.gpus, args.gpu_discovery_script).start()
             print(cluster.master_url)
             print(f"started in {cluster.startup_seconds:.1f}s; web UI {cluster.webui_url}; logs in {cluster.log_dir}",
                   file=sys.stderr)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.spark import get_spark, spark_settings, stop_spark
-from jobs.standalone_cluster import StandaloneCluster, port_open
+from jobs.spark import assigned_gpu, get_spark, spark_settings, stop_spark, task_device
+from jobs.standalone_cluster import ClusterError, StandaloneCluster, port_open
 from matcher.config import ConfigError, load_config
 
 
@@ -151,6 +151,53 @@ def test_standalone_cluster_runs_tasks_in_executors_and_stops_clean(tmp_path, mo
     for port in [*cluster.ports, worker_port]:
         # Closed, or reused since by a process of something else on this machine (ports are ephemeral).
         assert not port_open(port) or _listener(port) not in gone, f"port {port} still open"
+
+
+def test_each_concurrent_task_gets_its_own_gpu_and_a_gpu_without_cuda_fails_clearly(tmp_path):
+    # The worker's two GPUs come from a discovery script that names addresses 0 and 1: on this machine they are
+    # announced, not present, which also injects the fault of a GPU task on a torch without CUDA.
+    script = tmp_path / "two-gpus.sh"
+    script.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["0", "1"]}\'\n')
+    script.chmod(0o755)
+    with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="1g",
+                           worker_gpus=2, gpu_discovery_script=script) as cluster:
+        try:
+            spark = get_spark(_extract(spark_master=cluster.master_url, executor_gpus=2, task_gpus=1.0,
+                                       spark_conf={"spark.executor.memory": "512m"}))
+
+            def probe(_):
+                import time
+
+                import torch
+
+                start = time.time()
+                try:
+                    device = task_device("auto")
+                except RuntimeError as exc:
+                    device = str(exc)
+                cpu = task_device("cpu")
+                time.sleep(1.5)  # long enough that the two slots' tasks overlap
+                yield assigned_gpu(), device, cpu, torch.cuda.is_available(), start, time.time()
+
+            ran = spark.sparkContext.parallelize(range(4), 4).mapPartitions(probe).collect()
+        finally:
+            stop_spark()
+    assert sorted(gpu for gpu, *_ in ran) == ["0", "0", "1", "1"]
+    for gpu, device, cpu, cuda, _, _ in ran:
+        assert cpu == "cpu"
+        if cuda:
+            assert device == f"cuda:{gpu}"
+        else:
+            assert device.startswith(f"Spark gave this task GPU {gpu}, but torch") and "cannot use CUDA" in device
+    overlapping = [(a[0], b[0]) for i, a in enumerate(ran) for b in ran[i + 1:] if a[4] < b[5] and b[4] < a[5]]
+    assert overlapping and all(x != y for x, y in overlapping)
+    assert assigned_gpu() is None and task_device("auto") == "auto"  # the driver is no task
+
+
+def test_a_gpu_worker_without_its_discovery_script_is_a_clear_error(tmp_path):
+    cluster = StandaloneCluster(tmp_path / "cluster", worker_gpus=1, gpu_discovery_script=tmp_path / "none.sh")
+    with pytest.raises(ClusterError, match="none.sh is missing or not executable"):
+        cluster.start()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Read a catalog (products.csv | .parquet | .jsonl, local or S3) and the image bytes it references."""
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -18,7 +19,12 @@ from matcher.storage import exists, read_bytes, resolve_uri
 
 _HEAD_BYTES = 1 << 16
 _MAX_IMAGE_REF_CHARS = 2048
-CATALOG_FILES = ("products.csv", "products.parquet", "products.jsonl")
+CATALOG_FILES = ("products.csv", "products.parquet", "products.jsonl", "products.csv.gz", "products.jsonl.gz")
+_TEXT_SUFFIXES = (".csv", ".jsonl", ".csv.gz", ".jsonl.gz")  # .gz: pyarrow's streams decompress by the file name
+# Delimiters tried in order: the first whose header row holds the required columns reads the file (Excel writes ";"
+# where the decimal mark is a comma, and tabs in its "Unicode Text" export).
+_CSV_DELIMITERS = (",", ";", "\t", "|")
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 REQUIRED_COLUMNS = ("product_id", "title")
 OPTIONAL_COLUMNS = ("description", "category", "image")
 
@@ -39,6 +45,10 @@ class CatalogPlan:
     format: str                # csv | parquet | jsonl
     columns: list[str]         # after column mapping; required and optional columns always present
     splits: list[CatalogSplit]
+    mapping: dict[str, str] = field(default_factory=dict)  # matcher's column -> the file's: catalog.columns, plus
+                                                           # required/optional columns named in another case
+    delimiter: str = ","       # csv only
+    encoding: str = "utf-8-sig"  # csv only: "utf-16" for a file that starts with a UTF-16 byte-order mark
 
 
 @dataclass
@@ -83,8 +93,9 @@ class CatalogReader:
             p = posixpath.join(self.root, self.options.file)
             if not exists(self.fs, p):
                 raise CatalogError(f"no catalog file {self.options.file} at {self.uri}")
-            if not p.endswith((".csv", ".parquet", ".jsonl")):
-                raise CatalogError(f"catalog file {self.options.file} must end in .csv, .parquet or .jsonl")
+            if not p.endswith((".parquet", *_TEXT_SUFFIXES)):
+                raise CatalogError(f"catalog file {self.options.file} must end in .csv, .parquet or .jsonl "
+                                   "(.csv.gz and .jsonl.gz compressed)")
             return p
         for name in CATALOG_FILES:
             p = posixpath.join(self.root, name)
@@ -96,8 +107,8 @@ class CatalogReader:
         """What executors need to read the catalog, from its header or footer only: the file, its format, the
         columns (after mapping) and the splits. A file that is not a catalog fails here, at once."""
         path = self.require_ready()
-        size = self.fs.get_file_info(path).size or 0
-        fmt = posixpath.splitext(path)[1][1:]
+        fmt = _format_of(path)
+        delimiter, encoding = ",", "utf-8-sig"
         if fmt == "parquet":
             try:
                 with self.fs.open_input_file(path) as fh:
@@ -109,22 +120,31 @@ class CatalogReader:
             for g in range(meta.num_row_groups):
                 offsets.append(offsets[-1] + meta.row_group(g).num_rows)
             splits = [CatalogSplit(g, offsets[g]) for g in range(meta.num_row_groups)]
+            mapping = self._mapping(columns, path)
         else:
-            with self.fs.open_input_stream(path) as fh:
-                head = fh.read(_HEAD_BYTES)
+            try:
+                with self.fs.open_input_stream(path) as fh:
+                    head = fh.read(_HEAD_BYTES)
+            except OSError as exc:  # e.g. a .gz that is not gzip
+                raise CatalogError(f"catalog file {path} cannot be read: {exc}") from None
             if not head.strip():
                 raise CatalogError(f"catalog file {path} is empty")
-            text = head.decode("utf-8-sig", errors="surrogateescape")
             if fmt == "csv":
+                if head.startswith(_UTF16_BOMS):
+                    encoding = "utf-16"
+                text = head.decode(encoding, errors=_ESCAPE)
                 sample = text[:4096]
                 if sample.count("\x00") * 20 > len(sample):  # a stray NUL is damage in a row; many, a binary file
-                    raise CatalogError("catalog CSV looks binary (NUL bytes)")
-                columns = _csv_columns(text)
+                    raise CatalogError("catalog CSV looks binary (NUL bytes); UTF-16 text needs its byte-order "
+                                       "mark (or save the file as UTF-8)")
+                columns, delimiter, mapping = self._csv_layout(text, path)
             else:
-                columns = _first_record_keys(text, complete=size <= _HEAD_BYTES)
+                columns = _first_record_keys(head.decode("utf-8-sig", errors="surrogateescape"),
+                                             complete=len(head) < _HEAD_BYTES)
+                mapping = self._mapping(columns, path)
             splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
-        columns = self._mapped_columns(columns, path)
-        return CatalogPlan(path=path, format=fmt, columns=columns, splits=splits)
+        return CatalogPlan(path=path, format=fmt, columns=self._mapped_columns(columns, mapping), splits=splits,
+                           mapping=mapping, delimiter=delimiter, encoding=encoding)
 
     def read_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int = 5000) -> Iterator[RawCatalog]:
         """The rows of one split, in chunks of about `chunk_rows`; `_row` numbers rows in file order."""
@@ -136,8 +156,8 @@ class CatalogReader:
             return
         with self.fs.open_input_stream(plan.path) as raw:
             if plan.format == "csv":
-                text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
-                chunks = _csv_chunks(text, chunk_rows)
+                text = io.TextIOWrapper(raw, encoding=plan.encoding, errors=_ESCAPE, newline="")
+                chunks = _csv_chunks(text, chunk_rows, plan.delimiter)
             else:
                 chunks = _jsonl_chunks(io.BufferedReader(raw), chunk_rows)
             offset = split.row_offset
@@ -155,7 +175,7 @@ class CatalogReader:
         return RawCatalog(rows=rows, bad_lines=[b for p in parts for b in p.bad_lines], source=plan.path)
 
     def _finish(self, df: pd.DataFrame, bad: list[dict], plan: CatalogPlan, offset: int) -> RawCatalog:
-        df = self._apply_column_mapping(df)
+        df = _apply_column_mapping(df, plan.mapping)
         for col in plan.columns:
             if col not in df.columns:
                 df[col] = ""
@@ -167,27 +187,42 @@ class CatalogReader:
         df.insert(0, "_row", range(offset, offset + len(df)))
         return RawCatalog(rows=df.reset_index(drop=True), bad_lines=bad, source=plan.path)
 
-    def _mapped_columns(self, columns: list[str], path: str) -> list[str]:
-        mapping = self.options.columns
+    def _csv_layout(self, text: str, path: str) -> tuple[list[str], str, dict[str, str]]:
+        """The header's columns, the delimiter and the column mapping: the first delimiter whose header holds the
+        required columns; else the comma's error."""
+        first_error = None
+        for delimiter in _CSV_DELIMITERS:
+            columns = _csv_columns(text, delimiter)
+            try:
+                return columns, delimiter, self._mapping(columns, path)
+            except CatalogError as exc:
+                first_error = first_error or exc
+        raise first_error
+
+    def _mapping(self, columns: list[str], path: str) -> dict[str, str]:
+        """matcher's column -> the file's: catalog.columns, and for each required or optional column not in the file
+        as such, the one column that names it in another case or with spaces ("Product_ID", " Title ")."""
+        mapping = dict(self.options.columns)
         absent = [src for src in mapping.values() if src not in columns]
         if absent:
             raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; it has {columns[:12]}")
-        mapped = [c for c in columns if not (c in mapping and c not in mapping.values())]
-        mapped = [next((dst for dst, src in mapping.items() if src == c), c) for c in mapped]
+        for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
+            if name in mapping or name in columns:
+                continue
+            like = [c for c in columns if c.strip().lower() == name and c not in mapping.values()]
+            if len(like) == 1:
+                mapping[name] = like[0]
+        mapped = self._mapped_columns(columns, mapping)
         missing = [c for c in REQUIRED_COLUMNS if c not in mapped]
         if missing:
             raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {columns[:12]}")
-        return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
+        return mapping
 
-    def _apply_column_mapping(self, df: pd.DataFrame) -> pd.DataFrame:
-        mapping = self.options.columns
-        absent = [src for src in mapping.values() if src not in df.columns]
-        if absent:
-            raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; "
-                               f"it has {list(df.columns)[:12]}")
-        # A source column mapped to a matcher field replaces any column already named like that field.
-        renamed = df.drop(columns=[c for c in mapping if c in df.columns and c not in mapping.values()])
-        return renamed.rename(columns={src: dst for dst, src in mapping.items()})
+    @staticmethod
+    def _mapped_columns(columns: list[str], mapping: dict[str, str]) -> list[str]:
+        mapped = [c for c in columns if not (c in mapping and c not in mapping.values())]
+        mapped = [next((dst for dst, src in mapping.items() if src == c), c) for c in mapped]
+        return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
 
     def read_image(self, ref: str) -> bytes:
         """Bytes of an image reference: a path relative to the catalog root, an s3:// URI or a file:// URI.
@@ -221,6 +256,32 @@ class CatalogReader:
             raise ImageRejected("image_unreadable", str(exc)[:200]) from None
 
 
+def _format_of(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    return posixpath.splitext(name)[1][1:]
+
+
+def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
+    absent = [src for src in mapping.values() if src not in df.columns]
+    if absent:
+        raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; "
+                           f"it has {list(df.columns)[:12]}")
+    # A source column mapped to a matcher field replaces any column already named like that field.
+    renamed = df.drop(columns=[c for c in mapping if c in df.columns and c not in mapping.values()])
+    return renamed.rename(columns={src: dst for dst, src in mapping.items()})
+
+
+def _escape_undecodable(exc: UnicodeDecodeError) -> tuple[str, int]:
+    """surrogateescape for any codec (UTF-16 too): each undecodable byte becomes a lone surrogate, U+DC00 + byte
+    (U+D800 + byte under 0x80, which surrogateescape refuses), so the clean step quarantines its row."""
+    bad = exc.object[exc.start:exc.end]
+    return "".join(chr((0xDC00 if b >= 0x80 else 0xD800) + b) for b in bad), exc.end
+
+
+_ESCAPE = "matcher-escape"
+codecs.register_error(_ESCAPE, _escape_undecodable)
+
+
 # A field may legitimately be long (a description) or be damage (a runaway title); either way it is read and then
 # capped by the clean step, never dropped by the parser (csv's default limit is 128 KiB).
 _CSV_FIELD_LIMIT = 1 << 30
@@ -241,10 +302,10 @@ def _csv_header(fields: list[str]) -> list[str]:
     return names
 
 
-def _csv_columns(text: str) -> list[str]:
+def _csv_columns(text: str, delimiter: str = ",") -> list[str]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
-        header = next(csv.reader(io.StringIO(text, newline="")), None)
+        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), None)
     except csv.Error as exc:
         raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
     if not header or not any(h.strip() for h in header):
@@ -252,12 +313,13 @@ def _csv_columns(text: str) -> list[str]:
     return _csv_header(header)
 
 
-def _csv_chunks(stream: io.TextIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") -> Iterator[tuple[pd.DataFrame,
+                                                                                               list[dict]]]:
     """Rows of a CSV as string columns, read with the csv module one record at a time, so that one damaged record
     costs only itself: a record with more fields than the header is a bad line; one with fewer is padded with
     empty fields; blank lines are no records. Line endings may be LF, CRLF or CR, mixed."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    reader = csv.reader(stream, strict=False)
+    reader = csv.reader(stream, strict=False, delimiter=delimiter)
     try:
         header = _csv_header(next(reader))
     except StopIteration:
@@ -278,7 +340,7 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int) -> Iterator[tuple[pd.Dat
         if not any(f.strip() for f in fields):
             continue
         if len(fields) > width:
-            bad.append({"raw": ",".join(fields)[:_RAW_CHARS], "reason": "wrong_field_count",
+            bad.append({"raw": delimiter.join(fields)[:_RAW_CHARS], "reason": "wrong_field_count",
                         "detail": f"{len(fields)} fields, the header has {width}"})
         else:
             records.append(fields + [""] * (width - len(fields)))

@@ -131,6 +131,57 @@ def test_parquet_and_json_lines_catalogs(tmp_path, fmt):
     assert len(result.quarantine) == (1 if fmt == "jsonl" else 0)
 
 
+_PLAIN = "product_id,title,category,image\n1,Red kettle,Kettles,img/1.png\n2,\"Drill, 18V\",Tools,img/2.png\n"
+
+
+def _excel_unicode_text(text: str) -> bytes:
+    """Excel's "Unicode Text" export: tab-separated UTF-16 LE with a byte-order mark."""
+    rows = [line.split(",", 3) if "Drill" not in line else ["2", "Drill, 18V", "Tools", "img/2.png"]
+            for line in text.splitlines()]
+    return b"\xff\xfe" + "\r\n".join("\t".join(r) for r in rows).encode("utf-16-le")
+
+
+@pytest.mark.parametrize("name, data", [
+    ("products.csv", _PLAIN.encode()),
+    ("products.csv", _PLAIN.replace(",", ";").replace('"Drill; 18V"', '"Drill, 18V"').encode()),
+    ("products.csv", _excel_unicode_text(_PLAIN)),
+    ("products.csv", b"\xfe\xff" + _PLAIN.encode("utf-16-be")),
+    ("products.csv", _PLAIN.replace("product_id,title,category,image", " Product_ID ,TITLE,Category,Image").encode()),
+    ("products.csv.gz", __import__("gzip").compress(_PLAIN.encode())),
+    ("products.jsonl.gz", __import__("gzip").compress(
+        b'{"product_id": "1", "title": "Red kettle", "category": "Kettles", "image": "img/1.png"}\n'
+        b'{"product_id": "2", "title": "Drill, 18V", "category": "Tools", "image": "img/2.png"}\n')),
+], ids=["comma", "semicolon", "excel-utf16-tabs", "utf16-be", "header-case", "csv-gz", "jsonl-gz"])
+def test_catalog_file_variants_read_the_same_rows(tmp_path, name, data):
+    (tmp_path / "img").mkdir()
+    for i in (1, 2):
+        (tmp_path / "img" / f"{i}.png").write_bytes(jpeg((i * 90, 0, 0)))
+    (tmp_path / name).write_bytes(data)
+    reader = CatalogReader(str(tmp_path), load_config().storage)
+    result = clean_catalog(reader.read(), reader.read_image, load_config().clean)
+    assert result.clean[["product_id", "title", "category"]].values.tolist() == [
+        ["1", "Red kettle", "Kettles"], ["2", "Drill, 18V", "Tools"]]
+    assert len(result.quarantine) == 0
+
+
+def test_a_damaged_utf16_row_costs_only_itself(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "1.png").write_bytes(jpeg())
+    good = "product_id,title,image\r\n1,Kettle,img/1.png\r\n".encode("utf-16-le")
+    damaged = "2,Dr".encode("utf-16-le") + b"\x00\xdc" + "ill,img/1.png\r\n".encode("utf-16-le")  # a lone surrogate
+    (tmp_path / "products.csv").write_bytes(b"\xff\xfe" + good + damaged + "3,Lamp,img/1.png\r\n".encode("utf-16-le"))
+    reader = CatalogReader(str(tmp_path), load_config().storage)
+    result = clean_catalog(reader.read(), reader.read_image, load_config().clean)
+    assert list(result.clean["product_id"]) == ["1", "3"]
+    assert result.quarantine[["product_id", "reason"]].values.tolist() == [["2", "text_invalid_utf8"]]
+
+
+def test_two_columns_naming_title_in_different_cases_are_not_guessed_between(tmp_path):
+    (tmp_path / "products.csv").write_text("product_id,Title,TITLE\n1,a,b\n")
+    with pytest.raises(CatalogError, match=r"lacks required columns \['title'\]"):
+        CatalogReader(str(tmp_path), load_config().storage).read()
+
+
 def test_column_mapping_and_image_template_read_a_foreign_catalog(tmp_path):
     (tmp_path / "images").mkdir()
     for pid in ("7", "8"):

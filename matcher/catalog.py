@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from matcher.config import CatalogConfig, StorageConfig
+from matcher.http_images import fetch_image
 from matcher.images import ImageRejected
 from matcher.storage import exists, read_bytes, resolve_uri
 
@@ -64,7 +65,8 @@ class CatalogReader:
     def __init__(self, uri: str, storage: StorageConfig, options: CatalogConfig | None = None):
         self.uri = uri
         self.storage = storage
-        self.options = options or CatalogConfig(file="", image_template="", columns={}, ready_marker="")
+        self.options = options or CatalogConfig(file="", image_template="", columns={}, ready_marker="",
+                                                http_timeout=20.0, http_retries=2, http_max_bytes=20_000_000)
         self.fs, self.root = resolve_uri(uri, storage)
 
     def __reduce__(self):
@@ -225,7 +227,7 @@ class CatalogReader:
         return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
 
     def read_image(self, ref: str) -> bytes:
-        """Bytes of an image reference: a path relative to the catalog root, an s3:// URI or a file:// URI.
+        """Bytes of an image reference: a path relative to the catalog root, an s3://, file:// or http(s):// URI.
 
         Raises ImageRejected with a quarantine reason."""
         ref = ref.strip()
@@ -235,6 +237,9 @@ class CatalogReader:
             raise ImageRejected("image_reference_invalid", f"{len(ref)} characters: {ref[:200]!r}")
         if ref.startswith(("s3://", "s3a://", "file://")):
             fs, path = resolve_uri(ref, self.storage)
+        elif ref.lower().startswith(("http://", "https://")):
+            o = self.options
+            return fetch_image(ref, o.http_timeout, o.http_retries, o.http_max_bytes)
         elif "://" in ref:
             raise ImageRejected("image_unsupported_uri", ref[:200])
         else:

@@ -52,6 +52,9 @@ class CatalogConfig:
     image_template: str
     columns: dict[str, str]
     ready_marker: str
+    http_timeout: float
+    http_retries: int
+    http_max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,8 @@ def _check(cfg: Config) -> None:
     unknown = set(cfg.catalog.columns) - known
     if unknown:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    if cfg.catalog.http_timeout <= 0 or cfg.catalog.http_retries < 0 or cfg.catalog.http_max_bytes <= 0:
+        raise ConfigError("catalog.http_timeout and catalog.http_max_bytes must be > 0, catalog.http_retries >= 0")
     if not 0.0 <= cfg.score.rerank_weight <= 1.0:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
     if not 0 <= cfg.score.hubness_bank <= MAX_HUBNESS_BANK:

@@ -214,7 +214,7 @@ def test_image_references_may_be_s3_and_file_uris(tmp_path, s3_config):
         "A,From S3,s3://lake/uri-test/a.jpg\n"
         f"B,From a file URI,file://{tmp_path / 'b.jpg'}\n"
         "C,Missing on S3,s3://lake/uri-test/none.jpg\n"
-        "D,Unsupported,http://example.invalid/d.jpg\n")
+        "D,Unsupported,ftp://example.invalid/d.jpg\n")
     reader = CatalogReader(str(tmp_path), s3_config.storage)
     result = clean_catalog(reader.read(), reader.read_image, s3_config.clean)
     assert sorted(result.clean["product_id"]) == ["A", "B"]

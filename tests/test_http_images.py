@@ -1,0 +1,108 @@
+"""Image references as http(s) URLs, against a real HTTP server on 127.0.0.1 whose failures are injected per path."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from matcher.catalog import CatalogReader
+from matcher.clean import clean_catalog
+from matcher.config import load_config
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_server():
+    hits: Counter = Counter()
+    body = _jpeg()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest's output clean
+            pass
+
+        def _send(self, status: int, data: bytes = b"", kind: str = "image/jpeg", length: int | None = None):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data) if length is None else length))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            hits[self.path] += 1
+            if self.path == "/ok.jpg":
+                self._send(200, body)
+            elif self.path == "/flaky.jpg":  # busy twice, then fine
+                self._send(503) if hits[self.path] <= 2 else self._send(200, body)
+            elif self.path == "/busy.jpg":
+                self._send(503)
+            elif self.path == "/gone.jpg":
+                self._send(404)
+            elif self.path == "/forbidden.jpg":
+                self._send(403)
+            elif self.path == "/slow.jpg":
+                time.sleep(1.5)
+                self._send(200, body)
+            elif self.path == "/page.jpg":
+                self._send(200, b"<!DOCTYPE html><html>sign in</html>", kind="text/html")
+            elif self.path == "/huge.jpg":
+                self._send(200, b"", length=10**9)
+            elif self.path == "/redirect.jpg":
+                self.send_response(302)
+                self.send_header("Location", "/ok.jpg")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_images_are_fetched_retried_and_quarantined_with_reasons(tmp_path, image_server):
+    base, hits = image_server
+    names = ["ok", "flaky", "busy", "gone", "forbidden", "slow", "page", "huge", "redirect"]
+    (tmp_path / "products.csv").write_text("product_id,title,image\n" + "".join(
+        f"{n},Product {n},{base}/{n}.jpg\n" for n in names))
+    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 2}})
+    reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+
+    assert sorted(result.clean["product_id"]) == ["flaky", "ok", "redirect"]
+    reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
+    assert reasons == {"busy": "image_unreadable", "gone": "image_missing", "forbidden": "image_unreadable",
+                       "slow": "image_unreadable", "page": "not_an_image", "huge": "image_too_large"}
+    details = dict(zip(result.quarantine["product_id"], result.quarantine["detail"]))
+    assert details["busy"].startswith("HTTP 503 at ") and details["busy"].endswith("(after 3 tries)")
+    assert "timed out" in details["slow"] and details["slow"].endswith("(after 3 tries)")
+    # Asked again only where asking again can help: busy servers and timeouts, not a 404 or a 403.
+    assert hits["/flaky.jpg"] == 3 and hits["/busy.jpg"] == 3 and hits["/slow.jpg"] == 3
+    assert hits["/gone.jpg"] == 1 and hits["/forbidden.jpg"] == 1
+
+
+def test_a_refused_connection_is_retried_then_quarantined(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "products.csv").write_text(f"product_id,title,image\nx,Lamp,http://127.0.0.1:{port}/x.jpg\n")
+    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 1}})
+    reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert result.clean.empty
+    assert result.quarantine[["product_id", "reason"]].values.tolist() == [["x", "image_unreadable"]]
+    assert "Connection refused" in result.quarantine["detail"][0] and "(after 2 tries)" in result.quarantine["detail"][0]

@@ -2,6 +2,7 @@
 reasons: a page that is gone is image_missing, a server that keeps failing is image_unreadable."""
 from __future__ import annotations
 
+import http.client
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,8 @@ def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff:
                 data = response.read(max_bytes + 1)
                 if len(data) > max_bytes:
                     raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {url[:200]}")
+                if length and length.isdigit() and len(data) < int(length):  # the connection dropped mid-body
+                    raise http.client.IncompleteRead(data, int(length) - len(data))
                 return data
         except urllib.error.HTTPError as exc:
             if exc.code in _GONE_STATUSES:
@@ -35,11 +38,11 @@ def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff:
             problem = f"HTTP {exc.code} at {url[:200]}"
             if exc.code not in _RETRY_STATUSES:
                 raise ImageRejected("image_unreadable", problem) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            problem = f"{type(reason).__name__}: {reason} at {url[:200]}"
         except ValueError as exc:  # a URL urllib cannot even parse
             raise ImageRejected("image_reference_invalid", f"{exc}"[:200]) from None
+        except (OSError, http.client.HTTPException) as exc:  # timeouts, refused or dropped connections, TLS
+            reason = getattr(exc, "reason", exc)
+            problem = f"{type(reason).__name__}: {reason} at {url[:200]}"
         if attempt < retries:
             time.sleep(backoff * 2 ** attempt)
     raise ImageRejected("image_unreadable", f"{problem} (after {retries + 1} tries)")

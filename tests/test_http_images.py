@@ -54,6 +54,8 @@ def image_server():
                 self._send(200, body)
             elif self.path == "/page.jpg":
                 self._send(200, b"<!DOCTYPE html><html>sign in</html>", kind="text/html")
+            elif self.path == "/cut.jpg":  # the connection drops mid-body
+                self._send(200, body[:20], length=len(body))
             elif self.path == "/huge.jpg":
                 self._send(200, b"", length=10**9)
             elif self.path == "/redirect.jpg":
@@ -74,7 +76,7 @@ def image_server():
 
 def test_http_images_are_fetched_retried_and_quarantined_with_reasons(tmp_path, image_server):
     base, hits = image_server
-    names = ["ok", "flaky", "busy", "gone", "forbidden", "slow", "page", "huge", "redirect"]
+    names = ["ok", "flaky", "busy", "gone", "forbidden", "slow", "cut", "page", "huge", "redirect"]
     (tmp_path / "products.csv").write_text("product_id,title,image\n" + "".join(
         f"{n},Product {n},{base}/{n}.jpg\n" for n in names))
     cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 2}})
@@ -84,12 +86,14 @@ def test_http_images_are_fetched_retried_and_quarantined_with_reasons(tmp_path, 
     assert sorted(result.clean["product_id"]) == ["flaky", "ok", "redirect"]
     reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
     assert reasons == {"busy": "image_unreadable", "gone": "image_missing", "forbidden": "image_unreadable",
-                       "slow": "image_unreadable", "page": "not_an_image", "huge": "image_too_large"}
+                       "slow": "image_unreadable", "cut": "image_unreadable", "page": "not_an_image",
+                       "huge": "image_too_large"}
     details = dict(zip(result.quarantine["product_id"], result.quarantine["detail"]))
     assert details["busy"].startswith("HTTP 503 at ") and details["busy"].endswith("(after 3 tries)")
     assert "timed out" in details["slow"] and details["slow"].endswith("(after 3 tries)")
     # Asked again only where asking again can help: busy servers and timeouts, not a 404 or a 403.
-    assert hits["/flaky.jpg"] == 3 and hits["/busy.jpg"] == 3 and hits["/slow.jpg"] == 3
+    assert details["cut"].startswith("IncompleteRead")
+    assert hits["/flaky.jpg"] == 3 and hits["/busy.jpg"] == 3 and hits["/slow.jpg"] == 3 and hits["/cut.jpg"] == 3
     assert hits["/gone.jpg"] == 1 and hits["/forbidden.jpg"] == 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from matcher import __version__
@@ -19,7 +20,9 @@ _USER_AGENT = f"matcher/{__version__} (catalog image fetch)"
 def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff: float = 0.5) -> bytes:
     """The body of `url`, asked again up to `retries` times (backing off) on timeouts, refused connections and
     busy or failing servers. A body over `max_bytes` is not read further (image_too_large)."""
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
+    # Non-ASCII paths (a Chinese file name) are percent-encoded as a browser does; existing escapes stay as they are.
+    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
+    request = urllib.request.Request(quoted, headers={"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:

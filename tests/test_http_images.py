@@ -39,7 +39,7 @@ def image_server():
 
         def do_GET(self):
             hits[self.path] += 1
-            if self.path == "/ok.jpg":
+            if self.path in ("/ok.jpg", "/%E7%83%A7%E6%B0%B4%E5%A3%B6.jpg"):  # the second: /烧水壶.jpg
                 self._send(200, body)
             elif self.path == "/flaky.jpg":  # busy twice, then fine
                 self._send(503) if hits[self.path] <= 2 else self._send(200, body)
@@ -77,13 +77,14 @@ def image_server():
 def test_http_images_are_fetched_retried_and_quarantined_with_reasons(tmp_path, image_server):
     base, hits = image_server
     names = ["ok", "flaky", "busy", "gone", "forbidden", "slow", "cut", "page", "huge", "redirect"]
+    names.append("烧水壶")
     (tmp_path / "products.csv").write_text("product_id,title,image\n" + "".join(
-        f"{n},Product {n},{base}/{n}.jpg\n" for n in names))
+        f"{n},Product {n},{base}/{n}.jpg\n" for n in names), encoding="utf-8")
     cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 2}})
     reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
     result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
 
-    assert sorted(result.clean["product_id"]) == ["flaky", "ok", "redirect"]
+    assert sorted(result.clean["product_id"]) == ["flaky", "ok", "redirect", "烧水壶"]
     reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
     assert reasons == {"busy": "image_unreadable", "gone": "image_missing", "forbidden": "image_unreadable",
                        "slow": "image_unreadable", "cut": "image_unreadable", "page": "not_an_image",

@@ -19,13 +19,15 @@ from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUA
 from matcher.lake import new_attempt_id
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "repairs", "image_ref"]
-_BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows
+_BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows of a text file
+_ROWS_PER_TASK = 2000        # where the file says how many rows it has (Parquet, whose rows may hold photos)
 
 
 def _parsed_schema(plan: CatalogPlan) -> pa.Schema:
     passthrough = _passthrough(plan)
     return pa.schema([("_row", pa.int64()), ("kind", pa.string()), *[(c, pa.string()) for c in _TEXT_FIELDS],
-                      ("text_truncated", pa.bool_()), *[(c, pa.string()) for c in passthrough]])
+                      ("text_truncated", pa.bool_()), ("image_data", pa.binary()),
+                      *[(c, pa.string()) for c in passthrough]])
 
 
 def _passthrough(plan: CatalogPlan) -> list[str]:
@@ -97,8 +99,11 @@ def run(ctx: RunContext) -> dict:
               .withColumn("detail", F.when(F.col("_dup"), F.lit(DUPLICATE_DETAIL)).otherwise(F.col("detail")))
               .withColumn("kind", F.when(F.col("_dup"), F.lit("rejected")).otherwise(F.col("kind")))
               .drop("_dup"))
-    size = reader.fs.get_file_info(plan.path).size or 0
-    tasks = max(spark.sparkContext.defaultParallelism, math.ceil(size / _BYTES_PER_TASK))
+    if plan.rows is not None:
+        wanted = math.ceil(plan.rows / _ROWS_PER_TASK)
+    else:
+        wanted = math.ceil((reader.fs.get_file_info(plan.path).size or 0) / _BYTES_PER_TASK)
+    tasks = max(spark.sparkContext.defaultParallelism, wanted)
     attempt = new_attempt_id()
     written = write_parts(marked.repartition(tasks), make_image_cleaner(reader, ctx.config.clean), ctx.lake, ctx.date,
                           attempt, ["clean", "quarantine"], Progress(spark, "clean", 0))

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -28,6 +30,7 @@ _CSV_DELIMITERS = (",", ";", "\t", "|")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 REQUIRED_COLUMNS = ("product_id", "title")
 OPTIONAL_COLUMNS = ("description", "category", "image")
+IMAGE_DATA = "_image_data"  # a Parquet catalog's embedded image bytes, beside the rows (None: read `image`)
 
 
 class CatalogError(ValueError):
@@ -50,6 +53,7 @@ class CatalogPlan:
                                                            # required/optional columns named in another case
     delimiter: str = ","       # csv only
     encoding: str = "utf-8-sig"  # csv only: "utf-16" for a file that starts with a UTF-16 byte-order mark
+    rows: int | None = None    # parquet only: the row count in the footer
 
 
 @dataclass
@@ -110,14 +114,15 @@ class CatalogReader:
         columns (after mapping) and the splits. A file that is not a catalog fails here, at once."""
         path = self.require_ready()
         fmt = _format_of(path)
-        delimiter, encoding = ",", "utf-8-sig"
+        delimiter, encoding, rows = ",", "utf-8-sig", None
         if fmt == "parquet":
             try:
                 with self.fs.open_input_file(path) as fh:
-                    meta = pq.ParquetFile(fh).metadata
+                    parquet = pq.ParquetFile(fh)
+                    meta, columns = parquet.metadata, list(parquet.schema_arrow.names)  # top-level, not leaves
             except Exception as exc:
                 raise CatalogError(f"catalog file {path} is not readable Parquet: {exc}") from None
-            columns = list(meta.schema.names)
+            rows = meta.num_rows
             offsets = [0]
             for g in range(meta.num_row_groups):
                 offsets.append(offsets[-1] + meta.row_group(g).num_rows)
@@ -146,15 +151,23 @@ class CatalogReader:
                 mapping = self._mapping(columns, path)
             splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
         return CatalogPlan(path=path, format=fmt, columns=self._mapped_columns(columns, mapping), splits=splits,
-                           mapping=mapping, delimiter=delimiter, encoding=encoding)
+                           mapping=mapping, delimiter=delimiter, encoding=encoding, rows=rows)
 
     def read_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int = 5000) -> Iterator[RawCatalog]:
         """The rows of one split, in chunks of about `chunk_rows`; `_row` numbers rows in file order."""
         if plan.format == "parquet":
             with self.fs.open_input_file(plan.path) as fh:
-                df = pq.ParquetFile(fh).read_row_group(split.row_group).to_pandas()
-            df = df.astype(object).where(df.notna(), "").astype(str)
-            yield self._finish(df, [], plan, split.row_offset)
+                table = pq.ParquetFile(fh).read_row_group(split.row_group)
+            image_source = plan.mapping.get("image", "image")
+            images = (_embedded_images(table.column(image_source)) if image_source in table.column_names
+                      else None)
+            if images is not None:
+                data, paths = images
+                table = table.set_column(table.column_names.index(image_source), image_source, pa.array(paths))
+            raw = self._finish(_arrow_as_text(table), [], plan, split.row_offset)
+            if images is not None:
+                raw.rows[IMAGE_DATA] = data
+            yield raw
             return
         with self.fs.open_input_stream(plan.path) as raw:
             if plan.format == "csv":
@@ -266,6 +279,39 @@ def _format_of(path: str) -> str:
     return posixpath.splitext(name)[1][1:]
 
 
+def _arrow_as_text(table: pa.Table) -> pd.DataFrame:
+    """Every column as text, "" for nulls, as the text formats read: integers stay integers (through pandas an int
+    column with a null turns float, and id 10000 would read "10000.0"), nested values become JSON, bytes UTF-8."""
+    out = {}
+    for name, col in zip(table.column_names, table.columns):
+        kind = col.type
+        if pa.types.is_dictionary(kind):
+            col, kind = col.cast(kind.value_type), kind.value_type
+        if pa.types.is_nested(kind):
+            values = [json.dumps(v, ensure_ascii=False, default=str) if v is not None else ""
+                      for v in col.to_pylist()]
+        elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+            values = [v.decode("utf-8", errors="surrogateescape") if v is not None else "" for v in col.to_pylist()]
+        else:
+            values = pc.cast(col, pa.string()).fill_null("").to_pylist()
+        out[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(out)
+
+
+def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str]] | None:
+    """(bytes, paths) when the image column holds the photos themselves: binary, or a struct with a `bytes` field
+    (and maybe a `path`, as Hugging Face datasets write images); else None (references)."""
+    kind = col.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return [v or None for v in col.to_pylist()], [""] * len(col)
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        values = col.to_pylist()
+        has_path = kind.get_field_index("path") >= 0
+        return ([(v or {}).get("bytes") or None for v in values],
+                [str((v or {}).get("path") or "") if has_path else "" for v in values])
+    return None
+
+
 def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
     absent = [src for src in mapping.values() if src not in df.columns]
     if absent:
@@ -375,7 +421,8 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
             bad.append({"raw": line.rstrip("\r\n")[:_RAW_CHARS], "reason": "malformed_json",
                         "detail": str(exc)[:200]})
             continue
-        records.append({str(k): "" if v is None else str(v) for k, v in obj.items()})
+        records.append({str(k): "" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict))
+                        else str(v) for k, v in obj.items()})
         if len(records) >= chunk_rows:
             yield pd.DataFrame.from_records(records).fillna(""), bad[:]
             records.clear()

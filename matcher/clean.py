@@ -10,7 +10,7 @@ from typing import Callable
 
 import pandas as pd
 
-from matcher.catalog import RawCatalog
+from matcher.catalog import IMAGE_DATA, RawCatalog
 from matcher.config import CleanConfig
 from matcher.images import CanonicalImage, ImageRejected, canonicalize_image
 from matcher.text import (escape_undecodable, first_undecodable, has_control_characters, normalize_text,
@@ -45,14 +45,15 @@ def content_hash(title: str, description: str, image_bytes: bytes) -> str:
 
 def _raw_json(row: dict) -> str:
     """The row as it came, for the quarantine: JSON, undecodable bytes escaped, capped."""
-    text = json.dumps({k: v for k, v in row.items() if k != "_row"}, ensure_ascii=False, default=str)
+    text = json.dumps({k: v for k, v in row.items() if k not in _NOT_RAW}, ensure_ascii=False, default=str)
     return escape_undecodable(text[:_RAW_CHARS])
 
 
 _RAW_CHARS = 4000
+_NOT_RAW = ("_row", IMAGE_DATA)  # the reader's own columns: a row number, embedded image bytes
 MAX_PRODUCT_ID_CHARS = 256
 CANDIDATE_COLUMNS = ["_row", "product_id", "title", "description", "category", "text_truncated", "repairs",
-                     "image_ref", "raw"]
+                     "image_ref", "image_data", "raw"]  # image_data: embedded image bytes, else None
 QUARANTINE_COLUMNS = ["product_id", "reason", "detail", "raw"]
 # Repairs a kept row may carry (its `repairs` column, comma-separated).
 REPAIR_CONTROL_CHARACTERS = "control_characters"  # NUL, escape, BOM... in the text: replaced by spaces
@@ -92,7 +93,7 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
     Every row comes out exactly once, in one of the two: a damaged row is either repaired and kept (control
     characters, a byte-order mark, over-long text: see `repairs`, `text_truncated`) or rejected with a stable
     reason and its raw text, undecodable bytes escaped."""
-    passthrough = [c for c in rows.columns if c not in CORE_COLUMNS and c != "_row"]
+    passthrough = [c for c in rows.columns if c not in CORE_COLUMNS and c not in _NOT_RAW]
     candidates: list[dict] = []
     rejected: list[dict] = []
 
@@ -123,7 +124,7 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
         candidates.append({
             "_row": row["_row"], "product_id": pid, "title": title, "description": description,
             "category": category, "text_truncated": title_cut or desc_cut, "repairs": ",".join(repairs),
-            "image_ref": str(row.get("image", "")), "raw": _raw_json(row),
+            "image_ref": str(row.get("image", "")), "image_data": row.get(IMAGE_DATA), "raw": _raw_json(row),
             **{c: str(row.get(c, "")) for c in passthrough},
         })
     return (pd.DataFrame(candidates, columns=CANDIDATE_COLUMNS + passthrough),
@@ -149,7 +150,9 @@ def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], c
 
     def load(candidate: dict) -> CanonicalImage | ImageRejected:
         try:
-            data = read_image(candidate["image_ref"])
+            data = candidate.get("image_data")
+            if not isinstance(data, bytes) or not data:
+                data = read_image(candidate["image_ref"])
             return canonicalize_image(data, cfg.image_size, cfg.max_image_bytes, cfg.max_image_pixels, cfg.jpeg_quality)
         except ImageRejected as exc:
             return exc
@@ -162,7 +165,7 @@ def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], c
             quarantine.append({"product_id": cand["product_id"], "reason": img.reason, "detail": img.detail,
                                "raw": cand["raw"]})
             continue
-        out = {k: v for k, v in cand.items() if k not in ("_row", "raw", "image_ref")}
+        out = {k: v for k, v in cand.items() if k not in ("_row", "raw", "image_ref", "image_data")}
         out.update(
             tokens=tokenize(f"{cand['title']} {cand['description']}"),
             image_bytes=img.data, image_nbytes=len(img.data), image_width=img.width, image_height=img.height,

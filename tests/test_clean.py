@@ -111,7 +111,8 @@ def _formats_catalog(tmp_path, fmt):
     (tmp_path / "img").mkdir()
     for i in range(3):
         (tmp_path / "img" / f"{i}.png").write_bytes(jpeg((i * 60, 0, 0)))
-    rows = [{"product_id": str(i), "title": f"t{i}", "image": f"img/{i}.png", "colour": "red"} for i in range(3)]
+    rows = [{"product_id": str(i), "title": f"t{i}", "image": f"img/{i}.png", "colour": "red",
+             "sizes": ["S", "M"]} for i in range(3)]
     if fmt == "parquet":
         pd.DataFrame(rows).to_parquet(tmp_path / "products.parquet")
     else:
@@ -128,6 +129,7 @@ def test_parquet_and_json_lines_catalogs(tmp_path, fmt):
     result = clean_catalog(raw, reader.read_image, load_config().clean)
     assert sorted(result.clean["product_id"]) == ["0", "1", "2"]
     assert list(result.clean["colour"]) == ["red"] * 3  # pass-through column
+    assert list(result.clean["sizes"]) == ['["S", "M"]'] * 3  # a list as JSON, whatever the format
     assert len(result.quarantine) == (1 if fmt == "jsonl" else 0)
 
 

@@ -181,7 +181,10 @@ def cmd_query(args: argparse.Namespace) -> int:
                 con.register(name, dataset)
         if not any(d is not None for d in datasets.values()):
             raise FileNotFoundError(f"nothing published in {lake.display('')}")
-        rel = con.sql(args.sql)
+        try:
+            rel = con.sql(args.sql)
+        except duckdb.Error as exc:  # the user's SQL: its message, not a traceback
+            raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None
         if rel is None:
             return 0
         df = rel.fetchdf()

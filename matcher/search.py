@@ -70,6 +70,8 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     products whose photo shows what their own title may not say."""
     if by not in ("product", "photo"):
         raise ValueError(f"search by 'product' or 'photo', not {by!r}")
+    if not text.strip():
+        raise ValueError("the search text is empty")
     dt = resolve_date(lake, date)
     vectors = ["fused_vec"] if by == "product" else ["image_vec", "image_hubness"]
     try:

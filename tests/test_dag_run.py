@@ -196,6 +196,13 @@ def test_recommend_search_and_query_read_the_published_tables(dag_run, capsys):
     assert main(["-q", "query", "select count(*) as n from recommendations", "--config", str(config_path)]) == 0
     assert str(PRODUCTS * 5) in capsys.readouterr().out
 
+    # A user's mistakes are one line each, not a traceback.
+    assert main(["-q", "query", "select * from recomendations", "--config", str(config_path)]) == 1
+    assert main(["-q", "search", "  ", "--config", str(config_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("matcher: error: query failed: Catalog Error: Table with name recomendations")
+    assert err[1:] == ["matcher: error: the search text is empty"]
+
 
 def test_a_failing_stage_is_a_one_line_error(dag_run, capsys):
     _, _, config_path = dag_run

@@ -67,8 +67,10 @@ def make_embedder(version: str, weights, spec):
     return embed_rows
 
 
-def _category_centroids(vectors: DataFrame, dim: int) -> tuple[list[str], np.ndarray]:
-    """Normalised mean fused vector per labelled category: per-partition sums on executors, added up here."""
+def _category_centroids(vectors: DataFrame, dim: int, min_products: int = 1) -> tuple[list[str], np.ndarray]:
+    """Normalised mean fused vector per labelled category of at least `min_products` products: per-partition sums
+    on executors, added up here. A category of one product is that product's own vector, closer to its neighbours
+    than any mean of many: a mislabeled row or a one-off label would take their predictions."""
 
     def sums(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         acc: dict[str, tuple[np.ndarray, int]] = {}
@@ -88,7 +90,7 @@ def _category_centroids(vectors: DataFrame, dim: int) -> tuple[list[str], np.nda
     for r in rows:
         t, n = merged.get(r["category"], (np.zeros(dim), 0))
         merged[r["category"]] = (t + np.asarray(r["total"]), n + r["n"])
-    names = sorted(merged)
+    names = sorted(c for c, (_, n) in merged.items() if n >= min_products)
     if not names:
         return [], np.zeros((0, dim), np.float32)
     centroids = np.stack([merged[c][0] / merged[c][1] for c in names]).astype(np.float32)
@@ -251,7 +253,7 @@ def run(ctx: RunContext) -> dict:
         mismatches = write_parts(low, _as_table("mismatches"), lake, date, attempt, ["mismatches"])
         parts |= mismatches.parts
 
-        names, centroids = _category_centroids(vectors, spec.dim)
+        names, centroids = _category_centroids(vectors, spec.dim, sc.min_category_products)
         categories = write_parts(vectors.select("product_id", "category", "v"),
                                  make_categoriser(names, centroids, version), lake, date, attempt, ["categories"])
         parts |= categories.parts

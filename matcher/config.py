@@ -134,6 +134,7 @@ class ScoreConfig:
     rerank_weight: float
     search_queries: list[str]
     search_top_k: int
+    min_category_products: int
     candidates: str
     exact_max_products: int
     ann_lists: int
@@ -245,6 +246,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.calibration_fraction must be in [0, 1 - holdout_fraction)")
     if cfg.score.top_k < 1:
         raise ConfigError("score.top_k must be >= 1")
+    if cfg.score.min_category_products < 1:
+        raise ConfigError("score.min_category_products must be >= 1")
     known = {"product_id", "title", "description", "category", "image"}
     unknown = set(cfg.catalog.columns) - known
     if unknown:

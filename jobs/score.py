@@ -26,6 +26,7 @@ from jobs.spark_frames import vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import require_passed
 from matcher.ann import choose_query_probes
+from matcher.categories import min_category_products
 from matcher.evaluate import embed
 from matcher.hubness import hubness, inner_product_form
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
@@ -68,9 +69,8 @@ def make_embedder(version: str, weights, spec):
 
 
 def _category_centroids(vectors: DataFrame, dim: int, min_products: int = 1) -> tuple[list[str], np.ndarray]:
-    """Normalised mean fused vector per labelled category of at least `min_products` products: per-partition sums
-    on executors, added up here. A category of one product is that product's own vector, closer to its neighbours
-    than any mean of many: a mislabeled row or a one-off label would take their predictions."""
+    """Normalised mean fused vector per labelled category of at least `min_products` products (0: chosen from the
+    catalog, matcher.categories.min_category_products): per-partition sums on executors, added up here."""
 
     def sums(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         acc: dict[str, tuple[np.ndarray, int]] = {}
@@ -90,7 +90,8 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int = 1) -> 
     for r in rows:
         t, n = merged.get(r["category"], (np.zeros(dim), 0))
         merged[r["category"]] = (t + np.asarray(r["total"]), n + r["n"])
-    names = sorted(c for c, (_, n) in merged.items() if n >= min_products)
+    minimum = min_products or min_category_products({c: n for c, (_, n) in merged.items()})
+    names = sorted(c for c, (_, n) in merged.items() if n >= minimum)
     if not names:
         return [], np.zeros((0, dim), np.float32)
     centroids = np.stack([merged[c][0] / merged[c][1] for c in names]).astype(np.float32)

@@ -246,8 +246,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.calibration_fraction must be in [0, 1 - holdout_fraction)")
     if cfg.score.top_k < 1:
         raise ConfigError("score.top_k must be >= 1")
-    if cfg.score.min_category_products < 1:
-        raise ConfigError("score.min_category_products must be >= 1")
+    if cfg.score.min_category_products < 0:
+        raise ConfigError("score.min_category_products must be >= 0 (0 = from the catalog)")
     known = {"product_id", "title", "description", "category", "image"}
     unknown = set(cfg.catalog.columns) - known
     if unknown:

@@ -68,7 +68,7 @@ def make_embedder(version: str, weights, spec):
     return embed_rows
 
 
-def _category_centroids(vectors: DataFrame, dim: int, min_products: int = 1) -> tuple[list[str], np.ndarray]:
+def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tuple[list[str], np.ndarray]:
     """Normalised mean fused vector per labelled category of at least `min_products` products (0: chosen from the
     catalog, matcher.categories.min_category_products): per-partition sums on executors, added up here."""
 

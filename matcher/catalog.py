@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from matcher.config import CatalogConfig, StorageConfig
+from matcher.config import CatalogConfig, StorageConfig, load_config
 from matcher.http_images import fetch_image
 from matcher.images import ImageRejected
 from matcher.storage import exists, read_bytes, resolve_uri
@@ -69,8 +69,7 @@ class CatalogReader:
     def __init__(self, uri: str, storage: StorageConfig, options: CatalogConfig | None = None):
         self.uri = uri
         self.storage = storage
-        self.options = options or CatalogConfig(file="", image_template="", columns={}, ready_marker="",
-                                                http_timeout=20.0, http_retries=2, http_max_bytes=20_000_000)
+        self.options = options or load_config().catalog  # the embedded defaults, not a copy of them
         self.fs, self.root = resolve_uri(uri, storage)
 
     def __reduce__(self):
@@ -290,7 +289,7 @@ def _arrow_as_text(table: pa.Table) -> pd.DataFrame:
         if pa.types.is_nested(kind):
             values = [json.dumps(v, ensure_ascii=False, default=str) if v is not None else ""
                       for v in col.to_pylist()]
-        elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        elif _holds_bytes(kind) or pa.types.is_fixed_size_binary(kind):
             values = [v.decode("utf-8", errors="surrogateescape") if v is not None else "" for v in col.to_pylist()]
         else:
             values = pc.cast(col, pa.string()).fill_null("").to_pylist()
@@ -302,7 +301,7 @@ def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str
     """(bytes, paths) when the image column holds the photos themselves: binary, or a struct with a `bytes` field
     (and maybe a `path`, as Hugging Face datasets write images); else None (references)."""
     kind = col.type
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+    if _holds_bytes(kind):
         return [v or None for v in col.to_pylist()], [""] * len(col)
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         values = col.to_pylist()
@@ -310,6 +309,10 @@ def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str
         return ([(v or {}).get("bytes") or None for v in values],
                 [str((v or {}).get("path") or "") if has_path else "" for v in values])
     return None
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
 
 def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
@@ -322,7 +325,7 @@ def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataF
     return renamed.rename(columns={src: dst for dst, src in mapping.items()})
 
 
-def _escape_undecodable(exc: UnicodeDecodeError) -> tuple[str, int]:
+def _undecodable_as_surrogates(exc: UnicodeDecodeError) -> tuple[str, int]:
     """surrogateescape for any codec (UTF-16 too): each undecodable byte becomes a lone surrogate, U+DC00 + byte
     (U+D800 + byte under 0x80, which surrogateescape refuses), so the clean step quarantines its row."""
     bad = exc.object[exc.start:exc.end]
@@ -330,7 +333,7 @@ def _escape_undecodable(exc: UnicodeDecodeError) -> tuple[str, int]:
 
 
 _ESCAPE = "matcher-escape"
-codecs.register_error(_ESCAPE, _escape_undecodable)
+codecs.register_error(_ESCAPE, _undecodable_as_surrogates)
 
 
 # A field may legitimately be long (a description) or be damage (a runaway title); either way it is read and then

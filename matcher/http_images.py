@@ -26,14 +26,15 @@ def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff:
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                length = response.headers.get("Content-Length")
-                if length and length.isdigit() and int(length) > max_bytes:
-                    raise ImageRejected("image_too_large", f"{length} bytes > {max_bytes} at {url[:200]}")
+                length = response.headers.get("Content-Length", "")
+                expected = int(length) if length.isdigit() else None
+                if expected is not None and expected > max_bytes:
+                    raise ImageRejected("image_too_large", f"{expected} bytes > {max_bytes} at {url[:200]}")
                 data = response.read(max_bytes + 1)
                 if len(data) > max_bytes:
                     raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {url[:200]}")
-                if length and length.isdigit() and len(data) < int(length):  # the connection dropped mid-body
-                    raise http.client.IncompleteRead(data, int(length) - len(data))
+                if expected is not None and len(data) < expected:  # the connection dropped mid-body
+                    raise http.client.IncompleteRead(data, expected - len(data))
                 return data
         except urllib.error.HTTPError as exc:
             if exc.code in _GONE_STATUSES:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -212,11 +214,15 @@ def _coerce(name: str, value: Any, type_name: Any) -> Any:
                 return value
             raise TypeError
         if kind == "int":
-            if isinstance(value, bool):
-                raise TypeError
-            return int(value)
+            return _exact_int(name, value)
         if kind == "float":
-            return float(value)
+            # bool is an int to Python but never a number here; a string is not parsed ("0.5" is a quoting slip).
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError
+            number = float(value)
+            if math.isnan(number):
+                raise ConfigError(f"config key {name} must be a number, got {value!r}")
+            return number
         if kind.startswith("list"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
@@ -230,9 +236,26 @@ def _coerce(name: str, value: Any, type_name: Any) -> Any:
             if not isinstance(value, str):
                 raise TypeError
             return value
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
-        raise ConfigError(f"config key {name} must be {kind}, got {value!r}") from None
+        hint = " (a string: write the number without quotes)" if kind in ("int", "float") and isinstance(value, str) \
+            else ""
+        raise ConfigError(f"config key {name} must be {kind}, got {value!r}{hint}") from None
     return value
+
+
+def _exact_int(name: str, value: Any) -> int:
+    """An int field takes an int, or a float that is exactly one (3.0); 3.7 is an error, never truncated to 3."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    if not (math.isfinite(value) and value.is_integer()):
+        raise ConfigError(f"config key {name} must be a whole number (int), got {value!r}: "
+                          "it is not rounded or truncated")
+    return int(value)
 
 
 def _check(cfg: Config) -> None:

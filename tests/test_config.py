@@ -63,3 +63,34 @@ def test_an_unknown_encoder_fails_when_the_config_loads_in_one_line():
         load_config(overrides={"extract": {"text_encoder": "bert"}})
     with pytest.raises(ConfigError, match="extract.second_title_encoder must be empty or one of"):
         load_config(overrides={"extract": {"second_title_encoder": "bert"}})
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"score": {"top_k": 3.7}}, r"config key score.top_k must be a whole number \(int\), got 3.7"),
+    ({"train": {"epochs": float("inf")}}, r"config key train.epochs must be a whole number \(int\), got inf"),
+    ({"score": {"top_k": True}}, r"config key score.top_k must be int, got True"),
+    ({"score": {"top_k": "10"}}, r"config key score.top_k must be int, got '10' \(a string: write the number"),
+    ({"train": {"learning_rate": "0.001"}}, r"config key train.learning_rate must be float, got '0.001' \(a string"),
+    ({"train": {"learning_rate": False}}, r"config key train.learning_rate must be float, got False"),
+    ({"train": {"learning_rate": float("nan")}}, r"config key train.learning_rate must be a number, got nan"),
+])
+def test_config_numbers_are_checked_exactly_not_coerced(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=sections)
+
+
+def test_a_fractional_int_in_a_config_file_is_refused_naming_key_and_value(tmp_path):
+    p = tmp_path / "m.toml"
+    p.write_text("[train]\nepochs = 3.7\n")
+    with pytest.raises(ConfigError, match=r"train.epochs must be a whole number \(int\), got 3.7"):
+        load_config(p)
+
+
+def test_exact_numbers_are_accepted_in_either_spelling():
+    import numpy as np
+
+    cfg = load_config(overrides={"score": {"top_k": 7.0, "block_size": np.int64(512)},
+                                 "train": {"learning_rate": 1, "epochs": 4}})
+    assert (cfg.score.top_k, cfg.score.block_size, cfg.train.epochs) == (7, 512, 4)
+    assert all(type(v) is int for v in (cfg.score.top_k, cfg.score.block_size, cfg.train.epochs))
+    assert cfg.train.learning_rate == 1.0 and type(cfg.train.learning_rate) is float

@@ -167,6 +167,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_only(con) -> None:
+    """Once the views exist, the SQL may read them and nothing else: no files, URLs, extensions or databases
+    (COPY ... TO, read_text, httpfs, ATTACH), no Python variables by name, and no SET that turns any of it back on."""
+    con.execute("SET python_enable_replacements = false")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+_QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # DESCRIBE, SUMMARIZE, SHOW and PRAGMA version parse as SELECT
+
+
+def _refuse_non_queries(con, sql: str) -> None:
+    """Every statement must be a query; checked before any runs, so `SELECT 1; CREATE ...` runs nothing."""
+    for statement in con.extract_statements(sql):
+        kind = statement.type.name
+        if kind not in _QUERY_STATEMENTS:
+            raise ValueError(f"matcher query is read-only: only SELECT (and EXPLAIN) statements run, got {kind}")
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -181,7 +200,9 @@ def cmd_query(args: argparse.Namespace) -> int:
                 con.register(name, dataset)
         if not any(d is not None for d in datasets.values()):
             raise FileNotFoundError(f"nothing published in {lake.display('')}")
+        _read_only(con)
         try:
+            _refuse_non_queries(con, args.sql)
             rel = con.sql(args.sql)
         except duckdb.Error as exc:  # the user's SQL: its message, not a traceback
             raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None

@@ -12,3 +12,80 @@ from matcher.cli import build_parser
 ])
 def test_quiet_is_taken_before_or_after_the_command(argv, quiet):
     assert build_parser().parse_args(argv).quiet is quiet
+
+
+DATE = "2026-02-01"
+
+
+@pytest.fixture
+def published_lake(tmp_path, monkeypatch):
+    """A file:// lake with one published date of recommendations, and a config naming it; the cwd has no
+    workspace config."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matcher.config import dump_toml
+    from matcher.lake import Lake
+    from matcher.config import load_config
+    from matcher.tables import table_schema
+
+    monkeypatch.chdir(tmp_path)
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    schema = table_schema("recommendations")
+    recs = pa.table({"product_id": ["A", "A", "B"], "rank": [1, 2, 1], "rec_product_id": ["B", "C", "A"],
+                     "similarity": [0.9, 0.5, 0.9], "score": [0.9, 0.5, 0.9], "model_version": ["v1"] * 3},
+                    schema=schema)
+    rel = f"recommendations/dt={DATE}/part-0.parquet"
+    lake.fs.create_dir(lake.path(f"recommendations/dt={DATE}"), recursive=True)
+    pq.write_table(recs, lake.path(rel), filesystem=lake.fs)
+    lake.write_json(Lake.manifest_file(DATE), {"date": DATE, "tables": {"recommendations": {"files": [rel]}}})
+    config = tmp_path / "matcher.toml"
+    config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake"}}))
+    return config
+
+
+def test_query_reads_the_published_tables(published_lake, capsys):
+    from matcher.cli import main
+
+    sql = "select product_id, count(*) as n from recommendations group by product_id order by product_id"
+    assert main(["-q", "query", sql, "--config", str(published_lake)]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[1].split() == ["A", "2"] and lines[2].split() == ["B", "1"]
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("COPY (SELECT 1) TO '{tmp}/x.csv'", "got COPY"),
+    ("SELECT * FROM recommendations; COPY (SELECT 1) TO '{tmp}/x.csv'", "got COPY"),
+    ("EXPLAIN ANALYZE COPY (SELECT 1) TO '{tmp}/x.csv'", "file system operations are disabled"),
+    ("SELECT * FROM read_text('/etc/passwd')", "file system operations are disabled"),
+    ("SELECT * FROM read_csv('{tmp}/matcher.toml')", "file system operations are disabled"),
+    ("SELECT * FROM 'http://127.0.0.1:9/x.parquet'", "disabled"),
+    ("SET enable_external_access = true", "got SET"),
+    ("SELECT 1; RESET lock_configuration", "got SET"),
+    ("ATTACH '{tmp}/x.db'", "got ATTACH"),
+    ("INSTALL httpfs", "got LOAD"),
+    ("CREATE TABLE x AS SELECT 1", "got CREATE"),
+])
+def test_query_is_read_only_one_line_errors_and_no_file_written(published_lake, capsys, sql, says):
+    from matcher.cli import main
+
+    tmp = published_lake.parent
+    before = sorted(p.name for p in tmp.iterdir())
+    assert main(["-q", "query", sql.format(tmp=tmp), "--config", str(published_lake)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("matcher: error: ") and says in err and err.count("\n") == 1, err
+    assert "root:" not in err  # no byte of /etc/passwd
+    assert sorted(p.name for p in tmp.iterdir()) == before  # no x.csv, no x.db
+
+
+def test_query_cannot_switch_external_access_back_on_even_inside_a_query(published_lake, capsys):
+    """The statement filter aside, DuckDB itself holds the lock: a SET smuggled past it changes nothing."""
+    import duckdb
+
+    from matcher.cli import _read_only
+
+    con = duckdb.connect()
+    _read_only(con)
+    with pytest.raises(duckdb.Error, match="configuration has been locked"):
+        con.execute("SET enable_external_access = true")
+    assert con.sql("SELECT current_setting('enable_external_access')").fetchone() == (False,)

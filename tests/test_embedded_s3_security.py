@@ -1,0 +1,70 @@
+"""The embedded SeaweedFS: reachable from this machine only, and its internal HTTP ports refuse requests without a
+token signed with the keys of this start; only the S3 port, with its keys, serves the data."""
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.error
+import urllib.request
+
+import psutil
+
+from matcher.s3server import EmbeddedS3
+
+SECRET_BYTES = b"only-through-s3-" + secrets.token_hex(8).encode()
+
+
+def _request(url: str, data: bytes | None = None, method: str | None = None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_every_port_of_the_embedded_s3_server_listens_on_loopback_only(s3_server):
+    listening = [c.laddr for c in psutil.Process(s3_server.process.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN]
+    ports = {addr.port for addr in listening}
+    http_ports = [s3_server.port, *s3_server.internal_ports.values()]
+    # Each HTTP port and its gRPC port (10000 above) is there, and nothing listens on 0.0.0.0 or ::.
+    assert set(http_ports) | {p + 10000 for p in http_ports} <= ports
+    assert sorted({addr.ip for addr in listening}) == ["127.0.0.1"]
+
+
+def test_the_filer_and_volume_ports_refuse_requests_without_a_token(s3_server):
+    client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key="private/object.bin", Body=SECRET_BYTES)
+    ports = s3_server.internal_ports
+    filer = f"http://127.0.0.1:{ports['filer']}/buckets/{s3_server.bucket}"
+    for url, data, method in [(f"{filer}/private/object.bin", None, None),     # read the object
+                              (f"{filer}/private/", None, None),                 # list the folder
+                              (f"{filer}/private/object.bin", b"x", "PUT"),      # overwrite it
+                              (f"{filer}/private/object.bin", None, "DELETE")]:
+        status, body = _request(url, data, method)
+        assert (status, b"jwt" in body) == (401, True), (method or "GET", url, status, body[:200])
+        assert SECRET_BYTES not in body
+    # The master hands out a file id to anyone on this machine, but the volume server takes no write without the
+    # token the master signs for its own parts, and serves no read without one.
+    status, body = _request(f"http://127.0.0.1:{ports['master']}/dir/assign")
+    assert status == 200 and "auth" not in json.loads(body)
+    fid = json.loads(body)["fid"]
+    assert _request(f"http://127.0.0.1:{ports['volume']}/{fid}", b"x", "PUT")[0] == 401
+    assert _request(f"http://127.0.0.1:{ports['volume']}/{fid}")[0] == 401
+    # The S3 port with the keys still reads and writes.
+    assert client.get_object(Bucket=s3_server.bucket, Key="private/object.bin")["Body"].read() == SECRET_BYTES
+
+
+def test_the_servers_keys_are_private_and_new_at_each_start(tmp_path):
+    server = EmbeddedS3(tmp_path / "s3", "k" + secrets.token_hex(3), secrets.token_hex(16))
+    with server:
+        first = (server.data_dir / "security.toml").read_text()
+        modes = {name: (server.data_dir / name).stat().st_mode & 0o777 for name in ("s3.json", "security.toml",
+                                                                                   "weed.log")}
+        assert modes == {"s3.json": 0o600, "security.toml": 0o600, "weed.log": 0o600}
+        assert server.data_dir.stat().st_mode & 0o777 == 0o700  # the unix sockets and the data are in there too
+        assert server.secret_key not in " ".join(psutil.Process(server.process.pid).cmdline())
+    with server:
+        second = (server.data_dir / "security.toml").read_text()
+        assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert first.count("key = ") == second.count("key = ") == 4 and first != second

@@ -14,19 +14,24 @@ from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark
 from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
 from matcher.catalog import CatalogError, CatalogPlan, CatalogReader
-from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, bad_line_rows,
-                           clean_images, clean_text_rows)
+from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, RowCountMismatch,
+                           bad_line_rows, check_row_counts, clean_images, clean_text_rows)
 from matcher.lake import new_attempt_id
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "repairs", "image_ref"]
 _BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows of a text file
 _ROWS_PER_TASK = 2000        # where the file says how many rows it has (Parquet, whose rows may hold photos)
+# Each chunk the reader parses adds one row of this kind, holding in `rows_read` how many catalog rows (parsed or
+# not) it read; the writers add them up into the stat below, so the count comes back only from successful tasks
+# (an accumulator would count a re-executed task twice) and is compared with what was written.
+_ROWS_READ_KIND = "rows_read"
+_ROWS_READ_STAT = "__rows_read__"
 
 
 def _parsed_schema(plan: CatalogPlan) -> pa.Schema:
     passthrough = _passthrough(plan)
     return pa.schema([("_row", pa.int64()), ("kind", pa.string()), *[(c, pa.string()) for c in _TEXT_FIELDS],
-                      ("text_truncated", pa.bool_()), ("image_data", pa.binary()),
+                      ("text_truncated", pa.bool_()), ("image_data", pa.binary()), ("rows_read", pa.int64()),
                       *[(c, pa.string()) for c in passthrough]])
 
 
@@ -34,15 +39,17 @@ def _passthrough(plan: CatalogPlan) -> list[str]:
     return [c for c in plan.columns if c not in CORE_COLUMNS]
 
 
-def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg, rows_read):
-    """Executors: a split's raw rows -> candidates and rejected rows (text checks), one schema for both."""
+def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg):
+    """Executors: a split's raw rows -> candidates and rejected rows (text checks), one schema for both, and per
+    chunk one count of the rows the reader read."""
     schema = _parsed_schema(plan)
 
     def parse(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for split_no in batch.column("split").to_pylist():
                 for raw in reader.read_split(plan, plan.splits[split_no]):
-                    rows_read.add(len(raw.rows) + len(raw.bad_lines))
+                    yield pa.RecordBatch.from_pylist(
+                        [{"kind": _ROWS_READ_KIND, "rows_read": len(raw.rows) + len(raw.bad_lines)}], schema=schema)
                     candidates, rejected = clean_text_rows(raw.rows, cfg)
                     bad = bad_line_rows(raw.bad_lines).assign(_row=None)
                     frames = [candidates.assign(kind="candidate"), rejected.assign(kind="rejected"),
@@ -63,15 +70,23 @@ def make_image_cleaner(reader: CatalogReader, cfg):
     def clean(batches: Iterator[pa.RecordBatch]):
         for batch in batches:
             df = batch.to_pandas()
-            candidates = df[df["kind"] == "candidate"].drop(columns=["kind", "reason", "detail"])
+            rows_read = int(df.loc[df["kind"] == _ROWS_READ_KIND, "rows_read"].sum())
+            candidates = df[df["kind"] == "candidate"].drop(columns=["kind", "reason", "detail", "rows_read"])
             rejected = df.loc[df["kind"] == "rejected", QUARANTINE_COLUMNS]
             good, bad_images = clean_images(candidates, reader.read_image, cfg)
             quarantine = pd.concat([rejected, bad_images], ignore_index=True).fillna({"product_id": "", "detail": ""})
             yield "clean", pa.Table.from_pandas(good, preserve_index=False)
             yield "quarantine", pa.Table.from_pandas(quarantine, preserve_index=False)
-            yield STATS, quarantine["reason"].value_counts().to_dict()
+            yield STATS, {**quarantine["reason"].value_counts().to_dict(), _ROWS_READ_STAT: rows_read}
 
     return clean
+
+
+def _check_counts(rows_read: int, clean_rows: int, quarantined: int, outcome: str) -> None:
+    try:
+        check_row_counts(rows_read, clean_rows, quarantined, outcome)
+    except RowCountMismatch as exc:  # a fault in the stage, not the input: a rerun would repeat it
+        raise StageError("clean", str(exc)) from None
 
 
 def run(ctx: RunContext) -> dict:
@@ -86,10 +101,9 @@ def run(ctx: RunContext) -> dict:
     except CatalogError as exc:  # a backfilled date without its snapshot fails here, naming the date
         raise StageError("clean", f"catalog for {ctx.date}: {exc}") from None
     spark = get_spark(ctx.config.extract)
-    rows_read = spark.sparkContext.accumulator(0)
     splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
         max(1, len(plan.splits)))
-    parsed = splits.mapInArrow(make_split_parser(reader, plan, ctx.config.clean, rows_read),
+    parsed = splits.mapInArrow(make_split_parser(reader, plan, ctx.config.clean),
                                spark_schema(_parsed_schema(plan)))
     # The first row in file order of each product_id is kept; later ones are quarantined as duplicates.
     first = Window.partitionBy("product_id", "kind").orderBy("_row")
@@ -107,14 +121,14 @@ def run(ctx: RunContext) -> dict:
     attempt = new_attempt_id()
     written = write_parts(marked.repartition(tasks), make_image_cleaner(reader, ctx.config.clean), ctx.lake, ctx.date,
                           attempt, ["clean", "quarantine"], Progress(spark, "clean", 0))
+    rows_read = int(written.stats.pop(_ROWS_READ_STAT, 0))
+    _check_counts(rows_read, written.rows["clean"], written.rows["quarantine"], "written")  # before any commit
     clean_doc = ctx.lake.commit_parts("clean", ctx.date, written.parts["clean"], attempt)
     quarantine_doc = ctx.lake.commit_parts("quarantine", ctx.date, written.parts["quarantine"], attempt)
-    input_rows = int(rows_read.value)
     clean_rows, quarantined = int(clean_doc["rows"]), int(quarantine_doc["rows"])
-    if input_rows != clean_rows + quarantined:  # only a re-executed task can double-count the accumulator
-        log.warning("clean: %d rows read but %d clean + %d quarantined", input_rows, clean_rows, quarantined)
+    _check_counts(rows_read, clean_rows, quarantined, "committed")  # by the footers of the files readers will see
     stats = {
-        "input_rows": clean_rows + quarantined,
+        "input_rows": rows_read,  # counted by the reader on executors, not derived from the outputs
         "clean_rows": clean_rows,
         "quarantined_rows": quarantined,
         "quarantine_by_reason": {k: int(v) for k, v in sorted(written.stats.items())},

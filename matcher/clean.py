@@ -25,6 +25,7 @@ class CleanResult:
     quarantine: pd.DataFrame
 
     def stats(self, input_rows: int) -> dict:
+        check_row_counts(input_rows, len(self.clean), len(self.quarantine))
         reasons = self.quarantine["reason"].value_counts().sort_index().to_dict() if len(self.quarantine) else {}
         return {
             "input_rows": input_rows,
@@ -33,6 +34,19 @@ class CleanResult:
             "quarantine_by_reason": {k: int(v) for k, v in reasons.items()},
             "quarantine_rate": (len(self.quarantine) / input_rows) if input_rows else 0.0,
         }
+
+
+class RowCountMismatch(ValueError):
+    """The rows the reader read are not the rows written clean or quarantined: a row was lost or made up."""
+
+
+def check_row_counts(rows_read: int, clean_rows: int, quarantined_rows: int, outcome: str = "written") -> None:
+    """Every row read is either clean or quarantined, exactly once; anything else is a fault in the stage."""
+    if rows_read != clean_rows + quarantined_rows:
+        lost = rows_read - clean_rows - quarantined_rows
+        raise RowCountMismatch(f"the reader read {rows_read} catalog rows but {clean_rows} clean + {quarantined_rows} "
+                               f"quarantined = {clean_rows + quarantined_rows} were {outcome} "
+                               f"({abs(lost)} {'lost' if lost > 0 else 'extra'})")
 
 
 def content_hash(title: str, description: str, image_bytes: bytes) -> str:

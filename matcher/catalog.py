@@ -5,7 +5,9 @@ import codecs
 import csv
 import io
 import json
+import os
 import posixpath
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -16,9 +18,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from matcher.config import CatalogConfig, StorageConfig, load_config
-from matcher.http_images import fetch_image
+from matcher.http_images import AddressPolicy, fetch_image
 from matcher.images import ImageRejected
-from matcher.storage import exists, read_bytes, resolve_uri
+from matcher.storage import exists, is_s3, read_bytes, resolve_uri
 
 _HEAD_BYTES = 1 << 16
 _MAX_IMAGE_REF_CHARS = 2048
@@ -71,6 +73,10 @@ class CatalogReader:
         self.storage = storage
         self.options = options or load_config().catalog  # the embedded defaults, not a copy of them
         self.fs, self.root = resolve_uri(uri, storage)
+        self.sources = ImageSources.of(self.root if is_s3(uri) else None,
+                                       None if is_s3(uri) else self.root, self.options.image_sources)
+        self.http_policy = AddressPolicy.from_settings(self.options.http_allow_hosts,
+                                                       self.options.http_allow_networks)
 
     def __reduce__(self):
         # Executors rebuild the reader; a local catalog by its absolute path (their working directory differs).
@@ -240,6 +246,7 @@ class CatalogReader:
 
     def read_image(self, ref: str) -> bytes:
         """Bytes of an image reference: a path relative to the catalog root, an s3://, file:// or http(s):// URI.
+        Only the catalog root, catalog.image_sources and the addresses catalog.http_* allow are read.
 
         Raises ImageRejected with a quarantine reason."""
         ref = ref.strip()
@@ -247,11 +254,17 @@ class CatalogReader:
             raise ImageRejected("image_missing", "no image reference")
         if len(ref) > _MAX_IMAGE_REF_CHARS or any(ord(ch) < 32 for ch in ref):
             raise ImageRejected("image_reference_invalid", f"{len(ref)} characters: {ref[:200]!r}")
-        if ref.startswith(("s3://", "s3a://", "file://")):
+        if is_s3(ref):
+            self.sources.check_s3_object(ref)  # before any connection to the store
             fs, path = resolve_uri(ref, self.storage)
+        elif ref.startswith("file://"):
+            fs, path = resolve_uri(ref, self.storage)
+            path = self.sources.local_file(ref, path)
         elif ref.lower().startswith(("http://", "https://")):
             o = self.options
-            return fetch_image(ref, o.http_timeout, o.http_retries, o.http_max_bytes)
+            if not o.http_images:
+                raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]}: catalog.http_images is off")
+            return fetch_image(ref, o.http_timeout, o.http_retries, o.http_max_bytes, policy=self.http_policy)
         elif "://" in ref:
             raise ImageRejected("image_unsupported_uri", ref[:200])
         else:
@@ -259,6 +272,10 @@ class CatalogReader:
             if rel.startswith("/") or rel == ".." or rel.startswith("../"):
                 raise ImageRejected("image_path_escapes_root", ref[:200])
             fs, path = self.fs, posixpath.join(self.root, rel)
+            if self.sources.local_root is not None:  # a symlink inside the root may point out of it
+                path = os.path.realpath(path)
+                if not _under(path, self.sources.local_root):
+                    raise ImageRejected("image_path_escapes_root", f"{ref[:200]}: a link out of the catalog root")
         try:
             return read_bytes(fs, path)
         except FileNotFoundError:
@@ -271,6 +288,56 @@ class CatalogReader:
             if missing:
                 raise ImageRejected("image_missing", ref[:200]) from None
             raise ImageRejected("image_unreadable", str(exc)[:200]) from None
+
+
+SOURCE_REFUSED = "image_source_not_allowed"
+
+
+@dataclass(frozen=True)
+class ImageSources:
+    """Where absolute image references may point: the catalog root and catalog.image_sources. Local paths are
+    compared after resolving links and `..` (the real path is what gets read); S3 keys segment by segment."""
+    s3_root: str | None                              # "bucket/prefix" of an S3 catalog
+    local_root: str | None                           # the real path of a local catalog
+    s3_prefixes: tuple[str, ...] = ()                # "bucket/prefix" of each s3:// source
+    local_prefixes: tuple[str, ...] = ()             # the real path of each file:// source
+
+    @classmethod
+    def of(cls, s3_root: str | None, local_root: str | None, sources: list[str]) -> "ImageSources":
+        s3 = tuple(_s3_key_path(s) for s in sources if is_s3(s))
+        local = tuple(os.path.realpath(s[len("file://"):]) for s in sources if s.startswith("file://"))
+        return cls(s3_root, os.path.realpath(local_root) if local_root else None, s3, local)
+
+    def local_file(self, ref: str, path: str) -> str:
+        """The real path of a file:// reference inside the root or a file:// source; else image_source_not_allowed."""
+        real = os.path.realpath(path)
+        allowed = [p for p in (self.local_root, *self.local_prefixes) if p]
+        if not any(_under(real, p) for p in allowed):
+            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]} is outside the catalog root and catalog.image_sources")
+        return real
+
+    def check_s3_object(self, ref: str) -> None:
+        """Nothing for an s3:// reference inside the root or an s3:// source; else image_source_not_allowed.
+        Keys with . or .. segments (escaped or not) are refused: stores differ on what they mean."""
+        path = _s3_key_path(ref)
+        segments = urllib.parse.unquote(path).split("/")
+        if any(s in (".", "..") for s in segments):
+            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]}: '.' or '..' in an S3 key")
+        allowed = [p for p in (self.s3_root, *self.s3_prefixes) if p]
+        if not any(_under(path, p) for p in allowed):
+            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]} is outside the catalog root and catalog.image_sources")
+
+
+def _s3_key_path(uri: str) -> str:
+    """"bucket/prefix" of an s3:// or s3a:// URI, as storage.resolve_uri writes paths."""
+    parsed = urllib.parse.urlparse(uri)
+    return posixpath.join(parsed.netloc, parsed.path.lstrip("/")).rstrip("/")
+
+
+def _under(path: str, folder: str) -> bool:
+    """Is `path` `folder` itself or inside it (whole segments: /srv/photos2 is not inside /srv/photos)?"""
+    folder = folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/") or folder == ""
 
 
 def _format_of(path: str) -> str:

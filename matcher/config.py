@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
 import numbers
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -57,6 +59,10 @@ class CatalogConfig:
     http_timeout: float
     http_retries: int
     http_max_bytes: int
+    image_sources: list[str]
+    http_images: bool
+    http_allow_hosts: list[str]
+    http_allow_networks: list[str]
 
 
 @dataclass(frozen=True)
@@ -277,6 +283,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
     if cfg.catalog.http_timeout <= 0 or cfg.catalog.http_retries < 0 or cfg.catalog.http_max_bytes <= 0:
         raise ConfigError("catalog.http_timeout and catalog.http_max_bytes must be > 0, catalog.http_retries >= 0")
+    _check_image_sources(cfg.catalog)
     if not 0.0 <= cfg.score.rerank_weight <= 1.0:
         raise ConfigError("score.rerank_weight must be in [0, 1]")
     if not 0 <= cfg.score.hubness_bank <= MAX_HUBNESS_BANK:
@@ -333,6 +340,36 @@ def _check(cfg: Config) -> None:
     bad = sorted(k for k in cfg.extract.spark_conf if not k.startswith("spark."))
     if bad:
         raise ConfigError(f"extract.spark_conf keys must be Spark settings (spark.*), got {bad}")
+
+
+_HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.?", re.I)
+
+
+def _check_image_sources(catalog: CatalogConfig) -> None:
+    """Where image references may point: file:///absolute/ and s3://bucket/ prefixes, host names, networks."""
+    for source in catalog.image_sources:
+        bucket = source.split("://", 1)[1].split("/", 1)[0] if "://" in source else ""
+        if not (source.startswith("file:///") or (source.startswith(("s3://", "s3a://")) and bucket)):
+            raise ConfigError(f"catalog.image_sources entries must be file:///absolute/path/ or s3://bucket/prefix/ "
+                              f"URIs (http(s) images: catalog.http_allow_hosts), got {source!r}")
+    for host in catalog.http_allow_hosts:
+        if not (_HOST_NAME.fullmatch(host.strip()) or _is_ip_literal(host.strip())):
+            raise ConfigError(f"catalog.http_allow_hosts entries must be host names (cdn.example.com, "
+                              f"*.cdn.example.com) or IP addresses, got {host!r}")
+    for network in catalog.http_allow_networks:
+        try:
+            ipaddress.ip_network(network.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"catalog.http_allow_networks entries must be networks such as 10.20.0.0/16 or "
+                              f"fd00::/8 (or one address), got {network!r}") from None
+
+
+def _is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def dated(uri: str, ds: str) -> str:

@@ -38,6 +38,31 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip data"),
+               (b"\x7fELF", "an executable"))
+
+
+def content_kind(data: bytes) -> str:
+    """A coarse name for what `data` is (an HTML page, text, a PDF...), from its first bytes; never the bytes."""
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n")
+    for magic, kind in _SIGNATURES:
+        if head.startswith(magic):
+            return kind
+    lowered = head[:64].lower()
+    if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in head.lower():
+        return "an HTML page"
+    if lowered.startswith(b"<?xml") or lowered.startswith(b"<svg"):
+        return "XML (an SVG is not read)"
+    if head[:1] in (b"{", b"["):
+        return "JSON-like text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the 512-byte mark
+            return "binary data"
+    return "text"
+
+
 def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, quality: int = 90) -> CanonicalImage:
     """Decode, orient by EXIF, convert to RGB, resize the short side to `size`, centre-crop, re-encode as JPEG."""
     if not data:
@@ -57,8 +82,10 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         if isinstance(exc, UnidentifiedImageError):
-            # Pillow's message names a BytesIO's address; the first bytes show what the file is (HTML, text...).
-            raise ImageRejected("not_an_image", f"no image format recognises it; starts with {data[:16]!r}") from None
+            # What the file looks like and its size, never its bytes: the reference may have named a file that is
+            # not the catalog's (a key, a password file), and the quarantine is published.
+            raise ImageRejected("not_an_image", f"not a recognised image format: {content_kind(data)}, "
+                                                f"{len(data)} bytes") from None
         raise ImageRejected("image_too_large", str(exc)[:200]) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected("image_corrupt", str(exc)[:200]) from None

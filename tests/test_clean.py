@@ -217,7 +217,9 @@ def test_image_references_may_be_s3_and_file_uris(tmp_path, s3_config):
         f"B,From a file URI,file://{tmp_path / 'b.jpg'}\n"
         "C,Missing on S3,s3://lake/uri-test/none.jpg\n"
         "D,Unsupported,ftp://example.invalid/d.jpg\n")
-    reader = CatalogReader(str(tmp_path), s3_config.storage)
+    # An S3 photo outside the catalog root is read only from a prefix the config names (tests/test_hostile_catalog.py).
+    cfg = s3_config.with_overrides({"catalog": {"image_sources": ["s3://lake/uri-test/"]}})
+    reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
     result = clean_catalog(reader.read(), reader.read_image, s3_config.clean)
     assert sorted(result.clean["product_id"]) == ["A", "B"]
     assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {

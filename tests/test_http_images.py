@@ -1,4 +1,6 @@
-"""Image references as http(s) URLs, against a real HTTP server on 127.0.0.1 whose failures are injected per path."""
+"""Image references as http(s) URLs, against a real HTTP server on 127.0.0.1 whose failures are injected per path.
+Loopback is refused by default (tests/test_hostile_catalog.py); these tests allow it by setting, as a deployment would
+allow its own CDN."""
 from __future__ import annotations
 
 import io
@@ -13,6 +15,8 @@ from PIL import Image
 from matcher.catalog import CatalogReader
 from matcher.clean import clean_catalog
 from matcher.config import load_config
+
+ALLOW_LOOPBACK = {"http_allow_networks": ["127.0.0.1/32"]}
 
 
 def _jpeg() -> bytes:
@@ -80,7 +84,7 @@ def test_http_images_are_fetched_retried_and_quarantined_with_reasons(tmp_path, 
     names.append("烧水壶")
     (tmp_path / "products.csv").write_text("product_id,title,image\n" + "".join(
         f"{n},Product {n},{base}/{n}.jpg\n" for n in names), encoding="utf-8")
-    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 2}})
+    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 2, **ALLOW_LOOPBACK}})
     reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
     result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
 
@@ -105,7 +109,7 @@ def test_a_refused_connection_is_retried_then_quarantined(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "products.csv").write_text(f"product_id,title,image\nx,Lamp,http://127.0.0.1:{port}/x.jpg\n")
-    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 1}})
+    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 1, **ALLOW_LOOPBACK}})
     reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
     result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
     assert result.clean.empty

@@ -63,10 +63,14 @@ def test_bad_bytes_are_rejected_with_a_reason(data, reason):
     assert err.value.reason == reason
 
 
-def test_a_file_that_is_no_image_is_described_by_its_first_bytes():
+def test_a_file_that_is_no_image_is_described_by_its_kind_and_size_never_its_bytes():
+    page = b"<!DOCTYPE html><html>404 not found</html>"
     with pytest.raises(ImageRejected) as err:
-        canonicalize_image(b"<!DOCTYPE html><html>404 not found</html>", **LIMITS)
-    assert err.value.detail == "no image format recognises it; starts with b'<!DOCTYPE html><'"
+        canonicalize_image(page, **LIMITS)
+    assert err.value.detail == f"not a recognised image format: an HTML page, {len(page)} bytes"
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(b"AWS_SECRET=hunter2\n", **LIMITS)
+    assert err.value.detail == "not a recognised image format: text, 19 bytes"
 
 
 def test_absurd_dimensions_are_rejected_before_decoding():

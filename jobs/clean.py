@@ -134,6 +134,7 @@ def run(ctx: RunContext) -> dict:
         "quarantine_by_reason": {k: int(v) for k, v in sorted(written.stats.items())},
         "quarantine_rate": quarantined / (clean_rows + quarantined) if clean_rows + quarantined else 0.0,
         "clean_parts": len(clean_doc["files"]),
+        "attempt": attempt,  # validate checks that these statistics describe the committed clean table
         "catalog": ctx.catalog,
     }
     log.info("clean: %d rows in, %d clean, %d quarantined %s", stats["input_rows"], clean_rows, quarantined,

@@ -1,5 +1,10 @@
-"""validate: the Great Expectations gate; a failure stops the night before any model or table changes."""
+"""validate: the Great Expectations gate; a failure stops the night before any model or table changes.
+
+The result names the clean attempt it judged (its id and a fingerprint of the files and rows committed), and every
+later stage and publish refuse a clean table that is not that attempt."""
 from __future__ import annotations
+
+import hashlib
 
 import pyarrow.parquet as pq
 
@@ -14,8 +19,12 @@ from matcher.validate import HEAVY_COLUMNS, render_html, validate_night
 def run(ctx: RunContext) -> dict:
     clean_stats = ctx.stage_stats("clean")
     files = ctx.lake.partition_files("clean", ctx.date)
-    if ctx.lake.committed("clean", ctx.date) is None or clean_stats is None:
+    judged = judged_attempt(ctx.lake, ctx.date)
+    if judged is None or clean_stats is None:
         raise StageError("validate", f"no clean partition for {ctx.date}: run the clean stage first")
+    if clean_stats.get("attempt") not in (None, judged["attempt"]):  # the run suite judges these statistics
+        raise StageError("validate", f"the clean statistics are for attempt {clean_stats['attempt']} but the clean "
+                                     f"table is attempt {judged['attempt']}: rerun clean")
     from pyspark.sql import functions as F
 
     # Executors read the clean parts without the image bytes; the suites see those columns as typed stand-ins.
@@ -28,7 +37,7 @@ def run(ctx: RunContext) -> dict:
     cfg = ctx.config.validate
     outcome = validate_night(clean, clean_stats, cfg.clean_suite, cfg.run_suite, cfg.max_quarantine_rate)
     base = Lake.validation_dir(ctx.date)
-    ctx.lake.write_json(f"{base}/result.json", outcome.to_json())
+    ctx.lake.write_json(f"{base}/result.json", {**outcome.to_json(), "clean_attempt": judged})
     ctx.lake.write_bytes(f"{base}/report.html", render_html(outcome, f"matcher validation {ctx.date}").encode())
     if not outcome.success:
         raise StageError("validate", "; ".join(outcome.failures())[:1000]
@@ -37,10 +46,33 @@ def run(ctx: RunContext) -> dict:
     return {"success": True, "report": ctx.lake.display(f"{base}/report.html")}
 
 
+def judged_attempt(lake: Lake, date: str) -> dict | None:
+    """The clean attempt a validation of `date` judges now: the clean and quarantine commits' attempt id and one
+    fingerprint of both; None when clean has not committed."""
+    clean = lake.committed_attempt("clean", date)
+    if clean is None:
+        return None
+    quarantine = lake.committed_attempt("quarantine", date) or {}
+    digest = hashlib.sha256(f"{clean['fingerprint']}:{quarantine.get('fingerprint')}".encode()).hexdigest()[:32]
+    return {"attempt": clean["attempt"], "fingerprint": digest}
+
+
 def require_passed(ctx: RunContext, stage: str) -> None:
-    """Later stages refuse to touch anything unless this date's validation passed."""
+    """Later stages and publish refuse to touch anything unless this date's validation passed, and passed on the
+    clean attempt they are about to use (a clean rerun since then needs validate again)."""
     result = ctx.lake.read_json(f"{Lake.validation_dir(ctx.date)}/result.json")
     if result is None:
         raise StageError(stage, f"no validation result for {ctx.date}: run the validate stage first")
+    current = judged_attempt(ctx.lake, ctx.date)
+    if current is None:
+        raise StageError(stage, f"no clean partition for {ctx.date}: run the clean and validate stages first")
+    judged = result.get("clean_attempt") or {}
+    if judged.get("attempt") != current["attempt"] or judged.get("fingerprint") != current["fingerprint"]:
+        named = judged.get("attempt") or "unnamed (a result written before results named their attempt)"
+        if judged.get("attempt") == current["attempt"]:
+            named += f" with fingerprint {judged.get('fingerprint')}"
+            current = {**current, "attempt": f"{current['attempt']} with fingerprint {current['fingerprint']}"}
+        raise StageError(stage, f"validation result for {ctx.date} is for clean attempt {named} but the clean "
+                                f"table is attempt {current['attempt']}: rerun validate")
     if not result.get("success"):
         raise StageError(stage, f"validation failed for {ctx.date}; fix the catalog and rerun clean and validate")

@@ -3,19 +3,27 @@
 This module is the only one that spells the lake's layout:
   <table>/dt=YYYY-MM-DD/part-<attempt>-<n>.parquet  a partition's part files, written by executors
   <table>/dt=YYYY-MM-DD/_committed.json            an internal table's commit point (clean, quarantine,
-                                                   features): the files and rows of the partition
-  manifests/dt=YYYY-MM-DD/manifest.json            the run manifest: the commit point of a published partition
+                                                   features): the files and rows of the run's latest attempt,
+                                                   what the later stages of the run read
+  manifests/dt=YYYY-MM-DD/manifest.json            the run manifest: the commit point of a published partition,
+                                                   naming the files readers see (clean and quarantine included)
+                                                   and those of the generation it replaced
   _work/dt=YYYY-MM-DD/<attempt>/<table>/...        part files being written; moved in by the commit
   _staging/dt=YYYY-MM-DD/<table>.json              parts written by `score`, made visible by `publish`
   _runs/dt=YYYY-MM-DD/<stage>.json                 per-stage statistics of a run
   validation/dt=YYYY-MM-DD/, reports/dt=YYYY-MM-DD/ the validation result and the nightly report
   models/<version>/..., models/current.json        versioned models and the promoted one
-Readers go through the commit point, so a partition is seen whole or not at all.
+Readers go through the commit point, so a partition is seen whole or not at all. A partition's files stay while
+a commit point names them: the commit file, the manifest, or the manifest's record of the generation it replaced, so
+a reader that opened the previous manifest can finish while the date is published again. Documents are replaced
+whole: on S3 a PUT is atomic; on a local disk they are written aside, synced and renamed over the old one.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -117,17 +125,44 @@ class Lake:
 
     def commit_parts(self, table: str, dt: str, parts: list[str], attempt: str) -> dict:
         """Commit an internal table's partition: the part files move in beside the previous ones, the commit file
-        naming them is the switch, then the previous files go. Returns the commit document."""
+        naming them is the switch for the run's later stages, then the files no commit point names go (those a
+        published manifest names stay: readers of the date see them until publish names others). Returns the
+        commit document."""
         files = self._move_parts_in(table, dt, parts, attempt)
         rows = sum(pq.read_metadata(self.path(f), filesystem=self.fs).num_rows for f in files)
         doc = {"table": table, "dt": dt, "attempt": attempt, "files": files, "rows": rows}
         self.write_json(posixpath.join(table, f"dt={dt}", COMMIT_FILE), doc)
-        self.remove_unlisted_files(table, dt, keep=set(files) | {posixpath.join(table, f"dt={dt}", COMMIT_FILE)})
+        self.remove_dead_files(table, dt)
         self._delete_quietly(self.path(self.work_dir(table, dt, attempt)))  # unlisted files of failed task attempts
         return doc
 
     def committed(self, table: str, dt: str) -> dict | None:
         return self.read_json(posixpath.join(table, f"dt={dt}", COMMIT_FILE))
+
+    def committed_attempt(self, table: str, dt: str) -> dict | None:
+        """The attempt a table's commit file names and a fingerprint of what it commits (attempt, files, rows):
+        what the validation result records, and what later stages and publish compare with before using it."""
+        doc = self.committed(table, dt)
+        if doc is None:
+            return None
+        body = {k: doc.get(k) for k in ("table", "dt", "attempt", "rows")} | {"files": sorted(doc.get("files", []))}
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+        return {"attempt": doc.get("attempt"), "fingerprint": digest}
+
+    def live_files(self, table: str, dt: str) -> set[str]:
+        """A partition's files (lake-relative) that a commit point names: its commit file (and the files it names),
+        the date's manifest and the generation that manifest replaced."""
+        live = {posixpath.join(table, f"dt={dt}", COMMIT_FILE)}
+        live |= set((self.committed(table, dt) or {}).get("files", []))
+        manifest = self.manifest(dt) or {}
+        live |= set(((manifest.get("tables") or {}).get(table) or {}).get("files") or [])
+        live |= set(((manifest.get("previous") or {}).get("tables") or {}).get(table) or [])
+        return live
+
+    def remove_dead_files(self, table: str, dt: str) -> int:
+        """Delete a partition's files that no commit point names: generations before the previous published one,
+        attempts superseded before publish, parts of writes that never committed."""
+        return self.remove_unlisted_files(table, dt, keep=self.live_files(table, dt))
 
     def write_partition(self, table_name: str, dt: str, table: pa.Table) -> dict:
         """Write a small table from this process as one part file and commit it (tests, tiny tables)."""
@@ -146,6 +181,32 @@ class Lake:
             doc = self.committed(table_name, dt)
         return [self.path(f) for f in (doc or {}).get("files", [])]
 
+    @staticmethod
+    def manifest_table_files(manifest: dict | None, table_name: str) -> list[str] | None:
+        """The files (lake-relative) a manifest names for a table; None when it names none (a manifest written
+        before clean and quarantine were published by name lists only their rows)."""
+        files = (((manifest or {}).get("tables") or {}).get(table_name) or {}).get("files")
+        return None if files is None else list(files)
+
+    def published_files(self, table_name: str, dt: str, manifest: dict | None = None) -> list[str] | None:
+        """The files (full paths) readers of a published date see for a table: those the date's manifest (given,
+        or read now) names; None when the date or the table is not published. clean and quarantine of a manifest
+        from before they were named fall back to their commit file."""
+        manifest = self.manifest(dt) if manifest is None else manifest
+        if manifest is None:
+            return None
+        files = self.manifest_table_files(manifest, table_name)
+        if files is None and table_name not in PUBLISHED_TABLES and table_name in (manifest.get("tables") or {}):
+            files = (self.committed(table_name, dt) or {}).get("files")
+        return None if files is None else [self.path(f) for f in files]
+
+    def read_files(self, table_name: str, files: list[str], columns: list[str] | None = None) -> pa.Table:
+        """Parquet files (full paths) of one table read whole in this process; no files: the table's empty form."""
+        if not files:
+            return _empty(table_name, columns)
+        tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+
     def partition_rows(self, table_name: str, dt: str) -> int:
         """Rows of a committed partition, from the Parquet footers."""
         return sum(pq.read_metadata(f, filesystem=self.fs).num_rows for f in self.partition_files(table_name, dt))
@@ -155,9 +216,9 @@ class Lake:
         files = self.partition_files(table_name, dt)
         if not files:
             committed = self.committed(table_name, dt) if table_name not in PUBLISHED_TABLES else self.manifest(dt)
-            return None if committed is None else _empty(table_name, columns)
-        tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
-        return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+            if committed is None:
+                return None
+        return self.read_files(table_name, files, columns)
 
     def partitions(self, table_name: str) -> list[str]:
         """Dates (YYYY-MM-DD) with a committed partition of an internal table, ascending."""
@@ -227,7 +288,7 @@ class Lake:
 
     # documents ---------------------------------------------------------------------------------------------------
     def write_json(self, relpath: str, obj: Any) -> None:
-        write_bytes(self.fs, self.path(relpath), json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode())
+        self.write_bytes(relpath, json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode())
 
     def read_json(self, relpath: str) -> Any | None:
         p = self.path(relpath)
@@ -236,7 +297,12 @@ class Lake:
         return json.loads(read_bytes(self.fs, p))
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
-        write_bytes(self.fs, self.path(relpath), data)
+        """Replace a document whole: a reader sees the old bytes or the new, never part of them."""
+        path = self.path(relpath)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            _replace_local_file(self.fs, path, data)
+        else:  # an S3 PUT makes the whole object visible at once
+            write_bytes(self.fs, path, data)
 
     def read_bytes(self, relpath: str) -> bytes | None:
         p = self.path(relpath)
@@ -253,3 +319,28 @@ class Lake:
             return "s3://" + self.path(relpath)
         return "file://" + self.path(relpath)
 
+
+
+def _replace_local_file(fs: pafs.LocalFileSystem, path: str, data: bytes) -> None:
+    """Write beside the target under a temporary name (no .json or .parquet suffix, so no listing takes it for a
+    document or a part), sync it, rename it over the target, and sync the folder so the rename survives a crash."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temporary, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fs.move(temporary, path)  # rename(2): atomic, replaces the old file
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

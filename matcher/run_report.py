@@ -135,7 +135,7 @@ class _Catalog:
         titles: dict[str, str] = {}
         thumbs: dict[str, str] = {}
         wanted = {p for p in product_ids if p is not None}
-        rows = _rows_with_keys(lake, lake.partition_files("clean", date), "product_id", wanted, ["title"],
+        rows = _rows_with_keys(lake, lake.published_files("clean", date) or [], "product_id", wanted, ["title"],
                                heavy=("image_bytes",))
         try:
             for part in rows:

@@ -16,8 +16,9 @@ from matcher.scoring import topk
 
 
 def titles_for(lake: Lake, date: str, product_ids: list[str]) -> dict[str, str]:
-    clean = lake.read_partition("clean", date)
-    if clean is None:
+    try:  # the clean table the date's manifest names: a rerun's unpublished clean attempt is not shown
+        clean = read_published(lake, "clean", date, columns=["product_id", "title"])
+    except NotPublishedError:
         return {}
     wanted = pa.array(product_ids, type=pa.string())
     t = clean.select(["product_id", "title"]).filter(pc.is_in(clean["product_id"], value_set=wanted))

@@ -1,0 +1,182 @@
+"""Publish is atomic for every reader that goes through a manifest: a reader that opened the previous manifest
+finishes on its files while the date is published again, clean and quarantine included, on file:// and S3; and a
+document (manifest, commit file, validation result) is never seen half-written."""
+import json
+import threading
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.context import RunContext
+from jobs.pipeline import run_stage
+from jobs.validate import judged_attempt
+from matcher.config import load_config
+from matcher.lake import PUBLISHED_TABLES, Lake
+from matcher.published import published_dataset, read_published
+from matcher.tables import table_schema
+
+D = "2026-05-01"
+READ_TABLES = ("recommendations", "embeddings", "clean", "quarantine")
+
+
+@pytest.fixture(params=["local", "s3"])
+def config(request, tmp_path):
+    if request.param == "local":
+        return load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    server = request.getfixturevalue("s3_server")
+    return load_config(overrides={
+        "run": {"lake": f"s3://lake/atomic-{tmp_path.name}"},
+        "storage": {"s3_endpoint": server.endpoint, "s3_access_key": server.access_key,
+                    "s3_secret_key": server.secret_key}})
+
+
+def tagged(name: str, tag: str, rows: int) -> pa.Table:
+    """A table of `name`'s schema whose rows all carry `tag` (in model_version, or title/reason where it lacks one)."""
+    schema = table_schema(name)
+    column = next(c for c in ("model_version", "title", "reason") if c in schema.names)
+    arrays = []
+    for field in schema:
+        if field.name == "product_id":
+            arrays.append(pa.array([f"{tag}-{i}" for i in range(rows)], field.type))
+        elif field.name == column:
+            arrays.append(pa.array([tag] * rows, field.type))
+        else:
+            arrays.append(pa.nulls(rows, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def tags(table: pa.Table) -> set[str]:
+    return {p.split("-")[0] for p in table.column("product_id").to_pylist()}
+
+
+def stage_published_tables(lake: Lake, dt: str, tag: str, rows: int = 3) -> None:
+    """What the score stage leaves for publish: each published table's parts under _work, recorded as staged."""
+    for name in PUBLISHED_TABLES:
+        parts = []
+        for n in range(2):  # two parts, so a reader could see one of each generation if publish let it
+            rel = f"{Lake.work_dir(name, dt, 'score-' + tag)}/part-{n}.parquet"
+            lake.fs.create_dir(lake.path(Lake.work_dir(name, dt, "score-" + tag)), recursive=True)
+            pq.write_table(tagged(name, tag, rows), lake.path(rel), filesystem=lake.fs)
+            parts.append(rel)
+        lake.stage_parts(name, dt, parts)
+
+
+def clean_attempt(lake: Lake, dt: str, tag: str) -> None:
+    """A night's clean stage (a new attempt of clean and quarantine) and its passed validation."""
+    lake.write_partition("clean", dt, tagged("clean", tag, 4))
+    lake.write_partition("quarantine", dt, tagged("quarantine", tag, 2))
+    lake.write_json(f"{Lake.validation_dir(dt)}/result.json",
+                    {"success": True, "clean_attempt": judged_attempt(lake, dt)})
+
+
+def publish_night(config, tag: str) -> dict:
+    ctx = RunContext(config, D)
+    clean_attempt(ctx.lake, D, tag)
+    stage_published_tables(ctx.lake, D, tag)
+    run_stage("publish", ctx)
+    return ctx.lake.manifest(D)
+
+
+def folder(lake: Lake, table: str) -> set[str]:
+    infos = lake.fs.get_file_info(pafs.FileSelector(lake.partition_path(table, D)))
+    return {lake.relative(i.path) for i in infos if i.base_name.endswith(".parquet")}
+
+
+def test_a_reader_on_the_previous_manifest_finishes_on_its_files_while_the_date_is_published_again(config):
+    lake = Lake(config.run.lake, config.storage)
+    first = publish_night(config, "g1")
+    opened = {t: lake.published_files(t, D, first) for t in READ_TABLES}  # a reader opened the g1 manifest
+    query = published_dataset(lake, "recommendations")  # matcher query's view, made before the republish
+
+    second = publish_night(config, "g2")
+    assert second["previous"]["publish_id"] == first["publish_id"]
+    for table, files in opened.items():
+        assert tags(lake.read_files(table, files)) == {"g1"}, table  # every file there, all of one generation
+        assert tags(read_published(lake, table, D)) == {"g2"}, table  # a new read sees the new night whole
+    assert tags(query.to_table()) == {"g1"}
+
+    # Exactly one previous generation is kept: the next publish removes g1's files, no more and no less.
+    third = publish_night(config, "g3")
+    for table in ("recommendations", "clean", "quarantine"):
+        named = {lake.relative(f) for m in (second, third) for f in lake.published_files(table, D, m)}
+        assert folder(lake, table) == named, table
+        assert tags(read_published(lake, table, D)) == {"g3"}
+
+
+def test_readers_looping_over_a_date_during_republishes_never_fail_and_never_mix(config):
+    lake = Lake(config.run.lake, config.storage)
+    publish_night(config, "g0")
+    stop = threading.Event()
+    seen: list[tuple[str, set]] = []
+    errors: list[BaseException] = []
+
+    def reader(table: str) -> None:
+        reading = Lake(config.run.lake, config.storage)  # a reader in its own right, not the publisher's lake
+        while not stop.is_set():
+            try:
+                seen.append((table, tags(read_published(reading, table, D))))
+            except BaseException as exc:  # noqa: BLE001 -- any error at all fails the test
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader, args=(t,)) for t in READ_TABLES]
+    for t in threads:
+        t.start()
+    try:
+        for night in range(1, 6):
+            publish_night(config, f"g{night}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert all(len(generation) == 1 for _, generation in seen), [s for s in seen if len(s[1]) != 1][:3]
+    assert {t for t, _ in seen} == set(READ_TABLES)
+    assert len({g for _, s in seen for g in s}) >= 2  # reads did overlap republishes
+
+
+def test_a_document_is_never_seen_half_written(tmp_path):
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    versions = [{"v": v, "pad": [str(v) * 64] * 40_000} for v in range(2)]  # about 2.7 MB each
+    lake.write_json("manifests/dt=2026-05-01/manifest.json", versions[0])
+    stop = threading.Event()
+    reads, errors = [], []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                doc = lake.read_json("manifests/dt=2026-05-01/manifest.json")
+                reads.append(doc is not None and doc == versions[doc["v"]])
+            except (ValueError, OSError) as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(40):
+            lake.write_json("manifests/dt=2026-05-01/manifest.json", versions[n % 2])
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and reads and all(reads)
+    assert [p.name for p in (tmp_path / "lake" / "manifests" / "dt=2026-05-01").iterdir()] == ["manifest.json"]
+
+
+def test_a_document_write_that_fails_leaves_the_old_document_and_no_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    lake.write_json("validation/dt=2026-05-01/result.json", {"success": True})
+
+    def full_disk(fd):  # the injected fault: the disk fills as the new bytes are synced
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        lake.write_json("validation/dt=2026-05-01/result.json", {"success": False})
+    monkeypatch.undo()
+    assert lake.read_json("validation/dt=2026-05-01/result.json") == {"success": True}
+    assert os.listdir(tmp_path / "lake" / "validation" / "dt=2026-05-01") == ["result.json"]
+    assert json.loads((tmp_path / "lake" / "validation" / "dt=2026-05-01" / "result.json").read_text())["success"]

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from matcher.config import Config, dated
 from matcher.lake import Lake
+from matcher.locks import DateLock
 
 log = logging.getLogger("matcher")
 
@@ -35,6 +36,7 @@ class RunContext:
     model_version: str = ""    # score with this model instead of the one the date is pinned to
     runner: str = "matcher run"  # who runs the stages, named in the date lock (e.g. an Airflow task)
     timings: dict[str, float] = field(default_factory=dict)
+    lock: DateLock | None = field(default=None, repr=False)  # the date lock held for the run: stages fence with it
 
     def __post_init__(self) -> None:
         try:

@@ -28,7 +28,7 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     log.info("stage %s for %s: started", stage, ctx.date)
     started = time.perf_counter()
     try:
-        with date_lock(ctx.lake, ctx.date, holder=f"stage {stage} ({ctx.runner})"):
+        with date_lock(ctx.lake, ctx.date, holder=f"stage {stage} ({ctx.runner})", held=ctx.lock) as ctx.lock:
             stats = module.run(ctx)
     except StageError:
         raise
@@ -48,4 +48,8 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
 
 
 def run_pipeline(ctx: RunContext, steps: list[str]) -> dict[str, dict]:
-    return {stage: run_stage(stage, ctx) for stage in steps}
+    try:  # one lock for the whole run: another run of the date cannot slip in between its stages
+        with date_lock(ctx.lake, ctx.date, holder=f"{ctx.runner} ({','.join(steps)})") as ctx.lock:
+            return {stage: run_stage(stage, ctx) for stage in steps}
+    except DateLockedError as exc:
+        raise StageError(next((s for s in steps if s not in ctx.timings), "run"), str(exc), retryable=True) from None

@@ -175,36 +175,43 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
 
 
 def test_one_writer_per_date(tmp_path):
-    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
-    write_synthetic_partition(lake, D1, n=40)
-    ctx = _ctx(tmp_path, D1)
-    with date_lock(lake, D1, holder="Airflow task score for 2026-01-01"):
+    catalog = make_demo_catalog(tmp_path / "catalog", products=4, with_bad_rows=False)
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)}})
+    ctx = RunContext(cfg, D1)
+    with date_lock(ctx.lake, D1, holder="Airflow task score for 2026-01-01"):
         with pytest.raises(StageError, match="date 2026-01-01 is being run by Airflow task score") as err:
-            run_stage("train", ctx)
+            run_stage("clean", ctx)
         assert err.value.retryable  # Airflow retries later, by when the other run may be done
-        with date_lock(lake, D2, holder="another date"):
+        with date_lock(ctx.lake, D2, holder="another date"):
             pass  # other dates are free
-    run_stage("train", ctx)  # released
-    assert list((tmp_path / "lake" / "_locks" / f"dt={D1}").glob("*.json")) == []
+    assert run_stage("clean", ctx)["clean_rows"] == 4  # released
+    assert list((tmp_path / "lake" / "_locks" / f"dt={D1}").glob("[0-9]*.json")) == []
 
 
 def test_a_dead_holders_lock_expires(tmp_path):
+    import os
     import socket
     import subprocess
     import sys
 
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
-    lake.write_json(f"{Lake.lock_dir(D1)}/1-old.json", {"holder": "elsewhere", "host": "other-host", "pid": 1,
-                                                        "heartbeat": time.time() - 3600})
+    folder = tmp_path / "lake" / Lake.lock_dir(D1)
+
+    def planted(name: str, doc: dict, age: float = 0.0) -> None:
+        lake.write_json(f"{Lake.lock_dir(D1)}/{name}", doc)
+        if age:  # the lake's clock judges leases: the file's mtime is what ages
+            then = time.time() - age
+            os.utime(folder / name, (then, then))
+
+    planted("000000000001-old.json", {"holder": "elsewhere", "host": "other-host", "pid": 1}, age=3600)
     with date_lock(lake, D1, holder="me", stale_after=300):
         pass
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lake.write_json(f"{Lake.lock_dir(D1)}/2-killed.json", {"holder": "killed", "host": socket.gethostname(),
-                                                           "pid": int(gone.stdout), "heartbeat": time.time()})
-    with date_lock(lake, D1, holder="me", stale_after=300):  # fresh heartbeat, but its process is gone
+    planted("000000000002-killed.json", {"holder": "killed", "host": socket.gethostname(), "pid": int(gone.stdout)})
+    with date_lock(lake, D1, holder="me", stale_after=300):  # fresh file, but its process is gone
         pass
-    lake.write_json(f"{Lake.lock_dir(D1)}/3-alive.json", {"holder": "alive", "host": "other-host", "pid": 1,
-                                                          "heartbeat": time.time()})
+    planted("000000000003-alive.json", {"holder": "alive", "host": "other-host", "pid": 1,
+                                        "heartbeat": time.time() - 3600})  # its own clock's stamp does not count
     with pytest.raises(DateLockedError, match="being run by alive"):
         with date_lock(lake, D1, holder="me", stale_after=300):
             pass

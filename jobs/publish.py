@@ -6,14 +6,17 @@ import datetime as dt
 import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError, log
+from jobs.validate import require_passed
 from matcher.lake import PUBLISHED_TABLES, Lake, new_attempt_id
 from matcher.run_report import render_run_report
 from matcher.tables import table_schema
 STAGE_NAMES = ("clean", "validate", "extract", "train", "score")
+RUN_TABLES = ("clean", "quarantine")  # written by the run's clean stage, made visible to readers by the manifest
 
 
 def run(ctx: RunContext) -> dict:
     lake = ctx.lake
+    require_passed(ctx, "publish")  # the clean attempt about to be named is the one validation passed
     staged = {name: lake.staged_parts(name, ctx.date) for name in PUBLISHED_TABLES}
     missing = [name for name, parts in staged.items() if parts is None]
     if missing:
@@ -24,15 +27,21 @@ def run(ctx: RunContext) -> dict:
             if not schema.equals(table_schema(name), check_metadata=False):
                 raise StageError("publish", f"staged {name} does not match schemas/tables.json")
     # New files go in beside the current ones; the manifest naming them is the single atomic switch; only then
-    # are the previous files removed. A crash before the switch leaves the previous partition as it was.
+    # are files removed, those of the generation before the one replaced: a reader that opened the previous
+    # manifest finishes on its files. A crash before the switch leaves the previous partition as it was.
+    previous = lake.manifest(ctx.date)
     publish_id = new_attempt_id()
     tables = {}
     for name in PUBLISHED_TABLES:
         files = lake.commit_staged(name, ctx.date, publish_id)
         tables[name] = {"rows": _footer_rows(lake, files), "path": lake.display(f"{name}/dt={ctx.date}"),
                         "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)]}
-    for name in ("clean", "quarantine", "features"):
-        tables[name] = {"rows": lake.partition_rows(name, ctx.date), "path": lake.display(f"{name}/dt={ctx.date}")}
+    for name in RUN_TABLES:
+        committed = lake.committed(name, ctx.date) or {}
+        tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(f"{name}/dt={ctx.date}"),
+                        "files": list(committed.get("files", [])), "attempt": committed.get("attempt")}
+    tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
+                          "path": lake.display(f"features/dt={ctx.date}")}
     stages = {s: ctx.stage_stats(s) for s in STAGE_NAMES}
     manifest = {
         "date": ctx.date,
@@ -50,13 +59,16 @@ def run(ctx: RunContext) -> dict:
         "stage_seconds": {s: (stats or {}).get("seconds") for s, stats in stages.items()},
         "tables": tables,
         "publish_id": publish_id,
+        "previous": _generation(lake, previous),
         "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if ctx.lock is not None:  # fence: still the date's newest holder, right before the commit point
         ctx.lock.assert_held()
+    if ctx.lock is not None:  # fence: still the date's newest holder, right before the commit point
+        ctx.lock.assert_held()
     lake.write_json(Lake.manifest_file(ctx.date), manifest)
-    for name in PUBLISHED_TABLES:
-        lake.remove_unlisted_files(name, ctx.date, keep=set(tables[name]["files"]))
+    for name in PUBLISHED_TABLES + RUN_TABLES:
+        lake.remove_dead_files(name, ctx.date)
     lake.clear_staging(ctx.date)
     lake.clear_work(ctx.date)
     log.info("publish: %s", {k: v["rows"] for k, v in tables.items()})
@@ -71,3 +83,12 @@ def run(ctx: RunContext) -> dict:
 
 def _footer_rows(lake: Lake, files: list[str]) -> int:
     return sum(pq.read_metadata(lake.path(f), filesystem=lake.fs).num_rows for f in files)
+
+
+def _generation(lake: Lake, manifest: dict | None) -> dict | None:
+    """The files a replaced manifest named, kept (with its publish id) until the next publish of the date."""
+    if manifest is None:
+        return None
+    return {"publish_id": manifest.get("publish_id"),
+            "tables": {name: files for name in PUBLISHED_TABLES + RUN_TABLES
+                       if (files := lake.manifest_table_files(manifest, name)) is not None}}

@@ -64,8 +64,6 @@ def run(ctx: RunContext) -> dict:
     }
     if ctx.lock is not None:  # fence: still the date's newest holder, right before the commit point
         ctx.lock.assert_held()
-    if ctx.lock is not None:  # fence: still the date's newest holder, right before the commit point
-        ctx.lock.assert_held()
     lake.write_json(Lake.manifest_file(ctx.date), manifest)
     for name in PUBLISHED_TABLES + RUN_TABLES:
         lake.remove_dead_files(name, ctx.date)

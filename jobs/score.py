@@ -18,7 +18,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
-from jobs.features_io import feature_frame
+from jobs.features_io import feature_frame, load_feature_set
 from jobs.score_ann import list_index, number_by_list, refine_lists, sampled_neighbours, train_lists
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
@@ -30,6 +30,7 @@ from matcher.categories import min_category_products
 from matcher.evaluate import embed
 from matcher.hubness import hubness, inner_product_form
 from matcher.lake import PUBLISHED_TABLES, new_attempt_id
+from matcher.mismatches import CrossFitScorer, TooFewProducts, fit_cross_fitted
 from matcher.model import MatcherModel, model_from_bytes, model_to_bytes
 from matcher.registry import check_encoders, current_version, load_model, model_for_date
 from matcher.scoring import topk
@@ -48,22 +49,26 @@ def _worker_model(version: str, weights, spec) -> MatcherModel:
     return _models[version]
 
 
-def make_embedder(version: str, weights, spec):
-    """Executors: feature rows -> (idx, product_id, category, title, z, u, v, own photo-title match)."""
+def make_embedder(version: str, weights, spec, mismatch=None):
+    """Executors: feature rows -> (idx, product_id, category, title, z, u, v, own photo-title match). The own match
+    is the cross-fitted scorer's (`mismatch`, a broadcast CrossFitScorer: fitted without the product's fold), not
+    the matching network's, which was trained on the product's own pair; null without a scorer."""
 
     def embed_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = _worker_model(version, weights, spec)
+        scorer: CrossFitScorer | None = mismatch.value if mismatch is not None else None
         for b in batches:
             if b.num_rows == 0:
                 continue
-            z, u, v = embed(model, vector_matrix(b.column("image_feat"), spec.image_dim),
-                            vector_matrix(b.column("text_feat"), spec.text_dim))
-            with torch.no_grad():
-                own = model.match_probability(torch.from_numpy(z), torch.from_numpy(u)).numpy()
+            image_feats = vector_matrix(b.column("image_feat"), spec.image_dim)
+            text_feats = vector_matrix(b.column("text_feat"), spec.text_dim)
+            z, u, v = embed(model, image_feats, text_feats)
+            own = (pa.array(scorer.own_pair_scores(b.column("product_id").to_pylist(), image_feats, text_feats),
+                            pa.float32()) if scorer is not None else pa.nulls(b.num_rows, pa.float32()))
             yield pa.RecordBatch.from_arrays(
                 [b.column("idx"), b.column("product_id"), pa.array(b.column("category").to_pylist(), pa.string()),
                  b.column("title"), *[pa.array(list(m), pa.list_(pa.float32())) for m in (z, u, v)],
-                 pa.array(own, pa.float32())], schema=_VECTORS)
+                 own], schema=_VECTORS)
 
     return embed_rows
 
@@ -202,11 +207,13 @@ def run(ctx: RunContext) -> dict:
     check_encoders(config, encoders[0][0], encoders[0][1])
     spec = model.spec
     weights = spark.sparkContext.broadcast(model_to_bytes(model))
+    mismatch, mismatch_stats = _mismatch_scorer(ctx)
+    mismatch_scorer = spark.sparkContext.broadcast(mismatch) if mismatch is not None else None
     partitions = max(spark.sparkContext.defaultParallelism, -(-n // sc.block_size))
     indexed, ordered = with_dense_index(frame.select("product_id", "category", "title", "image_feat", "text_feat"),
                                "product_id", partitions)
-    vectors = indexed.mapInArrow(make_embedder(version, weights, spec), spark_schema(_VECTORS)).persist(
-        StorageLevel.MEMORY_AND_DISK)
+    vectors = indexed.mapInArrow(make_embedder(version, weights, spec, mismatch_scorer),
+                                 spark_schema(_VECTORS)).persist(StorageLevel.MEMORY_AND_DISK)
     attempt, tag = new_attempt_id(), F.lit(version).alias("model_version")
     parts: dict[str, list[str]] = {}
     m = max(sc.top_k, sc.rerank_candidates)
@@ -247,7 +254,7 @@ def run(ctx: RunContext) -> dict:
         parts["embeddings"] = embedded.parts["embeddings"]
         vector_files = embedded.parts[VECTORS_TABLE]
 
-        threshold = float(model.match_threshold)
+        threshold = mismatch.threshold if mismatch is not None else float("-inf")  # none: nothing is flagged
         low = (vectors.filter(F.col("own_match") < threshold).orderBy("own_match", "idx")
                .select("product_id", "title", F.col("own_match").alias("match_score"),
                        F.lit(threshold).cast("float").alias("threshold"), tag))
@@ -284,8 +291,22 @@ def run(ctx: RunContext) -> dict:
     log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)
     return {"products": n, "recommendation_rows": int(recommendations.rows["recommendations"]),
             "model_version": version, "model_source": why, "category_agreement": agreement,
-            "mismatches": int(mismatches.rows["mismatches"]), **candidates,
+            "mismatches": int(mismatches.rows["mismatches"]), "mismatch_scorer": mismatch_stats, **candidates,
             "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest()}
+
+
+def _mismatch_scorer(ctx: RunContext) -> tuple[CrossFitScorer | None, dict]:
+    """The cross-fitted mismatch scorer, fitted here on score.mismatch_fit_products products (a hash sample), and
+    its description for the stats; None when the sample cannot fill the folds (a catalog of a few products)."""
+    sc = ctx.config.score
+    fs = load_feature_set(ctx, "score", sc.mismatch_fit_products)
+    try:
+        scorer = fit_cross_fitted(fs.product_ids, fs.image_feats, fs.text_feats, sc.mismatch_folds)
+    except TooFewProducts as exc:
+        log.warning("score: no mismatches table: %s", exc)
+        return None, {"scorer": "none", "reason": str(exc)}
+    log.info("score: mismatches by %s", scorer.describe())
+    return scorer, scorer.describe()
 
 
 def _search(sc, model: MatcherModel, config: dict, vectors: DataFrame, version: str, bank) -> DataFrame:

@@ -157,6 +157,8 @@ class ScoreConfig:
     hubness_bank: int
     hubness_temperature: float
     search_by: str
+    mismatch_folds: int
+    mismatch_fit_products: int
 
     def uses_ann(self, products: int) -> bool:
         """Whether a night of this many products takes its candidates from the k-means lists."""
@@ -293,6 +295,9 @@ def _check(cfg: Config) -> None:
                           "and broadcast to every executor")
     if cfg.score.hubness_temperature <= 0:
         raise ConfigError("score.hubness_temperature must be > 0")
+    if cfg.score.mismatch_folds < 2 or cfg.score.mismatch_fit_products < 2 * cfg.score.mismatch_folds:
+        raise ConfigError("score.mismatch_folds must be >= 2 (each product is judged by a scorer fitted without its "
+                          "fold) and score.mismatch_fit_products >= 2 * mismatch_folds")
     if cfg.score.search_by not in ("product", "photo"):
         raise ConfigError(f"score.search_by must be product or photo, got {cfg.score.search_by!r}")
     if cfg.score.search_by == "photo" and cfg.score.hubness_bank == 0:

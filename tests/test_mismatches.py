@@ -1,0 +1,99 @@
+"""The mismatches table is judged by scorers that never fitted on the product they judge (cross-fitting over folds
+by a hash of product_id): a mislabelled product's own pair cannot teach its judge that it is a match."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.context import RunContext
+from jobs.pipeline import run_stage
+from matcher.config import load_config
+from matcher.mismatches import FoldScorer, TooFewProducts, _FoldFits, fit_cross_fitted, fit_with_setting, mismatch_folds
+from tests.synthetic import synthetic_features, write_synthetic_partition
+
+FOLDS = 5
+SWAPPED = [5, 40, 77]  # these products' titles (text features) are another product's: mislabelled
+
+
+def _catalog(n: int = 120, image_dim: int = 48, text_dim: int = 32):
+    img, txt, _ = synthetic_features(n, seed=3, image_dim=image_dim, text_dim=text_dim)
+    ids = np.array([f"P{i:04d}" for i in range(n)], dtype=object)
+    txt = txt.copy()
+    for i in SWAPPED:
+        txt[i] = txt[(i + 50) % n]
+    return ids, img, txt
+
+
+def test_folds_are_a_hash_of_the_product_id_the_same_in_any_order():
+    ids = [f"P{i:04d}" for i in range(200)]
+    folds = mismatch_folds(ids, FOLDS)
+    assert sorted(set(folds)) == list(range(FOLDS)) and np.bincount(folds).min() > 20
+    np.testing.assert_array_equal(mismatch_folds(ids[::-1], FOLDS), folds[::-1])
+
+
+def test_a_products_scorer_does_not_change_when_the_products_own_pair_does():
+    """The fold scorer that judges product 40 is the same whatever product 40's title is: it never saw it. (The
+    setting, one of 48, is chosen by every product's out-of-fold score; here it is held fixed.)"""
+    ids, img, txt = _catalog()
+    changed = txt.copy()
+    changed[40] = np.random.default_rng(1).normal(size=txt.shape[1])
+    a, b = (fit_with_setting(ids, img, t, FOLDS, "cca", (0.1, 16)) for t in (txt, changed))
+    own = mismatch_folds(ids, FOLDS)[40]
+    for k in range(FOLDS):
+        same = all(np.array_equal(getattr(a.scorers[k], f), getattr(b.scorers[k], f))
+                   for f in ("image_mean", "image_std", "image_w", "text_mean", "text_std", "text_w"))
+        assert same == (k == own), k  # every other fold's scorer did fit on product 40, and moved
+
+
+def test_mislabelled_products_are_flagged_and_their_own_pair_would_have_passed_them_higher():
+    ids, img, txt = _catalog()
+    scorer = fit_cross_fitted(ids, img, txt, FOLDS)
+    scores = scorer.own_pair_scores(ids, img, txt)
+    assert sorted(np.nonzero(scores < scorer.threshold)[0]) == SWAPPED
+    # The same setting fitted on every product, the mislabelled ones included: each scores its own wrong pair
+    # higher than the scorer that never saw it (what a judge trained on the pair does).
+    in_sample = FoldScorer.of(_FoldFits(img.astype(np.float64), txt.astype(np.float64)).pair(scorer.kind,
+                                                                                            scorer.params))
+    assert (in_sample.pair_scores(img, txt)[SWAPPED] > scores[SWAPPED] + 0.05).all()
+    assert scorer.describe()["folds"] == FOLDS and scorer.describe()["fit_products"] == len(ids)
+
+
+def test_too_few_products_to_fill_the_folds_is_said():
+    img, txt, _ = synthetic_features(8, image_dim=12, text_dim=8)
+    ids = [f"P{i}" for i in range(8)]
+    with pytest.raises(TooFewProducts, match="8 products cannot fill 5 folds"):
+        fit_cross_fitted(ids, img, txt, FOLDS)
+
+
+def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_them(tmp_path):
+    n, date = 150, "2026-02-01"
+    cfg = load_config(overrides={
+        "run": {"lake": f"file://{tmp_path}/lake"},
+        "train": {"epochs": 3, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0},
+        "score": {"top_k": 5, "rerank_candidates": 10, "block_size": 64}})
+    ctx = RunContext(cfg, date)
+    write_synthetic_partition(ctx.lake, date, n=n)
+    features = ctx.lake.read_partition("features", date)
+    text = features.column("text_feat").to_pylist()
+    for i in SWAPPED:
+        text[i] = text[(i + 50) % n]
+    features = features.set_column(features.schema.get_field_index("text_feat"), "text_feat",
+                                   pa.array(text, features.schema.field("text_feat").type))
+    ctx.lake.write_partition("features", date, features)
+    run_stage("train", ctx)
+    stats = run_stage("score", ctx)
+
+    ids = np.array(features.column("product_id").to_pylist(), dtype=object)
+    img = np.array(features.column("image_feat").to_pylist(), np.float32)
+    txt = np.array(text, np.float32)
+    expected = fit_cross_fitted(ids, img, txt, FOLDS)  # every product is in the fit sample (150 < 5,000)
+    assert stats["mismatch_scorer"] == expected.describe()
+    files = [ctx.lake.path(f) for f in ctx.lake.staged_parts("mismatches", date)]  # what publish will commit
+    flagged = pa.concat_tables([pq.read_table(f, filesystem=ctx.lake.fs) for f in files]).to_pandas()
+    assert set(ids[SWAPPED]) <= set(flagged["product_id"])
+    want = dict(zip(ids, expected.own_pair_scores(ids, img, txt)))
+    np.testing.assert_allclose(flagged["match_score"], [want[p] for p in flagged["product_id"]], atol=1e-5)
+    assert (flagged["threshold"] == np.float32(expected.threshold)).all()
+    assert flagged["match_score"].is_monotonic_increasing and stats["mismatches"] == len(flagged)

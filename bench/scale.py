@@ -644,7 +644,8 @@ def main() -> int:
     # The daemons inherit this process's environment: executors (and their Python workers) get PYTHONPATH=code.
     saved = dict(os.environ)
     os.environ.update({k: env[k] for k in ("PYTHONPATH", "PYSPARK_PYTHON")})
-    cluster = sc.StandaloneCluster(cluster_dir, args.workers, args.cores, args.memory)
+    # No spark.authenticate: the drivers measured may be other checkouts', which know no extract.spark_auth_secret_file.
+    cluster = sc.StandaloneCluster(cluster_dir, args.workers, args.cores, args.memory, authenticate=False)
     results: list[dict] = []
     meta = {"code": str(args.code), "code_rev": code_rev, "workers": args.workers, "cores": args.cores,
             "memory": args.memory, "executor_memory": args.executor_memory,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from matcher.config import ExtractConfig
+from matcher.config import ConfigError, ExtractConfig
 
 _session = None
 _session_key: tuple | None = None  # (master or None under spark-submit, sorted settings) the session was built from
@@ -50,8 +50,25 @@ def spark_settings(cfg: ExtractConfig, submitted: bool | None = None) -> tuple[s
         conf["spark.eventLog.enabled"] = "true"
         conf["spark.eventLog.dir"] = cfg.spark_event_log_dir
     conf.update(spark_gpu_conf(cfg))
+    conf.update(spark_auth_conf(cfg))
     conf.update(cfg.spark_conf)  # operators' own settings, last
     return (None if submitted else cfg.spark_master), conf
+
+
+def spark_auth_conf(cfg: ExtractConfig) -> dict[str, str]:
+    """spark.authenticate with the secret in extract.spark_auth_secret_file (the one the cluster's master and workers
+    were started with); empty when no file is named. Spark redacts the secret in its UI and logs."""
+    if not cfg.spark_auth_secret_file:
+        return {}
+    path = Path(cfg.spark_auth_secret_file)
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"extract.spark_auth_secret_file {path}: cannot read the Spark secret "
+                          f"({exc.strerror or exc})") from None
+    if not secret:
+        raise ConfigError(f"extract.spark_auth_secret_file {path} is empty: it must hold the cluster's Spark secret")
+    return {"spark.authenticate": "true", "spark.authenticate.secret": secret}
 
 
 def _loopback_master(master: str) -> bool:
@@ -103,10 +120,12 @@ def _jvm_output_to_log() -> Iterator[None]:
     if SparkContext._gateway is not None or under_spark_submit():
         yield
         return
-    path = Path(tempfile.gettempdir()) / f"matcher-spark-{os.getpid()}.log"
+    # A folder only this user can enter, under a name nobody can guess: a predictable /tmp path could be made a
+    # symlink by another user in advance, and the log may show paths and settings of the night.
+    path = Path(tempfile.mkdtemp(prefix="matcher-spark-")) / "driver.log"
     sys.stderr.flush()
     saved = os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.dup2(fd, 2)
     os.close(fd)
     try:

@@ -1,7 +1,7 @@
 """A real Spark standalone cluster (one Master, N Workers) on this machine, from the pyspark package alone.
 
     with StandaloneCluster(tmp_dir, workers=1, cores_per_worker=2, memory_per_worker="2g") as cluster:
-        cfg = load_config(overrides={"extract": {"spark_master": cluster.master_url}})
+        cfg = load_config(overrides={"extract": cluster.extract_overrides()})  # master URL and secret file
         spark = get_spark(cfg.extract)
 
 Or from a shell, for operators and the bench:
@@ -11,7 +11,9 @@ Or from a shell, for operators and the bench:
 
 The daemons are started with the package's own sbin/spark-daemon.sh; logs, pid files, the workers' application
 folders and Spark's scratch space all live under work_dir, so nothing is written into the virtualenv. Everything
-binds to 127.0.0.1. The driver picks the executors' python (PYSPARK_PYTHON in the driver's environment, which
+binds to 127.0.0.1, and the master and workers require Spark's RPC authentication (spark.authenticate) with a
+secret made for each start, kept in work_dir/conf/auth-secret (mode 0600): anyone else on the machine who could
+reach the master's port could otherwise run code as this user. The driver picks the executors' python (PYSPARK_PYTHON in the driver's environment, which
 jobs.spark.get_spark sets to this interpreter), so executors run the venv's python with torch and pyarrow."""
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +35,7 @@ MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 IDENT = "matcher"  # SPARK_IDENT_STRING: names the pid and log files
 STATE_FILE = "cluster.json"
+AUTH_SECRET_FILE = "auth-secret"  # in conf_dir: the secret the master, workers and drivers share
 GPU_DISCOVERY_SCRIPT = Path(__file__).resolve().parent.parent / "docker" / "gpu-discovery.sh"  # nvidia-smi's indices
 
 
@@ -114,8 +118,10 @@ def _alive(pid: int, started: int | None) -> bool:
 class StandaloneCluster:
     def __init__(self, work_dir: Path | str, workers: int = 1, cores_per_worker: int = 2,
                  memory_per_worker: str = "3g", startup_timeout: float = 120.0, worker_gpus: int = 0,
-                 gpu_discovery_script: Path | str = GPU_DISCOVERY_SCRIPT):
-        """worker_gpus > 0: each worker offers that many GPUs to Spark's scheduler, their addresses printed by
+                 gpu_discovery_script: Path | str = GPU_DISCOVERY_SCRIPT, authenticate: bool = True):
+        """authenticate: the daemons require spark.authenticate with a fresh random secret (extract_overrides() names
+        its file for the driver's config); False only for drivers that cannot be given one.
+        worker_gpus > 0: each worker offers that many GPUs to Spark's scheduler, their addresses printed by
         gpu_discovery_script (Spark's discovery-script JSON); executors then get them with
         spark.executor.resource.gpu.amount and each task its own with spark.task.resource.gpu.amount."""
         if workers < 1:
@@ -129,11 +135,12 @@ class StandaloneCluster:
         self.startup_timeout = startup_timeout
         self.worker_gpus = worker_gpus
         self.gpu_discovery_script = Path(gpu_discovery_script).resolve()
+        self.authenticate = authenticate
         self.log_dir = self.work_dir / "logs"
         self.pid_dir = self.work_dir / "pids"
         self.worker_dir = self.work_dir / "work"      # executors' stdout/stderr, per application
         self.local_dir = self.work_dir / "local"      # shuffle and scratch files
-        self.conf_dir = self.work_dir / "conf"        # empty: no spark-env.sh from anywhere else
+        self.conf_dir = self.work_dir / "conf"        # ours (0700): spark-defaults.conf with the auth settings only
         self.port: int | None = None
         self.webui_port: int | None = None
         self.rest_port: int | None = None
@@ -154,6 +161,15 @@ class StandaloneCluster:
         if self.webui_port is None:
             raise ClusterError("the cluster is not started")
         return f"http://127.0.0.1:{self.webui_port}"
+
+    @property
+    def auth_secret_file(self) -> Path | None:
+        """The file holding the cluster's Spark secret (None when started without authentication)."""
+        return self.conf_dir / AUTH_SECRET_FILE if self.authenticate else None
+
+    def extract_overrides(self) -> dict[str, str]:
+        """The [extract] settings a driver needs to use this cluster: its master URL and its secret's file."""
+        return {"spark_master": self.master_url, "spark_auth_secret_file": str(self.auth_secret_file or "")}
 
     @property
     def master_log(self) -> Path:
@@ -191,6 +207,8 @@ class StandaloneCluster:
             raise ClusterError(f"a cluster is already running from {self.work_dir} (pids {running}); stop it first")
         for d in (self.log_dir, self.pid_dir, self.worker_dir, self.local_dir, self.conf_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.conf_dir.chmod(0o700)
+        self._write_auth_conf()
         home = spark_home()
         self.port, self.webui_port, self.rest_port = free_port(), free_port(), free_port()
         self.worker_webui_ports = [free_port() for _ in range(self.workers)]
@@ -322,6 +340,19 @@ class StandaloneCluster:
                                    f"(master UI {self.webui_url}/json/, last error: {last_error}).{self._log_report()}")
             time.sleep(0.2)
 
+    def _write_auth_conf(self) -> None:
+        """spark-defaults.conf in our SPARK_CONF_DIR, read by the master and each worker at start (the secret is in
+        no command line, so `ps` does not show it); the workers hand it to their executors in the environment."""
+        defaults = self.conf_dir / "spark-defaults.conf"
+        secret_file = self.conf_dir / AUTH_SECRET_FILE
+        if not self.authenticate:
+            defaults.unlink(missing_ok=True)
+            secret_file.unlink(missing_ok=True)
+            return
+        secret = secrets.token_hex(32)
+        _write_private(secret_file, secret + "\n")
+        _write_private(defaults, f"spark.authenticate true\nspark.authenticate.secret {secret}\n")
+
     def _log_path(self, cls: str, instance: int) -> Path:
         # spark-daemon.sh names it spark-$SPARK_IDENT_STRING-$command-$instance-$HOSTNAME.out
         found = sorted(self.log_dir.glob(f"spark-{IDENT}-{cls}-{instance}-*.out"))
@@ -340,7 +371,7 @@ class StandaloneCluster:
         state = {"port": self.port, "webui_port": self.webui_port, "rest_port": self.rest_port,
                  "worker_webui_ports": self.worker_webui_ports,
                  "workers": self.workers, "cores_per_worker": self.cores_per_worker,
-                 "memory_per_worker": self.memory_per_worker}
+                 "memory_per_worker": self.memory_per_worker, "authenticate": self.authenticate}
         (self.work_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
     def _load_state(self) -> None:
@@ -352,6 +383,15 @@ class StandaloneCluster:
         self.port, self.webui_port, self.rest_port = state["port"], state["webui_port"], state.get("rest_port")
         self.worker_webui_ports = state["worker_webui_ports"]
         self.workers = state["workers"]
+        self.authenticate = state.get("authenticate", False)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only this user can read, whatever mode an earlier file there had."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
 
 
 def _parse_pid_name(name: str) -> tuple[str, int]:
@@ -390,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--gpus", type=int, default=0, help="GPUs each worker offers to Spark's scheduler")
     start.add_argument("--gpu-discovery-script", type=Path, default=GPU_DISCOVERY_SCRIPT,
                        help="prints the GPUs' addresses as Spark's discovery JSON (default: docker/gpu-discovery.sh)")
+    start.add_argument("--no-auth", action="store_true",
+                       help="start without spark.authenticate (any local user could then run code on the cluster)")
     stop = sub.add_parser("stop", help="stop the cluster started from --work-dir")
     stop.add_argument("--work-dir", required=True, type=Path)
     status = sub.add_parser("status", help="print the master's JSON status")
@@ -398,10 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             cluster = StandaloneCluster(args.work_dir, args.workers, args.cores, args.memory, args.timeout,
-                                        args.gpus, args.gpu_discovery_script).start()
+                                        args.gpus, args.gpu_discovery_script, authenticate=not args.no_auth).start()
             print(cluster.master_url)
             print(f"started in {cluster.startup_seconds:.1f}s; web UI {cluster.webui_url}; logs in {cluster.log_dir}",
                   file=sys.stderr)
+            if cluster.auth_secret_file:
+                print(f"drivers need extract.spark_auth_secret_file = \"{cluster.auth_secret_file}\"", file=sys.stderr)
         elif args.command == "stop":
             StandaloneCluster(args.work_dir).stop()
         else:

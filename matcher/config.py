@@ -104,6 +104,7 @@ class ExtractConfig:
     spark_event_log_dir: str
     spark_max_result_size: str
     spark_conf: dict[str, str]
+    spark_auth_secret_file: str
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,10 @@ def _check(cfg: Config) -> None:
     bad = sorted(k for k in cfg.extract.spark_conf if not k.startswith("spark."))
     if bad:
         raise ConfigError(f"extract.spark_conf keys must be Spark settings (spark.*), got {bad}")
+    if "spark.authenticate.secret" in cfg.extract.spark_conf:
+        # A secret inline in a config file travels with it (logs, images, tickets): name a private file instead.
+        raise ConfigError("extract.spark_conf must not hold spark.authenticate.secret: put the secret in a file "
+                          "readable only by matcher's user and name it in extract.spark_auth_secret_file")
 
 
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.?", re.I)

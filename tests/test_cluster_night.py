@@ -46,7 +46,8 @@ def test_a_night_on_a_standalone_cluster_equals_local_and_a_second_night_embeds_
     date, next_date = "2026-05-01", "2026-05-02"
     stop_spark()
     with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="2g") as cluster:
-        cfg = _config(cluster.master_url, f"file://{tmp_path}/cluster-lake", str(catalog))
+        cfg = _config(cluster.master_url, f"file://{tmp_path}/cluster-lake", str(catalog)).with_overrides(
+            {"extract": cluster.extract_overrides()})  # and the secret the cluster requires
         on_cluster = RunContext(cfg, date)
         run_pipeline(on_cluster, list(STAGES))
         clean_files = on_cluster.lake.partition_files("clean", date)

@@ -113,7 +113,7 @@ def test_standalone_cluster_runs_tasks_in_executors_and_stops_clean(tmp_path, mo
         daemons = cluster.pids()
         assert len(daemons) == 2 and all(_running(p) for p in daemons.values())
 
-        spark = get_spark(_extract(spark_master=cluster.master_url, spark_max_result_size="1m",
+        spark = get_spark(_extract(**cluster.extract_overrides(), spark_max_result_size="1m",
                                    spark_conf={"spark.executor.memory": "1g"}))
         sc = spark.sparkContext
         assert sc.master == cluster.master_url
@@ -162,7 +162,7 @@ def test_each_concurrent_task_gets_its_own_gpu_and_a_gpu_without_cuda_fails_clea
     with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="1g",
                            worker_gpus=2, gpu_discovery_script=script) as cluster:
         try:
-            spark = get_spark(_extract(spark_master=cluster.master_url, executor_gpus=2, task_gpus=1.0,
+            spark = get_spark(_extract(**cluster.extract_overrides(), executor_gpus=2, task_gpus=1.0,
                                        spark_conf={"spark.executor.memory": "512m"}))
 
             def probe(_):
@@ -192,6 +192,66 @@ def test_each_concurrent_task_gets_its_own_gpu_and_a_gpu_without_cuda_fails_clea
     overlapping = [(a[0], b[0]) for i, a in enumerate(ran) for b in ran[i + 1:] if a[4] < b[5] and b[4] < a[5]]
     assert overlapping and all(x != y for x, y in overlapping)
     assert assigned_gpu() is None and task_device("auto") == "auto"  # the driver is no task
+
+
+def _master_answers(spark, port: int, secret: str | None) -> bool:
+    """Whether the master at 127.0.0.1:port lets an RPC client with this secret (None: no authentication) look up
+    its endpoint, as a driver does before it registers; a refusal fails within the 5 s lookup timeout."""
+    jvm = spark.sparkContext._jvm
+    conf = jvm.org.apache.spark.SparkConf(False)  # only what is set here, nothing from this JVM's own settings
+    conf.set("spark.rpc.lookupTimeout", "5s")
+    if secret is not None:
+        conf.set("spark.authenticate", "true")
+        conf.set("spark.authenticate.secret", secret)
+    config_entries = getattr(getattr(jvm.org.apache.spark.internal.config, "package$"), "MODULE$")
+    security = jvm.org.apache.spark.SecurityManager(conf, jvm.scala.Option.empty(), config_entries.AUTH_SECRET_FILE())
+    client = jvm.org.apache.spark.rpc.RpcEnv.create("probe", "127.0.0.1", 0, conf, security, True)
+    try:
+        client.setupEndpointRef(jvm.org.apache.spark.rpc.RpcAddress("127.0.0.1", port), "Master")
+        return True
+    except Exception as exc:
+        if "awaitResult" not in str(exc):  # anything but the refused lookup is a fault of the probe itself
+            raise
+        return False
+    finally:
+        client.shutdown()
+
+
+def test_the_master_refuses_a_driver_without_the_clusters_secret(tmp_path):
+    with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=1, memory_per_worker="1g") as cluster:
+        secret_file = cluster.auth_secret_file
+        assert secret_file is not None and (secret_file.stat().st_mode & 0o777) == 0o600
+        assert (cluster.conf_dir.stat().st_mode & 0o777) == 0o700
+        secret = secret_file.read_text().strip()
+        assert len(secret) == 64
+        # In no daemon's command line (ps shows those to every user).
+        assert not [name for name, pid in cluster.pids().items() if secret in _cmdline(pid)]
+
+        spark = get_spark(_extract())  # a local session: only its JVM is used, to speak Spark's RPC
+        assert not _master_answers(spark, cluster.port, None)
+        assert not _master_answers(spark, cluster.port, "0" * 64)
+        assert _master_answers(spark, cluster.port, secret)
+        assert cluster.master_state()["activeapps"] == []
+    # A second start makes a new secret.
+    with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=1, memory_per_worker="1g") as again:
+        assert again.auth_secret_file.read_text().strip() != secret
+
+
+def test_a_driver_names_the_clusters_secret_by_file(tmp_path):
+    secret_file = tmp_path / "spark-secret"
+    secret_file.write_text("s3cr3t-value\n")
+    _, conf = spark_settings(_extract(spark_master="spark://spark-master:7077",
+                                      spark_auth_secret_file=str(secret_file)), submitted=False)
+    assert conf["spark.authenticate"] == "true" and conf["spark.authenticate.secret"] == "s3cr3t-value"
+    _, conf = spark_settings(_extract(), submitted=False)
+    assert "spark.authenticate" not in conf and "spark.authenticate.secret" not in conf
+    with pytest.raises(ConfigError, match="spark_auth_secret_file .*missing"):
+        spark_settings(_extract(spark_auth_secret_file=str(tmp_path / "missing")))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        spark_settings(_extract(spark_auth_secret_file=str(tmp_path / "empty")))
+    with pytest.raises(ConfigError, match="must not hold spark.authenticate.secret"):
+        _extract(spark_conf={"spark.authenticate.secret": "inline"})
 
 
 def test_a_gpu_worker_without_its_discovery_script_is_a_clear_error(tmp_path):

@@ -254,6 +254,24 @@ def test_a_driver_names_the_clusters_secret_by_file(tmp_path):
         _extract(spark_conf={"spark.authenticate.secret": "inline"})
 
 
+def test_the_drivers_jvm_log_is_private(tmp_path):
+    # A fresh process (the JVM starts once per process), its temp folder in tmp_path so its files can be found.
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from jobs.spark import get_spark, stop_spark\nfrom matcher.config import load_config\n"
+            "get_spark(load_config(overrides={'extract': {'spark_master': 'local[1]'}}).extract).range(3).count()\n"
+            "stop_spark()\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, timeout=300,
+                         env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    folders = list(tmp_path.glob("matcher-spark-*"))
+    assert len(folders) == 1 and folders[0].is_dir()  # mkdtemp's random name, not a pid anyone can guess
+    log = folders[0] / "driver.log"
+    assert f"Spark driver log: {log}" in run.stderr
+    assert folders[0].stat().st_mode & 0o777 == 0o700 and log.stat().st_mode & 0o777 == 0o600
+    banner = "Using Spark's default log4j profile"
+    assert banner in log.read_text() and banner not in run.stderr  # the JVM's lines go there, not to stderr
+
+
 def test_a_gpu_worker_without_its_discovery_script_is_a_clear_error(tmp_path):
     cluster = StandaloneCluster(tmp_path / "cluster", worker_gpus=1, gpu_discovery_script=tmp_path / "none.sh")
     with pytest.raises(ClusterError, match="none.sh is missing or not executable"):

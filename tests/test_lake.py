@@ -89,3 +89,24 @@ def test_json_documents(lake):
     lake.write_json("x/doc.json", {"k": "值"})
     assert lake.read_json("x/doc.json") == {"k": "值"}
     assert lake.read_json("x/none.json") is None
+
+
+def test_a_new_attempt_of_an_internal_table_keeps_the_files_a_manifest_names(lake):
+    """A rerun's clean is written aside for its own stages; readers of the published date keep the manifest's."""
+    import pyarrow.fs as pafs
+
+    from matcher.published import read_published
+
+    dt = "2026-01-01"
+    published = lake.write_partition("clean", dt, pa.table({"product_id": ["a", "b"]}))
+    lake.write_json(Lake.manifest_file(dt), {"publish_id": "p1", "tables": {"clean": {"files": published["files"]}}})
+    lake.write_partition("clean", dt, pa.table({"product_id": ["c"]}))  # a rerun's attempt, superseded...
+    latest = lake.write_partition("clean", dt, pa.table({"product_id": ["d"]}))  # ...by another before publish
+    assert read_published(lake, "clean", dt).column("product_id").to_pylist() == ["a", "b"]
+    assert lake.read_partition("clean", dt).column("product_id").to_pylist() == ["d"]  # what the run's stages read
+    listed = lake.fs.get_file_info(pafs.FileSelector(lake.partition_path("clean", dt)))
+    assert {lake.relative(i.path) for i in listed} == \
+        set(published["files"]) | set(latest["files"]) | {f"clean/dt={dt}/_committed.json"}
+    # A manifest from before clean was named by its files: readers fall back to the commit file.
+    lake.write_json(Lake.manifest_file(dt), {"publish_id": "p0", "tables": {"clean": {"rows": 1}}})
+    assert read_published(lake, "clean", dt).column("product_id").to_pylist() == ["d"]

@@ -173,8 +173,10 @@ class Lake:
         return self.commit_parts(table_name, dt, [part], attempt)
 
     def partition_files(self, table_name: str, dt: str) -> list[str]:
-        """A partition's files (full paths): for a published table those its run manifest names, for an internal
-        table those its commit file names; files of an unfinished write are never listed."""
+        """A partition's files (full paths) as the run's stages see them: for a published table those its run
+        manifest names, for an internal table those its commit file names (the run's latest attempt, which for
+        clean and quarantine may not be published yet: readers of a published date use `published_files`); files
+        of an unfinished write are never listed."""
         if table_name in PUBLISHED_TABLES:
             doc = ((self.manifest(dt) or {}).get("tables") or {}).get(table_name)
         else:

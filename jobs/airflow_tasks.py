@@ -3,39 +3,32 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+import re
+from typing import Mapping, NoReturn
 
-from jobs.context import RunContext, StageError
+from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_config
+from jobs.failures import classify
 from jobs.pipeline import run_stage
-from matcher.config import REPO_ROOT, Config, dated, load_config
+from matcher.config import REPO_ROOT, Config, ConfigError, dated
 from matcher.s3server import storage_ready
 from matcher.storage import StorageError
 
 log = logging.getLogger("matcher")
 
 
-CONFIG_ENV = "MATCHER_CONFIG"
-
-
 def deployment_config(params: dict, environ: Mapping[str, str] = os.environ) -> tuple[Config, str]:
     """(config, its file) of a task: the run's conf "config", else the TOML file the deployment names in
-    $MATCHER_CONFIG (scheduled runs get no conf), else the embedded defaults. Read here, at the task's entry, and
-    passed down: no other module reads the environment. A deployment must name a catalog and an absolute lake:
-    a worker's working directory is not the user's."""
-    path = params.get("config") or environ.get(CONFIG_ENV, "")
-    cfg = load_config(path or None)
-    catalog = params.get("catalog") or cfg.run.catalog
-    if not catalog:
-        _fail(f"no catalog configured: set run.catalog in the TOML file named by ${CONFIG_ENV} "
-              f"(now {path or 'unset'}) or pass conf {{\"catalog\": ...}}")
-    lake = params.get("lake") or cfg.run.lake
-    if lake.startswith("file://") and not lake[len("file://"):].startswith("/"):
-        _fail(f"run.lake {lake} is relative, and Airflow workers run in their own directories: "
-              f"give an absolute file:///... or s3:// lake")
-    return cfg, path or "embedded defaults"
+    $MATCHER_CONFIG, else the embedded defaults (jobs.context.load_deployment_config, which the spark-submit driver
+    uses too). Read here, at the task's entry, and passed down. A config error fails the task at once: a retry
+    would read the same file."""
+    try:
+        return load_deployment_config(params.get("config") or "", environ, catalog=params.get("catalog") or "",
+                                      lake=params.get("lake") or "")
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     from airflow.sdk.exceptions import AirflowFailException
 
     raise AirflowFailException(message)
@@ -45,40 +38,101 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None) -> dict:
     """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
 
     params: "config" (a TOML file; empty = $MATCHER_CONFIG, else the embedded defaults), "catalog" and "lake"
-    (override the config's; the catalog may contain {ds}), "model" (score with this model version)."""
+    (override the config's; the catalog may contain {ds}), "model" (score with this model version).
+    A retryable failure (jobs/failures.py: storage, network, a lost executor, a busy date) is raised for Airflow
+    to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
     params = params or {}
     cfg, source = deployment_config(params)
     log.info("matcher: config %s", source)
     if cfg.runner.mode == "spark_submit":
         return submit_stage(stage, ds, params, cfg.runner.spark_conn_id)
-    with storage_ready(cfg) as cfg:
-        ctx = RunContext(cfg, ds, catalog=params.get("catalog") or "", lake_uri=params.get("lake") or "",
-                         model_version=params.get("model") or "", runner=f"Airflow task {stage} for {ds}")
-        try:
+    try:
+        with storage_ready(cfg) as cfg:
+            ctx = RunContext(cfg, ds, catalog=params.get("catalog") or "", lake_uri=params.get("lake") or "",
+                             model_version=params.get("model") or "", runner=f"Airflow task {stage} for {ds}")
             stats = run_stage(stage, ctx)
-        except StageError as exc:
-            if exc.retryable:
-                raise
-            # Bad input or a failed gate: retrying would fail the same way, so fail the task now.
-            _fail(str(exc))
-    # Small, JSON-safe summary for XCom; the full statistics are in the lake.
-    return {"stage": stage, "date": ds, "seconds": stats.get("seconds")}
+    except Exception as exc:
+        failure = classify(exc)
+        if failure.retryable:
+            raise
+        permanent = failure.message()
+    else:
+        # Small, JSON-safe summary for XCom; the full statistics are in the lake.
+        return {"stage": stage, "date": ds, "seconds": stats.get("seconds")}
+    # Bad input or a failed gate: retrying would fail the same way, so fail the task now.
+    _fail(permanent)
 
 
-def submit_stage(stage: str, ds: str, params: dict, conn_id: str) -> dict:
-    """Run the stage through spark-submit (the Spark provider's hook) on the cluster the connection names."""
+_EXIT_CODE = re.compile(r"Error code is: (-?\d+)")
+_K8S_EXIT_CODE = re.compile(r"Kubernetes spark exit code is: (-?\d+)")
+
+
+def submit_exit_code(message: str) -> int | None:
+    """The driver's exit status from the message SparkSubmitHook.submit raises (it keeps the code nowhere else):
+    `Cannot execute: <cmd>. Error code is: N.` (and on Kubernetes `Kubernetes spark exit code is: M`, the driver
+    pod's, which wins). None when the message has none (spark-submit never ran, or a cluster-mode driver whose
+    status alone is known)."""
+    k8s = _K8S_EXIT_CODE.search(message)
+    found = _EXIT_CODE.search(message)
+    if k8s and int(k8s.group(1)) not in (0, -1):
+        return int(k8s.group(1))
+    return int(found.group(1)) if found else None
+
+
+def submit_verdict(code: int | None, message: str) -> tuple[bool, str]:
+    """(retryable, why) of a failed spark-submit: 75 retryable, 1 and 2 permanent (jobs/submit.py's statuses);
+    a driver killed by a signal (128+N, or -N for spark-submit itself) retryable, as a lost executor is; anything
+    else is judged by its log tail (jobs/failures.py), permanent unless it shows a transient cause."""
+    from jobs.submit import EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE
+
+    if code == EXIT_RETRYABLE:
+        return True, f"the driver exited {code}: retryable"
+    if code in (EXIT_PERMANENT, EXIT_USAGE):
+        return False, f"the driver exited {code}: permanent"
+    if code is not None and (code < 0 or code > 128):
+        return True, f"the driver was killed (exit {code})"
+    status = "no exit status known" if code is None else f"spark-submit exited {code}"
+    failure = classify(RuntimeError(message))
+    return failure.retryable, f"{status}; " + (failure.why if failure.retryable else "no sign of a transient cause")
+
+
+def _driver_error(message: str) -> str:
+    """The driver's own last line (`matcher: error: ...`) from the hook's log tail, else the message's first line."""
+    lines = [line.strip() for line in message.splitlines()]
+    errors = [line for line in lines if "matcher: error:" in line]
+    if errors:
+        return errors[-1][errors[-1].index("matcher: error:") + len("matcher: error:"):].strip()
+    return next((line for line in lines if line), "")[:500]
+
+
+def submit_stage(stage: str, ds: str, params: dict, conn_id: str,
+                 environ: Mapping[str, str] = os.environ) -> dict:
+    """Run the stage through spark-submit (the Spark provider's hook) on the cluster the connection names.
+    The driver gets this worker's $MATCHER_CONFIG, so it reads the config this task read; its exit status decides
+    between Airflow's retry (75) and failing the task (1, 2)."""
     import sys
 
+    from airflow.sdk.exceptions import AirflowException
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
 
     args = ["--stage", stage, "--date", ds]
     for key in ("config", "catalog", "lake", "model"):
         if params.get(key):
             args += [f"--{key}", params[key]]
-    hook = SparkSubmitHook(conn_id=conn_id, name=f"matcher-{stage}-{ds}", application_args=args,
-                           # The driver and the Python workers run matcher's interpreter.
-                           env_vars={"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})
-    hook.submit(application=str(REPO_ROOT / "jobs" / "submit.py"))
+    # The driver and the Python workers run matcher's interpreter.
+    env = {"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    if environ.get(CONFIG_ENV):
+        env[CONFIG_ENV] = environ[CONFIG_ENV]
+    hook = SparkSubmitHook(conn_id=conn_id, name=f"matcher-{stage}-{ds}", application_args=args, env_vars=env)
+    try:
+        hook.submit(application=str(REPO_ROOT / "jobs" / "submit.py"))
+    except AirflowException as exc:
+        message = str(exc)
+        retryable, why = submit_verdict(submit_exit_code(message), message)
+        cause = _driver_error(message).removeprefix(f"stage {stage} failed: ") + f" ({why})"
+        if retryable:
+            raise StageError(stage, cause, retryable=True) from exc
+        _fail(f"stage {stage} failed: {cause}")
     return {"stage": stage, "date": ds, "runner": "spark_submit"}
 
 

@@ -7,9 +7,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator
+from typing import Iterator, Mapping
 
-from matcher.config import Config, dated
+from matcher.config import Config, ConfigError, dated, load_config
 from matcher.lake import Lake
 from matcher.locks import DateLock
 
@@ -25,6 +25,28 @@ class StageError(RuntimeError):
         self.stage = stage
         self.cause = cause
         self.retryable = retryable
+
+
+CONFIG_ENV = "MATCHER_CONFIG"
+
+
+def load_deployment_config(config_file: str, environ: Mapping[str, str], catalog: str = "",
+                           lake: str = "") -> tuple[Config, str]:
+    """(config, where it came from) of a scheduled run, for both its entry points (an Airflow task and the
+    spark-submit driver): the file given (a run's conf "config", --config), else the TOML file the deployment names
+    in $MATCHER_CONFIG (scheduled runs get no conf), else the embedded defaults. Entry points pass their environment
+    in; no other module reads it. A deployment must name a catalog (catalog, else run.catalog) and an absolute lake
+    (lake, else run.lake): a worker's working directory is not the user's. Raises ConfigError."""
+    path = config_file or environ.get(CONFIG_ENV, "")
+    cfg = load_config(path or None)
+    if not (catalog or cfg.run.catalog):
+        raise ConfigError(f"no catalog configured: set run.catalog in the TOML file named by ${CONFIG_ENV} "
+                          f"(now {path or 'unset'}) or pass one (a run's conf {{\"catalog\": ...}}, --catalog)")
+    lake = lake or cfg.run.lake
+    if lake.startswith("file://") and not lake[len("file://"):].startswith("/"):
+        raise ConfigError(f"run.lake {lake} is relative, and Airflow workers run in their own directories, as do "
+                          f"Spark drivers: give an absolute file:///... or s3:// lake")
+    return cfg, path or "embedded defaults"
 
 
 @dataclass

@@ -5,6 +5,7 @@ import importlib
 import time
 
 from jobs.context import RunContext, StageError, log
+from jobs.failures import classify
 from matcher.locks import DateLockedError, date_lock
 
 STAGES = ("clean", "validate", "extract", "train", "score", "publish")
@@ -35,10 +36,9 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     except DateLockedError as exc:  # another run of this date: a later retry may find it done
         raise StageError(stage, str(exc), retryable=True) from None
     except Exception as exc:
-        cause = " ".join(str(exc).split()) or type(exc).__name__
-        transient = isinstance(exc, (ConnectionError, TimeoutError)) or (
-            isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)))
-        raise StageError(stage, f"{type(exc).__name__}: {cause[:500]}", retryable=transient) from exc
+        # Judged by its cause, however deep: an executor's storage error reaches here wrapped by Spark.
+        failure = classify(exc)
+        raise StageError(stage, failure.message(), retryable=failure.retryable) from exc
     stats["seconds"] = round(time.perf_counter() - started, 2)
     if stage != "publish":
         ctx.save_stage_stats(stage, stats)

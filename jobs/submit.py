@@ -1,44 +1,83 @@
 """spark-submit entry point: one stage of the pipeline for one date, in the cluster's driver.
 
-    spark-submit --master spark://host:7077 jobs/submit.py --stage extract --date 2026-01-01 --config m.toml
+    spark-submit --master spark://host:7077 jobs/submit.py --stage extract --date 2026-01-01 [--config m.toml]
 
 It runs what `matcher run --steps STAGE` runs, with Spark's master, resources and deploy mode coming from
-spark-submit. Exit status 0, or 1 with one line `matcher: error: stage S failed: ...`."""
+spark-submit. The config is --config, else the TOML file $MATCHER_CONFIG names, else the embedded defaults: the
+same rule, through the same function, as an Airflow task running the stage in-process.
+
+Exit status (what a scheduler should do next):
+    0   the stage finished.
+    75  retryable (EX_TEMPFAIL): storage or network down, S3 throttling, a lost executor or Spark context, another
+        run holding the date; retry later.
+    1   permanent: bad input, a failed gate or check, a config error, a schema mismatch, or an unexpected error
+        (most likely a bug); a retry would fail the same way.
+    2   usage error (argparse's own): an unknown stage, a malformed date, a missing argument.
+Every failure ends with one line on stderr, `matcher: error: ...`, naming the stage, the cause and the verdict.
+A failure is judged by its cause however deep it was raised (jobs/failures.py): an executor's OSError that reaches
+the driver wrapped in Spark's PythonException is retryable."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
+import os
 import sys
+from typing import Mapping
+
+EXIT_OK = 0
+EXIT_PERMANENT = 1
+EXIT_USAGE = 2
+EXIT_RETRYABLE = 75  # os.EX_TEMPFAIL (sysexits.h), spelled out: os.EX_TEMPFAIL is missing on Windows
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jobs.context import RunContext, StageError
-    from jobs.pipeline import run_stage
+def _date(value: str) -> str:
+    try:
+        dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be YYYY-MM-DD, got {value!r}") from None
+    return value
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the stage; returns the exit status above. environ: the process's environment unless given (tests)."""
+    from jobs.context import RunContext, load_deployment_config
+    from jobs.failures import classify
+    from jobs.pipeline import STAGES, run_stage
     from jobs.spark import stop_spark
-    from matcher.config import load_config
     from matcher.s3server import storage_ready
 
-    parser = argparse.ArgumentParser(prog="jobs/submit.py")
-    parser.add_argument("--stage", required=True)
-    parser.add_argument("--date", required=True)
-    parser.add_argument("--config", default="")
+    parser = argparse.ArgumentParser(prog="jobs/submit.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--date", required=True, type=_date)
+    parser.add_argument("--config", default="", help="a TOML file; default $MATCHER_CONFIG, else the defaults")
     parser.add_argument("--catalog", default="")
     parser.add_argument("--lake", default="")
     parser.add_argument("--model", default="", help="score with this model version, not the date's own")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a usage error exits 2 here
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    status, line = EXIT_OK, ""
     try:
-        with storage_ready(load_config(args.config or None)) as cfg:
+        cfg, source = load_deployment_config(args.config, os.environ if environ is None else environ,
+                                             catalog=args.catalog, lake=args.lake)
+        logging.getLogger("matcher").info("matcher: config %s", source)
+        with storage_ready(cfg) as cfg:
             ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake, model_version=args.model,
                              runner=f"spark-submit {args.stage} for {args.date}")
             run_stage(args.stage, ctx)
-            print(f"matcher: {args.date} {args.stage} done in {ctx.timings[args.stage]:.1f}s", flush=True)
-    except (StageError, ValueError, OSError) as exc:
-        print(f"matcher: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+            line = f"matcher: {args.date} {args.stage} done in {ctx.timings[args.stage]:.1f}s"
+    except Exception as exc:  # every failure becomes an exit status a scheduler can act on
+        failure = classify(exc)
+        status = EXIT_RETRYABLE if failure.retryable else EXIT_PERMANENT
+        line = f"matcher: error: {failure.message()} (exit {status})"
     finally:
-        stop_spark()
-    return 0
+        try:
+            stop_spark()
+        except Exception as exc:  # the session may be half gone after a lost JVM; the verdict stands
+            logging.getLogger("matcher").warning("stopping Spark failed: %s", exc)
+    # Last, after Spark's shutdown logging, so it ends the log tail that spark-submit's callers show.
+    print(line, file=sys.stderr if status else sys.stdout, flush=True)
+    return status
 
 
 if __name__ == "__main__":

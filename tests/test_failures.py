@@ -1,0 +1,335 @@
+"""One classification of failures (jobs/failures.py) for both runners: real exceptions, including an executor's,
+a stage against a real S3 outage, jobs/submit.py's exit statuses, and Airflow's spark-submit path."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pyarrow.fs as pafs
+import pytest
+
+from jobs.context import CONFIG_ENV, RunContext, StageError
+from jobs.failures import classify
+from jobs.pipeline import run_stage
+from jobs.submit import EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE
+from jobs.submit import main as submit_main
+from matcher.config import REPO_ROOT, ConfigError, dump_toml, load_config
+from matcher.demo_catalog import make_demo_catalog
+from matcher.lake import Lake
+from matcher.locks import DateLockedError, date_lock
+from matcher.storage import resolve_uri
+
+D = "2026-03-01"
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - the exception is what the test looks at
+        return exc
+    raise AssertionError("expected an exception")
+
+
+# --- real exceptions, raised by the libraries the night uses --------------------------------------------------------
+
+def test_storage_and_network_errors_are_retryable():
+    port = _closed_port()
+    s3 = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="k", secret_key="s",
+                           connect_timeout=1, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    pyarrow_down = _raised(lambda: s3.get_file_info("lake/x"))
+    assert "AWS Error NETWORK_CONNECTION" in str(pyarrow_down)
+
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    boto = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="k",
+                        aws_secret_access_key="s", region_name="us-east-1",
+                        config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=1))
+    boto_down = _raised(lambda: boto.head_object(Bucket="lake", Key="x"))
+    assert type(boto_down).__name__ == "EndpointConnectionError"
+
+    refused = _raised(lambda: socket.create_connection(("127.0.0.1", port), timeout=1))
+
+    def wrapped():  # a library's own error raised from a network error: judged by its cause
+        try:
+            s3.get_file_info("lake/y")
+        except OSError as exc:
+            raise RuntimeError("could not load the model") from exc
+
+    for exc in (pyarrow_down, boto_down, refused, _raised(wrapped), TimeoutError("read timed out")):
+        failure = classify(exc)
+        assert failure.retryable, (exc, failure)
+        assert "[retryable:" in failure.message()
+
+
+def test_a_busy_date_is_retryable(tmp_path):
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    with date_lock(lake, D, holder="the other run"):
+        busy = _raised(lambda: date_lock(lake, D, holder="me").__enter__())
+    assert isinstance(busy, DateLockedError)
+    failure = classify(busy)
+    assert failure.retryable and "another run holds the date" in failure.why
+
+
+def test_bad_input_config_errors_and_refused_storage_are_permanent(tmp_path, s3_server):
+    from matcher.catalog import CatalogReader
+    from matcher.model import ModelError
+    from matcher.registry import model_for_date
+
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[score]\nno_such_key = 1\n")
+    (tmp_path / "empty").mkdir()
+    wrong_key = pafs.S3FileSystem(endpoint_override=s3_server.endpoint.split("://")[1], scheme="http",
+                                  access_key=s3_server.access_key, secret_key="not-the-secret",
+                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    cases = {
+        "ConfigError": _raised(lambda: load_config(bad_toml)),
+        "CatalogError": _raised(lambda: CatalogReader(str(tmp_path / "empty"), load_config().storage,
+                                                      load_config().catalog).plan()),
+        "ModelError": _raised(lambda: model_for_date(None, None, None, None)),
+        "FileNotFoundError": _raised(lambda: open(tmp_path / "absent.csv")),
+        "OSError": _raised(lambda: wrong_key.get_file_info("lake/anything")),  # the store refused the key
+    }
+    assert isinstance(cases["ModelError"], ModelError) and isinstance(cases["ConfigError"], ConfigError)
+    for name, exc in cases.items():
+        failure = classify(exc)
+        assert type(exc).__name__ == name and not failure.retryable, (name, exc, failure)
+        assert "a retry would fail the same way" in failure.message()
+
+
+def test_an_unknown_error_is_permanent_and_said_to_be_probably_a_bug():
+    failure = classify(_raised(lambda: {}["missing"]))
+    assert not failure.retryable
+    assert failure.message() == "KeyError: 'missing' [not retried: an unexpected KeyError, most likely a bug; " \
+                                "a retry would fail the same way]"
+
+
+def test_a_cause_suppressed_with_from_none_was_judged_by_whoever_raised():
+    def reraised_as_bad_input():
+        try:
+            raise ConnectionResetError("connection reset by peer")
+        except OSError:
+            raise ValueError("catalog row 7 has no product_id") from None
+
+    failure = classify(_raised(reraised_as_bad_input))
+    assert not failure.retryable and failure.summary == "ValueError: catalog row 7 has no product_id"
+
+
+def test_a_stages_own_verdict_is_final():
+    def gate_failed_while_storage_was_flaky():
+        try:
+            raise OSError("AWS Error NETWORK_CONNECTION")
+        except OSError:
+            raise StageError("validate", "validation failed for 2026-03-01")  # context kept, verdict explicit
+
+    assert not classify(_raised(gate_failed_while_storage_was_flaky)).retryable
+    assert classify(StageError("train", "date busy", retryable=True)).retryable
+
+
+@pytest.mark.parametrize("text, retryable, summary", [
+    # Spark 4's report of a lost executor (cluster mode) and of a crashed Python worker (local mode), as Py4J
+    # gives them to the driver.
+    (": org.apache.spark.SparkException: Job aborted due to stage failure: Task 0 in stage 1.0 failed 4 times, "
+     "most recent failure: Lost task 0.3 in stage 1.0 (TID 7) (10.0.0.5 executor 1): ExecutorLostFailure "
+     "(executor 1 exited caused by one of the running tasks) Reason: Remote RPC client disassociated.\n"
+     "\tat org.apache.spark.scheduler.DAGScheduler.failJobAndIndependentStages(DAGScheduler.scala:2898)\n",
+     True, "org.apache.spark.SparkException: Job aborted due to stage failure"),
+    (": org.apache.spark.SparkException: Job aborted due to stage failure: Lost task 1.0 in stage 0.0 (TID 1) "
+     "(localhost executor driver): org.apache.spark.SparkException: Python worker exited unexpectedly (crashed).\n"
+     "\tat org.apache.spark.api.python.BasePythonRunner$ReaderIterator.applyOrElse(PythonRunner.scala:678)\n"
+     "Caused by: java.io.EOFException\n", True, "org.apache.spark.SparkException: Job aborted"),
+    (": org.apache.spark.SparkException: Job 3 cancelled because SparkContext was shut down\n", True,
+     "org.apache.spark.SparkException: Job 3 cancelled"),
+    # The JVM's own network errors, under Spark's wrapper.
+    (": org.apache.spark.SparkException: Job aborted due to stage failure: Lost task 0.0 (TID 0) (h executor 2): "
+     "org.apache.hadoop.fs.s3a.AWSClientIOException: getFileStatus on s3a://b/k: Unable to execute HTTP request\n"
+     "Caused by: java.net.ConnectException: Connection refused (Connection refused)\n", True,
+     "org.apache.hadoop.fs.s3a.AWSClientIOException: getFileStatus on s3a://b/k"),
+    # An executor's Python traceback ending in bad input; a JVM error that is a schema mismatch.
+    (": org.apache.spark.SparkException: Job aborted due to stage failure: Lost task 0.0 (TID 0) (h executor "
+     "driver): org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n"
+     "  File \"/jobs/clean.py\", line 8, in parse\n    raise ValueError(\"bad input\")\nValueError: bad input\n\n"
+     "\tat org.apache.spark.api.python.BasePythonRunner.handlePythonException(PythonRunner.scala:1)\n",
+     False, "ValueError: bad input"),
+    (": org.apache.spark.SparkException: [FAILED_READ_FILE.PARQUET_COLUMN_DATA_TYPE_MISMATCH] Error while reading "
+     "file part-0.parquet. Data type mismatches when reading Parquet column .price.\n", False,
+     "org.apache.spark.SparkException: [FAILED_READ_FILE"),
+])
+def test_spark_reports_are_judged_by_the_errors_they_carry(text, retryable, summary):
+    from py4j.protocol import Py4JJavaError
+
+    class Reported(Py4JJavaError):  # a Py4JJavaError whose JVM object is gone: only its text remains
+        def __init__(self, text):
+            Exception.__init__(self, text)
+
+        def __str__(self):
+            return "An error occurred while calling o62.collectToPython.\n" + self.args[0]
+
+    failure = classify(Reported(text))
+    assert failure.retryable is retryable, failure
+    assert failure.summary.startswith(summary), failure.summary
+
+
+def test_a_spark_error_whose_jvm_is_gone_is_retryable():
+    """The driver's JVM died (killed, out of memory): py4j cannot even fetch the error's text."""
+    from types import SimpleNamespace
+
+    from py4j.protocol import Py4JJavaError, Py4JNetworkError
+
+    class GoneJvm:  # the injected fault: the gateway's socket is closed
+        def send_command(self, command):
+            raise Py4JNetworkError("Answer from Java side is empty")
+
+    lost = Py4JJavaError("An error occurred while calling o62.collectToPython.\n",
+                         SimpleNamespace(_target_id="o63", _gateway_client=GoneJvm()))
+    failure = classify(lost)
+    assert failure.retryable and failure.why == "the driver lost its Spark JVM", failure
+    assert classify(Py4JNetworkError("Error while sending or receiving")).retryable
+
+
+def test_an_executors_errors_reach_the_driver_wrapped_and_are_judged_by_their_cause():
+    """A real local Spark job whose Python function fails on an executor: the driver gets Spark's PythonException
+    (OSError nowhere in its class), and the executor's OSError decides."""
+    from jobs.spark import get_spark
+
+    spark = get_spark(load_config().extract)
+    df = spark.range(4)
+
+    def storage_down(batches):
+        for batch in batches:
+            raise OSError("When reading s3://lake/catalog/products.csv: S3 connection refused")
+            yield batch
+
+    def bad_row(batches):
+        for batch in batches:
+            raise ValueError("bad input")
+            yield batch
+
+    down = _raised(lambda: df.mapInPandas(storage_down, "id long").collect())
+    assert not isinstance(down, OSError) and "PythonException" in type(down).__name__
+    failure = classify(down)
+    assert failure.retryable, failure
+    assert failure.summary.startswith("OSError: When reading s3://lake/catalog/products.csv: S3 connection refused "
+                                      "(raised on an executor")
+    bad = classify(_raised(lambda: df.mapInPandas(bad_row, "id long").collect()))
+    assert not bad.retryable and bad.summary.startswith("ValueError: bad input (raised on an executor")
+
+
+# --- a stage against a real S3 outage -------------------------------------------------------------------------------
+
+def test_an_executors_s3_outage_fails_the_stage_retryable_and_the_retry_succeeds(s3_server, s3_config, tmp_path,
+                                                                              monkeypatch):
+    """clean reads the catalog from the embedded S3 server; the server stops once the driver has planned the read
+    and starts the job, so the executors' reads fail. The stage fails retryable, naming the executor's error; with
+    the server back, the retry completes the stage."""
+    import jobs.clean
+
+    cfg = s3_config.with_overrides({"run": {"catalog": "s3://lake/outage/catalog",
+                                            "lake": f"file://{tmp_path}/lake"}})
+    local = make_demo_catalog(tmp_path / "catalog", products=8, image_size=64, with_bad_rows=False)
+    fs, path = resolve_uri(cfg.run.catalog, cfg.storage)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    write_parts = jobs.clean.write_parts
+
+    def outage_then_write_parts(*args, **kwargs):  # the injected fault: S3 goes down as the executors start
+        s3_server.stop()
+        return write_parts(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.clean, "write_parts", outage_then_write_parts)
+    try:
+        with pytest.raises(StageError) as err:
+            run_stage("clean", RunContext(cfg, D))
+    finally:
+        s3_server.start()
+    assert err.value.retryable, str(err.value)
+    assert "(raised on an executor" in str(err.value) and "[retryable: " in str(err.value), str(err.value)
+    monkeypatch.setattr(jobs.clean, "write_parts", write_parts)
+
+    run_stage("clean", RunContext(cfg, D))  # what Airflow's retry runs
+    lake = Lake(cfg.run.lake, cfg.storage)
+    assert lake.read_partition("clean", D).num_rows == 8
+
+
+# --- jobs/submit.py: exit statuses and $MATCHER_CONFIG --------------------------------------------------------------
+
+def _deployment(tmp_path, name="deployment", **sections) -> tuple:
+    catalog = make_demo_catalog(tmp_path / f"{name}-catalog", products=6, image_size=32, with_bad_rows=False)
+    lake_uri = f"file://{tmp_path}/{name}-lake"
+    config = tmp_path / f"{name}.toml"
+    config.write_text(dump_toml({"run": {"catalog": str(catalog), "lake": lake_uri}, **sections}))
+    return config, Lake(lake_uri, load_config().storage)
+
+
+def test_submit_exits_1_for_a_config_error_or_a_missing_validation_and_2_for_usage(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[score]\nno_such_key = 1\n")
+    assert submit_main(["--stage", "clean", "--date", D, "--config", str(bad)], environ={}) == EXIT_PERMANENT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("matcher: error: ConfigError: unknown config key score.no_such_key [not retried: ")
+    assert err[-1].endswith("(exit 1)")
+
+    # $MATCHER_CONFIG names a config with no catalog: the same check as an Airflow task's.
+    nothing = tmp_path / "nothing.toml"
+    nothing.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake"}}))
+    assert submit_main(["--stage", "clean", "--date", D], environ={CONFIG_ENV: str(nothing)}) == EXIT_PERMANENT
+    assert f"now {nothing}" in capsys.readouterr().err
+
+    config, _ = _deployment(tmp_path)
+    assert submit_main(["--stage", "extract", "--date", D], environ={CONFIG_ENV: str(config)}) == EXIT_PERMANENT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("matcher: error: stage extract failed: ") and "validat" in err[-1], err[-1]
+
+    for usage in (["--stage", "bogus", "--date", D], ["--stage", "clean", "--date", "2026-13-01"], ["--stage", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            submit_main(usage, environ={})
+        assert exit_.value.code == EXIT_USAGE
+
+
+def test_submit_exits_75_for_a_busy_date_in_the_lake_its_matcher_config_names(tmp_path):
+    """The real entry point (a process, as spark-submit runs it), its config only in $MATCHER_CONFIG: it finds the
+    date held in that config's lake (and in no other), and exits 75 for the scheduler to retry."""
+    config, lake = _deployment(tmp_path)
+    env = {**os.environ, CONFIG_ENV: str(config)}
+    with date_lock(lake, D, holder="the night's other run"):
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "submit.py"), "--stage", "train",
+                               "--date", D], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_RETRYABLE, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("matcher: error: stage train failed: ") and "the night's other run" in last, last
+    assert last.endswith("(exit 75)")
+
+
+# --- Airflow: spark-submit's exit status decides between a retry and a failed task ----------------------------------
+
+def test_airflow_retries_a_submitted_stage_that_exits_75_and_fails_one_that_exits_1(tmp_path, monkeypatch):
+    """The real SparkSubmitHook running jobs/submit.py on a local master. The config reaches the driver only through
+    the env_vars the task passes ($MATCHER_CONFIG is not in this process's environment)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs.airflow_tasks import submit_stage
+
+    config, lake = _deployment(tmp_path, runner={"mode": "spark_submit", "spark_conn_id": "matcher_local_spark"})
+    monkeypatch.setenv("AIRFLOW_CONN_MATCHER_LOCAL_SPARK", json.dumps({"conn_type": "spark", "host": "local[1]"}))
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    deployment = {CONFIG_ENV: str(config)}
+
+    with pytest.raises(AirflowFailException, match=r"stage extract failed: .*validat.*\(the driver exited 1: "
+                                                   r"permanent\)"):
+        submit_stage("extract", D, {}, "matcher_local_spark", environ=deployment)
+
+    with date_lock(lake, D, holder="the night's other run"):
+        with pytest.raises(StageError, match="the night's other run") as err:
+            submit_stage("train", D, {}, "matcher_local_spark", environ=deployment)
+    assert err.value.retryable and "(the driver exited 75: retryable)" in str(err.value)

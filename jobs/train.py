@@ -1,4 +1,5 @@
-"""train: nightly retraining on the date's features; the new model is promoted only if it is not worse."""
+"""train: nightly retraining on the date's features; the new model is promoted only if it passes the gate
+(matcher/promotion.py: not worse than the current nor the best served model, on the same split)."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -6,15 +7,15 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from jobs.context import RunContext, log
+from jobs.context import RunContext, StageError, log
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
 from matcher.lake import Lake
 from matcher.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
 from matcher.hubness import bank_rows
 from matcher.model import ModelError
-from matcher.registry import (baseline_verdict, check_encoders, current_version, load_model, promote,
-                              promotion_decision, save_model)
+from matcher.promotion import EvaluationFailed, GateError, GateSettings, NotComparable, run_gate
+from matcher.registry import baseline_verdict, check_encoders, load_model, save_model
 from matcher.baselines import baseline_metrics
 from matcher.train import gate_baselines, model_spec, split_rows, train_on_split, training_fingerprint
 from matcher.training_report import render_training_report
@@ -43,48 +44,38 @@ def run(ctx: RunContext) -> dict:
                            "products": int(len(fs.product_ids)), "heldout": int(heldout.sum())},
                           metrics, result.history)
 
-    # Promotion gate: compare with the current model on the same held-out split.
-    previous = current_version(ctx.lake)
-    serving = previous  # the current model, while it can still score tonight's features
-    decision, previous_metrics = "promoted (no current model)", None
-    promoted = True
-    if previous and previous != version:
+    # Promotion gate: the new model against the current and the best served model, all on this held-out split.
+    def evaluate_served(served_version: str) -> dict:
+        model, config = load_model(ctx.lake, served_version)  # ModelError: it cannot be loaded (the night fails)
         try:
-            prev_model, prev_config = load_model(ctx.lake, previous)
-            check_encoders(prev_config, fs.image_encoder, fs.text_encoder)
-        except ModelError as exc:  # the current model cannot be read, or cannot read these features
-            prev_model, serving, decision = None, None, f"promoted (current model {previous} unusable: {exc})"
-        if prev_model is not None:
-            try:
-                previous_metrics = evaluate_model(prev_model, fs.image_feats, fs.text_feats, fs.categories, heldout,
-                                                  cfg.seed, bank)
-            except torch.cuda.OutOfMemoryError:
-                raise  # a resource problem for the operator (and a retry), not a verdict on either model
-            except Exception as exc:  # fail closed: no promotion without a comparison
-                promoted = False
-                decision = (f"kept current model {previous}: evaluating it failed "
-                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
-    if previous_metrics is not None:
-        promoted, decision = promotion_decision(metrics, previous_metrics, previous, cfg.promotion_metric,
-                                                cfg.promotion_tolerance)
-    elif previous == version:
-        decision = "promoted (same model as current)"
+            check_encoders(config, fs.image_encoder, fs.text_encoder)
+        except ModelError as exc:
+            raise NotComparable(str(exc)) from None
+        try:
+            return evaluate_model(model, fs.image_feats, fs.text_feats, fs.categories, heldout, cfg.seed, bank)
+        except torch.cuda.OutOfMemoryError:
+            raise  # a resource problem for the operator (and a retry), not a verdict on either model
+        except Exception as exc:  # fail closed: no promotion without a comparison
+            raise EvaluationFailed(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
+
     below = baseline_verdict(metrics, baselines, cfg.promotion_metric, cfg.baseline_tolerance)
-    if promoted and below and serving:
-        promoted, decision = False, f"refused: {below}; kept current model {previous}"
-    elif promoted and below:  # nothing else can serve: a weak model beats a night without recommendations
-        decision = f"{decision}; warning: {below}"
-    if promoted:
-        promote(ctx.lake, version, ctx.date)
+    settings = GateSettings(cfg.promotion_metric, cfg.promotion_tolerance, cfg.promote_backfills)
+    try:
+        gate = run_gate(ctx.lake, ctx.date, version, metrics, (fs.image_encoder, fs.text_encoder), below,
+                        evaluate_served, settings, holder=f"train for {ctx.date} ({ctx.runner})")
+    except GateError as exc:
+        raise StageError("train", f"promotion gate: {exc} (new model {version} kept for inspection)") from None
+    promoted, decision, previous_metrics = gate.promoted, gate.decision, gate.current_metrics
     report = f"{Lake.model_dir(version)}/report.html"
     ctx.lake.write_bytes(report, _report(ctx.date, version, result, fs, heldout, metrics,
                                          previous_metrics, decision, baselines).encode())
     log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,
              {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)})
     return {"model_version": version, "promoted": promoted, "decision": decision, "metrics": metrics,
-            "baselines": baselines,
-            "previous_version": previous, "previous_metrics": previous_metrics, "model_location": location,
-            "report": ctx.lake.display(report)}
+            "baselines": baselines, "gate_passed": gate.passed, "date_model": gate.date_model,
+            "warnings": gate.warnings, "previous_version": gate.current_version, "previous_metrics": previous_metrics,
+            "best_served_version": gate.best_version, "best_served_metrics": gate.best_metrics,
+            "model_location": location, "report": ctx.lake.display(report)}
 
 
 def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision, baselines) -> str:

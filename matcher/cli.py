@@ -130,19 +130,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from matcher.registry import list_models, load_model, promote
+    from matcher.registry import list_models, promote
 
     with storage_ready(resolve_config(args.config)) as cfg:
         lake = _lake(cfg, args.lake)
         if args.promote:
-            load_model(lake, args.promote)  # refuses a version that is missing or unreadable
-            promote(lake, args.promote, "manual")
-            print(f"current model is now {args.promote}; rerun score,publish for a date to use it")
+            warning = promote(lake, args.promote)  # refuses a version that is missing or unreadable
+            if warning:
+                print(f"matcher: warning: {warning}", file=sys.stderr)
+            print(f"current model is now {args.promote}, and the best served model for its encoders: a later night "
+                  f"promotes its new model only within train.promotion_tolerance of it. Dates keep the model they "
+                  f"trained (or were first scored) with; to rescore one with it: matcher run --date DATE "
+                  f"--steps score,publish --model {args.promote}")
             return 0
-        for m in list_models(lake):
+        models = list_models(lake)
+        for m in models:
             recall = f"{m['mean_recall_at_10']:.3f}" if m["mean_recall_at_10"] is not None else "-"
-            print(f"{'*' if m['current'] else ' '} {m['version']:<28} trained for {m['trained_for_date']}  "
-                  f"mean R@10 {recall}")
+            print(f"{'*' if m['current'] else ' '}{'^' if m['best'] else ' '} {m['version']:<28} "
+                  f"trained for {m['trained_for_date']}  mean R@10 {recall}")
+        if models:
+            print("(* current, ^ best served for its encoders: the model new ones are also compared with)")
     return 0
 
 
@@ -263,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list model versions (* = current), or --promote VERSION to roll back")
     common(p, with_date=False)
-    p.add_argument("--promote", metavar="VERSION", help="make VERSION the current model")
+    p.add_argument("--promote", metavar="VERSION", help="make VERSION the current model and the one later nights' "
+                   "models are compared with (a rollback); dates already scored keep their model (rescore with "
+                   "run --steps score,publish --model VERSION)")
     p.set_defaults(handler=cmd_models)
 
     p = sub.add_parser("backfill", help="run the pipeline for each date of a range, in order, without Airflow")

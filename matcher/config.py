@@ -132,6 +132,7 @@ class TrainConfig:
     promotion_metric: str
     promotion_tolerance: float
     baseline_tolerance: float
+    promote_backfills: bool
     max_products: int
 
 

@@ -149,16 +149,21 @@ def test_models_lists_versions_and_promote_rolls_back(tmp_path, capsys):
     assert current_version(first.lake) == v1
 
 
-def test_an_unreadable_current_model_is_replaced_with_a_reason(tmp_path):
+def test_an_unreadable_current_model_fails_the_night_and_leaves_current_json(tmp_path):
+    from jobs.context import StageError
+
     first = _ctx(tmp_path, "2026-01-01")
     write_synthetic_partition(first.lake, "2026-01-01")
     v1 = run_stage("train", first)["model_version"]
     first.lake.write_bytes(f"models/{v1}/model.safetensors", b"not safetensors at all")
+    before = first.lake.read_bytes("models/current.json")
     second = _ctx(tmp_path, "2026-01-02")
     write_synthetic_partition(second.lake, "2026-01-02", seed=3)
-    stats = run_stage("train", second)
-    assert stats["promoted"] and "unusable" in stats["decision"]
-    assert current_version(second.lake) == stats["model_version"] != v1
+    with pytest.raises(StageError, match=f"promotion gate: the current model {v1} cannot be loaded .*"
+                                         "matcher models --promote VERSION") as err:
+        run_stage("train", second)
+    assert not err.value.retryable  # a retry would find the same broken file
+    assert second.lake.read_bytes("models/current.json") == before
 
 
 def _second_night_with_failing_comparison(tmp_path, monkeypatch, error: BaseException):

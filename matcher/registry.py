@@ -42,9 +42,9 @@ def load_model(lake: Lake, version: str) -> tuple[MatcherModel, dict]:
 
 
 def read_current(lake: Lake) -> dict | None:
-    """models/current.json ({"version", "promoted_for_date", "promoted_by", "promoted_at"}), or None when no model
-    was ever promoted. A document that cannot be read or names no version is an error, never "no current model":
-    the promotion gate would otherwise promote with nothing to compare against."""
+    """The current model's document, models/current.json ({"version", "promoted_for_date", "promoted_by",
+    "promoted_at"}), or None when no model was ever promoted. A document that cannot be read or names no version is
+    an error, never "no current model": the promotion gate would otherwise promote with nothing to compare against."""
     try:
         doc = lake.read_json(CURRENT)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -107,9 +107,9 @@ def encoders_key(image_encoder: str, text_encoder: str) -> str:
 
 
 def read_served(lake: Lake) -> dict:
-    """models/served.json: {"best": {encoders_key: version}, "history": [one record per promotion, oldest first]}.
-    "best" is the served model the gate holds every new model to (re-evaluated on each night's split); an empty
-    record when nothing was promoted since the record began."""
+    """The served-models record, models/served.json: {"best": {encoders_key: version}, "history": [one record per
+    promotion, oldest first]}. "best" is the served model the gate holds every new model to (re-evaluated on each
+    night's split); an empty record when nothing was promoted since the record began."""
     try:
         doc = lake.read_json(SERVED)
     except (ValueError, UnicodeDecodeError) as exc:

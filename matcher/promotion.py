@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from matcher.lake import Lake
 from matcher.model import ModelError
 from matcher.registry import (CURRENT, encoders_key, is_date, models_lock, read_current, read_served,
                               record_promotion)
@@ -105,7 +106,7 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
     return True, f"{metric} {new_value:.4f} vs {against} (tolerance {tolerance}, against the best)", []
 
 
-def run_gate(lake, date: str, version: str, new_metrics: dict, encoders: tuple[str, str], below_baseline: str,
+def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: tuple[str, str], below_baseline: str,
              evaluate: Evaluate, settings: GateSettings, holder: str) -> GateOutcome:
     """Decide on the new model `version` trained for `date` and promote it if it passes, all under the registry's
     lock. Raises GateError when the gate cannot decide."""

@@ -7,9 +7,9 @@ import re
 from typing import Mapping, NoReturn
 
 from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_config
-from jobs.failures import classify
 from jobs.pipeline import run_stage
 from matcher.config import REPO_ROOT, Config, ConfigError, dated
+from matcher.failures import classify
 from matcher.s3server import storage_ready
 from matcher.storage import StorageError
 
@@ -39,8 +39,8 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None) -> dict:
 
     params: "config" (a TOML file; empty = $MATCHER_CONFIG, else the embedded defaults), "catalog" and "lake"
     (override the config's; the catalog may contain {ds}), "model" (score with this model version).
-    A retryable failure (jobs/failures.py: storage, network, a lost executor, a busy date) is raised for Airflow
-    to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
+    A retryable failure (matcher/failures.py: storage, network, a lost executor, a busy date) is raised for
+    Airflow to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
     params = params or {}
     cfg, source = deployment_config(params)
     log.info("matcher: config %s", source)
@@ -82,7 +82,7 @@ def submit_exit_code(message: str) -> int | None:
 def submit_verdict(code: int | None, message: str) -> tuple[bool, str]:
     """(retryable, why) of a failed spark-submit: 75 retryable, 1 and 2 permanent (jobs/submit.py's statuses);
     a driver killed by a signal (128+N, or -N for spark-submit itself) retryable, as a lost executor is; anything
-    else is judged by its log tail (jobs/failures.py), permanent unless it shows a transient cause."""
+    else is judged by its log tail (matcher/failures.py), permanent unless it shows a transient cause."""
     from jobs.submit import EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE
 
     if code == EXIT_RETRYABLE:

@@ -5,7 +5,7 @@ import importlib
 import time
 
 from jobs.context import RunContext, StageError, log
-from jobs.failures import classify
+from matcher.failures import classify
 from matcher.locks import DateLockedError, date_lock
 
 STAGES = ("clean", "validate", "extract", "train", "score", "publish")

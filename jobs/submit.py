@@ -14,8 +14,8 @@ Exit status (what a scheduler should do next):
         (most likely a bug); a retry would fail the same way.
     2   usage error (argparse's own): an unknown stage, a malformed date, a missing argument.
 Every failure ends with one line on stderr, `matcher: error: ...`, naming the stage, the cause and the verdict.
-A failure is judged by its cause however deep it was raised (jobs/failures.py): an executor's OSError that reaches
-the driver wrapped in Spark's PythonException is retryable."""
+A failure is judged by its cause however deep it was raised (matcher/failures.py): an executor's OSError that
+reaches the driver wrapped in Spark's PythonException is retryable."""
 from __future__ import annotations
 
 import argparse
@@ -42,7 +42,7 @@ def _date(value: str) -> str:
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the stage; returns the exit status above. environ: the process's environment unless given (tests)."""
     from jobs.context import RunContext, load_deployment_config
-    from jobs.failures import classify
+    from matcher.failures import classify
     from jobs.pipeline import STAGES, run_stage
     from jobs.spark import stop_spark
     from matcher.s3server import storage_ready

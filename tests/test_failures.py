@@ -1,4 +1,4 @@
-"""One classification of failures (jobs/failures.py) for both runners: real exceptions, including an executor's,
+"""One classification of failures (matcher/failures.py) for both runners: real exceptions, including an executor's,
 a stage against a real S3 outage, jobs/submit.py's exit statuses, and Airflow's spark-submit path."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from jobs.context import CONFIG_ENV, RunContext, StageError
-from jobs.failures import classify
+from matcher.failures import classify
 from jobs.pipeline import run_stage
 from jobs.submit import EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE
 from jobs.submit import main as submit_main

@@ -13,7 +13,8 @@ way, because an error raised on an executor reaches the driver as a PySpark Pyth
 Py4JJavaError whose message holds the executor's Python traceback and the JVM's stack trace. Any retryable sign
 makes the whole failure retryable: a retry costs minutes, a night lost to a network blip costs a day.
 
-Pure: no Spark, py4j, botocore or Airflow import; exceptions are recognised by their class names."""
+Pure: no Spark, py4j, botocore or Airflow import; exceptions are recognised by their class names. In matcher/ so
+that steps can use it too (an image read that fails for a storage outage is not a bad image)."""
 from __future__ import annotations
 
 import re

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from matcher.config import CatalogConfig, StorageConfig, load_config
+from matcher.failures import classify
 from matcher.http_images import AddressPolicy, fetch_image
 from matcher.images import ImageRejected
 from matcher.storage import exists, is_s3, read_bytes, resolve_uri
@@ -281,6 +282,10 @@ class CatalogReader:
         except FileNotFoundError:
             raise ImageRejected("image_missing", ref[:200]) from None
         except OSError as exc:
+            if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
+                # The store is down or throttling, not this photo bad: fail the task so the stage is retried,
+                # instead of quarantining every good product read during an outage.
+                raise
             try:
                 missing = fs.get_file_info(path).type == pafs.FileType.NotFound
             except OSError:  # a path the filesystem cannot even look up (too long, bad characters)

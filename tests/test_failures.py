@@ -261,6 +261,31 @@ def test_an_executors_s3_outage_fails_the_stage_retryable_and_the_retry_succeeds
     assert lake.read_partition("clean", D).num_rows == 8
 
 
+def test_a_photo_read_from_s3_during_an_outage_is_retried_not_quarantined(s3_server, s3_config, tmp_path):
+    """A good product's photo on S3 that cannot be read because the store is down must fail the task (retried),
+    not go to quarantine as image_unreadable: an outage would otherwise drop good rows for the night."""
+    from matcher.catalog import CatalogReader
+    from matcher.images import ImageRejected
+
+    fs, path = resolve_uri("s3://lake/outage-photos/p1.jpg", s3_config.storage)
+    fs.create_dir("lake/outage-photos")
+    with fs.open_output_stream(path) as fh:
+        fh.write(b"\xff\xd8\xff photo bytes")
+    (tmp_path / "catalog").mkdir()
+    cfg = s3_config.with_overrides({"catalog": {"image_sources": ["s3://lake/outage-photos/"]}})
+    reader = CatalogReader(str(tmp_path / "catalog"), cfg.storage, cfg.catalog)
+    assert reader.read_image("s3://lake/outage-photos/p1.jpg").startswith(b"\xff\xd8")
+    with pytest.raises(ImageRejected, match="image_missing|outage-photos/nope"):
+        reader.read_image("s3://lake/outage-photos/nope.jpg")  # a missing photo is still the row's fault
+    s3_server.stop()
+    try:
+        exc = _raised(lambda: reader.read_image("s3://lake/outage-photos/p1.jpg"))
+    finally:
+        s3_server.start()
+    assert not isinstance(exc, ImageRejected), exc
+    assert classify(exc).retryable, classify(exc).message()
+
+
 # --- jobs/submit.py: exit statuses and $MATCHER_CONFIG --------------------------------------------------------------
 
 def _deployment(tmp_path, name="deployment", **sections) -> tuple:

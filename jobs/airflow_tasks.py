@@ -34,22 +34,24 @@ def _fail(message: str) -> NoReturn:
     raise AirflowFailException(message)
 
 
-def run_stage_task(stage: str, ds: str, params: dict | None = None) -> dict:
+def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str = "") -> dict:
     """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
 
     params: "config" (a TOML file; empty = $MATCHER_CONFIG, else the embedded defaults), "catalog" and "lake"
     (override the config's; the catalog may contain {ds}), "model" (score with this model version).
+    run_id: the DAG run's (Airflow passes it by name): the run claims the date from its first stage to publish.
     A retryable failure (matcher/failures.py: storage, network, a lost executor, a busy date) is raised for
     Airflow to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
     params = params or {}
     cfg, source = deployment_config(params)
     log.info("matcher: config %s", source)
     if cfg.runner.mode == "spark_submit":
-        return submit_stage(stage, ds, params, cfg.runner.spark_conn_id)
+        return submit_stage(stage, ds, params, cfg.runner.spark_conn_id, run_id=run_id)
     try:
         with storage_ready(cfg) as cfg:
             ctx = RunContext(cfg, ds, catalog=params.get("catalog") or "", lake_uri=params.get("lake") or "",
-                             model_version=params.get("model") or "", runner=f"Airflow task {stage} for {ds}")
+                             model_version=params.get("model") or "", runner=f"Airflow task {stage} for {ds}",
+                             run_id=run_id)
             stats = run_stage(stage, ctx)
     except Exception as exc:
         failure = classify(exc)
@@ -106,7 +108,7 @@ def _driver_error(message: str) -> str:
 
 
 def submit_stage(stage: str, ds: str, params: dict, conn_id: str,
-                 environ: Mapping[str, str] = os.environ) -> dict:
+                 environ: Mapping[str, str] = os.environ, run_id: str = "") -> dict:
     """Run the stage through spark-submit (the Spark provider's hook) on the cluster the connection names.
     The driver gets this worker's $MATCHER_CONFIG, so it reads the config this task read; its exit status decides
     between Airflow's retry (75) and failing the task (1, 2)."""
@@ -119,6 +121,8 @@ def submit_stage(stage: str, ds: str, params: dict, conn_id: str,
     for key in ("config", "catalog", "lake", "model"):
         if params.get(key):
             args += [f"--{key}", params[key]]
+    if run_id:
+        args += ["--run-id", run_id]
     # The driver and the Python workers run matcher's interpreter.
     env = {"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     if environ.get(CONFIG_ENV):

@@ -59,6 +59,8 @@ class RunContext:
     runner: str = "matcher run"  # who runs the stages, named in the date lock (e.g. an Airflow task)
     timings: dict[str, float] = field(default_factory=dict)
     lock: DateLock | None = field(default=None, repr=False)  # the date lock held for the run: stages fence with it
+    run_id: str = ""  # a run whose stages run in separate processes (an Airflow DAG run): it claims the date from
+                      # its first stage until publish, so another run cannot slip in between its stages
 
     def __post_init__(self) -> None:
         try:

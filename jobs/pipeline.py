@@ -29,8 +29,16 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     log.info("stage %s for %s: started", stage, ctx.date)
     started = time.perf_counter()
     try:
-        with date_lock(ctx.lake, ctx.date, holder=f"stage {stage} ({ctx.runner})", held=ctx.lock) as ctx.lock:
-            stats = module.run(ctx)
+        with date_lock(ctx.lake, ctx.date, holder=f"stage {stage} ({ctx.runner})", run_id=ctx.run_id,
+                       held=ctx.lock) as ctx.lock:
+            try:
+                stats = module.run(ctx)
+            except BaseException as exc:
+                if ctx.run_id and not _retryable(exc):  # the run ends here: Airflow will not retry this stage
+                    _end_run_claim(ctx)
+                raise
+            if stage == "publish" and ctx.run_id:
+                ctx.lock.finish_run()
     except StageError:
         raise
     except DateLockedError as exc:  # another run of this date: a later retry may find it done
@@ -45,6 +53,17 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     ctx.timings[stage] = stats["seconds"]
     log.info("stage %s for %s: done in %.1fs", stage, ctx.date, stats["seconds"])
     return stats
+
+
+def _retryable(exc: BaseException) -> bool:
+    return exc.retryable if isinstance(exc, StageError) else classify(exc).retryable
+
+
+def _end_run_claim(ctx: RunContext) -> None:
+    try:
+        ctx.lock.finish_run()
+    except (DateLockedError, OSError) as exc:  # the claim then expires by itself; the stage's own error matters
+        log.warning("could not end run %s's claim on %s: %s", ctx.run_id, ctx.date, exc)
 
 
 def run_pipeline(ctx: RunContext, steps: list[str]) -> dict[str, dict]:

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--catalog", default="")
     parser.add_argument("--lake", default="")
     parser.add_argument("--model", default="", help="score with this model version, not the date's own")
+    parser.add_argument("--run-id", default="", help="the run (e.g. Airflow's) this stage belongs to: it claims "
+                                                     "the date from its first stage to publish")
     args = parser.parse_args(argv)  # a usage error exits 2 here
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     status, line = EXIT_OK, ""
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         logging.getLogger("matcher").info("matcher: config %s", source)
         with storage_ready(cfg) as cfg:
             ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake, model_version=args.model,
-                             runner=f"spark-submit {args.stage} for {args.date}")
+                             runner=f"spark-submit {args.stage} for {args.date}", run_id=args.run_id)
             run_stage(args.stage, ctx)
             line = f"matcher: {args.date} {args.stage} done in {ctx.timings[args.stage]:.1f}s"
     except Exception as exc:  # every failure becomes an exit status a scheduler can act on

@@ -62,7 +62,8 @@ def run(ctx: RunContext) -> dict:
     settings = GateSettings(cfg.promotion_metric, cfg.promotion_tolerance, cfg.promote_backfills)
     try:
         gate = run_gate(ctx.lake, ctx.date, version, metrics, (fs.image_encoder, fs.text_encoder), below,
-                        evaluate_served, settings, holder=f"train for {ctx.date} ({ctx.runner})")
+                        evaluate_served, settings, holder=f"train for {ctx.date} ({ctx.runner})",
+                        fence=ctx.lock.assert_held if ctx.lock is not None else None)
     except GateError as exc:
         raise StageError("train", f"promotion gate: {exc} (new model {version} kept for inspection)") from None
     promoted, decision, previous_metrics = gate.promoted, gate.decision, gate.current_metrics

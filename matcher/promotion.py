@@ -107,9 +107,11 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
 
 
 def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: tuple[str, str], below_baseline: str,
-             evaluate: Evaluate, settings: GateSettings, holder: str) -> GateOutcome:
+             evaluate: Evaluate, settings: GateSettings, holder: str,
+             fence: Callable[[], None] | None = None) -> GateOutcome:
     """Decide on the new model `version` trained for `date` and promote it if it passes, all under the registry's
-    lock. Raises GateError when the gate cannot decide."""
+    lock. `fence`: called right before current.json is written (the date lock's check that this run still holds
+    its date). Raises GateError when the gate cannot decide."""
     key = encoders_key(*encoders)
     with models_lock(lake, holder) as lock:
         try:
@@ -176,6 +178,8 @@ def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: t
         if isinstance(new_value, (int, float)) and math.isfinite(new_value):
             scored.append((version, float(new_value)))
         best_now = max(scored, key=lambda s: s[1])[0] if scored else version
+        if fence is not None:
+            fence()
         record_promotion(lake, lock, version, date, "train stage", served, {**served["best"], key: best_now},
                          {"encoders": key, "metric": settings.metric, "value": new_value,
                           "compared": {v: x for v, x in scored if v != version}, "warnings": warnings,

@@ -188,6 +188,29 @@ def test_one_writer_per_date(tmp_path):
     assert list((tmp_path / "lake" / "_locks" / f"dt={D1}").glob("[0-9]*.json")) == []
 
 
+def test_two_airflow_runs_of_one_date_cannot_interleave_stages(tmp_path):
+    """Airflow runs each stage in its own process: the DAG run's id claims the date from its first stage until
+    publish, so another run's stage (or a `matcher run`) is refused between them, and a stage of the same run is
+    not. A permanent failure ends the run, and its claim with it."""
+    from jobs.airflow_tasks import run_stage_task
+
+    catalog = make_demo_catalog(tmp_path / "catalog", products=4, with_bad_rows=False)
+    params = {"catalog": str(catalog), "lake": f"file://{tmp_path}/lake"}
+    assert run_stage_task("clean", D1, params, run_id="scheduled__2026-01-01")["stage"] == "clean"
+    with pytest.raises(StageError, match="between the stages of run scheduled__2026-01-01") as err:
+        run_stage_task("clean", D1, params, run_id="manual__2026-01-01T10")
+    assert err.value.retryable
+    cfg = load_config(overrides={"run": params})
+    with pytest.raises(StageError, match="between the stages of run scheduled__2026-01-01"):
+        run_stage("clean", RunContext(cfg, D1))  # a plain `matcher run` too
+    assert run_stage_task("clean", D1, params, run_id="scheduled__2026-01-01")["stage"] == "clean"  # its own rerun
+    # The run's train fails for good (it has no features): Airflow will not retry it, so the date is free again.
+    from airflow.sdk.exceptions import AirflowFailException
+    with pytest.raises(AirflowFailException):
+        run_stage_task("train", D1, params, run_id="scheduled__2026-01-01")
+    assert run_stage_task("clean", D1, params, run_id="manual__2026-01-01T10")["stage"] == "clean"
+
+
 def test_a_dead_holders_lock_expires(tmp_path):
     import os
     import socket

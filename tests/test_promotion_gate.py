@@ -346,3 +346,25 @@ def test_promoting_repairs_an_unreadable_registry(lake):
     warning = promote(lake, "m1")
     assert "not a served-models record" in warning and "started again from m1" in warning
     assert current_version(lake) == "m1" and read_served(lake)["best"] == {" + ".join(ENCODERS): "m1"}
+
+
+def test_a_night_that_lost_its_date_lock_does_not_move_current_json(lake):
+    """The date lock's fence runs right before current.json is written: a run whose lock was taken over (a stall)
+    must not promote, however good its model."""
+    from matcher.locks import LockLostError
+
+    night(lake, "2026-01-01", "m1", {"m1": 0.50})
+    before = (read_current(lake), read_served(lake))
+    metrics = {v: {METRIC: x, "heldout_products": 40} for v, x in {"m1": 0.50, "m2": 0.90}.items()}
+    evaluate, lake_of = measured(metrics)
+    lake_of.append(lake)
+    save(lake, "m2", "2026-01-02")
+
+    def lost_fence() -> None:  # the injected fault: another run took the date while this one stalled
+        raise LockLostError("lost the lock on date 2026-01-02: a newer holder took the date")
+
+    with pytest.raises(LockLostError):
+        run_gate(lake, "2026-01-02", "m2", metrics["m2"], ENCODERS, "", evaluate, settings(),
+                 holder="test night 2026-01-02", fence=lost_fence)
+    assert (read_current(lake), read_served(lake)) == before
+    assert current_version(lake) == "m1"

@@ -25,10 +25,7 @@ import os
 import sys
 from typing import Mapping
 
-EXIT_OK = 0
-EXIT_PERMANENT = 1
-EXIT_USAGE = 2
-EXIT_RETRYABLE = 75  # os.EX_TEMPFAIL (sysexits.h), spelled out: os.EX_TEMPFAIL is missing on Windows
+from matcher.failures import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE  # noqa: F401 (part of its API)
 
 
 def _date(value: str) -> str:

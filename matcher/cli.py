@@ -312,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except _user_errors() as exc:
+        from matcher.failures import EXIT_PERMANENT, EXIT_RETRYABLE, classify
+
         message = " ".join(str(exc).split())
         print(f"matcher: error: {message}", file=sys.stderr)
-        return 1
+        # A storage or network outage, or a date another run holds, is worth retrying: say so to a scheduler.
+        return EXIT_RETRYABLE if classify(exc).retryable else EXIT_PERMANENT
     except KeyboardInterrupt:
         print("matcher: interrupted", file=sys.stderr)
         return 130

@@ -90,6 +90,13 @@ _INPUT_OR_CONFIG = frozenset({
 _SPARK_WRAPPERS = frozenset({"PythonException", "Py4JJavaError", "CapturedException", "UnknownException"})
 
 
+# Exit statuses of matcher's commands (`matcher run`, jobs/submit.py), so a scheduler can tell a retry from a failure.
+EXIT_OK = 0
+EXIT_PERMANENT = 1
+EXIT_USAGE = 2
+EXIT_RETRYABLE = 75  # os.EX_TEMPFAIL (sysexits.h), spelled out: os.EX_TEMPFAIL is missing on Windows
+
+
 @dataclass(frozen=True)
 class Failure:
     """retryable: a retry may succeed. summary: `Type: message` of the exception that decided (for an executor's

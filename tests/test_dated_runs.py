@@ -188,6 +188,18 @@ def test_one_writer_per_date(tmp_path):
     assert list((tmp_path / "lake" / "_locks" / f"dt={D1}").glob("[0-9]*.json")) == []
 
 
+def test_matcher_run_exits_75_for_a_busy_date_and_1_for_bad_input(tmp_path, capsys):
+    """A scheduler (cron, Airflow's BashOperator) can tell a failure worth retrying from one that is not."""
+    catalog = make_demo_catalog(tmp_path / "catalog", products=4, with_bad_rows=False)
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)}}))
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    with date_lock(lake, D1, holder="another run"):
+        assert main(["-q", "run", "--config", str(config), "--date", D1, "--steps", "clean"]) == 75
+    assert "is being run by another run" in capsys.readouterr().err
+    assert main(["-q", "run", "--config", str(config), "--date", D1, "--steps", "train"]) == 1  # not validated
+
+
 def test_two_airflow_runs_of_one_date_cannot_interleave_stages(tmp_path):
     """Airflow runs each stage in its own process: the DAG run's id claims the date from its first stage until
     publish, so another run's stage (or a `matcher run`) is refused between them, and a stage of the same run is

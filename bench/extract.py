@@ -24,6 +24,7 @@ from matcher.clean import clean_catalog  # noqa: E402
 from matcher.config import load_config  # noqa: E402
 from matcher.encoders import load_image_encoder, load_text_encoder  # noqa: E402
 from matcher.features import extract_features  # noqa: E402
+from jobs.validate import judged_attempt  # noqa: E402
 from matcher.lake import Lake  # noqa: E402
 from matcher.tables import to_arrow  # noqa: E402
 
@@ -32,7 +33,8 @@ def spark_extract(cfg, clean, lake_dir: str) -> tuple[float, dict]:
     """The extract stage itself (executors read the clean parts, embed, write feature parts) on a fresh lake."""
     ctx = RunContext(cfg.with_overrides({"run": {"lake": f"file://{lake_dir}"}}), "2026-01-01")
     ctx.lake.write_partition("clean", ctx.date, to_arrow("clean", clean))
-    ctx.lake.write_json(f"{Lake.validation_dir(ctx.date)}/result.json", {"success": True})  # a passed gate
+    ctx.lake.write_json(f"{Lake.validation_dir(ctx.date)}/result.json",  # a passed gate of this clean attempt
+                        {"success": True, "clean_attempt": judged_attempt(ctx.lake, ctx.date)})
     started = time.perf_counter()
     stats = extract_stage.run(ctx)
     return time.perf_counter() - started, stats

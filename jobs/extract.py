@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark, task_device
 from jobs.spark_lake import Progress, read_partition, write_parts
-from jobs.validate import require_passed
+from jobs.validate import judged_attempt, require_passed
 from matcher.config import ExtractConfig
 from matcher.encoders import feature_versions, load_image_encoder, load_text_encoder
 from matcher.features import extract_features
@@ -110,4 +110,5 @@ def run(ctx: RunContext) -> dict:
              earlier[-1] if earlier else "nothing")
     return {"embedded": int(to_embed), "reused": reused_rows, "feature_rows": int(doc["rows"]),
             "items_per_second": rate, "image_encoder": image_version, "text_encoder": text_version,
-            "reused_from": earlier[-1] if earlier else None}
+            "reused_from": earlier[-1] if earlier else None,
+            "clean_attempt": judged_attempt(lake, date)}  # train and score refuse features of another attempt

@@ -9,6 +9,7 @@ import numpy as np
 from jobs.context import RunContext, StageError
 from jobs.spark import get_spark
 from jobs.spark_lake import read_partition
+from jobs.validate import judged_attempt
 
 
 _HASH_SPACE = 1 << 40
@@ -28,12 +29,25 @@ class FeatureSet:
 
 def feature_frame(ctx: RunContext, stage: str):
     """The date's feature rows joined with the clean table's category and title, as a DataFrame on executors."""
+    require_features_of_clean_attempt(ctx, stage)
     spark = get_spark(ctx.config.extract)
     features = read_partition(spark, ctx.lake, "features", ctx.date)
     clean = read_partition(spark, ctx.lake, "clean", ctx.date, columns=["product_id", "category", "title"])
     if features is None or clean is None:
         raise StageError(stage, f"no features for {ctx.date}: run the extract stage first")
     return features.join(clean, "product_id", "inner")
+
+
+def require_features_of_clean_attempt(ctx: RunContext, stage: str) -> None:
+    """Features extracted from an earlier clean attempt (clean and validate ran again since, extract did not) would
+    score products the validated table no longer holds, or miss new ones: refuse them."""
+    extracted = (ctx.stage_stats("extract") or {}).get("clean_attempt") or {}
+    current = judged_attempt(ctx.lake, ctx.date)
+    if current is None or extracted.get("attempt") != current["attempt"] \
+            or extracted.get("fingerprint") != current["fingerprint"]:
+        named = extracted.get("attempt") or "unknown (extracted before features named their clean attempt)"
+        raise StageError(stage, f"features for {ctx.date} were extracted from clean attempt {named} but the clean "
+                                f"table is attempt {(current or {}).get('attempt')}: rerun extract")
 
 
 def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureSet:

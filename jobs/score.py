@@ -18,7 +18,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
-from jobs.features_io import feature_frame, load_feature_set
+from jobs.features_io import feature_frame, load_feature_set, require_features_of_clean_attempt
 from jobs.score_ann import list_index, number_by_list, refine_lists, sampled_neighbours, train_lists
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
@@ -188,6 +188,7 @@ def _as_table(name: str):
 
 def run(ctx: RunContext) -> dict:
     require_passed(ctx, "score")
+    require_features_of_clean_attempt(ctx, "score")
     lake, date, sc = ctx.lake, ctx.date, ctx.config.score
     version, why = model_for_date(ctx.model_version, ctx.stage_stats("train"), lake.manifest(date),
                                   current_version(lake))

@@ -44,3 +44,4 @@ def write_synthetic_partition(lake: Lake, date: str, n: int = 200, seed: int = 0
     # A passed validation of exactly this clean attempt, as the validate stage records it.
     lake.write_json(f"validation/dt={date}/result.json",
                     {"success": True, "clean_attempt": judged_attempt(lake, date)})
+    lake.write_json(Lake.stage_stats_file(date, "extract"), {"clean_attempt": judged_attempt(lake, date)})

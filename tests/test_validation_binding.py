@@ -90,3 +90,32 @@ def test_a_rerun_that_fails_validation_leaves_the_published_clean_and_quarantine
     with pytest.raises(StageError, match=f"validation failed for {D}"):
         run_stage("publish", rerun)
     assert lake.manifest(D) == manifest
+
+
+def test_features_of_an_earlier_clean_attempt_are_refused_until_extract_runs_again(tmp_path):
+    """clean and validate ran again on a changed catalog, extract did not: train and score would read features of
+    products the validated table no longer holds (and miss new ones), so they refuse, naming both attempts."""
+    from jobs.features_io import require_features_of_clean_attempt
+
+    catalog = make_demo_catalog(tmp_path / "catalog", products=12, image_size=32, with_bad_rows=False)
+    cheap = {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "second_title_encoder": "",
+             "image_colour": False}
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
+                                 "clean": {"image_size": 32}, "extract": cheap})
+    ctx = RunContext(cfg, D)
+    for stage in ("clean", "validate", "extract"):
+        run_stage(stage, ctx)
+    require_features_of_clean_attempt(ctx, "train")
+    extracted = ctx.stage_stats("extract")["clean_attempt"]["attempt"]
+
+    make_demo_catalog(catalog, products=14, seed=3, image_size=32, with_bad_rows=False)  # the catalog changed
+    for stage in ("clean", "validate"):
+        run_stage(stage, ctx)
+    now = ctx.lake.committed("clean", D)["attempt"]
+    for stage in ("train", "score"):
+        with pytest.raises(StageError, match=f"extracted from clean attempt {extracted} but the clean table is "
+                                             f"attempt {now}: rerun extract") as err:
+            run_stage(stage, ctx)
+        assert not err.value.retryable
+    run_stage("extract", ctx)
+    require_features_of_clean_attempt(ctx, "train")

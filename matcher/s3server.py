@@ -2,10 +2,11 @@
 
 Only the S3 port checks keys; SeaweedFS's own master, volume, filer and admin ports (HTTP and gRPC) are for its
 parts to talk to each other. So every port listens on 127.0.0.1 alone, and each start writes a security.toml with
-random JWT signing keys: the volume and filer HTTP ports then refuse reads and writes that carry no token signed
-with them. The data folder (keys, config, the unix sockets, the data) is the user's alone (0700, files 0600). The
-gRPC ports and the master's HTTP port take no key: another user of the same machine could reach them on 127.0.0.1;
-on a shared host, use an S3 service of its own rather than the embedded one."""
+random JWT signing keys and a fresh certificate authority: the volume and filer HTTP ports refuse reads and writes
+that carry no token signed with those keys, and every gRPC port refuses a connection without a client certificate
+that CA signed. The data folder (keys, certificates, config, the unix sockets, the data) is the user's alone (0700,
+files 0600). The master's HTTP port still answers anyone on this machine: it hands out file ids and the cluster's
+layout, not data nor tokens."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,9 @@ from types import TracebackType
 from typing import Iterator
 
 from matcher.config import Config
+
+import datetime
+import ipaddress
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -108,9 +112,7 @@ class EmbeddedS3:
         config_path = self.data_dir / "s3.json"
         _write_private(config_path, json.dumps(identities))
         # Read by weed from its working folder: fresh keys for each start (a token outlives no restart).
-        _write_private(self.data_dir / "security.toml", "".join(
-            f'[jwt.{section}]\nkey = "{secrets.token_hex(32)}"\n'
-            for section in ("signing", "signing.read", "filer_signing", "filer_signing.read")))
+        _write_private(self.data_dir / "security.toml", _security_toml(self.data_dir / "tls"))
         self._ports = self._ports or _free_ports(5)
         master, volume, filer, s3, admin = self._ports
         self.port = s3
@@ -166,6 +168,51 @@ class EmbeddedS3:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
+
+
+def _security_toml(tls_dir: Path) -> str:
+    """SeaweedFS's security.toml: random JWT keys for the volume and filer HTTP ports (writes and reads), and mutual
+    TLS on gRPC with a CA made here, whose one certificate every component presents and accepts."""
+    ca, cert, key = _make_certificates(tls_dir)
+    lines = [f'[jwt.{section}]\nkey = "{secrets.token_hex(32)}"\n'
+             for section in ("signing", "signing.read", "filer_signing", "filer_signing.read")]
+    lines.append(f'[grpc]\nca = "{ca}"\n')
+    lines += [f'[grpc.{component}]\ncert = "{cert}"\nkey = "{key}"\n' for component in GRPC_COMPONENTS]
+    return "".join(lines)
+
+
+def _make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA made for this start (its key is never written) and one certificate for 127.0.0.1 it signed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(mode=0o700, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=365))
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "matcher embedded S3 CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(valid[0]).not_valid_after(valid[1])
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    node = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "matcher")]))
+            .issuer_name(ca_name).public_key(node_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(valid[0]).not_valid_after(valid[1])
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = folder / "ca.crt", folder / "node.crt", folder / "node.key"
+    _write_private(paths[0], ca.public_bytes(serialization.Encoding.PEM).decode())
+    _write_private(paths[1], node.public_bytes(serialization.Encoding.PEM).decode())
+    _write_private(paths[2], node_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()).decode())
+    return paths
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,13 +1,18 @@
-"""The embedded SeaweedFS: reachable from this machine only, and its internal HTTP ports refuse requests without a
-token signed with the keys of this start; only the S3 port, with its keys, serves the data."""
+"""The embedded SeaweedFS: reachable from this machine only; its internal HTTP ports refuse requests without a
+token signed with the keys of this start, its gRPC ports connections without a certificate its CA signed; only the
+S3 port, with its keys, serves the data."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import socket
+import ssl
 import urllib.error
 import urllib.request
 
 import psutil
+import pytest
 
 from matcher.s3server import EmbeddedS3
 
@@ -55,16 +60,47 @@ def test_the_filer_and_volume_ports_refuse_requests_without_a_token(s3_server):
     assert client.get_object(Bucket=s3_server.bucket, Key="private/object.bin")["Body"].read() == SECRET_BYTES
 
 
+def _grpc_handshake(port: int, context: ssl.SSLContext) -> bytes:
+    """Open TLS to a gRPC port, send HTTP/2's preface, return the server's first bytes (its SETTINGS frame)."""
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            return tls.recv(64)
+
+
+def test_the_grpc_ports_refuse_connections_without_the_servers_client_certificate(s3_server):
+    tls_dir = s3_server.data_dir / "tls"
+    grpc_ports = [p + 10000 for p in [s3_server.port, *s3_server.internal_ports.values()]]
+    for port in grpc_ports:
+        # Plain HTTP/2, as an unconfigured gRPC client speaks it: no answer but a closed connection.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            assert raw.recv(64)[:1] in (b"", b"\x15"), port  # closed, or a TLS alert
+        # TLS that trusts the server but shows no certificate of its own: refused.
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            _grpc_handshake(port, ssl.create_default_context(cafile=str(tls_dir / "ca.crt")))
+        # With the certificate the server's own parts use, HTTP/2 begins (a SETTINGS frame, type 4).
+        with_cert = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
+        with_cert.load_cert_chain(tls_dir / "node.crt", tls_dir / "node.key")
+        assert _grpc_handshake(port, with_cert)[3] == 4, port
+    # The server's parts still reach each other (a maintenance worker that could not would log this).
+    assert "error reading server preface" not in (s3_server.data_dir / "weed.log").read_text()
+
+
 def test_the_servers_keys_are_private_and_new_at_each_start(tmp_path):
     server = EmbeddedS3(tmp_path / "s3", "k" + secrets.token_hex(3), secrets.token_hex(16))
     with server:
         first = (server.data_dir / "security.toml").read_text()
-        modes = {name: (server.data_dir / name).stat().st_mode & 0o777 for name in ("s3.json", "security.toml",
-                                                                                   "weed.log")}
-        assert modes == {"s3.json": 0o600, "security.toml": 0o600, "weed.log": 0o600}
+        private = ("s3.json", "security.toml", "weed.log", "tls/ca.crt", "tls/node.crt", "tls/node.key")
+        assert {name: (server.data_dir / name).stat().st_mode & 0o777 for name in private} == dict.fromkeys(
+            private, 0o600)
+        ca = (server.data_dir / "tls" / "ca.crt").read_text()
         assert server.data_dir.stat().st_mode & 0o777 == 0o700  # the unix sockets and the data are in there too
         assert server.secret_key not in " ".join(psutil.Process(server.process.pid).cmdline())
     with server:
         second = (server.data_dir / "security.toml").read_text()
+        assert (server.data_dir / "tls" / "ca.crt").read_text() != ca
         assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
-    assert first.count("key = ") == second.count("key = ") == 4 and first != second
+    jwt_keys = [re.findall(r'key = "([0-9a-f]{64})"', text) for text in (first, second)]
+    assert len(jwt_keys[0]) == len(jwt_keys[1]) == 4 and not set(jwt_keys[0]) & set(jwt_keys[1])

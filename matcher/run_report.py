@@ -22,6 +22,7 @@ from PIL import Image
 from matcher.evaluate import model_pair_scorer, true_and_false_pair_scores
 from matcher.lake import Lake
 from matcher.plots import histogram, training_curves
+from matcher.published import QUERYABLE_TABLES
 from matcher.registry import load_model
 from matcher.training_report import metrics_table, recall_chart
 
@@ -294,11 +295,11 @@ def _search(results: dict[str, list[tuple[str, float]]], catalog: _Catalog) -> s
 def _tables(manifest: dict) -> str:
     rows = []
     for name, info in (manifest.get("tables") or {}).items():
-        path = info["path"].removeprefix("file://")
-        query = f"select * from read_parquet('{path}/*.parquet') limit 10"
+        # Through the manifest, not a glob of the folder, which can also hold the generation a publish replaced.
+        query = (f"<code>matcher query \"{html.escape(f'select * from {name} where dt = ' + repr(manifest.get('date')))}"
+                 f" limit 10\"</code>" if name in QUERYABLE_TABLES else "")
         rows.append(f"<tr><td>{html.escape(name)}</td><td class='num'>{info['rows']}</td>"
-                    f"<td><code>{html.escape(info['path'])}</code></td><td><code>duckdb -c \"{html.escape(query)}\""
-                    f"</code></td></tr>")
+                    f"<td><code>{html.escape(info['path'])}</code></td><td>{query}</td></tr>")
     return ("<table><tr><th>table</th><th>rows</th><th>location</th><th>query</th></tr>" + "".join(rows)
             + "</table>")
 

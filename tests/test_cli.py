@@ -89,3 +89,24 @@ def test_query_cannot_switch_external_access_back_on_even_inside_a_query(publish
     with pytest.raises(duckdb.Error, match="configuration has been locked"):
         con.execute("SET enable_external_access = true")
     assert con.sql("SELECT current_setting('enable_external_access')").fetchone() == (False,)
+
+
+def test_the_reports_suggested_query_runs_through_the_manifest(published_lake, capsys):
+    """The nightly report suggests a query per table: it must read the files the manifest names (a glob of the
+    folder could also read the generation a publish replaced) and run as printed."""
+    import html
+    import re
+
+    from matcher.lake import Lake
+    from matcher.config import load_config
+    from matcher.cli import main
+    from matcher.run_report import _tables
+
+    lake = Lake(load_config(published_lake).run.lake, load_config().storage)
+    manifest = lake.manifest(DATE)
+    manifest["tables"]["recommendations"] |= {"rows": 3, "path": lake.display(f"recommendations/dt={DATE}")}
+    suggested = re.search(r'matcher query "([^"]*)"', html.unescape(_tables(manifest))).group(1)
+    assert "read_parquet" not in suggested
+    capsys.readouterr()
+    assert main(["-q", "query", suggested, "--config", str(published_lake)]) == 0
+    assert capsys.readouterr().out.count("v1") == 3

@@ -179,7 +179,7 @@ def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: n
     grids = {"ridge_image_to_text": [(p,) for p in RIDGE_PENALTIES],
              "ridge_text_to_image": [(p,) for p in RIDGE_PENALTIES],
              "cca": [(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS]}
-    fitters = _Fitters(image_feats[fit], text_feats[fit])
+    fitters = PairFitters(image_feats[fit], text_feats[fit])
     if folds > 1 and len(image_feats) >= 2 * folds:
         scores = _cross_validated_mrr(image_feats, text_feats, grids, folds)
     else:
@@ -193,7 +193,7 @@ def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: n
     return out
 
 
-class _Fitters:
+class PairFitters:
     """Each kind's pair for a setting on one set of rows; CCA's factorisation shared by all its settings."""
 
     def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
@@ -215,7 +215,7 @@ def _cross_validated_mrr(image_feats: np.ndarray, text_feats: np.ndarray, grids:
     totals = {kind: np.zeros(len(grid)) for kind, grid in grids.items()}
     for f in range(folds):
         held = fold == f
-        fitters = _Fitters(image_feats[~held], text_feats[~held])
+        fitters = PairFitters(image_feats[~held], text_feats[~held])
         vi, vt = image_feats[held], text_feats[held]
         for kind, grid in grids.items():
             totals[kind] += [fitters.pair(kind, setting).validation_mrr(vi, vt) for setting in grid]

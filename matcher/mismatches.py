@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from matcher.baselines import CCA_REGULARISERS, CCA_WIDTHS, RIDGE_PENALTIES, CCAFit, LinearPair, RidgeFit, \
-    reduce_width
+from matcher.baselines import CCA_REGULARISERS, CCA_WIDTHS, RIDGE_PENALTIES, LinearPair, PairFitters, reduce_width
 from matcher.evaluate import best_threshold, derangement
 
 MAX_WIDTH = 256  # columns per view of a fold's scorer: a ridge map's whole text space (1,152 wide) is reduced to this
@@ -92,7 +91,7 @@ def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
     fits, totals = [], {kind: np.zeros(len(grid)) for kind, grid in SETTINGS.items()}
     for k in range(folds):
         held, out = fold == k, fold != k
-        fitted = _FoldFits(image_feats[out], text_feats[out])
+        fitted = PairFitters(image_feats[out], text_feats[out])
         fits.append(fitted)
         vi, vt = image_feats[held], text_feats[held]
         for kind, grid in SETTINGS.items():
@@ -109,7 +108,7 @@ def fit_with_setting(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
     """The fold scorers of one given setting (kind and parameters), fitted as fit_cross_fitted fits them."""
     fold = _folds(product_ids, folds)
     image_feats, text_feats = image_feats.astype(np.float64), text_feats.astype(np.float64)
-    fits = [_FoldFits(image_feats[fold != k], text_feats[fold != k]) for k in range(folds)]
+    fits = [PairFitters(image_feats[fold != k], text_feats[fold != k]) for k in range(folds)]
     return _cross_fit(fold, fits, image_feats, text_feats, kind, setting)
 
 
@@ -122,7 +121,7 @@ def _folds(product_ids, folds: int) -> np.ndarray:
     return fold
 
 
-def _cross_fit(fold: np.ndarray, fits: list["_FoldFits"], image_feats: np.ndarray, text_feats: np.ndarray,
+def _cross_fit(fold: np.ndarray, fits: list[PairFitters], image_feats: np.ndarray, text_feats: np.ndarray,
                kind: str, setting: tuple) -> CrossFitScorer:
     """Each fold's scorer of this setting, and the threshold on the out-of-fold pairs: every fold's own pairs
     against its photos with other products' titles, each scored by the fold's scorer."""
@@ -137,17 +136,3 @@ def _cross_fit(fold: np.ndarray, fits: list["_FoldFits"], image_feats: np.ndarra
         neg.append(scorer.pair_scores(img, txt[derangement(len(held), k)]))
     threshold = best_threshold(np.concatenate(pos), np.concatenate(neg))
     return CrossFitScorer(len(fits), scorers, float(threshold), kind, setting, len(fold), float("nan"))
-
-
-class _FoldFits:
-    """One fold's factorisations (ridge both ways, CCA), shared by all their settings."""
-
-    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
-        self.image_feats, self.text_feats = image_feats, text_feats
-        self._fits: dict[str, CCAFit | RidgeFit] = {}
-
-    def pair(self, kind: str, setting: tuple) -> LinearPair:
-        if kind not in self._fits:
-            self._fits[kind] = (CCAFit(self.image_feats, self.text_feats) if kind == "cca" else
-                                RidgeFit(self.image_feats, self.text_feats, kind.removeprefix("ridge_")))
-        return self._fits[kind].pair(*setting)

@@ -10,7 +10,8 @@ import pytest
 from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
-from matcher.mismatches import FoldScorer, TooFewProducts, _FoldFits, fit_cross_fitted, fit_with_setting, mismatch_folds
+from matcher.baselines import PairFitters
+from matcher.mismatches import FoldScorer, TooFewProducts, fit_cross_fitted, fit_with_setting, mismatch_folds
 from tests.synthetic import synthetic_features, write_synthetic_partition
 
 FOLDS = 5
@@ -54,7 +55,7 @@ def test_mislabelled_products_are_flagged_and_their_own_pair_would_have_passed_t
     assert sorted(np.nonzero(scores < scorer.threshold)[0]) == SWAPPED
     # The same setting fitted on every product, the mislabelled ones included: each scores its own wrong pair
     # higher than the scorer that never saw it (what a judge trained on the pair does).
-    in_sample = FoldScorer.of(_FoldFits(img.astype(np.float64), txt.astype(np.float64)).pair(scorer.kind,
+    in_sample = FoldScorer.of(PairFitters(img.astype(np.float64), txt.astype(np.float64)).pair(scorer.kind,
                                                                                             scorer.params))
     assert (in_sample.pair_scores(img, txt)[SWAPPED] > scores[SWAPPED] + 0.05).all()
     assert scorer.describe()["folds"] == FOLDS and scorer.describe()["fit_products"] == len(ids)

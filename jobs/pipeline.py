@@ -38,7 +38,7 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
                     _end_run_claim(ctx)
                 raise
             if stage == "publish" and ctx.run_id:
-                ctx.lock.finish_run()
+                _end_run_claim(ctx)  # the night is committed: a failure here must not fail the task
     except StageError:
         raise
     except DateLockedError as exc:  # another run of this date: a later retry may find it done

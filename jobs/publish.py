@@ -6,7 +6,7 @@ import datetime as dt
 import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError, log
-from jobs.validate import require_passed
+from jobs.validate import judged_attempt, require_passed
 from matcher.lake import PUBLISHED_TABLES, Lake, new_attempt_id
 from matcher.run_report import render_run_report
 from matcher.tables import table_schema
@@ -17,10 +17,25 @@ RUN_TABLES = ("clean", "quarantine")  # written by the run's clean stage, made v
 def run(ctx: RunContext) -> dict:
     lake = ctx.lake
     require_passed(ctx, "publish")  # the clean attempt about to be named is the one validation passed
+    scored = ctx.stage_stats("score") or {}
+    current = judged_attempt(lake, ctx.date)
+    if scored.get("clean_attempt") != current:
+        named = (scored.get("clean_attempt") or {}).get("attempt") or "unknown"
+        raise StageError("publish", f"the staged tables of {ctx.date} were scored from clean attempt {named} but "
+                                    f"the clean table is attempt {current['attempt']}: rerun extract, train and "
+                                    "score")
     staged = {name: lake.staged_parts(name, ctx.date) for name in PUBLISHED_TABLES}
     missing = [name for name, parts in staged.items() if parts is None]
+    published = lake.manifest(ctx.date) or {}
+    if len(missing) == len(staged) and scored.get("attempt") and published.get("score_attempt") == scored["attempt"]:
+        # This score's tables are already published (a retry after the commit, e.g. the lock was lost after it).
+        log.info("publish: %s already published (score attempt %s)", ctx.date, scored["attempt"])
+        return {"tables": published.get("tables"), "report": lake.display(Lake.report_file(ctx.date)),
+                "already_published": True}
     if missing:
         raise StageError("publish", f"nothing staged for {missing} on {ctx.date}: run the score stage first")
+    if ctx.lock is not None:  # fence before moving anything in: a retry can still find the staged parts
+        ctx.lock.assert_held()
     for name, parts in staged.items():
         for part in parts[:1]:  # the writers cast every part to the same schema
             schema = pq.read_schema(lake.path(part), filesystem=lake.fs)
@@ -59,6 +74,7 @@ def run(ctx: RunContext) -> dict:
         "stage_seconds": {s: (stats or {}).get("seconds") for s, stats in stages.items()},
         "tables": tables,
         "publish_id": publish_id,
+        "score_attempt": (stages.get("score") or {}).get("attempt"),
         "previous": _generation(lake, previous),
         "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -24,7 +24,7 @@ from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_fr
 from jobs.spark import get_spark
 from jobs.spark_frames import vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
-from jobs.validate import require_passed
+from jobs.validate import judged_attempt, require_passed
 from matcher.ann import choose_query_probes
 from matcher.categories import min_category_products
 from matcher.evaluate import embed
@@ -293,7 +293,9 @@ def run(ctx: RunContext) -> dict:
     return {"products": n, "recommendation_rows": int(recommendations.rows["recommendations"]),
             "model_version": version, "model_source": why, "category_agreement": agreement,
             "mismatches": int(mismatches.rows["mismatches"]), "mismatch_scorer": mismatch_stats, **candidates,
-            "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest()}
+            "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest(),
+            # publish checks both: the staged tables are this attempt's, scored from the validated clean attempt
+            "attempt": attempt, "clean_attempt": judged_attempt(lake, date)}
 
 
 def _mismatch_scorer(ctx: RunContext) -> tuple[CrossFitScorer | None, dict]:

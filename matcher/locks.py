@@ -52,6 +52,7 @@ from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
+from matcher.failures import classify
 from matcher.lake import Lake
 
 TOKEN_FILE = "_token.json"
@@ -71,23 +72,9 @@ class LockLostError(DateLockedError):
     committing anything. Retryable, as a busy date is."""
 
 
-def _is_local(lake: Lake) -> bool:
-    return isinstance(lake.fs, pafs.LocalFileSystem)
-
-
 def _put_doc(lake: Lake, rel: str, doc: dict) -> None:
-    """Replace a document whole: S3 PUTs are atomic; on a local disk it is written aside and renamed over."""
-    data = json.dumps(doc, default=str).encode()
-    if not _is_local(lake):
-        lake.write_bytes(rel, data)
-        return
-    aside = posixpath.join(posixpath.dirname(rel), f"_tmp-{uuid.uuid4().hex}")
-    lake.write_bytes(aside, data)
-    try:
-        lake.fs.move(lake.path(aside), lake.path(rel))
-    except OSError:
-        lake.delete_file_quietly(aside)
-        raise
+    """Replace a document whole (Lake.write_bytes: an S3 PUT, or on a local disk written aside and renamed)."""
+    lake.write_bytes(rel, json.dumps(doc, default=str).encode())  # written aside and renamed on a local disk
 
 
 def _read_doc(lake: Lake, rel: str) -> object:
@@ -396,7 +383,10 @@ def date_lock(lake: Lake, dt: str, holder: str, stale_after: float = 300.0, hear
         yield lock
     except BaseException as exc:
         lock.release()
-        if lock.lost is not None and isinstance(exc, Exception) and not isinstance(exc, LockLostError):
+        # A storage error in the block may be the lock's loss showing; a permanent failure (bad input, a failed
+        # gate) stays what it is, so that it is not retried.
+        if lock.lost is not None and isinstance(exc, Exception) and not isinstance(exc, LockLostError) \
+                and classify(exc).retryable:
             raise LockLostError(f"lost the lock on date {dt} (token {lock.token}): {lock.lost}") from exc
         raise
     lock.release()

@@ -280,3 +280,21 @@ def test_two_runs_of_one_date_cannot_interleave_stages(tmp_path):
     assert got_in == []
     first_run = {holder for holder in holders.values() if holder != "second run"}
     assert first_run == {"matcher run (clean,validate)"} and ctx.lock.active is False  # one lock, not one per stage
+
+
+def test_a_lock_lost_during_a_permanent_failure_keeps_the_failure_permanent(tmp_path):
+    """A failed gate is not retried because the lock was also lost meanwhile; a storage error then is taken for
+    the loss showing, and retried."""
+    from jobs.context import StageError
+
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    failed_gate = StageError("validate", "clean_products: 3 expectations failed", retryable=False)
+    with pytest.raises(StageError) as err:
+        with date_lock(lake, D1, holder="a night") as lock:
+            lock._lose("a heartbeat failed")  # the injected fault
+            raise failed_gate
+    assert err.value is failed_gate
+    with pytest.raises(LockLostError):
+        with date_lock(lake, D1, holder="a night") as lock:
+            lock._lose("a heartbeat failed")
+            raise OSError("AWS Error NETWORK_CONNECTION during PutObject")

@@ -61,6 +61,9 @@ def stage_published_tables(lake: Lake, dt: str, tag: str, rows: int = 3) -> None
             pq.write_table(tagged(name, tag, rows), lake.path(rel), filesystem=lake.fs)
             parts.append(rel)
         lake.stage_parts(name, dt, parts)
+    # and its statistics: the staged tables' attempt and the clean attempt they were scored from
+    lake.write_json(Lake.stage_stats_file(dt, "score"), {"attempt": "score-" + tag,
+                                                         "clean_attempt": judged_attempt(lake, dt)})
 
 
 def clean_attempt(lake: Lake, dt: str, tag: str) -> None:
@@ -180,3 +183,48 @@ def test_a_document_write_that_fails_leaves_the_old_document_and_no_temporary_fi
     assert lake.read_json("validation/dt=2026-05-01/result.json") == {"success": True}
     assert os.listdir(tmp_path / "lake" / "validation" / "dt=2026-05-01") == ["result.json"]
     assert json.loads((tmp_path / "lake" / "validation" / "dt=2026-05-01" / "result.json").read_text())["success"]
+
+
+def test_publish_refuses_tables_scored_from_another_clean_attempt(tmp_path):
+    """clean and validate ran again after score: the staged tables describe the earlier catalog, and publishing
+    them beside the new clean table would mix two nights in one manifest."""
+    from jobs.context import StageError
+
+    ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), D)
+    clean_attempt(ctx.lake, D, "n1")
+    stage_published_tables(ctx.lake, D, "n1")
+    scored_from = ctx.lake.committed("clean", D)["attempt"]
+    clean_attempt(ctx.lake, D, "n2")  # a new clean attempt, validated; extract/train/score not run again
+    with pytest.raises(StageError, match=f"scored from clean attempt {scored_from} but the clean table is "
+                                         "attempt .*: rerun extract, train and score") as err:
+        run_stage("publish", ctx)
+    assert not err.value.retryable and ctx.lake.manifest(D) is None
+
+
+def test_a_publish_that_lost_its_lock_is_retried_and_a_retry_after_the_commit_is_a_no_op(tmp_path, monkeypatch):
+    """The lock's fence runs before anything is moved in, so the retry of a publish whose lock was lost finds its
+    staged tables; and a publish retried after its commit (the lock lost after the manifest was written) succeeds
+    without publishing anything again."""
+    from jobs.context import StageError
+    from matcher.locks import DateLock, LockLostError
+
+    ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), D)
+    clean_attempt(ctx.lake, D, "g1")
+    stage_published_tables(ctx.lake, D, "g1")
+    held = DateLock.assert_held
+
+    def lost_once(self):  # the injected fault: one heartbeat's write failed, the lock counts as lost
+        monkeypatch.setattr(DateLock, "assert_held", held)
+        raise LockLostError("lost the lock on date 2026-05-01: a heartbeat failed")
+
+    monkeypatch.setattr(DateLock, "assert_held", lost_once)
+    with pytest.raises(StageError) as err:
+        run_stage("publish", ctx)
+    assert err.value.retryable and ctx.lake.manifest(D) is None
+    ctx.lock = None
+    run_stage("publish", ctx)  # Airflow's retry
+    first = ctx.lake.manifest(D)
+    assert tags(read_published(ctx.lake, "recommendations", D)) == {"g1"}
+    ctx.lock = None
+    assert run_stage("publish", ctx)["already_published"]  # a retry after the commit
+    assert ctx.lake.manifest(D)["publish_id"] == first["publish_id"]

@@ -5,6 +5,7 @@ find duplicates (a shuffle by product_id), fetch and canonicalise the images and
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Iterator
 
 import pandas as pd
@@ -16,6 +17,7 @@ from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
 from matcher.catalog import CatalogError, CatalogPlan, CatalogReader
 from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, RowCountMismatch,
                            bad_line_rows, check_row_counts, clean_images, clean_text_rows)
+from matcher.failures import classify
 from matcher.lake import new_attempt_id
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "repairs", "image_ref"]
@@ -73,7 +75,8 @@ def make_image_cleaner(reader: CatalogReader, cfg):
             rows_read = int(df.loc[df["kind"] == _ROWS_READ_KIND, "rows_read"].sum())
             candidates = df[df["kind"] == "candidate"].drop(columns=["kind", "reason", "detail", "rows_read"])
             rejected = df.loc[df["kind"] == "rejected", QUARANTINE_COLUMNS]
-            good, bad_images = clean_images(candidates, reader.read_image, cfg)
+            good, bad_images = clean_images(candidates, partial(reader.read_image, max_bytes=cfg.max_image_bytes),
+                                            cfg)
             quarantine = pd.concat([rejected, bad_images], ignore_index=True).fillna({"product_id": "", "detail": ""})
             yield "clean", pa.Table.from_pandas(good, preserve_index=False)
             yield "quarantine", pa.Table.from_pandas(quarantine, preserve_index=False)
@@ -99,7 +102,8 @@ def run(ctx: RunContext) -> dict:
     try:
         plan = reader.plan()
     except CatalogError as exc:  # a backfilled date without its snapshot fails here, naming the date
-        raise StageError("clean", f"catalog for {ctx.date}: {exc}") from None
+        # The catalog may be missing (permanent) or its store unreachable (retryable): judged by the cause.
+        raise StageError("clean", f"catalog for {ctx.date}: {exc}", retryable=classify(exc).retryable) from None
     spark = get_spark(ctx.config.extract)
     splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
         max(1, len(plan.splits)))

@@ -21,7 +21,7 @@ from matcher.config import CatalogConfig, StorageConfig, load_config
 from matcher.failures import classify
 from matcher.http_images import AddressPolicy, fetch_image
 from matcher.images import ImageRejected
-from matcher.storage import exists, is_s3, read_bytes, resolve_uri
+from matcher.storage import exists, is_s3, resolve_uri
 
 _HEAD_BYTES = 1 << 16
 _MAX_IMAGE_REF_CHARS = 2048
@@ -245,9 +245,10 @@ class CatalogReader:
         mapped = [next((dst for dst, src in mapping.items() if src == c), c) for c in mapped]
         return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
 
-    def read_image(self, ref: str) -> bytes:
+    def read_image(self, ref: str, max_bytes: int | None = None) -> bytes:
         """Bytes of an image reference: a path relative to the catalog root, an s3://, file:// or http(s):// URI.
-        Only the catalog root, catalog.image_sources and the addresses catalog.http_* allow are read.
+        Only the catalog root, catalog.image_sources and the addresses catalog.http_* allow are read, and of a file
+        or object no more than `max_bytes` (image_too_large), so a huge object cannot exhaust an executor's memory.
 
         Raises ImageRejected with a quarantine reason."""
         ref = ref.strip()
@@ -278,21 +279,29 @@ class CatalogReader:
                 if not _under(path, self.sources.local_root):
                     raise ImageRejected("image_path_escapes_root", f"{ref[:200]}: a link out of the catalog root")
         try:
-            return read_bytes(fs, path)
+            with fs.open_input_stream(path) as fh:
+                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         except FileNotFoundError:
             raise ImageRejected("image_missing", ref[:200]) from None
         except OSError as exc:
-            if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
-                # The store is down or throttling, not this photo bad: fail the task so the stage is retried,
-                # instead of quarantining every good product read during an outage.
-                raise
             try:
-                missing = fs.get_file_info(path).type == pafs.FileType.NotFound
-            except OSError:  # a path the filesystem cannot even look up (too long, bad characters)
-                missing = False
-            if missing:
+                kind = fs.get_file_info(path).type
+            except OSError as lookup:  # a path the filesystem cannot even look up (too long, bad characters)
+                if isinstance(fs, pafs.S3FileSystem) and classify(lookup).retryable:
+                    # The store does not answer at all (down, throttling): not this photo's fault. Fail the task
+                    # so the stage is retried, instead of quarantining every good product read in an outage.
+                    raise exc from None
+                kind = None
+            if kind == pafs.FileType.NotFound:
                 raise ImageRejected("image_missing", ref[:200]) from None
+            if kind == pafs.FileType.Directory:  # a bucket or a folder named as the photo
+                raise ImageRejected("image_reference_invalid", f"{ref[:200]} is a folder, not a file") from None
+            if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
+                raise  # the store answered the lookup but failed the read for now (a reset, a throttle): retried
             raise ImageRejected("image_unreadable", str(exc)[:200]) from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {ref[:200]}")
+        return data
 
 
 SOURCE_REFUSED = "image_source_not_allowed"

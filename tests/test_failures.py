@@ -275,8 +275,18 @@ def test_a_photo_read_from_s3_during_an_outage_is_retried_not_quarantined(s3_ser
     cfg = s3_config.with_overrides({"catalog": {"image_sources": ["s3://lake/outage-photos/"]}})
     reader = CatalogReader(str(tmp_path / "catalog"), cfg.storage, cfg.catalog)
     assert reader.read_image("s3://lake/outage-photos/p1.jpg").startswith(b"\xff\xd8")
-    with pytest.raises(ImageRejected, match="image_missing|outage-photos/nope"):
+    with pytest.raises(ImageRejected, match="outage-photos/nope") as err:
         reader.read_image("s3://lake/outage-photos/nope.jpg")  # a missing photo is still the row's fault
+    assert err.value.reason == "image_missing"
+    # So is a reference to the allowed prefix itself (a folder), or an object larger than the clean step takes:
+    # quarantined, never an error a retry would repeat every night.
+    for ref in ("s3://lake/outage-photos", "s3://lake/outage-photos/"):
+        with pytest.raises(ImageRejected) as err:
+            reader.read_image(ref)
+        assert err.value.reason in ("image_reference_invalid", "image_missing"), (ref, err.value.reason)
+    with pytest.raises(ImageRejected) as err:
+        reader.read_image("s3://lake/outage-photos/p1.jpg", max_bytes=8)
+    assert err.value.reason == "image_too_large"
     s3_server.stop()
     try:
         exc = _raised(lambda: reader.read_image("s3://lake/outage-photos/p1.jpg"))
@@ -284,6 +294,32 @@ def test_a_photo_read_from_s3_during_an_outage_is_retried_not_quarantined(s3_ser
         s3_server.start()
     assert not isinstance(exc, ImageRejected), exc
     assert classify(exc).retryable, classify(exc).message()
+
+
+def test_a_catalog_store_that_is_down_when_clean_plans_is_retryable_a_missing_catalog_is_not(s3_server, s3_config,
+                                                                                            tmp_path, monkeypatch):
+    cfg = s3_config.with_overrides({"run": {"catalog": "s3://lake/planned/catalog",
+                                            "lake": f"file://{tmp_path}/lake"}})
+    with pytest.raises(StageError, match="no catalog") as err:
+        run_stage("clean", RunContext(cfg, D))  # nothing there: a retry would find nothing either
+    assert not err.value.retryable
+    s3_server.stop()
+    try:
+        with pytest.raises(StageError) as err:
+            run_stage("clean", RunContext(cfg, D))
+    finally:
+        s3_server.start()
+    assert err.value.retryable, str(err.value)
+    # The store failing while the catalog's head or footer is read: the reader's CatalogError carries the cause.
+    from matcher.catalog import CatalogError, CatalogReader
+
+    def cut_off(self):  # the injected fault, worded as pyarrow words it
+        raise CatalogError("catalog file lake/planned/catalog/products.parquet is not readable Parquet: "
+                           "When reading information for key: AWS Error NETWORK_CONNECTION during GetObject")
+    monkeypatch.setattr(CatalogReader, "plan", cut_off)
+    with pytest.raises(StageError, match="NETWORK_CONNECTION") as err:
+        run_stage("clean", RunContext(cfg, D))
+    assert err.value.retryable
 
 
 # --- jobs/submit.py: exit statuses and $MATCHER_CONFIG --------------------------------------------------------------

@@ -29,6 +29,9 @@ _USER_AGENT = f"matcher/{__version__} (catalog image fetch)"
 _HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5", "Connection": "close"}
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"  # existing escapes and URL syntax stay as they are
 MAX_REDIRECTS = 5
+# A body must arrive within this many request timeouts: the timeout bounds each socket read, so a server that
+# trickles a byte now and then would otherwise hold an image thread for hours.
+BODY_DEADLINE_TIMEOUTS = 3
 REFUSED = "image_address_not_allowed"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -49,6 +52,7 @@ def address_kind(ip: IPAddress) -> str | None:
                 return kind
     for kind, test in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
                        ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+                       ("site-local", getattr(ip, "is_site_local", False)),
                        ("reserved", ip.is_reserved), ("private", ip.is_private)):
         if test:
             return kind
@@ -149,14 +153,14 @@ def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
         try:
             conn.request("GET", target, headers=_HEADERS)
             response = conn.getresponse()
-            return _answer(response, url, via, max_bytes)
+            return _answer(response, url, via, max_bytes, time.monotonic() + BODY_DEADLINE_TIMEOUTS * timeout)
         finally:
             conn.close()
     raise last_error if last_error else OSError(f"{host} has no address")
 
 
 def _answer(response: http.client.HTTPResponse, url: str, via: str,
-            max_bytes: int) -> tuple[int, str | None, bytes]:
+            max_bytes: int, deadline: float) -> tuple[int, str | None, bytes]:
     status = response.status
     if status in _REDIRECT_STATUSES:
         location = response.headers.get("Location", "").strip()
@@ -174,7 +178,16 @@ def _answer(response: http.client.HTTPResponse, url: str, via: str,
     expected = int(length) if length.isdigit() else None
     if expected is not None and expected > max_bytes:
         raise ImageRejected("image_too_large", f"{expected} bytes > {max_bytes} at {url[:200]}")
-    data = response.read(max_bytes + 1)
+    chunks, size = [], 0
+    while size <= max_bytes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the body did not arrive in time ({size} bytes read) at {url[:200]}{via}")
+        chunk = response.read1(min(1 << 16, max_bytes + 1 - size))  # what has arrived, not a full buffer
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    data = b"".join(chunks)
     if len(data) > max_bytes:
         raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {url[:200]}")
     if expected is not None and len(data) < expected:  # the connection dropped mid-body

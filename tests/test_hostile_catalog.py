@@ -264,6 +264,7 @@ def test_a_name_is_resolved_once_and_every_address_it_has_is_checked(servers, mo
     ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"), ("0.0.0.0", "unspecified"),
     ("::", "unspecified"), ("10.0.0.1", "private"), ("172.16.5.4", "private"), ("192.168.1.1", "private"),
     ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("fd00:ec2::254", "private"),
+    ("fec0::1", "site-local"),
     ("224.0.0.1", "multicast"), ("ff02::1", "multicast"), ("240.0.0.1", "reserved"),
     ("255.255.255.255", "reserved"), ("100.64.0.1", "non-public"), ("192.0.2.1", "private"),
     ("::ffff:127.0.0.1", "loopback"), ("::ffff:169.254.169.254", "link-local"),

@@ -60,6 +60,18 @@ def image_server():
                 self._send(200, b"<!DOCTYPE html><html>sign in</html>", kind="text/html")
             elif self.path == "/cut.jpg":  # the connection drops mid-body
                 self._send(200, body[:20], length=len(body))
+            elif self.path == "/trickle.jpg":  # a byte now and then: each read is within the timeout
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:  # the client gave up
+                    pass
             elif self.path == "/huge.jpg":
                 self._send(200, b"", length=10**9)
             elif self.path == "/redirect.jpg":
@@ -115,3 +127,20 @@ def test_a_refused_connection_is_retried_then_quarantined(tmp_path):
     assert result.clean.empty
     assert result.quarantine[["product_id", "reason"]].values.tolist() == [["x", "image_unreadable"]]
     assert "Connection refused" in result.quarantine["detail"][0] and "(after 2 tries)" in result.quarantine["detail"][0]
+
+
+def test_a_server_trickling_its_body_is_cut_off_at_the_deadline(image_server):
+    """The timeout bounds each socket read: a server sending a byte every 50 ms never trips it, so the whole body
+    has its own deadline (a few timeouts), after which the photo is quarantined instead of holding a thread."""
+    from matcher.http_images import BODY_DEADLINE_TIMEOUTS, AddressPolicy, fetch_image
+    from matcher.images import ImageRejected
+
+    base, hits = image_server
+    policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])
+    started = time.monotonic()
+    with pytest.raises(ImageRejected, match="did not arrive in time") as err:
+        fetch_image(f"{base}/trickle.jpg", timeout=0.3, retries=1, max_bytes=10**6, backoff=0.01, policy=policy)
+    elapsed = time.monotonic() - started
+    assert err.value.reason == "image_unreadable" and hits["/trickle.jpg"] == 2
+    assert elapsed < 2 * (BODY_DEADLINE_TIMEOUTS * 0.3) + 2, elapsed  # two tries, each cut at its deadline
+    assert fetch_image(f"{base}/ok.jpg", timeout=0.3, retries=0, max_bytes=10**6, policy=policy)[:2] == b"\xff\xd8"

@@ -94,6 +94,10 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
         else:
             metric_value(new, metric, "the new model")  # a misnamed metric is an error on the first night too
         return True, "", warnings
+    held_out = int(new.get("heldout_products") or 0)
+    if metric not in new and held_out < 2:  # a tiny catalog: nothing measured, so nothing may replace what serves
+        return False, (f"not compared: {held_out} held-out products, too few to measure {metric}; the served "
+                       "model stays"), []
     new_value = metric_value(new, metric, "the new model")
     values = [(role, version, metric_value(m, metric, f"{role} {version}")) for role, version, m in compared]
     role, bar_version, bar = max(values, key=lambda r: r[2])

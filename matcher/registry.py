@@ -18,7 +18,7 @@ from matcher.model import MatcherModel, ModelError, model_from_bytes, model_to_b
 CURRENT = Lake.CURRENT_MODEL_FILE
 SERVED = f"{Lake.MODELS_DIR}/served.json"
 MODELS_LOCK_KEY = "models"  # the registry's lock under _locks/, beside the dates' (a date is never named "models")
-MODELS_LOCK_WAIT_SECONDS = 120.0
+MODELS_LOCK_WAIT_SECONDS = 1800.0  # the gate evaluates the served models under it: minutes on a large sample
 
 
 def save_model(lake: Lake, version: str, model: MatcherModel, config: dict, metrics: dict, history: list[dict]) -> str:
@@ -130,8 +130,9 @@ class ModelsLockedError(DateLockedError, ModelError):
 @contextmanager
 def models_lock(lake: Lake, holder: str, wait_seconds: float = MODELS_LOCK_WAIT_SECONDS) -> Iterator[DateLock]:
     """Hold the lake's model registry (models/current.json and models/served.json) while the block runs: a
-    lake-wide lock beside the dates' own, waited for up to `wait_seconds` (a promotion holds it for seconds). Writes
-    under it go through record_promotion, which fences them with the lock's assert_held()."""
+    lake-wide lock beside the dates' own, waited for up to `wait_seconds` (a promotion holds it while the gate
+    evaluates the served models). Writes under it go through record_promotion, which fences them with the lock's
+    assert_held()."""
     deadline = time.monotonic() + wait_seconds
     pause = 0.05
     held = ExitStack()

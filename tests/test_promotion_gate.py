@@ -368,3 +368,13 @@ def test_a_night_that_lost_its_date_lock_does_not_move_current_json(lake):
                  holder="test night 2026-01-02", fence=lost_fence)
     assert (read_current(lake), read_served(lake)) == before
     assert current_version(lake) == "m1"
+
+
+def test_a_catalog_too_small_to_hold_products_out_keeps_the_served_model_without_failing_the_night():
+    """Fail closed without failing: a night of a tiny catalog cannot measure its model, so it does not replace the
+    served one; a measured night with the metric missing is still an error."""
+    passed, reason, _ = gate_verdict({"heldout_products": 1}, [("current model", "m1", {"heldout_products": 1})],
+                                     METRIC, 0.01, "")
+    assert not passed and "too few to measure" in reason
+    with pytest.raises(GateError, match="the new model has no usable"):
+        gate_verdict({"heldout_products": 40}, [("current model", "m1", {METRIC: 0.5})], METRIC, 0.01, "")

@@ -158,7 +158,8 @@ def test_a_publish_that_dies_before_its_manifest_leaves_the_previous_partition(d
         return real_write_json(self, relpath, obj)
 
     monkeypatch.setattr(Lake, "write_json", dying_write_json)
-    assert main(["-q", "run", "--config", str(config_path), "--date", DATE, "--steps", "score,publish"]) == 1
+    # Exit 75: storage lost is worth retrying (a scheduler's retry then publishes the night).
+    assert main(["-q", "run", "--config", str(config_path), "--date", DATE, "--steps", "score,publish"]) == 75
     monkeypatch.undo()
     assert lake.read_json(f"manifests/dt={DATE}/manifest.json") == manifest_before
     for name, table in before.items():

@@ -75,7 +75,7 @@ def make_embedder(version: str, weights, spec, mismatch=None):
 
 def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tuple[list[str], np.ndarray]:
     """Normalised mean fused vector per labelled category of at least `min_products` products (0: chosen from the
-    catalog, matcher.categories.min_category_products): per-partition sums on executors, added up here."""
+    catalog, matcher.categories.min_category_products): per-partition sums on executors, added up there too."""
 
     def sums(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         acc: dict[str, tuple[np.ndarray, int]] = {}
@@ -90,11 +90,15 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tupl
                                          schema=pa.schema([("category", pa.string()), ("n", pa.int64()),
                                                            ("total", pa.list_(pa.float64()))]))
 
-    rows = vectors.select("category", "v").mapInArrow(sums, "category string, n long, total array<double>").collect()
-    merged: dict[str, list] = {}
-    for r in rows:
-        t, n = merged.get(r["category"], (np.zeros(dim), 0))
-        merged[r["category"]] = (t + np.asarray(r["total"]), n + r["n"])
+    # Partitions' sums added up on executors (a sum per category and dimension), so the driver receives
+    # categories x dim numbers, not partitions x categories x dim.
+    partial = vectors.select("category", "v").mapInArrow(sums, "category string, n long, total array<double>")
+    per_dim = (partial.select("category", "n", F.posexplode("total").alias("i", "x"))
+               .groupBy("category", "i").agg(F.sum("x").alias("x"), F.sum("n").alias("n")))
+    rows = (per_dim.groupBy("category").agg(F.max("n").alias("n"),
+                                            F.sort_array(F.collect_list(F.struct("i", "x"))).alias("total"))
+            .collect())
+    merged = {r["category"]: (np.asarray([t["x"] for t in r["total"]], np.float64), r["n"]) for r in rows}
     minimum = min_products or min_category_products({c: n for c, (_, n) in merged.items()})
     names = sorted(c for c, (_, n) in merged.items() if n >= minimum)
     if not names:
@@ -168,12 +172,28 @@ def make_embeddings_writer(bank, temperature: float, dim: int):
     return write
 
 
-def _hubness_bank(vectors: DataFrame, size: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.hubness), taken
-    per partition by Spark (an ordered limit), so the driver receives only those rows."""
+_MD5_PREFIX_SPACE = 16 ** 12  # the bank filter's key: md5(product_id)'s first 12 hex digits as a number
+
+
+def _hubness_bank(vectors: DataFrame, size: int, dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.hubness), chosen
+    on executors, so the driver receives about 2 x `size` rows whatever the catalog's size (n products)."""
     if size == 0:
         return np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
-    rows = vectors.select("product_id", "z", "u").orderBy(F.md5("product_id"), "product_id").limit(size).collect()
+    # An ordered limit alone sends every partition's best `size` rows to the driver (Spark's top-k per partition):
+    # nearly the whole catalog when partitions hold about `size` rows. A filter on the key's leading hex digits
+    # first keeps about twice `size` rows on the executors; it keeps every row below its threshold, so when at
+    # least `size` pass, the first `size` are among them (else the threshold doubles).
+    key = F.conv(F.substring(F.md5("product_id"), 1, 12), 16, 10).cast("long")
+    share = 2.0 * size / max(n, 1)
+    candidates = vectors
+    while share < 1.0:
+        kept = vectors.filter(key < int(share * _MD5_PREFIX_SPACE))
+        if kept.count() >= size:
+            candidates = kept
+            break
+        share *= 2
+    rows = candidates.select("product_id", "z", "u").orderBy(F.md5("product_id"), "product_id").limit(size).collect()
     return (np.asarray([r["z"] for r in rows], np.float32).reshape(-1, dim),
             np.asarray([r["u"] for r in rows], np.float32).reshape(-1, dim))
 
@@ -248,7 +268,7 @@ def run(ctx: RunContext) -> dict:
                                           f"products (with {probes} query probes) is below score.ann_recall_floor "
                                           f"{sc.ann_recall_floor}: raise score.ann_max_query_probes or "
                                           f"score.ann_lists, or use candidates = \"exact\"")
-        bank = spark.sparkContext.broadcast(_hubness_bank(vectors, min(sc.hubness_bank, n), spec.dim))
+        bank = spark.sparkContext.broadcast(_hubness_bank(vectors, min(sc.hubness_bank, n), spec.dim, n))
         embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag),
                                make_embeddings_writer(bank, sc.hubness_temperature, spec.dim),
                                lake, date, attempt, ["embeddings", VECTORS_TABLE], Progress(spark, "score: embed", n))

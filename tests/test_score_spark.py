@@ -279,3 +279,44 @@ def test_categories_are_not_taken_by_a_mislabeled_row(spark, min_products):
     else:
         assert not taken and predicted["P00"] == "a"
         assert sum(predicted[f"P{i:02d}"] == "a" for i in range(20)) == 20
+
+
+def test_the_hubness_bank_is_the_first_products_by_md5_and_reaches_the_driver_bounded(spark):
+    """The bank is exactly matcher.hubness's (the first `size` products by md5), and the driver receives about
+    twice `size` rows: this session's 1 MB result cap is far below what every partition's best `size` rows (an
+    ordered limit alone) would send."""
+    from jobs.score import _hubness_bank
+    from matcher.hubness import bank_order_key, bank_rows
+
+    n, d, size = 4000, 256, 100
+    z, u = unit_vectors(n, d, 1), unit_vectors(n, d, 2)
+    ids = [f"P{i:05d}" for i in range(n)]
+    frame = spark.createDataFrame(pa.table({
+        "product_id": ids, "z": pa.array(list(z), pa.list_(pa.float32())),
+        "u": pa.array(list(u), pa.list_(pa.float32()))}).to_pandas()).repartition(16)
+    bank_z, bank_u = _hubness_bank(frame, size, d, n)
+    want = bank_rows(ids, size)
+    order = sorted(want, key=lambda i: (bank_order_key(ids[i]), ids[i]))
+    np.testing.assert_array_equal(bank_z, z[order])
+    np.testing.assert_array_equal(bank_u, u[order])
+    small = frame.filter(frame.product_id < "P00050")  # a bank of most of the catalog: no filter is needed
+    bank_z, _ = _hubness_bank(small, 40, d, 50)
+    np.testing.assert_array_equal(bank_z, z[sorted(bank_rows(ids[:50], 40), key=lambda i: bank_order_key(ids[i]))])
+
+
+def test_category_centroids_are_summed_on_executors_and_reach_the_driver_bounded(spark):
+    """The driver receives categories x dim sums, not each partition's: 16 partitions each holding all 100
+    categories would send 16 x 100 x 256 doubles, over this session's 1 MB result cap."""
+    from jobs.score import _category_centroids
+
+    n, d, categories = 3200, 256, 100
+    v = unit_vectors(n, d, 5)
+    labels = [f"c{i % categories:03d}" for i in range(n)]
+    frame = spark.createDataFrame(pa.table({
+        "product_id": [f"P{i:05d}" for i in range(n)], "category": labels,
+        "v": pa.array(list(v), pa.list_(pa.float32()))}).to_pandas()).repartition(16)
+    names, centroids = _category_centroids(frame, d, 1)
+    assert names == sorted(set(labels))
+    want = np.stack([v[np.asarray(labels) == c].astype(np.float64).mean(0) for c in names])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(centroids, want, atol=1e-5)

@@ -364,7 +364,7 @@ def _check_image_sources(catalog: CatalogConfig) -> None:
             raise ConfigError(f"catalog.image_sources entries must be file:///absolute/path/ or s3://bucket/prefix/ "
                               f"URIs (http(s) images: catalog.http_allow_hosts), got {source!r}")
     for host in catalog.http_allow_hosts:
-        if not (_HOST_NAME.fullmatch(host.strip()) or _is_ip_literal(host.strip())):
+        if not (_HOST_NAME.fullmatch(host.strip()) or is_ip_literal(host.strip())):
             raise ConfigError(f"catalog.http_allow_hosts entries must be host names (cdn.example.com, "
                               f"*.cdn.example.com) or IP addresses, got {host!r}")
     for network in catalog.http_allow_networks:
@@ -375,7 +375,8 @@ def _check_image_sources(catalog: CatalogConfig) -> None:
                               f"fd00::/8 (or one address), got {network!r}") from None
 
 
-def _is_ip_literal(text: str) -> bool:
+def is_ip_literal(text: str) -> bool:
+    """Is `text` an IPv4 or IPv6 address (not a host name)?"""
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -19,6 +19,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from matcher import __version__
+from matcher.config import is_ip_literal
 from matcher.images import ImageRejected
 
 # Statuses worth asking again: the server is busy or failing for now, not refusing this image.
@@ -201,7 +202,7 @@ def _parts(url: str) -> tuple[str, str, int, str]:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
         host = parts.hostname or ""
-        if host and not _is_ip(host):
+        if host and not is_ip_literal(host):
             host = host.encode("idna").decode("ascii")
     except (ValueError, UnicodeError) as exc:
         raise ImageRejected("image_reference_invalid", f"{exc}: {url[:200]}"[:300]) from None
@@ -210,14 +211,6 @@ def _parts(url: str) -> tuple[str, str, int, str]:
         raise ImageRejected("image_reference_invalid", f"not an http(s) URL with a host: {url[:200]}")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return scheme, host, port or (443 if scheme == "https" else 80), target
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:

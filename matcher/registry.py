@@ -41,15 +41,19 @@ def load_model(lake: Lake, version: str) -> tuple[MatcherModel, dict]:
     return model_from_bytes(weights, spec_from_dict(config["spec"])), config
 
 
+def _registry_doc(lake: Lake, relpath: str, fix: str) -> object:
+    """A registry document as stored (None when absent); one that does not parse is a ModelError naming the fix."""
+    try:
+        return lake.read_json(relpath)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{lake.display(relpath)} is unreadable ({type(exc).__name__}: {exc}); {fix}") from None
+
+
 def read_current(lake: Lake) -> dict | None:
     """The current model's document, models/current.json ({"version", "promoted_for_date", "promoted_by",
     "promoted_at"}), or None when no model was ever promoted. A document that cannot be read or names no version is
     an error, never "no current model": the promotion gate would otherwise promote with nothing to compare against."""
-    try:
-        doc = lake.read_json(CURRENT)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{lake.display(CURRENT)} is unreadable ({type(exc).__name__}: {exc}); name the model to "
-                         "serve with `matcher models --promote VERSION`") from None
+    doc = _registry_doc(lake, CURRENT, "name the model to serve with `matcher models --promote VERSION`")
     if doc is None:
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("version"), str) or not doc["version"]:
@@ -110,11 +114,7 @@ def read_served(lake: Lake) -> dict:
     """The served-models record, models/served.json: {"best": {encoders_key: version}, "history": [one record per
     promotion, oldest first]}. "best" is the served model the gate holds every new model to (re-evaluated on each
     night's split); an empty record when nothing was promoted since the record began."""
-    try:
-        doc = lake.read_json(SERVED)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{lake.display(SERVED)} is unreadable ({type(exc).__name__}: {exc}); "
-                         "`matcher models --promote VERSION` starts it again from VERSION") from None
+    doc = _registry_doc(lake, SERVED, "`matcher models --promote VERSION` starts it again from VERSION")
     if doc is None:
         return {"best": {}, "history": []}
     if not isinstance(doc, dict) or not isinstance(doc.get("best"), dict) or not isinstance(doc.get("history"), list):

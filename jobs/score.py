@@ -22,7 +22,7 @@ from jobs.features_io import feature_frame, load_feature_set, require_features_o
 from jobs.score_ann import list_index, number_by_list, refine_lists, sampled_neighbours, train_lists
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
-from jobs.spark_frames import vector_matrix, with_dense_index
+from jobs.spark_frames import first_by_md5, vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import judged_attempt, require_passed
 from matcher.ann import choose_query_probes
@@ -172,28 +172,10 @@ def make_embeddings_writer(bank, temperature: float, dim: int):
     return write
 
 
-_MD5_PREFIX_SPACE = 16 ** 12  # the bank filter's key: md5(product_id)'s first 12 hex digits as a number
-
-
 def _hubness_bank(vectors: DataFrame, size: int, dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.hubness), chosen
     on executors, so the driver receives about 2 x `size` rows whatever the catalog's size (n products)."""
-    if size == 0:
-        return np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32)
-    # An ordered limit alone sends every partition's best `size` rows to the driver (Spark's top-k per partition):
-    # nearly the whole catalog when partitions hold about `size` rows. A filter on the key's leading hex digits
-    # first keeps about twice `size` rows on the executors; it keeps every row below its threshold, so when at
-    # least `size` pass, the first `size` are among them (else the threshold doubles).
-    key = F.conv(F.substring(F.md5("product_id"), 1, 12), 16, 10).cast("long")
-    share = 2.0 * size / max(n, 1)
-    candidates = vectors
-    while share < 1.0:
-        kept = vectors.filter(key < int(share * _MD5_PREFIX_SPACE))
-        if kept.count() >= size:
-            candidates = kept
-            break
-        share *= 2
-    rows = candidates.select("product_id", "z", "u").orderBy(F.md5("product_id"), "product_id").limit(size).collect()
+    rows = first_by_md5(vectors, size, n, ["product_id", "z", "u"])
     return (np.asarray([r["z"] for r in rows], np.float32).reshape(-1, dim),
             np.asarray([r["u"] for r in rows], np.float32).reshape(-1, dim))
 

@@ -1,11 +1,12 @@
 """ANN candidates on Spark (score.candidates = "ann", or "auto" above score.exact_max_products).
 
-  1. About score.ann_sample products' fused vectors (by default 64 per list, at least 100,000), chosen by a hash of
-     product_id, are collected and the k-means
-     lists trained on them (matcher.ann.train_centroids): the driver holds the sample and the centroids, bounded
-     by the sample's size, never the catalog.
+  1. The lists are trained by k-means on about score.ann_sample products' fused vectors (by default 64 per list, at
+     least 100,000), chosen by a hash of product_id and cached on executors: seeded (k-means++) on the driver from
+     8 rows per list, then matcher.ann.TRAIN_ITERATIONS steps run on executors as in 2. The driver holds the
+     seeds' rows and the centroids, never the sample.
   2. score.ann_refine_iterations k-means iterations over the whole catalog move the lists where the products are
-     (each task sums its products per list; the driver receives lists x dim sums per iteration).
+     (each task sums its products per list; the sums are added up on executors and the driver receives lists x dim
+     sums per iteration).
   3. Executors assign every product its list; the catalog is numbered again list by list (idx ordered by list,
      then product_id), so each list is one idx range of the vector parts.
   4. The driver counts products per list (one row per list) and builds the ListIndex (offsets and probes).
@@ -24,42 +25,62 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from jobs.spark_frames import vector_matrix, with_dense_index
-from matcher.ann import (ListIndex, assign_lists, build_index, centroids_from_sums, list_count, list_sums_over,
-                         train_centroids, training_sample_size)
+from jobs.spark_frames import first_by_md5, vector_matrix, with_dense_index
+from matcher.ann import (SEEDS_PER_LIST, TRAIN_ITERATIONS, ListIndex, assign_lists, build_index, centroids_from_sums,
+                         list_count, list_sums_over, seed_centroids, training_sample_size)
 
 
 def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -> np.ndarray:
-    """Centroids trained on about training_sample_size products' v (all of them in a smaller catalog)."""
+    """Centroids trained on about training_sample_size products' v (all of them in a smaller catalog), on
+    executors: the driver holds SEEDS_PER_LIST rows per list to seed them and one (lists x dim) sum per step."""
     lists = list_count(n, lists)
     sample = training_sample_size(n, lists, sample)
+    seeds = first_by_md5(vectors, min(n, SEEDS_PER_LIST * lists), n, ["product_id", "v"])
+    centroids = seed_centroids(np.asarray([r["v"] for r in seeds], np.float32).reshape(-1, dim), lists)
     chosen = vectors
     if n > sample:
         modulus = 1 << 30
         chosen = vectors.filter(F.pmod(F.xxhash64("product_id"), F.lit(modulus)) < int(modulus * sample / n))
-    table = chosen.select("v").toArrow()
-    return train_centroids(vector_matrix(table.column("v"), dim), lists)
+    chosen = chosen.select("v").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        return refine_lists(chosen, centroids, TRAIN_ITERATIONS, dim)
+    finally:
+        chosen.unpersist()
 
 
 def refine_lists(vectors: DataFrame, centroids: np.ndarray, iterations: int, dim: int) -> np.ndarray:
-    """k-means iterations over the whole catalog (matcher.ann.refine_centroids, on Spark): each task sums its
-    products' v per list (matcher.ann.list_sums_over), the sums are added in a tree on executors, and the driver
-    receives one (lists x dim) array per iteration."""
+    """k-means iterations over these vectors (matcher.ann.refine_centroids, on Spark): each task sums its
+    products' v per list (matcher.ann.list_sums_over), the sums are added up on executors by ranges of lists, and
+    the driver receives one (lists x dim) array per iteration, whatever the number of partitions."""
     spark = vectors.sparkSession
+    lists = len(centroids)
+    per_range = max(1, (1 << 20) // (8 * dim))  # lists per shuffled record: about 1 MB of float64 sums
     for _ in range(iterations):
         current = spark.sparkContext.broadcast(centroids)
 
         def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             sums, counts = list_sums_over((vector_matrix(b.column("v"), dim) for b in batches), current.value)
-            yield pa.RecordBatch.from_pydict({"sums": [sums.tobytes()], "counts": [counts.tobytes()]})
+            for start in range(0, lists, per_range):
+                end = start + per_range
+                if counts[start:end].any():
+                    yield pa.RecordBatch.from_pydict({"start": [start], "sums": [sums[start:end].tobytes()],
+                                                      "counts": [counts[start:end].tobytes()]})
 
-        sums, counts = (vectors.select("v").mapInArrow(partial, "sums binary, counts binary").rdd
-                        .map(lambda row: (np.frombuffer(row["sums"]), np.frombuffer(row["counts"], np.int64)))
-                        .treeReduce(lambda a, b: (a[0] + b[0], a[1] + b[1])))
-        centroids = centroids_from_sums(sums.reshape(centroids.shape), counts, centroids)
+        # Added up by ranges of lists on executors (treeReduce would send the driver about sqrt(partitions) whole
+        # (lists x dim) arrays), so the driver receives each list's sum once.
+        ranges = (vectors.select("v").mapInArrow(partial, "start long, sums binary, counts binary").rdd
+                  .map(lambda row: (row["start"], (np.frombuffer(row["sums"]), np.frombuffer(row["counts"], np.int64))))
+                  .reduceByKey(lambda a, b: (a[0] + b[0], a[1] + b[1]), -(-lists // per_range))
+                  .collect())
+        sums, counts = np.zeros((lists, dim), np.float64), np.zeros(lists, np.int64)
+        for start, (part_sums, part_counts) in ranges:
+            sums[start:start + len(part_counts)] = part_sums.reshape(-1, dim)
+            counts[start:start + len(part_counts)] = part_counts
+        centroids = centroids_from_sums(sums, counts, centroids)
         current.unpersist()
     return centroids
 

@@ -7,7 +7,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Row
+from pyspark.sql import functions as F
 
 from jobs.spark_lake import spark_schema
 
@@ -16,6 +17,30 @@ def vector_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """A list<float> column of d-value rows as a (rows, d) float32 matrix."""
     flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+
+
+MD5_PREFIX_SPACE = 16 ** 12  # first_by_md5's filter key: md5(product_id)'s first 12 hex digits as a number
+
+
+def first_by_md5(frame: DataFrame, size: int, n: int, columns: list[str]) -> list[Row]:
+    """The `size` rows of `frame` (n rows) first by md5(product_id), then product_id, chosen on executors: the driver
+    receives about 2 x `size` rows whatever n is."""
+    if size <= 0:
+        return []
+    # An ordered limit alone sends every partition's best `size` rows to the driver (Spark's top-k per partition):
+    # nearly the whole catalog when partitions hold about `size` rows. A filter on the key's leading hex digits
+    # first keeps about twice `size` rows on the executors; it keeps every row below its threshold, so when at
+    # least `size` pass, the first `size` are among them (else the threshold doubles).
+    key = F.conv(F.substring(F.md5("product_id"), 1, 12), 16, 10).cast("long")
+    share = 2.0 * size / max(n, 1)
+    candidates = frame
+    while share < 1.0:
+        kept = frame.filter(key < int(share * MD5_PREFIX_SPACE))
+        if kept.count() >= size:
+            candidates = kept
+            break
+        share *= 2
+    return candidates.select(*columns).orderBy(F.md5("product_id"), "product_id").limit(size).collect()
 
 
 def with_dense_index(df: DataFrame, key: str | list[str], partitions: int) -> tuple[DataFrame, DataFrame]:

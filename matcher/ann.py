@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from matcher.config import ANN_MAX_TRAINING_SAMPLE, ANN_SAMPLE_PER_LIST, ANN_SEEDS_PER_LIST
 from matcher.scoring import topk, topk_for_row_groups
 
 
@@ -28,8 +29,12 @@ class ListIndex:
         return np.searchsorted(self.offsets, idx, side="right") - 1
 
 
-SAMPLE_PER_LIST = 64
-MAX_TRAINING_SAMPLE = 300_000  # rows the driver holds to train the lists on (300 MB of float32 at dim 256)
+# Sizing the config check also uses (matcher.config: the driver's budget): products per list in the training sample,
+# the sample's most (on Spark it is cached on executors, never on the driver), k-means++ candidate rows per list.
+SAMPLE_PER_LIST = ANN_SAMPLE_PER_LIST
+MAX_TRAINING_SAMPLE = ANN_MAX_TRAINING_SAMPLE
+SEEDS_PER_LIST = ANN_SEEDS_PER_LIST
+TRAIN_ITERATIONS = 10
 
 
 def list_count(n_items: int, lists: int = 0) -> int:
@@ -47,7 +52,7 @@ def training_sample_size(n_items: int, lists: int, requested: int = 0) -> int:
     return min(n_items, requested or min(MAX_TRAINING_SAMPLE, max(100_000, SAMPLE_PER_LIST * lists)))
 
 
-def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: int = 0) -> np.ndarray:
+def train_centroids(sample: np.ndarray, lists: int, iterations: int = TRAIN_ITERATIONS, seed: int = 0) -> np.ndarray:
     """Spherical k-means on a sample of the vectors (inner product, so the centroids are kept at unit length):
     `lists` centroids seeded from distinct sample rows. A list left empty keeps its previous centroid."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
@@ -59,6 +64,15 @@ def train_centroids(sample: np.ndarray, lists: int, iterations: int = 10, seed: 
     for _ in range(iterations):
         centroids = centroids_from_sums(*list_sums(sample, centroids), centroids)
     return centroids
+
+
+def seed_centroids(rows: np.ndarray, lists: int, seed: int = 0) -> np.ndarray:
+    """k-means++ seeds for `lists` lists (at most one per row) from these rows, as train_centroids seeds its sample's:
+    for k-means steps that run elsewhere (on Spark's executors) from a few rows per list."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if len(rows) == 0:
+        raise ValueError("no vectors to seed the lists from")
+    return _seeds(rows, min(lists, len(rows)), np.random.default_rng(seed))
 
 
 def list_sums(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +121,7 @@ def _seeds(sample: np.ndarray, lists: int, rng: np.random.Generator) -> np.ndarr
     """k-means++ seeding on up to 8 rows per list (few enough to stay in cache over `lists` passes): each next
     seed drawn with probability proportional to its distance (1 - cosine) from the seeds so far, so two seeds
     rarely start in one cluster."""
-    rows = sample[rng.choice(len(sample), min(len(sample), 8 * lists), replace=False)]
+    rows = sample[rng.choice(len(sample), min(len(sample), SEEDS_PER_LIST * lists), replace=False)]
     chosen = [int(rng.integers(len(rows)))]
     nearest = rows @ rows[chosen[0]]
     for _ in range(1, lists):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.toml")
+PROFILES_DIR = Path(__file__).with_name("profiles")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_DIR = REPO_ROOT / "schemas"
 WORKSPACE_CONFIG = Path(".matcher/config.toml")
@@ -22,6 +23,17 @@ WORKSPACE_CONFIG = Path(".matcher/config.toml")
 IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "thumbnail-8x8")
 TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
 MAX_HUBNESS_BANK = 16384  # products; at dim 256 the broadcast pair of vectors is 32 MB
+# Feature floats per encoder, for the driver's budget (driver_receipts) before any model is loaded; every text
+# encoder gives 384. tests/test_config.py checks them against the loaded weightless encoders.
+IMAGE_FEATURE_FLOATS = {"efficientnet-lite0": 1280, "resnet18": 512, "resnet50": 2048, "resnet101": 2048,
+                        "thumbnail-8x8": 192}
+TEXT_FEATURE_FLOATS = 384
+COLOUR_FLOATS = 192  # extract.image_colour's histogram (matcher.encoders.COLOUR_DIM)
+# The ANN lists' sizing (matcher.ann): 64 sampled products per list, a sample of at most 300,000, so at most
+# 4,687 lists; k-means++ seeds them from 8 rows per list, which the driver holds.
+ANN_SAMPLE_PER_LIST = 64
+ANN_MAX_TRAINING_SAMPLE = 300_000
+ANN_SEEDS_PER_LIST = 8
 
 
 class ConfigError(ValueError):
@@ -32,6 +44,7 @@ class ConfigError(ValueError):
 class RunConfig:
     catalog: str
     lake: str
+    profile: str
 
 
 @dataclass(frozen=True)
@@ -351,6 +364,65 @@ def _check(cfg: Config) -> None:
         # A secret inline in a config file travels with it (logs, images, tickets): name a private file instead.
         raise ConfigError("extract.spark_conf must not hold spark.authenticate.secret: put the secret in a file "
                           "readable only by matcher's user and name it in extract.spark_auth_secret_file")
+    _check_driver_receipts(cfg)
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*([kmgtp]?)i?b?\s*", re.I)
+
+
+def spark_size_bytes(text: str, name: str) -> int:
+    """A Spark size setting ("256m", "1g", "512k", "1048576") in bytes, as Spark reads it (no unit = bytes)."""
+    match = _SIZE.fullmatch(str(text))
+    if not match:
+        raise ConfigError(f"{name} must be a size such as 256m, 1g or 512k, got {text!r}")
+    return int(match.group(1)) * 1024 ** "bkmgtp".index((match.group(2) or "b").lower())
+
+
+def feature_floats(extract: ExtractConfig) -> tuple[int, int]:
+    """(image, text) feature floats per product with these encoders and views."""
+    image = IMAGE_FEATURE_FLOATS[extract.image_encoder] + (COLOUR_FLOATS if extract.image_colour else 0)
+    second = extract.second_title_encoder not in ("", extract.text_encoder)
+    text = TEXT_FEATURE_FLOATS * ((2 if extract.description == "separate" else 1) + (1 if second else 0))
+    return image, text
+
+
+def driver_receipts(cfg: Config) -> list[tuple[str, int, str]]:
+    """What the driver receives from executors at most, by the settings that bound it: (setting, bytes, the
+    arithmetic). The README's table "What the driver receives from executors" lists these and the rest."""
+    image, text = feature_floats(cfg.extract)
+    row = 4 * (image + text)
+    dim, sc = cfg.train.dim, cfg.score
+    out = [
+        ("train.max_products", cfg.train.max_products * row,
+         f"{cfg.train.max_products:,} products x {row:,} bytes ({image:,} image + {text:,} text floats x 4)"),
+        ("score.mismatch_fit_products", sc.mismatch_fit_products * row,
+         f"{sc.mismatch_fit_products:,} products x {row:,} bytes ({image:,} image + {text:,} text floats x 4)"),
+        ("score.hubness_bank", 2 * sc.hubness_bank * 2 * dim * 4,
+         f"about 2 x {sc.hubness_bank:,} products x 2 vectors x {dim} floats (train.dim) x 4 bytes"),
+    ]
+    if sc.candidates != "exact":
+        lists = sc.ann_lists or ANN_MAX_TRAINING_SAMPLE // ANN_SAMPLE_PER_LIST
+        out += [
+            ("score.ann_lists", ANN_SEEDS_PER_LIST * lists * dim * 4,
+             f"{ANN_SEEDS_PER_LIST} seed rows x {lists:,} lists"
+             f"{'' if sc.ann_lists else ' (the most score.ann_lists = 0 gives)'} x {dim} floats x 4 bytes"),
+            ("score.ann_recall_queries", sc.ann_recall_queries * (dim * 4 + sc.top_k * 24),
+             f"{sc.ann_recall_queries:,} queries x ({dim} floats x 4 + {sc.top_k} neighbours x 24) bytes"),
+        ]
+    return out
+
+
+def _check_driver_receipts(cfg: Config) -> None:
+    cap_setting = cfg.extract.spark_conf.get("spark.driver.maxResultSize", cfg.extract.spark_max_result_size)
+    cap = spark_size_bytes(cap_setting, "extract.spark_max_result_size")
+    if cap == 0:
+        return
+    for setting, size, arithmetic in driver_receipts(cfg):
+        if size > cap:
+            raise ConfigError(
+                f"{setting}: the driver would receive {arithmetic} = {size / 2 ** 20:,.1f} MiB, over the result cap "
+                f"spark.driver.maxResultSize = {cap_setting} ({cap / 2 ** 20:,.1f} MiB; extract.spark_max_result_size): "
+                f"lower {setting} or raise the cap")
 
 
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.?", re.I)
@@ -391,21 +463,45 @@ def dated(uri: str, ds: str) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Embedded defaults, then the file at `path` (if any), then `overrides`."""
-    with open(DEFAULTS_PATH, "rb") as fh:
-        data = tomllib.load(fh)
+    """Embedded defaults, then the profile that run.profile names (in the file or the overrides), then the file at
+    `path` (if any), then `overrides`."""
+    data = _read_toml(DEFAULTS_PATH)
+    layers = []
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        with open(p, "rb") as fh:
-            try:
-                data = _merge(data, tomllib.load(fh))
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        layers.append(_read_toml(p))
     if overrides:
-        data = _merge(data, overrides)
+        layers.append(overrides)
+    named = [layer["run"]["profile"] for layer in layers if isinstance(layer.get("run"), dict) and "profile" in layer["run"]]
+    if named and named[-1]:
+        data = _merge(data, _profile(named[-1]))
+    for layer in layers:
+        data = _merge(data, layer)
     return _from_dict(data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def profiles() -> list[str]:
+    """The named profiles (matcher/profiles/*.toml) that run.profile can choose."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def _profile(name: Any) -> dict[str, Any]:
+    if name not in profiles():
+        raise ConfigError(f"run.profile must be empty or one of {', '.join(profiles())}; got {name!r}")
+    data = _read_toml(PROFILES_DIR / f"{name}.toml")
+    if "profile" in data.get("run", {}):
+        raise ConfigError(f"profile {name} must not name another profile")
+    return data
 
 
 def dump_toml(cfg_sections: dict[str, dict[str, Any]]) -> str:

@@ -27,9 +27,10 @@ def _config(master: str, lake: str, catalog: str):
         "extract": {"spark_master": master, "spark_max_result_size": CAP, "image_encoder": "thumbnail-8x8",
                     "text_encoder": "hashing-384", "second_title_encoder": ""},
         "train": {"epochs": 3, "min_steps": 40, "dim": 32, "hidden": 64, "max_products": 100},
-        # The driver's bounded samples (training, the mismatch scorers' fit) sized below the cap, as train's is.
+        # The driver's bounded samples (training, the mismatch scorers' fit, the hubness bank) sized below the cap,
+        # as the config check requires (matcher.config.driver_receipts).
         "score": {"top_k": 5, "rerank_candidates": 10, "block_size": 128, "search_queries": ["red dress"],
-                  "mismatch_fit_products": 100},
+                  "mismatch_fit_products": 100, "hubness_bank": 128, "candidates": "exact"},
     })
 
 

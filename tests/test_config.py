@@ -94,3 +94,60 @@ def test_exact_numbers_are_accepted_in_either_spelling():
     assert (cfg.score.top_k, cfg.score.block_size, cfg.train.epochs) == (7, 512, 4)
     assert all(type(v) is int for v in (cfg.score.top_k, cfg.score.block_size, cfg.train.epochs))
     assert cfg.train.learning_rate == 1.0 and type(cfg.train.learning_rate) is float
+
+
+def test_a_sample_the_driver_could_not_receive_is_refused_with_the_arithmetic():
+    """Each setting that bounds what the driver receives is checked against the result cap when the config
+    loads, not when the night's collect fails; the message names the setting, the arithmetic and the cap."""
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={"train": {"max_products": 30000}})
+    message = str(err.value)
+    assert message.startswith("train.max_products:")
+    assert "30,000 products x 10,496 bytes (1,472 image + 1,152 text floats x 4) = 300.3 MiB" in message
+    assert "spark.driver.maxResultSize = 256m (256.0 MiB" in message
+    for overrides, setting in [
+        ({"extract": {"spark_max_result_size": "16m"}, "score": {"mismatch_fit_products": 5000},
+          "train": {"max_products": 100}}, "score.mismatch_fit_products:"),
+        ({"extract": {"spark_max_result_size": "1m"}, "train": {"max_products": 50},
+          "score": {"mismatch_fit_products": 50, "candidates": "exact"}}, "score.hubness_bank:"),
+        ({"extract": {"spark_max_result_size": "16m"}, "train": {"max_products": 100},
+          "score": {"mismatch_fit_products": 100, "candidates": "ann"}}, "score.ann_lists:"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{setting}"):
+            load_config(overrides=overrides)
+    # A cap given through extract.spark_conf is the one Spark uses; "0" is no cap.
+    with pytest.raises(ConfigError, match=r"= 1m \(1.0 MiB"):
+        load_config(overrides={"extract": {"spark_conf": {"spark.driver.maxResultSize": "1m"}}})
+    assert load_config(overrides={"extract": {"spark_max_result_size": "0"}, "train": {"max_products": 10 ** 6}})
+    # Settings within the cap load: the default ANN lists (4,687 at most) at dim 64 under 16 MiB.
+    cfg = load_config(overrides={"run": {"profile": "scale"}, "extract": {"spark_max_result_size": "16m"},
+                                 "train": {"max_products": 5000}, "score": {"mismatch_fit_products": 5000}})
+    assert cfg.score.candidates == "auto"
+    with pytest.raises(ConfigError, match="must be a size such as 256m"):
+        load_config(overrides={"extract": {"spark_max_result_size": "lots"}})
+
+
+def test_the_drivers_budget_counts_the_features_the_encoders_give():
+    """matcher.config.feature_floats (used before any model loads) equals the loaded encoders' widths."""
+    from matcher.config import feature_floats
+    from matcher.encoders import load_image_encoder, load_text_encoder
+
+    for colour, description, second in [(True, "separate", ""), (False, "joined", ""), (False, "separate", "")]:
+        extract = load_config(overrides={"run": {"profile": "scale"}, "extract": {
+            "image_colour": colour, "description": description, "second_title_encoder": second}}).extract
+        image = load_image_encoder(extract.image_encoder, "cpu", "", extract.image_colour)
+        text = load_text_encoder(extract.text_encoder, "cpu", extract.description, extract.second_title_encoder)
+        assert feature_floats(extract) == (image.dim, text.dim)
+
+
+def test_the_scale_profile_sits_under_the_config_file(tmp_path):
+    """run.profile = "scale" applies matcher/profiles/scale.toml over the defaults; the file's own keys win."""
+    p = tmp_path / "m.toml"
+    p.write_text(dump_toml({"run": {"profile": "scale"}, "train": {"dim": 32}}))
+    cfg = load_config(p)
+    assert (cfg.extract.image_encoder, cfg.extract.text_encoder, cfg.extract.second_title_encoder,
+            cfg.extract.image_colour, cfg.extract.description) == ("thumbnail-8x8", "hashing-384", "", False, "joined")
+    assert cfg.train.dim == 32 and cfg.train.hidden == 128
+    assert load_config(p, overrides={"run": {"profile": ""}}).extract.image_encoder == "efficientnet-lite0"
+    with pytest.raises(ConfigError, match="run.profile must be empty or one of scale; got 'fast'"):
+        load_config(overrides={"run": {"profile": "fast"}})

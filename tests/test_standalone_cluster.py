@@ -11,10 +11,11 @@ import pytest
 from jobs.spark import assigned_gpu, get_spark, spark_settings, stop_spark, task_device
 from jobs.standalone_cluster import ClusterError, StandaloneCluster, port_open
 from matcher.config import ConfigError, load_config
+from tests.conftest import SMALL_DRIVER_SAMPLES
 
 
 def _extract(**values):
-    return load_config(overrides={"extract": values}).extract
+    return load_config(overrides={**SMALL_DRIVER_SAMPLES, "extract": values}).extract
 
 
 def _running(pid: int) -> bool:

@@ -1,8 +1,10 @@
-"""The `matcher` command."""
+"""matcher: match product photos with product texts, and publish a catalog's recommendations, search and category
+tables every night (clean and validate, extract features, train, score, publish; Spark, Airflow, S3)."""
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import sys
 from pathlib import Path
@@ -73,6 +75,21 @@ def _run_dates(args: argparse.Namespace, dates: list[str]) -> int:
     return 0
 
 
+def _records(df) -> list[dict]:
+    """A DataFrame's rows as JSON-ready dicts (numpy numbers, dates and arrays as JSON's own types); a float32 value
+    as its shortest decimal (0.9, not 0.8999999762)."""
+    import numpy as np
+
+    shortest = {c: [None if np.isnan(v) else float(str(v)) for v in df[c].to_numpy()] for c in df.columns
+                if df[c].dtype == np.float32}
+    return json.loads(df.assign(**shortest).to_json(orient="records", date_format="iso", force_ascii=False,
+                                                    double_precision=15))
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     return _run_dates(args, [args.date])
 
@@ -88,6 +105,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     with storage_ready(resolve_config(args.config)) as cfg:
         recs = recommendations_for(_lake(cfg, args.lake), args.product_id, args.date)
+    if args.json:
+        _print_json({"product_id": args.product_id, "title": recs.attrs["query_title"], "date": recs.attrs["date"],
+                     "recommendations": _records(recs)})
+        return 0
     print(f"{args.product_id}  {recs.attrs['query_title']}  (published {recs.attrs['date']})")
     for row in recs.itertuples():
         print(f"  {row.rank:>2}. {row.rec_product_id:<12} {row.score:.3f}  {row.title}")
@@ -99,14 +120,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     with storage_ready(resolve_config(args.config)) as cfg:
         hits = search_text(_lake(cfg, args.lake), args.text, k=args.k, date=args.date, by=args.by)
+    if args.json:
+        _print_json(_records(hits))
+        return 0
     for row in hits.itertuples():
         print(f"  {row.rank:>2}. {row.product_id:<12} {row.score:.3f}  {row.title}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
     from matcher.published import resolve_date
     from matcher.registry import current_version
 
@@ -125,7 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "promotion": train.get("decision"),
             "previous_model_metrics": train.get("previous_metrics"),
         }
-    print(json.dumps(report, indent=2, ensure_ascii=False))
+    _print_json(report)
     return 0
 
 
@@ -144,6 +166,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"--steps score,publish --model {args.promote}")
             return 0
         models = list_models(lake)
+        if args.json:
+            _print_json(models)
+            return 0
         for m in models:
             recall = f"{m['mean_recall_at_10']:.3f}" if m["mean_recall_at_10"] is not None else "-"
             print(f"{'*' if m['current'] else ' '}{'^' if m['best'] else ' '} {m['version']:<28} "
@@ -216,6 +241,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         if rel is None:
             return 0
         df = rel.fetchdf()
+    if args.json:
+        _print_json(_records(df))
+        return 0
     import pandas as pd
 
     with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 20, "display.width", 160,
@@ -224,8 +252,29 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    a permanent failure: bad input, a failed validation or promotion gate, a config error, nothing published
+  2    the command line itself is wrong (unknown command or option, a missing argument)
+  75   worth retrying: a storage or network outage, a lost executor, the date held by another run (EX_TEMPFAIL)
+  130  interrupted"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("matcher")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="matcher", description=__doc__)
+    from matcher.published import QUERYABLE_TABLES
+
+    parser = argparse.ArgumentParser(prog="matcher", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"matcher {_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -246,19 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="embedded S3 + demo catalog + the Airflow DAG, then print recommendations")
     p.add_argument("--workdir", default=".matcher", help="where the demo keeps its catalog, S3 data and Airflow home")
-    p.add_argument("--products", type=int, default=300)
-    p.add_argument("--date", default=dt.date.today().isoformat())
+    p.add_argument("--products", type=int, default=300, help="products in the drawn demo catalog (default 300)")
+    p.add_argument("--date", default=dt.date.today().isoformat(), help="the demo night's date (default: today)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("recommend", help="a product's published recommendations")
     common(p)
-    p.add_argument("product_id")
+    p.add_argument("product_id", help="the product whose recommendations to print")
+    p.add_argument("--json", action="store_true", help="print JSON (the product, its title, the date and its ranked "
+                   "recommendations) instead of lines")
     p.set_defaults(handler=cmd_recommend)
 
     p = sub.add_parser("search", help="text search (English or Chinese) over the published products")
     common(p)
-    p.add_argument("text")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("text", help="the query, in any language the text encoder reads")
+    p.add_argument("-k", type=int, default=10, help="how many products to print (default 10)")
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON array instead of lines")
     p.add_argument("--by", choices=("product", "photo"), default="product",
                    help="product: photo and text together (fused vectors); photo: the photos alone, normalised by "
                         "their hubness")
@@ -273,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promote", metavar="VERSION", help="make VERSION the current model and the one later nights' "
                    "models are compared with (a rollback); dates already scored keep their model (rescore with "
                    "run --steps score,publish --model VERSION)")
+    p.add_argument("--json", action="store_true", help="print the models as a JSON array instead of lines")
     p.set_defaults(handler=cmd_models)
 
     p = sub.add_parser("backfill", help="run the pipeline for each date of a range, in order, without Airflow")
@@ -280,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", help="the dates' catalog; {ds} stands for each date (its own snapshot)")
     p.add_argument("--from", dest="start", required=True, help="first date YYYY-MM-DD")
     p.add_argument("--to", dest="end", required=True, help="last date YYYY-MM-DD (inclusive)")
-    p.add_argument("--steps")
+    p.add_argument("--steps", help="comma-separated subset of clean,validate,extract,train,score,publish")
     p.add_argument("--model", help="score every date with this model version")
     p.set_defaults(handler=cmd_backfill)
 
@@ -289,11 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output HTML file (default matcher-report-DATE.html)")
     p.set_defaults(handler=cmd_report)
 
-    p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + "recommendations, embeddings, "
-                       "categories, quarantine, clean (each with a dt column)")
+    p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + ", ".join(QUERYABLE_TABLES)
+                       + " (each with a dt column); read-only")
     common(p, with_date=False)
-    p.add_argument("sql")
-    p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")
+    p.add_argument("--max-rows", type=int, default=50, help="rows printed at most (default 50; not with --json)")
+    p.add_argument("--json", action="store_true", help="print every result row as a JSON array instead of a table")
     p.set_defaults(handler=cmd_query)
     for command in sub.choices.values():  # `matcher run -q` as well as `matcher -q run`
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,

@@ -110,3 +110,55 @@ def test_the_reports_suggested_query_runs_through_the_manifest(published_lake, c
     capsys.readouterr()
     assert main(["-q", "query", suggested, "--config", str(published_lake)]) == 0
     assert capsys.readouterr().out.count("v1") == 3
+
+
+def test_version_description_and_help_for_every_option(capsys):
+    """`matcher --version` prints the installed version; the top help describes the tool and its exit codes; every
+    option and argument of every command has help text."""
+    import argparse
+    import re
+    from importlib.metadata import version
+
+    from matcher.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"matcher {version('matcher')}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", version("matcher"))
+    with pytest.raises(SystemExit) as bad:  # a usage error: 2, as the help's exit codes say
+        main(["recommend"])
+    assert bad.value.code == 2 and "product_id" in capsys.readouterr().err
+    parser = build_parser()
+    top = parser.format_help()
+    assert "The `matcher` command" not in top and "recommendations" in top
+    for code in ("0 ", "1 ", "2 ", "75 ", "130 "):
+        assert f"\n  {code}" in top, code
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {action.dest}" for name, command in commands.items() for action in command._actions
+               if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not missing, missing
+    from matcher.published import QUERYABLE_TABLES
+
+    query_help = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))._choices_actions
+    assert all(t in next(c.help for c in query_help if c.dest == "query") for t in QUERYABLE_TABLES)
+
+
+def test_recommend_query_and_models_print_json_with_json(published_lake, capsys):
+    import json
+
+    from matcher.cli import main
+
+    assert main(["-q", "recommend", "A", "--json", "--config", str(published_lake)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["product_id"], got["date"]) == ("A", DATE)
+    assert [(r["rank"], r["rec_product_id"], r["score"]) for r in got["recommendations"]] == [(1, "B", 0.9), (2, "C", 0.5)]
+    sql = "select product_id, count(*) as n, max(similarity) as best from recommendations group by 1 order by 1"
+    assert main(["-q", "query", sql, "--json", "--config", str(published_lake)]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"product_id": "A", "n": 2, "best": 0.9},
+                                                   {"product_id": "B", "n": 1, "best": 0.9}]
+    assert main(["-q", "models", "--json", "--config", str(published_lake)]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    # Not published: one line on stderr, exit 1, nothing on stdout for a JSON reader to misread.
+    assert main(["-q", "recommend", "Z", "--json", "--config", str(published_lake)]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("matcher: error: ")

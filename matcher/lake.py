@@ -296,9 +296,17 @@ class Lake:
 
     def read_json(self, relpath: str) -> Any | None:
         p = self.path(relpath)
-        if not exists(self.fs, p):
-            return None
-        return json.loads(read_bytes(self.fs, p))
+        for attempt in range(3):
+            if not exists(self.fs, p):
+                return None
+            try:
+                return json.loads(read_bytes(self.fs, p))
+            except json.JSONDecodeError:
+                # pyarrow's S3 reader takes the size from a HEAD, then GETs that many bytes: a document replaced
+                # (whole) in between reads as the new one cut at the old length. A fresh read sees one whole.
+                if attempt == 2:
+                    raise
+        return None
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
         """Replace a document whole: a reader sees the old bytes or the new, never part of them."""

@@ -41,11 +41,11 @@ def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -
     sample = training_sample_size(n, lists, sample)
     seeds = first_by_md5(vectors, min(n, SEEDS_PER_LIST * lists), n, ["product_id", "v"])
     centroids = seed_centroids(np.asarray([r["v"] for r in seeds], np.float32).reshape(-1, dim), lists)
-    chosen = vectors
-    if n > sample:
-        modulus = 1 << 30
-        chosen = vectors.filter(F.pmod(F.xxhash64("product_id"), F.lit(modulus)) < int(modulus * sample / n))
-    chosen = chosen.select("v").persist(StorageLevel.MEMORY_AND_DISK)
+    if n <= sample:  # the whole catalog: the caller's cached vectors, not a second cached copy of them
+        return refine_lists(vectors, centroids, TRAIN_ITERATIONS, dim)
+    modulus = 1 << 30
+    chosen = (vectors.filter(F.pmod(F.xxhash64("product_id"), F.lit(modulus)) < int(modulus * sample / n))
+              .select("v").persist(StorageLevel.MEMORY_AND_DISK))
     try:
         return refine_lists(chosen, centroids, TRAIN_ITERATIONS, dim)
     finally:

@@ -421,8 +421,8 @@ def _check_driver_receipts(cfg: Config) -> None:
         if size > cap:
             raise ConfigError(
                 f"{setting}: the driver would receive {arithmetic} = {size / 2 ** 20:,.1f} MiB, over the result cap "
-                f"spark.driver.maxResultSize = {cap_setting} ({cap / 2 ** 20:,.1f} MiB; extract.spark_max_result_size): "
-                f"lower {setting} or raise the cap")
+                f"spark.driver.maxResultSize = {cap_setting} ({cap / 2 ** 20:,.1f} MiB; "
+                f"extract.spark_max_result_size): lower {setting} or raise the cap")
 
 
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.?", re.I)
@@ -474,7 +474,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         layers.append(_read_toml(p))
     if overrides:
         layers.append(overrides)
-    named = [layer["run"]["profile"] for layer in layers if isinstance(layer.get("run"), dict) and "profile" in layer["run"]]
+    named = [layer["run"]["profile"] for layer in layers
+             if isinstance(layer.get("run"), dict) and "profile" in layer["run"]]
     if named and named[-1]:
         data = _merge(data, _profile(named[-1]))
     for layer in layers:

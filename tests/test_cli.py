@@ -151,7 +151,8 @@ def test_recommend_query_and_models_print_json_with_json(published_lake, capsys)
     assert main(["-q", "recommend", "A", "--json", "--config", str(published_lake)]) == 0
     got = json.loads(capsys.readouterr().out)
     assert (got["product_id"], got["date"]) == ("A", DATE)
-    assert [(r["rank"], r["rec_product_id"], r["score"]) for r in got["recommendations"]] == [(1, "B", 0.9), (2, "C", 0.5)]
+    ranked = [(r["rank"], r["rec_product_id"], r["score"]) for r in got["recommendations"]]
+    assert ranked == [(1, "B", 0.9), (2, "C", 0.5)]
     sql = "select product_id, count(*) as n, max(similarity) as best from recommendations group by 1 order by 1"
     assert main(["-q", "query", sql, "--json", "--config", str(published_lake)]) == 0
     assert json.loads(capsys.readouterr().out) == [{"product_id": "A", "n": 2, "best": 0.9},

@@ -14,7 +14,7 @@ from jobs.spark import get_spark, task_device
 from jobs.spark_lake import Progress, read_partition, write_parts
 from jobs.validate import judged_attempt, require_passed
 from matcher.config import ExtractConfig
-from matcher.encoders import feature_versions, load_image_encoder, load_text_encoder
+from matcher.encoders import extract_precision, feature_versions, load_image_encoder, load_text_encoder
 from matcher.features import extract_features
 from matcher.lake import new_attempt_id
 from matcher.tables import to_arrow
@@ -26,9 +26,9 @@ _ROWS_PER_TASK = 2000  # clean rows per extract task: enough tasks to balance ex
 _worker_encoders: dict[tuple, tuple] = {}
 
 
-def _encoders(cfg: ExtractConfig, device: str, threads: int):
+def _encoders(cfg: ExtractConfig, device: str, threads: int, precision: str):
     key = (cfg.image_encoder, cfg.text_encoder, cfg.second_title_encoder, cfg.image_weights, cfg.image_colour,
-           cfg.description, device)
+           cfg.description, device, precision)
     if key not in _worker_encoders:
         import torch
 
@@ -36,17 +36,19 @@ def _encoders(cfg: ExtractConfig, device: str, threads: int):
         dev = "cuda" if device.startswith("cuda") else device
         if device.startswith("cuda:"):
             torch.cuda.set_device(int(device.split(":")[1]))
-        _worker_encoders[key] = (load_image_encoder(cfg.image_encoder, dev, cfg.image_weights, cfg.image_colour),
+        _worker_encoders[key] = (load_image_encoder(cfg.image_encoder, dev, cfg.image_weights, cfg.image_colour,
+                                                    precision),
                                   load_text_encoder(cfg.text_encoder, dev, cfg.description,
-                                                    cfg.second_title_encoder))
+                                                    cfg.second_title_encoder, precision))
     return _worker_encoders[key]
 
 
-def make_partition_extractor(cfg: ExtractConfig, threads: int):
-    """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded."""
+def make_partition_extractor(cfg: ExtractConfig, threads: int, precision: str):
+    """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded. `precision` was
+    resolved on the driver, so every executor computes in the one the features' version names."""
 
     def extract_partition(batches: Iterator[pa.RecordBatch]):
-        image_encoder, text_encoder = _encoders(cfg, task_device(cfg.device), threads)
+        image_encoder, text_encoder = _encoders(cfg, task_device(cfg.device), threads, precision)
         started, done = time.perf_counter(), 0
         for batch in batches:
             out = extract_features(batch.to_pandas(), image_encoder, text_encoder, cfg.batch_size)
@@ -70,7 +72,8 @@ def run(ctx: RunContext) -> dict:
     committed = lake.committed("clean", date)
     if committed is None:
         raise StageError("extract", f"no clean partition for {date}: run the clean stage first")
-    image_version, text_version = feature_versions(cfg)
+    precision = extract_precision(cfg)
+    image_version, text_version = feature_versions(cfg, precision)
     spark = get_spark(cfg)
     keys = ["product_id", "content_hash"]
     clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)
@@ -94,7 +97,7 @@ def run(ctx: RunContext) -> dict:
     threads = max(1, (os.cpu_count() or 1) // parallelism) if cfg.spark_master.startswith("local") else 1
     tasks = max(1, min(max(parallelism, math.ceil(to_embed / _ROWS_PER_TASK)), to_embed))
     attempt = new_attempt_id()
-    fn = make_partition_extractor(cfg, threads)
+    fn = make_partition_extractor(cfg, threads, precision)
     started = time.perf_counter()
     parts: list[str] = []
     if to_embed:
@@ -109,6 +112,7 @@ def run(ctx: RunContext) -> dict:
     log.info("extract: embedded %d products (%.1f items/s), reused %d from %s", to_embed, rate, reused_rows,
              earlier[-1] if earlier else "nothing")
     return {"embedded": int(to_embed), "reused": reused_rows, "feature_rows": int(doc["rows"]),
-            "items_per_second": rate, "image_encoder": image_version, "text_encoder": text_version,
+            "items_per_second": rate, "precision": precision, "image_encoder": image_version,
+            "text_encoder": text_version,
             "reused_from": earlier[-1] if earlier else None,
             "clean_attempt": judged_attempt(lake, date)}  # train and score refuse features of another attempt

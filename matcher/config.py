@@ -22,6 +22,7 @@ WORKSPACE_CONFIG = Path(".matcher/config.toml")
 # another fails when it is loaded, not inside a Spark worker.
 IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "thumbnail-8x8")
 TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
+PRECISIONS = ("fp32", "bf16", "fp16")  # extract.precision, besides "auto"
 MAX_HUBNESS_BANK = 16384  # products; at dim 256 the broadcast pair of vectors is 32 MB
 # Feature floats per encoder, for the driver's budget (driver_receipts) before any model is loaded; every text
 # encoder gives 384. tests/test_config.py checks them against the loaded weightless encoders.
@@ -101,6 +102,7 @@ class ExtractConfig:
     image_encoder: str
     text_encoder: str
     second_title_encoder: str
+    precision: str
     image_weights: str
     image_colour: bool
     description: str
@@ -340,6 +342,11 @@ def _check(cfg: Config) -> None:
     if cfg.extract.text_encoder not in TEXT_ENCODERS:
         raise ConfigError(f"extract.text_encoder must be one of {', '.join(TEXT_ENCODERS)}; "
                           f"got {cfg.extract.text_encoder!r}")
+    if cfg.extract.batch_size < 0:
+        raise ConfigError(f"extract.batch_size must be >= 0 (0: chosen per device), got {cfg.extract.batch_size}")
+    if cfg.extract.precision not in ("auto", *PRECISIONS):
+        raise ConfigError(f"extract.precision must be auto or one of {', '.join(PRECISIONS)}; "
+                          f"got {cfg.extract.precision!r}")
     if cfg.extract.second_title_encoder not in ("", *TEXT_ENCODERS):
         raise ConfigError(f"extract.second_title_encoder must be empty or one of {', '.join(TEXT_ENCODERS)}; "
                           f"got {cfg.extract.second_title_encoder!r}")

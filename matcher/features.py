@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from matcher.batching import TEXT_BATCH_ROWS
 from matcher.encoders import ImageEncoder, TextEncoder
 
 FEATURE_COLUMNS = ["product_id", "content_hash", "image_feat", "text_feat", "image_encoder", "text_encoder"]
@@ -15,7 +16,7 @@ def extract_features(batch: pd.DataFrame, image_encoder: ImageEncoder, text_enco
         return pd.DataFrame(columns=FEATURE_COLUMNS)
     image_feats = image_encoder.encode(list(batch["image_bytes"]), batch_size=batch_size)
     text_feats = text_encoder.encode_products(list(batch["title"]), list(batch["description"]),
-                                              batch_size=max(batch_size, 64))
+                                              batch_size=TEXT_BATCH_ROWS)
     return pd.DataFrame({
         "product_id": batch["product_id"].to_numpy(),
         "content_hash": batch["content_hash"].to_numpy(),

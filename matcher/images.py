@@ -100,5 +100,10 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
     return CanonicalImage(out.getvalue(), size, size)
 
 
-def decode_canonical(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+def decode_canonical(data: bytes, side: int = 0) -> Image.Image:
+    """A clean image as RGB; with `side`, a JPEG at least twice that size is decoded at a reduced scale (JPEG's
+    DCT scaling, `draft`) that stays at least `side` a side: the encoder reads no more pixels than it needs."""
+    img = Image.open(io.BytesIO(data))
+    if side:
+        img.draft("RGB", (side, side))
+    return img.convert("RGB")

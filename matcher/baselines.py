@@ -35,7 +35,9 @@ class Standardiser:
         return cls(x.mean(0), x.std(0) + 1e-6)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float64)
+        out = np.asarray(x, dtype=np.float64) - self.mean  # a new float64 array: divided in place
+        out /= self.std
+        return out
 
 
 def mean_reciprocal_rank(queries: np.ndarray, gallery: np.ndarray) -> float:
@@ -68,23 +70,41 @@ class LinearPair:
         return (mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2
 
 
+class _Views:
+    """Two views' rows standardised once, and each view's Gram eigendecomposition computed once: the ridge maps
+    and CCA fitted on the same rows share both."""
+
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
+        self.si, self.st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
+        self.x, self.y = self.si(image_feats), self.st(text_feats)
+        self._eigh: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def gram_eigh(self, view: str) -> tuple[np.ndarray, np.ndarray]:
+        """eigh of v.T @ v (features <= rows) or v @ v.T (the dual, when features outnumber rows)."""
+        if view not in self._eigh:
+            v = self.x if view == "image" else self.y
+            self._eigh[view] = np.linalg.eigh(v.T @ v if v.shape[1] <= v.shape[0] else v @ v.T)
+        return self._eigh[view]
+
+
 class RidgeFit:
     """Ridge maps between two feature views in one direction, factored once (an eigendecomposition of the Gram
     matrix, in whichever of the primal or dual forms is smaller) so that every penalty costs two small products:
     argmin ||x w - y||^2 + lam ||w||^2, lam = penalty * mean squared row norm of x."""
 
-    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, direction: str):
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, direction: str, views: _Views | None = None):
         if direction not in ("image_to_text", "text_to_image"):
             raise ValueError(f"unknown direction {direction!r}")
         self.direction = direction
-        self.si, self.st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
-        x, y = self.si(image_feats), self.st(text_feats)
+        views = views or _Views(image_feats, text_feats)
+        self.si, self.st = views.si, views.st
+        x, y = views.x, views.y
         if direction == "text_to_image":
             x, y = y, x
         n, d = x.shape
         self.scale = float((x * x).sum()) / n
         primal = d <= n
-        self.values, vectors = np.linalg.eigh(x.T @ x if primal else x @ x.T)
+        self.values, vectors = views.gram_eigh("image" if direction == "image_to_text" else "text")
         self.left = vectors if primal else x.T @ vectors  # w = left diag(1 / (values + lam)) right
         self.right = vectors.T @ (x.T @ y if primal else y)
 
@@ -101,32 +121,38 @@ def fit_ridge(image_feats: np.ndarray, text_feats: np.ndarray, direction: str, p
     return RidgeFit(image_feats, text_feats, direction).pair(penalty)
 
 
-def _inverse_sqrt(values: np.ndarray, vectors: np.ndarray, regulariser: float) -> np.ndarray:
-    """(c + regulariser * I)^(-1/2) from c's eigendecomposition."""
-    return (vectors / np.sqrt((values + regulariser).clip(1e-9))) @ vectors.T
-
-
 class CCAFit:
     """Regularised CCA of two feature views, factored once so that every regulariser costs one small singular-value
     decomposition and every width a slice: whiten each view (covariance + regulariser * I, on unit-variance
     features, in each view's row space when features outnumber products), then the top `width` singular
     directions of the whitened cross-covariance, each weighted by its canonical correlation."""
 
-    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
-        self.si, self.st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
-        x, y = self.si(image_feats), self.st(text_feats)
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, views: _Views | None = None):
+        views = views or _Views(image_feats, text_feats)
+        self.si, self.st = views.si, views.st
+        x, y = views.x, views.y
         self.n = len(x)
-        self.bx, self.by = _span(x), _span(y)
-        xr, yr = x @ self.bx, y @ self.by
-        self.cxy = xr.T @ yr / self.n
-        self.eig_x, self.eig_y = np.linalg.eigh(xr.T @ xr / self.n), np.linalg.eigh(yr.T @ yr / self.n)
+        # Each view's covariance eigenvectors: the shared Gram's where features <= rows, else the row space's.
+        (vx, self.bx), (vy, self.by) = (_eigh_in_span(views, view, self.n) for view in ("image", "text"))
+        # The cross-covariance in those eigenbases: whitening is then a diagonal scaling for every regulariser.
+        xr = x if self.bx is None else x @ self.bx
+        yr = y if self.by is None else y @ self.by
+        self.values_x, self.values_y = vx[0], vy[0]
+        self.vectors_x, self.vectors_y = vx[1], vy[1]
+        self.m = (xr @ self.vectors_x).T @ (yr @ self.vectors_y) / self.n
         self._solved: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def pair(self, regulariser: float, width: int) -> LinearPair:
         if regulariser not in self._solved:
-            wx, wy = _inverse_sqrt(*self.eig_x, regulariser), _inverse_sqrt(*self.eig_y, regulariser)
-            u, s, vt = np.linalg.svd(wx @ self.cxy @ wy, full_matrices=False)
-            self._solved[regulariser] = (self.bx @ (wx @ u), self.by @ (wy @ vt.T), s)
+            # wx @ cxy @ wy with wx = V diag(1 / sqrt(values + r)) V.T: the SVD of the diagonally scaled m, turned
+            # back by V (the same solution, without two covariance-sized products per regulariser).
+            dx = 1.0 / np.sqrt((self.values_x + regulariser).clip(1e-9))
+            dy = 1.0 / np.sqrt((self.values_y + regulariser).clip(1e-9))
+            u, s, v = _svd_by_gram(dx[:, None] * self.m * dy[None, :])
+            image_w = self.vectors_x @ (dx[:, None] * u)
+            text_w = self.vectors_y @ (dy[:, None] * v)
+            self._solved[regulariser] = (image_w if self.bx is None else self.bx @ image_w,
+                                         text_w if self.by is None else self.by @ text_w, s)
         image_w, text_w, s = self._solved[regulariser]
         k = max(1, min(width, len(s)))
         return LinearPair(f"cca (width {k})", self.si, self.st, image_w[:, :k] * s[:k], text_w[:, :k] * s[:k],
@@ -138,14 +164,33 @@ def fit_cca(image_feats: np.ndarray, text_feats: np.ndarray, regulariser: float,
     return CCAFit(image_feats, text_feats).pair(regulariser, width)
 
 
-def _span(x: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (d, r) of the row space of x, r <= min(n, d)."""
-    n, d = x.shape
+def _svd_by_gram(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """b = u diag(s) v.T, s descending, from the eigendecomposition of the smaller Gram matrix (about twice as fast
+    as an SVD). The squaring costs accuracy only in singular values below sqrt(eps) of the largest, whose directions
+    CCA weighs by s and so never uses; their columns are zeros here."""
+    flip = b.shape[0] < b.shape[1]
+    a = b.T if flip else b
+    values, right = np.linalg.eigh(a.T @ a)
+    s = np.sqrt(values[::-1].clip(0))
+    right = right[:, ::-1]
+    used = s > s[0] * 1e-7 if len(s) and s[0] > 0 else np.zeros(len(s), dtype=bool)
+    left = np.zeros((a.shape[0], len(s)))
+    left[:, used] = (a @ right[:, used]) / s[used]
+    return (right, s, left) if flip else (left, s, right)
+
+
+def _eigh_in_span(views: _Views, view: str, n: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    """A view's covariance eigendecomposition (values, vectors) and the basis it is expressed in: None (the
+    features themselves) where features <= rows, sharing the Gram's eigendecomposition with the ridge maps; else
+    an orthonormal basis (d, r) of the rows' span, r <= n, where the covariance is diagonal (s^2 / n)."""
+    x = views.x if view == "image" else views.y
+    d = x.shape[1]
     if d <= n:
-        return np.eye(d)
+        values, vectors = views.gram_eigh(view)
+        return (values / n, vectors), None
     _, s, vt = np.linalg.svd(x, full_matrices=False)
     keep = s > s[0] * 1e-6
-    return vt[keep].T
+    return ((s[keep] ** 2) / n, np.eye(int(keep.sum()))), vt[keep].T
 
 
 def reduce_width(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray, dim: int) -> LinearPair:
@@ -183,9 +228,7 @@ def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: n
     if folds > 1 and len(image_feats) >= 2 * folds:
         scores = _cross_validated_mrr(image_feats, text_feats, grids, folds)
     else:
-        vi, vt = image_feats[validation], text_feats[validation]
-        scores = {kind: [fitters.pair(kind, setting).validation_mrr(vi, vt) for setting in grid]
-                  for kind, grid in grids.items()}
+        scores = fitters.validation_mrrs(grids, image_feats[validation], text_feats[validation])
     out = {}
     for kind, grid in grids.items():
         best = int(np.argmax(scores[kind]))  # the first of equals
@@ -198,13 +241,40 @@ class PairFitters:
 
     def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
         self.image_feats, self.text_feats = image_feats, text_feats
+        self.views = _Views(image_feats, text_feats)
         self._fits: dict[str, CCAFit | RidgeFit] = {}
 
     def pair(self, kind: str, setting: tuple) -> LinearPair:
         if kind not in self._fits:
-            self._fits[kind] = (CCAFit(self.image_feats, self.text_feats) if kind == "cca" else
-                                RidgeFit(self.image_feats, self.text_feats, kind.removeprefix("ridge_")))
+            self._fits[kind] = (CCAFit(self.image_feats, self.text_feats, self.views) if kind == "cca" else
+                                RidgeFit(self.image_feats, self.text_feats, kind.removeprefix("ridge_"), self.views))
         return self._fits[kind].pair(*setting)
+
+    def validation_mrrs(self, grids: dict[str, list[tuple]], image_feats: np.ndarray,
+                        text_feats: np.ndarray) -> dict[str, list[float]]:
+        """Each setting's validation MRR on these rows (as LinearPair.validation_mrr), the rows standardised once
+        and each CCA regulariser's full embedding computed once and sliced per width."""
+        x, y = self.views.si(image_feats), self.views.st(text_feats)
+        out: dict[str, list[float]] = {}
+        for kind, grid in grids.items():
+            scores, full = [], {}
+            for setting in grid:
+                pair = self.pair(kind, setting)
+                if kind == "cca":
+                    if setting[0] not in full:
+                        image_w, text_w, s = self._fits["cca"]._solved[setting[0]]
+                        full[setting[0]] = (x @ image_w, y @ text_w, s)
+                        # The slice below reproduces pair.image_w = image_w[:, :k] * s[:k].
+                    zx, zy, s = full[setting[0]]
+                    k = pair.image_w.shape[1]
+                    z, u = _normalise(zx[:, :k] * s[:k]), _normalise(zy[:, :k] * s[:k])
+                else:  # a ridge map lands in the other view's own (standardised) space: its map is the identity
+                    z = _normalise(x if kind == "ridge_text_to_image" else x @ pair.image_w)
+                    u = _normalise(y if kind == "ridge_image_to_text" else y @ pair.text_w)
+                z, u = z.astype(np.float32), u.astype(np.float32)
+                scores.append((mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2)
+            out[kind] = scores
+        return out
 
 
 def _cross_validated_mrr(image_feats: np.ndarray, text_feats: np.ndarray, grids: dict[str, list[tuple]],
@@ -216,9 +286,8 @@ def _cross_validated_mrr(image_feats: np.ndarray, text_feats: np.ndarray, grids:
     for f in range(folds):
         held = fold == f
         fitters = PairFitters(image_feats[~held], text_feats[~held])
-        vi, vt = image_feats[held], text_feats[held]
-        for kind, grid in grids.items():
-            totals[kind] += [fitters.pair(kind, setting).validation_mrr(vi, vt) for setting in grid]
+        for kind, scores in fitters.validation_mrrs(grids, image_feats[held], text_feats[held]).items():
+            totals[kind] += scores
     return {kind: list(total / folds) for kind, total in totals.items()}
 
 

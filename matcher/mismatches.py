@@ -93,9 +93,8 @@ def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
         held, out = fold == k, fold != k
         fitted = PairFitters(image_feats[out], text_feats[out])
         fits.append(fitted)
-        vi, vt = image_feats[held], text_feats[held]
-        for kind, grid in SETTINGS.items():
-            totals[kind] += [fitted.pair(kind, setting).validation_mrr(vi, vt) * held.sum() for setting in grid]
+        for kind, scores in fitted.validation_mrrs(SETTINGS, image_feats[held], text_feats[held]).items():
+            totals[kind] += np.asarray(scores) * held.sum()
     kind, best = max(((kind, i) for kind in SETTINGS for i in range(len(SETTINGS[kind]))),
                      key=lambda c: totals[c[0]][c[1]])  # the first of equals, in SETTINGS order
     scorer = _cross_fit(fold, fits, image_feats, text_feats, kind, SETTINGS[kind][best])

@@ -95,7 +95,9 @@ def run(ctx: RunContext) -> dict:
     to_embed = todo_keys.count()
     parallelism = cfg.spark_partitions or spark.sparkContext.defaultParallelism
     threads = max(1, (os.cpu_count() or 1) // parallelism) if cfg.spark_master.startswith("local") else 1
-    tasks = max(1, min(max(parallelism, math.ceil(to_embed / _ROWS_PER_TASK)), to_embed))
+    # Whole waves of tasks: a last wave of fewer tasks than slots would leave cores idle while it runs.
+    waves = math.ceil(to_embed / (_ROWS_PER_TASK * parallelism))
+    tasks = max(1, min(parallelism * waves, to_embed))
     attempt = new_attempt_id()
     fn = make_partition_extractor(cfg, threads, precision)
     started = time.perf_counter()

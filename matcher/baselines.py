@@ -35,7 +35,7 @@ class Standardiser:
         return cls(x.mean(0), x.std(0) + 1e-6)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = np.asarray(x, dtype=np.float64) - self.mean  # a new float64 array: divided in place
+        out = np.subtract(x, self.mean, dtype=np.float64)  # one new float64 array, divided in place
         out /= self.std
         return out
 
@@ -200,8 +200,9 @@ def reduce_width(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarr
     if k <= dim:
         return pair
     both = np.concatenate([pair.image_std(image_feats) @ pair.image_w, pair.text_std(text_feats) @ pair.text_w])
-    _, _, vt = np.linalg.svd(both - both.mean(0), full_matrices=False)
-    q = vt[:dim].T
+    both -= both.mean(0)
+    _, vectors = np.linalg.eigh(both.T @ both)  # its principal directions, ascending: the SVD's right vectors
+    q = vectors[:, ::-1][:, :dim]
     return LinearPair(f"{pair.name} (top {dim} directions)", pair.image_std, pair.text_std, pair.image_w @ q,
                       pair.text_w @ q, pair.kind, pair.params)
 

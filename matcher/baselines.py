@@ -108,8 +108,12 @@ class RidgeFit:
         self.left = vectors if primal else x.T @ vectors  # w = left diag(1 / (values + lam)) right
         self.right = vectors.T @ (x.T @ y if primal else y)
 
+    def shrinkage(self, penalty: float) -> np.ndarray:
+        """The eigenvalues' divisors for this penalty: w = left diag(1 / shrinkage) right."""
+        return self.values.clip(0) + penalty * self.scale
+
     def pair(self, penalty: float) -> LinearPair:
-        w = self.left @ (self.right / (self.values.clip(0) + penalty * self.scale)[:, None])
+        w = self.left @ (self.right / self.shrinkage(penalty)[:, None])
         target = np.eye(w.shape[1])  # the mapped-onto view stays as it is
         if self.direction == "image_to_text":
             return LinearPair("ridge image->text", self.si, self.st, w, target, "ridge_image_to_text", (penalty,))
@@ -245,33 +249,41 @@ class PairFitters:
         self.views = _Views(image_feats, text_feats)
         self._fits: dict[str, CCAFit | RidgeFit] = {}
 
-    def pair(self, kind: str, setting: tuple) -> LinearPair:
+    def _fit(self, kind: str) -> "CCAFit | RidgeFit":
         if kind not in self._fits:
             self._fits[kind] = (CCAFit(self.image_feats, self.text_feats, self.views) if kind == "cca" else
                                 RidgeFit(self.image_feats, self.text_feats, kind.removeprefix("ridge_"), self.views))
-        return self._fits[kind].pair(*setting)
+        return self._fits[kind]
+
+    def pair(self, kind: str, setting: tuple) -> LinearPair:
+        return self._fit(kind).pair(*setting)
 
     def validation_mrrs(self, grids: dict[str, list[tuple]], image_feats: np.ndarray,
                         text_feats: np.ndarray) -> dict[str, list[float]]:
-        """Each setting's validation MRR on these rows (as LinearPair.validation_mrr), the rows standardised once
-        and each CCA regulariser's full embedding computed once and sliced per width."""
+        """Each setting's validation MRR on these rows (as LinearPair.validation_mrr), the rows standardised once,
+        each CCA regulariser's full embedding computed once and sliced per width, and each ridge penalty applied
+        to the rows' projection on the factored map (never forming the map itself)."""
         x, y = self.views.si(image_feats), self.views.st(text_feats)
         out: dict[str, list[float]] = {}
         for kind, grid in grids.items():
-            scores, full = [], {}
+            fit, scores, full = self._fit(kind), [], {}
+            if isinstance(fit, RidgeFit):
+                # The mapped view's rows on the map's left factor; the other view is its own standardised space.
+                mapped, other = (x, y) if fit.direction == "image_to_text" else (y, x)
+                projected = mapped @ fit.left
             for setting in grid:
-                pair = self.pair(kind, setting)
-                if kind == "cca":
+                if isinstance(fit, CCAFit):
+                    pair = fit.pair(*setting)
                     if setting[0] not in full:
-                        image_w, text_w, s = self._fits["cca"]._solved[setting[0]]
+                        image_w, text_w, s = fit._solved[setting[0]]
                         full[setting[0]] = (x @ image_w, y @ text_w, s)
                         # The slice below reproduces pair.image_w = image_w[:, :k] * s[:k].
                     zx, zy, s = full[setting[0]]
                     k = pair.image_w.shape[1]
                     z, u = _normalise(zx[:, :k] * s[:k]), _normalise(zy[:, :k] * s[:k])
-                else:  # a ridge map lands in the other view's own (standardised) space: its map is the identity
-                    z = _normalise(x if kind == "ridge_text_to_image" else x @ pair.image_w)
-                    u = _normalise(y if kind == "ridge_image_to_text" else y @ pair.text_w)
+                else:
+                    z = _normalise((projected / fit.shrinkage(setting[0])) @ fit.right)
+                    u = _normalise(other)
                 z, u = z.astype(np.float32), u.astype(np.float32)
                 scores.append((mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2)
             out[kind] = scores

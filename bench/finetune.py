@@ -61,7 +61,8 @@ def cache_activations(lake: str, path: Path) -> None:
     acts = np.zeros((len(ids), 192, 7, 7), np.float16)
     with torch.inference_mode():
         for s in range(0, len(ids), 32):
-            x = torch.from_numpy(np.stack([cnn.preprocess(decode_canonical(b)) for b in photos[s:s + 32]]))
+            pixels = torch.from_numpy(np.stack([cnn.preprocess(decode_canonical(b)) for b in photos[s:s + 32]]))
+            x = (pixels.permute(0, 3, 1, 2).float() - 127.0) / 128.0  # EfficientNet-Lite's input scaling
             x = cnn.model._swish(cnn.model._bn0(cnn.model._conv_stem(x)))
             for block in cnn.model._blocks[:-1]:
                 x = block(x)

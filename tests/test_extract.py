@@ -90,3 +90,21 @@ def test_backfill_runs_each_date_into_its_own_partition(tmp_path, catalog):
     assert m2["features"] == {"embedded": 0, "reused": 12}
     for date in ("2026-04-01", "2026-04-02"):
         assert lake.read_partition("recommendations", date).num_rows == 12 * 3
+
+
+def test_a_change_of_precision_embeds_the_catalog_again_and_never_mixes_precisions(tmp_path, catalog):
+    def night(date: str, precision: str) -> dict:
+        cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
+                                     "extract": {"precision": precision, "arrow_batch_size": 5}})
+        return run_pipeline(RunContext(cfg, date), ["clean", "validate", "extract"])["extract"]
+
+    first = night("2026-03-01", "fp32")
+    assert first["precision"] == "fp32" and first["embedded"] == 12
+    assert first["image_encoder"].count("+fp32") == 1 and "+fp32" in first["text_encoder"]
+    # Another precision: every product is embedded again, none carried over from the fp32 night.
+    second = night("2026-03-02", "bf16")
+    assert second["embedded"] == 12 and second["reused"] == 0
+    assert "+bf16" in second["image_encoder"] and "+fp32" not in second["text_encoder"]
+    # The same precision again: everything reused.
+    third = night("2026-03-03", "bf16")
+    assert third["embedded"] == 0 and third["reused"] == 12

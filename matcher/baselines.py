@@ -29,13 +29,14 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 class Standardiser:
     mean: np.ndarray
     std: np.ndarray
+    dtype: type = np.float64  # of the standardised rows, and so of every fit on them
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "Standardiser":
-        return cls(x.mean(0), x.std(0) + 1e-6)
+    def fit(cls, x: np.ndarray, dtype: type = np.float64) -> "Standardiser":
+        return cls(x.mean(0), x.std(0) + 1e-6, dtype)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = np.subtract(x, self.mean, dtype=np.float64)  # one new float64 array, divided in place
+        out = np.subtract(x, self.mean, dtype=self.dtype)  # one new array, divided in place
         out /= self.std
         return out
 
@@ -72,10 +73,10 @@ class LinearPair:
 
 class _Views:
     """Two views' rows standardised once, and each view's Gram eigendecomposition computed once: the ridge maps
-    and CCA fitted on the same rows share both."""
+    and CCA fitted on the same rows share both. `dtype`: what the fits compute in (float32: about twice as fast)."""
 
-    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
-        self.si, self.st = Standardiser.fit(image_feats), Standardiser.fit(text_feats)
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, dtype: type = np.float64):
+        self.si, self.st = Standardiser.fit(image_feats, dtype), Standardiser.fit(text_feats, dtype)
         self.x, self.y = self.si(image_feats), self.st(text_feats)
         self._eigh: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -242,11 +243,12 @@ def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: n
 
 
 class PairFitters:
-    """Each kind's pair for a setting on one set of rows; CCA's factorisation shared by all its settings."""
+    """Each kind's pair for a setting on one set of rows; CCA's factorisation shared by all its settings.
+    `dtype`: what the fits compute in (float64 by default; float32 about twice as fast)."""
 
-    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray):
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, dtype: type = np.float64):
         self.image_feats, self.text_feats = image_feats, text_feats
-        self.views = _Views(image_feats, text_feats)
+        self.views = _Views(image_feats, text_feats, dtype)
         self._fits: dict[str, CCAFit | RidgeFit] = {}
 
     def _fit(self, kind: str) -> "CCAFit | RidgeFit":

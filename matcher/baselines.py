@@ -179,7 +179,7 @@ def _svd_by_gram(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s = np.sqrt(values[::-1].clip(0))
     right = right[:, ::-1]
     used = s > s[0] * 1e-7 if len(s) and s[0] > 0 else np.zeros(len(s), dtype=bool)
-    left = np.zeros((a.shape[0], len(s)))
+    left = np.zeros((a.shape[0], len(s)), dtype=a.dtype)
     left[:, used] = (a @ right[:, used]) / s[used]
     return (right, s, left) if flip else (left, s, right)
 

@@ -218,17 +218,14 @@ class TorchE5:
         self.tokenizer = E5Tokenizer(packed.pieces, packed.scores, packed.specials["unk"], packed.normalisation)
         self.bos, self.eos, self.pad = packed.specials["bos"], packed.specials["eos"], packed.specials["pad"]
         self.window = packed.max_positions - 2
-        self.word_blocks = torch.from_numpy(
-            packed.tensors["emb.word"].reshape(packed.vocab, packed.hidden // _QK, _BLOCK_BYTES).copy())
+        self.word_blocks = packed.tensors["emb.word"].reshape(packed.vocab, -1).copy()  # a row's Q4_0 blocks
         self.model = _bert(packed).to(self.device)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Word vectors of ids (any shape), dequantised from the packed rows: 54 MB instead of 384 MB of floats."""
-        blocks = self.word_blocks[ids.reshape(-1)]
-        scale = blocks[:, :, :2].contiguous().view(torch.float16).float()
-        nibbles = blocks[:, :, 2:].to(torch.int16)
-        weights = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2).float() - 8.0
-        return (weights * scale).reshape(*ids.shape, self.dim)
+        rows = ids.reshape(-1).numpy()
+        vectors = dequantise_q4(self.word_blocks[rows], len(rows), self.dim)
+        return torch.from_numpy(vectors).reshape(*ids.shape, self.dim)
 
     def encode(self, texts: list[str], is_query: bool = False, batch_size: int = 64,
                precision: str = "fp32") -> np.ndarray:
@@ -238,10 +235,9 @@ class TorchE5:
             ids = self.tokenizer.content_ids(prefix + text)
             for start in range(0, max(len(ids), 1), self.window):
                 windows.append((i, ids[start:start + self.window]))
-        order = sorted(range(len(windows)), key=lambda w: len(windows[w][1]))
         sums = np.zeros((len(texts), self.dim), dtype=np.float64)
         weights = np.zeros(len(texts), dtype=np.float64)
-        for chunk in token_batches([windows[w] for w in order], lambda w: len(w[1]) + 2, batch_size):
+        for chunk in token_batches(windows, lambda w: len(w[1]) + 2, batch_size):
             pooled = self._forward([ids for _, ids in chunk], precision)
             for (text, ids), vector in zip(chunk, pooled):
                 weight = max(len(ids), 1)

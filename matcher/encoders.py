@@ -397,8 +397,7 @@ def _load_model_text_encoder(name: str, device: str, precision: str) -> TextEnco
         def encode(texts: list[str], batch_size: int) -> np.ndarray:
             ids = tokenizer(list(texts), truncation=True, max_length=128)["input_ids"]
             out = np.zeros((len(texts), 384), dtype=np.float32)
-            by_length = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-            for rows in token_batches(by_length, lambda i: len(ids[i]), batch_size):
+            for rows in token_batches(range(len(texts)), lambda i: len(ids[i]), batch_size):
                 batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(dev)
                 with torch.inference_mode(), autocast(dev, precision):
                     hidden = model(**batch).last_hidden_state.float()

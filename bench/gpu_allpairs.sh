@@ -3,7 +3,7 @@
 # for 2,000 sampled rows the GPU answer must equal a direct sort of those rows' full similarity rows (recall 1.0).
 # One run per precision in PRECISIONS (default fp32 fp16 bf16): fp16 / bf16 multiply in that precision with float32
 # accumulation and rescore in float32 whatever the rounding could have moved, so each must still be exact.
-# A CPU baseline at N = 100,000 in the same run gives the ratio. matcher.scoring needs only numpy and torch, so
+# A CPU baseline at N = 100,000 in the same run gives the ratio. matcher.steps.scoring needs only numpy and torch, so
 # this runs with the project's .venv or, on a bare GPU image, its python3 (PYTHON=... to choose another).
 # A dry run of the script itself on a machine without a GPU:
 #     DEVICE=cpu N=20000 BASE_N=5000 PRECISIONS="fp32 bf16" bench/gpu_allpairs.sh
@@ -15,7 +15,7 @@ PYTHONPATH=. timeout 400 "$PYTHON" - <<'PY'
 import os, time
 import numpy as np
 import torch
-from matcher.scoring import topk
+from matcher.steps.scoring import topk
 
 d, k = 256, 20
 n = int(os.environ.get("N", 1_000_000))

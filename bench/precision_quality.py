@@ -28,10 +28,9 @@ from quality import draw_metrics, eligible_types, lake_features, night_one, prot
 
 from jobs.context import RunContext  # noqa: E402
 from matcher.config import load_config  # noqa: E402
-from matcher.evaluate import evaluate_model  # noqa: E402
-from matcher.evaluate import embed  # noqa: E402
-from matcher.hubness import bank_rows  # noqa: E402
-from matcher.train import model_spec, train_on_split  # noqa: E402
+from matcher.steps.evaluate import embed, evaluate_model  # noqa: E402
+from matcher.steps.hubness import bank_rows  # noqa: E402
+from matcher.steps.train import model_spec, train_on_split  # noqa: E402
 
 KEYS = [("text_to_image_recall_at_10", "t->i R@10"), ("image_to_text_recall_at_10", "i->t R@10"),
         ("text_to_image_recall_at_10_hubness", "t->i +hub"), ("image_to_text_recall_at_10_hubness", "i->t +hub")]

@@ -14,7 +14,8 @@ recommendation P@10 (same article type, over the whole draw). In the same run, o
 (fixed epochs, random init), the closed-form baselines (ridge both ways, CCA; fitted on the rows the model trains
 on, settings chosen on its validation rows) and each method with the inverted-softmax gallery re-ranking over the
 unseen queries (+isl) and normalised by the hubness the score stage publishes (+hub: each photo's or text's soft
-maximum cosine to a bank of the whole draw's other modality, matcher.hubness). Mean and standard deviation over the
+maximum cosine to a bank of the whole draw's other modality, matcher.steps.hubness). Mean and standard deviation over
+the
 draws.
 
 --small --describe: the same draws with descriptions written from the fashion rows' attribute columns (gender,
@@ -41,12 +42,11 @@ from jobs.context import RunContext  # noqa: E402
 from jobs.features_io import load_feature_set  # noqa: E402
 from jobs.pipeline import run_pipeline  # noqa: E402
 from matcher.config import load_config  # noqa: E402
-from matcher.encoders import feature_versions  # noqa: E402
-from matcher.hubness import bank_rows  # noqa: E402
-from matcher.evaluate import (best_threshold, embedding_metrics, evaluate_model,  # noqa: E402
-                              true_and_false_pair_scores)
-from matcher.model import ModelSpec  # noqa: E402
-from matcher.train import holdout_mask, train_on_split  # noqa: E402
+from matcher.steps.encoders import feature_versions  # noqa: E402
+from matcher.steps.evaluate import best_threshold, embedding_metrics, evaluate_model, true_and_false_pair_scores  # noqa: E402
+from matcher.steps.hubness import bank_rows  # noqa: E402
+from matcher.steps.model import ModelSpec  # noqa: E402
+from matcher.steps.train import holdout_mask, train_on_split  # noqa: E402
 
 COLUMNS = [("text_to_image_recall_at_10", "t->i R@10"), ("image_to_text_recall_at_10", "i->t R@10"),
            ("text_to_image_recall_at_1", "t->i R@1"), ("image_to_text_recall_at_1", "i->t R@1"),
@@ -90,7 +90,7 @@ def ridge_baseline(img, txt, categories, heldout, lam: float = 10.0):
 def draw_metrics(z, u, v, categories, unseen, bank, temperature) -> dict[str, float]:
     """Retrieval on the unseen products: plain, with inverted-softmax re-ranking over the unseen queries (+isl) and
     normalised by hubness against the bank, as published (+hub); P@10 over the whole draw."""
-    from matcher.evaluate import inverted_softmax, recall_at_k
+    from matcher.steps.evaluate import inverted_softmax, recall_at_k
 
     m = embedding_metrics(z, u, v, categories, unseen, lambda i, j: np.einsum("nd,nd->n", z[i], u[j]), 0.0,
                           hubness_bank=(bank, temperature))
@@ -118,7 +118,7 @@ def attribute_descriptions(catalog: str, product_ids: np.ndarray) -> tuple[list[
 def description_views(fs, catalog: str, cache: Path) -> dict[str, np.ndarray]:
     """Text features of the fashion products with attribute descriptions, joined and as a separate view, from the
     encoders that made `fs` (cached next to the feature arrays, under that version)."""
-    from matcher.encoders import load_text_encoder, load_text_encoder_for
+    from matcher.steps.encoders import load_text_encoder, load_text_encoder_for
 
     if cache.is_file():
         data = np.load(cache)
@@ -162,8 +162,8 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
                    text_views: dict[str, np.ndarray] | None = None) -> int:
     """`text_views`: several text features of the same products (label -> matrix), each measured with this recipe
     and CCA; without, the cached features with every row of the table."""
-    from matcher.baselines import fit_baselines
-    from matcher.train import closed_form_folds, model_spec, split_rows
+    from matcher.steps.baselines import fit_baselines
+    from matcher.steps.train import closed_form_folds, model_spec, split_rows
 
     rng = np.random.default_rng(seed)
     eligible = eligible_types(fs.categories)
@@ -196,7 +196,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int,
             for name, tcfg in recipes.items():
                 spec = model_spec(tcfg, img.shape[1], txt.shape[1], fs.image_encoder, fs.text_encoder)
                 result, _ = train_on_split(img[night1], txt[night1], ids[night1], spec, tcfg)
-                from matcher.evaluate import embed
+                from matcher.steps.evaluate import embed
 
                 z, u, v = embed(result.model, img, txt)
                 m = draw_metrics(z, u, v, cats, unseen, bank, t)
@@ -330,8 +330,8 @@ def main() -> int:
                                       hubness_bank=bank), result.seconds)
 
     # Recommendation precision@10 after re-ranking each product's top-50 with the matching network.
-    from matcher.evaluate import embed, model_pair_scorer
-    from matcher.scoring import rerank, topk
+    from matcher.steps.evaluate import embed, model_pair_scorer
+    from matcher.steps.scoring import rerank, topk
 
     z, u, v = embed(result.model, fs.image_feats, fs.text_feats)
     pair = model_pair_scorer(result.model, z, u)

@@ -51,8 +51,7 @@ STAGES = ("clean", "validate", "extract", "train", "score", "publish")  # matche
 MB = 1024 * 1024
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 
-from matcher.synthetic_catalog import ensure_catalog  # noqa: E402  (after REPO: the catalog needs no --code)
-
+from matcher.app.synthetic_catalog import ensure_catalog  # noqa: E402  (after REPO: the catalog needs no --code)
 
 # -- cluster, config, child ----------------------------------------------------------------------------------------
 
@@ -119,13 +118,13 @@ def child_env(code: Path, python: str, executor_memory: str) -> dict[str, str]:
     return env
 
 
-# The child: `python -m matcher.cli ...` in effect, but first it reports which checkout it imported.
+# The child: `python -m matcher.app.cli ...` in effect, but first it reports which checkout it imported.
 CHILD_BOOT = """\
 import runpy, sys
 import jobs, matcher
 print(f"scale-bench: child imports matcher from {matcher.__file__}, jobs from {jobs.__file__}", file=sys.stderr,
       flush=True)
-runpy.run_module("matcher.cli", run_name="__main__", alter_sys=True)
+runpy.run_module("matcher.app.cli", run_name="__main__", alter_sys=True)
 """
 
 PROBE = """\
@@ -408,7 +407,8 @@ def render(results: list[dict], meta: dict) -> str:
             st = r["stages"][stage]
             sec = st.get("seconds")
             out.append(f"| {n} | {stage}{'' if sec is not None else ' (unfinished)'} | {_f(sec)} | "
-                       f"{_f(None if sec is None else sec / n * 1000, '{:.3f}')} | {_f(st.get('driver_peak_mb'), '{:.0f}')}"
+                       f"{_f(None if sec is None else sec / n * 1000, '{:.3f}')} | "
+                       f"{_f(st.get('driver_peak_mb'), '{:.0f}')}"
                        f" | {_f(st.get('executor_peak_mb'), '{:.0f}')} |")
         for stage, st in r.get("outside_stages", {}).items():
             out.append(f"| {n} | ({stage}) | - | - | {_f(st.get('driver_peak_mb'), '{:.0f}')} | "
@@ -419,7 +419,6 @@ def render(results: list[dict], meta: dict) -> str:
     errors = [r for r in results if r["error"]]
     if errors:
         out += ["", "Failures:"] + [f"- N={r['products']}: {r['error']}" for r in errors]
-    ok = [r for r in results if r["status"] == "ok"]
     out += ["", "Driver peak / driver peak at the smallest N (goal <= 1.15 at the largest N):", ""]
     base = results[0]["driver_peak_mb"] if results else None
     out.append("| N | status | driver peak MB | ratio | python process alone, peak MB | executor peak MB | ratio |")
@@ -431,7 +430,7 @@ def render(results: list[dict], meta: dict) -> str:
                    f"{_f(r.get('driver_python_peak_mb'), '{:.0f}')} | {r['executor_peak_mb']:.0f} | "
                    f"{_f(r['executor_peak_mb'] / ebase if ebase else None, '{:.2f}')} |")
     if results and results[0]["status"] != "ok":
-        out.append(f"(the smallest N did not finish: its peak is a lower bound)")
+        out.append("(the smallest N did not finish: its peak is a lower bound)")
     out += ["", "Candidates (from the manifest): " + "; ".join(
         f"N={r['products']}: " + (", ".join(f"{k} {v}" for k, v in (r.get("candidates") or {}).items()) or "-")
         for r in results)]

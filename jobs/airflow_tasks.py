@@ -10,8 +10,8 @@ from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_con
 from jobs.pipeline import run_stage
 from matcher.config import REPO_ROOT, Config, ConfigError, dated
 from matcher.failures import classify
-from matcher.s3server import storage_ready
-from matcher.storage import StorageError
+from matcher.io.s3server import storage_ready
+from matcher.io.storage import StorageError
 
 log = logging.getLogger("matcher")
 
@@ -114,8 +114,8 @@ def submit_stage(stage: str, ds: str, params: dict, conn_id: str,
     between Airflow's retry (75) and failing the task (1, 2)."""
     import sys
 
-    from airflow.sdk.exceptions import AirflowException
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+    from airflow.sdk.exceptions import AirflowException
 
     args = ["--stage", stage, "--date", ds]
     for key in ("config", "catalog", "lake", "model"):
@@ -144,7 +144,7 @@ def catalog_ready(ds: str, params: dict | None = None) -> bool:
     """Sensor check: has the date's catalog snapshot arrived (its products file, and the ready marker when one is
     configured)? A storage error is transient: logged, and the sensor pokes again; a missing configuration fails
     at once."""
-    from matcher.catalog import CatalogReader
+    from matcher.io.catalog import CatalogReader
 
     params = params or {}
     cfg, _ = deployment_config(params)

@@ -14,11 +14,20 @@ import pyarrow as pa
 from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark
 from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
-from matcher.catalog import CatalogError, CatalogPlan, CatalogReader
-from matcher.clean import (CORE_COLUMNS, DUPLICATE_DETAIL, DUPLICATE_REASON, QUARANTINE_COLUMNS, RowCountMismatch,
-                           bad_line_rows, check_row_counts, clean_images, clean_text_rows)
 from matcher.failures import classify
-from matcher.lake import new_attempt_id
+from matcher.io.catalog import CatalogError, CatalogPlan, CatalogReader
+from matcher.io.lake import new_attempt_id
+from matcher.steps.clean import (
+    CORE_COLUMNS,
+    DUPLICATE_DETAIL,
+    DUPLICATE_REASON,
+    QUARANTINE_COLUMNS,
+    RowCountMismatch,
+    bad_line_rows,
+    check_row_counts,
+    clean_images,
+    clean_text_rows,
+)
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "repairs", "image_ref"]
 _BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows of a text file

@@ -10,8 +10,8 @@ from functools import cached_property
 from typing import Iterator, Mapping
 
 from matcher.config import Config, ConfigError, dated, load_config
-from matcher.lake import Lake
-from matcher.locks import DateLock
+from matcher.io.lake import Lake
+from matcher.io.locks import DateLock
 
 log = logging.getLogger("matcher")
 

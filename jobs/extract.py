@@ -14,10 +14,10 @@ from jobs.spark import get_spark, task_device
 from jobs.spark_lake import Progress, read_partition, write_parts
 from jobs.validate import judged_attempt, require_passed
 from matcher.config import ExtractConfig
-from matcher.encoders import extract_precision, feature_versions, load_image_encoder, load_text_encoder
-from matcher.features import extract_features
-from matcher.lake import new_attempt_id
-from matcher.tables import to_arrow
+from matcher.io.lake import new_attempt_id
+from matcher.io.tables import to_arrow
+from matcher.steps.encoders import extract_precision, feature_versions, load_image_encoder, load_text_encoder
+from matcher.steps.features import extract_features
 
 INPUT_COLUMNS = ["product_id", "title", "description", "image_bytes", "content_hash"]
 _ROWS_PER_TASK = 2000  # clean rows per extract task: enough tasks to balance executors, few enough files
@@ -88,7 +88,8 @@ def run(ctx: RunContext) -> dict:
                     .filter((F.col("image_encoder") == image_version) & (F.col("text_encoder") == text_version))
                     .dropDuplicates(["product_id"]))
         reused = previous.join(clean_keys, keys, "left_semi")
-        reused_keys = read_partition(spark, lake, "features", earlier[-1], columns=keys + ["image_encoder", "text_encoder"]) \
+        reused_keys = read_partition(spark, lake, "features", earlier[-1],
+                                     columns=keys + ["image_encoder", "text_encoder"]) \
             .filter((F.col("image_encoder") == image_version) & (F.col("text_encoder") == text_version)).select(keys)
         todo = clean.join(reused_keys, keys, "left_anti")
         todo_keys = clean_keys.join(reused_keys, keys, "left_anti")

@@ -11,7 +11,6 @@ from jobs.spark import get_spark
 from jobs.spark_lake import read_partition
 from jobs.validate import judged_attempt
 
-
 _HASH_SPACE = 1 << 40
 
 

@@ -6,7 +6,7 @@ import time
 
 from jobs.context import RunContext, StageError, log
 from matcher.failures import classify
-from matcher.locks import DateLockedError, date_lock
+from matcher.io.locks import DateLockedError, date_lock
 
 STAGES = ("clean", "validate", "extract", "train", "score", "publish")
 

@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError, log
 from jobs.validate import judged_attempt, require_passed
-from matcher.lake import PUBLISHED_TABLES, Lake, new_attempt_id
-from matcher.run_report import render_run_report
-from matcher.tables import table_schema
+from matcher.io.lake import PUBLISHED_TABLES, Lake, new_attempt_id
+from matcher.io.run_report import render_run_report
+from matcher.io.tables import table_schema
+
 STAGE_NAMES = ("clean", "validate", "extract", "train", "score")
 RUN_TABLES = ("clean", "quarantine")  # written by the run's clean stage, made visible to readers by the manifest
 
@@ -49,14 +50,14 @@ def run(ctx: RunContext) -> dict:
     tables = {}
     for name in PUBLISHED_TABLES:
         files = lake.commit_staged(name, ctx.date, publish_id)
-        tables[name] = {"rows": _footer_rows(lake, files), "path": lake.display(f"{name}/dt={ctx.date}"),
+        tables[name] = {"rows": _footer_rows(lake, files), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)]}
     for name in RUN_TABLES:
         committed = lake.committed(name, ctx.date) or {}
-        tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(f"{name}/dt={ctx.date}"),
+        tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt")}
     tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
-                          "path": lake.display(f"features/dt={ctx.date}")}
+                          "path": lake.display(Lake.partition_dir("features", ctx.date))}
     stages = {s: ctx.stage_stats(s) for s in STAGE_NAMES}
     manifest = {
         "date": ctx.date,

@@ -25,16 +25,16 @@ from jobs.spark import get_spark
 from jobs.spark_frames import first_by_md5, vector_matrix, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import judged_attempt, require_passed
-from matcher.ann import choose_query_probes
-from matcher.categories import min_category_products
-from matcher.evaluate import embed
-from matcher.hubness import hubness, inner_product_form
-from matcher.lake import PUBLISHED_TABLES, new_attempt_id
-from matcher.mismatches import CrossFitScorer, TooFewProducts, fit_cross_fitted
-from matcher.model import MatcherModel, model_from_bytes, model_to_bytes
-from matcher.registry import check_encoders, current_version, load_model, model_for_date
-from matcher.scoring import topk
-from matcher.search import query_vectors
+from matcher.io.lake import PUBLISHED_TABLES, new_attempt_id
+from matcher.io.registry import check_encoders, current_version, load_model, model_for_date
+from matcher.steps.ann import choose_query_probes
+from matcher.steps.categories import min_category_products
+from matcher.steps.evaluate import embed
+from matcher.steps.hubness import hubness, inner_product_form
+from matcher.steps.mismatches import CrossFitScorer, TooFewProducts, fit_cross_fitted
+from matcher.steps.model import MatcherModel, model_from_bytes, model_to_bytes
+from matcher.steps.scoring import topk
+from matcher.steps.search import query_vectors
 
 _VECTORS = pa.schema([("idx", pa.int64()), ("product_id", pa.string()), ("category", pa.string()),
                       ("title", pa.string()), ("z", pa.list_(pa.float32())), ("u", pa.list_(pa.float32())),
@@ -75,7 +75,7 @@ def make_embedder(version: str, weights, spec, mismatch=None):
 
 def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tuple[list[str], np.ndarray]:
     """Normalised mean fused vector per labelled category of at least `min_products` products (0: chosen from the
-    catalog, matcher.categories.min_category_products): per-partition sums on executors, added up there too."""
+    catalog, matcher.steps.categories.min_category_products): per-partition sums on executors, added up there too."""
 
     def sums(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         acc: dict[str, tuple[np.ndarray, int]] = {}
@@ -120,7 +120,8 @@ def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
             agrees = [bool(c == p) if c else None for c, p in zip(cats, predicted)]
             yield "categories", pa.table({"product_id": b.column("product_id"), "category": cats,
                                           "predicted_category": predicted, "score": pa.array(score, pa.float32()),
-                                          "agrees": pa.array(agrees, pa.bool_()), "model_version": [version] * len(cats)})
+                                          "agrees": pa.array(agrees, pa.bool_()),
+                                          "model_version": [version] * len(cats)})
             labelled = [a for a in agrees if a is not None]
             yield STATS, {"labelled": len(labelled), "agree": sum(labelled)}
 
@@ -130,7 +131,7 @@ def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
 def make_searcher(qvecs: np.ndarray, k: int, bank=None, temperature: float = 0.1):
     """Executors: each partition's top-k products for every query (merged per query afterwards). By the fused
     vectors (column v); with `bank` (the broadcast hubness bank), by the photos (column z) less their hubness
-    against the bank's texts (matcher.hubness.inner_product_form)."""
+    against the bank's texts (matcher.steps.hubness.inner_product_form)."""
 
     def search(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
@@ -173,7 +174,7 @@ def make_embeddings_writer(bank, temperature: float, dim: int):
 
 
 def _hubness_bank(vectors: DataFrame, size: int, dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.hubness), chosen
+    """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.steps.hubness), chosen
     on executors, so the driver receives about 2 x `size` rows whatever the catalog's size (n products)."""
     rows = first_by_md5(vectors, size, n, ["product_id", "z", "u"])
     return (np.asarray([r["z"] for r in rows], np.float32).reshape(-1, dim),

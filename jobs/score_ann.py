@@ -2,7 +2,7 @@
 
   1. The lists are trained by k-means on about score.ann_sample products' fused vectors (by default 64 per list, at
      least 100,000), chosen by a hash of product_id and cached on executors: seeded (k-means++) on the driver from
-     8 rows per list, then matcher.ann.TRAIN_ITERATIONS steps run on executors as in 2. The driver holds the
+     8 rows per list, then matcher.steps.ann.TRAIN_ITERATIONS steps run on executors as in 2. The driver holds the
      seeds' rows and the centroids, never the sample.
   2. score.ann_refine_iterations k-means iterations over the whole catalog move the lists where the products are
      (each task sums its products per list; the sums are added up on executors and the driver receives lists x dim
@@ -13,7 +13,7 @@
   5. Sampled recall: score.ann_recall_queries products drawn by the date; executors score them against every
      product and keep each query's exact top-K per partition, and a window keeps the top K overall. The search is
      exact within the lists it reads, so its recall@K with P query probes is the share of those neighbours in
-     the lists it would search (matcher.ann.recall_of_probes); P starts at score.ann_query_probes and doubles
+     the lists it would search (matcher.steps.ann.recall_of_probes); P starts at score.ann_query_probes and doubles
      until the recall reaches score.ann_target_recall or P reaches score.ann_max_query_probes. The recall and P
      go to the stage's stats, the manifest and the report; under score.ann_recall_floor the stage fails before
      anything is written.
@@ -30,8 +30,18 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from jobs.spark_frames import first_by_md5, vector_matrix, with_dense_index
-from matcher.ann import (SEEDS_PER_LIST, TRAIN_ITERATIONS, ListIndex, assign_lists, build_index, centroids_from_sums,
-                         list_count, list_sums_over, seed_centroids, training_sample_size)
+from matcher.steps.ann import (
+    SEEDS_PER_LIST,
+    TRAIN_ITERATIONS,
+    ListIndex,
+    assign_lists,
+    build_index,
+    centroids_from_sums,
+    list_count,
+    list_sums_over,
+    seed_centroids,
+    training_sample_size,
+)
 
 
 def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -> np.ndarray:
@@ -53,8 +63,8 @@ def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -
 
 
 def refine_lists(vectors: DataFrame, centroids: np.ndarray, iterations: int, dim: int) -> np.ndarray:
-    """k-means iterations over these vectors (matcher.ann.refine_centroids, on Spark): each task sums its
-    products' v per list (matcher.ann.list_sums_over), the sums are added up on executors by ranges of lists, and
+    """k-means iterations over these vectors (matcher.steps.ann.refine_centroids, on Spark): each task sums its
+    products' v per list (matcher.steps.ann.list_sums_over), the sums are added up on executors by ranges of lists, and
     the driver receives one (lists x dim) array per iteration, whatever the number of partitions."""
     spark = vectors.sparkSession
     lists = len(centroids)
@@ -62,7 +72,7 @@ def refine_lists(vectors: DataFrame, centroids: np.ndarray, iterations: int, dim
     for _ in range(iterations):
         current = spark.sparkContext.broadcast(centroids)
 
-        def partial(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        def partial(batches: Iterator[pa.RecordBatch], current=current) -> Iterator[pa.RecordBatch]:
             sums, counts = list_sums_over((vector_matrix(b.column("v"), dim) for b in batches), current.value)
             for start in range(0, lists, per_range):
                 end = start + per_range

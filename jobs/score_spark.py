@@ -5,15 +5,15 @@ The score stage writes the night's vectors once, as part files of consecutive id
 work folder). The driver holds metadata only: each part's path, first idx and row count (from its Parquet footer),
 and the model's weights, broadcast as bytes. A task then
   1. reads its query part (idx, product_id, z, u, v);
-  2. streams every part's v in idx order through matcher.scoring.topk_over_blocks: the exact top-M by cosine,
+  2. streams every part's v in idx order through matcher.steps.scoring.topk_over_blocks: the exact top-M by cosine,
      ties by the lower idx, holding one item block and the running top-M (O(block^2 + block * M) memory);
   3. streams the parts holding candidates again for their z, u and product ids, and scores each (query, candidate)
      pair with the matching network (cross_match_scorer's mean of both directions);
-  4. re-ranks with matcher.scoring.rerank and yields the query block's recommendation rows, already in
+  4. re-ranks with matcher.steps.scoring.rerank and yields the query block's recommendation rows, already in
      (product_id, rank) order.
 Each unordered pair is multiplied twice (once from each side) instead of once as in the single-machine symmetric
 path; in exchange nothing is exchanged between tasks, so the work is N/block independent tasks, each reading N
-vectors. Results equal matcher.scoring.topk + rerank on the same vectors: the same candidates in the same order,
+vectors. Results equal matcher.steps.scoring.topk + rerank on the same vectors: the same candidates in the same order,
 similarities and scores equal to float32 rounding."""
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ import torch
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.spark import task_device
-from matcher.ann import ListIndex, search_lists
-from matcher.evaluate import model_pair_scorer
-from matcher.lake import Lake
-from matcher.model import MatcherModel, ModelSpec, model_from_bytes
-from matcher.scoring import rerank, topk_over_blocks
+from matcher.io.lake import Lake
+from matcher.steps.ann import ListIndex, search_lists
+from matcher.steps.evaluate import model_pair_scorer
+from matcher.steps.model import MatcherModel, ModelSpec, model_from_bytes
+from matcher.steps.scoring import rerank, topk_over_blocks
 
 VECTORS_TABLE = "score_vectors"
 RECOMMENDATIONS = pa.schema([("product_id", pa.string()), ("rank", pa.int32()), ("rec_product_id", pa.string()),
@@ -86,7 +86,7 @@ def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSp
     """A write_parts mapper: for each query part named in its rows, yields ("recommendations", rows): each product's
     min(k, M) best other products, M = min(m, N - 1) cosine candidates re-ranked by
     (1 - weight) * similarity + weight * match. The candidates are exact, or with an index (the catalog numbered
-    list by list) those of matcher.ann.search_lists, which reads only the lists each product searches. Exact
+    list by list) those of matcher.steps.ann.search_lists, which reads only the lists each product searches. Exact
     candidates are computed on the task's GPU where Spark gave it one (or `device` asks for one), in `precision`."""
     n = sum(p.rows for p in parts)
     m_eff, k_eff = min(m, n - 1), min(k, m, n - 1)

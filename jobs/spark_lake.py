@@ -18,8 +18,8 @@ from typing import Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from matcher.lake import Lake
-from matcher.tables import table_schema
+from matcher.io.lake import Lake
+from matcher.io.tables import table_schema
 
 log = logging.getLogger("matcher")
 
@@ -105,7 +105,7 @@ def write_parts(df, mapper: Callable[[Iterator[pa.RecordBatch]], Iterable[Output
                 continue
             table = conform(name, table)
             if name not in writers:
-                rel = posixpath.join(Lake.work_dir(name, dt, attempt), f"part-{tag}.parquet")
+                rel = Lake.part_file(name, dt, attempt, tag)
                 lake.fs.create_dir(lake.path(posixpath.dirname(rel)), recursive=True)
                 writers[name] = (pq.ParquetWriter(lake.path(rel), table.schema, filesystem=lake.fs,
                                                   compression="zstd"), rel)

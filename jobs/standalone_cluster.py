@@ -13,7 +13,8 @@ The daemons are started with the package's own sbin/spark-daemon.sh; logs, pid f
 folders and Spark's scratch space all live under work_dir, so nothing is written into the virtualenv. Everything
 binds to 127.0.0.1, and the master and workers require Spark's RPC authentication (spark.authenticate) with a
 secret made for each start, kept in work_dir/conf/auth-secret (mode 0600): anyone else on the machine who could
-reach the master's port could otherwise run code as this user. The driver picks the executors' python (PYSPARK_PYTHON in the driver's environment, which
+reach the master's port could otherwise run code as this user. The driver picks the executors' python (PYSPARK_PYTHON
+in the driver's environment, which
 jobs.spark.get_spark sets to this interpreter), so executors run the venv's python with torch and pyarrow."""
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
 IDENT = "matcher"  # SPARK_IDENT_STRING: names the pid and log files
 STATE_FILE = "cluster.json"
-AUTH_SECRET_FILE = "auth-secret"  # in conf_dir: the secret the master, workers and drivers share
+AUTH_SECRET_FILE = "auth-secret"  # noqa: S105 (a file name) in conf_dir: the secret the master, workers and drivers share
 GPU_DISCOVERY_SCRIPT = Path(__file__).resolve().parent.parent / "docker" / "gpu-discovery.sh"  # nvidia-smi's indices
 
 
@@ -187,7 +188,7 @@ class StandaloneCluster:
 
     def master_state(self) -> dict:
         """The master's own JSON status (workers, their state, cores, memory, applications)."""
-        with urllib.request.urlopen(f"{self.webui_url}/json/", timeout=5) as resp:
+        with urllib.request.urlopen(f"{self.webui_url}/json/", timeout=5) as resp:  # noqa: S310 (our http URL)
             return json.load(resp)
 
     def pids(self) -> dict[str, int]:
@@ -302,7 +303,7 @@ class StandaloneCluster:
                 wait: bool = True, timeout: float = 60.0):
         # Run with bash: that needs no executable bit on the script, whatever the installer kept.
         cmd = ["bash", str(home / "sbin" / "spark-daemon.sh"), action, cls, str(instance), *args]
-        proc = subprocess.Popen(cmd, env=env, cwd=self.work_dir, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, env=env,  # noqa: S603 (pyspark's own script, no shell) cwd=self.work_dir, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if not wait:
             return proc

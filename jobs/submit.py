@@ -39,10 +39,10 @@ def _date(value: str) -> str:
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the stage; returns the exit status above. environ: the process's environment unless given (tests)."""
     from jobs.context import RunContext, load_deployment_config
-    from matcher.failures import classify
     from jobs.pipeline import STAGES, run_stage
     from jobs.spark import stop_spark
-    from matcher.s3server import storage_ready
+    from matcher.failures import classify
+    from matcher.io.s3server import storage_ready
 
     parser = argparse.ArgumentParser(prog="jobs/submit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=STAGES)

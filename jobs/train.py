@@ -1,5 +1,5 @@
 """train: nightly retraining on the date's features; the new model is promoted only if it passes the gate
-(matcher/promotion.py: not worse than the current nor the best served model, on the same split)."""
+(matcher/io/promotion.py: not worse than the current nor the best served model, on the same split)."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -10,15 +10,15 @@ import torch
 from jobs.context import RunContext, StageError, log
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
-from matcher.lake import Lake
-from matcher.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
-from matcher.hubness import bank_rows
-from matcher.model import ModelError
-from matcher.promotion import EvaluationFailed, GateError, GateSettings, NotComparable, run_gate
-from matcher.registry import baseline_verdict, check_encoders, load_model, save_model
-from matcher.baselines import baseline_metrics
-from matcher.train import gate_baselines, model_spec, split_rows, train_on_split, training_fingerprint
-from matcher.training_report import render_training_report
+from matcher.io.lake import Lake
+from matcher.io.promotion import EvaluationFailed, GateError, GateSettings, NotComparable, run_gate
+from matcher.io.registry import baseline_verdict, check_encoders, load_model, save_model
+from matcher.steps.baselines import baseline_metrics
+from matcher.steps.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
+from matcher.steps.hubness import bank_rows
+from matcher.steps.model import ModelError
+from matcher.steps.train import gate_baselines, model_spec, split_rows, train_on_split, training_fingerprint
+from matcher.steps.training_report import render_training_report
 
 
 def run(ctx: RunContext) -> dict:
@@ -67,7 +67,7 @@ def run(ctx: RunContext) -> dict:
     except GateError as exc:
         raise StageError("train", f"promotion gate: {exc} (new model {version} kept for inspection)") from None
     promoted, decision, previous_metrics = gate.promoted, gate.decision, gate.current_metrics
-    report = f"{Lake.model_dir(version)}/report.html"
+    report = Lake.model_file(version, "report")
     ctx.lake.write_bytes(report, _report(ctx.date, version, result, fs, heldout, metrics,
                                          previous_metrics, decision, baselines).encode())
     log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,

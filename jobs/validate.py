@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark
 from jobs.spark_lake import read_partition
-from matcher.lake import Lake
-from matcher.tables import table_schema
-from matcher.validate import HEAVY_COLUMNS, render_html, validate_night
+from matcher.io.lake import Lake
+from matcher.io.tables import table_schema
+from matcher.steps.validate import HEAVY_COLUMNS, render_html, validate_night
 
 
 def run(ctx: RunContext) -> dict:
@@ -36,14 +36,14 @@ def run(ctx: RunContext) -> dict:
             clean = clean.withColumn(column, F.lit(None).cast("binary" if column == "image_bytes" else "array<string>"))
     cfg = ctx.config.validate
     outcome = validate_night(clean, clean_stats, cfg.clean_suite, cfg.run_suite, cfg.max_quarantine_rate)
-    base = Lake.validation_dir(ctx.date)
-    ctx.lake.write_json(f"{base}/result.json", {**outcome.to_json(), "clean_attempt": judged})
-    ctx.lake.write_bytes(f"{base}/report.html", render_html(outcome, f"matcher validation {ctx.date}").encode())
+    report = Lake.validation_report_file(ctx.date)
+    ctx.lake.write_json(Lake.validation_result_file(ctx.date), {**outcome.to_json(), "clean_attempt": judged})
+    ctx.lake.write_bytes(report, render_html(outcome, f"matcher validation {ctx.date}").encode())
     if not outcome.success:
         raise StageError("validate", "; ".join(outcome.failures())[:1000]
-                         + f" (report: {ctx.lake.display(base + '/report.html')})")
+                         + f" (report: {ctx.lake.display(report)})")
     log.info("validate: passed")
-    return {"success": True, "report": ctx.lake.display(f"{base}/report.html")}
+    return {"success": True, "report": ctx.lake.display(report)}
 
 
 def judged_attempt(lake: Lake, date: str) -> dict | None:
@@ -60,7 +60,7 @@ def judged_attempt(lake: Lake, date: str) -> dict | None:
 def require_passed(ctx: RunContext, stage: str) -> None:
     """Later stages and publish refuse to touch anything unless this date's validation passed, and passed on the
     clean attempt they are about to use (a clean rerun since then needs validate again)."""
-    result = ctx.lake.read_json(f"{Lake.validation_dir(ctx.date)}/result.json")
+    result = ctx.lake.read_json(Lake.validation_result_file(ctx.date))
     if result is None:
         raise StageError(stage, f"no validation result for {ctx.date}: run the validate stage first")
     current = judged_attempt(ctx.lake, ctx.date)

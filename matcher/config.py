@@ -18,7 +18,7 @@ SCHEMAS_DIR = REPO_ROOT / "schemas"
 WORKSPACE_CONFIG = Path(".matcher/config.toml")
 
 
-# Every encoder matcher can load, by config name (matcher/encoders.py loads them); here so that a config naming
+# Every encoder matcher can load, by config name (matcher/steps/encoders.py loads them); here so that a config naming
 # another fails when it is loaded, not inside a Spark worker.
 IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "thumbnail-8x8")
 TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
@@ -29,8 +29,8 @@ MAX_HUBNESS_BANK = 16384  # products; at dim 256 the broadcast pair of vectors i
 IMAGE_FEATURE_FLOATS = {"efficientnet-lite0": 1280, "resnet18": 512, "resnet50": 2048, "resnet101": 2048,
                         "thumbnail-8x8": 192}
 TEXT_FEATURE_FLOATS = 384
-COLOUR_FLOATS = 192  # extract.image_colour's histogram (matcher.encoders.COLOUR_DIM)
-# The ANN lists' sizing (matcher.ann): 64 sampled products per list, a sample of at most 300,000, so at most
+COLOUR_FLOATS = 192  # extract.image_colour's histogram (matcher.steps.encoders.COLOUR_DIM)
+# The ANN lists' sizing (matcher.steps.ann): 64 sampled products per list, a sample of at most 300,000, so at most
 # 4,687 lists; k-means++ seeds them from 8 rows per list, which the driver holds.
 ANN_SAMPLE_PER_LIST = 64
 ANN_MAX_TRAINING_SAMPLE = 300_000

@@ -57,7 +57,7 @@ def fashion_slice(fashion_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    from matcher.s3server import EmbeddedS3
+    from matcher.io.s3server import EmbeddedS3
 
     server = EmbeddedS3(tmp_path_factory.mktemp("seaweedfs"), "test" + secrets.token_hex(3), secrets.token_hex(16))
     server.start()

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from jobs.validate import judged_attempt
-from matcher.lake import Lake
-from matcher.tables import to_arrow
+from matcher.io.lake import Lake
+from matcher.io.tables import to_arrow
 
 IMAGE_ENCODER, TEXT_ENCODER = "synthetic-image@1", "synthetic-text@1"
 

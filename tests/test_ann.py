@@ -1,9 +1,20 @@
 import numpy as np
 import pytest
 
-from matcher.ann import (ListIndex, ann_all_pairs, assign_lists, build_index, choose_query_probes, probe_lists,
-                         recall_at_k, recall_of_probes, refine_centroids, search_lists, train_centroids)
-from matcher.scoring import topk
+from matcher.steps.ann import (
+    ListIndex,
+    ann_all_pairs,
+    assign_lists,
+    build_index,
+    choose_query_probes,
+    probe_lists,
+    recall_at_k,
+    recall_of_probes,
+    refine_centroids,
+    search_lists,
+    train_centroids,
+)
+from matcher.steps.scoring import topk
 
 
 def clustered(n: int, d: int, centers: int, spread: float, seed: int = 0) -> np.ndarray:
@@ -75,7 +86,7 @@ def test_recall_at_k_by_hand():
 
 
 def test_the_driver_side_training_sample_is_bounded_whatever_the_catalog():
-    from matcher.ann import MAX_TRAINING_SAMPLE, list_count, training_sample_size
+    from matcher.steps.ann import MAX_TRAINING_SAMPLE, list_count, training_sample_size
 
     # Up to 1M products: about 4 sqrt(N) lists, 64 sampled products each (at least 100,000).
     assert (list_count(1_000_000), training_sample_size(1_000_000, list_count(1_000_000))) == (4000, 256_000)

@@ -6,7 +6,7 @@ import pytest
 from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
 from matcher.config import load_config
-from matcher.run_report import _summary
+from matcher.io.run_report import _summary
 from tests.synthetic import write_synthetic_partition
 
 DATE = "2026-02-01"
@@ -44,7 +44,7 @@ def test_an_ann_night_publishes_full_lists_and_records_its_recall(trained):
     assert recs.groupby("product_id")["rec_product_id"].nunique().eq(5).all()
     # The part files the executors wrote read the same through DuckDB as through pyarrow.
     files = [ctx.lake.path(f) for f in ctx.lake.partition_files("recommendations", DATE)]
-    via_duckdb = duckdb.sql(f"select * from read_parquet({files!r}) order by product_id, rank").df()
+    via_duckdb = duckdb.sql(f"select * from read_parquet({files!r}) order by product_id, rank").df()  # noqa: S608 (test's own files)
     via_arrow = recs.sort_values(["product_id", "rank"]).reset_index(drop=True)
     assert via_duckdb[list(via_arrow.columns)].equals(via_arrow)
     # The report's summary (the synthetic catalog's images are not pictures, so the whole page is not drawn here).

@@ -10,8 +10,8 @@ from jobs.context import RunContext
 from jobs.pipeline import STAGES, run_pipeline
 from jobs.spark import get_spark, stop_spark
 from jobs.spark_lake import read_partition
+from matcher.app.synthetic_catalog import ensure_catalog
 from matcher.config import load_config
-from matcher.synthetic_catalog import ensure_catalog
 
 PRODUCTS = 40_000
 CAP = "16m"

@@ -1,6 +1,6 @@
 import pytest
 
-from matcher.categories import min_category_products
+from matcher.steps.categories import min_category_products
 
 
 @pytest.mark.parametrize("sizes, expected", [

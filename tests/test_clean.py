@@ -3,9 +3,9 @@ import io
 import pytest
 from PIL import Image
 
-from matcher.catalog import CatalogError, CatalogReader
-from matcher.clean import clean_catalog
 from matcher.config import load_config
+from matcher.io.catalog import CatalogError, CatalogReader
+from tests.reference import clean_catalog
 
 
 def jpeg(colour=(200, 30, 30), size=(80, 60)) -> bytes:
@@ -206,7 +206,7 @@ def test_column_mapping_naming_an_absent_column_is_a_clear_error(tmp_path):
 
 
 def test_image_references_may_be_s3_and_file_uris(tmp_path, s3_config):
-    from matcher.storage import resolve_uri, write_bytes
+    from matcher.io.storage import resolve_uri, write_bytes
 
     fs, path = resolve_uri("s3://lake/uri-test/a.jpg", s3_config.storage)
     write_bytes(fs, path, jpeg((10, 200, 10)))

@@ -1,6 +1,6 @@
 import pytest
 
-from matcher.cli import build_parser
+from matcher.app.cli import build_parser
 
 
 @pytest.mark.parametrize("argv, quiet", [
@@ -24,10 +24,9 @@ def published_lake(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from matcher.config import dump_toml
-    from matcher.lake import Lake
-    from matcher.config import load_config
-    from matcher.tables import table_schema
+    from matcher.config import dump_toml, load_config
+    from matcher.io.lake import Lake
+    from matcher.io.tables import table_schema
 
     monkeypatch.chdir(tmp_path)
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
@@ -45,7 +44,7 @@ def published_lake(tmp_path, monkeypatch):
 
 
 def test_query_reads_the_published_tables(published_lake, capsys):
-    from matcher.cli import main
+    from matcher.app.cli import main
 
     sql = "select product_id, count(*) as n from recommendations group by product_id order by product_id"
     assert main(["-q", "query", sql, "--config", str(published_lake)]) == 0
@@ -67,7 +66,7 @@ def test_query_reads_the_published_tables(published_lake, capsys):
     ("CREATE TABLE x AS SELECT 1", "got CREATE"),
 ])
 def test_query_is_read_only_one_line_errors_and_no_file_written(published_lake, capsys, sql, says):
-    from matcher.cli import main
+    from matcher.app.cli import main
 
     tmp = published_lake.parent
     before = sorted(p.name for p in tmp.iterdir())
@@ -82,7 +81,7 @@ def test_query_cannot_switch_external_access_back_on_even_inside_a_query(publish
     """The statement filter aside, DuckDB itself holds the lock: a SET smuggled past it changes nothing."""
     import duckdb
 
-    from matcher.cli import _read_only
+    from matcher.app.cli import _read_only
 
     con = duckdb.connect()
     _read_only(con)
@@ -97,10 +96,10 @@ def test_the_reports_suggested_query_runs_through_the_manifest(published_lake, c
     import html
     import re
 
-    from matcher.lake import Lake
+    from matcher.app.cli import main
     from matcher.config import load_config
-    from matcher.cli import main
-    from matcher.run_report import _tables
+    from matcher.io.lake import Lake
+    from matcher.io.run_report import _tables
 
     lake = Lake(load_config(published_lake).run.lake, load_config().storage)
     manifest = lake.manifest(DATE)
@@ -119,7 +118,7 @@ def test_version_description_and_help_for_every_option(capsys):
     import re
     from importlib.metadata import version
 
-    from matcher.cli import main
+    from matcher.app.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["--version"])
@@ -137,7 +136,7 @@ def test_version_description_and_help_for_every_option(capsys):
     missing = [f"{name} {action.dest}" for name, command in commands.items() for action in command._actions
                if not isinstance(action, argparse._HelpAction) and not action.help]
     assert not missing, missing
-    from matcher.published import QUERYABLE_TABLES
+    from matcher.io.published import QUERYABLE_TABLES
 
     query_help = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))._choices_actions
     assert all(t in next(c.help for c in query_help if c.dest == "query") for t in QUERYABLE_TABLES)
@@ -146,7 +145,7 @@ def test_version_description_and_help_for_every_option(capsys):
 def test_recommend_query_and_models_print_json_with_json(published_lake, capsys):
     import json
 
-    from matcher.cli import main
+    from matcher.app.cli import main
 
     assert main(["-q", "recommend", "A", "--json", "--config", str(published_lake)]) == 0
     got = json.loads(capsys.readouterr().out)

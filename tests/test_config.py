@@ -130,7 +130,7 @@ def test_a_sample_the_driver_could_not_receive_is_refused_with_the_arithmetic():
 def test_the_drivers_budget_counts_the_features_the_encoders_give():
     """matcher.config.feature_floats (used before any model loads) equals the loaded encoders' widths."""
     from matcher.config import feature_floats
-    from matcher.encoders import load_image_encoder, load_text_encoder
+    from matcher.steps.encoders import load_image_encoder, load_text_encoder
 
     for colour, description, second in [(True, "separate", ""), (False, "joined", ""), (False, "separate", "")]:
         extract = load_config(overrides={"run": {"profile": "scale"}, "extract": {

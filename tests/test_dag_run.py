@@ -3,12 +3,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from matcher.cli import main
+from matcher.app.cli import main
+from matcher.app.demo import run_dag_for_date
+from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import dump_toml, load_config
-from matcher.demo import run_dag_for_date
-from matcher.demo_catalog import make_demo_catalog
-from matcher.lake import Lake
-from matcher.storage import resolve_uri
+from matcher.io.lake import Lake
+from matcher.io.storage import resolve_uri
 
 DATE = "2026-03-01"
 PRODUCTS = 48
@@ -84,13 +84,13 @@ def test_the_nightly_dag_publishes_every_table(dag_run):
 
 
 def test_distributed_scoring_equals_the_single_machine_steps_on_the_published_vectors(dag_run):
-    """The score stage's recommendations (executors, block pairs, no broadcast) equal matcher.scoring's top-K and
+    """The score stage's recommendations (executors, block pairs, no broadcast) equal matcher.steps.scoring's top-K and
     re-rank run in one process on the published embeddings with the same model."""
     import numpy as np
 
-    from matcher.evaluate import model_pair_scorer
-    from matcher.registry import load_model
-    from matcher.scoring import cross_match_scorer, rerank, topk
+    from matcher.io.registry import load_model
+    from matcher.steps.evaluate import model_pair_scorer
+    from matcher.steps.scoring import cross_match_scorer, rerank, topk
 
     _, cfg, _ = dag_run
     lake = Lake(cfg.run.lake, cfg.storage)
@@ -108,11 +108,11 @@ def test_distributed_scoring_equals_the_single_machine_steps_on_the_published_ve
 
 
 def test_published_hubness_is_each_vector_against_the_bank_of_the_first_products_by_md5(dag_run):
-    """Spark chose the bank (16 of 48 products, an ordered limit on executors) as matcher.hubness.bank_rows does,
-    and each published hubness equals matcher.hubness on the published vectors."""
+    """Spark chose the bank (16 of 48 products, an ordered limit on executors) as matcher.steps.hubness.bank_rows does,
+    and each published hubness equals matcher.steps.hubness on the published vectors."""
     import numpy as np
 
-    from matcher.hubness import bank_rows, hubness
+    from matcher.steps.hubness import bank_rows, hubness
 
     _, cfg, _ = dag_run
     emb = Lake(cfg.run.lake, cfg.storage).read_partition("embeddings", DATE).to_pandas()
@@ -187,8 +187,9 @@ def test_recommend_search_and_query_read_the_published_tables(dag_run, capsys):
     # By photo: the photos' cosine to the query's text vector less their published hubness, best first.
     import numpy as np
 
-    from matcher.registry import load_model
-    from matcher.search import query_vectors, search_text
+    from matcher.app.search import search_text
+    from matcher.io.registry import load_model
+    from matcher.steps.search import query_vectors
 
     lake = Lake(cfg.run.lake, cfg.storage)
     hits = search_text(lake, "red dress", k=4, date=DATE, by="photo")

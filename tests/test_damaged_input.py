@@ -11,9 +11,9 @@ from PIL import Image
 from jobs.context import RunContext
 from jobs.pipeline import run_pipeline
 from jobs.spark_lake import conform
-from matcher.catalog import CatalogReader
-from matcher.clean import clean_catalog
 from matcher.config import load_config
+from matcher.io.catalog import CatalogReader
+from tests.reference import clean_catalog
 
 ROWS = 40
 

@@ -8,13 +8,13 @@ import pytest
 
 from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
-from matcher.cli import main
+from matcher.app.cli import main
+from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import dated, dump_toml, load_config
-from matcher.demo_catalog import make_demo_catalog
-from matcher.lake import Lake
-from matcher.locks import DateLockedError, date_lock
-from matcher.model import ModelError
-from matcher.registry import current_version, model_for_date, promote
+from matcher.io.lake import Lake
+from matcher.io.locks import DateLockedError, date_lock
+from matcher.io.registry import current_version, model_for_date, promote
+from matcher.steps.model import ModelError
 from tests.synthetic import write_synthetic_partition
 
 D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
@@ -63,7 +63,7 @@ def test_a_configured_ready_marker_holds_back_a_half_copied_snapshot(tmp_path):
 def test_the_sensor_waits_for_the_dates_snapshot_and_its_marker_and_pokes_again_after_storage_errors(
         tmp_path, monkeypatch):
     from jobs.airflow_tasks import catalog_ready
-    from matcher.catalog import CatalogReader
+    from matcher.io.catalog import CatalogReader
 
     config = tmp_path / "m.toml"
     config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake",

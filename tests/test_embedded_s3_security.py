@@ -14,7 +14,7 @@ import urllib.request
 import psutil
 import pytest
 
-from matcher.s3server import EmbeddedS3
+from matcher.io.s3server import EmbeddedS3
 
 SECRET_BYTES = b"only-through-s3-" + secrets.token_hex(8).encode()
 

@@ -7,11 +7,21 @@ import torch
 import torchvision
 from PIL import Image
 
-from matcher.encoders import (COLOUR_DIM, IMAGE_ENCODERS, TEXT_ENCODERS, EncoderError, colour_histogram,
-                              image_encoder_version, load_image_encoder, load_text_encoder, load_text_encoder_for,
-                              product_text, text_encoder_version)
-from matcher.images import decode_canonical
-from matcher.features import extract_features
+from matcher.steps.encoders import (
+    COLOUR_DIM,
+    IMAGE_ENCODERS,
+    TEXT_ENCODERS,
+    EncoderError,
+    colour_histogram,
+    image_encoder_version,
+    load_image_encoder,
+    load_text_encoder,
+    load_text_encoder_for,
+    product_text,
+    text_encoder_version,
+)
+from matcher.steps.features import extract_features
+from matcher.steps.images import decode_canonical
 
 
 def jpeg(colour) -> bytes:

@@ -6,8 +6,8 @@ import pytest
 from jobs.context import RunContext
 from jobs.pipeline import run_pipeline
 from matcher.config import load_config
-from matcher.encoders import COLOUR_DIM, extract_precision, load_image_encoder, load_text_encoder
-from matcher.features import extract_features
+from matcher.steps.encoders import COLOUR_DIM, extract_precision, load_image_encoder, load_text_encoder
+from matcher.steps.features import extract_features
 from tests.conftest import make_fashion_slice
 
 
@@ -75,9 +75,9 @@ def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_pat
 
 
 def test_backfill_runs_each_date_into_its_own_partition(tmp_path, catalog):
-    from matcher.cli import main
+    from matcher.app.cli import main
     from matcher.config import dump_toml
-    from matcher.lake import Lake
+    from matcher.io.lake import Lake
 
     config = tmp_path / "m.toml"
     config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},

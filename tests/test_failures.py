@@ -12,15 +12,15 @@ import pyarrow.fs as pafs
 import pytest
 
 from jobs.context import CONFIG_ENV, RunContext, StageError
-from matcher.failures import classify
 from jobs.pipeline import run_stage
 from jobs.submit import EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE
 from jobs.submit import main as submit_main
+from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import REPO_ROOT, ConfigError, dump_toml, load_config
-from matcher.demo_catalog import make_demo_catalog
-from matcher.lake import Lake
-from matcher.locks import DateLockedError, date_lock
-from matcher.storage import resolve_uri
+from matcher.failures import classify
+from matcher.io.lake import Lake
+from matcher.io.locks import DateLockedError, date_lock
+from matcher.io.storage import resolve_uri
 
 D = "2026-03-01"
 
@@ -82,9 +82,9 @@ def test_a_busy_date_is_retryable(tmp_path):
 
 
 def test_bad_input_config_errors_and_refused_storage_are_permanent(tmp_path, s3_server):
-    from matcher.catalog import CatalogReader
-    from matcher.model import ModelError
-    from matcher.registry import model_for_date
+    from matcher.io.catalog import CatalogReader
+    from matcher.io.registry import model_for_date
+    from matcher.steps.model import ModelError
 
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("[score]\nno_such_key = 1\n")
@@ -130,7 +130,7 @@ def test_a_stages_own_verdict_is_final():
         try:
             raise OSError("AWS Error NETWORK_CONNECTION")
         except OSError:
-            raise StageError("validate", "validation failed for 2026-03-01")  # context kept, verdict explicit
+            raise StageError("validate", "validation failed for 2026-03-01")  # noqa: B904 (the context is the test)
 
     assert not classify(_raised(gate_failed_while_storage_was_flaky)).retryable
     assert classify(StageError("train", "date busy", retryable=True)).retryable
@@ -264,8 +264,8 @@ def test_an_executors_s3_outage_fails_the_stage_retryable_and_the_retry_succeeds
 def test_a_photo_read_from_s3_during_an_outage_is_retried_not_quarantined(s3_server, s3_config, tmp_path):
     """A good product's photo on S3 that cannot be read because the store is down must fail the task (retried),
     not go to quarantine as image_unreadable: an outage would otherwise drop good rows for the night."""
-    from matcher.catalog import CatalogReader
-    from matcher.images import ImageRejected
+    from matcher.io.catalog import CatalogReader
+    from matcher.steps.images import ImageRejected
 
     fs, path = resolve_uri("s3://lake/outage-photos/p1.jpg", s3_config.storage)
     fs.create_dir("lake/outage-photos")
@@ -311,7 +311,7 @@ def test_a_catalog_store_that_is_down_when_clean_plans_is_retryable_a_missing_ca
         s3_server.start()
     assert err.value.retryable, str(err.value)
     # The store failing while the catalog's head or footer is read: the reader's CatalogError carries the cause.
-    from matcher.catalog import CatalogError, CatalogReader
+    from matcher.io.catalog import CatalogError, CatalogReader
 
     def cut_off(self):  # the injected fault, worded as pyarrow words it
         raise CatalogError("catalog file lake/planned/catalog/products.parquet is not readable Parquet: "

@@ -20,11 +20,11 @@ from PIL import Image
 
 from jobs.context import RunContext
 from jobs.pipeline import run_pipeline
-from matcher.catalog import CatalogReader
-from matcher.clean import clean_catalog
 from matcher.config import ConfigError, load_config
-from matcher.http_images import AddressPolicy, address_kind, fetch_image
-from matcher.images import ImageRejected, canonicalize_image
+from matcher.io.catalog import CatalogReader
+from matcher.io.http_images import AddressPolicy, address_kind, fetch_image
+from matcher.steps.images import ImageRejected, canonicalize_image
+from tests.reference import clean_catalog
 
 GOOD = 20
 ALLOWED_HOST = "127.0.0.2"  # a loopback address the tests allow by setting, as a deployment allows its CDN
@@ -294,7 +294,7 @@ def test_image_sources_let_a_named_folder_through_and_nothing_beside_it(tmp_path
 
 
 def test_s3_image_sources_let_a_named_prefix_through(tmp_path, s3_config):
-    from matcher.storage import resolve_uri, write_bytes
+    from matcher.io.storage import resolve_uri, write_bytes
 
     for key in ("media/products/a.jpg", "media/other/b.jpg"):
         fs, path = resolve_uri(f"s3://lake/{key}", s3_config.storage)

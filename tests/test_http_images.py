@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from matcher.catalog import CatalogReader
-from matcher.clean import clean_catalog
 from matcher.config import load_config
+from matcher.io.catalog import CatalogReader
+from tests.reference import clean_catalog
 
 ALLOW_LOOPBACK = {"http_allow_networks": ["127.0.0.1/32"]}
 
@@ -126,14 +126,15 @@ def test_a_refused_connection_is_retried_then_quarantined(tmp_path):
     result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
     assert result.clean.empty
     assert result.quarantine[["product_id", "reason"]].values.tolist() == [["x", "image_unreadable"]]
-    assert "Connection refused" in result.quarantine["detail"][0] and "(after 2 tries)" in result.quarantine["detail"][0]
+    detail = result.quarantine["detail"][0]
+    assert "Connection refused" in detail and "(after 2 tries)" in detail
 
 
 def test_a_server_trickling_its_body_is_cut_off_at_the_deadline(image_server):
     """The timeout bounds each socket read: a server sending a byte every 50 ms never trips it, so the whole body
     has its own deadline (a few timeouts), after which the photo is quarantined instead of holding a thread."""
-    from matcher.http_images import BODY_DEADLINE_TIMEOUTS, AddressPolicy, fetch_image
-    from matcher.images import ImageRejected
+    from matcher.io.http_images import BODY_DEADLINE_TIMEOUTS, AddressPolicy, fetch_image
+    from matcher.steps.images import ImageRejected
 
     base, hits = image_server
     policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])

@@ -4,7 +4,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from matcher.hubness import bank_rows, hubness, normalised_scores
+from matcher.steps.hubness import bank_rows, hubness, normalised_scores
 
 
 def _unit(rows):
@@ -31,7 +31,7 @@ def test_blocks_do_not_change_the_values(monkeypatch):
     rng = np.random.default_rng(0)
     items, bank = _unit(rng.normal(size=(50, 8))), _unit(rng.normal(size=(20, 8)))
     whole = hubness(items, bank, 0.1)
-    monkeypatch.setattr("matcher.hubness._BLOCK", 7)
+    monkeypatch.setattr("matcher.steps.hubness._BLOCK", 7)
     np.testing.assert_allclose(hubness(items, bank, 0.1), whole, rtol=1e-6)
 
 
@@ -47,7 +47,7 @@ def test_a_hub_photo_near_every_text_loses_its_place_to_the_true_matches():
 def test_the_bank_is_the_products_first_by_md5_of_their_id():
     ids = np.array([f"P{i:03d}" for i in range(40)])
     chosen = bank_rows(ids, 10)
-    by_hash = sorted(ids, key=lambda p: hashlib.md5(p.encode()).hexdigest())[:10]
+    by_hash = sorted(ids, key=lambda p: hashlib.md5(p.encode(), usedforsecurity=False).hexdigest())[:10]
     assert sorted(ids[chosen]) == sorted(by_hash)
     assert (np.diff(chosen) > 0).all()
     assert len(bank_rows(ids, 100)) == 40
@@ -60,7 +60,7 @@ def test_a_temperature_must_be_positive(temperature):
 
 
 def test_held_out_recall_with_hubness_ranks_as_the_published_columns_would():
-    from matcher.evaluate import embedding_metrics
+    from matcher.steps.evaluate import embedding_metrics
 
     rng = np.random.default_rng(3)
     latent = rng.normal(size=(120, 6))
@@ -135,10 +135,10 @@ def test_search_by_photo_on_a_partition_published_before_hubness_says_so(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from matcher.app.search import search_text
     from matcher.config import load_config
-    from matcher.lake import Lake
-    from matcher.published import NotPublishedError
-    from matcher.search import search_text
+    from matcher.io.lake import Lake
+    from matcher.io.published import NotPublishedError
 
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
     dt = "2026-01-01"

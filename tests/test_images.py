@@ -3,7 +3,7 @@ import io
 import pytest
 from PIL import Image
 
-from matcher.images import ImageRejected, canonicalize_image
+from matcher.steps.images import ImageRejected, canonicalize_image
 
 LIMITS = dict(size=64, max_bytes=5_000_000, max_pixels=4_000_000)
 

@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from matcher.lake import Lake
+from matcher.io.lake import Lake
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -71,7 +71,7 @@ def test_a_published_file_is_read_only_once_a_manifest_names_it(lake):
 
 def test_a_column_a_later_release_added_reads_as_nulls_in_older_partitions(lake):
     """matcher query's view of a table across dates: the oldest partition lacks image_hubness, a newer one has it."""
-    from matcher.published import published_dataset
+    from matcher.io.published import published_dataset
 
     nights = {"2026-01-01": pa.table({"product_id": ["a", "b"]}),
               "2026-01-02": pa.table({"product_id": ["c"], "image_hubness": pa.array([0.25], pa.float32())})}
@@ -95,7 +95,7 @@ def test_a_new_attempt_of_an_internal_table_keeps_the_files_a_manifest_names(lak
     """A rerun's clean is written aside for its own stages; readers of the published date keep the manifest's."""
     import pyarrow.fs as pafs
 
-    from matcher.published import read_published
+    from matcher.io.published import read_published
 
     dt = "2026-01-01"
     published = lake.write_partition("clean", dt, pa.table({"product_id": ["a", "b"]}))
@@ -118,19 +118,19 @@ def test_a_document_read_cut_short_by_its_replacement_is_read_again(lake, monkey
     document that is really broken is still an error. The cut is injected here, once."""
     import json
 
-    import matcher.lake
+    import matcher.io.lake
 
     doc = {"tables": {"recommendations": {"files": [f"part-{i}.parquet" for i in range(50)]}}}
     lake.write_json("manifests/dt=2026-01-01/manifest.json", doc)
-    real, reads = matcher.lake.read_bytes, []
+    real, reads = matcher.io.lake.read_bytes, []
 
     def cut_once(fs, path):
         reads.append(path)
         data = real(fs, path)
         return data[:200] if len(reads) == 1 else data
 
-    monkeypatch.setattr(matcher.lake, "read_bytes", cut_once)
+    monkeypatch.setattr(matcher.io.lake, "read_bytes", cut_once)
     assert lake.read_json("manifests/dt=2026-01-01/manifest.json") == doc and len(reads) == 2
-    monkeypatch.setattr(matcher.lake, "read_bytes", lambda fs, path: b'{"tables": {"recomm')
+    monkeypatch.setattr(matcher.io.lake, "read_bytes", lambda fs, path: b'{"tables": {"recomm')
     with pytest.raises(json.JSONDecodeError):
         lake.read_json("manifests/dt=2026-01-01/manifest.json")

@@ -1,44 +1,169 @@
-"""Imports point one way: the app (CLI, demo, reports) -> jobs -> matcher's steps and I/O; and only matcher/lake.py
-spells the lake's layout."""
+"""Architecture rules as tests: imports point one way (core <- steps <- io <- jobs <- app, dags), and only
+matcher/io/lake.py spells the lake's layout. Each rule is also run on a planted violation, so it can fail."""
+from __future__ import annotations
+
 import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-APP = {"cli.py", "demo.py"}  # the user-facing app in matcher/: it may run jobs
+CORE = {"matcher", "matcher.config", "matcher.failures"}
+# What each layer may import from the project (prefixes), and third-party packages it must not touch.
+MAY_IMPORT = {
+    "core": ("matcher.config", "matcher.failures"),
+    "steps": ("matcher.config", "matcher.failures", "matcher.steps"),
+    "io": ("matcher.config", "matcher.failures", "matcher.steps", "matcher.io"),
+    "jobs": ("matcher.config", "matcher.failures", "matcher.steps", "matcher.io", "jobs"),
+    "app": ("matcher", "jobs"),
+    "dags": ("matcher.config", "jobs"),
+}
+FORBIDDEN_PACKAGES = {
+    "core": ("pyspark", "airflow", "boto3", "botocore", "torch", "pyarrow.fs", "s3fs", "fsspec"),
+    "steps": ("pyspark", "airflow", "boto3", "botocore", "pyarrow.fs", "s3fs", "fsspec"),
+    "io": ("pyspark", "airflow"),
+    "jobs": (),
+    "app": (),
+    "dags": ("torch", "pyspark"),
+}
 
 
-def _imports(path: Path) -> set[str]:
+def layer_of(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).parts
+    if rel[0] == "matcher":
+        return rel[1] if len(rel) > 2 else "core"
+    return rel[0]
+
+
+def imports_of(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from matcher import io`
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return found
 
 
-def test_steps_and_io_never_import_jobs_the_app_or_airflow():
+def _within(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def layering_violations(root: Path) -> dict[str, list[str]]:
     offenders = {}
-    for path in (ROOT / "matcher").glob("*.py"):
-        if path.name in APP:
-            continue
-        bad = {m for m in _imports(path) if m.split(".")[0] in ("jobs", "airflow")
-               or m in ("matcher.cli", "matcher.demo")}
-        if bad:
-            offenders[path.name] = sorted(bad)
-    assert offenders == {}
+    for folder in ("matcher", "jobs", "dags"):
+        for path in sorted((root / folder).rglob("*.py")):
+            layer = layer_of(path, root)
+            bad = set()
+            for module in imports_of(path):
+                project = module.split(".")[0] in ("matcher", "jobs", "dags")
+                if project and not (_within(module, MAY_IMPORT[layer]) or module in CORE
+                                    or module in ("matcher", "matcher.__version__")):
+                    bad.add(module)
+                if not project and _within(module, FORBIDDEN_PACKAGES[layer]):
+                    bad.add(module)
+            if bad:
+                offenders[str(path.relative_to(root))] = sorted(bad)
+    return offenders
 
 
-def test_jobs_never_import_the_app():
-    offenders = {p.name: sorted(m for m in _imports(p) if m in ("matcher.cli", "matcher.demo"))
-                 for p in (ROOT / "jobs").glob("*.py")}
-    assert {k: v for k, v in offenders.items() if v} == {}
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    """Every string literal and f-string part of a module, docstrings left out (they may describe the layout)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+_FILE_NAME = re.compile(r"^[A-Za-z_][\w.-]*\.(?:json|html|parquet|safetensors|pt)$")
+
+
+def lake_names(lake_module: Path) -> tuple[set[str], set[str]]:
+    """The lake's folder and file names, read from the lake module's own literals: the rule widens as it grows."""
+    folders, files = set(), set()
+    for _, text in _string_constants(lake_module):
+        parts = text.split("/")
+        if len(parts) > 1 and re.fullmatch(r"_?[a-z]+", parts[0]):
+            folders.add(parts[0])
+        files.update(p for p in parts if _FILE_NAME.match(p))
+    for node in ast.walk(ast.parse(lake_module.read_text(encoding="utf-8"))):  # MANIFESTS_DIR = "manifests"
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id.endswith("_DIR")):
+            folders.add(node.value.value)
+    return folders, files
+
+
+def lake_layout_spelled_outside(root: Path) -> list[str]:
+    """Lines outside matcher/io/lake.py whose literals spell a lake path: a lake folder followed by `/`, a lake file
+    name after `/` or alone, a Hive partition `dt=`, or a part file's `part-` prefix."""
+    lake_module = root / "matcher" / "io" / "lake.py"
+    folders, files = lake_names(lake_module)
+    alternatives = "|".join(map(re.escape, sorted(folders)))
+    folder_rule = re.compile(rf"(?:^|/)(?:{alternatives})/")
+    file_rule = re.compile(rf"(?:^|/)(?:{'|'.join(map(re.escape, sorted(files)))})$")
+    partition_rule = re.compile(r"(?:^|/)dt=$|(?:^|/)dt=[{\w]|^part-")
+    spelled = []
+    for folder in ("matcher", "jobs", "dags"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path == lake_module:
+                continue
+            for lineno, text in _string_constants(path):
+                if "{ds}" in text:  # a catalog URI's Airflow template, not the lake
+                    continue
+                if folder_rule.search(text) or file_rule.search(text) or partition_rule.search(text):
+                    spelled.append(f"{path.relative_to(root)}:{lineno}")
+    return sorted(set(spelled))
+
+
+def test_imports_point_one_way_with_no_exemptions():
+    assert layering_violations(ROOT) == {}
 
 
 def test_only_the_lake_module_spells_the_lake_layout():
-    layout = re.compile(r"""["'](?:manifests|_runs|_staging|_work|models)/""")
-    spelled = [f"{p.relative_to(ROOT)}:{n}" for d in ("matcher", "jobs", "dags")
-               for p in (ROOT / d).glob("*.py") if p.name != "lake.py"
-               for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if layout.search(line)]
-    assert spelled == []
+    assert lake_layout_spelled_outside(ROOT) == []
+
+
+def _plant(tmp_path: Path, relpath: str, source: str) -> Path:
+    for folder in ("matcher/steps", "matcher/io", "matcher/app", "jobs", "dags"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    path = tmp_path / relpath
+    path.write_text(source, encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize("relpath, source", [
+    ("matcher/steps/planted.py", "from matcher.io.lake import Lake\n"),
+    ("matcher/steps/planted.py", "import pyspark.sql\n"),
+    ("matcher/io/planted.py", "from jobs.context import RunContext\n"),
+    ("matcher/io/planted.py", "from matcher.app import cli\n"),
+    ("jobs/planted.py", "import matcher.app.search\n"),
+    ("matcher/config.py", "from matcher.steps.text import normalize_text\n"),
+    ("dags/planted.py", "from matcher.io.lake import Lake\n"),
+])
+def test_the_layering_rule_catches_a_planted_violation(tmp_path, relpath, source):
+    assert list(layering_violations(_plant(tmp_path, relpath, source))) == [relpath]
+
+
+@pytest.mark.parametrize("line", [
+    'path = f"{root}/models/{version}/model.safetensors"',
+    'name = "part-00000.parquet"',
+    'key = posixpath.join("validation/", date)',
+    'where = f"{table}/dt={date}"',
+    'marker = posixpath.join(folder, "manifest.json")',
+    'lock = f"{folder}/_token.json"',
+])
+def test_the_lake_layout_rule_catches_a_planted_spelling(tmp_path, line):
+    _plant(tmp_path, "jobs/planted.py", line + "\n")
+    (tmp_path / "matcher/io/lake.py").write_text((ROOT / "matcher/io/lake.py").read_text(encoding="utf-8"))
+    assert lake_layout_spelled_outside(tmp_path) == ["jobs/planted.py:1"]
+
+
+def test_the_lake_names_come_from_the_lake_module():
+    folders, files = lake_names(ROOT / "matcher" / "io" / "lake.py")
+    assert {"manifests", "_runs", "_staging", "_work", "_locks", "validation", "reports", "models"} <= folders
+    assert {"manifest.json", "_committed.json", "config.json", "metrics.json", "model.safetensors",
+            "_token.json", "_run.json", "report.html", "result.json"} <= files

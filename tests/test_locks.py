@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from matcher.config import load_config
-from matcher.lake import Lake
-from matcher.locks import REVOKED_DIR, DateLock, DateLockedError, LockLostError, date_lock
+from matcher.io.lake import Lake
+from matcher.io.locks import DateLock, DateLockedError, LockLostError, date_lock
 
 D1 = "2026-01-01"
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_on_s3_a_skewed_contender_waits_and_a_dead_lock_is_taken_only_after_stal
     time.sleep(4.2)
     with date_lock(lake, D1, "contender", stale_after=3.0, heartbeat_every=0.3, clock=_skewed(-3600)) as taken:
         assert taken.token > 99  # tokens only grow: past the dead holder's
-        assert lake.exists(f"{Lake.lock_dir(D1)}/{REVOKED_DIR}/000000000099-dead.json")
+        assert lake.exists(f"{Lake.revoked_dir(D1)}/000000000099-dead.json")
 
 
 def test_a_dead_holders_lock_is_taken_only_after_stale_after(tmp_path):
@@ -131,8 +131,8 @@ def test_a_holder_whose_heartbeat_fails_stops_and_its_commit_fence_refuses(tmp_p
 _HOLDER = r"""
 import json, sys
 from matcher.config import load_config
-from matcher.lake import Lake
-from matcher.locks import LockLostError, date_lock
+from matcher.io.lake import Lake
+from matcher.io.locks import LockLostError, date_lock
 uri, storage, stale_after, heartbeat = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 lake = Lake(uri, load_config(overrides={"storage": storage}).storage)
 try:
@@ -247,7 +247,7 @@ def test_two_runs_of_one_date_cannot_interleave_stages(tmp_path):
     run of the date that keeps trying never gets in, not even between stages."""
     from jobs.context import RunContext
     from jobs.pipeline import run_pipeline
-    from matcher.demo_catalog import make_demo_catalog
+    from matcher.app.demo_catalog import make_demo_catalog
 
     catalog = make_demo_catalog(tmp_path / "catalog", products=12, with_bad_rows=False)
     cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)}})

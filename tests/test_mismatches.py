@@ -10,8 +10,8 @@ import pytest
 from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
-from matcher.baselines import PairFitters
-from matcher.mismatches import FoldScorer, TooFewProducts, fit_cross_fitted, fit_with_setting, mismatch_folds
+from matcher.steps.baselines import PairFitters
+from matcher.steps.mismatches import FoldScorer, TooFewProducts, fit_cross_fitted, fit_with_setting, mismatch_folds
 from tests.synthetic import synthetic_features, write_synthetic_partition
 
 FOLDS = 5

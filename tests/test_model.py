@@ -5,10 +5,10 @@ import torch
 from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
-from matcher.evaluate import evaluate_model, model_pair_scorer, roc_auc
-from matcher.model import MatcherModel, ModelError, ModelSpec, fuse, model_from_bytes, model_to_bytes
-from matcher.registry import current_version, load_current_model
-from matcher.train import holdout_mask, train_model
+from matcher.io.registry import current_version, load_current_model
+from matcher.steps.evaluate import evaluate_model, model_pair_scorer, roc_auc
+from matcher.steps.model import MatcherModel, ModelError, ModelSpec, fuse, model_from_bytes, model_to_bytes
+from matcher.steps.train import holdout_mask, train_model
 from tests.synthetic import IMAGE_ENCODER, TEXT_ENCODER, synthetic_features, write_synthetic_partition
 
 SPEC = ModelSpec(image_dim=48, text_dim=32, dim=16, hidden=32, fusion="weighted", fusion_alpha=0.5,
@@ -16,7 +16,8 @@ SPEC = ModelSpec(image_dim=48, text_dim=32, dim=16, hidden=32, fusion="weighted"
 
 
 def small_train_config(**kw):
-    return load_config(overrides={"train": {"epochs": 15, "batch_size": 64, "dim": 16, "hidden": 32, "learning_rate": 5e-3, "min_steps": 0, **kw}}).train
+    return load_config(overrides={"train": {"epochs": 15, "batch_size": 64, "dim": 16, "hidden": 32,
+                                            "learning_rate": 5e-3, "min_steps": 0, **kw}}).train
 
 
 def test_fusion_modes():
@@ -85,7 +86,8 @@ def test_roc_auc():
 
 def _ctx(tmp_path, date, **train):
     cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},
-                                 "train": {"epochs": 15, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0, **train}})
+                                 "train": {"epochs": 15, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0,
+                                           **train}})
     return RunContext(cfg, date)
 
 
@@ -129,7 +131,7 @@ def test_training_report_is_written_next_to_the_model(tmp_path):
 
 
 def test_models_lists_versions_and_promote_rolls_back(tmp_path, capsys):
-    from matcher.cli import main
+    from matcher.app.cli import main
     from matcher.config import dump_toml
 
     first = _ctx(tmp_path, "2026-01-01")

@@ -7,13 +7,12 @@ import sys
 import time
 
 import pyarrow.fs as pafs
-import pytest
 
-from matcher.cli import main
+from matcher.app.cli import main
+from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import dump_toml, load_config
-from matcher.demo_catalog import make_demo_catalog
-from matcher.lake import Lake
-from matcher.storage import resolve_uri
+from matcher.io.lake import Lake
+from matcher.io.storage import resolve_uri
 
 PUBLISHED = ("recommendations", "embeddings", "categories", "search")
 
@@ -55,7 +54,7 @@ def _first_night(s3_server, tmp_path, name, date):
 
 def _start_run_until_extract(config, lake, date) -> subprocess.Popen:
     """`matcher run` in its own process group, returned once the night has passed validate (extract is next)."""
-    proc = subprocess.Popen([sys.executable, "-m", "matcher.cli", "-q", "run", "--config", str(config),
+    proc = subprocess.Popen([sys.executable, "-m", "matcher.app.cli", "-q", "run", "--config", str(config),
                              "--date", date], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -109,7 +108,7 @@ def test_five_nights_with_catalog_changes_stay_complete_and_reuse_features(s3_se
         assert main(["-q", "run", "--config", str(config), "--date", date]) == 0
         expected.append((date, len(rows), added, changed, removed))
 
-    for date, n_rows, added, changed, removed in expected:
+    for date, n_rows, added, changed, _removed in expected:
         manifest = lake.read_json(f"manifests/dt={date}/manifest.json")
         assert manifest["counts"]["clean_rows"] == n_rows and manifest["counts"]["quarantined_rows"] == 0
         recs = lake.read_partition("recommendations", date).to_pandas()
@@ -127,7 +126,7 @@ def test_five_nights_with_catalog_changes_stay_complete_and_reuse_features(s3_se
 def test_the_s3_server_going_away_mid_run_loses_nothing(tmp_path):
     import secrets
 
-    from matcher.s3server import EmbeddedS3
+    from matcher.io.s3server import EmbeddedS3
 
     server = EmbeddedS3(tmp_path / "s3", "ops" + secrets.token_hex(3), secrets.token_hex(16)).start()
     try:

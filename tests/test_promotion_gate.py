@@ -2,7 +2,7 @@
 each night cannot ratchet the served quality down, a backfill of an older date does not move models/current.json, and
 promotions from two nights at once are serialised by the registry's lock.
 
-Most tests drive matcher.promotion.run_gate on a real file:// lake holding real (untrained) models, with the held-out
+Most tests drive matcher.io.promotion.run_gate on a real file:// lake holding real (untrained) models, with the held-out
 metrics each model would measure on the night's split given as the test's input; one runs the real train stage."""
 import threading
 import time
@@ -13,12 +13,23 @@ import pytest
 from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import dump_toml, load_config
-from matcher.lake import Lake
-from matcher.locks import DateLockedError
-from matcher.model import MatcherModel, ModelError, ModelSpec
-from matcher.promotion import EvaluationFailed, GateError, GateSettings, NotComparable, gate_verdict, run_gate
-from matcher.registry import (MODELS_LOCK_KEY, SERVED, ModelsLockedError, current_version, load_model,
-                              model_for_date, models_lock, promote, read_current, read_served, save_model)
+from matcher.io.lake import Lake
+from matcher.io.locks import DateLockedError
+from matcher.io.promotion import EvaluationFailed, GateError, GateSettings, NotComparable, gate_verdict, run_gate
+from matcher.io.registry import (
+    MODELS_LOCK_KEY,
+    SERVED,
+    ModelsLockedError,
+    current_version,
+    load_model,
+    model_for_date,
+    models_lock,
+    promote,
+    read_current,
+    read_served,
+    save_model,
+)
+from matcher.steps.model import MatcherModel, ModelError, ModelSpec
 from tests.synthetic import IMAGE_ENCODER, TEXT_ENCODER, write_synthetic_partition
 
 METRIC = "mean_recall_at_10"
@@ -309,7 +320,7 @@ def test_a_promotion_waits_for_the_lock_and_gives_up_retryably(lake):
 # Rollback -------------------------------------------------------------------------------------------------------
 
 def test_a_manual_promotion_pins_the_bar_and_the_cli_says_how_to_rescore(lake, tmp_path, capsys):
-    from matcher.cli import main
+    from matcher.app.cli import main
 
     night(lake, "2026-01-01", "m1", {"m1": 0.80})
     night(lake, "2026-01-02", "m2", {"m1": 0.80, "m2": 0.85})
@@ -351,7 +362,7 @@ def test_promoting_repairs_an_unreadable_registry(lake):
 def test_a_night_that_lost_its_date_lock_does_not_move_current_json(lake):
     """The date lock's fence runs right before current.json is written: a run whose lock was taken over (a stall)
     must not promote, however good its model."""
-    from matcher.locks import LockLostError
+    from matcher.io.locks import LockLostError
 
     night(lake, "2026-01-01", "m1", {"m1": 0.50})
     before = (read_current(lake), read_served(lake))

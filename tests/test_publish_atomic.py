@@ -13,9 +13,9 @@ from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from jobs.validate import judged_attempt
 from matcher.config import load_config
-from matcher.lake import PUBLISHED_TABLES, Lake
-from matcher.published import published_dataset, read_published
-from matcher.tables import table_schema
+from matcher.io.lake import PUBLISHED_TABLES, Lake
+from matcher.io.published import published_dataset, read_published
+from matcher.io.tables import table_schema
 
 D = "2026-05-01"
 READ_TABLES = ("recommendations", "embeddings", "clean", "quarantine")
@@ -109,7 +109,6 @@ def test_a_reader_on_the_previous_manifest_finishes_on_its_files_while_the_date_
 
 
 def test_readers_looping_over_a_date_during_republishes_never_fail_and_never_mix(config):
-    lake = Lake(config.run.lake, config.storage)
     publish_night(config, "g0")
     stop = threading.Event()
     seen: list[tuple[str, set]] = []
@@ -206,7 +205,7 @@ def test_a_publish_that_lost_its_lock_is_retried_and_a_retry_after_the_commit_is
     staged tables; and a publish retried after its commit (the lock lost after the manifest was written) succeeds
     without publishing anything again."""
     from jobs.context import StageError
-    from matcher.locks import DateLock, LockLostError
+    from matcher.io.locks import DateLock, LockLostError
 
     ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), D)
     clean_attempt(ctx.lake, D, "g1")

@@ -12,8 +12,8 @@ from PIL import Image
 import jobs.clean
 from jobs.context import RunContext, StageError
 from jobs.pipeline import run_pipeline
-from matcher.clean import RowCountMismatch, check_row_counts
 from matcher.config import load_config
+from matcher.steps.clean import RowCountMismatch, check_row_counts
 
 ROWS = 40
 DATE = "2026-03-01"

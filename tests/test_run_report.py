@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from matcher.config import load_config
-from matcher.lake import Lake
-from matcher.model import MatcherModel, ModelSpec
-from matcher.registry import save_model
-from matcher.run_report import CSS, HISTOGRAM_ROWS, render_run_report
-from matcher.tables import table_schema
+from matcher.io.lake import Lake
+from matcher.io.registry import save_model
+from matcher.io.run_report import CSS, HISTOGRAM_ROWS, render_run_report
+from matcher.io.tables import table_schema
+from matcher.steps.model import MatcherModel, ModelSpec
 
 DATE = "2026-03-01"
 VERSION = "v-test"
@@ -78,7 +78,8 @@ def _clean(ids: list[str]) -> pa.Table:
 def _recs(rows: list[tuple[str, int, str]]) -> pa.Table:
     return _table("recommendations", {
         "product_id": [r[0] for r in rows], "rank": [r[1] for r in rows], "rec_product_id": [r[2] for r in rows],
-        "similarity": [0.5] * len(rows), "score": [1.0 - r[1] / 10 for r in rows], "model_version": [VERSION] * len(rows)})
+        "similarity": [0.5] * len(rows), "score": [1.0 - r[1] / 10 for r in rows],
+        "model_version": [VERSION] * len(rows)})
 
 
 def _mismatches(ids: list[str], scores: list[float]) -> pa.Table:
@@ -355,8 +356,8 @@ def test_no_published_partition(tmp_path):
 def test_paths_come_from_the_lake():
     import inspect
 
-    import matcher.run_report
+    import matcher.io.run_report
 
-    source = inspect.getsource(matcher.run_report)
+    source = inspect.getsource(matcher.io.run_report)
     for spelled in ('"manifests/', '"_runs/', '"models/', "f\"models/", "f\"_runs/", "f\"manifests/"):
         assert spelled not in source, spelled

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import REPO_ROOT, dump_toml, load_config
-from matcher.demo_catalog import make_demo_catalog
-from matcher.lake import Lake
+from matcher.io.lake import Lake
 
 DATES = ("2026-01-01", "2026-01-02")
 DAG = "product_matching_nightly"
@@ -54,7 +54,8 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
     config.write_text(dump_toml({
         "run": {"catalog": str(catalogs / "dt={ds}"), "lake": f"file://{tmp_path}/lake"},
         "clean": {"image_size": 32},
-        "extract": {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "second_title_encoder": "", "spark_master": "local[1]"},
+        "extract": {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "second_title_encoder": "",
+                    "spark_master": "local[1]"},
         "train": {"epochs": 2, "dim": 16, "hidden": 32, "min_steps": 10},
         "score": {"top_k": 3},
     }))

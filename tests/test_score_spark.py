@@ -10,12 +10,12 @@ import torch
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
 from jobs.spark_lake import write_parts
-from matcher.ann import assign_lists, build_index, search_lists, train_centroids
 from matcher.config import load_config
-from matcher.evaluate import model_pair_scorer
-from matcher.lake import Lake, new_attempt_id
-from matcher.model import MatcherModel, ModelSpec, model_to_bytes
-from matcher.scoring import cross_match_scorer, rerank, topk, topk_over_blocks
+from matcher.io.lake import Lake, new_attempt_id
+from matcher.steps.ann import assign_lists, build_index, search_lists, train_centroids
+from matcher.steps.evaluate import model_pair_scorer
+from matcher.steps.model import MatcherModel, ModelSpec, model_to_bytes
+from matcher.steps.scoring import cross_match_scorer, rerank, topk, topk_over_blocks
 from tests.conftest import SMALL_DRIVER_SAMPLES
 
 DATE = "2026-01-01"
@@ -207,9 +207,9 @@ def test_the_search_table_by_photo_equals_cosine_less_hubness_over_the_whole_cat
     """score.search_by = "photo" on Spark: each partition's top-k by the photos' cosine less their hubness against
     the broadcast bank, merged per query, equals the same ranking computed in one piece."""
     from jobs.score import _search
-    from matcher.encoders import load_text_encoder
-    from matcher.hubness import hubness
-    from matcher.search import query_vectors
+    from matcher.steps.encoders import load_text_encoder
+    from matcher.steps.hubness import hubness
+    from matcher.steps.search import query_vectors
 
     version = load_text_encoder("hashing-384", "cpu", "joined", "").version
     spec = ModelSpec(image_dim=8, text_dim=384, dim=16, hidden=16, fusion="weighted", fusion_alpha=0.5,
@@ -237,9 +237,9 @@ def test_the_search_table_by_photo_equals_cosine_less_hubness_over_the_whole_cat
 
 def test_refining_the_lists_on_executors_equals_the_single_machine_refinement(spark):
     """k-means passes over the whole catalog on Spark (per-task sums added up on executors, under a 1 MB
-    maxResultSize) give the centroids of matcher.ann.refine_centroids over the same vectors."""
+    maxResultSize) give the centroids of matcher.steps.ann.refine_centroids over the same vectors."""
     from jobs.score_ann import refine_lists
-    from matcher.ann import refine_centroids
+    from matcher.steps.ann import refine_centroids
 
     v = unit_vectors(600, 16, 4)
     start = train_centroids(v[:60], 12, seed=2)  # trained on a tenth: the whole catalog moves them
@@ -252,12 +252,12 @@ def test_refining_the_lists_on_executors_equals_the_single_machine_refinement(sp
 
 
 def test_the_lists_are_trained_on_executors_and_the_driver_never_holds_the_sample(spark):
-    """train_lists is k-means (matcher.ann) from k-means++ seeds on the first 8 rows per list by md5, over the
+    """train_lists is k-means (matcher.steps.ann) from k-means++ seeds on the first 8 rows per list by md5, over the
     sample, with the steps on executors: the driver receives the seeds and one sum per list and step, so this
     session's 1 MB cap passes a 5 MB sample (20,000 x 64 floats), which the earlier collect of the sample exceeded."""
     from jobs.score_ann import train_lists
-    from matcher.ann import SEEDS_PER_LIST, TRAIN_ITERATIONS, refine_centroids, seed_centroids
-    from matcher.hubness import bank_order_key, bank_rows
+    from matcher.steps.ann import SEEDS_PER_LIST, TRAIN_ITERATIONS, refine_centroids, seed_centroids
+    from matcher.steps.hubness import bank_order_key, bank_rows
 
     n, d, lists = 20000, 64, 16
     rng = np.random.default_rng(4)
@@ -299,7 +299,8 @@ def test_categories_are_not_taken_by_a_mislabeled_row(spark, min_products):
     for batch in frame.toArrow().to_batches():
         for name, out in make_categoriser(names, centroids, "v1")([batch]):
             if name == "categories":
-                predicted |= dict(zip(out.column("product_id").to_pylist(), out.column("predicted_category").to_pylist()))
+                predicted |= dict(zip(out.column("product_id").to_pylist(),
+                                      out.column("predicted_category").to_pylist()))
     taken = [p for p, c in predicted.items() if c == "zz"]
     if min_products == 1:
         assert len(taken) > 1  # the failure the minimum prevents: "zz" wins some of cluster a
@@ -309,11 +310,11 @@ def test_categories_are_not_taken_by_a_mislabeled_row(spark, min_products):
 
 
 def test_the_hubness_bank_is_the_first_products_by_md5_and_reaches_the_driver_bounded(spark):
-    """The bank is exactly matcher.hubness's (the first `size` products by md5), and the driver receives about
+    """The bank is exactly matcher.steps.hubness's (the first `size` products by md5), and the driver receives about
     twice `size` rows: this session's 1 MB result cap is far below what every partition's best `size` rows (an
     ordered limit alone) would send."""
     from jobs.score import _hubness_bank
-    from matcher.hubness import bank_order_key, bank_rows
+    from matcher.steps.hubness import bank_order_key, bank_rows
 
     n, d, size = 4000, 256, 100
     z, u = unit_vectors(n, d, 1), unit_vectors(n, d, 2)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from matcher.scoring import assign_categories, topk
+from matcher.steps.scoring import assign_categories, topk
 
 
 def brute_force(q, x, k, exclude_self):
@@ -72,7 +72,7 @@ def test_random_catalog_over_many_blocks_matches_brute_force():
 def test_gpu_filter_path_equals_the_cpu_one():
     # The torch filtering used on a GPU, run here on CPU tensors, against the numpy one used on the CPU: plain
     # and through the tiles of rows.
-    from matcher.scoring import _entries_above_numpy, _entries_above_torch, _entries_at_least
+    from matcher.steps.scoring import _entries_above_numpy, _entries_above_torch, _entries_at_least
 
     def as_set(hits):
         return set(zip(*(h.tolist() for h in hits)))
@@ -102,7 +102,7 @@ def test_result_does_not_depend_on_threads_or_block_size(threads):
 
 
 def test_default_block_is_chosen_from_the_cache_and_the_threads():
-    from matcher.scoring import _cache_bytes, default_block_size
+    from matcher.steps.scoring import _cache_bytes, default_block_size
 
     for threads in (1, 2, 8, 64):
         block = default_block_size(threads=threads)
@@ -113,7 +113,7 @@ def test_default_block_is_chosen_from_the_cache_and_the_threads():
 
 
 def test_sort_keys_order_by_score_descending_then_index_and_decode_back():
-    from matcher.scoring import _NO_INDEX, _EMPTY_KEY, _decode_keys, _descending_keys
+    from matcher.steps.scoring import _EMPTY_KEY, _NO_INDEX, _decode_keys, _descending_keys
 
     scores = np.array([1.0, 0.5, 0.5, 0.0, -0.0, -0.5, -1.0, -np.inf, 3e-38, -3e-38], dtype=np.float32)
     indices = np.array([9, 3, 4, 7, 2, 0, 1, 5, 6, 8])
@@ -131,7 +131,7 @@ def test_sort_keys_order_by_score_descending_then_index_and_decode_back():
 
 @pytest.mark.parametrize("skewed", [False, True])
 def test_merged_keys_are_each_rows_k_least(skewed):
-    from matcher.scoring import _merge_keys
+    from matcher.steps.scoring import _merge_keys
 
     rng = np.random.default_rng(5)
     n, k = 50, 6
@@ -169,7 +169,7 @@ def test_assign_categories_nearest_centroid():
 
 
 def test_rerank_orders_by_the_blended_score_and_keeps_similarity():
-    from matcher.scoring import rerank
+    from matcher.steps.scoring import rerank
 
     sim = np.array([[0.9, 0.8, 0.7]], dtype=np.float32)
     cand = np.array([[5, 6, 7]])
@@ -183,7 +183,7 @@ def test_rerank_orders_by_the_blended_score_and_keeps_similarity():
 
 
 def test_cross_match_scores_each_unordered_pair_once():
-    from matcher.scoring import cross_match_scorer
+    from matcher.steps.scoring import cross_match_scorer
 
     calls = []
 
@@ -223,7 +223,7 @@ def test_reduced_precision_products_give_the_float32_answer(precision):
 @pytest.mark.parametrize("shape,k,axis", [((64, 2048), 20, 1), ((2048, 64), 20, 0), ((30, 100), 7, 1),
                                           ((37, 21), 21, 1), ((50, 40), 3, 0)])
 def test_the_kth_score_bound_never_exceeds_the_kth_score_and_k_entries_reach_it(shape, k, axis):
-    from matcher.scoring import _kth_largest_bound
+    from matcher.steps.scoring import _kth_largest_bound
 
     sims = np.random.default_rng(k).standard_normal(shape).astype(np.float32)
     sims[0, :] = -np.inf  # excluded entries (a product and itself) count for nothing

@@ -1,4 +1,4 @@
-from matcher.text import normalize_text, tokenize
+from matcher.steps.text import normalize_text, tokenize
 
 
 def test_normalize_strips_html_entities_controls_and_whitespace():

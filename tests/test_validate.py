@@ -4,7 +4,7 @@ import sys
 import pandas as pd
 import pytest
 
-from matcher.validate import render_html, validate_night
+from matcher.steps.validate import render_html, validate_night
 
 
 def clean_frame(n=5, **overrides):
@@ -152,7 +152,7 @@ def test_validate_night_rejects_other_inputs():
 
 def test_the_validate_module_imports_neither_spark_nor_the_jobs():
     # Great Expectations (which itself may import pyspark) is loaded only when a suite runs.
-    code = ("import sys, matcher.validate; "
+    code = ("import sys, matcher.steps.validate; "
             "bad = {m.split('.')[0] for m in sys.modules} & {'pyspark', 'jobs', 'airflow', 'great_expectations'}; "
             "assert not bad, sorted(bad)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,11 +6,11 @@ import pytest
 from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
 from jobs.validate import require_passed
-from matcher.cli import main
+from matcher.app.cli import main
+from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import dump_toml, load_config
-from matcher.demo_catalog import make_demo_catalog
-from matcher.lake import Lake
-from matcher.published import read_published
+from matcher.io.lake import Lake
+from matcher.io.published import read_published
 from tests.test_publish_atomic import stage_published_tables
 
 D = "2026-06-01"

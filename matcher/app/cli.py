@@ -1,0 +1,381 @@
+"""matcher: match product photos with product texts, and publish a catalog's recommendations, search and category
+tables every night (clean and validate, extract features, train, score, publish; Spark, Airflow, S3)."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from matcher.config import WORKSPACE_CONFIG, Config, load_config
+from matcher.io.s3server import storage_ready
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jobs.context import StageError
+    from matcher.config import ConfigError
+    from matcher.io.catalog import CatalogError
+    from matcher.io.published import NotPublishedError
+    from matcher.io.s3server import S3ServerError
+    from matcher.io.storage import StorageError
+    from matcher.steps.encoders import EncoderError
+    from matcher.steps.model import ModelError
+
+    return (StageError, CatalogError, ConfigError, EncoderError, ModelError, NotPublishedError, S3ServerError,
+            StorageError, ValueError, FileNotFoundError, OSError)
+
+
+def resolve_config(path: str | None) -> Config:
+    """--config FILE, else the workspace's .matcher/config.toml (written by `matcher demo`), else the defaults.
+    Says which on stderr first, so a workspace config never applies silently."""
+    if path:
+        source, cfg = path, load_config(path)
+    elif WORKSPACE_CONFIG.is_file():
+        source = f"{WORKSPACE_CONFIG} (the workspace config `matcher demo` wrote; --config FILE to use another)"
+        cfg = load_config(WORKSPACE_CONFIG)
+    else:
+        source, cfg = "embedded defaults (matcher/defaults.toml)", load_config()
+    if not _quiet:
+        print(f"matcher: config {source}", file=sys.stderr, flush=True)
+    return cfg
+
+
+_quiet = False  # -q: only warnings and errors on stderr (set once by main)
+
+
+def _lake(cfg: Config, lake_uri: str | None):
+    from matcher.io.lake import Lake
+
+    return Lake(lake_uri or cfg.run.lake, cfg.storage)
+
+
+def _run_dates(args: argparse.Namespace, dates: list[str]) -> int:
+    """The pipeline's steps for each date in order (stopping at the first failure), one line per date done."""
+    from jobs.context import RunContext
+    from jobs.pipeline import parse_steps, run_pipeline
+    from jobs.spark import stop_spark
+
+    steps = parse_steps(args.steps)
+    with storage_ready(resolve_config(args.config)) as cfg:
+        catalog = args.catalog or cfg.run.catalog
+        if len(dates) > 1 and "clean" in steps and "{ds" not in catalog:
+            logging.getLogger("matcher").warning(
+                "catalog %s has no {ds}: every date reads this same snapshot (use e.g. .../dt={ds})", catalog)
+        try:
+            for date in dates:
+                ctx = RunContext(cfg, date, catalog=args.catalog or "", lake_uri=args.lake or "",
+                                 model_version=args.model or "")
+                run_pipeline(ctx, steps)
+                timings = ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items())
+                print(f"matcher: {date} done ({timings}); lake {ctx.lake.display('')}", flush=True)
+        finally:
+            stop_spark()
+    return 0
+
+
+def _records(df) -> list[dict]:
+    """A DataFrame's rows as JSON-ready dicts (numpy numbers, dates and arrays as JSON's own types); a float32 value
+    as its shortest decimal (0.9, not 0.8999999762)."""
+    import numpy as np
+
+    shortest = {c: [None if np.isnan(v) else float(str(v)) for v in df[c].to_numpy()] for c in df.columns
+                if df[c].dtype == np.float32}
+    return json.loads(df.assign(**shortest).to_json(orient="records", date_format="iso", force_ascii=False,
+                                                    double_precision=15))
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_dates(args, [args.date])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from matcher.app.demo import run_demo
+
+    return run_demo(Path(args.workdir), products=args.products, date=args.date)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from matcher.app.search import recommendations_for
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        recs = recommendations_for(_lake(cfg, args.lake), args.product_id, args.date)
+    if args.json:
+        _print_json({"product_id": args.product_id, "title": recs.attrs["query_title"], "date": recs.attrs["date"],
+                     "recommendations": _records(recs)})
+        return 0
+    print(f"{args.product_id}  {recs.attrs['query_title']}  (published {recs.attrs['date']})")
+    for row in recs.itertuples():
+        print(f"  {row.rank:>2}. {row.rec_product_id:<12} {row.score:.3f}  {row.title}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from matcher.app.search import search_text
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        hits = search_text(_lake(cfg, args.lake), args.text, k=args.k, date=args.date, by=args.by)
+    if args.json:
+        _print_json(_records(hits))
+        return 0
+    for row in hits.itertuples():
+        print(f"  {row.rank:>2}. {row.product_id:<12} {row.score:.3f}  {row.title}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from matcher.io.published import resolve_date
+    from matcher.io.registry import current_version
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        date = resolve_date(lake, args.date)
+        manifest = lake.manifest(date)
+        version = manifest["model_version"]
+        train = lake.read_json(lake.stage_stats_file(date, "train")) or {}
+        report = {
+            "date": date,
+            "model_version": version,
+            "current_model_version": current_version(lake),
+            "metrics": lake.read_json(lake.model_file(version, "metrics")),
+            "trained_this_date": train.get("model_version"),
+            "promotion": train.get("decision"),
+            "previous_model_metrics": train.get("previous_metrics"),
+        }
+    _print_json(report)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from matcher.io.registry import list_models, promote
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        if args.promote:
+            warning = promote(lake, args.promote)  # refuses a version that is missing or unreadable
+            if warning:
+                print(f"matcher: warning: {warning}", file=sys.stderr)
+            print(f"current model is now {args.promote}, and the best served model for its encoders: a later night "
+                  f"promotes its new model only within train.promotion_tolerance of it. Dates keep the model they "
+                  f"trained (or were first scored) with; to rescore one with it: matcher run --date DATE "
+                  f"--steps score,publish --model {args.promote}")
+            return 0
+        models = list_models(lake)
+        if args.json:
+            _print_json(models)
+            return 0
+        for m in models:
+            recall = f"{m['mean_recall_at_10']:.3f}" if m["mean_recall_at_10"] is not None else "-"
+            print(f"{'*' if m['current'] else ' '}{'^' if m['best'] else ' '} {m['version']:<28} "
+                  f"trained for {m['trained_for_date']}  mean R@10 {recall}")
+        if models:
+            print("(* current, ^ best served for its encoders: the model new ones are also compared with)")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)
+    if end < start:
+        raise ValueError("--to is before --from")
+    return _run_dates(args, [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)])
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from matcher.io.published import resolve_date
+    from matcher.io.run_report import render_run_report
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        date = resolve_date(lake, args.date)
+        page = render_run_report(lake, date)
+    out = Path(args.out or f"matcher-report-{date}.html")
+    out.write_text(page, encoding="utf-8")
+    print(f"report for {date}: {out.resolve()}")
+    return 0
+
+
+def _read_only(con) -> None:
+    """Once the views exist, the SQL may read them and nothing else: no files, URLs, extensions or databases
+    (COPY ... TO, read_text, httpfs, ATTACH), no Python variables by name, and no SET that turns any of it back on."""
+    con.execute("SET python_enable_replacements = false")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+_QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # DESCRIBE, SUMMARIZE, SHOW and PRAGMA version parse as SELECT
+
+
+def _refuse_non_queries(con, sql: str) -> None:
+    """Every statement must be a query; checked before any runs, so `SELECT 1; CREATE ...` runs nothing."""
+    for statement in con.extract_statements(sql):
+        kind = statement.type.name
+        if kind not in _QUERY_STATEMENTS:
+            raise ValueError(f"matcher query is read-only: only SELECT (and EXPLAIN) statements run, got {kind}")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from matcher.io.published import QUERYABLE_TABLES, published_dataset
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        con = duckdb.connect()
+        datasets = {name: published_dataset(lake, name) for name in QUERYABLE_TABLES}
+        for name, dataset in datasets.items():
+            if dataset is not None:
+                con.register(name, dataset)
+        if not any(d is not None for d in datasets.values()):
+            raise FileNotFoundError(f"nothing published in {lake.display('')}")
+        _read_only(con)
+        try:
+            _refuse_non_queries(con, args.sql)
+            rel = con.sql(args.sql)
+        except duckdb.Error as exc:  # the user's SQL: its message, not a traceback
+            raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None
+        if rel is None:
+            return 0
+        df = rel.fetchdf()
+    if args.json:
+        _print_json(_records(df))
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 20, "display.width", 160,
+                           "display.max_colwidth", 60):
+        print(df.to_string(index=False, max_rows=args.max_rows))
+    return 0
+
+
+EXIT_CODES = """exit codes:
+  0    done
+  1    a permanent failure: bad input, a failed validation or promotion gate, a config error, nothing published
+  2    the command line itself is wrong (unknown command or option, a missing argument)
+  75   worth retrying: a storage or network outage, a lost executor, the date held by another run (EX_TEMPFAIL)
+  130  interrupted"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("matcher")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from matcher.io.published import QUERYABLE_TABLES
+
+    parser = argparse.ArgumentParser(prog="matcher", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"matcher {_version()}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, with_date: bool = True) -> None:
+        p.add_argument("--config", help="TOML config file (default: .matcher/config.toml if present, else defaults)")
+        p.add_argument("--lake", help="lake URI: file:///path or s3://bucket/prefix (default: run.lake of the config)")
+        if with_date:
+            p.add_argument("--date", help="published partition YYYY-MM-DD (default: the latest)")
+
+    p = sub.add_parser("run", help="run pipeline stages for one partition date")
+    common(p, with_date=False)
+    p.add_argument("--catalog", help="catalog folder or s3:// prefix (default: run.catalog of the config); "
+                   "{ds} stands for the date, e.g. s3://bucket/catalog/dt={ds}")
+    p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
+    p.add_argument("--steps", help="comma-separated subset of clean,validate,extract,train,score,publish")
+    p.add_argument("--model", help="score with this model version instead of the one the date is pinned to")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("demo", help="embedded S3 + demo catalog + the Airflow DAG, then print recommendations")
+    p.add_argument("--workdir", default=".matcher", help="where the demo keeps its catalog, S3 data and Airflow home")
+    p.add_argument("--products", type=int, default=300, help="products in the drawn demo catalog (default 300)")
+    p.add_argument("--date", default=dt.date.today().isoformat(), help="the demo night's date (default: today)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("recommend", help="a product's published recommendations")
+    common(p)
+    p.add_argument("product_id", help="the product whose recommendations to print")
+    p.add_argument("--json", action="store_true", help="print JSON (the product, its title, the date and its ranked "
+                   "recommendations) instead of lines")
+    p.set_defaults(handler=cmd_recommend)
+
+    p = sub.add_parser("search", help="text search (English or Chinese) over the published products")
+    common(p)
+    p.add_argument("text", help="the query, in any language the text encoder reads")
+    p.add_argument("-k", type=int, default=10, help="how many products to print (default 10)")
+    p.add_argument("--json", action="store_true", help="print the hits as a JSON array instead of lines")
+    p.add_argument("--by", choices=("product", "photo"), default="product",
+                   help="product: photo and text together (fused vectors); photo: the photos alone, normalised by "
+                        "their hubness")
+    p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("evaluate", help="held-out metrics of the model behind a published partition, as JSON")
+    common(p)
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list model versions (* = current), or --promote VERSION to roll back")
+    common(p, with_date=False)
+    p.add_argument("--promote", metavar="VERSION", help="make VERSION the current model and the one later nights' "
+                   "models are compared with (a rollback); dates already scored keep their model (rescore with "
+                   "run --steps score,publish --model VERSION)")
+    p.add_argument("--json", action="store_true", help="print the models as a JSON array instead of lines")
+    p.set_defaults(handler=cmd_models)
+
+    p = sub.add_parser("backfill", help="run the pipeline for each date of a range, in order, without Airflow")
+    common(p, with_date=False)
+    p.add_argument("--catalog", help="the dates' catalog; {ds} stands for each date (its own snapshot)")
+    p.add_argument("--from", dest="start", required=True, help="first date YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, help="last date YYYY-MM-DD (inclusive)")
+    p.add_argument("--steps", help="comma-separated subset of clean,validate,extract,train,score,publish")
+    p.add_argument("--model", help="score every date with this model version")
+    p.set_defaults(handler=cmd_backfill)
+
+    p = sub.add_parser("report", help="write the nightly HTML report of a published partition")
+    common(p)
+    p.add_argument("--out", help="output HTML file (default matcher-report-DATE.html)")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + ", ".join(QUERYABLE_TABLES)
+                       + " (each with a dt column); read-only")
+    common(p, with_date=False)
+    p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")
+    p.add_argument("--max-rows", type=int, default=50, help="rows printed at most (default 50; not with --json)")
+    p.add_argument("--json", action="store_true", help="print every result row as a JSON array instead of a table")
+    p.set_defaults(handler=cmd_query)
+    for command in sub.choices.values():  # `matcher run -q` as well as `matcher -q run`
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="only warnings and errors on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _quiet
+    args = build_parser().parse_args(argv)
+    _quiet = args.quiet
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "great_expectations", "jieba", "botocore", "urllib3", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except _user_errors() as exc:
+        from matcher.failures import EXIT_PERMANENT, EXIT_RETRYABLE, classify
+
+        message = " ".join(str(exc).split())
+        print(f"matcher: error: {message}", file=sys.stderr)
+        # A storage or network outage, or a date another run holds, is worth retrying: say so to a scheduler.
+        return EXIT_RETRYABLE if classify(exc).retryable else EXIT_PERMANENT
+    except KeyboardInterrupt:
+        print("matcher: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Reading answers from the published tables: a product's recommendations, and text search in the shared space."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from matcher.io.lake import Lake
+from matcher.io.published import NotPublishedError, read_published, resolve_date
+from matcher.io.registry import load_model
+from matcher.steps.hubness import inner_product_form
+from matcher.steps.search import query_vectors, search_vectors
+
+
+def titles_for(lake: Lake, date: str, product_ids: list[str]) -> dict[str, str]:
+    try:  # the clean table the date's manifest names: a rerun's unpublished clean attempt is not shown
+        clean = read_published(lake, "clean", date, columns=["product_id", "title"])
+    except NotPublishedError:
+        return {}
+    wanted = pa.array(product_ids, type=pa.string())
+    t = clean.select(["product_id", "title"]).filter(pc.is_in(clean["product_id"], value_set=wanted))
+    return dict(zip(t["product_id"].to_pylist(), t["title"].to_pylist()))
+
+
+def recommendations_for(lake: Lake, product_id: str, date: str | None = None) -> pd.DataFrame:
+    dt = resolve_date(lake, date)
+    recs = read_published(lake, "recommendations", dt)
+    recs = recs.filter(pc.equal(recs["product_id"], product_id)).to_pandas().sort_values("rank")
+    if recs.empty:
+        raise NotPublishedError(f"product {product_id!r} has no recommendations on {dt}")
+    titles = titles_for(lake, dt, [product_id, *recs["rec_product_id"].tolist()])
+    recs["title"] = recs["rec_product_id"].map(titles).fillna("")
+    recs.attrs["query_title"] = titles.get(product_id, "")
+    recs.attrs["date"] = dt
+    return recs.reset_index(drop=True)
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, device: str = "cpu",
+                by: str = "product") -> pd.DataFrame:
+    """Products nearest the query text in the learned space: `product`, by their fused vectors (photo and text);
+    `photo`, by their photos alone (cosine less each photo's published hubness, matcher.steps.hubness), which finds
+    products whose photo shows what their own title may not say."""
+    if by not in ("product", "photo"):
+        raise ValueError(f"search by 'product' or 'photo', not {by!r}")
+    if not text.strip():
+        raise ValueError("the search text is empty")
+    dt = resolve_date(lake, date)
+    vectors = ["fused_vec"] if by == "product" else ["image_vec", "image_hubness"]
+    try:
+        emb = read_published(lake, "embeddings", dt, ["product_id", "model_version", *vectors])
+    except pa.ArrowInvalid:  # by photo: a column the partition lacks, published before hubness existed
+        if by == "product":
+            raise
+        raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (published before it existed): "
+                                f"rerun the score stage for {dt}") from None
+    version = emb["model_version"][0].as_py()
+    model, config = load_model(lake, version)
+    q = query_vectors(model, config["spec"]["text_encoder"], [text], device, "product" if by == "product" else "text")
+    ids = emb["product_id"].to_numpy(zero_copy_only=False)
+    if by == "product":
+        hits = search_vectors([text], q, ids, _matrix(emb["fused_vec"]), k)
+    else:
+        if emb["image_hubness"].null_count:
+            raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (score.hubness_bank = 0): "
+                                    f"rerun the score stage for {dt} with a bank")
+        queries, photos = inner_product_form(q, _matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())
+        hits = search_vectors([text], queries, ids, photos, k)
+    titles = titles_for(lake, dt, hits["product_id"].tolist())
+    hits["title"] = hits["product_id"].map(titles).fillna("")
+    return hits.drop(columns=["query"])

@@ -1,0 +1,529 @@
+"""Read a catalog (products.csv | .parquet | .jsonl, local or S3) and the image bytes it references."""
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+import posixpath
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from matcher.config import CatalogConfig, StorageConfig, load_config
+from matcher.failures import classify
+from matcher.io.http_images import AddressPolicy, fetch_image
+from matcher.io.storage import exists, is_s3, resolve_uri
+from matcher.steps.clean import IMAGE_DATA
+from matcher.steps.images import ImageRejected
+
+_HEAD_BYTES = 1 << 16
+_MAX_IMAGE_REF_CHARS = 2048
+CATALOG_FILES = ("products.csv", "products.parquet", "products.jsonl", "products.csv.gz", "products.jsonl.gz")
+_TEXT_SUFFIXES = (".csv", ".jsonl", ".csv.gz", ".jsonl.gz")  # .gz: pyarrow's streams decompress by the file name
+# Delimiters tried in order: the first whose header row holds the required columns reads the file (Excel writes ";"
+# where the decimal mark is a comma, and tabs in its "Unicode Text" export).
+_CSV_DELIMITERS = (",", ";", "\t", "|")
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+REQUIRED_COLUMNS = ("product_id", "title")
+OPTIONAL_COLUMNS = ("description", "category", "image")
+
+
+class CatalogError(ValueError):
+    """The input is not a catalog at all: the run stops with this message."""
+
+
+@dataclass(frozen=True)
+class CatalogSplit:
+    row_group: int | None      # a Parquet row group; None: the whole (text) file
+    row_offset: int            # rows before this split, so `_row` numbers rows in file order
+
+
+@dataclass(frozen=True)
+class CatalogPlan:
+    path: str
+    format: str                # csv | parquet | jsonl
+    columns: list[str]         # after column mapping; required and optional columns always present
+    splits: list[CatalogSplit]
+    mapping: dict[str, str] = field(default_factory=dict)  # matcher's column -> the file's: catalog.columns, plus
+                                                           # required/optional columns named in another case
+    delimiter: str = ","       # csv only
+    encoding: str = "utf-8-sig"  # csv only: "utf-16" for a file that starts with a UTF-16 byte-order mark
+    rows: int | None = None    # parquet only: the row count in the footer
+
+
+@dataclass
+class RawCatalog:
+    rows: pd.DataFrame                       # every parsed row, all columns as strings, plus `_row`
+    bad_lines: list[dict] = field(default_factory=list)  # rows that could not be parsed: {"raw", "reason", "detail"}
+    source: str = ""
+
+
+class CatalogReader:
+    """Opens the catalog root once; reads the product table and image bytes relative to it."""
+
+    def __init__(self, uri: str, storage: StorageConfig, options: CatalogConfig | None = None):
+        self.uri = uri
+        self.storage = storage
+        self.options = options or load_config().catalog  # the embedded defaults, not a copy of them
+        self.fs, self.root = resolve_uri(uri, storage)
+        self.sources = ImageSources.of(self.root if is_s3(uri) else None,
+                                       None if is_s3(uri) else self.root, self.options.image_sources)
+        self.http_policy = AddressPolicy.from_settings(self.options.http_allow_hosts,
+                                                       self.options.http_allow_networks)
+
+    def __reduce__(self):
+        # Executors rebuild the reader; a local catalog by its absolute path (their working directory differs).
+        uri = self.uri if self.uri.startswith(("s3://", "s3a://")) else "file://" + self.root
+        return (CatalogReader, (uri, self.storage, self.options))
+
+    def ready(self) -> bool:
+        """Has the catalog fully arrived: its products file, and the ready marker when one is configured?"""
+        try:
+            self.require_ready()
+        except CatalogError:
+            return False
+        return True
+
+    def require_ready(self) -> str:
+        """The products file of a complete snapshot; else one line naming what is missing."""
+        path = self.find_products_file()
+        marker = self.options.ready_marker
+        if marker and not exists(self.fs, posixpath.join(self.root, marker)):
+            raise CatalogError(f"catalog at {self.uri} is not complete: no {marker} marker yet")
+        return path
+
+    def find_products_file(self) -> str:
+        if self.options.file:
+            p = posixpath.join(self.root, self.options.file)
+            if not exists(self.fs, p):
+                raise CatalogError(f"no catalog file {self.options.file} at {self.uri}")
+            if not p.endswith((".parquet", *_TEXT_SUFFIXES)):
+                raise CatalogError(f"catalog file {self.options.file} must end in .csv, .parquet or .jsonl "
+                                   "(.csv.gz and .jsonl.gz compressed)")
+            return p
+        for name in CATALOG_FILES:
+            p = posixpath.join(self.root, name)
+            if exists(self.fs, p):
+                return p
+        raise CatalogError(f"no catalog at {self.uri}: expected one of {', '.join(CATALOG_FILES)}")
+
+    def plan(self) -> CatalogPlan:
+        """What executors need to read the catalog, from its header or footer only: the file, its format, the
+        columns (after mapping) and the splits. A file that is not a catalog fails here, at once."""
+        path = self.require_ready()
+        fmt = _format_of(path)
+        delimiter, encoding, rows = ",", "utf-8-sig", None
+        if fmt == "parquet":
+            try:
+                with self.fs.open_input_file(path) as fh:
+                    parquet = pq.ParquetFile(fh)
+                    meta, columns = parquet.metadata, list(parquet.schema_arrow.names)  # top-level, not leaves
+            except Exception as exc:
+                raise CatalogError(f"catalog file {path} is not readable Parquet: {exc}") from None
+            rows = meta.num_rows
+            offsets = [0]
+            for g in range(meta.num_row_groups):
+                offsets.append(offsets[-1] + meta.row_group(g).num_rows)
+            splits = [CatalogSplit(g, offsets[g]) for g in range(meta.num_row_groups)]
+            mapping = self._mapping(columns, path)
+        else:
+            try:
+                with self.fs.open_input_stream(path) as fh:
+                    head = fh.read(_HEAD_BYTES)
+            except OSError as exc:  # e.g. a .gz that is not gzip
+                raise CatalogError(f"catalog file {path} cannot be read: {exc}") from None
+            if not head.strip():
+                raise CatalogError(f"catalog file {path} is empty")
+            if fmt == "csv":
+                if head.startswith(_UTF16_BOMS):
+                    encoding = "utf-16"
+                text = head.decode(encoding, errors=_ESCAPE)
+                sample = text[:4096]
+                if sample.count("\x00") * 20 > len(sample):  # a stray NUL is damage in a row; many, a binary file
+                    raise CatalogError("catalog CSV looks binary (NUL bytes); UTF-16 text needs its byte-order "
+                                       "mark (or save the file as UTF-8)")
+                columns, delimiter, mapping = self._csv_layout(text, path)
+            else:
+                columns = _first_record_keys(head.decode("utf-8-sig", errors="surrogateescape"),
+                                             complete=len(head) < _HEAD_BYTES)
+                mapping = self._mapping(columns, path)
+            splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
+        return CatalogPlan(path=path, format=fmt, columns=self._mapped_columns(columns, mapping), splits=splits,
+                           mapping=mapping, delimiter=delimiter, encoding=encoding, rows=rows)
+
+    def read_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int = 5000) -> Iterator[RawCatalog]:
+        """The rows of one split, in chunks of about `chunk_rows`; `_row` numbers rows in file order."""
+        if plan.format == "parquet":
+            with self.fs.open_input_file(plan.path) as fh:
+                table = pq.ParquetFile(fh).read_row_group(split.row_group)
+            image_source = plan.mapping.get("image", "image")
+            images = (_embedded_images(table.column(image_source)) if image_source in table.column_names
+                      else None)
+            if images is not None:
+                data, paths = images
+                table = table.set_column(table.column_names.index(image_source), image_source, pa.array(paths))
+            raw = self._finish(_arrow_as_text(table), [], plan, split.row_offset)
+            if images is not None:
+                raw.rows[IMAGE_DATA] = data
+            yield raw
+            return
+        with self.fs.open_input_stream(plan.path) as raw:
+            if plan.format == "csv":
+                text = io.TextIOWrapper(raw, encoding=plan.encoding, errors=_ESCAPE, newline="")
+                chunks = _csv_chunks(text, chunk_rows, plan.delimiter)
+            else:
+                chunks = _jsonl_chunks(io.BufferedReader(raw), chunk_rows)
+            offset = split.row_offset
+            for df, bad in chunks:
+                yield self._finish(df, bad, plan, offset)
+                offset += len(df)
+
+    def read(self) -> RawCatalog:
+        """The whole catalog in this process (small catalogs, tests); the clean stage reads splits on executors."""
+        plan = self.plan()
+        parts = [chunk for split in plan.splits for chunk in self.read_split(plan, split)]
+        rows = pd.concat([p.rows for p in parts], ignore_index=True) if parts else pd.DataFrame(columns=plan.columns)
+        if plan.format == "jsonl" and rows.empty:
+            raise CatalogError("catalog JSON Lines file has no product records")
+        return RawCatalog(rows=rows, bad_lines=[b for p in parts for b in p.bad_lines], source=plan.path)
+
+    def _finish(self, df: pd.DataFrame, bad: list[dict], plan: CatalogPlan, offset: int) -> RawCatalog:
+        df = _apply_column_mapping(df, plan.mapping)
+        for col in plan.columns:
+            if col not in df.columns:
+                df[col] = ""
+        df = df[plan.columns].copy()
+        if self.options.image_template:
+            no_ref = df["image"].str.strip() == ""
+            df.loc[no_ref, "image"] = [self.options.image_template.format(product_id=str(p).strip())
+                                       for p in df.loc[no_ref, "product_id"]]
+        df.insert(0, "_row", range(offset, offset + len(df)))
+        return RawCatalog(rows=df.reset_index(drop=True), bad_lines=bad, source=plan.path)
+
+    def _csv_layout(self, text: str, path: str) -> tuple[list[str], str, dict[str, str]]:
+        """The header's columns, the delimiter and the column mapping: the first delimiter whose header holds the
+        required columns; else the comma's error."""
+        first_error = None
+        for delimiter in _CSV_DELIMITERS:
+            columns = _csv_columns(text, delimiter)
+            try:
+                return columns, delimiter, self._mapping(columns, path)
+            except CatalogError as exc:
+                first_error = first_error or exc
+        raise first_error
+
+    def _mapping(self, columns: list[str], path: str) -> dict[str, str]:
+        """matcher's column -> the file's: catalog.columns, and for each required or optional column not in the file
+        as such, the one column that names it in another case or with spaces ("Product_ID", " Title ")."""
+        mapping = dict(self.options.columns)
+        absent = [src for src in mapping.values() if src not in columns]
+        if absent:
+            raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; it has {columns[:12]}")
+        for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
+            if name in mapping or name in columns:
+                continue
+            like = [c for c in columns if c.strip().lower() == name and c not in mapping.values()]
+            if len(like) == 1:
+                mapping[name] = like[0]
+        mapped = self._mapped_columns(columns, mapping)
+        missing = [c for c in REQUIRED_COLUMNS if c not in mapped]
+        if missing:
+            raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {columns[:12]}")
+        return mapping
+
+    @staticmethod
+    def _mapped_columns(columns: list[str], mapping: dict[str, str]) -> list[str]:
+        mapped = [c for c in columns if not (c in mapping and c not in mapping.values())]
+        mapped = [next((dst for dst, src in mapping.items() if src == c), c) for c in mapped]
+        return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
+
+    def read_image(self, ref: str, max_bytes: int | None = None) -> bytes:
+        """Bytes of an image reference: a path relative to the catalog root, an s3://, file:// or http(s):// URI.
+        Only the catalog root, catalog.image_sources and the addresses catalog.http_* allow are read, and of a file
+        or object no more than `max_bytes` (image_too_large), so a huge object cannot exhaust an executor's memory.
+
+        Raises ImageRejected with a quarantine reason."""
+        ref = ref.strip()
+        if not ref:
+            raise ImageRejected("image_missing", "no image reference")
+        if len(ref) > _MAX_IMAGE_REF_CHARS or any(ord(ch) < 32 for ch in ref):
+            raise ImageRejected("image_reference_invalid", f"{len(ref)} characters: {ref[:200]!r}")
+        if is_s3(ref):
+            self.sources.check_s3_object(ref)  # before any connection to the store
+            fs, path = resolve_uri(ref, self.storage)
+        elif ref.startswith("file://"):
+            fs, path = resolve_uri(ref, self.storage)
+            path = self.sources.local_file(ref, path)
+        elif ref.lower().startswith(("http://", "https://")):
+            o = self.options
+            if not o.http_images:
+                raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]}: catalog.http_images is off")
+            return fetch_image(ref, o.http_timeout, o.http_retries, o.http_max_bytes, policy=self.http_policy)
+        elif "://" in ref:
+            raise ImageRejected("image_unsupported_uri", ref[:200])
+        else:
+            rel = posixpath.normpath(ref.replace("\\", "/"))
+            if rel.startswith("/") or rel == ".." or rel.startswith("../"):
+                raise ImageRejected("image_path_escapes_root", ref[:200])
+            fs, path = self.fs, posixpath.join(self.root, rel)
+            if self.sources.local_root is not None:  # a symlink inside the root may point out of it
+                path = os.path.realpath(path)
+                if not _under(path, self.sources.local_root):
+                    raise ImageRejected("image_path_escapes_root", f"{ref[:200]}: a link out of the catalog root")
+        try:
+            with fs.open_input_stream(path) as fh:
+                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise ImageRejected("image_missing", ref[:200]) from None
+        except OSError as exc:
+            try:
+                kind = fs.get_file_info(path).type
+            except OSError as lookup:  # a path the filesystem cannot even look up (too long, bad characters)
+                if isinstance(fs, pafs.S3FileSystem) and classify(lookup).retryable:
+                    # The store does not answer at all (down, throttling): not this photo's fault. Fail the task
+                    # so the stage is retried, instead of quarantining every good product read in an outage.
+                    raise exc from None
+                kind = None
+            if kind == pafs.FileType.NotFound:
+                raise ImageRejected("image_missing", ref[:200]) from None
+            if kind == pafs.FileType.Directory:  # a bucket or a folder named as the photo
+                raise ImageRejected("image_reference_invalid", f"{ref[:200]} is a folder, not a file") from None
+            if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
+                raise  # the store answered the lookup but failed the read for now (a reset, a throttle): retried
+            raise ImageRejected("image_unreadable", str(exc)[:200]) from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {ref[:200]}")
+        return data
+
+
+SOURCE_REFUSED = "image_source_not_allowed"
+
+
+@dataclass(frozen=True)
+class ImageSources:
+    """Where absolute image references may point: the catalog root and catalog.image_sources. Local paths are
+    compared after resolving links and `..` (the real path is what gets read); S3 keys segment by segment."""
+    s3_root: str | None                              # "bucket/prefix" of an S3 catalog
+    local_root: str | None                           # the real path of a local catalog
+    s3_prefixes: tuple[str, ...] = ()                # "bucket/prefix" of each s3:// source
+    local_prefixes: tuple[str, ...] = ()             # the real path of each file:// source
+
+    @classmethod
+    def of(cls, s3_root: str | None, local_root: str | None, sources: list[str]) -> "ImageSources":
+        s3 = tuple(_s3_key_path(s) for s in sources if is_s3(s))
+        local = tuple(os.path.realpath(s[len("file://"):]) for s in sources if s.startswith("file://"))
+        return cls(s3_root, os.path.realpath(local_root) if local_root else None, s3, local)
+
+    def local_file(self, ref: str, path: str) -> str:
+        """The real path of a file:// reference inside the root or a file:// source; else image_source_not_allowed."""
+        real = os.path.realpath(path)
+        allowed = [p for p in (self.local_root, *self.local_prefixes) if p]
+        if not any(_under(real, p) for p in allowed):
+            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]} is outside the catalog root and catalog.image_sources")
+        return real
+
+    def check_s3_object(self, ref: str) -> None:
+        """Nothing for an s3:// reference inside the root or an s3:// source; else image_source_not_allowed.
+        Keys with . or .. segments (escaped or not) are refused: stores differ on what they mean."""
+        path = _s3_key_path(ref)
+        segments = urllib.parse.unquote(path).split("/")
+        if any(s in (".", "..") for s in segments):
+            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]}: '.' or '..' in an S3 key")
+        allowed = [p for p in (self.s3_root, *self.s3_prefixes) if p]
+        if not any(_under(path, p) for p in allowed):
+            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]} is outside the catalog root and catalog.image_sources")
+
+
+def _s3_key_path(uri: str) -> str:
+    """"bucket/prefix" of an s3:// or s3a:// URI, as storage.resolve_uri writes paths."""
+    parsed = urllib.parse.urlparse(uri)
+    return posixpath.join(parsed.netloc, parsed.path.lstrip("/")).rstrip("/")
+
+
+def _under(path: str, folder: str) -> bool:
+    """Is `path` `folder` itself or inside it (whole segments: /srv/photos2 is not inside /srv/photos)?"""
+    folder = folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/") or folder == ""
+
+
+def _format_of(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    return posixpath.splitext(name)[1][1:]
+
+
+def _arrow_as_text(table: pa.Table) -> pd.DataFrame:
+    """Every column as text, "" for nulls, as the text formats read: integers stay integers (through pandas an int
+    column with a null turns float, and id 10000 would read "10000.0"), nested values become JSON, bytes UTF-8."""
+    out = {}
+    for name, col in zip(table.column_names, table.columns):
+        kind = col.type
+        if pa.types.is_dictionary(kind):
+            col, kind = col.cast(kind.value_type), kind.value_type
+        if pa.types.is_nested(kind):
+            values = [json.dumps(v, ensure_ascii=False, default=str) if v is not None else ""
+                      for v in col.to_pylist()]
+        elif _holds_bytes(kind) or pa.types.is_fixed_size_binary(kind):
+            values = [v.decode("utf-8", errors="surrogateescape") if v is not None else "" for v in col.to_pylist()]
+        else:
+            values = pc.cast(col, pa.string()).fill_null("").to_pylist()
+        out[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(out)
+
+
+def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str]] | None:
+    """(bytes, paths) when the image column holds the photos themselves: binary, or a struct with a `bytes` field
+    (and maybe a `path`, as Hugging Face datasets write images); else None (references)."""
+    kind = col.type
+    if _holds_bytes(kind):
+        return [v or None for v in col.to_pylist()], [""] * len(col)
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        values = col.to_pylist()
+        has_path = kind.get_field_index("path") >= 0
+        return ([(v or {}).get("bytes") or None for v in values],
+                [str((v or {}).get("path") or "") if has_path else "" for v in values])
+    return None
+
+
+def _holds_bytes(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
+    absent = [src for src in mapping.values() if src not in df.columns]
+    if absent:
+        raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; "
+                           f"it has {list(df.columns)[:12]}")
+    # A source column mapped to a matcher field replaces any column already named like that field.
+    renamed = df.drop(columns=[c for c in mapping if c in df.columns and c not in mapping.values()])
+    return renamed.rename(columns={src: dst for dst, src in mapping.items()})
+
+
+def _undecodable_as_surrogates(exc: UnicodeDecodeError) -> tuple[str, int]:
+    """surrogateescape for any codec (UTF-16 too): each undecodable byte becomes a lone surrogate, U+DC00 + byte
+    (U+D800 + byte under 0x80, which surrogateescape refuses), so the clean step quarantines its row."""
+    bad = exc.object[exc.start:exc.end]
+    return "".join(chr((0xDC00 if b >= 0x80 else 0xD800) + b) for b in bad), exc.end
+
+
+_ESCAPE = "matcher-escape"
+codecs.register_error(_ESCAPE, _undecodable_as_surrogates)
+
+
+# A field may legitimately be long (a description) or be damage (a runaway title); either way it is read and then
+# capped by the clean step, never dropped by the parser (csv's default limit is 128 KiB).
+_CSV_FIELD_LIMIT = 1 << 30
+_RAW_CHARS = 2000
+
+
+def _csv_header(fields: list[str]) -> list[str]:
+    """Column names as pandas names them: blank ones "Unnamed: i", repeated ones "name.1", "name.2"..."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for i, name in enumerate(fields):
+        name = name.strip() or f"Unnamed: {i}"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}.{seen[name]}"
+        seen.setdefault(name, 0)
+        names.append(name)
+    return names
+
+
+def _csv_columns(text: str, delimiter: str = ",") -> list[str]:
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), None)
+    except csv.Error as exc:
+        raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
+    if not header or not any(h.strip() for h in header):
+        raise CatalogError("catalog CSV has no header row")
+    return _csv_header(header)
+
+
+def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") -> Iterator[tuple[pd.DataFrame,
+                                                                                               list[dict]]]:
+    """Rows of a CSV as string columns, read with the csv module one record at a time, so that one damaged record
+    costs only itself: a record with more fields than the header is a bad line; one with fewer is padded with
+    empty fields; blank lines are no records. Line endings may be LF, CRLF or CR, mixed."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(stream, strict=False, delimiter=delimiter)
+    try:
+        header = _csv_header(next(reader))
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
+    width = len(header)
+    records: list[list[str]] = []
+    bad: list[dict] = []
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # strict=False leaves few of these; the reader resumes at the next record
+            bad.append({"raw": "", "reason": "unparseable_line", "detail": f"line {reader.line_num}: {exc}"})
+            continue
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) > width:
+            bad.append({"raw": delimiter.join(fields)[:_RAW_CHARS], "reason": "wrong_field_count",
+                        "detail": f"{len(fields)} fields, the header has {width}"})
+        else:
+            records.append(fields + [""] * (width - len(fields)))
+        if len(records) >= chunk_rows:
+            yield pd.DataFrame(records, columns=header, dtype=object), bad[:]
+            records.clear()
+            bad.clear()
+    if records or bad:
+        yield pd.DataFrame(records, columns=header, dtype=object), bad[:]
+
+
+def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.DataFrame, list[dict]]]:
+    """Records of a JSON Lines file: lines end at LF only (a stray CR is damage inside a record, not a line
+    break); bytes that are not UTF-8 are kept as surrogates for the clean step to quarantine; control characters
+    inside strings are accepted here and repaired there."""
+    records: list[dict] = []
+    bad: list[dict] = []
+    for raw_line in stream:
+        line = raw_line.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, strict=False)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except (ValueError, RecursionError) as exc:
+            bad.append({"raw": line.rstrip("\r\n")[:_RAW_CHARS], "reason": "malformed_json",
+                        "detail": str(exc)[:200]})
+            continue
+        records.append({str(k): "" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict))
+                        else str(v) for k, v in obj.items()})
+        if len(records) >= chunk_rows:
+            yield pd.DataFrame.from_records(records).fillna(""), bad[:]
+            records.clear()
+            bad.clear()
+    if records or bad:
+        yield pd.DataFrame.from_records(records).fillna(""), bad[:]
+
+
+def _first_record_keys(text: str, complete: bool) -> list[str]:
+    lines = text.splitlines()
+    if not complete:
+        lines = lines[:-1]  # the head may end inside a record
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return list(obj)
+    raise CatalogError("catalog JSON Lines file has no product records")

@@ -1,0 +1,267 @@
+"""Image bytes from http(s) URLs (catalogs whose photos sit on a web server or CDN), with the image quarantine's
+reasons: a page that is gone is image_missing, a server that keeps failing is image_unreadable, and an address the
+config does not allow (the machine itself, a private network, the cloud metadata service) is image_address_not_allowed
+before a byte is sent to it.
+
+Every connection, the first and each redirect's, goes to an address checked here: the host name is resolved once,
+every address it resolves to is checked, and the socket connects to that very address (the name is kept for the Host
+header and TLS), so a name that resolves to a public address when checked and to 127.0.0.1 when connected (DNS
+rebinding) cannot slip through. Redirects are followed here, not by urllib, so each target is checked the same way.
+Proxies (http_proxy and the like) are not used: through a proxy the address reached could not be checked."""
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+from matcher import __version__
+from matcher.config import is_ip_literal
+from matcher.steps.images import ImageRejected
+
+# Statuses worth asking again: the server is busy or failing for now, not refusing this image.
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_GONE_STATUSES = frozenset({404, 410})
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_USER_AGENT = f"matcher/{__version__} (catalog image fetch)"
+_HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5", "Connection": "close"}
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~"  # existing escapes and URL syntax stay as they are
+MAX_REDIRECTS = 5
+# A body must arrive within this many request timeouts: the timeout bounds each socket read, so a server that
+# trickles a byte now and then would otherwise hold an image thread for hours.
+BODY_DEADLINE_TIMEOUTS = 3
+REFUSED = "image_address_not_allowed"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_kind(ip: IPAddress) -> str | None:
+    """Why `ip` is not a public internet address ("loopback", "private", "link-local"...), or None when it is.
+    IPv6 addresses that carry an IPv4 one (IPv4-mapped, 6to4, Teredo, NAT64) are judged by it as well."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:  # ::ffff:a.b.c.d is a.b.c.d itself
+            return address_kind(ip.ipv4_mapped)
+        embedded = [ip.sixtofour, ip.teredo[1] if ip.teredo else None,
+                    ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None]
+        for inner in embedded:
+            if inner is not None and (kind := address_kind(inner)):
+                return kind
+    for kind, test in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
+                       ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+                       ("site-local", getattr(ip, "is_site_local", False)),
+                       ("reserved", ip.is_reserved), ("private", ip.is_private)):
+        if test:
+            return kind
+    return None if ip.is_global else "non-public"  # e.g. 100.64.0.0/10, carrier-grade NAT
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which addresses http(s) image references may reach: public ones, plus the host names and networks a
+    deployment names (a company CDN on a private network). A named host may resolve to any address."""
+    allow_hosts: tuple[str, ...] = ()         # lower-case names; "*.cdn.example.com" allows its sub-domains
+    allow_networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_settings(cls, hosts: list[str], networks: list[str]) -> "AddressPolicy":
+        """From catalog.http_allow_hosts and catalog.http_allow_networks (checked when the config loads)."""
+        return cls(tuple(h.strip().lower().rstrip(".") for h in hosts),
+                   tuple(ipaddress.ip_network(n.strip(), strict=False) for n in networks))
+
+    def refusal(self, host: str, ip: IPAddress) -> str | None:
+        """None when `host`, at `ip`, may be reached; else what kind of address it is."""
+        if self._host_allowed(host):
+            return None
+        candidates = [ip, ip.ipv4_mapped] if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else [ip]
+        if any(a in net for a in candidates for net in self.allow_networks if a.version == net.version):
+            return None
+        return address_kind(ip)
+
+    def _host_allowed(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return any(host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+                   for allowed in self.allow_hosts)
+
+
+PUBLIC_ONLY = AddressPolicy()
+_TLS = ssl.create_default_context()
+
+
+class _Retry(Exception):
+    """A failure worth asking again (a busy server, a timeout); its message is the quarantine detail."""
+
+
+def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff: float = 0.5,
+                policy: AddressPolicy = PUBLIC_ONLY) -> bytes:
+    """The body of `url`, asked again up to `retries` times (backing off) on timeouts, refused connections and
+    busy or failing servers. A body over `max_bytes` is not read further (image_too_large). An address `policy`
+    refuses, the URL's or a redirect's, is image_address_not_allowed, never connected to and never retried."""
+    # Non-ASCII paths (a Chinese file name) are percent-encoded as a browser does; existing escapes stay as they are.
+    url = urllib.parse.quote(url, safe=_URL_SAFE)
+    for attempt in range(retries + 1):
+        try:
+            return _follow(url, timeout, max_bytes, policy)
+        except _Retry as exc:
+            problem = str(exc)
+        except (OSError, http.client.HTTPException) as exc:  # timeouts, refused or dropped connections, DNS, TLS
+            problem = f"{type(exc).__name__}: {exc} at {url[:200]}"
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise ImageRejected("image_unreadable", f"{problem} (after {retries + 1} tries)")
+
+
+def _follow(url: str, timeout: float, max_bytes: int, policy: AddressPolicy) -> bytes:
+    """GET `url`, following up to MAX_REDIRECTS redirects, each to a checked address."""
+    origin = url
+    for _ in range(MAX_REDIRECTS + 1):
+        status, location, body = _get(url, timeout, max_bytes, policy, origin)
+        if location is None:
+            return body
+        url = urllib.parse.urljoin(url, urllib.parse.quote(location, safe=_URL_SAFE))
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ImageRejected(REFUSED, f"{origin[:200]} redirects to a {scheme or 'schemeless'}: URL; "
+                                         "only http(s) is followed")
+    raise ImageRejected("image_unreadable", f"more than {MAX_REDIRECTS} redirects from {origin[:200]}")
+
+
+def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
+         origin: str) -> tuple[int, str | None, bytes]:
+    """One request: (status, redirect location or None, body). Raises ImageRejected, _Retry or a network error."""
+    scheme, host, port, target = _parts(url)
+    via = "" if url == origin else f" (redirected from {origin[:200]})"
+    addresses = _resolve(host, port)
+    for ip in addresses:  # every address the name has, so that no order of them reaches a refused one
+        kind = policy.refusal(host, ip)
+        if kind:
+            raise ImageRejected(REFUSED, f"{url[:200]}{via}: {host} is {ip}, a {kind} address; allow it with "
+                                         "catalog.http_allow_hosts or catalog.http_allow_networks")
+    last_error: OSError | None = None
+    for ip in addresses:
+        conn = _CheckedHTTPSConnection(host, port, ip, timeout, policy) if scheme == "https" else \
+            _CheckedHTTPConnection(host, port, ip, timeout, policy)
+        try:
+            conn.connect()
+        except OSError as exc:  # this address refuses or times out: the name's next one may answer
+            conn.close()
+            last_error = exc
+            continue
+        try:
+            conn.request("GET", target, headers=_HEADERS)
+            response = conn.getresponse()
+            return _answer(response, url, via, max_bytes, time.monotonic() + BODY_DEADLINE_TIMEOUTS * timeout)
+        finally:
+            conn.close()
+    raise last_error if last_error else OSError(f"{host} has no address")
+
+
+def _answer(response: http.client.HTTPResponse, url: str, via: str,
+            max_bytes: int, deadline: float) -> tuple[int, str | None, bytes]:
+    status = response.status
+    if status in _REDIRECT_STATUSES:
+        location = response.headers.get("Location", "").strip()
+        if not location:
+            raise ImageRejected("image_unreadable", f"HTTP {status} without a Location at {url[:200]}{via}")
+        return status, location, b""
+    problem = f"HTTP {status} at {url[:200]}{via}"
+    if status in _GONE_STATUSES:
+        raise ImageRejected("image_missing", problem)
+    if status in _RETRY_STATUSES:
+        raise _Retry(problem)
+    if not 200 <= status < 300:
+        raise ImageRejected("image_unreadable", problem)
+    length = response.headers.get("Content-Length", "")
+    expected = int(length) if length.isdigit() else None
+    if expected is not None and expected > max_bytes:
+        raise ImageRejected("image_too_large", f"{expected} bytes > {max_bytes} at {url[:200]}")
+    chunks, size = [], 0
+    while size <= max_bytes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the body did not arrive in time ({size} bytes read) at {url[:200]}{via}")
+        chunk = response.read1(min(1 << 16, max_bytes + 1 - size))  # what has arrived, not a full buffer
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {url[:200]}")
+    if expected is not None and len(data) < expected:  # the connection dropped mid-body
+        raise http.client.IncompleteRead(data, expected - len(data))
+    return status, None, data
+
+
+def _parts(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, request target) of an http(s) URL; image_reference_invalid when it has none."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+        host = parts.hostname or ""
+        if host and not is_ip_literal(host):
+            host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError) as exc:
+        raise ImageRejected("image_reference_invalid", f"{exc}: {url[:200]}"[:300]) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host:
+        raise ImageRejected("image_reference_invalid", f"not an http(s) URL with a host: {url[:200]}")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return scheme, host, port or (443 if scheme == "https" else 80), target
+
+
+def _resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` resolves to, once, in the resolver's order (an IP literal is itself)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[IPAddress] = []
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])  # a link-local address's %zone is not the address
+        if ip not in addresses:
+            addresses.append(ip)
+    return addresses
+
+
+def _connect(host: str, ip: IPAddress, port: int, timeout: float, policy: AddressPolicy) -> socket.socket:
+    """A socket connected to exactly `ip`, whose peer is checked again before anything is sent."""
+    sock = socket.create_connection((str(ip), port), timeout)
+    try:
+        peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+        kind = policy.refusal(host, peer)
+        if peer != ip or kind:
+            raise ImageRejected(REFUSED, f"{host}:{port} connected to {peer}, not the checked {ip}"
+                                         + (f" ({kind})" if kind else ""))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to a checked address; the Host header still names the host."""
+
+    def __init__(self, host: str, port: int, ip: IPAddress, timeout: float, policy: AddressPolicy):
+        super().__init__(host, port, timeout=timeout)
+        self.checked_ip, self.policy = ip, policy
+
+    def connect(self) -> None:
+        self.sock = _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection to a checked address; SNI and the certificate check use the host name."""
+
+    def __init__(self, host: str, port: int, ip: IPAddress, timeout: float, policy: AddressPolicy):
+        super().__init__(host, port, timeout=timeout, context=_TLS)
+        self.checked_ip, self.policy = ip, policy
+
+    def connect(self) -> None:
+        sock = _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
+        try:
+            self.sock = _TLS.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise

@@ -1,0 +1,65 @@
+"""Read what publish made visible: committed partitions (those with a run manifest) of the output tables.
+
+Readers read the files a date's manifest names and never list a folder, so a partition is seen whole, from one
+publish. Publish keeps the generation it replaced until the date's next publish: a read that began on the previous
+manifest finishes on its files, and one that loses them to a second republish reads the date again from its new
+manifest."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from matcher.io.lake import Lake
+
+REREADS = 5  # how often a read that lost its files to republishes starts again from the date's newest manifest
+QUERYABLE_TABLES = ("recommendations", "embeddings", "categories", "mismatches", "search", "quarantine", "clean")
+
+
+class NotPublishedError(LookupError):
+    pass
+
+
+def committed_dates(lake: Lake) -> list[str]:
+    return lake.partitions_with_file(lake.MANIFESTS_DIR, lake.MANIFEST_NAME)
+
+
+def resolve_date(lake: Lake, date: str | None) -> str:
+    dates = committed_dates(lake)
+    if not dates:
+        raise NotPublishedError(f"nothing published in {lake.display('')}: run the pipeline first")
+    if date is None:
+        return dates[-1]
+    if date not in dates:
+        raise NotPublishedError(f"no published partition for {date}; published: {', '.join(dates[-5:])}")
+    return date
+
+
+def read_published(lake: Lake, table: str, date: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """A published table of a date (the newest by default): the files one manifest names, all of them."""
+    dt = resolve_date(lake, date)
+    for _ in range(REREADS):
+        manifest = lake.manifest(dt)
+        files = lake.published_files(table, dt, manifest)
+        if files is None:
+            raise NotPublishedError(f"table {table} has no partition for {dt}")
+        try:
+            return lake.read_files(table, files, columns)  # only these columns are read from the files
+        except OSError:
+            if (lake.manifest(dt) or {}).get("publish_id") == (manifest or {}).get("publish_id"):
+                raise  # not a republish: a file its own manifest names is unreadable
+    raise NotPublishedError(f"table {table} for {dt} was published again {REREADS} times while it was read")
+
+
+def published_dataset(lake: Lake, table: str) -> ds.Dataset | None:
+    """All committed partitions of a table as one dataset with a `dt` column: the files each date's manifest names
+    when the dataset is made (a query on it survives one republish of a date, not two). Its schema unites the
+    partitions' (one footer read per date): a column a later release added reads as nulls in older partitions
+    instead of vanishing because the oldest file lacks it."""
+    by_date = [files for d in committed_dates(lake) if (files := lake.published_files(table, d))]
+    if not by_date:
+        return None
+    dt = pa.schema([("dt", pa.string())])
+    schema = pa.unify_schemas([ds.dataset(files[0], filesystem=lake.fs, format="parquet").schema
+                               for files in by_date] + [dt])
+    return ds.dataset([f for files in by_date for f in files], schema=schema, filesystem=lake.fs, format="parquet",
+                      partitioning=ds.partitioning(dt, flavor="hive"), partition_base_dir=lake.path(table))

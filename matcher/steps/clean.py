@@ -1,0 +1,179 @@
+"""The clean stage: raw catalog rows in, clean rows and quarantined rows (with a reason) out; nothing lost."""
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import pandas as pd
+
+from matcher.config import CleanConfig
+from matcher.steps.images import CanonicalImage, ImageRejected, canonicalize_image
+from matcher.steps.text import escape_undecodable, first_undecodable, has_control_characters, normalize_text, tokenize
+
+CORE_COLUMNS = ("product_id", "title", "description", "category", "image")
+
+
+class RowCountMismatch(ValueError):
+    """The rows the reader read are not the rows written clean or quarantined: a row was lost or made up."""
+
+
+def check_row_counts(rows_read: int, clean_rows: int, quarantined_rows: int, outcome: str = "written") -> None:
+    """Every row read is either clean or quarantined, exactly once; anything else is a fault in the stage."""
+    if rows_read != clean_rows + quarantined_rows:
+        lost = rows_read - clean_rows - quarantined_rows
+        raise RowCountMismatch(f"the reader read {rows_read} catalog rows but {clean_rows} clean + {quarantined_rows} "
+                               f"quarantined = {clean_rows + quarantined_rows} were {outcome} "
+                               f"({abs(lost)} {'lost' if lost > 0 else 'extra'})")
+
+
+def content_hash(title: str, description: str, image_bytes: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (title.encode(), description.encode(), image_bytes):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _raw_json(row: dict) -> str:
+    """The row as it came, for the quarantine: JSON, undecodable bytes escaped, capped."""
+    text = json.dumps({k: v for k, v in row.items() if k not in _NOT_RAW}, ensure_ascii=False, default=str)
+    return escape_undecodable(text[:_RAW_CHARS])
+
+
+_RAW_CHARS = 4000
+IMAGE_DATA = "_image_data"  # a Parquet catalog's embedded image bytes, beside the rows (None: read `image`)
+_NOT_RAW = ("_row", IMAGE_DATA)  # the reader's own columns: a row number, embedded image bytes
+MAX_PRODUCT_ID_CHARS = 256
+CANDIDATE_COLUMNS = ["_row", "product_id", "title", "description", "category", "text_truncated", "repairs",
+                     "image_ref", "image_data", "raw"]  # image_data: embedded image bytes, else None
+QUARANTINE_COLUMNS = ["product_id", "reason", "detail", "raw"]
+# Repairs a kept row may carry (its `repairs` column, comma-separated).
+REPAIR_CONTROL_CHARACTERS = "control_characters"  # NUL, escape, BOM... in the text: replaced by spaces
+REPAIR_BYTE_ORDER_MARK = "byte_order_mark"          # a BOM around the product_id (a file concatenated mid-row)
+
+
+def _text_problem(row: dict) -> tuple[str, str] | None:
+    """(reason, detail) when a field of the row is not text at all."""
+    for column, value in row.items():
+        if isinstance(value, str):
+            at = first_undecodable(value)
+            if at >= 0:
+                snippet = escape_undecodable(value[max(0, at - 20):at + 20])
+                return "text_invalid_utf8", f"{column} at character {at}: {snippet}"
+    return None
+
+
+def _product_id(value: object) -> tuple[str, list[str], str]:
+    """(product id, repairs, problem): whitespace and byte-order marks around it are dropped (a repair);
+    control characters inside or an absurd length make it no id at all."""
+    pid = str(value if value is not None else "").strip()
+    repairs = []
+    if "\ufeff" in pid:
+        pid, repairs = pid.replace("\ufeff", "").strip(), [REPAIR_BYTE_ORDER_MARK]
+    bad = next((ch for ch in pid if unicodedata.category(ch)[0] == "C"), None)
+    if bad is not None:
+        return pid, repairs, f"control character U+{ord(bad):04X} in product_id"
+    if len(pid) > MAX_PRODUCT_ID_CHARS:
+        return pid, repairs, f"product_id of {len(pid)} characters (at most {MAX_PRODUCT_ID_CHARS})"
+    return pid, repairs, ""
+
+
+def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Normalise the text of raw rows: (candidates with their `_row` order and pass-through columns, rejected
+    rows with a reason). Duplicates are not looked for here: that needs every row (see first_of_each_product).
+
+    Every row comes out exactly once, in one of the two: a damaged row is either repaired and kept (control
+    characters, a byte-order mark, over-long text: see `repairs`, `text_truncated`) or rejected with a stable
+    reason and its raw text, undecodable bytes escaped."""
+    passthrough = [c for c in rows.columns if c not in CORE_COLUMNS and c not in _NOT_RAW]
+    candidates: list[dict] = []
+    rejected: list[dict] = []
+
+    def reject(row: dict, pid: str, reason: str, detail: str = "") -> None:
+        rejected.append({"_row": row["_row"], "product_id": escape_undecodable(pid[:MAX_PRODUCT_ID_CHARS]),
+                         "reason": reason, "detail": detail, "raw": _raw_json(row)})
+
+    for row in rows.to_dict("records"):
+        problem = _text_problem(row)
+        if problem:
+            reject(row, str(row.get("product_id", "")).strip(), *problem)
+            continue
+        pid, repairs, pid_problem = _product_id(row.get("product_id"))
+        if pid_problem:
+            reject(row, pid, "invalid_product_id", pid_problem)
+            continue
+        if not pid:
+            reject(row, pid, "missing_product_id")
+            continue
+        if any(has_control_characters(str(row.get(c) or "")) for c in ("title", "description", "category")):
+            repairs.append(REPAIR_CONTROL_CHARACTERS)
+        title, title_cut = normalize_text(row.get("title"), cfg.max_title_chars)
+        if not title:
+            reject(row, pid, "missing_title")
+            continue
+        description, desc_cut = normalize_text(row.get("description"), cfg.max_description_chars)
+        category, _ = normalize_text(row.get("category"), 200)
+        candidates.append({
+            "_row": row["_row"], "product_id": pid, "title": title, "description": description,
+            "category": category, "text_truncated": title_cut or desc_cut, "repairs": ",".join(repairs),
+            "image_ref": str(row.get("image", "")), "image_data": row.get(IMAGE_DATA), "raw": _raw_json(row),
+            **{c: str(row.get(c, "")) for c in passthrough},
+        })
+    return (pd.DataFrame(candidates, columns=CANDIDATE_COLUMNS + passthrough),
+            pd.DataFrame(rejected, columns=["_row", *QUARANTINE_COLUMNS]))
+
+
+DUPLICATE_REASON, DUPLICATE_DETAIL = "duplicate_product_id", "an earlier row has this product_id"
+
+
+def first_of_each_product(candidates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept, rejected duplicates): the first row in file order (`_row`) of each product_id is kept."""
+    ordered = candidates.sort_values("_row", kind="stable")
+    dup = ordered["product_id"].duplicated(keep="first")
+    rejected = ordered.loc[dup, ["_row", "product_id", "raw"]].assign(reason=DUPLICATE_REASON, detail=DUPLICATE_DETAIL)
+    return ordered.loc[~dup], rejected[["_row", *QUARANTINE_COLUMNS]]
+
+
+def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], cfg: CleanConfig
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fetch and canonicalise each candidate's image: (clean rows, quarantined rows with the image's reason)."""
+    passthrough = [c for c in candidates.columns if c not in CANDIDATE_COLUMNS]
+    records = candidates.to_dict("records")
+
+    def load(candidate: dict) -> CanonicalImage | ImageRejected:
+        try:
+            data = candidate.get("image_data")
+            if not isinstance(data, bytes) or not data:
+                data = read_image(candidate["image_ref"])
+            return canonicalize_image(data, cfg.image_size, cfg.max_image_bytes, cfg.max_image_pixels, cfg.jpeg_quality)
+        except ImageRejected as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, cfg.image_threads)) as pool:
+        images = list(pool.map(load, records))
+    clean_rows, quarantine = [], []
+    for cand, img in zip(records, images):
+        if isinstance(img, ImageRejected):
+            quarantine.append({"product_id": cand["product_id"], "reason": img.reason, "detail": img.detail,
+                               "raw": cand["raw"]})
+            continue
+        out = {k: v for k, v in cand.items() if k not in ("_row", "raw", "image_ref", "image_data")}
+        out.update(
+            tokens=tokenize(f"{cand['title']} {cand['description']}"),
+            image_bytes=img.data, image_nbytes=len(img.data), image_width=img.width, image_height=img.height,
+            content_hash=content_hash(cand["title"], cand["description"], img.data),
+        )
+        clean_rows.append(out)
+    clean_cols = ["product_id", "title", "description", "category", "tokens", "text_truncated", "repairs",
+                  "image_bytes", "image_nbytes", "image_width", "image_height", "content_hash", *passthrough]
+    return pd.DataFrame(clean_rows, columns=clean_cols), pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
+
+
+def bad_line_rows(bad_lines: list[dict]) -> pd.DataFrame:
+    """Quarantine rows for lines the reader could not parse into a row."""
+    return pd.DataFrame([{"product_id": "", "reason": b["reason"], "detail": escape_undecodable(b["detail"]),
+                          "raw": escape_undecodable(b["raw"])}
+                         for b in bad_lines], columns=QUARANTINE_COLUMNS)

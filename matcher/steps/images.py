@@ -1,0 +1,109 @@
+"""Decode any catalog image into the canonical square RGB JPEG the encoders read."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageRejected(Exception):
+    """An image that cannot be used; `reason` is a stable quarantine code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class CanonicalImage:
+    data: bytes
+    width: int
+    height: int
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits before converting.
+        return img.point(lambda v: v / 256).convert("L").convert("RGB")
+    return img.convert("RGB")
+
+
+_SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip data"),
+               (b"\x7fELF", "an executable"))
+
+
+def content_kind(data: bytes) -> str:
+    """A coarse name for what `data` is (an HTML page, text, a PDF...), from its first bytes; never the bytes."""
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n")
+    for magic, kind in _SIGNATURES:
+        if head.startswith(magic):
+            return kind
+    lowered = head[:64].lower()
+    if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in head.lower():
+        return "an HTML page"
+    if lowered.startswith(b"<?xml") or lowered.startswith(b"<svg"):
+        return "XML (an SVG is not read)"
+    if head[:1] in (b"{", b"["):
+        return "JSON-like text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the 512-byte mark
+            return "binary data"
+    return "text"
+
+
+def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, quality: int = 90) -> CanonicalImage:
+    """Decode, orient by EXIF, convert to RGB, resize the short side to `size`, centre-crop, re-encode as JPEG."""
+    if not data:
+        raise ImageRejected("image_empty", "zero-byte file")
+    if len(data) > max_bytes:
+        raise ImageRejected("image_too_large", f"{len(data)} bytes > {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0 or width * height > max_pixels:
+                raise ImageRejected("image_too_large", f"{width}x{height} pixels > {max_pixels}")
+            img.seek(0)  # first frame of animations
+            img.load()
+    except ImageRejected:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            # What the file looks like and its size, never its bytes: the reference may have named a file that is
+            # not the catalog's (a key, a password file), and the quarantine is published.
+            raise ImageRejected("not_an_image", f"not a recognised image format: {content_kind(data)}, "
+                                                f"{len(data)} bytes") from None
+        raise ImageRejected("image_too_large", str(exc)[:200]) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected("image_corrupt", str(exc)[:200]) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: S110 (a broken EXIF block should not cost the product its photo)
+        pass
+    img = _to_rgb(img)
+    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return CanonicalImage(out.getvalue(), size, size)
+
+
+def decode_canonical(data: bytes, side: int = 0) -> Image.Image:
+    """A clean image as RGB; with `side`, a JPEG at least twice that size is decoded at a reduced scale (JPEG's
+    DCT scaling, `draft`) that stays at least `side` a side: the encoder reads no more pixels than it needs."""
+    img = Image.open(io.BytesIO(data))
+    if side:
+        img.draft("RGB", (side, side))
+    return img.convert("RGB")

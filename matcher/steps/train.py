@@ -1,0 +1,411 @@
+"""Nightly retraining: contrastive projection heads + the matching network, on frozen encoder features."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from matcher.config import TrainConfig
+from matcher.steps.baselines import LinearPair, Standardiser, fit_baselines, mean_reciprocal_rank, reduce_width, refit
+from matcher.steps.evaluate import best_threshold, model_pair_scorer, true_and_false_pair_scores
+from matcher.steps.model import MatcherModel, ModelSpec
+
+
+def _buckets(product_ids: list[str] | np.ndarray) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.sha1(str(p).encode(), usedforsecurity=False).digest()[:4], "little") % 10000
+                     for p in product_ids])
+
+
+def holdout_mask(product_ids: list[str] | np.ndarray, fraction: float) -> np.ndarray:
+    """Stable split: a product is held out when the hash of its id falls in the first `fraction` of buckets."""
+    return _buckets(product_ids) < int(round(fraction * 10000))
+
+
+def calibration_mask(product_ids: list[str] | np.ndarray, holdout_fraction: float, fraction: float) -> np.ndarray:
+    """The next `fraction` of hash buckets after the held-out ones: training rows kept aside to set the match
+    threshold, since the network scores the pairs it was trained on too confidently."""
+    return _bucket_range(product_ids, holdout_fraction, fraction)
+
+
+def validation_mask(product_ids: list[str] | np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """The `validation_fraction` of hash buckets after the calibration ones: rows that choose the training epoch
+    and the closed-form settings (model selection), never trained on."""
+    return _bucket_range(product_ids, cfg.holdout_fraction + cfg.calibration_fraction, cfg.validation_fraction)
+
+
+def _bucket_range(product_ids: list[str] | np.ndarray, start_fraction: float, fraction: float) -> np.ndarray:
+    start = int(round(start_fraction * 10000))
+    b = _buckets(product_ids)
+    return (b >= start) & (b < start + int(round(fraction * 10000)))
+
+
+def closed_form_folds(cfg: TrainConfig, products: int) -> int:
+    """Folds the closed-form settings are cross-validated in for this many training + validation products; 1: the
+    validation split alone chooses."""
+    return cfg.closed_form_folds if 1 < cfg.closed_form_folds and products <= cfg.closed_form_cv_max_products else 1
+
+
+def model_spec(cfg: TrainConfig, image_dim: int, text_dim: int, image_encoder: str, text_encoder: str) -> ModelSpec:
+    """The model the training config describes (heads with a linear path when they start from a closed form)."""
+    return ModelSpec(image_dim=image_dim, text_dim=text_dim, dim=cfg.dim, hidden=cfg.hidden, fusion=cfg.fusion,
+                     fusion_alpha=cfg.fusion_alpha, image_encoder=image_encoder, text_encoder=text_encoder,
+                     head="mlp+linear" if cfg.init == "closed_form" and cfg.patience > 0 else "mlp")
+
+
+def training_fingerprint(content_hashes: list[str], spec: ModelSpec, cfg: TrainConfig) -> str:
+    h = hashlib.sha256()
+    for ch in sorted(content_hashes):
+        h.update(ch.encode())
+    h.update(repr((spec, cfg)).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class TrainResult:
+    model: MatcherModel
+    history: list[dict]
+    seconds: float
+    best_epoch: int | None = None  # the epoch early stopping kept (0 = the starting point); None: fixed epochs
+    matching_loss: float | None = None  # the matching network's mean loss, when it trains after the heads
+    start: str = "random"  # what the heads started from: random, or the closed-form baseline they copied
+    # The closed-form baselines the start was chosen among, fitted on the training pairs (settings chosen as
+    # train.closed_form_folds says), as maps of the raw features: the gate measures these instead of fitting again.
+    baselines: dict[str, LinearPair] | None = None
+
+
+def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """BCE on true pairs, random negatives and the hardest in-batch negative for each photo."""
+    z, u = z.detach(), u.detach()
+    n = z.shape[0]
+    shift = int(torch.randint(1, n, (1,), generator=generator))
+    random_neg = torch.roll(torch.arange(n), shift)
+    sim = z @ u.T
+    sim.fill_diagonal_(-2.0)
+    hard_neg = sim.argmax(dim=1)
+    pos_logits = model.matcher(z, u)
+    neg_logits = torch.cat([model.matcher(z, u[random_neg]), model.matcher(z, u[hard_neg])])
+    logits = torch.cat([pos_logits, neg_logits])
+    labels = torch.cat([torch.ones_like(pos_logits), torch.zeros_like(neg_logits)])
+    # Weight positives so both classes count equally.
+    weights = torch.cat([torch.full_like(pos_logits, 2.0), torch.ones_like(neg_logits)])
+    return F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+
+
+MIN_VALIDATION = 8  # fewer validation products than this cannot rank epochs: train the fixed recipe instead
+
+
+def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
+                calibration: tuple[np.ndarray, np.ndarray] | None = None,
+                validation: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """Train heads (symmetric InfoNCE) and matching network (cross-entropy) on paired features. Deterministic on CPU.
+
+    With `validation` (image, text) pairs and `cfg.patience` > 0: the heads train epoch by epoch, starting from
+    the best closed-form baseline when the spec has linear paths, and the epoch with the best validation mean
+    reciprocal rank (epoch 0 = the starting point) is kept; training stops `patience` epochs after it. With
+    `cfg.refit` the chosen recipe then runs again on training + validation pairs. The matching network trains last,
+    on the chosen heads' frozen embeddings. Otherwise the fixed recipe: `epochs` (at least `min_steps` steps), heads
+    and matching network together.
+
+    The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs."""
+    if cfg.patience > 0 and validation is not None and len(validation[0]) >= MIN_VALIDATION:
+        return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation)
+    return _train_fixed_epochs(image_feats, text_feats, spec, cfg, calibration)
+
+
+def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
+                        calibration: tuple[np.ndarray, np.ndarray] | None) -> TrainResult:
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    img = torch.as_tensor(image_feats, dtype=torch.float32)
+    txt = torch.as_tensor(text_feats, dtype=torch.float32)
+    n = img.shape[0]
+    if n < 2:
+        raise ValueError("training needs at least 2 products")
+    model = _new_model(img, txt, spec, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    batch = max(2, min(cfg.batch_size, n))
+    steps_per_epoch = max(1, n // batch)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+    scheduler = one_cycle(optimiser, cfg.learning_rate, epochs * steps_per_epoch)
+    history = []
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        totals = {"contrastive": 0.0, "matching": 0.0}
+        for step in range(steps_per_epoch):
+            idx = order[step * batch:(step + 1) * batch]
+            z = model.embed_images(img[idx])
+            u = model.embed_texts(txt[idx])
+            logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
+            target = torch.arange(len(idx))
+            contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            matching = _matching_loss(model, z, u, generator)
+            loss = contrastive + matching
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            totals["contrastive"] += contrastive.item()
+            totals["matching"] += matching.item()
+        history.append({"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in totals.items()},
+                        "temperature": 1.0 / model.logit_scale.exp().item()})
+    model.eval()
+    _calibrate(model, calibration, img, txt, cfg.seed)
+    return TrainResult(model=model, history=history, seconds=time.perf_counter() - started)
+
+
+def _new_model(img: torch.Tensor, txt: torch.Tensor, spec: ModelSpec, cfg: TrainConfig) -> MatcherModel:
+    model = MatcherModel(spec)
+    model.image_head.set_standardisation(img)
+    model.text_head.set_standardisation(txt)
+    with torch.no_grad():
+        model.logit_scale.fill_(float(np.log(1.0 / cfg.temperature)))
+    model.logit_scale.requires_grad_(cfg.learn_temperature)
+    return model
+
+
+def one_cycle(optimiser: torch.optim.Optimizer, max_lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Warm up over the first 10% of `steps`, then anneal. A short run (a tiny catalog, few epochs) gets a warm-up
+    of at least two steps: torch divides by the warm-up's length minus one, so 10% of 10 steps would divide by 0."""
+    total = max(4, steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=total,
+                                               pct_start=min(0.5, max(0.1, 2.0 / total)))
+
+
+def batch_size_for(n: int, configured: int) -> int:
+    """The configured batch, but small enough for about 8 steps an epoch on small catalogs: an epoch of one step
+    gives early stopping nothing to choose between."""
+    return max(2, min(configured, n, max(32, n // 8)))
+
+
+def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
+                               calibration: tuple[np.ndarray, np.ndarray] | None,
+                               validation: tuple[np.ndarray, np.ndarray]) -> TrainResult:
+    started = time.perf_counter()
+    img = torch.as_tensor(image_feats, dtype=torch.float32)
+    txt = torch.as_tensor(text_feats, dtype=torch.float32)
+    val_img = torch.as_tensor(validation[0], dtype=torch.float32)
+    val_txt = torch.as_tensor(validation[1], dtype=torch.float32)
+    if img.shape[0] < 2:
+        raise ValueError("training needs at least 2 products")
+    torch.manual_seed(cfg.seed)
+    model = _new_model(img, txt, spec, cfg)
+    folds = closed_form_folds(cfg, len(img) + len(val_img))
+    start, baselines = (_closed_form_start(model, img, txt, val_img, val_txt, folds) if spec.head == "mlp+linear"
+                        else (None, None))
+    if start is not None:
+        _seed_heads(model, start)
+
+    def validation_mrr() -> float:
+        model.eval()
+        with torch.no_grad():
+            z, u = model.embed_images(val_img).numpy(), model.embed_texts(val_txt).numpy()
+        model.train()
+        return (mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2
+
+    best = {"mrr": validation_mrr(), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    history = [{"epoch": 0, "validation_mrr": best["mrr"]}]
+
+    def after_epoch(epoch: int, loss: float) -> bool:
+        mrr = validation_mrr()
+        history.append({"epoch": epoch, "contrastive": loss, "validation_mrr": mrr,
+                        "temperature": 1.0 / model.logit_scale.exp().item()})
+        if mrr > best["mrr"] + 1e-4:
+            best.update(mrr=mrr, epoch=epoch, state=copy.deepcopy(model.state_dict()))
+        return epoch - best["epoch"] < cfg.patience  # go on?
+
+    _contrastive_epochs(model, img, txt, cfg, cfg.epochs, after_epoch)
+    model.load_state_dict(best["state"])
+    if cfg.refit:
+        # The choices are made (start, epochs): the same recipe again on training + validation rows, since on a
+        # small catalog a tenth more products is worth more than anything the validation rows still tell.
+        img, txt = torch.cat([img, val_img]), torch.cat([txt, val_txt])
+        torch.manual_seed(cfg.seed)
+        model = _new_model(img, txt, spec, cfg)
+        if start is not None:
+            _seed_heads(model, _standardised_refit(model, start, img, txt))
+        _contrastive_epochs(model, img, txt, cfg, best["epoch"], lambda epoch, loss: True)
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    matching = _train_matching_network(model, img, txt, cfg, generator)
+    model.eval()
+    _calibrate(model, calibration, img, txt, cfg.seed)
+    return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
+                       best_epoch=best["epoch"], matching_loss=matching,
+                       start=start.name if start is not None else "random", baselines=baselines)
+
+
+def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig, epochs: int,
+                        after_epoch) -> None:
+    """Up to `epochs` epochs of symmetric InfoNCE on the heads, on a one-cycle schedule the length of
+    `cfg.epochs` (so a refit of the first E epochs follows the same learning rates); `after_epoch(epoch, loss)`
+    returns whether to go on."""
+    n = img.shape[0]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    heads = [p for m in (model.image_head, model.text_head) for p in m.parameters()]
+    params = heads + ([model.logit_scale] if cfg.learn_temperature else [])
+    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    batch = batch_size_for(n, cfg.batch_size)
+    steps_per_epoch = max(1, n // batch)
+    scheduler = one_cycle(optimiser, cfg.learning_rate, max(1, cfg.epochs) * steps_per_epoch)
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * batch:(step + 1) * batch]
+            z, u = model.embed_images(img[idx]), model.embed_texts(txt[idx])
+            logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
+            target = torch.arange(len(idx))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total += loss.item()
+        if not after_epoch(epoch, total / steps_per_epoch):
+            break
+    model.eval()
+
+
+def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig,
+                            generator: torch.Generator) -> float:
+    """s = sigmoid(N(v)) by cross-entropy on the chosen heads' embeddings (true pairs, a random and the hardest
+    in-batch negative), for `epochs` epochs and at least `min_steps` steps."""
+    with torch.no_grad():
+        z_all, u_all = model.embed_images(img), model.embed_texts(txt)
+    optimiser = torch.optim.AdamW(model.matcher.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    n = len(z_all)
+    batch = batch_size_for(n, cfg.batch_size)
+    steps = max(cfg.min_steps, cfg.epochs * max(1, n // batch))
+    model.matcher.train()
+    total = 0.0
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=generator)[:batch]
+        loss = _matching_loss(model, z_all[idx], u_all[idx], generator)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        total += loss.item()
+    return total / max(1, steps)  # the mean loss over the steps
+
+
+def _standardised(head, x: torch.Tensor) -> np.ndarray:
+    return ((x - head.mean) / head.std).double().numpy()
+
+
+@torch.no_grad()
+def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, val_img: torch.Tensor,
+                       val_txt: torch.Tensor, folds: int) -> tuple[LinearPair, dict[str, LinearPair]]:
+    """The best closed-form baseline (ridge either way or CCA, cut to the model's width), fitted on the training
+    pairs in the heads' own standardised coordinates: best by cross-validated MRR over training + validation pairs
+    in `folds` folds, or (folds <= 1) on the validation pairs. Also every baseline, as maps of the raw features."""
+    xi = np.concatenate([_standardised(model.image_head, img), _standardised(model.image_head, val_img)])
+    xt = np.concatenate([_standardised(model.text_head, txt), _standardised(model.text_head, val_txt)])
+    validation = np.arange(len(xi)) >= len(img)
+    dim = model.spec.dim
+    fitted = fit_baselines(xi, xt, validation, folds)
+    raw = {name: _of_raw_features(model, pair) for name, pair in fitted.items()}
+    if folds > 1:
+        return reduce_width(max(fitted.values(), key=lambda p: p.selection_mrr), xi[~validation], xt[~validation],
+                            dim), raw
+    reduced = [reduce_width(p, xi[~validation], xt[~validation], dim) for p in fitted.values()]
+    return max(reduced, key=lambda p: p.validation_mrr(xi[validation], xt[validation])), raw
+
+
+def _of_raw_features(model: MatcherModel, pair: LinearPair) -> LinearPair:
+    """`pair` (fitted on the heads' standardised inputs) as the same maps of the raw features: the two affine
+    standardisations composed."""
+    def composed(head, std: Standardiser) -> Standardiser:
+        mean, scale = head.mean.double().numpy(), head.std.double().numpy()
+        return Standardiser(mean + scale * std.mean, scale * std.std)
+
+    return replace(pair, image_std=composed(model.image_head, pair.image_std),
+                   text_std=composed(model.text_head, pair.text_std))
+
+
+def _standardised_refit(model: MatcherModel, start: LinearPair, img: torch.Tensor, txt: torch.Tensor) -> LinearPair:
+    xi, xt = _standardised(model.image_head, img), _standardised(model.text_head, txt)
+    return reduce_width(refit(start, xi, xt), xi, xt, model.spec.dim)
+
+
+@torch.no_grad()
+def _seed_heads(model: MatcherModel, pair: LinearPair) -> None:
+    """Both heads' linear paths compute `pair` exactly (its maps act on the heads' standardised inputs)."""
+    dim = model.spec.dim
+    for head, std, w in ((model.image_head, pair.image_std, pair.image_w),
+                         (model.text_head, pair.text_std, pair.text_w)):
+        weight = np.zeros((dim, w.shape[0]))
+        weight[:w.shape[1]] = (w / std.std[:, None]).T
+        bias = np.zeros(dim)
+        bias[:w.shape[1]] = -(std.mean / std.std) @ w
+        head.start_from_linear(torch.as_tensor(weight, dtype=torch.float32),
+                               torch.as_tensor(bias, dtype=torch.float32))
+
+
+def _calibrate(model: MatcherModel, calibration: tuple[np.ndarray, np.ndarray] | None, img: torch.Tensor,
+               txt: torch.Tensor, seed: int) -> None:
+    """The match threshold from the calibration pairs, else (none kept aside) from the training pairs."""
+    if calibration is not None and len(calibration[0]) >= 2:
+        _calibrate_threshold(model, torch.as_tensor(calibration[0], dtype=torch.float32),
+                             torch.as_tensor(calibration[1], dtype=torch.float32), seed)
+    else:
+        _calibrate_threshold(model, img, txt, seed)
+
+
+@torch.no_grad()
+def _calibrate_threshold(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, seed: int) -> None:
+    """Pick the match threshold with the best accuracy on true pairs vs. mismatched pairs."""
+    z, u = model.embed_images(img).numpy(), model.embed_texts(txt).numpy()
+    pos, neg = true_and_false_pair_scores(model_pair_scorer(model, z, u), np.arange(len(z)), seed)
+    model.match_threshold.fill_(best_threshold(pos, neg))
+
+
+@dataclass
+class Split:
+    """A train-stage input's rows by product-id hash: held out (metrics, the gate), calibration (the match
+    threshold), validation (model selection) and fit (trained on)."""
+    heldout: np.ndarray
+    calibration: np.ndarray
+    validation: np.ndarray
+    fit: np.ndarray
+
+
+def split_rows(product_ids: list[str] | np.ndarray, cfg: TrainConfig) -> Split:
+    """A catalog too small to hold anything out trains on everything (its metrics are then in-sample)."""
+    heldout = holdout_mask(product_ids, cfg.holdout_fraction)
+    calib = calibration_mask(product_ids, cfg.holdout_fraction, cfg.calibration_fraction)
+    valid = validation_mask(product_ids, cfg)
+    fit = ~heldout & ~calib & ~valid
+    if fit.sum() < 2 or heldout.sum() < 2:
+        none = np.zeros(len(product_ids), dtype=bool)
+        return Split(none, none, none, ~none)
+    return Split(heldout, calib, valid, fit)
+
+
+def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray, spec: ModelSpec,
+                   cfg: TrainConfig) -> tuple[TrainResult, np.ndarray]:
+    """Train on the fit rows of split_rows (validation rows choose the epoch); returns (result, held-out mask)."""
+    split = split_rows(product_ids, cfg)
+    result = train_model(image_feats[split.fit], text_feats[split.fit], spec, cfg,
+                         calibration=(image_feats[split.calibration], text_feats[split.calibration]),
+                         validation=(image_feats[split.validation], text_feats[split.validation]))
+    return result, split.heldout
+
+
+def gate_baselines(result: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, split: Split,
+                   cfg: TrainConfig) -> dict[str, LinearPair]:
+    """The closed-form baselines the promotion gate compares with: those the heads' start was chosen among, or (a
+    recipe without that start) fitted now the same way, on the split's training and validation rows."""
+    if result.baselines is not None:
+        return result.baselines
+    used = split.fit | split.validation
+    return fit_baselines(image_feats[used], text_feats[used], split.validation[used],
+                         closed_form_folds(cfg, int(used.sum())))

@@ -1,0 +1,62 @@
+"""The per-run training report (HTML with inline SVG plots), written next to the model."""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from matcher.steps.plots import bar_chart, histogram, training_curves
+
+RECALL_KEYS = [("image_to_text_recall_at_1", "i→t R@1"), ("image_to_text_recall_at_5", "i→t R@5"),
+               ("image_to_text_recall_at_10", "i→t R@10"), ("text_to_image_recall_at_1", "t→i R@1"),
+               ("text_to_image_recall_at_5", "t→i R@5"), ("text_to_image_recall_at_10", "t→i R@10")]
+
+
+def metrics_table(metrics: dict, previous: dict | None) -> str:
+    rows = []
+    for key in sorted(k for k, v in metrics.items() if isinstance(v, (int, float))):
+        prev = previous.get(key) if previous else None
+        prev_cell = f"{prev:.4f}" if isinstance(prev, (int, float)) else ""
+        rows.append(f"<tr><td>{html.escape(key)}</td><td>{metrics[key]:.4f}</td><td>{prev_cell}</td></tr>")
+    return ("<table><tr><th>metric (held-out)</th><th>this model</th><th>current model</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def recall_chart(metrics: dict, previous: dict | None) -> str:
+    series = {"this model": [metrics.get(k) for k, _ in RECALL_KEYS]}
+    if previous:
+        series["current model"] = [previous.get(k) for k, _ in RECALL_KEYS]
+    return bar_chart("Held-out recall@K", [label for _, label in RECALL_KEYS], series)
+
+
+BASELINE_KEYS = [("text_to_image_recall_at_10", "t→i R@10"), ("image_to_text_recall_at_10", "i→t R@10"),
+                 ("mean_recall_at_10", "mean R@10"), ("recommendation_precision_at_10", "rec P@10")]
+
+
+def baselines_table(metrics: dict, baselines: dict[str, dict]) -> str:
+    """The learned model beside the closed-form baselines fitted the same night on the same split."""
+    if not baselines:
+        return ""
+    rows = []
+    for name, m in [("this model", metrics), *sorted(baselines.items())]:
+        cells = "".join(f"<td>{m[k]:.4f}</td>" if isinstance(m.get(k), (int, float)) else "<td></td>"
+                        for k, _ in BASELINE_KEYS)
+        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
+    header = "".join(f"<th>{html.escape(label)}</th>" for _, label in BASELINE_KEYS)
+    return f"<h2>Closed-form baselines (held-out)</h2><table><tr><th></th>{header}</tr>{''.join(rows)}</table>"
+
+
+def render_training_report(version: str, date: str, metrics: dict, previous_metrics: dict | None,
+                           history: list[dict], true_scores: np.ndarray, false_scores: np.ndarray,
+                           decision: str, baselines: dict[str, dict] | None = None) -> str:
+    losses = training_curves(history)
+    scores = histogram("Match probability, held-out pairs", {"true pairs": true_scores, "false pairs": false_scores})
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>matcher model {html.escape(version)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}td,th{{border:1px solid #ccc;padding:3px 8px}}
+table{{border-collapse:collapse}}.charts svg{{margin:6px;border:1px solid #eee}}</style></head><body>
+<h1>Model {html.escape(version)}</h1>
+<p>Trained for {html.escape(date)}. <b>{html.escape(decision)}</b></p>
+<div class="charts">{losses}{recall_chart(metrics, previous_metrics)}{scores}</div>
+{metrics_table(metrics, previous_metrics)}
+{baselines_table(metrics, baselines or {})}
+</body></html>"""

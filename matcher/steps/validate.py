@@ -1,0 +1,139 @@
+"""The validation gate: Great Expectations suites from schemas/ over the clean table and the night's statistics.
+
+The clean table may be a pandas DataFrame or a Spark DataFrame. A Spark one is validated by GE's Spark datasource on
+the executors (GE computes aggregates and at most a few sample rows of failures; the table is never collected); this
+step never imports pyspark, it uses the frame's own methods. The suites are engine-neutral: type expectations list
+both the pandas/Python names and the Spark type names, and each engine ignores the names it does not know.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from matcher.config import SCHEMAS_DIR
+
+# Columns too heavy or too nested for row-level expectations; their derived columns are checked instead.
+HEAVY_COLUMNS = ("image_bytes", "tokens")
+
+
+@dataclass
+class ValidationOutcome:
+    success: bool
+    results: list[dict]          # one per suite: {"suite", "success", "failed": [...], "result": GE json}
+
+    def failures(self) -> list[str]:
+        return [f"{r['suite']}: {f}" for r in self.results for f in r["failed"]]
+
+    def to_json(self) -> dict:
+        return {"success": self.success, "failures": self.failures(), "suites": self.results}
+
+
+def load_suite_spec(name: str, schemas_dir: Path = SCHEMAS_DIR) -> dict:
+    path = schemas_dir / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"expectation suite {name!r} not found at {path}")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _gx():
+    import great_expectations as gx
+
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return gx
+
+
+def _is_spark_frame(df: Any) -> bool:
+    """True for a pyspark.sql.DataFrame (classic or Connect), told by its type alone: this step never imports
+    pyspark, it uses the frame's own methods."""
+    return not isinstance(df, pd.DataFrame) and type(df).__module__.startswith("pyspark.sql")
+
+
+def _validate_frame(df: Any, spec: dict, parameters: dict) -> dict:
+    """Validate one suite over a pandas DataFrame or a Spark DataFrame (by GE's matching datasource)."""
+    gx = _gx()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    expectations = [get_expectation_impl(e["type"])(**e["kwargs"]) for e in spec["expectations"]]
+    suite = gx.ExpectationSuite(name=spec["name"], expectations=expectations)
+    spark = _is_spark_frame(df)
+    # The Spark datasource reuses the running session; persist=True caches the (slimmed) frame on the executors so
+    # that GE's several metric passes do not each recompute it; it is unpersisted below.
+    source = ctx.data_sources.add_spark("frames", persist=True) if spark else ctx.data_sources.add_pandas("frames")
+    try:
+        batch = (source.add_dataframe_asset(spec["name"]).add_batch_definition_whole_dataframe("whole")
+                 .get_batch(batch_parameters={"dataframe": df}))
+        result = batch.validate(suite, expectation_parameters=parameters).to_json_dict()
+    finally:
+        if spark:
+            df.unpersist()
+    failed = []
+    for r in result["results"]:
+        if not r["success"]:
+            kw = {k: v for k, v in r["expectation_config"]["kwargs"].items() if k != "batch_id"}
+            observed = r.get("result", {}).get("observed_value", r.get("result", {}).get("unexpected_count"))
+            failed.append(f"{r['expectation_config']['type']} {kw} (observed {observed})")
+    return {"suite": spec["name"], "success": bool(result["success"]), "failed": failed, "result": result}
+
+
+def _slim_table(clean: Any) -> Any:
+    """The clean table without its heavy columns; their names stay visible as cheap literal stand-in columns, since
+    the column-set expectation is about the table."""
+    if _is_spark_frame(clean):
+        return clean.selectExpr(*[f"`{c}`" for c in clean.columns if c not in HEAVY_COLUMNS],
+                                *[f"1 AS `{c}`" for c in HEAVY_COLUMNS if c in clean.columns])
+    if not isinstance(clean, pd.DataFrame):
+        raise TypeError(f"validate_night needs a pandas or a Spark DataFrame, not {type(clean).__name__}")
+    table = clean.drop(columns=[c for c in HEAVY_COLUMNS if c in clean.columns])
+    for c in HEAVY_COLUMNS:
+        if c in clean.columns:
+            table[c] = 1
+    return table
+
+
+def validate_night(clean: Any, stats: dict, clean_suite: str, run_suite: str, max_quarantine_rate: float,
+                   schemas_dir: Path = SCHEMAS_DIR) -> ValidationOutcome:
+    """Run the clean-table suite and the run-statistics suite; success only if both pass.
+
+    `clean` is a pandas DataFrame or a pyspark.sql.DataFrame; a Spark one is validated where it lives, never collected.
+    """
+    table = _slim_table(clean)
+    run_stats = pd.DataFrame([{"quarantine_rate": float(stats["quarantine_rate"]),
+                               "clean_rows": int(stats["clean_rows"]), "input_rows": int(stats["input_rows"])}])
+    params = {"max_quarantine_rate": max_quarantine_rate}
+    results = [
+        _validate_frame(table, load_suite_spec(clean_suite, schemas_dir), params),
+        _validate_frame(run_stats, load_suite_spec(run_suite, schemas_dir), params),
+    ]
+    return ValidationOutcome(success=all(r["success"] for r in results), results=results)
+
+
+def render_html(outcome: ValidationOutcome, title: str) -> str:
+    rows = []
+    for suite in outcome.results:
+        for r in suite["result"]["results"]:
+            cfg = r["expectation_config"]
+            kw = {k: v for k, v in cfg["kwargs"].items() if k != "batch_id"}
+            res = r.get("result", {})
+            observed = res.get("observed_value", res.get("unexpected_count", ""))
+            status = "pass" if r["success"] else "FAIL"
+            rows.append(f"<tr class='{status.lower()}'><td>{html.escape(suite['suite'])}</td>"
+                        f"<td>{html.escape(cfg['type'])}</td>"
+                        f"<td><code>{html.escape(json.dumps(kw, default=str))}</code>"
+                        f"</td><td>{html.escape(str(observed))}</td><td>{status}</td></tr>")
+    verdict = "PASSED" if outcome.success else "FAILED"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+table{{border-collapse:collapse}}tr.fail{{background:#fdd}}tr.pass{{background:#efe}}</style></head>
+<body><h1>{html.escape(title)}: {verdict}</h1><table><tr><th>suite</th><th>expectation</th><th>arguments</th>
+<th>observed</th><th>status</th></tr>{''.join(rows)}</table></body></html>"""

@@ -20,7 +20,6 @@ from matcher.io.lake import new_attempt_id
 from matcher.steps.clean import (
     CORE_COLUMNS,
     DUPLICATE_DETAIL,
-    DUPLICATE_REASON,
     QUARANTINE_COLUMNS,
     RowCountMismatch,
     bad_line_rows,
@@ -28,6 +27,7 @@ from matcher.steps.clean import (
     clean_images,
     clean_text_rows,
 )
+from matcher.steps.quarantine import Reason
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "repairs", "image_ref"]
 _BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows of a text file
@@ -122,7 +122,8 @@ def run(ctx: RunContext) -> dict:
     first = Window.partitionBy("product_id", "kind").orderBy("_row")
     is_dup = (F.col("kind") == "candidate") & (F.row_number().over(first) > 1)
     marked = (parsed.withColumn("_dup", is_dup)
-              .withColumn("reason", F.when(F.col("_dup"), F.lit(DUPLICATE_REASON)).otherwise(F.col("reason")))
+              .withColumn("reason", F.when(F.col("_dup"), F.lit(Reason.DUPLICATE_PRODUCT_ID.value))
+                          .otherwise(F.col("reason")))
               .withColumn("detail", F.when(F.col("_dup"), F.lit(DUPLICATE_DETAIL)).otherwise(F.col("detail")))
               .withColumn("kind", F.when(F.col("_dup"), F.lit("rejected")).otherwise(F.col("kind")))
               .drop("_dup"))

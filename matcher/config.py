@@ -395,7 +395,7 @@ def feature_floats(extract: ExtractConfig) -> tuple[int, int]:
 
 def driver_receipts(cfg: Config) -> list[tuple[str, int, str]]:
     """What the driver receives from executors at most, by the settings that bound it: (setting, bytes, the
-    arithmetic). The README's table "What the driver receives from executors" lists these and the rest."""
+    arithmetic). The table "What the driver receives from executors" in docs/cluster.md lists these and the rest."""
     image, text = feature_floats(cfg.extract)
     row = 4 * (image + text)
     dim, sc = cfg.train.dim, cfg.score

@@ -79,3 +79,31 @@ def stop_spark_at_the_end():
     from jobs.spark import stop_spark
 
     stop_spark()
+
+
+# The fast tier (`pytest -m "not integration"`, `make test-fast`) holds the pure steps: a test that starts Spark, a
+# subprocess (Airflow, SeaweedFS, a command) or asks for a fixture that does must be marked `integration`, and this
+# guard fails any unmarked test that tries, so the tier stays fast and honest.
+_SERVICE_FIXTURES = {"s3_server", "s3_config"}
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_service(request, monkeypatch):
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    used = _SERVICE_FIXTURES & set(request.fixturenames)
+    if used:
+        pytest.fail(f"{request.node.nodeid} uses {sorted(used)} (a server): mark it integration", pytrace=False)
+    import subprocess
+
+    from pyspark.sql.session import SparkSession
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            raise RuntimeError(f"{request.node.nodeid} starts {what} but is not marked integration")
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("a subprocess"))
+    monkeypatch.setattr(SparkSession.Builder, "getOrCreate", refuse("Spark"))
+    yield

@@ -9,6 +9,8 @@ from matcher.config import load_config
 from matcher.io.run_report import _summary
 from tests.synthetic import write_synthetic_partition
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 DATE = "2026-02-01"
 N = 150
 

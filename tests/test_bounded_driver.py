@@ -13,12 +13,13 @@ from jobs.spark_lake import read_partition
 from matcher.app.synthetic_catalog import ensure_catalog
 from matcher.config import load_config
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 PRODUCTS = 40_000
 CAP = "16m"
 DATE = "2026-03-01"
 
 
-@pytest.mark.slow
 def test_a_40000_product_night_runs_with_a_16_mb_driver_result_cap(tmp_path):
     catalog = ensure_catalog(tmp_path / "synthetic", PRODUCTS, seed=0)
     cfg = load_config(overrides={

@@ -205,6 +205,7 @@ def test_column_mapping_naming_an_absent_column_is_a_clear_error(tmp_path):
         CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).read()
 
 
+@pytest.mark.integration
 def test_image_references_may_be_s3_and_file_uris(tmp_path, s3_config):
     from matcher.io.storage import resolve_uri, write_bytes
 

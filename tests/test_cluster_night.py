@@ -16,6 +16,8 @@ from jobs.standalone_cluster import StandaloneCluster
 from matcher.config import load_config
 from tests.conftest import make_fashion_slice
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 PRODUCTS = 400
 CAP = "512k"  # the catalog's clean table (JPEG bytes, which do not compress) is larger; the training sample is not
 
@@ -43,7 +45,6 @@ def _tables(lake, date: str) -> dict:
     return out
 
 
-@pytest.mark.slow
 def test_a_night_on_a_standalone_cluster_equals_local_and_a_second_night_embeds_only_changes(fashion_dir, tmp_path):
     catalog = make_fashion_slice(tmp_path / "catalog", PRODUCTS, start=2000)
     date, next_date = "2026-05-01", "2026-05-02"

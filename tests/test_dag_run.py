@@ -10,6 +10,8 @@ from matcher.config import dump_toml, load_config
 from matcher.io.lake import Lake
 from matcher.io.storage import resolve_uri
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 DATE = "2026-03-01"
 PRODUCTS = 48
 

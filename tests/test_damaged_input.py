@@ -15,6 +15,8 @@ from matcher.config import load_config
 from matcher.io.catalog import CatalogReader
 from tests.reference import clean_catalog
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 ROWS = 40
 
 

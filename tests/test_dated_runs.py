@@ -17,6 +17,8 @@ from matcher.io.registry import current_version, model_for_date, promote
 from matcher.steps.model import ModelError
 from tests.synthetic import write_synthetic_partition
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 D1, D2, D3 = "2026-01-01", "2026-01-02", "2026-01-03"
 
 

@@ -14,6 +14,8 @@ import yaml
 from jobs.standalone_cluster import free_port, port_open
 from matcher.config import load_config
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 

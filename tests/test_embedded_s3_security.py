@@ -16,6 +16,8 @@ import pytest
 
 from matcher.io.s3server import EmbeddedS3
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 SECRET_BYTES = b"only-through-s3-" + secrets.token_hex(8).encode()
 
 

@@ -10,6 +10,8 @@ from matcher.steps.encoders import COLOUR_DIM, extract_precision, load_image_enc
 from matcher.steps.features import extract_features
 from tests.conftest import make_fashion_slice
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 
 @pytest.fixture(scope="module")
 def catalog(fashion_dir, tmp_path_factory):

@@ -81,6 +81,7 @@ def test_a_busy_date_is_retryable(tmp_path):
     assert failure.retryable and "another run holds the date" in failure.why
 
 
+@pytest.mark.integration
 def test_bad_input_config_errors_and_refused_storage_are_permanent(tmp_path, s3_server):
     from matcher.io.catalog import CatalogReader
     from matcher.io.registry import model_for_date
@@ -197,6 +198,7 @@ def test_a_spark_error_whose_jvm_is_gone_is_retryable():
     assert classify(Py4JNetworkError("Error while sending or receiving")).retryable
 
 
+@pytest.mark.integration
 def test_an_executors_errors_reach_the_driver_wrapped_and_are_judged_by_their_cause():
     """A real local Spark job whose Python function fails on an executor: the driver gets Spark's PythonException
     (OSError nowhere in its class), and the executor's OSError decides."""
@@ -227,6 +229,7 @@ def test_an_executors_errors_reach_the_driver_wrapped_and_are_judged_by_their_ca
 
 # --- a stage against a real S3 outage -------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_an_executors_s3_outage_fails_the_stage_retryable_and_the_retry_succeeds(s3_server, s3_config, tmp_path,
                                                                               monkeypatch):
     """clean reads the catalog from the embedded S3 server; the server stops once the driver has planned the read
@@ -261,6 +264,7 @@ def test_an_executors_s3_outage_fails_the_stage_retryable_and_the_retry_succeeds
     assert lake.read_partition("clean", D).num_rows == 8
 
 
+@pytest.mark.integration
 def test_a_photo_read_from_s3_during_an_outage_is_retried_not_quarantined(s3_server, s3_config, tmp_path):
     """A good product's photo on S3 that cannot be read because the store is down must fail the task (retried),
     not go to quarantine as image_unreadable: an outage would otherwise drop good rows for the night."""
@@ -296,6 +300,7 @@ def test_a_photo_read_from_s3_during_an_outage_is_retried_not_quarantined(s3_ser
     assert classify(exc).retryable, classify(exc).message()
 
 
+@pytest.mark.integration
 def test_a_catalog_store_that_is_down_when_clean_plans_is_retryable_a_missing_catalog_is_not(s3_server, s3_config,
                                                                                             tmp_path, monkeypatch):
     cfg = s3_config.with_overrides({"run": {"catalog": "s3://lake/planned/catalog",
@@ -357,6 +362,7 @@ def test_submit_exits_1_for_a_config_error_or_a_missing_validation_and_2_for_usa
         assert exit_.value.code == EXIT_USAGE
 
 
+@pytest.mark.integration
 def test_submit_exits_75_for_a_busy_date_in_the_lake_its_matcher_config_names(tmp_path):
     """The real entry point (a process, as spark-submit runs it), its config only in $MATCHER_CONFIG: it finds the
     date held in that config's lake (and in no other), and exits 75 for the scheduler to retry."""
@@ -373,6 +379,7 @@ def test_submit_exits_75_for_a_busy_date_in_the_lake_its_matcher_config_names(tm
 
 # --- Airflow: spark-submit's exit status decides between a retry and a failed task ----------------------------------
 
+@pytest.mark.integration
 def test_airflow_retries_a_submitted_stage_that_exits_75_and_fails_one_that_exits_1(tmp_path, monkeypatch):
     """The real SparkSubmitHook running jobs/submit.py on a local master. The config reaches the driver only through
     the env_vars the task passes ($MATCHER_CONFIG is not in this process's environment)."""

@@ -117,6 +117,7 @@ def make_catalog(tmp_path: Path, hostile: dict[str, str]) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_a_hostile_catalog_reads_nothing_it_may_not_and_publishes_nothing_of_it(tmp_path, servers):
     secret_marker = "K" + secrets.token_hex(5)  # short: the first bytes of secret.txt hold all of it
     elsewhere = tmp_path / "elsewhere"
@@ -293,6 +294,7 @@ def test_image_sources_let_a_named_folder_through_and_nothing_beside_it(tmp_path
         "BESIDE": "image_source_not_allowed", "OUT-AGAIN": "image_source_not_allowed"}
 
 
+@pytest.mark.integration
 def test_s3_image_sources_let_a_named_prefix_through(tmp_path, s3_config):
     from matcher.io.storage import resolve_uri, write_bytes
 

@@ -58,6 +58,7 @@ def test_a_contender_with_a_skewed_clock_does_not_take_a_live_lock(tmp_path, hol
         held.assert_held()
 
 
+@pytest.mark.integration
 def test_on_s3_a_skewed_contender_waits_and_a_dead_lock_is_taken_only_after_stale_after(s3_config, tmp_path):
     lake = Lake(f"s3://lake/locks-{tmp_path.name}", s3_config.storage)
     with date_lock(lake, D1, "holder", stale_after=3.0, heartbeat_every=0.3) as held:
@@ -149,6 +150,7 @@ except LockLostError as exc:
 """
 
 
+@pytest.mark.integration
 def test_a_frozen_holder_is_fenced_out_after_another_takes_over(lake, request):
     """A real stall: the holder's process is stopped (SIGSTOP) past its lease; another run takes the date; the
     holder, woken, is refused at its commit fence, and the new holder keeps the date."""
@@ -242,6 +244,7 @@ def test_runs_claim_the_date_between_their_stages(tmp_path):
     stage("", ttl=0.2).acquire().release()  # an abandoned run's claim expires
 
 
+@pytest.mark.integration
 def test_two_runs_of_one_date_cannot_interleave_stages(tmp_path):
     """`matcher run` holds one lock across its stages: one lock file (one token) for the whole run, and a second
     run of the date that keeps trying never gets in, not even between stages."""

@@ -68,6 +68,7 @@ def test_too_few_products_to_fill_the_folds_is_said():
         fit_cross_fitted(ids, img, txt, FOLDS)
 
 
+@pytest.mark.integration
 def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_them(tmp_path):
     n, date = 150, "2026-02-01"
     cfg = load_config(overrides={

@@ -91,6 +91,7 @@ def _ctx(tmp_path, date, **train):
     return RunContext(cfg, date)
 
 
+@pytest.mark.integration
 def test_gate_refuses_a_worse_model_and_keeps_the_current_one(tmp_path):
     good = _ctx(tmp_path, "2026-01-01")
     write_synthetic_partition(good.lake, "2026-01-01")
@@ -107,6 +108,7 @@ def test_gate_refuses_a_worse_model_and_keeps_the_current_one(tmp_path):
     assert worse.lake.exists(f"models/{stats2['model_version']}/model.safetensors")  # kept for inspection
 
 
+@pytest.mark.integration
 def test_a_model_whose_encoders_differ_is_refused(tmp_path):
     ctx = _ctx(tmp_path, "2026-01-01")
     write_synthetic_partition(ctx.lake, "2026-01-01")
@@ -121,6 +123,7 @@ def test_a_model_whose_encoders_differ_is_refused(tmp_path):
     assert config["spec"]["image_encoder"] == IMAGE_ENCODER
 
 
+@pytest.mark.integration
 def test_training_report_is_written_next_to_the_model(tmp_path):
     ctx = _ctx(tmp_path, "2026-01-01")
     write_synthetic_partition(ctx.lake, "2026-01-01")
@@ -130,6 +133,7 @@ def test_training_report_is_written_next_to_the_model(tmp_path):
     assert f"{stats['metrics']['mean_recall_at_10']:.4f}" in page
 
 
+@pytest.mark.integration
 def test_models_lists_versions_and_promote_rolls_back(tmp_path, capsys):
     from matcher.app.cli import main
     from matcher.config import dump_toml
@@ -151,6 +155,7 @@ def test_models_lists_versions_and_promote_rolls_back(tmp_path, capsys):
     assert current_version(first.lake) == v1
 
 
+@pytest.mark.integration
 def test_an_unreadable_current_model_fails_the_night_and_leaves_current_json(tmp_path):
     from jobs.context import StageError
 
@@ -189,6 +194,7 @@ def _second_night_with_failing_comparison(tmp_path, monkeypatch, error: BaseExce
     return second, v1
 
 
+@pytest.mark.integration
 def test_the_gate_fails_closed_when_the_current_model_cannot_be_evaluated(tmp_path, monkeypatch):
     second, v1 = _second_night_with_failing_comparison(tmp_path, monkeypatch, ValueError("scores are NaN"))
     stats = run_stage("train", second)
@@ -197,6 +203,7 @@ def test_the_gate_fails_closed_when_the_current_model_cannot_be_evaluated(tmp_pa
     assert current_version(second.lake) == v1
 
 
+@pytest.mark.integration
 def test_cuda_out_of_memory_in_the_gate_fails_the_stage(tmp_path, monkeypatch):
     from jobs.context import StageError
 

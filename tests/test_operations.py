@@ -7,12 +7,15 @@ import sys
 import time
 
 import pyarrow.fs as pafs
+import pytest
 
 from matcher.app.cli import main
 from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import dump_toml, load_config
 from matcher.io.lake import Lake
 from matcher.io.storage import resolve_uri
+
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
 PUBLISHED = ("recommendations", "embeddings", "categories", "search")
 

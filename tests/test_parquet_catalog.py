@@ -6,6 +6,7 @@ import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from jobs.context import RunContext
@@ -14,6 +15,8 @@ from matcher.config import load_config
 from matcher.io.catalog import CatalogReader
 from matcher.steps.images import decode_canonical
 from tests.reference import clean_catalog
+
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
 
 def _jpeg(colour) -> bytes:

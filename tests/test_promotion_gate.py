@@ -237,6 +237,7 @@ def _ctx(tmp_path, date: str) -> RunContext:
     return RunContext(cfg, date)
 
 
+@pytest.mark.integration
 def test_the_train_stage_backfilling_an_older_date_keeps_the_current_model(tmp_path):
     newer = _ctx(tmp_path, "2026-02-01")
     write_synthetic_partition(newer.lake, "2026-02-01", n=120)

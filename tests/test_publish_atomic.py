@@ -17,6 +17,8 @@ from matcher.io.lake import PUBLISHED_TABLES, Lake
 from matcher.io.published import published_dataset, read_published
 from matcher.io.tables import table_schema
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 D = "2026-05-01"
 READ_TABLES = ("recommendations", "embeddings", "clean", "quarantine")
 

@@ -166,6 +166,7 @@ def test_the_verdict_names_the_best_baseline_the_model_fails_to_beat():
     assert verdict.startswith("mean_recall_at_10 0.4300 is below the closed-form baseline cca (0.6200")
 
 
+@pytest.mark.integration
 def test_the_gate_refuses_a_model_below_the_best_closed_form_baseline(tmp_path):
     def night(date, seed, **train):
         cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},

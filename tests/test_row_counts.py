@@ -45,6 +45,7 @@ def _context(tmp_path) -> RunContext:
     return RunContext(cfg, DATE)
 
 
+@pytest.mark.integration
 def test_input_rows_are_the_rows_the_reader_read_across_splits(tmp_path):
     ctx = _context(tmp_path)
     assert pq.ParquetFile(tmp_path / "catalog" / "products.parquet").num_row_groups == 4
@@ -62,6 +63,7 @@ def _drop_one_clean_row(clean_images):
     return lossy
 
 
+@pytest.mark.integration
 def test_a_row_lost_between_reading_and_writing_fails_the_stage_naming_both_counts(tmp_path, monkeypatch):
     ctx = _context(tmp_path)
     # The image cleaner runs on executors: the patched function travels with the pickled task closure.

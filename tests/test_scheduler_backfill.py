@@ -12,9 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from matcher.app.demo_catalog import make_demo_catalog
 from matcher.config import REPO_ROOT, dump_toml, load_config
 from matcher.io.lake import Lake
+
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
 DATES = ("2026-01-01", "2026-01-02")
 DAG = "product_matching_nightly"

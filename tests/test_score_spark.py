@@ -18,6 +18,8 @@ from matcher.steps.model import MatcherModel, ModelSpec, model_to_bytes
 from matcher.steps.scoring import cross_match_scorer, rerank, topk, topk_over_blocks
 from tests.conftest import SMALL_DRIVER_SAMPLES
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 DATE = "2026-01-01"
 
 

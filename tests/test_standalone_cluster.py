@@ -13,6 +13,8 @@ from jobs.standalone_cluster import ClusterError, StandaloneCluster, port_open
 from matcher.config import ConfigError, load_config
 from tests.conftest import SMALL_DRIVER_SAMPLES
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 
 def _extract(**values):
     return load_config(overrides={**SMALL_DRIVER_SAMPLES, "extract": values}).extract
@@ -97,7 +99,6 @@ def test_get_spark_rebuilds_the_session_when_its_settings_change(tmp_path):
     assert get_spark(load_config().extract).conf.get("spark.sql.adaptive.enabled") == "true"
 
 
-@pytest.mark.slow
 def test_standalone_cluster_runs_tasks_in_executors_and_stops_clean(tmp_path, monkeypatch):
     cluster = StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="2g")
     # The daemons get a python that does not exist: the executors must run the one the driver names.
@@ -279,7 +280,6 @@ def test_a_gpu_worker_without_its_discovery_script_is_a_clear_error(tmp_path):
         cluster.start()
 
 
-@pytest.mark.slow
 def test_cli_starts_and_stops_a_cluster(tmp_path):
     work_dir = tmp_path / "cli-cluster"
     cmd = [sys.executable, "-m", "jobs.standalone_cluster"]

@@ -1,10 +1,13 @@
 """Training reads a bounded, deterministic sample of the catalog: the same products every time, at most the cap."""
+import pytest
+
 from jobs.context import RunContext
 from jobs.features_io import load_feature_set
 from matcher.config import load_config
 from tests.synthetic import write_synthetic_partition
 
 
+@pytest.mark.integration
 def test_the_training_sample_is_capped_and_chosen_by_product_hash(tmp_path):
     ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), "2026-01-01")
     write_synthetic_partition(ctx.lake, ctx.date, n=300)

@@ -29,7 +29,7 @@ def spark():
     return get_spark(load_config().extract)
 
 
-@pytest.fixture(params=["pandas", "spark"])
+@pytest.fixture(params=["pandas", pytest.param("spark", marks=pytest.mark.integration)])
 def engine(request):
     """A function turning a pandas clean table into the frame this engine validates."""
     if request.param == "pandas":
@@ -119,6 +119,7 @@ def test_the_quarantine_ceiling_comes_from_config(engine):
     assert validate_night(engine(clean_frame()), stats, "clean_products", "run_stats", 0.6).success
 
 
+@pytest.mark.integration
 def test_spark_validation_never_reads_the_heavy_columns_nor_collects_the_table(spark, monkeypatch, tmp_path):
     from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
@@ -150,6 +151,7 @@ def test_validate_night_rejects_other_inputs():
         validate_night([{"product_id": "p0"}], STATS, "clean_products", "run_stats", 0.2)
 
 
+@pytest.mark.integration
 def test_the_validate_module_imports_neither_spark_nor_the_jobs():
     # Great Expectations (which itself may import pyspark) is loaded only when a suite runs.
     code = ("import sys, matcher.steps.validate; "

@@ -13,6 +13,8 @@ from matcher.io.lake import Lake
 from matcher.io.published import read_published
 from tests.test_publish_atomic import stage_published_tables
 
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
 D = "2026-06-01"
 
 

@@ -23,6 +23,7 @@ from matcher.io.http_images import AddressPolicy, fetch_image
 from matcher.io.storage import exists, is_s3, resolve_uri
 from matcher.steps.clean import IMAGE_DATA
 from matcher.steps.images import ImageRejected
+from matcher.steps.quarantine import Reason
 
 _HEAD_BYTES = 1 << 16
 _MAX_IMAGE_REF_CHARS = 2048
@@ -253,9 +254,9 @@ class CatalogReader:
         Raises ImageRejected with a quarantine reason."""
         ref = ref.strip()
         if not ref:
-            raise ImageRejected("image_missing", "no image reference")
+            raise ImageRejected(Reason.IMAGE_MISSING, "no image reference")
         if len(ref) > _MAX_IMAGE_REF_CHARS or any(ord(ch) < 32 for ch in ref):
-            raise ImageRejected("image_reference_invalid", f"{len(ref)} characters: {ref[:200]!r}")
+            raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{len(ref)} characters: {ref[:200]!r}")
         if is_s3(ref):
             self.sources.check_s3_object(ref)  # before any connection to the store
             fs, path = resolve_uri(ref, self.storage)
@@ -265,24 +266,24 @@ class CatalogReader:
         elif ref.lower().startswith(("http://", "https://")):
             o = self.options
             if not o.http_images:
-                raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]}: catalog.http_images is off")
+                raise ImageRejected(Reason.IMAGE_SOURCE_NOT_ALLOWED, f"{ref[:200]}: catalog.http_images is off")
             return fetch_image(ref, o.http_timeout, o.http_retries, o.http_max_bytes, policy=self.http_policy)
         elif "://" in ref:
-            raise ImageRejected("image_unsupported_uri", ref[:200])
+            raise ImageRejected(Reason.IMAGE_UNSUPPORTED_URI, ref[:200])
         else:
             rel = posixpath.normpath(ref.replace("\\", "/"))
             if rel.startswith("/") or rel == ".." or rel.startswith("../"):
-                raise ImageRejected("image_path_escapes_root", ref[:200])
+                raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, ref[:200])
             fs, path = self.fs, posixpath.join(self.root, rel)
             if self.sources.local_root is not None:  # a symlink inside the root may point out of it
                 path = os.path.realpath(path)
                 if not _under(path, self.sources.local_root):
-                    raise ImageRejected("image_path_escapes_root", f"{ref[:200]}: a link out of the catalog root")
+                    raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, f"{ref[:200]}: a link out of the catalog root")
         try:
             with fs.open_input_stream(path) as fh:
                 data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         except FileNotFoundError:
-            raise ImageRejected("image_missing", ref[:200]) from None
+            raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
         except OSError as exc:
             try:
                 kind = fs.get_file_info(path).type
@@ -293,18 +294,17 @@ class CatalogReader:
                     raise exc from None
                 kind = None
             if kind == pafs.FileType.NotFound:
-                raise ImageRejected("image_missing", ref[:200]) from None
+                raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
             if kind == pafs.FileType.Directory:  # a bucket or a folder named as the photo
-                raise ImageRejected("image_reference_invalid", f"{ref[:200]} is a folder, not a file") from None
+                raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]} is a folder, not a file") from None
             if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
                 raise  # the store answered the lookup but failed the read for now (a reset, a throttle): retried
-            raise ImageRejected("image_unreadable", str(exc)[:200]) from None
+            raise ImageRejected(Reason.IMAGE_UNREADABLE, str(exc)[:200]) from None
         if max_bytes is not None and len(data) > max_bytes:
-            raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {ref[:200]}")
+            raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_bytes} bytes at {ref[:200]}")
         return data
 
 
-SOURCE_REFUSED = "image_source_not_allowed"
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,8 @@ class ImageSources:
         real = os.path.realpath(path)
         allowed = [p for p in (self.local_root, *self.local_prefixes) if p]
         if not any(_under(real, p) for p in allowed):
-            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]} is outside the catalog root and catalog.image_sources")
+            raise ImageRejected(Reason.IMAGE_SOURCE_NOT_ALLOWED,
+                                f"{ref[:200]} is outside the catalog root and catalog.image_sources")
         return real
 
     def check_s3_object(self, ref: str) -> None:
@@ -336,10 +337,11 @@ class ImageSources:
         path = _s3_key_path(ref)
         segments = urllib.parse.unquote(path).split("/")
         if any(s in (".", "..") for s in segments):
-            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]}: '.' or '..' in an S3 key")
+            raise ImageRejected(Reason.IMAGE_SOURCE_NOT_ALLOWED, f"{ref[:200]}: '.' or '..' in an S3 key")
         allowed = [p for p in (self.s3_root, *self.s3_prefixes) if p]
         if not any(_under(path, p) for p in allowed):
-            raise ImageRejected(SOURCE_REFUSED, f"{ref[:200]} is outside the catalog root and catalog.image_sources")
+            raise ImageRejected(Reason.IMAGE_SOURCE_NOT_ALLOWED,
+                                f"{ref[:200]} is outside the catalog root and catalog.image_sources")
 
 
 def _s3_key_path(uri: str) -> str:
@@ -470,12 +472,12 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
         except StopIteration:
             break
         except csv.Error as exc:  # strict=False leaves few of these; the reader resumes at the next record
-            bad.append({"raw": "", "reason": "unparseable_line", "detail": f"line {reader.line_num}: {exc}"})
+            bad.append({"raw": "", "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {reader.line_num}: {exc}"})
             continue
         if not any(f.strip() for f in fields):
             continue
         if len(fields) > width:
-            bad.append({"raw": delimiter.join(fields)[:_RAW_CHARS], "reason": "wrong_field_count",
+            bad.append({"raw": delimiter.join(fields)[:_RAW_CHARS], "reason": Reason.WRONG_FIELD_COUNT,
                         "detail": f"{len(fields)} fields, the header has {width}"})
         else:
             records.append(fields + [""] * (width - len(fields)))
@@ -502,7 +504,7 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
         except (ValueError, RecursionError) as exc:
-            bad.append({"raw": line.rstrip("\r\n")[:_RAW_CHARS], "reason": "malformed_json",
+            bad.append({"raw": line.rstrip("\r\n")[:_RAW_CHARS], "reason": Reason.MALFORMED_JSON,
                         "detail": str(exc)[:200]})
             continue
         records.append({str(k): "" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict))

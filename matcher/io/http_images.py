@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from matcher import __version__
 from matcher.config import is_ip_literal
 from matcher.steps.images import ImageRejected
+from matcher.steps.quarantine import Reason
 
 # Statuses worth asking again: the server is busy or failing for now, not refusing this image.
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -33,7 +34,6 @@ MAX_REDIRECTS = 5
 # A body must arrive within this many request timeouts: the timeout bounds each socket read, so a server that
 # trickles a byte now and then would otherwise hold an image thread for hours.
 BODY_DEADLINE_TIMEOUTS = 3
-REFUSED = "image_address_not_allowed"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -112,7 +112,7 @@ def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff:
             problem = f"{type(exc).__name__}: {exc} at {url[:200]}"
         if attempt < retries:
             time.sleep(backoff * 2 ** attempt)
-    raise ImageRejected("image_unreadable", f"{problem} (after {retries + 1} tries)")
+    raise ImageRejected(Reason.IMAGE_UNREADABLE, f"{problem} (after {retries + 1} tries)")
 
 
 def _follow(url: str, timeout: float, max_bytes: int, policy: AddressPolicy) -> bytes:
@@ -125,9 +125,10 @@ def _follow(url: str, timeout: float, max_bytes: int, policy: AddressPolicy) -> 
         url = urllib.parse.urljoin(url, urllib.parse.quote(location, safe=_URL_SAFE))
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):
-            raise ImageRejected(REFUSED, f"{origin[:200]} redirects to a {scheme or 'schemeless'}: URL; "
-                                         "only http(s) is followed")
-    raise ImageRejected("image_unreadable", f"more than {MAX_REDIRECTS} redirects from {origin[:200]}")
+            raise ImageRejected(Reason.IMAGE_ADDRESS_NOT_ALLOWED,
+                                f"{origin[:200]} redirects to a {scheme or 'schemeless'}: URL; "
+                                "only http(s) is followed")
+    raise ImageRejected(Reason.IMAGE_UNREADABLE, f"more than {MAX_REDIRECTS} redirects from {origin[:200]}")
 
 
 def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
@@ -139,8 +140,9 @@ def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
     for ip in addresses:  # every address the name has, so that no order of them reaches a refused one
         kind = policy.refusal(host, ip)
         if kind:
-            raise ImageRejected(REFUSED, f"{url[:200]}{via}: {host} is {ip}, a {kind} address; allow it with "
-                                         "catalog.http_allow_hosts or catalog.http_allow_networks")
+            raise ImageRejected(Reason.IMAGE_ADDRESS_NOT_ALLOWED,
+                                f"{url[:200]}{via}: {host} is {ip}, a {kind} address; allow it with "
+                                "catalog.http_allow_hosts or catalog.http_allow_networks")
     last_error: OSError | None = None
     for ip in addresses:
         conn = _CheckedHTTPSConnection(host, port, ip, timeout, policy) if scheme == "https" else \
@@ -166,19 +168,19 @@ def _answer(response: http.client.HTTPResponse, url: str, via: str,
     if status in _REDIRECT_STATUSES:
         location = response.headers.get("Location", "").strip()
         if not location:
-            raise ImageRejected("image_unreadable", f"HTTP {status} without a Location at {url[:200]}{via}")
+            raise ImageRejected(Reason.IMAGE_UNREADABLE, f"HTTP {status} without a Location at {url[:200]}{via}")
         return status, location, b""
     problem = f"HTTP {status} at {url[:200]}{via}"
     if status in _GONE_STATUSES:
-        raise ImageRejected("image_missing", problem)
+        raise ImageRejected(Reason.IMAGE_MISSING, problem)
     if status in _RETRY_STATUSES:
         raise _Retry(problem)
     if not 200 <= status < 300:
-        raise ImageRejected("image_unreadable", problem)
+        raise ImageRejected(Reason.IMAGE_UNREADABLE, problem)
     length = response.headers.get("Content-Length", "")
     expected = int(length) if length.isdigit() else None
     if expected is not None and expected > max_bytes:
-        raise ImageRejected("image_too_large", f"{expected} bytes > {max_bytes} at {url[:200]}")
+        raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{expected} bytes > {max_bytes} at {url[:200]}")
     chunks, size = [], 0
     while size <= max_bytes:
         if time.monotonic() > deadline:
@@ -190,7 +192,7 @@ def _answer(response: http.client.HTTPResponse, url: str, via: str,
         size += len(chunk)
     data = b"".join(chunks)
     if len(data) > max_bytes:
-        raise ImageRejected("image_too_large", f"more than {max_bytes} bytes at {url[:200]}")
+        raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_bytes} bytes at {url[:200]}")
     if expected is not None and len(data) < expected:  # the connection dropped mid-body
         raise http.client.IncompleteRead(data, expected - len(data))
     return status, None, data
@@ -205,10 +207,10 @@ def _parts(url: str) -> tuple[str, str, int, str]:
         if host and not is_ip_literal(host):
             host = host.encode("idna").decode("ascii")
     except (ValueError, UnicodeError) as exc:
-        raise ImageRejected("image_reference_invalid", f"{exc}: {url[:200]}"[:300]) from None
+        raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{exc}: {url[:200]}"[:300]) from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not host:
-        raise ImageRejected("image_reference_invalid", f"not an http(s) URL with a host: {url[:200]}")
+        raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"not an http(s) URL with a host: {url[:200]}")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return scheme, host, port or (443 if scheme == "https" else 80), target
 
@@ -231,8 +233,9 @@ def _connect(host: str, ip: IPAddress, port: int, timeout: float, policy: Addres
         peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
         kind = policy.refusal(host, peer)
         if peer != ip or kind:
-            raise ImageRejected(REFUSED, f"{host}:{port} connected to {peer}, not the checked {ip}"
-                                         + (f" ({kind})" if kind else ""))
+            raise ImageRejected(Reason.IMAGE_ADDRESS_NOT_ALLOWED,
+                                f"{host}:{port} connected to {peer}, not the checked {ip}"
+                                + (f" ({kind})" if kind else ""))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:
         sock.close()

@@ -6,7 +6,7 @@ import numpy as np
 # A category far smaller than the one a typical product sits in is more likely a mislabeled row or a one-off label
 # than a class: as its own sharp centroid it would take its look-alikes' predictions. The fraction and the cap were
 # chosen by leave-one-out accuracy over catalogs of 150 to 9,583 products, with and without injected label noise
-# (README, "Categories").
+# (docs/benchmarks.md, "Categories").
 _TYPICAL_FRACTION = 1 / 16
 _MAX_MINIMUM = 3
 

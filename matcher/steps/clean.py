@@ -11,6 +11,7 @@ import pandas as pd
 
 from matcher.config import CleanConfig
 from matcher.steps.images import CanonicalImage, ImageRejected, canonicalize_image
+from matcher.steps.quarantine import Reason
 from matcher.steps.text import escape_undecodable, first_undecodable, has_control_characters, normalize_text, tokenize
 
 CORE_COLUMNS = ("product_id", "title", "description", "category", "image")
@@ -62,7 +63,7 @@ def _text_problem(row: dict) -> tuple[str, str] | None:
             at = first_undecodable(value)
             if at >= 0:
                 snippet = escape_undecodable(value[max(0, at - 20):at + 20])
-                return "text_invalid_utf8", f"{column} at character {at}: {snippet}"
+                return Reason.TEXT_INVALID_UTF8, f"{column} at character {at}: {snippet}"
     return None
 
 
@@ -94,7 +95,7 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
 
     def reject(row: dict, pid: str, reason: str, detail: str = "") -> None:
         rejected.append({"_row": row["_row"], "product_id": escape_undecodable(pid[:MAX_PRODUCT_ID_CHARS]),
-                         "reason": reason, "detail": detail, "raw": _raw_json(row)})
+                         "reason": Reason(reason).value, "detail": detail, "raw": _raw_json(row)})
 
     for row in rows.to_dict("records"):
         problem = _text_problem(row)
@@ -103,16 +104,16 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
             continue
         pid, repairs, pid_problem = _product_id(row.get("product_id"))
         if pid_problem:
-            reject(row, pid, "invalid_product_id", pid_problem)
+            reject(row, pid, Reason.INVALID_PRODUCT_ID, pid_problem)
             continue
         if not pid:
-            reject(row, pid, "missing_product_id")
+            reject(row, pid, Reason.MISSING_PRODUCT_ID)
             continue
         if any(has_control_characters(str(row.get(c) or "")) for c in ("title", "description", "category")):
             repairs.append(REPAIR_CONTROL_CHARACTERS)
         title, title_cut = normalize_text(row.get("title"), cfg.max_title_chars)
         if not title:
-            reject(row, pid, "missing_title")
+            reject(row, pid, Reason.MISSING_TITLE)
             continue
         description, desc_cut = normalize_text(row.get("description"), cfg.max_description_chars)
         category, _ = normalize_text(row.get("category"), 200)
@@ -126,14 +127,15 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
             pd.DataFrame(rejected, columns=["_row", *QUARANTINE_COLUMNS]))
 
 
-DUPLICATE_REASON, DUPLICATE_DETAIL = "duplicate_product_id", "an earlier row has this product_id"
+DUPLICATE_DETAIL = "an earlier row has this product_id"
 
 
 def first_of_each_product(candidates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(kept, rejected duplicates): the first row in file order (`_row`) of each product_id is kept."""
     ordered = candidates.sort_values("_row", kind="stable")
     dup = ordered["product_id"].duplicated(keep="first")
-    rejected = ordered.loc[dup, ["_row", "product_id", "raw"]].assign(reason=DUPLICATE_REASON, detail=DUPLICATE_DETAIL)
+    rejected = ordered.loc[dup, ["_row", "product_id", "raw"]].assign(reason=Reason.DUPLICATE_PRODUCT_ID.value,
+                                                                   detail=DUPLICATE_DETAIL)
     return ordered.loc[~dup], rejected[["_row", *QUARANTINE_COLUMNS]]
 
 
@@ -174,6 +176,6 @@ def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], c
 
 def bad_line_rows(bad_lines: list[dict]) -> pd.DataFrame:
     """Quarantine rows for lines the reader could not parse into a row."""
-    return pd.DataFrame([{"product_id": "", "reason": b["reason"], "detail": escape_undecodable(b["detail"]),
-                          "raw": escape_undecodable(b["raw"])}
+    return pd.DataFrame([{"product_id": "", "reason": Reason(b["reason"]).value,
+                          "detail": escape_undecodable(b["detail"]), "raw": escape_undecodable(b["raw"])}
                          for b in bad_lines], columns=QUARANTINE_COLUMNS)

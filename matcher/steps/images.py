@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from matcher.steps.quarantine import Reason
+
 
 class ImageRejected(Exception):
     """An image that cannot be used; `reason` is a stable quarantine code."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: Reason, detail: str = ""):
+        reason = Reason(reason).value  # a known reason, written as its plain text
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -66,16 +69,16 @@ def content_kind(data: bytes) -> str:
 def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, quality: int = 90) -> CanonicalImage:
     """Decode, orient by EXIF, convert to RGB, resize the short side to `size`, centre-crop, re-encode as JPEG."""
     if not data:
-        raise ImageRejected("image_empty", "zero-byte file")
+        raise ImageRejected(Reason.IMAGE_EMPTY, "zero-byte file")
     if len(data) > max_bytes:
-        raise ImageRejected("image_too_large", f"{len(data)} bytes > {max_bytes}")
+        raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{len(data)} bytes > {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise ImageRejected("image_too_large", f"{width}x{height} pixels > {max_pixels}")
+                raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels > {max_pixels}")
             img.seek(0)  # first frame of animations
             img.load()
     except ImageRejected:
@@ -84,11 +87,11 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
         if isinstance(exc, UnidentifiedImageError):
             # What the file looks like and its size, never its bytes: the reference may have named a file that is
             # not the catalog's (a key, a password file), and the quarantine is published.
-            raise ImageRejected("not_an_image", f"not a recognised image format: {content_kind(data)}, "
+            raise ImageRejected(Reason.NOT_AN_IMAGE, f"not a recognised image format: {content_kind(data)}, "
                                                 f"{len(data)} bytes") from None
-        raise ImageRejected("image_too_large", str(exc)[:200]) from None
+        raise ImageRejected(Reason.IMAGE_TOO_LARGE, str(exc)[:200]) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected("image_corrupt", str(exc)[:200]) from None
+        raise ImageRejected(Reason.IMAGE_CORRUPT, str(exc)[:200]) from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: S110 (a broken EXIF block should not cost the product its photo)

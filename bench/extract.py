@@ -188,7 +188,7 @@ def main() -> int:
         whole[prec] = timed(extract_features, clean, cnn, text, e.batch_size)[0]
         del cnn, text
 
-    get_spark(cfg.extract)
+    get_spark(cfg.spark)
     with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as timed_dir:
         spark_extract(cfg, clean.head(16), warm)  # workers load the encoders once
         spark, stats = spark_extract(cfg, clean, timed_dir)

@@ -76,8 +76,12 @@ def wanted_config(master: str, driver_memory: str = "", candidates: str = "auto"
     checkout without profiles runs the same night, and the bench's own settings over it."""
     with open(REPO / "matcher" / "profiles" / "scale.toml", "rb") as f:
         cfg = tomllib.load(f)
+    # Both spellings: a checkout reads [spark] (this one) or [extract] spark_* (before it); write_config keeps the
+    # one the checkout's defaults know.
+    cfg.setdefault("spark", {})["master"] = master
     cfg["extract"]["spark_master"] = master
     if driver_memory:
+        cfg["spark"]["driver_memory"] = driver_memory
         cfg["extract"]["spark_driver_memory"] = driver_memory
     cfg["train"].update({"epochs": 3, "max_products": 20000})
     cfg["score"] = {"top_k": 10, "rerank_candidates": 20, "block_size": 8192, "candidates": candidates}
@@ -467,7 +471,7 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=2, help="cores per worker")
     parser.add_argument("--memory", default="3g", help="memory per worker")
     parser.add_argument("--executor-memory", default=None, help="spark.executor.memory (default: --memory)")
-    parser.add_argument("--driver-memory", default="", help="extract.spark_driver_memory, the driver JVM's heap "
+    parser.add_argument("--driver-memory", default="", help="spark.driver_memory, the driver JVM's heap "
                         "(default: the config's); a night that passes with a small heap needs no more")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", default="auto", choices=["exact", "ann", "auto"],
@@ -502,7 +506,7 @@ def main() -> int:
     # The daemons inherit this process's environment: executors (and their Python workers) get PYTHONPATH=code.
     saved = dict(os.environ)
     os.environ.update({k: env[k] for k in ("PYTHONPATH", "PYSPARK_PYTHON")})
-    # No spark.authenticate: the drivers measured may be other checkouts', which know no extract.spark_auth_secret_file.
+    # No spark.authenticate: the drivers measured may be other checkouts', which know no spark.auth_secret_file.
     cluster = sc.StandaloneCluster(cluster_dir, args.workers, args.cores, args.memory, authenticate=False)
     results: list[dict] = []
     meta = {"code": str(args.code), "code_rev": code_rev, "workers": args.workers, "cores": args.cores,

@@ -72,9 +72,9 @@ def run(ctx: RunContext) -> dict:
     committed = lake.committed("clean", date)
     if committed is None:
         raise StageError("extract", f"no clean partition for {date}: run the clean stage first")
-    precision = extract_precision(cfg)
+    precision = extract_precision(cfg, ctx.config.spark.executor_gpus)
     image_version, text_version = feature_versions(cfg, precision)
-    spark = get_spark(cfg)
+    spark = get_spark(ctx.config.spark)
     keys = ["product_id", "content_hash"]
     clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)
     clean_keys = read_partition(spark, lake, "clean", date, columns=keys)
@@ -94,8 +94,8 @@ def run(ctx: RunContext) -> dict:
         todo = clean.join(reused_keys, keys, "left_anti")
         todo_keys = clean_keys.join(reused_keys, keys, "left_anti")
     to_embed = todo_keys.count()
-    parallelism = cfg.spark_partitions or spark.sparkContext.defaultParallelism
-    threads = max(1, (os.cpu_count() or 1) // parallelism) if cfg.spark_master.startswith("local") else 1
+    parallelism = ctx.config.spark.partitions or spark.sparkContext.defaultParallelism
+    threads = max(1, (os.cpu_count() or 1) // parallelism) if ctx.config.spark.master.startswith("local") else 1
     # Whole waves of tasks: a last wave of fewer tasks than slots would leave cores idle while it runs.
     waves = math.ceil(to_embed / (_ROWS_PER_TASK * parallelism))
     tasks = max(1, min(parallelism * waves, to_embed))

@@ -1,14 +1,51 @@
 """The pipeline definition: stages in order, each a job module with run(ctx) -> stats."""
 from __future__ import annotations
 
-import importlib
 import time
+from typing import Callable
 
 from jobs.context import RunContext, StageError, log
 from matcher.failures import classify
 from matcher.io.locks import DateLockedError, date_lock
 
-STAGES = ("clean", "validate", "extract", "train", "score", "publish")
+
+# Each stage's module is imported when the stage runs, not when the pipeline is: the DAG file and `jobs/submit.py`
+# import this module, and a stage's imports (torch, transformers) cost seconds.
+def _run_clean(ctx: RunContext) -> dict:
+    from jobs import clean
+    return clean.run(ctx)
+
+
+def _run_validate(ctx: RunContext) -> dict:
+    from jobs import validate
+    return validate.run(ctx)
+
+
+def _run_extract(ctx: RunContext) -> dict:
+    from jobs import extract
+    return extract.run(ctx)
+
+
+def _run_train(ctx: RunContext) -> dict:
+    from jobs import train
+    return train.run(ctx)
+
+
+def _run_score(ctx: RunContext) -> dict:
+    from jobs import score
+    return score.run(ctx)
+
+
+def _run_publish(ctx: RunContext) -> dict:
+    from jobs import publish
+    return publish.run(ctx)
+
+
+STAGE_RUNNERS: dict[str, Callable[[RunContext], dict]] = {
+    "clean": _run_clean, "validate": _run_validate, "extract": _run_extract,
+    "train": _run_train, "score": _run_score, "publish": _run_publish,
+}
+STAGES = tuple(STAGE_RUNNERS)  # in the order they run
 
 
 def parse_steps(steps: str | None) -> list[str]:
@@ -25,14 +62,14 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     """Run one stage for ctx.date; its statistics (with seconds) are saved to the lake. Raises StageError."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
-    module = importlib.import_module(f"jobs.{stage}")
+    run = STAGE_RUNNERS[stage]
     log.info("stage %s for %s: started", stage, ctx.date)
     started = time.perf_counter()
     try:
         with date_lock(ctx.lake, ctx.date, holder=f"stage {stage} ({ctx.runner})", run_id=ctx.run_id,
                        held=ctx.lock) as ctx.lock:
             try:
-                stats = module.run(ctx)
+                stats = run(ctx)
             except BaseException as exc:
                 if ctx.run_id and not _retryable(exc):  # the run ends here: Airflow will not retry this stage
                     _end_run_claim(ctx)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from matcher.config import ConfigError, ExtractConfig
+from matcher.config import ConfigError, SparkConfig
 
 _session = None
 _session_key: tuple | None = None  # (master or None under spark-submit, sorted settings) the session was built from
@@ -24,50 +24,50 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def spark_settings(cfg: ExtractConfig, submitted: bool | None = None) -> tuple[str | None, dict[str, str]]:
+def spark_settings(cfg: SparkConfig, submitted: bool | None = None) -> tuple[str | None, dict[str, str]]:
     """The master (None under spark-submit, whose --master wins) and the Spark settings get_spark applies."""
     submitted = under_spark_submit() if submitted is None else submitted
     conf: dict[str, str] = {}
     if not submitted:
-        conf["spark.driver.memory"] = cfg.spark_driver_memory
+        conf["spark.driver.memory"] = cfg.driver_memory
     conf.update({
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
-        "spark.ui.enabled": "true" if cfg.spark_ui else "false",
+        "spark.ui.enabled": "true" if cfg.ui else "false",
         "spark.ui.showConsoleProgress": "false",
         # Spark's 200 shuffle partitions, coalesced by adaptive execution to what the data needs: a fixed small
         # number would leave a large cluster's cores idle in every shuffle.
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
-        "spark.driver.maxResultSize": cfg.spark_max_result_size,
+        "spark.driver.maxResultSize": cfg.max_result_size,
         # No automatic broadcast joins: a broadcast table is collected to the driver first, so the driver would
         # hold a slice of the catalog that grows with it (the clean table's side of the feature join, ~10 MB at
         # 200k products). Joins shuffle on executors instead; explicit broadcast hints of small lists still work.
         "spark.sql.autoBroadcastJoinThreshold": "-1",
         "spark.sql.adaptive.autoBroadcastJoinThreshold": "-1",
     })
-    if cfg.spark_event_log_dir:
+    if cfg.event_log_dir:
         conf["spark.eventLog.enabled"] = "true"
-        conf["spark.eventLog.dir"] = cfg.spark_event_log_dir
+        conf["spark.eventLog.dir"] = cfg.event_log_dir
     conf.update(spark_gpu_conf(cfg))
     conf.update(spark_auth_conf(cfg))
-    conf.update(cfg.spark_conf)  # operators' own settings, last
-    return (None if submitted else cfg.spark_master), conf
+    conf.update(cfg.conf)  # operators' own settings, last
+    return (None if submitted else cfg.master), conf
 
 
-def spark_auth_conf(cfg: ExtractConfig) -> dict[str, str]:
-    """spark.authenticate with the secret in extract.spark_auth_secret_file (the one the cluster's master and workers
+def spark_auth_conf(cfg: SparkConfig) -> dict[str, str]:
+    """spark.authenticate with the secret in spark.auth_secret_file (the one the cluster's master and workers
     were started with); empty when no file is named. Spark redacts the secret in its UI and logs."""
-    if not cfg.spark_auth_secret_file:
+    if not cfg.auth_secret_file:
         return {}
-    path = Path(cfg.spark_auth_secret_file)
+    path = Path(cfg.auth_secret_file)
     try:
         secret = path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"extract.spark_auth_secret_file {path}: cannot read the Spark secret "
+        raise ConfigError(f"spark.auth_secret_file {path}: cannot read the Spark secret "
                           f"({exc.strerror or exc})") from None
     if not secret:
-        raise ConfigError(f"extract.spark_auth_secret_file {path} is empty: it must hold the cluster's Spark secret")
+        raise ConfigError(f"spark.auth_secret_file {path} is empty: it must hold the cluster's Spark secret")
     return {"spark.authenticate": "true", "spark.authenticate.secret": secret}
 
 
@@ -78,7 +78,7 @@ def _loopback_master(master: str) -> bool:
     return bool(m) and m.group(1) in ("127.0.0.1", "localhost")
 
 
-def get_spark(cfg: ExtractConfig):
+def get_spark(cfg: SparkConfig):
     """The shared session, built from `cfg`; one built from other settings (another master, UI, ...) is stopped
     and replaced. The JVM is started once per process: spark.driver.memory only takes effect the first time."""
     global _session, _session_key
@@ -94,8 +94,8 @@ def get_spark(cfg: ExtractConfig):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master is not None and _loopback_master(master):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    if cfg.spark_event_log_dir:
-        _make_local_dir(cfg.spark_event_log_dir)
+    if cfg.event_log_dir:
+        _make_local_dir(cfg.event_log_dir)
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName("matcher")
@@ -143,7 +143,7 @@ def _make_local_dir(uri: str) -> None:
         Path(parsed.path if parsed.scheme else uri).mkdir(parents=True, exist_ok=True)
 
 
-def spark_gpu_conf(cfg: ExtractConfig) -> dict[str, str]:
+def spark_gpu_conf(cfg: SparkConfig) -> dict[str, str]:
     """Spark resource settings for executors with GPUs; empty when the config asks for none."""
     if cfg.executor_gpus <= 0:
         return {}
@@ -190,6 +190,6 @@ def task_device(requested: str) -> str:
     if not torch.cuda.is_available():
         raise RuntimeError(f"Spark gave this task GPU {address}, but torch {torch.__version__} on this executor "
                            "cannot use CUDA (a CPU-only build, or no driver); install a CUDA build of torch, or "
-                           "set extract.executor_gpus = 0 / extract.device = \"cpu\"")
+                           "set spark.executor_gpus = 0 / extract.device = \"cpu\"")
     return f"cuda:{address}"
 

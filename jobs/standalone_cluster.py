@@ -1,8 +1,8 @@
 """A real Spark standalone cluster (one Master, N Workers) on this machine, from the pyspark package alone.
 
     with StandaloneCluster(tmp_dir, workers=1, cores_per_worker=2, memory_per_worker="2g") as cluster:
-        cfg = load_config(overrides={"extract": cluster.extract_overrides()})  # master URL and secret file
-        spark = get_spark(cfg.extract)
+        cfg = load_config(overrides={"spark": cluster.spark_overrides()})  # master URL and secret file
+        spark = get_spark(cfg.spark)
 
 Or from a shell, for operators and the bench:
 
@@ -120,7 +120,7 @@ class StandaloneCluster:
     def __init__(self, work_dir: Path | str, workers: int = 1, cores_per_worker: int = 2,
                  memory_per_worker: str = "3g", startup_timeout: float = 120.0, worker_gpus: int = 0,
                  gpu_discovery_script: Path | str = GPU_DISCOVERY_SCRIPT, authenticate: bool = True):
-        """authenticate: the daemons require spark.authenticate with a fresh random secret (extract_overrides() names
+        """authenticate: the daemons require spark.authenticate with a fresh random secret (spark_overrides() names
         its file for the driver's config); False only for drivers that cannot be given one.
         worker_gpus > 0: each worker offers that many GPUs to Spark's scheduler, their addresses printed by
         gpu_discovery_script (Spark's discovery-script JSON); executors then get them with
@@ -168,9 +168,9 @@ class StandaloneCluster:
         """The file holding the cluster's Spark secret (None when started without authentication)."""
         return self.conf_dir / AUTH_SECRET_FILE if self.authenticate else None
 
-    def extract_overrides(self) -> dict[str, str]:
-        """The [extract] settings a driver needs to use this cluster: its master URL and its secret's file."""
-        return {"spark_master": self.master_url, "spark_auth_secret_file": str(self.auth_secret_file or "")}
+    def spark_overrides(self) -> dict[str, str]:
+        """The [spark] settings a driver needs to use this cluster: its master URL and its secret's file."""
+        return {"master": self.master_url, "auth_secret_file": str(self.auth_secret_file or "")}
 
     @property
     def master_log(self) -> Path:
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"started in {cluster.startup_seconds:.1f}s; web UI {cluster.webui_url}; logs in {cluster.log_dir}",
                   file=sys.stderr)
             if cluster.auth_secret_file:
-                print(f"drivers need extract.spark_auth_secret_file = \"{cluster.auth_secret_file}\"", file=sys.stderr)
+                print(f"drivers need spark.auth_secret_file = \"{cluster.auth_secret_file}\"", file=sys.stderr)
         elif args.command == "stop":
             StandaloneCluster(args.work_dir).stop()
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import logging
 import math
 import numbers
 import re
@@ -107,19 +108,23 @@ class ExtractConfig:
     image_colour: bool
     description: str
     batch_size: int
-    arrow_batch_size: int
     device: str
-    spark_master: str
-    spark_driver_memory: str
-    spark_partitions: int
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str
+    arrow_batch_size: int
+    driver_memory: str
+    partitions: int
     executor_gpus: int
     task_gpus: float
     gpu_discovery_script: str
-    spark_ui: bool
-    spark_event_log_dir: str
-    spark_max_result_size: str
-    spark_conf: dict[str, str]
-    spark_auth_secret_file: str
+    ui: bool
+    event_log_dir: str
+    max_result_size: str
+    conf: dict[str, str]
+    auth_secret_file: str
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,7 @@ class Config:
     clean: CleanConfig
     validate: ValidateConfig
     extract: ExtractConfig
+    spark: SparkConfig
     train: TrainConfig
     score: ScoreConfig
 
@@ -364,13 +370,13 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.max_products must be >= 2")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
-    bad = sorted(k for k in cfg.extract.spark_conf if not k.startswith("spark."))
+    bad = sorted(k for k in cfg.spark.conf if not k.startswith("spark."))
     if bad:
-        raise ConfigError(f"extract.spark_conf keys must be Spark settings (spark.*), got {bad}")
-    if "spark.authenticate.secret" in cfg.extract.spark_conf:
+        raise ConfigError(f"spark.conf keys must be Spark settings (spark.*), got {bad}")
+    if "spark.authenticate.secret" in cfg.spark.conf:
         # A secret inline in a config file travels with it (logs, images, tickets): name a private file instead.
-        raise ConfigError("extract.spark_conf must not hold spark.authenticate.secret: put the secret in a file "
-                          "readable only by matcher's user and name it in extract.spark_auth_secret_file")
+        raise ConfigError("spark.conf must not hold spark.authenticate.secret: put the secret in a file "
+                          "readable only by matcher's user and name it in spark.auth_secret_file")
     _check_driver_receipts(cfg)
 
 
@@ -420,8 +426,8 @@ def driver_receipts(cfg: Config) -> list[tuple[str, int, str]]:
 
 
 def _check_driver_receipts(cfg: Config) -> None:
-    cap_setting = cfg.extract.spark_conf.get("spark.driver.maxResultSize", cfg.extract.spark_max_result_size)
-    cap = spark_size_bytes(cap_setting, "extract.spark_max_result_size")
+    cap_setting = cfg.spark.conf.get("spark.driver.maxResultSize", cfg.spark.max_result_size)
+    cap = spark_size_bytes(cap_setting, "spark.max_result_size")
     if cap == 0:
         return
     for setting, size, arithmetic in driver_receipts(cfg):
@@ -429,7 +435,7 @@ def _check_driver_receipts(cfg: Config) -> None:
             raise ConfigError(
                 f"{setting}: the driver would receive {arithmetic} = {size / 2 ** 20:,.1f} MiB, over the result cap "
                 f"spark.driver.maxResultSize = {cap_setting} ({cap / 2 ** 20:,.1f} MiB; "
-                f"extract.spark_max_result_size): lower {setting} or raise the cap")
+                f"spark.max_result_size): lower {setting} or raise the cap")
 
 
 _HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.?", re.I)
@@ -478,9 +484,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        layers.append(_read_toml(p))
+        layers.append(_spark_keys_moved(_read_toml(p), str(p)))
     if overrides:
-        layers.append(overrides)
+        layers.append(_spark_keys_moved(overrides, "overrides"))
     named = [layer["run"]["profile"] for layer in layers
              if isinstance(layer.get("run"), dict) and "profile" in layer["run"]]
     if named and named[-1]:
@@ -488,6 +494,31 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     for layer in layers:
         data = _merge(data, layer)
     return _from_dict(data)
+
+
+# Spark settings that lived in [extract] before [spark] existed: old name -> [spark] key.
+MOVED_TO_SPARK = {"spark_master": "master", "arrow_batch_size": "arrow_batch_size",
+                  "spark_driver_memory": "driver_memory", "spark_partitions": "partitions",
+                  "executor_gpus": "executor_gpus", "task_gpus": "task_gpus",
+                  "gpu_discovery_script": "gpu_discovery_script",
+                  "spark_ui": "ui", "spark_event_log_dir": "event_log_dir", "spark_max_result_size": "max_result_size",
+                  "spark_conf": "conf", "spark_auth_secret_file": "auth_secret_file"}
+
+
+def _spark_keys_moved(layer: dict[str, Any], source: str) -> dict[str, Any]:
+    """A config layer with [extract]'s old Spark keys read as [spark]'s, each named in a warning, so configs
+    written before [spark] keep working; a key given both ways is an error."""
+    extract = layer.get("extract")
+    if not isinstance(extract, dict) or not MOVED_TO_SPARK.keys() & extract.keys():
+        return layer
+    spark = dict(layer.get("spark") or {})
+    for old in sorted(MOVED_TO_SPARK.keys() & extract.keys()):
+        new = MOVED_TO_SPARK[old]
+        if new in spark:
+            raise ConfigError(f"{source}: extract.{old} and spark.{new} both given; keep spark.{new}")
+        spark[new] = extract[old]
+        logging.getLogger("matcher").warning("config %s: extract.%s is now spark.%s; read as such", source, old, new)
+    return {**layer, "extract": {k: v for k, v in extract.items() if k not in MOVED_TO_SPARK}, "spark": spark}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def test_a_40000_product_night_runs_with_a_16_mb_driver_result_cap(tmp_path):
     catalog = ensure_catalog(tmp_path / "synthetic", PRODUCTS, seed=0)
     cfg = load_config(overrides={
         "run": {"profile": "scale", "lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
-        "extract": {"spark_master": "local[2]", "spark_max_result_size": CAP},
+        "spark": {"master": "local[2]", "max_result_size": CAP},
         # The driver's samples within the cap (the config check refuses more): 5,000 x 2,304 bytes each.
         "train": {"max_products": 5000, "epochs": 3, "min_steps": 100},
         "score": {"mismatch_fit_products": 5000, "search_queries": ["red dress", "blue wool coat"]},
@@ -35,7 +35,7 @@ def test_a_40000_product_night_runs_with_a_16_mb_driver_result_cap(tmp_path):
         stats = run_pipeline(ctx, list(STAGES))
         # The cap is live in this session: a collect of the catalog's features fails under it.
         with pytest.raises(Exception, match="maxResultSize"):
-            read_partition(get_spark(cfg.extract), ctx.lake, "features", DATE).collect()
+            read_partition(get_spark(cfg.spark), ctx.lake, "features", DATE).collect()
     finally:
         stop_spark()
     assert (stats["clean"]["clean_rows"], stats["clean"]["quarantined_rows"]) == (PRODUCTS, 0)

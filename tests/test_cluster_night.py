@@ -26,8 +26,8 @@ def _config(master: str, lake: str, catalog: str):
     return load_config(overrides={
         "run": {"lake": lake, "catalog": catalog},
         "clean": {"image_size": 64},
-        "extract": {"spark_master": master, "spark_max_result_size": CAP, "image_encoder": "thumbnail-8x8",
-                    "text_encoder": "hashing-384", "second_title_encoder": ""},
+        "spark": {"master": master, "max_result_size": CAP},
+        "extract": {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "second_title_encoder": ""},
         "train": {"epochs": 3, "min_steps": 40, "dim": 32, "hidden": 64, "max_products": 100},
         # The driver's bounded samples (training, the mismatch scorers' fit, the hubness bank) sized below the cap,
         # as the config check requires (matcher.config.driver_receipts).
@@ -51,7 +51,7 @@ def test_a_night_on_a_standalone_cluster_equals_local_and_a_second_night_embeds_
     stop_spark()
     with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="2g") as cluster:
         cfg = _config(cluster.master_url, f"file://{tmp_path}/cluster-lake", str(catalog)).with_overrides(
-            {"extract": cluster.extract_overrides()})  # and the secret the cluster requires
+            {"spark": cluster.spark_overrides()})  # and the secret the cluster requires
         on_cluster = RunContext(cfg, date)
         run_pipeline(on_cluster, list(STAGES))
         clean_files = on_cluster.lake.partition_files("clean", date)
@@ -61,7 +61,7 @@ def test_a_night_on_a_standalone_cluster_equals_local_and_a_second_night_embeds_
         from jobs.spark import get_spark
         from jobs.spark_lake import read_partition
         with pytest.raises(Exception, match="maxResultSize"):
-            read_partition(get_spark(cfg.extract), on_cluster.lake, "clean", date).collect()
+            read_partition(get_spark(cfg.spark), on_cluster.lake, "clean", date).collect()
 
         # Night 2: 5% of the titles change; exactly those products are embedded again, on the cluster.
         rows = list(csv.DictReader(open(catalog / "products.csv", encoding="utf-8")))

@@ -48,10 +48,10 @@ def test_secrets_not_in_repr():
 def test_gpu_executors_map_to_spark_resource_settings():
     from jobs.spark import spark_gpu_conf
 
-    assert spark_gpu_conf(load_config().extract) == {}
-    cfg = load_config(overrides={"extract": {"executor_gpus": 2, "task_gpus": 0.5,
+    assert spark_gpu_conf(load_config().spark) == {}
+    cfg = load_config(overrides={"spark": {"executor_gpus": 2, "task_gpus": 0.5,
                                              "gpu_discovery_script": "/opt/matcher/docker/gpu-discovery.sh"}})
-    assert spark_gpu_conf(cfg.extract) == {
+    assert spark_gpu_conf(cfg.spark) == {
         "spark.executor.resource.gpu.amount": "2", "spark.task.resource.gpu.amount": "0.5",
         "spark.executor.resource.gpu.discoveryScript": "/opt/matcher/docker/gpu-discovery.sh"}
 
@@ -106,25 +106,25 @@ def test_a_sample_the_driver_could_not_receive_is_refused_with_the_arithmetic():
     assert "30,000 products x 10,496 bytes (1,472 image + 1,152 text floats x 4) = 300.3 MiB" in message
     assert "spark.driver.maxResultSize = 256m (256.0 MiB" in message
     for overrides, setting in [
-        ({"extract": {"spark_max_result_size": "16m"}, "score": {"mismatch_fit_products": 5000},
+        ({"spark": {"max_result_size": "16m"}, "score": {"mismatch_fit_products": 5000},
           "train": {"max_products": 100}}, "score.mismatch_fit_products:"),
-        ({"extract": {"spark_max_result_size": "1m"}, "train": {"max_products": 50},
+        ({"spark": {"max_result_size": "1m"}, "train": {"max_products": 50},
           "score": {"mismatch_fit_products": 50, "candidates": "exact"}}, "score.hubness_bank:"),
-        ({"extract": {"spark_max_result_size": "16m"}, "train": {"max_products": 100},
+        ({"spark": {"max_result_size": "16m"}, "train": {"max_products": 100},
           "score": {"mismatch_fit_products": 100, "candidates": "ann"}}, "score.ann_lists:"),
     ]:
         with pytest.raises(ConfigError, match=f"^{setting}"):
             load_config(overrides=overrides)
-    # A cap given through extract.spark_conf is the one Spark uses; "0" is no cap.
+    # A cap given through spark.conf is the one Spark uses; "0" is no cap.
     with pytest.raises(ConfigError, match=r"= 1m \(1.0 MiB"):
-        load_config(overrides={"extract": {"spark_conf": {"spark.driver.maxResultSize": "1m"}}})
-    assert load_config(overrides={"extract": {"spark_max_result_size": "0"}, "train": {"max_products": 10 ** 6}})
+        load_config(overrides={"spark": {"conf": {"spark.driver.maxResultSize": "1m"}}})
+    assert load_config(overrides={"spark": {"max_result_size": "0"}, "train": {"max_products": 10 ** 6}})
     # Settings within the cap load: the default ANN lists (4,687 at most) at dim 64 under 16 MiB.
-    cfg = load_config(overrides={"run": {"profile": "scale"}, "extract": {"spark_max_result_size": "16m"},
+    cfg = load_config(overrides={"run": {"profile": "scale"}, "spark": {"max_result_size": "16m"},
                                  "train": {"max_products": 5000}, "score": {"mismatch_fit_products": 5000}})
     assert cfg.score.candidates == "auto"
     with pytest.raises(ConfigError, match="must be a size such as 256m"):
-        load_config(overrides={"extract": {"spark_max_result_size": "lots"}})
+        load_config(overrides={"spark": {"max_result_size": "lots"}})
 
 
 def test_the_drivers_budget_counts_the_features_the_encoders_give():
@@ -151,3 +151,18 @@ def test_the_scale_profile_sits_under_the_config_file(tmp_path):
     assert load_config(p, overrides={"run": {"profile": ""}}).extract.image_encoder == "efficientnet-lite0"
     with pytest.raises(ConfigError, match="run.profile must be empty or one of scale; got 'fast'"):
         load_config(overrides={"run": {"profile": "fast"}})
+
+
+def test_spark_settings_written_under_extract_before_the_spark_section_are_still_read(tmp_path, caplog):
+    old = tmp_path / "old.toml"
+    old.write_text('[extract]\nspark_master = "local[1]"\nspark_conf = {"spark.sql.shuffle.partitions" = "8"}\n'
+                   'image_colour = false\n')
+    with caplog.at_level("WARNING", logger="matcher"):
+        cfg = load_config(old)
+    assert cfg.spark.master == "local[1]" and cfg.spark.conf == {"spark.sql.shuffle.partitions": "8"}
+    assert cfg.extract.image_colour is False
+    assert "extract.spark_master is now spark.master" in caplog.text
+    with pytest.raises(ConfigError, match="extract.spark_master and spark.master both given"):
+        load_config(overrides={"extract": {"spark_master": "local[1]"}, "spark": {"master": "local[2]"}})
+    with pytest.raises(ConfigError, match="unknown config key extract.spark_mastr"):
+        load_config(overrides={"extract": {"spark_mastr": "local[1]"}})

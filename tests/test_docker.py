@@ -175,7 +175,7 @@ def test_the_compose_cluster_requires_spark_and_seaweedfs_secrets_from_files():
     assert "spark_secret" in services["airflow-scheduler"]["secrets"]  # its tasks are the drivers
     # The drivers' config names the same secret file, and is a valid config.
     example = load_config(DOCKER / "matcher.example.toml")
-    assert example.extract.spark_auth_secret_file == "/run/secrets/spark_secret"
+    assert example.spark.auth_secret_file == "/run/secrets/spark_secret"
     assert example.storage.s3_access_key == example.storage.s3_secret_key == ""
     security = services["s3"]["secrets"]
     assert security == [{"source": "seaweedfs_security", "target": "/etc/seaweedfs/security.toml"}]
@@ -187,7 +187,7 @@ def test_the_compose_cluster_requires_spark_and_seaweedfs_secrets_from_files():
 
 def test_the_spark_daemon_script_starts_a_master_that_refuses_drivers_without_the_secret(tmp_path):
     from jobs.spark import get_spark
-    from tests.test_standalone_cluster import _extract, _master_answers
+    from tests.test_standalone_cluster import _master_answers, _spark
 
     env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}", SPARK_LOCAL_IP="127.0.0.1",
                SPARK_LOG_DIR=str(tmp_path), TMPDIR=str(tmp_path), SPARK_AUTH_SECRET_FILE=str(tmp_path / "none"))
@@ -212,7 +212,7 @@ def test_the_spark_daemon_script_starts_a_master_that_refuses_drivers_without_th
         conf_dirs = list(tmp_path.glob("spark-conf.*"))
         assert len(conf_dirs) == 1 and conf_dirs[0].stat().st_mode & 0o777 == 0o700
         assert (conf_dirs[0] / "spark-defaults.conf").stat().st_mode & 0o777 == 0o600
-        spark = get_spark(_extract())
+        spark = get_spark(_spark())
         assert not _master_answers(spark, port, None)
         assert _master_answers(spark, port, secret)
     finally:

@@ -20,7 +20,7 @@ def catalog(fashion_dir, tmp_path_factory):
 
 def _ctx(tmp_path, catalog, date):
     cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
-                                 "extract": {"batch_size": 4, "arrow_batch_size": 5}})
+                                 "extract": {"batch_size": 4}, "spark": {"arrow_batch_size": 5}})
     return RunContext(cfg, date)
 
 
@@ -97,7 +97,7 @@ def test_backfill_runs_each_date_into_its_own_partition(tmp_path, catalog):
 def test_a_change_of_precision_embeds_the_catalog_again_and_never_mixes_precisions(tmp_path, catalog):
     def night(date: str, precision: str) -> dict:
         cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(catalog)},
-                                     "extract": {"precision": precision, "arrow_batch_size": 5}})
+                                     "extract": {"precision": precision}, "spark": {"arrow_batch_size": 5}})
         return run_pipeline(RunContext(cfg, date), ["clean", "validate", "extract"])["extract"]
 
     first = night("2026-03-01", "fp32")

@@ -204,7 +204,7 @@ def test_an_executors_errors_reach_the_driver_wrapped_and_are_judged_by_their_ca
     (OSError nowhere in its class), and the executor's OSError decides."""
     from jobs.spark import get_spark
 
-    spark = get_spark(load_config().extract)
+    spark = get_spark(load_config().spark)
     df = spark.range(4)
 
     def storage_down(batches):

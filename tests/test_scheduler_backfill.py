@@ -58,8 +58,8 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
     config.write_text(dump_toml({
         "run": {"catalog": str(catalogs / "dt={ds}"), "lake": f"file://{tmp_path}/lake"},
         "clean": {"image_size": 32},
-        "extract": {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "second_title_encoder": "",
-                    "spark_master": "local[1]"},
+        "extract": {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384", "second_title_encoder": ""},
+        "spark": {"master": "local[1]"},
         "train": {"epochs": 2, "dim": 16, "hidden": 32, "min_steps": 10},
         "score": {"top_k": 3},
     }))

@@ -25,8 +25,8 @@ DATE = "2026-01-01"
 
 @pytest.fixture(scope="module")
 def spark():
-    return get_spark(load_config(overrides={**SMALL_DRIVER_SAMPLES, "extract": {
-        "spark_master": "local[2]", "spark_max_result_size": "1m"}}).extract)
+    return get_spark(load_config(overrides={**SMALL_DRIVER_SAMPLES, "spark": {
+        "master": "local[2]", "max_result_size": "1m"}}).spark)
 
 
 def unit_vectors(n: int, d: int, seed: int) -> np.ndarray:

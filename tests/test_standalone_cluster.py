@@ -16,8 +16,8 @@ from tests.conftest import SMALL_DRIVER_SAMPLES
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
 
-def _extract(**values):
-    return load_config(overrides={**SMALL_DRIVER_SAMPLES, "extract": values}).extract
+def _spark(**values):
+    return load_config(overrides={**SMALL_DRIVER_SAMPLES, "spark": values}).spark
 
 
 def _running(pid: int) -> bool:
@@ -50,15 +50,15 @@ def _cmdline(pid: int) -> str:
 
 
 def test_spark_settings_come_from_config():
-    master, conf = spark_settings(_extract(), submitted=False)
+    master, conf = spark_settings(_spark(), submitted=False)
     assert master == "local[2]"
     assert conf["spark.ui.enabled"] == "false"
     assert conf["spark.driver.maxResultSize"] == "256m"
     assert conf["spark.driver.memory"] == "2g"
     assert "spark.eventLog.enabled" not in conf
 
-    cfg = _extract(spark_ui=True, spark_event_log_dir="s3a://logs/spark-events", spark_max_result_size="2g",
-                   executor_gpus=1, spark_conf={"spark.sql.shuffle.partitions": "64",
+    cfg = _spark(ui=True, event_log_dir="s3a://logs/spark-events", max_result_size="2g",
+                   executor_gpus=1, conf={"spark.sql.shuffle.partitions": "64",
                                                 "spark.task.resource.gpu.amount": "0.5"})
     master, conf = spark_settings(cfg, submitted=True)
     assert master is None and "spark.driver.memory" not in conf  # spark-submit's --master and memory win
@@ -66,37 +66,37 @@ def test_spark_settings_come_from_config():
     assert conf["spark.eventLog.enabled"] == "true" and conf["spark.eventLog.dir"] == "s3a://logs/spark-events"
     assert conf["spark.driver.maxResultSize"] == "2g"
     assert conf["spark.executor.resource.gpu.amount"] == "1"
-    assert conf["spark.sql.shuffle.partitions"] == "64"  # spark_conf is applied last
+    assert conf["spark.sql.shuffle.partitions"] == "64"  # spark.conf is applied last
     assert conf["spark.task.resource.gpu.amount"] == "0.5"
 
-    with pytest.raises(ConfigError, match="spark_conf"):
-        _extract(spark_conf={"spark.ui.port": 4040})
-    with pytest.raises(ConfigError, match="spark_conf"):
-        _extract(spark_conf={"executor.memory": "4g"})
+    with pytest.raises(ConfigError, match="spark.conf"):
+        _spark(conf={"spark.ui.port": 4040})
+    with pytest.raises(ConfigError, match="spark.conf"):
+        _spark(conf={"executor.memory": "4g"})
 
 
 def test_get_spark_rebuilds_the_session_when_its_settings_change(tmp_path):
-    one = get_spark(_extract(spark_master="local[1]"))
+    one = get_spark(_spark(master="local[1]"))
     assert one.sparkContext.master == "local[1]"
-    assert get_spark(_extract(spark_master="local[1]")) is one  # equal config: the same session
+    assert get_spark(_spark(master="local[1]")) is one  # equal config: the same session
 
-    two = get_spark(_extract(spark_master="local[2]"))
+    two = get_spark(_spark(master="local[2]"))
     assert two is not one and two.sparkContext.master == "local[2]"
     assert one.sparkContext._jsc is None  # the first one was stopped
     assert two.sparkContext.parallelize(range(10), 2).sum() == 45
 
-    three = get_spark(_extract(spark_master="local[2]", spark_conf={"spark.sql.shuffle.partitions": "3"}))
+    three = get_spark(_spark(master="local[2]", conf={"spark.sql.shuffle.partitions": "3"}))
     assert three is not two and three.conf.get("spark.sql.shuffle.partitions") == "3"
     assert three.sparkContext.uiWebUrl is None
 
     events = tmp_path / "spark-events"  # get_spark makes a missing local folder: Spark would refuse to start
-    four = get_spark(_extract(spark_master="local[2]", spark_ui=True, spark_event_log_dir=str(events)))
+    four = get_spark(_spark(master="local[2]", ui=True, event_log_dir=str(events)))
     assert four.sparkContext.uiWebUrl is not None
     assert four.sparkContext.parallelize(range(3)).count() == 3
     stop_spark()
     assert ["local-" in p.name for p in events.iterdir()] == [True]  # Spark 4: eventlog_v2_local-.../
     # Leave the default session for the tests that follow.
-    assert get_spark(load_config().extract).conf.get("spark.sql.adaptive.enabled") == "true"
+    assert get_spark(load_config().spark).conf.get("spark.sql.adaptive.enabled") == "true"
 
 
 def test_standalone_cluster_runs_tasks_in_executors_and_stops_clean(tmp_path, monkeypatch):
@@ -115,8 +115,8 @@ def test_standalone_cluster_runs_tasks_in_executors_and_stops_clean(tmp_path, mo
         daemons = cluster.pids()
         assert len(daemons) == 2 and all(_running(p) for p in daemons.values())
 
-        spark = get_spark(_extract(**cluster.extract_overrides(), spark_max_result_size="1m",
-                                   spark_conf={"spark.executor.memory": "1g"}))
+        spark = get_spark(_spark(**cluster.spark_overrides(), max_result_size="1m",
+                                   conf={"spark.executor.memory": "1g"}))
         sc = spark.sparkContext
         assert sc.master == cluster.master_url
 
@@ -164,8 +164,8 @@ def test_each_concurrent_task_gets_its_own_gpu_and_a_gpu_without_cuda_fails_clea
     with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="1g",
                            worker_gpus=2, gpu_discovery_script=script) as cluster:
         try:
-            spark = get_spark(_extract(**cluster.extract_overrides(), executor_gpus=2, task_gpus=1.0,
-                                       spark_conf={"spark.executor.memory": "512m"}))
+            spark = get_spark(_spark(**cluster.spark_overrides(), executor_gpus=2, task_gpus=1.0,
+                                       conf={"spark.executor.memory": "512m"}))
 
             def probe(_):
                 import time
@@ -229,7 +229,7 @@ def test_the_master_refuses_a_driver_without_the_clusters_secret(tmp_path):
         # In no daemon's command line (ps shows those to every user).
         assert not [name for name, pid in cluster.pids().items() if secret in _cmdline(pid)]
 
-        spark = get_spark(_extract())  # a local session: only its JVM is used, to speak Spark's RPC
+        spark = get_spark(_spark())  # a local session: only its JVM is used, to speak Spark's RPC
         assert not _master_answers(spark, cluster.port, None)
         assert not _master_answers(spark, cluster.port, "0" * 64)
         assert _master_answers(spark, cluster.port, secret)
@@ -242,25 +242,25 @@ def test_the_master_refuses_a_driver_without_the_clusters_secret(tmp_path):
 def test_a_driver_names_the_clusters_secret_by_file(tmp_path):
     secret_file = tmp_path / "spark-secret"
     secret_file.write_text("s3cr3t-value\n")
-    _, conf = spark_settings(_extract(spark_master="spark://spark-master:7077",
-                                      spark_auth_secret_file=str(secret_file)), submitted=False)
+    _, conf = spark_settings(_spark(master="spark://spark-master:7077",
+                                      auth_secret_file=str(secret_file)), submitted=False)
     assert conf["spark.authenticate"] == "true" and conf["spark.authenticate.secret"] == "s3cr3t-value"
-    _, conf = spark_settings(_extract(), submitted=False)
+    _, conf = spark_settings(_spark(), submitted=False)
     assert "spark.authenticate" not in conf and "spark.authenticate.secret" not in conf
-    with pytest.raises(ConfigError, match="spark_auth_secret_file .*missing"):
-        spark_settings(_extract(spark_auth_secret_file=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="spark.auth_secret_file .*missing"):
+        spark_settings(_spark(auth_secret_file=str(tmp_path / "missing")))
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
-        spark_settings(_extract(spark_auth_secret_file=str(tmp_path / "empty")))
+        spark_settings(_spark(auth_secret_file=str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match="must not hold spark.authenticate.secret"):
-        _extract(spark_conf={"spark.authenticate.secret": "inline"})
+        _spark(conf={"spark.authenticate.secret": "inline"})
 
 
 def test_the_drivers_jvm_log_is_private(tmp_path):
     # A fresh process (the JVM starts once per process), its temp folder in tmp_path so its files can be found.
     code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
             "from jobs.spark import get_spark, stop_spark\nfrom matcher.config import load_config\n"
-            "get_spark(load_config(overrides={'extract': {'spark_master': 'local[1]'}}).extract).range(3).count()\n"
+            "get_spark(load_config(overrides={'spark': {'master': 'local[1]'}}).spark).range(3).count()\n"
             "stop_spark()\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, timeout=300,
                          env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True, text=True)

@@ -26,7 +26,7 @@ def spark():
     from jobs.spark import get_spark
     from matcher.config import load_config
 
-    return get_spark(load_config().extract)
+    return get_spark(load_config().spark)
 
 
 @pytest.fixture(params=["pandas", pytest.param("spark", marks=pytest.mark.integration)])

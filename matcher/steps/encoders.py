@@ -75,10 +75,10 @@ def text_encoder_version(name: str, description: str = "joined", second_title: s
     return name + suffix
 
 
-def extract_precision(cfg: ExtractConfig) -> str:
+def extract_precision(cfg: ExtractConfig, executor_gpus: int = 0) -> str:
     """extract.precision with "auto" resolved for where the encoders will run: fp16 when the stage's tasks get
-    GPUs, else bf16 on a CPU with bf16 units, else fp32."""
-    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and (cfg.executor_gpus > 0 or torch.cuda.is_available()))
+    GPUs (`executor_gpus`, spark.executor_gpus), else bf16 on a CPU with bf16 units, else fp32."""
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and (executor_gpus > 0 or torch.cuda.is_available()))
     return resolve_precision(cfg.precision, on_gpu)
 
 

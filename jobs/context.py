@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Mapping
+from typing import Mapping
 
 from matcher.config import Config, ConfigError, dated, load_config
 from matcher.io.lake import Lake
@@ -81,10 +79,3 @@ class RunContext:
         return self.lake.read_json(Lake.stage_stats_file(self.date, stage))
 
 
-@contextmanager
-def throughput(label: str, items: int) -> Iterator[None]:
-    """Log items/s of a block of work."""
-    started = time.perf_counter()
-    yield
-    seconds = time.perf_counter() - started
-    log.info("%s: %d items in %.1fs (%.1f items/s)", label, items, seconds, items / seconds if seconds else 0.0)

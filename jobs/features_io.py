@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 
 from jobs.context import RunContext, StageError
 from jobs.spark import get_spark
 from jobs.spark_lake import read_partition
 from jobs.validate import judged_attempt
+from matcher.steps.vectors import vector_matrix
 
 _HASH_SPACE = 1 << 40
 
@@ -63,7 +65,9 @@ def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureS
         keep = min(_HASH_SPACE, int(_HASH_SPACE * max_products / n * 1.05) + 1)
         frame = (frame.withColumn("_h", h).filter(F.col("_h") < keep)
                  .orderBy("_h", "product_id").limit(max_products).drop("_h"))
-    df = frame.toArrow().to_pandas().sort_values("product_id").reset_index(drop=True)
+    table = frame.toArrow()
+    table = table.take(pc.sort_indices(table, [("product_id", "ascending")]))
+    df = table.drop_columns(["image_feat", "text_feat"]).to_pandas()
     if len(df) < 2:
         raise StageError(stage, f"only {len(df)} products with features for {ctx.date}; need at least 2")
     encoders = df[["image_encoder", "text_encoder"]].drop_duplicates()
@@ -72,8 +76,8 @@ def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureS
     return FeatureSet(
         product_ids=df["product_id"].to_numpy(dtype=object),
         content_hashes=df["content_hash"].tolist(),
-        image_feats=np.stack(df["image_feat"].to_numpy()).astype(np.float32),
-        text_feats=np.stack(df["text_feat"].to_numpy()).astype(np.float32),
+        image_feats=vector_matrix(table.column("image_feat"), name="image_feat"),
+        text_feats=vector_matrix(table.column("text_feat"), name="text_feat"),
         categories=df["category"].fillna("").to_numpy(dtype=object).astype(str),
         titles=df["title"].to_numpy(dtype=object),
         image_encoder=str(encoders.iloc[0, 0]), text_encoder=str(encoders.iloc[0, 1]),

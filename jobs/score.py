@@ -22,9 +22,10 @@ from jobs.features_io import feature_frame, load_feature_set, require_features_o
 from jobs.score_ann import list_index, number_by_list, refine_lists, sampled_neighbours, train_lists
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
-from jobs.spark_frames import first_by_md5, vector_matrix, with_dense_index
+from jobs.spark_frames import first_by_md5, with_dense_index
 from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
 from jobs.validate import judged_attempt, require_passed
+from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import PUBLISHED_TABLES, new_attempt_id
 from matcher.io.registry import check_encoders, current_version, load_model, model_for_date
 from matcher.steps.ann import choose_query_probes
@@ -32,30 +33,24 @@ from matcher.steps.categories import min_category_products
 from matcher.steps.evaluate import embed
 from matcher.steps.hubness import hubness, inner_product_form
 from matcher.steps.mismatches import CrossFitScorer, TooFewProducts, fit_cross_fitted
-from matcher.steps.model import MatcherModel, model_from_bytes, model_to_bytes
+from matcher.steps.model import MatcherModel, model_to_bytes
 from matcher.steps.scoring import topk
 from matcher.steps.search import query_vectors
+from matcher.steps.vectors import vector_column, vector_matrix
 
 _VECTORS = pa.schema([("idx", pa.int64()), ("product_id", pa.string()), ("category", pa.string()),
                       ("title", pa.string()), ("z", pa.list_(pa.float32())), ("u", pa.list_(pa.float32())),
                       ("v", pa.list_(pa.float32())), ("own_match", pa.float32())])
-_models: dict[str, MatcherModel] = {}  # per Python worker: the model rebuilt once per version
-
-
-def _worker_model(version: str, weights, spec) -> MatcherModel:
-    if version not in _models:
-        torch.set_num_threads(1)
-        _models[version] = model_from_bytes(weights.value, spec)
-    return _models[version]
-
-
 def make_embedder(version: str, weights, spec, mismatch=None):
     """Executors: feature rows -> (idx, product_id, category, title, z, u, v, own photo-title match). The own match
     is the cross-fitted scorer's (`mismatch`, a broadcast CrossFitScorer: fitted without the product's fold), not
     the matching network's, which was trained on the product's own pair; null without a scorer."""
 
+    key = model_key(weights.value, spec)
+
     def embed_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        model = _worker_model(version, weights, spec)
+        torch.set_num_threads(1)  # a task a core: the executors' slots are the parallelism
+        model = worker_model(key, weights, spec)
         scorer: CrossFitScorer | None = mismatch.value if mismatch is not None else None
         for b in batches:
             if b.num_rows == 0:
@@ -67,7 +62,7 @@ def make_embedder(version: str, weights, spec, mismatch=None):
                             pa.float32()) if scorer is not None else pa.nulls(b.num_rows, pa.float32()))
             yield pa.RecordBatch.from_arrays(
                 [b.column("idx"), b.column("product_id"), pa.array(b.column("category").to_pylist(), pa.string()),
-                 b.column("title"), *[pa.array(list(m), pa.list_(pa.float32())) for m in (z, u, v)],
+                 b.column("title"), *[vector_column(m) for m in (z, u, v)],
                  own], schema=_VECTORS)
 
     return embed_rows

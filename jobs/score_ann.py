@@ -29,7 +29,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from jobs.spark_frames import first_by_md5, vector_matrix, with_dense_index
+from jobs.spark_frames import first_by_md5, with_dense_index
 from matcher.steps.ann import (
     SEEDS_PER_LIST,
     TRAIN_ITERATIONS,
@@ -42,6 +42,7 @@ from matcher.steps.ann import (
     seed_centroids,
     training_sample_size,
 )
+from matcher.steps.vectors import vector_matrix
 
 
 def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -> np.ndarray:

@@ -8,7 +8,7 @@ and the model's weights, broadcast as bytes. A task then
   2. streams every part's v in idx order through matcher.steps.scoring.topk_over_blocks: the exact top-M by cosine,
      ties by the lower idx, holding one item block and the running top-M (O(block^2 + block * M) memory);
   3. streams the parts holding candidates again for their z, u and product ids, and scores each (query, candidate)
-     pair with the matching network (cross_match_scorer's mean of both directions);
+     pair with the matching network (the mean of both directions, as tests/reference.py's cross_match_scorer);
   4. re-ranks with matcher.steps.scoring.rerank and yields the query block's recommendation rows, already in
      (product_id, rank) order.
 Each unordered pair is multiplied twice (once from each side) instead of once as in the single-machine symmetric
@@ -17,7 +17,6 @@ vectors. Results equal matcher.steps.scoring.topk + rerank on the same vectors: 
 similarities and scores equal to float32 rounding."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,11 +28,13 @@ import torch
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.spark import task_device
+from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import Lake
 from matcher.steps.ann import ListIndex, search_lists
 from matcher.steps.evaluate import model_pair_scorer
-from matcher.steps.model import MatcherModel, ModelSpec, model_from_bytes
+from matcher.steps.model import MatcherModel, ModelSpec
 from matcher.steps.scoring import rerank, topk_over_blocks
+from matcher.steps.vectors import vector_matrix
 
 VECTORS_TABLE = "score_vectors"
 RECOMMENDATIONS = pa.schema([("product_id", pa.string()), ("rank", pa.int32()), ("rec_product_id", pa.string()),
@@ -77,7 +78,6 @@ def recommendations_frame(spark: SparkSession, parts: list[VectorPart]) -> DataF
     return spark.createDataFrame(numbers, "part long")
 
 
-_MODELS: dict[tuple[str, ModelSpec], MatcherModel] = {}  # per Python worker: rebuilt once, reused across tasks
 
 
 def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSpec, k: int, m: int,
@@ -90,12 +90,10 @@ def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSp
     candidates are computed on the task's GPU where Spark gave it one (or `device` asks for one), in `precision`."""
     n = sum(p.rows for p in parts)
     m_eff, k_eff = min(m, n - 1), min(k, m, n - 1)
-    model_key = (hashlib.sha256(weights.value).hexdigest(), spec)
+    key = model_key(weights.value, spec)
 
     def recommend(batches: Iterator[pa.RecordBatch]):
-        model = _MODELS.get(model_key)
-        if model is None:
-            model = _MODELS.setdefault(model_key, model_from_bytes(weights.value, spec))
+        model = worker_model(key, weights, spec)
         for b in batches:
             for part_no in b.column("part").to_pylist():
                 yield "recommendations", _recommend_block(lake, parts, parts[part_no], model, k_eff, m_eff,
@@ -134,7 +132,7 @@ def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, mod
         u = np.concatenate([u_q, _vectors(items, "u")])
         pair = model_pair_scorer(model, z, u)
         c = len(z_q) + local
-        # As cross_match_scorer: the mean of (candidate's photo, query's text) and (query's photo, candidate's text).
+        # The mean of (candidate's photo, query's text) and (query's photo, candidate's text).
         match[inside] = (pair(c, rows) + pair(rows, c)) / 2
         rec_ids[inside] = items.column("product_id").to_numpy(zero_copy_only=False)[local]
     score, sims, ranked = rerank(similarity, cands, lambda _rows, _cands: match.ravel(), k, weight)
@@ -200,8 +198,7 @@ def _vectors(table: pa.Table, name: str) -> np.ndarray:
     if (lengths != lengths[0]).any():
         bad = int(np.argmax(lengths != lengths[0]))
         raise ValueError(f"{name} of idx {int(idx[bad])} has {lengths[bad]} values, others {lengths[0]}")
-    matrix = np.ascontiguousarray(lists.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    matrix = matrix.reshape(len(lists), int(lengths[0]))
+    matrix = vector_matrix(lists, int(lengths[0]), name)
     bad = ~np.isfinite(matrix).all(axis=1)
     if bad.any():  # a NaN would sort above every real score and surface as a "best" neighbour
         raise ValueError(f"{name} holds NaN or infinite values in {int(bad.sum())} rows, e.g. idx "

@@ -12,13 +12,6 @@ from pyspark.sql import functions as F
 
 from jobs.spark_lake import spark_schema
 
-
-def vector_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """A list<float> column of d-value rows as a (rows, d) float32 matrix."""
-    flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
-
-
 MD5_PREFIX_SPACE = 16 ** 12  # first_by_md5's filter key: md5(product_id)'s first 12 hex digits as a number
 
 

@@ -92,7 +92,8 @@ def test_distributed_scoring_equals_the_single_machine_steps_on_the_published_ve
 
     from matcher.io.registry import load_model
     from matcher.steps.evaluate import model_pair_scorer
-    from matcher.steps.scoring import cross_match_scorer, rerank, topk
+    from matcher.steps.scoring import rerank, topk
+    from tests.reference import cross_match_scorer
 
     _, cfg, _ = dag_run
     lake = Lake(cfg.run.lake, cfg.storage)

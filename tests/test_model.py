@@ -5,7 +5,7 @@ import torch
 from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
-from matcher.io.registry import current_version, load_current_model
+from matcher.io.registry import current_version, load_model
 from matcher.steps.evaluate import evaluate_model, model_pair_scorer, roc_auc
 from matcher.steps.model import MatcherModel, ModelError, ModelSpec, fuse, model_from_bytes, model_to_bytes
 from matcher.steps.train import holdout_mask, train_model
@@ -119,7 +119,7 @@ def test_a_model_whose_encoders_differ_is_refused(tmp_path):
 
     with pytest.raises((StageError, ModelError), match="trained on features of"):
         run_stage("score", ctx2)
-    model, config = load_current_model(ctx2.lake)
+    model, config = load_model(ctx2.lake, current_version(ctx2.lake))
     assert config["spec"]["image_encoder"] == IMAGE_ENCODER
 
 

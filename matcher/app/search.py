@@ -1,7 +1,6 @@
 """Reading answers from the published tables: a product's recommendations, and text search in the shared space."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,6 +10,7 @@ from matcher.io.published import NotPublishedError, read_published, resolve_date
 from matcher.io.registry import load_model
 from matcher.steps.hubness import inner_product_form
 from matcher.steps.search import query_vectors, search_vectors
+from matcher.steps.vectors import vector_matrix
 
 
 def titles_for(lake: Lake, date: str, product_ids: list[str]) -> dict[str, str]:
@@ -36,10 +36,6 @@ def recommendations_for(lake: Lake, product_id: str, date: str | None = None) ->
     return recs.reset_index(drop=True)
 
 
-def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
-
-
 def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, device: str = "cpu",
                 by: str = "product") -> pd.DataFrame:
     """Products nearest the query text in the learned space: `product`, by their fused vectors (photo and text);
@@ -63,12 +59,12 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     q = query_vectors(model, config["spec"]["text_encoder"], [text], device, "product" if by == "product" else "text")
     ids = emb["product_id"].to_numpy(zero_copy_only=False)
     if by == "product":
-        hits = search_vectors([text], q, ids, _matrix(emb["fused_vec"]), k)
+        hits = search_vectors([text], q, ids, vector_matrix(emb["fused_vec"]), k)
     else:
         if emb["image_hubness"].null_count:
             raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (score.hubness_bank = 0): "
                                     f"rerun the score stage for {dt} with a bank")
-        queries, photos = inner_product_form(q, _matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())
+        queries, photos = inner_product_form(q, vector_matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())
         hits = search_vectors([text], queries, ids, photos, k)
     titles = titles_for(lake, dt, hits["product_id"].tolist())
     hits["title"] = hits["product_id"].map(titles).fillna("")

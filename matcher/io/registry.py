@@ -66,13 +66,6 @@ def current_version(lake: Lake) -> str | None:
     return doc["version"] if doc else None
 
 
-def load_current_model(lake: Lake) -> tuple[MatcherModel, dict]:
-    version = current_version(lake)
-    if version is None:
-        raise ModelError(f"no promoted model in {lake.display(Lake.MODELS_DIR)}: run the train stage first")
-    return load_model(lake, version)
-
-
 def model_for_date(override: str | None, train_stats: dict | None, manifest: dict | None,
                    current: str | None) -> tuple[str, str]:
     """(version, why) of the model that scores a date, so that a date's tables never depend on what was promoted

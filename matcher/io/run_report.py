@@ -24,6 +24,7 @@ from matcher.io.registry import load_model
 from matcher.steps.evaluate import model_pair_scorer, true_and_false_pair_scores
 from matcher.steps.plots import histogram, training_curves
 from matcher.steps.training_report import metrics_table, recall_chart
+from matcher.steps.vectors import vector_matrix
 
 CSS = """body{font-family:'Noto Sans CJK SC','Noto Sans SC','WenQuanYi Zen Hei',sans-serif;margin:24px;color:#222}
 h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}table{border-collapse:collapse}
@@ -203,8 +204,7 @@ def _quality(lake: Lake, date: str, manifest: dict) -> str:
     emb = _first_rows(lake, lake.partition_files("embeddings", date), ["image_vec", "text_vec"], HISTOGRAM_ROWS)
     if emb is not None and emb.num_rows >= 2:
         model, _ = load_model(lake, version)
-        z = np.stack(emb["image_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        u = np.stack(emb["text_vec"].to_numpy(zero_copy_only=False)).astype(np.float32)
+        z, u = vector_matrix(emb["image_vec"], name="image_vec"), vector_matrix(emb["text_vec"], name="text_vec")
         true_scores, false_scores = true_and_false_pair_scores(model_pair_scorer(model, z, u), np.arange(len(z)))
         charts += histogram(f"Match probability: own photo+text vs. another's ({len(z)} products sampled)",
                             {"true pairs": true_scores, "false pairs": false_scores})

@@ -530,37 +530,6 @@ def _merge_keys(best: np.ndarray, rows: np.ndarray, keys: np.ndarray, k: int) ->
     return np.sort(np.partition(table, k - 1, axis=1)[:, :k], axis=1)
 
 
-def assign_categories(vectors: np.ndarray, categories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest category centroid (of the labelled products' normalised vectors) for every product.
-
-    Returns (predicted category, cosine score); all "" when no product has a category."""
-    labelled = categories != ""
-    names = np.unique(categories[labelled])
-    if len(names) == 0:
-        return np.full(len(vectors), "", dtype=object), np.zeros(len(vectors), dtype=np.float32)
-    centroids = np.stack([vectors[categories == name].mean(0) for name in names])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
-    scores, idx = topk(vectors, centroids, k=1)
-    return names[idx[:, 0]].astype(object), scores[:, 0]
-
-
-def cross_match_scorer(pair: Callable[[np.ndarray, np.ndarray], np.ndarray]
-                       ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """(p, q) -> the mean of pair(q, p) and pair(p, q), `pair` being the matching network's probability for
-    (photo, text): does q's photo go with p's text, and p's photo with q's text? That is symmetric in p and q, so
-    a pair found in both products' candidate lists is scored once."""
-    def cross_match(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-        p, q = np.asarray(p, dtype=np.int64), np.asarray(q, dtype=np.int64)
-        if len(p) == 0:
-            return np.zeros(0, dtype=np.float32)
-        n = int(max(p.max(), q.max())) + 1
-        keys, where = np.unique(np.minimum(p, q) * n + np.maximum(p, q), return_inverse=True)
-        a, b = np.divmod(keys, n)
-        return ((pair(b, a) + pair(a, b)) / 2)[where]
-
-    return cross_match
-
-
 def rerank(similarity: np.ndarray, candidates: np.ndarray, cross_match: Callable[[np.ndarray, np.ndarray], np.ndarray],
            k: int, weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Re-rank each row's candidates: score = (1 - weight) * similarity + weight * cross_match(rows, candidates).

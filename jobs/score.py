@@ -29,13 +29,12 @@ from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import PUBLISHED_TABLES, new_attempt_id
 from matcher.io.registry import check_encoders, current_version, load_model, model_for_date
 from matcher.steps.ann import choose_query_probes
-from matcher.steps.categories import min_category_products
+from matcher.steps.categories import category_centroids, category_sums, predict_categories
 from matcher.steps.evaluate import embed
-from matcher.steps.hubness import hubness, inner_product_form
+from matcher.steps.hubness import embeddings_table
 from matcher.steps.mismatches import CrossFitScorer, TooFewProducts, fit_cross_fitted
 from matcher.steps.model import MatcherModel, model_to_bytes
-from matcher.steps.scoring import topk
-from matcher.steps.search import query_vectors
+from matcher.steps.search import query_vectors, search_batch
 from matcher.steps.vectors import vector_column, vector_matrix
 
 _VECTORS = pa.schema([("idx", pa.int64()), ("product_id", pa.string()), ("category", pa.string()),
@@ -75,12 +74,7 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tupl
     def sums(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         acc: dict[str, tuple[np.ndarray, int]] = {}
         for b in batches:
-            cats = np.asarray(b.column("category").to_pylist(), dtype=object)
-            v = vector_matrix(b.column("v"), dim)
-            for name in set(cats) - {"", None}:
-                rows = v[cats == name]
-                total, n = acc.get(name, (np.zeros(dim, np.float64), 0))
-                acc[name] = (total + rows.sum(0, dtype=np.float64), n + len(rows))
+            category_sums(b.column("category").to_pylist(), vector_matrix(b.column("v"), dim), acc)
         yield pa.RecordBatch.from_pylist([{"category": k, "n": n, "total": t.tolist()} for k, (t, n) in acc.items()],
                                          schema=pa.schema([("category", pa.string()), ("n", pa.int64()),
                                                            ("total", pa.list_(pa.float64()))]))
@@ -94,31 +88,17 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tupl
                                             F.sort_array(F.collect_list(F.struct("i", "x"))).alias("total"))
             .collect())
     merged = {r["category"]: (np.asarray([t["x"] for t in r["total"]], np.float64), r["n"]) for r in rows}
-    minimum = min_products or min_category_products({c: n for c, (_, n) in merged.items()})
-    names = sorted(c for c, (_, n) in merged.items() if n >= minimum)
-    if not names:
-        return [], np.zeros((0, dim), np.float32)
-    centroids = np.stack([merged[c][0] / merged[c][1] for c in names]).astype(np.float32)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
-    return names, centroids
+    return category_centroids(merged, min_products, dim)
 
 
 def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
     def categorise(batches: Iterator[pa.RecordBatch]):
         for b in batches:
-            cats = [c or "" for c in b.column("category").to_pylist()]
-            if names:
-                scores, idx = topk(vector_matrix(b.column("v"), centroids.shape[1]), centroids, k=1)
-                predicted, score = [names[i] for i in idx[:, 0]], scores[:, 0]
-            else:
-                predicted, score = [""] * len(cats), np.zeros(len(cats), np.float32)
-            agrees = [bool(c == p) if c else None for c, p in zip(cats, predicted)]
-            yield "categories", pa.table({"product_id": b.column("product_id"), "category": cats,
-                                          "predicted_category": predicted, "score": pa.array(score, pa.float32()),
-                                          "agrees": pa.array(agrees, pa.bool_()),
-                                          "model_version": [version] * len(cats)})
-            labelled = [a for a in agrees if a is not None]
-            yield STATS, {"labelled": len(labelled), "agree": sum(labelled)}
+            table, agreement = predict_categories(b.column("product_id"), b.column("category").to_pylist(),
+                                                  vector_matrix(b.column("v"), centroids.shape[1]), names,
+                                                  centroids, version)
+            yield "categories", table
+            yield STATS, agreement
 
     return categorise
 
@@ -132,17 +112,9 @@ def make_searcher(qvecs: np.ndarray, k: int, bank=None, temperature: float = 0.1
         for b in batches:
             if b.num_rows == 0:
                 continue
-            queries, items = qvecs, vector_matrix(b.column("v" if bank is None else "z"), qvecs.shape[1])
-            if bank is not None:
-                queries, items = inner_product_form(qvecs, items, hubness(items, bank.value[1], temperature))
-            scores, idx = topk(queries, items, k)
-            pids = b.column("product_id").to_numpy(zero_copy_only=False)
-            gidx = b.column("idx").to_numpy()
-            yield pa.RecordBatch.from_pydict({
-                "query_no": np.repeat(np.arange(len(qvecs)), idx.shape[1]), "score": scores.ravel(),
-                "idx": gidx[idx.ravel()], "product_id": pids[idx.ravel()]},
-                schema=pa.schema([("query_no", pa.int64()), ("score", pa.float32()), ("idx", pa.int64()),
-                                  ("product_id", pa.string())]))
+            items = vector_matrix(b.column("v" if bank is None else "z"), qvecs.shape[1])
+            yield search_batch(qvecs, b.column("idx").to_numpy(), b.column("product_id").to_numpy(zero_copy_only=False),
+                               items, k, None if bank is None else bank.value[1], temperature)
 
     return search
 
@@ -154,15 +126,7 @@ def make_embeddings_writer(bank, temperature: float, dim: int):
     def write(batches: Iterator[pa.RecordBatch]):
         bank_images, bank_texts = bank.value
         for b in batches:
-            if len(bank_texts):
-                image_hub = pa.array(hubness(vector_matrix(b.column("z"), dim), bank_texts, temperature))
-                text_hub = pa.array(hubness(vector_matrix(b.column("u"), dim), bank_images, temperature))
-            else:
-                image_hub = text_hub = pa.nulls(b.num_rows, pa.float32())
-            yield "embeddings", pa.table({"product_id": b.column("product_id"), "image_vec": b.column("z"),
-                                          "text_vec": b.column("u"), "fused_vec": b.column("v"),
-                                          "image_hubness": image_hub, "text_hubness": text_hub,
-                                          "model_version": b.column("model_version")})
+            yield "embeddings", embeddings_table(b, bank_images, bank_texts, temperature, dim)
             yield VECTORS_TABLE, pa.Table.from_batches([b]).select(["idx", "product_id", "z", "u", "v"])
 
     return write

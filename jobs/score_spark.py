@@ -33,7 +33,7 @@ from matcher.io.lake import Lake
 from matcher.steps.ann import ListIndex, search_lists
 from matcher.steps.evaluate import model_pair_scorer
 from matcher.steps.model import MatcherModel, ModelSpec
-from matcher.steps.scoring import rerank, topk_over_blocks
+from matcher.steps.scoring import recommendation_table, topk_over_blocks
 from matcher.steps.vectors import vector_matrix
 
 VECTORS_TABLE = "score_vectors"
@@ -135,17 +135,9 @@ def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, mod
         # The mean of (candidate's photo, query's text) and (query's photo, candidate's text).
         match[inside] = (pair(c, rows) + pair(rows, c)) / 2
         rec_ids[inside] = items.column("product_id").to_numpy(zero_copy_only=False)[local]
-    score, sims, ranked = rerank(similarity, cands, lambda _rows, _cands: match.ravel(), k, weight)
-    at = (cands[:, None, :] == ranked[:, :, None]).argmax(2)  # where each kept candidate sits in its row
-    n_q = len(ranked)
-    return pa.table({
-        "product_id": pa.array(np.repeat(q.column("product_id").to_numpy(zero_copy_only=False), k), pa.string()),
-        "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n_q), pa.int32()),
-        "rec_product_id": pa.array(np.take_along_axis(rec_ids, at, 1).ravel(), pa.string()),
-        "similarity": pa.array(sims.ravel(), pa.float32()),
-        "score": pa.array(score.ravel(), pa.float32()),
-        "model_version": pa.array([version] * (n_q * k), pa.string()),
-    }, schema=RECOMMENDATIONS)
+    table = recommendation_table(q.column("product_id").to_numpy(zero_copy_only=False), cands, rec_ids, similarity,
+                                 match, k, weight, version)
+    return table.cast(RECOMMENDATIONS)
 
 
 def _score_device(requested: str) -> str:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
+
+from matcher.steps.vectors import vector_matrix
 
 _BLOCK = 1024  # items per block: block x bank float32 similarities held at once (8 MB with a bank of 2,048)
 
@@ -59,3 +62,17 @@ def bank_rows(product_ids: list[str] | np.ndarray, size: int) -> np.ndarray:
     """Row indices of the bank: at most `size` products, by `bank_order_key`."""
     keys = sorted(range(len(product_ids)), key=lambda i: (bank_order_key(str(product_ids[i])), str(product_ids[i])))
     return np.sort(np.asarray(keys[:size], dtype=np.int64))
+
+
+def embeddings_table(batch: pa.RecordBatch, bank_images: np.ndarray, bank_texts: np.ndarray, temperature: float,
+                     dim: int) -> pa.Table:
+    """The embeddings table's rows for a batch of (product_id, z, u, v, model_version): the vectors and each one's
+    hubness against the bank of the other modality (nulls with an empty bank)."""
+    if len(bank_texts):
+        image_hub = pa.array(hubness(vector_matrix(batch.column("z"), dim), bank_texts, temperature))
+        text_hub = pa.array(hubness(vector_matrix(batch.column("u"), dim), bank_images, temperature))
+    else:
+        image_hub = text_hub = pa.nulls(batch.num_rows, pa.float32())
+    return pa.table({"product_id": batch.column("product_id"), "image_vec": batch.column("z"),
+                     "text_vec": batch.column("u"), "fused_vec": batch.column("v"), "image_hubness": image_hub,
+                     "text_hubness": text_hub, "model_version": batch.column("model_version")})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 _NO_INDEX = np.iinfo(np.int64).max
@@ -542,3 +543,20 @@ def rerank(similarity: np.ndarray, candidates: np.ndarray, cross_match: Callable
     order = np.lexsort((candidates, -score), axis=1)[:, :min(k, m)]
     return (np.take_along_axis(score, order, 1), np.take_along_axis(similarity, order, 1),
             np.take_along_axis(candidates, order, 1))
+
+
+def recommendation_table(query_ids: np.ndarray, candidates: np.ndarray, candidate_ids: np.ndarray,
+                         similarity: np.ndarray, match: np.ndarray, k: int, weight: float, version: str) -> pa.Table:
+    """The recommendations table's rows for a block of queries: each query's M candidates (row numbers, their
+    product ids, cosine similarity and match probability, each (queries, M)) re-ranked by rerank, the best k kept."""
+    score, sims, ranked = rerank(similarity, candidates, lambda _rows, _cands: match.ravel(), k, weight)
+    at = (candidates[:, None, :] == ranked[:, :, None]).argmax(2)  # where each kept candidate sits in its row
+    n_q, kept = ranked.shape
+    return pa.table({
+        "product_id": pa.array(np.repeat(query_ids, kept), pa.string()),
+        "rank": pa.array(np.tile(np.arange(1, kept + 1, dtype=np.int32), n_q), pa.int32()),
+        "rec_product_id": pa.array(np.take_along_axis(candidate_ids, at, 1).ravel(), pa.string()),
+        "similarity": pa.array(sims.ravel(), pa.float32()),
+        "score": pa.array(score.ravel(), pa.float32()),
+        "model_version": pa.array([version] * (n_q * kept), pa.string()),
+    })

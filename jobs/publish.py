@@ -7,12 +7,11 @@ import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError, log
 from jobs.validate import judged_attempt, require_passed
-from matcher.io.lake import PUBLISHED_TABLES, Lake, new_attempt_id
+from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.run_report import render_run_report
-from matcher.io.tables import table_schema
+from matcher.io.tables import published_tables, run_tables, table_schema
 
 STAGE_NAMES = ("clean", "validate", "extract", "train", "score")
-RUN_TABLES = ("clean", "quarantine")  # written by the run's clean stage, made visible to readers by the manifest
 
 
 def run(ctx: RunContext) -> dict:
@@ -25,7 +24,7 @@ def run(ctx: RunContext) -> dict:
         raise StageError("publish", f"the staged tables of {ctx.date} were scored from clean attempt {named} but "
                                     f"the clean table is attempt {current['attempt']}: rerun extract, train and "
                                     "score")
-    staged = {name: lake.staged_parts(name, ctx.date) for name in PUBLISHED_TABLES}
+    staged = {name: lake.staged_parts(name, ctx.date) for name in published_tables()}
     missing = [name for name, parts in staged.items() if parts is None]
     published = lake.manifest(ctx.date) or {}
     if len(missing) == len(staged) and scored.get("attempt") and published.get("score_attempt") == scored["attempt"]:
@@ -48,11 +47,11 @@ def run(ctx: RunContext) -> dict:
     previous = lake.manifest(ctx.date)
     publish_id = new_attempt_id()
     tables = {}
-    for name in PUBLISHED_TABLES:
+    for name in published_tables():
         files = lake.commit_staged(name, ctx.date, publish_id)
         tables[name] = {"rows": _footer_rows(lake, files), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)]}
-    for name in RUN_TABLES:
+    for name in run_tables():
         committed = lake.committed(name, ctx.date) or {}
         tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt")}
@@ -82,7 +81,7 @@ def run(ctx: RunContext) -> dict:
     if ctx.lock is not None:  # fence: still the date's newest holder, right before the commit point
         ctx.lock.assert_held()
     lake.write_json(Lake.manifest_file(ctx.date), manifest)
-    for name in PUBLISHED_TABLES + RUN_TABLES:
+    for name in published_tables() + run_tables():
         lake.remove_dead_files(name, ctx.date)
     lake.clear_staging(ctx.date)
     lake.clear_work(ctx.date)
@@ -105,5 +104,5 @@ def _generation(lake: Lake, manifest: dict | None) -> dict | None:
     if manifest is None:
         return None
     return {"publish_id": manifest.get("publish_id"),
-            "tables": {name: files for name in PUBLISHED_TABLES + RUN_TABLES
+            "tables": {name: files for name in published_tables() + run_tables()
                        if (files := lake.manifest_table_files(manifest, name)) is not None}}

@@ -7,14 +7,14 @@ the tables that read them)."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
-from typing import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
-from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Window
+from pyspark import Broadcast, StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
@@ -23,12 +23,13 @@ from jobs.score_ann import list_index, number_by_list, refine_lists, sampled_nei
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
 from jobs.spark_frames import first_by_md5, with_dense_index
-from jobs.spark_lake import STATS, Progress, read_partition, spark_schema, write_parts
+from jobs.spark_lake import STATS, Progress, Written, read_partition, spark_schema, write_parts
 from jobs.validate import judged_attempt, require_passed
 from jobs.worker_models import model_key, worker_model
-from matcher.io.lake import PUBLISHED_TABLES, new_attempt_id
+from matcher.io.lake import new_attempt_id
 from matcher.io.registry import check_encoders, current_version, load_model, model_for_date
-from matcher.steps.ann import choose_query_probes
+from matcher.io.tables import published_tables
+from matcher.steps.ann import ListIndex, choose_query_probes
 from matcher.steps.categories import category_centroids, category_sums, predict_categories
 from matcher.steps.evaluate import embed
 from matcher.steps.hubness import embeddings_table
@@ -148,6 +149,83 @@ def _as_table(name: str):
     return passthrough
 
 
+
+@dataclass
+class _Night:
+    """What the score stage's table builders share: the night's model, its products' vectors (persisted on the
+    executors) and the attempt they write; the embeddings builder adds the hubness bank and the vector parts."""
+    ctx: RunContext
+    spark: SparkSession
+    version: str
+    model: MatcherModel
+    config: dict
+    weights: Broadcast
+    vectors: DataFrame
+    n: int
+    m: int                                # cosine candidates per product for the re-rank
+    attempt: str
+    index: ListIndex | None               # the ANN lists, or None for exact candidates
+    mismatch: CrossFitScorer | None
+    bank: Broadcast | None = None         # the hubness bank's photo and text vectors
+    vector_files: list[str] = field(default_factory=list)
+
+    @property
+    def tag(self) -> Column:
+        return F.lit(self.version).alias("model_version")
+
+    def write(self, frame: DataFrame, mapper, tables: list[str], progress: Progress | None = None) -> Written:
+        return write_parts(frame, mapper, self.ctx.lake, self.ctx.date, self.attempt, tables, progress)
+
+
+def _build_embeddings(night: _Night) -> Written:
+    sc, dim = night.ctx.config.score, night.model.spec.dim
+    night.bank = night.spark.sparkContext.broadcast(
+        _hubness_bank(night.vectors, min(sc.hubness_bank, night.n), dim, night.n))
+    written = night.write(night.vectors.select("idx", "product_id", "z", "u", "v", night.tag),
+                          make_embeddings_writer(night.bank, sc.hubness_temperature, dim),
+                          ["embeddings", VECTORS_TABLE], Progress(night.spark, "score: embed", night.n))
+    night.vector_files = written.parts.pop(VECTORS_TABLE)
+    return written
+
+
+def _build_recommendations(night: _Night) -> Written:
+    sc, lake = night.ctx.config.score, night.ctx.lake
+    blocks = vector_parts(lake, night.vector_files)
+    return night.write(recommendations_frame(night.spark, blocks),
+                       make_recommender(lake, blocks, night.weights, night.model.spec, sc.top_k, night.m,
+                                        sc.rerank_weight, night.version, night.index,
+                                        night.ctx.config.extract.device, sc.precision),
+                       ["recommendations"],
+                       Progress(night.spark, "score: all-pairs top-K, re-rank", len(blocks), unit="query blocks"))
+
+
+def _build_categories(night: _Night) -> Written:
+    names, centroids = _category_centroids(night.vectors, night.model.spec.dim,
+                                           night.ctx.config.score.min_category_products)
+    return night.write(night.vectors.select("product_id", "category", "v"),
+                       make_categoriser(names, centroids, night.version), ["categories"])
+
+
+def _build_mismatches(night: _Night) -> Written:
+    threshold = night.mismatch.threshold if night.mismatch is not None else float("-inf")  # none: nothing flagged
+    low = (night.vectors.filter(F.col("own_match") < threshold).orderBy("own_match", "idx")
+           .select("product_id", "title", F.col("own_match").alias("match_score"),
+                   F.lit(threshold).cast("float").alias("threshold"), night.tag))
+    return night.write(low, _as_table("mismatches"), ["mismatches"])
+
+
+def _build_search(night: _Night) -> Written:
+    frame = _search(night.ctx.config.score, night.model, night.config, night.vectors, night.version, night.bank)
+    return night.write(frame, _as_table("search"), ["search"])
+
+
+# One builder per table the registry (schemas/tables.json) marks published; tests hold the two equal.
+TABLE_BUILDERS: dict[str, Callable[[_Night], Written]] = {
+    "embeddings": _build_embeddings, "recommendations": _build_recommendations, "categories": _build_categories,
+    "mismatches": _build_mismatches, "search": _build_search,
+}
+
+
 def run(ctx: RunContext) -> dict:
     require_passed(ctx, "score")
     require_features_of_clean_attempt(ctx, "score")
@@ -177,7 +255,7 @@ def run(ctx: RunContext) -> dict:
                                "product_id", partitions)
     vectors = indexed.mapInArrow(make_embedder(version, weights, spec, mismatch_scorer),
                                  spark_schema(_VECTORS)).persist(StorageLevel.MEMORY_AND_DISK)
-    attempt, tag = new_attempt_id(), F.lit(version).alias("model_version")
+    attempt = new_attempt_id()
     parts: dict[str, list[str]] = {}
     m = max(sc.top_k, sc.rerank_candidates)
     index, candidates = None, {"candidates": "exact"}
@@ -210,36 +288,11 @@ def run(ctx: RunContext) -> dict:
                                           f"products (with {probes} query probes) is below score.ann_recall_floor "
                                           f"{sc.ann_recall_floor}: raise score.ann_max_query_probes or "
                                           f"score.ann_lists, or use candidates = \"exact\"")
-        bank = spark.sparkContext.broadcast(_hubness_bank(vectors, min(sc.hubness_bank, n), spec.dim, n))
-        embedded = write_parts(vectors.select("idx", "product_id", "z", "u", "v", tag),
-                               make_embeddings_writer(bank, sc.hubness_temperature, spec.dim),
-                               lake, date, attempt, ["embeddings", VECTORS_TABLE], Progress(spark, "score: embed", n))
-        parts["embeddings"] = embedded.parts["embeddings"]
-        vector_files = embedded.parts[VECTORS_TABLE]
-
-        threshold = mismatch.threshold if mismatch is not None else float("-inf")  # none: nothing is flagged
-        low = (vectors.filter(F.col("own_match") < threshold).orderBy("own_match", "idx")
-               .select("product_id", "title", F.col("own_match").alias("match_score"),
-                       F.lit(threshold).cast("float").alias("threshold"), tag))
-        mismatches = write_parts(low, _as_table("mismatches"), lake, date, attempt, ["mismatches"])
-        parts |= mismatches.parts
-
-        names, centroids = _category_centroids(vectors, spec.dim, sc.min_category_products)
-        categories = write_parts(vectors.select("product_id", "category", "v"),
-                                 make_categoriser(names, centroids, version), lake, date, attempt, ["categories"])
-        parts |= categories.parts
-
-        parts |= write_parts(_search(sc, model, config, vectors, version, bank), _as_table("search"), lake, date,
-                             attempt, ["search"]).parts
-
-        blocks = vector_parts(lake, vector_files)
-        recommendations = write_parts(
-            recommendations_frame(spark, blocks),
-            make_recommender(lake, blocks, weights, spec, sc.top_k, m, sc.rerank_weight, version, index,
-                             ctx.config.extract.device, sc.precision),
-            lake, date, attempt, ["recommendations"],
-            Progress(spark, "score: all-pairs top-K, re-rank", len(blocks), unit="query blocks"))
-        parts |= recommendations.parts
+        night = _Night(ctx, spark, version, model, config, weights, vectors, n, m, attempt, index, mismatch)
+        written = {}
+        for name in published_tables():  # the registry's order: embeddings first, the others read what it wrote
+            written[name] = TABLE_BUILDERS[name](night)
+            parts[name] = written[name].parts.get(name, [])
         # Order-free fingerprint of the scored inputs, added up on executors.
         digest = keys.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
     finally:
@@ -247,14 +300,15 @@ def run(ctx: RunContext) -> dict:
             frame.unpersist()
         lake.clear_work_table(VECTORS_TABLE, date, attempt)  # only the staged tables' parts outlive the stage
     lake.clear_staging(date)
-    for name in PUBLISHED_TABLES:
+    for name in published_tables():
         lake.stage_parts(name, date, parts.get(name, []))
-    agree = categories.stats
+    agree = written["categories"].stats
     agreement = agree["agree"] / agree["labelled"] if agree.get("labelled") else None
     log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)
-    return {"products": n, "recommendation_rows": int(recommendations.rows["recommendations"]),
+    return {"products": n, "recommendation_rows": int(written["recommendations"].rows["recommendations"]),
             "model_version": version, "model_source": why, "category_agreement": agreement,
-            "mismatches": int(mismatches.rows["mismatches"]), "mismatch_scorer": mismatch_stats, **candidates,
+            "mismatches": int(written["mismatches"].rows["mismatches"]), "mismatch_scorer": mismatch_stats,
+            **candidates,
             "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest(),
             # publish checks both: the staged tables are this attempt's, scored from the validated clean attempt
             "attempt": attempt, "clean_attempt": judged_attempt(lake, date)}

@@ -136,10 +136,10 @@ def test_version_description_and_help_for_every_option(capsys):
     missing = [f"{name} {action.dest}" for name, command in commands.items() for action in command._actions
                if not isinstance(action, argparse._HelpAction) and not action.help]
     assert not missing, missing
-    from matcher.io.published import QUERYABLE_TABLES
+    from matcher.io.tables import queryable_tables
 
     query_help = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))._choices_actions
-    assert all(t in next(c.help for c in query_help if c.dest == "query") for t in QUERYABLE_TABLES)
+    assert all(t in next(c.help for c in query_help if c.dest == "query") for t in queryable_tables())
 
 
 def test_recommend_query_and_models_print_json_with_json(published_lake, capsys):

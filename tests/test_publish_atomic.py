@@ -13,9 +13,9 @@ from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from jobs.validate import judged_attempt
 from matcher.config import load_config
-from matcher.io.lake import PUBLISHED_TABLES, Lake
+from matcher.io.lake import Lake
 from matcher.io.published import published_dataset, read_published
-from matcher.io.tables import table_schema
+from matcher.io.tables import published_tables, table_schema
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
@@ -55,7 +55,7 @@ def tags(table: pa.Table) -> set[str]:
 
 def stage_published_tables(lake: Lake, dt: str, tag: str, rows: int = 3) -> None:
     """What the score stage leaves for publish: each published table's parts under _work, recorded as staged."""
-    for name in PUBLISHED_TABLES:
+    for name in published_tables():
         parts = []
         for n in range(2):  # two parts, so a reader could see one of each generation if publish let it
             rel = f"{Lake.work_dir(name, dt, 'score-' + tag)}/part-{n}.parquet"

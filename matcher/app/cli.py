@@ -221,12 +221,13 @@ def _refuse_non_queries(con, sql: str) -> None:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from matcher.io.published import QUERYABLE_TABLES, published_dataset
+    from matcher.io.published import published_dataset
+    from matcher.io.tables import queryable_tables
 
     with storage_ready(resolve_config(args.config)) as cfg:
         lake = _lake(cfg, args.lake)
         con = duckdb.connect()
-        datasets = {name: published_dataset(lake, name) for name in QUERYABLE_TABLES}
+        datasets = {name: published_dataset(lake, name) for name in queryable_tables()}
         for name, dataset in datasets.items():
             if dataset is not None:
                 con.register(name, dataset)
@@ -270,7 +271,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matcher.io.published import QUERYABLE_TABLES
+    from matcher.io.tables import queryable_tables
 
     parser = argparse.ArgumentParser(prog="matcher", description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output HTML file (default matcher-report-DATE.html)")
     p.set_defaults(handler=cmd_report)
 
-    p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + ", ".join(QUERYABLE_TABLES)
+    p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + ", ".join(queryable_tables())
                        + " (each with a dt column); read-only")
     common(p, with_date=False)
     p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")

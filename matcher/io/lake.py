@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 
 from matcher.config import StorageConfig
 from matcher.io.storage import exists, read_bytes, resolve_uri, write_bytes
+from matcher.io.tables import published_tables, table_schema
 
 COMMIT_FILE = "_committed.json"
-PUBLISHED_TABLES = ("embeddings", "recommendations", "categories", "mismatches", "search")
 
 
 def new_attempt_id() -> str:
@@ -48,8 +48,6 @@ def new_attempt_id() -> str:
 
 
 def _empty(table_name: str, columns: list[str] | None) -> pa.Table:
-    from matcher.io.tables import table_schema
-
     schema = table_schema(table_name)
     return (schema if columns is None else pa.schema([schema.field(c) for c in columns])).empty_table()
 
@@ -228,7 +226,7 @@ class Lake:
         manifest names, for an internal table those its commit file names (the run's latest attempt, which for
         clean and quarantine may not be published yet: readers of a published date use `published_files`); files
         of an unfinished write are never listed."""
-        if table_name in PUBLISHED_TABLES:
+        if table_name in published_tables():
             doc = ((self.manifest(dt) or {}).get("tables") or {}).get(table_name)
         else:
             doc = self.committed(table_name, dt)
@@ -249,7 +247,7 @@ class Lake:
         if manifest is None:
             return None
         files = self.manifest_table_files(manifest, table_name)
-        if files is None and table_name not in PUBLISHED_TABLES and table_name in (manifest.get("tables") or {}):
+        if files is None and table_name not in published_tables() and table_name in (manifest.get("tables") or {}):
             files = (self.committed(table_name, dt) or {}).get("files")
         return None if files is None else [self.path(f) for f in files]
 
@@ -268,7 +266,7 @@ class Lake:
         """The whole partition in this process: for small tables and tests; stages read through Spark."""
         files = self.partition_files(table_name, dt)
         if not files:
-            committed = self.committed(table_name, dt) if table_name not in PUBLISHED_TABLES else self.manifest(dt)
+            committed = self.committed(table_name, dt) if table_name not in published_tables() else self.manifest(dt)
             if committed is None:
                 return None
         return self.read_files(table_name, files, columns)

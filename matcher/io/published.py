@@ -12,7 +12,6 @@ import pyarrow.dataset as ds
 from matcher.io.lake import Lake
 
 REREADS = 5  # how often a read that lost its files to republishes starts again from the date's newest manifest
-QUERYABLE_TABLES = ("recommendations", "embeddings", "categories", "mismatches", "search", "quarantine", "clean")
 
 
 class NotPublishedError(LookupError):

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from matcher.io.lake import Lake
-from matcher.io.published import QUERYABLE_TABLES
 from matcher.io.registry import load_model
+from matcher.io.tables import queryable_tables
 from matcher.steps.evaluate import model_pair_scorer, true_and_false_pair_scores
 from matcher.steps.plots import histogram, training_curves
 from matcher.steps.training_report import metrics_table, recall_chart
@@ -299,7 +299,7 @@ def _tables(manifest: dict) -> str:
     for name, info in (manifest.get("tables") or {}).items():
         # Through the manifest, not a glob of the folder, which can also hold the generation a publish replaced.
         example = f"select * from {name} where dt = {manifest.get('date')!r} limit 10"  # noqa: S608 (shown, not run)
-        query = f'<code>matcher query "{html.escape(example)}"</code>' if name in QUERYABLE_TABLES else ""
+        query = f'<code>matcher query "{html.escape(example)}"</code>' if name in queryable_tables() else ""
         rows.append(f"<tr><td>{html.escape(name)}</td><td class='num'>{info['rows']}</td>"
                     f"<td><code>{html.escape(info['path'])}</code></td><td>{query}</td></tr>")
     return ("<table><tr><th>table</th><th>rows</th><th>location</th><th>query</th></tr>" + "".join(rows)

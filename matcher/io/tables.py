@@ -1,7 +1,11 @@
-"""Arrow schemas of the lake's tables, read from schemas/tables.json."""
+"""The registry of the lake's tables, read from schemas/tables.json: each table's schema, the stage that writes
+it, whether publish makes it visible and whether `matcher query` shows it. Everything that lists tables (publish,
+the manifest, the score stage's builders, the CLI, the report) reads this registry; a new table is one entry there
+(and, for a table the score stage builds, its builder in jobs/score.py)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import pandas as pd
@@ -15,6 +19,16 @@ _SCALARS = {
 }
 
 
+@dataclass(frozen=True)
+class Table:
+    name: str
+    stage: str          # the stage that writes it
+    published: bool     # staged by score and made visible by publish
+    queryable: bool     # a view of `matcher query`
+    description: str
+    schema: pa.Schema
+
+
 def parse_type(spec: str) -> pa.DataType:
     spec = spec.strip()
     if spec.startswith("list<") and spec.endswith(">"):
@@ -26,12 +40,34 @@ def parse_type(spec: str) -> pa.DataType:
 
 
 @lru_cache(maxsize=None)
-def table_schema(name: str) -> pa.Schema:
+def tables() -> dict[str, Table]:
+    """Every table of the lake, in the order the registry lists them."""
     with open(SCHEMAS_DIR / "tables.json", encoding="utf-8") as fh:
-        spec = json.load(fh)
-    if name not in spec:
-        raise KeyError(f"no schema for table {name!r}")
-    return pa.schema([(col, parse_type(t)) for col, t in spec[name].items()])
+        spec = json.load(fh)["tables"]
+    return {name: Table(name, t["stage"], bool(t["published"]), bool(t["queryable"]), t["description"],
+                        pa.schema([(col, parse_type(kind)) for col, kind in t["columns"].items()]))
+            for name, t in spec.items()}
+
+
+def published_tables() -> tuple[str, ...]:
+    """The tables the score stage stages and publish makes visible."""
+    return tuple(name for name, t in tables().items() if t.published)
+
+
+def run_tables() -> tuple[str, ...]:
+    """The tables a run's clean stage commits, made visible to readers by the manifest (queryable, not staged)."""
+    return tuple(name for name, t in tables().items() if not t.published and t.queryable)
+
+
+def queryable_tables() -> tuple[str, ...]:
+    return tuple(name for name, t in tables().items() if t.queryable)
+
+
+def table_schema(name: str) -> pa.Schema:
+    try:
+        return tables()[name].schema
+    except KeyError:
+        raise KeyError(f"no schema for table {name!r}") from None
 
 
 def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:

@@ -6,12 +6,11 @@ import datetime as dt
 import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError, log
+from jobs.pipeline import STAGES
 from jobs.validate import judged_attempt, require_passed
 from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.run_report import render_run_report
 from matcher.io.tables import published_tables, run_tables, table_schema
-
-STAGE_NAMES = ("clean", "validate", "extract", "train", "score")
 
 
 def run(ctx: RunContext) -> dict:
@@ -57,7 +56,7 @@ def run(ctx: RunContext) -> dict:
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt")}
     tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
                           "path": lake.display(Lake.partition_dir("features", ctx.date))}
-    stages = {s: ctx.stage_stats(s) for s in STAGE_NAMES}
+    stages = {s: ctx.stage_stats(s) for s in STAGES[:STAGES.index("publish")]}
     manifest = {
         "date": ctx.date,
         "catalog": (stages.get("clean") or {}).get("catalog") or ctx.catalog,  # what clean read, not today's config

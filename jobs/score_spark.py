@@ -30,6 +30,7 @@ from pyspark.sql import DataFrame, SparkSession
 from jobs.spark import task_device
 from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import Lake
+from matcher.io.tables import table_schema
 from matcher.steps.ann import ListIndex, search_lists
 from matcher.steps.evaluate import model_pair_scorer
 from matcher.steps.model import MatcherModel, ModelSpec
@@ -37,8 +38,6 @@ from matcher.steps.scoring import recommendation_table, topk_over_blocks
 from matcher.steps.vectors import vector_matrix
 
 VECTORS_TABLE = "score_vectors"
-RECOMMENDATIONS = pa.schema([("product_id", pa.string()), ("rank", pa.int32()), ("rec_product_id", pa.string()),
-                             ("similarity", pa.float32()), ("score", pa.float32()), ("model_version", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, mod
         rec_ids[inside] = items.column("product_id").to_numpy(zero_copy_only=False)[local]
     table = recommendation_table(q.column("product_id").to_numpy(zero_copy_only=False), cands, rec_ids, similarity,
                                  match, k, weight, version)
-    return table.cast(RECOMMENDATIONS)
+    return table.cast(table_schema("recommendations"))
 
 
 def _score_device(requested: str) -> str:

@@ -11,13 +11,14 @@ import pandas as pd
 from matcher.config import CleanConfig
 from matcher.io.catalog import RawCatalog
 from matcher.steps.clean import (
+    DUPLICATE_DETAIL,
     QUARANTINE_COLUMNS,
     bad_line_rows,
     check_row_counts,
     clean_images,
     clean_text_rows,
-    first_of_each_product,
 )
+from matcher.steps.quarantine import Reason
 from matcher.steps.scoring import topk
 
 
@@ -36,6 +37,15 @@ class CleanResult:
             "quarantine_by_reason": {k: int(v) for k, v in reasons.items()},
             "quarantine_rate": (len(self.quarantine) / input_rows) if input_rows else 0.0,
         }
+
+
+def first_of_each_product(candidates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept, rejected duplicates): the first row in file order (`_row`) of each product_id is kept."""
+    ordered = candidates.sort_values("_row", kind="stable")
+    dup = ordered["product_id"].duplicated(keep="first")
+    rejected = ordered.loc[dup, ["_row", "product_id", "raw"]].assign(reason=Reason.DUPLICATE_PRODUCT_ID.value,
+                                                                   detail=DUPLICATE_DETAIL)
+    return ordered.loc[~dup], rejected[["_row", *QUARANTINE_COLUMNS]]
 
 
 def clean_catalog(raw: RawCatalog, read_image: Callable[[str], bytes], cfg: CleanConfig) -> CleanResult:

@@ -84,7 +84,7 @@ def _product_id(value: object) -> tuple[str, list[str], str]:
 
 def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Normalise the text of raw rows: (candidates with their `_row` order and pass-through columns, rejected
-    rows with a reason). Duplicates are not looked for here: that needs every row (see first_of_each_product).
+    rows with a reason). Duplicates are not looked for here: that needs every row (the clean stage's window).
 
     Every row comes out exactly once, in one of the two: a damaged row is either repaired and kept (control
     characters, a byte-order mark, over-long text: see `repairs`, `text_truncated`) or rejected with a stable
@@ -128,15 +128,6 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
 
 
 DUPLICATE_DETAIL = "an earlier row has this product_id"
-
-
-def first_of_each_product(candidates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(kept, rejected duplicates): the first row in file order (`_row`) of each product_id is kept."""
-    ordered = candidates.sort_values("_row", kind="stable")
-    dup = ordered["product_id"].duplicated(keep="first")
-    rejected = ordered.loc[dup, ["_row", "product_id", "raw"]].assign(reason=Reason.DUPLICATE_PRODUCT_ID.value,
-                                                                   detail=DUPLICATE_DETAIL)
-    return ordered.loc[~dup], rejected[["_row", *QUARANTINE_COLUMNS]]
 
 
 def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], cfg: CleanConfig

@@ -4,7 +4,7 @@ import pytest
 from matcher.io.lake import Lake
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def lake(request, tmp_path):
     if request.param == "local":
         from matcher.config import load_config

@@ -167,3 +167,16 @@ def test_the_lake_names_come_from_the_lake_module():
     assert {"manifests", "_runs", "_staging", "_work", "_locks", "validation", "reports", "models"} <= folders
     assert {"manifest.json", "_committed.json", "config.json", "metrics.json", "model.safetensors",
             "_token.json", "_run.json", "report.html", "result.json"} <= files
+
+
+def test_the_fast_tier_refuses_to_start_a_process_or_spark():
+    # This test is in the fast tier (unmarked), so conftest's guard is active for it.
+    import subprocess
+    import sys
+
+    from pyspark.sql import SparkSession
+
+    with pytest.raises(RuntimeError, match="not marked integration"):
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    with pytest.raises(RuntimeError, match="not marked integration"):
+        SparkSession.builder.master("local[1]").getOrCreate()

@@ -24,7 +24,7 @@ D1 = "2026-01-01"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def lake(request, tmp_path) -> Lake:
     if request.param == "local":
         return Lake(f"file://{tmp_path}/lake", load_config().storage)

@@ -23,7 +23,7 @@ D = "2026-05-01"
 READ_TABLES = ("recommendations", "embeddings", "clean", "quarantine")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def config(request, tmp_path):
     if request.param == "local":
         return load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})

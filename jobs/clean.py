@@ -113,7 +113,7 @@ def run(ctx: RunContext) -> dict:
     except CatalogError as exc:  # a backfilled date without its snapshot fails here, naming the date
         # The catalog may be missing (permanent) or its store unreachable (retryable): judged by the cause.
         raise StageError("clean", f"catalog for {ctx.date}: {exc}", retryable=classify(exc).retryable) from None
-    spark = get_spark(ctx.config.spark)
+    spark = get_spark(ctx.config.spark, ctx.lake)
     splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
         max(1, len(plan.splits)))
     parsed = splits.mapInArrow(make_split_parser(reader, plan, ctx.config.clean),

@@ -74,7 +74,7 @@ def run(ctx: RunContext) -> dict:
         raise StageError("extract", f"no clean partition for {date}: run the clean stage first")
     precision = extract_precision(cfg, ctx.config.spark.executor_gpus)
     image_version, text_version = feature_versions(cfg, precision)
-    spark = get_spark(ctx.config.spark)
+    spark = get_spark(ctx.config.spark, ctx.lake)
     keys = ["product_id", "content_hash"]
     clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)
     clean_keys = read_partition(spark, lake, "clean", date, columns=keys)

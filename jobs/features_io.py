@@ -31,7 +31,7 @@ class FeatureSet:
 def feature_frame(ctx: RunContext, stage: str):
     """The date's feature rows joined with the clean table's category and title, as a DataFrame on executors."""
     require_features_of_clean_attempt(ctx, stage)
-    spark = get_spark(ctx.config.spark)
+    spark = get_spark(ctx.config.spark, ctx.lake)
     features = read_partition(spark, ctx.lake, "features", ctx.date)
     clean = read_partition(spark, ctx.lake, "clean", ctx.date, columns=["product_id", "category", "title"])
     if features is None or clean is None:

@@ -234,7 +234,7 @@ def run(ctx: RunContext) -> dict:
                                   current_version(lake))
     model, config = load_model(lake, version)
     log.info("score: model %s (%s)", version, why)
-    spark = get_spark(ctx.config.spark)
+    spark = get_spark(ctx.config.spark, ctx.lake)
     n = lake.partition_rows("features", date)
     if n < 2:
         raise StageError("score", f"only {n} products with features for {date}; need at least 2")

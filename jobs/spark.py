@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+import pyarrow.fs as pafs
+
 from matcher.config import ConfigError, SparkConfig
+from matcher.io.lake import Lake
 
 _session = None
 _session_key: tuple | None = None  # (master or None under spark-submit, sorted settings) the session was built from
@@ -24,16 +27,40 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def spark_settings(cfg: SparkConfig, submitted: bool | None = None) -> tuple[str | None, dict[str, str]]:
-    """The master (None under spark-submit, whose --master wins) and the Spark settings get_spark applies."""
+def cluster_mode(cfg: SparkConfig, submitted: bool) -> bool:
+    """A night on a cluster: under spark-submit, or with a master other than local[...]."""
+    return submitted or not cfg.master.startswith("local")
+
+
+def event_log_dir(cfg: SparkConfig, cluster: bool, lake: Lake | None = None) -> str:
+    """Where the event logs go ("" = nowhere): spark.event_log_dir, with "auto" resolved: in cluster mode the lake's
+    _spark_events/ folder when the lake is local, else a private folder in the driver's temp directory."""
+    if cfg.event_log_dir != "auto":
+        return cfg.event_log_dir
+    if not cluster:
+        return ""
+    if lake is not None and isinstance(lake.fs, pafs.LocalFileSystem):
+        return "file://" + lake.path(Lake.SPARK_EVENTS_DIR)
+    folder = Path(tempfile.gettempdir()) / f"matcher-spark-events-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():  # a folder someone else made in advance
+        raise ConfigError(f"{folder} is not this user's own folder: set spark.event_log_dir")
+    return "file://" + str(folder)
+
+
+def spark_settings(cfg: SparkConfig, submitted: bool | None = None,
+                   lake: Lake | None = None) -> tuple[str | None, dict[str, str]]:
+    """The master (None under spark-submit, whose --master wins) and the Spark settings get_spark applies; `lake`
+    places the event logs of a cluster night (spark.event_log_dir = "auto")."""
     submitted = under_spark_submit() if submitted is None else submitted
+    cluster = cluster_mode(cfg, submitted)
     conf: dict[str, str] = {}
     if not submitted:
         conf["spark.driver.memory"] = cfg.driver_memory
     conf.update({
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_size),
-        "spark.ui.enabled": "true" if cfg.ui else "false",
+        "spark.ui.enabled": "true" if cfg.ui == "on" or (cfg.ui == "auto" and cluster) else "false",
         "spark.ui.showConsoleProgress": "false",
         # Spark's 200 shuffle partitions, coalesced by adaptive execution to what the data needs: a fixed small
         # number would leave a large cluster's cores idle in every shuffle.
@@ -46,9 +73,10 @@ def spark_settings(cfg: SparkConfig, submitted: bool | None = None) -> tuple[str
         "spark.sql.autoBroadcastJoinThreshold": "-1",
         "spark.sql.adaptive.autoBroadcastJoinThreshold": "-1",
     })
-    if cfg.event_log_dir:
+    events = event_log_dir(cfg, cluster, lake)
+    if events:
         conf["spark.eventLog.enabled"] = "true"
-        conf["spark.eventLog.dir"] = cfg.event_log_dir
+        conf["spark.eventLog.dir"] = events
     conf.update(spark_gpu_conf(cfg))
     conf.update(spark_auth_conf(cfg))
     conf.update(cfg.conf)  # operators' own settings, last
@@ -78,11 +106,12 @@ def _loopback_master(master: str) -> bool:
     return bool(m) and m.group(1) in ("127.0.0.1", "localhost")
 
 
-def get_spark(cfg: SparkConfig):
-    """The shared session, built from `cfg`; one built from other settings (another master, UI, ...) is stopped
-    and replaced. The JVM is started once per process: spark.driver.memory only takes effect the first time."""
+def get_spark(cfg: SparkConfig, lake: Lake | None = None):
+    """The shared session, built from `cfg` (and `lake`, where a cluster night's event logs go); one built from other
+    settings (another master, UI, ...) is stopped and replaced. The JVM is started once per process:
+    spark.driver.memory only takes effect the first time."""
     global _session, _session_key
-    master, conf = spark_settings(cfg)
+    master, conf = spark_settings(cfg, lake=lake)
     key = (master, tuple(sorted(conf.items())))
     if _session is not None and _session._jsc is not None and not _session._jsc.sc().isStopped():
         if key == _session_key:
@@ -94,8 +123,8 @@ def get_spark(cfg: SparkConfig):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master is not None and _loopback_master(master):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    if cfg.event_log_dir:
-        _make_local_dir(cfg.event_log_dir)
+    if conf.get("spark.eventLog.dir"):
+        _make_local_dir(conf["spark.eventLog.dir"])
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName("matcher")

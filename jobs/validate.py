@@ -30,7 +30,8 @@ def run(ctx: RunContext) -> dict:
     # Executors read the clean parts without the image bytes; the suites see those columns as typed stand-ins.
     schema = pq.read_schema(files[0], filesystem=ctx.lake.fs) if files else table_schema("clean")
     light = [c for c in schema.names if c not in HEAVY_COLUMNS]
-    clean = read_partition(get_spark(ctx.config.spark), ctx.lake, "clean", ctx.date, columns=light, schema=schema)
+    clean = read_partition(get_spark(ctx.config.spark, ctx.lake), ctx.lake, "clean", ctx.date, columns=light,
+                           schema=schema)
     for column in HEAVY_COLUMNS:
         if column in schema.names:
             clean = clean.withColumn(column, F.lit(None).cast("binary" if column == "image_bytes" else "array<string>"))

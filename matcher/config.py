@@ -120,7 +120,7 @@ class SparkConfig:
     executor_gpus: int
     task_gpus: float
     gpu_discovery_script: str
-    ui: bool
+    ui: str
     event_log_dir: str
     max_result_size: str
     conf: dict[str, str]
@@ -370,6 +370,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.max_products must be >= 2")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
+    if cfg.spark.ui not in ("auto", "on", "off"):
+        raise ConfigError(f"spark.ui must be auto, on or off; got {cfg.spark.ui!r}")
     bad = sorted(k for k in cfg.spark.conf if not k.startswith("spark."))
     if bad:
         raise ConfigError(f"spark.conf keys must be Spark settings (spark.*), got {bad}")
@@ -517,6 +519,8 @@ def _spark_keys_moved(layer: dict[str, Any], source: str) -> dict[str, Any]:
         if new in spark:
             raise ConfigError(f"{source}: extract.{old} and spark.{new} both given; keep spark.{new}")
         spark[new] = extract[old]
+        if new == "ui" and isinstance(spark[new], bool):  # a bool then; "on" / "off" now
+            spark[new] = "on" if spark[new] else "off"
         logging.getLogger("matcher").warning("config %s: extract.%s is now spark.%s; read as such", source, old, new)
     return {**layer, "extract": {k: v for k, v in extract.items() if k not in MOVED_TO_SPARK}, "spark": spark}
 

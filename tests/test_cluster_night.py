@@ -56,12 +56,14 @@ def test_a_night_on_a_standalone_cluster_equals_local_and_a_second_night_embeds_
         run_pipeline(on_cluster, list(STAGES))
         clean_files = on_cluster.lake.partition_files("clean", date)
         assert len(clean_files) >= 2  # written in parts by executors
+        # The night's Spark event log, in the lake by default on a cluster, for the history server.
+        assert [p for p in (tmp_path / "cluster-lake" / "_spark_events").iterdir() if "app-" in p.name]
 
         # A stray collect of a catalog-sized table fails under this cap: the stages above never did one.
         from jobs.spark import get_spark
         from jobs.spark_lake import read_partition
         with pytest.raises(Exception, match="maxResultSize"):
-            read_partition(get_spark(cfg.spark), on_cluster.lake, "clean", date).collect()
+            read_partition(get_spark(cfg.spark, on_cluster.lake), on_cluster.lake, "clean", date).collect()
 
         # Night 2: 5% of the titles change; exactly those products are embedded again, on the cluster.
         rows = list(csv.DictReader(open(catalog / "products.csv", encoding="utf-8")))

@@ -11,6 +11,7 @@ import pytest
 from jobs.spark import assigned_gpu, get_spark, spark_settings, stop_spark, task_device
 from jobs.standalone_cluster import ClusterError, StandaloneCluster, port_open
 from matcher.config import ConfigError, load_config
+from matcher.io.lake import Lake
 from tests.conftest import SMALL_DRIVER_SAMPLES
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
@@ -57,7 +58,7 @@ def test_spark_settings_come_from_config():
     assert conf["spark.driver.memory"] == "2g"
     assert "spark.eventLog.enabled" not in conf
 
-    cfg = _spark(ui=True, event_log_dir="s3a://logs/spark-events", max_result_size="2g",
+    cfg = _spark(ui="on", event_log_dir="s3a://logs/spark-events", max_result_size="2g",
                    executor_gpus=1, conf={"spark.sql.shuffle.partitions": "64",
                                                 "spark.task.resource.gpu.amount": "0.5"})
     master, conf = spark_settings(cfg, submitted=True)
@@ -69,10 +70,33 @@ def test_spark_settings_come_from_config():
     assert conf["spark.sql.shuffle.partitions"] == "64"  # spark.conf is applied last
     assert conf["spark.task.resource.gpu.amount"] == "0.5"
 
+    with pytest.raises(ConfigError, match="spark.ui must be auto, on or off"):
+        _spark(ui="yes")
     with pytest.raises(ConfigError, match="spark.conf"):
         _spark(conf={"spark.ui.port": 4040})
     with pytest.raises(ConfigError, match="spark.conf"):
         _spark(conf={"executor.memory": "4g"})
+
+
+def test_a_cluster_night_has_the_ui_and_an_event_log_in_the_lake_by_default(tmp_path):
+    local_lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    # Local mode: neither, unless asked.
+    _, conf = spark_settings(_spark(), submitted=False, lake=local_lake)
+    assert conf["spark.ui.enabled"] == "false" and "spark.eventLog.dir" not in conf
+    # A cluster master, or spark-submit: the UI, and event logs in the lake's _spark_events/ for the history server.
+    for cfg, submitted in ((_spark(master="spark://10.0.0.5:7077"), False), (_spark(), True)):
+        _, conf = spark_settings(cfg, submitted=submitted, lake=local_lake)
+        assert conf["spark.ui.enabled"] == "true"
+        assert conf["spark.eventLog.dir"] == f"file://{tmp_path}/lake/_spark_events"
+    # An S3 lake (s3a:// would need hadoop-aws): a private folder on the driver.
+    s3_lake = Lake("s3://bucket/lake", load_config(overrides={"storage": {"s3_endpoint": "http://127.0.0.1:1"}}).storage)
+    _, conf = spark_settings(_spark(master="spark://10.0.0.5:7077"), submitted=False, lake=s3_lake)
+    folder = Path(conf["spark.eventLog.dir"].removeprefix("file://"))
+    assert folder.is_dir() and (folder.stat().st_mode & 0o077) == 0 and folder.stat().st_uid == os.getuid()
+    # Off when asked, in cluster mode too.
+    _, conf = spark_settings(_spark(master="spark://10.0.0.5:7077", ui="off", event_log_dir=""), submitted=False,
+                             lake=local_lake)
+    assert conf["spark.ui.enabled"] == "false" and "spark.eventLog.dir" not in conf
 
 
 def test_get_spark_rebuilds_the_session_when_its_settings_change(tmp_path):
@@ -90,7 +114,7 @@ def test_get_spark_rebuilds_the_session_when_its_settings_change(tmp_path):
     assert three.sparkContext.uiWebUrl is None
 
     events = tmp_path / "spark-events"  # get_spark makes a missing local folder: Spark would refuse to start
-    four = get_spark(_spark(master="local[2]", ui=True, event_log_dir=str(events)))
+    four = get_spark(_spark(master="local[2]", ui="on", event_log_dir=str(events)))
     assert four.sparkContext.uiWebUrl is not None
     assert four.sparkContext.parallelize(range(3)).count() == 3
     stop_spark()

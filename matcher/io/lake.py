@@ -154,6 +154,8 @@ class Lake:
     def revoked_dir(dt: str) -> str:
         return f"{Lake.lock_dir(dt)}/_revoked"
 
+    SPARK_EVENTS_DIR = "_spark_events"  # Spark's event logs of the nights run in cluster mode (the history server)
+
     @staticmethod
     def staged_file(table: str, dt: str) -> str:
         return f"_staging/dt={dt}/{table}.json"

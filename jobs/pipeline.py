@@ -7,6 +7,7 @@ from typing import Callable
 from jobs.context import RunContext, StageError, log
 from matcher.failures import classify
 from matcher.io.locks import DateLockedError, date_lock
+from matcher.logs import log_context
 
 
 # Each stage's module is imported when the stage runs, not when the pipeline is: the DAG file and `jobs/submit.py`
@@ -63,6 +64,11 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     run = STAGE_RUNNERS[stage]
+    with log_context(stage=stage, date=ctx.date, run_id=ctx.run_id):
+        return _run_stage(stage, run, ctx)
+
+
+def _run_stage(stage: str, run: Callable[[RunContext], dict], ctx: RunContext) -> dict:
     log.info("stage %s for %s: started", stage, ctx.date)
     started = time.perf_counter()
     try:

@@ -5,6 +5,7 @@ The driver only handles metadata: it lists a partition's files (from its commit 
 executors, and gets back one small row per written part file (path, rows, statistics)."""
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import posixpath
@@ -160,7 +161,8 @@ class Progress:
         self.accumulator = self.sc.accumulator(0)
         self.label, self.total, self.every = label, total, every
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._report, daemon=True)
+        # In the stage's log context (matcher.logs), so its lines name the stage and date too.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._report,), daemon=True)
 
     def _tasks(self) -> str:
         try:

@@ -26,6 +26,7 @@ import sys
 from typing import Mapping
 
 from matcher.failures import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE  # noqa: F401 (part of its API)
+from matcher.logs import LOG_FORMATS, configure_logging
 
 
 def _date(value: str) -> str:
@@ -53,8 +54,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--model", default="", help="score with this model version, not the date's own")
     parser.add_argument("--run-id", default="", help="the run (e.g. Airflow's) this stage belongs to: it claims "
                                                      "the date from its first stage to publish")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="log lines as text or as JSON objects with stage, date and run_id fields")
     args = parser.parse_args(argv)  # a usage error exits 2 here
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(logging.INFO, args.log_format)
     status, line = EXIT_OK, ""
     try:
         cfg, source = load_deployment_config(args.config, os.environ if environ is None else environ,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matcher.config import WORKSPACE_CONFIG, Config, load_config
 from matcher.io.s3server import storage_ready
+from matcher.logs import LOG_FORMATS, configure_logging
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"matcher {_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="log lines as text (default) or as JSON objects with stage, date and run_id fields")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, with_date: bool = True) -> None:
@@ -360,10 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     global _quiet
     args = build_parser().parse_args(argv)
     _quiet = args.quiet
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("py4j", "great_expectations", "jieba", "botocore", "urllib3", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(logging.WARNING if args.quiet else logging.INFO, args.log_format)
     try:
         return args.handler(args)
     except _user_errors() as exc:

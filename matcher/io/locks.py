@@ -39,6 +39,7 @@ that names `run_id` also claims the date for that run (`_run.json`) until `finis
 the date is between stages."""
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import posixpath
@@ -227,7 +228,8 @@ class DateLock:
             self.active = False
             self.lake.delete_file_quietly(self.name)
             raise
-        self._thread = threading.Thread(target=self._keep_fresh, name=f"date-lock-{self.dt}", daemon=True)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._keep_fresh,),
+                                        name=f"date-lock-{self.dt}", daemon=True)  # in the log context
         self._thread.start()
         return self
 

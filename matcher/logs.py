@@ -1,0 +1,68 @@
+"""One log format for every entry point, with the night's context on each line: the stage, the partition date and
+the run a record belongs to. `text` for people (a line each), `json` for log collectors (an object each, the context
+as fields). Entry points call configure_logging once; jobs/pipeline.py sets the context around each stage."""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+LOG_FORMATS = ("text", "json")
+CONTEXT_FIELDS = ("stage", "date", "run_id")
+_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("matcher_log_context", default=None)
+NOISY = ("py4j", "great_expectations", "jieba", "botocore", "urllib3", "transformers", "httpx")
+
+
+@contextmanager
+def log_context(**fields: str) -> Iterator[None]:
+    """Add these fields (stage, date, run_id) to every record logged inside the block, in this thread or task."""
+    token = _context.set({**(_context.get() or {}), **{k: v for k, v in fields.items() if v}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = _context.get() or {}
+        for name in CONTEXT_FIELDS:
+            setattr(record, name, context.get(name, ""))
+        record.context = "".join(f" [{n}={context[n]}]" for n in CONTEXT_FIELDS if context.get(n))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        doc.update({n: getattr(record, n) for n in CONTEXT_FIELDS if getattr(record, n, "")})
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def configure_logging(level: int = logging.INFO, fmt: str = "text", stream: IO[str] | None = None,
+                      force: bool = False) -> None:
+    """Send matcher's records (and other libraries' warnings) to `stream` (stderr) in `fmt`: text or json. As
+    logging.basicConfig, it leaves alone a root logger that its host (a test runner, an application embedding
+    matcher) has configured already, unless `force`."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}; got {fmt!r}")
+    root = logging.getLogger()
+    if not force and any(not getattr(h, "_matcher", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s", datefmt="%H:%M:%S"))
+    for old in [h for h in root.handlers if getattr(h, "_matcher", False)]:
+        root.removeHandler(old)
+    handler._matcher = True  # type: ignore[attr-defined]  # replaced, not stacked, by a second call
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in NOISY:
+        logging.getLogger(name).setLevel(logging.WARNING)

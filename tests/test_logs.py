@@ -1,0 +1,50 @@
+"""Log lines carry the night's context (stage, date, run) in text and in JSON."""
+import io
+import json
+import logging
+
+import pytest
+
+from matcher.logs import configure_logging, log_context
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_text_lines_name_the_stage_date_and_run_inside_a_context(restore_logging):
+    out = io.StringIO()
+    configure_logging(logging.INFO, "text", out, force=True)
+    log = logging.getLogger("matcher")
+    log.info("before")
+    with log_context(stage="score", date="2026-01-02", run_id="scheduled__1"):
+        log.info("scoring %d products", 7)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("INFO matcher: before")
+    assert lines[1].endswith("INFO matcher [stage=score] [date=2026-01-02] [run_id=scheduled__1]: scoring 7 products")
+
+
+def test_json_lines_are_objects_with_the_context_as_fields(restore_logging):
+    out = io.StringIO()
+    configure_logging(logging.INFO, "json", out, force=True)
+    configure_logging(logging.INFO, "json", out, force=True)  # a second call replaces its handler, not doubled
+    with log_context(date="2026-01-02"), log_context(stage="extract"):
+        logging.getLogger("matcher").warning("slow: %s", "红色")
+        try:
+            raise ValueError("bad row")
+        except ValueError:
+            logging.getLogger("matcher").exception("failed")
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(docs) == 2
+    assert {k: docs[0][k] for k in ("level", "logger", "message", "stage", "date")} == {
+        "level": "WARNING", "logger": "matcher", "message": "slow: 红色", "stage": "extract", "date": "2026-01-02"}
+    assert "run_id" not in docs[0] and "ValueError: bad row" in docs[1]["exception"]
+    with pytest.raises(ValueError, match="text, json"):
+        configure_logging(logging.INFO, "xml")
+    configure_logging(logging.INFO, "text", io.StringIO())  # the test runner's handlers are there: left alone
+    assert sum(getattr(h, "_matcher", False) for h in logging.getLogger().handlers) == 1

@@ -4,16 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo lint test test-fast fashion clean-workspace
+.PHONY: install system-deps demo lint test test-fast fashion lock wheel clean-workspace
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
+$(STAMP): requirements.lock setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	@command -v java >/dev/null || { echo "need Java 17 for Spark"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -42,6 +42,20 @@ test-fast: install
 # The whole pipeline on the shared fashion catalog (9,583 products), lake in /tmp/lake.
 fashion: install
 	$(BIN)/matcher run --catalog ../shared/data/fashion --lake file:///tmp/lake --date 2026-01-01
+
+# The lock (every package of the environment, with hashes) from requirements.txt and requirements-dev.txt; for
+# Linux x86_64 and CPython 3.11, as the install runs here. Needs uv (pip install uv).
+lock:
+	uv pip compile requirements.txt requirements-dev.txt --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --quiet -o requirements.lock.new
+	{ echo "# The whole environment, pinned with hashes: \`make install\` installs it with --require-hashes."; \
+	  echo "# Regenerate after changing requirements*.txt: \`make lock\` (needs uv: pip install uv)."; \
+	  tail -n +3 requirements.lock.new; } > requirements.lock && rm requirements.lock.new
+
+# A wheel with the schemas, the DAG and the defaults inside: `pip install --require-hashes -r requirements.lock`
+# then `pip install --no-deps dist/matcher-*.whl` on a machine with nothing else of this repository.
+wheel: install
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 clean-workspace:
 	rm -rf .matcher

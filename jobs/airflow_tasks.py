@@ -1,6 +1,7 @@
 """The callable each Airflow task runs: one stage of the pipeline for the run's logical date."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -8,12 +9,13 @@ from typing import Mapping, NoReturn
 
 from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_config
 from jobs.pipeline import run_stage
-from matcher.config import REPO_ROOT, Config, ConfigError, dated
+from matcher.config import Config, ConfigError, dated
 from matcher.failures import classify
 from matcher.io.s3server import storage_ready
 from matcher.io.storage import StorageError
 
 log = logging.getLogger("matcher")
+SUBMIT_SCRIPT = importlib.util.find_spec("jobs.submit").origin  # spark-submit's application, where installed
 
 
 def deployment_config(params: dict, environ: Mapping[str, str] = os.environ) -> tuple[Config, str]:
@@ -129,7 +131,7 @@ def submit_stage(stage: str, ds: str, params: dict, conn_id: str,
         env[CONFIG_ENV] = environ[CONFIG_ENV]
     hook = SparkSubmitHook(conn_id=conn_id, name=f"matcher-{stage}-{ds}", application_args=args, env_vars=env)
     try:
-        hook.submit(application=str(REPO_ROOT / "jobs" / "submit.py"))
+        hook.submit(application=SUBMIT_SCRIPT)
     except AirflowException as exc:
         message = str(exc)
         retryable, why = submit_verdict(submit_exit_code(message), message)

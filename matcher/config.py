@@ -15,7 +15,17 @@ from typing import Any
 DEFAULTS_PATH = Path(__file__).with_name("defaults.toml")
 PROFILES_DIR = Path(__file__).with_name("profiles")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS_DIR = REPO_ROOT / "schemas"
+
+
+def _shipped(folder: str) -> Path:
+    """A top-level folder of the repository (schemas/, dags/): in a checkout, there; in an installed wheel, its copy
+    inside the package (pyproject.toml maps it to matcher/<folder>)."""
+    inside = Path(__file__).resolve().with_name(folder)
+    return inside if inside.is_dir() else REPO_ROOT / folder
+
+
+SCHEMAS_DIR = _shipped("schemas")
+DAGS_DIR = _shipped("dags")
 WORKSPACE_CONFIG = Path(".matcher/config.toml")
 
 

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 
 # What `pip install -e .` and the services need from the context.
-NEEDED = ["requirements.txt", "setup.cfg", "pyproject.toml", "README.md", "matcher/defaults.toml", "matcher/config.py",
+NEEDED = ["requirements.txt", "requirements.lock", "setup.cfg", "pyproject.toml", "README.md", "matcher/defaults.toml",
+          "matcher/config.py",
           "jobs/pipeline.py", "dags/product_matching_nightly.py", "schemas/clean_products.json",
           "docker/gpu-discovery.sh", "docker/spark-daemon.sh", "docker/matcher.example.toml"]
 # Files a deployment or a developer has beside the code, none of which may reach the image.

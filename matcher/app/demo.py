@@ -9,7 +9,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from matcher.config import REPO_ROOT, dump_toml, load_config
+from matcher.config import DAGS_DIR, dump_toml, load_config
 
 DAG_ID = "product_matching_nightly"
 
@@ -51,7 +51,7 @@ def configure_airflow(airflow_home: Path) -> None:
     airflow_home.mkdir(parents=True, exist_ok=True)
     os.environ["AIRFLOW_HOME"] = str(airflow_home)
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO_ROOT / "dags")
+    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_DIR)
     os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
     os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
 
@@ -62,7 +62,7 @@ def run_dag_for_date(date: str, conf: dict) -> str:
     from airflow.utils import db
 
     db.upgradedb()
-    bag = DagBag(str(REPO_ROOT / "dags"))
+    bag = DagBag(str(DAGS_DIR))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
     dag = bag.dags[DAG_ID]

@@ -1,5 +1,6 @@
 """Nightly product matching: clean -> validate -> extract -> train -> score -> publish, one task per stage,
-each for the run's logical date ({{ ds }}). The deployment names its TOML config in $MATCHER_CONFIG (scheduled
+each for the run's logical date ({{ ds }}); publish updates an Airflow Asset per table (matcher.recommendations,
+...), on which downstream DAGs can be scheduled. The deployment names its TOML config in $MATCHER_CONFIG (scheduled
 runs get no conf); a triggered run may pass conf {"config": ..., "catalog": ..., "lake": ..., "model": ...}."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 from airflow.providers.standard.sensors.python import PythonSensor
 from airflow.sdk import DAG, Param
 
-from jobs.airflow_tasks import catalog_ready, log_failure, run_stage_task
+from jobs.airflow_tasks import catalog_ready, log_failure, run_stage_task, table_assets
 from jobs.pipeline import STAGES
 
 with DAG(
@@ -42,6 +43,8 @@ with DAG(
         # `ds` and `params` come from the task context (matched by the callable's argument names).
         task = PythonOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage},
                               # The accelerator stage: one at a time across runs (e.g. during a backfill).
-                              max_active_tis_per_dag=1 if stage == "extract" else None)
+                              max_active_tis_per_dag=1 if stage == "extract" else None,
+                              # A downstream DAG scheduled on a table's Asset runs when a night publishes it.
+                              outlets=list(table_assets().values()) if stage == "publish" else [])
         previous >> task
         previous = task

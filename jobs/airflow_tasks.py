@@ -13,6 +13,7 @@ from matcher.config import Config, ConfigError, dated
 from matcher.failures import classify
 from matcher.io.s3server import storage_ready
 from matcher.io.storage import StorageError
+from matcher.io.tables import published_tables, run_tables
 
 log = logging.getLogger("matcher")
 SUBMIT_SCRIPT = importlib.util.find_spec("jobs.submit").origin  # spark-submit's application, where installed
@@ -36,19 +37,43 @@ def _fail(message: str) -> NoReturn:
     raise AirflowFailException(message)
 
 
-def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str = "") -> dict:
+def table_assets() -> dict:
+    """The Airflow Asset of each published table (the registry's, plus clean and quarantine): the publish task
+    updates them, so a downstream DAG scheduled on one runs when a night's tables land."""
+    from airflow.sdk import Asset
+
+    return {name: Asset(name=f"matcher.{name}", uri=f"matcher://tables/{name}", group="matcher")
+            for name in published_tables() + run_tables()}
+
+
+def _record_asset_events(outlet_events, ds: str, run_id: str, stats: dict | None) -> None:
+    """Each table's asset event names the date it published and its rows (what the manifest recorded)."""
+    tables = (stats or {}).get("tables") or {}
+    for name, asset in table_assets().items():
+        extra = {"date": ds, "run_id": run_id}
+        if name in tables:
+            extra.update(rows=tables[name].get("rows"), path=tables[name].get("path"))
+        outlet_events[asset].extra = extra
+
+
+def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str = "",
+                   outlet_events=None) -> dict:
     """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
 
     params: "config" (a TOML file; empty = $MATCHER_CONFIG, else the embedded defaults), "catalog" and "lake"
     (override the config's; the catalog may contain {ds}), "model" (score with this model version).
     run_id: the DAG run's (Airflow passes it by name): the run claims the date from its first stage to publish.
+    outlet_events: Airflow's, for publish: each table's asset event names the date and rows it published.
     A retryable failure (matcher/failures.py: storage, network, a lost executor, a busy date) is raised for
     Airflow to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
     params = params or {}
     cfg, source = deployment_config(params)
     log.info("matcher: config %s", source)
     if cfg.runner.mode == "spark_submit":
-        return submit_stage(stage, ds, params, cfg.runner.spark_conn_id, run_id=run_id)
+        summary = submit_stage(stage, ds, params, cfg.runner.spark_conn_id, run_id=run_id)
+        if stage == "publish" and outlet_events is not None:
+            _record_asset_events(outlet_events, ds, run_id, None)
+        return summary
     try:
         with storage_ready(cfg) as cfg:
             ctx = RunContext(cfg, ds, catalog=params.get("catalog") or "", lake_uri=params.get("lake") or "",
@@ -61,6 +86,8 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str 
             raise
         permanent = failure.message()
     else:
+        if stage == "publish" and outlet_events is not None:
+            _record_asset_events(outlet_events, ds, run_id, stats)
         # Small, JSON-safe summary for XCom; the full statistics are in the lake.
         return {"stage": stage, "date": ds, "seconds": stats.get("seconds")}
     # Bad input or a failed gate: retrying would fail the same way, so fail the task now.

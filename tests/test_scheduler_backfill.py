@@ -1,10 +1,12 @@
 """A backfill through Airflow's real scheduler: `airflow standalone` (scheduler, DAG processor, API server) with the
 LocalExecutor on a temporary SQLite metadata database, `airflow backfill create` over two dates whose catalogs
 differ, the deployment's configuration from $MATCHER_CONFIG. Each date's partitions must come from its own snapshot
-and each date must be scored with the model its own night trained."""
+and each date must be scored with the model its own night trained; a downstream DAG scheduled on the
+recommendations table's Asset runs on the events the nights' publish tasks emit."""
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +24,28 @@ pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S
 
 DATES = ("2026-01-01", "2026-01-02")
 DAG = "product_matching_nightly"
+DOWNSTREAM = "recommendations_landed"
+# A downstream DAG as a user of the tables would write it: it runs when the recommendations Asset is updated and
+# records the events that triggered it.
+DOWNSTREAM_DAG = f'''
+import json, os
+from datetime import datetime
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk import DAG, Asset
+
+RECOMMENDATIONS = Asset(name="matcher.recommendations", uri="matcher://tables/recommendations", group="matcher")
+
+
+def record(triggering_asset_events=None):
+    with open(os.environ["LANDED_EVENTS"], "a") as fh:
+        for events in (triggering_asset_events or {{}}).values():
+            for event in events:
+                fh.write(json.dumps(dict(event.extra)) + "\\n")
+
+
+with DAG(dag_id="{DOWNSTREAM}", schedule=[RECOMMENDATIONS], start_date=datetime(2026, 1, 1), catchup=False):
+    PythonOperator(task_id="record", python_callable=record)
+'''
 
 
 def _free_port() -> int:
@@ -35,8 +59,8 @@ def _airflow(env: dict, *args: str, timeout: float = 120) -> subprocess.Complete
                           text=True, timeout=timeout)
 
 
-def _runs(env: dict) -> dict[str, str]:
-    out = _airflow(env, "dags", "list-runs", DAG, "-o", "json").stdout
+def _runs(env: dict, dag: str = DAG) -> dict[str, str]:
+    out = _airflow(env, "dags", "list-runs", dag, "-o", "json").stdout
     # Airflow may print warnings on stdout before the JSON: take the line that holds the list.
     table = next((line for line in out.splitlines() if line.startswith("[")), "[]")
     try:
@@ -64,10 +88,16 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
         "score": {"top_k": 3},
     }))
     port = _free_port()
+    dags = tmp_path / "dags"  # the project's DAG and a downstream one
+    dags.mkdir()
+    shutil.copy(REPO_ROOT / "dags" / f"{DAG}.py", dags)
+    (dags / f"{DOWNSTREAM}.py").write_text(DOWNSTREAM_DAG)
+    landed = tmp_path / "landed.jsonl"
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            "AIRFLOW_HOME": str(tmp_path / "airflow"),
-           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+           "LANDED_EVENTS": str(landed),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
            "AIRFLOW__CORE__PARALLELISM": "2",
@@ -82,6 +112,7 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
     parsed = _airflow(env, "dags", "reserialize", timeout=300)
     assert parsed.returncode == 0, parsed.stderr[-2000:]
     assert _airflow(env, "dags", "unpause", DAG).returncode == 0
+    assert _airflow(env, "dags", "unpause", DOWNSTREAM).returncode == 0
     made = _airflow(env, "backfill", "create", "--dag-id", DAG, "--from-date", DATES[0], "--to-date", DATES[1],
                     "--max-active-runs", "1")
     assert made.returncode == 0, made.stderr[-2000:]
@@ -98,6 +129,16 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
                 break
             time.sleep(10)
         assert done == {r: "success" for r in wanted}, (states, (tmp_path / "standalone.log").read_text()[-3000:])
+        # Both nights' publish tasks updated the Asset; the downstream DAG ran on those events (one run may take
+        # both, if they came before the scheduler's next look).
+        deadline = time.monotonic() + 300
+        while True:
+            seen = [json.loads(line) for line in landed.read_text().splitlines()] if landed.exists() else []
+            if {e.get("date") for e in seen} >= set(DATES) or time.monotonic() > deadline:
+                break
+            time.sleep(10)
+        assert {e["date"] for e in seen} == set(DATES), (seen, _runs(env, DOWNSTREAM))
+        assert all(e["rows"] > 0 and e["path"].endswith(f"recommendations/dt={e['date']}") for e in seen), seen
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -55,6 +55,7 @@ from matcher.app.synthetic_catalog import ensure_catalog  # noqa: E402  (after R
 
 # -- cluster, config, child ----------------------------------------------------------------------------------------
 
+
 def load_cluster_module():
     """jobs/standalone_cluster.py of this repository, loaded by file (not through the `jobs` package, which --code
     may point elsewhere, and whose old versions lack the module)."""

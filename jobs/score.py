@@ -41,7 +41,9 @@ from matcher.steps.vectors import vector_column, vector_matrix
 _VECTORS = pa.schema([("idx", pa.int64()), ("product_id", pa.string()), ("category", pa.string()),
                       ("title", pa.string()), ("z", pa.list_(pa.float32())), ("u", pa.list_(pa.float32())),
                       ("v", pa.list_(pa.float32())), ("own_match", pa.float32())])
-def make_embedder(version: str, weights, spec, mismatch=None):
+
+
+def make_embedder(weights, spec, mismatch=None):
     """Executors: feature rows -> (idx, product_id, category, title, z, u, v, own photo-title match). The own match
     is the cross-fitted scorer's (`mismatch`, a broadcast CrossFitScorer: fitted without the product's fold), not
     the matching network's, which was trained on the product's own pair; null without a scorer."""
@@ -149,7 +151,6 @@ def _as_table(name: str):
     return passthrough
 
 
-
 @dataclass
 class _Night:
     """What the score stage's table builders share: the night's model, its products' vectors (persisted on the
@@ -253,7 +254,7 @@ def run(ctx: RunContext) -> dict:
     partitions = max(spark.sparkContext.defaultParallelism, -(-n // sc.block_size))
     indexed, ordered = with_dense_index(frame.select("product_id", "category", "title", "image_feat", "text_feat"),
                                "product_id", partitions)
-    vectors = indexed.mapInArrow(make_embedder(version, weights, spec, mismatch_scorer),
+    vectors = indexed.mapInArrow(make_embedder(weights, spec, mismatch_scorer),
                                  spark_schema(_VECTORS)).persist(StorageLevel.MEMORY_AND_DISK)
     attempt = new_attempt_id()
     parts: dict[str, list[str]] = {}

@@ -77,8 +77,6 @@ def recommendations_frame(spark: SparkSession, parts: list[VectorPart]) -> DataF
     return spark.createDataFrame(numbers, "part long")
 
 
-
-
 def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSpec, k: int, m: int,
                      weight: float, version: str, index: ListIndex | None = None, device: str = "cpu",
                      precision: str = "fp32"):

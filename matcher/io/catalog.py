@@ -305,8 +305,6 @@ class CatalogReader:
         return data
 
 
-
-
 @dataclass(frozen=True)
 class ImageSources:
     """Where absolute image references may point: the catalog root and catalog.image_sources. Local paths are

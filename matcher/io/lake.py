@@ -381,7 +381,6 @@ class Lake:
         return "file://" + self.path(relpath)
 
 
-
 def _replace_local_file(fs: pafs.LocalFileSystem, path: str, data: bytes) -> None:
     """Write beside the target under a temporary name (no .json or .parquet suffix, so no listing takes it for a
     document or a part), sync it, rename it over the target, and sync the folder so the rename survives a crash."""

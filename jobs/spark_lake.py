@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from matcher.io.lake import Lake
 from matcher.io.tables import table_schema
+from matcher.logs import progress_bar, progress_terminal
 
 log = logging.getLogger("matcher")
 
@@ -153,7 +154,8 @@ class _nothing:
 
 class Progress:
     """Products done / total and the rate, and the running Spark stage's tasks, logged every few seconds while a
-    job runs (tasks report products through an accumulator as they finish)."""
+    job runs (tasks report products through an accumulator as they finish); on a terminal (matcher.logs), a bar
+    redrawn in place instead, and one log line at the end."""
 
     def __init__(self, spark, label: str, total: int, every: float = 5.0, unit: str = "products"):
         self.sc = spark.sparkContext
@@ -181,8 +183,18 @@ class Progress:
         return f"{self.label}: {done:,}{of}, {rate:.1f}/s" + (f" ({running})" if running else "")
 
     def _report(self) -> None:
-        while not self._stop.wait(self.every):
-            log.info(self._line())
+        terminal = progress_terminal()
+        if terminal is None:
+            while not self._stop.wait(self.every):
+                log.info(self._line())
+            return
+        while not self._stop.wait(0.5):
+            done, seconds = self.accumulator.value, time.perf_counter() - self._started
+            bar = progress_bar(self.label, done, self.total, done / seconds if seconds else 0.0, self.unit)
+            terminal.write("\r" + bar + "\033[K")
+            terminal.flush()
+        terminal.write("\r\033[K")  # the bar gives way to the closing log line
+        terminal.flush()
 
     def __enter__(self) -> "Progress":
         self._started = time.perf_counter()

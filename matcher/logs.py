@@ -14,6 +14,23 @@ LOG_FORMATS = ("text", "json")
 CONTEXT_FIELDS = ("stage", "date", "run_id")
 _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("matcher_log_context", default=None)
 NOISY = ("py4j", "great_expectations", "jieba", "botocore", "urllib3", "transformers", "httpx")
+_terminal: IO[str] | None = None  # where a live progress bar may go: a terminal the text logs go to, else none
+
+
+def progress_terminal() -> IO[str] | None:
+    """The terminal a long stage may draw its progress bar on; None in Airflow, in JSON logs, or into a file."""
+    return _terminal
+
+
+def progress_bar(label: str, done: int, total: int, rate: float, unit: str, width: int = 30) -> str:
+    """One line: `extract [#########.....................]  31% 2,960/9,583 products, 107.4/s` (no bar when the
+    total is not known beforehand: `clean: 1,200 products, 50.0/s`)."""
+    if not total:
+        return f"{label}: {done:,} {unit}, {rate:.1f}/s"
+    share = min(1.0, done / total)
+    filled = int(round(share * width))
+    return (f"{label} [{'#' * filled}{'.' * (width - filled)}] {100 * share:3.0f}% "
+            f"{done:,}/{total:,} {unit}, {rate:.1f}/s")
 
 
 @contextmanager
@@ -55,7 +72,10 @@ def configure_logging(level: int = logging.INFO, fmt: str = "text", stream: IO[s
     root = logging.getLogger()
     if not force and any(not getattr(h, "_matcher", False) for h in root.handlers):
         return
-    handler = logging.StreamHandler(stream or sys.stderr)
+    global _terminal
+    target = stream or sys.stderr
+    _terminal = target if fmt == "text" and getattr(target, "isatty", lambda: False)() else None
+    handler = logging.StreamHandler(target)
     handler.addFilter(_ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s", datefmt="%H:%M:%S"))

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from matcher.logs import configure_logging, log_context
+from matcher.logs import configure_logging, log_context, progress_bar, progress_terminal
 
 
 @pytest.fixture
@@ -48,3 +48,20 @@ def test_json_lines_are_objects_with_the_context_as_fields(restore_logging):
         configure_logging(logging.INFO, "xml")
     configure_logging(logging.INFO, "text", io.StringIO())  # the test runner's handlers are there: left alone
     assert sum(getattr(h, "_matcher", False) for h in logging.getLogger().handlers) == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_is_drawn_only_on_a_terminal_with_text_logs(restore_logging):
+    configure_logging(logging.INFO, "text", _Terminal(), force=True)
+    assert progress_terminal() is not None
+    configure_logging(logging.INFO, "json", _Terminal(), force=True)  # log collectors get lines, not a bar
+    assert progress_terminal() is None
+    configure_logging(logging.INFO, "text", io.StringIO(), force=True)  # a file, or Airflow's task log
+    assert progress_terminal() is None
+    bar = progress_bar("extract", 2960, 9583, 107.44, "products", width=20)
+    assert bar == "extract [######..............]  31% 2,960/9,583 products, 107.4/s"
+    assert progress_bar("clean", 1200, 0, 50.0, "products") == "clean: 1,200 products, 50.0/s"  # total unknown

@@ -22,7 +22,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pyspark.sql import DataFrame, SparkSession
@@ -181,13 +180,7 @@ def _vectors(table: pa.Table, name: str) -> np.ndarray:
     if len(lists) == 0:
         return np.zeros((0, 0), np.float32)
     idx = table.column("idx").to_numpy()
-    if lists.null_count:
-        raise ValueError(f"{name} is null for idx {int(idx[np.asarray(lists.is_null())][0])}")
-    lengths = pc.list_value_length(lists).to_numpy()
-    if (lengths != lengths[0]).any():
-        bad = int(np.argmax(lengths != lengths[0]))
-        raise ValueError(f"{name} of idx {int(idx[bad])} has {lengths[bad]} values, others {lengths[0]}")
-    matrix = vector_matrix(lists, int(lengths[0]), name)
+    matrix = vector_matrix(lists, name=name, row_ids=idx)  # nulls and ragged rows refused, named by idx
     bad = ~np.isfinite(matrix).all(axis=1)
     if bad.any():  # a NaN would sort above every real score and surface as a "best" neighbour
         raise ValueError(f"{name} holds NaN or infinite values in {int(bad.sum())} rows, e.g. idx "

@@ -174,10 +174,12 @@ class Progress:
         except Exception:  # progress is best effort: never fail a stage over it
             return ""
 
+    def _done_and_rate(self) -> tuple[int, float]:
+        done, seconds = self.accumulator.value, time.perf_counter() - self._started
+        return done, done / seconds if seconds else 0.0
+
     def _line(self, tasks: bool = True) -> str:
-        done = self.accumulator.value
-        seconds = time.perf_counter() - self._started
-        rate = done / seconds if seconds else 0.0
+        done, rate = self._done_and_rate()
         of = f"/{self.total:,} {self.unit} ({100 * done / self.total:.0f}%)" if self.total else f" {self.unit}"
         running = self._tasks() if tasks else ""
         return f"{self.label}: {done:,}{of}, {rate:.1f}/s" + (f" ({running})" if running else "")
@@ -189,8 +191,7 @@ class Progress:
                 log.info(self._line())
             return
         while not self._stop.wait(0.5):
-            done, seconds = self.accumulator.value, time.perf_counter() - self._started
-            bar = progress_bar(self.label, done, self.total, done / seconds if seconds else 0.0, self.unit)
+            bar = progress_bar(self.label, *self._done_and_rate(), self.unit)
             terminal.write("\r" + bar + "\033[K")
             terminal.flush()
         terminal.write("\r\033[K")  # the bar gives way to the closing log line

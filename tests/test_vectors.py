@@ -24,6 +24,11 @@ def test_ragged_or_null_rows_are_refused_naming_the_column():
         vector_matrix(pa.array([[1.0, 2.0]]), 3, name="v")
     with pytest.raises(ValueError, match="u is null in row 1"):
         vector_matrix(pa.array([[1.0], None]), name="u")
+    # The score stage names rows by their idx.
+    with pytest.raises(ValueError, match="v is null in idx 41"):
+        vector_matrix(pa.array([[1.0], None]), name="v", row_ids=np.array([40, 41]))
+    with pytest.raises(ValueError, match="v of idx 42 has 2 values, not 1"):
+        vector_matrix(pa.array([[1.0], [1.0], [1.0, 2.0]]), name="v", row_ids=np.array([40, 41, 42]))
 
 
 def test_categories_from_partition_sums_equal_the_whole_catalogs():

@@ -1,5 +1,7 @@
 """train: nightly retraining on the date's features; the new model is promoted only if it passes the gate
-(matcher/io/promotion.py: not worse than the current nor the best served model, on the same split)."""
+(matcher/io/promotion.py: not worse than the current nor the best served model, on the same split). The gate and the
+metrics are of the judged fit (trained without the held-out rows); the model served is, with train.serve_refit, the
+same recipe trained on every row."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -17,7 +19,14 @@ from matcher.steps.baselines import baseline_metrics
 from matcher.steps.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
 from matcher.steps.hubness import bank_rows
 from matcher.steps.model import ModelError
-from matcher.steps.train import gate_baselines, model_spec, split_rows, train_on_split, training_fingerprint
+from matcher.steps.train import (
+    gate_baselines,
+    model_spec,
+    refit_on_all_rows,
+    split_rows,
+    train_on_split,
+    training_fingerprint,
+)
 from matcher.steps.training_report import render_training_report
 
 
@@ -37,16 +46,23 @@ def run(ctx: RunContext) -> dict:
     baselines = baseline_metrics(fs.image_feats, fs.text_feats, fs.categories, heldout, used,
                                  gate_baselines(result, fs.image_feats, fs.text_feats, split, cfg)
                                  ) if heldout.any() else {}
+    served, served_fit = result, "judged fit"
+    if cfg.serve_refit and heldout.any():
+        served, served_fit = refit_on_all_rows(result, fs.image_feats, fs.text_feats, spec, cfg), "refit on all rows"
+        metrics["refit_seconds"] = served.seconds
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"
-    location = save_model(ctx.lake, version, result.model,
+    location = save_model(ctx.lake, version, served.model,
                           {"train": asdict(cfg), "data_fingerprint": fingerprint, "trained_for_date": ctx.date,
-                           "products": int(len(fs.product_ids)), "heldout": int(heldout.sum())},
-                          metrics, result.history)
+                           "products": int(len(fs.product_ids)), "heldout": int(heldout.sum()),
+                           "served_fit": served_fit, "judged_fit_rows": result.rows, "served_rows": served.rows},
+                          metrics, result.history, judged=result.model if served is not result else None)
 
     # Promotion gate: the new model against the current and the best served model, all on this held-out split.
     def evaluate_served(served_version: str) -> dict:
-        model, config = load_model(ctx.lake, served_version)  # ModelError: it cannot be loaded (the night fails)
+        # Its judged fit: a served refit trained on these held-out rows. ModelError: it cannot be loaded (the night
+        # fails).
+        model, config = load_model(ctx.lake, served_version, judged=True)
         try:
             check_encoders(config, fs.image_encoder, fs.text_encoder)
         except ModelError as exc:
@@ -68,21 +84,24 @@ def run(ctx: RunContext) -> dict:
         raise StageError("train", f"promotion gate: {exc} (new model {version} kept for inspection)") from None
     promoted, decision, previous_metrics = gate.promoted, gate.decision, gate.current_metrics
     report = Lake.model_file(version, "report")
+    served_note = (f"Served: this recipe trained again on all {served.rows} products ({served.seconds:.1f} s), "
+                   f"held-out rows included. Every figure here is of the judged fit ({result.rows} products, the "
+                   "held-out rows never among them), which the gate compared." if served is not result else "")
     ctx.lake.write_bytes(report, _report(ctx.date, version, result, fs, heldout, metrics,
-                                         previous_metrics, decision, baselines).encode())
+                                         previous_metrics, decision, baselines, served_note).encode())
     log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,
              {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)})
     return {"model_version": version, "promoted": promoted, "decision": decision, "metrics": metrics,
             "baselines": baselines, "gate_passed": gate.passed, "date_model": gate.date_model,
             "warnings": gate.warnings, "previous_version": gate.current_version, "previous_metrics": previous_metrics,
             "best_served_version": gate.best_version, "best_served_metrics": gate.best_metrics,
-            "model_location": location, "report": ctx.lake.display(report)}
+            "model_location": location, "report": ctx.lake.display(report), "served_fit": served_fit}
 
 
-def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision, baselines) -> str:
+def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision, baselines, served_note) -> str:
     rows = np.nonzero(heldout)[0] if heldout.any() else np.arange(len(fs.product_ids))
     z, u, _ = embed(result.model, fs.image_feats[rows], fs.text_feats[rows])
     true_scores, false_scores = true_and_false_pair_scores(model_pair_scorer(result.model, z, u),
                                                            np.arange(len(rows)))
     return render_training_report(version, date, metrics, previous_metrics, result.history, true_scores,
-                                  false_scores, decision, baselines)
+                                  false_scores, decision, baselines, served_note)

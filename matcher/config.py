@@ -158,6 +158,7 @@ class TrainConfig:
     patience: int
     init: str
     refit: bool
+    serve_refit: bool
     seed: int
     promotion_metric: str
     promotion_tolerance: float

@@ -84,6 +84,57 @@ def test_roc_auc():
     assert roc_auc(np.array([0.5]), np.array([0.5])) == 0.5
 
 
+def test_a_refit_model_is_judged_through_its_judged_fit_and_never_through_itself(tmp_path):
+    from matcher.io.lake import Lake
+    from matcher.io.registry import save_model
+
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    img, txt, _ = synthetic_features(64)
+    judged = train_model(img[:48], txt[:48], SPEC, small_train_config(epochs=1)).model
+    served = train_model(img, txt, SPEC, small_train_config(epochs=1)).model
+    save_model(lake, "v1", served, {"served_fit": "refit on all rows"}, {}, [], judged=judged)
+    x = torch.as_tensor(img[:5])
+    assert torch.equal(load_model(lake, "v1")[0].embed_images(x), served.embed_images(x))
+    assert torch.equal(load_model(lake, "v1", judged=True)[0].embed_images(x), judged.embed_images(x))
+    # A model that is its own judged fit (no refit) is judged through itself.
+    save_model(lake, "v0", judged, {"served_fit": "judged fit"}, {}, [])
+    assert torch.equal(load_model(lake, "v0", judged=True)[0].embed_images(x), judged.embed_images(x))
+    # A refit whose judged fit went missing cannot stand in for it.
+    lake.fs.delete_file(lake.path(Lake.model_file("v1", "judged_weights")))
+    with pytest.raises(ModelError, match="judged fit"):
+        load_model(lake, "v1", judged=True)
+
+
+@pytest.mark.integration
+def test_the_train_stage_serves_the_refit_and_the_gate_compares_judged_fits(tmp_path):
+    first = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(first.lake, "2026-01-01")
+    stats = run_stage("train", first)
+    version = stats["model_version"]
+    assert stats["served_fit"] == "refit on all rows" and stats["metrics"]["refit_seconds"] > 0
+    served, config = load_model(first.lake, version)
+    judged, _ = load_model(first.lake, version, judged=True)
+    assert config["served_rows"] == 200 and config["judged_fit_rows"] < 200 - config["heldout"]
+    img, txt, cats = synthetic_features(200)
+    heldout = holdout_mask([f"P{i:04d}" for i in range(200)], first.config.train.holdout_fraction)
+    assert not torch.equal(served.embed_images(torch.as_tensor(img)), judged.embed_images(torch.as_tensor(img)))
+    # The night's metrics are the judged fit's, on rows it never trained on.
+    assert evaluate_model(judged, img, txt, cats, heldout)["mean_recall_at_10"] == pytest.approx(
+        stats["metrics"]["mean_recall_at_10"], abs=1e-6)
+    page = first.lake.read_bytes(f"models/{version}/report.html").decode()
+    assert "trained again on all 200 products" in page
+    # Next night, same rows: the gate evaluates the current model through its judged fit (the refit, which trained on
+    # these held-out rows, would score higher in-sample).
+    second = _ctx(tmp_path, "2026-01-02")
+    write_synthetic_partition(second.lake, "2026-01-02")
+    stats2 = run_stage("train", second)
+    assert stats2["previous_version"] == version
+    judged_again = stats2["previous_metrics"]
+    assert judged_again == pytest.approx({k: stats["metrics"][k] for k in judged_again}, abs=1e-6)
+    served_in_sample = evaluate_model(served, img, txt, cats, heldout, first.config.train.seed)
+    assert served_in_sample != pytest.approx({k: judged_again[k] for k in served_in_sample}, abs=1e-6)
+
+
 def _ctx(tmp_path, date, **train):
     cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"},
                                  "train": {"epochs": 15, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0,

@@ -109,8 +109,9 @@ class Lake:
     CURRENT_MODEL_FILE = "models/current.json"
     SERVED_MODELS_FILE = "models/served.json"
     # A model's files: its weights, the spec and training settings, held-out metrics, training history, report.
-    MODEL_FILES = {"weights": "model.safetensors", "config": "config.json", "metrics": "metrics.json",
-                   "history": "history.json", "report": "report.html"}
+    MODEL_FILES = {"weights": "model.safetensors", "judged_weights": "judged_model.safetensors",
+                   "config": "config.json", "metrics": "metrics.json", "history": "history.json",
+                   "report": "report.html"}
 
     @staticmethod
     def model_dir(version: str) -> str:
@@ -118,7 +119,9 @@ class Lake:
 
     @staticmethod
     def model_file(version: str, kind: str) -> str:
-        """One of a model's files by kind (Lake.MODEL_FILES): `weights`, `config`, `metrics`, `history`, `report`."""
+        """One of a model's files by kind (Lake.MODEL_FILES): `weights` (the model served), `judged_weights` (the
+        fit its metrics are of, when the served model is a refit on every row), `config`, `metrics`, `history`,
+        `report`."""
         return f"{Lake.model_dir(version)}/{Lake.MODEL_FILES[kind]}"
 
     @staticmethod

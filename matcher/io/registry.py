@@ -1,4 +1,5 @@
-"""Versioned models in the lake: models/<version>/{model.safetensors, config.json, metrics.json, history.json},
+"""Versioned models in the lake: models/<version>/{model.safetensors, config.json, metrics.json, history.json} and,
+when the served model is a refit on every row, judged_model.safetensors (the fit its metrics and the gate are of),
 models/current.json naming the promoted version, and models/served.json recording every promotion and the best
 served model per pair of encoders. current.json and served.json change only under the registry's lock."""
 from __future__ import annotations
@@ -21,20 +22,30 @@ MODELS_LOCK_KEY = "models"  # the registry's lock under _locks/, beside the date
 MODELS_LOCK_WAIT_SECONDS = 1800.0  # the gate evaluates the served models under it: minutes on a large sample
 
 
-def save_model(lake: Lake, version: str, model: MatcherModel, config: dict, metrics: dict, history: list[dict]) -> str:
+def save_model(lake: Lake, version: str, model: MatcherModel, config: dict, metrics: dict, history: list[dict],
+               judged: MatcherModel | None = None) -> str:
+    """`model` is served; `judged`, when given, is the fit `metrics` measure (the served model trained on more)."""
     lake.write_bytes(Lake.model_file(version, "weights"), model_to_bytes(model))
+    if judged is not None:
+        lake.write_bytes(Lake.model_file(version, "judged_weights"), model_to_bytes(judged))
     lake.write_json(Lake.model_file(version, "config"), {"version": version, "spec": asdict(model.spec), **config})
     lake.write_json(Lake.model_file(version, "metrics"), metrics)
     lake.write_json(Lake.model_file(version, "history"), history)
     return lake.display(Lake.model_dir(version))
 
 
-def load_model(lake: Lake, version: str) -> tuple[MatcherModel, dict]:
+def load_model(lake: Lake, version: str, judged: bool = False) -> tuple[MatcherModel, dict]:
+    """The served model, or (`judged`) the fit its metrics are of: the same model unless it was refit on every row.
+    Judge a model only through its judged fit: a refit has trained on the held-out rows."""
     try:
         config = lake.read_json(Lake.model_file(version, "config"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ModelError(f"model {version}'s config.json is unreadable ({type(exc).__name__}: {exc})") from None
-    weights = lake.read_bytes(Lake.model_file(version, "weights"))
+    weights = lake.read_bytes(Lake.model_file(version, "judged_weights")) if judged else None
+    if judged and weights is None and config is not None and config.get("served_fit") == "refit on all rows":
+        raise ModelError(f"model {version} is a refit on all rows and its judged fit "
+                         f"({Lake.MODEL_FILES['judged_weights']}) is missing: it cannot be judged fairly")
+    weights = weights if weights is not None else lake.read_bytes(Lake.model_file(version, "weights"))
     if config is None or weights is None:
         raise ModelError(f"model {version} not found in {lake.display(Lake.MODELS_DIR)}")
     return model_from_bytes(weights, spec_from_dict(config["spec"])), config

@@ -76,6 +76,8 @@ class TrainResult:
     # The closed-form baselines the start was chosen among, fitted on the training pairs (settings chosen as
     # train.closed_form_folds says), as maps of the raw features: the gate measures these instead of fitting again.
     baselines: dict[str, LinearPair] | None = None
+    start_pair: LinearPair | None = None  # the chosen start itself (kind and setting), which a refit fits again
+    rows: int = 0  # the products the heads trained on
 
 
 def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -158,7 +160,7 @@ def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: M
                         "temperature": 1.0 / model.logit_scale.exp().item()})
     model.eval()
     _calibrate(model, calibration, img, txt, cfg.seed)
-    return TrainResult(model=model, history=history, seconds=time.perf_counter() - started)
+    return TrainResult(model=model, history=history, seconds=time.perf_counter() - started, rows=n)
 
 
 def _new_model(img: torch.Tensor, txt: torch.Tensor, spec: ModelSpec, cfg: TrainConfig) -> MatcherModel:
@@ -227,19 +229,50 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
         # The choices are made (start, epochs): the same recipe again on training + validation rows, since on a
         # small catalog a tenth more products is worth more than anything the validation rows still tell.
         img, txt = torch.cat([img, val_img]), torch.cat([txt, val_txt])
-        torch.manual_seed(cfg.seed)
-        model = _new_model(img, txt, spec, cfg)
-        if start is not None:
-            _seed_heads(model, _standardised_refit(model, start, img, txt))
-        _contrastive_epochs(model, img, txt, cfg, best["epoch"], lambda epoch, loss: True)
+        model = _replay(spec, cfg, start, best["epoch"], img, txt)
     model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    matching = _train_matching_network(model, img, txt, cfg, generator)
+    matching = _train_matching_network(model, img, txt, cfg, torch.Generator().manual_seed(cfg.seed + 1))
     model.eval()
     _calibrate(model, calibration, img, txt, cfg.seed)
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
                        best_epoch=best["epoch"], matching_loss=matching,
-                       start=start.name if start is not None else "random", baselines=baselines)
+                       start=start.name if start is not None else "random", baselines=baselines, start_pair=start,
+                       rows=len(img))
+
+
+def _replay(spec: ModelSpec, cfg: TrainConfig, start: LinearPair | None, epochs: int, img: torch.Tensor,
+            txt: torch.Tensor) -> MatcherModel:
+    """The chosen recipe's heads trained again on other rows: standardised on them, started from the same kind of
+    closed form with the same setting fitted on them, for the chosen number of epochs."""
+    torch.manual_seed(cfg.seed)
+    model = _new_model(img, txt, spec, cfg)
+    if start is not None:
+        _seed_heads(model, _standardised_refit(model, start, img, txt))
+    _contrastive_epochs(model, img, txt, cfg, epochs, lambda epoch, loss: True)
+    return model
+
+
+def refit_on_all_rows(judged: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec,
+                      cfg: TrainConfig) -> TrainResult:
+    """The model to serve: the judged fit's recipe (its start, its epochs; or the fixed recipe) trained again on
+    every row given, the held-out, calibration and validation rows included. Nothing is left to measure it on, so
+    it keeps the judged fit's match threshold (set on pairs that fit never saw) and is judged by that fit."""
+    started = time.perf_counter()
+    if judged.best_epoch is None:
+        result = _train_fixed_epochs(image_feats, text_feats, spec, cfg, None)
+    else:
+        img = torch.as_tensor(image_feats, dtype=torch.float32)
+        txt = torch.as_tensor(text_feats, dtype=torch.float32)
+        model = _replay(spec, cfg, judged.start_pair, judged.best_epoch, img, txt)
+        model.eval()
+        matching = _train_matching_network(model, img, txt, cfg, torch.Generator().manual_seed(cfg.seed + 1))
+        model.eval()
+        result = TrainResult(model=model, history=judged.history, seconds=0.0, best_epoch=judged.best_epoch,
+                             matching_loss=matching, start=judged.start, start_pair=judged.start_pair)
+    with torch.no_grad():
+        result.model.match_threshold.copy_(judged.model.match_threshold)
+    result.seconds, result.rows = time.perf_counter() - started, len(image_feats)
+    return result
 
 
 def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig, epochs: int,

@@ -48,7 +48,8 @@ def baselines_table(metrics: dict, baselines: dict[str, dict]) -> str:
 
 def render_training_report(version: str, date: str, metrics: dict, previous_metrics: dict | None,
                            history: list[dict], true_scores: np.ndarray, false_scores: np.ndarray,
-                           decision: str, baselines: dict[str, dict] | None = None) -> str:
+                           decision: str, baselines: dict[str, dict] | None = None, served_fit: str = "") -> str:
+    """`served_fit`: what the served model is, when it is not the fit these figures are of."""
     losses = training_curves(history)
     scores = histogram("Match probability, held-out pairs", {"true pairs": true_scores, "false pairs": false_scores})
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>matcher model {html.escape(version)}</title>
@@ -56,6 +57,7 @@ def render_training_report(version: str, date: str, metrics: dict, previous_metr
 table{{border-collapse:collapse}}.charts svg{{margin:6px;border:1px solid #eee}}</style></head><body>
 <h1>Model {html.escape(version)}</h1>
 <p>Trained for {html.escape(date)}. <b>{html.escape(decision)}</b></p>
+{f"<p>{html.escape(served_fit)}</p>" if served_fit else ""}
 <div class="charts">{losses}{recall_chart(metrics, previous_metrics)}{scores}</div>
 {metrics_table(metrics, previous_metrics)}
 {baselines_table(metrics, baselines or {})}

@@ -22,6 +22,7 @@ from matcher.steps.model import ModelError
 from matcher.steps.train import (
     gate_baselines,
     model_spec,
+    recipe_summary,
     refit_on_all_rows,
     split_rows,
     train_on_split,
@@ -95,7 +96,8 @@ def run(ctx: RunContext) -> dict:
             "baselines": baselines, "gate_passed": gate.passed, "date_model": gate.date_model,
             "warnings": gate.warnings, "previous_version": gate.current_version, "previous_metrics": previous_metrics,
             "best_served_version": gate.best_version, "best_served_metrics": gate.best_metrics,
-            "model_location": location, "report": ctx.lake.display(report), "served_fit": served_fit}
+            "model_location": location, "report": ctx.lake.display(report), "served_fit": served_fit,
+            "recipe": recipe_summary(result)}
 
 
 def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision, baselines, served_note) -> str:
@@ -104,4 +106,4 @@ def _report(date, version, result, fs, heldout, metrics, previous_metrics, decis
     true_scores, false_scores = true_and_false_pair_scores(model_pair_scorer(result.model, z, u),
                                                            np.arange(len(rows)))
     return render_training_report(version, date, metrics, previous_metrics, result.history, true_scores,
-                                  false_scores, decision, baselines, served_note)
+                                  false_scores, decision, baselines, served_note, recipe_summary(result))

@@ -159,6 +159,7 @@ class TrainConfig:
     init: str
     refit: bool
     serve_refit: bool
+    twin_text_cosine: float
     seed: int
     promotion_metric: str
     promotion_tolerance: float
@@ -379,6 +380,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.validation_fraction must leave products to train on")
     if cfg.train.max_products < 2:
         raise ConfigError("train.max_products must be >= 2")
+    if not 0.0 <= cfg.train.twin_text_cosine <= 1.0:
+        raise ConfigError("train.twin_text_cosine must be in [0, 1] (0: off)")
     if cfg.extract.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("extract.device must be auto, cpu or cuda")
     if cfg.spark.ui not in ("auto", "on", "off"):

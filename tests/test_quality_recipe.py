@@ -374,3 +374,63 @@ def test_former_held_out_products_are_matched_as_well_as_the_others_after_the_re
                   - _own_match_recall_at_10(served.model, img, txt, held))
     assert judged_gap > 0.05, judged_gap  # the held-out bucket is left behind by the judged fit...
     assert served_gap < 0.02, (served_gap, judged_gap)  # ...and no longer behind the others with the refit
+
+
+def test_the_recipe_summary_names_the_choice_and_every_candidates_score():
+    from matcher.steps.train import recipe_summary
+    from matcher.steps.training_report import recipe_table
+
+    img, txt = noisy_views(300, seed=10, noise=1.0)
+    cfg = recipe(epochs=3, patience=3, init="closed_form", refit=True, closed_form_folds=0)
+    result = train_model(img[:240], txt[:240], model_spec(cfg, 40, 30, "a", "b"), cfg,
+                         validation=(img[240:], txt[240:]))
+    summary = recipe_summary(result)
+    candidates = summary["start_candidates"]
+    assert set(candidates) == {"ridge_image_to_text", "ridge_text_to_image", "cca"}
+    assert summary["start_kind"] == max(candidates, key=candidates.get)
+    # The chosen start is epoch 0 of the heads: its validation score is the one the choice saw.
+    assert summary["epoch_0_validation_mrr"] == pytest.approx(candidates[summary["start_kind"]], abs=1e-4)
+    assert summary["best_validation_mrr"] >= summary["epoch_0_validation_mrr"]
+    page = recipe_table(summary)
+    assert page.count("<tr>") == 1 + 3 + 2 and page.count("chosen") == 2  # a start, and epoch 0 or a trained one
+
+
+def test_near_duplicate_texts_are_never_each_others_negative():
+    from matcher.steps.train import _matching_loss, twin_texts
+
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.001], [0.0, 1.0], [0.6, 0.8]])
+    assert twin_texts(txt, 0.0) is None
+    twins = twin_texts(txt, 0.99)(torch.tensor([2, 0, 1, 3]))
+    # Rows 0 and 1 (batch positions 1 and 2) are twins; nothing is its own twin.
+    assert twins.tolist() == [[False] * 4, [False, False, True, False], [False, True, False, False], [False] * 4]
+    # The matching network's hardest negative skips a twin: with every other text a twin, only random negatives
+    # that are not twins count, and a batch of twins alone teaches nothing but the positives.
+    torch.manual_seed(0)
+    model = MatcherModel(model_spec(recipe(), 2, 2, "a", "b"))
+    z = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    all_twins = ~torch.eye(4, dtype=torch.bool)
+    loss = _matching_loss(model, z, z, torch.Generator().manual_seed(0), all_twins)
+    pos = model.matcher(z, z)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.cat([pos, pos, pos]), torch.cat([torch.ones(4), torch.zeros(8)]),
+        weight=torch.cat([torch.full((4,), 2.0), torch.zeros(8)]))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_masking_twins_changes_training_only_where_a_catalog_has_twins():
+    img, txt = noisy_views(260, seed=11, noise=1.0)
+    on = recipe(epochs=3, patience=3, init="random", refit=False, twin_text_cosine=0.999)
+    off = recipe(epochs=3, patience=3, init="random", refit=False)
+    spec = model_spec(on, 40, 30, "a", "b")
+
+    def weights(cfg, texts):
+        result = train_model(img[:200], texts[:200], spec, cfg, validation=(img[200:], texts[200:]))
+        assert result.history[-1]["validation_mrr"] > result.history[0]["validation_mrr"]
+        return list(result.model.state_dict().values())
+
+    assert all(torch.equal(x, y) for x, y in zip(weights(on, txt), weights(off, txt)))  # no twins: the same
+    twinned = txt.copy()
+    twinned[1::2][:100] = twinned[0::2][:100]  # products 2k and 2k+1 share a text
+    assert not all(torch.equal(x, y) for x, y in zip(weights(on, twinned), weights(off, twinned)))
+    with pytest.raises(Exception, match="twin_text_cosine"):
+        recipe(twin_text_cosine=1.5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -77,25 +77,63 @@ class TrainResult:
     # train.closed_form_folds says), as maps of the raw features: the gate measures these instead of fitting again.
     baselines: dict[str, LinearPair] | None = None
     start_pair: LinearPair | None = None  # the chosen start itself (kind and setting), which a refit fits again
+    # Each closed form's score when the start was chosen (validation MRR: cross-validated, or on the validation rows).
+    start_scores: dict[str, float] = field(default_factory=dict)
     rows: int = 0  # the products the heads trained on
 
 
-def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """BCE on true pairs, random negatives and the hardest in-batch negative for each photo."""
+def recipe_summary(result: TrainResult) -> dict:
+    """What the recipe chose this night and among what: the closed-form start (each candidate's validation score)
+    and the epoch (epoch 0 is that closed form alone), for the training report and the stage's stats."""
+    scores = [h["validation_mrr"] for h in result.history if "validation_mrr" in h]
+    return {"recipe": "fixed epochs" if result.best_epoch is None else "closed-form start, early stopping",
+            "start": result.start, "start_kind": result.start_pair.kind if result.start_pair is not None else None,
+            "start_candidates": dict(result.start_scores),
+            "best_epoch": result.best_epoch, "epochs_tried": max(0, len(scores) - 1),
+            "epoch_0_validation_mrr": scores[0] if scores else None,
+            "best_validation_mrr": max(scores) if scores else None}
+
+
+def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator,
+                   twins: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE on true pairs, random negatives and the hardest in-batch negative for each photo; never a negative
+    whose text is a twin of the photo's own (`twins`: the batch's pairs of near-duplicate texts)."""
     z, u = z.detach(), u.detach()
     n = z.shape[0]
     shift = int(torch.randint(1, n, (1,), generator=generator))
     random_neg = torch.roll(torch.arange(n), shift)
     sim = z @ u.T
     sim.fill_diagonal_(-2.0)
+    if twins is not None:
+        sim.masked_fill_(twins, -2.0)
     hard_neg = sim.argmax(dim=1)
     pos_logits = model.matcher(z, u)
     neg_logits = torch.cat([model.matcher(z, u[random_neg]), model.matcher(z, u[hard_neg])])
     logits = torch.cat([pos_logits, neg_logits])
     labels = torch.cat([torch.ones_like(pos_logits), torch.zeros_like(neg_logits)])
     # Weight positives so both classes count equally.
-    weights = torch.cat([torch.full_like(pos_logits, 2.0), torch.ones_like(neg_logits)])
+    neg_weights = torch.ones_like(neg_logits)
+    if twins is not None:
+        # A row whose every other text is a twin has no hard negative (argmax fell on a masked entry).
+        has_hard = sim.max(dim=1).values > -2.0
+        neg_weights = torch.cat([(~twins[torch.arange(n), random_neg]).float(), has_hard.float()])
+    weights = torch.cat([torch.full_like(pos_logits, 2.0), neg_weights])
     return F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+
+
+def twin_texts(txt: torch.Tensor, cosine: float):
+    """A function of a batch's row indices giving its pairs of different products whose text features are at
+    least `cosine` alike (near-duplicate titles: in a catalog they are as likely the same product's twin as another
+    product, so they are no negatives); None when `cosine` is 0 (off)."""
+    if cosine <= 0:
+        return None
+    unit = F.normalize(txt, dim=1)
+
+    def batch_twins(idx: torch.Tensor) -> torch.Tensor:
+        alike = unit[idx] @ unit[idx].T >= cosine
+        return alike.fill_diagonal_(False)
+
+    return batch_twins
 
 
 MIN_VALIDATION = 8  # fewer validation products than this cannot rank epochs: train the fixed recipe instead
@@ -200,8 +238,8 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     torch.manual_seed(cfg.seed)
     model = _new_model(img, txt, spec, cfg)
     folds = closed_form_folds(cfg, len(img) + len(val_img))
-    start, baselines = (_closed_form_start(model, img, txt, val_img, val_txt, folds) if spec.head == "mlp+linear"
-                        else (None, None))
+    start, baselines, start_scores = (_closed_form_start(model, img, txt, val_img, val_txt, folds)
+                                      if spec.head == "mlp+linear" else (None, None, {}))
     if start is not None:
         _seed_heads(model, start)
 
@@ -237,7 +275,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
                        best_epoch=best["epoch"], matching_loss=matching,
                        start=start.name if start is not None else "random", baselines=baselines, start_pair=start,
-                       rows=len(img))
+                       rows=len(img), start_scores=start_scores)
 
 
 def _replay(spec: ModelSpec, cfg: TrainConfig, start: LinearPair | None, epochs: int, img: torch.Tensor,
@@ -268,7 +306,8 @@ def refit_on_all_rows(judged: TrainResult, image_feats: np.ndarray, text_feats: 
         matching = _train_matching_network(model, img, txt, cfg, torch.Generator().manual_seed(cfg.seed + 1))
         model.eval()
         result = TrainResult(model=model, history=judged.history, seconds=0.0, best_epoch=judged.best_epoch,
-                             matching_loss=matching, start=judged.start, start_pair=judged.start_pair)
+                             matching_loss=matching, start=judged.start, start_pair=judged.start_pair,
+                             start_scores=judged.start_scores)
     with torch.no_grad():
         result.model.match_threshold.copy_(judged.model.match_threshold)
     result.seconds, result.rows = time.perf_counter() - started, len(image_feats)
@@ -288,6 +327,7 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
     batch = batch_size_for(n, cfg.batch_size)
     steps_per_epoch = max(1, n // batch)
     scheduler = one_cycle(optimiser, cfg.learning_rate, max(1, cfg.epochs) * steps_per_epoch)
+    twins = twin_texts(txt, cfg.twin_text_cosine)
     model.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=generator)
@@ -296,6 +336,8 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
             idx = order[step * batch:(step + 1) * batch]
             z, u = model.embed_images(img[idx]), model.embed_texts(txt[idx])
             logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
+            if twins is not None:
+                logits = logits.masked_fill(twins(idx), float("-inf"))
             target = torch.arange(len(idx))
             loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
             optimiser.zero_grad()
@@ -318,11 +360,12 @@ def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.T
     n = len(z_all)
     batch = batch_size_for(n, cfg.batch_size)
     steps = max(cfg.min_steps, cfg.epochs * max(1, n // batch))
+    twins = twin_texts(txt, cfg.twin_text_cosine)
     model.matcher.train()
     total = 0.0
     for _ in range(steps):
         idx = torch.randperm(n, generator=generator)[:batch]
-        loss = _matching_loss(model, z_all[idx], u_all[idx], generator)
+        loss = _matching_loss(model, z_all[idx], u_all[idx], generator, twins(idx) if twins is not None else None)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -336,10 +379,12 @@ def _standardised(head, x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, val_img: torch.Tensor,
-                       val_txt: torch.Tensor, folds: int) -> tuple[LinearPair, dict[str, LinearPair]]:
+                       val_txt: torch.Tensor, folds: int
+                       ) -> tuple[LinearPair, dict[str, LinearPair], dict[str, float]]:
     """The best closed-form baseline (ridge either way or CCA, cut to the model's width), fitted on the training
     pairs in the heads' own standardised coordinates: best by cross-validated MRR over training + validation pairs
-    in `folds` folds, or (folds <= 1) on the validation pairs. Also every baseline, as maps of the raw features."""
+    in `folds` folds, or (folds <= 1) on the validation pairs. Also every baseline, as maps of the raw features, and
+    each one's score in that choice."""
     xi = np.concatenate([_standardised(model.image_head, img), _standardised(model.image_head, val_img)])
     xt = np.concatenate([_standardised(model.text_head, txt), _standardised(model.text_head, val_txt)])
     validation = np.arange(len(xi)) >= len(img)
@@ -347,10 +392,11 @@ def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor
     fitted = fit_baselines(xi, xt, validation, folds)
     raw = {name: _of_raw_features(model, pair) for name, pair in fitted.items()}
     if folds > 1:
-        return reduce_width(max(fitted.values(), key=lambda p: p.selection_mrr), xi[~validation], xt[~validation],
-                            dim), raw
-    reduced = [reduce_width(p, xi[~validation], xt[~validation], dim) for p in fitted.values()]
-    return max(reduced, key=lambda p: p.validation_mrr(xi[validation], xt[validation])), raw
+        scores = {name: pair.selection_mrr for name, pair in fitted.items()}
+        return reduce_width(fitted[max(scores, key=scores.get)], xi[~validation], xt[~validation], dim), raw, scores
+    reduced = {name: reduce_width(p, xi[~validation], xt[~validation], dim) for name, p in fitted.items()}
+    scores = {name: p.validation_mrr(xi[validation], xt[validation]) for name, p in reduced.items()}
+    return reduced[max(scores, key=scores.get)], raw, scores
 
 
 def _of_raw_features(model: MatcherModel, pair: LinearPair) -> LinearPair:

@@ -46,10 +46,30 @@ def baselines_table(metrics: dict, baselines: dict[str, dict]) -> str:
     return f"<h2>Closed-form baselines (held-out)</h2><table><tr><th></th>{header}</tr>{''.join(rows)}</table>"
 
 
+def recipe_table(recipe: dict) -> str:
+    """The recipe chosen this night and each candidate's validation score (matcher.steps.train.recipe_summary)."""
+    if not recipe:
+        return ""
+    chosen = f"chosen: {html.escape(str(recipe.get('start')))}"
+    rows = "".join(f"<tr><td>start: {html.escape(name)}</td><td>{score:.4f}</td>"
+                   f"<td>{chosen if name == recipe.get('start_kind') else ''}</td></tr>"
+                   for name, score in sorted(recipe.get("start_candidates", {}).items()))
+    if recipe.get("best_epoch") is not None:
+        rows += (f"<tr><td>heads: the closed form alone (epoch 0)</td><td>{recipe['epoch_0_validation_mrr']:.4f}</td>"
+                 f"<td>{'chosen' if recipe['best_epoch'] == 0 else ''}</td></tr>"
+                 f"<tr><td>heads: trained, best of {recipe['epochs_tried']} epochs</td>"
+                 f"<td>{recipe['best_validation_mrr']:.4f}</td>"
+                 f"<td>{'chosen: epoch ' + str(recipe['best_epoch']) if recipe['best_epoch'] else ''}</td></tr>")
+    return (f"<h2>Recipe: {html.escape(recipe.get('recipe', ''))}</h2><table><tr><th>candidate</th>"
+            f"<th>validation MRR</th><th></th></tr>{rows}</table>")
+
+
 def render_training_report(version: str, date: str, metrics: dict, previous_metrics: dict | None,
                            history: list[dict], true_scores: np.ndarray, false_scores: np.ndarray,
-                           decision: str, baselines: dict[str, dict] | None = None, served_fit: str = "") -> str:
-    """`served_fit`: what the served model is, when it is not the fit these figures are of."""
+                           decision: str, baselines: dict[str, dict] | None = None, served_fit: str = "",
+                           recipe: dict | None = None) -> str:
+    """`served_fit`: what the served model is, when it is not the fit these figures are of; `recipe`: what the
+    recipe chose among (recipe_table)."""
     losses = training_curves(history)
     scores = histogram("Match probability, held-out pairs", {"true pairs": true_scores, "false pairs": false_scores})
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>matcher model {html.escape(version)}</title>
@@ -60,5 +80,6 @@ table{{border-collapse:collapse}}.charts svg{{margin:6px;border:1px solid #eee}}
 {f"<p>{html.escape(served_fit)}</p>" if served_fit else ""}
 <div class="charts">{losses}{recall_chart(metrics, previous_metrics)}{scores}</div>
 {metrics_table(metrics, previous_metrics)}
+{recipe_table(recipe or {})}
 {baselines_table(metrics, baselines or {})}
 </body></html>"""

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quality.py [--catalog ../shared/data/fashion] [--lake file:///tmp/matcher-bench-lake]
     .venv/bin/python bench/quality.py --small [--catalog DIR ...] [--draws 10] [--products 1000] [--types 7]
-                                      [--previous] [--describe]
+                                      [--previous] [--image-views] [--describe]
 
 Full mode: random vs a ridge map on frozen features vs matcher, one split, one run. Test split: 20% of products by a
 stable hash of product_id (the same split the train stage holds out).
@@ -20,6 +20,10 @@ validation rows), with --previous the previous recipe (fixed epochs, random init
 inverted-softmax gallery re-ranking over the unseen queries (+isl) and normalised by the hubness the score stage
 publishes (+hub: each photo's or text's soft maximum cosine to a bank of the whole draw's other modality,
 matcher.steps.hubness). Mean and standard deviation over the draws, a table per catalog and one over the catalogs.
+
+--small --image-views: the same draws with other photo features, each with every method: the shipped ones, the
+model's part averaged with a mirrored view (and a central crop), and an earlier block's pooled output appended
+(bench/image_views.py computes those views first; its table gives each view's extraction cost).
 
 --small --describe (fashion only): the same draws with descriptions written from the fashion rows' attribute columns
 (gender, category path, colour, season, usage; the catalog's descriptions are empty): the text as the title only, as
@@ -175,9 +179,11 @@ SMALL_KEYS = [("text_to_image_recall_at_10", "t->i R@10"), ("image_to_text_recal
 
 
 def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, previous: bool = False,
-                   text_views: dict[str, np.ndarray] | None = None) -> dict[str, list[dict]]:
+                   text_views: dict[str, np.ndarray] | None = None,
+                   image_views: dict[str, np.ndarray] | None = None) -> dict[str, list[dict]]:
     """Each method's metrics per draw. `text_views`: several text features of the same products (label -> matrix),
-    each measured with this recipe and CCA; without, the cached features with every row of the table."""
+    each measured with this recipe and CCA; `image_views`: several image features, each with every method; without
+    either, the cached features with every row of the table."""
     from matcher.steps.baselines import fit_baselines, refit
     from matcher.steps.evaluate import embed
     from matcher.steps.train import closed_form_folds, model_spec, refit_on_all_rows, split_rows
@@ -188,11 +194,16 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
     if previous and not text_views:
         recipes["matcher (previous recipe)"] = cfg.with_overrides(
             {"train": {"patience": 0, "init": "random", "validation_fraction": 0.0}}).train
-    views = text_views or {"": fs.text_feats}
+    if text_views:
+        views = {label: (fs.image_feats, t) for label, t in text_views.items()}
+    elif image_views:
+        views = {label: (i, fs.text_feats) for label, i in image_views.items()}
+    else:
+        views = {"": (fs.image_feats, fs.text_feats)}
     results: dict[str, list[dict]] = {}
     for d in range(draws):
         chosen, rows = protocol_draw(fs.categories, eligible, rng, types, products)
-        ids, img, cats = fs.product_ids[rows], fs.image_feats[rows], fs.categories[rows]
+        ids, cats = fs.product_ids[rows], fs.categories[rows]
         night1 = night_one(ids)
         unseen = ~night1
         split = split_rows(ids[night1], cfg.train)  # the baselines see the rows the model trains and validates on
@@ -200,8 +211,8 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
         fit_rows = np.nonzero(night1)[0][used]
         bank = bank_rows(ids, cfg.score.hubness_bank)  # night 2's catalog: the whole draw
         t = cfg.score.hubness_temperature
-        for view, all_txt in views.items():
-            txt = all_txt[rows]
+        for view, (all_img, all_txt) in views.items():
+            img, txt = all_img[rows], all_txt[rows]
             label = f"{view}: " if view else ""
             heads = {}
             for name, tcfg in recipes.items():
@@ -236,7 +247,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
             zc, uc = baselines["cca"].embed_images(img), baselines["cca"].embed_texts(txt)
             zh, uh = heads["matcher"]
             z, u = _normalise(np.concatenate([zh, zc], 1)), _normalise(np.concatenate([uh, uc], 1))
-            results.setdefault("matcher + CCA, scores added", []).append(
+            results.setdefault(label + "matcher + CCA, scores added", []).append(
                 draw_metrics(z, u, _normalise(z + u), cats, unseen, bank, t))
         line = "; ".join(f"{n}: {r[-1]['text_to_image_recall_at_10']:.3f}/{r[-1]['image_to_text_recall_at_10']:.3f}"
                          for n, r in results.items())
@@ -331,6 +342,33 @@ def load_catalog_features(catalog: str, cache: Path, lake: str, date: str, cfg):
     return fs
 
 
+def image_views(fs, path: Path) -> dict[str, np.ndarray]:
+    """The shipped image features and variants built from bench/image_views.py's views of the same photos (the
+    model's part replaced by an average over test-time views, or another view appended)."""
+    data = np.load(path, allow_pickle=True)
+    at = {str(p): i for i, p in enumerate(data["product_ids"])}
+    missing = [p for p in fs.product_ids if str(p) not in at]
+    if missing:
+        raise SystemExit(f"{path} lacks {len(missing)} of the catalog's products (e.g. {missing[:3]}): run "
+                         "bench/image_views.py on the whole catalog")
+    rows = np.array([at[str(p)] for p in fs.product_ids])
+    base, flip, crop, block = (data[k][rows] for k in ("base", "flip", "crop", "block"))
+    width = base.shape[1]
+    agree = np.einsum("nd,nd->n", _normalise(base), _normalise(fs.image_feats[:, :width]))
+    print(f"{path.name}: base view against the cached features' model part: cosine min {agree.min():.4f}",
+          flush=True)
+
+    def with_model_part(part: np.ndarray) -> np.ndarray:
+        return np.concatenate([part, fs.image_feats[:, width:]], 1).astype(np.float32)
+
+    return {"shipped": fs.image_feats,
+            "flip-averaged": with_model_part((base + flip) / 2),
+            "flip+crop-averaged": with_model_part((base + flip + crop) / 3),
+            "shipped + last block": np.concatenate([fs.image_feats, block], 1).astype(np.float32),
+            "flip-averaged + last block": np.concatenate([with_model_part((base + flip) / 2), block], 1)
+            .astype(np.float32)}
+
+
 def run_small(args, cfg) -> int:
     """The --small protocol on every catalog of --catalog, then the table across them."""
     catalogs = [c for c in args.catalog if (Path(c) / "products.csv").is_file()]
@@ -351,12 +389,15 @@ def run_small(args, cfg) -> int:
             continue
         print(f"\n{name}: {len(fs.product_ids)} products, features {fs.image_encoder} + {fs.text_encoder}",
               flush=True)
-        per_catalog[name] = small_protocol(fs, cfg, args.draws, args.products, args.types, args.seed, args.previous)
+        views = image_views(fs, Path(f"/tmp/matcher-{name}-image-views.npz")) if args.image_views else None
+        per_catalog[name] = small_protocol(fs, cfg, args.draws, args.products, args.types, args.seed, args.previous,
+                                           image_views=views)
     for name, results in per_catalog.items():
         print_small_table(f"{name}: {args.draws} draws x {args.products} products; night 1 trains on 70% (by "
                           f"product-id hash), metrics on the unseen 30%", results)
     for name, results in per_catalog.items():
-        print_goal_check(name, results)
+        if "matcher" in results:
+            print_goal_check(name, results)
     if len(per_catalog) > 1:
         print_across_catalogs(per_catalog)
     return 0
@@ -379,6 +420,9 @@ def main() -> int:
     parser.add_argument("--cache", default="/tmp/matcher-{name}-features.npz",
                         help="feature arrays for --small ({name}: the catalog folder's name)")
     parser.add_argument("--previous", action="store_true", help="--small: the previous recipe too")
+    parser.add_argument("--image-views", action="store_true",
+                        help="--small with the photo views of bench/image_views.py (run it first): each variant with "
+                             "every method")
     parser.add_argument("--describe", action="store_true",
                         help="--small with descriptions written from the fashion catalog's attribute columns: title "
                              "only, joined and separate text views, each with this recipe and CCA")

@@ -364,9 +364,7 @@ def image_views(fs, path: Path) -> dict[str, np.ndarray]:
     return {"shipped": fs.image_feats,
             "flip-averaged": with_model_part((base + flip) / 2),
             "flip+crop-averaged": with_model_part((base + flip + crop) / 3),
-            "shipped + last block": np.concatenate([fs.image_feats, block], 1).astype(np.float32),
-            "flip-averaged + last block": np.concatenate([with_model_part((base + flip) / 2), block], 1)
-            .astype(np.float32)}
+            "shipped + last block": np.concatenate([fs.image_feats, block], 1).astype(np.float32)}
 
 
 def run_small(args, cfg) -> int:

@@ -260,6 +260,7 @@ def test_evaluate_prints_the_models_metrics_as_json(dag_run, capsys):
     assert main(["-q", "evaluate", "--config", str(config_path), "--date", DATE]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["date"] == DATE and report["model_version"] == report["current_model_version"]
+    assert report["served_fit"] == "refit on all rows"  # the defaults serve the refit; metrics: its judged fit
     assert 0.0 <= report["metrics"]["text_to_image_recall_at_10"] <= 1.0
     assert "matching_auc" in report["metrics"]
 

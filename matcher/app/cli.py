@@ -139,10 +139,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         manifest = lake.manifest(date)
         version = manifest["model_version"]
         train = lake.read_json(lake.stage_stats_file(date, "train")) or {}
+        config = lake.read_json(lake.model_file(version, "config")) or {}
         report = {
             "date": date,
             "model_version": version,
             "current_model_version": current_version(lake),
+            # The metrics are of the judged fit; the served model may be that recipe refit on every row.
+            "served_fit": config.get("served_fit", "judged fit"),
             "metrics": lake.read_json(lake.model_file(version, "metrics")),
             "trained_this_date": train.get("model_version"),
             "promotion": train.get("decision"),

@@ -145,3 +145,74 @@ def test_a_server_trickling_its_body_is_cut_off_at_the_deadline(image_server):
     assert err.value.reason == "image_unreadable" and hits["/trickle.jpg"] == 2
     assert elapsed < 2 * (BODY_DEADLINE_TIMEOUTS * 0.3) + 2, elapsed  # two tries, each cut at its deadline
     assert fetch_image(f"{base}/ok.jpg", timeout=0.3, retries=0, max_bytes=10**6, policy=policy)[:2] == b"\xff\xd8"
+
+
+@pytest.fixture
+def keep_alive_server():
+    """An HTTP/1.1 server that keeps connections open; it counts the connections it accepts."""
+    seen = {"connections": 0, "hits": []}
+    body = _jpeg()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def setup(self):
+            seen["connections"] += 1
+            super().setup()
+
+        def do_GET(self):
+            seen["hits"].append((self.path, time.monotonic()))
+            busy_first = self.path.startswith("/busy-then-ok") and len([h for h in seen["hits"]
+                                                                           if h[0] == self.path]) == 1
+            self.send_response(503 if busy_first else 200)
+            if busy_first:
+                self.send_header("Retry-After", self.path.rsplit("-", 1)[-1].removesuffix(".jpg"))
+            self.send_header("Content-Type", "image/jpeg")
+            data = b"" if busy_first else body
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_photos_from_one_host_reuse_one_connection(keep_alive_server):
+    from matcher.io.http_images import AddressPolicy, fetch_image
+
+    base, seen = keep_alive_server
+    policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])
+    for i in range(6):
+        assert fetch_image(f"{base}/p{i}.jpg", 2.0, 0, 10**6, policy=policy)[:2] == b"\xff\xd8"
+    assert len(seen["hits"]) == 6 and seen["connections"] == 1
+
+
+def test_a_busy_servers_retry_after_is_honoured(keep_alive_server):
+    from matcher.io.http_images import AddressPolicy, fetch_image
+
+    base, seen = keep_alive_server
+    policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])
+    data = fetch_image(f"{base}/busy-then-ok-1.jpg", 2.0, 1, 10**6, backoff=0.01, policy=policy)
+    assert data[:2] == b"\xff\xd8"
+    (_, first), (_, second) = seen["hits"]
+    assert second - first >= 0.95  # Retry-After: 1, though the back-off alone would wait 10 ms
+
+
+def test_retry_pauses_are_jittered_and_a_long_retry_after_is_capped():
+    from matcher.io.http_images import RETRY_AFTER_CAP, parse_retry_after, retry_pause
+
+    pauses = [retry_pause(2, 0.5) for _ in range(50)]
+    assert all(1.0 <= p <= 2.0 for p in pauses) and len(set(pauses)) > 40  # half to all of 0.5 * 2**2, spread
+    assert retry_pause(0, 0.5, retry_after=7.0) == 7.0
+    assert retry_pause(0, 0.5, retry_after=3600.0) == RETRY_AFTER_CAP
+    assert parse_retry_after("12") == 12.0 and parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None and parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("99999") == RETRY_AFTER_CAP

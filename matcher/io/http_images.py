@@ -3,20 +3,34 @@ reasons: a page that is gone is image_missing, a server that keeps failing is im
 config does not allow (the machine itself, a private network, the cloud metadata service) is image_address_not_allowed
 before a byte is sent to it.
 
-Every connection, the first and each redirect's, goes to an address checked here: the host name is resolved once,
-every address it resolves to is checked, and the socket connects to that very address (the name is kept for the Host
-header and TLS), so a name that resolves to a public address when checked and to 127.0.0.1 when connected (DNS
-rebinding) cannot slip through. Redirects are followed here, not by urllib, so each target is checked the same way.
-Proxies (http_proxy and the like) are not used: through a proxy the address reached could not be checked."""
+Every connection, the first and each redirect's, goes to an address checked here: the host name is resolved once
+a request, every address it resolves to is checked, and the socket connects to that very address (the name is kept
+for the Host header and TLS), so a name that resolves to a public address when checked and to 127.0.0.1 when
+connected (DNS rebinding) cannot slip through. Redirects are followed here, not by urllib3, so each target is checked
+the same way. Proxies (http_proxy and the like) are not used: through a proxy the address reached could not be
+checked.
+
+urllib3 carries the requests: one connection pool per host and checked address, so the photos of one CDN reuse their
+TCP (and TLS) connections instead of opening one each. A busy server's Retry-After is honoured (up to
+RETRY_AFTER_CAP seconds), and the back-off between tries is jittered, so that many executors failing together do not
+ask again together."""
 from __future__ import annotations
 
 import http.client
 import ipaddress
+import random
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass
+
+import urllib3
+import urllib3.connection
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import InvalidHeader
 
 from matcher import __version__
 from matcher.config import is_ip_literal
@@ -28,12 +42,15 @@ _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _GONE_STATUSES = frozenset({404, 410})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = f"matcher/{__version__} (catalog image fetch)"
-_HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5", "Connection": "close"}
+_HEADERS = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"  # existing escapes and URL syntax stay as they are
 MAX_REDIRECTS = 5
 # A body must arrive within this many request timeouts: the timeout bounds each socket read, so a server that
 # trickles a byte now and then would otherwise hold an image thread for hours.
 BODY_DEADLINE_TIMEOUTS = 3
+RETRY_AFTER_CAP = 30.0  # seconds: a server asking for longer holds an image thread no longer than this a try
+MAX_POOLS = 64  # hosts (each address apart) whose connections are kept open, least recently used dropped first
+POOL_CONNECTIONS = 8  # kept open per host and address: about an executor's image threads
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -95,6 +112,10 @@ _TLS = ssl.create_default_context()
 class _Retry(Exception):
     """A failure worth asking again (a busy server, a timeout); its message is the quarantine detail."""
 
+    def __init__(self, problem: str, retry_after: float | None = None):
+        super().__init__(problem)
+        self.retry_after = retry_after  # seconds the server asked for (Retry-After), if it did
+
 
 def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff: float = 0.5,
                 policy: AddressPolicy = PUBLIC_ONLY) -> bytes:
@@ -104,15 +125,34 @@ def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff:
     # Non-ASCII paths (a Chinese file name) are percent-encoded as a browser does; existing escapes stay as they are.
     url = urllib.parse.quote(url, safe=_URL_SAFE)
     for attempt in range(retries + 1):
+        retry_after = None
         try:
             return _follow(url, timeout, max_bytes, policy)
         except _Retry as exc:
-            problem = str(exc)
-        except (OSError, http.client.HTTPException) as exc:  # timeouts, refused or dropped connections, DNS, TLS
+            problem, retry_after = str(exc), exc.retry_after
+        except (OSError, http.client.HTTPException, Urllib3Error) as exc:  # timeouts, refused or dropped, DNS, TLS
             problem = f"{type(exc).__name__}: {exc} at {url[:200]}"
         if attempt < retries:
-            time.sleep(backoff * 2 ** attempt)
+            time.sleep(retry_pause(attempt, backoff, retry_after))
     raise ImageRejected(Reason.IMAGE_UNREADABLE, f"{problem} (after {retries + 1} tries)")
+
+
+def retry_pause(attempt: int, backoff: float, retry_after: float | None = None) -> float:
+    """Seconds to wait before try `attempt` + 2: exponential back-off with equal jitter (between half and all of
+    `backoff` * 2**attempt, so clients that failed together spread out), or longer when the server asked for it
+    (Retry-After, at most RETRY_AFTER_CAP)."""
+    jittered = backoff * 2 ** attempt * (0.5 + random.random() / 2)  # noqa: S311 - spreading retries, not secrets
+    return max(jittered, min(retry_after or 0.0, RETRY_AFTER_CAP))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) in seconds from now, None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return urllib3.Retry(retry_after_max=RETRY_AFTER_CAP).parse_retry_after(value)
+    except InvalidHeader:
+        return None
 
 
 def _follow(url: str, timeout: float, max_bytes: int, policy: AddressPolicy) -> bytes:
@@ -143,26 +183,50 @@ def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
             raise ImageRejected(Reason.IMAGE_ADDRESS_NOT_ALLOWED,
                                 f"{url[:200]}{via}: {host} is {ip}, a {kind} address; allow it with "
                                 "catalog.http_allow_hosts or catalog.http_allow_networks")
-    last_error: OSError | None = None
+    last_error: Exception | None = None
     for ip in addresses:
-        conn = _CheckedHTTPSConnection(host, port, ip, timeout, policy) if scheme == "https" else \
-            _CheckedHTTPConnection(host, port, ip, timeout, policy)
         try:
-            conn.connect()
-        except OSError as exc:  # this address refuses or times out: the name's next one may answer
-            conn.close()
-            last_error = exc
+            response = _pool(scheme, host, port, ip, policy).urlopen(
+                "GET", target, headers=_HEADERS, retries=False, redirect=False, preload_content=False,
+                assert_same_host=False, enforce_content_length=False,
+                timeout=urllib3.Timeout(connect=timeout, read=timeout))
+        except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
+            last_error = exc  # this address refuses or times out: the name's next one may answer
             continue
         try:
-            conn.request("GET", target, headers=_HEADERS)
-            response = conn.getresponse()
-            return _answer(response, url, via, max_bytes, time.monotonic() + BODY_DEADLINE_TIMEOUTS * timeout)
-        finally:
-            conn.close()
+            answer = _answer(response, url, via, max_bytes, time.monotonic() + BODY_DEADLINE_TIMEOUTS * timeout)
+        except BaseException:
+            response.close()  # a half-read body: the connection cannot serve another request
+            response.release_conn()
+            raise
+        response.release_conn()  # read to its end: back to the pool for the host's next photo
+        return answer
     raise last_error if last_error else OSError(f"{host} has no address")
 
 
-def _answer(response: http.client.HTTPResponse, url: str, via: str,
+_POOLS: OrderedDict[tuple, urllib3.HTTPConnectionPool] = OrderedDict()
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(scheme: str, host: str, port: int, ip: IPAddress, policy: AddressPolicy) -> urllib3.HTTPConnectionPool:
+    """The connection pool of `host` at the checked address `ip`: its connections go nowhere else."""
+    key = (scheme, host, port, ip, policy)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is not None:
+            _POOLS.move_to_end(key)
+            return pool
+        cls = _CheckedHTTPSPool if scheme == "https" else _CheckedHTTPPool
+        extra = {"ssl_context": _TLS} if scheme == "https" else {}
+        pool = cls(host, port, maxsize=POOL_CONNECTIONS, block=False, retries=False, checked_ip=ip, policy=policy,
+                   **extra)
+        _POOLS[key] = pool
+        while len(_POOLS) > MAX_POOLS:
+            _POOLS.popitem(last=False)[1].close()
+        return pool
+
+
+def _answer(response: urllib3.BaseHTTPResponse, url: str, via: str,
             max_bytes: int, deadline: float) -> tuple[int, str | None, bytes]:
     status = response.status
     if status in _REDIRECT_STATUSES:
@@ -174,7 +238,7 @@ def _answer(response: http.client.HTTPResponse, url: str, via: str,
     if status in _GONE_STATUSES:
         raise ImageRejected(Reason.IMAGE_MISSING, problem)
     if status in _RETRY_STATUSES:
-        raise _Retry(problem)
+        raise _Retry(problem, parse_retry_after(response.headers.get("Retry-After")))
     if not 200 <= status < 300:
         raise ImageRejected(Reason.IMAGE_UNREADABLE, problem)
     length = response.headers.get("Content-Length", "")
@@ -185,7 +249,7 @@ def _answer(response: http.client.HTTPResponse, url: str, via: str,
     while size <= max_bytes:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the body did not arrive in time ({size} bytes read) at {url[:200]}{via}")
-        chunk = response.read1(min(1 << 16, max_bytes + 1 - size))  # what has arrived, not a full buffer
+        chunk = response.read1(min(1 << 16, max_bytes + 1 - size), decode_content=False)  # what has arrived
         if not chunk:
             break
         chunks.append(chunk)
@@ -243,28 +307,35 @@ def _connect(host: str, ip: IPAddress, port: int, timeout: float, policy: Addres
     return sock
 
 
-class _CheckedHTTPConnection(http.client.HTTPConnection):
+class _CheckedHTTPConnection(urllib3.connection.HTTPConnection):
     """An HTTP connection to a checked address; the Host header still names the host."""
 
-    def __init__(self, host: str, port: int, ip: IPAddress, timeout: float, policy: AddressPolicy):
-        super().__init__(host, port, timeout=timeout)
-        self.checked_ip, self.policy = ip, policy
+    def __init__(self, *args, checked_ip: IPAddress, policy: AddressPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checked_ip, self.policy = checked_ip, policy
 
-    def connect(self) -> None:
-        self.sock = _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
+    def _new_conn(self) -> socket.socket:
+        try:
+            return _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
+        except TimeoutError as exc:
+            raise urllib3.exceptions.ConnectTimeoutError(self, f"connecting to {self.host} timed out") from exc
+        except OSError as exc:
+            raise urllib3.exceptions.NewConnectionError(self, f"{type(exc).__name__}: {exc}") from exc
 
 
-class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+class _CheckedHTTPSConnection(urllib3.connection.HTTPSConnection):
     """An HTTPS connection to a checked address; SNI and the certificate check use the host name."""
 
-    def __init__(self, host: str, port: int, ip: IPAddress, timeout: float, policy: AddressPolicy):
-        super().__init__(host, port, timeout=timeout, context=_TLS)
-        self.checked_ip, self.policy = ip, policy
+    def __init__(self, *args, checked_ip: IPAddress, policy: AddressPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checked_ip, self.policy = checked_ip, policy
 
-    def connect(self) -> None:
-        sock = _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
-        try:
-            self.sock = _TLS.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
+    _new_conn = _CheckedHTTPConnection._new_conn
+
+
+class _CheckedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _CheckedHTTPConnection
+
+
+class _CheckedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _CheckedHTTPSConnection

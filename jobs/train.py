@@ -61,8 +61,9 @@ def run(ctx: RunContext) -> dict:
 
     # Promotion gate: the new model against the current and the best served model, all on this held-out split.
     def evaluate_served(served_version: str) -> dict:
-        # Its judged fit: a served refit trained on these held-out rows. ModelError: it cannot be loaded (the night
-        # fails).
+        # Judged through its judged fit: a served refit trained on these held-out rows. Both must load (ModelError:
+        # the night fails), the model served as much as the fit that judges it.
+        load_model(ctx.lake, served_version)
         model, config = load_model(ctx.lake, served_version, judged=True)
         try:
             check_encoders(config, fs.image_encoder, fs.text_encoder)

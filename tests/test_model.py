@@ -207,13 +207,15 @@ def test_models_lists_versions_and_promote_rolls_back(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_an_unreadable_current_model_fails_the_night_and_leaves_current_json(tmp_path):
+@pytest.mark.parametrize("broken", ["model.safetensors", "judged_model.safetensors"])
+def test_an_unreadable_current_model_fails_the_night_and_leaves_current_json(tmp_path, broken):
+    """The model served or the judged fit that judges it: either unreadable fails the gate."""
     from jobs.context import StageError
 
     first = _ctx(tmp_path, "2026-01-01")
     write_synthetic_partition(first.lake, "2026-01-01")
     v1 = run_stage("train", first)["model_version"]
-    first.lake.write_bytes(f"models/{v1}/model.safetensors", b"not safetensors at all")
+    first.lake.write_bytes(f"models/{v1}/{broken}", b"not safetensors at all")
     before = first.lake.read_bytes("models/current.json")
     second = _ctx(tmp_path, "2026-01-02")
     write_synthetic_partition(second.lake, "2026-01-02", seed=3)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.providers.standard.operators.python import PythonOperator
 from airflow.providers.standard.sensors.python import PythonSensor
 from airflow.sdk import DAG, Param
 
-from jobs.airflow_tasks import catalog_ready, log_failure, run_stage_task, table_assets
+from jobs.airflow_tasks import MatcherStageOperator, catalog_ready, log_failure, run_stage_task, table_assets
 from jobs.pipeline import STAGES
 
 with DAG(
@@ -41,7 +40,8 @@ with DAG(
                             poke_interval=300, timeout=6 * 3600)
     for stage in STAGES:
         # `ds` and `params` come from the task context (matched by the callable's argument names).
-        task = PythonOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage},
+        # A killed task (cleared, marked failed, timed out) stops the Spark application it submitted.
+        task = MatcherStageOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage},
                               # The accelerator stage: one at a time across runs (e.g. during a backfill).
                               max_active_tis_per_dag=1 if stage == "extract" else None,
                               # A downstream DAG scheduled on a table's Asset runs when a night publishes it.

@@ -7,6 +7,8 @@ import os
 import re
 from typing import Mapping, NoReturn
 
+from airflow.providers.standard.operators.python import PythonOperator
+
 from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_config
 from jobs.pipeline import run_stage
 from matcher.config import Config, ConfigError, dated
@@ -157,6 +159,8 @@ def submit_stage(stage: str, ds: str, params: dict, conn_id: str,
     if environ.get(CONFIG_ENV):
         env[CONFIG_ENV] = environ[CONFIG_ENV]
     hook = SparkSubmitHook(conn_id=conn_id, name=f"matcher-{stage}-{ds}", application_args=args, env_vars=env)
+    global _RUNNING_SUBMIT
+    _RUNNING_SUBMIT = hook
     try:
         hook.submit(application=SUBMIT_SCRIPT)
     except AirflowException as exc:
@@ -166,7 +170,34 @@ def submit_stage(stage: str, ds: str, params: dict, conn_id: str,
         if retryable:
             raise StageError(stage, cause, retryable=True) from exc
         _fail(f"stage {stage} failed: {cause}")
+    finally:
+        _RUNNING_SUBMIT = None
     return {"stage": stage, "date": ds, "runner": "spark_submit"}
+
+
+# The spark-submit this task process is running (a task runs one stage at a time), for the operator's on_kill.
+_RUNNING_SUBMIT = None
+
+
+def kill_submitted_stage() -> bool:
+    """Stop the Spark application of the stage this process submitted, if one is running: spark-submit is killed
+    (a client-mode driver with it), and a cluster-mode driver is killed on its cluster (the provider's hook knows
+    how: standalone, YARN, Kubernetes). Returns whether there was one."""
+    hook = _RUNNING_SUBMIT
+    if hook is None:
+        return False
+    hook.on_kill()
+    return True
+
+
+class MatcherStageOperator(PythonOperator):
+    """A stage task (run_stage_task). Killed by Airflow (cleared, marked failed, timed out), it stops the Spark
+    application it submitted, which a plain PythonOperator would leave running beside the task's retry. In-process
+    Spark (runner.mode = "local") stops with the task's own process."""
+
+    def on_kill(self) -> None:
+        if kill_submitted_stage():
+            self.log.info("stopped the stage's Spark application")
 
 
 def catalog_ready(ds: str, params: dict | None = None) -> bool:

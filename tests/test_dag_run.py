@@ -52,6 +52,8 @@ def test_dag_imports_cleanly_and_every_task_retries():
     assert all(t.retry_exponential_backoff for t in dag.tasks if t.task_id != "wait_for_catalog")
     assert float(dag.get_task("wait_for_catalog").timeout) == 6 * 3600
     assert dag.schedule == "@daily"
+    # Every stage task stops the Spark application it submitted when it is killed (test_failures.py runs that).
+    assert {type(t).__name__ for t in dag.tasks if t.task_id != "wait_for_catalog"} == {"MatcherStageOperator"}
 
 
 def test_the_nightly_dag_publishes_every_table(dag_run):

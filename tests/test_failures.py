@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -401,3 +402,53 @@ def test_airflow_retries_a_submitted_stage_that_exits_75_and_fails_one_that_exit
         with pytest.raises(StageError, match="the night's other run") as err:
             submit_stage("train", D, {}, "matcher_local_spark", environ=deployment)
     assert err.value.retryable and "(the driver exited 75: retryable)" in str(err.value)
+
+
+# --- Airflow: a cleared or timed-out task stops the Spark application it submitted ----------------------------------
+
+@pytest.mark.integration
+def test_killing_a_submitted_stage_stops_its_spark_application_on_the_cluster(tmp_path, monkeypatch):
+    """The operator's on_kill (Airflow calls it when a running task is cleared, marked failed or times out) stops the
+    stage's Spark application on a real standalone cluster, instead of leaving it running beside the retry."""
+    import threading
+
+    from jobs.airflow_tasks import MatcherStageOperator, run_stage_task
+    from jobs.standalone_cluster import StandaloneCluster
+
+    catalog = make_demo_catalog(tmp_path / "catalog", products=1500, image_size=64, with_bad_rows=False)
+    lake_uri = f"file://{tmp_path}/lake"
+    with StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=1, memory_per_worker="1g",
+                           authenticate=False) as cluster:
+        config = tmp_path / "cluster.toml"
+        config.write_text(dump_toml({"run": {"catalog": str(catalog), "lake": lake_uri},
+                                     "runner": {"mode": "spark_submit", "spark_conn_id": "matcher_cluster"}}))
+        monkeypatch.setenv("AIRFLOW_CONN_MATCHER_CLUSTER", json.dumps(
+            {"conn_type": "spark", "host": "spark://127.0.0.1", "port": cluster.port}))
+        monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+        monkeypatch.setenv(CONFIG_ENV, str(config))
+        outcome: dict = {}
+
+        def task() -> None:
+            try:
+                outcome["result"] = run_stage_task("clean", D, {})
+            except BaseException as exc:  # noqa: BLE001 - the test looks at what the killed task raised
+                outcome["error"] = exc
+
+        runner = threading.Thread(target=task, daemon=True)
+        runner.start()
+        deadline = time.monotonic() + 120
+        while not cluster.master_state()["activeapps"]:
+            assert runner.is_alive() and time.monotonic() < deadline, f"no application started: {outcome}"
+            time.sleep(0.1)
+        (app,) = cluster.master_state()["activeapps"]  # the stage's driver, registered with the master
+        operator = MatcherStageOperator(task_id="clean", python_callable=run_stage_task, op_kwargs={"stage": "clean"})
+        operator.on_kill()
+        runner.join(60)
+        assert not runner.is_alive()
+        deadline = time.monotonic() + 60
+        while cluster.master_state()["activeapps"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        state = cluster.master_state()
+        assert state["activeapps"] == [] and [a["id"] for a in state["completedapps"]] == [app["id"]]
+        assert "result" not in outcome  # the stage was stopped, not finished
+        assert not Lake(lake_uri, load_config().storage).exists(Lake.stage_stats_file(D, "clean"))

@@ -216,3 +216,73 @@ def test_retry_pauses_are_jittered_and_a_long_retry_after_is_capped():
     assert parse_retry_after("12") == 12.0 and parse_retry_after(None) is None
     assert parse_retry_after("soon") is None and parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("99999") == RETRY_AFTER_CAP
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 whose self-signed certificate names only `localhost`."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    body = _jpeg()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], cert_file
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_photos_are_verified_against_the_host_name(tls_server, monkeypatch):
+    import ssl
+
+    import matcher.io.http_images as http_images
+    from matcher.steps.images import ImageRejected
+
+    port, cert_file = tls_server
+    policy = http_images.AddressPolicy.from_settings(["localhost"], ["127.0.0.1/32"])
+    with pytest.raises(ImageRejected, match="CERTIFICATE_VERIFY_FAILED") as err:  # not trusted: refused
+        http_images.fetch_image(f"https://localhost:{port}/a.jpg", 2.0, 0, 10**6, policy=policy)
+    assert err.value.reason == "image_unreadable"
+    trusting = ssl.create_default_context(cafile=str(cert_file))
+    monkeypatch.setattr(http_images, "_TLS", trusting)
+    monkeypatch.setattr(http_images, "_POOLS", type(http_images._POOLS)())  # pools made with the untrusting context
+    assert http_images.fetch_image(f"https://localhost:{port}/b.jpg", 2.0, 0, 10**6, policy=policy)[:2] == b"\xff\xd8"
+    # The same server and certificate, asked for by an address the certificate does not name: refused.
+    with pytest.raises(ImageRejected, match="(?i)mismatch|doesn't match|not valid for"):
+        http_images.fetch_image(f"https://127.0.0.1:{port}/c.jpg", 2.0, 0, 10**6, policy=policy)

@@ -106,3 +106,12 @@ def test_the_servers_keys_are_private_and_new_at_each_start(tmp_path):
         assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
     jwt_keys = [re.findall(r'key = "([0-9a-f]{64})"', text) for text in (first, second)]
     assert len(jwt_keys[0]) == len(jwt_keys[1]) == 4 and not set(jwt_keys[0]) & set(jwt_keys[1])
+
+
+def test_no_chosen_port_is_another_ones_grpc_port():
+    """SeaweedFS reserves each HTTP port + 10000 for gRPC and refuses to start when another of its ports is one."""
+    from matcher.io.s3server import _fits
+
+    assert _fits(40000, [39135, 41000])
+    assert not _fits(49135, [39135]) and not _fits(39135, [49135])  # 39135's gRPC port, or the other way round
+    assert not _fits(39135, [39135]) and not _fits(56000, [])  # taken; no room for its gRPC port

@@ -42,6 +42,12 @@ def _weed_binary() -> str:
     return found
 
 
+def _fits(port: int, chosen: list[int]) -> bool:
+    """`port` may join `chosen`: its gRPC port (+ 10000) exists, and no port of the set is another's gRPC port
+    (SeaweedFS refuses to start when one is: "reserved for gRPC calculation")."""
+    return port + 10000 <= 65535 and all(port not in (q, q + 10000, q - 10000) for q in chosen)
+
+
 def _free_ports(count: int) -> list[int]:
     """Ports p with p and p+10000 free (SeaweedFS puts gRPC at http port + 10000 unless told otherwise)."""
     ports: list[int] = []
@@ -52,7 +58,7 @@ def _free_ports(count: int) -> list[int]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
             socks.append(s)
-            if port + 10000 > 65535 or port in ports:
+            if not _fits(port, ports):
                 continue
             with socket.socket() as probe:
                 try:

@@ -7,7 +7,9 @@ import io
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 
 import pytest
 from PIL import Image
@@ -25,15 +27,32 @@ def _jpeg() -> bytes:
     return buf.getvalue()
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+
+class KeepAliveHandler(QuietHandler):
+    protocol_version = "HTTP/1.1"  # connections stay open between requests
+
+
+@contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[int]:
+    """`server` running on a thread; its port."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def image_server():
     hits: Counter = Counter()
     body = _jpeg()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # keep pytest's output clean
-            pass
-
+    class Handler(QuietHandler):
         def _send(self, status: int, data: bytes = b"", kind: str = "image/jpeg", length: int | None = None):
             self.send_response(status)
             self.send_header("Content-Type", kind)
@@ -80,14 +99,8 @@ def image_server():
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+        yield f"http://127.0.0.1:{port}", hits
 
 
 def test_http_images_are_fetched_retried_and_quarantined_with_reasons(tmp_path, image_server):
@@ -153,12 +166,7 @@ def keep_alive_server():
     seen = {"connections": 0, "hits": []}
     body = _jpeg()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
+    class Handler(KeepAliveHandler):
         def setup(self):
             seen["connections"] += 1
             super().setup()
@@ -176,13 +184,8 @@ def keep_alive_server():
             self.end_headers()
             self.wfile.write(data)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
+        yield f"http://127.0.0.1:{port}", seen
 
 
 def test_photos_from_one_host_reuse_one_connection(keep_alive_server):
@@ -244,12 +247,7 @@ def tls_server(tmp_path):
                                            serialization.NoEncryption()))
     body = _jpeg()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
+    class Handler(KeepAliveHandler):
         def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -260,12 +258,8 @@ def tls_server(tmp_path):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1], cert_file
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(server) as port:
+        yield port, cert_file
 
 
 def test_https_photos_are_verified_against_the_host_name(tls_server, monkeypatch):

@@ -1,4 +1,4 @@
-"""Second views of the photo, computed beside the shipped one, for bench/quality.py --small --image-view.
+"""Second views of the photo, computed beside the shipped one, for bench/quality.py --small --image-views.
 
     .venv/bin/python bench/image_views.py [--catalog DIR ...] [--limit N]
 

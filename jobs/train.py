@@ -14,7 +14,14 @@ from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
 from matcher.io.lake import Lake
 from matcher.io.promotion import EvaluationFailed, GateError, GateSettings, NotComparable, run_gate
-from matcher.io.registry import baseline_verdict, check_encoders, load_model, save_model
+from matcher.io.registry import (
+    SERVED_JUDGED_FIT,
+    SERVED_REFIT,
+    baseline_verdict,
+    check_encoders,
+    load_model,
+    save_model,
+)
 from matcher.steps.baselines import baseline_metrics
 from matcher.steps.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
 from matcher.steps.hubness import bank_rows
@@ -47,9 +54,9 @@ def run(ctx: RunContext) -> dict:
     baselines = baseline_metrics(fs.image_feats, fs.text_feats, fs.categories, heldout, used,
                                  gate_baselines(result, fs.image_feats, fs.text_feats, split, cfg)
                                  ) if heldout.any() else {}
-    served, served_fit = result, "judged fit"
+    served, served_fit = result, SERVED_JUDGED_FIT
     if cfg.serve_refit and heldout.any():
-        served, served_fit = refit_on_all_rows(result, fs.image_feats, fs.text_feats, spec, cfg), "refit on all rows"
+        served, served_fit = refit_on_all_rows(result, fs.image_feats, fs.text_feats, spec, cfg), SERVED_REFIT
         metrics["refit_seconds"] = served.seconds
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"

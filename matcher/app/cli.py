@@ -131,7 +131,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from matcher.io.published import resolve_date
-    from matcher.io.registry import current_version
+    from matcher.io.registry import SERVED_JUDGED_FIT, current_version
 
     with storage_ready(resolve_config(args.config)) as cfg:
         lake = _lake(cfg, args.lake)
@@ -145,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "model_version": version,
             "current_model_version": current_version(lake),
             # The metrics are of the judged fit; the served model may be that recipe refit on every row.
-            "served_fit": config.get("served_fit", "judged fit"),
+            "served_fit": config.get("served_fit", SERVED_JUDGED_FIT),
             "metrics": lake.read_json(lake.model_file(version, "metrics")),
             "trained_this_date": train.get("model_version"),
             "promotion": train.get("decision"),

@@ -18,6 +18,8 @@ from matcher.steps.model import MatcherModel, ModelError, model_from_bytes, mode
 
 CURRENT = Lake.CURRENT_MODEL_FILE
 SERVED = Lake.SERVED_MODELS_FILE
+# A model's config.json says which fit is served: the one its metrics are of, or that recipe refit on every row.
+SERVED_JUDGED_FIT, SERVED_REFIT = "judged fit", "refit on all rows"
 MODELS_LOCK_KEY = "models"  # the registry's lock under _locks/, beside the dates' (a date is never named "models")
 MODELS_LOCK_WAIT_SECONDS = 1800.0  # the gate evaluates the served models under it: minutes on a large sample
 
@@ -42,7 +44,7 @@ def load_model(lake: Lake, version: str, judged: bool = False) -> tuple[MatcherM
     except (ValueError, UnicodeDecodeError) as exc:
         raise ModelError(f"model {version}'s config.json is unreadable ({type(exc).__name__}: {exc})") from None
     weights = lake.read_bytes(Lake.model_file(version, "judged_weights")) if judged else None
-    if judged and weights is None and config is not None and config.get("served_fit") == "refit on all rows":
+    if judged and weights is None and config is not None and config.get("served_fit") == SERVED_REFIT:
         raise ModelError(f"model {version} is a refit on all rows and its judged fit "
                          f"({Lake.MODEL_FILES['judged_weights']}) is missing: it cannot be judged fairly")
     weights = weights if weights is not None else lake.read_bytes(Lake.model_file(version, "weights"))

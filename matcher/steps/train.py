@@ -268,9 +268,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
         # small catalog a tenth more products is worth more than anything the validation rows still tell.
         img, txt = torch.cat([img, val_img]), torch.cat([txt, val_txt])
         model = _replay(spec, cfg, start, best["epoch"], img, txt)
-    model.eval()
-    matching = _train_matching_network(model, img, txt, cfg, torch.Generator().manual_seed(cfg.seed + 1))
-    model.eval()
+    matching = _train_matching_network(model, img, txt, cfg)
     _calibrate(model, calibration, img, txt, cfg.seed)
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
                        best_epoch=best["epoch"], matching_loss=matching,
@@ -302,9 +300,7 @@ def refit_on_all_rows(judged: TrainResult, image_feats: np.ndarray, text_feats: 
         img = torch.as_tensor(image_feats, dtype=torch.float32)
         txt = torch.as_tensor(text_feats, dtype=torch.float32)
         model = _replay(spec, cfg, judged.start_pair, judged.best_epoch, img, txt)
-        model.eval()
-        matching = _train_matching_network(model, img, txt, cfg, torch.Generator().manual_seed(cfg.seed + 1))
-        model.eval()
+        matching = _train_matching_network(model, img, txt, cfg)
         result = TrainResult(model=model, history=judged.history, seconds=0.0, best_epoch=judged.best_epoch,
                              matching_loss=matching, start=judged.start, start_pair=judged.start_pair,
                              start_scores=judged.start_scores)
@@ -350,10 +346,11 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
     model.eval()
 
 
-def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig,
-                            generator: torch.Generator) -> float:
+def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, cfg: TrainConfig) -> float:
     """s = sigmoid(N(v)) by cross-entropy on the chosen heads' embeddings (true pairs, a random and the hardest
-    in-batch negative), for `epochs` epochs and at least `min_steps` steps."""
+    in-batch negative), for `epochs` epochs and at least `min_steps` steps; the model is left in eval mode."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         z_all, u_all = model.embed_images(img), model.embed_texts(txt)
     optimiser = torch.optim.AdamW(model.matcher.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -370,6 +367,7 @@ def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.T
         loss.backward()
         optimiser.step()
         total += loss.item()
+    model.eval()
     return total / max(1, steps)  # the mean loss over the steps
 
 

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 from jobs.context import RunContext, StageError, log
 from jobs.pipeline import STAGES
 from jobs.validate import judged_attempt, require_passed
+from matcher.io.delta_tables import commit_night, vacuum_tables
 from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.run_report import render_run_report
-from matcher.io.tables import published_tables, run_tables, table_schema
+from matcher.io.tables import published_tables, queryable_tables, run_tables, table_schema
 
 
 def run(ctx: RunContext) -> dict:
@@ -54,6 +55,12 @@ def run(ctx: RunContext) -> dict:
         committed = lake.committed(name, ctx.date) or {}
         tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt")}
+    if ctx.lock is not None:  # fence: the tables' logs are a commit point for every other reader
+        ctx.lock.assert_held()
+    holder = f"publish {ctx.date} {publish_id}"
+    versions = commit_night(lake, ctx.date, {name: tables[name]["files"] for name in queryable_tables()}, holder)
+    for name, version in versions.items():
+        tables[name]["delta_version"] = version
     tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
                           "path": lake.display(Lake.partition_dir("features", ctx.date))}
     stages = {s: ctx.stage_stats(s) for s in STAGES[:STAGES.index("publish")]}
@@ -85,6 +92,12 @@ def run(ctx: RunContext) -> dict:
     lake.clear_staging(ctx.date)
     lake.clear_work(ctx.date)
     log.info("publish: %s", {k: v["rows"] for k, v in tables.items()})
+    try:
+        vacuumed = vacuum_tables(lake, ctx.config.tables.keep_nights, holder)
+        log.info("publish: vacuum deleted %s files replaced over %d nights ago", sum(vacuumed.values()),
+                 ctx.config.tables.keep_nights)
+    except Exception as exc:  # the night is committed; files a vacuum left are deleted by the next one
+        log.warning("publish: vacuum of the tables' logs failed: %s", exc)
     report = Lake.report_file(ctx.date)
     try:
         lake.write_bytes(report, render_run_report(lake, ctx.date).encode())

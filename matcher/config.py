@@ -200,6 +200,11 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class TablesConfig:
+    keep_nights: int
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig
     storage: StorageConfig
@@ -211,6 +216,7 @@ class Config:
     spark: SparkConfig
     train: TrainConfig
     score: ScoreConfig
+    tables: TablesConfig
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "Config":
         merged = _merge(self.to_dict(), overrides)
@@ -310,6 +316,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.holdout_fraction must be in (0, 1)")
     if not 0.0 <= cfg.train.calibration_fraction < 1.0 - cfg.train.holdout_fraction:
         raise ConfigError("train.calibration_fraction must be in [0, 1 - holdout_fraction)")
+    if cfg.tables.keep_nights < 0:
+        raise ConfigError("tables.keep_nights must be >= 0")
     if cfg.score.top_k < 1:
         raise ConfigError("score.top_k must be >= 1")
     if cfg.score.min_category_products < 0:

@@ -18,6 +18,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jobs.context import StageError
     from matcher.config import ConfigError
     from matcher.io.catalog import CatalogError
+    from matcher.io.delta_tables import TableVersionError
     from matcher.io.published import NotPublishedError
     from matcher.io.s3server import S3ServerError
     from matcher.io.storage import StorageError
@@ -25,7 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from matcher.steps.model import ModelError
 
     return (StageError, CatalogError, ConfigError, EncoderError, ModelError, NotPublishedError, S3ServerError,
-            StorageError, ValueError, FileNotFoundError, OSError)
+            StorageError, TableVersionError, ValueError, FileNotFoundError, OSError)
 
 
 def resolve_config(path: str | None) -> Config:
@@ -225,13 +226,18 @@ def _refuse_non_queries(con, sql: str) -> None:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
+    from matcher.io.delta_tables import AsOf, dataset_as_of
     from matcher.io.published import published_dataset
     from matcher.io.tables import queryable_tables
 
+    as_of = AsOf.parse(args.as_of) if args.as_of else None
     with storage_ready(resolve_config(args.config)) as cfg:
         lake = _lake(cfg, args.lake)
         con = duckdb.connect()
-        datasets = {name: published_dataset(lake, name) for name in queryable_tables()}
+        # Without --as-of: the dates' newest manifests (a night's tables switch together); with it: each table's
+        # Delta log at that version or time.
+        datasets = {name: published_dataset(lake, name) if as_of is None else dataset_as_of(lake, name, as_of)
+                    for name in queryable_tables()}
         for name, dataset in datasets.items():
             if dataset is not None:
                 con.register(name, dataset)
@@ -254,6 +260,36 @@ def cmd_query(args: argparse.Namespace) -> int:
     with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 20, "display.width", 160,
                            "display.max_colwidth", 60):
         print(df.to_string(index=False, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from matcher.io.delta_tables import history, migrate_tables, vacuum_tables
+    from matcher.io.tables import queryable_tables
+
+    with storage_ready(resolve_config(args.config)) as cfg:
+        lake = _lake(cfg, args.lake)
+        if args.action == "migrate":
+            result = migrate_tables(lake, holder="matcher tables migrate")
+            summary = {"versions_written": result}
+            message = (f"Delta logs written for {', '.join(result)}" if result else
+                       "every table with published dates already has a Delta log: nothing to migrate")
+        elif args.action == "vacuum":
+            keep = cfg.tables.keep_nights if args.keep_nights is None else args.keep_nights
+            result = vacuum_tables(lake, keep, holder="matcher tables vacuum")
+            summary = {"keep_nights": keep, "files_deleted": result}
+            message = f"deleted {sum(result.values())} files replaced over {keep} nights ago: {result}"
+        else:
+            names = [args.table] if args.table else list(queryable_tables())
+            summary = {name: history(lake, name) for name in names}
+            message = "\n".join(f"{name}  v{h['version']}  {h['committed_at']}  {h['operation']}"
+                                  f"{'  dates ' + h['dates'] if h['dates'] else ''}"
+                                  f"{'  by ' + h['by'] if h['by'] else ''}"
+                                  for name, versions in summary.items() for h in versions) or "no Delta logs yet"
+    if args.json:
+        _print_json(summary)
+    else:
+        print(message)
     return 0
 
 
@@ -355,7 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")
     p.add_argument("--max-rows", type=int, default=50, help="rows printed at most (default 50; not with --json)")
     p.add_argument("--json", action="store_true", help="print every result row as a JSON array instead of a table")
+    p.add_argument("--as-of", metavar="VERSION|DATE|TIME",
+                   help="read each table as its Delta log held it: at that table version (a number, see `matcher "
+                        "tables history`), or at a date's end or an ISO time (UTC unless it names a zone); default: "
+                        "the newest publish of each date")
     p.set_defaults(handler=cmd_query)
+
+    p = sub.add_parser("tables", help="the queryable tables' Delta Lake logs: migrate a lake published before they "
+                       "had them, vacuum old versions' files, or list each table's versions")
+    common(p, with_date=False)
+    p.add_argument("action", choices=("history", "migrate", "vacuum"),
+                   help="history: each table's versions (newest first); migrate: give tables with published dates "
+                        "and no log one; vacuum: delete files publishes replaced over --keep-nights ago")
+    p.add_argument("--table", choices=queryable_tables(), help="history of this table only")
+    p.add_argument("--keep-nights", type=int, help="vacuum: nights replaced files stay (default: tables.keep_nights)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_tables)
     for command in sub.choices.values():  # `matcher run -q` as well as `matcher -q run`
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                              help="only warnings and errors on stderr")

@@ -5,6 +5,8 @@ This module is the only one that spells the lake's layout:
   <table>/dt=YYYY-MM-DD/_committed.json            an internal table's commit point (clean, quarantine,
                                                    features): the files and rows of the run's latest attempt,
                                                    what the later stages of the run read
+  <table>/_delta_log/                              a queryable table's Delta Lake log: each publish of a date is
+                                                   one version of the table (matcher.io.delta_tables)
   manifests/dt=YYYY-MM-DD/manifest.json            the run manifest: the commit point of a published partition,
                                                    naming the files readers see (clean and quarantine included)
                                                    and those of the generation it replaced
@@ -16,8 +18,9 @@ This module is the only one that spells the lake's layout:
   models/served.json                               every promotion and the best served model per encoder pair
   _locks/dt=YYYY-MM-DD/, _locks/dt=models/         the date locks and run claims; the model registry's lock
 Readers go through the commit point, so a partition is seen whole or not at all. A partition's files stay while
-a commit point names them: the commit file, the manifest, or the manifest's record of the generation it replaced, so
-a reader that opened the previous manifest can finish while the date is published again. Documents are replaced
+a commit point names them: the commit file, the manifest, the manifest's record of the generation it replaced (a
+reader that opened the previous manifest can finish while the date is published again), or a table version its Delta
+log still holds (the log's vacuum deletes those, after tables.keep_nights). Documents are replaced
 whole: on S3 a PUT is atomic; on a local disk they are written aside, synced and renamed over the old one.
 """
 from __future__ import annotations
@@ -157,6 +160,12 @@ class Lake:
     def revoked_dir(dt: str) -> str:
         return f"{Lake.lock_dir(dt)}/_revoked"
 
+    DELTA_LOG_DIR = "_delta_log"
+
+    @staticmethod
+    def delta_log_dir(table: str) -> str:
+        return f"{table}/{Lake.DELTA_LOG_DIR}"
+
     SPARK_EVENTS_DIR = "_spark_events"  # Spark's event logs of the nights run in cluster mode (the history server)
 
     @staticmethod
@@ -211,7 +220,27 @@ class Lake:
         manifest = self.manifest(dt) or {}
         live |= set(((manifest.get("tables") or {}).get(table) or {}).get("files") or [])
         live |= set(((manifest.get("previous") or {}).get("tables") or {}).get(table) or [])
-        return live
+        return live | self.delta_logged_files(table, dt)
+
+    def delta_logged_files(self, table: str, dt: str) -> set[str]:
+        """A partition's files (lake-relative) that the table's Delta log adds or removes in any commit it still
+        holds: the versions of the date that time travel can read until the vacuum deletes their files."""
+        log_dir = self.path(self.delta_log_dir(table))
+        if not exists(self.fs, log_dir):
+            return set()
+        prefix = f"dt={dt}/"
+        named: set[str] = set()
+        for info in self.fs.get_file_info(pafs.FileSelector(log_dir, recursive=False)):
+            if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
+                continue
+            for line in read_bytes(self.fs, info.path).decode().splitlines():
+                if prefix not in line:
+                    continue
+                action = json.loads(line)
+                path = (action.get("add") or action.get("remove") or {}).get("path", "")
+                if path.startswith(prefix):
+                    named.add(posixpath.join(table, path))
+        return named
 
     def remove_dead_files(self, table: str, dt: str) -> int:
         """Delete a partition's files that no commit point names: generations before the previous published one,

@@ -43,11 +43,12 @@ import contextvars
 import json
 import os
 import posixpath
+import random
 import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
@@ -385,3 +386,24 @@ def date_lock(lake: Lake, dt: str, holder: str, stale_after: float = 300.0, hear
     lock.release()
     if lock.lost is not None:
         lock.check()
+
+
+@contextmanager
+def waited_lock(lake: Lake, key: str, holder: str, wait_seconds: float,
+                locked_error: type[DateLockedError] = DateLockedError, what: str = "") -> Iterator[DateLock]:
+    """Hold a lake-wide lock (`key` names it beside the dates' own, e.g. "models") while the block runs, waiting for
+    it up to `wait_seconds` with jittered back-off, then raising `locked_error`."""
+    deadline = time.monotonic() + wait_seconds
+    pause = 0.05
+    held = ExitStack()
+    while True:
+        try:
+            lock = held.enter_context(date_lock(lake, key, holder=holder))
+            break
+        except DateLockedError as exc:
+            if time.monotonic() >= deadline:
+                raise locked_error(f"{what or key} stayed locked for {wait_seconds:.0f}s: {exc}") from None
+            time.sleep(pause * (0.5 + random.random()))  # noqa: S311 (jitter) two that backed off together do not meet again
+            pause = min(pause * 2, 2.0)
+    with held:
+        yield lock

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import random
-import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Iterator
 
 from matcher.io.lake import Lake
-from matcher.io.locks import DateLock, DateLockedError, date_lock
+from matcher.io.locks import DateLock, DateLockedError, waited_lock
 from matcher.steps.model import MatcherModel, ModelError, model_from_bytes, model_to_bytes, spec_from_dict
 
 CURRENT = Lake.CURRENT_MODEL_FILE
@@ -138,19 +136,7 @@ def models_lock(lake: Lake, holder: str, wait_seconds: float = MODELS_LOCK_WAIT_
     lake-wide lock beside the dates' own, waited for up to `wait_seconds` (a promotion holds it while the gate
     evaluates the served models). Writes under it go through record_promotion, which fences them with the lock's
     assert_held()."""
-    deadline = time.monotonic() + wait_seconds
-    pause = 0.05
-    held = ExitStack()
-    while True:
-        try:
-            lock = held.enter_context(date_lock(lake, MODELS_LOCK_KEY, holder=holder))
-            break
-        except DateLockedError as exc:
-            if time.monotonic() >= deadline:
-                raise ModelsLockedError(f"the model registry stayed locked for {wait_seconds:.0f}s: {exc}") from None
-            time.sleep(pause * (0.5 + random.random()))  # noqa: S311 (jitter) two that backed off together do not meet again
-            pause = min(pause * 2, 2.0)
-    with held:
+    with waited_lock(lake, MODELS_LOCK_KEY, holder, wait_seconds, ModelsLockedError, "the model registry") as lock:
         yield lock
 
 

@@ -1,0 +1,232 @@
+"""The queryable tables (clean, quarantine and every published table) as Delta Lake tables, so that any Delta
+reader (deltalake, Spark with Delta, DuckDB's delta extension, Polars, Trino) sees each one atomic and versioned.
+
+Executors keep writing Parquet part files and publish keeps moving them into `<table>/dt=D/`; then the driver
+commits each table's date to the table's log: one version that removes the date's previous files and adds the new
+ones (no data is read or rewritten on the driver). The run manifest, written after, records each table's version
+and stays the switch that moves all of a night's tables together for matcher's own readers. Commits go through the
+lake's "tables" lock (dates publish in parallel during a backfill, and S3 has no atomic rename), with a retry when
+another writer of the log commits first. A table version's files stay until the vacuum deletes the files publishes
+replaced more than `tables.keep_nights` ago (the version before the newest is always kept)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Schema
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction, create_table_with_add_actions
+
+from matcher.io.lake import Lake
+from matcher.io.locks import DateLockedError, waited_lock
+from matcher.io.published import committed_dates
+from matcher.io.tables import queryable_tables, table_schema
+
+log = logging.getLogger(__name__)
+
+PARTITION = "dt"
+TABLES_LOCK_KEY = "tables"  # the lock of every table's Delta log, under _locks/ beside the dates' and "models"
+TABLES_LOCK_WAIT_SECONDS = 600.0
+COMMIT_ATTEMPTS = 5
+
+
+class TablesLockedError(DateLockedError):
+    """Another publish held the tables' logs longer than a commit waits; a retry may find them free."""
+
+
+class TableVersionError(LookupError):
+    """A version or time a table's log cannot serve (before its first version, or its files vacuumed)."""
+
+
+def storage_options(lake: Lake) -> dict[str, str] | None:
+    """deltalake's options for the lake's store: None for a local lake, the S3 endpoint and keys of the config."""
+    if isinstance(lake.fs, pafs.LocalFileSystem):
+        return None
+    storage = lake.storage
+    # Renames on S3 are not atomic: two commits of one version are kept apart by the tables lock instead.
+    options = {"AWS_REGION": storage.s3_region, "AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+    if storage.s3_endpoint:
+        options["AWS_ENDPOINT_URL"] = storage.s3_endpoint
+        if storage.s3_endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    if storage.s3_access_key:
+        options.update(AWS_ACCESS_KEY_ID=storage.s3_access_key, AWS_SECRET_ACCESS_KEY=storage.s3_secret_key)
+    return options
+
+
+def table_uri(lake: Lake, table: str) -> str:
+    """The table's location as Delta readers name it: a local path, or s3://bucket/prefix/table."""
+    path = lake.path(table)
+    return path if isinstance(lake.fs, pafs.LocalFileSystem) else "s3://" + path
+
+
+def delta_schema(table: str) -> pa.Schema:
+    """The table's columns and its partition column."""
+    return table_schema(table).append(pa.field(PARTITION, pa.string()))
+
+
+def open_table(lake: Lake, table: str, version: int | None = None) -> DeltaTable | None:
+    """The table's log at its newest version (or `version`); None when the table has no log yet."""
+    if not lake.exists(Lake.delta_log_dir(table)):
+        return None
+    try:
+        return DeltaTable(table_uri(lake, table), version=version, storage_options=storage_options(lake))
+    except TableNotFoundError:
+        return None
+
+
+def _add_action(lake: Lake, table: str, dt: str, file: str) -> AddAction:
+    """The log's record of one part file (lake-relative path): size, time and row count from the store and the
+    file's footer."""
+    info = lake.fs.get_file_info(lake.path(file))
+    rows = pq.read_metadata(lake.path(file), filesystem=lake.fs).num_rows
+    mtime = info.mtime or _dt.datetime.now(_dt.timezone.utc)
+    return AddAction(file[len(table) + 1:], info.size, {PARTITION: dt}, int(mtime.timestamp() * 1000), True,
+                     json.dumps({"numRecords": rows}))
+
+
+def _commit(lake: Lake, table: str, adds_by_date: dict[str, list[AddAction]], by: str) -> int:
+    """One version of the table that replaces the given dates' files by `adds_by_date`; returns the version. The
+    commit's metadata names the dates and the writer (`matcher tables history` shows them)."""
+    uri, options = table_uri(lake, table), storage_options(lake)
+    adds = [a for actions in adds_by_date.values() for a in actions]
+    schema = delta_schema(table)
+    dates = sorted(adds_by_date)
+    about = CommitProperties(custom_metadata={"matcher.dates": ",".join(dates), "matcher.by": by})
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            current = open_table(lake, table)
+            if current is None:
+                create_table_with_add_actions(uri, Schema.from_arrow(schema), adds, mode="append",
+                                              partition_by=[PARTITION], name=table, storage_options=options,
+                                              commit_properties=about)
+            else:
+                current.create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=[PARTITION],
+                                                 partition_filters=[(PARTITION, "in", dates)],
+                                                 commit_properties=about)
+            return open_table(lake, table).version()
+        except CommitFailedError:
+            if attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt * (0.5 + random.random()))  # noqa: S311 (jitter)
+    raise AssertionError("unreachable")
+
+
+def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) -> dict[str, int]:
+    """Commit each table's files (lake-relative, already in the date's folder) as the date's whole partition of that
+    table: one version per table, under the tables lock. Returns each table's new version. A lake published before
+    its tables had logs is migrated first, so a table's log never lacks a published date."""
+    adds = {table: [_add_action(lake, table, dt, f) for f in table_files] for table, table_files in files.items()}
+    with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
+        migrate_tables(lake, holder, locked=True)
+        return {table: _commit(lake, table, {dt: table_adds}, holder) for table, table_adds in adds.items()}
+
+
+def migrate_tables(lake: Lake, holder: str, locked: bool = False) -> dict[str, int]:
+    """Give every queryable table that has published dates but no log one: a first version holding the files each
+    date's manifest names. Tables that have a log are left as they are. Returns the versions written."""
+    if not locked:
+        with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError,
+                         "the tables' logs"):
+            return migrate_tables(lake, holder, locked=True)
+    written = {}
+    pending = [t for t in queryable_tables() if open_table(lake, t) is None]
+    dates = committed_dates(lake) if pending else []
+    for table in pending:
+        adds = {}
+        for dt in dates:
+            published = lake.published_files(table, dt)
+            if published is not None:
+                adds[dt] = [_add_action(lake, table, dt, lake.relative(f)) for f in published]
+        if adds:
+            written[table] = _commit(lake, table, adds, f"{holder} (migration)")
+            log.info("tables: %s now has a Delta log (%d published dates, version %d)", table, len(adds),
+                     written[table])
+    return written
+
+
+def vacuum_tables(lake: Lake, keep_nights: int, holder: str) -> dict[str, int]:
+    """Delete the files that publishes replaced more than `keep_nights` nights ago, except those of each table's
+    version before its newest (a reader that opened it finishes). Returns the files deleted per table."""
+    deleted = {}
+    with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
+        for table in queryable_tables():
+            delta = open_table(lake, table)
+            if delta is None:
+                continue
+            keep = [delta.version() - 1] if delta.version() > 0 else []
+            deleted[table] = len(delta.vacuum(retention_hours=24 * keep_nights, dry_run=False,
+                                              enforce_retention_duration=False, keep_versions=keep))
+    return deleted
+
+
+@dataclass(frozen=True)
+class AsOf:
+    """A point in a table's history: a version of its log, or a time (the newest version committed by then)."""
+    version: int | None = None
+    time: _dt.datetime | None = None
+
+    @staticmethod
+    def parse(text: str) -> "AsOf":
+        """A version number, an ISO date (its end, UTC) or an ISO date and time (UTC unless it names a zone)."""
+        text = text.strip()
+        if text.isdigit():
+            return AsOf(version=int(text))
+        try:
+            if len(text) == 10:
+                when = _dt.datetime.fromisoformat(text) + _dt.timedelta(days=1, microseconds=-1)
+            else:
+                when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"--as-of takes a table version (e.g. 3), a date (2026-01-02) or a time "
+                             f"(2026-01-02T06:00:00Z), got {text!r}") from None
+        return AsOf(time=when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc))
+
+
+def table_as_of(lake: Lake, table: str, as_of: AsOf) -> DeltaTable | None:
+    """The table's log loaded at `as_of`; None when the table has no log. Raises TableVersionError for a point
+    before its first version."""
+    delta = open_table(lake, table)
+    if delta is None:
+        return None
+    point = as_of.version if as_of.version is not None else as_of.time.isoformat()
+    commits = delta.history()
+    first = min(commits, key=lambda h: h["version"])
+    too_early = as_of.time is not None and as_of.time.timestamp() * 1000 < first["timestamp"]
+    try:
+        if too_early:  # deltalake would load its first version instead
+            created = _dt.datetime.fromtimestamp(first["timestamp"] / 1000, _dt.timezone.utc)
+            raise ValueError(f"its first version was committed at {created:%Y-%m-%dT%H:%M:%SZ}")
+        delta.load_as_version(as_of.version if as_of.version is not None else as_of.time)
+    except Exception as exc:  # deltalake raises its generic error for a version it does not have
+        raise TableVersionError(f"table {table} has no version as of {point} (its log holds versions "
+                                f"{first['version']} to {delta.version()}): {str(exc).splitlines()[0]}") from None
+    return delta
+
+
+def dataset_as_of(lake: Lake, table: str, as_of: AsOf) -> ds.Dataset | None:
+    """The table as it was at `as_of`, every date, with its `dt` column: an Arrow dataset over that version's files
+    (DuckDB, pandas and Polars read it as is)."""
+    delta = table_as_of(lake, table, as_of)
+    return None if delta is None else delta.to_pyarrow_dataset()
+
+
+def history(lake: Lake, table: str) -> list[dict]:
+    """The table's versions, newest first: version, commit time (UTC), operation, the dates it replaced and by
+    whom (for commits matcher made)."""
+    delta = open_table(lake, table)
+    if delta is None:
+        return []
+    return [{"version": h["version"],
+             "committed_at": _dt.datetime.fromtimestamp(h["timestamp"] / 1000, _dt.timezone.utc)
+             .isoformat(timespec="seconds"),
+             "operation": h.get("operation"), "dates": h.get("matcher.dates"), "by": h.get("matcher.by")}
+            for h in delta.history()]

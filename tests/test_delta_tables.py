@@ -1,0 +1,246 @@
+"""The queryable tables are Delta Lake tables: each publish of a date is one version of each, which readers other than
+matcher's (deltalake, pandas, DuckDB, Spark SQL) read whole, at any version the vacuum left; a lake published before
+the tables had logs migrates by one command; `matcher query --as-of` reads an earlier version."""
+import datetime as dt
+import json
+import shutil
+import threading
+
+import duckdb
+import pytest
+from deltalake import DeltaTable
+
+from jobs.context import RunContext
+from jobs.pipeline import run_stage
+from jobs.validate import judged_attempt
+from matcher.app.cli import main
+from matcher.config import load_config
+from matcher.io.delta_tables import AsOf, history, open_table, storage_options, table_uri
+from matcher.io.lake import Lake
+from matcher.io.published import read_published
+from matcher.io.tables import queryable_tables
+from tests.test_publish_atomic import clean_attempt, stage_published_tables, tagged, tags
+
+D1, D2 = "2026-05-01", "2026-05-02"
+
+
+@pytest.fixture(params=["local", "s3"])
+def config(request, tmp_path):
+    if request.param == "local":
+        return load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    server = request.getfixturevalue("s3_server")
+    return load_config(overrides={
+        "run": {"lake": f"s3://lake/delta-{tmp_path.name}"},
+        "storage": {"s3_endpoint": server.endpoint, "s3_access_key": server.access_key,
+                    "s3_secret_key": server.secret_key}})
+
+
+def publish(config, date: str, tag: str) -> dict:
+    ctx = RunContext(config, date)
+    clean_attempt(ctx.lake, date, tag)
+    stage_published_tables(ctx.lake, date, tag)
+    run_stage("publish", ctx)
+    return ctx.lake.manifest(date)
+
+
+def delta(lake: Lake, table: str, version: int | None = None) -> DeltaTable:
+    return DeltaTable(table_uri(lake, table), version=version, storage_options=storage_options(lake))
+
+
+def tags_by_date(table) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for pid, date in zip(table.column("product_id").to_pylist(), table.column("dt").to_pylist()):
+        out.setdefault(date, set()).add(pid.split("-")[0])
+    return out
+
+
+def cli_json(config, *argv: str, capsys) -> object:
+    """A matcher command's --json output, on a local lake."""
+    capsys.readouterr()
+    assert main([*argv, "--lake", config.run.lake, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.integration
+def test_two_nights_are_two_versions_that_deltalake_pandas_and_duckdb_read_after_the_second_replaced_the_first(
+        config):
+    lake = Lake(config.run.lake, config.storage)
+    first = publish(config, D1, "g1")
+    second = publish(config, D1, "g2")  # the date published again: the first night's tables replaced
+    for table in queryable_tables():
+        assert first["tables"][table]["delta_version"] == 0 and second["tables"][table]["delta_version"] == 1
+
+    # deltalake (and pandas through it): the newest version is the second night, version 0 still the first
+    assert tags_by_date(delta(lake, "recommendations").to_pyarrow_table()) == {D1: {"g2"}}
+    assert tags_by_date(delta(lake, "recommendations", 0).to_pyarrow_table()) == {D1: {"g1"}}
+    frame = delta(lake, "quarantine", 0).to_pandas()
+    assert {p.split("-")[0] for p in frame["product_id"]} == {"g1"} and len(frame) == 2
+
+    # DuckDB, on the Arrow datasets deltalake opens at each version (its own delta extension is downloaded on
+    # first use, which a machine without the internet cannot)
+    con = duckdb.connect()
+    con.register("recs_v0", delta(lake, "recommendations", 0).to_pyarrow_dataset())
+    con.register("recs_now", delta(lake, "recommendations").to_pyarrow_dataset())
+    rows = con.sql("SELECT split_part(product_id, '-', 1) AS tag, dt, count(*) FROM recs_v0 GROUP BY ALL "
+                   "UNION ALL SELECT split_part(product_id, '-', 1), dt, count(*) FROM recs_now GROUP BY ALL "
+                   "ORDER BY 1").fetchall()
+    assert rows == [("g1", D1, 6), ("g2", D1, 6)]  # each night whole: both of its part files, no file of the other
+
+    # matcher's own readers agree with the newest version
+    assert tags(read_published(lake, "recommendations", D1)) == {"g2"}
+
+
+@pytest.mark.integration
+def test_spark_sql_reads_both_versions_through_the_files_each_version_names(tmp_path):
+    from jobs.spark import get_spark
+
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish(config, D1, "g1")
+    publish(config, D2, "g1")
+    publish(config, D1, "g2")
+    spark = get_spark(config.spark)
+    seen = {}
+    for version in (1, 2):
+        files = delta(lake, "recommendations", version).file_uris()
+        frame = spark.read.option("basePath", table_uri(lake, "recommendations")).parquet(*files)
+        frame.createOrReplaceTempView("recs")
+        seen[version] = {(r.tag, r.dt) for r in spark.sql(
+            "SELECT DISTINCT split(product_id, '-')[0] AS tag, CAST(dt AS STRING) AS dt FROM recs").collect()}
+    assert seen == {1: {("g1", D1), ("g1", D2)}, 2: {("g2", D1), ("g1", D2)}}
+
+
+@pytest.mark.integration
+def test_a_delta_reader_looping_during_republishes_never_fails_and_never_mixes(config):
+    lake = Lake(config.run.lake, config.storage)
+    publish(config, D1, "g0")
+    stop = threading.Event()
+    seen: list[dict] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(tags_by_date(delta(lake, "recommendations").to_pyarrow_table()))
+            except BaseException as exc:  # noqa: BLE001 -- any error at all fails the test
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for night in range(1, 5):
+            publish(config, D1, f"g{night}")
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert all(list(s) == [D1] and len(s[D1]) == 1 for s in seen), [s for s in seen if len(s.get(D1, ())) != 1][:3]
+    assert len({g for s in seen for g in s[D1]}) >= 2  # reads did overlap republishes
+
+
+@pytest.mark.integration
+def test_dates_published_at_once_each_land_in_their_own_version(tmp_path):
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    errors: list[BaseException] = []
+
+    def night(date: str) -> None:
+        try:
+            publish(config, date, "g1")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=night, args=(d,)) for d in (D1, D2, "2026-05-03")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    table = delta(lake, "recommendations")
+    assert table.version() == 2
+    assert set(tags_by_date(table.to_pyarrow_table())) == {D1, D2, "2026-05-03"}
+    assert sorted(h["dates"] for h in history(lake, "recommendations")) == [D1, D2, "2026-05-03"]
+
+
+@pytest.mark.integration
+def test_a_lake_published_before_the_tables_had_logs_migrates_by_one_command(tmp_path, capsys):
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish(config, D1, "g1")
+    publish(config, D2, "g1")
+    publish(config, D1, "g2")
+    for table in queryable_tables():  # what the code before the logs left: the same folders, no _delta_log
+        shutil.rmtree(lake.path(Lake.delta_log_dir(table)))
+    assert open_table(lake, "recommendations") is None
+
+    migrated = cli_json(config, "tables", "migrate", capsys=capsys)["versions_written"]
+    assert migrated == {t: 0 for t in queryable_tables()}
+    for table in queryable_tables():  # the log's one version is what each date's manifest names
+        for date in (D1, D2):
+            assert tags(delta(lake, table).to_pyarrow_table(filters=[("dt", "=", date)])) == \
+                tags(read_published(lake, table, date)), (table, date)
+    assert cli_json(config, "tables", "migrate", capsys=capsys)["versions_written"] == {}  # idempotent
+
+    publish(config, D2, "g3")  # the next night adds a version on top of the migrated one
+    assert tags_by_date(delta(lake, "recommendations").to_pyarrow_table()) == {D1: {"g2"}, D2: {"g3"}}
+    assert tags_by_date(delta(lake, "recommendations", 0).to_pyarrow_table()) == {D1: {"g2"}, D2: {"g1"}}
+
+
+@pytest.mark.integration
+def test_a_publish_on_an_unmigrated_lake_keeps_its_earlier_dates_in_the_log(tmp_path):
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish(config, D1, "g1")
+    for table in queryable_tables():
+        shutil.rmtree(lake.path(Lake.delta_log_dir(table)))
+    publish(config, D2, "g2")
+    assert tags_by_date(delta(lake, "clean").to_pyarrow_table()) == {D1: {"g1"}, D2: {"g2"}}
+
+
+@pytest.mark.integration
+def test_query_as_of_reads_an_earlier_version_and_the_vacuum_keeps_what_the_policy_says(tmp_path, capsys):
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    for night in range(1, 4):
+        publish(config, D1, f"g{night}")  # versions 0, 1, 2 (default keep_nights: every file stays)
+    sql = "SELECT DISTINCT split_part(product_id, '-', 1) AS tag FROM recommendations"
+    assert cli_json(config, "query", sql, capsys=capsys) == [{"tag": "g3"}]
+    assert cli_json(config, "query", sql, "--as-of", "0", capsys=capsys) == [{"tag": "g1"}]
+    tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).date().isoformat()
+    assert cli_json(config, "query", sql, "--as-of", tomorrow, capsys=capsys) == [{"tag": "g3"}]
+    assert main(["query", sql, "--as-of", "2020-01-01", "--lake", config.run.lake]) == 1  # before the first version
+    assert "has no version as of 2020-01-01" in capsys.readouterr().err
+    versions = cli_json(config, "tables", "history", "--table", "recommendations", capsys=capsys)["recommendations"]
+    assert [v["version"] for v in versions] == [2, 1, 0] and all(v["dates"] == D1 for v in versions)
+
+    deleted = cli_json(config, "tables", "vacuum", "--keep-nights", "0", capsys=capsys)["files_deleted"]
+    assert deleted["recommendations"] == 2  # g1's two part files; g2's stay (the version before the newest)
+    assert tags(delta(lake, "recommendations", 1).to_pyarrow_table()) == {"g2"}
+    with pytest.raises(OSError):  # version 0's files are gone: its log entry remains, its data does not
+        delta(lake, "recommendations", 0).to_pyarrow_table()
+
+
+@pytest.mark.integration
+def test_a_date_whose_quarantine_empties_reads_as_zero_rows_in_the_new_version(tmp_path):
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish(config, D1, "g1")
+    ctx = RunContext(config, D1)
+    lake.write_partition("clean", D1, tagged("clean", "g2", 4))
+    lake.commit_parts("quarantine", D1, [], "empty")  # a night with nothing quarantined writes no part file
+    lake.write_json(Lake.validation_result_file(D1), {"success": True, "clean_attempt": judged_attempt(lake, D1)})
+    stage_published_tables(lake, D1, "g2")
+    run_stage("publish", ctx)
+    assert delta(lake, "quarantine").to_pyarrow_table(filters=[("dt", "=", D1)]).num_rows == 0
+    assert delta(lake, "quarantine", 0).to_pyarrow_table().num_rows == 2
+
+
+def test_as_of_takes_a_version_a_date_or_a_time():
+    assert AsOf.parse("3") == AsOf(version=3)
+    end = AsOf.parse("2026-01-02").time
+    assert end.tzinfo is not None and end.isoformat().startswith("2026-01-02T23:59:59.999999")
+    assert AsOf.parse("2026-01-02T06:00:00Z").time == dt.datetime(2026, 1, 2, 6, tzinfo=dt.timezone.utc)
+    assert AsOf.parse("2026-01-02T06:00:00").time == dt.datetime(2026, 1, 2, 6, tzinfo=dt.timezone.utc)
+    with pytest.raises(ValueError, match="--as-of takes"):
+        AsOf.parse("yesterday")

@@ -244,3 +244,53 @@ def test_as_of_takes_a_version_a_date_or_a_time():
     assert AsOf.parse("2026-01-02T06:00:00").time == dt.datetime(2026, 1, 2, 6, tzinfo=dt.timezone.utc)
     with pytest.raises(ValueError, match="--as-of takes"):
         AsOf.parse("yesterday")
+
+
+@pytest.mark.integration
+def test_a_publish_that_dies_after_moving_its_files_in_leaves_every_delta_reader_on_the_previous_version(
+        tmp_path, monkeypatch):
+    import jobs.publish
+
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish(config, D1, "g1")
+
+    def crash(*args, **kwargs):  # the driver dies between moving the new files in and committing them
+        raise SystemExit("driver lost")
+
+    monkeypatch.setattr(jobs.publish, "commit_night", crash)
+    with pytest.raises(SystemExit):
+        publish(config, D1, "g2")
+    # The folder now holds both nights' files (what a glob over it would read) ...
+    glob = lake.partition_path("recommendations", D1) + "/*.parquet"
+    assert {p.split("-")[0] for (p,) in duckdb.execute("SELECT product_id FROM read_parquet(?)", [glob]).fetchall()} \
+        == {"g1", "g2"}
+    # ... and every Delta reader still sees the first night whole
+    assert tags_by_date(delta(lake, "recommendations").to_pyarrow_table()) == {D1: {"g1"}}
+    assert delta(lake, "recommendations").version() == 0
+
+
+@pytest.mark.integration
+def test_a_column_a_later_release_adds_reads_as_nulls_in_the_dates_published_before_it(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import matcher.io.delta_tables as delta_tables
+
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish(config, D1, "g1")
+    released = delta_tables.delta_schema  # the release after adds a column to `search`
+    monkeypatch.setattr(delta_tables, "delta_schema",
+                        lambda name: released(name).append(pa.field("explanation", pa.string())))
+    part = f"{Lake.partition_dir('search', D2)}/part-new-00000.parquet"
+    lake.fs.create_dir(lake.partition_path("search", D2), recursive=True)
+    rows = tagged("search", "g2", 2).append_column("explanation", pa.array(["why", "because"]))
+    pq.write_table(rows, lake.path(part), filesystem=lake.fs)
+    delta_tables.commit_night(lake, D2, {"search": [part]}, "the next release")
+
+    table = delta(lake, "search").to_pyarrow_table()
+    explanations: dict[str, set] = {}
+    for date, text in zip(table.column("dt").to_pylist(), table.column("explanation").to_pylist()):
+        explanations.setdefault(date, set()).add(text)
+    assert explanations == {D1: {None}, D2: {"why", "because"}}

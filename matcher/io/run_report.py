@@ -294,16 +294,18 @@ def _search(results: dict[str, list[tuple[str, float]]], catalog: _Catalog) -> s
     return "".join(blocks)
 
 
-def _tables(manifest: dict) -> str:
+def _tables(manifest: dict, lake: Lake) -> str:
     rows = []
     for name, info in (manifest.get("tables") or {}).items():
+        version = info.get("delta_version")
+        delta = "" if version is None else f"<code>{html.escape(lake.display(name))}</code> version {version}"
         # Through the manifest, not a glob of the folder, which can also hold the generation a publish replaced.
         example = f"select * from {name} where dt = {manifest.get('date')!r} limit 10"  # noqa: S608 (shown, not run)
         query = f'<code>matcher query "{html.escape(example)}"</code>' if name in queryable_tables() else ""
         rows.append(f"<tr><td>{html.escape(name)}</td><td class='num'>{info['rows']}</td>"
-                    f"<td><code>{html.escape(info['path'])}</code></td><td>{query}</td></tr>")
-    return ("<table><tr><th>table</th><th>rows</th><th>location</th><th>query</th></tr>" + "".join(rows)
-            + "</table>")
+                    f"<td><code>{html.escape(info['path'])}</code></td><td>{delta}</td><td>{query}</td></tr>")
+    return ("<table><tr><th>table</th><th>rows</th><th>location</th><th>Delta table (any Delta reader)</th>"
+            "<th>query</th></tr>" + "".join(rows) + "</table>")
 
 
 def render_run_report(lake: Lake, date: str, sample: int = 12, per_product: int = 5,
@@ -330,5 +332,5 @@ published {html.escape(str(manifest.get('published_at')))}.</p>
 <h2>Recommendations: a sample of products</h2>{_gallery(gallery, catalog)}
 <h2>Photo/title mismatches to fix</h2>{_mismatches(low, low_total, catalog)}
 <h2>Search</h2>{_search(results, catalog)}
-<h2>Tables</h2>{_tables(manifest)}
+<h2>Tables</h2>{_tables(manifest, lake)}
 </body></html>"""

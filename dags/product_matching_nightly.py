@@ -1,5 +1,7 @@
 """Nightly product matching: clean -> validate -> extract -> train -> score -> publish, one task per stage,
-each for the run's logical date ({{ ds }}); publish updates an Airflow Asset per table (matcher.recommendations,
+each for the run's logical date ({{ ds }}); extract, train and score run in the Airflow pool `matcher_gpu`, which
+the deployment creates (`airflow pools set matcher_gpu 1 "..."`: Airflow never schedules a task whose pool is
+missing); publish updates an Airflow Asset per table (matcher.recommendations,
 ...), on which downstream DAGs can be scheduled. The deployment names its TOML config in $MATCHER_CONFIG (scheduled
 runs get no conf); a triggered run may pass conf {"config": ..., "catalog": ..., "lake": ..., "model": ...}."""
 from __future__ import annotations
@@ -9,7 +11,15 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.sensors.python import PythonSensor
 from airflow.sdk import DAG, Param
 
-from jobs.airflow_tasks import MatcherStageOperator, catalog_ready, log_failure, run_stage_task, table_assets
+from jobs.airflow_tasks import (
+    GPU_POOL,
+    GPU_STAGES,
+    MatcherStageOperator,
+    catalog_ready,
+    log_failure,
+    run_stage_task,
+    table_assets,
+)
 from jobs.pipeline import STAGES
 
 with DAG(
@@ -42,8 +52,9 @@ with DAG(
         # `ds` and `params` come from the task context (matched by the callable's argument names).
         # A killed task (cleared, marked failed, timed out) stops the Spark application it submitted.
         task = MatcherStageOperator(task_id=stage, python_callable=run_stage_task, op_kwargs={"stage": stage},
-                              # The accelerator stage: one at a time across runs (e.g. during a backfill).
-                              max_active_tis_per_dag=1 if stage == "extract" else None,
+                              # The accelerator stages share a pool whose slots the deployment sets (one by
+                              # default: one at a time across runs, e.g. during a backfill).
+                              pool=GPU_POOL if stage in GPU_STAGES else "default_pool",
                               # A downstream DAG scheduled on a table's Asset runs when a night publishes it.
                               outlets=list(table_assets().values()) if stage == "publish" else [])
         previous >> task

@@ -10,7 +10,7 @@ from typing import Mapping, NoReturn
 from airflow.providers.standard.operators.python import PythonOperator
 
 from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_config
-from jobs.pipeline import run_stage
+from jobs.pipeline import run_stage, stage_data
 from matcher.config import Config, ConfigError, dated
 from matcher.failures import classify
 from matcher.io.s3server import storage_ready
@@ -18,6 +18,13 @@ from matcher.io.storage import StorageError
 from matcher.io.tables import published_tables, run_tables
 
 log = logging.getLogger("matcher")
+# The stages that use an accelerator where an executor has one run in this Airflow pool, so an operator sets how
+# many run at once across runs and DAGs (`airflow pools set matcher_gpu N ...`). Airflow never schedules a task whose
+# pool does not exist: the deployment creates it (docs/operations.md, docker/compose.yaml, `matcher demo`).
+GPU_POOL = "matcher_gpu"
+GPU_POOL_SLOTS = 1
+GPU_POOL_DESCRIPTION = "matcher's accelerator stages (extract, train, score): how many run at once"
+GPU_STAGES = ("extract", "train", "score")
 SUBMIT_SCRIPT = importlib.util.find_spec("jobs.submit").origin  # spark-submit's application, where installed
 
 
@@ -190,14 +197,53 @@ def kill_submitted_stage() -> bool:
     return True
 
 
+def _dataset(fs, path: str):
+    """An OpenLineage dataset named as the spec names storage: namespace s3://bucket and the key, or file and the
+    absolute path."""
+    import pyarrow.fs as pafs
+    from openlineage.client.event_v2 import Dataset
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Dataset(namespace="file", name=path)
+    bucket, _, key = path.partition("/")
+    return Dataset(namespace=f"s3://{bucket}", name=key)
+
+
+def stage_lineage(stage: str, cfg: Config, params: dict, ds: str) -> tuple[list, list]:
+    """(inputs, outputs) of a stage task as OpenLineage datasets: the lake's tables (each a folder, and for the
+    queryable ones a Delta table), its models and validation folders, and the night's catalog."""
+    from matcher.io.lake import Lake
+    from matcher.io.storage import resolve_uri
+
+    lake = Lake(params.get("lake") or cfg.run.lake, cfg.storage)
+
+    def named(name: str):
+        if name == "catalog":
+            return _dataset(*resolve_uri(dated(params.get("catalog") or cfg.run.catalog, ds), cfg.storage))
+        return _dataset(lake.fs, lake.path(name))
+
+    reads, writes = stage_data(stage)
+    return [named(n) for n in reads], [named(n) for n in writes]
+
+
 class MatcherStageOperator(PythonOperator):
     """A stage task (run_stage_task). Killed by Airflow (cleared, marked failed, timed out), it stops the Spark
     application it submitted, which a plain PythonOperator would leave running beside the task's retry. In-process
-    Spark (runner.mode = "local") stops with the task's own process."""
+    Spark (runner.mode = "local") stops with the task's own process. Where the OpenLineage provider is configured,
+    its events name the datasets the stage read and wrote."""
 
     def on_kill(self) -> None:
         if kill_submitted_stage():
             self.log.info("stopped the stage's Spark application")
+
+    def get_openlineage_facets_on_complete(self, task_instance):  # noqa: ANN201 (the provider's OperatorLineage)
+        from airflow.providers.openlineage.extractors import OperatorLineage
+
+        context = task_instance.get_template_context()
+        params = dict(context.get("params") or {})
+        cfg, _ = deployment_config(params)
+        inputs, outputs = stage_lineage(self.op_kwargs["stage"], cfg, params, context["ds"])
+        return OperatorLineage(inputs=inputs, outputs=outputs)
 
 
 def catalog_ready(ds: str, params: dict | None = None) -> bool:

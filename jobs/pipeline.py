@@ -7,6 +7,7 @@ from typing import Callable
 from jobs.context import RunContext, StageError, log
 from matcher.failures import classify
 from matcher.io.locks import DateLockedError, date_lock
+from matcher.io.tables import published_tables, run_tables
 from matcher.logs import log_context
 
 
@@ -47,6 +48,20 @@ STAGE_RUNNERS: dict[str, Callable[[RunContext], dict]] = {
     "train": _run_train, "score": _run_score, "publish": _run_publish,
 }
 STAGES = tuple(STAGE_RUNNERS)  # in the order they run
+
+def stage_data(stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a stage reads and writes, for lineage: the lake's tables by name, "catalog" (the night's input), "models"
+    and "validation" (the lake's folders of those documents). score computes the published tables; publish commits
+    them, with clean and quarantine, to their Delta logs."""
+    published, visible = published_tables(), published_tables() + run_tables()
+    return {
+        "clean": (("catalog",), run_tables()),
+        "validate": (run_tables(), ("validation",)),
+        "extract": (("clean", "features"), ("features",)),
+        "train": (("features", "clean", "models"), ("models",)),
+        "score": (("features", "clean", "models"), published),
+        "publish": (visible, visible),
+    }[stage]
 
 
 def parse_steps(steps: str | None) -> list[str]:

@@ -52,6 +52,9 @@ def test_dag_imports_cleanly_and_every_task_retries():
     assert all(t.retry_exponential_backoff for t in dag.tasks if t.task_id != "wait_for_catalog")
     assert float(dag.get_task("wait_for_catalog").timeout) == 6 * 3600
     assert dag.schedule == "@daily"
+    # The accelerator stages share the pool whose slots an operator sets (the scheduler test runs them in it).
+    assert {t.task_id: t.pool for t in dag.tasks if t.pool != "default_pool"} == \
+        {"extract": "matcher_gpu", "train": "matcher_gpu", "score": "matcher_gpu"}
     # Every stage task stops the Spark application it submitted when it is killed (test_failures.py runs that).
     assert {type(t).__name__ for t in dag.tasks if t.task_id != "wait_for_catalog"} == {"MatcherStageOperator"}
 
@@ -363,3 +366,22 @@ def test_catalog_sensor_waits_for_the_catalog(dag_run, tmp_path):
     _, _, config_path = dag_run
     assert catalog_ready(DATE, {"config": str(config_path)}) is True
     assert catalog_ready(DATE, {"config": str(config_path), "catalog": str(tmp_path / "not-yet")}) is False
+
+
+def test_each_stage_task_names_the_datasets_it_reads_and_writes_for_openlineage():
+    from jobs.airflow_tasks import stage_lineage
+    from jobs.pipeline import STAGES
+    from matcher.io.tables import tables
+
+    cfg = load_config(overrides={"run": {"lake": "s3://lake/prod/lake", "catalog": "s3://drops/catalog/dt={ds}"}})
+    lineage = {stage: stage_lineage(stage, cfg, {}, DATE) for stage in STAGES}
+    names = {stage: ([(d.namespace, d.name) for d in reads], [(d.namespace, d.name) for d in writes])
+             for stage, (reads, writes) in lineage.items()}
+    assert names["clean"][0] == [("s3://drops", f"catalog/dt={DATE}")]
+    assert ("s3://lake", "prod/lake/recommendations") in names["publish"][1]
+    for name, table in tables().items():  # every table is among the outputs of the stage that writes it
+        assert ("s3://lake", f"prod/lake/{name}") in names[table.stage][1], name
+    local = stage_lineage("train", load_config(overrides={"run": {"lake": "file:///srv/lake"}}), {}, DATE)
+    assert [(d.namespace, d.name) for d in local[1]] == [("file", "/srv/lake/models")]
+    run_lake = stage_lineage("extract", cfg, {"lake": "s3://other/lake"}, DATE)  # a run's conf overrides the lake
+    assert {d.namespace for d in run_lake[0] + run_lake[1]} == {"s3://other"}

@@ -104,8 +104,15 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
            "AIRFLOW__API__PORT": str(port),
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
            "MATCHER_CONFIG": str(config),  # scheduled and backfilled runs get no conf: the deployment's file
+           # OpenLineage events of every task, to a file (a deployment points this at Marquez or its own backend)
+           "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "file", "log_file_path": str(tmp_path / "lineage"),
+                                                          "append": True}),
+           "AIRFLOW__OPENLINEAGE__NAMESPACE": "matcher-test",
            "PYTHONPATH": str(REPO_ROOT)}
     assert _airflow(env, "db", "migrate", timeout=300).returncode == 0
+    # The deployment's pool for the accelerator stages (Airflow never schedules a task whose pool is missing).
+    # (the name as a deployment types it: importing jobs.airflow_tasks here would import Airflow at collection)
+    assert _airflow(env, "pools", "set", "matcher_gpu", "1", "matcher's accelerator stages").returncode == 0
     # The DAG is parsed into the database and the backfill created before the scheduler starts: SQLite lets one
     # writer in at a time, and a CLI write beside the running scheduler failed with "database is locked" (an
     # upgrade from a read lock is refused at once, whatever the busy timeout).
@@ -148,6 +155,16 @@ def test_a_backfill_through_the_scheduler_reads_each_dates_snapshot(tmp_path):
         log.close()
 
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    # Each stage task's COMPLETE event names the lake's tables it read and wrote (the provider's own events).
+    events = [json.loads(line) for f in tmp_path.glob("lineage*") for line in f.read_text().splitlines()]
+    completed = {(e["job"]["name"], e["run"]["facets"]["airflow"]["dagRun"]["run_id"]): e for e in events
+                 if e["eventType"] == "COMPLETE" and e["job"]["name"].startswith(f"{DAG}.")}
+    for date in DATES:
+        run = f"backfill__{date}T00:00:00+00:00"
+        publish = completed[(f"{DAG}.publish", run)]
+        assert {("file", lake.path(t)) for t in ("recommendations", "clean", "quarantine")} <= \
+            {(d["namespace"], d["name"]) for d in publish["outputs"]}
+        assert [d["name"] for d in completed[(f"{DAG}.clean", run)]["inputs"]] == [str(catalogs / f"dt={date}")]
     for date in DATES:
         clean = sorted(lake.read_partition("clean", date).column("product_id").to_pylist())
         assert clean == _snapshot_ids(catalogs / f"dt={date}")

@@ -59,9 +59,14 @@ def configure_airflow(airflow_home: Path) -> None:
 def run_dag_for_date(date: str, conf: dict) -> str:
     """Run the nightly DAG for one logical date in-process with dag.test(); returns the run's final state."""
     from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.pool import Pool
     from airflow.utils import db
 
+    from jobs.airflow_tasks import GPU_POOL, GPU_POOL_DESCRIPTION, GPU_POOL_SLOTS
+
     db.upgradedb()
+    if Pool.get_pool(GPU_POOL) is None:  # an operator's own size of an existing pool stays
+        Pool.create_or_update_pool(GPU_POOL, GPU_POOL_SLOTS, GPU_POOL_DESCRIPTION, include_deferred=False)
     bag = DagBag(str(DAGS_DIR))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")

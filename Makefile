@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo lint test test-fast fashion lock wheel clean-workspace
+.PHONY: install system-deps demo lint test test-fast fashion lock wheel pack-env clean-workspace
 
 install: $(STAMP)
 
@@ -56,6 +56,16 @@ lock:
 # then `pip install --no-deps dist/matcher-*.whl` on a machine with nothing else of this repository.
 wheel: install
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+
+# The environment executors unpack in cluster mode (spark.python_env = "dist/matcher-env.tar.gz"): the locked
+# packages and the wheel (not this checkout), packed by venv-pack. Workers need only the same base Python, at the path
+# the venv names (its bin/python links to it), and no venv or repository of their own.
+pack-env: wheel
+	rm -rf build/pack-env dist/matcher-env.tar.gz
+	$(PYTHON) -m venv build/pack-env
+	build/pack-env/bin/pip install --quiet --require-hashes -r requirements.lock
+	build/pack-env/bin/pip install --quiet --no-deps dist/matcher-*.whl
+	$(BIN)/venv-pack --quiet -p build/pack-env -o dist/matcher-env.tar.gz
 
 clean-workspace:
 	rm -rf .matcher

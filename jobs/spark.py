@@ -79,8 +79,34 @@ def spark_settings(cfg: SparkConfig, submitted: bool | None = None,
         conf["spark.eventLog.dir"] = events
     conf.update(spark_gpu_conf(cfg))
     conf.update(spark_auth_conf(cfg))
+    if cluster and cfg.python_env:
+        conf["spark.archives"] = f"{packed_env(cfg)}#{PACKED_ENV_DIR}"
     conf.update(cfg.conf)  # operators' own settings, last
     return (None if submitted else cfg.master), conf
+
+
+PACKED_ENV_DIR = "matcher_env"  # where each executor unpacks spark.python_env, in its working folder
+_PACKED_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def packed_env(cfg: SparkConfig) -> str:
+    """spark.python_env as an absolute path, checked: an archive that exists (executors fetch it from the driver)."""
+    path = Path(cfg.python_env).expanduser().resolve()
+    if not path.name.endswith(_PACKED_SUFFIXES):
+        raise ConfigError(f"spark.python_env {cfg.python_env}: a packed environment is a .tar.gz, .tgz, .tar or .zip "
+                          "(make pack-env)")
+    if not path.is_file():
+        raise ConfigError(f"spark.python_env {path} does not exist: build it with `make pack-env`")
+    return str(path)
+
+
+def executor_python(cfg: SparkConfig, submitted: bool | None = None) -> str:
+    """The interpreter the driver names for its executors: the packed environment's, relative to each executor's
+    working folder, when one is shipped; else the driver's own (workers have the venv at the same path)."""
+    submitted = under_spark_submit() if submitted is None else submitted
+    if cfg.python_env and cluster_mode(cfg, submitted):
+        return f"./{PACKED_ENV_DIR}/bin/python"
+    return sys.executable
 
 
 def spark_auth_conf(cfg: SparkConfig) -> dict[str, str]:
@@ -117,8 +143,12 @@ def get_spark(cfg: SparkConfig, lake: Lake | None = None):
         if key == _session_key:
             return _session
         stop_spark()
-    # Workers must run this interpreter (with torch and pyarrow), not the system python. The driver sends it to
-    # the executors with each Python function, so this is enough for a standalone cluster too.
+    # Workers must run this interpreter (with torch and pyarrow), or the packed environment's, not the system python.
+    # The driver sends it to the executors with each Python function, so this is enough for a standalone cluster too.
+    # An operator's own PYSPARK_PYTHON stays, unless a packed environment is shipped (or was, for an earlier session).
+    python = executor_python(cfg)
+    if python != sys.executable or os.environ.get("PYSPARK_PYTHON", "").startswith(f"./{PACKED_ENV_DIR}/"):
+        os.environ["PYSPARK_PYTHON"] = python
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master is not None and _loopback_master(master):

@@ -135,6 +135,7 @@ class SparkConfig:
     max_result_size: str
     conf: dict[str, str]
     auth_secret_file: str
+    python_env: str
 
 
 @dataclass(frozen=True)

@@ -327,3 +327,66 @@ def test_cli_starts_and_stops_a_cluster(tmp_path):
     assert stopped.returncode == 0, stopped.stderr
     assert pids and not any(_running(p) for p in pids.values())
     assert not any(port_open(p) for p in cluster.ports)
+
+
+def _locked(*names: str) -> list[str]:
+    """name==version of packages as requirements.lock pins them."""
+    from matcher.config import REPO_ROOT
+
+    pins = dict(line.split(" ")[0].split("==") for line in (REPO_ROOT / "requirements.lock").read_text().splitlines()
+                if "==" in line and not line.startswith((" ", "#")))
+    return [f"{n}=={pins[n]}" for n in names]
+
+
+def test_executors_run_the_packed_environment_they_unpack_not_the_drivers_venv(tmp_path, monkeypatch):
+    from matcher.config import REPO_ROOT
+
+    # A small packed environment (what `make pack-env` makes of the whole lock): pandas and Arrow for the pandas
+    # UDFs, and matcher from its wheel, not from this checkout.
+    env, wheels = tmp_path / "env", tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(REPO_ROOT)], check=True)
+    packages = _locked("pandas", "numpy", "pyarrow", "python-dateutil", "six", "pytz", "tzdata")
+    subprocess.run([str(env / "bin/pip"), "install", "--quiet", "--no-deps", *packages,
+                    *map(str, wheels.glob("matcher-*.whl"))], check=True)
+    archive = tmp_path / "matcher-env.tar.gz"
+    subprocess.run([str(Path(sys.executable).with_name("venv-pack")), "--quiet", "-p", str(env), "-o", str(archive)],
+                   check=True)
+
+    cluster = StandaloneCluster(tmp_path / "cluster", workers=1, cores_per_worker=2, memory_per_worker="1g")
+    monkeypatch.setenv("PYSPARK_PYTHON", "/nonexistent/python3")  # the daemons' own python: never used
+    cluster.start()
+    try:
+        spark = get_spark(_spark(**cluster.spark_overrides(), python_env=str(archive),
+                                 conf={"spark.executor.memory": "512m"}))
+
+        def probe(_):
+            import matcher
+
+            yield sys.prefix, os.path.realpath(matcher.__file__), os.getcwd()
+
+        seen = set(spark.sparkContext.parallelize(range(2), 2).mapPartitions(probe).collect())
+        for prefix, matcher_file, cwd in seen:
+            assert prefix == os.path.join(cwd, "matcher_env"), (prefix, cwd)  # the unpacked archive's interpreter
+            assert matcher_file.startswith(os.path.realpath(cwd)) and "site-packages" in matcher_file  # its wheel
+            assert not matcher_file.startswith(str(REPO_ROOT)) and not prefix.startswith(sys.prefix)
+
+        import pandas as pd
+
+        def doubled(batches):
+            for frame in batches:
+                yield pd.DataFrame({"x": frame["id"] * 2})
+
+        assert spark.range(100).mapInPandas(doubled, "x long").agg({"x": "sum"}).first()[0] == 9900
+    finally:
+        stop_spark()
+        cluster.stop()
+
+
+def test_a_packed_environment_that_is_missing_or_not_an_archive_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist: build it with `make pack-env`"):
+        spark_settings(_spark(master="spark://127.0.0.1:7077", python_env=str(tmp_path / "env.tar.gz")))
+    with pytest.raises(ConfigError, match="is a .tar.gz"):
+        spark_settings(_spark(master="spark://127.0.0.1:7077", python_env=str(tmp_path)))
+    assert "spark.archives" not in spark_settings(_spark(master="local[2]", python_env="ignored.tar.gz"))[1]

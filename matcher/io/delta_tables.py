@@ -156,6 +156,8 @@ def migrate_tables(lake: Lake, holder: str, locked: bool = False) -> dict[str, i
 def vacuum_tables(lake: Lake, keep_nights: int, holder: str) -> dict[str, int]:
     """Delete the files that publishes replaced more than `keep_nights` nights ago, except those of each table's
     version before its newest (a reader that opened it finishes). Returns the files deleted per table."""
+    if keep_nights < 0:
+        raise ValueError(f"keep_nights must be >= 0, got {keep_nights}")
     deleted = {}
     with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
         for table in queryable_tables():

@@ -317,8 +317,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.holdout_fraction must be in (0, 1)")
     if not 0.0 <= cfg.train.calibration_fraction < 1.0 - cfg.train.holdout_fraction:
         raise ConfigError("train.calibration_fraction must be in [0, 1 - holdout_fraction)")
-    if cfg.tables.keep_nights < 0:
-        raise ConfigError("tables.keep_nights must be >= 0")
+    if not 0 <= cfg.tables.keep_nights <= 30:  # the Delta log keeps its commits 30 days (delta.logRetentionDuration)
+        raise ConfigError("tables.keep_nights must be between 0 and 30: a Delta log keeps its versions 30 days")
     if cfg.score.top_k < 1:
         raise ConfigError("score.top_k must be >= 1")
     if cfg.score.min_category_products < 0:

@@ -25,6 +25,8 @@ def test_file_overrides_subset(tmp_path):
     ({"score": {"top_k": "ten"}}, "score.top_k must be int"),
     ({"train": {"fusion": "sum"}}, "train.fusion"),
     ({"storage": {"embedded": "yes"}}, "storage.embedded must be bool"),
+    ({"tables": {"keep_nights": 31}}, "tables.keep_nights must be between 0 and 30"),
+    ({"tables": {"keep_nights": -1}}, "tables.keep_nights must be between 0 and 30"),
 ])
 def test_bad_config_is_a_clear_error(sections, message):
     with pytest.raises(ConfigError, match=message):

@@ -49,11 +49,13 @@ STAGE_RUNNERS: dict[str, Callable[[RunContext], dict]] = {
 }
 STAGES = tuple(STAGE_RUNNERS)  # in the order they run
 
+
 def stage_data(stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """What a stage reads and writes, for lineage: the lake's tables by name, "catalog" (the night's input), "models"
     and "validation" (the lake's folders of those documents). score computes the published tables; publish commits
     them, with clean and quarantine, to their Delta logs."""
-    published, visible = published_tables(), published_tables() + run_tables()
+    published = published_tables()
+    visible = published + run_tables()
     return {
         "clean": (("catalog",), run_tables()),
         "validate": (run_tables(), ("validation",)),

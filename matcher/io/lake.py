@@ -16,7 +16,8 @@ This module is the only one that spells the lake's layout:
   validation/dt=YYYY-MM-DD/, reports/dt=YYYY-MM-DD/ the validation result and the nightly report
   models/<version>/..., models/current.json        versioned models and the promoted one
   models/served.json                               every promotion and the best served model per encoder pair
-  _locks/dt=YYYY-MM-DD/, _locks/dt=models/         the date locks and run claims; the model registry's lock
+  _locks/dt=YYYY-MM-DD/, _locks/dt=models/,        the date locks and run claims; the model registry's lock;
+  _locks/dt=tables/                                the lock of the tables' Delta logs
 Readers go through the commit point, so a partition is seen whole or not at all. A partition's files stay while
 a commit point names them: the commit file, the manifest, the manifest's record of the generation it replaced (a
 reader that opened the previous manifest can finish while the date is published again), or a table version its Delta

@@ -232,9 +232,8 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
             baselines = fit_baselines(img[fit_rows], txt[fit_rows], split.validation[used],
                                       closed_form_folds(cfg.train, len(fit_rows)))
             # Each baseline also refit on all of night 1's rows with its chosen setting, as the served model is.
-            for name, pair in [*baselines.items(),
-                               *((f"{n} (refit on all rows)", refit(p, img[night1], txt[night1]))
-                                 for n, p in baselines.items())]:
+            refits = {f"{n} (refit on all rows)": refit(p, img[night1], txt[night1]) for n, p in baselines.items()}
+            for name, pair in [*baselines.items(), *refits.items()]:
                 if text_views and not name.startswith("cca"):
                     continue
                 z, u = pair.embed_images(img), pair.embed_texts(txt)
@@ -242,9 +241,10 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
                     draw_metrics(z, u, _normalise(z + u), cats, unseen, bank, t))
             if text_views:
                 continue
-            # The ensemble the issue asks to measure: the new recipe's heads and CCA, scores added (unit parts
-            # concatenated, so a pair's score is the sum of the two cosines, halved).
-            zc, uc = baselines["cca"].embed_images(img), baselines["cca"].embed_texts(txt)
+            # The ensemble the issue asks to measure: the served heads and CCA, both fitted on all of night 1's
+            # rows, scores added (unit parts concatenated, so a pair's score is the sum of the two cosines, halved).
+            cca = refits["cca (refit on all rows)"]
+            zc, uc = cca.embed_images(img), cca.embed_texts(txt)
             zh, uh = heads["matcher"]
             z, u = _normalise(np.concatenate([zh, zc], 1)), _normalise(np.concatenate([uh, uc], 1))
             results.setdefault(label + "matcher + CCA, scores added", []).append(

@@ -104,7 +104,7 @@ def test_the_reports_suggested_query_runs_through_the_manifest(published_lake, c
     lake = Lake(load_config(published_lake).run.lake, load_config().storage)
     manifest = lake.manifest(DATE)
     manifest["tables"]["recommendations"] |= {"rows": 3, "path": lake.display(f"recommendations/dt={DATE}")}
-    suggested = re.search(r'matcher query "([^"]*)"', html.unescape(_tables(manifest))).group(1)
+    suggested = re.search(r'matcher query "([^"]*)"', html.unescape(_tables(manifest, lake))).group(1)
     assert "read_parquet" not in suggested
     capsys.readouterr()
     assert main(["-q", "query", suggested, "--config", str(published_lake)]) == 0

@@ -90,11 +90,14 @@ _PACKED_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
 def packed_env(cfg: SparkConfig) -> str:
-    """spark.python_env as an absolute path, checked: an archive that exists (executors fetch it from the driver)."""
-    path = Path(cfg.python_env).expanduser().resolve()
-    if not path.name.endswith(_PACKED_SUFFIXES):
+    """spark.python_env as Spark's archives take it: a local archive (checked to exist; executors fetch it from the
+    driver) as an absolute path, or a URI the executors fetch themselves (http(s)://, hdfs://) as it is."""
+    if not cfg.python_env.endswith(_PACKED_SUFFIXES):
         raise ConfigError(f"spark.python_env {cfg.python_env}: a packed environment is a .tar.gz, .tgz, .tar or .zip "
                           "(make pack-env)")
+    if "://" in cfg.python_env and not cfg.python_env.startswith("file://"):
+        return cfg.python_env
+    path = Path(cfg.python_env.removeprefix("file://")).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"spark.python_env {path} does not exist: build it with `make pack-env`")
     return str(path)

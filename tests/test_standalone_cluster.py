@@ -390,3 +390,6 @@ def test_a_packed_environment_that_is_missing_or_not_an_archive_is_a_config_erro
     with pytest.raises(ConfigError, match="is a .tar.gz"):
         spark_settings(_spark(master="spark://127.0.0.1:7077", python_env=str(tmp_path)))
     assert "spark.archives" not in spark_settings(_spark(master="local[2]", python_env="ignored.tar.gz"))[1]
+    shared = "https://artifacts.example/matcher-env.tar.gz"  # executors fetch it themselves: passed as it is
+    assert spark_settings(_spark(master="spark://127.0.0.1:7077", python_env=shared))[1]["spark.archives"] == \
+        shared + "#matcher_env"

@@ -73,6 +73,18 @@ def s3_config(s3_server) -> Config:
     })
 
 
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def lake_config(request, tmp_path) -> Config:
+    """The embedded defaults with a lake of the test's own: a local folder, then a prefix on the S3 server."""
+    if request.param == "local":
+        return load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    server = request.getfixturevalue("s3_server")
+    return load_config(overrides={
+        "run": {"lake": f"s3://lake/{tmp_path.name}"},
+        "storage": {"s3_endpoint": server.endpoint, "s3_access_key": server.access_key,
+                    "s3_secret_key": server.secret_key}})
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stop_spark_at_the_end():
     yield

@@ -24,17 +24,6 @@ from tests.test_publish_atomic import clean_attempt, stage_published_tables, tag
 D1, D2 = "2026-05-01", "2026-05-02"
 
 
-@pytest.fixture(params=["local", "s3"])
-def config(request, tmp_path):
-    if request.param == "local":
-        return load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
-    server = request.getfixturevalue("s3_server")
-    return load_config(overrides={
-        "run": {"lake": f"s3://lake/delta-{tmp_path.name}"},
-        "storage": {"s3_endpoint": server.endpoint, "s3_access_key": server.access_key,
-                    "s3_secret_key": server.secret_key}})
-
-
 def publish(config, date: str, tag: str) -> dict:
     ctx = RunContext(config, date)
     clean_attempt(ctx.lake, date, tag)
@@ -63,7 +52,8 @@ def cli_json(config, *argv: str, capsys) -> object:
 
 @pytest.mark.integration
 def test_two_nights_are_two_versions_that_deltalake_pandas_and_duckdb_read_after_the_second_replaced_the_first(
-        config):
+        lake_config):
+    config = lake_config
     lake = Lake(config.run.lake, config.storage)
     first = publish(config, D1, "g1")
     second = publish(config, D1, "g2")  # the date published again: the first night's tables replaced
@@ -111,7 +101,8 @@ def test_spark_sql_reads_both_versions_through_the_files_each_version_names(tmp_
 
 
 @pytest.mark.integration
-def test_a_delta_reader_looping_during_republishes_never_fails_and_never_mixes(config):
+def test_a_delta_reader_looping_during_republishes_never_fails_and_never_mixes(lake_config):
+    config = lake_config
     lake = Lake(config.run.lake, config.storage)
     publish(config, D1, "g0")
     stop = threading.Event()

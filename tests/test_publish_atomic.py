@@ -23,17 +23,6 @@ D = "2026-05-01"
 READ_TABLES = ("recommendations", "embeddings", "clean", "quarantine")
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
-def config(request, tmp_path):
-    if request.param == "local":
-        return load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
-    server = request.getfixturevalue("s3_server")
-    return load_config(overrides={
-        "run": {"lake": f"s3://lake/atomic-{tmp_path.name}"},
-        "storage": {"s3_endpoint": server.endpoint, "s3_access_key": server.access_key,
-                    "s3_secret_key": server.secret_key}})
-
-
 def tagged(name: str, tag: str, rows: int) -> pa.Table:
     """A table of `name`'s schema whose rows all carry `tag` (in model_version, or title/reason where it lacks one)."""
     schema = table_schema(name)
@@ -89,7 +78,8 @@ def folder(lake: Lake, table: str) -> set[str]:
     return {lake.relative(i.path) for i in infos if i.base_name.endswith(".parquet")}
 
 
-def test_a_reader_on_the_previous_manifest_finishes_on_its_files_while_the_date_is_published_again(config):
+def test_a_reader_on_the_previous_manifest_finishes_on_its_files_while_the_date_is_published_again(lake_config):
+    config = lake_config
     config = config.with_overrides({"tables": {"keep_nights": 0}})  # no time travel: only what readers may be on
     lake = Lake(config.run.lake, config.storage)
     first = publish_night(config, "g1")
@@ -112,7 +102,8 @@ def test_a_reader_on_the_previous_manifest_finishes_on_its_files_while_the_date_
         assert tags(read_published(lake, table, D)) == {"g3"}
 
 
-def test_readers_looping_over_a_date_during_republishes_never_fail_and_never_mix(config):
+def test_readers_looping_over_a_date_during_republishes_never_fail_and_never_mix(lake_config):
+    config = lake_config
     publish_night(config, "g0")
     stop = threading.Event()
     seen: list[tuple[str, set]] = []

@@ -164,6 +164,8 @@ def test_a_lake_published_before_the_tables_had_logs_migrates_by_one_command(tmp
     for table in queryable_tables():  # what the code before the logs left: the same folders, no _delta_log
         shutil.rmtree(lake.path(Lake.delta_log_dir(table)))
     assert open_table(lake, "recommendations") is None
+    assert main(["query", "select 1", "--as-of", "0", "--lake", config.run.lake]) == 1
+    assert "run `matcher tables migrate`" in capsys.readouterr().err
 
     migrated = cli_json(config, "tables", "migrate", capsys=capsys)["versions_written"]
     assert migrated == {t: 0 for t in queryable_tables()}

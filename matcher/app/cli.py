@@ -242,6 +242,9 @@ def cmd_query(args: argparse.Namespace) -> int:
             if dataset is not None:
                 con.register(name, dataset)
         if not any(d is not None for d in datasets.values()):
+            if as_of is not None and published_dataset(lake, "clean") is not None:
+                raise FileNotFoundError(f"the tables in {lake.display('')} have no Delta logs yet (published before "
+                                        "they had them): run `matcher tables migrate`, then --as-of")
             raise FileNotFoundError(f"nothing published in {lake.display('')}")
         _read_only(con)
         try:

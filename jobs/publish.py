@@ -11,7 +11,7 @@ from jobs.validate import judged_attempt, require_passed
 from matcher.io.delta_tables import commit_night, vacuum_tables
 from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.run_report import render_run_report
-from matcher.io.tables import published_tables, queryable_tables, run_tables, table_schema
+from matcher.io.tables import published_tables, run_tables, table_schema
 
 
 def run(ctx: RunContext) -> dict:
@@ -46,21 +46,22 @@ def run(ctx: RunContext) -> dict:
     # manifest finishes on its files. A crash before the switch leaves the previous partition as it was.
     previous = lake.manifest(ctx.date)
     publish_id = new_attempt_id()
-    tables = {}
-    for name in published_tables():
-        files = lake.commit_staged(name, ctx.date, publish_id)
-        tables[name] = {"rows": _footer_rows(lake, files), "path": lake.display(Lake.partition_dir(name, ctx.date)),
-                        "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)]}
-    for name in run_tables():
-        committed = lake.committed(name, ctx.date) or {}
-        tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
-                        "files": list(committed.get("files", [])), "attempt": committed.get("attempt")}
+    moved = {name: lake.commit_staged(name, ctx.date, publish_id) for name in published_tables()}
+    run_commits = {name: lake.committed(name, ctx.date) or {} for name in run_tables()}
     if ctx.lock is not None:  # fence: the tables' logs are a commit point for every other reader
         ctx.lock.assert_held()
     holder = f"publish {ctx.date} {publish_id}"
-    versions = commit_night(lake, ctx.date, {name: tables[name]["files"] for name in queryable_tables()}, holder)
-    for name, version in versions.items():
-        tables[name]["delta_version"] = version
+    logged = commit_night(lake, ctx.date, moved | {name: list(doc.get("files", [])) for name, doc in
+                                                   run_commits.items()}, holder)
+    tables = {}
+    for name, files in moved.items():
+        tables[name] = {"rows": logged[name].rows, "path": lake.display(Lake.partition_dir(name, ctx.date)),
+                        "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)],
+                        "delta_version": logged[name].version}
+    for name, committed in run_commits.items():
+        tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
+                        "files": list(committed.get("files", [])), "attempt": committed.get("attempt"),
+                        "delta_version": logged[name].version}
     tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
                           "path": lake.display(Lake.partition_dir("features", ctx.date))}
     stages = {s: ctx.stage_stats(s) for s in STAGES[:STAGES.index("publish")]}
@@ -105,10 +106,6 @@ def run(ctx: RunContext) -> dict:
         log.warning("publish: report not written: %s", exc)
         return {"tables": tables, "report": None, "report_error": str(exc)}
     return {"tables": tables, "report": lake.display(report)}
-
-
-def _footer_rows(lake: Lake, files: list[str]) -> int:
-    return sum(pq.read_metadata(lake.path(f), filesystem=lake.fs).num_rows for f in files)
 
 
 def _generation(lake: Lake, manifest: dict | None) -> dict | None:

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -93,9 +94,17 @@ def _add_action(lake: Lake, table: str, dt: str, file: str) -> AddAction:
                      json.dumps({"numRecords": rows}))
 
 
-def _commit(lake: Lake, table: str, adds_by_date: dict[str, list[AddAction]], by: str) -> int:
+class Logged(NamedTuple):
+    """A table's date as its log now holds it: the version committed and the rows it added."""
+    version: int
+    rows: int
+
+
+def _commit(lake: Lake, table: str, adds_by_date: dict[str, list[AddAction]], by: str,
+            current: DeltaTable | None = None) -> int:
     """One version of the table that replaces the given dates' files by `adds_by_date`; returns the version. The
-    commit's metadata names the dates and the writer (`matcher tables history` shows them)."""
+    commit's metadata names the dates and the writer (`matcher tables history` shows them). `current`: the log as
+    the caller has just loaded it (None: loaded here)."""
     uri, options = table_uri(lake, table), storage_options(lake)
     adds = [a for actions in adds_by_date.values() for a in actions]
     schema = delta_schema(table)
@@ -103,16 +112,17 @@ def _commit(lake: Lake, table: str, adds_by_date: dict[str, list[AddAction]], by
     about = CommitProperties(custom_metadata={"matcher.dates": ",".join(dates), "matcher.by": by})
     for attempt in range(COMMIT_ATTEMPTS):
         try:
-            current = open_table(lake, table)
+            if current is None or attempt > 0:  # a retry reads the log the other writer committed to
+                current = open_table(lake, table)
             if current is None:
                 create_table_with_add_actions(uri, Schema.from_arrow(schema), adds, mode="append",
                                               partition_by=[PARTITION], name=table, storage_options=options,
                                               commit_properties=about)
-            else:
-                current.create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=[PARTITION],
-                                                 partition_filters=[(PARTITION, "in", dates)],
-                                                 commit_properties=about)
-            return open_table(lake, table).version()
+                return open_table(lake, table).version()
+            current.create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=[PARTITION],
+                                             partition_filters=[(PARTITION, "in", dates)], commit_properties=about)
+            current.update_incremental()  # reads only the commit just made
+            return current.version()
         except CommitFailedError:
             if attempt == COMMIT_ATTEMPTS - 1:
                 raise
@@ -120,25 +130,31 @@ def _commit(lake: Lake, table: str, adds_by_date: dict[str, list[AddAction]], by
     raise AssertionError("unreachable")
 
 
-def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) -> dict[str, int]:
+def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) -> dict[str, Logged]:
     """Commit each table's files (lake-relative, already in the date's folder) as the date's whole partition of that
-    table: one version per table, under the tables lock. Returns each table's new version. A lake published before
-    its tables had logs is migrated first, so a table's log never lacks a published date."""
+    table: one version per table, under the tables lock. Returns each table's new version and rows (from the
+    footers the log's records are made of). A lake published before its tables had logs is migrated first, so a
+    table's log never lacks a published date."""
     adds = {table: [_add_action(lake, table, dt, f) for f in table_files] for table, table_files in files.items()}
     with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
-        migrate_tables(lake, holder, locked=True)
-        return {table: _commit(lake, table, {dt: table_adds}, holder) for table, table_adds in adds.items()}
+        opened = {table: open_table(lake, table) for table in queryable_tables()}
+        migrated = _migrate(lake, [table for table, delta in opened.items() if delta is None], holder)
+        return {table: Logged(_commit(lake, table, {dt: table_adds}, holder,
+                                      None if table in migrated else opened.get(table)),
+                              sum(json.loads(a.stats)["numRecords"] for a in table_adds))
+                for table, table_adds in adds.items()}
 
 
-def migrate_tables(lake: Lake, holder: str, locked: bool = False) -> dict[str, int]:
+def migrate_tables(lake: Lake, holder: str) -> dict[str, int]:
     """Give every queryable table that has published dates but no log one: a first version holding the files each
     date's manifest names. Tables that have a log are left as they are. Returns the versions written."""
-    if not locked:
-        with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError,
-                         "the tables' logs"):
-            return migrate_tables(lake, holder, locked=True)
+    with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
+        return _migrate(lake, [t for t in queryable_tables() if open_table(lake, t) is None], holder)
+
+
+def _migrate(lake: Lake, pending: list[str], holder: str) -> dict[str, int]:
+    """migrate_tables for these tables (without a log), under the tables lock the caller holds."""
     written = {}
-    pending = [t for t in queryable_tables() if open_table(lake, t) is None]
     dates = committed_dates(lake) if pending else []
     for table in pending:
         adds = {}

@@ -216,17 +216,24 @@ def table_as_of(lake: Lake, table: str, as_of: AsOf) -> DeltaTable | None:
     if delta is None:
         return None
     point = as_of.version if as_of.version is not None else as_of.time.isoformat()
-    commits = delta.history()
-    first = min(commits, key=lambda h: h["version"])
-    too_early = as_of.time is not None and as_of.time.timestamp() * 1000 < first["timestamp"]
-    try:
-        if too_early:  # deltalake would load its first version instead
+    newest = delta.version()
+
+    def first_commit() -> dict:  # the whole history is read only for a time, or to explain a refusal
+        return min(delta.history(), key=lambda h: h["version"])
+
+    def refused(why: str, first: dict) -> TableVersionError:
+        return TableVersionError(f"table {table} has no version as of {point} (its log holds versions "
+                                 f"{first['version']} to {newest}): {why}")
+
+    if as_of.time is not None:
+        first = first_commit()
+        if as_of.time.timestamp() * 1000 < first["timestamp"]:  # deltalake would load its first version instead
             created = _dt.datetime.fromtimestamp(first["timestamp"] / 1000, _dt.timezone.utc)
-            raise ValueError(f"its first version was committed at {created:%Y-%m-%dT%H:%M:%SZ}")
+            raise refused(f"its first version was committed at {created:%Y-%m-%dT%H:%M:%SZ}", first)
+    try:
         delta.load_as_version(as_of.version if as_of.version is not None else as_of.time)
     except Exception as exc:  # deltalake raises its generic error for a version it does not have
-        raise TableVersionError(f"table {table} has no version as of {point} (its log holds versions "
-                                f"{first['version']} to {delta.version()}): {str(exc).splitlines()[0]}") from None
+        raise refused(str(exc).splitlines()[0], first_commit()) from None
     return delta
 
 

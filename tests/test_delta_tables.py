@@ -19,17 +19,9 @@ from matcher.io.delta_tables import AsOf, history, open_table, storage_options, 
 from matcher.io.lake import Lake
 from matcher.io.published import read_published
 from matcher.io.tables import queryable_tables
-from tests.test_publish_atomic import clean_attempt, stage_published_tables, tagged, tags
+from tests.test_publish_atomic import publish_night, stage_published_tables, tagged, tags
 
 D1, D2 = "2026-05-01", "2026-05-02"
-
-
-def publish(config, date: str, tag: str) -> dict:
-    ctx = RunContext(config, date)
-    clean_attempt(ctx.lake, date, tag)
-    stage_published_tables(ctx.lake, date, tag)
-    run_stage("publish", ctx)
-    return ctx.lake.manifest(date)
 
 
 def delta(lake: Lake, table: str, version: int | None = None) -> DeltaTable:
@@ -55,8 +47,8 @@ def test_two_nights_are_two_versions_that_deltalake_pandas_and_duckdb_read_after
         lake_config):
     config = lake_config
     lake = Lake(config.run.lake, config.storage)
-    first = publish(config, D1, "g1")
-    second = publish(config, D1, "g2")  # the date published again: the first night's tables replaced
+    first = publish_night(config, "g1", D1)
+    second = publish_night(config, "g2", D1)  # the date published again: the first night's tables replaced
     for table in queryable_tables():
         assert first["tables"][table]["delta_version"] == 0 and second["tables"][table]["delta_version"] == 1
 
@@ -86,9 +78,9 @@ def test_spark_sql_reads_both_versions_through_the_files_each_version_names(tmp_
 
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
-    publish(config, D1, "g1")
-    publish(config, D2, "g1")
-    publish(config, D1, "g2")
+    publish_night(config, "g1", D1)
+    publish_night(config, "g1", D2)
+    publish_night(config, "g2", D1)
     spark = get_spark(config.spark)
     seen = {}
     for version in (1, 2):
@@ -104,7 +96,7 @@ def test_spark_sql_reads_both_versions_through_the_files_each_version_names(tmp_
 def test_a_delta_reader_looping_during_republishes_never_fails_and_never_mixes(lake_config):
     config = lake_config
     lake = Lake(config.run.lake, config.storage)
-    publish(config, D1, "g0")
+    publish_night(config, "g0", D1)
     stop = threading.Event()
     seen: list[dict] = []
     errors: list[BaseException] = []
@@ -121,7 +113,7 @@ def test_a_delta_reader_looping_during_republishes_never_fails_and_never_mixes(l
     thread.start()
     try:
         for night in range(1, 5):
-            publish(config, D1, f"g{night}")
+            publish_night(config, f"g{night}", D1)
     finally:
         stop.set()
         thread.join()
@@ -138,7 +130,7 @@ def test_dates_published_at_once_each_land_in_their_own_version(tmp_path):
 
     def night(date: str) -> None:
         try:
-            publish(config, date, "g1")
+            publish_night(config, "g1", date)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -158,9 +150,9 @@ def test_dates_published_at_once_each_land_in_their_own_version(tmp_path):
 def test_a_lake_published_before_the_tables_had_logs_migrates_by_one_command(tmp_path, capsys):
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
-    publish(config, D1, "g1")
-    publish(config, D2, "g1")
-    publish(config, D1, "g2")
+    publish_night(config, "g1", D1)
+    publish_night(config, "g1", D2)
+    publish_night(config, "g2", D1)
     for table in queryable_tables():  # what the code before the logs left: the same folders, no _delta_log
         shutil.rmtree(lake.path(Lake.delta_log_dir(table)))
     assert open_table(lake, "recommendations") is None
@@ -175,7 +167,7 @@ def test_a_lake_published_before_the_tables_had_logs_migrates_by_one_command(tmp
                 tags(read_published(lake, table, date)), (table, date)
     assert cli_json(config, "tables", "migrate", capsys=capsys)["versions_written"] == {}  # idempotent
 
-    publish(config, D2, "g3")  # the next night adds a version on top of the migrated one
+    publish_night(config, "g3", D2)  # the next night adds a version on top of the migrated one
     assert tags_by_date(delta(lake, "recommendations").to_pyarrow_table()) == {D1: {"g2"}, D2: {"g3"}}
     assert tags_by_date(delta(lake, "recommendations", 0).to_pyarrow_table()) == {D1: {"g2"}, D2: {"g1"}}
 
@@ -184,10 +176,10 @@ def test_a_lake_published_before_the_tables_had_logs_migrates_by_one_command(tmp
 def test_a_publish_on_an_unmigrated_lake_keeps_its_earlier_dates_in_the_log(tmp_path):
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
-    publish(config, D1, "g1")
+    publish_night(config, "g1", D1)
     for table in queryable_tables():
         shutil.rmtree(lake.path(Lake.delta_log_dir(table)))
-    publish(config, D2, "g2")
+    publish_night(config, "g2", D2)
     assert tags_by_date(delta(lake, "clean").to_pyarrow_table()) == {D1: {"g1"}, D2: {"g2"}}
 
 
@@ -196,7 +188,7 @@ def test_query_as_of_reads_an_earlier_version_and_the_vacuum_keeps_what_the_poli
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
     for night in range(1, 4):
-        publish(config, D1, f"g{night}")  # versions 0, 1, 2 (default keep_nights: every file stays)
+        publish_night(config, f"g{night}", D1)  # versions 0, 1, 2 (default keep_nights: every file stays)
     sql = "SELECT DISTINCT split_part(product_id, '-', 1) AS tag FROM recommendations"
     assert cli_json(config, "query", sql, capsys=capsys) == [{"tag": "g3"}]
     assert cli_json(config, "query", sql, "--as-of", "0", capsys=capsys) == [{"tag": "g1"}]
@@ -218,7 +210,7 @@ def test_query_as_of_reads_an_earlier_version_and_the_vacuum_keeps_what_the_poli
 def test_a_date_whose_quarantine_empties_reads_as_zero_rows_in_the_new_version(tmp_path):
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
-    publish(config, D1, "g1")
+    publish_night(config, "g1", D1)
     ctx = RunContext(config, D1)
     lake.write_partition("clean", D1, tagged("clean", "g2", 4))
     lake.commit_parts("quarantine", D1, [], "empty")  # a night with nothing quarantined writes no part file
@@ -246,14 +238,14 @@ def test_a_publish_that_dies_after_moving_its_files_in_leaves_every_delta_reader
 
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
-    publish(config, D1, "g1")
+    publish_night(config, "g1", D1)
 
     def crash(*args, **kwargs):  # the driver dies between moving the new files in and committing them
         raise SystemExit("driver lost")
 
     monkeypatch.setattr(jobs.publish, "commit_night", crash)
     with pytest.raises(SystemExit):
-        publish(config, D1, "g2")
+        publish_night(config, "g2", D1)
     # The folder now holds both nights' files (what a glob over it would read) ...
     glob = lake.partition_path("recommendations", D1) + "/*.parquet"
     assert {p.split("-")[0] for (p,) in duckdb.execute("SELECT product_id FROM read_parquet(?)", [glob]).fetchall()} \
@@ -272,7 +264,7 @@ def test_a_column_a_later_release_adds_reads_as_nulls_in_the_dates_published_bef
 
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
-    publish(config, D1, "g1")
+    publish_night(config, "g1", D1)
     released = delta_tables.delta_schema  # the release after adds a column to `search`
     monkeypatch.setattr(delta_tables, "delta_schema",
                         lambda name: released(name).append(pa.field("explanation", pa.string())))

@@ -65,12 +65,13 @@ def clean_attempt(lake: Lake, dt: str, tag: str) -> None:
                     {"success": True, "clean_attempt": judged_attempt(lake, dt)})
 
 
-def publish_night(config, tag: str) -> dict:
-    ctx = RunContext(config, D)
-    clean_attempt(ctx.lake, D, tag)
-    stage_published_tables(ctx.lake, D, tag)
+def publish_night(config, tag: str, date: str = D) -> dict:
+    """A night's clean attempt and staged tables, all tagged, published; returns the date's manifest."""
+    ctx = RunContext(config, date)
+    clean_attempt(ctx.lake, date, tag)
+    stage_published_tables(ctx.lake, date, tag)
     run_stage("publish", ctx)
-    return ctx.lake.manifest(D)
+    return ctx.lake.manifest(date)
 
 
 def folder(lake: Lake, table: str) -> set[str]:

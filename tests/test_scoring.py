@@ -199,10 +199,20 @@ def test_cross_match_scores_each_unordered_pair_once():
     assert calls[:2] == [4, 4]  # the unordered pairs {0,1}, {0,2}, {3,3}, {1,3}, each scored once per direction
 
 
+def _assert_same_neighbours_up_to_rounding(q, x, got_i, want_i, want_s, ulps=2e-6):
+    """got_i is want_i, except that two neighbours whose float32 scores agree to rounding may come in either order:
+    a BLAS kernel may round equal dot products differently by their column (OpenBLAS's AMD kernels do, Intel's
+    did not), so even float32 itself does not order an exact tie the same way everywhere."""
+    for r, c in zip(*np.nonzero(got_i != want_i)):
+        exact = float(q[r].astype(np.float64) @ x[got_i[r, c]].astype(np.float64))
+        assert abs(exact - want_s[r, c]) <= ulps, (r, c, got_i[r, c], want_i[r, c])
+    assert all(len(set(row)) == len(row) for row in got_i.tolist())
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_products_give_the_float32_answer(precision):
     # The GPU kernel's arithmetic (torch, fp16 / bf16 inputs) run on the CPU: candidates found within the rounding
-    # error bound and rescored in float32 give exactly the float32 neighbours, ties included.
+    # error bound and rescored in float32 give the float32 neighbours (an exact tie in either order).
     rng = np.random.default_rng(8)
     x = rng.normal(size=(600, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -211,8 +221,8 @@ def test_reduced_precision_products_give_the_float32_answer(precision):
         q = x if "exclude_self" in kwargs else x[100:400]
         want_s, want_i = topk(q, x, 15, block_size=128, **kwargs)
         got_s, got_i = topk(q, x, 15, block_size=128, precision=precision, **kwargs)
-        np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_allclose(got_s, want_s, rtol=0, atol=2e-6)
+        _assert_same_neighbours_up_to_rounding(q, x, got_i, want_i, want_s)
     small_integers = rng.integers(0, 3, size=(300, 4)).astype(np.float32)  # runs of equal scores
     np.testing.assert_array_equal(topk(small_integers, small_integers, 9, block_size=64, exclude_self=True,
                                        precision=precision)[1], brute_force(small_integers, small_integers, 9, True))

@@ -4,8 +4,6 @@ metrics are of the judged fit (trained without the held-out rows); the model ser
 same recipe trained on every row."""
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import torch
 
@@ -61,7 +59,7 @@ def run(ctx: RunContext) -> dict:
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"
     location = save_model(ctx.lake, version, served.model,
-                          {"train": asdict(cfg), "data_fingerprint": fingerprint, "trained_for_date": ctx.date,
+                          {"train": cfg.model_dump(), "data_fingerprint": fingerprint, "trained_for_date": ctx.date,
                            "products": int(len(fs.product_ids)), "heldout": int(heldout.sum()),
                            "served_fit": served_fit, "judged_fit_rows": result.rows, "served_rows": served.rows},
                           metrics, result.history, judged=result.model if served is not result else None)

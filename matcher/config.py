@@ -8,9 +8,13 @@ import math
 import numbers
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import typing
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.toml")
 PROFILES_DIR = Path(__file__).with_name("profiles")
@@ -52,179 +56,276 @@ class ConfigError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class _Section(BaseModel):
+    # strict: a key's TOML type is taken as given, never coerced ("0.5" is a quoting slip, not a number; true is not
+    # 1); frozen: one config object flows down unchanged; extra="forbid": a misspelt key is an error.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _whole_number(value: Any) -> Any:
+    """An int key takes an int, or a float that is exactly one (3.0, numpy's int64); 3.7 is an error, never truncated
+    to 3. Anything else goes on to strict validation, which refuses it by type."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    number = float(value)
+    if not (math.isfinite(number) and number.is_integer()):
+        raise ValueError(f"must be a whole number (int), got {value!r}: it is not rounded or truncated")
+    return int(number)
+
+
+Whole = Annotated[int, BeforeValidator(_whole_number)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _check_each(check: Callable[[str], str | None]) -> AfterValidator:
+    """A list key whose every entry passes `check` (which returns the problem, or None)."""
+    def validate(values: list[str]) -> list[str]:
+        for value in values:
+            problem = check(value)
+            if problem:
+                raise ValueError(f"{problem}, got {value!r}")
+        return values
+    return AfterValidator(validate)
+
+
+_HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.?", re.I)
+
+
+def _image_source_problem(source: str) -> str | None:
+    bucket = source.split("://", 1)[1].split("/", 1)[0] if "://" in source else ""
+    if source.startswith("file:///") or (source.startswith(("s3://", "s3a://")) and bucket):
+        return None
+    return ("entries must be file:///absolute/path/ or s3://bucket/prefix/ URIs (http(s) images: "
+            "catalog.http_allow_hosts)")
+
+
+def _host_problem(host: str) -> str | None:
+    if _HOST_NAME.fullmatch(host.strip()) or is_ip_literal(host.strip()):
+        return None
+    return "entries must be host names (cdn.example.com, *.cdn.example.com) or IP addresses"
+
+
+def _network_problem(network: str) -> str | None:
+    try:
+        ipaddress.ip_network(network.strip(), strict=False)
+    except ValueError:
+        return "entries must be networks such as 10.20.0.0/16 or fd00::/8 (or one address)"
+    return None
+
+
+def _known_columns(columns: dict[str, str]) -> dict[str, str]:
+    known = {"product_id", "title", "description", "category", "image"}
+    unknown = set(columns) - known
+    if unknown:
+        raise ValueError(f"maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    return columns
+
+
+def _spark_settings(conf: dict[str, str]) -> dict[str, str]:
+    bad = sorted(k for k in conf if not k.startswith("spark."))
+    if bad:
+        raise ValueError(f"keys must be Spark settings (spark.*), got {bad}")
+    if "spark.authenticate.secret" in conf:
+        # A secret inline in a config file travels with it (logs, images, tickets): name a private file instead.
+        raise ValueError("must not hold spark.authenticate.secret: put the secret in a file readable only by "
+                         "matcher's user and name it in spark.auth_secret_file")
+    return conf
+
+
+class RunConfig(_Section):
     catalog: str
     lake: str
     profile: str
 
 
-@dataclass(frozen=True)
-class StorageConfig:
+class StorageConfig(_Section):
     embedded: bool
     data_dir: str
     s3_endpoint: str
     s3_region: str
-    s3_access_key: str = field(repr=False)
-    s3_secret_key: str = field(repr=False)
+    s3_access_key: str = Field(repr=False)
+    s3_secret_key: str = Field(repr=False)
 
 
-@dataclass(frozen=True)
-class RunnerConfig:
-    mode: str
+class RunnerConfig(_Section):
+    mode: Literal["in_process", "spark_submit"]
     spark_conn_id: str
 
 
-@dataclass(frozen=True)
-class CatalogConfig:
+class CatalogConfig(_Section):
     file: str
     image_template: str
-    columns: dict[str, str]
+    columns: Annotated[dict[str, str], AfterValidator(_known_columns)]
     ready_marker: str
-    http_timeout: float
-    http_retries: int
-    http_max_bytes: int
-    image_sources: list[str]
+    http_timeout: float = Field(gt=0)
+    http_retries: Whole = Field(ge=0)
+    http_max_bytes: Whole = Field(gt=0)
+    image_sources: Annotated[list[str], _check_each(_image_source_problem)]
     http_images: bool
-    http_allow_hosts: list[str]
-    http_allow_networks: list[str]
+    http_allow_hosts: Annotated[list[str], _check_each(_host_problem)]
+    http_allow_networks: Annotated[list[str], _check_each(_network_problem)]
 
 
-@dataclass(frozen=True)
-class CleanConfig:
-    image_size: int
-    jpeg_quality: int
-    max_image_bytes: int
-    max_image_pixels: int
-    max_title_chars: int
-    max_description_chars: int
-    image_threads: int
+class CleanConfig(_Section):
+    image_size: Whole
+    jpeg_quality: Whole
+    max_image_bytes: Whole
+    max_image_pixels: Whole
+    max_title_chars: Whole
+    max_description_chars: Whole
+    image_threads: Whole
 
 
-@dataclass(frozen=True)
-class ValidateConfig:
+class ValidateConfig(_Section):
     clean_suite: str
     run_suite: str
     max_quarantine_rate: float
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    image_encoder: str
-    text_encoder: str
-    second_title_encoder: str
-    precision: str
+class ExtractConfig(_Section):
+    image_encoder: Literal[IMAGE_ENCODERS]
+    text_encoder: Literal[TEXT_ENCODERS]
+    second_title_encoder: Literal[("", *TEXT_ENCODERS)]
+    precision: Literal[("auto", *PRECISIONS)]
     image_weights: str
     image_colour: bool
-    description: str
-    batch_size: int
-    device: str
+    description: Literal["separate", "joined"]
+    batch_size: Whole = Field(ge=0, description="0: chosen per device")
+    device: Literal["auto", "cpu", "cuda"]
 
 
-@dataclass(frozen=True)
-class SparkConfig:
+class SparkConfig(_Section):
     master: str
-    arrow_batch_size: int
+    arrow_batch_size: Whole
     driver_memory: str
-    partitions: int
-    executor_gpus: int
+    partitions: Whole
+    executor_gpus: Whole
     task_gpus: float
     gpu_discovery_script: str
-    ui: str
+    ui: Literal["auto", "on", "off"]
     event_log_dir: str
     max_result_size: str
-    conf: dict[str, str]
+    conf: Annotated[dict[str, str], AfterValidator(_spark_settings)]
     auth_secret_file: str
     python_env: str
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    dim: int
-    hidden: int
-    fusion: str
-    fusion_alpha: float
-    epochs: int
-    min_steps: int
-    batch_size: int
+class TrainConfig(_Section):
+    dim: Whole
+    hidden: Whole
+    fusion: Literal["weighted", "concat", "concat_weighted"]
+    fusion_alpha: Fraction
+    epochs: Whole
+    min_steps: Whole
+    batch_size: Whole
     learning_rate: float
     weight_decay: float
     temperature: float
     learn_temperature: bool
-    holdout_fraction: float
-    calibration_fraction: float
-    validation_fraction: float
-    closed_form_folds: int
-    closed_form_cv_max_products: int
-    patience: int
-    init: str
+    holdout_fraction: float = Field(gt=0.0, lt=1.0)
+    calibration_fraction: float = Field(ge=0.0)
+    validation_fraction: float = Field(ge=0.0)
+    closed_form_folds: Whole = Field(ge=0, description="0: the validation split alone")
+    closed_form_cv_max_products: Whole = Field(ge=0)
+    patience: Whole
+    init: Literal["closed_form", "random"]
     refit: bool
     serve_refit: bool
-    twin_text_cosine: float
-    seed: int
+    twin_text_cosine: Fraction = Field(description="0: off")
+    seed: Whole
     promotion_metric: str
     promotion_tolerance: float
     baseline_tolerance: float
     promote_backfills: bool
-    max_products: int
+    max_products: Whole = Field(ge=2)
+
+    @model_validator(mode="after")
+    def _splits_leave_rows_to_train_on(self) -> "TrainConfig":
+        if self.calibration_fraction >= 1.0 - self.holdout_fraction:
+            raise ValueError("train.calibration_fraction must be in [0, 1 - holdout_fraction)")
+        if self.validation_fraction >= 1.0 - self.holdout_fraction - self.calibration_fraction:
+            raise ValueError("train.validation_fraction must leave products to train on")
+        return self
 
 
-@dataclass(frozen=True)
-class ScoreConfig:
-    top_k: int
-    block_size: int
-    rerank_candidates: int
-    rerank_weight: float
+class ScoreConfig(_Section):
+    top_k: Whole = Field(ge=1)
+    block_size: Whole
+    rerank_candidates: Whole
+    rerank_weight: Fraction
     search_queries: list[str]
-    search_top_k: int
-    min_category_products: int
-    candidates: str
-    exact_max_products: int
-    ann_lists: int
-    ann_query_probes: int
-    ann_sample: int
-    ann_refine_iterations: int
-    ann_recall_queries: int
-    ann_recall_floor: float
-    ann_target_recall: float
-    ann_max_query_probes: int
-    precision: str
-    hubness_bank: int
-    hubness_temperature: float
-    search_by: str
-    mismatch_folds: int
-    mismatch_fit_products: int
+    search_top_k: Whole
+    min_category_products: Whole = Field(ge=0, description="0 = from the catalog")
+    candidates: Literal["exact", "ann", "auto"]
+    exact_max_products: Whole
+    ann_lists: Whole = Field(ge=0)
+    ann_query_probes: Whole = Field(ge=0)
+    ann_sample: Whole = Field(ge=0)
+    ann_refine_iterations: Whole = Field(ge=0)
+    ann_recall_queries: Whole = Field(ge=1)
+    ann_recall_floor: Fraction
+    ann_target_recall: Fraction
+    ann_max_query_probes: Whole
+    precision: Literal["fp32", "fp16", "bf16"]
+    # The bank is collected on the driver and broadcast to every executor: a sample, never the catalog.
+    hubness_bank: Whole = Field(ge=0, le=MAX_HUBNESS_BANK, description=(
+        "the bank's photo and text vectors are collected on the driver and broadcast to every executor "
+        "(0: no hubness columns)"))
+    hubness_temperature: float = Field(gt=0)
+    search_by: Literal["product", "photo"]
+    mismatch_folds: Whole = Field(ge=2, description="each product is judged by a scorer fitted without its fold")
+    mismatch_fit_products: Whole
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> "ScoreConfig":
+        if self.mismatch_fit_products < 2 * self.mismatch_folds:
+            raise ValueError("score.mismatch_fit_products must be >= 2 * score.mismatch_folds")
+        if self.search_by == "photo" and self.hubness_bank == 0:
+            raise ValueError("score.search_by = \"photo\" ranks photos less their hubness: set score.hubness_bank > 0")
+        if self.ann_max_query_probes < self.ann_query_probes:
+            raise ValueError(f"score.ann_max_query_probes ({self.ann_max_query_probes}) must be >= "
+                             f"score.ann_query_probes ({self.ann_query_probes}), where the search starts")
+        return self
 
     def uses_ann(self, products: int) -> bool:
         """Whether a night of this many products takes its candidates from the k-means lists."""
         return self.candidates == "ann" or (self.candidates == "auto" and products > self.exact_max_products)
 
 
-@dataclass(frozen=True)
-class TablesConfig:
-    keep_nights: int
+class TablesConfig(_Section):
+    keep_nights: Whole = Field(ge=0, le=30, description="a Delta log keeps its versions 30 days")
 
 
-@dataclass(frozen=True)
-class Config:
-    run: RunConfig
-    storage: StorageConfig
-    runner: RunnerConfig
-    catalog: CatalogConfig
-    clean: CleanConfig
-    validate: ValidateConfig
-    extract: ExtractConfig
-    spark: SparkConfig
-    train: TrainConfig
-    score: ScoreConfig
-    tables: TablesConfig
+# pydantic warns that the [validate] section's name shadows BaseModel.validate, its deprecated v1 classmethod, which
+# nothing here calls.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "validate"')
 
-    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "Config":
-        merged = _merge(self.to_dict(), overrides)
-        return _from_dict(merged)
+    class Config(_Section):
+        run: RunConfig
+        storage: StorageConfig
+        runner: RunnerConfig
+        catalog: CatalogConfig
+        clean: CleanConfig
+        validate: ValidateConfig
+        extract: ExtractConfig
+        spark: SparkConfig
+        train: TrainConfig
+        score: ScoreConfig
+        tables: TablesConfig
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return asdict(self)
+        @model_validator(mode="after")
+        def _driver_can_receive(self) -> "Config":
+            _check_driver_receipts(self)
+            return self
+
+        def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "Config":
+            return _from_dict(_merge(self.to_dict(), overrides))
+
+        def to_dict(self) -> dict[str, dict[str, Any]]:
+            return self.model_dump()
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -242,167 +343,60 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def _from_dict(data: dict[str, dict[str, Any]]) -> Config:
-    sections = {}
-    for f in fields(Config):
-        cls = f.type if isinstance(f.type, type) else globals()[f.type]
-        values = data[f.name]
-        typed = {}
-        for sf in fields(cls):
-            default = values[sf.name]
-            typed[sf.name] = _coerce(f"{f.name}.{sf.name}", default, sf.type)
-        sections[f.name] = cls(**typed)
-    cfg = Config(**sections)
-    _check(cfg)
-    return cfg
-
-
-def _coerce(name: str, value: Any, type_name: Any) -> Any:
-    kind = type_name if isinstance(type_name, str) else type_name.__name__
     try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            raise TypeError
-        if kind == "int":
-            return _exact_int(name, value)
-        if kind == "float":
-            # bool is an int to Python but never a number here; a string is not parsed ("0.5" is a quoting slip).
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError
-            number = float(value)
-            if math.isnan(number):
-                raise ConfigError(f"config key {name} must be a number, got {value!r}")
-            return number
-        if kind.startswith("list"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise TypeError
-            return list(value)
-        if kind.startswith("dict"):
-            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                      for k, v in value.items()):
-                raise TypeError
-            return dict(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-    except ConfigError:
-        raise
-    except (TypeError, ValueError):
-        hint = " (a string: write the number without quotes)" if kind in ("int", "float") and isinstance(value, str) \
-            else ""
-        raise ConfigError(f"config key {name} must be {kind}, got {value!r}{hint}") from None
-    return value
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_explained(error, data) for error in exc.errors())) from None
 
 
-def _exact_int(name: str, value: Any) -> int:
-    """An int field takes an int, or a float that is exactly one (3.0); 3.7 is an error, never truncated to 3."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    value = float(value)
-    if not (math.isfinite(value) and value.is_integer()):
-        raise ConfigError(f"config key {name} must be a whole number (int), got {value!r}: "
-                          "it is not rounded or truncated")
-    return int(value)
+def _explained(error: Any, data: dict[str, dict[str, Any]]) -> str:
+    """One of pydantic's errors in matcher's words: the key, what it must be, the value given."""
+    loc = error["loc"]
+    if len(loc) < 2:  # a section's or the whole config's check: its message names its keys
+        return str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    section, key = str(loc[0]), str(loc[1])
+    info = Config.model_fields[section].annotation.model_fields[key]
+    name, value = f"{section}.{key}", data[section][key] if info.repr else _Hidden()
+    why = f": {info.description}" if info.description else ""
+    kind = error["type"]
+    if kind == "value_error":
+        return f"config key {name} {error['ctx']['error']}"
+    if kind == "finite_number":
+        return f"config key {name} must be a number, got {value!r}"
+    if kind == "literal_error":
+        return f"config key {name} must be {_choices(typing.get_args(info.annotation))}, got {value!r}{why}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"config key {name} must be {_bounds(info.metadata)}, got {value!r}{why}"
+    expected = getattr(info.annotation, "__name__", None) if not typing.get_args(info.annotation) \
+        else str(info.annotation)
+    quoted = " (a string: write the number without quotes)" if expected in ("int", "float") and isinstance(value, str) \
+        else ""
+    return f"config key {name} must be {expected}, got {value!r}{quoted}"
 
 
-def _check(cfg: Config) -> None:
-    if cfg.train.fusion not in ("weighted", "concat", "concat_weighted"):
-        raise ConfigError(f"train.fusion must be weighted, concat or concat_weighted, got {cfg.train.fusion!r}")
-    if not 0.0 <= cfg.train.fusion_alpha <= 1.0:
-        raise ConfigError("train.fusion_alpha must be in [0, 1]")
-    if not 0.0 < cfg.train.holdout_fraction < 1.0:
-        raise ConfigError("train.holdout_fraction must be in (0, 1)")
-    if not 0.0 <= cfg.train.calibration_fraction < 1.0 - cfg.train.holdout_fraction:
-        raise ConfigError("train.calibration_fraction must be in [0, 1 - holdout_fraction)")
-    if not 0 <= cfg.tables.keep_nights <= 30:  # the Delta log keeps its commits 30 days (delta.logRetentionDuration)
-        raise ConfigError("tables.keep_nights must be between 0 and 30: a Delta log keeps its versions 30 days")
-    if cfg.score.top_k < 1:
-        raise ConfigError("score.top_k must be >= 1")
-    if cfg.score.min_category_products < 0:
-        raise ConfigError("score.min_category_products must be >= 0 (0 = from the catalog)")
-    known = {"product_id", "title", "description", "category", "image"}
-    unknown = set(cfg.catalog.columns) - known
-    if unknown:
-        raise ConfigError(f"catalog.columns maps unknown fields {sorted(unknown)}; known: {sorted(known)}")
-    if cfg.catalog.http_timeout <= 0 or cfg.catalog.http_retries < 0 or cfg.catalog.http_max_bytes <= 0:
-        raise ConfigError("catalog.http_timeout and catalog.http_max_bytes must be > 0, catalog.http_retries >= 0")
-    _check_image_sources(cfg.catalog)
-    if not 0.0 <= cfg.score.rerank_weight <= 1.0:
-        raise ConfigError("score.rerank_weight must be in [0, 1]")
-    if not 0 <= cfg.score.hubness_bank <= MAX_HUBNESS_BANK:
-        # The bank is collected on the driver and broadcast to every executor: a sample, never the catalog.
-        raise ConfigError(f"score.hubness_bank must be in [0, {MAX_HUBNESS_BANK}] (0: no hubness columns), got "
-                          f"{cfg.score.hubness_bank}: the bank's photo and text vectors are collected on the driver "
-                          "and broadcast to every executor")
-    if cfg.score.hubness_temperature <= 0:
-        raise ConfigError("score.hubness_temperature must be > 0")
-    if cfg.score.mismatch_folds < 2 or cfg.score.mismatch_fit_products < 2 * cfg.score.mismatch_folds:
-        raise ConfigError("score.mismatch_folds must be >= 2 (each product is judged by a scorer fitted without its "
-                          "fold) and score.mismatch_fit_products >= 2 * mismatch_folds")
-    if cfg.score.search_by not in ("product", "photo"):
-        raise ConfigError(f"score.search_by must be product or photo, got {cfg.score.search_by!r}")
-    if cfg.score.search_by == "photo" and cfg.score.hubness_bank == 0:
-        raise ConfigError("score.search_by = \"photo\" ranks photos less their hubness: set score.hubness_bank > 0")
-    if cfg.score.precision not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"score.precision must be fp32, fp16 or bf16, got {cfg.score.precision!r}")
-    if cfg.score.candidates not in ("exact", "ann", "auto"):
-        raise ConfigError(f"score.candidates must be exact, ann or auto, got {cfg.score.candidates!r}")
-    if not 0.0 <= cfg.score.ann_recall_floor <= 1.0:
-        raise ConfigError("score.ann_recall_floor must be in [0, 1]")
-    if not 0.0 <= cfg.score.ann_target_recall <= 1.0:
-        raise ConfigError("score.ann_target_recall must be in [0, 1]")
-    if cfg.score.ann_max_query_probes < cfg.score.ann_query_probes:
-        raise ConfigError(f"score.ann_max_query_probes ({cfg.score.ann_max_query_probes}) must be >= "
-                          f"score.ann_query_probes ({cfg.score.ann_query_probes}), where the search starts")
-    if min(cfg.score.ann_lists, cfg.score.ann_query_probes, cfg.score.ann_sample, cfg.score.ann_refine_iterations) < 0 \
-            or cfg.score.ann_recall_queries < 1:
-        raise ConfigError("score.ann_lists, ann_query_probes, ann_sample and ann_refine_iterations must be >= 0, "
-                          "ann_recall_queries >= 1")
-    if cfg.runner.mode not in ("in_process", "spark_submit"):
-        raise ConfigError("runner.mode must be in_process or spark_submit")
-    if cfg.extract.image_encoder not in IMAGE_ENCODERS:
-        raise ConfigError(f"extract.image_encoder must be one of {', '.join(IMAGE_ENCODERS)}; "
-                          f"got {cfg.extract.image_encoder!r}")
-    if cfg.extract.text_encoder not in TEXT_ENCODERS:
-        raise ConfigError(f"extract.text_encoder must be one of {', '.join(TEXT_ENCODERS)}; "
-                          f"got {cfg.extract.text_encoder!r}")
-    if cfg.extract.batch_size < 0:
-        raise ConfigError(f"extract.batch_size must be >= 0 (0: chosen per device), got {cfg.extract.batch_size}")
-    if cfg.extract.precision not in ("auto", *PRECISIONS):
-        raise ConfigError(f"extract.precision must be auto or one of {', '.join(PRECISIONS)}; "
-                          f"got {cfg.extract.precision!r}")
-    if cfg.extract.second_title_encoder not in ("", *TEXT_ENCODERS):
-        raise ConfigError(f"extract.second_title_encoder must be empty or one of {', '.join(TEXT_ENCODERS)}; "
-                          f"got {cfg.extract.second_title_encoder!r}")
-    if cfg.extract.description not in ("separate", "joined"):
-        raise ConfigError(f"extract.description must be separate or joined, got {cfg.extract.description!r}")
-    if cfg.train.init not in ("closed_form", "random"):
-        raise ConfigError(f"train.init must be closed_form or random, got {cfg.train.init!r}")
-    if cfg.train.closed_form_folds < 0:
-        raise ConfigError("train.closed_form_folds must be 0 (the validation split alone) or more")
-    if cfg.train.closed_form_cv_max_products < 0:
-        raise ConfigError("train.closed_form_cv_max_products must be 0 or more")
-    if not 0.0 <= cfg.train.validation_fraction < 1.0 - cfg.train.holdout_fraction - cfg.train.calibration_fraction:
-        raise ConfigError("train.validation_fraction must leave products to train on")
-    if cfg.train.max_products < 2:
-        raise ConfigError("train.max_products must be >= 2")
-    if not 0.0 <= cfg.train.twin_text_cosine <= 1.0:
-        raise ConfigError("train.twin_text_cosine must be in [0, 1] (0: off)")
-    if cfg.extract.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("extract.device must be auto, cpu or cuda")
-    if cfg.spark.ui not in ("auto", "on", "off"):
-        raise ConfigError(f"spark.ui must be auto, on or off; got {cfg.spark.ui!r}")
-    bad = sorted(k for k in cfg.spark.conf if not k.startswith("spark."))
-    if bad:
-        raise ConfigError(f"spark.conf keys must be Spark settings (spark.*), got {bad}")
-    if "spark.authenticate.secret" in cfg.spark.conf:
-        # A secret inline in a config file travels with it (logs, images, tickets): name a private file instead.
-        raise ConfigError("spark.conf must not hold spark.authenticate.secret: put the secret in a file "
-                          "readable only by matcher's user and name it in spark.auth_secret_file")
-    _check_driver_receipts(cfg)
+class _Hidden:
+    """A secret's value in an error message: named, never shown (the message reaches logs)."""
+
+    def __repr__(self) -> str:
+        return "a value not shown (a secret)"
+
+
+def _choices(options: tuple[str, ...]) -> str:
+    named = [o for o in options if o != ""]
+    listed = f"{', '.join(named[:-1])} or {named[-1]}" if len(named) > 1 else named[0]
+    return ("empty or " if "" in options else "") + ("one of " if len(named) > 2 else "") + listed
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """A key's range from its Field constraints: "in [0, 1]", "in (0, 1)", ">= 2", "> 0"."""
+    limits = {name: getattr(m, name) for m in metadata for name in ("ge", "gt", "le", "lt")
+              if getattr(m, name, None) is not None}
+    low = next((f"{bracket}{limits[n]}" for n, bracket in (("ge", "["), ("gt", "(")) if n in limits), None)
+    high = next((f"{limits[n]}{bracket}" for n, bracket in (("le", "]"), ("lt", ")")) if n in limits), None)
+    if low and high:
+        return f"in {low}, {high}"
+    name, sign = next((n, s) for n, s in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if n in limits)
+    return f"{sign} {limits[name]}"
 
 
 _SIZE = re.compile(r"\s*(\d+)\s*([kmgtp]?)i?b?\s*", re.I)
@@ -461,28 +455,6 @@ def _check_driver_receipts(cfg: Config) -> None:
                 f"{setting}: the driver would receive {arithmetic} = {size / 2 ** 20:,.1f} MiB, over the result cap "
                 f"spark.driver.maxResultSize = {cap_setting} ({cap / 2 ** 20:,.1f} MiB; "
                 f"spark.max_result_size): lower {setting} or raise the cap")
-
-
-_HOST_NAME = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.?", re.I)
-
-
-def _check_image_sources(catalog: CatalogConfig) -> None:
-    """Where image references may point: file:///absolute/ and s3://bucket/ prefixes, host names, networks."""
-    for source in catalog.image_sources:
-        bucket = source.split("://", 1)[1].split("/", 1)[0] if "://" in source else ""
-        if not (source.startswith("file:///") or (source.startswith(("s3://", "s3a://")) and bucket)):
-            raise ConfigError(f"catalog.image_sources entries must be file:///absolute/path/ or s3://bucket/prefix/ "
-                              f"URIs (http(s) images: catalog.http_allow_hosts), got {source!r}")
-    for host in catalog.http_allow_hosts:
-        if not (_HOST_NAME.fullmatch(host.strip()) or is_ip_literal(host.strip())):
-            raise ConfigError(f"catalog.http_allow_hosts entries must be host names (cdn.example.com, "
-                              f"*.cdn.example.com) or IP addresses, got {host!r}")
-    for network in catalog.http_allow_networks:
-        try:
-            ipaddress.ip_network(network.strip(), strict=False)
-        except ValueError:
-            raise ConfigError(f"catalog.http_allow_networks entries must be networks such as 10.20.0.0/16 or "
-                              f"fd00::/8 (or one address), got {network!r}") from None
 
 
 def is_ip_literal(text: str) -> bool:

@@ -70,7 +70,7 @@ def test_spark_settings_come_from_config():
     assert conf["spark.sql.shuffle.partitions"] == "64"  # spark.conf is applied last
     assert conf["spark.task.resource.gpu.amount"] == "0.5"
 
-    with pytest.raises(ConfigError, match="spark.ui must be auto, on or off"):
+    with pytest.raises(ConfigError, match="spark.ui must be one of auto, on or off"):
         _spark(ui="yes")
     with pytest.raises(ConfigError, match="spark.conf"):
         _spark(conf={"spark.ui.port": 4040})

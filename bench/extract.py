@@ -33,7 +33,6 @@ from matcher.config import load_config  # noqa: E402
 from matcher.io.catalog import CatalogReader  # noqa: E402
 from matcher.io.lake import Lake  # noqa: E402
 from matcher.io.tables import to_arrow  # noqa: E402
-from matcher.steps.clean import clean_catalog  # noqa: E402
 from matcher.steps.encoders import (  # noqa: E402
     CPU_IMAGE_BATCH,
     GPU_IMAGE_BATCH,
@@ -42,6 +41,7 @@ from matcher.steps.encoders import (  # noqa: E402
     load_text_encoder,
 )
 from matcher.steps.features import extract_features  # noqa: E402
+from tests.reference import clean_catalog  # noqa: E402  (the one-process clean step, beside the tests that use it)
 
 
 def timed(fn, *args):

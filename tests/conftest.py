@@ -1,9 +1,11 @@
 """Shared fixtures: a real S3 server, small slices of the real fashion catalog, configs, Airflow on SQLite."""
 from __future__ import annotations
 
+import atexit
 import csv
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 
 # Airflow reads these at import time: set them before anything imports airflow.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="matcher-airflow-"))
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)  # a run leaves no Airflow home behind
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parent.parent / "dags")

@@ -17,6 +17,18 @@ def test_a_matrix_round_trips_through_a_list_column_in_chunks_or_whole():
     assert vector_matrix(pa.array([], pa.list_(pa.float32())), 5).shape == (0, 5)
 
 
+def test_a_matrix_from_arrow_is_writable_so_torch_takes_it_without_a_warning():
+    import warnings
+
+    import torch
+
+    matrix = vector_matrix(vector_column(np.ones((4, 3), np.float32)))
+    assert matrix.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "The given NumPy array is not writable" would fail here
+        torch.as_tensor(matrix)
+
+
 def test_ragged_or_null_rows_are_refused_naming_the_column():
     with pytest.raises(ValueError, match="z of row 1 has 2 values, not 1"):
         vector_matrix(pa.array([[1.0], [1.0, 2.0]]), name="z")

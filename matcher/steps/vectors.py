@@ -26,7 +26,9 @@ def vector_matrix(column: pa.ChunkedArray | pa.Array, dim: int | None = None, na
         bad = int(np.argmax(lengths != width))
         raise ValueError(f"{name} of {row(bad)} has {lengths[bad]} values, not {width}")
     flat = lists.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat, dtype=np.float32).reshape(len(lists), int(width))
+    matrix = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(lists), int(width))
+    # A view of Arrow's read-only buffer: torch warns on a tensor over it (the train stage's log said so every night).
+    return matrix if matrix.flags.writeable else matrix.copy()
 
 
 def vector_column(matrix: np.ndarray) -> pa.Array:

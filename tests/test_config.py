@@ -27,8 +27,20 @@ def test_file_overrides_subset(tmp_path):
     ({"storage": {"embedded": "yes"}}, "storage.embedded must be bool"),
     ({"tables": {"keep_nights": 31}}, r"tables.keep_nights must be in \[0, 30\], got -?[0-9]+: a Delta log"),
     ({"tables": {"keep_nights": -1}}, r"tables.keep_nights must be in \[0, 30\], got -?[0-9]+: a Delta log"),
+    # each refusal names the key, what it must be and the value
+    ({"score": {"rerank_weight": 1.5}}, r"config key score.rerank_weight must be in \[0.0, 1.0\], got 1.5$"),
+    ({"train": {"holdout_fraction": 0}}, r"config key train.holdout_fraction must be in \(0.0, 1.0\), got 0$"),
+    ({"score": {"mismatch_folds": 1}}, r"config key score.mismatch_folds must be >= 2, got 1: each product is judged"),
+    ({"catalog": {"http_timeout": 0.0}}, r"config key catalog.http_timeout must be > 0, got 0.0$"),
+    ({"score": {"candidates": "some"}}, r"config key score.candidates must be one of exact, ann or auto, got 'some'$"),
+    ({"extract": {"description": "both"}}, r"config key extract.description must be separate or joined, got 'both'$"),
+    ({"catalog": {"image_sources": ["s3://ok/", 3]}},
+     r"config key catalog.image_sources must be list\[str\], got \['s3://ok/', 3\]$"),
+    ({"spark": {"conf": {"spark.x": 1}}}, r"config key spark.conf must be dict\[str, str\], got \{'spark.x': 1\}$"),
+    ({"score": {"ann_query_probes": 9, "ann_max_query_probes": 4}},
+     r"^score.ann_max_query_probes \(4\) must be >= score.ann_query_probes \(9\)"),
 ])
-def test_bad_config_is_a_clear_error(sections, message):
+def test_bad_config_is_a_clear_error_naming_key_rule_and_value(sections, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=sections)
 
@@ -169,23 +181,6 @@ def test_spark_settings_written_under_extract_before_the_spark_section_are_still
     with pytest.raises(ConfigError, match="unknown config key extract.spark_mastr"):
         load_config(overrides={"extract": {"spark_mastr": "local[1]"}})
 
-
-@pytest.mark.parametrize("sections, message", [
-    ({"score": {"rerank_weight": 1.5}}, r"config key score.rerank_weight must be in \[0.0, 1.0\], got 1.5$"),
-    ({"train": {"holdout_fraction": 0}}, r"config key train.holdout_fraction must be in \(0.0, 1.0\), got 0$"),
-    ({"score": {"mismatch_folds": 1}}, r"config key score.mismatch_folds must be >= 2, got 1: each product is judged"),
-    ({"catalog": {"http_timeout": 0.0}}, r"config key catalog.http_timeout must be > 0, got 0.0$"),
-    ({"score": {"candidates": "some"}}, r"config key score.candidates must be one of exact, ann or auto, got 'some'$"),
-    ({"extract": {"description": "both"}}, r"config key extract.description must be separate or joined, got 'both'$"),
-    ({"catalog": {"image_sources": ["s3://ok/", 3]}},
-     r"config key catalog.image_sources must be list\[str\], got \['s3://ok/', 3\]$"),
-    ({"spark": {"conf": {"spark.x": 1}}}, r"config key spark.conf must be dict\[str, str\], got \{'spark.x': 1\}$"),
-    ({"score": {"ann_query_probes": 9, "ann_max_query_probes": 4}},
-     r"^score.ann_max_query_probes \(4\) must be >= score.ann_query_probes \(9\)"),
-])
-def test_a_refused_value_names_the_key_what_it_must_be_and_the_value(sections, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(overrides=sections)
 
 
 def test_every_wrong_key_of_a_file_is_named_at_once(tmp_path):

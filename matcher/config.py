@@ -542,6 +542,59 @@ def _profile(name: Any) -> dict[str, Any]:
     return data
 
 
+def redacted(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as a dict with every secret's value (a repr=False key: the S3 keys) replaced by whether it is set,
+    for printing."""
+    out = cfg.to_dict()
+    for section, values in out.items():
+        for key, info in type(getattr(cfg, section)).model_fields.items():
+            if not info.repr:
+                values[key] = "(set, not shown)" if values[key] else ""
+    return out
+
+
+_KEY_LINE = re.compile(r"^(\w+)\s*=.*?(?:\s#\s?(.*))?$")
+_MORE_COMMENT = re.compile(r"^\s+#\s?(.*)$")
+
+
+def _documented_keys() -> dict[tuple[str, str], str]:
+    """Each key's comment in defaults.toml (its line's and the indented comment lines under it), by (section, key)."""
+    docs: dict[tuple[str, str], list[str]] = {}
+    section, last = "", None
+    for line in DEFAULTS_PATH.read_text(encoding="utf-8").splitlines():
+        if header := re.match(r"\[(\w+)\]", line):
+            section, last = header.group(1), None
+        elif (more := _MORE_COMMENT.match(line)) and last is not None:
+            docs[last].append(more.group(1))
+        elif (key := _KEY_LINE.match(line)) and section:
+            last = (section, key.group(1))
+            docs[last] = [key.group(2)] if key.group(2) else []
+        else:
+            last = None
+    return {k: " ".join(v) for k, v in docs.items() if v}
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a config file: every key optional (the embedded defaults fill the rest), unknown keys
+    refused, each key with its type, range or choices, its default and its comment from defaults.toml. Editors that
+    check TOML against a JSON Schema (Taplo, VS Code's Even Better TOML) complete and check a config file with it."""
+    schema = Config.model_json_schema()
+    defaults, docs = _read_toml(DEFAULTS_PATH), _documented_keys()
+    schema.pop("required", None)
+    schema["title"] = "matcher config file"
+    schema["description"] = ("Any subset of matcher's settings; the embedded defaults (matcher/defaults.toml) fill "
+                             "the rest.")
+    for section, field in Config.model_fields.items():
+        part = schema["$defs"][field.annotation.__name__]
+        part.pop("required", None)
+        schema["properties"][section] = {"$ref": f"#/$defs/{field.annotation.__name__}"}
+        for key, prop in part["properties"].items():
+            prop["default"] = defaults[section][key]
+            if (section, key) in docs:
+                prop["description"] = " ".join(filter(None, [prop.get("description"), docs[section, key]]))
+    return schema
+
+
 def dump_toml(cfg_sections: dict[str, dict[str, Any]]) -> str:
     """Write a (partial) config as TOML; values are str, bool, int, float or a str -> str table."""
     lines = []

@@ -162,3 +162,50 @@ def test_recommend_query_and_models_print_json_with_json(published_lake, capsys)
     assert main(["-q", "recommend", "Z", "--json", "--config", str(published_lake)]) == 1
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("matcher: error: ")
+
+
+def test_config_check_show_and_schema(tmp_path, monkeypatch, capsys):
+    """`matcher config check` names every wrong key (exit 1) or says the config is valid; `show` prints the
+    effective config, which loads back as the same config, with the S3 secret hidden; `schema` is a JSON Schema that
+    holds every default and refuses what the loader refuses."""
+    import json
+    import tomllib
+
+    import jsonschema
+
+    from matcher.app.cli import main
+    from matcher.config import DEFAULTS_PATH, load_config
+
+    monkeypatch.chdir(tmp_path)  # no workspace config
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[score]\ntop_k = 0\n[extract]\nprecision = "fp8"\n')
+    assert main(["config", "check", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "score.top_k must be >= 1, got 0" in err and "extract.precision must be one of" in err
+    good = tmp_path / "good.toml"
+    good.write_text('[score]\ntop_k = 7\n[storage]\ns3_secret_key = "hunter2-secret"\n')
+    assert main(["config", "check", "--config", str(good), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["valid"] is True
+
+    assert main(["config", "show", "--config", str(good)]) == 0
+    shown = capsys.readouterr().out
+    assert "hunter2-secret" not in shown and 's3_secret_key = "(set, not shown)"' in shown
+    (tmp_path / "shown.toml").write_text(shown)
+    again = load_config(tmp_path / "shown.toml", overrides={"storage": {"s3_secret_key": "hunter2-secret"}})
+    assert again == load_config(good)
+
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    defaults = tomllib.loads(DEFAULTS_PATH.read_text(encoding="utf-8"))
+    jsonschema.validate(defaults, schema)  # the defaults are a valid config file
+    jsonschema.validate({"score": {"top_k": 5}}, schema)  # any subset is
+    for wrong in ({"score": {"top_kk": 5}}, {"score": {"top_k": 0}}, {"train": {"fusion": "sum"}},
+                  {"storage": {"embedded": "yes"}}, {"nope": {}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
+    keys = [(section, key, prop) for section, ref in schema["properties"].items()
+            for key, prop in schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]["properties"].items()]
+    assert {(s, k) for s, k, _ in keys} == {(s, k) for s, values in defaults.items() for k in values}
+    assert all(prop["default"] == defaults[s][k] for s, k, prop in keys)
+    undocumented = [f"{s}.{k}" for s, k, prop in keys if not prop.get("description")]
+    assert not undocumented, f"keys without a comment in matcher/defaults.toml: {undocumented}"

@@ -296,6 +296,28 @@ def cmd_tables(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from matcher.config import config_json_schema, dump_toml, redacted
+
+    if args.action == "schema":
+        _print_json(config_json_schema())
+        return 0
+    cfg = resolve_config(args.config)  # a config that does not load is refused here, naming each wrong key
+    if args.action == "show":
+        if args.json:
+            _print_json(redacted(cfg))
+        else:
+            print(dump_toml(redacted(cfg)), end="")
+        return 0
+    summary = {"valid": True, "profile": cfg.run.profile, "catalog": cfg.run.catalog, "lake": cfg.run.lake}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"config valid: profile {cfg.run.profile or '(none)'}, catalog {cfg.run.catalog or '(none)'}, "
+              f"lake {cfg.run.lake}")
+    return 0
+
+
 EXIT_CODES = """exit codes:
   0    done
   1    a permanent failure: bad input, a failed validation or promotion gate, a config error, nothing published
@@ -410,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-nights", type=int, help="vacuum: nights replaced files stay (default: tables.keep_nights)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_tables)
+    p = sub.add_parser("config", help="check a config file, show the effective config (secrets hidden), or print "
+                       "the JSON Schema of a config file for editors")
+    p.add_argument("action", choices=("check", "show", "schema"),
+                   help="check: load the config and name every wrong key (exit 1) or say it is valid; show: the "
+                        "effective config, defaults filled in, as TOML; schema: the JSON Schema of a config file "
+                        "(types, ranges, choices, defaults, each key's comment)")
+    p.add_argument("--config", help="TOML config file (default: .matcher/config.toml if present, else defaults)")
+    p.add_argument("--json", action="store_true", help="check and show: print the result as JSON")
+    p.set_defaults(handler=cmd_config)
     for command in sub.choices.values():  # `matcher run -q` as well as `matcher -q run`
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                              help="only warnings and errors on stderr")

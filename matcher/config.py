@@ -587,7 +587,6 @@ def config_json_schema() -> dict[str, Any]:
     for section, field in Config.model_fields.items():
         part = schema["$defs"][field.annotation.__name__]
         part.pop("required", None)
-        schema["properties"][section] = {"$ref": f"#/$defs/{field.annotation.__name__}"}
         for key, prop in part["properties"].items():
             prop["default"] = defaults[section][key]
             if (section, key) in docs:

@@ -304,17 +304,15 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     cfg = resolve_config(args.config)  # a config that does not load is refused here, naming each wrong key
     if args.action == "show":
-        if args.json:
-            _print_json(redacted(cfg))
-        else:
-            print(dump_toml(redacted(cfg)), end="")
-        return 0
-    summary = {"valid": True, "profile": cfg.run.profile, "catalog": cfg.run.catalog, "lake": cfg.run.lake}
+        summary, message = redacted(cfg), dump_toml(redacted(cfg)).rstrip("\n")
+    else:
+        summary = {"valid": True, "profile": cfg.run.profile, "catalog": cfg.run.catalog, "lake": cfg.run.lake}
+        message = (f"config valid: profile {cfg.run.profile or '(none)'}, catalog {cfg.run.catalog or '(none)'}, "
+                   f"lake {cfg.run.lake}")
     if args.json:
         _print_json(summary)
     else:
-        print(f"config valid: profile {cfg.run.profile or '(none)'}, catalog {cfg.run.catalog or '(none)'}, "
-              f"lake {cfg.run.lake}")
+        print(message)
     return 0
 
 
@@ -346,8 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log lines as text (default) or as JSON objects with stage, date and run_id fields")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, with_date: bool = True) -> None:
+    def config_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="TOML config file (default: .matcher/config.toml if present, else defaults)")
+
+    def common(p: argparse.ArgumentParser, with_date: bool = True) -> None:
+        config_option(p)
         p.add_argument("--lake", help="lake URI: file:///path or s3://bucket/prefix (default: run.lake of the config)")
         if with_date:
             p.add_argument("--date", help="published partition YYYY-MM-DD (default: the latest)")
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check: load the config and name every wrong key (exit 1) or say it is valid; show: the "
                         "effective config, defaults filled in, as TOML; schema: the JSON Schema of a config file "
                         "(types, ranges, choices, defaults, each key's comment)")
-    p.add_argument("--config", help="TOML config file (default: .matcher/config.toml if present, else defaults)")
+    config_option(p)
     p.add_argument("--json", action="store_true", help="check and show: print the result as JSON")
     p.set_defaults(handler=cmd_config)
     for command in sub.choices.values():  # `matcher run -q` as well as `matcher -q run`

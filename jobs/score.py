@@ -20,6 +20,7 @@ from pyspark.sql import functions as F
 from jobs.context import RunContext, StageError, log
 from jobs.features_io import feature_frame, load_feature_set, require_features_of_clean_attempt
 from jobs.score_ann import list_index, number_by_list, refine_lists, sampled_neighbours, train_lists
+from jobs.score_queries import check_table_queries, clean_input_schema, night_inputs, table_from_query
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
 from jobs.spark_frames import first_by_md5, with_dense_index
@@ -167,8 +168,11 @@ class _Night:
     attempt: str
     index: ListIndex | None               # the ANN lists, or None for exact candidates
     mismatch: CrossFitScorer | None
+    clean_files: list[str]                # the date's clean partition, and the schema a table's query sees of it
+    clean_schema: pa.Schema
     bank: Broadcast | None = None         # the hubness bank's photo and text vectors
     vector_files: list[str] = field(default_factory=list)
+    staged: dict[str, list[str]] = field(default_factory=dict)  # part files of the tables built so far
 
     @property
     def tag(self) -> Column:
@@ -220,11 +224,22 @@ def _build_search(night: _Night) -> Written:
     return night.write(frame, _as_table("search"), ["search"])
 
 
-# One builder per table the registry (schemas/tables.json) marks published; tests hold the two equal.
+# One builder per table the registry (schemas/tables.json) marks published and defines by no query; tests hold
+# the two equal.
 TABLE_BUILDERS: dict[str, Callable[[_Night], Written]] = {
     "embeddings": _build_embeddings, "recommendations": _build_recommendations, "categories": _build_categories,
     "mismatches": _build_mismatches, "search": _build_search,
 }
+
+
+def _build_from_query(night: _Night, name: str) -> Written:
+    inputs = night_inputs(night.spark, night.ctx.lake, night.clean_files, night.clean_schema, night.staged, name)
+    return night.write(table_from_query(night.spark, name, inputs), _as_table(name), [name])
+
+
+def _build(night: _Night, name: str) -> Written:
+    builder = TABLE_BUILDERS.get(name)
+    return builder(night) if builder is not None else _build_from_query(night, name)
 
 
 def run(ctx: RunContext) -> dict:
@@ -247,6 +262,8 @@ def run(ctx: RunContext) -> dict:
     if len(encoders) != 1:
         raise StageError("score", f"features for {date} mix encoders {[tuple(e) for e in encoders]}; rerun extract")
     check_encoders(config, encoders[0][0], encoders[0][1])
+    clean_files, clean_schema = clean_input_schema(lake, date)
+    check_table_queries(spark, clean_schema)
     spec = model.spec
     weights = spark.sparkContext.broadcast(model_to_bytes(model))
     mismatch, mismatch_stats = _mismatch_scorer(ctx)
@@ -289,11 +306,12 @@ def run(ctx: RunContext) -> dict:
                                           f"products (with {probes} query probes) is below score.ann_recall_floor "
                                           f"{sc.ann_recall_floor}: raise score.ann_max_query_probes or "
                                           f"score.ann_lists, or use candidates = \"exact\"")
-        night = _Night(ctx, spark, version, model, config, weights, vectors, n, m, attempt, index, mismatch)
+        night = _Night(ctx, spark, version, model, config, weights, vectors, n, m, attempt, index, mismatch,
+                       clean_files, clean_schema)
         written = {}
         for name in published_tables():  # the registry's order: embeddings first, the others read what it wrote
-            written[name] = TABLE_BUILDERS[name](night)
-            parts[name] = written[name].parts.get(name, [])
+            written[name] = _build(night, name)
+            parts[name] = night.staged[name] = written[name].parts.get(name, [])
         # Order-free fingerprint of the scored inputs, added up on executors.
         digest = keys.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
     finally:

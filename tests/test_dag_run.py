@@ -10,6 +10,7 @@ from matcher.config import dump_toml, load_config
 from matcher.io.delta_tables import open_table
 from matcher.io.lake import Lake
 from matcher.io.storage import resolve_uri
+from matcher.io.tables import published_tables
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
@@ -77,6 +78,15 @@ def test_the_nightly_dag_publishes_every_table(dag_run):
     assert not (recs["product_id"] == recs["rec_product_id"]).any()
     assert (recs.groupby("product_id")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
     assert recs["model_version"].nunique() == 1
+    assert set(published_tables()) <= set(manifest["tables"])
+
+    # A table defined by its registry query (exposure): each product's appearances in the others' top-K.
+    exposure = lake.read_partition("exposure", DATE).to_pandas().set_index("product_id")
+    appearances = recs["rec_product_id"].value_counts().reindex(exposure.index, fill_value=0)
+    assert len(exposure) == PRODUCTS and exposure["times_recommended"].sum() == PRODUCTS * 5
+    assert (exposure["times_recommended"] == appearances).all()
+    assert (exposure["best_rank"].dropna() == recs.groupby("rec_product_id")["rank"].min()
+            .reindex(exposure["best_rank"].dropna().index)).all()
 
     emb = lake.read_partition("embeddings", DATE).to_pandas()
     assert len(emb) == PRODUCTS and len(emb["fused_vec"].iloc[0]) == cfg.train.dim

@@ -1,18 +1,28 @@
 """The table registry (schemas/tables.json) is the one list of the lake's tables: the score stage has a builder for
-each published table and no other, the query command and the reference show each one."""
+each published table its entry does not define by a query, and no other; the query command and the reference show
+each one."""
+import json
 import re
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from jobs.score import TABLE_BUILDERS
-from matcher.io.tables import published_tables, queryable_tables, run_tables, table_schema, tables
+from matcher.config import SCHEMAS_DIR
+from matcher.io.tables import (describe_table, parse_registry, parse_type, published_tables, query_tables,
+                               queryable_tables, run_tables, table_schema, tables, type_name)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_score_stage_builds_exactly_the_published_tables():
-    assert list(TABLE_BUILDERS) == list(published_tables())
+def registry_doc() -> dict:
+    return json.loads((SCHEMAS_DIR / "tables.json").read_text(encoding="utf-8"))
+
+
+def test_each_published_table_is_built_by_its_query_or_by_one_builder():
+    assert set(TABLE_BUILDERS).isdisjoint(query_tables())
+    assert [t for t in published_tables() if t not in query_tables()] == list(TABLE_BUILDERS)
     assert published_tables()[0] == "embeddings"  # the other builders read the vectors it writes
 
 
@@ -21,11 +31,45 @@ def test_every_table_has_a_schema_a_stage_and_a_description():
         assert isinstance(table_schema(name), pa.Schema) and len(table_schema(name)) > 0, name
         assert table.stage in ("clean", "extract", "score") and table.description, name
         assert not table.published or table.stage == "score", name
+        assert [parse_type(type_name(f.type)) for f in table.schema] == table.schema.types, name
     assert set(run_tables()) | set(published_tables()) == set(queryable_tables())
 
 
-def test_the_lake_reference_lists_every_table():
+def test_a_query_table_reads_only_inputs_a_night_has_before_it():
+    order = list(published_tables())
+    for name in query_tables():
+        named = set(re.findall(r"(?<!\{)\{(\w+)\}", tables()[name].query))
+        assert named and named <= {"clean", *order[:order.index(name)]}, (name, named)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"stage": "clean", "published": False}, "a query builds a published table of the score stage only"),
+    ({"published": False}, "a query builds a published table of the score stage only"),
+    ({"sql": "SELECT 1"}, "unknown keys ['sql']"),
+])
+def test_the_registry_refuses_an_entry_no_stage_can_build(change, says):
+    doc = registry_doc()
+    doc["tables"]["exposure"].update(change)
+    with pytest.raises(ValueError, match=re.escape(says)) as err:
+        parse_registry(doc)
+    assert "table exposure" in str(err.value)
+
+
+def test_the_reference_documents_every_table_built_by_code_and_describe_shows_every_table(capsys):
+    """A table built by code is explained in docs/lake.md; a table defined by its query is explained by its entry
+    (description, columns, query), which `matcher tables describe` prints."""
+    from matcher.app.cli import main
+
     doc = (ROOT / "docs" / "lake.md").read_text(encoding="utf-8")
-    listed = set(re.findall(r"^\| `(\w+)/dt=D/`", doc, flags=re.M))
-    listed |= set(re.findall(r"`(\w+)/dt=D/`", doc))
-    assert set(tables()) <= listed, sorted(set(tables()) - listed)
+    listed = set(re.findall(r"`(\w+)/dt=D/`", doc))
+    assert set(tables()) - set(query_tables()) <= listed, sorted(set(tables()) - set(query_tables()) - listed)
+
+    assert main(["tables", "describe", "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert [d["table"] for d in described] == list(tables())
+    assert described == [describe_table(name) for name in tables()]
+    assert main(["tables", "describe", "--table", "exposure"]) == 0
+    text = capsys.readouterr().out
+    entry = tables()["exposure"]
+    assert entry.description in text and all(line in text for line in entry.query.splitlines())
+    assert "times_recommended int32" in text

@@ -266,10 +266,37 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_tables(names: list[str]) -> tuple[list[dict], str]:
+    from matcher.io.tables import describe_table
+
+    docs = [describe_table(name) for name in names]
+    blocks = []
+    for d in docs:
+        kind = ", ".join(k for k in ("published", "queryable") if d[k])
+        built = "by its query" if d["query"] else "by code"
+        lines = [f"{d['table']}  (the {d['stage']} stage{', ' + kind if kind else ''}; built {built})",
+                 f"  {d['description']}",
+                 "  columns: " + ", ".join(f"{c} {t}" for c, t in d["columns"].items())]
+        if d["query"]:
+            lines += ["  query:"] + [f"    {line}" for line in d["query"].splitlines()]
+        blocks.append("\n".join(lines))
+    return docs, "\n\n".join(blocks)
+
+
 def cmd_tables(args: argparse.Namespace) -> int:
     from matcher.io.delta_tables import history, migrate_tables, vacuum_tables
-    from matcher.io.tables import queryable_tables
+    from matcher.io.tables import queryable_tables, tables
 
+    if args.action == "describe":  # the registry alone: no config, no lake
+        summary, message = _describe_tables([args.table] if args.table else list(tables()))
+        if args.json:
+            _print_json(summary)
+        else:
+            print(message)
+        return 0
+    if args.table and args.table not in queryable_tables():
+        raise ValueError(f"table {args.table} has no Delta log (not queryable); those that do: "
+                         f"{', '.join(queryable_tables())}")
     with storage_ready(resolve_config(args.config)) as cfg:
         lake = _lake(cfg, args.lake)
         if args.action == "migrate":
@@ -334,7 +361,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matcher.io.tables import queryable_tables
+    from matcher.io.tables import queryable_tables, tables
 
     parser = argparse.ArgumentParser(prog="matcher", description=__doc__, epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -423,13 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "the newest publish of each date")
     p.set_defaults(handler=cmd_query)
 
-    p = sub.add_parser("tables", help="the queryable tables' Delta Lake logs: migrate a lake published before they "
-                       "had them, vacuum old versions' files, or list each table's versions")
+    p = sub.add_parser("tables", help="the lake's tables: describe each (columns, meaning, query), or their Delta "
+                       "Lake logs: migrate a lake published before they had them, vacuum old versions' files, or list "
+                       "each table's versions")
     common(p, with_date=False)
-    p.add_argument("action", choices=("history", "migrate", "vacuum"),
-                   help="history: each table's versions (newest first); migrate: give tables with published dates "
-                        "and no log one; vacuum: delete files publishes replaced over --keep-nights ago")
-    p.add_argument("--table", choices=queryable_tables(), help="history of this table only")
+    p.add_argument("action", choices=("describe", "history", "migrate", "vacuum"),
+                   help="describe: each table's stage, description, columns and types, and the query of a table "
+                        "defined by one (schemas/tables.json); history: each table's versions (newest first); "
+                        "migrate: give tables with published dates and no log one; vacuum: delete files publishes "
+                        "replaced over --keep-nights ago")
+    p.add_argument("--table", choices=list(tables()), help="describe or history of this table only")
     p.add_argument("--keep-nights", type=int, help="vacuum: nights replaced files stay (default: tables.keep_nights)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_tables)

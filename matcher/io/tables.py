@@ -1,7 +1,8 @@
 """The registry of the lake's tables, read from schemas/tables.json: each table's schema, the stage that writes
 it, whether publish makes it visible and whether `matcher query` shows it. Everything that lists tables (publish,
-the manifest, the score stage's builders, the CLI, the report) reads this registry; a new table is one entry there
-(and, for a table the score stage builds, its builder in jobs/score.py)."""
+the manifest, the score stage's builders, the CLI, the report) reads this registry. A published table is built by
+the score stage either from its entry's `query` (Spark SQL over the tables built before it: one entry is the whole
+table) or, where a query cannot say it (executor kernels over vectors), by a builder in jobs/score.py."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ class Table:
     queryable: bool     # a view of `matcher query`
     description: str
     schema: pa.Schema
+    query: str | None = None  # Spark SQL that builds a published table (jobs/score_queries.py runs it)
 
 
 def parse_type(spec: str) -> pa.DataType:
@@ -39,14 +41,52 @@ def parse_type(spec: str) -> pa.DataType:
         raise ValueError(f"unknown column type {spec!r} in schemas/tables.json") from None
 
 
+def type_name(kind: pa.DataType) -> str:
+    """A column type as schemas/tables.json spells it (parse_type's inverse)."""
+    if pa.types.is_list(kind):
+        return f"list<{type_name(kind.value_type)}>"
+    return next((name for name, scalar in _SCALARS.items() if scalar == kind), str(kind))
+
+
+def describe_table(name: str) -> dict:
+    """A table's registry entry as a plain document (what `matcher tables describe` prints)."""
+    t = tables()[name]
+    return {"table": name, "stage": t.stage, "published": t.published, "queryable": t.queryable,
+            "description": t.description, "columns": {f.name: type_name(f.type) for f in t.schema},
+            "query": t.query}
+
+
 @lru_cache(maxsize=None)
 def tables() -> dict[str, Table]:
     """Every table of the lake, in the order the registry lists them."""
     with open(SCHEMAS_DIR / "tables.json", encoding="utf-8") as fh:
-        spec = json.load(fh)["tables"]
-    return {name: Table(name, t["stage"], bool(t["published"]), bool(t["queryable"]), t["description"],
-                        pa.schema([(col, parse_type(kind)) for col, kind in t["columns"].items()]))
-            for name, t in spec.items()}
+        return parse_registry(json.load(fh))
+
+
+def parse_registry(doc: dict) -> dict[str, Table]:
+    """The tables of a registry document (schemas/tables.json's form), refusing an entry the stages cannot build."""
+    out = {}
+    for name, t in doc["tables"].items():
+        unknown = set(t) - _ENTRY_KEYS
+        if unknown:
+            raise ValueError(f"table {name} in schemas/tables.json: unknown keys {sorted(unknown)}")
+        query = t.get("query")
+        if isinstance(query, list):  # the lines of a long query, for the file's readers
+            query = "\n".join(query)
+        if query is not None and not (t["published"] and t["stage"] == "score"):
+            raise ValueError(f"table {name} in schemas/tables.json: a query builds a published table of the score "
+                             "stage only (stage \"score\", published true)")
+        out[name] = Table(name, t["stage"], bool(t["published"]), bool(t["queryable"]), t["description"],
+                          pa.schema([(col, parse_type(kind)) for col, kind in t["columns"].items()]), query)
+    return out
+
+
+_ENTRY_KEYS = {"stage", "published", "queryable", "description", "columns", "query"}
+
+
+def query_tables() -> tuple[str, ...]:
+    """The published tables built from their registry entry's query."""
+    return tuple(name for name, t in tables().items() if t.query is not None)
 
 
 def published_tables() -> tuple[str, ...]:

@@ -1,0 +1,85 @@
+"""score: the published tables that schemas/tables.json defines by a `query`, so that such a table is one registry
+entry and no code. The query is Spark SQL run on executors; it names its inputs in braces: `{clean}` (the date's
+cleaned catalog, its photo bytes left out) and each published table built before it in the registry's order
+(`{embeddings}`, `{recommendations}`, ...), as this night's attempt staged them. A literal brace is written twice.
+
+Every query is checked against its inputs' schemas before the night's scoring starts (its columns and their types
+must be the entry's), so a wrong entry fails the stage in its first seconds, naming the table, not after the
+all-pairs pass."""
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+
+from jobs.context import StageError
+from jobs.spark_lake import read_parts, spark_schema
+from matcher.io.lake import Lake
+from matcher.io.tables import published_tables, table_schema, tables
+
+CATALOG_INPUT = "clean"
+
+
+def clean_input_schema(lake: Lake, date: str) -> tuple[list[str], pa.Schema]:
+    """The date's clean part files and the schema a query sees of them: every column (the catalog's pass-through
+    columns included) except binary ones, the photos' bytes."""
+    files = lake.partition_files(CATALOG_INPUT, date)
+    schema = pq.read_schema(files[0], filesystem=lake.fs) if files else table_schema(CATALOG_INPUT)
+    return files, pa.schema([f for f in schema if not pa.types.is_binary(f.type)])
+
+
+def table_inputs(name: str) -> list[str]:
+    """The inputs the query of table `name` may read: the clean catalog and the published tables before it."""
+    order = list(published_tables())
+    return [CATALOG_INPUT] + order[:order.index(name)]
+
+
+def table_from_query(spark: SparkSession, name: str, inputs: dict[str, DataFrame]) -> DataFrame:
+    """Table `name`'s rows by its registry query over `inputs` (lazy: Spark analyses the query here and runs it
+    when the table is written), its columns in the registry's order. A query that does not parse or resolve, or
+    whose columns or types are not the entry's, is a StageError naming the table."""
+    query = tables()[name].query
+    if query is None:
+        raise ValueError(f"table {name} has no query in schemas/tables.json")
+    unknown = sorted(set(re.findall(r"(?<!\{)\{(\w*)\}(?!\})", query)) - set(inputs))
+    if unknown:
+        raise StageError("score", f"the query of table {name} in schemas/tables.json reads "
+                                  f"{', '.join('{' + u + '}' for u in unknown)}, not among its inputs "
+                                  f"({', '.join('{' + i + '}' for i in inputs)})")
+    try:
+        frame = spark.sql(query, **inputs)
+    except Exception as exc:  # noqa: BLE001 (Spark's parse and analysis errors have no common Python base)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError("score", f"the query of table {name} in schemas/tables.json fails: {first} "
+                                  f"(its inputs: {', '.join('{' + i + '}' for i in inputs)})") from exc
+    declared = spark_schema(table_schema(name))
+    got = {f.name: f.dataType.simpleString() for f in frame.schema}
+    want = {f.name: f.dataType.simpleString() for f in declared}
+    if set(got) != set(want):
+        raise StageError("score", f"the query of table {name} returns columns {list(got)}; schemas/tables.json "
+                                  f"declares {list(want)}")
+    wrong = [f"{c} is {got[c]}, declared {t}" for c, t in want.items() if got[c] != t]
+    if wrong:
+        raise StageError("score", f"the query of table {name} returns {'; '.join(wrong)} (CAST it in the query)")
+    return frame.select(*want)
+
+
+def check_table_queries(spark: SparkSession, clean_schema: pa.Schema) -> None:
+    """Analyse every registry query over empty inputs of the night's schemas; runs no Spark job."""
+    empty = {name: spark.createDataFrame([], spark_schema(table_schema(name))) for name in published_tables()}
+    empty[CATALOG_INPUT] = spark.createDataFrame([], spark_schema(clean_schema))
+    for name, table in tables().items():
+        if table.query is not None:
+            table_from_query(spark, name, {i: empty[i] for i in table_inputs(name)})
+
+
+def night_inputs(spark: SparkSession, lake: Lake, clean_files: list[str], clean_schema: pa.Schema,
+                 staged: dict[str, list[str]], name: str) -> dict[str, DataFrame]:
+    """Table `name`'s inputs as DataFrames read on executors: the clean partition and the part files this attempt
+    wrote of each published table before it (`staged`, lake-relative)."""
+    inputs = {CATALOG_INPUT: read_parts(spark, lake, clean_files, clean_schema)}
+    for table in table_inputs(name)[1:]:
+        inputs[table] = read_parts(spark, lake, [lake.path(p) for p in staged.get(table, [])], table_schema(table))
+    return inputs

@@ -1,0 +1,87 @@
+"""Tables that schemas/tables.json defines by a query: checked against their inputs' schemas before a night's
+scoring (a wrong entry fails in one line naming the table), and built by Spark SQL from the night's tables."""
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from jobs.context import StageError
+from jobs.score_queries import check_table_queries, table_from_query
+from jobs.spark import get_spark
+from jobs.spark_lake import spark_schema
+from matcher.config import SCHEMAS_DIR, load_config
+from matcher.io.tables import parse_registry, table_schema
+
+pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
+
+# What a query sees of the clean table: no photo bytes, a catalog's pass-through column kept.
+CLEAN = pa.schema([f for f in table_schema("clean") if not pa.types.is_binary(f.type)] + [("brand", pa.string())])
+
+
+@pytest.fixture(scope="module")
+def spark():
+    return get_spark(load_config(overrides={"spark": {"master": "local[2]"}}).spark)
+
+
+def plant(monkeypatch, query: str, columns: dict[str, str]) -> None:
+    """The shipped registry with one more query table, `probe`, after the others."""
+    doc = json.loads((SCHEMAS_DIR / "tables.json").read_text(encoding="utf-8"))
+    doc["tables"]["probe"] = {"stage": "score", "published": True, "queryable": True, "description": "a probe",
+                              "columns": columns, "query": query}
+    registry = parse_registry(doc)
+    monkeypatch.setattr("matcher.io.tables.tables", lambda: registry)
+    monkeypatch.setattr("jobs.score_queries.tables", lambda: registry)
+
+
+def test_a_planted_query_table_that_is_right_passes_the_check_and_reads_earlier_tables(spark, monkeypatch):
+    plant(monkeypatch, "SELECT c.brand, CAST(COUNT(*) AS INT) AS n FROM {clean} c JOIN {exposure} x "
+                       "ON x.product_id = c.product_id GROUP BY c.brand", {"brand": "string", "n": "int32"})
+    check_table_queries(spark, CLEAN)
+    with pytest.raises(StageError, match="reads {brands}"):  # the check does run the planted entry
+        plant(monkeypatch, "SELECT brand, CAST(1 AS INT) AS n FROM {brands}", {"brand": "string", "n": "int32"})
+        check_table_queries(spark, CLEAN)
+
+
+@pytest.mark.parametrize("query, columns, says", [
+    ("SELEC product_id FROM {embeddings}", {"product_id": "string"}, "fails: [PARSE_SYNTAX_ERROR]"),
+    ("SELECT nope FROM {embeddings}", {"nope": "string"}, "fails: [UNRESOLVED_COLUMN"),
+    ("SELECT product_id FROM {features}", {"product_id": "string"}, "reads {features}, not among its inputs"),
+    ("SELECT product_id FROM {embeddings}", {"product_id": "string", "n": "int32"},
+     "returns columns ['product_id']; schemas/tables.json declares ['product_id', 'n']"),
+    ("SELECT product_id, COUNT(*) AS n FROM {recommendations} GROUP BY product_id",
+     {"product_id": "string", "n": "int32"}, "n is bigint, declared int (CAST it in the query)"),
+])
+def test_a_wrong_query_table_fails_the_check_in_one_line_naming_it(spark, monkeypatch, query, columns, says):
+    plant(monkeypatch, query, columns)
+    with pytest.raises(StageError) as err:
+        check_table_queries(spark, CLEAN)
+    message = str(err.value)
+    assert message.startswith("stage score failed: the query of table probe ") and says in message, message
+    assert "\n" not in message
+
+
+def test_exposure_counts_each_products_appearances_in_the_others_top_k(spark):
+    """The shipped exposure table against pandas on a small night: a product nobody recommends has 0 and no rank;
+    its category comes from the clean catalog."""
+    def frame(name, rows, schema=None):
+        schema = schema or table_schema(name)
+        return spark.createDataFrame(pd.DataFrame(rows, columns=schema.names), spark_schema(schema))
+
+    ids = ["A", "B", "C", "D"]
+    emb = frame("embeddings", [(p, [1.0], [1.0], [1.0], 0.0, 0.0, "v1") for p in ids])
+    recs_rows = [("A", 1, "B", .9, .9, "v1"), ("A", 2, "C", .8, .8, "v1"), ("B", 1, "A", .9, .9, "v1"),
+                 ("B", 2, "C", .7, .7, "v1"), ("C", 1, "B", .6, .6, "v1"), ("C", 2, "A", .5, .5, "v1"),
+                 ("D", 1, "C", .4, .4, "v1"), ("D", 2, "B", .3, .3, "v1")]
+    recs = frame("recommendations", recs_rows)
+    clean = frame("clean", [(p, "t", "", cat, ["t"], False, "", 1, 1, 1, "h", "x")
+                            for p, cat in zip(ids, ["bags", "bags", "shoes", None])], CLEAN)
+    got = (table_from_query(spark, "exposure", {"clean": clean, "embeddings": emb, "recommendations": recs})
+           .toPandas().sort_values("product_id").reset_index(drop=True))
+    r = pd.DataFrame(recs_rows, columns=table_schema("recommendations").names)
+    by = r.groupby("rec_product_id")["rank"]
+    assert got["product_id"].tolist() == ids
+    assert got["times_recommended"].tolist() == [by.size().get(p, 0) for p in ids] == [2, 3, 3, 0]
+    assert got["best_rank"].tolist()[:3] == [by.min()[p] for p in ids[:3]] and pd.isna(got["best_rank"][3])
+    assert got["category"].tolist()[:3] == ["bags", "bags", "shoes"] and got["model_version"].eq("v1").all()
+    assert got.columns.tolist() == table_schema("exposure").names

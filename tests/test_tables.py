@@ -10,8 +10,8 @@ import pytest
 
 from jobs.score import TABLE_BUILDERS
 from matcher.config import SCHEMAS_DIR
-from matcher.io.tables import (describe_table, parse_registry, parse_type, published_tables, query_tables,
-                               queryable_tables, run_tables, table_schema, tables, type_name)
+from matcher.io import tables as registry
+from matcher.io.tables import describe_table, parse_registry, published_tables, query_tables, table_schema, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,8 +31,8 @@ def test_every_table_has_a_schema_a_stage_and_a_description():
         assert isinstance(table_schema(name), pa.Schema) and len(table_schema(name)) > 0, name
         assert table.stage in ("clean", "extract", "score") and table.description, name
         assert not table.published or table.stage == "score", name
-        assert [parse_type(type_name(f.type)) for f in table.schema] == table.schema.types, name
-    assert set(run_tables()) | set(published_tables()) == set(queryable_tables())
+        assert [registry.parse_type(registry.type_name(f.type)) for f in table.schema] == table.schema.types, name
+    assert set(registry.run_tables()) | set(published_tables()) == set(registry.queryable_tables())
 
 
 def test_a_query_table_reads_only_inputs_a_night_has_before_it():

@@ -73,3 +73,18 @@ def test_the_reference_documents_every_table_built_by_code_and_describe_shows_ev
     entry = tables()["exposure"]
     assert entry.description in text and all(line in text for line in entry.query.splitlines())
     assert "times_recommended int32" in text
+
+
+def test_a_query_tables_inputs_are_read_with_only_the_columns_its_query_names():
+    from jobs.score_queries import input_schemas
+
+    clean = table_schema("clean")
+    read = {t: s.names for t, s in input_schemas("exposure", clean).items()}
+    assert read["embeddings"] == ["product_id", "model_version"]  # not the three vectors of every product
+    assert read["clean"] == ["product_id", "category"]
+    assert set(read["recommendations"]) == {"product_id", "rank", "rec_product_id", "model_version"}
+    doc = registry_doc()
+    doc["tables"]["exposure"]["query"] = "SELECT e.* FROM {embeddings} e"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
+        assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # a star reads all

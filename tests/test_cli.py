@@ -52,6 +52,14 @@ def test_query_reads_the_published_tables(published_lake, capsys):
     assert lines[1].split() == ["A", "2"] and lines[2].split() == ["B", "1"]
 
 
+def test_a_table_with_no_rows_on_any_night_is_queryable_and_empty(published_lake, capsys):
+    from matcher.app.cli import main
+
+    sql = "select count(*) as n, count(distinct reason) as reasons from quarantine where dt = '2026-02-01'"
+    assert main(["-q", "query", sql, "--config", str(published_lake), "--json"]) == 0
+    assert '"n": 0' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("sql, says", [
     ("COPY (SELECT 1) TO '{tmp}/x.csv'", "got COPY"),
     ("SELECT * FROM recommendations; COPY (SELECT 1) TO '{tmp}/x.csv'", "got COPY"),

@@ -225,10 +225,11 @@ def _refuse_non_queries(con, sql: str) -> None:
 
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
+    import pyarrow as pa
 
     from matcher.io.delta_tables import AsOf, dataset_as_of
     from matcher.io.published import published_dataset
-    from matcher.io.tables import queryable_tables
+    from matcher.io.tables import queryable_tables, table_schema
 
     as_of = AsOf.parse(args.as_of) if args.as_of else None
     with storage_ready(resolve_config(args.config)) as cfg:
@@ -238,14 +239,15 @@ def cmd_query(args: argparse.Namespace) -> int:
         # Delta log at that version or time.
         datasets = {name: published_dataset(lake, name) if as_of is None else dataset_as_of(lake, name, as_of)
                     for name in queryable_tables()}
-        for name, dataset in datasets.items():
-            if dataset is not None:
-                con.register(name, dataset)
         if not any(d is not None for d in datasets.values()):
             if as_of is not None and published_dataset(lake, "clean") is not None:
                 raise FileNotFoundError(f"the tables in {lake.display('')} have no Delta logs yet (published before "
                                         "they had them): run `matcher tables migrate`, then --as-of")
             raise FileNotFoundError(f"nothing published in {lake.display('')}")
+        for name, dataset in datasets.items():
+            # A table with no rows on any night (nothing quarantined, no search queries) is there with none.
+            con.register(name, dataset if dataset is not None else
+                         table_schema(name).append(pa.field("dt", pa.string())).empty_table())
         _read_only(con)
         try:
             _refuse_non_queries(con, args.sql)

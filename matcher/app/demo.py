@@ -130,8 +130,9 @@ def run_demo(workdir: Path, products: int = 300, date: str | None = None) -> int
         manifest = lake.manifest(date)
         print()
         _say("5/5 tables published for dt=" + date)
+        width = max(map(len, manifest["tables"]))
         for name, info in manifest["tables"].items():
-            print(f"     {name:<16} {info['rows']:>6} rows  {info['path']}")
+            print(f"     {name:<{width}} {info['rows']:>7} rows  {info['path']}")
         counts = manifest["counts"]
         print(f"     catalog rows {counts['input_rows']}: {counts['clean_rows']} clean, {counts['quarantined_rows']} "
               f"quarantined {counts['quarantine_by_reason']}")

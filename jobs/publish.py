@@ -54,10 +54,11 @@ def run(ctx: RunContext) -> dict:
     logged = commit_night(lake, ctx.date, moved | {name: list(doc.get("files", [])) for name, doc in
                                                    run_commits.items()}, holder)
     tables = {}
+    built_in = (ctx.stage_stats("score") or {}).get("table_seconds") or {}
     for name, files in moved.items():
         tables[name] = {"rows": logged[name].rows, "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)],
-                        "delta_version": logged[name].version}
+                        "delta_version": logged[name].version, "score_seconds": built_in.get(name)}
     for name, committed in run_commits.items():
         tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt"),

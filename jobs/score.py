@@ -7,6 +7,7 @@ the tables that read them)."""
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -308,10 +309,13 @@ def run(ctx: RunContext) -> dict:
                                           f"score.ann_lists, or use candidates = \"exact\"")
         night = _Night(ctx, spark, version, model, config, weights, vectors, n, m, attempt, index, mismatch,
                        clean_files, clean_schema)
-        written = {}
+        written, seconds = {}, {}
         for name in published_tables():  # the registry's order: embeddings first, the others read what it wrote
+            started = time.perf_counter()
             written[name] = _build(night, name)
             parts[name] = night.staged[name] = written[name].parts.get(name, [])
+            seconds[name] = round(time.perf_counter() - started, 2)
+        log.info("score: seconds per table %s", seconds)
         # Order-free fingerprint of the scored inputs, added up on executors.
         digest = keys.select(F.sum(F.pmod(F.xxhash64("product_id", "content_hash"), F.lit(1 << 40)))).first()[0]
     finally:
@@ -327,7 +331,7 @@ def run(ctx: RunContext) -> dict:
     return {"products": n, "recommendation_rows": int(written["recommendations"].rows["recommendations"]),
             "model_version": version, "model_source": why, "category_agreement": agreement,
             "mismatches": int(written["mismatches"].rows["mismatches"]), "mismatch_scorer": mismatch_stats,
-            **candidates,
+            "table_seconds": seconds, **candidates,
             "input_fingerprint": hashlib.sha256(f"{n}:{digest}".encode()).hexdigest(),
             # publish checks both: the staged tables are this attempt's, scored from the validated clean attempt
             "attempt": attempt, "clean_attempt": judged_attempt(lake, date)}

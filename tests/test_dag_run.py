@@ -79,6 +79,7 @@ def test_the_nightly_dag_publishes_every_table(dag_run):
     assert (recs.groupby("product_id")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
     assert recs["model_version"].nunique() == 1
     assert set(published_tables()) <= set(manifest["tables"])
+    assert all(manifest["tables"][t]["score_seconds"] > 0 for t in published_tables())  # each table's build time
 
     # A table defined by its registry query (exposure): each product's appearances in the others' top-K.
     exposure = lake.read_partition("exposure", DATE).to_pandas().set_index("product_id")

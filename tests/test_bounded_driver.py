@@ -48,3 +48,5 @@ def test_a_40000_product_night_runs_with_a_16_mb_driver_result_cap(tmp_path):
     assert ctx.lake.read_partition("embeddings", DATE).num_rows == PRODUCTS
     assert ctx.lake.read_partition("categories", DATE).num_rows == PRODUCTS
     assert ctx.lake.read_partition("search", DATE).num_rows == 2 * 10
+    exposure = ctx.lake.read_partition("exposure", DATE)  # a table defined by its registry query
+    assert exposure.num_rows == PRODUCTS and pc.sum(exposure["times_recommended"]).as_py() == PRODUCTS * 10

@@ -68,14 +68,15 @@ def table_from_query(spark: SparkSession, name: str, inputs: dict[str, DataFrame
 
 def input_schemas(name: str, clean_schema: pa.Schema) -> dict[str, pa.Schema]:
     """The schema of each input of table `name`'s query, as it is read: only the columns the query's text names
-    (every column where it has a `*`), since the inputs are read by executors column by column and the photo
-    vectors of every product are no small read. The check analyses the query over these same schemas, so a
-    column left out here would fail the check, not the night."""
+    (every column where it has a `*` or a NATURAL join, which reads columns it does not name), since the inputs
+    are read by executors column by column and the photo vectors of every product are no small read. The check
+    analyses the query over these same schemas, so a column left out here would fail the check, not the night."""
     query = tables()[name].query or ""
+    every = "*" in query or re.search(r"\bnatural\b", query, re.I) is not None
     schemas = {}
     for table in table_inputs(name):
         schema = clean_schema if table == CATALOG_INPUT else table_schema(table)
-        named = [f for f in schema if "*" in query or re.search(rf"\b{re.escape(f.name)}\b", query, re.I)]
+        named = [f for f in schema if every or re.search(rf"\b{re.escape(f.name)}\b", query, re.I)]
         schemas[table] = pa.schema(named or list(schema))
     return schemas
 

@@ -88,3 +88,6 @@ def test_a_query_tables_inputs_are_read_with_only_the_columns_its_query_names():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
         assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # a star reads all
+        doc["tables"]["exposure"]["query"] = "SELECT category FROM {categories} NATURAL JOIN {embeddings}"
+        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
+        assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # joins unnamed columns

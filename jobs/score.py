@@ -30,7 +30,7 @@ from jobs.validate import judged_attempt, require_passed
 from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import new_attempt_id
 from matcher.io.registry import check_encoders, current_version, load_model, model_for_date
-from matcher.io.tables import published_tables
+from matcher.io.tables import published_tables, query_tables
 from matcher.steps.ann import ListIndex, choose_query_probes
 from matcher.steps.categories import category_centroids, category_sums, predict_categories
 from matcher.steps.evaluate import embed
@@ -238,6 +238,15 @@ def _build_from_query(night: _Night, name: str) -> Written:
     return night.write(table_from_query(night.spark, name, inputs), _as_table(name), [name])
 
 
+def _check_builders() -> None:
+    """Each published table is built one way: by its registry query or by its builder here, never both."""
+    both = sorted(set(TABLE_BUILDERS) & set(query_tables()))
+    neither = [t for t in published_tables() if t not in TABLE_BUILDERS and t not in query_tables()]
+    if both or neither:
+        raise StageError("score", f"published tables with both a query in schemas/tables.json and a builder in "
+                                  f"jobs/score.py: {both}; with neither: {neither}")
+
+
 def _build(night: _Night, name: str) -> Written:
     builder = TABLE_BUILDERS.get(name)
     return builder(night) if builder is not None else _build_from_query(night, name)
@@ -264,6 +273,7 @@ def run(ctx: RunContext) -> dict:
         raise StageError("score", f"features for {date} mix encoders {[tuple(e) for e in encoders]}; rerun extract")
     check_encoders(config, encoders[0][0], encoders[0][1])
     clean_files, clean_schema = clean_input_schema(lake, date)
+    _check_builders()
     check_table_queries(spark, clean_schema)
     spec = model.spec
     weights = spark.sparkContext.broadcast(model_to_bytes(model))

@@ -9,6 +9,8 @@ all-pairs pass."""
 from __future__ import annotations
 
 import re
+import uuid
+from string import Formatter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +38,19 @@ def table_inputs(name: str) -> list[str]:
     return [CATALOG_INPUT] + order[:order.index(name)]
 
 
+def query_placeholders(query: str) -> list[str]:
+    """The inputs a query names, in order, parsed as str.format (and pyspark) parse braces; a ValueError for a
+    brace that is not a placeholder or a placeholder that is not a plain name."""
+    try:
+        fields = [f for _, f, _, _ in Formatter().parse(query) if f is not None]
+    except ValueError:
+        raise ValueError("a single { or }: a literal brace is written twice") from None
+    odd = [f for f in fields if not f.isidentifier()]
+    if odd:
+        raise ValueError(f"placeholders are plain input names such as {{embeddings}}, got {{{odd[0]}}}")
+    return list(dict.fromkeys(fields))
+
+
 def table_from_query(spark: SparkSession, name: str, inputs: dict[str, DataFrame]) -> DataFrame:
     """Table `name`'s rows by its registry query over `inputs` (lazy: Spark analyses the query here and runs it
     when the table is written), its columns in the registry's order. A query that does not parse or resolve, or
@@ -43,40 +58,58 @@ def table_from_query(spark: SparkSession, name: str, inputs: dict[str, DataFrame
     query = tables()[name].query
     if query is None:
         raise ValueError(f"table {name} has no query in schemas/tables.json")
-    unknown = sorted(set(re.findall(r"(?<!\{)\{(\w*)\}(?!\})", query)) - set(inputs))
-    if unknown:
-        raise StageError("score", f"the query of table {name} in schemas/tables.json reads "
-                                  f"{', '.join('{' + u + '}' for u in unknown)}, not among its inputs "
-                                  f"({', '.join('{' + i + '}' for i in inputs)})")
+    where = f"the query of table {name} in schemas/tables.json"
     try:
-        frame = spark.sql(query, **inputs)
+        named = query_placeholders(query)
+    except ValueError as exc:
+        raise StageError("score", f"{where}: {exc}") from None
+    unknown = [u for u in named if u not in inputs]
+    if unknown:
+        raise StageError("score", f"{where} reads {', '.join('{' + u + '}' for u in unknown)}, not among its "
+                                  f"inputs ({', '.join('{' + i + '}' for i in inputs)})")
+    # Views named after the inputs (pyspark's own formatter names them _pyspark_<uuid>), so that Spark's messages
+    # say which input they mean; dropped once Spark has analysed the query, which holds the plans it needs.
+    tag = uuid.uuid4().hex[:8]
+    views = {i: f"input_{i}_{tag}" for i in named}
+    try:
+        for i, view in views.items():
+            inputs[i].createOrReplaceTempView(view)
+        frame = spark.sql(query.format(**views))
     except Exception as exc:  # noqa: BLE001 (Spark's parse and analysis errors have no common Python base)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StageError("score", f"the query of table {name} in schemas/tables.json fails: {first} "
-                                  f"(its inputs: {', '.join('{' + i + '}' for i in inputs)})") from exc
+        raise StageError("score", f"{where} fails: {first} (its inputs: "
+                                  f"{', '.join('{' + i + '} as ' + v for i, v in views.items())})") from exc
+    finally:
+        for view in views.values():
+            spark.catalog.dropTempView(view)
+    twice = sorted({c for c in frame.columns if frame.columns.count(c) > 1})
+    if twice:
+        raise StageError("score", f"{where} returns columns {twice} more than once")
     declared = spark_schema(table_schema(name))
     got = {f.name: f.dataType.simpleString() for f in frame.schema}
     want = {f.name: f.dataType.simpleString() for f in declared}
     if set(got) != set(want):
-        raise StageError("score", f"the query of table {name} returns columns {list(got)}; schemas/tables.json "
-                                  f"declares {list(want)}")
+        raise StageError("score", f"{where} returns columns {list(got)}; its entry declares {list(want)}")
     wrong = [f"{c} is {got[c]}, declared {t}" for c, t in want.items() if got[c] != t]
     if wrong:
-        raise StageError("score", f"the query of table {name} returns {'; '.join(wrong)} (CAST it in the query)")
+        raise StageError("score", f"{where} returns {'; '.join(wrong)} (CAST it in the query)")
     return frame.select(*want)
 
 
 def input_schemas(name: str, clean_schema: pa.Schema) -> dict[str, pa.Schema]:
     """The schema of each input of table `name`'s query, as it is read: only the columns the query's text names
-    (every column where it has a `*` or a NATURAL join, which reads columns it does not name), since the inputs
-    are read by executors column by column and the photo vectors of every product are no small read. The check
-    analyses the query over these same schemas, so a column left out here would fail the check, not the night."""
-    query = tables()[name].query or ""
-    every = "*" in query or re.search(r"\bnatural\b", query, re.I) is not None
+    (every column where it has a `*`, a NATURAL join or a PIVOT, which read columns it does not name), since the
+    inputs are read by executors column by column and the photo vectors of every product are no small read. The
+    check analyses the query over these same schemas, so a column left out here would fail the check, not the
+    night."""
+    # Comments and string literals name no column; COUNT(*) reads none.
+    text = re.sub(r"/\*.*?\*/|--[^\n]*|'(?:[^'\\]|\\.)*'", " ", tables()[name].query or "", flags=re.S)
+    text = re.sub(r"\bcount\s*\(\s*\*\s*\)", "count(1)", text, flags=re.I)
+    every = "*" in text or re.search(r"\b(natural|pivot|unpivot)\b", text, re.I) is not None
     schemas = {}
     for table in table_inputs(name):
         schema = clean_schema if table == CATALOG_INPUT else table_schema(table)
-        named = [f for f in schema if every or re.search(rf"\b{re.escape(f.name)}\b", query, re.I)]
+        named = [f for f in schema if every or re.search(rf"(?<!\w){re.escape(f.name)}(?!\w)", text, re.I)]
         schemas[table] = pa.schema(named or list(schema))
     return schemas
 
@@ -94,5 +127,5 @@ def night_inputs(spark: SparkSession, lake: Lake, clean_files: list[str], clean_
     """Table `name`'s inputs as DataFrames read on executors: the clean partition and the part files this attempt
     wrote of each published table before it (`staged`, lake-relative)."""
     return {table: read_parts(spark, lake, clean_files if table == CATALOG_INPUT else
-                              [lake.path(p) for p in staged.get(table, [])], schema)
+                              [lake.path(p) for p in staged[table]], schema)
             for table, schema in input_schemas(name, clean_schema).items()}

@@ -88,6 +88,7 @@ def test_the_nightly_dag_publishes_every_table(dag_run):
     assert (exposure["times_recommended"] == appearances).all()
     assert (exposure["best_rank"].dropna() == recs.groupby("rec_product_id")["rank"].min()
             .reindex(exposure["best_rank"].dropna().index)).all()
+    assert (exposure["best_rank"].notna() == (appearances > 0)).all()
 
     emb = lake.read_partition("embeddings", DATE).to_pandas()
     assert len(emb) == PRODUCTS and len(emb["fused_vec"].iloc[0]) == cfg.train.dim

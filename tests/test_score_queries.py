@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from jobs.context import StageError
-from jobs.score_queries import check_table_queries, table_from_query
+from jobs.score_queries import check_table_queries, input_schemas, table_from_query
 from jobs.spark import get_spark
 from jobs.spark_lake import spark_schema
 from matcher.config import SCHEMAS_DIR, load_config
@@ -34,7 +34,7 @@ def plant(monkeypatch, query: str, columns: dict[str, str]) -> None:
     monkeypatch.setattr("jobs.score_queries.tables", lambda: registry)
 
 
-def test_a_planted_query_table_that_is_right_passes_the_check_and_reads_earlier_tables(spark, monkeypatch):
+def test_a_planted_query_table_over_an_earlier_query_table_passes_the_check(spark, monkeypatch):
     plant(monkeypatch, "SELECT c.brand, CAST(COUNT(*) AS INT) AS n FROM {clean} c JOIN {exposure} x "
                        "ON x.product_id = c.product_id GROUP BY c.brand", {"brand": "string", "n": "int32"})
     check_table_queries(spark, CLEAN)
@@ -47,8 +47,13 @@ def test_a_planted_query_table_that_is_right_passes_the_check_and_reads_earlier_
     ("SELEC product_id FROM {embeddings}", {"product_id": "string"}, "fails: [PARSE_SYNTAX_ERROR]"),
     ("SELECT nope FROM {embeddings}", {"nope": "string"}, "fails: [UNRESOLVED_COLUMN"),
     ("SELECT product_id FROM {features}", {"product_id": "string"}, "reads {features}, not among its inputs"),
+    ("SELECT product_id FROM {embeddings.x}", {"product_id": "string"}, "plain input names"),
+    ("SELECT e.product_id, r.product_id FROM {embeddings} e JOIN {recommendations} r USING (product_id)",
+     {"product_id": "string"}, "returns columns ['product_id'] more than once"),
+    ("SELECT product_id, nope FROM {embeddings}", {"product_id": "string", "nope": "string"},
+     "(its inputs: {embeddings} as input_embeddings_"),
     ("SELECT product_id FROM {embeddings}", {"product_id": "string", "n": "int32"},
-     "returns columns ['product_id']; schemas/tables.json declares ['product_id', 'n']"),
+     "returns columns ['product_id']; its entry declares ['product_id', 'n']"),
     ("SELECT product_id, COUNT(*) AS n FROM {recommendations} GROUP BY product_id",
      {"product_id": "string", "n": "int32"}, "n is bigint, declared int (CAST it in the query)"),
 ])
@@ -76,7 +81,9 @@ def test_exposure_counts_each_products_appearances_in_the_others_top_k(spark):
     recs = frame("recommendations", recs_rows)
     clean = frame("clean", [(p, "t", "", cat, ["t"], False, "", 1, 1, 1, "h", "x")
                             for p, cat in zip(ids, ["bags", "bags", "shoes", None])], CLEAN)
-    got = (table_from_query(spark, "exposure", {"clean": clean, "embeddings": emb, "recommendations": recs})
+    inputs = {"clean": clean, "embeddings": emb, "recommendations": recs}
+    read = input_schemas("exposure", CLEAN)  # the columns the night reads of each input
+    got = (table_from_query(spark, "exposure", {i: f.select(*read[i].names) for i, f in inputs.items()})
            .toPandas().sort_values("product_id").reset_index(drop=True))
     r = pd.DataFrame(recs_rows, columns=table_schema("recommendations").names)
     by = r.groupby("rec_product_id")["rank"]

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from jobs.score import TABLE_BUILDERS
+from jobs.score_queries import query_placeholders
 from matcher.config import SCHEMAS_DIR
 from matcher.io import tables as registry
 from matcher.io.tables import describe_table, parse_registry, published_tables, query_tables, table_schema, tables
@@ -38,8 +39,23 @@ def test_every_table_has_a_schema_a_stage_and_a_description():
 def test_a_query_table_reads_only_inputs_a_night_has_before_it():
     order = list(published_tables())
     for name in query_tables():
-        named = set(re.findall(r"(?<!\{)\{(\w+)\}", tables()[name].query))
+        named = set(query_placeholders(tables()[name].query))
         assert named and named <= {"clean", *order[:order.index(name)]}, (name, named)
+
+
+def test_the_score_stage_refuses_a_table_built_both_ways_or_neither(monkeypatch):
+    from jobs.context import StageError
+    from jobs.score import _check_builders
+
+    _check_builders()  # the shipped registry
+    monkeypatch.setitem(TABLE_BUILDERS, "exposure", TABLE_BUILDERS["search"])
+    with pytest.raises(StageError, match=re.escape("both a query in schemas/tables.json and a builder in "
+                                                   "jobs/score.py: ['exposure']; with neither: []")):
+        _check_builders()
+    monkeypatch.delitem(TABLE_BUILDERS, "exposure")
+    monkeypatch.delitem(TABLE_BUILDERS, "search")
+    with pytest.raises(StageError, match=re.escape("with neither: ['search']")):
+        _check_builders()
 
 
 @pytest.mark.parametrize("change, says", [
@@ -84,6 +100,14 @@ def test_a_query_tables_inputs_are_read_with_only_the_columns_its_query_names():
     assert read["clean"] == ["product_id", "category"]
     assert set(read["recommendations"]) == {"product_id", "rank", "rec_product_id", "model_version"}
     doc = registry_doc()
+    doc["tables"]["exposure"]["query"] = "SELECT COUNT(*) AS n, '--image_vec' AS s FROM {embeddings} /* text_vec */"
+    with pytest.MonkeyPatch.context() as mp:  # a count, a string and a comment read no column
+        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
+        assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # none named: all
+    doc["tables"]["exposure"]["query"] = "SELECT COUNT(*) AS n, fused_vec FROM {embeddings} -- text_vec"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
+        assert input_schemas("exposure", clean)["embeddings"].names == ["fused_vec"]
     doc["tables"]["exposure"]["query"] = "SELECT e.* FROM {embeddings} e"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
@@ -91,3 +115,26 @@ def test_a_query_tables_inputs_are_read_with_only_the_columns_its_query_names():
         doc["tables"]["exposure"]["query"] = "SELECT category FROM {categories} NATURAL JOIN {embeddings}"
         mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
         assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # joins unnamed columns
+    odd = pa.schema(list(clean) + [("price ($)", pa.float64())])  # a catalog's pass-through column, as it came
+    doc["tables"]["exposure"]["query"] = "SELECT `price ($)` FROM {clean}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
+        assert input_schemas("exposure", odd)["clean"].names == ["price ($)"]
+
+
+@pytest.mark.parametrize("query, named", [
+    ("SELECT 1 FROM {a} JOIN {b} USING (x) JOIN {a}", ["a", "b"]),
+    ("SELECT '{{not}}' FROM {{{a}}}", ["a"]),
+])
+def test_query_placeholders_are_read_as_pysparks_formatter_reads_them(query, named):
+    assert query_placeholders(query) == named
+
+
+@pytest.mark.parametrize("query, says", [
+    ("SELECT '{' FROM {a}", "a single { or }"),
+    ("SELECT 1 FROM {a.b}", "got {a.b}"),
+    ("SELECT 1 FROM {}", "got {}"),
+])
+def test_a_brace_that_is_no_plain_input_name_is_refused(query, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        query_placeholders(query)

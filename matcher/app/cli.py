@@ -245,9 +245,12 @@ def cmd_query(args: argparse.Namespace) -> int:
                                         "they had them): run `matcher tables migrate`, then --as-of")
             raise FileNotFoundError(f"nothing published in {lake.display('')}")
         for name, dataset in datasets.items():
-            # A table with no rows on any night (nothing quarantined, no search queries) is there with none.
-            con.register(name, dataset if dataset is not None else
-                         table_schema(name).append(pa.field("dt", pa.string())).empty_table())
+            # A table with no rows on any night (nothing quarantined, no search queries) is there with none; with
+            # --as-of, a table without a version at that point stays missing, not shown empty.
+            if dataset is None and as_of is None:
+                dataset = table_schema(name).append(pa.field("dt", pa.string())).empty_table()
+            if dataset is not None:
+                con.register(name, dataset)
         _read_only(con)
         try:
             _refuse_non_queries(con, args.sql)

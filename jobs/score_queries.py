@@ -65,8 +65,9 @@ def table_from_query(spark: SparkSession, name: str, inputs: dict[str, DataFrame
         raise StageError("score", f"{where}: {exc}") from None
     unknown = [u for u in named if u not in inputs]
     if unknown:
+        allowed = table_inputs(name)
         raise StageError("score", f"{where} reads {', '.join('{' + u + '}' for u in unknown)}, not among its "
-                                  f"inputs ({', '.join('{' + i + '}' for i in inputs)})")
+                                  f"inputs ({', '.join('{' + i + '}' for i in allowed)})")
     # Views named after the inputs (pyspark's own formatter names them _pyspark_<uuid>), so that Spark's messages
     # say which input they mean; dropped once Spark has analysed the query, which holds the plans it needs.
     tag = uuid.uuid4().hex[:8]
@@ -97,7 +98,7 @@ def table_from_query(spark: SparkSession, name: str, inputs: dict[str, DataFrame
 
 
 def input_schemas(name: str, clean_schema: pa.Schema) -> dict[str, pa.Schema]:
-    """The schema of each input of table `name`'s query, as it is read: only the columns the query's text names
+    """The schema of each input that table `name`'s query names, as it is read: only the columns its text names
     (every column where it has a `*`, a NATURAL join or a PIVOT, which read columns it does not name), since the
     inputs are read by executors column by column and the photo vectors of every product are no small read. The
     check analyses the query over these same schemas, so a column left out here would fail the check, not the
@@ -106,8 +107,12 @@ def input_schemas(name: str, clean_schema: pa.Schema) -> dict[str, pa.Schema]:
     text = re.sub(r"/\*.*?\*/|--[^\n]*|'(?:[^'\\]|\\.)*'", " ", tables()[name].query or "", flags=re.S)
     text = re.sub(r"\bcount\s*\(\s*\*\s*\)", "count(1)", text, flags=re.I)
     every = "*" in text or re.search(r"\b(natural|pivot|unpivot)\b", text, re.I) is not None
+    try:
+        named_inputs = set(query_placeholders(tables()[name].query or ""))
+    except ValueError:
+        named_inputs = set()  # table_from_query says what is wrong with the braces
     schemas = {}
-    for table in table_inputs(name):
+    for table in [t for t in table_inputs(name) if t in named_inputs]:
         schema = clean_schema if table == CATALOG_INPUT else table_schema(table)
         named = [f for f in schema if every or re.search(rf"(?<!\w){re.escape(f.name)}(?!\w)", text, re.I)]
         schemas[table] = pa.schema(named or list(schema))

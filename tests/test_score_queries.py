@@ -68,23 +68,22 @@ def test_a_wrong_query_table_fails_the_check_in_one_line_naming_it(spark, monkey
 
 def test_exposure_counts_each_products_appearances_in_the_others_top_k(spark):
     """The shipped exposure table against pandas on a small night: a product nobody recommends has 0 and no rank;
-    its category comes from the clean catalog."""
-    def frame(name, rows, schema=None):
-        schema = schema or table_schema(name)
+    every product of the night is there (from the categories table, one row each), with its label."""
+    def frame(name, rows):
+        schema = table_schema(name)
         return spark.createDataFrame(pd.DataFrame(rows, columns=schema.names), spark_schema(schema))
 
     ids = ["A", "B", "C", "D"]
-    emb = frame("embeddings", [(p, [1.0], [1.0], [1.0], 0.0, 0.0, "v1") for p in ids])
+    cats = frame("categories", [(p, cat, "bags", 0.9, cat == "bags" if cat else None, "v1")
+                                for p, cat in zip(ids, ["bags", "bags", "shoes", None])])
     recs_rows = [("A", 1, "B", .9, .9, "v1"), ("A", 2, "C", .8, .8, "v1"), ("B", 1, "A", .9, .9, "v1"),
                  ("B", 2, "C", .7, .7, "v1"), ("C", 1, "B", .6, .6, "v1"), ("C", 2, "A", .5, .5, "v1"),
                  ("D", 1, "C", .4, .4, "v1"), ("D", 2, "B", .3, .3, "v1")]
     recs = frame("recommendations", recs_rows)
-    clean = frame("clean", [(p, "t", "", cat, ["t"], False, "", 1, 1, 1, "h", "x")
-                            for p, cat in zip(ids, ["bags", "bags", "shoes", None])], CLEAN)
-    inputs = {"clean": clean, "embeddings": emb, "recommendations": recs}
     read = input_schemas("exposure", CLEAN)  # the columns the night reads of each input
-    got = (table_from_query(spark, "exposure", {i: f.select(*read[i].names) for i, f in inputs.items()})
-           .toPandas().sort_values("product_id").reset_index(drop=True))
+    inputs = {i: f.select(*read[i].names) for i, f in {"categories": cats, "recommendations": recs}.items()}
+    assert "score" not in read["categories"].names and "similarity" not in read["recommendations"].names
+    got = (table_from_query(spark, "exposure", inputs).toPandas().sort_values("product_id").reset_index(drop=True))
     r = pd.DataFrame(recs_rows, columns=table_schema("recommendations").names)
     by = r.groupby("rec_product_id")["rank"]
     assert got["product_id"].tolist() == ids

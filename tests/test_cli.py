@@ -60,6 +60,14 @@ def test_a_table_with_no_rows_on_any_night_is_queryable_and_empty(published_lake
     assert '"n": 0' in capsys.readouterr().out
 
 
+def test_the_history_of_a_table_without_a_delta_log_is_a_one_line_error(published_lake, capsys):
+    from matcher.app.cli import main
+
+    assert main(["tables", "history", "--table", "features", "--config", str(published_lake)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("matcher: error: table features has no Delta log (not queryable)") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("sql, says", [
     ("COPY (SELECT 1) TO '{tmp}/x.csv'", "got COPY"),
     ("SELECT * FROM recommendations; COPY (SELECT 1) TO '{tmp}/x.csv'", "got COPY"),

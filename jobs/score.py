@@ -285,7 +285,6 @@ def run(ctx: RunContext) -> dict:
     vectors = indexed.mapInArrow(make_embedder(weights, spec, mismatch_scorer),
                                  spark_schema(_VECTORS)).persist(StorageLevel.MEMORY_AND_DISK)
     attempt = new_attempt_id()
-    parts: dict[str, list[str]] = {}
     m = max(sc.top_k, sc.rerank_candidates)
     index, candidates = None, {"candidates": "exact"}
     frames = [vectors, ordered]
@@ -323,7 +322,7 @@ def run(ctx: RunContext) -> dict:
         for name in published_tables():  # the registry's order: embeddings first, the others read what it wrote
             started = time.perf_counter()
             written[name] = _build(night, name)
-            parts[name] = night.staged[name] = written[name].parts.get(name, [])
+            night.staged[name] = written[name].parts.get(name, [])
             seconds[name] = round(time.perf_counter() - started, 2)
         log.info("score: seconds per table %s", seconds)
         # Order-free fingerprint of the scored inputs, added up on executors.
@@ -333,8 +332,8 @@ def run(ctx: RunContext) -> dict:
             frame.unpersist()
         lake.clear_work_table(VECTORS_TABLE, date, attempt)  # only the staged tables' parts outlive the stage
     lake.clear_staging(date)
-    for name in published_tables():
-        lake.stage_parts(name, date, parts.get(name, []))
+    for name, files in night.staged.items():
+        lake.stage_parts(name, date, files)
     agree = written["categories"].stats
     agreement = agree["agree"] / agree["labelled"] if agree.get("labelled") else None
     log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)

@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 from jobs.context import StageError
 from jobs.spark_lake import read_parts, spark_schema
 from matcher.io.lake import Lake
-from matcher.io.tables import published_tables, table_schema, tables
+from matcher.io.tables import published_tables, query_tables, table_schema, tables
 
 CATALOG_INPUT = "clean"
 
@@ -121,10 +121,9 @@ def input_schemas(name: str, clean_schema: pa.Schema) -> dict[str, pa.Schema]:
 
 def check_table_queries(spark: SparkSession, clean_schema: pa.Schema) -> None:
     """Analyse every registry query over empty inputs of the night's schemas; runs no Spark job."""
-    for name, table in tables().items():
-        if table.query is not None:
-            schemas = input_schemas(name, clean_schema)
-            table_from_query(spark, name, {i: spark.createDataFrame([], spark_schema(s)) for i, s in schemas.items()})
+    for name in query_tables():
+        schemas = input_schemas(name, clean_schema)
+        table_from_query(spark, name, {i: spark.createDataFrame([], spark_schema(s)) for i, s in schemas.items()})
 
 
 def night_inputs(spark: SparkSession, lake: Lake, clean_files: list[str], clean_schema: pa.Schema,

@@ -91,6 +91,17 @@ def test_the_reference_documents_every_table_built_by_code_and_describe_shows_ev
     assert "times_recommended int32" in text
 
 
+def columns_read(query: str, table: str, clean: pa.Schema) -> pa.Schema:
+    """What the night reads of input `table` for exposure's entry with this query."""
+    from jobs.score_queries import input_schemas
+
+    doc = registry_doc()
+    doc["tables"]["exposure"]["query"] = query
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
+        return input_schemas("exposure", clean)[table]
+
+
 def test_a_query_tables_inputs_are_read_with_only_the_columns_its_query_names():
     from jobs.score_queries import input_schemas
 
@@ -98,27 +109,17 @@ def test_a_query_tables_inputs_are_read_with_only_the_columns_its_query_names():
     read = {t: s.names for t, s in input_schemas("exposure", clean).items()}
     assert read == {"categories": ["product_id", "category", "model_version"],  # only the inputs it names
                     "recommendations": ["product_id", "rank", "rec_product_id", "model_version"]}
-    doc = registry_doc()
-    doc["tables"]["exposure"]["query"] = "SELECT COUNT(*) AS n, '--image_vec' AS s FROM {embeddings} /* text_vec */"
-    with pytest.MonkeyPatch.context() as mp:  # a count, a string and a comment read no column
-        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
-        assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # none named: all
-    doc["tables"]["exposure"]["query"] = "SELECT COUNT(*) AS n, fused_vec FROM {embeddings} -- text_vec"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
-        assert input_schemas("exposure", clean)["embeddings"].names == ["fused_vec"]
-    doc["tables"]["exposure"]["query"] = "SELECT e.* FROM {embeddings} e"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
-        assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # a star reads all
-        doc["tables"]["exposure"]["query"] = "SELECT category FROM {categories} NATURAL JOIN {embeddings}"
-        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
-        assert input_schemas("exposure", clean)["embeddings"] == table_schema("embeddings")  # joins unnamed columns
+    embeddings = table_schema("embeddings")
+    # A count, a string and a comment read no column: none named, so all.
+    assert columns_read("SELECT COUNT(*) AS n, '--image_vec' AS s FROM {embeddings} /* text_vec */", "embeddings",
+                        clean) == embeddings
+    assert columns_read("SELECT COUNT(*) AS n, fused_vec FROM {embeddings} -- text_vec", "embeddings",
+                        clean).names == ["fused_vec"]
+    assert columns_read("SELECT e.* FROM {embeddings} e", "embeddings", clean) == embeddings  # a star reads all
+    assert columns_read("SELECT category FROM {categories} NATURAL JOIN {embeddings}", "embeddings",
+                        clean) == embeddings  # joins unnamed columns
     odd = pa.schema(list(clean) + [("price ($)", pa.float64())])  # a catalog's pass-through column, as it came
-    doc["tables"]["exposure"]["query"] = "SELECT `price ($)` FROM {clean}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("jobs.score_queries.tables", lambda: parse_registry(doc))
-        assert input_schemas("exposure", odd)["clean"].names == ["price ($)"]
+    assert columns_read("SELECT `price ($)` FROM {clean}", "clean", odd).names == ["price ($)"]
 
 
 @pytest.mark.parametrize("query, named", [

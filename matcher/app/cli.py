@@ -271,6 +271,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_result(args: argparse.Namespace, summary: object, message: str) -> int:
+    """A command's result: its summary as JSON with --json, else its message."""
+    if args.json:
+        _print_json(summary)
+    else:
+        print(message)
+    return 0
+
+
 def _describe_tables(names: list[str]) -> tuple[list[dict], str]:
     from matcher.io.tables import describe_table
 
@@ -293,12 +302,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
     from matcher.io.tables import queryable_tables, tables
 
     if args.action == "describe":  # the registry alone: no config, no lake
-        summary, message = _describe_tables([args.table] if args.table else list(tables()))
-        if args.json:
-            _print_json(summary)
-        else:
-            print(message)
-        return 0
+        return _print_result(args, *_describe_tables([args.table] if args.table else list(tables())))
     if args.table and args.table not in queryable_tables():
         raise ValueError(f"table {args.table} has no Delta log (not queryable); those that do: "
                          f"{', '.join(queryable_tables())}")
@@ -321,11 +325,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
                                   f"{'  dates ' + h['dates'] if h['dates'] else ''}"
                                   f"{'  by ' + h['by'] if h['by'] else ''}"
                                   for name, versions in summary.items() for h in versions) or "no Delta logs yet"
-    if args.json:
-        _print_json(summary)
-    else:
-        print(message)
-    return 0
+    return _print_result(args, summary, message)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -341,11 +341,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         summary = {"valid": True, "profile": cfg.run.profile, "catalog": cfg.run.catalog, "lake": cfg.run.lake}
         message = (f"config valid: profile {cfg.run.profile or '(none)'}, catalog {cfg.run.catalog or '(none)'}, "
                    f"lake {cfg.run.lake}")
-    if args.json:
-        _print_json(summary)
-    else:
-        print(message)
-    return 0
+    return _print_result(args, summary, message)
 
 
 EXIT_CODES = """exit codes:

@@ -217,6 +217,7 @@ class TrainConfig(_Section):
     hidden: Whole
     fusion: Literal["weighted", "concat", "concat_weighted"]
     fusion_alpha: Fraction
+    image_power: float = Field(gt=0.0, le=1.0)
     epochs: Whole
     min_steps: Whole
     batch_size: Whole

@@ -52,6 +52,27 @@ def test_safetensors_round_trip_keeps_outputs():
     assert torch.equal(model.embed_images(x), loaded.embed_images(x))
 
 
+def test_photo_features_enter_the_heads_powered_and_models_saved_without_a_power_load_unpowered():
+    from dataclasses import asdict, replace
+
+    from matcher.steps.model import spec_from_dict
+
+    torch.manual_seed(0)
+    powered = MatcherModel(replace(SPEC, image_power=0.5)).eval()
+    plain = MatcherModel(SPEC).eval()
+    plain.load_state_dict(powered.state_dict())  # the power is the spec's, not a weight: the same weights
+    x = torch.rand(20, SPEC.image_dim) * 4
+    powered.image_head.set_standardisation(x)
+    plain.image_head.set_standardisation(x.sqrt())
+    torch.testing.assert_close(powered.image_head.mean, x.sqrt().mean(0))
+    with torch.no_grad():
+        torch.testing.assert_close(powered.embed_images(x), plain.embed_images(x.sqrt()))
+        assert not torch.allclose(powered.embed_images(x), plain.embed_images(x), atol=1e-3)
+    assert spec_from_dict(asdict(powered.spec)).image_power == 0.5
+    before = {k: v for k, v in asdict(SPEC).items() if k != "image_power"}  # a model saved before the field
+    assert spec_from_dict(before).image_power == 1.0
+
+
 def test_pair_scores_in_batches_equal_one_batch():
     torch.manual_seed(0)
     model = MatcherModel(SPEC).eval()

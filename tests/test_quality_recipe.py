@@ -25,6 +25,11 @@ def noisy_views(n: int, seed: int, noise: float = 2.0):
     return img.astype(np.float32), txt.astype(np.float32)
 
 
+def _powered(x: np.ndarray, power: float) -> np.ndarray:
+    """The photo features as the heads read them before standardising (train.image_power)."""
+    return (np.sign(x) * np.abs(x) ** power).astype(x.dtype)
+
+
 def recipe(**kw):
     return load_config(overrides={"train": {"dim": 16, "hidden": 64, "learning_rate": 3e-3, "min_steps": 20,
                                             "weight_decay": 0.0, **kw}}).train
@@ -32,7 +37,8 @@ def recipe(**kw):
 
 def test_early_stopping_keeps_the_best_validation_epoch():
     img, txt = noisy_views(260, seed=1)
-    cfg = recipe(epochs=30, patience=4, init="random", refit=False)
+    # The views are made to overfit as they are (not powered: a square root of Gaussian noise is other noise).
+    cfg = recipe(epochs=30, patience=4, init="random", refit=False, image_power=1.0)
     spec = model_spec(cfg, 40, 30, "a", "b")
     result = train_model(img[:200], txt[:200], spec, cfg, validation=(img[200:], txt[200:]))
     scores = [h["validation_mrr"] for h in result.history]
@@ -49,7 +55,7 @@ def _expected_start(model, img, txt, val_img, val_txt, dim, folds):
     """The best closed-form baseline, by cross-validated MRR over training + validation pairs (folds > 1) or on the
     validation pairs, computed here the way the recipe documents it."""
     def standardised(head, x):
-        return ((torch.as_tensor(x) - head.mean) / head.std).double().numpy()
+        return ((torch.as_tensor(_powered(x, head.power)) - head.mean) / head.std).double().numpy()
 
     xi, xt = standardised(model.image_head, img), standardised(model.text_head, txt)
     vi, vt = standardised(model.image_head, val_img), standardised(model.text_head, val_txt)
@@ -85,7 +91,8 @@ def test_refit_trains_the_chosen_recipe_again_on_training_and_validation_rows():
     spec = model_spec(cfg, 40, 30, "a", "b")
     result = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:]))
     # Standardisation and the starting baseline now come from all 300 rows, with the setting chosen before.
-    np.testing.assert_allclose(result.model.image_head.mean.numpy(), img.mean(0), rtol=1e-5, atol=1e-5)
+    powered = _powered(img, cfg.image_power)
+    np.testing.assert_allclose(result.model.image_head.mean.numpy(), powered.mean(0), rtol=1e-5, atol=1e-5)
     first = _standardised_model(spec, img[:240], txt[:240])  # the heads as the choice saw them
     chosen, standardised = _expected_start(first, img[:240], txt[:240], img[240:], txt[240:], cfg.dim,
                                            closed_form_folds(cfg, 300))
@@ -110,11 +117,13 @@ def test_the_gate_measures_the_baselines_the_start_was_chosen_among(monkeypatch)
     split = train.split_rows(np.arange(300).astype(str), cfg)
     assert train.gate_baselines(result, img, txt, split, cfg) is result.baselines
     assert len(calls) == 1
-    on_raw = fit_baselines(img, txt, np.arange(300) >= 240, closed_form_folds(cfg, 300))
+    assert cfg.image_power != 1.0  # the photo features enter the heads, and so the baselines, powered
+    powered = _powered(img, cfg.image_power)
+    on_raw = fit_baselines(powered, txt, np.arange(300) >= 240, closed_form_folds(cfg, 300))
     assert set(result.baselines) == set(on_raw) == {"ridge_image_to_text", "ridge_text_to_image", "cca"}
     for name, pair in result.baselines.items():
         assert pair.params == on_raw[name].params
-        np.testing.assert_allclose(pair.embed_images(img), on_raw[name].embed_images(img), atol=1e-3)
+        np.testing.assert_allclose(pair.embed_images(img), on_raw[name].embed_images(powered), atol=1e-3)
         np.testing.assert_allclose(pair.embed_texts(txt), on_raw[name].embed_texts(txt), atol=1e-3)
 
 
@@ -333,8 +342,9 @@ def test_the_served_refit_replays_the_judged_recipe_on_every_row():
     served = refit_on_all_rows(judged, img, txt, spec, cfg)
     assert served.rows == 300 and served.best_epoch == judged.best_epoch == 0
     # Standardised on every row, started from the judged fit's closed form (same kind, same setting) fitted on them.
-    np.testing.assert_allclose(served.model.image_head.mean.numpy(), img.mean(0), rtol=1e-5, atol=1e-5)
-    xi = ((torch.as_tensor(img) - served.model.image_head.mean) / served.model.image_head.std).double().numpy()
+    powered = _powered(img, cfg.image_power)
+    np.testing.assert_allclose(served.model.image_head.mean.numpy(), powered.mean(0), rtol=1e-5, atol=1e-5)
+    xi = ((torch.as_tensor(powered) - served.model.image_head.mean) / served.model.image_head.std).double().numpy()
     xt = ((torch.as_tensor(txt) - served.model.text_head.mean) / served.model.text_head.std).double().numpy()
     want = reduce_width(refit(judged.start_pair, xi, xt), xi, xt, cfg.dim)
     z, _, _ = embed(served.model, img, txt)
@@ -434,3 +444,16 @@ def test_masking_twins_changes_training_only_where_a_catalog_has_twins():
     assert not all(torch.equal(x, y) for x, y in zip(weights(on, twinned), weights(off, twinned)))
     with pytest.raises(Exception, match="twin_text_cosine"):
         recipe(twin_text_cosine=1.5)
+
+
+def test_a_baseline_of_powered_photo_features_is_refit_on_them_too():
+    from dataclasses import replace
+
+    img, txt = noisy_views(200, seed=9, noise=1.0)
+    on_powered = fit_baselines(_powered(img, 0.5), txt, np.arange(200) >= 160)["cca"]
+    of_raw = replace(on_powered, image_std=replace(on_powered.image_std, power=0.5))  # the same map, of raw rows
+    np.testing.assert_allclose(of_raw.embed_images(img), on_powered.embed_images(_powered(img, 0.5)), atol=1e-6)
+    again = refit(of_raw, img[:100], txt[:100])
+    assert again.image_std.power == 0.5 and again.text_std.power == 1.0
+    want = refit(on_powered, _powered(img[:100], 0.5), txt[:100])
+    np.testing.assert_allclose(again.embed_images(img), want.embed_images(_powered(img, 0.5)), atol=1e-5)

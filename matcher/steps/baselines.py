@@ -25,18 +25,27 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
+def signed_power(x: np.ndarray, power: float) -> np.ndarray:
+    """sign(x) * |x| ** power: with power < 1, a few large activations of a pooled CNN feature weigh less against
+    the many small ones (power normalisation); 1 returns x itself."""
+    if power == 1.0:
+        return x
+    return np.sign(x) * np.abs(x) ** power
+
+
 @dataclass
 class Standardiser:
     mean: np.ndarray
     std: np.ndarray
     dtype: type = np.float64  # of the standardised rows, and so of every fit on them
+    power: float = 1.0  # the rows are first raised to this power (signed_power): that of the head it maps into
 
     @classmethod
     def fit(cls, x: np.ndarray, dtype: type = np.float64) -> "Standardiser":
         return cls(x.mean(0), x.std(0) + 1e-6, dtype)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = np.subtract(x, self.mean, dtype=self.dtype)  # one new array, divided in place
+        out = np.subtract(signed_power(x, self.power), self.mean, dtype=self.dtype)  # one new array, divided in place
         out /= self.std
         return out
 
@@ -213,10 +222,13 @@ def reduce_width(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarr
 
 
 def refit(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray) -> LinearPair:
-    """The same kind of baseline with the same setting, fitted on other rows (e.g. training + validation)."""
-    if pair.kind == "cca":
-        return fit_cca(image_feats, text_feats, *pair.params)
-    return fit_ridge(image_feats, text_feats, pair.kind.removeprefix("ridge_"), *pair.params)
+    """The same kind of baseline with the same setting (and the same powers of its inputs), fitted on other rows
+    (e.g. training + validation)."""
+    pi, pt = pair.image_std.power, pair.text_std.power
+    x, t = signed_power(image_feats, pi), signed_power(text_feats, pt)
+    fitted = (fit_cca(x, t, *pair.params) if pair.kind == "cca"
+              else fit_ridge(x, t, pair.kind.removeprefix("ridge_"), *pair.params))
+    return replace(fitted, image_std=replace(fitted.image_std, power=pi), text_std=replace(fitted.text_std, power=pt))
 
 
 def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: np.ndarray,

@@ -29,28 +29,39 @@ class ModelSpec:
     image_encoder: str
     text_encoder: str
     head: str = "mlp"  # mlp | mlp+linear (a linear path beside the MLP, seeded with a closed-form solution)
+    image_power: float = 1.0  # photo features are raised to this power (signed) before standardising; 1 = as extracted
 
 
 HEADS = ("mlp", "mlp+linear")
 
 
 class ProjectionHead(nn.Module):
-    """Standardise frozen encoder features, then a two-layer MLP into the shared space (L2-normalised); with
-    `linear`, plus a linear map of the same input, so a closed-form solution can be the starting point."""
+    """Raise frozen encoder features to `power` (signed) and standardise them, then a two-layer MLP into the shared
+    space (L2-normalised); with `linear`, plus a linear map of the same input, so a closed-form solution can be the
+    starting point."""
 
-    def __init__(self, in_dim: int, hidden: int, dim: int, linear: bool = False):
+    def __init__(self, in_dim: int, hidden: int, dim: int, linear: bool = False, power: float = 1.0):
         super().__init__()
+        self.power = power  # from the model's spec, which is saved beside the weights
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, dim))
         self.linear = nn.Linear(in_dim, dim) if linear else None
 
+    def powered(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats if self.power == 1.0 else torch.sign(feats) * feats.abs().pow(self.power)
+
     def set_standardisation(self, feats: torch.Tensor) -> None:
-        self.mean.copy_(feats.mean(0))
-        self.std.copy_(feats.std(0).clamp_min(1e-6))
+        x = self.powered(feats)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))
+
+    def standardised(self, feats: torch.Tensor) -> torch.Tensor:
+        """What the MLP and the linear path read: the powered features, standardised."""
+        return (self.powered(feats) - self.mean) / self.std
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = (feats - self.mean) / self.std
+        x = self.standardised(feats)
         out = self.net(x) if self.linear is None else self.net(x) + self.linear(x)
         return F.normalize(out, dim=-1)
 
@@ -106,7 +117,7 @@ class MatcherModel(nn.Module):
             raise ModelError(f"unknown head {spec.head!r}")
         self.spec = spec
         linear = spec.head == "mlp+linear"
-        self.image_head = ProjectionHead(spec.image_dim, spec.hidden, spec.dim, linear)
+        self.image_head = ProjectionHead(spec.image_dim, spec.hidden, spec.dim, linear, spec.image_power)
         self.text_head = ProjectionHead(spec.text_dim, spec.hidden, spec.dim, linear)
         self.matcher = MatchingNetwork(spec.dim, spec.fusion, spec.fusion_alpha)
         self.logit_scale = nn.Parameter(torch.tensor(0.0))

@@ -54,7 +54,8 @@ def model_spec(cfg: TrainConfig, image_dim: int, text_dim: int, image_encoder: s
     """The model the training config describes (heads with a linear path when they start from a closed form)."""
     return ModelSpec(image_dim=image_dim, text_dim=text_dim, dim=cfg.dim, hidden=cfg.hidden, fusion=cfg.fusion,
                      fusion_alpha=cfg.fusion_alpha, image_encoder=image_encoder, text_encoder=text_encoder,
-                     head="mlp+linear" if cfg.init == "closed_form" and cfg.patience > 0 else "mlp")
+                     head="mlp+linear" if cfg.init == "closed_form" and cfg.patience > 0 else "mlp",
+                     image_power=cfg.image_power)
 
 
 def training_fingerprint(content_hashes: list[str], spec: ModelSpec, cfg: TrainConfig) -> str:
@@ -372,7 +373,7 @@ def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.T
 
 
 def _standardised(head, x: torch.Tensor) -> np.ndarray:
-    return ((x - head.mean) / head.std).double().numpy()
+    return head.standardised(x).double().numpy()
 
 
 @torch.no_grad()
@@ -398,11 +399,11 @@ def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor
 
 
 def _of_raw_features(model: MatcherModel, pair: LinearPair) -> LinearPair:
-    """`pair` (fitted on the heads' standardised inputs) as the same maps of the raw features: the two affine
-    standardisations composed."""
+    """`pair` (fitted on the heads' standardised inputs) as the same maps of the raw features: the head's power,
+    then the two affine standardisations composed."""
     def composed(head, std: Standardiser) -> Standardiser:
         mean, scale = head.mean.double().numpy(), head.std.double().numpy()
-        return Standardiser(mean + scale * std.mean, scale * std.std)
+        return Standardiser(mean + scale * std.mean, scale * std.std, power=head.power)
 
     return replace(pair, image_std=composed(model.image_head, pair.image_std),
                    text_std=composed(model.text_head, pair.text_std))

@@ -30,6 +30,7 @@ def test_file_overrides_subset(tmp_path):
     # each refusal names the key, what it must be and the value
     ({"score": {"rerank_weight": 1.5}}, r"config key score.rerank_weight must be in \[0.0, 1.0\], got 1.5$"),
     ({"train": {"holdout_fraction": 0}}, r"config key train.holdout_fraction must be in \(0.0, 1.0\), got 0$"),
+    ({"train": {"image_power": 0.0}}, r"config key train.image_power must be in \(0.0, 1.0\], got 0.0$"),
     ({"score": {"mismatch_folds": 1}}, r"config key score.mismatch_folds must be >= 2, got 1: each product is judged"),
     ({"catalog": {"http_timeout": 0.0}}, r"config key catalog.http_timeout must be > 0, got 0.0$"),
     ({"score": {"candidates": "some"}}, r"config key score.candidates must be one of exact, ann or auto, got 'some'$"),

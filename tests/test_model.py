@@ -52,9 +52,11 @@ def test_safetensors_round_trip_keeps_outputs():
     assert torch.equal(model.embed_images(x), loaded.embed_images(x))
 
 
-def test_photo_features_enter_the_heads_powered_and_models_saved_without_a_power_load_unpowered():
+def test_photo_features_enter_the_heads_powered_and_models_saved_without_a_power_load_unpowered(tmp_path):
     from dataclasses import asdict, replace
 
+    from matcher.io.lake import Lake
+    from matcher.io.registry import save_model
     from matcher.steps.model import spec_from_dict
 
     torch.manual_seed(0)
@@ -68,7 +70,12 @@ def test_photo_features_enter_the_heads_powered_and_models_saved_without_a_power
     with torch.no_grad():
         torch.testing.assert_close(powered.embed_images(x), plain.embed_images(x.sqrt()))
         assert not torch.allclose(powered.embed_images(x), plain.embed_images(x), atol=1e-3)
-    assert spec_from_dict(asdict(powered.spec)).image_power == 0.5
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    save_model(lake, "v1", powered, {}, {}, [])
+    loaded = load_model(lake, "v1")[0]
+    assert loaded.spec.image_power == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_images(x), powered.embed_images(x))
     before = {k: v for k, v in asdict(SPEC).items() if k != "image_power"}  # a model saved before the field
     assert spec_from_dict(before).image_power == 1.0
 

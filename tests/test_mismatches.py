@@ -99,3 +99,15 @@ def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_
     np.testing.assert_allclose(flagged["match_score"], [want[p] for p in flagged["product_id"]], atol=1e-5)
     assert (flagged["threshold"] == np.float32(expected.threshold)).all()
     assert flagged["match_score"].is_monotonic_increasing and stats["mismatches"] == len(flagged)
+
+
+def test_a_fold_scorer_refuses_a_pair_of_powered_features():
+    """Fold scorers read the features as extracted; a pair fitted on powered photo features (the model's closed
+    forms, train.image_power) would score other numbers than it was fitted on."""
+    from dataclasses import replace
+
+    _, img, txt = _catalog()
+    pair = PairFitters(img, txt).pair("cca", (0.1, 16))
+    FoldScorer.of(pair)
+    with pytest.raises(ValueError, match="features as extracted"):
+        FoldScorer.of(replace(pair, image_std=replace(pair.image_std, power=0.5)))

@@ -45,6 +45,8 @@ class FoldScorer:
 
     @classmethod
     def of(cls, pair: LinearPair) -> "FoldScorer":
+        if pair.image_std.power != 1.0 or pair.text_std.power != 1.0:
+            raise ValueError("a fold scorer reads the features as extracted: it takes no pair of powered features")
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         return cls(f32(pair.image_std.mean), f32(pair.image_std.std), f32(pair.image_w),
                    f32(pair.text_std.mean), f32(pair.text_std.std), f32(pair.text_w))

@@ -403,6 +403,8 @@ def test_the_recipe_summary_names_the_choice_and_every_candidates_score():
     assert summary["best_validation_mrr"] >= summary["epoch_0_validation_mrr"]
     page = recipe_table(summary)
     assert page.count("<tr>") == 1 + 3 + 2 and page.count("chosen") == 2  # a start, and epoch 0 or a trained one
+    assert summary["image_power"] == cfg.image_power == 0.5 and "raised to the power 0.5" in page
+    assert "raised to the power" not in recipe_table({**summary, "image_power": 1.0})
 
 
 def test_near_duplicate_texts_are_never_each_others_negative():

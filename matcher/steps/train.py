@@ -92,7 +92,8 @@ def recipe_summary(result: TrainResult) -> dict:
             "start_candidates": dict(result.start_scores),
             "best_epoch": result.best_epoch, "epochs_tried": max(0, len(scores) - 1),
             "epoch_0_validation_mrr": scores[0] if scores else None,
-            "best_validation_mrr": max(scores) if scores else None}
+            "best_validation_mrr": max(scores) if scores else None,
+            "image_power": result.model.spec.image_power}
 
 
 def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator,

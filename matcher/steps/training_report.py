@@ -60,7 +60,10 @@ def recipe_table(recipe: dict) -> str:
                  f"<tr><td>heads: trained, best of {recipe['epochs_tried']} epochs</td>"
                  f"<td>{recipe['best_validation_mrr']:.4f}</td>"
                  f"<td>{'chosen: epoch ' + str(recipe['best_epoch']) if recipe['best_epoch'] else ''}</td></tr>")
-    return (f"<h2>Recipe: {html.escape(recipe.get('recipe', ''))}</h2><table><tr><th>candidate</th>"
+    power = recipe.get("image_power", 1.0)
+    inputs = (f"<p>Photo features raised to the power {power:g} (signed) before the heads and the closed forms "
+              f"(train.image_power).</p>" if power != 1.0 else "")
+    return (f"<h2>Recipe: {html.escape(recipe.get('recipe', ''))}</h2>{inputs}<table><tr><th>candidate</th>"
             f"<th>validation MRR</th><th></th></tr>{rows}</table>")
 
 

@@ -8,7 +8,9 @@ makes, with the shipped EfficientNet-Lite0 at the config's precision:
   - flip: the same for the photo mirrored left-right (test-time augmentation: base and flip averaged);
   - crop: the same for the central 80% of the photo, resized back (a second crop);
   - block: the pooled output of an earlier block (the last MBConv block before the 1x1 head: 320 channels), a
-    view with less of ImageNet's classes in it.
+    view with less of ImageNet's classes in it;
+  - gem: the last layer's feature map pooled by a generalised mean (p = 3) instead of the mean, as image retrieval
+    pools it (a strong activation anywhere in the photo counts more than under the mean).
 Written to /tmp/matcher-<catalog>-image-views.npz (product ids and one matrix per view), with each view's cost in
 photos/s on this machine beside the base's, measured in the same run on the same photos."""
 from __future__ import annotations
@@ -53,11 +55,18 @@ def photos(catalog: Path, limit: int) -> tuple[list[str], list[bytes]]:
     return ids, canonical
 
 
+def generalised_mean(feature_map: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """GeM pooling over the spatial positions: between the mean (p = 1) and the maximum (p -> infinity)."""
+    return feature_map.clamp_min(1e-6).pow(p).mean((2, 3)).pow(1.0 / p)
+
+
 def views_of(encoder, canonical: list[bytes]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     model = encoder.model
     captured = {}
     hook = model._blocks[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("block", o.mean((2, 3))))
-    out = {k: [] for k in ("base", "flip", "crop", "block")}
+    # The model's own activation runs after the stem and after the head: its last output is the final feature map.
+    head = model._swish.register_forward_hook(lambda m, i, o: captured.__setitem__("head", o))
+    out = {k: [] for k in ("base", "flip", "crop", "block", "gem")}
     seconds = dict.fromkeys(out, 0.0)
     side = encoder.side
     margin = side // 10
@@ -73,10 +82,12 @@ def views_of(encoder, canonical: list[bytes]) -> tuple[dict[str, np.ndarray], di
                 feats = encoder.forward(pixels.contiguous()).float().numpy()
                 seconds[name] += time.perf_counter() - started
                 out[name].append(feats)
-                if name == "base":  # the hook ran inside this forward: the block view costs nothing more
+                if name == "base":  # the hooks ran inside this forward: these views cost nothing more
                     out["block"].append(captured["block"].float().numpy())
+                    out["gem"].append(generalised_mean(captured["head"].float()).numpy())
     hook.remove()
-    seconds["block"] = seconds["base"]
+    head.remove()
+    seconds["block"] = seconds["gem"] = seconds["base"]
     return {k: np.concatenate(v) for k, v in out.items()}, {k: len(canonical) / s for k, s in seconds.items()}
 
 

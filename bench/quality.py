@@ -25,8 +25,9 @@ other modality, matcher.steps.hubness). Mean and standard deviation over the dra
 over the catalogs.
 
 --small --image-views: the same draws with other photo features, each with every method: the shipped ones, the
-model's part averaged with a mirrored view (and a central crop), and an earlier block's pooled output appended
-(bench/image_views.py computes those views first; its table gives each view's extraction cost).
+model's part averaged with a mirrored view (and a central crop), an earlier block's pooled output appended, and the
+model's part pooled by a generalised mean (bench/image_views.py computes those views first; its table gives each
+view's extraction cost).
 
 --small --describe (fashion only): the same draws with descriptions written from the fashion rows' attribute columns
 (gender, category path, colour, season, usage; the catalog's descriptions are empty): the text as the title only, as
@@ -381,7 +382,8 @@ def image_views(fs, path: Path) -> dict[str, np.ndarray]:
     return {"shipped": fs.image_feats,
             "flip-averaged": with_model_part((base + flip) / 2),
             "flip+crop-averaged": with_model_part((base + flip + crop) / 3),
-            "shipped + last block": np.concatenate([fs.image_feats, block], 1).astype(np.float32)}
+            "shipped + last block": np.concatenate([fs.image_feats, block], 1).astype(np.float32),
+            **({"GeM-pooled": with_model_part(data["gem"][rows])} if "gem" in data.files else {})}
 
 
 def run_small(args, cfg) -> int:

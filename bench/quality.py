@@ -113,15 +113,20 @@ def draw_metrics(z, u, v, categories, unseen, bank, temperature) -> dict[str, fl
     return m
 
 
-def attribute_descriptions(catalog: str, product_ids: np.ndarray) -> tuple[list[str], list[str]]:
-    """Titles, and descriptions written from the fashion catalog's own attribute columns (gender, category path,
-    colour, season, usage): a stand-in for a catalog whose descriptions carry attributes (the fashion rows have
-    none)."""
+def catalog_rows(catalog: str, product_ids: np.ndarray) -> list[dict[str, str]]:
+    """The catalog's products.csv rows of these products, in their order."""
     import csv
 
     with open(Path(catalog) / "products.csv", encoding="utf-8") as fh:
         rows = {r["product_id"]: r for r in csv.DictReader(fh)}
-    picked = [rows[str(p)] for p in product_ids]
+    return [rows[str(p)] for p in product_ids]
+
+
+def attribute_descriptions(catalog: str, product_ids: np.ndarray) -> tuple[list[str], list[str]]:
+    """Titles, and descriptions written from the fashion catalog's own attribute columns (gender, category path,
+    colour, season, usage): a stand-in for a catalog whose descriptions carry attributes (the fashion rows have
+    none)."""
+    picked = catalog_rows(catalog, product_ids)
     return [r["title"] for r in picked], [
         f"{r['gender']} {r['master_category']}, {r['sub_category']}. Colour: {r['colour']}. "
         f"Season: {r['season']} {r['year']}. For {r['usage'].lower()} wear." for r in picked]

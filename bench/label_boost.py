@@ -74,7 +74,7 @@ def run_catalog(catalog: str, cfg, draws: int, products: int, candidates: int) -
         img, txt = fs.image_feats[rows], fs.text_feats[rows]
         spec = model_spec(cfg.train, img.shape[1], txt.shape[1], fs.image_encoder, fs.text_encoder)
         judged, _ = train_on_split(img[night1], txt[night1], ids[night1], spec, cfg.train)
-        served = refit_on_all_rows(judged, img[night1], txt[night1], spec, cfg.train)
+        served = refit_on_all_rows(judged, img[night1], txt[night1], cfg.train)
         _, _, v = embed(served.model, img, txt)
         names, centroids = category_centroids(category_sums(list(cats), v), 0, v.shape[1])
         category = np.where(cats != "", cats, np.array(names)[np.argmax(v @ centroids.T, 1)])

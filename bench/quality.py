@@ -146,11 +146,14 @@ def description_views(fs, catalog: str, cache: Path) -> dict[str, np.ndarray]:
           flush=True)
     made = load_text_encoder_for(fs.text_encoder, "cpu")
     second = made.second_title.name if made.second_title is not None else ""
-    views = {"title only": load_text_encoder(made.name, "cpu", "joined", second).encode_products(
-        titles, [""] * len(titles))}
+    words = made.title_words is not None  # last in every view, as the version the specs are built with says
+
+    def encoder(layout: str):
+        return load_text_encoder(made.name, "cpu", layout, second, title_words=words)
+
+    views = {"title only": encoder("joined").encode_products(titles, [""] * len(titles))}
     for layout in ("joined", "separate"):
-        views[f"title + description, {layout}"] = load_text_encoder(made.name, "cpu", layout, second).encode_products(
-            titles, descriptions)
+        views[f"title + description, {layout}"] = encoder(layout).encode_products(titles, descriptions)
     np.savez(cache, version=fs.text_encoder, **views)
     return views
 
@@ -229,7 +232,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
                 judged, _ = train_on_split(img[night1], txt[night1], ids[night1], spec, tcfg)
                 fits = {f"{name} (judged fit)": judged} if tcfg.serve_refit else {}
                 # What the train stage serves: the recipe refit on all of night 1's rows.
-                fits[name] = refit_on_all_rows(judged, img[night1], txt[night1], spec, tcfg) \
+                fits[name] = refit_on_all_rows(judged, img[night1], txt[night1], tcfg) \
                     if tcfg.serve_refit else judged
                 for fit_name, result in fits.items():
                     z, u, v = embed(result.model, img, txt)

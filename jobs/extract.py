@@ -28,7 +28,7 @@ _worker_encoders: dict[tuple, tuple] = {}
 
 def _encoders(cfg: ExtractConfig, device: str, threads: int, precision: str):
     key = (cfg.image_encoder, cfg.text_encoder, cfg.second_title_encoder, cfg.image_weights, cfg.image_colour,
-           cfg.description, device, precision)
+           cfg.description, cfg.title_words, device, precision)
     if key not in _worker_encoders:
         import torch
 
@@ -39,7 +39,7 @@ def _encoders(cfg: ExtractConfig, device: str, threads: int, precision: str):
         _worker_encoders[key] = (load_image_encoder(cfg.image_encoder, dev, cfg.image_weights, cfg.image_colour,
                                                     precision),
                                   load_text_encoder(cfg.text_encoder, dev, cfg.description,
-                                                    cfg.second_title_encoder, precision))
+                                                    cfg.second_title_encoder, precision, cfg.title_words))
     return _worker_encoders[key]
 
 

@@ -54,7 +54,7 @@ def run(ctx: RunContext) -> dict:
                                  ) if heldout.any() else {}
     served, served_fit = result, SERVED_JUDGED_FIT
     if cfg.serve_refit and heldout.any():
-        served, served_fit = refit_on_all_rows(result, fs.image_feats, fs.text_feats, spec, cfg), SERVED_REFIT
+        served, served_fit = refit_on_all_rows(result, fs.image_feats, fs.text_feats, cfg), SERVED_REFIT
         metrics["refit_seconds"] = served.seconds
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"

@@ -45,6 +45,7 @@ IMAGE_FEATURE_FLOATS = {"efficientnet-lite0": 1280, "resnet18": 512, "resnet50":
                         "thumbnail-8x8": 192}
 TEXT_FEATURE_FLOATS = 384
 COLOUR_FLOATS = 192  # extract.image_colour's histogram (matcher.steps.encoders.COLOUR_DIM)
+TITLE_WORDS_FLOATS = 384  # extract.title_words' view (matcher.steps.encoders.TITLE_WORDS_DIM)
 # The ANN lists' sizing (matcher.steps.ann): 64 sampled products per list, a sample of at most 300,000, so at most
 # 4,687 lists; k-means++ seeds them from 8 rows per list, which the driver holds.
 ANN_SAMPLE_PER_LIST = 64
@@ -192,6 +193,7 @@ class ExtractConfig(_Section):
     image_weights: str
     image_colour: bool
     description: Literal["separate", "joined"]
+    title_words: bool
     batch_size: Whole = Field(ge=0, description="0: chosen per device")
     device: Literal["auto", "cpu", "cuda"]
 
@@ -218,6 +220,7 @@ class TrainConfig(_Section):
     fusion: Literal["weighted", "concat", "concat_weighted"]
     fusion_alpha: Fraction
     image_power: float = Field(gt=0.0, le=1.0)
+    title_words: Literal["auto", "on", "off"]
     epochs: Whole
     min_steps: Whole
     batch_size: Whole
@@ -416,7 +419,8 @@ def feature_floats(extract: ExtractConfig) -> tuple[int, int]:
     image = IMAGE_FEATURE_FLOATS[extract.image_encoder] + (COLOUR_FLOATS if extract.image_colour else 0)
     second = extract.second_title_encoder not in ("", extract.text_encoder)
     text = TEXT_FEATURE_FLOATS * ((2 if extract.description == "separate" else 1) + (1 if second else 0))
-    return image, text
+    words = extract.title_words and extract.text_encoder != "hashing-384"
+    return image, text + (TITLE_WORDS_FLOATS if words else 0)
 
 
 def driver_receipts(cfg: Config) -> list[tuple[str, int, str]]:

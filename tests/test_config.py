@@ -31,6 +31,8 @@ def test_file_overrides_subset(tmp_path):
     ({"score": {"rerank_weight": 1.5}}, r"config key score.rerank_weight must be in \[0.0, 1.0\], got 1.5$"),
     ({"train": {"holdout_fraction": 0}}, r"config key train.holdout_fraction must be in \(0.0, 1.0\), got 0$"),
     ({"train": {"image_power": 0.0}}, r"config key train.image_power must be in \(0.0, 1.0\], got 0.0$"),
+    ({"train": {"title_words": "maybe"}}, r"config key train.title_words must be one of auto, on or off, got 'maybe'$"),
+    ({"extract": {"title_words": "yes"}}, "extract.title_words must be bool"),
     ({"score": {"mismatch_folds": 1}}, r"config key score.mismatch_folds must be >= 2, got 1: each product is judged"),
     ({"catalog": {"http_timeout": 0.0}}, r"config key catalog.http_timeout must be > 0, got 0.0$"),
     ({"score": {"candidates": "some"}}, r"config key score.candidates must be one of exact, ann or auto, got 'some'$"),
@@ -118,7 +120,7 @@ def test_a_sample_the_driver_could_not_receive_is_refused_with_the_arithmetic():
         load_config(overrides={"train": {"max_products": 30000}})
     message = str(err.value)
     assert message.startswith("train.max_products:")
-    assert "30,000 products x 10,496 bytes (1,472 image + 1,152 text floats x 4) = 300.3 MiB" in message
+    assert "30,000 products x 12,032 bytes (1,472 image + 1,536 text floats x 4) = 344.2 MiB" in message
     assert "spark.driver.maxResultSize = 256m (256.0 MiB" in message
     for overrides, setting in [
         ({"spark": {"max_result_size": "16m"}, "score": {"mismatch_fit_products": 5000},

@@ -185,3 +185,27 @@ def test_a_second_title_encoder_appends_its_vector_of_the_title(description):
     # Naming the primary encoder again adds nothing.
     same = load_text_encoder("hashing-384", "cpu", description, "hashing-384")
     assert same.dim == own.dim and same.version == own.version
+
+
+def test_the_title_words_view_is_the_hashed_title_appended_last():
+    from matcher.steps.encoders import TITLE_WORDS_DIM, title_words_start
+
+    titles = ["KALLAX Shelf unit, white", "红色连衣裙", "Steel kettle 1.7 l"]
+    descriptions = ["Four compartments.", "", "Brushed steel."]
+    hashed = load_text_encoder("hashing-384", "cpu")
+    own = load_text_encoder("all-minilm-l6-v2", "cpu", "separate", "hashing-384")
+    words = load_text_encoder("all-minilm-l6-v2", "cpu", "separate", "hashing-384", title_words=True)
+    feats = words.encode_products(titles, descriptions, batch_size=2)
+    assert feats.shape == (3, own.dim + TITLE_WORDS_DIM) and words.model_dim == own.model_dim == 384
+    assert np.allclose(feats[:, :own.dim], own.encode_products(titles, descriptions), atol=1e-5)
+    assert np.allclose(feats[:, own.dim:], hashed.encode(titles), atol=1e-6)  # the title alone, last
+    assert (np.abs(feats[1, own.dim:]) > 0).any()  # Chinese is read by its characters
+    # The version says so, and a model's recorded version loads the same encoder for search queries.
+    assert words.version == own.version + "+title-words-view@1"
+    assert title_words_start(words.version, words.dim) == own.dim and title_words_start(own.version, own.dim) == 0
+    again = load_text_encoder_for(words.version, "cpu")
+    assert again.dim == words.dim and again.title_words is not None and again.second_title.name == "hashing-384"
+    assert np.allclose(again.encode_products(titles, descriptions), feats, atol=1e-5)
+    # A hashing-384 encoder is the view already: nothing is appended.
+    same = load_text_encoder("hashing-384", "cpu", "joined", title_words=True)
+    assert same.dim == hashed.dim and same.version == hashed.version

@@ -32,21 +32,21 @@ def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_pat
     features = ctx.lake.read_partition("features", ctx.date).to_pandas().set_index("product_id")
     clean = ctx.lake.read_partition("clean", ctx.date).to_pandas()
     # The defaults: the photo's colour histogram follows the CNN's features; title and description are two vectors,
-    # and E5's vector of the title follows them.
+    # E5's vector of the title follows them, and the title's hashed words come last.
     assert ctx.config.extract.image_colour and ctx.config.extract.description == "separate"
-    assert ctx.config.extract.second_title_encoder == "multilingual-e5-small"
+    assert ctx.config.extract.second_title_encoder == "multilingual-e5-small" and ctx.config.extract.title_words
     # Executors compute in the precision the driver resolved (bf16 on this machine's CPUs, which have AMX).
     precision = stats["precision"]
     assert precision == extract_precision(ctx.config.extract)
     expected = extract_features(clean, load_image_encoder("efficientnet-lite0", "cpu", colour=True,
                                                           precision=precision),
                                 load_text_encoder("all-minilm-l6-v2", "cpu", ctx.config.extract.description,
-                                                  ctx.config.extract.second_title_encoder, precision),
+                                                  ctx.config.extract.second_title_encoder, precision, True),
                                 batch_size=3).set_index("product_id")
     for col in ("image_feat", "text_feat"):
         got = np.stack(features.loc[expected.index, col].to_numpy())
         want = np.stack(expected[col].to_numpy())
-        assert got.shape == want.shape == (12, {"image_feat": 1280 + COLOUR_DIM, "text_feat": 3 * 384}[col])
+        assert got.shape == want.shape == (12, {"image_feat": 1280 + COLOUR_DIM, "text_feat": 4 * 384}[col])
         # In bf16 a title's vector moves in the fourth digit with the length its batch is padded to, and the
         # stage's batches (a partition's titles) are not the loop's.
         assert np.abs(got - want).max() < (1e-4 if precision == "fp32" else 2e-3), col

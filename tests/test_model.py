@@ -293,3 +293,34 @@ def test_cuda_out_of_memory_in_the_gate_fails_the_stage(tmp_path, monkeypatch):
     with pytest.raises(StageError, match="OutOfMemoryError"):
         run_stage("train", second)
     assert current_version(second.lake) == v1
+
+
+def test_a_text_head_over_the_first_columns_ignores_the_rest_and_saves_its_width(tmp_path):
+    from dataclasses import asdict, replace
+
+    from matcher.io.lake import Lake
+    from matcher.io.registry import save_model
+    from matcher.steps.model import spec_from_dict
+
+    torch.manual_seed(0)
+    cut = MatcherModel(replace(SPEC, text_columns=20)).eval()
+    assert cut.text_head.mean.shape == (20,) and cut.text_head.net[0].in_features == 20
+    x = torch.randn(10, SPEC.text_dim)
+    cut.text_head.set_standardisation(x)
+    torch.testing.assert_close(cut.text_head.mean, x[:, :20].mean(0))
+    other = x.clone()
+    other[:, 20:] = torch.randn(10, SPEC.text_dim - 20) * 5  # the columns the head does not read
+    with torch.no_grad():
+        torch.testing.assert_close(cut.embed_texts(other), cut.embed_texts(x))
+        other[:, 19] += 1.0
+        assert not torch.allclose(cut.embed_texts(other), cut.embed_texts(x), atol=1e-4)
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    save_model(lake, "v1", cut, {}, {}, [])
+    loaded = load_model(lake, "v1")[0]
+    assert loaded.spec.text_columns == 20
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_texts(x), cut.embed_texts(x))
+    before = {k: v for k, v in asdict(SPEC).items() if k != "text_columns"}  # a model saved before the field
+    assert spec_from_dict(before).text_columns == 0
+    with pytest.raises(ModelError, match="cannot read the first 40"):
+        MatcherModel(replace(SPEC, text_columns=40))

@@ -339,7 +339,7 @@ def test_the_served_refit_replays_the_judged_recipe_on_every_row():
     spec = model_spec(cfg, 40, 30, "a", "b")
     judged, heldout = train_on_split(img, txt, ids, spec, cfg)
     assert heldout.any() and judged.rows < 300
-    served = refit_on_all_rows(judged, img, txt, spec, cfg)
+    served = refit_on_all_rows(judged, img, txt, cfg)
     assert served.rows == 300 and served.best_epoch == judged.best_epoch == 0
     # Standardised on every row, started from the judged fit's closed form (same kind, same setting) fitted on them.
     powered = _powered(img, cfg.image_power)
@@ -360,7 +360,7 @@ def test_the_fixed_recipe_is_refit_on_every_row_too():
     cfg = recipe(epochs=2, patience=0, init="random")
     spec = model_spec(cfg, 40, 30, "a", "b")
     judged, _ = train_on_split(img, txt, np.array([f"P{i}" for i in range(300)]), spec, cfg)
-    served = refit_on_all_rows(judged, img, txt, spec, cfg)
+    served = refit_on_all_rows(judged, img, txt, cfg)
     assert served.rows == 300 and served.best_epoch is None
     np.testing.assert_allclose(served.model.text_head.mean.numpy(), txt.mean(0), rtol=1e-5, atol=1e-5)
     assert float(served.model.match_threshold) == float(judged.model.match_threshold)
@@ -376,7 +376,7 @@ def test_former_held_out_products_are_matched_as_well_as_the_others_after_the_re
     cfg = recipe(epochs=12, patience=3, init="closed_form", refit=True)
     spec = model_spec(cfg, 40, 30, "a", "b")
     judged, heldout = train_on_split(img, txt, ids, spec, cfg)
-    served = refit_on_all_rows(judged, img, txt, spec, cfg)
+    served = refit_on_all_rows(judged, img, txt, cfg)
     held, others = np.nonzero(heldout)[0], np.nonzero(~heldout)[0]
     judged_gap = (_own_match_recall_at_10(judged.model, img, txt, others)
                   - _own_match_recall_at_10(judged.model, img, txt, held))
@@ -459,3 +459,47 @@ def test_a_baseline_of_powered_photo_features_is_refit_on_them_too():
     assert again.image_std.power == 0.5 and again.text_std.power == 1.0
     want = refit(on_powered, _powered(img[:100], 0.5), txt[:100])
     np.testing.assert_allclose(again.embed_images(img), want.embed_images(_powered(img, 0.5)), atol=1e-5)
+
+
+def _with_title_words(txt: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """Text features with a title-words view (TITLE_WORDS_DIM columns) appended last."""
+    return np.concatenate([txt, tail], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("informative", [False, True])
+def test_the_night_chooses_whether_the_text_head_reads_the_title_words(informative):
+    """train.title_words = auto: the closed forms are cross-validated with and without the view, and the better
+    one is the night's spec; it is kept by the served refit, and the gate's baselines read the features whole."""
+    from matcher.steps.encoders import TITLE_WORDS_DIM, TITLE_WORDS_SUFFIX
+    from matcher.steps.train import recipe_summary, refit_on_all_rows, text_column_candidates
+    from matcher.steps.training_report import recipe_table
+
+    img, txt = noisy_views(300, seed=12, noise=3.0)
+    rng = np.random.default_rng(5)
+    tail = 0.1 * rng.normal(size=(300, TITLE_WORDS_DIM))
+    if informative:  # the view names what the photo shows, more plainly than the other text features
+        tail[:, :40] += img + 0.5 * rng.normal(size=img.shape)
+    full = _with_title_words(txt, tail)
+    cfg = recipe(epochs=2, patience=2, init="closed_form", refit=True, closed_form_folds=3)
+    version = "b" + TITLE_WORDS_SUFFIX
+    spec = model_spec(cfg, 40, full.shape[1], "a", version)
+    assert spec.text_columns == 0 and set(text_column_candidates(spec, cfg)) == {"title words", "no title words"}
+    result = train_model(img[:240], full[:240], spec, cfg, validation=(img[240:], full[240:]))
+    assert result.model.spec.text_columns == (0 if informative else 30)
+    summary = recipe_summary(result)
+    candidates = summary["start_candidates"]
+    assert len(candidates) == 6 and summary["title_words"] is informative
+    assert summary["start_kind"] == max(candidates, key=candidates.get)
+    assert summary["start_kind"].endswith("(title words)" if informative else "(no title words)")
+    page = recipe_table(summary)
+    assert page.count("chosen: ") >= 1 and ("not read" not in page) is informative
+    served = refit_on_all_rows(result, img, full, cfg)
+    assert served.model.spec == result.model.spec
+    for pair in result.baselines.values():  # maps of the features as extracted, whatever the head reads
+        assert pair.embed_texts(full).shape[0] == 300 and pair.text_std.columns == result.model.spec.text_columns
+    # Off: the view is never read; on: always; features without the view: nothing to choose.
+    off = recipe(title_words="off")
+    assert model_spec(off, 40, full.shape[1], "a", version).text_columns == 30
+    on = recipe(title_words="on", init="closed_form", patience=2)
+    assert list(text_column_candidates(model_spec(on, 40, full.shape[1], "a", version), on)) == [""]
+    assert list(text_column_candidates(model_spec(cfg, 40, 30, "a", "b"), cfg)) == [""]

@@ -39,13 +39,18 @@ class Standardiser:
     std: np.ndarray
     dtype: type = np.float64  # of the standardised rows, and so of every fit on them
     power: float = 1.0  # the rows are first raised to this power (signed_power): that of the head it maps into
+    columns: int = 0  # and before that cut to their first this many columns (0: all), as that head reads them
 
     @classmethod
     def fit(cls, x: np.ndarray, dtype: type = np.float64) -> "Standardiser":
         return cls(x.mean(0), x.std(0) + 1e-6, dtype)
 
+    def inputs(self, x: np.ndarray) -> np.ndarray:
+        """The rows as the fit read them: cut to `columns`, raised to `power`."""
+        return signed_power(x[:, :self.columns] if self.columns else x, self.power)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = np.subtract(signed_power(x, self.power), self.mean, dtype=self.dtype)  # one new array, divided in place
+        out = np.subtract(self.inputs(x), self.mean, dtype=self.dtype)  # one new array, divided in place
         out /= self.std
         return out
 
@@ -222,13 +227,14 @@ def reduce_width(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarr
 
 
 def refit(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray) -> LinearPair:
-    """The same kind of baseline with the same setting (and the same powers of its inputs), fitted on other rows
-    (e.g. training + validation)."""
-    pi, pt = pair.image_std.power, pair.text_std.power
-    x, t = signed_power(image_feats, pi), signed_power(text_feats, pt)
+    """The same kind of baseline with the same setting (and the same inputs: columns and powers), fitted on other
+    rows (e.g. training + validation)."""
+    si, st = pair.image_std, pair.text_std
+    x, t = si.inputs(image_feats), st.inputs(text_feats)
     fitted = (fit_cca(x, t, *pair.params) if pair.kind == "cca"
               else fit_ridge(x, t, pair.kind.removeprefix("ridge_"), *pair.params))
-    return replace(fitted, image_std=replace(fitted.image_std, power=pi), text_std=replace(fitted.text_std, power=pt))
+    return replace(fitted, image_std=replace(fitted.image_std, power=si.power, columns=si.columns),
+                   text_std=replace(fitted.text_std, power=st.power, columns=st.columns))
 
 
 def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: np.ndarray,

@@ -27,7 +27,10 @@ THUMBNAIL_VERSION = "thumbnail-8x8@1"
 HASHING_VERSION = "hashing-384@1"
 COLOUR_VERSION = "colour-hsv192@1"
 DESCRIPTION_VIEW_SUFFIX = "+description-view@1"
-SECOND_TITLE_MARK = "+second-title-view@1:"  # followed by the second encoder's own version, always last
+SECOND_TITLE_MARK = "+second-title-view@1:"  # followed by the second encoder's own version
+# The title's words: feature-hashed words and character n-grams (HASHING_VERSION's algorithm), always last.
+TITLE_WORDS_SUFFIX = "+title-words-view@1"
+TITLE_WORDS_DIM = 384
 _COLOUR_BINS = (12, 4, 4)  # hue x saturation x value
 COLOUR_DIM = 12 * 4 * 4
 _COLOUR_SIDE = 112  # the histogram is read from a copy this size: the same distribution, a quarter of the pixels
@@ -61,11 +64,13 @@ def image_encoder_version(name: str, weights: str = "", colour: bool = False, pr
 
 
 def text_encoder_version(name: str, description: str = "joined", second_title: str = "",
-                         precision: str = "fp32") -> str:
+                         precision: str = "fp32", title_words: bool = False) -> str:
     """Recorded on every feature row and in a model's spec (which is how search embeds queries the same way)."""
     suffix = DESCRIPTION_VIEW_SUFFIX if description == "separate" else ""
     if second_title and second_title != name:
         suffix += SECOND_TITLE_MARK + text_encoder_version(second_title, precision=precision)
+    if title_words and name != "hashing-384":
+        suffix += TITLE_WORDS_SUFFIX
     if name == "hashing-384":
         return HASHING_VERSION + suffix
     if name == "all-minilm-l6-v2":
@@ -86,7 +91,14 @@ def feature_versions(cfg: ExtractConfig, precision: str = "") -> tuple[str, str]
     """The (image, text) versions the extract settings give a feature row (`precision`: resolved already)."""
     precision = precision or extract_precision(cfg)
     return (image_encoder_version(cfg.image_encoder, cfg.image_weights, cfg.image_colour, precision),
-            text_encoder_version(cfg.text_encoder, cfg.description, cfg.second_title_encoder, precision))
+            text_encoder_version(cfg.text_encoder, cfg.description, cfg.second_title_encoder, precision,
+                                 cfg.title_words))
+
+
+def title_words_start(text_version: str, text_dim: int) -> int:
+    """The first column of the title-words view in text features of this version (it is last); 0 when they have
+    none."""
+    return text_dim - TITLE_WORDS_DIM if text_version.endswith(TITLE_WORDS_SUFFIX) else 0
 
 
 def pick_device(requested: str) -> torch.device:
@@ -166,11 +178,12 @@ class TextEncoder:
     encode_fn: Callable[[list[str], int], np.ndarray]
     separate_description: bool = False
     second_title: "TextEncoder | None" = None  # another model's vector of the title, appended
+    title_words: "TextEncoder | None" = None  # the title's hashed words and character n-grams, appended last
 
     @property
     def model_dim(self) -> int:
         """The model's own width (of one vector from `encode`)."""
-        own = self.dim - (self.second_title.dim if self.second_title is not None else 0)
+        own = self.dim - sum(view.dim for view in (self.second_title, self.title_words) if view is not None)
         return own // 2 if self.separate_description else own
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
@@ -183,8 +196,9 @@ class TextEncoder:
         """Text features, (N, dim). Joined: one vector of "title. description". Separate: the title's vector, then
         the description's (zeros where a product has none), so a long description cannot drown the title in a
         mean-pooled vector and the model weighs the two itself. With a second title encoder, its vector of the
-        title follows (two models' views of a short title carry more than either). A search query is a title
-        without description."""
+        title follows (two models' views of a short title carry more than either); with the title-words view, the
+        title's hashed words last (a product line's or brand's own name, which a sentence encoder maps anywhere).
+        A search query is a title without description."""
         descriptions = [d if isinstance(d, str) and d.strip() else "" for d in descriptions]  # null, NaN: none
         out = np.zeros((len(titles), self.dim), dtype=np.float32)
         if not self.separate_description:
@@ -196,8 +210,12 @@ class TextEncoder:
             if described:
                 out[described, self.model_dim:2 * self.model_dim] = self.encode([descriptions[i] for i in described],
                                                                                 batch_size)
+        end = self.dim
+        if self.title_words is not None:
+            end -= self.title_words.dim
+            out[:, end:] = self.title_words.encode(list(titles), batch_size)
         if self.second_title is not None:
-            out[:, self.dim - self.second_title.dim:] = self.second_title.encode(list(titles), batch_size)
+            out[:, end - self.second_title.dim:end] = self.second_title.encode(list(titles), batch_size)
         return out
 
 
@@ -346,21 +364,25 @@ class _HashingText:
 
 
 def load_text_encoder(name: str, device: str = "auto", description: str = "joined",
-                      second_title: str = "", precision: str = "fp32") -> TextEncoder:
+                      second_title: str = "", precision: str = "fp32", title_words: bool = False) -> TextEncoder:
     """`description`: "joined" or "separate" (extract.description; see TextEncoder.encode_products).
     `second_title`: another encoder whose vector of the title is appended (extract.second_title_encoder); none
-    when empty or the same as `name`. `precision`: one of PRECISIONS, for both."""
+    when empty or the same as `name`. `precision`: one of PRECISIONS, for both. `title_words`: the title's hashed
+    words appended last (extract.title_words; none when `name` is hashing-384 itself)."""
     if precision not in PRECISIONS:
         raise EncoderError(f"precision must be one of {', '.join(PRECISIONS)} here, got {precision!r}")
     encoder = _load_model_text_encoder(name, device, precision)
     separate = description == "separate"
     second = (_load_model_text_encoder(second_title, device, precision)
               if second_title and second_title != name else None)
-    if not separate and second is None:
+    words = (TextEncoder("title words", TITLE_WORDS_SUFFIX, TITLE_WORDS_DIM, _HashingText(TITLE_WORDS_DIM).encode)
+             if title_words and name != "hashing-384" else None)
+    if not separate and second is None and words is None:
         return encoder
-    return replace(encoder, dim=encoder.dim * (2 if separate else 1) + (second.dim if second is not None else 0),
-                   version=text_encoder_version(name, description, second_title, precision),
-                   separate_description=separate, second_title=second)
+    extra = sum(view.dim for view in (second, words) if view is not None)
+    return replace(encoder, dim=encoder.dim * (2 if separate else 1) + extra,
+                   version=text_encoder_version(name, description, second_title, precision, title_words),
+                   separate_description=separate, second_title=second, title_words=words)
 
 
 _PRECISION_IN_VERSION = re.compile(r"\+(" + "|".join(PRECISIONS) + r")(?=\+|$)")
@@ -368,14 +390,15 @@ _PRECISION_IN_VERSION = re.compile(r"\+(" + "|".join(PRECISIONS) + r")(?=\+|$)")
 
 def load_text_encoder_for(version: str, device: str = "auto") -> TextEncoder:
     """The text encoder that made features of this version (a model's spec records it): for embedding queries."""
-    own, _, second = version.partition(SECOND_TITLE_MARK)
+    words = version.endswith(TITLE_WORDS_SUFFIX)
+    own, _, second = version.removesuffix(TITLE_WORDS_SUFFIX).partition(SECOND_TITLE_MARK)
 
     def name_of(part: str) -> str:  # "all-minilm-l6-v2@0.1.0+bf16+description-view@1" -> "all-minilm-l6-v2"
         return part.split("@")[0].split("+")[0]
 
     found = _PRECISION_IN_VERSION.search(own) or _PRECISION_IN_VERSION.search(second)
     return load_text_encoder(name_of(own), device, "separate" if own.endswith(DESCRIPTION_VIEW_SUFFIX) else "joined",
-                             name_of(second), found.group(1) if found else "fp32")
+                             name_of(second), found.group(1) if found else "fp32", words)
 
 
 def _load_model_text_encoder(name: str, device: str, precision: str) -> TextEncoder:

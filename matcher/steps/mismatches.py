@@ -20,7 +20,7 @@ from matcher.steps.evaluate import best_threshold, derangement
 # The fold scorers are fitted in float32: twice as fast as float64, the same setting and out-of-fold MRR to six
 # digits on the fashion catalog (the threshold moved in the fourth), and they score in float32 anyway.
 FIT_DTYPE = np.float32
-MAX_WIDTH = 256  # columns per view of a fold's scorer: a ridge map's whole text space (1,152 wide) is reduced to this
+MAX_WIDTH = 256  # columns per view of a fold's scorer: a ridge map's whole text space (1,536 wide) is reduced to this
 SETTINGS = {"ridge_image_to_text": [(p,) for p in RIDGE_PENALTIES],
             "ridge_text_to_image": [(p,) for p in RIDGE_PENALTIES],
             "cca": [(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS]}
@@ -45,8 +45,9 @@ class FoldScorer:
 
     @classmethod
     def of(cls, pair: LinearPair) -> "FoldScorer":
-        if pair.image_std.power != 1.0 or pair.text_std.power != 1.0:
-            raise ValueError("a fold scorer reads the features as extracted: it takes no pair of powered features")
+        if any(std.power != 1.0 or std.columns for std in (pair.image_std, pair.text_std)):
+            raise ValueError("a fold scorer reads the features as extracted: it takes no pair of powered or cut "
+                             "features")
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         return cls(f32(pair.image_std.mean), f32(pair.image_std.std), f32(pair.image_w),
                    f32(pair.text_std.mean), f32(pair.text_std.std), f32(pair.text_w))

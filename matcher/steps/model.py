@@ -30,35 +30,44 @@ class ModelSpec:
     text_encoder: str
     head: str = "mlp"  # mlp | mlp+linear (a linear path beside the MLP, seeded with a closed-form solution)
     image_power: float = 1.0  # photo features are raised to this power (signed) before standardising; 1 = as extracted
+    text_columns: int = 0  # the text head reads the features' first this many columns (0: all), e.g. without the
+    # title-words view (train.title_words)
 
 
 HEADS = ("mlp", "mlp+linear")
 
 
 class ProjectionHead(nn.Module):
-    """Raise frozen encoder features to `power` (signed) and standardise them, then a two-layer MLP into the shared
-    space (L2-normalised); with `linear`, plus a linear map of the same input, so a closed-form solution can be the
-    starting point."""
+    """Frozen encoder features (their first `columns`; 0: all) raised to `power` (signed) and standardised, then a
+    two-layer MLP into the shared space (L2-normalised); with `linear`, plus a linear map of the same input, so a
+    closed-form solution can be the starting point."""
 
-    def __init__(self, in_dim: int, hidden: int, dim: int, linear: bool = False, power: float = 1.0):
+    def __init__(self, in_dim: int, hidden: int, dim: int, linear: bool = False, power: float = 1.0,
+                 columns: int = 0):
         super().__init__()
+        if not 0 <= columns <= in_dim:
+            raise ModelError(f"a head over {in_dim} feature columns cannot read the first {columns}")
         self.power = power  # from the model's spec, which is saved beside the weights
+        self.columns = columns
+        in_dim = columns or in_dim
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, dim))
         self.linear = nn.Linear(in_dim, dim) if linear else None
 
-    def powered(self, feats: torch.Tensor) -> torch.Tensor:
+    def inputs(self, feats: torch.Tensor) -> torch.Tensor:
+        """The columns the head reads, powered."""
+        feats = feats[:, :self.columns] if self.columns else feats
         return feats if self.power == 1.0 else torch.sign(feats) * feats.abs().pow(self.power)
 
     def set_standardisation(self, feats: torch.Tensor) -> None:
-        x = self.powered(feats)
+        x = self.inputs(feats)
         self.mean.copy_(x.mean(0))
         self.std.copy_(x.std(0).clamp_min(1e-6))
 
     def standardised(self, feats: torch.Tensor) -> torch.Tensor:
-        """What the MLP and the linear path read: the powered features, standardised."""
-        return (self.powered(feats) - self.mean) / self.std
+        """What the MLP and the linear path read: the head's inputs, standardised."""
+        return (self.inputs(feats) - self.mean) / self.std
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = self.standardised(feats)
@@ -118,7 +127,7 @@ class MatcherModel(nn.Module):
         self.spec = spec
         linear = spec.head == "mlp+linear"
         self.image_head = ProjectionHead(spec.image_dim, spec.hidden, spec.dim, linear, spec.image_power)
-        self.text_head = ProjectionHead(spec.text_dim, spec.hidden, spec.dim, linear)
+        self.text_head = ProjectionHead(spec.text_dim, spec.hidden, spec.dim, linear, columns=spec.text_columns)
         self.matcher = MatchingNetwork(spec.dim, spec.fusion, spec.fusion_alpha)
         self.logit_scale = nn.Parameter(torch.tensor(0.0))
         # Match probability at or above which a photo and a text are called a match (set after training).

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from matcher.config import TrainConfig
 from matcher.steps.baselines import LinearPair, Standardiser, fit_baselines, mean_reciprocal_rank, reduce_width, refit
+from matcher.steps.encoders import title_words_start
 from matcher.steps.evaluate import best_threshold, model_pair_scorer, true_and_false_pair_scores
 from matcher.steps.model import MatcherModel, ModelSpec
 
@@ -55,7 +56,17 @@ def model_spec(cfg: TrainConfig, image_dim: int, text_dim: int, image_encoder: s
     return ModelSpec(image_dim=image_dim, text_dim=text_dim, dim=cfg.dim, hidden=cfg.hidden, fusion=cfg.fusion,
                      fusion_alpha=cfg.fusion_alpha, image_encoder=image_encoder, text_encoder=text_encoder,
                      head="mlp+linear" if cfg.init == "closed_form" and cfg.patience > 0 else "mlp",
-                     image_power=cfg.image_power)
+                     image_power=cfg.image_power,
+                     text_columns=title_words_start(text_encoder, text_dim) if cfg.title_words == "off" else 0)
+
+
+def text_column_candidates(spec: ModelSpec, cfg: TrainConfig) -> dict[str, ModelSpec]:
+    """The specs the night chooses among by the closed forms' score (label -> spec): with and without the
+    title-words view where the features have one and train.title_words is auto; else the spec alone."""
+    words = title_words_start(spec.text_encoder, spec.text_dim)
+    if not words or cfg.title_words != "auto" or spec.head != "mlp+linear":
+        return {"": spec}
+    return {"title words": replace(spec, text_columns=0), "no title words": replace(spec, text_columns=words)}
 
 
 def training_fingerprint(content_hashes: list[str], spec: ModelSpec, cfg: TrainConfig) -> str:
@@ -84,11 +95,18 @@ class TrainResult:
 
 
 def recipe_summary(result: TrainResult) -> dict:
-    """What the recipe chose this night and among what: the closed-form start (each candidate's validation score)
-    and the epoch (epoch 0 is that closed form alone), for the training report and the stage's stats."""
+    """What the recipe chose this night and among what: the closed-form start (each candidate's validation score;
+    with and without the title-words view where both were candidates) and the epoch (epoch 0 is that closed form
+    alone), for the training report and the stage's stats."""
     scores = [h["validation_mrr"] for h in result.history if "validation_mrr" in h]
+    spec = result.model.spec
+    has_words = bool(title_words_start(spec.text_encoder, spec.text_dim))
+    kind = result.start_pair.kind if result.start_pair is not None else None
+    if kind is not None and kind not in result.start_scores:  # candidates labelled by their text columns
+        kind = f"{kind} ({'no ' if spec.text_columns else ''}title words)"
     return {"recipe": "fixed epochs" if result.best_epoch is None else "closed-form start, early stopping",
-            "start": result.start, "start_kind": result.start_pair.kind if result.start_pair is not None else None,
+            "start": result.start, "start_kind": kind,
+            "title_words": (not spec.text_columns) if has_words else None,
             "start_candidates": dict(result.start_scores),
             "best_epoch": result.best_epoch, "epochs_tried": max(0, len(scores) - 1),
             "epoch_0_validation_mrr": scores[0] if scores else None,
@@ -237,11 +255,19 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     val_txt = torch.as_tensor(validation[1], dtype=torch.float32)
     if img.shape[0] < 2:
         raise ValueError("training needs at least 2 products")
-    torch.manual_seed(cfg.seed)
-    model = _new_model(img, txt, spec, cfg)
     folds = closed_form_folds(cfg, len(img) + len(val_img))
-    start, baselines, start_scores = (_closed_form_start(model, img, txt, val_img, val_txt, folds)
-                                      if spec.head == "mlp+linear" else (None, None, {}))
+    start, baselines, start_scores, chosen = None, None, {}, -np.inf
+    for label, candidate in text_column_candidates(spec, cfg).items():
+        torch.manual_seed(cfg.seed)
+        fresh = _new_model(img, txt, candidate, cfg)
+        if candidate.head != "mlp+linear":
+            model = fresh
+            break
+        pair, pairs, scores = _closed_form_start(fresh, img, txt, val_img, val_txt, folds)
+        start_scores.update({f"{name} ({label})" if label else name: v for name, v in scores.items()})
+        if max(scores.values()) > chosen:  # the first of equals: with the view
+            model, start, baselines, chosen = fresh, pair, pairs, max(scores.values())
+    spec = model.spec
     if start is not None:
         _seed_heads(model, start)
 
@@ -290,12 +316,13 @@ def _replay(spec: ModelSpec, cfg: TrainConfig, start: LinearPair | None, epochs:
     return model
 
 
-def refit_on_all_rows(judged: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec,
+def refit_on_all_rows(judged: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray,
                       cfg: TrainConfig) -> TrainResult:
     """The model to serve: the judged fit's recipe (its start, its epochs; or the fixed recipe) trained again on
     every row given, the held-out, calibration and validation rows included. Nothing is left to measure it on, so
     it keeps the judged fit's match threshold (set on pairs that fit never saw) and is judged by that fit."""
     started = time.perf_counter()
+    spec = judged.model.spec  # the night's choices included (e.g. the text columns)
     if judged.best_epoch is None:
         result = _train_fixed_epochs(image_feats, text_feats, spec, cfg, None)
     else:
@@ -400,11 +427,11 @@ def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor
 
 
 def _of_raw_features(model: MatcherModel, pair: LinearPair) -> LinearPair:
-    """`pair` (fitted on the heads' standardised inputs) as the same maps of the raw features: the head's power,
-    then the two affine standardisations composed."""
+    """`pair` (fitted on the heads' standardised inputs) as the same maps of the raw features: the head's columns
+    and power, then the two affine standardisations composed."""
     def composed(head, std: Standardiser) -> Standardiser:
         mean, scale = head.mean.double().numpy(), head.std.double().numpy()
-        return Standardiser(mean + scale * std.mean, scale * std.std, power=head.power)
+        return Standardiser(mean + scale * std.mean, scale * std.std, power=head.power, columns=head.columns)
 
     return replace(pair, image_std=composed(model.image_head, pair.image_std),
                    text_std=composed(model.text_head, pair.text_std))

@@ -63,6 +63,10 @@ def recipe_table(recipe: dict) -> str:
     power = recipe.get("image_power", 1.0)
     inputs = (f"<p>Photo features raised to the power {power:g} (signed) before the heads and the closed forms "
               f"(train.image_power).</p>" if power != 1.0 else "")
+    words = recipe.get("title_words")
+    if words is not None:
+        inputs += (f"<p>The title's words (extract.title_words): {'read' if words else 'not read'} by the text head "
+                   f"(train.title_words).</p>")
     return (f"<h2>Recipe: {html.escape(recipe.get('recipe', ''))}</h2>{inputs}<table><tr><th>candidate</th>"
             f"<th>validation MRR</th><th></th></tr>{rows}</table>")
 

@@ -113,7 +113,8 @@ def stage_profile(clean, cfg, precision: str) -> list[tuple[str, float]]:
     conversion, writing Parquet. Each part timed alone, in sequence (in the stage, decoding overlaps the CNN)."""
     e = cfg.extract
     cnn = load_image_encoder(e.image_encoder, e.device, e.image_weights, e.image_colour, precision)
-    text = load_text_encoder(e.text_encoder, e.device, e.description, e.second_title_encoder, precision)
+    text = load_text_encoder(e.text_encoder, e.device, e.description, e.second_title_encoder, precision,
+                             e.title_words)
     images = list(clean["image_bytes"])
     bs = e.batch_size or (GPU_IMAGE_BATCH if cnn.device.type == "cuda" else CPU_IMAGE_BATCH)
     parts = [("decode + preprocess + colour", timed(lambda: [cnn._prepare(images[s:s + bs])
@@ -134,6 +135,8 @@ def stage_profile(clean, cfg, precision: str) -> list[tuple[str, float]]:
             titles, descriptions, 256))[0]))
     if text.second_title is not None:
         parts.append((f"{e.second_title_encoder} (title)", timed(text.second_title.encode, titles, 256)[0]))
+    if text.title_words is not None:
+        parts.append(("title words (hashed)", timed(text.title_words.encode, titles, 256)[0]))
     features = extract_features(clean, cnn, text, e.batch_size)
     seconds, table = timed(to_arrow, "features", features)
     parts.append(("Arrow conversion", seconds))
@@ -183,7 +186,8 @@ def main() -> int:
     whole = {}
     for prec in sorted({"fp32", precision}):
         cnn = load_image_encoder(e.image_encoder, args.device, e.image_weights, e.image_colour, prec)
-        text = load_text_encoder(e.text_encoder, args.device, e.description, e.second_title_encoder, prec)
+        text = load_text_encoder(e.text_encoder, args.device, e.description, e.second_title_encoder, prec,
+                                 e.title_words)
         extract_features(clean.head(8), cnn, text, e.batch_size)
         whole[prec] = timed(extract_features, clean, cnn, text, e.batch_size)[0]
         del cnn, text

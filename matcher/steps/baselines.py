@@ -146,8 +146,10 @@ class CCAFit:
     features, in each view's row space when features outnumber products), then the top `width` singular
     directions of the whitened cross-covariance, each weighted by its canonical correlation."""
 
-    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, views: _Views | None = None):
+    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, views: _Views | None = None,
+                 max_width: int = max(CCA_WIDTHS)):
         views = views or _Views(image_feats, text_feats)
+        self.max_width = max_width  # the directions kept per regulariser: no setting uses more
         self.si, self.st = views.si, views.st
         x, y = views.x, views.y
         self.n = len(x)
@@ -167,12 +169,14 @@ class CCAFit:
             # back by V (the same solution, without two covariance-sized products per regulariser).
             dx = 1.0 / np.sqrt((self.values_x + regulariser).clip(1e-9))
             dy = 1.0 / np.sqrt((self.values_y + regulariser).clip(1e-9))
-            u, s, v = _svd_by_gram(dx[:, None] * self.m * dy[None, :])
+            u, s, v = _svd_by_gram(dx[:, None] * self.m * dy[None, :], self.max_width)
             image_w = self.vectors_x @ (dx[:, None] * u)
             text_w = self.vectors_y @ (dy[:, None] * v)
             self._solved[regulariser] = (image_w if self.bx is None else self.bx @ image_w,
                                          text_w if self.by is None else self.by @ text_w, s)
         image_w, text_w, s = self._solved[regulariser]
+        if width > self.max_width:
+            raise ValueError(f"this CCA fit keeps {self.max_width} directions, not {width}")
         k = max(1, min(width, len(s)))
         return LinearPair(f"cca (width {k})", self.si, self.st, image_w[:, :k] * s[:k], text_w[:, :k] * s[:k],
                           "cca", (regulariser, width))
@@ -180,18 +184,19 @@ class CCAFit:
 
 def fit_cca(image_feats: np.ndarray, text_feats: np.ndarray, regulariser: float, width: int) -> LinearPair:
     """One CCA setting (see CCAFit)."""
-    return CCAFit(image_feats, text_feats).pair(regulariser, width)
+    return CCAFit(image_feats, text_feats, max_width=max(width, 1)).pair(regulariser, width)
 
 
-def _svd_by_gram(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _svd_by_gram(b: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """b = u diag(s) v.T, s descending, from the eigendecomposition of the smaller Gram matrix (about twice as fast
-    as an SVD). The squaring costs accuracy only in singular values below sqrt(eps) of the largest, whose directions
-    CCA weighs by s and so never uses; their columns are zeros here."""
+    as an SVD); with `k`, only the top k singular triplets (the products that turn them into maps then cost k
+    columns, not all). The squaring costs accuracy only in singular values below sqrt(eps) of the largest, whose
+    directions CCA weighs by s and so never uses; their columns are zeros here."""
     flip = b.shape[0] < b.shape[1]
     a = b.T if flip else b
     values, right = np.linalg.eigh(a.T @ a)
-    s = np.sqrt(values[::-1].clip(0))
-    right = right[:, ::-1]
+    s = np.sqrt(values[::-1][:k].clip(0))
+    right = right[:, ::-1][:, :k]
     used = s > s[0] * 1e-7 if len(s) and s[0] > 0 else np.zeros(len(s), dtype=bool)
     left = np.zeros((a.shape[0], len(s)), dtype=a.dtype)
     left[:, used] = (a @ right[:, used]) / s[used]
@@ -212,13 +217,21 @@ def _eigh_in_span(views: _Views, view: str, n: int) -> tuple[tuple[np.ndarray, n
     return ((s[keep] ** 2) / n, np.eye(int(keep.sum()))), vt[keep].T
 
 
+def _mapped(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w, skipping the product where w is the identity (a ridge pair's mapped-onto view)."""
+    if w.shape[0] == w.shape[1] and np.array_equal(w, np.eye(len(w), dtype=w.dtype)):
+        return x
+    return x @ w
+
+
 def reduce_width(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray, dim: int) -> LinearPair:
     """The same pair in at most `dim` dimensions: the top principal directions of both views' embeddings of these
     rows (a ridge map lands in a whole feature space, 384 or 1,280 wide, where the learned space has `dim`)."""
     k = pair.image_w.shape[1]
     if k <= dim:
         return pair
-    both = np.concatenate([pair.image_std(image_feats) @ pair.image_w, pair.text_std(text_feats) @ pair.text_w])
+    both = np.concatenate([_mapped(pair.image_std(image_feats), pair.image_w), _mapped(pair.text_std(text_feats),
+                                                                                   pair.text_w)])
     both -= both.mean(0)
     _, vectors = np.linalg.eigh(both.T @ both)  # its principal directions, ascending: the SVD's right vectors
     q = vectors[:, ::-1][:, :dim]

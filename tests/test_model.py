@@ -52,12 +52,27 @@ def test_safetensors_round_trip_keeps_outputs():
     assert torch.equal(model.embed_images(x), loaded.embed_images(x))
 
 
-def test_photo_features_enter_the_heads_powered_and_models_saved_without_a_power_load_unpowered(tmp_path):
-    from dataclasses import asdict, replace
-
+def _saved_and_loaded(tmp_path, model: MatcherModel) -> MatcherModel:
+    """The model as the registry saves it and loads it back."""
     from matcher.io.lake import Lake
     from matcher.io.registry import save_model
+
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    save_model(lake, "v1", model, {}, {}, [])
+    return load_model(lake, "v1")[0]
+
+
+def _spec_saved_before(field: str) -> ModelSpec:
+    """The spec of a model saved before `field` existed."""
+    from dataclasses import asdict
+
     from matcher.steps.model import spec_from_dict
+
+    return spec_from_dict({k: v for k, v in asdict(SPEC).items() if k != field})
+
+
+def test_photo_features_enter_the_heads_powered_and_models_saved_without_a_power_load_unpowered(tmp_path):
+    from dataclasses import replace
 
     torch.manual_seed(0)
     powered = MatcherModel(replace(SPEC, image_power=0.5)).eval()
@@ -70,14 +85,11 @@ def test_photo_features_enter_the_heads_powered_and_models_saved_without_a_power
     with torch.no_grad():
         torch.testing.assert_close(powered.embed_images(x), plain.embed_images(x.sqrt()))
         assert not torch.allclose(powered.embed_images(x), plain.embed_images(x), atol=1e-3)
-    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
-    save_model(lake, "v1", powered, {}, {}, [])
-    loaded = load_model(lake, "v1")[0]
+    loaded = _saved_and_loaded(tmp_path, powered)
     assert loaded.spec.image_power == 0.5
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_images(x), powered.embed_images(x))
-    before = {k: v for k, v in asdict(SPEC).items() if k != "image_power"}  # a model saved before the field
-    assert spec_from_dict(before).image_power == 1.0
+    assert _spec_saved_before("image_power").image_power == 1.0
 
 
 def test_pair_scores_in_batches_equal_one_batch():
@@ -296,11 +308,7 @@ def test_cuda_out_of_memory_in_the_gate_fails_the_stage(tmp_path, monkeypatch):
 
 
 def test_a_text_head_over_the_first_columns_ignores_the_rest_and_saves_its_width(tmp_path):
-    from dataclasses import asdict, replace
-
-    from matcher.io.lake import Lake
-    from matcher.io.registry import save_model
-    from matcher.steps.model import spec_from_dict
+    from dataclasses import replace
 
     torch.manual_seed(0)
     cut = MatcherModel(replace(SPEC, text_columns=20)).eval()
@@ -314,13 +322,10 @@ def test_a_text_head_over_the_first_columns_ignores_the_rest_and_saves_its_width
         torch.testing.assert_close(cut.embed_texts(other), cut.embed_texts(x))
         other[:, 19] += 1.0
         assert not torch.allclose(cut.embed_texts(other), cut.embed_texts(x), atol=1e-4)
-    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
-    save_model(lake, "v1", cut, {}, {}, [])
-    loaded = load_model(lake, "v1")[0]
+    loaded = _saved_and_loaded(tmp_path, cut)
     assert loaded.spec.text_columns == 20
     with torch.no_grad():
         torch.testing.assert_close(loaded.embed_texts(x), cut.embed_texts(x))
-    before = {k: v for k, v in asdict(SPEC).items() if k != "text_columns"}  # a model saved before the field
-    assert spec_from_dict(before).text_columns == 0
+    assert _spec_saved_before("text_columns").text_columns == 0
     with pytest.raises(ModelError, match="cannot read the first 40"):
         MatcherModel(replace(SPEC, text_columns=40))

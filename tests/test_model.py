@@ -329,3 +329,27 @@ def test_a_text_head_over_the_first_columns_ignores_the_rest_and_saves_its_width
     assert _spec_saved_before("text_columns").text_columns == 0
     with pytest.raises(ModelError, match="cannot read the first 40"):
         MatcherModel(replace(SPEC, text_columns=40))
+
+
+def test_a_column_no_training_row_used_reads_as_nothing_later():
+    """A hashed word or colour bin that no product of the night had: a later row (a new product, a search query)
+    that has it embeds as if it had not, in the heads and in the closed forms' standardisation alike."""
+    from matcher.steps.baselines import Standardiser
+
+    torch.manual_seed(0)
+    model = MatcherModel(SPEC).eval()
+    x = torch.randn(30, SPEC.text_dim)
+    x[:, 5] = 0.0  # the column no training row used
+    model.text_head.set_standardisation(x)
+    query = torch.randn(1, SPEC.text_dim)
+    query[0, 5] = 0.0
+    with_word = query.clone()
+    with_word[0, 5] = 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed_texts(with_word), model.embed_texts(query), atol=1e-5, rtol=0)
+        live = query.clone()
+        live[0, 6] += 0.3  # a column the rows did use still counts
+        assert not torch.allclose(model.embed_texts(live), model.embed_texts(query), atol=1e-3)
+    std = Standardiser.fit(x.double().numpy())
+    assert abs(std(with_word.double().numpy())[0, 5]) < 1e-5
+    np.testing.assert_allclose(std(x.double().numpy()).std(0)[6], 1.0, atol=1e-4)

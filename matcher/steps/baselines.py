@@ -25,6 +25,13 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
+# A column constant on the rows a standardisation is fitted on (e.g. a hashed word or a colour bin no product had)
+# carries nothing learned: it is divided by DEAD_COLUMN_STD, so a later row (a new product, a search query) that has
+# it reads about 0 there, where a division by its std would have made it the largest value of the row.
+DEAD_COLUMN = 1e-6
+DEAD_COLUMN_STD = 1e6
+
+
 def signed_power(x: np.ndarray, power: float) -> np.ndarray:
     """sign(x) * |x| ** power: with power < 1, a few large activations of a pooled CNN feature weigh less against
     the many small ones (power normalisation); 1 returns x itself."""
@@ -43,7 +50,8 @@ class Standardiser:
 
     @classmethod
     def fit(cls, x: np.ndarray, dtype: type = np.float64) -> "Standardiser":
-        return cls(x.mean(0), x.std(0) + 1e-6, dtype)
+        std = x.std(0)
+        return cls(x.mean(0), np.where(std < DEAD_COLUMN, DEAD_COLUMN_STD, std + 1e-6), dtype)
 
     def inputs(self, x: np.ndarray) -> np.ndarray:
         """The rows as the fit read them: cut to `columns`, raised to `power`."""
@@ -215,7 +223,8 @@ def _eigh_in_span(views: _Views, view: str, n: int) -> tuple[tuple[np.ndarray, n
     if d <= n:
         return (values / n, vectors), None
     s2, u = values[::-1].clip(0), vectors[:, ::-1]
-    keep = s2 > s2[0] * 1e-12  # s > 1e-6 of the largest
+    # s > 1e-6 of the largest, as far as the Gram's precision resolves it (float32 fits: its eigenvalues' noise).
+    keep = s2 > s2[0] * max(1e-12, 100 * np.finfo(values.dtype).eps)
     basis = x.T @ (u[:, keep] / np.sqrt(s2[keep]))
     return (s2[keep] / n, np.eye(int(keep.sum()))), basis
 

@@ -11,6 +11,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from matcher.steps.baselines import DEAD_COLUMN, DEAD_COLUMN_STD
+
 FUSION_MODES = ("weighted", "concat", "concat_weighted")
 
 
@@ -63,7 +65,8 @@ class ProjectionHead(nn.Module):
     def set_standardisation(self, feats: torch.Tensor) -> None:
         x = self.inputs(feats)
         self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-6))
+        std = x.std(0)
+        self.std.copy_(torch.where(std < DEAD_COLUMN, torch.full_like(std, DEAD_COLUMN_STD), std))
 
     def standardised(self, feats: torch.Tensor) -> torch.Tensor:
         """What the MLP and the linear path read: the head's inputs, standardised."""

@@ -256,17 +256,18 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     if img.shape[0] < 2:
         raise ValueError("training needs at least 2 products")
     folds = closed_form_folds(cfg, len(img) + len(val_img))
-    start, baselines, start_scores, chosen = None, None, {}, -np.inf
+    tried, start_scores = {}, {}
     for label, candidate in text_column_candidates(spec, cfg).items():
         torch.manual_seed(cfg.seed)
         fresh = _new_model(img, txt, candidate, cfg)
         if candidate.head != "mlp+linear":
-            model = fresh
-            break
+            tried[label] = (fresh, None, None, -np.inf)
+            continue
         pair, pairs, scores = _closed_form_start(fresh, img, txt, val_img, val_txt, folds)
         start_scores.update({f"{name} ({label})" if label else name: v for name, v in scores.items()})
-        if max(scores.values()) > chosen:  # the first of equals: with the view
-            model, start, baselines, chosen = fresh, pair, pairs, max(scores.values())
+        tried[label] = (fresh, pair, pairs, np.nan_to_num(max(scores.values()), nan=-np.inf))
+    # The best closed form's score chooses; the first of equals (with the view) on a tie.
+    model, start, baselines, _ = max(tried.values(), key=lambda t: t[3])
     spec = model.spec
     if start is not None:
         _seed_heads(model, start)

@@ -214,6 +214,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
     else:
         views = {"": (fs.image_feats, fs.text_feats)}
     results: dict[str, list[dict]] = {}
+    words = title_words_start(fs.text_encoder, fs.text_feats.shape[1])  # the view's first column; 0: none
     for d in range(draws):
         chosen, rows = protocol_draw(fs.categories, eligible, rng, types, products)
         ids, cats = fs.product_ids[rows], fs.categories[rows]
@@ -223,7 +224,6 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
         used = split.fit | split.validation
         fit_rows = np.nonzero(night1)[0][used]
         bank = bank_rows(ids, cfg.score.hubness_bank)  # night 2's catalog: the whole draw
-        words = title_words_start(fs.text_encoder, fs.text_feats.shape[1])
         t = cfg.score.hubness_temperature
         for view, (all_img, all_txt) in views.items():
             img, txt = all_img[rows], all_txt[rows]
@@ -241,7 +241,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
                     m = draw_metrics(z, u, v, cats, unseen, bank, t)
                     m["seconds"] = result.seconds + (judged.seconds if result is not judged else 0.0)
                     m["best_epoch"] = result.best_epoch
-                    m["title_words"] = words and not result.model.spec.text_columns
+                    m["title_words"] = bool(words) and not result.model.spec.text_columns
                     results.setdefault(label + fit_name, []).append(m)
                     heads[fit_name] = (z, u)
             baselines = fit_baselines(img[fit_rows], txt[fit_rows], split.validation[used],

@@ -46,6 +46,12 @@ IMAGE_FEATURE_FLOATS = {"efficientnet-lite0": 1280, "resnet18": 512, "resnet50":
 TEXT_FEATURE_FLOATS = 384
 COLOUR_FLOATS = 192  # extract.image_colour's histogram (matcher.steps.encoders.COLOUR_DIM)
 TITLE_WORDS_FLOATS = 384  # extract.title_words' view (matcher.steps.encoders.TITLE_WORDS_DIM)
+
+
+def has_title_words(text_encoder: str, title_words: bool) -> bool:
+    """Whether text features get the title-words view: asked for, and the encoder is not the hashing baseline,
+    which is that view already."""
+    return title_words and text_encoder != "hashing-384"
 # The ANN lists' sizing (matcher.steps.ann): 64 sampled products per list, a sample of at most 300,000, so at most
 # 4,687 lists; k-means++ seeds them from 8 rows per list, which the driver holds.
 ANN_SAMPLE_PER_LIST = 64
@@ -419,7 +425,7 @@ def feature_floats(extract: ExtractConfig) -> tuple[int, int]:
     image = IMAGE_FEATURE_FLOATS[extract.image_encoder] + (COLOUR_FLOATS if extract.image_colour else 0)
     second = extract.second_title_encoder not in ("", extract.text_encoder)
     text = TEXT_FEATURE_FLOATS * ((2 if extract.description == "separate" else 1) + (1 if second else 0))
-    words = extract.title_words and extract.text_encoder != "hashing-384"
+    words = has_title_words(extract.text_encoder, extract.title_words)
     return image, text + (TITLE_WORDS_FLOATS if words else 0)
 
 

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from matcher.config import IMAGE_ENCODERS, TEXT_ENCODERS, ExtractConfig  # the names live with the config check
+from matcher.config import (  # the names live with the config check
+    IMAGE_ENCODERS,
+    TEXT_ENCODERS,
+    ExtractConfig,
+    has_title_words,
+)
 from matcher.steps.batching import token_batches
 from matcher.steps.images import decode_canonical
 from matcher.steps.precision import PRECISIONS, autocast, resolve_precision
@@ -69,7 +74,7 @@ def text_encoder_version(name: str, description: str = "joined", second_title: s
     suffix = DESCRIPTION_VIEW_SUFFIX if description == "separate" else ""
     if second_title and second_title != name:
         suffix += SECOND_TITLE_MARK + text_encoder_version(second_title, precision=precision)
-    if title_words and name != "hashing-384":
+    if has_title_words(name, title_words):
         suffix += TITLE_WORDS_SUFFIX
     if name == "hashing-384":
         return HASHING_VERSION + suffix
@@ -376,7 +381,7 @@ def load_text_encoder(name: str, device: str = "auto", description: str = "joine
     second = (_load_model_text_encoder(second_title, device, precision)
               if second_title and second_title != name else None)
     words = (TextEncoder("title words", TITLE_WORDS_SUFFIX, TITLE_WORDS_DIM, _HashingText(TITLE_WORDS_DIM).encode)
-             if title_words and name != "hashing-384" else None)
+             if has_title_words(name, title_words) else None)
     if not separate and second is None and words is None:
         return encoder
     extra = sum(view.dim for view in (second, words) if view is not None)

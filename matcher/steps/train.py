@@ -66,7 +66,12 @@ def text_column_candidates(spec: ModelSpec, cfg: TrainConfig) -> dict[str, Model
     words = title_words_start(spec.text_encoder, spec.text_dim)
     if not words or cfg.title_words != "auto" or spec.head != "mlp+linear":
         return {"": spec}
-    return {"title words": replace(spec, text_columns=0), "no title words": replace(spec, text_columns=words)}
+    return {_title_words_label(s): s for s in (replace(spec, text_columns=0), replace(spec, text_columns=words))}
+
+
+def _title_words_label(spec: ModelSpec) -> str:
+    """A text-columns candidate's label, in the closed forms' scores."""
+    return "no title words" if spec.text_columns else "title words"
 
 
 def training_fingerprint(content_hashes: list[str], spec: ModelSpec, cfg: TrainConfig) -> str:
@@ -103,7 +108,7 @@ def recipe_summary(result: TrainResult) -> dict:
     has_words = bool(title_words_start(spec.text_encoder, spec.text_dim))
     kind = result.start_pair.kind if result.start_pair is not None else None
     if kind is not None and kind not in result.start_scores:  # candidates labelled by their text columns
-        kind = f"{kind} ({'no ' if spec.text_columns else ''}title words)"
+        kind = f"{kind} ({_title_words_label(spec)})"
     return {"recipe": "fixed epochs" if result.best_epoch is None else "closed-form start, early stopping",
             "start": result.start, "start_kind": kind,
             "title_words": (not spec.text_columns) if has_words else None,

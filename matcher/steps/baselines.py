@@ -101,6 +101,14 @@ class _Views:
         self.si, self.st = Standardiser.fit(image_feats, dtype), Standardiser.fit(text_feats, dtype)
         self.x, self.y = self.si(image_feats), self.st(text_feats)
         self._eigh: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._cross: np.ndarray | None = None
+
+    def cross(self) -> np.ndarray:
+        """x.T @ y (image features x text features), computed once: the ridge maps either way and CCA all need it
+        where features <= rows (each computing it from the rows cost as much as the rest of its fit)."""
+        if self._cross is None:
+            self._cross = self.x.T @ self.y
+        return self._cross
 
     def gram_eigh(self, view: str) -> tuple[np.ndarray, np.ndarray]:
         """eigh of v.T @ v (features <= rows) or v @ v.T (the dual, when features outnumber rows)."""
@@ -129,7 +137,10 @@ class RidgeFit:
         primal = d <= n
         self.values, vectors = views.gram_eigh("image" if direction == "image_to_text" else "text")
         self.left = vectors if primal else x.T @ vectors  # w = left diag(1 / (values + lam)) right
-        self.right = vectors.T @ (x.T @ y if primal else y)
+        if primal:
+            self.right = vectors.T @ (views.cross() if direction == "image_to_text" else views.cross().T)
+        else:
+            self.right = vectors.T @ y
 
     def shrinkage(self, penalty: float) -> np.ndarray:
         """The eigenvalues' divisors for this penalty: w = left diag(1 / shrinkage) right."""
@@ -164,11 +175,14 @@ class CCAFit:
         # Each view's covariance eigenvectors: the shared Gram's where features <= rows, else the row space's.
         (vx, self.bx), (vy, self.by) = (_eigh_in_span(views, view, self.n) for view in ("image", "text"))
         # The cross-covariance in those eigenbases: whitening is then a diagonal scaling for every regulariser.
-        xr = x if self.bx is None else x @ self.bx
-        yr = y if self.by is None else y @ self.by
         self.values_x, self.values_y = vx[0], vy[0]
         self.vectors_x, self.vectors_y = vx[1], vy[1]
-        self.m = (xr @ self.vectors_x).T @ (yr @ self.vectors_y) / self.n
+        if self.bx is None and self.by is None:  # from the shared x.T @ y: two products of feature-sized matrices
+            self.m = self.vectors_x.T @ views.cross() @ self.vectors_y / self.n
+        else:
+            xr = x if self.bx is None else x @ self.bx
+            yr = y if self.by is None else y @ self.by
+            self.m = (xr @ self.vectors_x).T @ (yr @ self.vectors_y) / self.n
         self._solved: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def pair(self, regulariser: float, width: int) -> LinearPair:

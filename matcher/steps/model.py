@@ -73,7 +73,11 @@ class ProjectionHead(nn.Module):
         return (self.inputs(feats) - self.mean) / self.std
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = self.standardised(feats)
+        return self.project(self.inputs(feats))
+
+    def project(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The head on rows of inputs() (training takes the power of every row once, not once a batch)."""
+        x = (inputs - self.mean) / self.std
         out = self.net(x) if self.linear is None else self.net(x) + self.linear(x)
         return F.normalize(out, dim=-1)
 

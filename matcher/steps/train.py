@@ -194,7 +194,7 @@ def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: M
         raise ValueError("training needs at least 2 products")
     model = _new_model(img, txt, spec, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimiser = adamw(params, cfg)
     batch = max(2, min(cfg.batch_size, n))
     steps_per_epoch = max(1, n // batch)
     epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
@@ -234,6 +234,12 @@ def _new_model(img: torch.Tensor, txt: torch.Tensor, spec: ModelSpec, cfg: Train
         model.logit_scale.fill_(float(np.log(1.0 / cfg.temperature)))
     model.logit_scale.requires_grad_(cfg.learn_temperature)
     return model
+
+
+def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW at the config's peak rate and decay, each step fused into one kernel: several times faster on the CPU
+    than the per-tensor loop (the same update, to float rounding)."""
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 
 def one_cycle(optimiser: torch.optim.Optimizer, max_lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
@@ -354,18 +360,19 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
     generator = torch.Generator().manual_seed(cfg.seed)
     heads = [p for m in (model.image_head, model.text_head) for p in m.parameters()]
     params = heads + ([model.logit_scale] if cfg.learn_temperature else [])
-    optimiser = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimiser = adamw(params, cfg)
     batch = batch_size_for(n, cfg.batch_size)
     steps_per_epoch = max(1, n // batch)
     scheduler = one_cycle(optimiser, cfg.learning_rate, max(1, cfg.epochs) * steps_per_epoch)
     twins = twin_texts(txt, cfg.twin_text_cosine)
+    img_in, txt_in = model.image_head.inputs(img), model.text_head.inputs(txt)
     model.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=generator)
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
-            z, u = model.embed_images(img[idx]), model.embed_texts(txt[idx])
+            z, u = model.image_head.project(img_in[idx]), model.text_head.project(txt_in[idx])
             logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
             if twins is not None:
                 logits = logits.masked_fill(twins(idx), float("-inf"))
@@ -388,7 +395,7 @@ def _train_matching_network(model: MatcherModel, img: torch.Tensor, txt: torch.T
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():
         z_all, u_all = model.embed_images(img), model.embed_texts(txt)
-    optimiser = torch.optim.AdamW(model.matcher.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimiser = adamw(model.matcher.parameters(), cfg)
     n = len(z_all)
     batch = batch_size_for(n, cfg.batch_size)
     steps = max(cfg.min_steps, cfg.epochs * max(1, n // batch))

@@ -168,6 +168,34 @@ def test_closed_form_baselines_recover_a_planted_linear_match():
     assert recall_at_k(pair.embed_images(noise[300:]) @ pair.embed_texts(txt[300:]).T, (10,))[10] < 0.3
 
 
+@pytest.mark.parametrize("rows", [200, 8])  # features <= rows (the primal forms), and fewer rows (the rows' span)
+def test_the_factored_closed_forms_are_the_textbook_solutions(rows):
+    from matcher.steps.baselines import CCAFit, RidgeFit, Standardiser
+
+    rng = np.random.default_rng(5)
+    img, txt = rng.normal(size=(rows, 12)), rng.normal(size=(rows, 9))
+    txt[:, :4] += img[:, :4]
+    x, y = Standardiser.fit(img)(img), Standardiser.fit(txt)(txt)
+    penalty, regulariser = 0.3, 0.5
+    for direction, (a, b) in (("image_to_text", (x, y)), ("text_to_image", (y, x))):
+        lam = penalty * (a * a).sum() / rows
+        want = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ b)
+        pair = RidgeFit(img, txt, direction).pair(penalty)
+        got = pair.image_w if direction == "image_to_text" else pair.text_w
+        np.testing.assert_allclose(got, want, atol=1e-8)
+
+    def whitening(v: np.ndarray) -> np.ndarray:
+        values, vectors = np.linalg.eigh(v.T @ v / rows + regulariser * np.eye(v.shape[1]))
+        return vectors @ np.diag(values ** -0.5) @ vectors.T
+
+    wx, wy = whitening(x), whitening(y)
+    u, s, vt = np.linalg.svd(wx @ (x.T @ y / rows) @ wy)
+    pair = CCAFit(img, txt).pair(regulariser, 9)
+    # Each direction's sign is arbitrary: compare the score map image_w @ text_w.T, which is not.
+    np.testing.assert_allclose(pair.image_w @ pair.text_w.T, wx @ u[:, :9] @ np.diag(s ** 2) @ vt[:9] @ wy,
+                               atol=1e-8)
+
+
 def test_the_verdict_names_the_best_baseline_the_model_fails_to_beat():
     baselines = {"cca": {"mean_recall_at_10": 0.62}, "ridge_image_to_text": {"mean_recall_at_10": 0.55}}
     assert baseline_verdict({"mean_recall_at_10": 0.70}, baselines, "mean_recall_at_10", 0.01) == ""

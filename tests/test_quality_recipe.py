@@ -196,6 +196,17 @@ def test_the_factored_closed_forms_are_the_textbook_solutions(rows):
                                atol=1e-8)
 
 
+def test_both_directions_mrr_from_one_similarity_matrix_is_the_mean_of_each_direction():
+    from matcher.steps.baselines import two_way_mrr
+
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(300, 16))
+    u = 0.4 * z + rng.normal(size=(300, 16)) * np.linspace(0.2, 2.0, 16)  # the two directions rank differently
+    one_way = mean_reciprocal_rank(u, z), mean_reciprocal_rank(z, u)
+    assert abs(one_way[0] - one_way[1]) > 0.01
+    assert two_way_mrr(z, u) == pytest.approx(sum(one_way) / 2, abs=1e-12)
+
+
 def test_the_verdict_names_the_best_baseline_the_model_fails_to_beat():
     baselines = {"cca": {"mean_recall_at_10": 0.62}, "ridge_image_to_text": {"mean_recall_at_10": 0.55}}
     assert baseline_verdict({"mean_recall_at_10": 0.70}, baselines, "mean_recall_at_10", 0.01) == ""

@@ -70,6 +70,16 @@ def mean_reciprocal_rank(queries: np.ndarray, gallery: np.ndarray) -> float:
     return float(np.mean(1.0 / rank))
 
 
+def two_way_mrr(z: np.ndarray, u: np.ndarray) -> float:
+    """The mean of both directions' MRR (texts u[i] querying photos z, and photos querying texts; the true match is
+    the same row), from one similarity matrix: its rows rank one way, its columns the other."""
+    sims = _normalise(u) @ _normalise(z).T
+    true = np.diag(sims)
+    text_to_image = (sims > true[:, None]).sum(1) + 1
+    image_to_text = (sims > true[None, :]).sum(0) + 1
+    return float((np.mean(1.0 / text_to_image) + np.mean(1.0 / image_to_text)) / 2)
+
+
 @dataclass
 class LinearPair:
     """An image map and a text map into one space: embed with (x - mean) / std @ w, then normalise."""
@@ -89,8 +99,7 @@ class LinearPair:
         return _normalise(self.text_std(text_feats) @ self.text_w).astype(np.float32)
 
     def validation_mrr(self, image_feats: np.ndarray, text_feats: np.ndarray) -> float:
-        z, u = self.embed_images(image_feats), self.embed_texts(text_feats)
-        return (mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2
+        return two_way_mrr(self.embed_images(image_feats), self.embed_texts(text_feats))
 
 
 class _Views:
@@ -344,7 +353,7 @@ class PairFitters:
                     z = _normalise((projected / fit.shrinkage(setting[0])) @ fit.right)
                     u = _normalise(other)
                 z, u = z.astype(np.float32), u.astype(np.float32)
-                scores.append((mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2)
+                scores.append(two_way_mrr(z, u))
             out[kind] = scores
         return out
 

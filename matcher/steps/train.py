@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from matcher.config import TrainConfig
-from matcher.steps.baselines import LinearPair, Standardiser, fit_baselines, mean_reciprocal_rank, reduce_width, refit
+from matcher.steps.baselines import LinearPair, Standardiser, fit_baselines, reduce_width, refit, two_way_mrr
 from matcher.steps.encoders import title_words_start
 from matcher.steps.evaluate import best_threshold, model_pair_scorer, true_and_false_pair_scores
 from matcher.steps.model import MatcherModel, ModelSpec
@@ -288,7 +288,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
         with torch.no_grad():
             z, u = model.embed_images(val_img).numpy(), model.embed_texts(val_txt).numpy()
         model.train()
-        return (mean_reciprocal_rank(u, z) + mean_reciprocal_rank(z, u)) / 2
+        return two_way_mrr(z, u)
 
     best = {"mrr": validation_mrr(), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     history = [{"epoch": 0, "validation_mrr": best["mrr"]}]

@@ -8,9 +8,31 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
-def test_each_benchmark_imports_and_has_a_main(script):
+def _load(script: str):
     spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", BENCH / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # __name__ is not "__main__": nothing runs
-    assert callable(getattr(module, "main", None)), f"bench/{script} has no main()"
+    return module
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_each_benchmark_imports_and_has_a_main(script):
+    assert callable(getattr(_load(script), "main", None)), f"bench/{script} has no main()"
+
+
+def test_the_quality_goal_check_counts_draws_below_each_kind_of_best_baseline(capsys):
+    quality = _load("quality.py")
+
+    def runs(worse: list[float]) -> list[dict]:
+        return [{"text_to_image_recall_at_10": w, "image_to_text_recall_at_10": w + 0.01,
+                 "text_to_image_recall_at_10_hubness": w, "image_to_text_recall_at_10_hubness": w,
+                 "recommendation_precision_at_10": 0.9} for w in worse]
+
+    results = {"matcher": runs([0.80, 0.80, 0.80, 0.80]),
+               "matcher + CCA, scores added": runs([0.70, 0.70, 0.70, 0.70]),
+               "cca": runs([0.79, 0.79, 0.79, 0.79]),  # the best on average, never above the method
+               "ridge_image_to_text": runs([0.60, 0.60, 0.60, 0.90])}  # above it in one draw only
+    quality.print_goal_check("demo", results)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "below the best baseline (worse direction's R@10) in 1 of 4 draws" in line
+    assert "against cca, the best baseline on average, +0.010 a draw (std 0.000, below in 0)" in line

@@ -8,11 +8,21 @@ from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
 from matcher.io.registry import baseline_verdict, current_version
-from matcher.steps.baselines import fit_baselines, fit_ridge, mean_reciprocal_rank, reduce_width, refit
+from matcher.steps.baselines import fit_baselines, fit_ridge, reduce_width, refit
 from matcher.steps.evaluate import embed, inverted_softmax, recall_at_k
 from matcher.steps.model import MatcherModel
 from matcher.steps.train import batch_size_for, closed_form_folds, model_spec, train_model
 from tests.synthetic import synthetic_features, write_synthetic_partition
+
+
+def mean_reciprocal_rank(queries: np.ndarray, gallery: np.ndarray) -> float:
+    """One direction's MRR, written out: query i's true match is gallery item i, ranked by cosine."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    sims = unit(queries) @ unit(gallery).T
+    rank = (sims > np.diag(sims)[:, None]).sum(1) + 1
+    return float(np.mean(1.0 / rank))
 
 
 def noisy_views(n: int, seed: int, noise: float = 2.0):

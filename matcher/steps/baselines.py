@@ -63,13 +63,6 @@ class Standardiser:
         return out
 
 
-def mean_reciprocal_rank(queries: np.ndarray, gallery: np.ndarray) -> float:
-    """Query i's true match is gallery item i: the mean of 1 / its rank by cosine."""
-    sims = _normalise(queries) @ _normalise(gallery).T
-    rank = (sims > np.diag(sims)[:, None]).sum(1) + 1
-    return float(np.mean(1.0 / rank))
-
-
 def two_way_mrr(z: np.ndarray, u: np.ndarray) -> float:
     """The mean of both directions' MRR (texts u[i] querying photos z, and photos querying texts; the true match is
     the same row), from one similarity matrix: its rows rank one way, its columns the other."""

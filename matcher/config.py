@@ -52,6 +52,8 @@ def has_title_words(text_encoder: str, title_words: bool) -> bool:
     """Whether text features get the title-words view: asked for, and the encoder is not the hashing baseline,
     which is that view already."""
     return title_words and text_encoder != "hashing-384"
+
+
 # The ANN lists' sizing (matcher.steps.ann): 64 sampled products per list, a sample of at most 300,000, so at most
 # 4,687 lists; k-means++ seeds them from 8 rows per list, which the driver holds.
 ANN_SAMPLE_PER_LIST = 64

@@ -70,14 +70,17 @@ class ProjectionHead(nn.Module):
 
     def standardised(self, feats: torch.Tensor) -> torch.Tensor:
         """What the MLP and the linear path read: the head's inputs, standardised."""
-        return (self.inputs(feats) - self.mean) / self.std
+        return self._standardise(self.inputs(feats))
+
+    def _standardise(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (inputs - self.mean) / self.std
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.project(self.inputs(feats))
 
     def project(self, inputs: torch.Tensor) -> torch.Tensor:
         """The head on rows of inputs() (training takes the power of every row once, not once a batch)."""
-        x = (inputs - self.mean) / self.std
+        x = self._standardise(inputs)
         out = self.net(x) if self.linear is None else self.net(x) + self.linear(x)
         return F.normalize(out, dim=-1)
 

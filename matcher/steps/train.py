@@ -200,14 +200,14 @@ def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: M
     epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
     scheduler = one_cycle(optimiser, cfg.learning_rate, epochs * steps_per_epoch)
     history = []
+    img_in, txt_in = model.image_head.inputs(img), model.text_head.inputs(txt)
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         totals = {"contrastive": 0.0, "matching": 0.0}
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
-            z = model.embed_images(img[idx])
-            u = model.embed_texts(txt[idx])
+            z, u = model.image_head.project(img_in[idx]), model.text_head.project(txt_in[idx])
             logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
             target = torch.arange(len(idx))
             contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

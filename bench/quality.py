@@ -245,13 +245,13 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
                     results.setdefault(label + fit_name, []).append(m)
                     heads[fit_name] = (z, u)
             baselines = fit_baselines(img[fit_rows], txt[fit_rows], split.validation[used],
-                                      closed_form_folds(cfg.train, len(fit_rows)))
+                                      closed_form_folds(cfg.train, len(fit_rows)), ids[fit_rows])
             # Each baseline also refit on all of night 1's rows with its chosen setting, as the served model is.
             refits = {f"{n} (refit on all rows)": refit(p, img[night1], txt[night1]) for n, p in baselines.items()}
             if words and not text_views:
                 # CCA on the text features without the title words too: the best baseline is the better of both.
                 cut = fit_baselines(img[fit_rows], txt[fit_rows, :words], split.validation[used],
-                                    closed_form_folds(cfg.train, len(fit_rows)))["cca"]
+                                    closed_form_folds(cfg.train, len(fit_rows)), ids[fit_rows])["cca"]
                 cut = replace(cut, text_std=replace(cut.text_std, columns=words))
                 baselines[CCA_WITHOUT_WORDS] = cut
                 refits[f"{CCA_WITHOUT_WORDS} (refit on all rows)"] = refit(cut, img[night1], txt[night1])
@@ -267,7 +267,7 @@ def small_protocol(fs, cfg, draws: int, products: int, types: int, seed: int, pr
                 # CCA given the recipe's power of the photo features too: how much of the gain the power alone is.
                 powered = signed_power(img, cfg.train.image_power)
                 cca_p = fit_baselines(powered[fit_rows], txt[fit_rows], split.validation[used],
-                                      closed_form_folds(cfg.train, len(fit_rows)))["cca"]
+                                      closed_form_folds(cfg.train, len(fit_rows)), ids[fit_rows])["cca"]
                 pair = refit(cca_p, powered[night1], txt[night1])
                 z, u = pair.embed_images(powered), pair.embed_texts(txt)
                 results.setdefault(label + POWERED_CCA, []).append(

@@ -50,7 +50,7 @@ def run(ctx: RunContext) -> dict:
     split = split_rows(fs.product_ids, cfg)
     used = split.fit | split.validation
     baselines = baseline_metrics(fs.image_feats, fs.text_feats, fs.categories, heldout, used,
-                                 gate_baselines(result, fs.image_feats, fs.text_feats, split, cfg)
+                                 gate_baselines(result, fs.image_feats, fs.text_feats, fs.product_ids, split, cfg)
                                  ) if heldout.any() else {}
     served, served_fit = result, SERVED_JUDGED_FIT
     if cfg.serve_refit and heldout.any():

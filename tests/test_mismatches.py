@@ -10,8 +10,8 @@ import pytest
 from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
-from matcher.steps.baselines import PairFitters
-from matcher.steps.mismatches import FoldScorer, TooFewProducts, fit_cross_fitted, fit_with_setting, mismatch_folds
+from matcher.steps.baselines import PairFitters, product_folds
+from matcher.steps.mismatches import FoldScorer, TooFewProducts, fit_cross_fitted, fit_with_setting
 from tests.synthetic import synthetic_features, write_synthetic_partition
 
 FOLDS = 5
@@ -29,9 +29,9 @@ def _catalog(n: int = 120, image_dim: int = 48, text_dim: int = 32):
 
 def test_folds_are_a_hash_of_the_product_id_the_same_in_any_order():
     ids = [f"P{i:04d}" for i in range(200)]
-    folds = mismatch_folds(ids, FOLDS)
+    folds = product_folds(ids, FOLDS)
     assert sorted(set(folds)) == list(range(FOLDS)) and np.bincount(folds).min() > 20
-    np.testing.assert_array_equal(mismatch_folds(ids[::-1], FOLDS), folds[::-1])
+    np.testing.assert_array_equal(product_folds(ids[::-1], FOLDS), folds[::-1])
 
 
 def test_a_products_scorer_does_not_change_when_the_products_own_pair_does():
@@ -41,7 +41,7 @@ def test_a_products_scorer_does_not_change_when_the_products_own_pair_does():
     changed = txt.copy()
     changed[40] = np.random.default_rng(1).normal(size=txt.shape[1])
     a, b = (fit_with_setting(ids, img, t, FOLDS, "cca", (0.1, 16)) for t in (txt, changed))
-    own = mismatch_folds(ids, FOLDS)[40]
+    own = product_folds(ids, FOLDS)[40]
     for k in range(FOLDS):
         same = all(np.array_equal(getattr(a.scorers[k], f), getattr(b.scorers[k], f))
                    for f in ("image_mean", "image_std", "image_w", "text_mean", "text_std", "text_w"))

@@ -8,10 +8,10 @@ from jobs.context import RunContext
 from jobs.pipeline import run_stage
 from matcher.config import load_config
 from matcher.io.registry import baseline_verdict, current_version
-from matcher.steps.baselines import fit_baselines, fit_ridge, reduce_width, refit
+from matcher.steps.baselines import fit_baselines, fit_ridge, product_folds, reduce_width, refit
 from matcher.steps.evaluate import embed, inverted_softmax, recall_at_k
 from matcher.steps.model import MatcherModel
-from matcher.steps.train import batch_size_for, closed_form_folds, model_spec, train_model
+from matcher.steps.train import batch_size_for, closed_form_folds, model_spec, train_model, train_on_split
 from tests.synthetic import synthetic_features, write_synthetic_partition
 
 
@@ -126,7 +126,7 @@ def test_the_gate_measures_the_baselines_the_start_was_chosen_among(monkeypatch)
     monkeypatch.setattr(train, "fit_baselines", lambda *a, **kw: calls.append(1) or fit_baselines(*a, **kw))
     result = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:]))
     split = train.split_rows(np.arange(300).astype(str), cfg)
-    assert train.gate_baselines(result, img, txt, split, cfg) is result.baselines
+    assert train.gate_baselines(result, img, txt, np.arange(300).astype(str), split, cfg) is result.baselines
     assert len(calls) == 1
     assert cfg.image_power != 1.0  # the photo features enter the heads, and so the baselines, powered
     powered = _powered(img, cfg.image_power)
@@ -148,8 +148,9 @@ def test_a_recipe_without_the_closed_form_start_fits_the_gate_baselines_itself()
 
     split = split_rows(ids, cfg)
     used = split.fit | split.validation
-    want = fit_baselines(img[used], txt[used], split.validation[used], closed_form_folds(cfg, int(used.sum())))
-    got = gate_baselines(result, img, txt, split, cfg)
+    want = fit_baselines(img[used], txt[used], split.validation[used], closed_form_folds(cfg, int(used.sum())),
+                         ids[used])
+    got = gate_baselines(result, img, txt, ids, split, cfg)
     for name in want:
         assert got[name].params == want[name].params
         np.testing.assert_allclose(got[name].embed_images(img), want[name].embed_images(img), atol=1e-6)
@@ -369,6 +370,48 @@ def test_closed_form_folds_apply_to_small_catalogs_only():
     assert closed_form_folds(cfg, 1000) == 5
     assert closed_form_folds(cfg, 1001) == 1  # the validation split alone is large enough
     assert closed_form_folds(recipe(closed_form_folds=0), 100) == 1
+
+
+def test_the_closed_form_folds_follow_the_product_ids_not_the_rows_order():
+    """The same catalog in another row order chooses the same settings with the same scores, and a product added
+    moves no other product's fold (folds drawn by row position would reshuffle every product)."""
+    img, txt = noisy_views(300, seed=7, noise=1.0)
+    ids = np.array([f"SKU-{i * 7919 % 10007}" for i in range(300)])
+    validation = np.arange(300) >= 240
+    order = np.random.default_rng(3).permutation(300)
+    base = fit_baselines(img, txt, validation, 5, ids)
+    shuffled = fit_baselines(img[order], txt[order], validation[order], 5, ids[order])
+    for name, pair in base.items():
+        assert shuffled[name].params == pair.params, name
+        assert shuffled[name].selection_mrr == pytest.approx(pair.selection_mrr, abs=1e-9), name
+    # Without the ids the rows' positions draw the folds: the same shuffle then scores the settings otherwise.
+    by_position = fit_baselines(img[order], txt[order], validation[order], 5)
+    assert any(by_position[n].selection_mrr != pytest.approx(p.selection_mrr, abs=1e-9) for n, p in base.items())
+    folds = product_folds(ids, 5)
+    np.testing.assert_array_equal(product_folds(np.r_[ids, ["SKU-new-1", "SKU-new-2"]], 5)[:300], folds)
+    assert np.bincount(folds, minlength=5).min() >= 40
+
+
+def test_the_train_stage_draws_the_closed_form_folds_by_product_id():
+    img, txt = noisy_views(300, seed=8, noise=1.0)
+    ids = np.array([f"P{i:04d}" for i in range(300)])
+    cfg = recipe(epochs=1, patience=1, init="closed_form", closed_form_folds=5)
+    spec = model_spec(cfg, 40, 30, "a", "b")
+    order = np.random.default_rng(4).permutation(300)
+    a, _ = train_on_split(img, txt, ids, spec, cfg)
+    b, _ = train_on_split(img[order], txt[order], ids[order], spec, cfg)
+    assert a.start == b.start and a.start_pair.params == b.start_pair.params
+    assert a.start_scores == pytest.approx(b.start_scores, abs=1e-6)
+
+
+def test_cross_validation_needs_two_rows_in_every_fold_else_the_validation_split_chooses():
+    img, txt = noisy_views(12, seed=9, noise=1.0)
+    validation = np.arange(12) >= 8
+    fitted = fit_baselines(img, txt, validation, 5, [f"P{i}" for i in range(12)])
+    for pair in fitted.values():  # 12 products cannot give 5 folds two each: scored on the validation rows
+        assert pair.selection_mrr == pytest.approx(pair.validation_mrr(img[validation], txt[validation]), abs=1e-6)
+    with pytest.raises(ValueError, match="3 product ids for 12 rows"):
+        fit_baselines(img, txt, validation, 5, ["a", "b", "c"])
 
 
 def _own_match_recall_at_10(model, img, txt, rows):

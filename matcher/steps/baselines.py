@@ -9,6 +9,7 @@ over the training and validation rows together (a small catalog's validation spl
 noisy to choose among 36 settings), or on the validation split alone with folds <= 1."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,6 +31,15 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 # it reads about 0 there, where a division by its std would have made it the largest value of the row.
 DEAD_COLUMN = 1e-6
 DEAD_COLUMN_STD = 1e6
+
+
+def product_folds(product_ids, folds: int) -> np.ndarray:
+    """Each product's fold, by a hash of its id: the same every night, on every machine and in any row order, and a
+    product added to the catalog moves no other product's fold (a fold drawn by row position would reshuffle them
+    all, and with them the night's choice between settings whose scores are close)."""
+    return np.array([int.from_bytes(hashlib.sha1(str(p).encode(), usedforsecurity=False).digest()[4:8], "little")
+                     % folds
+                     for p in product_ids], dtype=np.int64)
 
 
 def signed_power(x: np.ndarray, power: float) -> np.ndarray:
@@ -279,10 +289,11 @@ def refit(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray) -> 
 
 
 def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: np.ndarray,
-                  folds: int = 1) -> dict[str, LinearPair]:
+                  folds: int = 1, product_ids=None) -> dict[str, LinearPair]:
     """Ridge both ways and CCA, each fitted on the rows outside `validation` (a mask) with its setting chosen by
-    mean reciprocal rank: cross-validated over all the rows in `folds` folds, or (folds <= 1) on the validation
-    rows. Each pair's `selection_mrr` is that score, comparable across the three."""
+    mean reciprocal rank: cross-validated over all the rows in `folds` folds by product id (`product_folds`; the
+    rows' positions stand in for ids not given), or on the validation rows (folds <= 1, or too few rows to give
+    each fold two). Each pair's `selection_mrr` is that score, comparable across the three."""
     fit = ~validation
     if validation.sum() < 2 or fit.sum() < 2:
         fit = validation = np.ones(len(image_feats), dtype=bool)
@@ -290,8 +301,9 @@ def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: n
              "ridge_text_to_image": [(p,) for p in RIDGE_PENALTIES],
              "cca": [(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS]}
     fitters = PairFitters(image_feats[fit], text_feats[fit])
-    if folds > 1 and len(image_feats) >= 2 * folds:
-        scores = _cross_validated_mrr(image_feats, text_feats, grids, folds)
+    fold = _cross_validation_folds(len(image_feats), folds, product_ids)
+    if fold is not None:
+        scores = _cross_validated_mrr(image_feats, text_feats, grids, fold, folds)
     else:
         scores = fitters.validation_mrrs(grids, image_feats[validation], text_feats[validation])
     out = {}
@@ -351,11 +363,23 @@ class PairFitters:
         return out
 
 
+def _cross_validation_folds(rows: int, folds: int, product_ids) -> np.ndarray | None:
+    """Each row's fold, or None where cross-validation cannot run: one fold asked for, or a fold (or the rows outside
+    it) under two rows."""
+    if folds <= 1:
+        return None
+    if product_ids is None:
+        product_ids = range(rows)
+    elif len(product_ids) != rows:
+        raise ValueError(f"{len(product_ids)} product ids for {rows} rows")
+    fold = product_folds(product_ids, folds)
+    sizes = np.bincount(fold, minlength=folds)
+    return None if (sizes < 2).any() or (rows - sizes < 2).any() else fold
+
+
 def _cross_validated_mrr(image_feats: np.ndarray, text_feats: np.ndarray, grids: dict[str, list[tuple]],
-                         folds: int) -> dict[str, list[float]]:
-    """Each setting's mean validation MRR over `folds` folds of the rows (a fixed shuffle: the same rows give the
-    same folds every night)."""
-    fold = np.random.default_rng(0).permutation(len(image_feats)) % folds
+                         fold: np.ndarray, folds: int) -> dict[str, list[float]]:
+    """Each setting's mean validation MRR over the folds (`fold`: each row's)."""
     totals = {kind: np.zeros(len(grid)) for kind, grid in grids.items()}
     for f in range(folds):
         held = fold == f

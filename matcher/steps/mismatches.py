@@ -9,12 +9,19 @@ products' titles. The fitted scorers are small (at most MAX_WIDTH columns per vi
 on a bounded sample and executors score every product."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from matcher.steps.baselines import CCA_REGULARISERS, CCA_WIDTHS, RIDGE_PENALTIES, LinearPair, PairFitters, reduce_width
+from matcher.steps.baselines import (
+    CCA_REGULARISERS,
+    CCA_WIDTHS,
+    RIDGE_PENALTIES,
+    LinearPair,
+    PairFitters,
+    product_folds,
+    reduce_width,
+)
 from matcher.steps.evaluate import best_threshold, derangement
 
 # The fold scorers are fitted in float32: twice as fast as float64, the same setting and out-of-fold MRR to six
@@ -24,13 +31,6 @@ MAX_WIDTH = 256  # columns per view of a fold's scorer: a ridge map's whole text
 SETTINGS = {"ridge_image_to_text": [(p,) for p in RIDGE_PENALTIES],
             "ridge_text_to_image": [(p,) for p in RIDGE_PENALTIES],
             "cca": [(r, w) for r in CCA_REGULARISERS for w in CCA_WIDTHS]}
-
-
-def mismatch_folds(product_ids, folds: int) -> np.ndarray:
-    """Each product's fold: the same every night, on every machine, for any catalog."""
-    return np.array([int.from_bytes(hashlib.sha1(str(p).encode(), usedforsecurity=False).digest()[4:8], "little")
-                     % folds
-                     for p in product_ids], dtype=np.int64)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class CrossFitScorer:
 
     def own_pair_scores(self, product_ids, image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """Each product's own photo and title, scored by the scorer of its fold (one that never fitted on it)."""
-        fold = mismatch_folds(product_ids, self.folds)
+        fold = product_folds(product_ids, self.folds)
         out = np.empty(len(fold), np.float32)
         for k in np.unique(fold):
             rows = fold == k
@@ -119,7 +119,7 @@ def fit_with_setting(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
 
 
 def _folds(product_ids, folds: int) -> np.ndarray:
-    fold = mismatch_folds(product_ids, folds)
+    fold = product_folds(product_ids, folds)
     sizes = np.bincount(fold, minlength=folds)
     if folds < 2 or (sizes < 2).any() or (len(fold) - sizes < 2).any():
         raise TooFewProducts(f"{len(fold)} products cannot fill {folds} folds of at least 2 products "

@@ -166,7 +166,8 @@ MIN_VALIDATION = 8  # fewer validation products than this cannot rank epochs: tr
 
 def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
                 calibration: tuple[np.ndarray, np.ndarray] | None = None,
-                validation: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+                validation: tuple[np.ndarray, np.ndarray] | None = None,
+                fold_ids: np.ndarray | None = None) -> TrainResult:
     """Train heads (symmetric InfoNCE) and matching network (cross-entropy) on paired features. Deterministic on CPU.
 
     With `validation` (image, text) pairs and `cfg.patience` > 0: the heads train epoch by epoch, starting from
@@ -176,9 +177,11 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
     on the chosen heads' frozen embeddings. Otherwise the fixed recipe: `epochs` (at least `min_steps` steps), heads
     and matching network together.
 
-    The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs."""
+    The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs.
+    `fold_ids`: the product ids of the training rows then the validation rows, by which the closed forms' folds
+    are drawn (their positions where not given)."""
     if cfg.patience > 0 and validation is not None and len(validation[0]) >= MIN_VALIDATION:
-        return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation)
+        return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids)
     return _train_fixed_epochs(image_feats, text_feats, spec, cfg, calibration)
 
 
@@ -258,7 +261,8 @@ def batch_size_for(n: int, configured: int) -> int:
 
 def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
                                calibration: tuple[np.ndarray, np.ndarray] | None,
-                               validation: tuple[np.ndarray, np.ndarray]) -> TrainResult:
+                               validation: tuple[np.ndarray, np.ndarray], fold_ids: np.ndarray | None
+                               ) -> TrainResult:
     started = time.perf_counter()
     img = torch.as_tensor(image_feats, dtype=torch.float32)
     txt = torch.as_tensor(text_feats, dtype=torch.float32)
@@ -274,7 +278,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
         if candidate.head != "mlp+linear":
             tried[label] = (fresh, None, None, -np.inf)
             continue
-        pair, pairs, scores = _closed_form_start(fresh, img, txt, val_img, val_txt, folds)
+        pair, pairs, scores = _closed_form_start(fresh, img, txt, val_img, val_txt, folds, fold_ids)
         start_scores.update({f"{name} ({label})" if label else name: v for name, v in scores.items()})
         tried[label] = (fresh, pair, pairs, np.nan_to_num(max(scores.values()), nan=-np.inf))
     # The best closed form's score chooses; the first of equals (with the view) on a tie.
@@ -419,7 +423,7 @@ def _standardised(head, x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor, val_img: torch.Tensor,
-                       val_txt: torch.Tensor, folds: int
+                       val_txt: torch.Tensor, folds: int, fold_ids: np.ndarray | None
                        ) -> tuple[LinearPair, dict[str, LinearPair], dict[str, float]]:
     """The best closed-form baseline (ridge either way or CCA), fitted on the training pairs in the heads' own
     standardised coordinates: best by cross-validated MRR over training + validation pairs in `folds` folds, or
@@ -430,7 +434,7 @@ def _closed_form_start(model: MatcherModel, img: torch.Tensor, txt: torch.Tensor
     xt = np.concatenate([_standardised(model.text_head, txt), _standardised(model.text_head, val_txt)])
     validation = np.arange(len(xi)) >= len(img)
     dim = model.spec.dim
-    fitted = fit_baselines(xi, xt, validation, folds)
+    fitted = fit_baselines(xi, xt, validation, folds, fold_ids)
     raw = {name: _of_raw_features(model, pair) for name, pair in fitted.items()}
     scores = {name: pair.selection_mrr for name, pair in fitted.items()}
     return reduce_width(fitted[max(scores, key=scores.get)], xi[~validation], xt[~validation], dim), raw, scores
@@ -512,16 +516,18 @@ def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids:
     split = split_rows(product_ids, cfg)
     result = train_model(image_feats[split.fit], text_feats[split.fit], spec, cfg,
                          calibration=(image_feats[split.calibration], text_feats[split.calibration]),
-                         validation=(image_feats[split.validation], text_feats[split.validation]))
+                         validation=(image_feats[split.validation], text_feats[split.validation]),
+                         fold_ids=np.concatenate([np.asarray(product_ids)[split.fit],
+                                                  np.asarray(product_ids)[split.validation]]))
     return result, split.heldout
 
 
-def gate_baselines(result: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, split: Split,
-                   cfg: TrainConfig) -> dict[str, LinearPair]:
+def gate_baselines(result: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray,
+                   split: Split, cfg: TrainConfig) -> dict[str, LinearPair]:
     """The closed-form baselines the promotion gate compares with: those the heads' start was chosen among, or (a
     recipe without that start) fitted now the same way, on the split's training and validation rows."""
     if result.baselines is not None:
         return result.baselines
     used = split.fit | split.validation
     return fit_baselines(image_feats[used], text_feats[used], split.validation[used],
-                         closed_form_folds(cfg, int(used.sum())))
+                         closed_form_folds(cfg, int(used.sum())), np.asarray(product_ids)[used])

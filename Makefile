@@ -25,7 +25,7 @@ system-deps:
 	@if ! command -v chromium >/dev/null || ! fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk"; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null; \
-	  else echo "note: chromium or a CJK font is missing; the report screenshot test will be skipped"; fi; \
+	  else echo "note: no chromium: the report test is skipped; no CJK font: Chinese shows as boxes"; fi; \
 	fi
 
 lint: install

@@ -225,3 +225,19 @@ def test_image_references_may_be_s3_and_file_uris(tmp_path, s3_config):
     assert sorted(result.clean["product_id"]) == ["A", "B"]
     assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
         "C": "image_missing", "D": "image_unsupported_uri"}
+
+
+def test_a_record_the_csv_parser_refuses_is_quarantined_and_its_neighbours_kept(tmp_path, monkeypatch):
+    """A field past the parser's limit (a fault planted by lowering the limit) costs only its own record."""
+    import matcher.io.catalog as catalog
+
+    root = tmp_path / "catalog"
+    root.mkdir()
+    long_title = "x" * 200
+    (root / "products.csv").write_text("product_id,title,image\nA1,Short one,a.jpg\n"
+                                       f'A2,"{long_title}",b.jpg\nA3,Another,c.jpg\n', encoding="utf-8")
+    monkeypatch.setattr(catalog, "_CSV_FIELD_LIMIT", 100)
+    raw = CatalogReader(str(root), load_config().storage).read()
+    assert list(raw.rows["product_id"]) == ["A1", "A3"]
+    assert [b["reason"] for b in raw.bad_lines] == ["unparseable_line"]
+    assert "field larger than field limit" in raw.bad_lines[0]["detail"]

@@ -211,3 +211,13 @@ def test_a_wrong_secret_is_named_but_never_shown():
     with pytest.raises(ConfigError) as err:
         load_config(overrides={"storage": {"s3_secret_key": 12345678}})
     assert "storage.s3_secret_key must be str" in str(err.value) and "12345678" not in str(err.value)
+
+
+def test_candidates_auto_is_exact_up_to_the_documented_size_and_ann_above():
+    """The README's promise: every pair scored exactly, or k-means lists above 250,000 products."""
+    score = load_config().score
+    assert score.candidates == "auto" and score.exact_max_products == 250_000
+    assert not score.uses_ann(250_000) and score.uses_ann(250_001)
+    exact = load_config(overrides={"score": {"candidates": "exact"}}).score
+    ann = load_config(overrides={"score": {"candidates": "ann"}}).score
+    assert not exact.uses_ann(10_000_000) and ann.uses_ann(10)

@@ -7,6 +7,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from matcher.config import load_config
 from matcher.steps.encoders import (
     COLOUR_DIM,
     IMAGE_ENCODERS,
@@ -209,3 +210,24 @@ def test_the_title_words_view_is_the_hashed_title_appended_last():
     # A hashing-384 encoder is the view already: nothing is appended.
     same = load_text_encoder("hashing-384", "cpu", "joined", title_words=True)
     assert same.dim == hashed.dim and same.version == hashed.version
+
+
+def test_the_default_encoders_load_and_encode_with_the_network_refused(monkeypatch):
+    """The README's promise, nothing downloaded at run time: every socket connection fails here, and the default
+    config's encoders still load from the packages and encode a photo and a product."""
+    import socket
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"an encoder tried to reach the network: {args[1:] or kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refused)
+    monkeypatch.setattr(socket.socket, "connect_ex", refused)
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(socket, "getaddrinfo", refused)
+    cfg = load_config().extract
+    image = load_image_encoder(cfg.image_encoder, "cpu", cfg.image_weights, cfg.image_colour)
+    assert image.encode([jpeg((200, 30, 30))], batch_size=1).shape[0] == 1
+    text = load_text_encoder(cfg.text_encoder, "cpu", cfg.description, cfg.second_title_encoder,
+                             title_words=cfg.title_words)
+    feats = text.encode_products(["红色 连衣裙"], ["a red dress"])
+    assert feats.shape == (1, text.dim) and np.isfinite(feats).all()

@@ -338,6 +338,20 @@ def _locked(*names: str) -> list[str]:
     return [f"{n}=={pins[n]}" for n in names]
 
 
+def _assert_the_wheel_carries_the_package_data(wheel: Path, repo: Path) -> None:
+    """The README's promise: the wheel carries the schemas, the DAG and the defaults (a machine without this
+    repository reads them from the package)."""
+    import zipfile
+
+    want = {"matcher/defaults.toml",
+            *(f"matcher/profiles/{p.name}" for p in (repo / "matcher/profiles").glob("*.toml")),
+            *(f"matcher/schemas/{p.name}" for p in (repo / "schemas").glob("*.json")),
+            *(f"matcher/dags/{p.name}" for p in (repo / "dags").glob("*.py"))}
+    assert {"matcher/schemas/tables.json", "matcher/dags/product_matching_nightly.py"} <= want
+    missing = want - set(zipfile.ZipFile(wheel).namelist())
+    assert not missing, f"{wheel.name} lacks {sorted(missing)}"
+
+
 def test_executors_run_the_packed_environment_they_unpack_not_the_drivers_venv(tmp_path, monkeypatch):
     from matcher.config import REPO_ROOT
 
@@ -347,6 +361,7 @@ def test_executors_run_the_packed_environment_they_unpack_not_the_drivers_venv(t
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(wheels), str(REPO_ROOT)], check=True)
+    _assert_the_wheel_carries_the_package_data(next(wheels.glob("matcher-*.whl")), REPO_ROOT)
     packages = _locked("pandas", "numpy", "pyarrow", "python-dateutil", "six", "pytz", "tzdata")
     subprocess.run([str(env / "bin/pip"), "install", "--quiet", "--no-deps", *packages,
                     *map(str, wheels.glob("matcher-*.whl"))], check=True)

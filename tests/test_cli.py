@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from matcher.app.cli import build_parser
@@ -225,3 +227,61 @@ def test_config_check_show_and_schema(tmp_path, monkeypatch, capsys):
     assert all(prop["default"] == defaults[s][k] for s, k, prop in keys)
     undocumented = [f"{s}.{k}" for s, k, prop in keys if not prop.get("description")]
     assert not undocumented, f"keys without a comment in matcher/defaults.toml: {undocumented}"
+
+
+def _processes_naming(text: str) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+@pytest.mark.integration
+def test_a_workspace_config_starts_the_embedded_s3_server_for_the_command_and_stops_it(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The README's promise for `make demo`'s workspace: .matcher/config.toml points the commands at the demo's
+    lake, and they start the embedded S3 server for their duration."""
+    import secrets
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matcher.app.cli import main
+    from matcher.app.demo import demo_config_sections
+    from matcher.config import WORKSPACE_CONFIG, dump_toml, load_config
+    from matcher.io.lake import Lake
+    from matcher.io.s3server import EmbeddedS3
+    from matcher.io.tables import table_schema
+
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / ".matcher"
+    workdir.mkdir()
+    access, secret = "ws" + secrets.token_hex(3), secrets.token_hex(16)
+    sections = demo_config_sections(workdir, access, secret)
+    WORKSPACE_CONFIG.write_text(dump_toml(sections), encoding="utf-8")
+    data_dir = sections["storage"]["data_dir"]
+    # A published night in the workspace's lake, written while a server of the same data folder runs.
+    with EmbeddedS3(data_dir, access, secret) as server:
+        cfg = load_config(WORKSPACE_CONFIG).with_overrides({"storage": {"s3_endpoint": server.endpoint,
+                                                                        "embedded": False}})
+        lake = Lake(cfg.run.lake, cfg.storage)
+        recs = pa.table({"product_id": ["A", "B"], "rank": [1, 1], "rec_product_id": ["B", "A"],
+                         "similarity": [0.9, 0.8], "score": [0.9, 0.8], "model_version": ["v1"] * 2},
+                        schema=table_schema("recommendations"))
+        rel = f"recommendations/dt={DATE}/part-0.parquet"
+        pq.write_table(recs, lake.path(rel), filesystem=lake.fs)
+        lake.write_json(Lake.manifest_file(DATE), {"date": DATE, "tables": {"recommendations": {"files": [rel]}}})
+    assert not _processes_naming(data_dir)
+    capsys.readouterr()
+
+    assert main(["query", "--json", "select product_id, rec_product_id from recommendations order by 1"]) == 0
+    out, err = capsys.readouterr()
+    assert "config .matcher/config.toml (the workspace config" in err
+    assert [(r["product_id"], r["rec_product_id"]) for r in json.loads(out)] == [("A", "B"), ("B", "A")]
+    assert not _processes_naming(data_dir)  # the server it started is gone with the command

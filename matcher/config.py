@@ -233,6 +233,7 @@ class TrainConfig(_Section):
     min_steps: Whole
     batch_size: Whole
     learning_rate: float
+    linear_path_lr_ratio: Fraction = Field(description="0: the linear paths stay at the closed form")
     weight_decay: float
     temperature: float
     learn_temperature: bool

@@ -40,6 +40,10 @@ def _powered(x: np.ndarray, power: float) -> np.ndarray:
     return (np.sign(x) * np.abs(x) ** power).astype(x.dtype)
 
 
+def replace_train(cfg, **kw):
+    return load_config(overrides={"train": {**cfg.model_dump(), **kw}}).train
+
+
 def recipe(**kw):
     return load_config(overrides={"train": {"dim": 16, "hidden": 64, "learning_rate": 3e-3, "min_steps": 20,
                                             "weight_decay": 0.0, **kw}}).train
@@ -112,6 +116,31 @@ def test_refit_trains_the_chosen_recipe_again_on_training_and_validation_rows():
     want = reduce_width(refit(chosen, xi, xt), xi, xt, cfg.dim)
     z, _, _ = embed(result.model, img, txt)
     np.testing.assert_allclose(z[:, :want.image_w.shape[1]], want.embed_images(xi), atol=1e-4)
+
+
+def test_the_linear_paths_learn_at_their_fraction_of_the_rate_and_stay_at_the_start_at_zero():
+    from matcher.steps.train import _replay
+
+    img, txt = noisy_views(300, seed=10, noise=1.0)
+    cfg = recipe(epochs=4, patience=3, init="closed_form", refit=False)
+    spec = model_spec(cfg, 40, 30, "a", "b")
+    start = train_model(img[:240], txt[:240], spec, cfg, validation=(img[240:], txt[240:])).start_pair
+    t_img, t_txt = torch.as_tensor(img), torch.as_tensor(txt)
+
+    def linear_and_mlp(ratio, epochs=3):
+        model = _replay(spec, replace_train(cfg, linear_path_lr_ratio=ratio), start, epochs, t_img, t_txt)
+        heads = (model.image_head, model.text_head)
+        return ([h.linear.weight.detach().clone() for h in heads], [h.net[-1].weight.detach().clone() for h in heads])
+
+    (lin0, mlp0) = linear_and_mlp(0.0, epochs=0)  # the seeded start
+    moved = {}
+    for ratio in (0.0, 0.1, 1.0):
+        lin, mlp = linear_and_mlp(ratio)
+        moved[ratio] = max(float((a - b).norm() / b.norm()) for a, b in zip(lin, lin0))
+        assert all(float(m.norm()) > 0 for m in mlp)  # the MLPs learn at the whole rate (they start at zero)
+        assert all(float(m0.norm()) == 0 for m0 in mlp0)
+    assert moved[0.0] == 0.0
+    assert 0 < moved[0.1] < moved[1.0] / 3, moved
 
 
 def test_the_gate_measures_the_baselines_the_start_was_chosen_among(monkeypatch):

@@ -245,9 +245,11 @@ def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 
-def one_cycle(optimiser: torch.optim.Optimizer, max_lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """Warm up over the first 10% of `steps`, then anneal. A short run (a tiny catalog, few epochs) gets a warm-up
-    of at least two steps: torch divides by the warm-up's length minus one, so 10% of 10 steps would divide by 0."""
+def one_cycle(optimiser: torch.optim.Optimizer, max_lr: float | list[float], steps: int
+              ) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Warm up over the first 10% of `steps`, then anneal (`max_lr`: one peak, or one per parameter group). A short
+    run (a tiny catalog, few epochs) gets a warm-up of at least two steps: torch divides by the warm-up's length
+    minus one, so 10% of 10 steps would divide by 0."""
     total = max(4, steps)
     return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=max_lr, total_steps=total,
                                                pct_start=min(0.5, max(0.1, 2.0 / total)))
@@ -362,12 +364,21 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
     returns whether to go on."""
     n = img.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed)
-    heads = [p for m in (model.image_head, model.text_head) for p in m.parameters()]
-    params = heads + ([model.logit_scale] if cfg.learn_temperature else [])
-    optimiser = adamw(params, cfg)
+    linear = {id(p): p for m in (model.image_head, model.text_head) if m.linear is not None
+              for p in m.linear.parameters()}
+    rest = [p for m in (model.image_head, model.text_head) for p in m.parameters() if id(p) not in linear]
+    groups = [rest + ([model.logit_scale] if cfg.learn_temperature else [])]
+    rates = [cfg.learning_rate]
+    if linear and cfg.linear_path_lr_ratio > 0:
+        # The linear paths start at the closed form: at a tenth of the rate they stay near it while the MLPs learn
+        # what it misses (at the full rate the first epochs unlearn it, and the validation split, too small to
+        # tell the epochs apart, then keeps an epoch the unseen products find worse).
+        groups.append(list(linear.values()))
+        rates.append(cfg.learning_rate * cfg.linear_path_lr_ratio)
+    optimiser = adamw([{"params": g, "lr": r} for g, r in zip(groups, rates)], cfg)
     batch = batch_size_for(n, cfg.batch_size)
     steps_per_epoch = max(1, n // batch)
-    scheduler = one_cycle(optimiser, cfg.learning_rate, max(1, cfg.epochs) * steps_per_epoch)
+    scheduler = one_cycle(optimiser, rates, max(1, cfg.epochs) * steps_per_epoch)
     twins = twin_texts(txt, cfg.twin_text_cosine)
     img_in, txt_in = model.image_head.inputs(img), model.text_head.inputs(txt)
     model.train()

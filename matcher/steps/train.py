@@ -370,9 +370,9 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
     groups = [rest + ([model.logit_scale] if cfg.learn_temperature else [])]
     rates = [cfg.learning_rate]
     if linear and cfg.linear_path_lr_ratio > 0:
-        # The linear paths start at the closed form: at a tenth of the rate they stay near it while the MLPs learn
-        # what it misses (at the full rate the first epochs unlearn it, and the validation split, too small to
-        # tell the epochs apart, then keeps an epoch the unseen products find worse).
+        # The linear paths start at the closed form: at a fraction of the rate they stay near it while the MLPs
+        # learn what it misses (at the whole rate the first epochs unlearn it, and the validation split, too small
+        # to tell the epochs apart, may then keep an epoch that unseen products find worse).
         groups.append(list(linear.values()))
         rates.append(cfg.learning_rate * cfg.linear_path_lr_ratio)
     optimiser = adamw([{"params": g, "lr": r} for g, r in zip(groups, rates)], cfg)
@@ -524,12 +524,12 @@ def split_rows(product_ids: list[str] | np.ndarray, cfg: TrainConfig) -> Split:
 def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray, spec: ModelSpec,
                    cfg: TrainConfig) -> tuple[TrainResult, np.ndarray]:
     """Train on the fit rows of split_rows (validation rows choose the epoch); returns (result, held-out mask)."""
-    split = split_rows(product_ids, cfg)
+    ids = np.asarray(product_ids)
+    split = split_rows(ids, cfg)
     result = train_model(image_feats[split.fit], text_feats[split.fit], spec, cfg,
                          calibration=(image_feats[split.calibration], text_feats[split.calibration]),
                          validation=(image_feats[split.validation], text_feats[split.validation]),
-                         fold_ids=np.concatenate([np.asarray(product_ids)[split.fit],
-                                                  np.asarray(product_ids)[split.validation]]))
+                         fold_ids=np.concatenate([ids[split.fit], ids[split.validation]]))
     return result, split.heldout
 
 

@@ -363,6 +363,13 @@ class PairFitters:
         return out
 
 
+def folds_can_cross_validate(fold: np.ndarray, folds: int) -> bool:
+    """Whether each row's fold (`fold`) gives every fold, and the rows outside it, at least two rows: a fit and an
+    MRR each need two."""
+    sizes = np.bincount(fold, minlength=folds)
+    return folds >= 2 and not ((sizes < 2).any() or (len(fold) - sizes < 2).any())
+
+
 def _cross_validation_folds(rows: int, folds: int, product_ids) -> np.ndarray | None:
     """Each row's fold, or None where cross-validation cannot run: one fold asked for, or a fold (or the rows outside
     it) under two rows."""
@@ -373,8 +380,7 @@ def _cross_validation_folds(rows: int, folds: int, product_ids) -> np.ndarray | 
     elif len(product_ids) != rows:
         raise ValueError(f"{len(product_ids)} product ids for {rows} rows")
     fold = product_folds(product_ids, folds)
-    sizes = np.bincount(fold, minlength=folds)
-    return None if (sizes < 2).any() or (rows - sizes < 2).any() else fold
+    return fold if folds_can_cross_validate(fold, folds) else None
 
 
 def _cross_validated_mrr(image_feats: np.ndarray, text_feats: np.ndarray, grids: dict[str, list[tuple]],

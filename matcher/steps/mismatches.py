@@ -19,6 +19,7 @@ from matcher.steps.baselines import (
     RIDGE_PENALTIES,
     LinearPair,
     PairFitters,
+    folds_can_cross_validate,
     product_folds,
     reduce_width,
 )
@@ -120,10 +121,9 @@ def fit_with_setting(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
 
 def _folds(product_ids, folds: int) -> np.ndarray:
     fold = product_folds(product_ids, folds)
-    sizes = np.bincount(fold, minlength=folds)
-    if folds < 2 or (sizes < 2).any() or (len(fold) - sizes < 2).any():
+    if not folds_can_cross_validate(fold, folds):
         raise TooFewProducts(f"{len(fold)} products cannot fill {folds} folds of at least 2 products "
-                             f"(fold sizes {sizes.tolist()})")
+                             f"(fold sizes {np.bincount(fold, minlength=folds).tolist()})")
     return fold
 
 

@@ -364,16 +364,16 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
     returns whether to go on."""
     n = img.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed)
-    linear = {id(p): p for m in (model.image_head, model.text_head) if m.linear is not None
-              for p in m.linear.parameters()}
-    rest = [p for m in (model.image_head, model.text_head) for p in m.parameters() if id(p) not in linear]
+    heads = (model.image_head, model.text_head)
+    linear = [p for h in heads for name, p in h.named_parameters() if name.startswith("linear.")]
+    rest = [p for h in heads for name, p in h.named_parameters() if not name.startswith("linear.")]
     groups = [rest + ([model.logit_scale] if cfg.learn_temperature else [])]
     rates = [cfg.learning_rate]
     if linear and cfg.linear_path_lr_ratio > 0:
         # The linear paths start at the closed form: at a fraction of the rate they stay near it while the MLPs
         # learn what it misses (at the whole rate the first epochs unlearn it, and the validation split, too small
         # to tell the epochs apart, may then keep an epoch that unseen products find worse).
-        groups.append(list(linear.values()))
+        groups.append(linear)
         rates.append(cfg.learning_rate * cfg.linear_path_lr_ratio)
     optimiser = adamw([{"params": g, "lr": r} for g, r in zip(groups, rates)], cfg)
     batch = batch_size_for(n, cfg.batch_size)

@@ -119,6 +119,18 @@ def recipe_summary(result: TrainResult) -> dict:
             "image_power": result.model.spec.image_power}
 
 
+def _info_nce(model: MatcherModel, img_in: torch.Tensor, txt_in: torch.Tensor, idx: torch.Tensor,
+              twins=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE of the batch `idx` (rows of the heads' inputs), never a twin text as a negative
+    (`twins`: twin_texts' function, or None); returns (loss, image embeddings, text embeddings)."""
+    z, u = model.image_head.project(img_in[idx]), model.text_head.project(txt_in[idx])
+    logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
+    if twins is not None:
+        logits = logits.masked_fill(twins(idx), float("-inf"))
+    target = torch.arange(len(idx))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2, z, u
+
+
 def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, generator: torch.Generator,
                    twins: torch.Tensor | None = None) -> torch.Tensor:
     """BCE on true pairs, random negatives and the hardest in-batch negative for each photo; never a negative
@@ -210,10 +222,7 @@ def _train_fixed_epochs(image_feats: np.ndarray, text_feats: np.ndarray, spec: M
         totals = {"contrastive": 0.0, "matching": 0.0}
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
-            z, u = model.image_head.project(img_in[idx]), model.text_head.project(txt_in[idx])
-            logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
-            target = torch.arange(len(idx))
-            contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            contrastive, z, u = _info_nce(model, img_in, txt_in, idx)
             matching = _matching_loss(model, z, u, generator)
             loss = contrastive + matching
             optimiser.zero_grad()
@@ -387,12 +396,7 @@ def _contrastive_epochs(model: MatcherModel, img: torch.Tensor, txt: torch.Tenso
         total = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
-            z, u = model.image_head.project(img_in[idx]), model.text_head.project(txt_in[idx])
-            logits = model.logit_scale.clamp(max=np.log(100.0)).exp() * z @ u.T
-            if twins is not None:
-                logits = logits.masked_fill(twins(idx), float("-inf"))
-            target = torch.arange(len(idx))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            loss, _, _ = _info_nce(model, img_in, txt_in, idx, twins)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

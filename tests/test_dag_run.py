@@ -353,6 +353,27 @@ def test_nightly_report_renders_in_headless_chromium(dag_run, tmp_path):
     subprocess.run([*common, "--window-size=1200,2000", f"--screenshot={shot}", probe_page.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000
+    _assert_chinese_renders_with_a_font(common, re.search(r"[\u4e00-\u9fff]+", page).group(), tmp_path)
+
+
+def _assert_chinese_renders_with_a_font(chromium: list[str], chinese: str, tmp_path) -> None:
+    """The report's Chinese text, as Chromium draws it, differs from as many characters that no font has (drawn
+    as the same empty box each): without a CJK font the two screenshots are the same pixels."""
+    import subprocess
+
+    from PIL import Image, ImageChops
+
+    shots = []
+    for name, text in (("chinese", chinese), ("no-font", "\U000F0000" * len(chinese))):
+        page = tmp_path / f"{name}.html"
+        page.write_text(f'<html><meta charset="utf-8"><body style="margin:0;font-size:48px">{text}</body></html>',
+                        encoding="utf-8")
+        shot = tmp_path / f"{name}.png"
+        subprocess.run([*chromium, "--window-size=600,100", f"--screenshot={shot}", page.as_uri()],
+                       capture_output=True, timeout=120)
+        shots.append(Image.open(shot).convert("L"))
+    assert ImageChops.difference(*shots).getbbox() is not None, (
+        f"{chinese!r} draws as boxes: no CJK font (make system-deps installs one)")
 
 
 def _checksums(lake: Lake, date: str) -> dict[str, str]:

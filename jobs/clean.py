@@ -113,6 +113,10 @@ def run(ctx: RunContext) -> dict:
     except CatalogError as exc:  # a backfilled date without its snapshot fails here, naming the date
         # The catalog may be missing (permanent) or its store unreachable (retryable): judged by the cause.
         raise StageError("clean", f"catalog for {ctx.date}: {exc}", retryable=classify(exc).retryable) from None
+    renamed = plan.renamed_columns()
+    if renamed:
+        log.warning("clean: catalog columns renamed in the clean table (a name Spark or Delta Lake cannot hold, "
+                    "one of the stage's own, or one another column has in another case): %s", renamed)
     spark = get_spark(ctx.config.spark, ctx.lake)
     splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
         max(1, len(plan.splits)))

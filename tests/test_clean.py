@@ -241,3 +241,50 @@ def test_a_record_the_csv_parser_refuses_is_quarantined_and_its_neighbours_kept(
     assert list(raw.rows["product_id"]) == ["A1", "A3"]
     assert [b["reason"] for b in raw.bad_lines] == ["unparseable_line"]
     assert "field larger than field limit" in raw.bad_lines[0]["detail"]
+
+
+# A catalog's other columns as exports name them, beside matcher's: a space, a dot, a comma, the partition column,
+# the stage's own columns and one name in two cases (Spark resolves names without case; Delta Lake refuses the
+# characters).
+AWKWARD_HEADER = ["product_id", "title", "image", "Product Type", "a.b", "dt", "_row", "Color", "color", "x,y",
+                  "reason", "Title"]
+AWKWARD_NAMES = ["Product_Type", "a_b", "dt_2", "_row_2", "Color", "color_2", "x_y", "reason_2", "Title_2"]
+
+
+def awkward_catalog(root) -> None:
+    import csv
+
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "a.jpg").write_bytes(jpeg())
+    with open(root / "products.csv", "w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow(AWKWARD_HEADER)
+        for i in range(4):
+            out.writerow([f"P{i}", f"Red lamp {i}", "img/a.jpg", *[f"{name}-{i}" for name in AWKWARD_HEADER[3:]]])
+
+
+def test_passthrough_names_free_a_name_only_where_it_cannot_stay():
+    from matcher.steps.clean import passthrough_names
+
+    assert passthrough_names(["product_id", "title", "brand", "price_eur"]) == {}
+    assert passthrough_names(["product_id", "title", "Color", "color", "COLOR"]) == {"color": "color_2",
+                                                                                     "COLOR": "COLOR_3"}
+    # A renamed column never takes the name of a column after it.
+    assert passthrough_names(["a b", "a_b"]) == {"a b": "a_b_2"}
+    assert passthrough_names(["DT", "Kind", "content_hash", "tokens"]) == {
+        "DT": "DT_2", "Kind": "Kind_2", "content_hash": "content_hash_2", "tokens": "tokens_2"}
+
+
+def test_other_columns_spark_or_delta_cannot_hold_as_named_keep_their_values_under_a_free_name(tmp_path):
+    awkward_catalog(tmp_path)
+    reader = CatalogReader(str(tmp_path), load_config().storage)
+    assert reader.plan().renamed_columns() == {"Product Type": "Product_Type", "a.b": "a_b", "dt": "dt_2",
+                                               "_row": "_row_2", "color": "color_2", "x,y": "x_y",
+                                               "reason": "reason_2", "Title": "Title_2"}
+    result = clean_catalog(reader.read(), reader.read_image, load_config(overrides={"clean": {"image_size": 32}}).clean)
+    assert sorted(result.clean["product_id"]) == ["P0", "P1", "P2", "P3"] and result.quarantine.empty
+    clean = result.clean.set_index("product_id")
+    assert list(clean.columns[-len(AWKWARD_NAMES):]) == AWKWARD_NAMES
+    for header, name in zip(AWKWARD_HEADER[3:], AWKWARD_NAMES):
+        assert clean.loc["P2", name] == f"{header}-2", name
+    assert clean.loc["P2", "title"] == "Red lamp 2"  # "Title" passed through beside it, not read as the title

@@ -181,3 +181,20 @@ def test_the_clean_stage_on_spark_quarantines_bad_bytes_instead_of_failing_the_n
     assert quarantine["reason"].tolist() == ["text_invalid_utf8"] and "Caf\\xe9" in quarantine["raw"].iloc[0]
     clean = ctx.lake.read_partition("clean", ctx.date).to_pandas().set_index("product_id")
     assert clean.loc["SKU-0005", "text_truncated"] and clean.loc["SKU-0008", "repairs"] == "control_characters"
+
+
+def test_the_clean_stage_on_spark_keeps_awkwardly_named_columns_under_free_names(tmp_path):
+    # Before: Spark stopped the night ("Reference `color` is ambiguous") on "color" beside "Color", and on a column
+    # named like one of the stage's own.
+    from tests.test_clean import AWKWARD_HEADER, AWKWARD_NAMES, awkward_catalog
+
+    root = tmp_path / "catalog"
+    root.mkdir()
+    awkward_catalog(root)
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(root)},
+                                 "clean": {"image_size": 32}})
+    ctx = RunContext(cfg, "2026-03-01")
+    stats = run_pipeline(ctx, ["clean"])["clean"]
+    assert (stats["input_rows"], stats["clean_rows"], stats["quarantined_rows"]) == (4, 4, 0)
+    clean = ctx.lake.read_partition("clean", ctx.date).to_pandas().set_index("product_id")
+    assert [clean.loc["P1", name] for name in AWKWARD_NAMES] == [f"{h}-1" for h in AWKWARD_HEADER[3:]]

@@ -267,7 +267,7 @@ def test_a_column_a_later_release_adds_reads_as_nulls_in_the_dates_published_bef
     publish_night(config, "g1", D1)
     released = delta_tables.delta_schema  # the release after adds a column to `search`
     monkeypatch.setattr(delta_tables, "delta_schema",
-                        lambda name: released(name).append(pa.field("explanation", pa.string())))
+                        lambda name, others=(): released(name, others).append(pa.field("explanation", pa.string())))
     part = f"{Lake.partition_dir('search', D2)}/part-new-00000.parquet"
     lake.fs.create_dir(lake.partition_path("search", D2), recursive=True)
     rows = tagged("search", "g2", 2).append_column("explanation", pa.array(["why", "because"]))
@@ -279,3 +279,25 @@ def test_a_column_a_later_release_adds_reads_as_nulls_in_the_dates_published_bef
     for date, text in zip(table.column("dt").to_pylist(), table.column("explanation").to_pylist()):
         explanations.setdefault(date, set()).add(text)
     assert explanations == {D1: {None}, D2: {"why", "because"}}
+
+
+def test_a_catalogs_pass_through_columns_are_in_the_clean_tables_log_for_every_delta_reader(tmp_path):
+    """Each date's clean files hold that night's catalog columns beyond the registry's; the log names them all, so
+    deltalake (and DuckDB on its dataset) reads them, as nulls in the dates whose catalog lacked them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matcher.io.delta_tables import commit_night
+
+    lake = Lake(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}).run.lake, load_config().storage)
+    for date, column, value in ((D1, "brand", "ACME"), (D2, "Product_Type", "lamp")):
+        part = f"{Lake.partition_dir('clean', date)}/part-00000.parquet"
+        lake.fs.create_dir(lake.partition_path("clean", date), recursive=True)
+        pq.write_table(tagged("clean", date, 2).append_column(column, pa.array([value] * 2)), lake.path(part),
+                       filesystem=lake.fs)
+        commit_night(lake, date, {"clean": [part]}, "a night")
+    table = delta(lake, "clean").to_pyarrow_table()
+    seen = set(zip(table["dt"].to_pylist(), table["brand"].to_pylist(), table["Product_Type"].to_pylist()))
+    assert seen == {(D1, "ACME", None), (D2, None, "lamp")}
+    dataset = delta(lake, "clean").to_pyarrow_dataset()  # noqa: F841 - DuckDB finds it by its name
+    assert duckdb.sql("select count(brand), count(Product_Type) from dataset").fetchall() == [(2, 2)]

@@ -134,8 +134,8 @@ def test_a_hostile_catalog_reads_nothing_it_may_not_and_publishes_nothing_of_it(
         "H-FILE-DOTDOT": (f"file://{root_path}/../elsewhere/secret.jpg", "image_source_not_allowed"),
         "H-FILE-LINK": (f"file://{root_path}/img/link.jpg", "image_source_not_allowed"),
         "H-REL-LINK": ("img/link.jpg", "image_path_escapes_root"),
-        # file:// paths are taken literally: %2e%2e is a folder name, which does not exist
-        "H-FILE-ESCAPED": (f"file://{root_path}/%2e%2e/elsewhere/secret.jpg", "image_missing"),
+        # file:// paths are percent-decoded, then checked: %2e%2e is .., out of the root
+        "H-FILE-ESCAPED": (f"file://{root_path}/%2e%2e/elsewhere/secret.jpg", "image_source_not_allowed"),
         "H-S3": ("s3://other-bucket/x.jpg", "image_source_not_allowed"),
         "H-S3A": ("s3a://other-bucket/products/../x.jpg", "image_source_not_allowed"),
         "H-LOOPBACK": (f"http://127.0.0.1:{p}/served.jpg", "image_address_not_allowed"),
@@ -292,6 +292,33 @@ def test_image_sources_let_a_named_folder_through_and_nothing_beside_it(tmp_path
     assert "IN" in set(result.clean["product_id"]) and len(result.clean) == GOOD + 1
     assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
         "BESIDE": "image_source_not_allowed", "OUT-AGAIN": "image_source_not_allowed"}
+
+
+def test_file_uris_are_read_percent_decoded_and_in_any_case_and_stay_inside_the_sources(tmp_path):
+    photos, beside = tmp_path / "my photos", tmp_path / "photos2"
+    for folder in (photos, beside):
+        folder.mkdir()
+    (photos / "café.jpg").write_bytes(jpeg((1, 2, 3)))
+    (photos / "100%.jpg").write_bytes(jpeg((4, 5, 6)))  # a literal % in a name that exists as written
+    (beside / "b.jpg").write_bytes(jpeg((7, 8, 9)))
+    root = make_catalog(tmp_path, {
+        "ENCODED": (photos / "café.jpg").as_uri(),  # file:///.../my%20photos/caf%C3%A9.jpg
+        "AS-WRITTEN": f"file://{photos}/café.jpg",
+        "UPPER-SCHEME": f"FILE://{photos}/café.jpg",
+        "LITERAL-PERCENT": f"file://{photos}/100%.jpg",
+        "ENCODED-ESCAPE": f"file://{photos.as_uri()[7:]}/..%2F..%2Fphotos2/b.jpg",
+        "ENCODED-NUL": f"file://{photos}/x%00.jpg",
+        "UPPER-OUTSIDE": "FILE:///etc/hostname",
+        "DATA-URI": "\"data:image/png;base64,iVBORw0KGgo=\"",  # quoted: the comma is the URI's
+    })
+    cfg = load_config(overrides={"catalog": {"image_sources": [f"file://{photos}/"]}, "clean": {"image_size": 32}})
+    reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert {"ENCODED", "AS-WRITTEN", "UPPER-SCHEME", "LITERAL-PERCENT"} <= set(result.clean["product_id"])
+    assert len(result.clean) == GOOD + 4
+    assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
+        "ENCODED-ESCAPE": "image_source_not_allowed", "ENCODED-NUL": "image_reference_invalid",
+        "UPPER-OUTSIDE": "image_source_not_allowed", "DATA-URI": "image_unsupported_uri"}
 
 
 @pytest.mark.integration

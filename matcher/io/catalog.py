@@ -7,6 +7,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -21,12 +22,13 @@ from matcher.config import CatalogConfig, StorageConfig, load_config
 from matcher.failures import classify
 from matcher.io.http_images import AddressPolicy, fetch_image
 from matcher.io.storage import exists, is_s3, resolve_uri
-from matcher.steps.clean import IMAGE_DATA
+from matcher.steps.clean import CORE_COLUMNS, IMAGE_DATA, passthrough_names
 from matcher.steps.images import ImageRejected
 from matcher.steps.quarantine import Reason
 
 _HEAD_BYTES = 1 << 16
 _MAX_IMAGE_REF_CHARS = 2048
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 CATALOG_FILES = ("products.csv", "products.parquet", "products.jsonl", "products.csv.gz", "products.jsonl.gz")
 _TEXT_SUFFIXES = (".csv", ".jsonl", ".csv.gz", ".jsonl.gz")  # .gz: pyarrow's streams decompress by the file name
 # Delimiters tried in order: the first whose header row holds the required columns reads the file (Excel writes ";"
@@ -54,10 +56,15 @@ class CatalogPlan:
     columns: list[str]         # after column mapping; required and optional columns always present
     splits: list[CatalogSplit]
     mapping: dict[str, str] = field(default_factory=dict)  # matcher's column -> the file's: catalog.columns, plus
-                                                           # required/optional columns named in another case
+                                                           # required/optional columns named in another case, plus
+                                                           # other columns renamed (clean.passthrough_names)
     delimiter: str = ","       # csv only
     encoding: str = "utf-8-sig"  # csv only: "utf-16" for a file that starts with a UTF-16 byte-order mark
     rows: int | None = None    # parquet only: the row count in the footer
+
+    def renamed_columns(self) -> dict[str, str]:
+        """The file's columns that the clean table names otherwise: {the file's name: the table's}."""
+        return {src: dst for dst, src in self.mapping.items() if dst not in CORE_COLUMNS}
 
 
 @dataclass
@@ -238,6 +245,7 @@ class CatalogReader:
         missing = [c for c in REQUIRED_COLUMNS if c not in mapped]
         if missing:
             raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {columns[:12]}")
+        mapping.update({name: column for column, name in passthrough_names(mapped).items()})
         return mapping
 
     @staticmethod
@@ -257,18 +265,21 @@ class CatalogReader:
             raise ImageRejected(Reason.IMAGE_MISSING, "no image reference")
         if len(ref) > _MAX_IMAGE_REF_CHARS or any(ord(ch) < 32 for ch in ref):
             raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{len(ref)} characters: {ref[:200]!r}")
+        scheme = _URI_SCHEME.match(ref)
+        if scheme:  # a scheme is read in any case (RFC 3986): FILE:// is file://
+            ref = scheme.group(1).lower() + ref[scheme.end(1):]
         if is_s3(ref):
             self.sources.check_s3_object(ref)  # before any connection to the store
             fs, path = resolve_uri(ref, self.storage)
         elif ref.startswith("file://"):
             fs, path = resolve_uri(ref, self.storage)
-            path = self.sources.local_file(ref, path)
+            path = self.sources.local_file(ref, self._file_uri_path(ref, path))
         elif ref.lower().startswith(("http://", "https://")):
             o = self.options
             if not o.http_images:
                 raise ImageRejected(Reason.IMAGE_SOURCE_NOT_ALLOWED, f"{ref[:200]}: catalog.http_images is off")
             return fetch_image(ref, o.http_timeout, o.http_retries, o.http_max_bytes, policy=self.http_policy)
-        elif "://" in ref:
+        elif "://" in ref or ref.lower().startswith("data:"):
             raise ImageRejected(Reason.IMAGE_UNSUPPORTED_URI, ref[:200])
         else:
             rel = posixpath.normpath(ref.replace("\\", "/"))
@@ -303,6 +314,17 @@ class CatalogReader:
         if max_bytes is not None and len(data) > max_bytes:
             raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_bytes} bytes at {ref[:200]}")
         return data
+
+    def _file_uri_path(self, ref: str, literal: str) -> str:
+        """The local path a file:// reference names: percent-decoded as a URI is (Path.as_uri() writes a space
+        %20), unless only the name as written exists (a file whose name holds a literal %)."""
+        if "%" not in ref:
+            return literal
+        decoded_ref = urllib.parse.unquote(ref, errors="surrogateescape")
+        if any(ord(ch) < 32 for ch in decoded_ref):
+            raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: a control character escaped in it")
+        _, decoded = resolve_uri(decoded_ref, self.storage)
+        return decoded if os.path.exists(decoded) or not os.path.exists(literal) else literal
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,22 @@ def table_uri(lake: Lake, table: str) -> str:
     return path if isinstance(lake.fs, pafs.LocalFileSystem) else "s3://" + path
 
 
-def delta_schema(table: str) -> pa.Schema:
-    """The table's columns and its partition column."""
-    return table_schema(table).append(pa.field(PARTITION, pa.string()))
+def delta_schema(table: str, others: list[pa.Field] = ()) -> pa.Schema:
+    """The table's columns, then `others` (a catalog's pass-through columns in the clean table), then its
+    partition column."""
+    return pa.schema([*table_schema(table), *others, pa.field(PARTITION, pa.string())])
+
+
+def _columns_beyond_registry(table: str, schemas: list[pa.Schema]) -> list[pa.Field]:
+    """The columns these schemas hold that the table's registry entry does not name (the partition column aside),
+    each once, in the order first seen: in the clean table, the catalog's other columns, which pass through."""
+    named = set(delta_schema(table).names)
+    out: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for f in schema:
+            if f.name not in named and f.name not in out:
+                out[f.name] = f
+    return list(out.values())
 
 
 def open_table(lake: Lake, table: str, version: int | None = None) -> DeltaTable | None:
@@ -84,14 +97,20 @@ def open_table(lake: Lake, table: str, version: int | None = None) -> DeltaTable
         return None
 
 
-def _add_action(lake: Lake, table: str, dt: str, file: str) -> AddAction:
+class FileRecord(NamedTuple):
+    """One part file as the log records it, and the columns its footer holds."""
+    add: AddAction
+    schema: pa.Schema
+
+
+def _file_record(lake: Lake, table: str, dt: str, file: str) -> FileRecord:
     """The log's record of one part file (lake-relative path): size, time and row count from the store and the
-    file's footer."""
+    file's footer (one read), and the footer's columns."""
     info = lake.fs.get_file_info(lake.path(file))
-    rows = pq.read_metadata(lake.path(file), filesystem=lake.fs).num_rows
+    meta = pq.read_metadata(lake.path(file), filesystem=lake.fs)
     mtime = info.mtime or _dt.datetime.now(_dt.timezone.utc)
-    return AddAction(file[len(table) + 1:], info.size, {PARTITION: dt}, int(mtime.timestamp() * 1000), True,
-                     json.dumps({"numRecords": rows}))
+    return FileRecord(AddAction(file[len(table) + 1:], info.size, {PARTITION: dt}, int(mtime.timestamp() * 1000),
+                                True, json.dumps({"numRecords": meta.num_rows})), meta.schema.to_arrow_schema())
 
 
 class Logged(NamedTuple):
@@ -100,20 +119,24 @@ class Logged(NamedTuple):
     rows: int
 
 
-def _commit(lake: Lake, table: str, adds_by_date: dict[str, list[AddAction]], by: str,
+def _commit(lake: Lake, table: str, records_by_date: dict[str, list[FileRecord]], by: str,
             current: DeltaTable | None = None) -> int:
-    """One version of the table that replaces the given dates' files by `adds_by_date`; returns the version. The
-    commit's metadata names the dates and the writer (`matcher tables history` shows them). `current`: the log as
-    the caller has just loaded it (None: loaded here)."""
+    """One version of the table that replaces the given dates' files by `records_by_date`; returns the version.
+    Its schema: the registry's columns, then every other column the log already shows (other dates' files still
+    hold them) and those the new files hold, so that a catalog's pass-through columns are seen by every Delta
+    reader. The commit's metadata names the dates and the writer (`matcher tables history` shows them).
+    `current`: the log as the caller has just loaded it (None: loaded here)."""
     uri, options = table_uri(lake, table), storage_options(lake)
-    adds = [a for actions in adds_by_date.values() for a in actions]
-    schema = delta_schema(table)
-    dates = sorted(adds_by_date)
+    records = [r for rs in records_by_date.values() for r in rs]
+    adds = [r.add for r in records]
+    dates = sorted(records_by_date)
     about = CommitProperties(custom_metadata={"matcher.dates": ",".join(dates), "matcher.by": by})
     for attempt in range(COMMIT_ATTEMPTS):
         try:
             if current is None or attempt > 0:  # a retry reads the log the other writer committed to
                 current = open_table(lake, table)
+            logged = [pa.schema(current.schema().to_arrow())] if current is not None else []
+            schema = delta_schema(table, _columns_beyond_registry(table, [*logged, *(r.schema for r in records)]))
             if current is None:
                 create_table_with_add_actions(uri, Schema.from_arrow(schema), adds, mode="append",
                                               partition_by=[PARTITION], name=table, storage_options=options,
@@ -135,14 +158,14 @@ def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) 
     table: one version per table, under the tables lock. Returns each table's new version and rows (from the
     footers the log's records are made of). A lake published before its tables had logs is migrated first, so a
     table's log never lacks a published date."""
-    adds = {table: [_add_action(lake, table, dt, f) for f in table_files] for table, table_files in files.items()}
+    records = {table: [_file_record(lake, table, dt, f) for f in table_files] for table, table_files in files.items()}
     with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
         opened = {table: open_table(lake, table) for table in queryable_tables()}
         migrated = _migrate(lake, [table for table, delta in opened.items() if delta is None], holder)
-        return {table: Logged(_commit(lake, table, {dt: table_adds}, holder,
+        return {table: Logged(_commit(lake, table, {dt: table_records}, holder,
                                       None if table in migrated else opened.get(table)),
-                              sum(json.loads(a.stats)["numRecords"] for a in table_adds))
-                for table, table_adds in adds.items()}
+                              sum(json.loads(r.add.stats)["numRecords"] for r in table_records))
+                for table, table_records in records.items()}
 
 
 def migrate_tables(lake: Lake, holder: str) -> dict[str, int]:
@@ -161,7 +184,7 @@ def _migrate(lake: Lake, pending: list[str], holder: str) -> dict[str, int]:
         for dt in dates:
             published = lake.published_files(table, dt)
             if published is not None:
-                adds[dt] = [_add_action(lake, table, dt, lake.relative(f)) for f in published]
+                adds[dt] = [_file_record(lake, table, dt, lake.relative(f)) for f in published]
         if adds:
             written[table] = _commit(lake, table, adds, f"{holder} (migration)")
             log.info("tables: %s now has a Delta log (%d published dates, version %d)", table, len(adds),

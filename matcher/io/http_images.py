@@ -180,8 +180,9 @@ def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
     for ip in addresses:  # every address the name has, so that no order of them reaches a refused one
         kind = policy.refusal(host, ip)
         if kind:
+            article = "an" if kind[0] in "aeiou" else "a"
             raise ImageRejected(Reason.IMAGE_ADDRESS_NOT_ALLOWED,
-                                f"{url[:200]}{via}: {host} is {ip}, a {kind} address; allow it with "
+                                f"{url[:200]}{via}: {host} is {ip}, {article} {kind} address; allow it with "
                                 "catalog.http_allow_hosts or catalog.http_allow_networks")
     last_error: Exception | None = None
     for ip in addresses:

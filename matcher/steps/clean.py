@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -51,9 +52,43 @@ MAX_PRODUCT_ID_CHARS = 256
 CANDIDATE_COLUMNS = ["_row", "product_id", "title", "description", "category", "text_truncated", "repairs",
                      "image_ref", "image_data", "raw"]  # image_data: embedded image bytes, else None
 QUARANTINE_COLUMNS = ["product_id", "reason", "detail", "raw"]
+CLEAN_COLUMNS = ["product_id", "title", "description", "category", "tokens", "text_truncated", "repairs",
+                 "image_bytes", "image_nbytes", "image_width", "image_height", "content_hash"]
 # Repairs a kept row may carry (its `repairs` column, comma-separated).
 REPAIR_CONTROL_CHARACTERS = "control_characters"  # NUL, escape, BOM... in the text: replaced by spaces
 REPAIR_BYTE_ORDER_MARK = "byte_order_mark"          # a BOM around the product_id (a file concatenated mid-row)
+# Names a catalog's other columns may not take: the stage's own columns (jobs/clean.py's `kind`, `rows_read` and
+# `_dup` too) and the partition column, in any case (Spark resolves names without case).
+_RESERVED_NAMES = frozenset(c.lower() for c in (*CANDIDATE_COLUMNS, *QUARANTINE_COLUMNS, *CLEAN_COLUMNS, IMAGE_DATA,
+                                                "kind", "rows_read", "_dup", "dt"))
+# Characters Delta Lake and Spark refuse in column names (a dot is Spark's field path), written "_" instead.
+_UNSAFE_IN_NAMES = re.compile(r"[ ,;{}()\n\t=.`]")
+
+
+def passthrough_names(columns: list[str]) -> dict[str, str]:
+    """The clean table's name for each of a catalog's other columns (those not in CORE_COLUMNS) that cannot keep
+    its own: a name with characters Delta Lake or Spark refuse, one of the stage's own columns, or one that an
+    earlier column has in another case ("Color" after "color"); its characters written "_", then "_2", "_3"...
+    until the name is free in any case. Returns {column: new name} for those alone."""
+    taken = {c.lower() for c in CORE_COLUMNS} | _RESERVED_NAMES
+    renamed = []
+    for c in columns:
+        if c in CORE_COLUMNS:
+            continue
+        if _UNSAFE_IN_NAMES.search(c) or c.lower() in taken:
+            renamed.append(c)
+        else:
+            taken.add(c.lower())
+    names = {}
+    for c in renamed:  # after every name that stays, so that none is taken from a later column
+        base = _UNSAFE_IN_NAMES.sub("_", c)
+        name, n = base, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{base}_{n}"
+        taken.add(name.lower())
+        names[c] = name
+    return names
 
 
 def _text_problem(row: dict) -> tuple[str, str] | None:
@@ -160,9 +195,8 @@ def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], c
             content_hash=content_hash(cand["title"], cand["description"], img.data),
         )
         clean_rows.append(out)
-    clean_cols = ["product_id", "title", "description", "category", "tokens", "text_truncated", "repairs",
-                  "image_bytes", "image_nbytes", "image_width", "image_height", "content_hash", *passthrough]
-    return pd.DataFrame(clean_rows, columns=clean_cols), pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
+    return (pd.DataFrame(clean_rows, columns=[*CLEAN_COLUMNS, *passthrough]),
+            pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS))
 
 
 def bad_line_rows(bad_lines: list[dict]) -> pd.DataFrame:

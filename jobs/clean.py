@@ -10,6 +10,7 @@ from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark
@@ -48,6 +49,11 @@ def _parsed_schema(plan: CatalogPlan) -> pa.Schema:
 
 def _passthrough(plan: CatalogPlan) -> list[str]:
     return [c for c in plan.columns if c not in CORE_COLUMNS]
+
+
+def _catalog_rows(batch: pa.RecordBatch) -> int:
+    """The catalog rows in a batch of parsed rows: all but the readers' counts."""
+    return batch.num_rows - (pc.sum(pc.equal(batch.column("kind"), _ROWS_READ_KIND)).as_py() or 0)
 
 
 def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg):
@@ -138,7 +144,7 @@ def run(ctx: RunContext) -> dict:
     tasks = max(spark.sparkContext.defaultParallelism, wanted)
     attempt = new_attempt_id()
     written = write_parts(marked.repartition(tasks), make_image_cleaner(reader, ctx.config.clean), ctx.lake, ctx.date,
-                          attempt, ["clean", "quarantine"], Progress(spark, "clean", 0))
+                          attempt, ["clean", "quarantine"], Progress(spark, "clean", 0, rows_of=_catalog_rows))
     rows_read = int(written.stats.pop(_ROWS_READ_STAT, 0))
     _check_counts(rows_read, written.rows["clean"], written.rows["quarantine"], "written")  # before any commit
     clean_doc = ctx.lake.commit_parts("clean", ctx.date, written.parts["clean"], attempt)

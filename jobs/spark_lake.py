@@ -81,7 +81,7 @@ def write_parts(df, mapper: Callable[[Iterator[pa.RecordBatch]], Iterable[Output
     part file per table under the attempt's work folder, cast to the table's schema (schemas/tables.json, extra
     columns kept). The driver gets back only (table, path, rows, stats) per part."""
     tables = list(tables)
-    counter = progress.accumulator if progress else None
+    counter, rows_of = (progress.accumulator, progress.rows_of) if progress else (None, None)
 
     def write_task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
@@ -96,7 +96,7 @@ def write_parts(df, mapper: Callable[[Iterator[pa.RecordBatch]], Iterable[Output
             for rb in source:
                 yield rb
                 if counter is not None:
-                    counter.add(rb.num_rows)
+                    counter.add(rows_of(rb))
 
         for name, data in mapper(counted(batches)):
             if name == STATS:
@@ -157,9 +157,11 @@ class Progress:
     job runs (tasks report products through an accumulator as they finish); on a terminal (matcher.logs), a bar
     redrawn in place instead, and one log line at the end."""
 
-    def __init__(self, spark, label: str, total: int, every: float = 5.0, unit: str = "products"):
+    def __init__(self, spark, label: str, total: int, every: float = 5.0, unit: str = "products",
+                 rows_of: Callable[[pa.RecordBatch], int] | None = None):
         self.sc = spark.sparkContext
         self.unit = unit
+        self.rows_of = rows_of or (lambda batch: batch.num_rows)  # how many `unit` an input batch holds
         self.accumulator = self.sc.accumulator(0)
         self.label, self.total, self.every = label, total, every
         self._stop = threading.Event()

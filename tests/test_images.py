@@ -80,6 +80,20 @@ def test_absurd_dimensions_are_rejected_before_decoding():
     assert err.value.reason == "image_too_large"
 
 
+def test_a_header_past_pillows_own_guard_is_rejected_naming_the_configs_limit():
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # A PNG header claiming 30000 x 30000 pixels and no pixels at all: Pillow refuses it on open.
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(header + chunk(b"IEND", b""), size=64, max_bytes=10**8, max_pixels=40_000_000)
+    assert err.value.reason == "image_too_large" and err.value.detail.startswith("more than 40000000 pixels")
+
+
 def test_oversized_file_is_rejected():
     with pytest.raises(ImageRejected) as err:
         canonicalize_image(b"x" * 2000, size=64, max_bytes=1000, max_pixels=10**6)

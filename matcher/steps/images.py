@@ -89,7 +89,8 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
             # not the catalog's (a key, a password file), and the quarantine is published.
             raise ImageRejected(Reason.NOT_AN_IMAGE, f"not a recognised image format: {content_kind(data)}, "
                                                 f"{len(data)} bytes") from None
-        raise ImageRejected(Reason.IMAGE_TOO_LARGE, str(exc)[:200]) from None
+        # Pillow's own guard (past ~89 million pixels) stops the open before ours sees the size: say ours.
+        raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_pixels} pixels ({str(exc)[:160]})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(Reason.IMAGE_CORRUPT, str(exc)[:200]) from None
     try:

@@ -1,14 +1,13 @@
 """What every stage gets: the one config object, the partition date, and the lake."""
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Mapping
 
 from matcher.config import Config, ConfigError, dated, load_config
-from matcher.io.lake import Lake
+from matcher.io.lake import Lake, partition_date
 from matcher.io.locks import DateLock
 
 log = logging.getLogger("matcher")
@@ -61,10 +60,7 @@ class RunContext:
                       # its first stage until publish, so another run cannot slip in between its stages
 
     def __post_init__(self) -> None:
-        try:
-            dt.date.fromisoformat(self.date)
-        except ValueError:
-            raise ValueError(f"date must be YYYY-MM-DD, got {self.date!r}") from None
+        partition_date(self.date)
         self.catalog = dated(self.catalog or self.config.run.catalog, self.date)
         self.lake_uri = self.lake_uri or self.config.run.lake
 

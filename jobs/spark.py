@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from matcher.config import ConfigError, SparkConfig
+from matcher.interrupts import note_interrupts
 from matcher.io.lake import Lake
 
 _session = None
@@ -169,6 +170,7 @@ def get_spark(cfg: SparkConfig, lake: Lake | None = None):
         _session = builder.getOrCreate()
     _session_key = key
     _session.sparkContext.setLogLevel("ERROR")
+    note_interrupts()  # PySpark has just put its own SIGINT handler in place of any before it
     return _session
 
 

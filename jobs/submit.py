@@ -19,7 +19,6 @@ reaches the driver wrapped in Spark's PythonException is retryable."""
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
 import sys
@@ -30,10 +29,12 @@ from matcher.logs import LOG_FORMATS, configure_logging
 
 
 def _date(value: str) -> str:
+    from matcher.io.lake import partition_date
+
     try:
-        dt.date.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be YYYY-MM-DD, got {value!r}") from None
+        partition_date(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 

@@ -143,9 +143,17 @@ def _spark_settings(conf: dict[str, str]) -> dict[str, str]:
     return conf
 
 
+def _location(value: str) -> str:
+    """A lake or catalog location: a local path, file://, s3:// or s3a:// (what matcher.io.storage opens)."""
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in ("", "file", "s3", "s3a"):
+        raise ValueError(f"must be a local path, file:///path or s3://bucket/prefix, got {value!r}")
+    return value
+
+
 class RunConfig(_Section):
-    catalog: str
-    lake: str
+    catalog: Annotated[str, AfterValidator(_location)]
+    lake: Annotated[str, AfterValidator(_location)]
     profile: str
 
 
@@ -178,19 +186,19 @@ class CatalogConfig(_Section):
 
 
 class CleanConfig(_Section):
-    image_size: Whole
-    jpeg_quality: Whole
-    max_image_bytes: Whole
-    max_image_pixels: Whole
-    max_title_chars: Whole
-    max_description_chars: Whole
-    image_threads: Whole
+    image_size: Whole = Field(ge=16)
+    jpeg_quality: Whole = Field(ge=1, le=100)
+    max_image_bytes: Whole = Field(ge=1)
+    max_image_pixels: Whole = Field(ge=1)
+    max_title_chars: Whole = Field(ge=1)
+    max_description_chars: Whole = Field(ge=0)
+    image_threads: Whole = Field(ge=1)
 
 
 class ValidateConfig(_Section):
     clean_suite: str
     run_suite: str
-    max_quarantine_rate: float
+    max_quarantine_rate: Fraction
 
 
 class ExtractConfig(_Section):
@@ -208,11 +216,11 @@ class ExtractConfig(_Section):
 
 class SparkConfig(_Section):
     master: str
-    arrow_batch_size: Whole
+    arrow_batch_size: Whole = Field(ge=1)
     driver_memory: str
-    partitions: Whole
-    executor_gpus: Whole
-    task_gpus: float
+    partitions: Whole = Field(ge=0)
+    executor_gpus: Whole = Field(ge=0)
+    task_gpus: float = Field(gt=0)
     gpu_discovery_script: str
     ui: Literal["auto", "on", "off"]
     event_log_dir: str
@@ -223,34 +231,34 @@ class SparkConfig(_Section):
 
 
 class TrainConfig(_Section):
-    dim: Whole
-    hidden: Whole
+    dim: Whole = Field(ge=1)
+    hidden: Whole = Field(ge=1)
     fusion: Literal["weighted", "concat", "concat_weighted"]
     fusion_alpha: Fraction
     image_power: float = Field(gt=0.0, le=1.0)
     title_words: Literal["auto", "on", "off"]
-    epochs: Whole
-    min_steps: Whole
-    batch_size: Whole
-    learning_rate: float
+    epochs: Whole = Field(ge=0, description="0: the closed-form start alone (early stopping)")
+    min_steps: Whole = Field(ge=0)
+    batch_size: Whole = Field(ge=2)
+    learning_rate: float = Field(gt=0)
     linear_path_lr_ratio: Fraction = Field(description="0: the linear paths stay at the closed form")
-    weight_decay: float
-    temperature: float
+    weight_decay: float = Field(ge=0)
+    temperature: float = Field(gt=0)
     learn_temperature: bool
     holdout_fraction: float = Field(gt=0.0, lt=1.0)
     calibration_fraction: float = Field(ge=0.0)
     validation_fraction: float = Field(ge=0.0)
     closed_form_folds: Whole = Field(ge=0, description="0: the validation split alone")
     closed_form_cv_max_products: Whole = Field(ge=0)
-    patience: Whole
+    patience: Whole = Field(ge=0)
     init: Literal["closed_form", "random"]
     refit: bool
     serve_refit: bool
     twin_text_cosine: Fraction = Field(description="0: off")
-    seed: Whole
+    seed: Whole = Field(ge=0)
     promotion_metric: str
-    promotion_tolerance: float
-    baseline_tolerance: float
+    promotion_tolerance: float = Field(ge=0)
+    baseline_tolerance: float = Field(ge=0)
     promote_backfills: bool
     max_products: Whole = Field(ge=2)
 
@@ -265,14 +273,14 @@ class TrainConfig(_Section):
 
 class ScoreConfig(_Section):
     top_k: Whole = Field(ge=1)
-    block_size: Whole
-    rerank_candidates: Whole
+    block_size: Whole = Field(ge=1)
+    rerank_candidates: Whole = Field(ge=1)
     rerank_weight: Fraction
     search_queries: list[str]
-    search_top_k: Whole
+    search_top_k: Whole = Field(ge=1)
     min_category_products: Whole = Field(ge=0, description="0 = from the catalog")
     candidates: Literal["exact", "ann", "auto"]
-    exact_max_products: Whole
+    exact_max_products: Whole = Field(ge=0)
     ann_lists: Whole = Field(ge=0)
     ann_query_probes: Whole = Field(ge=0)
     ann_sample: Whole = Field(ge=0)
@@ -280,7 +288,7 @@ class ScoreConfig(_Section):
     ann_recall_queries: Whole = Field(ge=1)
     ann_recall_floor: Fraction
     ann_target_recall: Fraction
-    ann_max_query_probes: Whole
+    ann_max_query_probes: Whole = Field(ge=0)
     precision: Literal["fp32", "fp16", "bf16"]
     # The bank is collected on the driver and broadcast to every executor: a sample, never the catalog.
     hubness_bank: Whole = Field(ge=0, le=MAX_HUBNESS_BANK, description=(

@@ -95,6 +95,8 @@ EXIT_OK = 0
 EXIT_PERMANENT = 1
 EXIT_USAGE = 2
 EXIT_RETRYABLE = 75  # os.EX_TEMPFAIL (sysexits.h), spelled out: os.EX_TEMPFAIL is missing on Windows
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command SIGINT ended
+EXIT_BROKEN_PIPE = 141  # stdout's reader gone, as a shell reports a command SIGPIPE ended
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def test_the_history_of_a_table_without_a_delta_log_is_a_one_line_error(publishe
     ("SET enable_external_access = true", "got SET"),
     ("SELECT 1; RESET lock_configuration", "got SET"),
     ("ATTACH '{tmp}/x.db'", "got ATTACH"),
-    ("INSTALL httpfs", "got LOAD"),
+    ("INSTALL httpfs", "got INSTALL or LOAD"),
     ("CREATE TABLE x AS SELECT 1", "got CREATE"),
 ])
 def test_query_is_read_only_one_line_errors_and_no_file_written(published_lake, capsys, sql, says):
@@ -285,3 +285,44 @@ def test_a_workspace_config_starts_the_embedded_s3_server_for_the_command_and_st
     assert "config .matcher/config.toml (the workspace config" in err
     assert [(r["product_id"], r["rec_product_id"]) for r in json.loads(out)] == [("A", "B"), ("B", "A")]
     assert not _processes_naming(data_dir)  # the server it started is gone with the command
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--date", "20260101"],  # Python reads it as an ISO date; a partition named so sorted after all others
+    ["run", "--date", "2026-02-30"],
+    ["recommend", "X", "--date", "yesterday"],
+    ["backfill", "--from", "2026-01-01", "--to", "2026/01/03"],
+    ["run", "--date", "2026-01-01", "--steps", "clean,bogus"],
+    ["tables", "vacuum", "--keep-nights", "31"],
+])
+def test_a_wrong_argument_value_is_a_usage_error_before_anything_runs(argv, capsys):
+    from matcher.app.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_partition_dates_are_written_with_dashes_only():
+    from jobs.context import RunContext
+    from matcher.config import load_config
+    from matcher.io.lake import partition_date
+    from matcher.io.registry import is_date
+
+    assert partition_date("2026-01-31").isoformat() == "2026-01-31"
+    for text in ("20260131", "2026-W05-6", "2026-1-31", " 2026-01-31"):
+        assert not is_date(text)
+        with pytest.raises(ValueError, match="YYYY-MM-DD"):
+            RunContext(load_config(), text)
+
+
+@pytest.mark.integration
+def test_a_closed_stdout_exits_141_quietly_not_75(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "matcher.app.cli", "-q", "tables", "describe"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the command writes (as `| head` after its lines)
+    assert proc.wait(timeout=120) == 141
+    assert b"error" not in proc.stderr.read()

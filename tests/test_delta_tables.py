@@ -204,6 +204,10 @@ def test_query_as_of_reads_an_earlier_version_and_the_vacuum_keeps_what_the_poli
     assert tags(delta(lake, "recommendations", 1).to_pyarrow_table()) == {"g2"}
     with pytest.raises(OSError):  # version 0's files are gone: its log entry remains, its data does not
         delta(lake, "recommendations", 0).to_pyarrow_table()
+    # matcher query says so in one line (it printed DuckDB's traceback)
+    assert main(["query", sql, "--as-of", "0", "--lake", config.run.lake]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--as-of 0: a file of that version is gone" in err[0] and "vacuum" in err[0], err
 
 
 @pytest.mark.integration

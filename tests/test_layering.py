@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = ("matcher.config", "matcher.failures", "matcher.logs")  # every layer may import these
+CORE = ("matcher.config", "matcher.failures", "matcher.interrupts", "matcher.logs")  # every layer may import these
 # What each layer may import from the project (prefixes), and third-party packages it must not touch.
 MAY_IMPORT = {
     "core": CORE,

@@ -6,10 +6,13 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from matcher.config import WORKSPACE_CONFIG, Config, load_config
+from matcher.failures import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
+from matcher.interrupts import INTERRUPTED, note_interrupts
 from matcher.io.s3server import storage_ready
 from matcher.logs import LOG_FORMATS, configure_logging
 
@@ -184,7 +187,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)
+    start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)  # checked by _date_argument
     if end < start:
         raise ValueError("--to is before --from")
     return _run_dates(args, [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)])
@@ -220,6 +223,7 @@ def _refuse_non_queries(con, sql: str) -> None:
     for statement in con.extract_statements(sql):
         kind = statement.type.name
         if kind not in _QUERY_STATEMENTS:
+            kind = "INSTALL or LOAD" if kind == "LOAD" else kind  # DuckDB parses INSTALL as a LOAD statement
             raise ValueError(f"matcher query is read-only: only SELECT (and EXPLAIN) statements run, got {kind}")
 
 
@@ -227,7 +231,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
     import pyarrow as pa
 
-    from matcher.io.delta_tables import AsOf, dataset_as_of
+    from matcher.io.delta_tables import AsOf, TableVersionError, dataset_as_of
     from matcher.io.published import published_dataset
     from matcher.io.tables import queryable_tables, table_schema
 
@@ -255,11 +259,16 @@ def cmd_query(args: argparse.Namespace) -> int:
         try:
             _refuse_non_queries(con, args.sql)
             rel = con.sql(args.sql)
+            df = rel.fetchdf() if rel is not None else None
         except duckdb.Error as exc:  # the user's SQL: its message, not a traceback
-            raise ValueError(f"query failed: {str(exc).splitlines()[0]}") from None
-        if rel is None:
+            first_line = str(exc).splitlines()[0]
+            if as_of is not None and isinstance(exc, (duckdb.IOException, duckdb.InvalidInputException)):
+                raise TableVersionError(f"--as-of {args.as_of}: a file of that version is gone; `matcher tables "
+                                        "vacuum` deletes the files of versions replaced more than "
+                                        "tables.keep_nights nights ago") from None
+            raise ValueError(f"query failed: {first_line}") from None
+        if df is None:
             return 0
-        df = rel.fetchdf()
     if args.json:
         _print_json(_records(df))
         return 0
@@ -349,7 +358,39 @@ EXIT_CODES = """exit codes:
   1    a permanent failure: bad input, a failed validation or promotion gate, a config error, nothing published
   2    the command line itself is wrong (unknown command or option, a missing argument)
   75   worth retrying: a storage or network outage, a lost executor, the date held by another run (EX_TEMPFAIL)
-  130  interrupted"""
+  130  interrupted (Ctrl-C)
+  141  stdout was closed by its reader (e.g. `| head`)"""
+
+
+def _date_argument(value: str) -> str:
+    """--date, --from, --to: YYYY-MM-DD, else a usage error (exit 2) before anything runs."""
+    from matcher.io.lake import partition_date
+
+    try:
+        partition_date(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _steps_argument(value: str) -> str:
+    from jobs.pipeline import parse_steps
+
+    try:
+        parse_steps(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _keep_nights_argument(value: str) -> int:
+    from matcher.config import TablesConfig
+
+    top = next(m.le for m in TablesConfig.model_fields["keep_nights"].metadata if getattr(m, "le", None) is not None)
+    if not value.isdigit() or int(value) > top:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {top} (a Delta log keeps its versions "
+                                         f"30 days), got {value!r}")
+    return int(value)
 
 
 def _version() -> str:
@@ -379,21 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
         config_option(p)
         p.add_argument("--lake", help="lake URI: file:///path or s3://bucket/prefix (default: run.lake of the config)")
         if with_date:
-            p.add_argument("--date", help="published partition YYYY-MM-DD (default: the latest)")
+            p.add_argument("--date", type=_date_argument, help="published partition YYYY-MM-DD (default: the latest)")
 
     p = sub.add_parser("run", help="run pipeline stages for one partition date")
     common(p, with_date=False)
     p.add_argument("--catalog", help="catalog folder or s3:// prefix (default: run.catalog of the config); "
                    "{ds} stands for the date, e.g. s3://bucket/catalog/dt={ds}")
-    p.add_argument("--date", required=True, help="partition date YYYY-MM-DD")
-    p.add_argument("--steps", help="comma-separated subset of clean,validate,extract,train,score,publish")
+    p.add_argument("--date", required=True, type=_date_argument, help="partition date YYYY-MM-DD")
+    p.add_argument("--steps", type=_steps_argument,
+                   help="comma-separated subset of clean,validate,extract,train,score,publish")
     p.add_argument("--model", help="score with this model version instead of the one the date is pinned to")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("demo", help="embedded S3 + demo catalog + the Airflow DAG, then print recommendations")
     p.add_argument("--workdir", default=".matcher", help="where the demo keeps its catalog, S3 data and Airflow home")
     p.add_argument("--products", type=int, default=300, help="products in the drawn demo catalog (default 300)")
-    p.add_argument("--date", default=dt.date.today().isoformat(), help="the demo night's date (default: today)")
+    p.add_argument("--date", type=_date_argument, default=dt.date.today().isoformat(),
+                   help="the demo night's date (default: today)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("recommend", help="a product's published recommendations")
@@ -428,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backfill", help="run the pipeline for each date of a range, in order, without Airflow")
     common(p, with_date=False)
     p.add_argument("--catalog", help="the dates' catalog; {ds} stands for each date (its own snapshot)")
-    p.add_argument("--from", dest="start", required=True, help="first date YYYY-MM-DD")
-    p.add_argument("--to", dest="end", required=True, help="last date YYYY-MM-DD (inclusive)")
-    p.add_argument("--steps", help="comma-separated subset of clean,validate,extract,train,score,publish")
+    p.add_argument("--from", dest="start", required=True, type=_date_argument, help="first date YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, type=_date_argument, help="last date YYYY-MM-DD (inclusive)")
+    p.add_argument("--steps", type=_steps_argument,
+                   help="comma-separated subset of clean,validate,extract,train,score,publish")
     p.add_argument("--model", help="score every date with this model version")
     p.set_defaults(handler=cmd_backfill)
 
@@ -461,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "migrate: give tables with published dates and no log one; vacuum: delete files publishes "
                         "replaced over --keep-nights ago")
     p.add_argument("--table", choices=list(tables()), help="describe or history of this table only")
-    p.add_argument("--keep-nights", type=int, help="vacuum: nights replaced files stay (default: tables.keep_nights)")
+    p.add_argument("--keep-nights", type=_keep_nights_argument,
+                   help="vacuum: nights replaced files stay, 0 to 30 (default: tables.keep_nights)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_tables)
     p = sub.add_parser("config", help="check a config file, show the effective config (secrets hidden), or print "
@@ -479,23 +524,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted() -> int:
+    print("matcher: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     global _quiet
     args = build_parser().parse_args(argv)
     _quiet = args.quiet
     configure_logging(logging.WARNING if args.quiet else logging.INFO, args.log_format)
+    INTERRUPTED.clear()
+    note_interrupts()
     try:
         return args.handler(args)
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): nothing to say, and nothing to retry
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail too
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return _interrupted()
     except _user_errors() as exc:
+        if INTERRUPTED.is_set():
+            return _interrupted()
         from matcher.failures import EXIT_PERMANENT, EXIT_RETRYABLE, classify
 
         message = " ".join(str(exc).split())
         print(f"matcher: error: {message}", file=sys.stderr)
         # A storage or network outage, or a date another run holds, is worth retrying: say so to a scheduler.
         return EXIT_RETRYABLE if classify(exc).retryable else EXIT_PERMANENT
-    except KeyboardInterrupt:
-        print("matcher: interrupted", file=sys.stderr)
-        return 130
+    except Exception:
+        if INTERRUPTED.is_set():
+            return _interrupted()
+        raise
 
 
 if __name__ == "__main__":

@@ -44,6 +44,18 @@ from matcher.io.storage import exists, read_bytes, resolve_uri, write_bytes
 from matcher.io.tables import published_tables, table_schema
 
 COMMIT_FILE = "_committed.json"
+_PARTITION_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def partition_date(text: str) -> _dt.date:
+    """A partition's date, written YYYY-MM-DD and nothing else: Python reads 20260101 and 2026-W01-4 as ISO dates
+    too, and a partition named so would sort after every dashed one and pass for the latest."""
+    try:
+        if _PARTITION_DATE.fullmatch(text):
+            return _dt.date.fromisoformat(text)
+    except ValueError:
+        pass
+    raise ValueError(f"date must be YYYY-MM-DD, got {text!r}")
 
 
 def new_attempt_id() -> str:

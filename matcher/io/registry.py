@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Iterator
 
-from matcher.io.lake import Lake
+from matcher.io.lake import Lake, partition_date
 from matcher.io.locks import DateLock, DateLockedError, waited_lock
 from matcher.steps.model import MatcherModel, ModelError, model_from_bytes, model_to_bytes, spec_from_dict
 
@@ -181,7 +181,7 @@ def promote(lake: Lake, version: str, for_date: str | None = None, by: str = "ma
 
 def is_date(value: object) -> bool:
     try:
-        _dt.date.fromisoformat(str(value))
+        partition_date(str(value))
     except ValueError:
         return False
     return True

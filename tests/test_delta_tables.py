@@ -205,7 +205,7 @@ def test_query_as_of_reads_an_earlier_version_and_the_vacuum_keeps_what_the_poli
     with pytest.raises(OSError):  # version 0's files are gone: its log entry remains, its data does not
         delta(lake, "recommendations", 0).to_pyarrow_table()
     # matcher query says so in one line (it printed DuckDB's traceback)
-    assert main(["query", sql, "--as-of", "0", "--lake", config.run.lake]) == 1
+    assert main(["-q", "query", sql, "--as-of", "0", "--lake", config.run.lake]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--as-of 0: a file of that version is gone" in err[0] and "vacuum" in err[0], err
 
@@ -305,3 +305,22 @@ def test_a_catalogs_pass_through_columns_are_in_the_clean_tables_log_for_every_d
     assert seen == {(D1, "ACME", None), (D2, None, "lamp")}
     dataset = delta(lake, "clean").to_pyarrow_dataset()  # noqa: F841 - DuckDB finds it by its name
     assert duckdb.sql("select count(brand), count(Product_Type) from dataset").fetchall() == [(2, 2)]
+
+
+@pytest.mark.integration
+def test_as_of_a_version_only_some_tables_have_refuses_only_a_query_that_reads_the_others(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from matcher.io.delta_tables import commit_night
+
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish_night(config, "g1", D1)  # version 0 of every table
+    part = f"{Lake.partition_dir('recommendations', D2)}/part-00000.parquet"
+    lake.fs.create_dir(lake.partition_path("recommendations", D2), recursive=True)
+    pq.write_table(tagged("recommendations", "g2", 2), lake.path(part), filesystem=lake.fs)
+    commit_night(lake, D2, {"recommendations": [part]}, "recommendations alone")  # its version 1, no one else's
+    sql = "SELECT count(*) AS n FROM recommendations"
+    assert cli_json(config, "query", sql, "--as-of", "1", capsys=capsys) == [{"n": 2 * 3 + 2}]  # two parts of 3
+    assert main(["-q", "query", "SELECT count(*) FROM clean", "--as-of", "1", "--lake", config.run.lake]) == 1
+    assert "table clean has no version as of 1" in capsys.readouterr().err

@@ -241,8 +241,20 @@ def cmd_query(args: argparse.Namespace) -> int:
         con = duckdb.connect()
         # Without --as-of: the dates' newest manifests (a night's tables switch together); with it: each table's
         # Delta log at that version or time.
-        datasets = {name: published_dataset(lake, name) if as_of is None else dataset_as_of(lake, name, as_of)
-                    for name in queryable_tables()}
+        refusals: dict[str, TableVersionError] = {}  # --as-of a point a table's log has no version for
+
+        def dataset(name: str):
+            if as_of is None:
+                return published_dataset(lake, name)
+            try:
+                return dataset_as_of(lake, name, as_of)
+            except TableVersionError as exc:  # refused only if the query reads that table
+                refusals[name] = exc
+                return None
+
+        datasets = {name: dataset(name) for name in queryable_tables()}
+        if refusals and not any(d is not None for d in datasets.values()):
+            raise next(iter(refusals.values()))
         if not any(d is not None for d in datasets.values()):
             if as_of is not None and published_dataset(lake, "clean") is not None:
                 raise FileNotFoundError(f"the tables in {lake.display('')} have no Delta logs yet (published before "
@@ -262,6 +274,9 @@ def cmd_query(args: argparse.Namespace) -> int:
             df = rel.fetchdf() if rel is not None else None
         except duckdb.Error as exc:  # the user's SQL: its message, not a traceback
             first_line = str(exc).splitlines()[0]
+            missing = next((t for t in refusals if f"Table with name {t} does not exist" in first_line), None)
+            if missing is not None:
+                raise refusals[missing] from None
             if as_of is not None and isinstance(exc, (duckdb.IOException, duckdb.InvalidInputException)):
                 raise TableVersionError(f"--as-of {args.as_of}: a file of that version is gone; `matcher tables "
                                         "vacuum` deletes the files of versions replaced more than "

@@ -29,8 +29,8 @@ _RETRYABLE_NAMES = frozenset({
     # botocore / urllib3 / requests
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
     "NewConnectionError", "ProtocolError", "ResponseStreamingError",
-    # matcher: another run holds the date
-    "DateLockedError",
+    # matcher: another run holds the date; another process runs the embedded S3 server on the same folder
+    "DateLockedError", "S3ServerBusy",
     # py4j: the driver lost its JVM
     "Py4JNetworkError",
     # JVM (Spark, Netty, Hadoop S3A, the AWS SDKs)
@@ -248,6 +248,8 @@ def _retryable_sign(exc: BaseException) -> tuple[str, str] | None:
 def _why_by_name(names: set[str]) -> str:
     if "DateLockedError" in names:
         return "another run holds the date, or this run lost its lock on it"
+    if "S3ServerBusy" in names:
+        return "another process runs the embedded S3 server on the same data folder"
     if "Py4JNetworkError" in names:
         return "the driver lost its Spark JVM"
     if "FetchFailedException" in names:

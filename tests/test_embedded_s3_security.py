@@ -115,3 +115,41 @@ def test_no_chosen_port_is_another_ones_grpc_port():
     assert _fits(40000, [39135, 41000])
     assert not _fits(49135, [39135]) and not _fits(39135, [49135])  # 39135's gRPC port, or the other way round
     assert not _fits(39135, [39135]) and not _fits(56000, [])  # taken; no room for its gRPC port
+
+
+def test_seaweedfs_logs_only_to_its_private_weed_log_never_to_the_shared_tmp(tmp_path):
+    import glob
+    import tempfile
+
+    server = EmbeddedS3(tmp_path / "s3", "k" + secrets.token_hex(3), secrets.token_hex(16))
+    with server:
+        pid = server.process.pid
+    # glog's own files (weed.<host>.<user>.log.<LEVEL>.<time>.<pid>) are world-readable in /tmp unless told not to
+    assert glob.glob(f"{tempfile.gettempdir()}/weed.*.{pid}") == []
+    log = (server.data_dir / "weed.log").read_text(errors="replace")
+    assert re.search(r"^[IWE]\d{4} ", log, re.M), log[-2000:]  # its log lines (stderr) are in weed.log
+
+
+def test_a_second_process_on_the_same_data_folder_waits_then_is_told_to_retry(tmp_path):
+    """SeaweedFS cannot share its store: the second server waits, then says who holds the folder, retryable (it
+    crashed with a Go stack dump, reported as a bug)."""
+    import subprocess
+    import sys
+
+    from matcher.failures import classify
+    from matcher.io.s3server import S3ServerBusy
+
+    folder, keys = tmp_path / "s3", ("k" + secrets.token_hex(3), secrets.token_hex(16))
+    hold = ("import sys, time; from matcher.io.s3server import EmbeddedS3\n"
+            f"with EmbeddedS3({str(folder)!r}, {keys[0]!r}, {keys[1]!r}):\n"
+            "    print('up', flush=True); sys.stdin.readline()\n")
+    other = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        with pytest.raises(S3ServerBusy, match=rf"in use by matcher process {other.pid} ") as busy:
+            EmbeddedS3(folder, *keys, busy_wait=1.0).start()
+        assert classify(busy.value).retryable
+    finally:
+        other.communicate("\n", timeout=60)
+    with EmbeddedS3(folder, *keys, busy_wait=1.0) as server:  # free again once the holder stopped its server
+        assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200

@@ -10,6 +10,7 @@ layout, not data nor tokens."""
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
@@ -32,6 +33,11 @@ from matcher.config import Config
 
 class S3ServerError(RuntimeError):
     pass
+
+
+class S3ServerBusy(S3ServerError):
+    """Another process runs the embedded server on the same data folder (SeaweedFS cannot share it): worth retrying
+    once that process is done."""
 
 
 def _weed_binary() -> str:
@@ -76,12 +82,14 @@ class EmbeddedS3:
     """Start with `with EmbeddedS3(...) as s3:`; `s3.endpoint` is http://127.0.0.1:PORT once healthy."""
 
     def __init__(self, data_dir: str | Path, access_key: str, secret_key: str, bucket: str = "lake",
-                 startup_timeout: float = 60.0):
+                 startup_timeout: float = 60.0, busy_wait: float = 60.0):
         if not access_key or not secret_key:
             raise S3ServerError("the embedded S3 server needs storage.s3_access_key and storage.s3_secret_key")
         self.data_dir = Path(data_dir).resolve()
         self.access_key, self.secret_key, self.bucket = access_key, secret_key, bucket
         self.startup_timeout = startup_timeout
+        self.busy_wait = busy_wait  # how long to wait for another process's server on the same folder to stop
+        self._folder_lock: int | None = None  # a descriptor holding an exclusive flock while the server runs
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
         self._ports: list[int] | None = None  # kept across stop/start, so a restarted server has the same endpoint
@@ -111,6 +119,7 @@ class EmbeddedS3:
             return self
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
+        self._lock_folder()
         identities = {"identities": [{"name": "matcher", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
@@ -121,22 +130,56 @@ class EmbeddedS3:
         self._ports = self._ports or _free_ports(5)
         master, volume, filer, s3, admin = self._ports
         self.port = s3
-        cmd = [_weed_binary(), "mini", f"-dir={self.data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-bucket={self.bucket}", f"-s3.config={config_path}", "-admin.ui=false", "-webdav=false",
-               "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.port={master}", f"-volume.port={volume}",
-               f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}",
+        # -logtostderr: SeaweedFS's logs go to weed.log (private), not to its own files in the shared /tmp.
+        cmd = [_weed_binary(), "-logtostderr", "mini", f"-dir={self.data_dir / 'data'}", "-ip=127.0.0.1",
+               "-ip.bind=127.0.0.1", f"-bucket={self.bucket}", f"-s3.config={config_path}", "-admin.ui=false",
+               "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.port={master}",
+               f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}",
                f"-filer.localSocket={self.data_dir / 'filer.sock'}", f"-s3.localSocket={self.data_dir / 's3.sock'}",
                "-master.telemetry=false"]  # SeaweedFS reports to telemetry.seaweedfs.com unless told not to
         log_file = os.fdopen(os.open(self.data_dir / "weed.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
-        self.process = subprocess.Popen(cmd, stdout=log_file,  # noqa: S603 (the weed binary, no shell) stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=self.data_dir, start_new_session=True)
-        log_file.close()
+        try:
+            self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,  # noqa: S603 (no shell)
+                                            stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
+        except Exception:
+            self._unlock_folder()
+            raise
+        finally:
+            log_file.close()
         try:
             self._wait_healthy()
         except Exception:
             self.stop()
             raise
         return self
+
+    def _lock_folder(self) -> None:
+        """Hold the data folder for this process's server: another process's server on it (SeaweedFS's store
+        allows one) is waited for up to busy_wait seconds, then S3ServerBusy names it."""
+        fd = os.open(self.data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    raise S3ServerBusy(
+                        f"the embedded S3 server's data folder {self.data_dir} is in use by {holder}; commands "
+                        f"with storage.embedded run their server one at a time (waited {self.busy_wait:.0f}s): "
+                        "retry when it is done, or run one server for all (docs/operations.md)") from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        since = datetime.datetime.now(datetime.timezone.utc)
+        os.pwrite(fd, f"matcher process {os.getpid()} (since {since:%Y-%m-%d %H:%M:%S} UTC)".encode(), 0)
+        self._folder_lock = fd
+
+    def _unlock_folder(self) -> None:
+        if self._folder_lock is not None:
+            os.close(self._folder_lock)  # releases the flock
+            self._folder_lock = None
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -168,6 +211,7 @@ class EmbeddedS3:
             self.process.kill()
             self.process.wait(timeout=5)
         self.process = None
+        self._unlock_folder()
 
     def __enter__(self) -> "EmbeddedS3":
         return self.start()

@@ -22,20 +22,28 @@ import argparse
 import logging
 import os
 import sys
-from typing import Mapping
+from typing import Callable, Mapping
 
 from matcher.failures import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE  # noqa: F401 (part of its API)
 from matcher.logs import LOG_FORMATS, configure_logging
 
 
+def checked_argument(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the value as given where `check` accepts it, else a usage error (exit 2) with the
+    ValueError's message, before anything runs."""
+    def argument(value: str) -> str:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+    return argument
+
+
 def _date(value: str) -> str:
     from matcher.io.lake import partition_date
 
-    try:
-        partition_date(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
+    return checked_argument(partition_date)(value)
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

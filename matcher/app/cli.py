@@ -379,23 +379,17 @@ EXIT_CODES = """exit codes:
 
 def _date_argument(value: str) -> str:
     """--date, --from, --to: YYYY-MM-DD, else a usage error (exit 2) before anything runs."""
+    from jobs.submit import checked_argument
     from matcher.io.lake import partition_date
 
-    try:
-        partition_date(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
+    return checked_argument(partition_date)(value)
 
 
 def _steps_argument(value: str) -> str:
     from jobs.pipeline import parse_steps
+    from jobs.submit import checked_argument
 
-    try:
-        parse_steps(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
+    return checked_argument(parse_steps)(value)
 
 
 def _keep_nights_argument(value: str) -> int:

@@ -153,3 +153,19 @@ def test_a_second_process_on_the_same_data_folder_waits_then_is_told_to_retry(tm
         other.communicate("\n", timeout=60)
     with EmbeddedS3(folder, *keys, busy_wait=1.0) as server:  # free again once the holder stopped its server
         assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_a_server_that_cannot_start_frees_its_data_folder(tmp_path, monkeypatch):
+    import matcher.io.s3server as s3server
+    from matcher.io.s3server import S3ServerError
+
+    def no_weed():
+        raise S3ServerError("no weed here")  # an injected fault: the binary missing
+
+    folder, keys = tmp_path / "s3", ("k" + secrets.token_hex(3), secrets.token_hex(16))
+    monkeypatch.setattr(s3server, "_weed_binary", no_weed)
+    with pytest.raises(S3ServerError, match="no weed here"):
+        EmbeddedS3(folder, *keys).start()
+    monkeypatch.undo()
+    with EmbeddedS3(folder, *keys, busy_wait=0.5) as server:  # the folder's lock went with the failed start
+        assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200

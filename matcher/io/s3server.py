@@ -120,6 +120,20 @@ class EmbeddedS3:
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         self._lock_folder()
+        try:
+            self._launch()
+        except BaseException:
+            self._unlock_folder()  # nothing started: the folder is free again
+            raise
+        try:
+            self._wait_healthy()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self) -> None:
+        """Fresh keys and config in the data folder, then weed started on the chosen ports."""
         identities = {"identities": [{"name": "matcher", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
@@ -141,17 +155,8 @@ class EmbeddedS3:
         try:
             self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,  # noqa: S603 (no shell)
                                             stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
-        except Exception:
-            self._unlock_folder()
-            raise
         finally:
             log_file.close()
-        try:
-            self._wait_healthy()
-        except Exception:
-            self.stop()
-            raise
-        return self
 
     def _lock_folder(self) -> None:
         """Hold the data folder for this process's server: another process's server on it (SeaweedFS's store

@@ -40,7 +40,8 @@ def checked_argument(check: Callable[[str], object]) -> Callable[[str], str]:
     return argument
 
 
-def _date(value: str) -> str:
+def date_argument(value: str) -> str:
+    """A --date: YYYY-MM-DD (matcher.io.lake.partition_date), else a usage error."""
     from matcher.io.lake import partition_date
 
     return checked_argument(partition_date)(value)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 
     parser = argparse.ArgumentParser(prog="jobs/submit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=STAGES)
-    parser.add_argument("--date", required=True, type=_date)
+    parser.add_argument("--date", required=True, type=date_argument)
     parser.add_argument("--config", default="", help="a TOML file; default $MATCHER_CONFIG, else the defaults")
     parser.add_argument("--catalog", default="")
     parser.add_argument("--lake", default="")

@@ -61,6 +61,9 @@ ANN_MAX_TRAINING_SAMPLE = 300_000
 ANN_SEEDS_PER_LIST = 8
 
 
+MAX_KEEP_NIGHTS = 30  # tables.keep_nights and `tables vacuum --keep-nights`: a Delta log keeps its versions 30 days
+
+
 class ConfigError(ValueError):
     pass
 
@@ -316,7 +319,7 @@ class ScoreConfig(_Section):
 
 
 class TablesConfig(_Section):
-    keep_nights: Whole = Field(ge=0, le=30, description="a Delta log keeps its versions 30 days")
+    keep_nights: Whole = Field(ge=0, le=MAX_KEEP_NIGHTS, description="a Delta log keeps its versions 30 days")
 
 
 # pydantic warns that the [validate] section's name shadows BaseModel.validate, its deprecated v1 classmethod, which

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from jobs.submit import date_argument
 from matcher.config import WORKSPACE_CONFIG, Config, load_config
 from matcher.failures import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from matcher.interrupts import INTERRUPTED, note_interrupts
@@ -187,7 +188,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)  # checked by _date_argument
+    start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)  # checked by date_argument
     if end < start:
         raise ValueError("--to is before --from")
     return _run_dates(args, [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)])
@@ -377,14 +378,6 @@ EXIT_CODES = """exit codes:
   141  stdout was closed by its reader (e.g. `| head`)"""
 
 
-def _date_argument(value: str) -> str:
-    """--date, --from, --to: YYYY-MM-DD, else a usage error (exit 2) before anything runs."""
-    from jobs.submit import checked_argument
-    from matcher.io.lake import partition_date
-
-    return checked_argument(partition_date)(value)
-
-
 def _steps_argument(value: str) -> str:
     from jobs.pipeline import parse_steps
     from jobs.submit import checked_argument
@@ -393,12 +386,11 @@ def _steps_argument(value: str) -> str:
 
 
 def _keep_nights_argument(value: str) -> int:
-    from matcher.config import TablesConfig
+    from matcher.config import MAX_KEEP_NIGHTS
 
-    top = next(m.le for m in TablesConfig.model_fields["keep_nights"].metadata if getattr(m, "le", None) is not None)
-    if not value.isdigit() or int(value) > top:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {top} (a Delta log keeps its versions "
-                                         f"30 days), got {value!r}")
+    if not value.isdigit() or int(value) > MAX_KEEP_NIGHTS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_KEEP_NIGHTS} (a Delta log keeps its "
+                                         f"versions 30 days), got {value!r}")
     return int(value)
 
 
@@ -429,13 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
         config_option(p)
         p.add_argument("--lake", help="lake URI: file:///path or s3://bucket/prefix (default: run.lake of the config)")
         if with_date:
-            p.add_argument("--date", type=_date_argument, help="published partition YYYY-MM-DD (default: the latest)")
+            p.add_argument("--date", type=date_argument, help="published partition YYYY-MM-DD (default: the latest)")
 
     p = sub.add_parser("run", help="run pipeline stages for one partition date")
     common(p, with_date=False)
     p.add_argument("--catalog", help="catalog folder or s3:// prefix (default: run.catalog of the config); "
                    "{ds} stands for the date, e.g. s3://bucket/catalog/dt={ds}")
-    p.add_argument("--date", required=True, type=_date_argument, help="partition date YYYY-MM-DD")
+    p.add_argument("--date", required=True, type=date_argument, help="partition date YYYY-MM-DD")
     p.add_argument("--steps", type=_steps_argument,
                    help="comma-separated subset of clean,validate,extract,train,score,publish")
     p.add_argument("--model", help="score with this model version instead of the one the date is pinned to")
@@ -444,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="embedded S3 + demo catalog + the Airflow DAG, then print recommendations")
     p.add_argument("--workdir", default=".matcher", help="where the demo keeps its catalog, S3 data and Airflow home")
     p.add_argument("--products", type=int, default=300, help="products in the drawn demo catalog (default 300)")
-    p.add_argument("--date", type=_date_argument, default=dt.date.today().isoformat(),
+    p.add_argument("--date", type=date_argument, default=dt.date.today().isoformat(),
                    help="the demo night's date (default: today)")
     p.set_defaults(handler=cmd_demo)
 
@@ -480,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backfill", help="run the pipeline for each date of a range, in order, without Airflow")
     common(p, with_date=False)
     p.add_argument("--catalog", help="the dates' catalog; {ds} stands for each date (its own snapshot)")
-    p.add_argument("--from", dest="start", required=True, type=_date_argument, help="first date YYYY-MM-DD")
-    p.add_argument("--to", dest="end", required=True, type=_date_argument, help="last date YYYY-MM-DD (inclusive)")
+    p.add_argument("--from", dest="start", required=True, type=date_argument, help="first date YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, type=date_argument, help="last date YYYY-MM-DD (inclusive)")
     p.add_argument("--steps", type=_steps_argument,
                    help="comma-separated subset of clean,validate,extract,train,score,publish")
     p.add_argument("--model", help="score every date with this model version")
@@ -552,19 +544,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return _interrupted()
-    except _user_errors() as exc:
-        if INTERRUPTED.is_set():
+    except Exception as exc:
+        if INTERRUPTED.is_set():  # whatever the interrupt broke on its way (a Py4J call to a JVM it ended)
             return _interrupted()
+        if not isinstance(exc, _user_errors()):
+            raise
         from matcher.failures import EXIT_PERMANENT, EXIT_RETRYABLE, classify
 
         message = " ".join(str(exc).split())
         print(f"matcher: error: {message}", file=sys.stderr)
         # A storage or network outage, or a date another run holds, is worth retrying: say so to a scheduler.
         return EXIT_RETRYABLE if classify(exc).retryable else EXIT_PERMANENT
-    except Exception:
-        if INTERRUPTED.is_set():
-            return _interrupted()
-        raise
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """score: on executors, the date's products in the learned space; all-pairs exact top-K recommendations re-ranked
 by the matching network, categories, catalog mismatches and search results; part files staged for publish.
 
-The driver holds the model, the category centroids (categories x dim), the search queries' vectors and the hubness
-bank (score.hubness_bank products' photo and text vectors); products' vectors stay on executors (persisted between
-the tables that read them)."""
+The driver holds the model, the category centroids (at most score.max_categories x dim), the search queries'
+vectors and the hubness bank (score.hubness_bank products' photo and text vectors); products' vectors stay on
+executors (persisted between the tables that read them)."""
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +32,12 @@ from matcher.io.lake import new_attempt_id
 from matcher.io.registry import check_encoders, current_version, load_model, model_for_date
 from matcher.io.tables import published_tables, query_tables
 from matcher.steps.ann import ListIndex, choose_query_probes
-from matcher.steps.categories import category_centroids, category_sums, predict_categories
+from matcher.steps.categories import (
+    category_centroids,
+    category_sums,
+    min_category_products_by_size,
+    predict_categories,
+)
 from matcher.steps.evaluate import embed
 from matcher.steps.hubness import embeddings_table
 from matcher.steps.mismatches import CrossFitScorer, TooFewProducts, fit_cross_fitted
@@ -72,9 +77,12 @@ def make_embedder(weights, spec, mismatch=None):
     return embed_rows
 
 
-def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tuple[list[str], np.ndarray]:
+def _category_centroids(vectors: DataFrame, dim: int, min_products: int, max_categories: int
+                        ) -> tuple[list[str], np.ndarray]:
     """Normalised mean fused vector per labelled category of at least `min_products` products (0: chosen from the
-    catalog, matcher.steps.categories.min_category_products): per-partition sums on executors, added up there too."""
+    catalog, matcher.steps.categories.min_category_products), the `max_categories` largest of them (ties by name):
+    per-partition sums on executors, added up there too; the driver receives the kept categories' sums and a
+    histogram of category sizes, never a row per category of the catalog."""
 
     def sums(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         acc: dict[str, tuple[np.ndarray, int]] = {}
@@ -84,16 +92,32 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int) -> tupl
                                          schema=pa.schema([("category", pa.string()), ("n", pa.int64()),
                                                            ("total", pa.list_(pa.float64()))]))
 
-    # Partitions' sums added up on executors (a sum per category and dimension), so the driver receives
-    # categories x dim numbers, not partitions x categories x dim.
-    partial = vectors.select("category", "v").mapInArrow(sums, "category string, n long, total array<double>")
-    per_dim = (partial.select("category", "n", F.posexplode("total").alias("i", "x"))
-               .groupBy("category", "i").agg(F.sum("x").alias("x"), F.sum("n").alias("n")))
-    rows = (per_dim.groupBy("category").agg(F.max("n").alias("n"),
-                                            F.sort_array(F.collect_list(F.struct("i", "x"))).alias("total"))
-            .collect())
-    merged = {r["category"]: (np.asarray([t["x"] for t in r["total"]], np.float64), r["n"]) for r in rows}
-    return category_centroids(merged, min_products, dim)
+    partial = (vectors.select("category", "v").mapInArrow(sums, "category string, n long, total array<double>")
+               .persist(StorageLevel.MEMORY_AND_DISK))
+    try:
+        sizes = partial.groupBy("category").agg(F.sum("n").alias("n"))
+        histogram = {r["n"]: r["categories"]
+                     for r in sizes.groupBy("n").agg(F.count("*").alias("categories")).collect()}
+        minimum = min_products or min_category_products_by_size(histogram)
+        qualified = sum(c for s, c in histogram.items() if s >= minimum)
+        if qualified > max_categories:
+            log.warning("score: %d categories qualify (%d or more labelled products each); the categories table "
+                        "predicts the %d largest (score.max_categories)", qualified, minimum, max_categories)
+        # An ordered limit that is joined, not collected, is merged on executors.
+        kept = sizes.filter(F.col("n") >= minimum).orderBy(F.desc("n"), "category").limit(max_categories)
+        # Partitions' sums added up on executors (a sum per category and dimension), so the driver receives
+        # categories x dim numbers, not partitions x categories x dim.
+        per_dim = (partial.join(kept.select("category"), "category")
+                   .select("category", "n", F.posexplode("total").alias("i", "x"))
+                   .groupBy("category", "i").agg(F.sum("x").alias("x"), F.sum("n").alias("n")))
+        rows = (per_dim.groupBy("category")
+                .agg(F.max("n").alias("n"),
+                     F.transform(F.sort_array(F.collect_list(F.struct("i", "x"))), lambda e: e["x"]).alias("total"))
+                .collect())
+    finally:
+        partial.unpersist()
+    merged = {r["category"]: (np.asarray(r["total"], np.float64), r["n"]) for r in rows}
+    return category_centroids(merged, minimum, dim)
 
 
 def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
@@ -206,8 +230,9 @@ def _build_recommendations(night: _Night) -> Written:
 
 
 def _build_categories(night: _Night) -> Written:
-    names, centroids = _category_centroids(night.vectors, night.model.spec.dim,
-                                           night.ctx.config.score.min_category_products)
+    sc = night.ctx.config.score
+    names, centroids = _category_centroids(night.vectors, night.model.spec.dim, sc.min_category_products,
+                                           sc.max_categories)
     return night.write(night.vectors.select("product_id", "category", "v"),
                        make_categoriser(names, centroids, night.version), ["categories"])
 

@@ -38,6 +38,8 @@ WORKSPACE_CONFIG = Path(".matcher/config.toml")
 IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "thumbnail-8x8")
 TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
 PRECISIONS = ("fp32", "bf16", "fp16")  # extract.precision, besides "auto"
+MAX_CATEGORY_CHARS = 200  # the clean stage cuts a category label to this
+CATEGORY_NAME_BYTES = 4 * MAX_CATEGORY_CHARS + 16  # a label (UTF-8) and its count, in the driver's budget
 MAX_HUBNESS_BANK = 16384  # products; at dim 256 the broadcast pair of vectors is 32 MB
 # Feature floats per encoder, for the driver's budget (driver_receipts) before any model is loaded; every text
 # encoder gives 384. tests/test_config.py checks them against the loaded weightless encoders.
@@ -282,6 +284,8 @@ class ScoreConfig(_Section):
     search_queries: list[str]
     search_top_k: Whole = Field(ge=1)
     min_category_products: Whole = Field(ge=0, description="0 = from the catalog")
+    max_categories: Whole = Field(ge=1, description=(
+        "the kept categories' sums of vectors are collected on the driver and broadcast to every executor"))
     candidates: Literal["exact", "ann", "auto"]
     exact_max_products: Whole = Field(ge=0)
     ann_lists: Whole = Field(ge=0)
@@ -456,6 +460,8 @@ def driver_receipts(cfg: Config) -> list[tuple[str, int, str]]:
          f"{sc.mismatch_fit_products:,} products x {row:,} bytes ({image:,} image + {text:,} text floats x 4)"),
         ("score.hubness_bank", 2 * sc.hubness_bank * 2 * dim * 4,
          f"about 2 x {sc.hubness_bank:,} products x 2 vectors x {dim} floats (train.dim) x 4 bytes"),
+        ("score.max_categories", sc.max_categories * (dim * 8 + CATEGORY_NAME_BYTES),
+         f"{sc.max_categories:,} categories x ({dim} doubles (train.dim) x 8 + {CATEGORY_NAME_BYTES} bytes of label)"),
     ]
     if sc.candidates != "exact":
         lists = sc.ann_lists or ANN_MAX_TRAINING_SAMPLE // ANN_SAMPLE_PER_LIST

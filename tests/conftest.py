@@ -23,7 +23,8 @@ from matcher.config import Config, load_config  # noqa: E402
 # Settings whose samples fit a driver result cap of 1 MB with the default encoders (matcher.config.driver_receipts),
 # for tests that set such a cap so that any catalog-sized collect fails.
 SMALL_DRIVER_SAMPLES = {"train": {"max_products": 40},
-                        "score": {"mismatch_fit_products": 40, "hubness_bank": 128, "candidates": "exact"}}
+                        "score": {"mismatch_fit_products": 40, "hubness_bank": 128, "max_categories": 200,
+                                  "candidates": "exact"}}
 FASHION = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fashion"
 
 

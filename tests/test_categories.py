@@ -18,3 +18,18 @@ def test_many_one_off_labels_do_not_lower_the_minimum():
     # Counted per product, not per category: ten mislabeled rows do not make the typical category small.
     sizes = {"a": 70, "b": 70, **{f"odd{i}": 1 for i in range(10)}}
     assert min_category_products(sizes) == 3
+
+
+def test_the_minimum_from_a_histogram_of_sizes_is_the_minimum_from_the_sizes():
+    """The score stage sends the driver how many categories there are of each size, not every category's size."""
+    from collections import Counter
+
+    import numpy as np
+
+    from matcher.steps.categories import min_category_products_by_size
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        sizes = {f"c{i}": int(n) for i, n in enumerate(rng.geometric(rng.uniform(0.005, 0.9), rng.integers(1, 60)))}
+        assert min_category_products_by_size(dict(Counter(sizes.values()))) == min_category_products(sizes), sizes
+    assert min_category_products_by_size({}) == 1

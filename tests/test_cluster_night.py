@@ -32,7 +32,7 @@ def _config(master: str, lake: str, catalog: str):
         # The driver's bounded samples (training, the mismatch scorers' fit, the hubness bank) sized below the cap,
         # as the config check requires (matcher.config.driver_receipts).
         "score": {"top_k": 5, "rerank_candidates": 10, "block_size": 128, "search_queries": ["red dress"],
-                  "mismatch_fit_products": 100, "hubness_bank": 128, "candidates": "exact"},
+                  "mismatch_fit_products": 100, "hubness_bank": 128, "max_categories": 100, "candidates": "exact"},
     })
 
 

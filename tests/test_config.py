@@ -136,7 +136,9 @@ def test_a_sample_the_driver_could_not_receive_is_refused_with_the_arithmetic():
         ({"spark": {"max_result_size": "1m"}, "train": {"max_products": 50},
           "score": {"mismatch_fit_products": 50, "candidates": "exact"}}, "score.hubness_bank:"),
         ({"spark": {"max_result_size": "16m"}, "train": {"max_products": 100},
-          "score": {"mismatch_fit_products": 100, "candidates": "ann"}}, "score.ann_lists:"),
+          "score": {"mismatch_fit_products": 100, "max_categories": 1000, "candidates": "ann"}}, "score.ann_lists:"),
+        ({"spark": {"max_result_size": "16m"}, "train": {"max_products": 100},
+          "score": {"mismatch_fit_products": 100, "candidates": "exact"}}, "score.max_categories:"),
     ]:
         with pytest.raises(ConfigError, match=f"^{setting}"):
             load_config(overrides=overrides)

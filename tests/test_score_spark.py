@@ -296,7 +296,7 @@ def test_categories_are_not_taken_by_a_mislabeled_row(spark, min_products):
     frame = spark.createDataFrame(pa.table({
         "product_id": [f"P{i:02d}" for i in range(60)], "category": list(labels),
         "v": pa.array(list(v), pa.list_(pa.float32()))}).to_pandas()).repartition(3)
-    names, centroids = _category_centroids(frame, 16, min_products)
+    names, centroids = _category_centroids(frame, 16, min_products, 10_000)
     assert names == (["a", "b", "c", "zz"] if min_products == 1 else ["a", "b", "c"])
     predicted = {}
     for batch in frame.toArrow().to_batches():
@@ -346,8 +346,31 @@ def test_category_centroids_are_summed_on_executors_and_reach_the_driver_bounded
     frame = spark.createDataFrame(pa.table({
         "product_id": [f"P{i:05d}" for i in range(n)], "category": labels,
         "v": pa.array(list(v), pa.list_(pa.float32()))}).to_pandas()).repartition(16)
-    names, centroids = _category_centroids(frame, d, 1)
+    names, centroids = _category_centroids(frame, d, 1, 10_000)
     assert names == sorted(set(labels))
     want = np.stack([v[np.asarray(labels) == c].astype(np.float64).mean(0) for c in names])
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     np.testing.assert_allclose(centroids, want, atol=1e-5)
+
+
+def test_a_catalog_of_one_off_labels_sends_the_driver_at_most_max_categories_centroids(spark, caplog):
+    """A hostile catalog labels each of 3,000 products with a category of its own (the automatic minimum is then
+    1): every category's sums (3,000 x 256 doubles, 6 MB) would exceed this session's 1 MB result cap. The driver
+    receives score.max_categories of them, the largest first and ties by name, and the night says so."""
+    from jobs.score import _category_centroids
+
+    n, d, cap = 3000, 256, 40
+    v = unit_vectors(n, d, 6)
+    labels = [f"one-off {i:05d}" for i in range(n)]
+    labels[:30] = ["shirts"] * 20 + ["shoes"] * 10
+    frame = spark.createDataFrame(pa.table({
+        "product_id": [f"P{i:05d}" for i in range(n)], "category": labels,
+        "v": pa.array(list(v), pa.list_(pa.float32()))}).to_pandas()).repartition(8)
+    with caplog.at_level("WARNING", logger="matcher"):
+        names, centroids = _category_centroids(frame, d, 0, cap)
+    assert names == sorted(["shirts", "shoes", *[f"one-off {i:05d}" for i in range(30, 30 + cap - 2)]])
+    shirts = v[:20].astype(np.float64).mean(0)
+    np.testing.assert_allclose(centroids[names.index("shirts")], shirts / np.linalg.norm(shirts), atol=1e-5)
+    assert centroids.shape == (cap, d)
+    assert "2972 categories qualify (1 or more labelled products each); the categories table predicts the 40 largest" \
+        in caplog.text

@@ -1,6 +1,8 @@
 """The categories table: which labelled categories it may predict, their centroids, and each product's nearest."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pyarrow as pa
 
@@ -17,10 +19,17 @@ _MAX_MINIMUM = 3
 def min_category_products(sizes: dict[str, int]) -> int:
     """The fewest labelled products a category needs to be predicted: 1/16 of the size of the category the median
     labelled product belongs to, rounded, between 1 and 3."""
-    counts = np.array([n for n in sizes.values() if n > 0])
-    if not len(counts):
+    return min_category_products_by_size(dict(Counter(n for n in sizes.values() if n > 0)))
+
+
+def min_category_products_by_size(categories_of_size: dict[int, int]) -> int:
+    """min_category_products from how many categories there are of each size (a histogram with at most about
+    sqrt(2 x products) entries, where the sizes themselves are as many as the categories)."""
+    sizes = np.array([s for s, c in categories_of_size.items() if s > 0 and c > 0], np.int64)
+    if not len(sizes):
         return 1
-    typical = float(np.median(np.repeat(counts, counts)))
+    products = sizes * np.array([categories_of_size[s] for s in sizes], np.int64)
+    typical = float(np.median(np.repeat(sizes, products)))
     return int(min(_MAX_MINIMUM, max(1, round(typical * _TYPICAL_FRACTION))))
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import pandas as pd
 
-from matcher.config import CleanConfig
+from matcher.config import MAX_CATEGORY_CHARS, CleanConfig
 from matcher.steps.images import CanonicalImage, ImageRejected, canonicalize_image
 from matcher.steps.quarantine import Reason
 from matcher.steps.text import escape_undecodable, first_undecodable, has_control_characters, normalize_text, tokenize
@@ -151,7 +151,7 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
             reject(row, pid, Reason.MISSING_TITLE)
             continue
         description, desc_cut = normalize_text(row.get("description"), cfg.max_description_chars)
-        category, _ = normalize_text(row.get("category"), 200)
+        category, _ = normalize_text(row.get("category"), MAX_CATEGORY_CHARS)
         candidates.append({
             "_row": row["_row"], "product_id": pid, "title": title, "description": description,
             "category": category, "text_truncated": title_cut or desc_cut, "repairs": ",".join(repairs),

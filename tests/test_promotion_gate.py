@@ -122,6 +122,14 @@ def test_a_corrupt_current_model_or_record_fails_the_night_with_the_reason(lake)
         night(lake, "2026-01-02", "m2", {"m1": 0.8, "m2": 0.9})
     assert lake.read_bytes("models/current.json") == before
 
+    served = lake.read_bytes("models/served.json")
+    for damaged in (b'{"best": {', b'{"best": [], "history": []}'):  # cut short; not a served-models record
+        lake.write_bytes("models/served.json", damaged)
+        with pytest.raises(GateError, match="the gate cannot read the model registry: .*served.json"):
+            night(lake, "2026-01-02", "m2", {"m1": 0.8, "m2": 0.9})
+        assert lake.read_bytes("models/current.json") == before
+    lake.write_bytes("models/served.json", served)
+
     lake.write_bytes("models/current.json", b'{"version": "m1", "promot')  # cut short
     with pytest.raises(GateError, match="current.json is unreadable"):
         night(lake, "2026-01-02", "m2", {"m1": 0.8, "m2": 0.9})
@@ -251,6 +259,35 @@ def test_the_train_stage_backfilling_an_older_date_keeps_the_current_model(tmp_p
     assert newer.lake.read_bytes("models/current.json") == before
     assert stats["previous_metrics"][METRIC] >= 0 and stats["date_model"] == stats["model_version"]
     assert model_for_date(None, older.stage_stats("train"), None, v_new)[0] == stats["model_version"]
+
+
+@pytest.mark.integration
+def test_the_train_stage_that_lost_its_date_lock_in_the_gate_does_not_move_current_json(tmp_path, monkeypatch):
+    """The train stage hands the gate its date lock's fence: a night whose lock is lost while the gate decides
+    fails as retryable, and its model, good enough to pass (tolerances 1.0), is not promoted."""
+    import inspect
+
+    from jobs.context import StageError
+    from matcher.io.locks import DateLock, LockLostError
+
+    first = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(first.lake, "2026-01-01", n=120)
+    run_stage("train", first)
+    before = first.lake.read_bytes("models/current.json")
+    second = _ctx(tmp_path, "2026-01-02")
+    write_synthetic_partition(second.lake, "2026-01-02", n=120, seed=4)
+    held = DateLock.assert_held
+
+    def lost_in_the_gate(self):  # the injected fault: the date taken over while the gate decided
+        if self.dt == "2026-01-02" and any(frame.function == "run_gate" for frame in inspect.stack(0)):
+            raise LockLostError("lost the lock on date 2026-01-02: a newer holder took the date")
+        return held(self)
+
+    monkeypatch.setattr(DateLock, "assert_held", lost_in_the_gate)
+    with pytest.raises(StageError, match="lost the lock on date 2026-01-02") as err:
+        run_stage("train", second)
+    assert err.value.retryable
+    assert second.lake.read_bytes("models/current.json") == before
 
 
 # The lock -------------------------------------------------------------------------------------------------------

@@ -91,3 +91,28 @@ def test_exposure_counts_each_products_appearances_in_the_others_top_k(spark):
     assert got["best_rank"].tolist()[:3] == [by.min()[p] for p in ids[:3]] and pd.isna(got["best_rank"][3])
     assert got["category"].tolist()[:3] == ["bags", "bags", "shoes"] and got["model_version"].eq("v1").all()
     assert got.columns.tolist() == table_schema("exposure").names
+
+
+def test_a_wrong_query_table_fails_the_score_stage_before_scoring_and_without_a_retry(tmp_path, monkeypatch):
+    """The stage runs the check before anything is scored: the night fails in one line, as not retryable, and
+    stages no table for publish."""
+    from jobs.context import RunContext
+    from jobs.pipeline import run_stage
+    from matcher.io.tables import published_tables
+    from tests.synthetic import write_synthetic_partition
+
+    date = "2026-02-01"
+    ctx = RunContext(load_config(overrides={
+        "run": {"lake": f"file://{tmp_path}/lake"},
+        "train": {"epochs": 2, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0},
+        "score": {"top_k": 5, "rerank_candidates": 10, "block_size": 64}}), date)
+    write_synthetic_partition(ctx.lake, date, n=120)
+    run_stage("train", ctx)
+    plant(monkeypatch, "SELECT nope FROM {embeddings}", {"nope": "string"})
+    monkeypatch.setattr("jobs.score.make_embedder", lambda *a, **k: pytest.fail("the night was scored first"))
+    with pytest.raises(StageError) as err:
+        run_stage("score", ctx)
+    message = str(err.value)
+    assert message.startswith("stage score failed: the query of table probe ") and "\n" not in message, message
+    assert not err.value.retryable
+    assert all(ctx.lake.staged_parts(t, date) is None for t in published_tables())

@@ -183,6 +183,26 @@ def test_rerank_orders_by_the_blended_score_and_keeps_similarity():
     assert plain.tolist() == [[5, 6, 7]]
 
 
+
+def test_identical_products_publish_a_similarity_of_at_most_one():
+    """Two products with the same content: their float32 cosine can round past 1, which a reader checking the
+    range of a cosine would take for a bug."""
+    from matcher.steps.scoring import recommendation_table, topk
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        v = rng.normal(size=(1, 256)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        sims, idx = topk(np.vstack([v, v]), np.vstack([v, v]), k=2)
+        if sims.max() > 1.0:
+            break
+    assert sims.max() > 1.0  # a vector whose float32 cosine with its twin passes 1
+    table = recommendation_table(np.array(["A", "B"]), idx, np.array([["A", "B"], ["A", "B"]]), sims,
+                                 np.ones_like(sims), 2, 0.3, "v1")
+    assert max(table.column("similarity").to_pylist()) <= 1.0
+    assert max(table.column("score").to_pylist()) <= 1.0
+
+
 def test_cross_match_scores_each_unordered_pair_once():
 
     calls = []

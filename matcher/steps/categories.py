@@ -66,7 +66,7 @@ def predict_categories(product_ids: pa.Array, categories: list[str | None], vect
     cats = [c or "" for c in categories]
     if names:
         scores, idx = topk(vectors, centroids, k=1)
-        predicted, score = [names[i] for i in idx[:, 0]], scores[:, 0]
+        predicted, score = [names[i] for i in idx[:, 0]], np.clip(scores[:, 0], -1.0, 1.0)
     else:
         predicted, score = [""] * len(cats), np.zeros(len(cats), np.float32)
     agrees = [bool(c == p) if c else None for c, p in zip(cats, predicted)]

@@ -537,6 +537,7 @@ def rerank(similarity: np.ndarray, candidates: np.ndarray, cross_match: Callable
 
     Returns (score, similarity, candidate index), each (N, min(k, M)), best score first, ties by lower index."""
     n, m = candidates.shape
+    similarity = np.clip(similarity, -1.0, 1.0)  # a cosine in float32 may pass 1 by rounding (identical products)
     rows = np.repeat(np.arange(n), m)
     match = cross_match(rows, candidates.ravel()).reshape(n, m) if m else np.zeros((n, 0), np.float32)
     score = ((1.0 - weight) * similarity + weight * match).astype(np.float32)

@@ -288,3 +288,23 @@ def test_other_columns_spark_or_delta_cannot_hold_as_named_keep_their_values_und
     for header, name in zip(AWKWARD_HEADER[3:], AWKWARD_NAMES):
         assert clean.loc["P2", name] == f"{header}-2", name
     assert clean.loc["P2", "title"] == "Red lamp 2"  # "Title" passed through beside it, not read as the title
+
+
+def test_an_id_and_an_image_reference_at_their_length_limits_are_kept_and_one_more_character_is_quarantined(
+        tmp_path):
+    """running.md: a product id over 256 characters is invalid_product_id; an image reference over 2,048 is
+    image_reference_invalid. At the limit both rows are good."""
+    root = tmp_path / "catalog"
+    deep = root / "p" / ("d" * 200)
+    deep.mkdir(parents=True)
+    (deep / "x.jpg").write_bytes(jpeg())
+    base = "p/" + "d" * 200 + "/x.jpg"
+    at_limit = "./" * ((2048 - len(base)) // 2) + base  # the same photo through "./" segments
+    assert len(at_limit) == 2048
+    rows = [("I" * 256, base), ("J" * 257, base), ("R1", at_limit), ("R2", at_limit + "x")]
+    (root / "products.csv").write_text("product_id,title,image\n" + "".join(f"{p},a title,{r}\n" for p, r in rows))
+    reader = CatalogReader(str(root), load_config().storage)
+    result = clean_catalog(reader.read(), reader.read_image, load_config(overrides={"clean": {"image_size": 32}}).clean)
+    reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
+    assert sorted(result.clean["product_id"]) == sorted(["I" * 256, "R1"]), reasons
+    assert reasons == {"J" * 256: "invalid_product_id", "R2": "image_reference_invalid"}  # its id cut to 256

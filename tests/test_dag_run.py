@@ -50,7 +50,7 @@ def test_dag_imports_cleanly_and_every_task_retries():
     dag = bag.dags["product_matching_nightly"]
     assert [t.task_id for t in dag.tasks] == ["wait_for_catalog", "clean", "validate", "extract", "train", "score",
                                               "publish"]
-    assert all(t.retries >= 1 for t in dag.tasks)  # the sensor too: a worker lost mid-poke
+    assert all(t.retries == 2 for t in dag.tasks)  # as promised (docs/promises.md); the sensor too: a lost worker
     assert all(t.retry_exponential_backoff for t in dag.tasks if t.task_id != "wait_for_catalog")
     assert float(dag.get_task("wait_for_catalog").timeout) == 6 * 3600
     assert dag.schedule == "@daily"

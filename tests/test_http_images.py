@@ -94,10 +94,20 @@ def image_server():
             elif self.path == "/huge.jpg":
                 self._send(200, b"", length=10**9)
             elif self.path == "/redirect.jpg":
-                self.send_response(302)
-                self.send_header("Location", "/ok.jpg")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self._redirect("/ok.jpg")
+            elif self.path == "/removed.jpg":
+                self._send(410)
+            elif self.path.startswith("/hop"):  # /hopN-K.jpg: K more redirects, then the photo
+                chain, left = self.path[4:-4].split("-")
+                self._redirect(f"/hop{chain}-{int(left) - 1}.jpg" if int(left) > 0 else "/ok.jpg")
+            elif self.path == "/to-loopback.jpg":  # a redirect to a loopback address the config does not allow
+                self._redirect(f"http://127.0.0.2:{self.server.server_address[1]}/ok.jpg")
+
+        def _redirect(self, location: str):
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as port:
         yield f"http://127.0.0.1:{port}", hits
@@ -125,6 +135,24 @@ def test_http_images_are_fetched_retried_and_quarantined_with_reasons(tmp_path, 
     assert details["cut"].startswith("IncompleteRead")
     assert hits["/flaky.jpg"] == 3 and hits["/busy.jpg"] == 3 and hits["/slow.jpg"] == 3 and hits["/cut.jpg"] == 3
     assert hits["/gone.jpg"] == 1 and hits["/forbidden.jpg"] == 1
+
+
+def test_redirects_are_followed_five_deep_a_410_is_missing_and_a_refused_address_is_never_asked_again(
+        tmp_path, image_server):
+    base, hits = image_server
+    refs = {"five": "hop5-4.jpg", "six": "hop6-5.jpg", "removed": "removed.jpg", "refused": "to-loopback.jpg"}
+    (tmp_path / "products.csv").write_text("product_id,title,image\n" + "".join(
+        f"{p},Product {p},{base}/{r}\n" for p, r in refs.items()), encoding="utf-8")
+    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 2, **ALLOW_LOOPBACK}})
+    reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert result.clean["product_id"].tolist() == ["five"]  # 5 redirects: /hop5-4 .. /hop5-0, then /ok.jpg
+    reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
+    assert reasons == {"six": "image_unreadable", "removed": "image_missing", "refused": "image_address_not_allowed"}
+    details = dict(zip(result.quarantine["product_id"], result.quarantine["detail"]))
+    assert details["six"].startswith("more than 5 redirects from ")
+    assert hits["/removed.jpg"] == 1 and hits["/to-loopback.jpg"] == 1  # neither asked again (http_retries 2)
+    assert sum(n for path, n in hits.items() if path.startswith("/hop6-")) == 6  # the sixth redirect not followed
 
 
 def test_a_refused_connection_is_retried_then_quarantined(tmp_path):
@@ -215,7 +243,7 @@ def test_retry_pauses_are_jittered_and_a_long_retry_after_is_capped():
     pauses = [retry_pause(2, 0.5) for _ in range(50)]
     assert all(1.0 <= p <= 2.0 for p in pauses) and len(set(pauses)) > 40  # half to all of 0.5 * 2**2, spread
     assert retry_pause(0, 0.5, retry_after=7.0) == 7.0
-    assert retry_pause(0, 0.5, retry_after=3600.0) == RETRY_AFTER_CAP
+    assert retry_pause(0, 0.5, retry_after=3600.0) == RETRY_AFTER_CAP == 30.0  # running.md: "at most 30 s a try"
     assert parse_retry_after("12") == 12.0 and parse_retry_after(None) is None
     assert parse_retry_after("soon") is None and parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("99999") == RETRY_AFTER_CAP

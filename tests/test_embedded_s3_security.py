@@ -8,6 +8,7 @@ import re
 import secrets
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -146,9 +147,11 @@ def test_a_second_process_on_the_same_data_folder_waits_then_is_told_to_retry(tm
     other = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "up"
+        started = time.monotonic()
         with pytest.raises(S3ServerBusy, match=rf"in use by matcher process {other.pid} ") as busy:
             EmbeddedS3(folder, *keys, busy_wait=1.0).start()
-        assert classify(busy.value).retryable
+        assert time.monotonic() - started >= 1.0  # it waited for the holder before giving up
+        assert classify(busy.value).retryable  # matcher exits 75 (EXIT_RETRYABLE) for it
     finally:
         other.communicate("\n", timeout=60)
     with EmbeddedS3(folder, *keys, busy_wait=1.0) as server:  # free again once the holder stopped its server

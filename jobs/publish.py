@@ -13,6 +13,8 @@ from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.run_report import render_run_report
 from matcher.io.tables import published_tables, run_tables, table_schema
 
+PUBLISHING = "_publish"  # the staged document naming the publish in progress (not a table)
+
 
 def run(ctx: RunContext) -> dict:
     lake = ctx.lake
@@ -38,14 +40,23 @@ def run(ctx: RunContext) -> dict:
         ctx.lock.assert_held()
     for name, parts in staged.items():
         for part in parts[:1]:  # the writers cast every part to the same schema
+            if not lake.exists(part):  # moved in by an earlier try of this publish, which checked it
+                continue
             schema = pq.read_schema(lake.path(part), filesystem=lake.fs)
             if not schema.equals(table_schema(name), check_metadata=False):
                 raise StageError("publish", f"staged {name} does not match schemas/tables.json")
     # New files go in beside the current ones; the manifest naming them is the single atomic switch; only then
     # are files removed, those of the generation before the one replaced: a reader that opened the previous
     # manifest finishes on its files. A crash before the switch leaves the previous partition as it was.
+    # The publish id is staged before anything moves: a retry of a publish that stopped part way (after some
+    # moves, or after the tables' logs committed but before the manifest) finishes the same publish.
+    pending = lake.read_json(Lake.staged_file(PUBLISHING, ctx.date)) or {}
+    publish_id = pending.get("publish_id") or new_attempt_id()
+    if not pending:
+        lake.write_json(Lake.staged_file(PUBLISHING, ctx.date), {"publish_id": publish_id})
     previous = lake.manifest(ctx.date)
-    publish_id = new_attempt_id()
+    replaced = (previous.get("previous") if previous is not None and previous.get("publish_id") == publish_id
+                else _generation(lake, previous))  # a retry after its own manifest: that manifest's previous
     moved = {name: lake.commit_staged(name, ctx.date, publish_id) for name in published_tables()}
     run_commits = {name: lake.committed(name, ctx.date) or {} for name in run_tables()}
     if ctx.lock is not None:  # fence: the tables' logs are a commit point for every other reader
@@ -83,7 +94,7 @@ def run(ctx: RunContext) -> dict:
         "tables": tables,
         "publish_id": publish_id,
         "score_attempt": (stages.get("score") or {}).get("attempt"),
-        "previous": _generation(lake, previous),
+        "previous": replaced,
         "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if ctx.lock is not None:  # fence: still the date's newest holder, right before the commit point

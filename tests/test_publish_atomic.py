@@ -223,3 +223,63 @@ def test_a_publish_that_lost_its_lock_is_retried_and_a_retry_after_the_commit_is
     ctx.lock = None
     assert run_stage("publish", ctx)["already_published"]  # a retry after the commit
     assert ctx.lake.manifest(D)["publish_id"] == first["publish_id"]
+
+
+@pytest.mark.parametrize("stop", ["after the first table moved", "after the logs committed",
+                                  "after the manifest"])
+def test_a_publish_that_stopped_part_way_is_finished_by_its_retry(tmp_path, monkeypatch, stop):
+    """A publish can stop anywhere (a lost worker, a store error): after moving some tables' files in, after the
+    tables' Delta logs committed but before the manifest (Delta readers then see the new night and matcher's the
+    old one), or after the manifest. Its retry finishes the same publish: every reader on the new night, each file
+    once, the replaced generation still named."""
+    from deltalake import DeltaTable
+
+    from jobs.context import StageError
+
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    first = publish_night(config, "a")
+    ctx = RunContext(config, D)
+    clean_attempt(ctx.lake, D, "b")
+    stage_published_tables(ctx.lake, D, "b")
+    real_commit, real_write = Lake.commit_staged, Lake.write_json
+    calls = []
+
+    def commit_once(self, table_name, dt, publish_id):
+        calls.append(table_name)
+        if len(calls) == 2:
+            raise OSError("the store stopped answering")  # injected
+        return real_commit(self, table_name, dt, publish_id)
+
+    def write_once(self, relpath, obj):
+        if relpath == Lake.manifest_file(D) and not calls:
+            calls.append(relpath)
+            raise OSError("the store stopped answering")  # injected
+        real_write(self, relpath, obj)
+        if relpath == Lake.manifest_file(D) and stop == "after the manifest" and len(calls) == 1:
+            calls.append("written")
+            raise OSError("the worker was lost")  # injected, once the manifest is in
+
+    if stop == "after the first table moved":
+        monkeypatch.setattr(Lake, "commit_staged", commit_once)
+    else:
+        monkeypatch.setattr(Lake, "write_json", write_once)
+        if stop == "after the manifest":
+            calls.append("armed")
+    with pytest.raises(StageError):
+        run_stage("publish", ctx)
+    if stop == "after the logs committed":
+        assert ctx.lake.manifest(D)["publish_id"] == first["publish_id"]  # matcher's readers: the old night
+        delta = DeltaTable(ctx.lake.path("recommendations")).to_pyarrow_table(filters=[("dt", "=", D)])
+        assert tags(delta) == {"b"}  # Delta readers: the new one
+    monkeypatch.undo()
+    ctx.lock = None
+    run_stage("publish", ctx)  # Airflow's retry
+    manifest = ctx.lake.manifest(D)
+    assert manifest["previous"]["publish_id"] == first["publish_id"]
+    rows = {"recommendations": 6, "embeddings": 6, "clean": 4, "quarantine": 2}  # as staged: each file once
+    for name in READ_TABLES:
+        table = read_published(ctx.lake, name, D)
+        assert tags(table) == {"b"} and table.num_rows == rows[name], name
+        delta = DeltaTable(ctx.lake.path(name)).to_pyarrow_table(filters=[("dt", "=", D)])
+        assert delta.num_rows == table.num_rows and tags(delta) == {"b"}, name
+    assert set(manifest["previous"]["tables"]["recommendations"]) == set(first["tables"]["recommendations"]["files"])

@@ -189,13 +189,20 @@ class Lake:
         return self.read_json(self.manifest_file(dt))
 
     # partitions ----------------------------------------------------------------------------------------------------
-    def _move_parts_in(self, table: str, dt: str, parts: list[str], attempt: str) -> list[str]:
-        """Move part files (lake-relative) into the partition folder under new names; returns their new paths."""
+    @staticmethod
+    def _part_names(table: str, dt: str, parts: list[str], attempt: str) -> list[tuple[str, str]]:
+        """Each part file (lake-relative) and the name it takes in the partition folder."""
+        return [(rel, posixpath.join(table, f"dt={dt}", f"part-{attempt}-{n:05d}.parquet"))
+                for n, rel in enumerate(sorted(parts))]
+
+    def _move_parts_in(self, table: str, dt: str, parts: list[str], attempt: str, resume: bool = False) -> list[str]:
+        """Move part files (lake-relative) into the partition folder under new names; returns their new paths.
+        `resume`: a part already moved under this attempt's name (an interrupted move of the same attempt) stays."""
         self.fs.create_dir(self.partition_path(table, dt), recursive=True)
         moved = []
-        for n, rel in enumerate(sorted(parts)):
-            final = posixpath.join(table, f"dt={dt}", f"part-{attempt}-{n:05d}.parquet")
-            self.fs.move(self.path(rel), self.path(final))
+        for rel, final in self._part_names(table, dt, parts, attempt):
+            if not (resume and not self.exists(rel) and self.exists(final)):
+                self.fs.move(self.path(rel), self.path(final))
             moved.append(final)
         return moved
 
@@ -340,14 +347,16 @@ class Lake:
 
     def commit_staged(self, table_name: str, dt: str, publish_id: str) -> list[str]:
         """Move the staged parts beside the partition's current files, under new names; returns their
-        lake-relative paths. Readers do not see them until a manifest names them."""
+        lake-relative paths. Readers do not see them until a manifest names them. A publish retried with the same
+        `publish_id` finds the parts its first try moved already in place."""
         parts = self.staged_parts(table_name, dt)
         if parts is None:
             raise FileNotFoundError(f"nothing staged for {table_name} dt={dt}; run the score stage first")
-        missing = [p for p in parts if not self.exists(p)]
+        missing = [rel for rel, final in self._part_names(table_name, dt, parts, publish_id)
+                   if not self.exists(rel) and not self.exists(final)]
         if missing:
             raise FileNotFoundError(f"staged {table_name} part {missing[0]} is gone; run the score stage again")
-        return self._move_parts_in(table_name, dt, parts, publish_id)
+        return self._move_parts_in(table_name, dt, parts, publish_id, resume=True)
 
     def remove_unlisted_files(self, table_name: str, dt: str, keep: set[str]) -> int:
         """Delete a partition's files other than `keep` (lake-relative): earlier writes, unfinished ones."""

@@ -123,8 +123,9 @@ def test_a_delta_reader_looping_during_republishes_never_fails_and_never_mixes(l
 
 
 @pytest.mark.integration
-def test_dates_published_at_once_each_land_in_their_own_version(tmp_path):
-    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+def test_dates_published_at_once_each_land_in_their_own_version(lake_config):
+    """On a local disk and on S3 (no atomic rename: deltalake's unsafe rename under the lake's tables lock)."""
+    config = lake_config
     lake = Lake(config.run.lake, config.storage)
     errors: list[BaseException] = []
 

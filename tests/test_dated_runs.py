@@ -33,7 +33,7 @@ def snapshot_ids(folder) -> list[str]:
         return sorted(r["product_id"] for r in csv.DictReader(fh))
 
 
-def test_a_backfill_reads_each_dates_own_snapshot_and_a_missing_one_fails_naming_it(tmp_path, capsys):
+def test_a_backfill_reads_each_dates_own_snapshot_and_a_missing_one_fails_naming_it(tmp_path, capsys, caplog):
     make_demo_catalog(tmp_path / "catalog" / f"dt={D1}", products=8, with_bad_rows=False)
     make_demo_catalog(tmp_path / "catalog" / f"dt={D2}", products=13, seed=4, with_bad_rows=False)
     config = tmp_path / "m.toml"
@@ -41,7 +41,7 @@ def test_a_backfill_reads_each_dates_own_snapshot_and_a_missing_one_fails_naming
                                          "catalog": str(tmp_path / "catalog" / "dt={ds}")},
                                  "clean": {"image_size": 32}}))
     assert main(["backfill", "--config", str(config), "--from", D1, "--to", D2, "--steps", "clean"]) == 0
-    assert capsys.readouterr().err.startswith(f"matcher: config {config}")
+    assert capsys.readouterr().err.startswith(f"matcher: config {config}") and "same snapshot" not in caplog.text
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
     for date in (D1, D2):
         clean = sorted(lake.read_partition("clean", date).column("product_id").to_pylist())
@@ -50,6 +50,11 @@ def test_a_backfill_reads_each_dates_own_snapshot_and_a_missing_one_fails_naming
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"matcher: error: stage clean failed: catalog for {D3}: no catalog at ")
     assert f"dt={D3}" in err[-1]
+    # An undated catalog: every date of a backfill would read one snapshot, which the backfill says before it runs.
+    undated = str(tmp_path / "catalog" / f"dt={D1}")
+    assert main(["backfill", "--config", str(config), "--catalog", undated, "--lake", f"file://{tmp_path}/lake2",
+                 "--from", D1, "--to", D2, "--steps", "clean"]) == 0
+    assert f"catalog {undated} has no {{ds}}: every date reads this same snapshot" in caplog.text
 
 
 def test_a_configured_ready_marker_holds_back_a_half_copied_snapshot(tmp_path):

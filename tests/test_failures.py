@@ -364,6 +364,26 @@ def test_submit_exits_1_for_a_config_error_or_a_missing_validation_and_2_for_usa
 
 
 @pytest.mark.integration
+def test_a_deployments_config_is_the_file_given_else_matcher_config_else_the_defaults(tmp_path):
+    """Both entry points of a scheduled stage (an Airflow task in-process, jobs/submit.py) load it this way."""
+    from jobs.context import load_deployment_config
+
+    files = {}
+    for name in ("given", "environment"):
+        files[name] = tmp_path / f"{name}.toml"
+        files[name].write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/{name}", "catalog": str(tmp_path)}}))
+    cfg, source = load_deployment_config(str(files["given"]), {CONFIG_ENV: str(files["environment"])})
+    assert cfg.run.lake == f"file://{tmp_path}/given" and source == str(files["given"])
+    cfg, source = load_deployment_config("", {CONFIG_ENV: str(files["environment"])})
+    assert cfg.run.lake == f"file://{tmp_path}/environment" and source == str(files["environment"])
+    with pytest.raises(ConfigError, match="no catalog configured"):  # the defaults name none
+        load_deployment_config("", {})
+    cfg, source = load_deployment_config("", {}, catalog=str(tmp_path), lake=f"file://{tmp_path}/passed")
+    assert source == "embedded defaults"
+    with pytest.raises(ConfigError, match="is relative"):
+        load_deployment_config("", {}, catalog=str(tmp_path))  # the defaults' lake is relative to a worker's folder
+
+
 def test_submit_exits_75_for_a_busy_date_in_the_lake_its_matcher_config_names(tmp_path):
     """The real entry point (a process, as spark-submit runs it), its config only in $MATCHER_CONFIG: it finds the
     date held in that config's lake (and in no other), and exits 75 for the scheduler to retry."""

@@ -363,7 +363,6 @@ def test_submit_exits_1_for_a_config_error_or_a_missing_validation_and_2_for_usa
         assert exit_.value.code == EXIT_USAGE
 
 
-@pytest.mark.integration
 def test_a_deployments_config_is_the_file_given_else_matcher_config_else_the_defaults(tmp_path):
     """Both entry points of a scheduled stage (an Airflow task in-process, jobs/submit.py) load it this way."""
     from jobs.context import load_deployment_config
@@ -384,6 +383,7 @@ def test_a_deployments_config_is_the_file_given_else_matcher_config_else_the_def
         load_deployment_config("", {}, catalog=str(tmp_path))  # the defaults' lake is relative to a worker's folder
 
 
+@pytest.mark.integration
 def test_submit_exits_75_for_a_busy_date_in_the_lake_its_matcher_config_names(tmp_path):
     """The real entry point (a process, as spark-submit runs it), its config only in $MATCHER_CONFIG: it finds the
     date held in that config's lake (and in no other), and exits 75 for the scheduler to retry."""

@@ -7,6 +7,7 @@ import shutil
 import threading
 
 import duckdb
+import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
@@ -325,3 +326,42 @@ def test_as_of_a_version_only_some_tables_have_refuses_only_a_query_that_reads_t
     assert cli_json(config, "query", sql, "--as-of", "1", capsys=capsys) == [{"n": 2 * 3 + 2}]  # two parts of 3
     assert main(["-q", "query", "SELECT count(*) FROM clean", "--as-of", "1", "--lake", config.run.lake]) == 1
     assert "table clean has no version as of 1" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_each_files_bounds_are_in_the_log_so_delta_readers_skip_files_on_a_filter(tmp_path):
+    """The log records each part's row count, nulls, and smallest and largest product_id and rank (from its
+    footer, over every row group): a Delta reader filtering on a product opens only the parts that may hold it."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    ctx = RunContext(config, D1)
+    from tests.test_publish_atomic import clean_attempt
+    clean_attempt(lake, D1, "a")
+    stage_published_tables(lake, D1, "a")
+    for name in ("recommendations", "embeddings"):  # parts of other products than the staged ones, 2 row groups
+        extra = [f"_work/dt={D1}/extra/{name}-{x}.parquet" for x in "xy"]
+        for part, first in zip(extra, (100, 200)):
+            table = tagged(name, "a", 6)
+            table = table.set_column(0, "product_id", pa.array([f"z{first + i}" for i in range(6)]))
+            lake.fs.create_dir(lake.path(f"_work/dt={D1}/extra"), recursive=True)
+            pq.write_table(table, lake.path(part), filesystem=lake.fs, row_group_size=3)
+        lake.stage_parts(name, D1, lake.staged_parts(name, D1) + extra)
+    run_stage("publish", ctx)
+    actions = pa.table(delta(lake, "recommendations").get_add_actions(flatten=True)).to_pylist()
+    assert len(actions) == 4
+    for action in actions:
+        part = pq.read_table(lake.path(f"recommendations/{action['path']}"), filesystem=lake.fs)
+        ids = part.column("product_id")
+        assert action["num_records"] == part.num_rows
+        assert (action["min.product_id"], action["max.product_id"]) == (pc.min(ids).as_py(), pc.max(ids).as_py())
+        assert action["null_count.rank"] == part.num_rows  # the staged rows have no rank
+        assert "min.similarity" not in action or action["min.similarity"] is None  # floats: no bounds
+    dataset = delta(lake, "recommendations").to_pyarrow_dataset()
+    wanted = pc.field("product_id") == "z201"
+    assert len(list(dataset.get_fragments(filter=wanted))) == 1
+    assert dataset.to_table(filter=wanted).column("product_id").to_pylist() == ["z201"]
+    assert isinstance(dataset, pads.Dataset)

@@ -110,7 +110,36 @@ def _file_record(lake: Lake, table: str, dt: str, file: str) -> FileRecord:
     meta = pq.read_metadata(lake.path(file), filesystem=lake.fs)
     mtime = info.mtime or _dt.datetime.now(_dt.timezone.utc)
     return FileRecord(AddAction(file[len(table) + 1:], info.size, {PARTITION: dt}, int(mtime.timestamp() * 1000),
-                                True, json.dumps({"numRecords": meta.num_rows})), meta.schema.to_arrow_schema())
+                                True, json.dumps(file_statistics(meta))), meta.schema.to_arrow_schema())
+
+
+# Columns whose bounds the log records, so Delta readers skip files on a filter (product_id = 'X'): whole numbers
+# and strings of at most this many characters (a longer bound would need rounding to stay a bound), not floats,
+# whose NaN the footers' bounds leave out.
+_BOUND_STRING_CHARS = 64
+
+
+def file_statistics(meta: pq.FileMetaData) -> dict:
+    """A part file's Delta statistics from its Parquet footer: its rows, and per top-level column its nulls and,
+    for whole numbers and short strings, its smallest and largest value over every row group."""
+    stats: dict = {"numRecords": meta.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    schema = meta.schema.to_arrow_schema()
+    for i, field in enumerate(schema):
+        if pa.types.is_nested(field.type):
+            continue
+        chunks = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
+        if any(c is None for c in chunks):
+            continue
+        if all(c.has_null_count for c in chunks):
+            stats["nullCount"][field.name] = sum(c.null_count for c in chunks)
+        bounded = [c for c in chunks if c.has_min_max]
+        if not (pa.types.is_integer(field.type) or pa.types.is_string(field.type)) or not bounded:
+            continue
+        low, high = min(c.min for c in bounded), max(c.max for c in bounded)
+        if pa.types.is_string(field.type) and max(len(low), len(high)) > _BOUND_STRING_CHARS:
+            continue
+        stats["minValues"][field.name], stats["maxValues"][field.name] = low, high
+    return stats
 
 
 class Logged(NamedTuple):

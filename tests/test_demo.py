@@ -26,6 +26,7 @@ def test_the_demo_publishes_a_night_that_the_later_commands_read(tmp_path):
     doc = json.loads(recs.stdout)
     assert doc["date"] == DATE and len(doc["recommendations"]) == 10
     assert "D00003" not in [r["rec_product_id"] for r in doc["recommendations"]]
+    assert doc["title"] and all(r["title"] for r in doc["recommendations"])  # titles read from the clean table
     count = matcher(["query", "select count(distinct product_id) as n from recommendations", "--json"], tmp_path, 300)
     assert count.returncode == 0, count.stderr[-3000:]
     clean = matcher(["query", "select count(*) as n from clean", "--json"], tmp_path, 300)

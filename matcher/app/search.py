@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from matcher.io.lake import Lake
 from matcher.io.published import NotPublishedError, read_published, resolve_date
@@ -15,18 +14,17 @@ from matcher.steps.vectors import vector_matrix
 
 def titles_for(lake: Lake, date: str, product_ids: list[str]) -> dict[str, str]:
     try:  # the clean table the date's manifest names: a rerun's unpublished clean attempt is not shown
-        clean = read_published(lake, "clean", date, columns=["product_id", "title"])
+        t = read_published(lake, "clean", date, columns=["product_id", "title"],
+                           filters=[("product_id", "in", list(product_ids))])
     except NotPublishedError:
         return {}
-    wanted = pa.array(product_ids, type=pa.string())
-    t = clean.select(["product_id", "title"]).filter(pc.is_in(clean["product_id"], value_set=wanted))
     return dict(zip(t["product_id"].to_pylist(), t["title"].to_pylist()))
 
 
 def recommendations_for(lake: Lake, product_id: str, date: str | None = None) -> pd.DataFrame:
     dt = resolve_date(lake, date)
-    recs = read_published(lake, "recommendations", dt)
-    recs = recs.filter(pc.equal(recs["product_id"], product_id)).to_pandas().sort_values("rank")
+    recs = read_published(lake, "recommendations", dt, filters=[("product_id", "=", product_id)])
+    recs = recs.to_pandas().sort_values("rank")
     if recs.empty:
         raise NotPublishedError(f"product {product_id!r} has no recommendations on {dt}")
     titles = titles_for(lake, dt, [product_id, *recs["rec_product_id"].tolist()])

@@ -305,11 +305,13 @@ class Lake:
             files = (self.committed(table_name, dt) or {}).get("files")
         return None if files is None else [self.path(f) for f in files]
 
-    def read_files(self, table_name: str, files: list[str], columns: list[str] | None = None) -> pa.Table:
-        """Parquet files (full paths) of one table read whole in this process; no files: the table's empty form."""
+    def read_files(self, table_name: str, files: list[str], columns: list[str] | None = None,
+                   filters: list[tuple] | None = None) -> pa.Table:
+        """Parquet files (full paths) of one table read in this process, the rows `filters` keep (pyarrow's DNF;
+        row groups whose footer bounds rule them out are not read); no files: the table's empty form."""
         if not files:
             return _empty(table_name, columns)
-        tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
+        tables = [pq.read_table(f, filesystem=self.fs, columns=columns, filters=filters) for f in files]
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
     def partition_rows(self, table_name: str, dt: str) -> int:

@@ -33,8 +33,10 @@ def resolve_date(lake: Lake, date: str | None) -> str:
     return date
 
 
-def read_published(lake: Lake, table: str, date: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """A published table of a date (the newest by default): the files one manifest names, all of them."""
+def read_published(lake: Lake, table: str, date: str | None = None, columns: list[str] | None = None,
+                   filters: list[tuple] | None = None) -> pa.Table:
+    """A published table of a date (the newest by default): the files one manifest names, all of them; only the
+    rows `filters` keep (Lake.read_files)."""
     dt = resolve_date(lake, date)
     for _ in range(REREADS):
         manifest = lake.manifest(dt)
@@ -42,7 +44,7 @@ def read_published(lake: Lake, table: str, date: str | None = None, columns: lis
         if files is None:
             raise NotPublishedError(f"table {table} has no partition for {dt}")
         try:
-            return lake.read_files(table, files, columns)  # only these columns are read from the files
+            return lake.read_files(table, files, columns, filters)  # only these columns are read from the files
         except OSError:
             if (lake.manifest(dt) or {}).get("publish_id") == (manifest or {}).get("publish_id"):
                 raise  # not a republish: a file its own manifest names is unreadable

@@ -365,3 +365,32 @@ def test_each_files_bounds_are_in_the_log_so_delta_readers_skip_files_on_a_filte
     assert len(list(dataset.get_fragments(filter=wanted))) == 1
     assert dataset.to_table(filter=wanted).column("product_id").to_pylist() == ["z201"]
     assert isinstance(dataset, pads.Dataset)
+
+
+@pytest.mark.integration
+def test_as_of_a_version_never_mixes_two_nights_across_tables(tmp_path, capsys):
+    """Every publish commits each table once and the vacuum commits nothing, so version N is the same night in
+    every table; where the numbers differ (a lake an earlier release vacuumed with deltalake's own vacuum, which
+    committed to some tables only) a query over several tables is refused, not answered from two nights."""
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish_night(config, "g1", D1)  # version 0
+    publish_night(config, "g2", D1)  # version 1
+    publish_night(config, "g3", D2)  # version 2 of every table
+    deleted = cli_json(config, "tables", "vacuum", "--keep-nights", "0", capsys=capsys)["files_deleted"]
+    assert deleted["recommendations"] == 2  # g1's parts: the vacuum deleted files, and committed nothing
+    assert {t: delta(lake, t).version() for t in queryable_tables()} == dict.fromkeys(queryable_tables(), 2)
+    tags_of = "array_to_string(list_sort(list(DISTINCT split_part(product_id, '-', 1))), ',')"
+    both = f"SELECT (SELECT {tags_of} FROM clean) AS clean, (SELECT {tags_of} FROM recommendations) AS recs"  # noqa: S608
+    assert cli_json(config, "query", both, "--as-of", "2", capsys=capsys) == [{"clean": "g2,g3", "recs": "g2,g3"}]
+
+    publish_night(config, "g4", D1)  # version 3: g2's parts of D1 replaced
+    DeltaTable(lake.path("recommendations")).vacuum(retention_hours=0, dry_run=False,
+                                                     enforce_retention_duration=False)  # as an earlier release did
+    assert delta(lake, "recommendations").version() == 5  # VACUUM START and END, in this table alone
+    publish_night(config, "g5", D2)  # recommendations version 6, clean version 4
+    assert main(["-q", "query", both, "--as-of", "4", "--lake", config.run.lake]) == 1
+    err = capsys.readouterr().err
+    assert "version 4 of table clean is another commit than version 4 of recommendations" in err, err
+    alone = f"SELECT {tags_of} AS recs FROM recommendations"  # noqa: S608
+    assert cli_json(config, "query", alone, "--as-of", "4", capsys=capsys) == [{"recs": "g3,g4"}]

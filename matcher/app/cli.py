@@ -232,7 +232,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
     import pyarrow as pa
 
-    from matcher.io.delta_tables import AsOf, TableVersionError, dataset_as_of
+    from matcher.io.delta_tables import AsOf, TableVersionError, datasets_as_of
     from matcher.io.published import published_dataset
     from matcher.io.tables import queryable_tables, table_schema
 
@@ -242,18 +242,11 @@ def cmd_query(args: argparse.Namespace) -> int:
         con = duckdb.connect()
         # Without --as-of: the dates' newest manifests (a night's tables switch together); with it: each table's
         # Delta log at that version or time.
-        refusals: dict[str, TableVersionError] = {}  # --as-of a point a table's log has no version for
-
-        def dataset(name: str):
-            if as_of is None:
-                return published_dataset(lake, name)
-            try:
-                return dataset_as_of(lake, name, as_of)
-            except TableVersionError as exc:  # refused only if the query reads that table
-                refusals[name] = exc
-                return None
-
-        datasets = {name: dataset(name) for name in queryable_tables()}
+        refusals: dict[str, TableVersionError] = {}  # refused only if the query reads that table
+        if as_of is None:
+            datasets = {name: published_dataset(lake, name) for name in queryable_tables()}
+        else:
+            datasets, refusals = datasets_as_of(lake, queryable_tables(), as_of)
         if refusals and not any(d is not None for d in datasets.values()):
             raise next(iter(refusals.values()))
         if not any(d is not None for d in datasets.values()):

@@ -233,8 +233,14 @@ def vacuum_tables(lake: Lake, keep_nights: int, holder: str) -> dict[str, int]:
             if delta is None:
                 continue
             keep = [delta.version() - 1] if delta.version() > 0 else []
-            deleted[table] = len(delta.vacuum(retention_hours=24 * keep_nights, dry_run=False,
-                                              enforce_retention_duration=False, keep_versions=keep))
+            # deltalake lists the files and matcher deletes them: its own vacuum commits VACUUM START and END to
+            # each table it cleans, which would put the tables' version numbers out of step (--as-of VERSION
+            # reads every table at one number).
+            files = delta.vacuum(retention_hours=24 * keep_nights, dry_run=True, enforce_retention_duration=False,
+                                 keep_versions=keep)
+            for file in files:
+                lake.delete_file_quietly(f"{table}/{file}")
+            deleted[table] = len(files)
     return deleted
 
 
@@ -294,6 +300,42 @@ def dataset_as_of(lake: Lake, table: str, as_of: AsOf) -> ds.Dataset | None:
     (DuckDB, pandas and Polars read it as is)."""
     delta = table_as_of(lake, table, as_of)
     return None if delta is None else delta.to_pyarrow_dataset()
+
+
+# The table whose commit a version number names: every publish commits each table once, so the tables' versions
+# agree, except in a table a later release added (its log began later) or a lake an earlier release vacuumed (its
+# vacuum committed to some tables only).
+REFERENCE_TABLE = "recommendations"
+
+
+def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
+                   ) -> tuple[dict[str, ds.Dataset | None], dict[str, TableVersionError]]:
+    """Each table as it was at `as_of` (None: no log), and the tables refused with why: a point before a table's
+    log, or a version number whose commit in that table is not the commit it is in the reference table (another
+    night), so that a query over several tables never mixes two nights."""
+    loaded: dict[str, DeltaTable | None] = {}
+    refused: dict[str, TableVersionError] = {}
+    for table in tables:
+        try:
+            loaded[table] = table_as_of(lake, table, as_of)
+        except TableVersionError as exc:
+            refused[table] = exc
+    if as_of.version is not None and loaded.get(REFERENCE_TABLE) is not None:
+        def commit(table: str) -> dict:  # the newest log's history: a loaded older version's numbers its own way
+            return next((h for h in open_table(lake, table).history() if h["version"] == as_of.version), {})
+
+        want = commit(REFERENCE_TABLE)
+        for table, delta in loaded.items():
+            if delta is None or table == REFERENCE_TABLE:
+                continue
+            got = commit(table)
+            if (got.get("matcher.by"), got.get("matcher.dates")) != (want.get("matcher.by"), want.get("matcher.dates")):
+                refused[table] = TableVersionError(
+                    f"version {as_of.version} of table {table} is another commit than version {as_of.version} of "
+                    f"{REFERENCE_TABLE} ({got.get('operation')} by {got.get('matcher.by')!r} against "
+                    f"{want.get('operation')} by {want.get('matcher.by')!r}): the tables' version numbers differ "
+                    "there; read it --as-of a date or time (the same moment in every table)")
+    return {t: (None if d is None else d.to_pyarrow_dataset()) for t, d in loaded.items() if t not in refused}, refused
 
 
 def history(lake: Lake, table: str) -> list[dict]:

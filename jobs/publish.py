@@ -20,6 +20,8 @@ def run(ctx: RunContext) -> dict:
     lake = ctx.lake
     require_passed(ctx, "publish")  # the clean attempt about to be named is the one validation passed
     scored = ctx.stage_stats("score") or {}
+    if not scored:
+        raise StageError("publish", f"nothing staged for {ctx.date}: run the score stage first")
     current = judged_attempt(lake, ctx.date)
     if scored.get("clean_attempt") != current:
         named = (scored.get("clean_attempt") or {}).get("attempt") or "unknown"

@@ -29,8 +29,9 @@ _RETRYABLE_NAMES = frozenset({
     # botocore / urllib3 / requests
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
     "NewConnectionError", "ProtocolError", "ResponseStreamingError",
-    # matcher: another run holds the date; another process runs the embedded S3 server on the same folder
-    "DateLockedError", "S3ServerBusy",
+    # matcher: another run holds the date; another process runs the embedded S3 server on the same folder; the
+    # catalog's producer has not written its ready marker yet
+    "DateLockedError", "S3ServerBusy", "CatalogNotReady",
     # py4j: the driver lost its JVM
     "Py4JNetworkError",
     # JVM (Spark, Netty, Hadoop S3A, the AWS SDKs)
@@ -250,6 +251,8 @@ def _why_by_name(names: set[str]) -> str:
         return "another run holds the date, or this run lost its lock on it"
     if "S3ServerBusy" in names:
         return "another process runs the embedded S3 server on the same data folder"
+    if "CatalogNotReady" in names:
+        return "the catalog's snapshot is still arriving (no ready marker yet)"
     if "Py4JNetworkError" in names:
         return "the driver lost its Spark JVM"
     if "FetchFailedException" in names:

@@ -180,6 +180,17 @@ def test_a_document_write_that_fails_leaves_the_old_document_and_no_temporary_fi
     assert json.loads((tmp_path / "lake" / "validation" / "dt=2026-05-01" / "result.json").read_text())["success"]
 
 
+def test_publish_before_score_says_to_run_score(tmp_path):
+    from jobs.context import StageError
+
+    ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), D)
+    clean_attempt(ctx.lake, D, "n1")  # cleaned and validated, never scored
+    with pytest.raises(StageError, match=f"^stage publish failed: nothing staged for {D}: run the score stage first$") \
+            as err:
+        run_stage("publish", ctx)
+    assert not err.value.retryable and ctx.lake.manifest(D) is None
+
+
 def test_publish_refuses_tables_scored_from_another_clean_attempt(tmp_path):
     """clean and validate ran again after score: the staged tables describe the earlier catalog, and publishing
     them beside the new clean table would mix two nights in one manifest."""

@@ -116,6 +116,9 @@ def test_the_quarantine_ceiling_comes_from_config(engine):
     outcome = validate_night(engine(clean_frame()), stats, "clean_products", "run_stats", 0.2)
     assert not outcome.success
     assert failed_expectations(outcome) == {("expect_column_values_to_be_between", "quarantine_rate")}
+    # The message and the page show the rate, not how many rows failed ("observed 1" read as a rate of 1).
+    assert outcome.failures()[0].endswith("(observed 1 row outside: 0.5)"), outcome.failures()
+    assert "1 row outside: 0.5" in render_html(outcome, "t")
     assert validate_night(engine(clean_frame()), stats, "clean_products", "run_stats", 0.6).success
 
 

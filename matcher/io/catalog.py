@@ -43,6 +43,10 @@ class CatalogError(ValueError):
     """The input is not a catalog at all: the run stops with this message."""
 
 
+class CatalogNotReady(CatalogError):
+    """The snapshot's ready marker is not there yet: its producer is still writing it; a retry may find it."""
+
+
 @dataclass(frozen=True)
 class CatalogSplit:
     row_group: int | None      # a Parquet row group; None: the whole (text) file
@@ -105,7 +109,7 @@ class CatalogReader:
         path = self.find_products_file()
         marker = self.options.ready_marker
         if marker and not exists(self.fs, posixpath.join(self.root, marker)):
-            raise CatalogError(f"catalog at {self.uri} is not complete: no {marker} marker yet")
+            raise CatalogNotReady(f"catalog at {self.uri} is not complete: no {marker} marker yet")
         return path
 
     def find_products_file(self) -> str:

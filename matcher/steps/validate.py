@@ -81,9 +81,20 @@ def _validate_frame(df: Any, spec: dict, parameters: dict) -> dict:
     for r in result["results"]:
         if not r["success"]:
             kw = {k: v for k, v in r["expectation_config"]["kwargs"].items() if k != "batch_id"}
-            observed = r.get("result", {}).get("observed_value", r.get("result", {}).get("unexpected_count"))
-            failed.append(f"{r['expectation_config']['type']} {kw} (observed {observed})")
+            failed.append(f"{r['expectation_config']['type']} {kw} (observed {observed_text(r.get('result', {}))})")
     return {"suite": spec["name"], "success": bool(result["success"]), "failed": failed, "result": result}
+
+
+def observed_text(result: dict) -> str:
+    """What an expectation saw: its observed value (a table-wide expectation), or for a row-wise one how many rows
+    failed and some of their values (a count alone read as the value: "quarantine_rate ... (observed 1)")."""
+    if "observed_value" in result:
+        return str(result["observed_value"])
+    if "unexpected_count" not in result:
+        return ""
+    examples = result.get("partial_unexpected_list") or []
+    values = f": {', '.join(map(str, examples[:5]))}{', ...' if len(examples) > 5 else ''}" if examples else ""
+    return f"{result['unexpected_count']} row{'s' if result['unexpected_count'] != 1 else ''} outside{values}"
 
 
 def _slim_table(clean: Any) -> Any:
@@ -124,8 +135,7 @@ def render_html(outcome: ValidationOutcome, title: str) -> str:
         for r in suite["result"]["results"]:
             cfg = r["expectation_config"]
             kw = {k: v for k, v in cfg["kwargs"].items() if k != "batch_id"}
-            res = r.get("result", {})
-            observed = res.get("observed_value", res.get("unexpected_count", ""))
+            observed = observed_text(r.get("result", {}))
             status = "pass" if r["success"] else "FAIL"
             rows.append(f"<tr class='{status.lower()}'><td>{html.escape(suite['suite'])}</td>"
                         f"<td>{html.escape(cfg['type'])}</td>"

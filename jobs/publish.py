@@ -90,6 +90,8 @@ def run(ctx: RunContext) -> dict:
         "counts": {k: (stages.get("clean") or {}).get(k) for k in
                    ("input_rows", "clean_rows", "quarantined_rows", "quarantine_by_reason")},
         "features": {k: (stages.get("extract") or {}).get(k) for k in ("embedded", "reused")},
+        # This date's training, which need not be the model that scored it (a refused model, a rescore):
+        "trained_model_version": (stages.get("train") or {}).get("model_version"),
         "metrics": (stages.get("train") or {}).get("metrics"),
         "promotion": (stages.get("train") or {}).get("decision"),
         "stage_seconds": {s: (stats or {}).get("seconds") for s, stats in stages.items()},

@@ -214,6 +214,14 @@ def test_models_on_other_encoders_are_not_compared_and_each_pair_keeps_its_best(
     back = night(lake, "2026-01-03", "m3", {"m1": 0.80, "m3": 0.70})
     assert not back.promoted and "below best served model m1 (0.8000)" in back.decision
     assert back.date_model == "m1"  # the date is scored by a model that reads its features
+    # ... and the decision and the score stage say so, not that the current model (m2, other features) scores it.
+    assert "kept current model m2 (unusable on these features: the date is scored with the best served model m1" \
+        in back.decision
+    stats = {"model_version": "m3", "promoted": False, "date_model": back.date_model,
+             "previous_version": back.current_version}
+    assert model_for_date(None, stats, None, "m2") == ("m1", "the best served model for this date's encoders (its "
+                                                       "new model was not promoted; the current model is for other "
+                                                       "features)")
 
 
 # Backfills ------------------------------------------------------------------------------------------------------

@@ -331,6 +331,21 @@ def test_the_same_products_on_every_render(lake):
     assert _cards(first) == _cards(second)
 
 
+def test_a_date_scored_with_another_model_than_it_trained_names_both(lake):
+    """A rescore (`--model V`) or a refused new model: the report says which model scored the date and which the
+    date trained with its decision, and shows no comparison as if it were the scoring model's."""
+    save_model(lake, "v-served", MatcherModel(SPEC).eval(), {}, {"mean_recall_at_10": 0.6}, [])
+    manifest = lake.manifest(DATE)
+    lake.write_json(Lake.manifest_file(DATE), {
+        **manifest, "model_version": "v-served", "model_source": "given by --model",
+        "trained_model_version": VERSION, "promotion": "refused: below the current model; kept current model v-served"})
+    page = _render(lake)
+    assert "Model <b>v-served</b> scored this date (given by --model)." in page
+    assert f"This date trained model <b>{VERSION}</b>: refused: below the current model" in page
+    assert f"this date's own model {VERSION} and the gate's comparison are in its report" in page
+    assert "No previous model to compare with on this date." not in page
+
+
 def test_a_partition_without_rows_still_renders(tmp_path):
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
     lake.commit_parts("clean", DATE, _write_parts(lake, "clean", "c1", [_clean(["P0000"])]), "c1")

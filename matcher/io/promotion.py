@@ -165,7 +165,9 @@ def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: t
         if not passed:
             comparable_current = any(v == current for _, v, _ in compared)
             outcome.date_model = current if comparable_current else compared[0][1]
-            kept = f"kept current model {current}"
+            kept = f"kept current model {current}" + ("" if comparable_current else (
+                f" (unusable on these features: the date is scored with the best served model "
+                f"{outcome.date_model} for its encoders)"))
             outcome.decision = f"{reason}; {kept}" if reason.startswith("refused:") else f"{kept}: {reason}"
             return outcome
         outcome.date_model = version

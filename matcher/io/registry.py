@@ -95,6 +95,9 @@ def model_for_date(override: str | None, train_stats: dict | None, manifest: dic
             return own, "trained for this date and passed the gate (not promoted: a backfill of an older date)"
         if train_stats.get("promoted"):
             return own, "trained and promoted for this date"
+        if chosen and chosen != train_stats.get("previous_version"):
+            return chosen, ("the best served model for this date's encoders (its new model was not promoted; the "
+                            "current model is for other features)")
         if chosen or train_stats.get("previous_version"):
             return chosen or train_stats["previous_version"], \
                 "current when this date trained (its new model was not promoted)"

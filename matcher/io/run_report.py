@@ -183,8 +183,13 @@ def _summary(manifest: dict) -> str:
                   f"<b data-manifest='ann_recall_at_k'>{found.get('ann_recall_at_k')}</b> on "
                   f"{found.get('ann_recall_queries')} sampled products (target {found.get('ann_target_recall')}, floor "
                   f"{found.get('ann_recall_floor')}).</p>")
-    return (f"<p>Model <b>{html.escape(str(manifest.get('model_version')))}</b>: "
-            f"{html.escape(str(manifest.get('promotion')))}</p>{candidates if found else ''}"
+    scored, trained = manifest.get("model_version"), manifest.get("trained_model_version")
+    model = (f"<p>Model <b>{html.escape(str(scored))}</b> scored this date"
+             f"{' (' + html.escape(str(manifest['model_source'])) + ')' if manifest.get('model_source') else ''}.")
+    if trained:
+        model += (f" This date trained model <b>{html.escape(str(trained))}</b>: "
+                  f"{html.escape(str(manifest.get('promotion')))}.")
+    return (f"{model}</p>{candidates if found else ''}"
             f"<table><tr><th>rows</th><th></th></tr>{cells}</table>"
             f"<h3>Quarantined by reason</h3><table><tr><th>reason</th><th>rows</th></tr>"
             f"{reasons or '<tr><td>none</td><td></td></tr>'}</table>"
@@ -208,7 +213,12 @@ def _quality(lake: Lake, date: str, manifest: dict) -> str:
         true_scores, false_scores = true_and_false_pair_scores(model_pair_scorer(model, z, u), np.arange(len(z)))
         charts += histogram(f"Match probability: own photo+text vs. another's ({len(z)} products sampled)",
                             {"true pairs": true_scores, "false pairs": false_scores})
-    note = "" if previous else "<p>No previous model to compare with on this date.</p>"
+    if train.get("model_version") not in (None, version):
+        note = (f"<p>The figures of model {html.escape(str(version))}, which scored this date; this date's own "
+                f"model {html.escape(str(train.get('model_version')))} and the gate's comparison are in its report "
+                "(models/&lt;version&gt;/report.html).</p>")
+    else:
+        note = "" if previous else "<p>No previous model to compare with on this date.</p>"
     return f'<div class="charts">{charts}</div>{note}{metrics_table(metrics, previous)}'
 
 

@@ -7,6 +7,7 @@ import time
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
@@ -14,12 +15,13 @@ from jobs.spark import get_spark, task_device
 from jobs.spark_lake import Progress, read_partition, write_parts
 from jobs.validate import judged_attempt, require_passed
 from matcher.config import ExtractConfig
-from matcher.io.lake import new_attempt_id
+from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.tables import to_arrow
 from matcher.steps.encoders import extract_precision, feature_versions, load_image_encoder, load_text_encoder
 from matcher.steps.features import extract_features
 
 INPUT_COLUMNS = ["product_id", "title", "description", "image_bytes", "content_hash"]
+REUSE_LOOKS = 7  # earlier features partitions looked at for rows to reuse, newest first
 _ROWS_PER_TASK = 2000  # clean rows per extract task: enough tasks to balance executors, few enough files
 
 # One set of encoders per Python worker, reused by every batch and task that worker runs.
@@ -65,6 +67,21 @@ def _carry_forward(batches: Iterator[pa.RecordBatch]):
         yield "features", batch
 
 
+def reuse_source(lake: Lake, date: str, image_version: str, text_version: str, looks: int = REUSE_LOOKS) -> str | None:
+    """The newest features partition up to `date` (a rerun reuses its own) made with these encoder versions, among
+    the newest `looks`: a night after an encoder experiment was switched back reuses the features from before it.
+    A partition's rows all have one pair of encoders (carried-forward rows match the night's), read from one row."""
+    for earlier in reversed([d for d in lake.partitions("features") if d <= date][-looks:]):
+        for path in lake.partition_files("features", earlier):
+            row = next(pq.ParquetFile(path, filesystem=lake.fs).iter_batches(
+                batch_size=1, columns=["image_encoder", "text_encoder"]), None)
+            if row is not None and row.num_rows:
+                if (row.column(0)[0].as_py(), row.column(1)[0].as_py()) == (image_version, text_version):
+                    return earlier
+                break
+    return None
+
+
 def run(ctx: RunContext) -> dict:
     require_passed(ctx, "extract")
     cfg = ctx.config.extract
@@ -78,17 +95,17 @@ def run(ctx: RunContext) -> dict:
     keys = ["product_id", "content_hash"]
     clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)
     clean_keys = read_partition(spark, lake, "clean", date, columns=keys)
-    earlier = [d for d in lake.partitions("features") if d <= date]
+    source = reuse_source(lake, date, image_version, text_version)
     reused = None
     todo, todo_keys = clean, clean_keys
-    if earlier:
+    if source:
         # Reuse a feature row when product, content hash and both encoder versions are unchanged: a left anti
         # join on executors picks what to embed.
-        previous = (read_partition(spark, lake, "features", earlier[-1])
+        previous = (read_partition(spark, lake, "features", source)
                     .filter((F.col("image_encoder") == image_version) & (F.col("text_encoder") == text_version))
                     .dropDuplicates(["product_id"]))
         reused = previous.join(clean_keys, keys, "left_semi")
-        reused_keys = read_partition(spark, lake, "features", earlier[-1],
+        reused_keys = read_partition(spark, lake, "features", source,
                                      columns=keys + ["image_encoder", "text_encoder"]) \
             .filter((F.col("image_encoder") == image_version) & (F.col("text_encoder") == text_version)).select(keys)
         todo = clean.join(reused_keys, keys, "left_anti")
@@ -113,9 +130,9 @@ def run(ctx: RunContext) -> dict:
     reused_rows = int(doc["rows"]) - to_embed
     rate = to_embed / seconds if seconds and to_embed else 0.0
     log.info("extract: embedded %d products (%.1f items/s), reused %d from %s", to_embed, rate, reused_rows,
-             earlier[-1] if earlier else "nothing")
+             source or "nothing")
     return {"embedded": int(to_embed), "reused": reused_rows, "feature_rows": int(doc["rows"]),
             "items_per_second": rate, "precision": precision, "image_encoder": image_version,
             "text_encoder": text_version,
-            "reused_from": earlier[-1] if earlier else None,
+            "reused_from": source,
             "clean_attempt": judged_attempt(lake, date)}  # train and score refuse features of another attempt

@@ -110,3 +110,6 @@ def test_a_change_of_precision_embeds_the_catalog_again_and_never_mixes_precisio
     # The same precision again: everything reused.
     third = night("2026-03-03", "bf16")
     assert third["embedded"] == 0 and third["reused"] == 12
+    # Back to fp32 (an experiment switched back): the fp32 night's features, two nights old, are reused.
+    fourth = night("2026-03-04", "fp32")
+    assert fourth["embedded"] == 0 and fourth["reused"] == 12 and fourth["reused_from"] == "2026-03-01"

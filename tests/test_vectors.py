@@ -60,6 +60,9 @@ def test_categories_from_partition_sums_equal_the_whole_catalogs():
     assert agreement == {"labelled": 20, "agree": sum(c == p for c, p in labelled)}
     assert table.column("agrees").to_pylist()[2:4] == [None, None]
     assert category_centroids(acc, 100, 4)[0] == []  # no category has 100 products: nothing is predicted
+    none, agreement = predict_categories(pa.array(["p0", "p1"]), ["a", ""], v[:2], [], np.zeros((0, 4)), "m1")
+    assert none.column("predicted_category").to_pylist() == none.column("score").to_pylist() == [None, None]
+    assert none.column("agrees").to_pylist() == [None, None] and agreement == {"labelled": 0, "agree": 0}
 
 
 def test_recommendation_rows_keep_the_best_k_by_the_blended_score():

@@ -67,10 +67,11 @@ def predict_categories(product_ids: pa.Array, categories: list[str | None], vect
     if names:
         scores, idx = topk(vectors, centroids, k=1)
         predicted, score = [names[i] for i in idx[:, 0]], np.clip(scores[:, 0], -1.0, 1.0)
-    else:
-        predicted, score = [""] * len(cats), np.zeros(len(cats), np.float32)
-    agrees = [bool(c == p) if c else None for c, p in zip(cats, predicted)]
-    table = pa.table({"product_id": product_ids, "category": cats, "predicted_category": predicted,
+    else:  # no category qualifies (a catalog without labels): no prediction, not a prediction of ""
+        predicted, score = [None] * len(cats), [None] * len(cats)
+    agrees = [bool(c == p) if c and p is not None else None for c, p in zip(cats, predicted)]
+    table = pa.table({"product_id": product_ids, "category": cats,
+                      "predicted_category": pa.array(predicted, pa.string()),
                       "score": pa.array(score, pa.float32()), "agrees": pa.array(agrees, pa.bool_()),
                       "model_version": [version] * len(cats)})
     labelled = [a for a in agrees if a is not None]

@@ -392,6 +392,11 @@ def test_a_manual_promotion_pins_the_bar_and_the_cli_says_how_to_rescore(lake, t
     listing = capsys.readouterr().out.splitlines()
     assert any(line.startswith("*  m3 ") for line in listing), listing  # current
     assert any(line.startswith(" ^ m1 ") for line in listing), listing  # still the best served (m3 only equals it)
+    # A broken current.json: the listing still marks the best served model, whose record reads.
+    lake.write_bytes("models/current.json", b"garbage")
+    assert main(["-q", "models", "--config", str(config)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(" ^ m1 ") for line in listing) and not any(line.startswith("*") for line in listing)
 
 
 def test_promoting_repairs_an_unreadable_registry(lake):

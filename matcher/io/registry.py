@@ -220,11 +220,16 @@ def list_models(lake: Lake) -> list[dict]:
     base = lake.path(Lake.MODELS_DIR)
     if not lake.exists(Lake.MODELS_DIR):
         return []
+    # The listing is how an operator looks into a broken registry: each record that reads is shown, the rest named.
+    current, best = None, set()
     try:
-        current, best = current_version(lake), set(read_served(lake)["best"].values())
-    except ModelError as exc:  # the listing is how an operator looks into a broken registry: list what is there
+        current = current_version(lake)
+    except ModelError as exc:
         logging.getLogger("matcher").warning("%s", exc)
-        current, best = None, set()
+    try:
+        best = set(read_served(lake)["best"].values())
+    except ModelError as exc:
+        logging.getLogger("matcher").warning("%s", exc)
     out = []
     for info in lake.fs.get_file_info(pafs.FileSelector(base, recursive=False)):
         if info.type != pafs.FileType.Directory:

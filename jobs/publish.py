@@ -54,7 +54,7 @@ def run(ctx: RunContext) -> dict:
     # moves, or after the tables' logs committed but before the manifest) finishes the same publish.
     pending = lake.read_json(Lake.staged_file(PUBLISHING, ctx.date)) or {}
     publish_id = pending.get("publish_id") or new_attempt_id()
-    if not pending:
+    if pending.get("publish_id") != publish_id:
         lake.write_json(Lake.staged_file(PUBLISHING, ctx.date), {"publish_id": publish_id})
     previous = lake.manifest(ctx.date)
     replaced = (previous.get("previous") if previous is not None and previous.get("publish_id") == publish_id

@@ -391,6 +391,22 @@ def test_as_of_a_version_never_mixes_two_nights_across_tables(tmp_path, capsys):
     publish_night(config, "g5", D2)  # recommendations version 6, clean version 4
     assert main(["-q", "query", both, "--as-of", "4", "--lake", config.run.lake]) == 1
     err = capsys.readouterr().err
-    assert "version 4 of table clean is another commit than version 4 of recommendations" in err, err
+    assert "version 4 of table clean is another night than version 4 of recommendations" in err, err
     alone = f"SELECT {tags_of} AS recs FROM recommendations"  # noqa: S608
     assert cli_json(config, "query", alone, "--as-of", "4", capsys=capsys) == [{"recs": "g3,g4"}]
+
+
+def test_a_row_group_without_bounds_leaves_its_files_column_unbounded(tmp_path):
+    """A writer keeps no bounds for a row group holding a very long value: the file's bounds from its other row
+    groups would rule out rows it holds, and a Delta reader would skip them."""
+    import pyarrow.parquet as pq
+
+    from matcher.io.delta_tables import file_statistics
+
+    table = pa.table({"title": ["m", "n", "a", "z" * 5000], "rank": pa.array([1, 2, None, None], pa.int32()),
+                      "note": pa.array([None, None, None, None], pa.string())})
+    pq.write_table(table, tmp_path / "p.parquet", row_group_size=2)
+    stats = file_statistics(pq.read_metadata(tmp_path / "p.parquet"))
+    assert "title" not in stats["minValues"] and "title" not in stats["maxValues"]
+    assert (stats["minValues"]["rank"], stats["maxValues"]["rank"]) == (1, 2)  # a group of nulls alone is no bound
+    assert stats["nullCount"] == {"title": 0, "rank": 2, "note": 4} and "note" not in stats["minValues"]

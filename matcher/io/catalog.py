@@ -298,7 +298,13 @@ class CatalogReader:
             with fs.open_input_stream(path) as fh:
                 data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         except FileNotFoundError:
-            if self._is_folder(fs, path):  # S3: a prefix with objects under it is no object of its own
+            try:  # S3: a prefix with objects under it is no object of its own
+                folder = fs.get_file_info(path).type == pafs.FileType.Directory
+            except OSError as lookup:
+                if isinstance(fs, pafs.S3FileSystem) and classify(lookup).retryable:
+                    raise  # the store stopped answering: not this photo's fault, the task is retried
+                folder = False
+            if folder:
                 raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]} is a folder, not a file") from None
             raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
         except OSError as exc:
@@ -320,13 +326,6 @@ class CatalogReader:
         if max_bytes is not None and len(data) > max_bytes:
             raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_bytes} bytes at {ref[:200]}")
         return data
-
-    @staticmethod
-    def _is_folder(fs: pafs.FileSystem, path: str) -> bool:
-        try:
-            return fs.get_file_info(path).type == pafs.FileType.Directory
-        except OSError:
-            return False
 
     def _file_uri_path(self, ref: str, literal: str) -> str:
         """The local path a file:// reference names: percent-decoded as a URI is (Path.as_uri() writes a space

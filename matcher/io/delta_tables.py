@@ -123,16 +123,21 @@ def file_statistics(meta: pq.FileMetaData) -> dict:
     """A part file's Delta statistics from its Parquet footer: its rows, and per top-level column its nulls and,
     for whole numbers and short strings, its smallest and largest value over every row group."""
     stats: dict = {"numRecords": meta.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
-    schema = meta.schema.to_arrow_schema()
-    for i, field in enumerate(schema):
-        if pa.types.is_nested(field.type):
+    leaves = {meta.schema.column(j).path: j for j in range(meta.num_columns)}  # the footer indexes leaf columns
+    for field in meta.schema.to_arrow_schema():
+        if pa.types.is_nested(field.type) or field.name not in leaves:
             continue
-        chunks = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
-        if any(c is None for c in chunks):
+        groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+        chunks = [(g.column(leaves[field.name]).statistics, g.num_rows) for g in groups]
+        if any(c is None for c, _ in chunks):
             continue
-        if all(c.has_null_count for c in chunks):
-            stats["nullCount"][field.name] = sum(c.null_count for c in chunks)
-        bounded = [c for c in chunks if c.has_min_max]
+        if all(c.has_null_count for c, _ in chunks):
+            stats["nullCount"][field.name] = sum(c.null_count for c, _ in chunks)
+        # A row group without bounds (a value too long for the writer to keep them) leaves the file unbounded;
+        # only one of nulls alone may be left out.
+        if not all(c.has_min_max or (c.has_null_count and c.null_count == rows) for c, rows in chunks):
+            continue
+        bounded = [c for c, _ in chunks if c.has_min_max]
         if not (pa.types.is_integer(field.type) or pa.types.is_string(field.type)) or not bounded:
             continue
         low, high = min(c.min for c in bounded), max(c.max for c in bounded)
@@ -191,10 +196,21 @@ def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) 
     with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
         opened = {table: open_table(lake, table) for table in queryable_tables()}
         migrated = _migrate(lake, [table for table, delta in opened.items() if delta is None], holder)
-        return {table: Logged(_commit(lake, table, {dt: table_records}, holder,
-                                      None if table in migrated else opened.get(table)),
+
+        def version(table: str, table_records: list[FileRecord]) -> int:
+            delta = None if table in migrated else opened.get(table)
+            if delta is not None and _newest_commit_is(delta, holder, dt):
+                return delta.version()  # a retry of this publish: committed by its first try, not again
+            return _commit(lake, table, {dt: table_records}, holder, delta)
+
+        return {table: Logged(version(table, table_records),
                               sum(json.loads(r.add.stats)["numRecords"] for r in table_records))
                 for table, table_records in records.items()}
+
+
+def _newest_commit_is(delta: DeltaTable, holder: str, dt: str) -> bool:
+    newest = delta.history(limit=1)
+    return bool(newest) and newest[0].get("matcher.by") == holder and newest[0].get("matcher.dates") == dt
 
 
 def migrate_tables(lake: Lake, holder: str) -> dict[str, int]:
@@ -308,6 +324,18 @@ def dataset_as_of(lake: Lake, table: str, as_of: AsOf) -> ds.Dataset | None:
 REFERENCE_TABLE = "recommendations"
 
 
+def _visible_commit(lake: Lake, table: str, version: int) -> tuple[str, str] | None:
+    """(writer, dates) of the newest of matcher's commits at or before `version`: the publish (or migration) whose
+    data that version shows (a vacuum's commits change none). From the newest log: deltalake numbers the history of
+    a table loaded at an older version its own way."""
+    delta = open_table(lake, table)
+    for limit in (delta.version() - version + 16, None):  # most often a few commits back; else the whole log
+        for h in sorted(delta.history(limit=limit), key=lambda h: -h["version"]):
+            if h["version"] <= version and h.get("matcher.by"):
+                return h["matcher.by"], h.get("matcher.dates")
+    return None
+
+
 def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
                    ) -> tuple[dict[str, ds.Dataset | None], dict[str, TableVersionError]]:
     """Each table as it was at `as_of` (None: no log), and the tables refused with why: a point before a table's
@@ -320,21 +348,17 @@ def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
             loaded[table] = table_as_of(lake, table, as_of)
         except TableVersionError as exc:
             refused[table] = exc
-    if as_of.version is not None and loaded.get(REFERENCE_TABLE) is not None:
-        def commit(table: str) -> dict:  # the newest log's history: a loaded older version's numbers its own way
-            return next((h for h in open_table(lake, table).history() if h["version"] == as_of.version), {})
-
-        want = commit(REFERENCE_TABLE)
-        for table, delta in loaded.items():
-            if delta is None or table == REFERENCE_TABLE:
-                continue
-            got = commit(table)
-            if (got.get("matcher.by"), got.get("matcher.dates")) != (want.get("matcher.by"), want.get("matcher.dates")):
+    present = [t for t in loaded if loaded[t] is not None]
+    if as_of.version is not None and present:
+        reference = REFERENCE_TABLE if REFERENCE_TABLE in present else present[0]
+        want = _visible_commit(lake, reference, as_of.version)
+        for table in present:
+            got = _visible_commit(lake, table, as_of.version)
+            if table != reference and (got is None or want is None or got != want):
                 refused[table] = TableVersionError(
-                    f"version {as_of.version} of table {table} is another commit than version {as_of.version} of "
-                    f"{REFERENCE_TABLE} ({got.get('operation')} by {got.get('matcher.by')!r} against "
-                    f"{want.get('operation')} by {want.get('matcher.by')!r}): the tables' version numbers differ "
-                    "there; read it --as-of a date or time (the same moment in every table)")
+                    f"version {as_of.version} of table {table} is another night than version {as_of.version} of "
+                    f"{reference} (their data was last written by {got!r} and {want!r}): the tables' version "
+                    "numbers differ there; read it --as-of a date or time (the same moment in every table)")
     return {t: (None if d is None else d.to_pyarrow_dataset()) for t, d in loaded.items() if t not in refused}, refused
 
 

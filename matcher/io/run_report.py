@@ -189,6 +189,8 @@ def _summary(manifest: dict) -> str:
     if trained:
         model += (f" This date trained model <b>{html.escape(str(trained))}</b>: "
                   f"{html.escape(str(manifest.get('promotion')))}.")
+    elif manifest.get("promotion"):  # a manifest from before it named the trained model
+        model += f" Promotion: {html.escape(str(manifest['promotion']))}."
     return (f"{model}</p>{candidates if found else ''}"
             f"<table><tr><th>rows</th><th></th></tr>{cells}</table>"
             f"<h3>Quarantined by reason</h3><table><tr><th>reason</th><th>rows</th></tr>"

@@ -90,7 +90,7 @@ def observed_text(result: dict) -> str:
     failed and some of their values (a count alone read as the value: "quarantine_rate ... (observed 1)")."""
     if "observed_value" in result:
         return str(result["observed_value"])
-    if "unexpected_count" not in result:
+    if result.get("unexpected_count") is None:
         return ""
     examples = result.get("partial_unexpected_list") or []
     values = f": {', '.join(map(str, examples[:5]))}{', ...' if len(examples) > 5 else ''}" if examples else ""

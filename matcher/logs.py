@@ -83,6 +83,8 @@ def configure_logging(level: int = logging.INFO, fmt: str = "text", stream: IO[s
         root.removeHandler(old)
     handler._matcher = True  # type: ignore[attr-defined]  # replaced, not stacked, by a second call
     root.addHandler(handler)
-    root.setLevel(level)
+    # Other libraries' records from warnings up (torch logs statistics at INFO when the process exits).
+    root.setLevel(max(level, logging.WARNING))
+    logging.getLogger("matcher").setLevel(level)
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -10,11 +10,12 @@ from matcher.logs import configure_logging, log_context, progress_bar, progress_
 
 @pytest.fixture
 def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    root, ours = logging.getLogger(), logging.getLogger("matcher")
+    handlers, level, our_level = list(root.handlers), root.level, ours.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    ours.setLevel(our_level)
 
 
 def test_text_lines_name_the_stage_date_and_run_inside_a_context(restore_logging):
@@ -24,7 +25,10 @@ def test_text_lines_name_the_stage_date_and_run_inside_a_context(restore_logging
     log.info("before")
     with log_context(stage="score", date="2026-01-02", run_id="scheduled__1"):
         log.info("scoring %d products", 7)
+    logging.getLogger("torch._subclasses.fake_tensor").info("cache_misses: 0")  # another library's statistics
+    logging.getLogger("torch").warning("a warning")
     lines = out.getvalue().splitlines()
+    assert "cache_misses" not in out.getvalue() and lines[-1].endswith("WARNING torch: a warning")
     assert lines[0].endswith("INFO matcher: before")
     assert lines[1].endswith("INFO matcher [stage=score] [date=2026-01-02] [run_id=scheduled__1]: scoring 7 products")
 

@@ -133,8 +133,8 @@ def file_statistics(meta: pq.FileMetaData) -> dict:
             continue
         if all(c.has_null_count for c, _ in chunks):
             stats["nullCount"][field.name] = sum(c.null_count for c, _ in chunks)
-        # A row group without bounds (a value too long for the writer to keep them) leaves the file unbounded;
-        # only one of nulls alone may be left out.
+        # A row group without bounds (a value too long for the writer to keep them) leaves the file unbounded,
+        # unless it holds nulls alone.
         if not all(c.has_min_max or (c.has_null_count and c.null_count == rows) for c, rows in chunks):
             continue
         bounded = [c for c, _ in chunks if c.has_min_max]

@@ -297,29 +297,19 @@ class CatalogReader:
         try:
             with fs.open_input_stream(path) as fh:
                 data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
-        except FileNotFoundError:
-            try:  # S3: a prefix with objects under it is no object of its own
-                folder = fs.get_file_info(path).type == pafs.FileType.Directory
-            except OSError as lookup:
-                if isinstance(fs, pafs.S3FileSystem) and classify(lookup).retryable:
-                    raise  # the store stopped answering: not this photo's fault, the task is retried
-                folder = False
-            if folder:
-                raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]} is a folder, not a file") from None
-            raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
-        except OSError as exc:
+        except OSError as exc:  # not found included: on S3 a prefix with objects under it is no object of its own
             try:
                 kind = fs.get_file_info(path).type
             except OSError as lookup:  # a path the filesystem cannot even look up (too long, bad characters)
                 if isinstance(fs, pafs.S3FileSystem) and classify(lookup).retryable:
                     # The store does not answer at all (down, throttling): not this photo's fault. Fail the task
                     # so the stage is retried, instead of quarantining every good product read in an outage.
-                    raise exc from None
+                    raise (lookup if isinstance(exc, FileNotFoundError) else exc) from None
                 kind = None
-            if kind == pafs.FileType.NotFound:
-                raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
             if kind == pafs.FileType.Directory:  # a bucket or a folder named as the photo
                 raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]} is a folder, not a file") from None
+            if kind == pafs.FileType.NotFound or isinstance(exc, FileNotFoundError):
+                raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
             if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
                 raise  # the store answered the lookup but failed the read for now (a reset, a throttle): retried
             raise ImageRejected(Reason.IMAGE_UNREADABLE, str(exc)[:200]) from None

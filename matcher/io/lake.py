@@ -195,23 +195,20 @@ class Lake:
         return [(rel, posixpath.join(table, f"dt={dt}", f"part-{attempt}-{n:05d}.parquet"))
                 for n, rel in enumerate(sorted(parts))]
 
-    def _move_parts_in(self, table: str, dt: str, parts: list[str], attempt: str, resume: bool = False) -> list[str]:
-        """Move part files (lake-relative) into the partition folder under new names; returns their new paths.
-        `resume`: a part already moved under this attempt's name (an interrupted move of the same attempt) stays."""
+    def _move_parts_in(self, table: str, dt: str, moves: list[tuple[str, str]]) -> list[str]:
+        """Move part files (lake-relative) into the partition folder under the names _part_names gave them; returns
+        their new paths."""
         self.fs.create_dir(self.partition_path(table, dt), recursive=True)
-        moved = []
-        for rel, final in self._part_names(table, dt, parts, attempt):
-            if not (resume and not self.exists(rel) and self.exists(final)):
-                self.fs.move(self.path(rel), self.path(final))
-            moved.append(final)
-        return moved
+        for rel, final in moves:
+            self.fs.move(self.path(rel), self.path(final))
+        return [final for _, final in moves]
 
     def commit_parts(self, table: str, dt: str, parts: list[str], attempt: str) -> dict:
         """Commit an internal table's partition: the part files move in beside the previous ones, the commit file
         naming them is the switch for the run's later stages, then the files no commit point names go (those a
         published manifest names stay: readers of the date see them until publish names others). Returns the
         commit document."""
-        files = self._move_parts_in(table, dt, parts, attempt)
+        files = self._move_parts_in(table, dt, self._part_names(table, dt, parts, attempt))
         rows = sum(pq.read_metadata(self.path(f), filesystem=self.fs).num_rows for f in files)
         doc = {"table": table, "dt": dt, "attempt": attempt, "files": files, "rows": rows}
         self.write_json(posixpath.join(table, f"dt={dt}", COMMIT_FILE), doc)
@@ -354,11 +351,17 @@ class Lake:
         parts = self.staged_parts(table_name, dt)
         if parts is None:
             raise FileNotFoundError(f"nothing staged for {table_name} dt={dt}; run the score stage first")
-        missing = [rel for rel, final in self._part_names(table_name, dt, parts, publish_id)
-                   if not self.exists(rel) and not self.exists(final)]
+        names = self._part_names(table_name, dt, parts, publish_id)
+        waiting, missing = [], []  # to move; neither staged nor moved in by an earlier try of this publish
+        for rel, final in names:
+            if self.exists(rel):
+                waiting.append((rel, final))
+            elif not self.exists(final):
+                missing.append(rel)
         if missing:
             raise FileNotFoundError(f"staged {table_name} part {missing[0]} is gone; run the score stage again")
-        return self._move_parts_in(table_name, dt, parts, publish_id, resume=True)
+        self._move_parts_in(table_name, dt, waiting)
+        return [final for _, final in names]
 
     def remove_unlisted_files(self, table_name: str, dt: str, keep: set[str]) -> int:
         """Delete a partition's files other than `keep` (lake-relative): earlier writes, unfinished ones."""

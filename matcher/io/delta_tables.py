@@ -311,13 +311,6 @@ def table_as_of(lake: Lake, table: str, as_of: AsOf) -> DeltaTable | None:
     return delta
 
 
-def dataset_as_of(lake: Lake, table: str, as_of: AsOf) -> ds.Dataset | None:
-    """The table as it was at `as_of`, every date, with its `dt` column: an Arrow dataset over that version's files
-    (DuckDB, pandas and Polars read it as is)."""
-    delta = table_as_of(lake, table, as_of)
-    return None if delta is None else delta.to_pyarrow_dataset()
-
-
 # The table whose commit a version number names: every publish commits each table once, so the tables' versions
 # agree, except in a table a later release added (its log began later) or a lake an earlier release vacuumed (its
 # vacuum committed to some tables only).
@@ -338,9 +331,10 @@ def _visible_commit(lake: Lake, table: str, version: int) -> tuple[str, str] | N
 
 def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
                    ) -> tuple[dict[str, ds.Dataset | None], dict[str, TableVersionError]]:
-    """Each table as it was at `as_of` (None: no log), and the tables refused with why: a point before a table's
-    log, or a version number whose commit in that table is not the commit it is in the reference table (another
-    night), so that a query over several tables never mixes two nights."""
+    """Each table as it was at `as_of` (None: no log), as an Arrow dataset over that version's files with its `dt`
+    column (DuckDB, pandas and Polars read it as is), and the tables refused with why: a point before a table's
+    log, or a version number whose data in that table is another night's than in the reference table, so that a
+    query over several tables never mixes two nights."""
     loaded: dict[str, DeltaTable | None] = {}
     refused: dict[str, TableVersionError] = {}
     for table in tables:
@@ -352,9 +346,9 @@ def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
     if as_of.version is not None and present:
         reference = REFERENCE_TABLE if REFERENCE_TABLE in present else present[0]
         want = _visible_commit(lake, reference, as_of.version)
-        for table in present:
+        for table in (t for t in present if t != reference):
             got = _visible_commit(lake, table, as_of.version)
-            if table != reference and (got is None or want is None or got != want):
+            if got is None or want is None or got != want:
                 refused[table] = TableVersionError(
                     f"version {as_of.version} of table {table} is another night than version {as_of.version} of "
                     f"{reference} (their data was last written by {got!r} and {want!r}): the tables' version "

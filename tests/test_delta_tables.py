@@ -20,7 +20,7 @@ from matcher.io.delta_tables import AsOf, history, open_table, storage_options, 
 from matcher.io.lake import Lake
 from matcher.io.published import read_published
 from matcher.io.tables import queryable_tables
-from tests.test_publish_atomic import publish_night, stage_published_tables, tagged, tags
+from tests.test_publish_atomic import clean_attempt, publish_night, stage_published_tables, tagged, tags
 
 D1, D2 = "2026-05-01", "2026-05-02"
 
@@ -339,7 +339,6 @@ def test_each_files_bounds_are_in_the_log_so_delta_readers_skip_files_on_a_filte
     config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
     lake = Lake(config.run.lake, config.storage)
     ctx = RunContext(config, D1)
-    from tests.test_publish_atomic import clean_attempt
     clean_attempt(lake, D1, "a")
     stage_published_tables(lake, D1, "a")
     for name in ("recommendations", "embeddings"):  # parts of other products than the staged ones, 2 row groups

@@ -210,6 +210,28 @@ def test_query_as_of_reads_an_earlier_version_and_the_vacuum_keeps_what_the_poli
     assert main(["-q", "query", sql, "--as-of", "0", "--lake", config.run.lake]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--as-of 0: a file of that version is gone" in err[0] and "vacuum" in err[0], err
+    assert main(["-q", "recommend", "g1-0", "--as-of", "0", "--lake", config.run.lake]) == 1  # and recommend
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--as-of 0: a file of that version is gone" in err[0], err
+
+
+@pytest.mark.integration
+def test_recommend_as_of_reads_a_products_recommendations_and_titles_from_an_earlier_version(tmp_path, capsys):
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    publish_night(config, "g1", D1)  # version 0: products g1-*, their titles and model_version "g1"
+    publish_night(config, "g2", D1)  # version 1 replaces the night: products g2-*
+    publish_night(config, "g3", D2)  # version 2: a later date
+    assert main(["-q", "recommend", "g1-0", "--lake", config.run.lake]) == 1  # the newest publish has no g1 products
+    assert "no recommendations on " + D2 in capsys.readouterr().err
+    old = cli_json(config, "recommend", "g1-0", "--as-of", "0", capsys=capsys)
+    assert old["date"] == D1 and old["title"] == "g1", old  # the date then newest, and the title of that night
+    assert {r["model_version"] for r in old["recommendations"]} == {"g1"} and len(old["recommendations"]) == 2
+    assert cli_json(config, "recommend", "g2-1", "--as-of", "1", capsys=capsys)["title"] == "g2"
+    assert cli_json(config, "recommend", "g2-1", "--date", D1, capsys=capsys)["title"] == "g2"
+    assert main(["-q", "recommend", "g2-1", "--date", D2, "--as-of", "1", "--lake", config.run.lake]) == 1
+    assert f"no published partition for {D2} as of 1" in capsys.readouterr().err
+    assert main(["-q", "recommend", "g1-0", "--as-of", "2020-01-01", "--lake", config.run.lake]) == 1
+    assert "has no version as of 2020-01-01" in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -110,7 +110,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from matcher.app.search import recommendations_for
 
     with storage_ready(resolve_config(args.config)) as cfg:
-        recs = recommendations_for(_lake(cfg, args.lake), args.product_id, args.date)
+        recs = recommendations_for(_lake(cfg, args.lake), args.product_id, args.date, args.as_of)
     if args.json:
         _print_json({"product_id": args.product_id, "title": recs.attrs["query_title"], "date": recs.attrs["date"],
                      "recommendations": _records(recs)})
@@ -125,7 +125,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from matcher.app.search import search_text
 
     with storage_ready(resolve_config(args.config)) as cfg:
-        hits = search_text(_lake(cfg, args.lake), args.text, k=args.k, date=args.date, by=args.by)
+        hits = search_text(_lake(cfg, args.lake), args.text, k=args.k, date=args.date, by=args.by, as_of=args.as_of)
     if args.json:
         _print_json(_records(hits))
         return 0
@@ -232,7 +232,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
     import pyarrow as pa
 
-    from matcher.io.delta_tables import AsOf, TableVersionError, datasets_as_of
+    from matcher.io.delta_tables import AsOf, TableVersionError, datasets_as_of, version_gone
     from matcher.io.published import published_dataset
     from matcher.io.tables import queryable_tables, table_schema
 
@@ -272,9 +272,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             if missing is not None:
                 raise refusals[missing] from None
             if as_of is not None and isinstance(exc, (duckdb.IOException, duckdb.InvalidInputException)):
-                raise TableVersionError(f"--as-of {args.as_of}: a file of that version is gone; `matcher tables "
-                                        "vacuum` deletes the files of versions replaced more than "
-                                        "tables.keep_nights nights ago") from None
+                raise version_gone(args.as_of) from None
             raise ValueError(f"query failed: {first_line}") from None
         if df is None:
             return 0
@@ -387,6 +385,13 @@ def _keep_nights_argument(value: str) -> int:
     return int(value)
 
 
+def as_of_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--as-of", metavar="VERSION|DATE|TIME",
+                   help="read each table as its Delta log held it: at that table version (a number, see `matcher "
+                        "tables history`), or at a date's end or an ISO time (UTC unless it names a zone); default: "
+                        "the newest publish of each date")
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -438,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("product_id", help="the product whose recommendations to print")
     p.add_argument("--json", action="store_true", help="print JSON (the product, its title, the date and its ranked "
                    "recommendations) instead of lines")
+    as_of_argument(p)
     p.set_defaults(handler=cmd_recommend)
 
     p = sub.add_parser("search", help="text search (English or Chinese) over the published products")
@@ -448,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("product", "photo"), default="product",
                    help="product: photo and text together (fused vectors); photo: the photos alone, normalised by "
                         "their hubness")
+    as_of_argument(p)
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("evaluate", help="held-out metrics of the model behind a published partition, as JSON")
@@ -483,10 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")
     p.add_argument("--max-rows", type=int, default=50, help="rows printed at most (default 50; not with --json)")
     p.add_argument("--json", action="store_true", help="print every result row as a JSON array instead of a table")
-    p.add_argument("--as-of", metavar="VERSION|DATE|TIME",
-                   help="read each table as its Delta log held it: at that table version (a number, see `matcher "
-                        "tables history`), or at a date's end or an ISO time (UTC unless it names a zone); default: "
-                        "the newest publish of each date")
+    as_of_argument(p)
     p.set_defaults(handler=cmd_query)
 
     p = sub.add_parser("tables", help="the lake's tables: describe each (columns, meaning, query), or their Delta "

@@ -4,30 +4,42 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 
+from matcher.io.delta_tables import AsOf, TablesAsOf, TableVersionError
 from matcher.io.lake import Lake
-from matcher.io.published import NotPublishedError, read_published, resolve_date
+from matcher.io.published import NewestManifests, NotPublishedError
 from matcher.io.registry import load_model
 from matcher.steps.hubness import inner_product_form
 from matcher.steps.search import query_vectors, search_vectors
 from matcher.steps.vectors import vector_matrix
 
 
-def titles_for(lake: Lake, date: str, product_ids: list[str]) -> dict[str, str]:
+def published_tables_as_of(lake: Lake, tables: list[str], as_of: str | None) -> NewestManifests | TablesAsOf:
+    """What a command reads: the dates' newest manifests, or (--as-of VERSION|DATE|TIME) the tables' Delta logs
+    at that point, every table the same night's."""
+    return NewestManifests(lake) if as_of is None else TablesAsOf(lake, tables, AsOf.parse(as_of), as_of)
+
+
+def titles_for(published: NewestManifests | TablesAsOf, date: str, product_ids: list[str]) -> dict[str, str]:
     try:  # the clean table the date's manifest names: a rerun's unpublished clean attempt is not shown
-        t = read_published(lake, "clean", date, columns=["product_id", "title"],
+        t = published.read("clean", date, columns=["product_id", "title"],
                            filters=[("product_id", "in", list(product_ids))])
-    except NotPublishedError:
+    except (NotPublishedError, TableVersionError):  # titles decorate the answer; none rather than another night's
         return {}
     return dict(zip(t["product_id"].to_pylist(), t["title"].to_pylist()))
 
 
-def recommendations_for(lake: Lake, product_id: str, date: str | None = None) -> pd.DataFrame:
-    dt = resolve_date(lake, date)
-    recs = read_published(lake, "recommendations", dt, filters=[("product_id", "=", product_id)])
+def recommendations_for(lake: Lake, product_id: str, date: str | None = None, as_of: str | None = None
+                        ) -> pd.DataFrame:
+    """A product's published recommendations of `date` (the newest by default), ranked, with titles; `as_of`: as
+    the tables' logs held them then (a version, a date's end or a time)."""
+    published = published_tables_as_of(lake, ["recommendations", "clean"], as_of)
+    dt = published.resolve_date(date)
+    recs = published.read("recommendations", dt, filters=[("product_id", "=", product_id)])
     recs = recs.to_pandas().sort_values("rank")
     if recs.empty:
-        raise NotPublishedError(f"product {product_id!r} has no recommendations on {dt}")
-    titles = titles_for(lake, dt, [product_id, *recs["rec_product_id"].tolist()])
+        raise NotPublishedError(f"product {product_id!r} has no recommendations on {dt}"
+                                + (f" as of {as_of}" if as_of else ""))
+    titles = titles_for(published, dt, [product_id, *recs["rec_product_id"].tolist()])
     recs["title"] = recs["rec_product_id"].map(titles).fillna("")
     recs.attrs["query_title"] = titles.get(product_id, "")
     recs.attrs["date"] = dt
@@ -35,18 +47,20 @@ def recommendations_for(lake: Lake, product_id: str, date: str | None = None) ->
 
 
 def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, device: str = "cpu",
-                by: str = "product") -> pd.DataFrame:
+                by: str = "product", as_of: str | None = None) -> pd.DataFrame:
     """Products nearest the query text in the learned space: `product`, by their fused vectors (photo and text);
     `photo`, by their photos alone (cosine less each photo's published hubness, matcher.steps.hubness), which finds
-    products whose photo shows what their own title may not say."""
+    products whose photo shows what their own title may not say. `as_of`: the embeddings (and the model that
+    scored them) as the tables' logs held them then."""
     if by not in ("product", "photo"):
         raise ValueError(f"search by 'product' or 'photo', not {by!r}")
     if not text.strip():
         raise ValueError("the search text is empty")
-    dt = resolve_date(lake, date)
+    published = published_tables_as_of(lake, ["recommendations", "embeddings", "clean"], as_of)
+    dt = published.resolve_date(date)
     vectors = ["fused_vec"] if by == "product" else ["image_vec", "image_hubness"]
     try:
-        emb = read_published(lake, "embeddings", dt, ["product_id", "model_version", *vectors])
+        emb = published.read("embeddings", dt, ["product_id", "model_version", *vectors])
     except pa.ArrowInvalid:  # by photo: a column the partition lacks, published before hubness existed
         if by == "product":
             raise
@@ -64,6 +78,6 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
                                     f"rerun the score stage for {dt} with a bank")
         queries, photos = inner_product_form(q, vector_matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())
         hits = search_vectors([text], queries, ids, photos, k)
-    titles = titles_for(lake, dt, hits["product_id"].tolist())
+    titles = titles_for(published, dt, hits["product_id"].tolist())
     hits["title"] = hits["product_id"].map(titles).fillna("")
     return hits.drop(columns=["query"])

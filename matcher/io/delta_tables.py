@@ -28,7 +28,7 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from matcher.io.lake import Lake
 from matcher.io.locks import DateLockedError, waited_lock
-from matcher.io.published import committed_dates
+from matcher.io.published import NotPublishedError, committed_dates
 from matcher.io.tables import queryable_tables, table_schema
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,55 @@ def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
                     f"{reference} (their data was last written by {got!r} and {want!r}): the tables' version "
                     "numbers differ there; read it --as-of a date or time (the same moment in every table)")
     return {t: (None if d is None else d.to_pyarrow_dataset()) for t, d in loaded.items() if t not in refused}, refused
+
+
+def version_gone(point: str) -> TableVersionError:
+    return TableVersionError(f"--as-of {point}: a file of that version is gone; `matcher tables vacuum` deletes the "
+                             "files of versions replaced more than tables.keep_nights nights ago")
+
+
+class TablesAsOf:
+    """The published tables as they were at `as_of` (datasets_as_of), read a date at a time as
+    published.NewestManifests reads the dates' newest manifests: what `matcher recommend` and `search` read with
+    --as-of. A refused table raises its refusal when it is read."""
+
+    def __init__(self, lake: Lake, tables: list[str], as_of: AsOf, point: str):
+        self.lake, self.point = lake, point
+        self.datasets, self.refused = datasets_as_of(lake, tables, as_of)
+
+    def _dataset(self, table: str) -> ds.Dataset:
+        if table in self.refused:
+            raise self.refused[table]
+        dataset = self.datasets.get(table)
+        if dataset is None:
+            if committed_dates(self.lake):
+                raise TableVersionError(f"table {table} in {self.lake.display('')} has no Delta log yet (published "
+                                        "before it had one): run `matcher tables migrate`, then --as-of")
+            raise NotPublishedError(f"nothing published in {self.lake.display('')}: run the pipeline first")
+        return dataset
+
+    def resolve_date(self, date: str | None) -> str:
+        """`date`, or the newest date, of the reference table's partitions at that version."""
+        dates = sorted({ds.get_partition_keys(f.partition_expression).get("dt")
+                        for f in self._dataset(REFERENCE_TABLE).get_fragments()} - {None})
+        if not dates:
+            raise NotPublishedError(f"nothing was published as of {self.point}")
+        if date is None:
+            return dates[-1]
+        if date not in dates:
+            raise NotPublishedError(f"no published partition for {date} as of {self.point}; published then: "
+                                    f"{', '.join(dates[-5:])}")
+        return date
+
+    def read(self, table: str, date: str, columns: list[str] | None = None,
+             filters: list[tuple] | None = None) -> pa.Table:
+        where = ds.field("dt") == date
+        if filters:
+            where = where & pq.filters_to_expression(filters)
+        try:
+            return self._dataset(table).to_table(columns=columns, filter=where)
+        except FileNotFoundError:
+            raise version_gone(self.point) from None
 
 
 def history(lake: Lake, table: str) -> list[dict]:

@@ -51,6 +51,21 @@ def read_published(lake: Lake, table: str, date: str | None = None, columns: lis
     raise NotPublishedError(f"table {table} for {dt} was published again {REREADS} times while it was read")
 
 
+class NewestManifests:
+    """The published tables as the dates' newest manifests show them: what readers read by default
+    (delta_tables.TablesAsOf reads them at an earlier version)."""
+
+    def __init__(self, lake: Lake):
+        self.lake = lake
+
+    def resolve_date(self, date: str | None) -> str:
+        return resolve_date(self.lake, date)
+
+    def read(self, table: str, date: str, columns: list[str] | None = None,
+             filters: list[tuple] | None = None) -> pa.Table:
+        return read_published(self.lake, table, date, columns, filters)
+
+
 def published_dataset(lake: Lake, table: str) -> ds.Dataset | None:
     """All committed partitions of a table as one dataset with a `dt` column: the files each date's manifest names
     when the dataset is made (a query on it survives one republish of a date, not two). Its schema unites the

@@ -226,6 +226,8 @@ def test_recommend_as_of_reads_a_products_recommendations_and_titles_from_an_ear
     old = cli_json(config, "recommend", "g1-0", "--as-of", "0", capsys=capsys)
     assert old["date"] == D1 and old["title"] == "g1", old  # the date then newest, and the title of that night
     assert {r["model_version"] for r in old["recommendations"]} == {"g1"} and len(old["recommendations"]) == 2
+    newest = cli_json(config, "recommend", "g3-0", capsys=capsys)  # the same columns either way
+    assert set(old["recommendations"][0]) == set(newest["recommendations"][0])
     assert cli_json(config, "recommend", "g2-1", "--as-of", "1", capsys=capsys)["title"] == "g2"
     assert cli_json(config, "recommend", "g2-1", "--date", D1, capsys=capsys)["title"] == "g2"
     assert main(["-q", "recommend", "g2-1", "--date", D2, "--as-of", "1", "--lake", config.run.lake]) == 1

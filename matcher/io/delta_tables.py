@@ -399,8 +399,11 @@ class TablesAsOf:
         where = ds.field("dt") == date
         if filters:
             where = where & pq.filters_to_expression(filters)
+        dataset = self._dataset(table)
+        if columns is None:  # the files' columns, as read_published reads them: dt is the date asked for
+            columns = [n for n in dataset.schema.names if n != "dt"]
         try:
-            return self._dataset(table).to_table(columns=columns, filter=where)
+            return dataset.to_table(columns=columns, filter=where)
         except FileNotFoundError:
             raise version_gone(self.point) from None
 

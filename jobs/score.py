@@ -94,8 +94,9 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int, max_cat
 
     partial = (vectors.select("category", "v").mapInArrow(sums, "category string, n long, total array<double>")
                .persist(StorageLevel.MEMORY_AND_DISK))
+    # Each category's size: read for the histogram and again for the kept categories, so grouped once.
+    sizes = partial.groupBy("category").agg(F.sum("n").alias("n")).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        sizes = partial.groupBy("category").agg(F.sum("n").alias("n"))
         histogram = {r["n"]: r["categories"]
                      for r in sizes.groupBy("n").agg(F.count("*").alias("categories")).collect()}
         minimum = min_products or min_category_products_by_size(histogram)
@@ -115,6 +116,7 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int, max_cat
                      F.transform(F.sort_array(F.collect_list(F.struct("i", "x"))), lambda e: e["x"]).alias("total"))
                 .collect())
     finally:
+        sizes.unpersist()
         partial.unpersist()
     merged = {r["category"]: (np.asarray(r["total"], np.float64), r["n"]) for r in rows}
     return category_centroids(merged, minimum, dim)

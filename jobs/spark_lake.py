@@ -193,7 +193,8 @@ class Progress:
                 log.info(self._line())
             return
         while not self._stop.wait(0.5):
-            bar = progress_bar(self.label, *self._done_and_rate(), self.unit)
+            done, rate = self._done_and_rate()
+            bar = progress_bar(self.label, done, self.total, rate, self.unit)
             terminal.write("\r" + bar + "\033[K")
             terminal.flush()
         terminal.write("\r\033[K")  # the bar gives way to the closing log line

@@ -70,3 +70,21 @@ def test_a_progress_bar_is_drawn_only_on_a_terminal_with_text_logs(restore_loggi
     bar = progress_bar("extract", 2960, 9583, 107.44, "products", width=20)
     assert bar == "extract [######..............]  31% 2,960/9,583 products, 107.4/s"
     assert progress_bar("clean", 1200, 0, 50.0, "products") == "clean: 1,200 products, 50.0/s"  # total unknown
+
+
+@pytest.mark.integration
+def test_a_spark_stages_progress_is_drawn_as_a_bar_on_a_terminal(restore_logging):
+    import time
+
+    from jobs.spark import get_spark
+    from jobs.spark_lake import Progress
+    from matcher.config import load_config
+
+    terminal = _Terminal()
+    configure_logging(logging.INFO, "text", terminal, force=True)
+    with Progress(get_spark(load_config().spark), "extract", 10) as progress:
+        progress.accumulator.add(3)  # as a task adds its products when it finishes
+        time.sleep(1.2)  # the bar is redrawn every 0.5 s
+    drawn = terminal.getvalue()
+    assert "\rextract [#########.....................]  30% 3/10 products" in drawn, drawn
+    assert "\r\033[K" in drawn and "extract: 3/10 products (30%)" in drawn.split("\r\033[K")[-1], drawn  # then a line

@@ -197,7 +197,10 @@ def test_query_as_of_reads_an_earlier_version_and_the_vacuum_keeps_what_the_poli
     tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).date().isoformat()
     assert cli_json(config, "query", sql, "--as-of", tomorrow, capsys=capsys) == [{"tag": "g3"}]
     assert main(["query", sql, "--as-of", "2020-01-01", "--lake", config.run.lake]) == 1  # before the first version
-    assert "has no version as of 2020-01-01" in capsys.readouterr().err
+    assert "table recommendations has no version as of 2020-01-01" in capsys.readouterr().err  # the table it reads
+    assert main(["-q", "query", sql, "--as-of", "9", "--lake", config.run.lake]) == 1  # after the newest
+    assert capsys.readouterr().err.strip() == ("matcher: error: table recommendations has no version as of 9 (its log "
+                                               "holds versions 0 to 2): no publish has made that version yet")
     versions = cli_json(config, "tables", "history", "--table", "recommendations", capsys=capsys)["recommendations"]
     assert [v["version"] for v in versions] == [2, 1, 0] and all(v["dates"] == D1 for v in versions)
 

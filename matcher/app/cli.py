@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -248,7 +249,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         else:
             datasets, refusals = datasets_as_of(lake, queryable_tables(), as_of)
         if refusals and not any(d is not None for d in datasets.values()):
-            raise next(iter(refusals.values()))
+            named = [t for t in refusals if re.search(rf"\b{t}\b", args.sql, re.IGNORECASE)]
+            raise refusals[(named or list(refusals))[0]]  # a table the query names, to say why
         if not any(d is not None for d in datasets.values()):
             if as_of is not None and published_dataset(lake, "clean") is not None:
                 raise FileNotFoundError(f"the tables in {lake.display('')} have no Delta logs yet (published before "

@@ -304,6 +304,8 @@ def table_as_of(lake: Lake, table: str, as_of: AsOf) -> DeltaTable | None:
         if as_of.time.timestamp() * 1000 < first["timestamp"]:  # deltalake would load its first version instead
             created = _dt.datetime.fromtimestamp(first["timestamp"] / 1000, _dt.timezone.utc)
             raise refused(f"its first version was committed at {created:%Y-%m-%dT%H:%M:%SZ}", first)
+    if as_of.version is not None and as_of.version > newest:
+        raise refused("no publish has made that version yet", first_commit())
     try:
         delta.load_as_version(as_of.version if as_of.version is not None else as_of.time)
     except Exception as exc:  # deltalake raises its generic error for a version it does not have

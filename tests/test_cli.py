@@ -294,13 +294,20 @@ def test_a_workspace_config_starts_the_embedded_s3_server_for_the_command_and_st
     ["backfill", "--from", "2026-01-01", "--to", "2026/01/03"],
     ["run", "--date", "2026-01-01", "--steps", "clean,bogus"],
     ["tables", "vacuum", "--keep-nights", "31"],
+    ["search", "dress", "-k", "0"],  # (-k 0 was a pyarrow traceback)
+    ["query", "select 1", "--max-rows", "-1"],
+    ["query", "select 1", "--as-of", "2026-13-01"],
+    ["recommend", "X", "--as-of", "last week"],
 ])
 def test_a_wrong_argument_value_is_a_usage_error_before_anything_runs(argv, capsys):
     from matcher.app.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(argv)
-    assert stop.value.code == 2 and "error: argument" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "error: argument" in err, err
+    if "2026-02-30" in argv:
+        assert "no such date: '2026-02-30'" in err, err
 
 
 def test_partition_dates_are_written_with_dashes_only():

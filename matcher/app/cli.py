@@ -378,6 +378,14 @@ def _steps_argument(value: str) -> str:
     return checked_argument(parse_steps)(value)
 
 
+def _whole_number(least: int):
+    def parse(value: str) -> int:
+        if not value.strip().lstrip("-").isdigit() or int(value) < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, got {value!r}")
+        return int(value)
+    return parse
+
+
 def _keep_nights_argument(value: str) -> int:
     from matcher.config import MAX_KEEP_NIGHTS
 
@@ -388,7 +396,10 @@ def _keep_nights_argument(value: str) -> int:
 
 
 def as_of_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--as-of", metavar="VERSION|DATE|TIME",
+    from jobs.submit import checked_argument
+    from matcher.io.delta_tables import AsOf
+
+    p.add_argument("--as-of", metavar="VERSION|DATE|TIME", type=checked_argument(AsOf.parse),
                    help="read each table as its Delta log held it: at that table version (a number, see `matcher "
                         "tables history`), or at a date's end or an ISO time (UTC unless it names a zone); default: "
                         "the newest publish of each date")
@@ -451,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="text search (English or Chinese) over the published products")
     common(p)
     p.add_argument("text", help="the query, in any language the text encoder reads")
-    p.add_argument("-k", type=int, default=10, help="how many products to print (default 10)")
+    p.add_argument("-k", type=_whole_number(1), default=10, help="how many products to print (default 10)")
     p.add_argument("--json", action="store_true", help="print the hits as a JSON array instead of lines")
     p.add_argument("--by", choices=("product", "photo"), default="product",
                    help="product: photo and text together (fused vectors); photo: the photos alone, normalised by "
@@ -490,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                        + " (each with a dt column); read-only")
     common(p, with_date=False)
     p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")
-    p.add_argument("--max-rows", type=int, default=50, help="rows printed at most (default 50; not with --json)")
+    p.add_argument("--max-rows", type=_whole_number(0), default=50,
+                   help="rows printed at most (default 50; not with --json)")
     p.add_argument("--json", action="store_true", help="print every result row as a JSON array instead of a table")
     as_of_argument(p)
     p.set_defaults(handler=cmd_query)

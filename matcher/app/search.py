@@ -56,6 +56,8 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
         raise ValueError(f"search by 'product' or 'photo', not {by!r}")
     if not text.strip():
         raise ValueError("the search text is empty")
+    if k < 1:
+        raise ValueError(f"search for at least 1 product, not {k}")
     published = published_tables_as_of(lake, ["recommendations", "embeddings", "clean"], as_of)
     dt = published.resolve_date(date)
     vectors = ["fused_vec"] if by == "product" else ["image_vec", "image_hubness"]

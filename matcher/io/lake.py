@@ -50,11 +50,11 @@ _PARTITION_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 def partition_date(text: str) -> _dt.date:
     """A partition's date, written YYYY-MM-DD and nothing else: Python reads 20260101 and 2026-W01-4 as ISO dates
     too, and a partition named so would sort after every dashed one and pass for the latest."""
-    try:
-        if _PARTITION_DATE.fullmatch(text):
+    if _PARTITION_DATE.fullmatch(text):
+        try:
             return _dt.date.fromisoformat(text)
-    except ValueError:
-        pass
+        except ValueError:
+            raise ValueError(f"no such date: {text!r} (YYYY-MM-DD, a month and day that exist)") from None
     raise ValueError(f"date must be YYYY-MM-DD, got {text!r}")
 
 

@@ -6,6 +6,7 @@ from typing import Callable
 
 from jobs.context import RunContext, StageError, log
 from matcher.failures import classify
+from matcher.interrupts import interrupted
 from matcher.io.locks import DateLockedError, date_lock
 from matcher.io.tables import published_tables, run_tables
 from matcher.logs import log_context
@@ -126,9 +127,21 @@ def _end_run_claim(ctx: RunContext) -> None:
         log.warning("could not end run %s's claim on %s: %s", ctx.run_id, ctx.date, exc)
 
 
+def _stop_if_interrupted() -> None:
+    """A Ctrl-C that a library swallowed (PySpark's handler raising inside a garbage-collection callback, where
+    Python only prints it) stops the run between stages all the same."""
+    if interrupted():
+        raise KeyboardInterrupt
+
+
 def run_pipeline(ctx: RunContext, steps: list[str]) -> dict[str, dict]:
     try:  # one lock for the whole run: another run of the date cannot slip in between its stages
         with date_lock(ctx.lake, ctx.date, holder=f"{ctx.runner} ({','.join(steps)})") as ctx.lock:
-            return {stage: run_stage(stage, ctx) for stage in steps}
+            stats = {}
+            for stage in steps:
+                _stop_if_interrupted()
+                stats[stage] = run_stage(stage, ctx)
+            _stop_if_interrupted()
+            return stats
     except DateLockedError as exc:
         raise StageError(next((s for s in steps if s not in ctx.timings), "run"), str(exc), retryable=True) from None

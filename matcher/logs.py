@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from typing import IO, Iterator
@@ -52,6 +53,16 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class _Py4JAfterInterrupt(logging.Filter):
+    """Py4J logs each call that Ctrl-C cut (its JVM gone) with a traceback, on the root logger: after an interrupt
+    they say nothing the command's "interrupted" does not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from matcher.interrupts import interrupted
+
+        return not (f"{os.sep}py4j{os.sep}" in record.pathname and interrupted())
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
@@ -77,6 +88,7 @@ def configure_logging(level: int = logging.INFO, fmt: str = "text", stream: IO[s
     _terminal = target if fmt == "text" and getattr(target, "isatty", lambda: False)() else None
     handler = logging.StreamHandler(target)
     handler.addFilter(_ContextFilter())
+    handler.addFilter(_Py4JAfterInterrupt())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s", datefmt="%H:%M:%S"))
     for old in [h for h in root.handlers if getattr(h, "_matcher", False)]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from jobs.submit import date_argument
 from matcher.config import WORKSPACE_CONFIG, Config, load_config
 from matcher.failures import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
-from matcher.interrupts import INTERRUPTED, note_interrupts
+from matcher.interrupts import clear_interrupts, interrupted, note_interrupts
 from matcher.io.s3server import storage_ready
 from matcher.logs import LOG_FORMATS, configure_logging
 
@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet = args.quiet
     configure_logging(logging.WARNING if args.quiet else logging.INFO, args.log_format)
-    INTERRUPTED.clear()
     note_interrupts()
+    clear_interrupts()
     try:
         return args.handler(args)
     except BrokenPipeError:  # stdout's reader is gone (`| head`): nothing to say, and nothing to retry
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _interrupted()
     except Exception as exc:
-        if INTERRUPTED.is_set():  # whatever the interrupt broke on its way (a Py4J call to a JVM it ended)
+        if interrupted():  # whatever the interrupt broke on its way (a Py4J call to a JVM it ended)
             return _interrupted()
         if not isinstance(exc, _user_errors()):
             raise

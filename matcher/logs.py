@@ -53,6 +53,31 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class _ContextInMessage(logging.Filter):
+    """The context appended to matcher's messages, for a host whose handlers show the message alone (Airflow's
+    task logs, where configure_logging leaves the root logger to Airflow)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(getattr(h, "_matcher", False) for h in logging.getLogger().handlers):
+            return True  # matcher's own handler shows the context already
+        context = _context.get() or {}
+        suffix = "".join(f" [{n}={context[n]}]" for n in CONTEXT_FIELDS if context.get(n))
+        if suffix:
+            record.msg = f"{record.msg}{suffix.replace('%', '%%') if record.args else suffix}"
+        return True
+
+
+@contextmanager
+def context_in_messages() -> Iterator[None]:
+    """Inside the block, the context appended to the messages of matcher's logger (see _ContextInMessage)."""
+    ours, added = logging.getLogger("matcher"), _ContextInMessage()
+    ours.addFilter(added)
+    try:
+        yield
+    finally:
+        ours.removeFilter(added)
+
+
 class _Py4JAfterInterrupt(logging.Filter):
     """Py4J logs each call that Ctrl-C cut (its JVM gone) with a traceback, on the root logger: after an interrupt
     they say nothing the command's "interrupted" does not."""

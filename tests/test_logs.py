@@ -88,3 +88,26 @@ def test_a_spark_stages_progress_is_drawn_as_a_bar_on_a_terminal(restore_logging
     drawn = terminal.getvalue()
     assert "\rextract [#########.....................]  30% 3/10 products" in drawn, drawn
     assert "\r\033[K" in drawn and "extract: 3/10 products (30%)" in drawn.split("\r\033[K")[-1], drawn  # then a line
+
+
+def test_under_a_host_that_shows_the_message_alone_the_context_is_in_the_message(restore_logging):
+    from matcher.logs import context_in_messages
+
+    root, ours = logging.getLogger(), logging.getLogger("matcher")
+    host = io.StringIO()  # as Airflow's task log handler: its own format, none of matcher's fields
+    root.handlers[:] = [logging.StreamHandler(host)]
+    ours.setLevel(logging.INFO)
+    with context_in_messages():
+        with log_context(stage="score", date="2026-01-02", run_id="scheduled__1"):
+            ours.info("scoring %d products at 100%%", 7)
+        ours.info("outside")
+    with log_context(stage="score"):
+        ours.info("after the block")
+    assert host.getvalue().splitlines() == [
+        "scoring 7 products at 100% [stage=score] [date=2026-01-02] [run_id=scheduled__1]", "outside",
+        "after the block"]
+    configure_logging(logging.INFO, "text", io.StringIO(), force=True)  # matcher's own handler: no second copy
+    with context_in_messages(), log_context(stage="score", date="2026-01-02"):
+        record = logging.LogRecord("matcher", logging.INFO, __file__, 1, "plain", None, None)
+        ours.handle(record)
+    assert record.getMessage() == "plain"

@@ -41,10 +41,25 @@ def run(ctx: RunContext) -> dict:
     ctx.lake.write_json(Lake.validation_result_file(ctx.date), {**outcome.to_json(), "clean_attempt": judged})
     ctx.lake.write_bytes(report, render_html(outcome, f"matcher validation {ctx.date}").encode())
     if not outcome.success:
-        raise StageError("validate", "; ".join(outcome.failures())[:1000]
+        raise StageError("validate", "; ".join(outcome.failures())[:1000] + _quarantine_causes(clean_stats)
                          + f" (report: {ctx.lake.display(report)})")
     log.info("validate: passed")
     return {"success": True, "report": ctx.lake.display(report)}
+
+
+# Reasons a setting, not the catalog, may explain: a whole night quarantined for one of them is most often the config.
+_REMEDIES = {"image_source_not_allowed": "photos outside the catalog folder need catalog.image_sources",
+             "image_path_escapes_root": "a photo path leads out of the catalog folder (a symlink or ..)"}
+
+
+def _quarantine_causes(clean_stats: dict) -> str:
+    """The clean stage's most frequent quarantine reasons, so a failed gate names its cause beside the figures."""
+    reasons = sorted((clean_stats.get("quarantine_by_reason") or {}).items(), key=lambda r: (-r[1], r[0]))[:3]
+    if not reasons:
+        return ""
+    named = ", ".join(f"{reason} {count:,}" + (f" ({_REMEDIES[reason]})" if reason in _REMEDIES else "")
+                      for reason, count in reasons)
+    return f"; quarantined by the clean stage: {named}"
 
 
 def judged_attempt(lake: Lake, date: str) -> dict | None:

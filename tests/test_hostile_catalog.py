@@ -201,6 +201,22 @@ def test_a_hostile_catalog_reads_nothing_it_may_not_and_publishes_nothing_of_it(
                     assert not [n[:20] for n in needles if n in blob], (f, column)
 
 
+@pytest.mark.integration
+def test_a_night_the_gate_stops_for_photos_outside_the_sources_names_that_cause_and_its_setting(tmp_path):
+    photos = tmp_path / "photos"  # a user's photo folder beside the catalog, not named in catalog.image_sources
+    photos.mkdir()
+    for i in range(10):
+        (photos / f"p{i}.jpg").write_bytes(jpeg((i, 2, 3)))
+    root = make_catalog(tmp_path, {f"P{i}": f"file://{photos}/p{i}.jpg" for i in range(10)})
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}, "clean": {"image_size": 32}})
+    from jobs.context import StageError
+
+    with pytest.raises(StageError) as failed:  # 10 of 30 rows quarantined: over the 0.2 ceiling
+        run_pipeline(RunContext(cfg, "2026-01-01", catalog=str(root)), ["clean", "validate"])
+    assert "quarantined by the clean stage: image_source_not_allowed 10 (photos outside the catalog folder need " \
+           "catalog.image_sources)" in str(failed.value), failed.value
+
+
 def test_an_allowed_network_or_host_is_fetched(servers):
     served = servers["served"]
     url = f"http://127.0.0.1:{served.port}/served.jpg"

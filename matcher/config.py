@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import ipaddress
 import logging
 import math
@@ -356,18 +357,33 @@ with warnings.catch_warnings():
             return self.model_dump()
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def _merge(base: dict, overrides: dict, problems: list[str] | None = None) -> dict:
+    """`overrides` laid over `base`; an unknown section or key is a ConfigError, or with `problems` one more entry
+    there (and left out), so that a file's every problem is told at once."""
     out = copy.deepcopy(base)
+
+    def refuse(problem: str) -> None:
+        if problems is None:
+            raise ConfigError(problem)
+        problems.append(problem)
+
     for section, values in overrides.items():
         if section not in out:
-            raise ConfigError(f"unknown config section [{section}]")
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section [{section}] must be a table")
-        for key, value in values.items():
-            if key not in out[section]:
-                raise ConfigError(f"unknown config key {section}.{key}")
-            out[section][key] = value
+            refuse(f"unknown config section [{section}]{_did_you_mean(section, out)}")
+        elif not isinstance(values, dict):
+            refuse(f"config section [{section}] must be a table")
+        else:
+            for key, value in values.items():
+                if key in out[section]:
+                    out[section][key] = value
+                else:
+                    refuse(f"unknown config key {section}.{key}{_did_you_mean(key, out[section])}")
     return out
+
+
+def _did_you_mean(name: str, known: dict) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _from_dict(data: dict[str, dict[str, Any]]) -> Config:
@@ -519,9 +535,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
              if isinstance(layer.get("run"), dict) and "profile" in layer["run"]]
     if named and named[-1]:
         data = _merge(data, _profile(named[-1]))
+    problems: list[str] = []
     for layer in layers:
-        data = _merge(data, layer)
-    return _from_dict(data)
+        data = _merge(data, layer, problems)
+    try:
+        config = _from_dict(data)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
 
 
 # Spark settings that lived in [extract] before [spark] existed: old name -> [spark] key.

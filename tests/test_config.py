@@ -205,6 +205,14 @@ def test_every_wrong_key_of_a_file_is_named_at_once(tmp_path):
     assert [problem.split(" must ")[0] for problem in problems] == [
         "config key train.epochs", "config key score.top_k", "config key score.precision"]
 
+    # Unknown sections and keys with the values' problems, in one error (each was a run of its own)
+    p.write_text('[catalog]\nimage_sorces = ["x"]\n[trian]\nepochs = 3\n[score]\ntop_k = 0\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value).split("; ") == [
+        "unknown config key catalog.image_sorces (did you mean image_sources?)",
+        "unknown config section [trian] (did you mean train?)", "config key score.top_k must be >= 1, got 0"]
+
 
 def test_the_config_is_frozen_and_travels_to_executors_whole():
     import pickle

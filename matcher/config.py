@@ -219,6 +219,14 @@ class ExtractConfig(_Section):
     batch_size: Whole = Field(ge=0, description="0: chosen per device")
     device: Literal["auto", "cpu", "cuda"]
 
+    @model_validator(mode="after")
+    def _weights_for_encoders_that_ship_none(self) -> "ExtractConfig":
+        # Nothing is downloaded at run time: without a file the night would fail at extract, after clean and validate.
+        if self.image_encoder.startswith("resnet") and not self.image_weights:
+            raise ValueError(f"extract.image_encoder {self.image_encoder} ships no weights here: set "
+                             "extract.image_weights to a torchvision .pth file")
+        return self
+
 
 class SparkConfig(_Section):
     master: str

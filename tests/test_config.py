@@ -196,6 +196,13 @@ def test_spark_settings_written_under_extract_before_the_spark_section_are_still
 
 
 
+def test_an_image_encoder_that_ships_no_weights_needs_a_weights_file_when_the_config_loads():
+    with pytest.raises(ConfigError, match="resnet50 ships no weights here: set extract.image_weights"):
+        load_config(overrides={"extract": {"image_encoder": "resnet50"}})
+    assert load_config(overrides={"extract": {"image_encoder": "resnet50", "image_weights": "/w/r50.pth"},
+                                  "train": {"max_products": 15000}}).extract.image_weights == "/w/r50.pth"
+
+
 def test_every_wrong_key_of_a_file_is_named_at_once(tmp_path):
     p = tmp_path / "m.toml"
     p.write_text('[score]\ntop_k = 0\nprecision = "fp8"\n[train]\nepochs = "5"\n')

@@ -171,6 +171,14 @@ class StorageConfig(_Section):
     s3_access_key: str = Field(repr=False)
     s3_secret_key: str = Field(repr=False)
 
+    @model_validator(mode="after")
+    def _keys_not_placeholders(self) -> "StorageConfig":
+        for key in ("s3_access_key", "s3_secret_key"):
+            if getattr(self, key) == NOT_SHOWN:  # `matcher config show`'s output saved as a config file
+                raise ValueError(f"storage.{key} is {NOT_SHOWN!r}, what `matcher config show` prints in place of a "
+                                 "key: write the key, or leave it empty and set it in the environment")
+        return self
+
 
 class RunnerConfig(_Section):
     mode: Literal["in_process", "spark_submit"]
@@ -604,6 +612,9 @@ def _profile(name: Any) -> dict[str, Any]:
     return data
 
 
+NOT_SHOWN = "(set, not shown)"
+
+
 def redacted(cfg: Config) -> dict[str, dict[str, Any]]:
     """The config as a dict with every secret's value (a repr=False key: the S3 keys) replaced by whether it is set,
     for printing."""
@@ -611,7 +622,7 @@ def redacted(cfg: Config) -> dict[str, dict[str, Any]]:
     for section, values in out.items():
         for key, info in type(getattr(cfg, section)).model_fields.items():
             if not info.repr:
-                values[key] = "(set, not shown)" if values[key] else ""
+                values[key] = NOT_SHOWN if values[key] else ""
     return out
 
 

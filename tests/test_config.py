@@ -238,6 +238,18 @@ def test_a_wrong_secret_is_named_but_never_shown():
     assert "storage.s3_secret_key must be str" in str(err.value) and "12345678" not in str(err.value)
 
 
+def test_config_shows_output_saved_as_a_config_is_refused_for_its_hidden_keys(tmp_path):
+    from matcher.config import dump_toml, redacted
+
+    shown = redacted(load_config(overrides={"storage": {"s3_access_key": "AKIA-real", "s3_secret_key": "s3cr3t"}}))
+    p = tmp_path / "shown.toml"
+    p.write_text(dump_toml(shown))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "storage.s3_access_key is '(set, not shown)', what `matcher config show` prints" in str(err.value)
+    assert "AKIA-real" not in str(err.value) and "s3cr3t" not in p.read_text()
+
+
 def test_candidates_auto_is_exact_up_to_the_documented_size_and_ann_above():
     """The README's promise: every pair scored exactly, or k-means lists above 250,000 products."""
     score = load_config().score

@@ -52,6 +52,9 @@ def test_query_reads_the_published_tables(published_lake, capsys):
     assert main(["-q", "query", sql, "--config", str(published_lake)]) == 0
     lines = capsys.readouterr().out.split("\n")
     assert lines[1].split() == ["A", "2"] and lines[2].split() == ["B", "1"]
+    assert main(["-q", "query", sql.replace("group by", "where product_id = 'none' group by"),
+                 "--config", str(published_lake)]) == 0
+    assert capsys.readouterr().out == "product_id  n\n(no rows)\n"  # not pandas' "Empty DataFrame"
 
 
 def test_a_table_with_no_rows_on_any_night_is_queryable_and_empty(published_lake, capsys):

@@ -283,6 +283,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 0
     import pandas as pd
 
+    if df.empty:  # pandas would print "Empty DataFrame / Columns: [...] / Index: []"
+        print("  ".join(map(str, df.columns)) + "\n(no rows)")
+        return 0
     with pd.option_context("display.max_rows", args.max_rows, "display.max_columns", 20, "display.width", 160,
                            "display.max_colwidth", 60):
         print(df.to_string(index=False, max_rows=args.max_rows))

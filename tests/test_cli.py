@@ -203,6 +203,9 @@ def test_config_check_show_and_schema(tmp_path, monkeypatch, capsys):
     assert main(["config", "check", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "score.top_k must be >= 1, got 0" in err and "extract.precision must be one of" in err
+    assert main(["config", "check", "--config", str(bad), "--json"]) == 1  # the answer on stdout as well
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["valid"] is False and len(checked["problems"]) == 2 and "score.top_k" in checked["problems"][1]
     good = tmp_path / "good.toml"
     good.write_text('[score]\ntop_k = 7\n[storage]\ns3_secret_key = "hunter2-secret"\n')
     assert main(["config", "check", "--config", str(good), "--json"]) == 0

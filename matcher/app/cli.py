@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from jobs.submit import date_argument
-from matcher.config import WORKSPACE_CONFIG, Config, load_config
+from matcher.config import WORKSPACE_CONFIG, Config, ConfigError, load_config
 from matcher.failures import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from matcher.interrupts import clear_interrupts, interrupted, note_interrupts
 from matcher.io.s3server import storage_ready
@@ -355,7 +355,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "schema":
         _print_json(config_json_schema())
         return 0
-    cfg = resolve_config(args.config)  # a config that does not load is refused here, naming each wrong key
+    try:
+        cfg = resolve_config(args.config)  # a config that does not load is refused here, naming each wrong key
+    except ConfigError as exc:
+        if args.action == "check" and args.json:  # a check's answer on stdout too, for the program that asked
+            _print_json({"valid": False, "problems": str(exc).split("; ")})
+        raise
     if args.action == "show":
         summary, message = redacted(cfg), dump_toml(redacted(cfg)).rstrip("\n")
     else:

@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import dataclass, replace
 
 import numpy as np
-import scipy.linalg
 
 # Each grid reaches past the values validation picks on the small-catalog protocol, so that the choice is
 # validation's and not the grid's edge (with 1,472 image and 768 text features, CCA chose the largest regulariser
@@ -229,22 +228,13 @@ def _svd_by_gram(b: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.nd
     directions CCA weighs by s and so never uses; their columns are zeros here."""
     flip = b.shape[0] < b.shape[1]
     a = b.T if flip else b
-    values, right = _top_eigh(a.T @ a, k)
+    values, right = np.linalg.eigh(a.T @ a)
     s = np.sqrt(values[::-1][:k].clip(0))
     right = right[:, ::-1][:, :k]
     used = s > s[0] * 1e-7 if len(s) and s[0] > 0 else np.zeros(len(s), dtype=bool)
     left = np.zeros((a.shape[0], len(s)), dtype=a.dtype)
     left[:, used] = (a @ right[:, used]) / s[used]
     return (right, s, left) if flip else (left, s, right)
-
-
-def _top_eigh(g: np.ndarray, k: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The symmetric g's top k eigenpairs, ascending as eigh returns them (all of them when k is None or not a
-    small part): LAPACK's subset driver finds a few without the rest (bench/closed_forms.py)."""
-    n = len(g)
-    if k is None or 2 * k > n:
-        return np.linalg.eigh(g)
-    return scipy.linalg.eigh(g, subset_by_index=[n - k, n - 1], driver="evx")
 
 
 def _eigh_in_span(views: _Views, view: str, n: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:

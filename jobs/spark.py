@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -166,7 +168,7 @@ def get_spark(cfg: SparkConfig, lake: Lake | None = None):
         builder = builder.master(master)
     for k, v in conf.items():
         builder = builder.config(k, v)
-    with _jvm_output_to_log():
+    with _jvm_output_to_log(), _jvm_stopped_if_start_fails():
         _session = builder.getOrCreate()
     _session_key = key
     _session.sparkContext.setLogLevel("ERROR")
@@ -198,6 +200,56 @@ def _jvm_output_to_log() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
     logging.getLogger("matcher").info("Spark driver log: %s", path)
+
+
+@contextmanager
+def _jvm_stopped_if_start_fails() -> Iterator[None]:
+    """A start that fails or is interrupted (Ctrl-C while PySpark waits for its JVM) takes the JVM it launched with
+    it: PySpark's launch makes the JVM ignore SIGINT, and one whose Python went away before it connected stays up
+    for good, holding its memory."""
+    before = _children()
+    try:
+        yield
+    except BaseException:
+        for pid in _children() - before:
+            _end_process(pid)
+        raise
+
+
+def _end_process(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; reaped either way (its Popen handle is lost with PySpark's
+    frame, so nothing else would)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except OSError:  # gone already
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:  # reaped by someone else
+                return
+            time.sleep(0.05)
+
+
+def _children() -> set[int]:
+    """This process's child processes (Linux /proc; none found elsewhere)."""
+    me, found = os.getpid(), set()
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return found
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(me):
+            found.add(int(pid))
+    return found
 
 
 def _make_local_dir(uri: str) -> None:

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import weakref
+from types import SimpleNamespace
 
 import pytest
 
@@ -58,3 +59,31 @@ def test_a_run_stops_before_its_next_stage_once_interrupted(noted, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(ctx, ["clean"])
     assert ctx.timings == {}  # no stage started
+
+
+@pytest.mark.integration
+def test_a_spark_start_interrupted_while_pyspark_waits_for_its_jvm_leaves_no_jvm(monkeypatch):
+    import time
+
+    import pyspark.java_gateway
+
+    from jobs.spark import _children, get_spark, stop_spark
+    from matcher.config import load_config
+
+    stop_spark()  # a fresh start: the JVM is launched by this call
+    before = _children()
+
+    def interrupted_wait(seconds):  # Ctrl-C while PySpark polls for the JVM's connection file (a fault injected)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pyspark.java_gateway, "time", SimpleNamespace(sleep=interrupted_wait))  # PySpark's alone
+    with pytest.raises(KeyboardInterrupt):
+        get_spark(load_config().spark)
+    monkeypatch.undo()
+    deadline = time.monotonic() + 30
+    while _children() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _children() - before
+    for pid in left:  # the test's own cleanup where the code under test failed
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"JVM processes left running: {left}"

@@ -13,6 +13,7 @@ from jobs.spark import get_spark
 from jobs.spark_lake import read_partition
 from matcher.io.lake import Lake
 from matcher.io.tables import table_schema
+from matcher.steps.quarantine import Reason
 from matcher.steps.validate import HEAVY_COLUMNS, render_html, validate_night
 
 
@@ -48,8 +49,8 @@ def run(ctx: RunContext) -> dict:
 
 
 # Reasons a setting, not the catalog, may explain: a whole night quarantined for one of them is most often the config.
-_REMEDIES = {"image_source_not_allowed": "photos outside the catalog folder need catalog.image_sources",
-             "image_path_escapes_root": "a photo path leads out of the catalog folder (a symlink or ..)"}
+_REMEDIES = {Reason.IMAGE_SOURCE_NOT_ALLOWED: "photos outside the catalog folder need catalog.image_sources",
+             Reason.IMAGE_PATH_ESCAPES_ROOT: "a photo path leads out of the catalog folder (a symlink or ..)"}
 
 
 def _quarantine_causes(clean_stats: dict) -> str:

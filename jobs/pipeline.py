@@ -141,7 +141,6 @@ def run_pipeline(ctx: RunContext, steps: list[str]) -> dict[str, dict]:
             for stage in steps:
                 _stop_if_interrupted()
                 stats[stage] = run_stage(stage, ctx)
-            _stop_if_interrupted()
             return stats
     except DateLockedError as exc:
         raise StageError(next((s for s in steps if s not in ctx.timings), "run"), str(exc), retryable=True) from None

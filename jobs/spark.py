@@ -204,15 +204,19 @@ def _jvm_output_to_log() -> Iterator[None]:
 
 @contextmanager
 def _jvm_stopped_if_start_fails() -> Iterator[None]:
-    """A start that fails or is interrupted (Ctrl-C while PySpark waits for its JVM) takes the JVM it launched with
-    it: PySpark's launch makes the JVM ignore SIGINT, and one whose Python went away before it connected stays up
-    for good, holding its memory."""
-    before = _children()
+    """A start that fails or is interrupted before its JVM connected (Ctrl-C while PySpark waits for it) takes that
+    JVM with it: PySpark's launch makes the JVM ignore SIGINT, and one whose Python went away before it connected
+    stays up for good, holding its memory. A JVM that connected stays: its error is read from it, and PySpark
+    keeps it for the next start."""
+    from pyspark import SparkContext
+
+    before, connected = _children(), SparkContext._gateway is not None
     try:
         yield
     except BaseException:
-        for pid in _children() - before:
-            _end_process(pid)
+        if not connected and SparkContext._gateway is None:
+            for pid in _children() - before:
+                _end_process(pid)
         raise
 
 

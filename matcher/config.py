@@ -68,7 +68,11 @@ MAX_KEEP_NIGHTS = 30  # tables.keep_nights and `tables vacuum --keep-nights`: a 
 
 
 class ConfigError(ValueError):
-    pass
+    """A config that does not load; `problems`: each of its problems, one message each."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class _Section(BaseModel):
@@ -406,7 +410,8 @@ def _from_dict(data: dict[str, dict[str, Any]]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("; ".join(_explained(error, data) for error in exc.errors())) from None
+        problems = [_explained(error, data) for error in exc.errors()]
+        raise ConfigError("; ".join(problems), problems) from None
 
 
 def _explained(error: Any, data: dict[str, dict[str, Any]]) -> str:
@@ -557,9 +562,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     try:
         config = _from_dict(data)
     except ConfigError as exc:
-        problems.append(str(exc))
+        problems += exc.problems
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError("; ".join(problems), problems)
     return config
 
 

@@ -58,8 +58,9 @@ def _note_signals_below_handlers() -> None:
     read, write = os.pipe()
     os.set_blocking(read, False)
     os.set_blocking(write, False)
-    if signal.set_wakeup_fd(write, warn_on_full_buffer=False) != -1:  # another's (an event loop): give it back
-        signal.set_wakeup_fd(-1)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if previous != -1:  # another's (an event loop): given back
+        signal.set_wakeup_fd(previous)
         os.close(read)
         os.close(write)
         return

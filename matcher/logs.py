@@ -49,8 +49,12 @@ class _ContextFilter(logging.Filter):
         context = _context.get() or {}
         for name in CONTEXT_FIELDS:
             setattr(record, name, context.get(name, ""))
-        record.context = "".join(f" [{n}={context[n]}]" for n in CONTEXT_FIELDS if context.get(n))
+        record.context = _context_suffix(context)
         return True
+
+
+def _context_suffix(context: dict[str, str]) -> str:
+    return "".join(f" [{n}={context[n]}]" for n in CONTEXT_FIELDS if context.get(n))
 
 
 class _ContextInMessage(logging.Filter):
@@ -60,10 +64,10 @@ class _ContextInMessage(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if any(getattr(h, "_matcher", False) for h in logging.getLogger().handlers):
             return True  # matcher's own handler shows the context already
-        context = _context.get() or {}
-        suffix = "".join(f" [{n}={context[n]}]" for n in CONTEXT_FIELDS if context.get(n))
-        if suffix:
+        suffix = _context_suffix(_context.get() or {})
+        if suffix and not getattr(record, "_context_in_message", False):  # once, however many blocks are open
             record.msg = f"{record.msg}{suffix.replace('%', '%%') if record.args else suffix}"
+            record._context_in_message = True
         return True
 
 

@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import shutil
 import threading
+import time
 
 import duckdb
 import pyarrow as pa
@@ -417,9 +418,34 @@ def test_as_of_a_version_never_mixes_two_nights_across_tables(tmp_path, capsys):
     publish_night(config, "g5", D2)  # recommendations version 6, clean version 4
     assert main(["-q", "query", both, "--as-of", "4", "--lake", config.run.lake]) == 1
     err = capsys.readouterr().err
-    assert "version 4 of table clean is another night than version 4 of recommendations" in err, err
+    assert "as of 4 table clean shows another publish than recommendations" in err, err
     alone = f"SELECT {tags_of} AS recs FROM recommendations"  # noqa: S608
     assert cli_json(config, "query", alone, "--as-of", "4", capsys=capsys) == [{"recs": "g3,g4"}]
+
+
+@pytest.mark.integration
+def test_as_of_a_time_while_a_publish_committed_the_tables_in_turn_never_mixes_them(tmp_path, capsys, monkeypatch):
+    import matcher.io.delta_tables as delta_tables
+
+    config = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    lake = Lake(config.run.lake, config.storage)
+    publish_night(config, "g1", D1)
+    commit = delta_tables._commit
+
+    def slow_commit(*args, **kwargs):  # the tables' commits 0.3 s apart, so a time falls between two of them
+        time.sleep(0.3)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(delta_tables, "_commit", slow_commit)
+    publish_night(config, "g2", D1)
+    committed = sorted(delta(lake, t).history(limit=1)[0]["timestamp"] for t in ("clean", "recommendations"))
+    between = dt.datetime.fromtimestamp((committed[0] + committed[1]) / 2000, dt.timezone.utc).isoformat()
+    tags_of = "array_to_string(list_sort(list(DISTINCT split_part(product_id, '-', 1))), ',')"
+    both = f"SELECT (SELECT {tags_of} FROM clean) AS clean, (SELECT {tags_of} FROM recommendations) AS recs"  # noqa: S608
+    assert main(["-q", "query", both, "--as-of", between, "--lake", config.run.lake]) == 1
+    assert "a publish was committing the tables at that time" in capsys.readouterr().err
+    after = dt.datetime.fromtimestamp(committed[1] / 1000 + 1, dt.timezone.utc).isoformat()
+    assert cli_json(config, "query", both, "--as-of", after, capsys=capsys) == [{"clean": "g2", "recs": "g2"}]
 
 
 def test_a_row_group_without_bounds_leaves_its_files_column_unbounded(tmp_path):

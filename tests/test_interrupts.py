@@ -4,7 +4,6 @@ import os
 import signal
 import sys
 import weakref
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +12,8 @@ from matcher.interrupts import INTERRUPTED, clear_interrupts, interrupted, note_
 
 @pytest.fixture
 def noted():
+    import matcher.interrupts as interrupts
+
     handler, hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
     note_interrupts()
     clear_interrupts()
@@ -20,6 +21,10 @@ def noted():
     clear_interrupts()
     signal.signal(signal.SIGINT, handler)
     sys.unraisablehook = hook
+    if interrupts._signals_read is not None:  # the pipe, as before the test: none
+        signal.set_wakeup_fd(-1)
+        os.close(interrupts._signals_read)
+        interrupts._signals_read = None
 
 
 def test_a_sigint_handled_by_a_handler_installed_after_ours_is_noted(noted):
@@ -35,18 +40,31 @@ def test_a_sigint_handled_by_a_handler_installed_after_ours_is_noted(noted):
     assert not interrupted()
 
 
-def test_a_keyboard_interrupt_a_callback_swallowed_is_noted_quietly(noted, capsys):
+def test_a_keyboard_interrupt_a_callback_swallowed_is_noted_quietly(noted):
     class Thing:
         pass
 
     def callback(ref):  # as Py4J's finalizer when PySpark's handler raised inside it
         raise KeyboardInterrupt
 
+    def failing_callback(ref):
+        raise ValueError("another library's bug")
+
+    reported = []
+
+    def report(unraisable) -> None:  # what Python would print
+        reported.append(unraisable)
+
+    sys.unraisablehook = report
+    note_interrupts()  # chained before it
     thing = Thing()
     ref = weakref.ref(thing, callback)
     del thing
-    assert ref() is None and interrupted()
-    assert "KeyboardInterrupt" not in capsys.readouterr().err
+    assert ref() is None and interrupted() and reported == []  # noted, not printed
+    other = Thing()
+    ref = weakref.ref(other, failing_callback)
+    del other
+    assert [type(r.exc_value) for r in reported] == [ValueError]  # any other error as before
 
 
 def test_a_run_stops_before_its_next_stage_once_interrupted(noted, tmp_path):
@@ -62,28 +80,32 @@ def test_a_run_stops_before_its_next_stage_once_interrupted(noted, tmp_path):
 
 
 @pytest.mark.integration
-def test_a_spark_start_interrupted_while_pyspark_waits_for_its_jvm_leaves_no_jvm(monkeypatch):
-    import time
+def test_a_spark_start_interrupted_while_pyspark_waits_for_its_jvm_leaves_no_jvm(tmp_path):
+    """In a fresh process (PySpark keeps one JVM per process, so only a first start launches one)."""
+    import subprocess
+    import textwrap
+    from pathlib import Path
 
-    import pyspark.java_gateway
+    script = textwrap.dedent("""
+        import types
+        import pyspark.java_gateway
+        from jobs.spark import _children, get_spark
+        from matcher.config import load_config
 
-    from jobs.spark import _children, get_spark, stop_spark
-    from matcher.config import load_config
-
-    stop_spark()  # a fresh start: the JVM is launched by this call
-    before = _children()
-
-    def interrupted_wait(seconds):  # Ctrl-C while PySpark polls for the JVM's connection file (a fault injected)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pyspark.java_gateway, "time", SimpleNamespace(sleep=interrupted_wait))  # PySpark's alone
-    with pytest.raises(KeyboardInterrupt):
-        get_spark(load_config().spark)
-    monkeypatch.undo()
-    deadline = time.monotonic() + 30
-    while _children() - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = _children() - before
+        before = _children()
+        def interrupted_wait(seconds):  # Ctrl-C while PySpark polls for the JVM's connection file (injected)
+            raise KeyboardInterrupt
+        pyspark.java_gateway.time = types.SimpleNamespace(sleep=interrupted_wait)  # PySpark's wait alone
+        try:
+            get_spark(load_config().spark)
+        except KeyboardInterrupt:
+            print("interrupted", sorted(_children() - before))
+    """)
+    root, out = Path(__file__).resolve().parent.parent, tmp_path / "out.txt"
+    with open(out, "w") as sink:  # a file, not a pipe: a JVM left behind would hold a pipe open
+        subprocess.run([sys.executable, "-c", script], cwd=root, stdout=sink, stderr=subprocess.STDOUT, timeout=120)
+    said = out.read_text().strip().splitlines()
+    left = [int(pid) for pid in said[-1].removeprefix("interrupted [").rstrip("]").split(", ") if pid.isdigit()]
     for pid in left:  # the test's own cleanup where the code under test failed
         os.kill(pid, signal.SIGKILL)
-    assert not left, f"JVM processes left running: {left}"
+    assert said[-1] == "interrupted []", said[-20:]

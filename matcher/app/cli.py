@@ -359,7 +359,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         cfg = resolve_config(args.config)  # a config that does not load is refused here, naming each wrong key
     except ConfigError as exc:
         if args.action == "check" and args.json:  # a check's answer on stdout too, for the program that asked
-            _print_json({"valid": False, "problems": str(exc).split("; ")})
+            _print_json({"valid": False, "problems": exc.problems})
         raise
     if args.action == "show":
         summary, message = redacted(cfg), dump_toml(redacted(cfg)).rstrip("\n")
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                        + " (each with a dt column); read-only")
     common(p, with_date=False)
     p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")
-    p.add_argument("--max-rows", type=_whole_number(0), default=50,
+    p.add_argument("--max-rows", type=_whole_number(1), default=50,
                    help="rows printed at most (default 50; not with --json)")
     p.add_argument("--json", action="store_true", help="print every result row as a JSON array instead of a table")
     as_of_argument(p)

@@ -31,7 +31,7 @@ from matcher.io.locks import DateLockedError, waited_lock
 from matcher.io.published import NotPublishedError, committed_dates
 from matcher.io.tables import queryable_tables, table_schema
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("matcher")  # where the stages log (and Airflow task logs add their context)
 
 PARTITION = "dt"
 TABLES_LOCK_KEY = "tables"  # the lock of every table's Delta log, under _locks/ beside the dates' and "models"
@@ -345,16 +345,20 @@ def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
         except TableVersionError as exc:
             refused[table] = exc
     present = [t for t in loaded if loaded[t] is not None]
-    if as_of.version is not None and present:
+    if present:
+        # A version number, or a time inside a publish (it commits the tables in turn, milliseconds apart).
         reference = REFERENCE_TABLE if REFERENCE_TABLE in present else present[0]
-        want = _visible_commit(lake, reference, as_of.version)
+        want = _visible_commit(lake, reference, loaded[reference].version())
         for table in (t for t in present if t != reference):
-            got = _visible_commit(lake, table, as_of.version)
+            got = _visible_commit(lake, table, loaded[table].version())
             if got is None or want is None or got != want:
+                why = ("the tables' version numbers differ there; read it --as-of a date or time (the same moment "
+                       "in every table)" if as_of.version is not None else
+                       "a publish was committing the tables at that time; read it --as-of a moment before or after")
                 refused[table] = TableVersionError(
-                    f"version {as_of.version} of table {table} is another night than version {as_of.version} of "
-                    f"{reference} (their data was last written by {got!r} and {want!r}): the tables' version "
-                    "numbers differ there; read it --as-of a date or time (the same moment in every table)")
+                    f"as of {as_of.version if as_of.version is not None else as_of.time.isoformat()} table {table} "
+                    f"shows another publish than {reference} (their data was last written by {got!r} and "
+                    f"{want!r}): {why}")
     return {t: (None if d is None else d.to_pyarrow_dataset()) for t, d in loaded.items() if t not in refused}, refused
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +13,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from jobs.processes import children, proc_start_time, reap, terminate
 from matcher.config import ConfigError, SparkConfig
 from matcher.interrupts import note_interrupts
 from matcher.io.lake import Lake
@@ -210,50 +209,15 @@ def _jvm_stopped_if_start_fails() -> Iterator[None]:
     keeps it for the next start."""
     from pyspark import SparkContext
 
-    before, connected = _children(), SparkContext._gateway is not None
+    before, connected = children(os.getpid()), SparkContext._gateway is not None
     try:
         yield
     except BaseException:
         if not connected and SparkContext._gateway is None:
-            for pid in _children() - before:
-                _end_process(pid)
+            launched = [pid for pid in children(os.getpid()) if pid not in before]
+            terminate([(pid, proc_start_time(pid)) for pid in launched], grace=10.0)
+            reap(launched)  # its Popen handle is lost with PySpark's frame, so nothing else would
         raise
-
-
-def _end_process(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; reaped either way (its Popen handle is lost with PySpark's
-    frame, so nothing else would)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except OSError:  # gone already
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:  # reaped by someone else
-                return
-            time.sleep(0.05)
-
-
-def _children() -> set[int]:
-    """This process's child processes (Linux /proc; none found elsewhere)."""
-    me, found = os.getpid(), set()
-    try:
-        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
-        return found
-    for pid in entries:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and fields[1] == str(me):
-            found.add(int(pid))
-    return found
 
 
 def _make_local_dir(uri: str) -> None:

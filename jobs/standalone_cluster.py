@@ -23,7 +23,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from jobs.processes import descendants, is_running, proc_cmdline, proc_start_time, terminate
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
@@ -64,56 +65,6 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (None if gone): tells a pid apart from its reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
-def _proc_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    todo, seen = [pid], []
-    while todo:
-        for child in _children(todo.pop()):
-            if child not in seen:
-                seen.append(child)
-                todo.append(child)
-    return seen
-
-
-def _alive(pid: int, started: int | None) -> bool:
-    now = _proc_start_time(pid)
-    if now is None:
-        return False
-    try:  # a zombie (exited, not yet reaped) counts as gone
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    except OSError:
-        return False
-    return started is None or now == started
 
 
 class StandaloneCluster:
@@ -203,7 +154,7 @@ class StandaloneCluster:
 
     def start(self) -> "StandaloneCluster":
         running = {name: pid for name, pid in self.pids().items()
-                   if _alive(pid, None) and _parse_pid_name(name)[0] in _proc_cmdline(pid)}
+                   if is_running(pid, None) and _parse_pid_name(name)[0] in proc_cmdline(pid)}
         if running:
             raise ClusterError(f"a cluster is already running from {self.work_dir} (pids {running}); stop it first")
         for d in (self.log_dir, self.pid_dir, self.worker_dir, self.local_dir, self.conf_dir):
@@ -260,16 +211,16 @@ class StandaloneCluster:
         for name in order:
             pid = pids[name]
             cls, instance = _parse_pid_name(name)
-            started = _proc_start_time(pid)
-            if started is None or cls not in _proc_cmdline(pid):
+            started = proc_start_time(pid)
+            if started is None or cls not in proc_cmdline(pid):
                 (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
                 continue
-            family = [(p, _proc_start_time(p)) for p in _descendants(pid)]  # executors and their python workers
+            family = [(p, proc_start_time(p)) for p in descendants(pid)]  # executors and their python workers
             try:
                 self._daemon(home, env, "stop", cls, instance, timeout=30)
             except (ClusterError, subprocess.TimeoutExpired):
                 pass
-            _terminate([(pid, started)] + family, grace=15.0)
+            terminate([(pid, started)] + family, grace=15.0)
             (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
 
     def __enter__(self) -> "StandaloneCluster":
@@ -328,7 +279,7 @@ class StandaloneCluster:
             if script is not None and script.poll() is not None:
                 self._finish(script)  # raises if the script failed
                 script = None
-            dead = [name for name, pid in self.pids().items() if not _alive(pid, None)]
+            dead = [name for name, pid in self.pids().items() if not is_running(pid, None)]
             if dead:
                 raise ClusterError(f"Spark daemon(s) {dead} exited while waiting for {what}.{self._log_report()}")
             try:
@@ -400,22 +351,6 @@ def _parse_pid_name(name: str) -> tuple[str, int]:
     if not m:
         raise ClusterError(f"unexpected pid file name {name}")
     return m.group(1), int(m.group(2))
-
-
-def _terminate(procs: list[tuple[int, int | None]], grace: float) -> None:
-    """SIGTERM what is still alive, wait up to `grace` seconds, then SIGKILL the rest."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        alive = [(p, s) for p, s in procs if s is not None and _alive(p, s)]
-        if not alive:
-            return
-        for p, _ in alive:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(p, s) for p, s in alive):
-            time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

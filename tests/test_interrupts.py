@@ -89,17 +89,19 @@ def test_a_spark_start_interrupted_while_pyspark_waits_for_its_jvm_leaves_no_jvm
     script = textwrap.dedent("""
         import types
         import pyspark.java_gateway
-        from jobs.spark import _children, get_spark
+        import os
+        from jobs.processes import children
+        from jobs.spark import get_spark
         from matcher.config import load_config
 
-        before = _children()
+        before = set(children(os.getpid()))
         def interrupted_wait(seconds):  # Ctrl-C while PySpark polls for the JVM's connection file (injected)
             raise KeyboardInterrupt
         pyspark.java_gateway.time = types.SimpleNamespace(sleep=interrupted_wait)  # PySpark's wait alone
         try:
             get_spark(load_config().spark)
         except KeyboardInterrupt:
-            print("interrupted", sorted(_children() - before))
+            print("interrupted", sorted(set(children(os.getpid())) - before))
     """)
     root, out = Path(__file__).resolve().parent.parent, tmp_path / "out.txt"
     with open(out, "w") as sink:  # a file, not a pipe: a JVM left behind would hold a pipe open

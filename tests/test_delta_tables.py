@@ -161,6 +161,9 @@ def test_a_lake_published_before_the_tables_had_logs_migrates_by_one_command(tmp
     assert open_table(lake, "recommendations") is None
     assert main(["query", "select 1", "--as-of", "0", "--lake", config.run.lake]) == 1
     assert "run `matcher tables migrate`" in capsys.readouterr().err
+    assert main(["-q", "recommend", "g2-0", "--as-of", "0", "--lake", config.run.lake]) == 1  # the same reason
+    assert "have no Delta logs yet (published before they had them): run `matcher tables migrate`" in \
+        capsys.readouterr().err
 
     migrated = cli_json(config, "tables", "migrate", capsys=capsys)["versions_written"]
     assert migrated == {t: 0 for t in queryable_tables()}

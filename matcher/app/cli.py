@@ -233,7 +233,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
     import pyarrow as pa
 
-    from matcher.io.delta_tables import AsOf, TableVersionError, datasets_as_of, version_gone
+    from matcher.io.delta_tables import AsOf, TableVersionError, datasets_as_of, not_logged, version_gone
     from matcher.io.published import published_dataset
     from matcher.io.tables import queryable_tables, table_schema
 
@@ -252,9 +252,8 @@ def cmd_query(args: argparse.Namespace) -> int:
             named = [t for t in refusals if re.search(rf"\b{t}\b", args.sql, re.IGNORECASE)]
             raise refusals[(named or list(refusals))[0]]  # a table the query names, to say why
         if not any(d is not None for d in datasets.values()):
-            if as_of is not None and published_dataset(lake, "clean") is not None:
-                raise FileNotFoundError(f"the tables in {lake.display('')} have no Delta logs yet (published before "
-                                        "they had them): run `matcher tables migrate`, then --as-of")
+            if as_of is not None:
+                raise not_logged(lake)
             raise FileNotFoundError(f"nothing published in {lake.display('')}")
         for name, dataset in datasets.items():
             # A table with no rows on any night (nothing quarantined, no search queries) is there with none; with

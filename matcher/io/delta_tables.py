@@ -362,6 +362,14 @@ def datasets_as_of(lake: Lake, tables: list[str], as_of: AsOf
     return {t: (None if d is None else d.to_pyarrow_dataset()) for t, d in loaded.items() if t not in refused}, refused
 
 
+def not_logged(lake: Lake) -> LookupError:
+    """Why a table has no log to read --as-of: a lake published before the tables had logs, or nothing published."""
+    if committed_dates(lake):
+        return TableVersionError(f"the tables in {lake.display('')} have no Delta logs yet (published before they "
+                                 "had them): run `matcher tables migrate`, then --as-of")
+    return NotPublishedError(f"nothing published in {lake.display('')}: run the pipeline first")
+
+
 def version_gone(point: str) -> TableVersionError:
     return TableVersionError(f"--as-of {point}: a file of that version is gone; `matcher tables vacuum` deletes the "
                              "files of versions replaced more than tables.keep_nights nights ago")
@@ -381,10 +389,7 @@ class TablesAsOf:
             raise self.refused[table]
         dataset = self.datasets.get(table)
         if dataset is None:
-            if committed_dates(self.lake):
-                raise TableVersionError(f"table {table} in {self.lake.display('')} has no Delta log yet (published "
-                                        "before it had one): run `matcher tables migrate`, then --as-of")
-            raise NotPublishedError(f"nothing published in {self.lake.display('')}: run the pipeline first")
+            raise not_logged(self.lake)
         return dataset
 
     def resolve_date(self, date: str | None) -> str:

@@ -34,6 +34,24 @@ def test_any_mode_and_format_becomes_square_rgb_jpeg(img, fmt):
     assert (out.width, out.height) == (64, 64)
 
 
+def test_sixteen_bit_grey_in_either_byte_order_keeps_its_brightness():
+    # A big-endian 16-bit TIFF opens as I;16B, which Pillow's point() refuses: it stopped the whole clean stage.
+    for mode in ("I;16", "I;16B"):
+        out = decoded(canonicalize_image(encode(Image.new(mode, (40, 40), 40000), "TIFF"), **LIMITS).data)
+        assert abs(out.convert("L").getpixel((20, 20)) - 40000 // 256) <= 2, mode
+
+
+def _tiff_with_a_mistyped_strip_offset() -> bytes:
+    """A valid TIFF whose StripOffsets tag claims type DOUBLE: Pillow's load() raises TypeError, not OSError."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), (9, 9, 9)), "TIFF"))
+    entries = int.from_bytes(data[8:10], "little")
+    for i in range(entries):  # the IFD starts at offset 8 in the file Pillow writes
+        at = 10 + 12 * i
+        if int.from_bytes(data[at:at + 2], "little") == 273:  # StripOffsets
+            data[at + 2:at + 4] = (12).to_bytes(2, "little")
+    return bytes(data)
+
+
 def test_exif_orientation_is_applied():
     img = Image.new("RGB", (100, 50), (255, 255, 255))
     img.paste((0, 0, 0), (0, 0, 50, 50))  # left half black
@@ -56,6 +74,7 @@ def test_animated_gif_uses_first_frame():
     (b"", "image_empty"),
     (b"hello, not an image at all", "not_an_image"),
     (encode(Image.new("RGB", (300, 300)), "JPEG")[:200], "image_corrupt"),
+    (_tiff_with_a_mistyped_strip_offset(), "image_corrupt"),
 ])
 def test_bad_bytes_are_rejected_with_a_reason(data, reason):
     with pytest.raises(ImageRejected) as err:

@@ -5,6 +5,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from matcher.steps.quarantine import Reason
@@ -35,9 +36,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits before converting.
-        return img.point(lambda v: v / 256).convert("L").convert("RGB")
+    if img.mode.startswith("I"):
+        # 16/32-bit greyscale, either byte order (Pillow's point() refuses big-endian): scale to 8 bits.
+        grey = np.clip(np.asarray(img, dtype=np.float32) / 256, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     return img.convert("RGB")
 
 
@@ -91,16 +93,23 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
                                                 f"{len(data)} bytes") from None
         # Pillow's own guard (past ~89 million pixels) stops the open before ours sees the size: say ours.
         raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_pixels} pixels ({str(exc)[:160]})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected(Reason.IMAGE_CORRUPT, str(exc)[:200]) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a damaged file raises whatever its decoder meets (TypeError for a mistyped TIFF tag)
+        raise ImageRejected(Reason.IMAGE_CORRUPT, f"{type(exc).__name__}: {str(exc)[:200]}") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: S110 (a broken EXIF block should not cost the product its photo)
         pass
-    img = _to_rgb(img)
-    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=quality)
+    try:
+        img = _to_rgb(img)
+        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=quality)
+    except MemoryError:
+        raise
+    except Exception as exc:  # a mode or a damaged tile met only when the pixels are converted: this photo's fault
+        raise ImageRejected(Reason.IMAGE_CORRUPT, f"{type(exc).__name__}: {str(exc)[:200]}") from None
     return CanonicalImage(out.getvalue(), size, size)
 
 

@@ -16,6 +16,23 @@ def test_html_escaped_twice_and_comments_are_removed():
     assert text == "Steel kettle 1.7 L"
 
 
+def test_hostile_markup_takes_linear_time():
+    import time
+
+    # Each "<!--" searched to the end for its "-->": about 50 minutes for a 1 MB field before.
+    started = time.perf_counter()
+    text, _ = normalize_text("Lamp " + "<!--" * 100_000, 300)
+    assert text == "Lamp" and time.perf_counter() - started < 5  # the quadratic search took minutes here
+    assert normalize_text("Lamp <!-- a note never closed, shade", 100) == ("Lamp", False)  # as a browser reads it
+
+
+def test_a_field_far_past_its_cap_is_cut_before_it_is_normalised():
+    text, cut = normalize_text("<p>" + "x" * 3_000_000 + "</p> end", 10)
+    assert text == "x" * 10 and cut
+    text, cut = normalize_text("<i>a</i>" * 200_000, 5)  # 1.6 M characters of markup around 200,000 letters
+    assert text == "a a a" and cut
+
+
 def test_normalize_caps_length_and_reports_it():
     text, cut = normalize_text("x" * 50, 10)
     assert text == "x" * 10 and cut

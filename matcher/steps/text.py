@@ -8,7 +8,11 @@ from functools import lru_cache
 
 # An HTML tag, comment or declaration: "<" then a letter, "/", "!" or "?". A "<" before a digit or a space is text
 # ("Voltage <12V, current >2A" keeps both halves).
-_TAG = re.compile(r"<!--.*?-->|<[/!?]?[A-Za-z][^<>]*>", re.DOTALL)
+# An unclosed comment runs to the end, as in a browser: searched for its end from each "<!--" again, it took
+# quadratic time ("<!--" repeated).
+_TAG = re.compile(r"<!--(?:.*?-->|.*)|<[/!?]?[A-Za-z][^<>]*>", re.DOTALL)
+# Markup may outweigh the text it holds many times over, but not without end: past this the field is cut first.
+_RAW_CHARS_PER_CHAR, _RAW_CHARS_LEAST = 64, 1 << 20
 _WS = re.compile(r"\s+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN_WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
@@ -51,14 +55,17 @@ def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     Returns (text, truncated)."""
     if value is None or (isinstance(value, float) and value != value):
         return "", False
-    text = unicodedata.normalize("NFKC", str(value))
+    text = str(value)
+    raw_cap = max(_RAW_CHARS_PER_CHAR * max_chars, _RAW_CHARS_LEAST)
+    cut = len(text) > raw_cap
+    text = unicodedata.normalize("NFKC", text[:raw_cap])
     # Tags removed again after the entities: exports escape HTML twice ("&lt;b&gt;Bold&lt;/b&gt;").
     text = _TAG.sub(" ", html.unescape(_TAG.sub(" ", text)))
     text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
     text = _WS.sub(" ", text).strip()
     if len(text) > max_chars:
         return text[:max_chars].rstrip(), True
-    return text, False
+    return text, cut
 
 
 @lru_cache(maxsize=1)

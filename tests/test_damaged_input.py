@@ -125,6 +125,44 @@ def test_json_lines_damage(tmp_path):
     assert clean.loc["J4", "repairs"] == "control_characters" and clean.loc["J5", "title"] == "stray carriage return"
 
 
+def _mugs(n: int, first: dict | None = None) -> list[dict]:
+    records = [{"product_id": f"J{i}", "title": f"Blue mug {i}", "image": "img/a.jpg"} for i in range(n)]
+    if first is not None:
+        records[0] = first
+    return records
+
+
+@pytest.mark.parametrize("first, first_line, quarantined", [  # J1-J5 are good records in each
+    # A first record longer than any header read (a long HTML description): the catalog was refused.
+    ({"product_id": "J0", "title": "Mug 0", "description": "long html " * 7000, "image": "img/a.jpg"}, None, {}),
+    # An exporter that leaves out empty fields: the first record has no title; the catalog was refused.
+    ({"product_id": "J0", "image": "img/a.jpg"}, None, {"J0": "missing_title"}),
+    # A damaged first line nested past Python's recursion limit: a crash judged a bug.
+    (None, b"[" * 5000, {"": "malformed_json"}),
+])
+def test_a_json_lines_catalog_is_not_judged_by_its_first_record(tmp_path, first, first_line, quarantined):
+    root = catalog_dir(tmp_path)
+    records = [json.dumps(r).encode() for r in _mugs(6, first)]
+    if first_line is not None:
+        records[0] = first_line
+    (root / "products.jsonl").write_bytes(b"\n".join(records) + b"\n")
+    _, result = clean_in_process(root)
+    assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == quarantined
+    kept = {f"J{i}" for i in range(1, 6)} | ({"J0"} if first is not None and not quarantined else set())
+    assert set(result.clean["product_id"]) == kept
+
+
+def test_a_sparse_json_lines_key_is_read_in_every_chunk(tmp_path):
+    root = catalog_dir(tmp_path)
+    records = _mugs(5, {"product_id": "J0", "title": "Mug 0", "image": "img/a.jpg", "Sale Price": "9.99"})
+    (root / "products.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    reader = CatalogReader(str(root), load_config().storage)
+    plan = reader.plan()
+    chunks = list(reader.read_split(plan, plan.splits[0], chunk_rows=2))  # the later chunks lack the key
+    column = plan.renamed_columns()["Sale Price"]
+    assert [list(c.rows[column]) for c in chunks] == [["9.99", ""], ["", ""], [""]]
+
+
 # Bytes a mutator writes into a row: anything but the CSV's structure (a quote, CR or LF re-cuts records: the
 # file's structure is only as good as its quoting) and digits (which could turn one SKU into another's).
 _POOL = [b for b in range(256) if b not in b'"\r\n0123456789']

@@ -164,8 +164,8 @@ class CatalogReader:
                                        "mark (or save the file as UTF-8)")
                 columns, delimiter, mapping = self._csv_layout(text, path)
             else:
-                columns = _first_record_keys(head.decode("utf-8-sig", errors="surrogateescape"),
-                                             complete=len(head) < _HEAD_BYTES)
+                with self.fs.open_input_stream(path) as fh:
+                    columns = _jsonl_columns(fh)
                 mapping = self._mapping(columns, path)
             splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
         return CatalogPlan(path=path, format=fmt, columns=self._mapped_columns(columns, mapping), splits=splits,
@@ -421,10 +421,10 @@ def _holds_bytes(kind: pa.DataType) -> bool:
 
 
 def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
-    absent = [src for src in mapping.values() if src not in df.columns]
-    if absent:
-        raise CatalogError(f"catalog.columns names columns the catalog lacks: {absent}; "
-                           f"it has {list(df.columns)[:12]}")
+    # The plan found every mapped column; a chunk of JSON Lines records may hold none of a sparse key.
+    for src in mapping.values():
+        if src not in df.columns:
+            df[src] = ""
     # A source column mapped to a matcher field replaces any column already named like that field.
     renamed = df.drop(columns=[c for c in mapping if c in df.columns and c not in mapping.values()])
     return renamed.rename(columns={src: dst for dst, src in mapping.items()})
@@ -539,15 +539,29 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
         yield pd.DataFrame.from_records(records).fillna(""), bad[:]
 
 
-def _first_record_keys(text: str, complete: bool) -> list[str]:
-    lines = text.splitlines()
-    if not complete:
-        lines = lines[:-1]  # the head may end inside a record
-    for line in lines:
+# The columns of a JSON Lines catalog: the keys of its first records, up to these many records or bytes.
+_JSONL_HEAD_RECORDS, _JSONL_HEAD_BYTES = 1000, 16 << 20
+
+
+def _jsonl_columns(stream) -> list[str]:
+    """Every key of the first records, in the order they first appear: exporters leave out a record's empty
+    fields, and one long or damaged first record says nothing of the others (the reader quarantines it)."""
+    keys: dict[str, None] = {}
+    records = read = 0
+    lines = io.BufferedReader(stream)
+    while records < _JSONL_HEAD_RECORDS and read < _JSONL_HEAD_BYTES:
+        line = lines.readline(_JSONL_HEAD_BYTES - read)
+        if not line:
+            break
+        read += len(line)
         try:
-            obj = json.loads(line)
-        except ValueError:
+            obj = json.loads(line.decode("utf-8", errors="surrogateescape").lstrip("\ufeff"), strict=False)
+        except (ValueError, RecursionError):  # a damaged line, or one cut by the byte limit
             continue
         if isinstance(obj, dict):
-            return list(obj)
-    raise CatalogError("catalog JSON Lines file has no product records")
+            keys.update(dict.fromkeys(str(k) for k in obj))
+            records += 1
+    if not records:
+        raise CatalogError("catalog JSON Lines file has no product records"
+                           + (f" in its first {_JSONL_HEAD_BYTES >> 20} MiB" if read >= _JSONL_HEAD_BYTES else ""))
+    return list(keys)

@@ -3,6 +3,7 @@ stored in the file itself (binary, or Hugging Face's {bytes, path} image struct)
 from __future__ import annotations
 
 import io
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,6 +65,52 @@ def test_a_typed_parquet_catalog_with_embedded_photos_reads_as_written(tmp_path)
     reader = CatalogReader(str(tmp_path / "catalog"), cfg.storage, cfg.catalog)
     result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
     _expect(result.clean, result.quarantine)
+
+
+def _not_utf8_title() -> pa.Array:
+    """A string column one value of which is not UTF-8 (a writer that does not validate)."""
+    data = b"Red mugCaf\xe9 mugBlue mug"
+    offsets = pa.array([0, 7, 15, 23], pa.int32()).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(data)])
+
+
+def _other_writers_tables() -> dict[str, tuple[pa.Table, dict[str, str]]]:
+    """Tables as other tools write them, and the quarantine each should give {product_id: reason}."""
+    ids = [uuid.UUID(int=i) for i in range(1, 4)]
+    return {
+        # DuckDB: UUID ids (16 bytes with the UUID logical type)
+        "uuid ids": (pa.table({"product_id": pa.array([u.bytes for u in ids], pa.uuid()),
+                               "title": ["Red mug", "Blue mug", "Green mug"], "image": ["red.jpg"] * 3}), {}),
+        # Hive, Impala: strings without the UTF-8 annotation read back as bytes, the photo's reference among them
+        "unannotated strings": (pa.table({name: pa.array([v.encode() for v in values], pa.binary()) for name, values
+                                          in {"product_id": ["A", "B", "C"], "title": ["Red mug", "Blue", "Green"],
+                                              "image": ["red.jpg"] * 3}.items()}), {}),
+        # Polars: view types, the photos in the file
+        "view types": (pa.table({"product_id": pa.array(["A", "B", "C"]).cast(pa.string_view()),
+                                 "title": ["Red mug", "Blue mug", "Green mug"],
+                                 "image": pa.array([_jpeg(RED)] * 3, pa.binary()).cast(pa.binary_view())}), {}),
+        # A value that is not UTF-8 costs its row, not the file
+        "a title not utf-8": (pa.table({"product_id": ["A", "B", "C"], "title": _not_utf8_title(),
+                                        "image": ["red.jpg"] * 3}), {"B": "text_invalid_utf8"}),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_other_writers_tables()))
+def test_parquet_as_other_tools_write_it_reads_row_by_row(tmp_path, case):
+    table, quarantined = _other_writers_tables()[case]
+    root = tmp_path / "catalog"
+    root.mkdir()
+    (root / "red.jpg").write_bytes(_jpeg(RED))
+    pq.write_table(table, root / "products.parquet")
+    cfg = load_config(overrides={"clean": {"image_size": 32}})
+    reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == quarantined
+    assert len(result.clean) == 3 - len(quarantined)
+    if case == "uuid ids":
+        assert sorted(result.clean["product_id"]) == [str(u) for u in (uuid.UUID(int=i) for i in range(1, 4))]
+    for photo in result.clean["image_bytes"]:
+        assert decode_canonical(photo).getpixel((16, 16))[0] > 180  # the red photo, read or embedded
 
 
 def test_the_clean_stage_on_spark_reads_embedded_photos(tmp_path):

@@ -391,11 +391,19 @@ def _arrow_as_text(table: pa.Table) -> pd.DataFrame:
         kind = col.type
         if pa.types.is_dictionary(kind):
             col, kind = col.cast(kind.value_type), kind.value_type
-        if pa.types.is_nested(kind):
+        if isinstance(kind, pa.BaseExtensionType) and not isinstance(kind, pa.UuidType):  # e.g. JSON: its storage
+            col = pa.chunked_array([c.storage for c in col.chunks], kind.storage_type)
+            kind = kind.storage_type
+        if isinstance(kind, pa.UuidType):  # DuckDB writes UUIDs as 16 bytes with the UUID logical type
+            values = [str(v) if v is not None else "" for v in col.to_pylist()]
+        elif pa.types.is_nested(kind):
             values = [json.dumps(v, ensure_ascii=False, default=str) if v is not None else ""
                       for v in col.to_pylist()]
-        elif _holds_bytes(kind) or pa.types.is_fixed_size_binary(kind):
-            values = [v.decode("utf-8", errors="surrogateescape") if v is not None else "" for v in col.to_pylist()]
+        elif (_holds_bytes(kind) or pa.types.is_fixed_size_binary(kind) or pa.types.is_string(kind)
+              or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            # Strings as bytes: a value that is not UTF-8 costs its row (text_invalid_utf8), not the file.
+            raw = col if _holds_bytes(kind) or pa.types.is_fixed_size_binary(kind) else col.cast(pa.large_binary())
+            values = [v.decode("utf-8", errors="surrogateescape") if v is not None else "" for v in raw.to_pylist()]
         else:
             values = pc.cast(col, pa.string()).fill_null("").to_pylist()
         out[name] = pd.Series(values, dtype=object)
@@ -406,8 +414,10 @@ def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str
     """(bytes, paths) when the image column holds the photos themselves: binary, or a struct with a `bytes` field
     (and maybe a `path`, as Hugging Face datasets write images); else None (references)."""
     kind = col.type
-    if _holds_bytes(kind):
-        return [v or None for v in col.to_pylist()], [""] * len(col)
+    if _holds_bytes(kind):  # photos, or references written as bytes without the UTF-8 annotation (Hive, Impala)
+        values = col.to_pylist()
+        refs = [_reference_in_bytes(v) for v in values]
+        return [None if r is not None else (v or None) for v, r in zip(values, refs)], [r or "" for r in refs]
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         values = col.to_pylist()
         has_path = kind.get_field_index("path") >= 0
@@ -417,7 +427,19 @@ def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str
 
 
 def _holds_bytes(kind: pa.DataType) -> bool:
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+
+
+def _reference_in_bytes(value: bytes | None) -> str | None:
+    """The image reference a binary value holds (short UTF-8 text, no control characters); None for a photo's
+    bytes (no image format starts as such text)."""
+    if not value or len(value) > _MAX_IMAGE_REF_CHARS * 4:
+        return None
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.strip() and not any(ord(ch) < 32 for ch in text) else None
 
 
 def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:

@@ -310,6 +310,25 @@ def test_image_sources_let_a_named_folder_through_and_nothing_beside_it(tmp_path
         "BESIDE": "image_source_not_allowed", "OUT-AGAIN": "image_source_not_allowed"}
 
 
+def test_a_named_pipe_named_as_a_photo_is_quarantined_not_waited_on(tmp_path):
+    root = make_catalog(tmp_path, {"PIPE": "img/p.jpg", "PIPE-URI": f"file://{tmp_path}/catalog/img/p.jpg"})
+    os.mkfifo(root / "img" / "p.jpg")  # opened for reading, it blocks until a writer comes: none ever does
+    cfg = load_config(overrides={"clean": {"image_size": 32}})
+    reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(clean_catalog(reader.read(), reader.read_image, cfg.clean)),
+                              daemon=True)
+    worker.start()
+    worker.join(30)
+    if not done:  # let the blocked open end before failing
+        os.close(os.open(root / "img" / "p.jpg", os.O_WRONLY | os.O_NONBLOCK))
+    assert done, "the clean step blocked opening a named pipe"
+    result = done[0]
+    assert len(result.clean) == GOOD
+    assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
+        "PIPE": "image_reference_invalid", "PIPE-URI": "image_reference_invalid"}
+
+
 def test_file_uris_are_read_percent_decoded_and_in_any_case_and_stay_inside_the_sources(tmp_path):
     photos, beside = tmp_path / "my photos", tmp_path / "photos2"
     for folder in (photos, beside):

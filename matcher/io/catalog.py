@@ -8,6 +8,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -294,6 +295,8 @@ class CatalogReader:
                 path = os.path.realpath(path)
                 if not _under(path, self.sources.local_root):
                     raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, f"{ref[:200]}: a link out of the catalog root")
+        if isinstance(fs, pafs.LocalFileSystem):
+            _require_regular_file(path, ref)
         try:
             with fs.open_input_stream(path) as fh:
                 data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
@@ -370,6 +373,16 @@ def _s3_key_path(uri: str) -> str:
     """"bucket/prefix" of an s3:// or s3a:// URI, as storage.resolve_uri writes paths."""
     parsed = urllib.parse.urlparse(uri)
     return posixpath.join(parsed.netloc, parsed.path.lstrip("/")).rstrip("/")
+
+
+def _require_regular_file(path: str, ref: str) -> None:
+    """A named pipe, socket or device under the catalog is no photo: opened, a pipe blocks the task for good."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the open says which
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]} is not a regular file")
 
 
 def _under(path: str, folder: str) -> bool:

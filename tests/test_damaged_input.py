@@ -96,6 +96,35 @@ def test_a_byte_order_mark_mid_file_and_mixed_line_endings(tmp_path):
     assert len(result.quarantine) == 0
 
 
+@pytest.mark.parametrize("opened, closed", [(2, None), (2, 6), (0, 39)])
+def test_a_stray_quote_costs_its_own_line_not_the_records_it_swallowed(tmp_path, opened, closed):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[opened] = lines[opened].replace(b"Red cotton", b'"Red, cotton')  # a quote opened, never closed there
+    if closed is not None:
+        lines[closed] = lines[closed].replace(b"shirt", b'shirt 55"')  # a quote in a title: the csv reader's close
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert [(b["reason"], b["raw"][:8]) for b in raw.bad_lines] == [("unparseable_line", f"SKU-{opened:04d}")]
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS) if i != opened]
+    if closed is not None and closed != ROWS - 1:
+        title = result.clean.set_index("product_id").loc[f"SKU-{closed:04d}", "title"]
+        assert title == f'Red cotton shirt 55" {closed}'
+
+
+def test_a_quoted_value_with_line_breaks_stays_one_value(tmp_path):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    # Its second line holds as many commas as a record, but starts with no id shaped as the catalog's.
+    lines[5] = (b'SKU-0005,Red cotton shirt 5,"Soft and light:\nblue, red, green, white, black\nwash cold",'
+                b"Shirts,img/a.jpg")
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert raw.bad_lines == [] and len(result.clean) == ROWS
+    description = result.clean.set_index("product_id").loc["SKU-0005", "description"]
+    assert description == "Soft and light: blue, red, green, white, black wash cold"
+
+
 def test_a_control_character_inside_a_product_id_is_quarantined(tmp_path):
     root = catalog_dir(tmp_path)
     lines = csv_lines()

@@ -507,13 +507,53 @@ def _csv_columns(text: str, delimiter: str = ",") -> list[str]:
     return _csv_header(header)
 
 
+class _RawLines:
+    """The lines the csv module reads, kept until the record they make is taken: that record's raw text."""
+
+    def __init__(self, stream: io.TextIOBase):
+        self._lines = iter(stream)
+        self.taken: list[str] = []
+
+    def __iter__(self) -> "_RawLines":
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.taken.append(line)
+        return line
+
+
+_ID_SHAPE = re.compile(r"[0-9]+|[^\W\d_]+")
+_MAX_ID_SHAPES = 64
+
+
+def _id_shape(value: str) -> str:
+    """"SKU-0042" -> "a-9": letters and digits as runs, the rest as written (ids of a catalog share a few shapes)."""
+    return _ID_SHAPE.sub(lambda m: "9" if m.group()[0].isdigit() else "a", value.strip())
+
+
+def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shapes: set[str]) -> list[list[str]]:
+    """The records a stray quote swallowed: when a record spans several lines and every line after its first is a
+    whole record on its own (the header's width, an id shaped as the catalog's ids), its first line opened a quote
+    it never closed; else [] (a quoted value with line breaks, as descriptions have)."""
+    records = []
+    for line in lines[1:]:
+        fields = next(csv.reader([line], strict=False, delimiter=delimiter), [])
+        if len(fields) != width or _id_shape(fields[0]) not in id_shapes or '"' in fields[0]:
+            return []
+        records.append(fields)
+    return records
+
+
 def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") -> Iterator[tuple[pd.DataFrame,
                                                                                                list[dict]]]:
     """Rows of a CSV as string columns, read with the csv module one record at a time, so that one damaged record
     costs only itself: a record with more fields than the header is a bad line; one with fewer is padded with
-    empty fields; blank lines are no records. Line endings may be LF, CRLF or CR, mixed."""
+    empty fields; blank lines are no records; a line whose stray quote swallowed the records after it is a bad
+    line, and those records are read. Line endings may be LF, CRLF or CR, mixed."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    reader = csv.reader(stream, strict=False, delimiter=delimiter)
+    lines = _RawLines(stream)
+    reader = csv.reader(lines, strict=False, delimiter=delimiter)
     try:
         header = _csv_header(next(reader))
     except StopIteration:
@@ -523,7 +563,21 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
     width = len(header)
     records: list[list[str]] = []
     bad: list[dict] = []
+    id_shapes: set[str] = set()
+
+    def take(fields: list[str]) -> None:
+        if not any(f.strip() for f in fields):
+            return
+        if len(fields) > width:
+            bad.append({"raw": delimiter.join(fields)[:_RAW_CHARS], "reason": Reason.WRONG_FIELD_COUNT,
+                        "detail": f"{len(fields)} fields, the header has {width}"})
+            return
+        records.append(fields + [""] * (width - len(fields)))
+        if len(id_shapes) < _MAX_ID_SHAPES:
+            id_shapes.add(_id_shape(fields[0]))
+
     while True:
+        lines.taken.clear()
         try:
             fields = next(reader)
         except StopIteration:
@@ -531,13 +585,17 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
         except csv.Error as exc:  # strict=False leaves few of these; the reader resumes at the next record
             bad.append({"raw": "", "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {reader.line_num}: {exc}"})
             continue
-        if not any(f.strip() for f in fields):
-            continue
-        if len(fields) > width:
-            bad.append({"raw": delimiter.join(fields)[:_RAW_CHARS], "reason": Reason.WRONG_FIELD_COUNT,
-                        "detail": f"{len(fields)} fields, the header has {width}"})
+        swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(fields[0])})
+                     if len(lines.taken) > 1 and fields else [])
+        if swallowed:
+            first = reader.line_num - len(lines.taken) + 1
+            bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS], "reason": Reason.UNPARSEABLE_LINE,
+                        "detail": f"line {first}: a quote opened on it is not closed there, and the "
+                                  f"{len(swallowed)} lines after it are whole records: they are read as such"})
+            for record in swallowed:
+                take(record)
         else:
-            records.append(fields + [""] * (width - len(fields)))
+            take(fields)
         if len(records) >= chunk_rows:
             yield pd.DataFrame(records, columns=header, dtype=object), bad[:]
             records.clear()

@@ -188,6 +188,57 @@ def test_a_server_trickling_its_body_is_cut_off_at_the_deadline(image_server):
     assert fetch_image(f"{base}/ok.jpg", timeout=0.3, retries=0, max_bytes=10**6, policy=policy)[:2] == b"\xff\xd8"
 
 
+def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline():
+    """Before the body, the status line and headers: a byte every 100 ms held an image thread for good."""
+    import contextlib
+    import socket
+
+    from matcher.io.http_images import BODY_DEADLINE_TIMEOUTS, AddressPolicy, fetch_image
+    from matcher.steps.images import ImageRejected
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # the client hangs up at its deadline
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(0.1):
+                conn.sendall(b"a")
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])
+    outcome: list = []
+
+    def fetch() -> None:
+        try:
+            fetch_image(f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg", timeout=0.3, retries=1,
+                        max_bytes=10**6, backoff=0.01, policy=policy)
+            outcome.append("returned")
+        except ImageRejected as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(20)
+    elapsed = time.monotonic() - started
+    stop.set()
+    listener.close()
+    assert outcome, "still waiting for the headers after 20 s"
+    assert isinstance(outcome[0], ImageRejected) and outcome[0].reason == "image_unreadable", outcome
+    assert "timed out" in outcome[0].detail and outcome[0].detail.endswith("(after 2 tries)")
+    assert elapsed < 2 * (BODY_DEADLINE_TIMEOUTS * 0.3) + 2, elapsed
+
+
 @pytest.fixture
 def keep_alive_server():
     """An HTTP/1.1 server that keeps connections open; it counts the connections it accepts."""

@@ -25,7 +25,9 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import urllib3
 import urllib3.connection
@@ -308,7 +310,56 @@ def _connect(host: str, ip: IPAddress, port: int, timeout: float, policy: Addres
     return sock
 
 
-class _CheckedHTTPConnection(urllib3.connection.HTTPConnection):
+@contextmanager
+def _cut_off_after(seconds: float | None, sock: Callable[[], socket.socket | None], what: str) -> Iterator[None]:
+    """Shut the socket down if the block outlasts `seconds` (the blocked read then ends), and raise TimeoutError:
+    what was read before the cut (headers without their end) is not an answer."""
+    fired = threading.Event()
+
+    def cut() -> None:
+        fired.set()
+        current = sock()
+        if current is not None:
+            with suppress(OSError):
+                current.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut) if seconds else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    except Exception:
+        if not fired.is_set():
+            raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if fired.is_set():
+        raise TimeoutError(f"{what} did not arrive in time ({seconds:.1f} s)")
+
+
+class _Deadlines:
+    """Connecting (TLS included) and the response's status and headers, each within BODY_DEADLINE_TIMEOUTS
+    timeouts: the timeout bounds each wait, so a server trickling a byte before each would hold a thread for good."""
+    _raw_sock: socket.socket | None = None
+    timeout: object
+
+    def _within_deadline(self, what: str):
+        seconds = BODY_DEADLINE_TIMEOUTS * self.timeout if isinstance(self.timeout, (int, float)) else None
+        return _cut_off_after(seconds, lambda: self._raw_sock, what)
+
+    def connect(self) -> None:
+        with self._within_deadline("the connection"):
+            super().connect()  # type: ignore[misc]
+
+    def getresponse(self, *args, **kwargs):
+        with self._within_deadline("the response's headers"):
+            response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        return response
+
+
+class _CheckedHTTPConnection(_Deadlines, urllib3.connection.HTTPConnection):
     """An HTTP connection to a checked address; the Host header still names the host."""
 
     def __init__(self, *args, checked_ip: IPAddress, policy: AddressPolicy, **kwargs):
@@ -317,14 +368,15 @@ class _CheckedHTTPConnection(urllib3.connection.HTTPConnection):
 
     def _new_conn(self) -> socket.socket:
         try:
-            return _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
+            self._raw_sock = _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
+            return self._raw_sock
         except TimeoutError as exc:
             raise urllib3.exceptions.ConnectTimeoutError(self, f"connecting to {self.host} timed out") from exc
         except OSError as exc:
             raise urllib3.exceptions.NewConnectionError(self, f"{type(exc).__name__}: {exc}") from exc
 
 
-class _CheckedHTTPSConnection(urllib3.connection.HTTPSConnection):
+class _CheckedHTTPSConnection(_Deadlines, urllib3.connection.HTTPSConnection):
     """An HTTPS connection to a checked address; SNI and the certificate check use the host name."""
 
     def __init__(self, *args, checked_ip: IPAddress, policy: AddressPolicy, **kwargs):

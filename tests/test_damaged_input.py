@@ -192,6 +192,42 @@ def test_a_sparse_json_lines_key_is_read_in_every_chunk(tmp_path):
     assert [list(c.rows[column]) for c in chunks] == [["9.99", ""], ["", ""], [""]]
 
 
+def _truncated_gzip(root) -> str:
+    import gzip
+
+    body = "product_id,title,image\n" + "".join(f"P{i},Lamp {i} of a longer title {i * 7919},img/a.jpg\n"
+                                               for i in range(20_000))
+    packed = gzip.compress(body.encode())
+    (root / "products.csv.gz").write_bytes(packed[: len(packed) * 2 // 3])  # an upload cut short
+    return "products.csv.gz after row 10000"
+
+
+def _damaged_parquet_page(root) -> str:
+    import pyarrow.parquet as pq
+
+    path = root / "products.parquet"
+    pq.write_table(pa.table({"product_id": [f"P{i}" for i in range(300)], "title": [f"Lamp {i}" for i in range(300)],
+                             "image": ["img/a.jpg"] * 300}), path, compression="none", row_group_size=100)
+    start = pq.ParquetFile(path).metadata.row_group(1).column(1).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 16] = b"\xff" * 16  # the page header of row group 1's titles; the footer intact
+    path.write_bytes(bytes(data))
+    return "products.parquet, row group 1 (from row 100)"
+
+
+@pytest.mark.parametrize("damage", [_truncated_gzip, _damaged_parquet_page])
+def test_a_damaged_catalog_file_is_bad_input_naming_where_not_a_storage_error_to_retry(tmp_path, damage):
+    from matcher.failures import classify
+    from matcher.io.catalog import CatalogError
+
+    root = catalog_dir(tmp_path)
+    where = damage(root)
+    with pytest.raises(CatalogError, match="cannot be decoded, it is damaged") as err:
+        CatalogReader(str(root), load_config().storage).read()
+    assert where in str(err.value)
+    assert not classify(err.value).retryable  # it was judged a storage error, retried twice, then failed alike
+
+
 # Bytes a mutator writes into a row: anything but the CSV's structure (a quote, CR or LF re-cuts records: the
 # file's structure is only as good as its quoting) and digits (which could turn one SKU into another's).
 _POOL = [b for b in range(256) if b not in b'"\r\n0123456789']

@@ -175,8 +175,12 @@ class CatalogReader:
     def read_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int = 5000) -> Iterator[RawCatalog]:
         """The rows of one split, in chunks of about `chunk_rows`; `_row` numbers rows in file order."""
         if plan.format == "parquet":
-            with self.fs.open_input_file(plan.path) as fh:
-                table = pq.ParquetFile(fh).read_row_group(split.row_group)
+            try:
+                with self.fs.open_input_file(plan.path) as fh:
+                    table = pq.ParquetFile(fh).read_row_group(split.row_group)
+            except Exception as exc:
+                raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group} (from "
+                                                   f"row {split.row_offset})") from None
             image_source = plan.mapping.get("image", "image")
             images = (_embedded_images(table.column(image_source)) if image_source in table.column_names
                       else None)
@@ -195,7 +199,15 @@ class CatalogReader:
             else:
                 chunks = _jsonl_chunks(io.BufferedReader(raw), chunk_rows)
             offset = split.row_offset
-            for df, bad in chunks:
+            while True:
+                try:
+                    df, bad = next(chunks)
+                except StopIteration:
+                    break
+                except CatalogError:
+                    raise
+                except Exception as exc:  # the stream's: a truncated .gz, a read that failed
+                    raise _damaged_or_unreachable(exc, f"catalog file {plan.path} after row {offset}") from None
                 yield self._finish(df, bad, plan, offset)
                 offset += len(df)
 
@@ -367,6 +379,15 @@ class ImageSources:
         if not any(_under(path, p) for p in allowed):
             raise ImageRejected(Reason.IMAGE_SOURCE_NOT_ALLOWED,
                                 f"{ref[:200]} is outside the catalog root and catalog.image_sources")
+
+
+def _damaged_or_unreachable(exc: Exception, where: str) -> Exception:
+    """A catalog read that failed: the store's error as it is (a retry may read it), or the file's damage as a
+    CatalogError naming where (a truncated .gz, a damaged Parquet page: a retry would read the same bytes)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)) or "AWS Error" in str(exc):
+        return exc
+    detail = " ".join(str(exc).split())[:300]  # not "OSError: ...": the name would read as a storage error's
+    return CatalogError(f"{where} cannot be decoded, it is damaged ({detail})")
 
 
 def _s3_key_path(uri: str) -> str:

@@ -125,6 +125,14 @@ def test_a_quoted_value_with_line_breaks_stays_one_value(tmp_path):
     assert description == "Soft and light: blue, red, green, white, black wash cold"
 
 
+def test_invisible_characters_around_the_headers_names_are_not_part_of_them(tmp_path):
+    root = catalog_dir(tmp_path)
+    header = "\ufeff\ufeffproduct_id,title\u200b,description,\u200bcategory,image".encode()  # a BOM saved twice
+    (root / "products.csv").write_bytes(header + b"\n" + b"\n".join(csv_lines()) + b"\n")
+    _, result = clean_in_process(root)
+    assert len(result.clean) == ROWS and result.clean["category"].eq("Shirts").all()
+
+
 def test_a_control_character_inside_a_product_id_is_quarantined(tmp_path):
     root = catalog_dir(tmp_path)
     lines = csv_lines()

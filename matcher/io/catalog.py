@@ -503,12 +503,16 @@ _CSV_FIELD_LIMIT = 1 << 30
 _RAW_CHARS = 2000
 
 
+# Around a header's names: a second byte-order mark (a file saved twice with one), zero-width spaces and joiners.
+_INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060"
+
+
 def _csv_header(fields: list[str]) -> list[str]:
     """Column names as pandas names them: blank ones "Unnamed: i", repeated ones "name.1", "name.2"..."""
     names: list[str] = []
     seen: dict[str, int] = {}
     for i, name in enumerate(fields):
-        name = name.strip() or f"Unnamed: {i}"
+        name = name.strip().strip(_INVISIBLE).strip() or f"Unnamed: {i}"
         if name in seen:
             seen[name] += 1
             name = f"{name}.{seen[name]}"

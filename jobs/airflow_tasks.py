@@ -16,7 +16,7 @@ from matcher.failures import classify
 from matcher.io.s3server import storage_ready
 from matcher.io.storage import StorageError
 from matcher.io.tables import published_tables, run_tables
-from matcher.logs import context_in_messages
+from matcher.logs import context_in_messages, log_context
 
 log = logging.getLogger("matcher")
 # The stages that use an accelerator where an executor has one run in this Airflow pool, so an operator sets how
@@ -76,7 +76,8 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str 
     outlet_events: Airflow's, for publish: each table's asset event names the date and rows it published.
     A retryable failure (matcher/failures.py: storage, network, a lost executor, a busy date) is raised for
     Airflow to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
-    with context_in_messages():  # Airflow's handlers format the task log: the stage, date and run in the message
+    # Airflow's handlers format the task log: the stage, date and run in the message, from the task's first line
+    with context_in_messages(), log_context(stage=stage, date=ds, run_id=run_id):
         return _run_stage_task(stage, ds, params or {}, run_id, outlet_events)
 
 

@@ -25,7 +25,7 @@ import sys
 from typing import Callable, Mapping
 
 from matcher.failures import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, EXIT_USAGE  # noqa: F401 (part of its API)
-from matcher.logs import LOG_FORMATS, configure_logging
+from matcher.logs import LOG_FORMATS, configure_logging, log_context
 
 
 def checked_argument(check: Callable[[str], object]) -> Callable[[str], str]:
@@ -68,25 +68,26 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                         help="log lines as text or as JSON objects with stage, date and run_id fields")
     args = parser.parse_args(argv)  # a usage error exits 2 here
     configure_logging(logging.INFO, args.log_format)
-    status, line = EXIT_OK, ""
-    try:
-        cfg, source = load_deployment_config(args.config, os.environ if environ is None else environ,
-                                             catalog=args.catalog, lake=args.lake)
-        logging.getLogger("matcher").info("matcher: config %s", source)
-        with storage_ready(cfg) as cfg:
-            ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake, model_version=args.model,
-                             runner=f"spark-submit {args.stage} for {args.date}", run_id=args.run_id)
-            run_stage(args.stage, ctx)
-            line = f"matcher: {args.date} {args.stage} done in {ctx.timings[args.stage]:.1f}s"
-    except Exception as exc:  # every failure becomes an exit status a scheduler can act on
-        failure = classify(exc)
-        status = EXIT_RETRYABLE if failure.retryable else EXIT_PERMANENT
-        line = f"matcher: error: {failure.message()} (exit {status})"
-    finally:
+    with log_context(stage=args.stage, date=args.date, run_id=args.run_id):  # the config line's too
+        status, line = EXIT_OK, ""
         try:
-            stop_spark()
-        except Exception as exc:  # the session may be half gone after a lost JVM; the verdict stands
-            logging.getLogger("matcher").warning("stopping Spark failed: %s", exc)
+            cfg, source = load_deployment_config(args.config, os.environ if environ is None else environ,
+                                                 catalog=args.catalog, lake=args.lake)
+            logging.getLogger("matcher").info("matcher: config %s", source)
+            with storage_ready(cfg) as cfg:
+                ctx = RunContext(cfg, args.date, catalog=args.catalog, lake_uri=args.lake, model_version=args.model,
+                                 runner=f"spark-submit {args.stage} for {args.date}", run_id=args.run_id)
+                run_stage(args.stage, ctx)
+                line = f"matcher: {args.date} {args.stage} done in {ctx.timings[args.stage]:.1f}s"
+        except Exception as exc:  # every failure becomes an exit status a scheduler can act on
+            failure = classify(exc)
+            status = EXIT_RETRYABLE if failure.retryable else EXIT_PERMANENT
+            line = f"matcher: error: {failure.message()} (exit {status})"
+        finally:
+            try:
+                stop_spark()
+            except Exception as exc:  # the session may be half gone after a lost JVM; the verdict stands
+                logging.getLogger("matcher").warning("stopping Spark failed: %s", exc)
     # Last, after Spark's shutdown logging, so it ends the log tail that spark-submit's callers show.
     print(line, file=sys.stderr if status else sys.stdout, flush=True)
     return status

@@ -1,6 +1,7 @@
 """Backfills you can trust: dated catalogs ({ds}), the catalog sensor, models pinned per date, one writer per date,
 and the deployment's configuration for scheduled runs."""
 import csv
+import logging
 import threading
 import time
 
@@ -216,7 +217,18 @@ def test_two_airflow_runs_of_one_date_cannot_interleave_stages(tmp_path):
 
     catalog = make_demo_catalog(tmp_path / "catalog", products=4, with_bad_rows=False)
     params = {"catalog": str(catalog), "lake": f"file://{tmp_path}/lake"}
-    assert run_stage_task("clean", D1, params, run_id="scheduled__2026-01-01")["stage"] == "clean"
+    seen: list[str] = []
+    kept = logging.Handler()
+    kept.emit = lambda record: seen.append(record.getMessage())  # Airflow's logging set-up bypasses caplog
+    ours = logging.getLogger("matcher")
+    ours.addHandler(kept)
+    try:
+        assert run_stage_task("clean", D1, params, run_id="scheduled__2026-01-01")["stage"] == "clean"
+    finally:
+        ours.removeHandler(kept)
+    # The task's first line (which config) carries its context too: Airflow's log shows the message alone.
+    first = next(m for m in seen if m.startswith("matcher: config"))
+    assert first.endswith(f" [stage=clean] [date={D1}] [run_id=scheduled__2026-01-01]"), first
     with pytest.raises(StageError, match="between the stages of run scheduled__2026-01-01") as err:
         run_stage_task("clean", D1, params, run_id="manual__2026-01-01T10")
     assert err.value.retryable

@@ -3,6 +3,7 @@ a stage against a real S3 outage, jobs/submit.py's exit statuses, and Airflow's 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -353,9 +354,20 @@ def test_submit_exits_1_for_a_config_error_or_a_missing_validation_and_2_for_usa
     assert f"now {nothing}" in capsys.readouterr().err
 
     config, _ = _deployment(tmp_path)
-    assert submit_main(["--stage", "extract", "--date", D], environ={CONFIG_ENV: str(config)}) == EXIT_PERMANENT
+    root, ours = logging.getLogger(), logging.getLogger("matcher")
+    kept = list(root.handlers), root.level, ours.level
+    root.handlers[:] = []  # as on a cluster's driver: jobs/submit.py's own handler, here in JSON
+    try:
+        assert submit_main(["--stage", "extract", "--date", D, "--run-id", "manual__1", "--log-format", "json"],
+                           environ={CONFIG_ENV: str(config)}) == EXIT_PERMANENT
+    finally:
+        root.handlers[:] = kept[0]
+        root.setLevel(kept[1])
+        ours.setLevel(kept[2])
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("matcher: error: stage extract failed: ") and "validat" in err[-1], err[-1]
+    first = next(json.loads(line) for line in err if '"matcher: config' in line)  # its context from the first line
+    assert (first["stage"], first["date"], first["run_id"]) == ("extract", D, "manual__1"), first
 
     for usage in (["--stage", "bogus", "--date", D], ["--stage", "clean", "--date", "2026-13-01"], ["--stage", "x"]):
         with pytest.raises(SystemExit) as exit_:

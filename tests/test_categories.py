@@ -33,3 +33,29 @@ def test_the_minimum_from_a_histogram_of_sizes_is_the_minimum_from_the_sizes():
         sizes = {f"c{i}": int(n) for i, n in enumerate(rng.geometric(rng.uniform(0.005, 0.9), rng.integers(1, 60)))}
         assert min_category_products_by_size(dict(Counter(sizes.values()))) == min_category_products(sizes), sizes
     assert min_category_products_by_size({}) == 1
+
+
+def test_the_typical_category_size_is_the_median_over_products():
+    import numpy as np
+
+    from matcher.steps.categories import _weighted_median
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        sizes = rng.choice(np.arange(1, 400), rng.integers(1, 8), replace=False)
+        counts = rng.integers(1, 9, len(sizes))
+        assert _weighted_median(sizes, sizes * counts) == float(np.median(np.repeat(sizes, sizes * counts)))
+
+
+def test_the_typical_category_size_takes_no_memory_per_product():
+    import tracemalloc
+
+    from matcher.steps.categories import min_category_products_by_size
+
+    tracemalloc.start()
+    try:
+        assert min_category_products_by_size({10: 1_000_000, 48: 10}) == 1  # ten million labelled products
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak  # an entry per product took 80 MB

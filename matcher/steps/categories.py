@@ -29,8 +29,18 @@ def min_category_products_by_size(categories_of_size: dict[int, int]) -> int:
     if not len(sizes):
         return 1
     products = sizes * np.array([categories_of_size[s] for s in sizes], np.int64)
-    typical = float(np.median(np.repeat(sizes, products)))
+    typical = _weighted_median(sizes, products)
     return int(min(_MAX_MINIMUM, max(1, round(typical * _TYPICAL_FRACTION))))
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """np.median(np.repeat(values, weights)) without the repeat (one entry per product)."""
+    order = np.argsort(values, kind="stable")
+    values, cumulative = values[order], np.cumsum(weights[order])
+    total = int(cumulative[-1])
+    low = values[np.searchsorted(cumulative, (total - 1) // 2, side="right")]  # the 0-based middle entries
+    high = values[np.searchsorted(cumulative, total // 2, side="right")]
+    return (float(low) + float(high)) / 2
 
 
 def category_sums(categories: list[str | None], vectors: np.ndarray,

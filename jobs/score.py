@@ -167,8 +167,7 @@ def _hubness_bank(vectors: DataFrame, size: int, dim: int, n: int) -> tuple[np.n
     """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.steps.hubness), chosen
     on executors, so the driver receives about 2 x `size` rows whatever the catalog's size (n products)."""
     rows = first_by_md5(vectors, size, n, ["product_id", "z", "u"])
-    return (np.asarray([r["z"] for r in rows], np.float32).reshape(-1, dim),
-            np.asarray([r["u"] for r in rows], np.float32).reshape(-1, dim))
+    return vector_matrix(rows["z"], dim, "z"), vector_matrix(rows["u"], dim, "u")
 
 
 def _as_table(name: str):

@@ -51,7 +51,7 @@ def train_lists(vectors: DataFrame, n: int, lists: int, sample: int, dim: int) -
     lists = list_count(n, lists)
     sample = training_sample_size(n, lists, sample)
     seeds = first_by_md5(vectors, min(n, SEEDS_PER_LIST * lists), n, ["product_id", "v"])
-    centroids = seed_centroids(np.asarray([r["v"] for r in seeds], np.float32).reshape(-1, dim), lists)
+    centroids = seed_centroids(vector_matrix(seeds["v"], dim, "v"), lists)
     if n <= sample:  # the whole catalog: the caller's cached vectors, not a second cached copy of them
         return refine_lists(vectors, centroids, TRAIN_ITERATIONS, dim)
     modulus = 1 << 30

@@ -313,9 +313,9 @@ def test_categories_are_not_taken_by_a_mislabeled_row(spark, min_products):
 
 
 def test_the_hubness_bank_is_the_first_products_by_md5_and_reaches_the_driver_bounded(spark):
-    """The bank is exactly matcher.steps.hubness's (the first `size` products by md5), and the driver receives about
-    twice `size` rows: this session's 1 MB result cap is far below what every partition's best `size` rows (an
-    ordered limit alone) would send."""
+    """The bank is exactly matcher.steps.hubness's (the first `size` products by md5), and the driver receives
+    `size` rows, as Arrow: this session's 1 MB result cap is far below what every partition's best `size` rows (an
+    ordered limit alone) would send, and below the twice `size` rows a collect of the filtered rows sent."""
     from jobs.score import _hubness_bank
     from matcher.steps.hubness import bank_order_key, bank_rows
 
@@ -330,6 +330,10 @@ def test_the_hubness_bank_is_the_first_products_by_md5_and_reaches_the_driver_bo
     order = sorted(want, key=lambda i: (bank_order_key(ids[i]), ids[i]))
     np.testing.assert_array_equal(bank_z, z[order])
     np.testing.assert_array_equal(bank_u, u[order])
+    big_z, big_u = _hubness_bank(frame, 400, d, n)  # 0.8 MB of vectors: twice that is over the cap
+    big = sorted(bank_rows(ids, 400), key=lambda i: (bank_order_key(ids[i]), ids[i]))
+    np.testing.assert_array_equal(big_z, z[big])
+    np.testing.assert_array_equal(big_u, u[big])
     small = frame.filter(frame.product_id < "P00050")  # a bank of most of the catalog: no filter is needed
     bank_z, _ = _hubness_bank(small, 40, d, 50)
     np.testing.assert_array_equal(bank_z, z[sorted(bank_rows(ids[:50], 40), key=lambda i: bank_order_key(ids[i]))])

@@ -17,6 +17,7 @@ from jobs.spark import get_spark
 from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
 from matcher.failures import classify
 from matcher.io.catalog import CatalogError, CatalogPlan, CatalogReader
+from matcher.io.delta_tables import logged_columns
 from matcher.io.lake import new_attempt_id
 from matcher.steps.clean import (
     CORE_COLUMNS,
@@ -119,10 +120,12 @@ def run(ctx: RunContext) -> dict:
     except CatalogError as exc:  # a backfilled date without its snapshot fails here, naming the date
         # The catalog may be missing (permanent) or its store unreachable (retryable): judged by the cause.
         raise StageError("clean", f"catalog for {ctx.date}: {exc}", retryable=classify(exc).retryable) from None
+    plan = plan.spelled_as(logged_columns(ctx.lake, "clean"))  # Delta Lake holds names without case
     renamed = plan.renamed_columns()
     if renamed:
         log.warning("clean: catalog columns renamed in the clean table (a name Spark or Delta Lake cannot hold, "
-                    "one of the stage's own, or one another column has in another case): %s", renamed)
+                    "one of the stage's own, one another column has in another case, or the spelling the table "
+                    "already has): %s", renamed)
     spark = get_spark(ctx.config.spark, ctx.lake)
     splits = spark.createDataFrame([(i,) for i in range(len(plan.splits))], "split int").repartition(
         max(1, len(plan.splits)))

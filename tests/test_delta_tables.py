@@ -340,6 +340,46 @@ def test_a_catalogs_pass_through_columns_are_in_the_clean_tables_log_for_every_d
     assert duckdb.sql("select count(brand), count(Product_Type) from dataset").fetchall() == [(2, 2)]
 
 
+def test_a_column_in_another_case_is_refused_before_any_table_commits_and_the_clean_stage_takes_the_logs(tmp_path):
+    """Delta Lake holds names without case: "Color" one night after "color" failed the clean table's commit after
+    the score tables had committed theirs, and every later night's versions differed between the tables."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from matcher.io.catalog import CatalogReader
+    from matcher.io.delta_tables import commit_night, logged_columns
+
+    lake = Lake(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}).run.lake, load_config().storage)
+
+    def part(table: str, date: str, extra: dict | None = None) -> str:
+        path = f"{Lake.partition_dir(table, date)}/part-00000.parquet"
+        lake.fs.create_dir(lake.partition_path(table, date), recursive=True)
+        rows = tagged(table, date, 2)
+        for name, value in (extra or {}).items():
+            rows = rows.append_column(name, pa.array([value] * 2))
+        pq.write_table(rows, lake.path(path), filesystem=lake.fs)
+        return path
+
+    commit_night(lake, D1, {"recommendations": [part("recommendations", D1)],
+                            "clean": [part("clean", D1, {"color": "red"})]}, "night 1")
+    before = delta(lake, "recommendations").version()
+    with pytest.raises(ValueError, match="'color' and 'Color'"):
+        commit_night(lake, D2, {"recommendations": [part("recommendations", D2)],
+                                "clean": [part("clean", D2, {"Color": "blue"})]}, "night 2")
+    assert delta(lake, "recommendations").version() == before  # nothing committed
+    # The clean stage reads the catalog's column under the logged spelling, so the night commits.
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    (catalog / "products.csv").write_text("product_id,title,Color\nP1,Lamp,blue\n")
+    plan = CatalogReader(str(catalog), load_config().storage).plan().spelled_as(logged_columns(lake, "clean"))
+    assert "color" in plan.columns and "Color" not in plan.columns and plan.renamed_columns() == {"Color": "color"}
+    raw = next(CatalogReader(str(catalog), load_config().storage).read_split(plan, plan.splits[0]))
+    assert raw.rows["color"].tolist() == ["blue"]
+    logged = commit_night(lake, D2, {"recommendations": [part("recommendations", D2)],
+                                     "clean": [part("clean", D2, {"color": "blue"})]}, "night 2")
+    assert logged["clean"].version == logged["recommendations"].version == before + 1
+
+
 @pytest.mark.integration
 def test_as_of_a_version_only_some_tables_have_refuses_only_a_query_that_reads_the_others(tmp_path, capsys):
     import pyarrow.parquet as pq

@@ -10,7 +10,7 @@ import posixpath
 import re
 import stat
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import pandas as pd
@@ -70,6 +70,19 @@ class CatalogPlan:
     def renamed_columns(self) -> dict[str, str]:
         """The file's columns that the clean table names otherwise: {the file's name: the table's}."""
         return {src: dst for dst, src in self.mapping.items() if dst not in CORE_COLUMNS}
+
+    def spelled_as(self, known: list[str]) -> "CatalogPlan":
+        """This plan with each pass-through column that a `known` column (the clean table's log) names in another
+        case renamed to that spelling: "Colour" one night after "colour" before is one column, not a clash."""
+        spelling = {k.lower(): k for k in known}
+        columns, mapping = list(self.columns), dict(self.mapping)
+        for i, name in enumerate(self.columns):
+            logged = spelling.get(name.lower())
+            if name in CORE_COLUMNS or logged is None or logged == name or logged in self.columns:
+                continue
+            mapping[logged] = mapping.pop(name, name)
+            columns[i] = logged
+        return replace(self, columns=columns, mapping=mapping)
 
 
 @dataclass

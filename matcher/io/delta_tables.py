@@ -87,6 +87,23 @@ def _columns_beyond_registry(table: str, schemas: list[pa.Schema]) -> list[pa.Fi
     return list(out.values())
 
 
+def logged_columns(lake: Lake, table: str) -> list[str]:
+    """The columns the table's log holds (none without a log): a night's pass-through columns take their spelling."""
+    delta = open_table(lake, table)
+    return [] if delta is None else list(pa.schema(delta.schema().to_arrow()).names)
+
+
+def _case_clashes(table: str, schemas: list[pa.Schema]) -> list[tuple[str, str]]:
+    """Pairs of the table's columns that differ only in case: Delta Lake (and Spark) hold names without case."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for name in delta_schema(table, _columns_beyond_registry(table, schemas)).names:
+        if name.lower() in seen:
+            clashes.append((seen[name.lower()], name))
+        seen.setdefault(name.lower(), name)
+    return clashes
+
+
 def open_table(lake: Lake, table: str, version: int | None = None) -> DeltaTable | None:
     """The table's log at its newest version (or `version`); None when the table has no log yet."""
     if not lake.exists(Lake.delta_log_dir(table)):
@@ -195,6 +212,14 @@ def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) 
     records = {table: [_file_record(lake, table, dt, f) for f in table_files] for table, table_files in files.items()}
     with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
         opened = {table: open_table(lake, table) for table in queryable_tables()}
+        for table, table_records in records.items():  # every table checked before any commits: none or all
+            logged = [pa.schema(opened[table].schema().to_arrow())] if opened.get(table) is not None else []
+            clashes = _case_clashes(table, [*logged, *(r.schema for r in table_records)])
+            if clashes:
+                raise ValueError(f"table {table}: the night's columns clash with the logged ones but for case "
+                                 f"({', '.join(f'{a!r} and {b!r}' for a, b in clashes)}); Delta Lake holds names "
+                                 "without case: rename the catalog's column, or rerun the stages from clean (it "
+                                 "takes the logged spelling)")
         migrated = _migrate(lake, [table for table, delta in opened.items() if delta is None], holder)
 
         def version(table: str, table_records: list[FileRecord]) -> int:

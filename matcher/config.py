@@ -336,6 +336,12 @@ class ScoreConfig(_Section):
         if self.ann_max_query_probes < self.ann_query_probes:
             raise ValueError(f"score.ann_max_query_probes ({self.ann_max_query_probes}) must be >= "
                              f"score.ann_query_probes ({self.ann_query_probes}), where the search starts")
+        repeated = sorted({q for q in self.search_queries if self.search_queries.count(q) > 1})
+        if repeated:  # the search table's key is (dt, query, rank)
+            raise ValueError(f"score.search_queries names {', '.join(map(repr, repeated))} more than once: each "
+                             "query's results are one set of rows in the search table")
+        if any(not q.strip() for q in self.search_queries):
+            raise ValueError("score.search_queries holds an empty query")
         return self
 
     def uses_ann(self, products: int) -> bool:

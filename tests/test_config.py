@@ -104,6 +104,15 @@ def test_config_numbers_are_checked_exactly_not_coerced(sections, message):
         load_config(overrides=sections)
 
 
+def test_a_search_query_named_twice_or_empty_is_refused():
+    """The search table's key is (dt, query, rank): a query twice wrote each of its ranks twice."""
+    with pytest.raises(ConfigError, match="score.search_queries names 'red dress' more than once"):
+        load_config(overrides={"score": {"search_queries": ["red dress", "watch", "red dress"]}})
+    with pytest.raises(ConfigError, match="score.search_queries holds an empty query"):
+        load_config(overrides={"score": {"search_queries": ["watch", "  "]}})
+    assert load_config(overrides={"score": {"search_queries": ["red dress", "Red dress"]}}).score.search_queries
+
+
 def test_a_fractional_int_in_a_config_file_is_refused_naming_key_and_value(tmp_path):
     p = tmp_path / "m.toml"
     p.write_text("[train]\nepochs = 3.7\n")

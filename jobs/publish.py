@@ -11,7 +11,7 @@ from jobs.validate import judged_attempt, require_passed
 from matcher.io.delta_tables import commit_night, vacuum_tables
 from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.run_report import render_run_report
-from matcher.io.tables import published_tables, run_tables, table_schema
+from matcher.io.tables import published_tables, run_tables, table_schema, type_name
 
 PUBLISHING = "_publish"  # the staged document naming the publish in progress (not a table)
 
@@ -70,12 +70,12 @@ def run(ctx: RunContext) -> dict:
     built_in = (ctx.stage_stats("score") or {}).get("table_seconds") or {}
     for name, files in moved.items():
         tables[name] = {"rows": logged[name].rows, "path": lake.display(Lake.partition_dir(name, ctx.date)),
-                        "files": files, "schema": [f"{f.name}: {f.type}" for f in table_schema(name)],
+                        "files": files, "schema": _schema_entry(name),
                         "delta_version": logged[name].version, "score_seconds": built_in.get(name)}
     for name, committed in run_commits.items():
         tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt"),
-                        "delta_version": logged[name].version}
+                        "schema": _schema_entry(name), "delta_version": logged[name].version}
     tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
                           "path": lake.display(Lake.partition_dir("features", ctx.date))}
     stages = {s: ctx.stage_stats(s) for s in STAGES[:STAGES.index("publish")]}
@@ -122,6 +122,11 @@ def run(ctx: RunContext) -> dict:
         log.warning("publish: report not written: %s", exc)
         return {"tables": tables, "report": None, "report_error": str(exc)}
     return {"tables": tables, "report": lake.display(report)}
+
+
+def _schema_entry(table: str) -> list[str]:
+    """The table's registry columns as schemas/tables.json spells their types ("score: float32")."""
+    return [f"{f.name}: {type_name(f.type)}" for f in table_schema(table)]
 
 
 def _generation(lake: Lake, manifest: dict | None) -> dict | None:

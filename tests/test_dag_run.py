@@ -10,7 +10,7 @@ from matcher.config import dump_toml, load_config
 from matcher.io.delta_tables import open_table
 from matcher.io.lake import Lake
 from matcher.io.storage import resolve_uri
-from matcher.io.tables import published_tables
+from matcher.io.tables import parse_type, published_tables, run_tables, table_schema
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
@@ -80,6 +80,9 @@ def test_the_nightly_dag_publishes_every_table(dag_run):
     assert recs["model_version"].nunique() == 1
     assert set(published_tables()) <= set(manifest["tables"])
     assert all(manifest["tables"][t]["score_seconds"] > 0 for t in published_tables())  # each table's build time
+    for name in published_tables() + run_tables():  # the types as schemas/tables.json spells them
+        columns = [column.split(": ", 1) for column in manifest["tables"][name]["schema"]]
+        assert [(n, parse_type(t)) for n, t in columns] == [(f.name, f.type) for f in table_schema(name)], name
 
     # A table defined by its registry query (exposure): each product's appearances in the others' top-K.
     exposure = lake.read_partition("exposure", DATE).to_pandas().set_index("product_id")

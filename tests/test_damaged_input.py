@@ -112,17 +112,21 @@ def test_a_stray_quote_costs_its_own_line_not_the_records_it_swallowed(tmp_path,
         assert title == f'Red cotton shirt 55" {closed}'
 
 
-def test_a_quoted_value_with_line_breaks_stays_one_value(tmp_path):
+@pytest.mark.parametrize("value", [
+    # a line with as many commas as a record, but no id shaped as the catalog's first
+    b"Soft and light:\nblue, red, green, white, black\nwash cold",
+    # a last line that reads alone as a record with an id shaped as the catalog's: the value's quote ends a field
+    b"Specs:\nSKU-0099, red, blue",
+])
+def test_a_quoted_value_with_line_breaks_stays_one_value(tmp_path, value):
     root = catalog_dir(tmp_path)
     lines = csv_lines()
-    # Its second line holds as many commas as a record, but starts with no id shaped as the catalog's.
-    lines[5] = (b'SKU-0005,Red cotton shirt 5,"Soft and light:\nblue, red, green, white, black\nwash cold",'
-                b"Shirts,img/a.jpg")
+    lines[5] = b'SKU-0005,Red cotton shirt 5,"' + value + b'",Shirts,img/a.jpg'
     write_csv(root, lines)
     raw, result = clean_in_process(root)
-    assert raw.bad_lines == [] and len(result.clean) == ROWS
+    assert raw.bad_lines == [] and sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS)]
     description = result.clean.set_index("product_id").loc["SKU-0005", "description"]
-    assert description == "Soft and light: blue, red, green, white, black wash cold"
+    assert description == " ".join(value.decode().split())
 
 
 def test_invisible_characters_around_the_headers_names_are_not_part_of_them(tmp_path):
@@ -223,7 +227,19 @@ def _damaged_parquet_page(root) -> str:
     return "products.parquet, row group 1 (from row 100)"
 
 
-@pytest.mark.parametrize("damage", [_truncated_gzip, _damaged_parquet_page])
+def _truncated_json_lines_gzip(root) -> str:
+    import gzip
+
+    noise = random.Random(7)
+    body = "".join(json.dumps({"product_id": f"P{i}", "title": f"Lamp {i}", "note": "%0250x" % noise.getrandbits(1000)})
+                   + "\n" for i in range(1000))
+    packed = gzip.compress(body.encode())
+    # Cut past the first 64 KiB but inside the first 1,000 records, which the columns are read from.
+    (root / "products.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    return "products.jsonl.gz cannot be decoded"
+
+
+@pytest.mark.parametrize("damage", [_truncated_gzip, _damaged_parquet_page, _truncated_json_lines_gzip])
 def test_a_damaged_catalog_file_is_bad_input_naming_where_not_a_storage_error_to_retry(tmp_path, damage):
     from matcher.failures import classify
     from matcher.io.catalog import CatalogError

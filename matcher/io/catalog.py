@@ -10,6 +10,7 @@ import posixpath
 import re
 import stat
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -178,8 +179,11 @@ class CatalogReader:
                                        "mark (or save the file as UTF-8)")
                 columns, delimiter, mapping = self._csv_layout(text, path)
             else:
-                with self.fs.open_input_stream(path) as fh:
-                    columns = _jsonl_columns(fh)
+                try:
+                    with self.fs.open_input_stream(path) as fh:
+                        columns = _jsonl_columns(fh)
+                except _DECODING_ERRORS as exc:
+                    raise _damaged_or_unreachable(exc, f"catalog file {path}") from None
                 mapping = self._mapping(columns, path)
             splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
         return CatalogPlan(path=path, format=fmt, columns=self._mapped_columns(columns, mapping), splits=splits,
@@ -191,7 +195,7 @@ class CatalogReader:
             try:
                 with self.fs.open_input_file(plan.path) as fh:
                     table = pq.ParquetFile(fh).read_row_group(split.row_group)
-            except Exception as exc:
+            except _DECODING_ERRORS as exc:
                 raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group} (from "
                                                    f"row {split.row_offset})") from None
             image_source = plan.mapping.get("image", "image")
@@ -219,7 +223,7 @@ class CatalogReader:
                     break
                 except CatalogError:
                     raise
-                except Exception as exc:  # the stream's: a truncated .gz, a read that failed
+                except _DECODING_ERRORS as exc:  # the stream's: a truncated .gz, a read that failed
                     raise _damaged_or_unreachable(exc, f"catalog file {plan.path} after row {offset}") from None
                 yield self._finish(df, bad, plan, offset)
                 offset += len(df)
@@ -394,10 +398,16 @@ class ImageSources:
                                 f"{ref[:200]} is outside the catalog root and catalog.image_sources")
 
 
+# What reading a damaged file raises (pyarrow's ArrowInvalid is a ValueError, a thrift or page error an OSError).
+_DECODING_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+
+
 def _damaged_or_unreachable(exc: Exception, where: str) -> Exception:
-    """A catalog read that failed: the store's error as it is (a retry may read it), or the file's damage as a
-    CatalogError naming where (a truncated .gz, a damaged Parquet page: a retry would read the same bytes)."""
-    if isinstance(exc, (ConnectionError, TimeoutError)) or "AWS Error" in str(exc):
+    """A catalog read that failed: the store's error as it is (a retry may read it; a missing or forbidden file is
+    judged as such), or the file's damage as a CatalogError naming where (a truncated .gz, a damaged Parquet page:
+    a retry would read the same bytes)."""
+    if (isinstance(exc, (ConnectionError, TimeoutError, FileNotFoundError, PermissionError, CatalogError))
+            or "AWS Error" in str(exc)):
         return exc
     detail = " ".join(str(exc).split())[:300]  # not "OSError: ...": the name would read as a storage error's
     return CatalogError(f"{where} cannot be decoded, it is damaged ({detail})")
@@ -446,9 +456,9 @@ def _arrow_as_text(table: pa.Table) -> pd.DataFrame:
         elif pa.types.is_nested(kind):
             values = [json.dumps(v, ensure_ascii=False, default=str) if v is not None else ""
                       for v in col.to_pylist()]
-        elif (_holds_bytes(kind) or pa.types.is_fixed_size_binary(kind) or pa.types.is_string(kind)
-              or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-            # Strings as bytes: a value that is not UTF-8 costs its row (text_invalid_utf8), not the file.
+        elif (_holds_bytes(kind) or pa.types.is_fixed_size_binary(kind)
+              or (_is_text(kind) and not _valid_utf8(col))):
+            # Bytes, or strings one of which is not UTF-8: that value costs its row (text_invalid_utf8), not the file.
             raw = col if _holds_bytes(kind) or pa.types.is_fixed_size_binary(kind) else col.cast(pa.large_binary())
             values = [v.decode("utf-8", errors="surrogateescape") if v is not None else "" for v in raw.to_pylist()]
         else:
@@ -461,16 +471,30 @@ def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str
     """(bytes, paths) when the image column holds the photos themselves: binary, or a struct with a `bytes` field
     (and maybe a `path`, as Hugging Face datasets write images); else None (references)."""
     kind = col.type
-    if _holds_bytes(kind):  # photos, or references written as bytes without the UTF-8 annotation (Hive, Impala)
+    if _holds_bytes(kind):
         values = col.to_pylist()
         refs = [_reference_in_bytes(v) for v in values]
-        return [None if r is not None else (v or None) for v, r in zip(values, refs)], [r or "" for r in refs]
+        if all(r is not None for r, v in zip(refs, values) if v):  # references written as bytes (Hive, Impala)
+            return [None] * len(values), [r or "" for r in refs]
+        return [v or None for v in values], [""] * len(values)  # photos (a damaged one among them: not_an_image)
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         values = col.to_pylist()
         has_path = kind.get_field_index("path") >= 0
         return ([(v or {}).get("bytes") or None for v in values],
                 [str((v or {}).get("path") or "") if has_path else "" for v in values])
     return None
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _valid_utf8(col: pa.ChunkedArray) -> bool:
+    try:
+        col.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _holds_bytes(kind: pa.DataType) -> bool:
@@ -546,23 +570,47 @@ def _csv_columns(text: str, delimiter: str = ",") -> list[str]:
 
 
 class _RawLines:
-    """The lines the csv module reads, kept until the record they make is taken: that record's raw text."""
+    """The lines the csv module reads, kept until the record they make is taken: that record's raw text (up to
+    _MAX_KEPT_LINES lines: a quote left open on a large file's first line is not recovered, nor held twice)."""
 
     def __init__(self, stream: io.TextIOBase):
         self._lines = iter(stream)
         self.taken: list[str] = []
+        self.overflowed = False
+
+    def clear(self) -> None:
+        self.taken.clear()
+        self.overflowed = False
 
     def __iter__(self) -> "_RawLines":
         return self
 
     def __next__(self) -> str:
         line = next(self._lines)
-        self.taken.append(line)
+        if len(self.taken) < _MAX_KEPT_LINES:
+            self.taken.append(line)
+        else:
+            self.overflowed = True
         return line
 
 
+_MAX_KEPT_LINES = 100_000
 _ID_SHAPE = re.compile(r"[0-9]+|[^\W\d_]+")
-_MAX_ID_SHAPES = 64
+_ID_SHAPE_RECORDS = 1000  # the ids whose shapes a swallowed line's first field is compared with
+
+
+def _closes_well_formed(line: str, delimiter: str) -> bool:
+    """Does the quote that ends a multi-line value on this line (the first quote not doubled) end its field, as
+    in a well-formed CSV? A stray quote is closed wherever the next quote happens to be, mid-field, or never."""
+    text, i = line.rstrip("\r\n"), 0
+    while True:
+        i = text.find('"', i)
+        if i < 0:
+            return False
+        if text.startswith('""', i):
+            i += 2
+            continue
+        return i + 1 == len(text) or text[i + 1] == delimiter
 
 
 def _id_shape(value: str) -> str:
@@ -571,9 +619,12 @@ def _id_shape(value: str) -> str:
 
 
 def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shapes: set[str]) -> list[list[str]]:
-    """The records a stray quote swallowed: when a record spans several lines and every line after its first is a
-    whole record on its own (the header's width, an id shaped as the catalog's ids), its first line opened a quote
-    it never closed; else [] (a quoted value with line breaks, as descriptions have)."""
+    """The records a stray quote swallowed: when a record spans several lines, the quote that ends it does not end
+    a field (or none does), and every line after its first is a whole record on its own (the header's width, an id
+    shaped as the catalog's ids), its first line opened a quote it never closed; else [] (a quoted value with line
+    breaks, as descriptions have)."""
+    if _closes_well_formed(lines[-1], delimiter):
+        return []
     records = []
     for line in lines[1:]:
         fields = next(csv.reader([line], strict=False, delimiter=delimiter), [])
@@ -611,11 +662,13 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
                         "detail": f"{len(fields)} fields, the header has {width}"})
             return
         records.append(fields + [""] * (width - len(fields)))
-        if len(id_shapes) < _MAX_ID_SHAPES:
+        if shaped[0] < _ID_SHAPE_RECORDS:
             id_shapes.add(_id_shape(fields[0]))
+            shaped[0] += 1
 
+    shaped = [0]
     while True:
-        lines.taken.clear()
+        lines.clear()
         try:
             fields = next(reader)
         except StopIteration:
@@ -624,7 +677,7 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
             bad.append({"raw": "", "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {reader.line_num}: {exc}"})
             continue
         swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(fields[0])})
-                     if len(lines.taken) > 1 and fields else [])
+                     if len(lines.taken) > 1 and fields and not lines.overflowed else [])
         if swallowed:
             first = reader.line_num - len(lines.taken) + 1
             bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS], "reason": Reason.UNPARSEABLE_LINE,

@@ -239,6 +239,62 @@ def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline():
     assert elapsed < 2 * (BODY_DEADLINE_TIMEOUTS * 0.3) + 2, elapsed
 
 
+def test_https_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_deadline(tmp_path, monkeypatch):
+    """TLS detaches the socket it wraps: the cut must reach the connection through another handle."""
+    import contextlib
+    import socket
+    import ssl
+
+    import matcher.io.http_images as http_images
+    from matcher.steps.images import ImageRejected
+
+    cert_file, key_file = _localhost_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(0.1):
+                tls.sendall(b"a")
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setattr(http_images, "_TLS", ssl.create_default_context(cafile=str(cert_file)))
+    monkeypatch.setattr(http_images, "_POOLS", type(http_images._POOLS)())
+    policy = http_images.AddressPolicy.from_settings(["localhost"], ["127.0.0.1/32"])
+    outcome: list = []
+
+    def fetch() -> None:
+        try:
+            http_images.fetch_image(f"https://localhost:{listener.getsockname()[1]}/x.jpg", timeout=0.3, retries=0,
+                                    max_bytes=10**6, policy=policy)
+            outcome.append("returned")
+        except ImageRejected as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(20)
+    elapsed = time.monotonic() - started
+    stop.set()
+    listener.close()
+    assert outcome, "still waiting for the headers after 20 s"
+    assert isinstance(outcome[0], ImageRejected) and outcome[0].reason == "image_unreadable", outcome
+    assert "timed out" in outcome[0].detail and elapsed < http_images.BODY_DEADLINE_TIMEOUTS * 0.3 + 2, elapsed
+
+
 @pytest.fixture
 def keep_alive_server():
     """An HTTP/1.1 server that keeps connections open; it counts the connections it accepts."""
@@ -300,11 +356,9 @@ def test_retry_pauses_are_jittered_and_a_long_retry_after_is_capped():
     assert parse_retry_after("99999") == RETRY_AFTER_CAP
 
 
-@pytest.fixture
-def tls_server(tmp_path):
-    """An HTTPS server on 127.0.0.1 whose self-signed certificate names only `localhost`."""
+def _localhost_certificate(tmp_path) -> tuple:
+    """A self-signed certificate naming only `localhost`, and its key: (cert file, key file)."""
     import datetime
-    import ssl
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -324,6 +378,15 @@ def tls_server(tmp_path):
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 whose self-signed certificate names only `localhost`."""
+    import ssl
+
+    cert_file, key_file = _localhost_certificate(tmp_path)
     body = _jpeg()
 
     class Handler(KeepAliveHandler):

@@ -341,13 +341,28 @@ def _cut_off_after(seconds: float | None, sock: Callable[[], socket.socket | Non
 
 class _Deadlines:
     """Connecting (TLS included) and the response's status and headers, each within BODY_DEADLINE_TIMEOUTS
-    timeouts: the timeout bounds each wait, so a server trickling a byte before each would hold a thread for good."""
-    _raw_sock: socket.socket | None = None
+    timeouts: the timeout bounds each wait, so a server trickling a byte before each would hold a thread for good.
+    The cut goes through a duplicate of the connection's socket: TLS detaches the socket it wraps."""
+    _cut_handle: socket.socket | None = None
     timeout: object
 
     def _within_deadline(self, what: str):
         seconds = BODY_DEADLINE_TIMEOUTS * self.timeout if isinstance(self.timeout, (int, float)) else None
-        return _cut_off_after(seconds, lambda: self._raw_sock, what)
+        return _cut_off_after(seconds, lambda: self._cut_handle, what)
+
+    def _keep_cut_handle(self, sock: socket.socket) -> socket.socket:
+        self._drop_cut_handle()
+        self._cut_handle = sock.dup()
+        return sock
+
+    def _drop_cut_handle(self) -> None:
+        if self._cut_handle is not None:
+            self._cut_handle.close()
+            self._cut_handle = None
+
+    def close(self) -> None:
+        self._drop_cut_handle()
+        super().close()  # type: ignore[misc]
 
     def connect(self) -> None:
         with self._within_deadline("the connection"):
@@ -368,8 +383,7 @@ class _CheckedHTTPConnection(_Deadlines, urllib3.connection.HTTPConnection):
 
     def _new_conn(self) -> socket.socket:
         try:
-            self._raw_sock = _connect(self.host, self.checked_ip, self.port, self.timeout, self.policy)
-            return self._raw_sock
+            return self._keep_cut_handle(_connect(self.host, self.checked_ip, self.port, self.timeout, self.policy))
         except TimeoutError as exc:
             raise urllib3.exceptions.ConnectTimeoutError(self, f"connecting to {self.host} timed out") from exc
         except OSError as exc:

@@ -188,23 +188,24 @@ def test_a_server_trickling_its_body_is_cut_off_at_the_deadline(image_server):
     assert fetch_image(f"{base}/ok.jpg", timeout=0.3, retries=0, max_bytes=10**6, policy=policy)[:2] == b"\xff\xd8"
 
 
-def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline():
-    """Before the body, the status line and headers: a byte every 100 ms held an image thread for good."""
+def _fetch_from_a_header_trickler(url: str, policy, retries: int, wrap=None) -> tuple[list, float]:
+    """fetch_image(url) against a server on 127.0.0.1 (its connections through `wrap`, e.g. TLS) that answers
+    "200 OK" and then a header byte every 100 ms, in a thread given 20 s: (what it raised or returned, seconds)."""
     import contextlib
     import socket
 
-    from matcher.io.http_images import BODY_DEADLINE_TIMEOUTS, AddressPolicy, fetch_image
+    from matcher.io.http_images import fetch_image
     from matcher.steps.images import ImageRejected
 
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
     def trickle(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):  # the client hangs up at its deadline
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        with contextlib.suppress(OSError), (wrap(conn) if wrap else conn) as peer:  # the client hangs up
+            peer.recv(65536)
+            peer.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
             while not stop.wait(0.1):
-                conn.sendall(b"a")
+                peer.sendall(b"a")
 
     def accept() -> None:
         while not stop.is_set():
@@ -214,18 +215,17 @@ def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline():
                 return
             threading.Thread(target=trickle, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
-    policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])
     outcome: list = []
 
     def fetch() -> None:
         try:
-            fetch_image(f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg", timeout=0.3, retries=1,
-                        max_bytes=10**6, backoff=0.01, policy=policy)
+            fetch_image(url.format(port=listener.getsockname()[1]), timeout=0.3, retries=retries, max_bytes=10**6,
+                        backoff=0.01, policy=policy)
             outcome.append("returned")
         except ImageRejected as exc:
             outcome.append(exc)
 
+    threading.Thread(target=accept, daemon=True).start()
     started = time.monotonic()
     worker = threading.Thread(target=fetch, daemon=True)
     worker.start()
@@ -233,6 +233,16 @@ def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline():
     elapsed = time.monotonic() - started
     stop.set()
     listener.close()
+    return outcome, elapsed
+
+
+def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline():
+    """Before the body, the status line and headers: a byte every 100 ms held an image thread for good."""
+    from matcher.io.http_images import BODY_DEADLINE_TIMEOUTS, AddressPolicy
+    from matcher.steps.images import ImageRejected
+
+    policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])
+    outcome, elapsed = _fetch_from_a_header_trickler("http://127.0.0.1:{port}/x.jpg", policy, retries=1)
     assert outcome, "still waiting for the headers after 20 s"
     assert isinstance(outcome[0], ImageRejected) and outcome[0].reason == "image_unreadable", outcome
     assert "timed out" in outcome[0].detail and outcome[0].detail.endswith("(after 2 tries)")
@@ -241,8 +251,6 @@ def test_a_server_trickling_its_headers_is_cut_off_at_the_deadline():
 
 def test_https_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_deadline(tmp_path, monkeypatch):
     """TLS detaches the socket it wraps: the cut must reach the connection through another handle."""
-    import contextlib
-    import socket
     import ssl
 
     import matcher.io.http_images as http_images
@@ -251,45 +259,11 @@ def test_https_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_deadline(tmp
     cert_file, key_file = _localhost_certificate(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def trickle(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
-            tls.recv(65536)
-            tls.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            while not stop.wait(0.1):
-                tls.sendall(b"a")
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
     monkeypatch.setattr(http_images, "_TLS", ssl.create_default_context(cafile=str(cert_file)))
     monkeypatch.setattr(http_images, "_POOLS", type(http_images._POOLS)())
     policy = http_images.AddressPolicy.from_settings(["localhost"], ["127.0.0.1/32"])
-    outcome: list = []
-
-    def fetch() -> None:
-        try:
-            http_images.fetch_image(f"https://localhost:{listener.getsockname()[1]}/x.jpg", timeout=0.3, retries=0,
-                                    max_bytes=10**6, policy=policy)
-            outcome.append("returned")
-        except ImageRejected as exc:
-            outcome.append(exc)
-
-    started = time.monotonic()
-    worker = threading.Thread(target=fetch, daemon=True)
-    worker.start()
-    worker.join(20)
-    elapsed = time.monotonic() - started
-    stop.set()
-    listener.close()
+    outcome, elapsed = _fetch_from_a_header_trickler("https://localhost:{port}/x.jpg", policy, retries=0,
+                                                     wrap=lambda conn: context.wrap_socket(conn, server_side=True))
     assert outcome, "still waiting for the headers after 20 s"
     assert isinstance(outcome[0], ImageRejected) and outcome[0].reason == "image_unreadable", outcome
     assert "timed out" in outcome[0].detail and elapsed < http_images.BODY_DEADLINE_TIMEOUTS * 0.3 + 2, elapsed

@@ -165,7 +165,7 @@ def make_embeddings_writer(bank, temperature: float, dim: int):
 
 def _hubness_bank(vectors: DataFrame, size: int, dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The bank's photo and text vectors: the `size` products first by md5(product_id) (matcher.steps.hubness), chosen
-    on executors, so the driver receives about 2 x `size` rows whatever the catalog's size (n products)."""
+    on executors, so the driver receives `size` rows whatever the catalog's size (n products)."""
     rows = first_by_md5(vectors, size, n, ["product_id", "z", "u"])
     return vector_matrix(rows["z"], dim, "z"), vector_matrix(rows["u"], dim, "u")
 

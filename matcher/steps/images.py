@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,11 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
                 raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels > {max_pixels}")
             img.seek(0)  # first frame of animations
             img.load()
+        with suppress(Exception):  # a broken EXIF block should not cost the product its photo
+            img = ImageOps.exif_transpose(img)
+        img = ImageOps.fit(_to_rgb(img), (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=quality)
     except ImageRejected:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -95,20 +101,8 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
         raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_pixels} pixels ({str(exc)[:160]})") from None
     except MemoryError:
         raise
-    except Exception as exc:  # a damaged file raises whatever its decoder meets (TypeError for a mistyped TIFF tag)
-        raise ImageRejected(Reason.IMAGE_CORRUPT, f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: S110 (a broken EXIF block should not cost the product its photo)
-        pass
-    try:
-        img = _to_rgb(img)
-        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-        out = io.BytesIO()
-        img.save(out, format="JPEG", quality=quality)
-    except MemoryError:
-        raise
-    except Exception as exc:  # a mode or a damaged tile met only when the pixels are converted: this photo's fault
+    except Exception as exc:  # a damaged file raises whatever its decoder or the conversion meets (a TypeError for
+        # a mistyped TIFF tag, a mode Pillow cannot convert): this photo's fault
         raise ImageRejected(Reason.IMAGE_CORRUPT, f"{type(exc).__name__}: {str(exc)[:200]}") from None
     return CanonicalImage(out.getvalue(), size, size)
 

@@ -87,10 +87,14 @@ def _columns_beyond_registry(table: str, schemas: list[pa.Schema]) -> list[pa.Fi
     return list(out.values())
 
 
+def _logged_schemas(delta: DeltaTable | None) -> list[pa.Schema]:
+    """The schema the log holds, as a list to add the new files' to (empty without a log)."""
+    return [] if delta is None else [pa.schema(delta.schema().to_arrow())]
+
+
 def logged_columns(lake: Lake, table: str) -> list[str]:
     """The columns the table's log holds (none without a log): a night's pass-through columns take their spelling."""
-    delta = open_table(lake, table)
-    return [] if delta is None else list(pa.schema(delta.schema().to_arrow()).names)
+    return [name for schema in _logged_schemas(open_table(lake, table)) for name in schema.names]
 
 
 def _case_clashes(table: str, schemas: list[pa.Schema]) -> list[tuple[str, str]]:
@@ -186,7 +190,7 @@ def _commit(lake: Lake, table: str, records_by_date: dict[str, list[FileRecord]]
         try:
             if current is None or attempt > 0:  # a retry reads the log the other writer committed to
                 current = open_table(lake, table)
-            logged = [pa.schema(current.schema().to_arrow())] if current is not None else []
+            logged = _logged_schemas(current)
             schema = delta_schema(table, _columns_beyond_registry(table, [*logged, *(r.schema for r in records)]))
             if current is None:
                 create_table_with_add_actions(uri, Schema.from_arrow(schema), adds, mode="append",
@@ -213,8 +217,7 @@ def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) 
     with waited_lock(lake, TABLES_LOCK_KEY, holder, TABLES_LOCK_WAIT_SECONDS, TablesLockedError, "the tables' logs"):
         opened = {table: open_table(lake, table) for table in queryable_tables()}
         for table, table_records in records.items():  # every table checked before any commits: none or all
-            logged = [pa.schema(opened[table].schema().to_arrow())] if opened.get(table) is not None else []
-            clashes = _case_clashes(table, [*logged, *(r.schema for r in table_records)])
+            clashes = _case_clashes(table, [*_logged_schemas(opened.get(table)), *(r.schema for r in table_records)])
             if clashes:
                 raise ValueError(f"table {table}: the night's columns clash with the logged ones but for case "
                                  f"({', '.join(f'{a!r} and {b!r}' for a, b in clashes)}); Delta Lake holds names "

@@ -653,8 +653,10 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
     records: list[list[str]] = []
     bad: list[dict] = []
     id_shapes: set[str] = set()
+    shaped = 0  # records whose ids' shapes are in id_shapes
 
     def take(fields: list[str]) -> None:
+        nonlocal shaped
         if not any(f.strip() for f in fields):
             return
         if len(fields) > width:
@@ -662,11 +664,10 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
                         "detail": f"{len(fields)} fields, the header has {width}"})
             return
         records.append(fields + [""] * (width - len(fields)))
-        if shaped[0] < _ID_SHAPE_RECORDS:
+        if shaped < _ID_SHAPE_RECORDS:
             id_shapes.add(_id_shape(fields[0]))
-            shaped[0] += 1
+            shaped += 1
 
-    shaped = [0]
     while True:
         lines.clear()
         try:

@@ -205,8 +205,9 @@ def test_a_publish_that_dies_before_its_manifest_leaves_the_previous_partition(d
                                                              lake.manifest(DATE)["tables"][name]["files"]}
 
 
-def test_recommend_search_and_query_read_the_published_tables(dag_run, capsys):
+def test_recommend_search_and_query_read_the_published_tables(dag_run, capsys, monkeypatch):
     _, cfg, config_path = dag_run
+    monkeypatch.setattr("matcher.app.search.SEARCH_BATCH_ROWS", 5)  # searches scan the embeddings in many batches
     assert main(["-q", "recommend", "D00001", "--config", str(config_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 6 and "D00001" in out.splitlines()[0]

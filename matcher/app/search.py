@@ -1,6 +1,9 @@
 """Reading answers from the published tables: a product's recommendations, and text search in the shared space."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -8,9 +11,11 @@ from matcher.io.delta_tables import AsOf, TablesAsOf, TableVersionError
 from matcher.io.lake import Lake
 from matcher.io.published import NewestManifests, NotPublishedError
 from matcher.io.registry import load_model
-from matcher.steps.hubness import inner_product_form
-from matcher.steps.search import query_vectors, search_vectors
+from matcher.steps.hubness import gallery_form, query_form
+from matcher.steps.search import NearestProducts, query_vectors
 from matcher.steps.vectors import vector_matrix
+
+SEARCH_BATCH_ROWS = 65_536  # embeddings a search holds at a time (a 256-wide vector: 64 MiB)
 
 
 def published_tables_as_of(lake: Lake, tables: list[str], as_of: str | None) -> NewestManifests | TablesAsOf:
@@ -61,25 +66,39 @@ def search_text(lake: Lake, text: str, k: int = 10, date: str | None = None, dev
     published = published_tables_as_of(lake, ["recommendations", "embeddings", "clean"], as_of)
     dt = published.resolve_date(date)
     vectors = ["fused_vec"] if by == "product" else ["image_vec", "image_hubness"]
+
+    published_before_hubness = NotPublishedError(f"the embeddings of {dt} have no image_hubness (published before "
+                                                 f"it existed): rerun the score stage for {dt}")
+
+    def nearest(batches: Iterator[pa.RecordBatch]) -> pd.DataFrame:
+        found = NearestProducts([text], np.zeros((1, 0), np.float32), k)  # no rows: no hits
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if by == "photo" and "image_hubness" not in batch.schema.names:  # a file read skips absent columns
+                raise published_before_hubness
+            if found.seen == 0:  # the model that scored the date's embeddings embeds the query
+                model, config = load_model(lake, batch["model_version"][0].as_py())
+                q = query_vectors(model, config["spec"]["text_encoder"], [text], device,
+                                  "product" if by == "product" else "text")
+                found = NearestProducts([text], q if by == "product" else query_form(q), k)
+            ids = batch["product_id"].to_numpy(zero_copy_only=False)
+            if by == "product":
+                found.add(ids, vector_matrix(batch["fused_vec"]))
+            elif batch["image_hubness"].null_count:
+                raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (score.hubness_bank = 0): "
+                                        f"rerun the score stage for {dt} with a bank")
+            else:
+                found.add(ids, gallery_form(vector_matrix(batch["image_vec"]), batch["image_hubness"].to_numpy()))
+        return found.hits()
+
     try:
-        emb = published.read("embeddings", dt, ["product_id", "model_version", *vectors])
-    except pa.ArrowInvalid:  # by photo: a column the partition lacks, published before hubness existed
+        hits = published.scan("embeddings", dt, ["product_id", "model_version", *vectors], nearest,
+                              SEARCH_BATCH_ROWS)
+    except pa.ArrowInvalid:  # by photo through a Delta log: a column no partition has
         if by == "product":
             raise
-        raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (published before it existed): "
-                                f"rerun the score stage for {dt}") from None
-    version = emb["model_version"][0].as_py()
-    model, config = load_model(lake, version)
-    q = query_vectors(model, config["spec"]["text_encoder"], [text], device, "product" if by == "product" else "text")
-    ids = emb["product_id"].to_numpy(zero_copy_only=False)
-    if by == "product":
-        hits = search_vectors([text], q, ids, vector_matrix(emb["fused_vec"]), k)
-    else:
-        if emb["image_hubness"].null_count:
-            raise NotPublishedError(f"the embeddings of {dt} have no image_hubness (score.hubness_bank = 0): "
-                                    f"rerun the score stage for {dt} with a bank")
-        queries, photos = inner_product_form(q, vector_matrix(emb["image_vec"]), emb["image_hubness"].to_numpy())
-        hits = search_vectors([text], queries, ids, photos, k)
+        raise published_before_hubness from None
     titles = titles_for(published, dt, hits["product_id"].tolist())
     hits["title"] = hits["product_id"].map(titles).fillna("")
     return hits.drop(columns=["query"])

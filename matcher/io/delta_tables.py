@@ -15,8 +15,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -33,6 +34,7 @@ from matcher.io.tables import queryable_tables, table_schema
 
 log = logging.getLogger("matcher")  # where the stages log (and Airflow task logs add their context)
 
+T = TypeVar("T")
 PARTITION = "dt"
 TABLES_LOCK_KEY = "tables"  # the lock of every table's Delta log, under _locks/ beside the dates' and "models"
 TABLES_LOCK_WAIT_SECONDS = 600.0
@@ -443,6 +445,19 @@ class TablesAsOf:
             columns = [n for n in dataset.schema.names if n != "dt"]
         try:
             return dataset.to_table(columns=columns, filter=where)
+        except FileNotFoundError:
+            raise version_gone(self.point) from None
+
+    def scan(self, table: str, date: str, columns: list[str], consume: Callable[[Iterator[pa.RecordBatch]], T],
+             batch_rows: int) -> T:
+        """consume(the date's rows of `table` at that version in batches of at most `batch_rows`), as
+        published.NewestManifests.scan."""
+        # One file, one batch ahead, not pre-buffered: by default pyarrow holds several files' row groups.
+        batches = self._dataset(table).to_batches(
+            columns=columns, filter=ds.field("dt") == date, batch_size=batch_rows, batch_readahead=1,
+            fragment_readahead=1, fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+        try:
+            return consume(batches)
         except FileNotFoundError:
             raise version_gone(self.point) from None
 

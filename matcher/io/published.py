@@ -6,11 +6,16 @@ manifest finishes on its files, and one that loses them to a second republish re
 manifest."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from matcher.io.lake import Lake
 
+T = TypeVar("T")
 REREADS = 5  # how often a read that lost its files to republishes starts again from the date's newest manifest
 
 
@@ -33,22 +38,36 @@ def resolve_date(lake: Lake, date: str | None) -> str:
     return date
 
 
-def read_published(lake: Lake, table: str, date: str | None = None, columns: list[str] | None = None,
-                   filters: list[tuple] | None = None) -> pa.Table:
-    """A published table of a date (the newest by default): the files one manifest names, all of them; only the
-    rows `filters` keep (Lake.read_files)."""
-    dt = resolve_date(lake, date)
+def _with_rereads(lake: Lake, table: str, dt: str, read: Callable[[list[str]], T]) -> T:
+    """read(the files the date's manifest names for `table`), again from the newest manifest if the date was
+    published again and its files went while they were read."""
     for _ in range(REREADS):
         manifest = lake.manifest(dt)
         files = lake.published_files(table, dt, manifest)
         if files is None:
             raise NotPublishedError(f"table {table} has no partition for {dt}")
         try:
-            return lake.read_files(table, files, columns, filters)  # only these columns are read from the files
+            return read(files)
         except OSError:
             if (lake.manifest(dt) or {}).get("publish_id") == (manifest or {}).get("publish_id"):
                 raise  # not a republish: a file its own manifest names is unreadable
     raise NotPublishedError(f"table {table} for {dt} was published again {REREADS} times while it was read")
+
+
+def read_published(lake: Lake, table: str, date: str | None = None, columns: list[str] | None = None,
+                   filters: list[tuple] | None = None) -> pa.Table:
+    """A published table of a date (the newest by default): the files one manifest names, all of them; only the
+    rows `filters` keep (Lake.read_files)."""
+    # only these columns are read from the files
+    return _with_rereads(lake, table, resolve_date(lake, date),
+                         lambda files: lake.read_files(table, files, columns, filters))
+
+
+def _file_batches(lake: Lake, files: list[str], columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    for path in files:
+        with lake.fs.open_input_file(path) as source:
+            # Not pre-buffered: pyarrow would read far ahead of the batch (whole files of row groups).
+            yield from pq.ParquetFile(source, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 class NewestManifests:
@@ -64,6 +83,14 @@ class NewestManifests:
     def read(self, table: str, date: str, columns: list[str] | None = None,
              filters: list[tuple] | None = None) -> pa.Table:
         return read_published(self.lake, table, date, columns, filters)
+
+    def scan(self, table: str, date: str, columns: list[str], consume: Callable[[Iterator[pa.RecordBatch]], T],
+             batch_rows: int) -> T:
+        """consume(the date's rows of `table` in batches of at most `batch_rows`): one batch in memory at a time
+        (a table too large to read whole, such as a million products' embeddings); from the start again if the
+        date is published again while it is read."""
+        return _with_rereads(self.lake, table, date,
+                             lambda files: consume(_file_batches(self.lake, files, columns, batch_rows)))
 
 
 def published_dataset(lake: Lake, table: str) -> ds.Dataset | None:

@@ -44,12 +44,21 @@ def normalised_scores(queries: np.ndarray, gallery: np.ndarray, gallery_hubness:
     return queries @ gallery.T - gallery_hubness[None, :]
 
 
+def query_form(queries: np.ndarray) -> np.ndarray:
+    """[query, 1]: the queries' half of inner_product_form."""
+    return np.hstack([queries, np.ones((len(queries), 1), np.float32)]).astype(np.float32)
+
+
+def gallery_form(gallery: np.ndarray, gallery_hubness: np.ndarray) -> np.ndarray:
+    """[item, -hubness]: the items' half of inner_product_form."""
+    return np.hstack([gallery, -gallery_hubness[:, None]]).astype(np.float32)
+
+
 def inner_product_form(queries: np.ndarray, gallery: np.ndarray,
                        gallery_hubness: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[query, 1] and [item, -hubness]: their inner products are cosine less hubness, so an exact inner-product
     top-K (matcher.steps.scoring.topk) ranks by it with its own tie rules."""
-    return (np.hstack([queries, np.ones((len(queries), 1), np.float32)]).astype(np.float32),
-            np.hstack([gallery, -gallery_hubness[:, None]]).astype(np.float32))
+    return query_form(queries), gallery_form(gallery, gallery_hubness)
 
 
 def bank_order_key(product_id: str) -> str:

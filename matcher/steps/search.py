@@ -22,15 +22,39 @@ def query_vectors(model, text_encoder_version: str, queries: list[str], device: 
         return (u if space == "text" else model.product_vectors(u, u)).numpy()
 
 
-def search_vectors(queries: list[str], query_vecs: np.ndarray, product_ids: np.ndarray, fused: np.ndarray,
-                   k: int) -> pd.DataFrame:
-    scores, idx = topk(query_vecs, fused, k)
-    return pd.DataFrame({
-        "query": np.repeat(queries, idx.shape[1]),
-        "rank": np.tile(np.arange(1, idx.shape[1] + 1, dtype=np.int32), len(queries)),
-        "product_id": product_ids[idx.ravel()],
-        "score": scores.ravel(),
-    })
+class NearestProducts:
+    """Each query's k nearest products over products that arrive in batches: one batch's matrix and k candidates a
+    query are held at a time, so a table of any size is searched in the memory of one batch. Ties go to the product
+    read first, as topk over the whole matrix breaks them."""
+
+    def __init__(self, queries: list[str], query_vecs: np.ndarray, k: int):
+        self.queries, self.query_vecs, self.k = queries, np.ascontiguousarray(query_vecs, dtype=np.float32), k
+        self._scores = np.zeros((len(queries), 0), np.float32)
+        self._order = np.zeros((len(queries), 0), np.int64)  # the product's place in reading order (the tie rule)
+        self._ids = np.zeros((len(queries), 0), object)
+        self.seen = 0  # products added so far
+
+    def add(self, product_ids: np.ndarray, items: np.ndarray) -> None:
+        """A batch of products: their ids and vectors (rows), in reading order."""
+        if len(items) == 0:
+            return
+        scores, idx = topk(self.query_vecs, items, self.k)
+        scores = np.hstack([self._scores, scores])
+        order = np.hstack([self._order, idx + self.seen])
+        ids = np.hstack([self._ids, np.asarray(product_ids, dtype=object)[idx]])
+        keep = np.lexsort((order, -scores), axis=1)[:, :self.k]
+        self._scores, self._order, self._ids = (np.take_along_axis(a, keep, axis=1) for a in (scores, order, ids))
+        self.seen += len(items)
+
+    def hits(self) -> pd.DataFrame:
+        """query, rank (1 = best), product_id, score: min(k, products seen) rows a query."""
+        per_query = self._scores.shape[1]
+        return pd.DataFrame({
+            "query": np.repeat(self.queries, per_query),
+            "rank": np.tile(np.arange(1, per_query + 1, dtype=np.int32), len(self.queries)),
+            "product_id": self._ids.ravel(),
+            "score": self._scores.ravel(),
+        })
 
 
 SEARCH_HITS = pa.schema([("query_no", pa.int64()), ("score", pa.float32()), ("idx", pa.int64()),

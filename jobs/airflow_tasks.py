@@ -66,6 +66,15 @@ def _record_asset_events(outlet_events, ds: str, run_id: str, stats: dict | None
         outlet_events[asset].extra = extra
 
 
+def published_manifest(cfg: Config, params: dict, ds: str) -> dict:
+    """The date's manifest (its tables' rows and paths): what a publish submitted to a cluster recorded, read from
+    the lake the task's config and conf name, as the submitted driver read them."""
+    from matcher.io.lake import Lake
+
+    with storage_ready(cfg) as ready:
+        return Lake(params.get("lake") or ready.run.lake, ready.storage).manifest(ds) or {}
+
+
 def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str = "",
                    outlet_events=None) -> dict:
     """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
@@ -87,7 +96,7 @@ def _run_stage_task(stage: str, ds: str, params: dict, run_id: str, outlet_event
     if cfg.runner.mode == "spark_submit":
         summary = submit_stage(stage, ds, params, cfg.runner.spark_conn_id, run_id=run_id)
         if stage == "publish" and outlet_events is not None:
-            _record_asset_events(outlet_events, ds, run_id, None)
+            _record_asset_events(outlet_events, ds, run_id, published_manifest(cfg, params, ds))
         return summary
     try:
         with storage_ready(cfg) as cfg:

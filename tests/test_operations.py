@@ -174,6 +174,33 @@ def test_stages_run_through_spark_submit_when_the_config_says_so(tmp_path, monke
     assert lake.read_json("validation/dt=2026-08-01/result.json")["success"] is True
 
 
+def test_a_publish_submitted_to_a_cluster_names_its_rows_and_path_in_the_asset_events(tmp_path, monkeypatch):
+    """The submitted driver's statistics stay on the cluster: the task reads the date's manifest for them. The
+    submit itself is the test above's; here it is stood in for by the manifest a publish writes."""
+    import jobs.airflow_tasks
+    from jobs.airflow_tasks import run_stage_task, table_assets
+
+    lake_uri, ds = f"file://{tmp_path}/lake", "2026-08-01"
+    config = tmp_path / "m.toml"
+    config.write_text(dump_toml({"run": {"catalog": str(tmp_path / "catalog"), "lake": lake_uri},
+                                 "runner": {"mode": "spark_submit"}}))
+    path = f"{lake_uri}/recommendations/dt={ds}"
+    Lake(lake_uri, load_config().storage).write_json(Lake.manifest_file(ds), {
+        "publish_id": "p1", "tables": {"recommendations": {"rows": 120, "path": path, "files": []}}})
+    monkeypatch.setattr(jobs.airflow_tasks, "submit_stage", lambda *a, **k: {"runner": "spark_submit"})
+
+    class Events(dict):
+        def __missing__(self, asset):
+            self[asset] = type("Event", (), {"extra": None})()
+            return self[asset]
+
+    events = Events()
+    run_stage_task("publish", ds, {"config": str(config)}, run_id="r1", outlet_events=events)
+    assets = table_assets()
+    assert events[assets["recommendations"]].extra == {"date": ds, "run_id": "r1", "rows": 120, "path": path}
+    assert events[assets["embeddings"]].extra == {"date": ds, "run_id": "r1"}  # not in this manifest
+
+
 def test_the_catalog_sensor_checks_the_catalog_whatever_the_runner(tmp_path):
     from jobs.airflow_tasks import catalog_ready
 

@@ -339,3 +339,36 @@ def test_a_closed_stdout_exits_141_quietly_not_75(tmp_path):
     proc.stdout.close()  # the reader is gone before the command writes (as `| head` after its lines)
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""  # no traceback, no message: `| head` is not a failure
+
+
+def _documented_commands() -> list[tuple[str, str]]:
+    """Every `matcher ...` line of the README's and docs' shell blocks, as a user would paste it (comment cut)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        in_block = False
+        for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            if line.startswith("```"):
+                in_block = not in_block
+                continue
+            command = re.match(r"\s*(?:\.venv/bin/)?matcher (.*)", line) if in_block else None
+            if command and "..." not in command.group(1):  # "run ... --steps": an elision, not a command
+                found.append((f"{doc.name}:{n}", shlex.split(command.group(1), comments=True)))
+    return found
+
+
+def test_every_command_the_docs_show_parses():
+    from matcher.app.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 12  # the README's and the docs' examples, found
+    parser = build_parser()
+    for where, args in commands:
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{where}: matcher {' '.join(args)} does not parse")

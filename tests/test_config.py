@@ -11,6 +11,40 @@ def test_defaults_load_and_have_documented_values():
     assert cfg.extract.image_encoder == "efficientnet-lite0"
 
 
+# Defaults the docs state, each with the doc's own words: a change to either side fails here until both agree.
+DOCUMENTED_DEFAULTS = [
+    ("docs/lake.md", "`tables.keep_nights` nights (default 7)", "tables.keep_nights", 7),
+    ("docs/lake.md", "`score = 0.7 * similarity + 0.3 * match probability`", "score.rerank_weight", 0.3),
+    ("docs/lake.md", "(`score.mismatch_folds`, 5,", "score.mismatch_folds", 5),
+    ("docs/operations.md", "20% held out (metrics", "train.holdout_fraction", 0.2),
+    ("docs/operations.md", "5% calibration (the match threshold)", "train.calibration_fraction", 0.05),
+    ("docs/operations.md", "10% validation (model selection)", "train.validation_fraction", 0.1),
+    ("docs/configuration.md", '(`train.title_words = "auto"`)', "train.title_words", "auto"),
+    ("docs/cluster.md", "`score.max_categories` (10,000)", "score.max_categories", 10_000),
+    ("docs/benchmarks.md", "Defaults chosen: patience 5, `fusion_alpha` 0.3.", "train.patience", 5),
+    ("docs/benchmarks.md", "Defaults chosen: patience 5, `fusion_alpha` 0.3.", "train.fusion_alpha", 0.3),
+]
+
+
+@pytest.mark.parametrize("doc, words, key, value", DOCUMENTED_DEFAULTS, ids=[d[2] for d in DOCUMENTED_DEFAULTS])
+def test_the_defaults_the_docs_state_are_the_defaults(doc, words, key, value):
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parent.parent / doc).read_text(encoding="utf-8").split())
+    assert words in text, f"{doc} no longer says {words!r}: update DOCUMENTED_DEFAULTS with the doc"
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(), section), name) == value, f"{key}: {doc} says {words!r}"
+
+
+def test_extract_reuses_features_from_the_7_partitions_the_readme_states():
+    from pathlib import Path
+
+    from jobs.extract import REUSE_LOOKS
+
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8").split())
+    assert f"the newest of the last {REUSE_LOOKS} feature partitions" in readme
+
+
 def test_file_overrides_subset(tmp_path):
     p = tmp_path / "m.toml"
     p.write_text(dump_toml({"score": {"top_k": 5}, "train": {"fusion": "concat"}}))

@@ -91,6 +91,31 @@ def test_the_reference_documents_every_table_built_by_code_and_describe_shows_ev
     assert "times_recommended int32" in text
 
 
+def _flat(doc: str) -> str:
+    return " ".join((ROOT / "docs" / doc).read_text(encoding="utf-8").split())
+
+
+def test_the_docs_name_each_tables_columns_assets_and_query_views_as_the_registry_does():
+    from jobs.airflow_tasks import table_assets
+    from matcher.io.tables import queryable_tables
+
+    lake = (ROOT / "docs" / "lake.md").read_text(encoding="utf-8")
+    documented = {name: [re.sub(r"\s*\(.*?\)", "", c).strip() for c in columns.split(",")]
+                  for name, columns in re.findall(r"^\| `(\w+)/dt=D/` \| `([^`]*)`", lake, re.M)}
+    documented.update(re.findall(r"`(\w+)/dt=D/` \(`([^`]*)`\)", lake))  # a table defined by a query, in prose
+    documented = {n: c.split(", ") if isinstance(c, str) else c for n, c in documented.items()
+                  if n in tables()}  # not validation/ (files, not a table)
+    assert set(documented) >= set(published_tables()), sorted(set(published_tables()) - set(documented))
+    for name, columns in documented.items():
+        assert columns == table_schema(name).names, name
+
+    assets = re.findall(r"`matcher\.(\w+)`", _flat("operations.md").split("URI `matcher://tables/")[0])
+    assert sorted(assets) == sorted(a.name.removeprefix("matcher.") for a in table_assets().values())
+
+    views = re.search(r"views `([^`]*)`", _flat("running.md")).group(1).split(", ")
+    assert sorted(views) == sorted(queryable_tables())
+
+
 def columns_read(query: str, table: str, clean: pa.Schema) -> pa.Schema:
     """What the night reads of input `table` for exposure's entry with this query."""
     from jobs.score_queries import input_schemas

@@ -39,7 +39,8 @@ def published_lake(tmp_path, monkeypatch):
     rel = f"recommendations/dt={DATE}/part-0.parquet"
     lake.fs.create_dir(lake.path(f"recommendations/dt={DATE}"), recursive=True)
     pq.write_table(recs, lake.path(rel), filesystem=lake.fs)
-    lake.write_json(Lake.manifest_file(DATE), {"date": DATE, "tables": {"recommendations": {"files": [rel]}}})
+    lake.write_json(Lake.manifest_file(DATE), {"date": DATE, "tables": {"recommendations": {
+        "files": [rel], "rows": 3, "path": lake.display(Lake.partition_dir("recommendations", DATE))}}})
     config = tmp_path / "matcher.toml"
     config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake"}}))
     return config
@@ -130,6 +131,21 @@ def test_the_reports_suggested_query_runs_through_the_manifest(published_lake, c
     capsys.readouterr()
     assert main(["-q", "query", suggested, "--config", str(published_lake)]) == 0
     assert capsys.readouterr().out.count("v1") == 3
+
+
+def test_report_writes_the_dates_page_where_asked_or_beside_the_user(published_lake, capsys):
+    from pathlib import Path
+
+    from matcher.app.cli import main
+
+    assert main(["-q", "report", "--config", str(published_lake), "--out", "night.html"]) == 0
+    page = Path("night.html").read_text(encoding="utf-8")
+    assert capsys.readouterr().out.strip() == f"report for {DATE}: {Path('night.html').resolve()}"
+    assert DATE in page and page.lstrip().lower().startswith("<!doctype html")
+    assert main(["-q", "report", "--config", str(published_lake), "--date", DATE]) == 0
+    assert Path(f"matcher-report-{DATE}.html").read_text(encoding="utf-8") == page
+    assert main(["-q", "report", "--config", str(published_lake), "--date", "2026-01-02"]) == 1
+    assert "no published partition for 2026-01-02" in capsys.readouterr().err
 
 
 def test_version_description_and_help_for_every_option(capsys):
@@ -333,8 +349,10 @@ def test_partition_dates_are_written_with_dashes_only():
 def test_a_closed_stdout_exits_141_quietly_not_75(tmp_path):
     import subprocess
     import sys
+    from pathlib import Path
 
-    proc = subprocess.Popen([sys.executable, "-m", "matcher.app.cli", "-q", "tables", "describe"],
+    command = Path(sys.executable).parent / "matcher"  # the console script the docs spell as .venv/bin/matcher
+    proc = subprocess.Popen([str(command), "-q", "tables", "describe"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     proc.stdout.close()  # the reader is gone before the command writes (as `| head` after its lines)
     assert proc.wait(timeout=120) == 141

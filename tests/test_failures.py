@@ -110,6 +110,24 @@ def test_bad_input_config_errors_and_refused_storage_are_permanent(tmp_path, s3_
         assert "a retry would fail the same way" in failure.message()
 
 
+def test_a_failed_task_logs_one_line_with_its_stage_date_and_cause():
+    import logging
+
+    from jobs.airflow_tasks import log_failure
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("matcher")
+    logger.addHandler(handler)
+    try:
+        log_failure({"task_instance": type("TI", (), {"task_id": "train"})(), "ds": "2026-01-05",
+                     "exception": RuntimeError("promotion gate:\n  new model below the baseline")})
+    finally:
+        logger.removeHandler(handler)
+    assert lines == ["matcher stage train failed for 2026-01-05: promotion gate: new model below the baseline"]
+
+
 def test_an_unknown_error_is_permanent_and_said_to_be_probably_a_bug():
     failure = classify(_raised(lambda: {}["missing"]))
     assert not failure.retryable

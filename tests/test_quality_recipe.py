@@ -343,6 +343,43 @@ def test_tiny_catalogs_and_short_runs_train(n, train):
     assert np.isfinite(z).all() and np.isfinite(u).all()
 
 
+@pytest.mark.parametrize("constant", ["image", "text"])
+def test_a_catalog_whose_photos_or_texts_are_all_alike_trains_on_the_other_view(constant):
+    """A placeholder photo on every product (or one title for all): that view carries nothing, so ranking by it can
+    only tie, and the night must still train (it divided by a zero ridge penalty, and NaNs reached the metrics)."""
+    from matcher.steps.evaluate import evaluate_model
+    from matcher.steps.train import refit_on_all_rows
+
+    img, txt, _ = synthetic_features(120)
+    if constant == "image":
+        img = np.tile(img[:1], (len(img), 1))
+    else:
+        txt = np.tile(txt[:1], (len(txt), 1))
+    ids = np.array([f"D{i:05d}" for i in range(len(img))])
+    cfg = recipe(min_steps=10, epochs=3)
+    spec = model_spec(cfg, img.shape[1], txt.shape[1], "a", "b")
+    result, heldout = train_on_split(img, txt, ids, spec, cfg)
+    served = refit_on_all_rows(result, img, txt, cfg)
+    for model in (result.model, served.model):
+        z, u, v = embed(model, img, txt)
+        assert np.isfinite(z).all() and np.isfinite(u).all() and np.isfinite(v).all()
+    metrics = evaluate_model(result.model, img, txt, np.array(["c"] * len(img)), heldout, 0)
+    # Every product alike in one view: cross-modal recall is chance (10 of the held-out), not a perfect score.
+    assert metrics["mean_recall_at_10"] == pytest.approx(10 / heldout.sum(), abs=0.05)
+
+
+def test_recall_breaks_ties_with_the_true_match_at_random_in_expectation():
+    assert recall_at_k(np.zeros((100, 100)), (1, 10)) == pytest.approx({1: 0.01, 10: 0.1})
+    sim = np.eye(4) + np.array([[0, 1, 0, 0]] * 4)  # rows 0, 2, 3 tie their true match with column 1; row 1 wins
+    assert recall_at_k(sim, (1, 2)) == pytest.approx({1: (0.5 + 1 + 0.5 + 0.5) / 4, 2: 1.0})
+    assert recall_at_k(sim - 0.5 * np.eye(4), (1, 2)) == pytest.approx({1: 0.25, 2: 1.0})  # a tie lost is a miss
+    from matcher.steps.baselines import two_way_mrr
+
+    u = np.random.default_rng(0).normal(size=(50, 8))
+    chance = np.mean(1.0 / np.arange(1, 51))  # photos alike: the true text's rank is uniform over 1..50
+    assert two_way_mrr(np.ones((50, 8)), u) == pytest.approx(chance)
+
+
 def test_cca_reaches_the_regularisation_that_wide_noisy_features_need():
     # 8 shared factors hidden among 1,240 image and 630 text features, most of them noise, 340 rows to fit: as
     # with a small catalog's CNN + colour features. Validation must be able to pick past 0.5, and what it picks

@@ -73,14 +73,22 @@ class Standardiser:
         return out
 
 
+def _expected_reciprocal_rank(better: np.ndarray, tied: np.ndarray) -> np.ndarray:
+    """1 / rank of a true match behind `better` items and tied with `tied` others, ties broken at random, in
+    expectation: the mean of 1 / (better + 1) ... 1 / (better + tied + 1)."""
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int((better + tied).max(initial=0)) + 2))])
+    return (harmonic[better + tied + 1] - harmonic[better]) / (tied + 1)
+
+
 def two_way_mrr(z: np.ndarray, u: np.ndarray) -> float:
     """The mean of both directions' MRR (texts u[i] querying photos z, and photos querying texts; the true match is
-    the same row), from one similarity matrix: its rows rank one way, its columns the other."""
+    the same row), from one similarity matrix: its rows rank one way, its columns the other. Ties with the true
+    match count as broken at random (evaluate.recall_at_k), so a view alike for every product scores as chance."""
     sims = _normalise(u) @ _normalise(z).T
     true = np.diag(sims)
-    text_to_image = (sims > true[:, None]).sum(1) + 1
-    image_to_text = (sims > true[None, :]).sum(0) + 1
-    return float((np.mean(1.0 / text_to_image) + np.mean(1.0 / image_to_text)) / 2)
+    text_to_image = _expected_reciprocal_rank((sims > true[:, None]).sum(1), (sims == true[:, None]).sum(1) - 1)
+    image_to_text = _expected_reciprocal_rank((sims > true[None, :]).sum(0), (sims == true[None, :]).sum(0) - 1)
+    return float((np.mean(text_to_image) + np.mean(image_to_text)) / 2)
 
 
 @dataclass
@@ -145,7 +153,9 @@ class RidgeFit:
         if direction == "text_to_image":
             x, y = y, x
         n, d = x.shape
-        self.scale = float((x * x).sum()) / n
+        # A view alike for every product standardises to zeros: any positive penalty then maps it to zeros (zero
+        # would divide by zero).
+        self.scale = float((x * x).sum()) / n or 1.0
         primal = d <= n
         self.values, vectors = views.gram_eigh("image" if direction == "image_to_text" else "text")
         self.left = vectors if primal else x.T @ vectors  # w = left diag(1 / (values + lam)) right

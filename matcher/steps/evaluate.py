@@ -18,10 +18,13 @@ PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
-    """Row i's true match is column i."""
+    """Row i's true match is column i. Ties with it are broken at random, in expectation: behind `better` items and
+    tied with `tied` others, it is in the top k with probability (k - better) / (tied + 1), clipped to [0, 1]; so
+    a model that scores everything alike (a view that is the same for every product) gets k / n, not 1."""
     true = np.diag(sim)[:, None]
-    rank = (sim > true).sum(1)  # 0 = best
-    return {k: float((rank < k).mean()) for k in ks}
+    better = (sim > true).sum(1)
+    tied = (sim == true).sum(1) - 1
+    return {k: float(np.clip((k - better) / (tied + 1), 0, 1).mean()) for k in ks}
 
 
 def inverted_softmax(sim: np.ndarray, temperature: float = 0.05) -> np.ndarray:

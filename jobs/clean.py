@@ -1,7 +1,8 @@
 """clean: the raw catalog -> clean/ and quarantine/ partitions, on executors.
 
 The driver reads the catalog's header or footer only (the plan); executors parse the rows, normalise the text,
-find duplicates (a shuffle by product_id), fetch and canonicalise the images and write part files."""
+gather each product's rows (a shuffle by product_id), fetch and canonicalise the images, keep one row a product and
+write part files."""
 from __future__ import annotations
 
 import math
@@ -21,15 +22,13 @@ from matcher.io.delta_tables import logged_columns
 from matcher.io.lake import new_attempt_id
 from matcher.steps.clean import (
     CORE_COLUMNS,
-    DUPLICATE_DETAIL,
     QUARANTINE_COLUMNS,
     RowCountMismatch,
     bad_line_rows,
     check_row_counts,
-    clean_images,
+    clean_images_one_per_product,
     clean_text_rows,
 )
-from matcher.steps.quarantine import Reason
 
 _TEXT_FIELDS = ["product_id", "reason", "detail", "raw", "title", "description", "category", "repairs", "image_ref"]
 _BYTES_PER_TASK = 256 << 10  # catalog bytes per image task: about two thousand rows of a text file
@@ -83,16 +82,18 @@ def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg):
 
 
 def make_image_cleaner(reader: CatalogReader, cfg):
-    """Executors: candidates -> clean rows (canonical images) and quarantined rows; rejected rows pass through."""
+    """Executors: candidates -> clean rows (canonical images, one row a product) and quarantined rows; rejected
+    rows pass through."""
 
     def clean(batches: Iterator[pa.RecordBatch]):
+        kept: set[str] = set()  # every row of a product comes to one task, in file order (run)
         for batch in batches:
             df = batch.to_pandas()
             rows_read = int(df.loc[df["kind"] == _ROWS_READ_KIND, "rows_read"].sum())
             candidates = df[df["kind"] == "candidate"].drop(columns=["kind", "reason", "detail", "rows_read"])
             rejected = df.loc[df["kind"] == "rejected", QUARANTINE_COLUMNS]
-            good, bad_images = clean_images(candidates, partial(reader.read_image, max_bytes=cfg.max_image_bytes),
-                                            cfg)
+            good, bad_images = clean_images_one_per_product(
+                candidates, kept, partial(reader.read_image, max_bytes=cfg.max_image_bytes), cfg)
             quarantine = pd.concat([rejected, bad_images], ignore_index=True).fillna({"product_id": "", "detail": ""})
             yield "clean", pa.Table.from_pandas(good, preserve_index=False)
             yield "quarantine", pa.Table.from_pandas(quarantine, preserve_index=False)
@@ -111,7 +112,6 @@ def _check_counts(rows_read: int, clean_rows: int, quarantined: int, outcome: st
 def run(ctx: RunContext) -> dict:
     if not ctx.catalog:
         raise ValueError("no catalog given (--catalog or run.catalog in the config)")
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     reader = CatalogReader(ctx.catalog, ctx.config.storage, ctx.config.catalog)
@@ -131,22 +131,18 @@ def run(ctx: RunContext) -> dict:
         max(1, len(plan.splits)))
     parsed = splits.mapInArrow(make_split_parser(reader, plan, ctx.config.clean),
                                spark_schema(_parsed_schema(plan)))
-    # The first row in file order of each product_id is kept; later ones are quarantined as duplicates.
-    first = Window.partitionBy("product_id", "kind").orderBy("_row")
-    is_dup = (F.col("kind") == "candidate") & (F.row_number().over(first) > 1)
-    marked = (parsed.withColumn("_dup", is_dup)
-              .withColumn("reason", F.when(F.col("_dup"), F.lit(Reason.DUPLICATE_PRODUCT_ID.value))
-                          .otherwise(F.col("reason")))
-              .withColumn("detail", F.when(F.col("_dup"), F.lit(DUPLICATE_DETAIL)).otherwise(F.col("detail")))
-              .withColumn("kind", F.when(F.col("_dup"), F.lit("rejected")).otherwise(F.col("kind")))
-              .drop("_dup"))
     if plan.rows is not None:
         wanted = math.ceil(plan.rows / _ROWS_PER_TASK)
     else:
         wanted = math.ceil((reader.fs.get_file_info(plan.path).size or 0) / _BYTES_PER_TASK)
     tasks = max(spark.sparkContext.defaultParallelism, wanted)
+    # Every row of a product_id to one task, in file order: there its first row with a good photo is kept and the
+    # later ones are quarantined as duplicates (make_image_cleaner). Other rows are spread by their content.
+    spread = F.when(F.col("kind") == "candidate", F.col("product_id")).otherwise(
+        F.xxhash64("_row", "raw", "detail", "rows_read").cast("string"))
+    by_product = parsed.repartition(tasks, spread).sortWithinPartitions("_row")
     attempt = new_attempt_id()
-    written = write_parts(marked.repartition(tasks), make_image_cleaner(reader, ctx.config.clean), ctx.lake, ctx.date,
+    written = write_parts(by_product, make_image_cleaner(reader, ctx.config.clean), ctx.lake, ctx.date,
                           attempt, ["clean", "quarantine"], Progress(spark, "clean", 0, rows_of=_catalog_rows))
     rows_read = int(written.stats.pop(_ROWS_READ_STAT, 0))
     _check_counts(rows_read, written.rows["clean"], written.rows["quarantine"], "written")  # before any commit

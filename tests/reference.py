@@ -11,14 +11,12 @@ import pandas as pd
 from matcher.config import CleanConfig
 from matcher.io.catalog import RawCatalog
 from matcher.steps.clean import (
-    DUPLICATE_DETAIL,
     QUARANTINE_COLUMNS,
     bad_line_rows,
     check_row_counts,
-    clean_images,
+    clean_images_one_per_product,
     clean_text_rows,
 )
-from matcher.steps.quarantine import Reason
 from matcher.steps.scoring import topk
 
 
@@ -39,23 +37,14 @@ class CleanResult:
         }
 
 
-def first_of_each_product(candidates: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(kept, rejected duplicates): the first row in file order (`_row`) of each product_id is kept."""
-    ordered = candidates.sort_values("_row", kind="stable")
-    dup = ordered["product_id"].duplicated(keep="first")
-    rejected = ordered.loc[dup, ["_row", "product_id", "raw"]].assign(reason=Reason.DUPLICATE_PRODUCT_ID.value,
-                                                                   detail=DUPLICATE_DETAIL)
-    return ordered.loc[~dup], rejected[["_row", *QUARANTINE_COLUMNS]]
-
-
 def clean_catalog(raw: RawCatalog, read_image: Callable[[str], bytes], cfg: CleanConfig) -> CleanResult:
-    """The whole clean step in one process: text, duplicates, images; every rejected row becomes a quarantine row."""
+    """The whole clean step in one process: text, images, one row a product; every rejected row becomes a
+    quarantine row."""
     candidates, rejected = clean_text_rows(raw.rows, cfg)
-    kept, duplicates = first_of_each_product(candidates)
-    clean, bad_images = clean_images(kept, read_image, cfg)
+    clean, bad_images = clean_images_one_per_product(candidates, set(), read_image, cfg)
     quarantine = pd.concat([bad_line_rows(raw.bad_lines),
-                            pd.concat([rejected, duplicates]).sort_values("_row", kind="stable")[QUARANTINE_COLUMNS],
-                            bad_images], ignore_index=True)
+                            rejected.sort_values("_row", kind="stable")[QUARANTINE_COLUMNS], bad_images],
+                           ignore_index=True)
     return CleanResult(clean=clean, quarantine=quarantine)
 
 

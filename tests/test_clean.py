@@ -87,6 +87,26 @@ def test_the_kept_duplicate_is_the_first_occurrence(messy_catalog):
     assert result.clean.set_index("product_id").loc["G1", "title"] == "Good product 1"
 
 
+def test_a_duplicate_id_whose_first_photo_fails_keeps_its_next_good_row(tmp_path):
+    from matcher.steps.clean import DUPLICATE_DETAIL
+
+    root = tmp_path / "catalog"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.jpg").write_bytes(jpeg())
+    (root / "products.csv").write_text("\n".join([
+        "product_id,title,description,category,image",
+        "D1,First row,,Lamps,images/missing.jpg", "D1,Second row,,Lamps,images/ok.jpg",
+        "D1,Third row,,Lamps,images/ok.jpg", "D2,Only row,,Lamps,images/ok.jpg",
+        "D2,Its duplicate,,Lamps,images/missing.jpg"]) + "\n", encoding="utf-8")
+    reader = CatalogReader(str(root), load_config().storage)
+    result = clean_catalog(reader.read(), reader.read_image, load_config().clean)
+    assert dict(zip(result.clean["product_id"], result.clean["title"])) == {"D1": "Second row", "D2": "Only row"}
+    q = result.quarantine
+    assert sorted(zip(q["product_id"], q["reason"], q["detail"].where(q["reason"] == "duplicate_product_id", ""))) \
+        == [("D1", "duplicate_product_id", DUPLICATE_DETAIL), ("D1", "image_missing", ""),
+            ("D2", "duplicate_product_id", DUPLICATE_DETAIL)]  # a duplicate's photo is never read
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "empty"),
     (b"sku,name\n1,shoe\n", "lacks required columns"),

@@ -26,12 +26,13 @@ def _jpeg() -> bytes:
 
 
 def _catalog(root) -> None:
-    """40 rows in four row groups (four splits, four tasks): 36 good, 2 duplicate ids, 1 not a photo, 1 no id."""
+    """40 rows in four row groups (four splits, four tasks): 37 good, 1 duplicate id, 1 not a photo, 1 no id. The
+    not-a-photo row is SKU-000's first; its second row, in another split, is the one kept."""
     root.mkdir()
     ids = [f"SKU-{i:03d}" for i in range(ROWS)]
     ids[10], ids[25], ids[33] = "SKU-000", "SKU-001", None
     images = [_jpeg()] * ROWS
-    images[17] = b"not a photo"
+    images[0] = b"not a photo"
     table = pa.table({"product_id": ids, "title": [f"Red shirt {i}" for i in range(ROWS)],
                       "description": ["soft"] * ROWS, "category": ["Shirts"] * ROWS,
                       "image": pa.array(images, pa.binary())})
@@ -51,18 +52,21 @@ def test_input_rows_are_the_rows_the_reader_read_across_splits(tmp_path, caplog)
     assert pq.ParquetFile(tmp_path / "catalog" / "products.parquet").num_row_groups == 4
     with caplog.at_level("INFO", logger="matcher"):
         stats = run_pipeline(ctx, ["clean"])["clean"]
-    assert (stats["input_rows"], stats["clean_rows"], stats["quarantined_rows"]) == (ROWS, 36, 4)
+    assert (stats["input_rows"], stats["clean_rows"], stats["quarantined_rows"]) == (ROWS, 37, 3)
     # The progress line counts catalog rows, not the readers' per-chunk counts that travel beside them.
     assert [m for m in caplog.messages if m.startswith("clean: ") and " products, " in m][-1].startswith(
         f"clean: {ROWS} products, ")
-    assert stats["quarantine_by_reason"] == {"duplicate_product_id": 2, "missing_product_id": 1, "not_an_image": 1}
-    assert "rows_read" not in ctx.lake.read_partition("clean", DATE).column_names  # the count is no column
+    assert stats["quarantine_by_reason"] == {"duplicate_product_id": 1, "missing_product_id": 1, "not_an_image": 1}
+    clean = ctx.lake.read_partition("clean", DATE)
+    assert "rows_read" not in clean.column_names  # the count is no column
+    titles = dict(zip(clean["product_id"].to_pylist(), clean["title"].to_pylist()))
+    assert titles["SKU-000"] == "Red shirt 10" and titles["SKU-001"] == "Red shirt 1"  # the first good row of each
 
 
 def _drop_one_clean_row(clean_images):
     """A deliberate fault: the image step loses the first product it cleans in a batch that has any."""
-    def lossy(candidates, read_image, cfg):
-        good, bad = clean_images(candidates, read_image, cfg)
+    def lossy(candidates, kept, read_image, cfg):
+        good, bad = clean_images(candidates, kept, read_image, cfg)
         return good.iloc[1:], bad
     return lossy
 
@@ -71,7 +75,8 @@ def _drop_one_clean_row(clean_images):
 def test_a_row_lost_between_reading_and_writing_fails_the_stage_naming_both_counts(tmp_path, monkeypatch):
     ctx = _context(tmp_path)
     # The image cleaner runs on executors: the patched function travels with the pickled task closure.
-    monkeypatch.setattr(jobs.clean, "clean_images", _drop_one_clean_row(jobs.clean.clean_images))
+    monkeypatch.setattr(jobs.clean, "clean_images_one_per_product",
+                        _drop_one_clean_row(jobs.clean.clean_images_one_per_product))
     with pytest.raises(StageError) as failure:
         run_pipeline(ctx, ["clean"])
     message = str(failure.value)

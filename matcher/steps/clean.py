@@ -162,7 +162,33 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
             pd.DataFrame(rejected, columns=["_row", *QUARANTINE_COLUMNS]))
 
 
-DUPLICATE_DETAIL = "an earlier row has this product_id"
+DUPLICATE_DETAIL = "an earlier row with this product_id was kept"
+
+
+def clean_images_one_per_product(candidates: pd.DataFrame, kept: set[str], read_image: Callable[[str], bytes],
+                                 cfg: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """clean_images where a product_id may come on several rows: of each product, the first row in file order
+    (`_row`) whose photo is good is kept and its later rows are quarantined as duplicates (their photos never
+    read). A row whose photo fails keeps its own reason and the product's next row is tried, so a bad first row
+    does not cost the product its good one. `kept` holds the ids kept from earlier rows (a task's earlier
+    batches, in file order) and gains this call's."""
+    pending = candidates.sort_values("_row", kind="stable")
+    goods, quarantined = [], []
+    while True:
+        duplicate = pending["product_id"].isin(kept)
+        quarantined.append(pending.loc[duplicate, ["product_id", "raw"]].assign(
+            reason=Reason.DUPLICATE_PRODUCT_ID.value, detail=DUPLICATE_DETAIL)[QUARANTINE_COLUMNS])
+        pending = pending[~duplicate]
+        first = ~pending["product_id"].duplicated(keep="first")
+        good, bad = clean_images(pending[first], read_image, cfg)
+        goods.append(good)
+        quarantined.append(bad)
+        kept.update(good["product_id"])
+        pending = pending[~first]
+        if pending.empty:
+            break
+    return (pd.concat([g for g in goods if len(g)] or goods[:1], ignore_index=True),
+            pd.concat([q for q in quarantined if len(q)] or quarantined[-1:], ignore_index=True))
 
 
 def clean_images(candidates: pd.DataFrame, read_image: Callable[[str], bytes], cfg: CleanConfig

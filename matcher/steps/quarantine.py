@@ -13,7 +13,7 @@ class Reason(StrEnum):
     TEXT_INVALID_UTF8 = "text_invalid_utf8"            # bytes that are not UTF-8 (guessing would change text)
     INVALID_PRODUCT_ID = "invalid_product_id"          # a control character inside, or over 256 characters
     MISSING_PRODUCT_ID = "missing_product_id"
-    DUPLICATE_PRODUCT_ID = "duplicate_product_id"      # the first row in file order is kept
+    DUPLICATE_PRODUCT_ID = "duplicate_product_id"      # the first row in file order with a good photo is kept
     MISSING_TITLE = "missing_title"
     WRONG_FIELD_COUNT = "wrong_field_count"            # a CSV record with more fields than the header
     MALFORMED_JSON = "malformed_json"                  # a JSON Lines record that does not parse

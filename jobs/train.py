@@ -86,7 +86,8 @@ def run(ctx: RunContext) -> dict:
     try:
         gate = run_gate(ctx.lake, ctx.date, version, metrics, (fs.image_encoder, fs.text_encoder), below,
                         evaluate_served, settings, holder=f"train for {ctx.date} ({ctx.runner})",
-                        fence=ctx.lock.assert_held if ctx.lock is not None else None)
+                        fence=ctx.lock.assert_held if ctx.lock is not None else None,
+                        earlier=ctx.stage_stats("train"))
     except GateError as exc:
         raise StageError("train", f"promotion gate: {exc} (new model {version} kept for inspection)") from None
     promoted, decision, previous_metrics = gate.promoted, gate.decision, gate.current_metrics

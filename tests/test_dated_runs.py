@@ -162,6 +162,11 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
     assert current_version(second.lake) == v2 != v1
 
     again = _ctx(tmp_path, D1)
+    # Training D1 again trains the same model: the date keeps its first night's decision, not a gate against v2.
+    retrained = run_stage("train", again)
+    assert retrained["model_version"] == v1 and retrained["date_model"] == v1, retrained["decision"]
+    assert retrained["decision"].startswith(f"rerun of {D1}: the model its earlier night trained")
+    assert current_version(again.lake) == v2
     stats = run_stage("score", again)
     run_stage("publish", again)
     assert stats["model_version"] == v1 and "trained and promoted for this date" in stats["model_source"]

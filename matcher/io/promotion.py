@@ -111,10 +111,21 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
 
 def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: tuple[str, str], below_baseline: str,
              evaluate: Evaluate, settings: GateSettings, holder: str,
-             fence: Callable[[], None] | None = None) -> GateOutcome:
+             fence: Callable[[], None] | None = None, earlier: dict | None = None) -> GateOutcome:
     """Decide on the new model `version` trained for `date` and promote it if it passes, all under the registry's
     lock. `fence`: called right before current.json is written (the date lock's check that this run still holds
-    its date). Raises GateError when the gate cannot decide."""
+    its date). `earlier`: the train statistics of the date's earlier night, if any: a rerun that trained the same
+    model keeps that night's decision (the registry may have moved on since; a rerun must not judge the date
+    against models trained after it). Raises GateError when the gate cannot decide."""
+    if earlier and earlier.get("model_version") == version and earlier.get("date_model"):
+        then = str(earlier.get("decision"))
+        return GateOutcome(bool(earlier.get("gate_passed")), False,
+                           then if then.startswith(f"rerun of {date}:") else
+                           f"rerun of {date}: the model its earlier night trained ({version}); the date keeps "
+                           f"{earlier['date_model']}, as decided then ({then})",
+                           earlier["date_model"], earlier.get("previous_version"), earlier.get("previous_metrics"),
+                           earlier.get("best_served_version"), earlier.get("best_served_metrics"),
+                           list(earlier.get("warnings") or []))
     key = encoders_key(*encoders)
     with models_lock(lake, holder) as lock:
         try:

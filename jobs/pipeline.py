@@ -81,6 +81,11 @@ def run_stage(stage: str, ctx: RunContext) -> dict:
     """Run one stage for ctx.date; its statistics (with seconds) are saved to the lake. Raises StageError."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
+    if stage == "train" and ctx.model_version:
+        # A rescore with a named model (a rollback): training would run the gate and could move current.json
+        # back, and would replace the date's own train statistics, which say what the date scores with otherwise.
+        log.info("train for %s: skipped, the night scores with the model given (%s)", ctx.date, ctx.model_version)
+        return {"skipped": f"scored with model {ctx.model_version}, given", "seconds": 0.0}
     run = STAGE_RUNNERS[stage]
     with log_context(stage=stage, date=ctx.date, run_id=ctx.run_id):
         return _run_stage(stage, run, ctx)

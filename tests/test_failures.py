@@ -110,6 +110,31 @@ def test_bad_input_config_errors_and_refused_storage_are_permanent(tmp_path, s3_
         assert "a retry would fail the same way" in failure.message()
 
 
+def test_a_run_without_a_logical_date_or_with_an_unknown_conf_key_fails_at_once_saying_so(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs.airflow_tasks import catalog_ready, run_params, run_stage_task
+
+    for call in (lambda: run_stage_task("clean", params={}), lambda: catalog_ready(params={})):
+        with pytest.raises(AirflowFailException, match="runs for a logical date, and this run has none"):
+            call()
+    with pytest.raises(AirflowFailException, match=r"unknown conf key\(s\) 'modle': this DAG takes config, "
+                                                   r"catalog, lake, model"):
+        run_stage_task("score", "2026-01-02", {"modle": "2026-01-01-abc", "config": ""})
+    assert run_params("2026-01-02", {"model": "v1", "config": ""}) == {"model": "v1", "config": ""}
+
+
+def test_a_rescore_with_a_named_model_trains_nothing_and_keeps_the_dates_own_train_record(tmp_path):
+    from jobs.context import RunContext
+    from jobs.pipeline import run_stage
+    from matcher.config import load_config
+
+    ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), "2026-01-02",
+                     model_version="2026-01-01-abc")
+    assert run_stage("train", ctx)["skipped"] == "scored with model 2026-01-01-abc, given"
+    assert ctx.stage_stats("train") is None  # the date's own record (none here) is not replaced
+
+
 def test_a_failed_task_logs_one_line_with_its_stage_date_and_cause():
     import logging
 

@@ -41,6 +41,21 @@ def deployment_config(params: dict, environ: Mapping[str, str] = os.environ) -> 
         _fail(str(exc))
 
 
+RUN_PARAMS = ("config", "catalog", "lake", "model")  # the DAG's params, which a triggered run's conf may set
+
+
+def run_params(ds: str, params: dict | None) -> dict:
+    """A task's params, checked: the run has a logical date (Airflow 3 lets a manual run have none), and its conf
+    names no key the DAG does not take (a misspelt "model" would score with the date's own model and retrain)."""
+    if not ds:
+        _fail("this DAG runs for a logical date, and this run has none: trigger it with one (airflow dags trigger "
+              "--logical-date YYYY-MM-DD, or the date field of a manual run)")
+    unknown = sorted(set(params or {}) - set(RUN_PARAMS))
+    if unknown:
+        _fail(f"unknown conf key(s) {', '.join(map(repr, unknown))}: this DAG takes {', '.join(RUN_PARAMS)}")
+    return dict(params or {})
+
+
 def _fail(message: str) -> NoReturn:
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -75,7 +90,7 @@ def published_manifest(cfg: Config, params: dict, ds: str) -> dict:
         return Lake(params.get("lake") or ready.run.lake, ready.storage).manifest(ds) or {}
 
 
-def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str = "",
+def run_stage_task(stage: str, ds: str = "", params: dict | None = None, run_id: str = "",
                    outlet_events=None) -> dict:
     """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
 
@@ -87,7 +102,7 @@ def run_stage_task(stage: str, ds: str, params: dict | None = None, run_id: str 
     Airflow to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
     # Airflow's handlers format the task log: the stage, date and run in the message, from the task's first line
     with context_in_messages(), log_context(stage=stage, date=ds, run_id=run_id):
-        return _run_stage_task(stage, ds, params or {}, run_id, outlet_events)
+        return _run_stage_task(stage, ds, run_params(ds, params), run_id, outlet_events)
 
 
 def _run_stage_task(stage: str, ds: str, params: dict, run_id: str, outlet_events) -> dict:
@@ -261,13 +276,13 @@ class MatcherStageOperator(PythonOperator):
         return OperatorLineage(inputs=inputs, outputs=outputs)
 
 
-def catalog_ready(ds: str, params: dict | None = None) -> bool:
+def catalog_ready(ds: str = "", params: dict | None = None) -> bool:
     """Sensor check: has the date's catalog snapshot arrived (its products file, and the ready marker when one is
     configured)? A storage error is transient: logged, and the sensor pokes again; a missing configuration fails
     at once."""
     from matcher.io.catalog import CatalogReader
 
-    params = params or {}
+    params = run_params(ds, params)
     cfg, _ = deployment_config(params)
     with storage_ready(cfg) as cfg:
         catalog = dated(params.get("catalog") or cfg.run.catalog, ds)

@@ -53,6 +53,7 @@ def test_dag_imports_cleanly_and_every_task_retries():
     assert all(t.retries == 2 for t in dag.tasks)  # as promised (docs/promises.md); the sensor too: a lost worker
     assert all(t.retry_exponential_backoff for t in dag.tasks if t.task_id != "wait_for_catalog")
     assert float(dag.get_task("wait_for_catalog").timeout) == 6 * 3600
+    assert all(t.execution_timeout.total_seconds() == 6 * 3600 for t in dag.tasks)  # a stuck stage frees its date
     assert dag.schedule == "@daily"
     # The accelerator stages share the pool whose slots an operator sets (the scheduler test runs them in it).
     assert {t.task_id: t.pool for t in dag.tasks if t.pool != "default_pool"} == \

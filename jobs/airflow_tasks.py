@@ -11,7 +11,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 
 from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_config
 from jobs.pipeline import run_stage, stage_data
-from matcher.config import Config, ConfigError, dated
+from matcher.config import Config, ConfigError, dated, undated_catalog_warning
 from matcher.failures import classify
 from matcher.io.s3server import storage_ready
 from matcher.io.storage import StorageError
@@ -108,6 +108,8 @@ def run_stage_task(stage: str, ds: str = "", params: dict | None = None, run_id:
 def _run_stage_task(stage: str, ds: str, params: dict, run_id: str, outlet_events) -> dict:
     cfg, source = deployment_config(params)
     log.info("matcher: config %s", source)
+    if stage == "clean" and (undated := undated_catalog_warning(params.get("catalog") or cfg.run.catalog)):
+        log.warning(undated)  # a cleared clean of an old date reads today's catalog
     if cfg.runner.mode == "spark_submit":
         summary = submit_stage(stage, ds, params, cfg.runner.spark_conn_id, run_id=run_id)
         if stage == "publish" and outlet_events is not None:

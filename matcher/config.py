@@ -546,6 +546,15 @@ def dated(uri: str, ds: str) -> str:
     return uri.replace("{ds}", ds).replace("{ds_nodash}", ds.replace("-", ""))
 
 
+def undated_catalog_warning(catalog: str) -> str | None:
+    """What to tell a run that reads `catalog` for a date when it names no date: every date, an older one rerun or
+    backfilled included, reads whatever the location holds when the run reads it."""
+    if "{ds" in catalog:
+        return None
+    return (f"catalog {catalog} has no {{ds}}: every date reads this same snapshot, a rerun or backfill of an older "
+            f"date the catalog as it is now (use e.g. .../dt={{ds}})")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     """Embedded defaults, then the profile that run.profile names (in the file or the overrides), then the file at
     `path` (if any), then `overrides`."""

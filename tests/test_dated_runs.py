@@ -27,6 +27,11 @@ def test_dated_locations():
     assert dated("s3://b/catalog/dt={ds}", D1) == "s3://b/catalog/dt=2026-01-01"
     assert dated("/data/{ds_nodash}/export", D2) == "/data/20260102/export"
     assert dated("/data/fixed", D2) == "/data/fixed"
+    from matcher.config import undated_catalog_warning
+
+    assert undated_catalog_warning("s3://b/catalog/dt={ds}") is None
+    assert undated_catalog_warning("/data/{ds_nodash}/export") is None
+    assert "has no {ds}: every date reads this same snapshot" in undated_catalog_warning("/data/fixed")
 
 
 def snapshot_ids(folder) -> list[str]:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from jobs.submit import date_argument
-from matcher.config import WORKSPACE_CONFIG, Config, ConfigError, load_config
+from matcher.config import WORKSPACE_CONFIG, Config, ConfigError, load_config, undated_catalog_warning
 from matcher.failures import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 from matcher.interrupts import clear_interrupts, interrupted, note_interrupts
 from matcher.io.s3server import storage_ready
@@ -67,9 +67,8 @@ def _run_dates(args: argparse.Namespace, dates: list[str]) -> int:
     steps = parse_steps(args.steps)
     with storage_ready(resolve_config(args.config)) as cfg:
         catalog = args.catalog or cfg.run.catalog
-        if len(dates) > 1 and "clean" in steps and "{ds" not in catalog:
-            logging.getLogger("matcher").warning(
-                "catalog %s has no {ds}: every date reads this same snapshot (use e.g. .../dt={ds})", catalog)
+        if len(dates) > 1 and "clean" in steps and undated_catalog_warning(catalog):
+            logging.getLogger("matcher").warning(undated_catalog_warning(catalog))
         try:
             for date in dates:
                 ctx = RunContext(cfg, date, catalog=args.catalog or "", lake_uri=args.lake or "",

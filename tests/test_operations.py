@@ -20,13 +20,21 @@ pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S
 PUBLISHED = ("recommendations", "embeddings", "categories", "search")
 
 
-def _setup(s3_server, tmp_path, name, products=24):
+# The pipeline's cost without the pretrained encoders' (the scale profile's weightless ones): for tests about
+# nights, reuse and storage, not about what the encoders see (tests/test_extract.py and test_dag_run.py run those).
+WEIGHTLESS_ENCODERS = {"clean": {"image_size": 32},
+                       "extract": {"image_encoder": "thumbnail-8x8", "text_encoder": "hashing-384",
+                                   "second_title_encoder": ""}}
+
+
+def _setup(s3_server, tmp_path, name, products=24, extra_sections=None):
     sections = {
         "run": {"catalog": f"s3://lake/{name}/catalog", "lake": f"s3://lake/{name}/lake"},
         "storage": {"s3_endpoint": s3_server.endpoint, "s3_access_key": s3_server.access_key,
                     "s3_secret_key": s3_server.secret_key},
         "train": {"epochs": 10, "min_steps": 60, "batch_size": 16},
         "score": {"top_k": 4, "search_queries": ["red dress"]},
+        **(extra_sections or {}),
     }
     config = tmp_path / f"{name}.toml"
     config.write_text(dump_toml(sections))
@@ -83,7 +91,7 @@ def test_a_run_killed_mid_extract_then_rerun_equals_an_undisturbed_run(s3_server
 
 
 def test_five_nights_with_catalog_changes_stay_complete_and_reuse_features(s3_server, tmp_path):
-    cfg, config, local = _setup(s3_server, tmp_path, "soak", products=20)
+    cfg, config, local = _setup(s3_server, tmp_path, "soak", products=20, extra_sections=WEIGHTLESS_ENCODERS)
     lake = Lake(cfg.run.lake, cfg.storage)
     extra = make_demo_catalog(tmp_path / "extra", products=40, seed=9, with_bad_rows=False)
     rows = list(csv.DictReader(open(local / "products.csv", encoding="utf-8")))

@@ -119,7 +119,8 @@ def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: t
     against models trained after it). Raises GateError when the gate cannot decide."""
     if earlier and earlier.get("model_version") == version and earlier.get("date_model"):
         then = str(earlier.get("decision"))
-        return GateOutcome(bool(earlier.get("gate_passed")), False,
+        # promoted: as that night promoted it (the rerun writes no registry file): the date's model source says so
+        return GateOutcome(bool(earlier.get("gate_passed")), bool(earlier.get("promoted")),
                            then if then.startswith(f"rerun of {date}:") else
                            f"rerun of {date}: the model its earlier night trained ({version}); the date keeps "
                            f"{earlier['date_model']}, as decided then ({then})",

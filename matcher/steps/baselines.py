@@ -73,6 +73,13 @@ class Standardiser:
         return out
 
 
+def true_match_standing(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of a similarity matrix whose true match is the diagonal entry: how many items score above the
+    true match, and how many others tie with it (the counts recall and MRR break ties by)."""
+    true = np.diag(sim)[:, None]
+    return (sim > true).sum(1), (sim == true).sum(1) - 1
+
+
 def _expected_reciprocal_rank(better: np.ndarray, tied: np.ndarray) -> np.ndarray:
     """1 / rank of a true match behind `better` items and tied with `tied` others, ties broken at random, in
     expectation: the mean of 1 / (better + 1) ... 1 / (better + tied + 1)."""
@@ -85,9 +92,8 @@ def two_way_mrr(z: np.ndarray, u: np.ndarray) -> float:
     the same row), from one similarity matrix: its rows rank one way, its columns the other. Ties with the true
     match count as broken at random (evaluate.recall_at_k), so a view alike for every product scores as chance."""
     sims = _normalise(u) @ _normalise(z).T
-    true = np.diag(sims)
-    text_to_image = _expected_reciprocal_rank((sims > true[:, None]).sum(1), (sims == true[:, None]).sum(1) - 1)
-    image_to_text = _expected_reciprocal_rank((sims > true[None, :]).sum(0), (sims == true[None, :]).sum(0) - 1)
+    text_to_image = _expected_reciprocal_rank(*true_match_standing(sims))
+    image_to_text = _expected_reciprocal_rank(*true_match_standing(sims.T))
     return float((np.mean(text_to_image) + np.mean(image_to_text)) / 2)
 
 

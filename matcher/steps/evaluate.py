@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from matcher.steps.baselines import true_match_standing
 from matcher.steps.hubness import hubness, normalised_scores
 from matcher.steps.model import MatcherModel
 from matcher.steps.scoring import topk
@@ -21,9 +22,7 @@ def recall_at_k(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, 
     """Row i's true match is column i. Ties with it are broken at random, in expectation: behind `better` items and
     tied with `tied` others, it is in the top k with probability (k - better) / (tied + 1), clipped to [0, 1]; so
     a model that scores everything alike (a view that is the same for every product) gets k / n, not 1."""
-    true = np.diag(sim)[:, None]
-    better = (sim > true).sum(1)
-    tied = (sim == true).sum(1) - 1
+    better, tied = true_match_standing(sim)
     return {k: float(np.clip((k - better) / (tied + 1), 0, 1).mean()) for k in ks}
 
 

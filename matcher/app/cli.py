@@ -67,8 +67,8 @@ def _run_dates(args: argparse.Namespace, dates: list[str]) -> int:
     steps = parse_steps(args.steps)
     with storage_ready(resolve_config(args.config)) as cfg:
         catalog = args.catalog or cfg.run.catalog
-        if len(dates) > 1 and "clean" in steps and undated_catalog_warning(catalog):
-            logging.getLogger("matcher").warning(undated_catalog_warning(catalog))
+        if len(dates) > 1 and "clean" in steps and (undated := undated_catalog_warning(catalog)):
+            logging.getLogger("matcher").warning(undated)
         try:
             for date in dates:
                 ctx = RunContext(cfg, date, catalog=args.catalog or "", lake_uri=args.lake or "",

@@ -94,6 +94,7 @@ def run(ctx: RunContext) -> dict:
         "trained_model_version": (stages.get("train") or {}).get("model_version"),
         "metrics": (stages.get("train") or {}).get("metrics"),
         "promotion": (stages.get("train") or {}).get("decision"),
+        "mismatch_scorer": (stages.get("score") or {}).get("mismatch_scorer"),  # its AUC; why none was flagged
         "stage_seconds": {s: (stats or {}).get("seconds") for s, stats in stages.items()},
         "tables": tables,
         "publish_id": publish_id,

@@ -374,7 +374,8 @@ def run(ctx: RunContext) -> dict:
 
 def _mismatch_scorer(ctx: RunContext) -> tuple[CrossFitScorer | None, dict]:
     """The cross-fitted mismatch scorer, fitted here on score.mismatch_fit_products products (a hash sample), and
-    its description for the stats; None when the sample cannot fill the folds (a catalog of a few products)."""
+    its description for the stats; None when the sample cannot fill the folds (a catalog of a few products) or the
+    scorer cannot tell true pairs from false ones well enough (score.mismatch_min_auc)."""
     sc = ctx.config.score
     fs = load_feature_set(ctx, "score", sc.mismatch_fit_products)
     try:
@@ -382,6 +383,12 @@ def _mismatch_scorer(ctx: RunContext) -> tuple[CrossFitScorer | None, dict]:
     except TooFewProducts as exc:
         log.warning("score: no mismatches table: %s", exc)
         return None, {"scorer": "none", "reason": str(exc)}
+    if scorer.out_of_fold_auc < sc.mismatch_min_auc:
+        reason = (f"the scorer tells a product's own title from another product's in {scorer.out_of_fold_auc:.3f} "
+                  f"of out-of-fold pairs (AUC), under score.mismatch_min_auc {sc.mismatch_min_auc}: the titles "
+                  "say too little about the photos for a flag to mean a mismatch")
+        log.warning("score: no product flagged as a mismatch: %s", reason)
+        return None, {**scorer.describe(), "withheld": reason}
     log.info("score: mismatches by %s", scorer.describe())
     return scorer, scorer.describe()
 

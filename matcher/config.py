@@ -326,6 +326,7 @@ class ScoreConfig(_Section):
     search_by: Literal["product", "photo"]
     mismatch_folds: Whole = Field(ge=2, description="each product is judged by a scorer fitted without its fold")
     mismatch_fit_products: Whole
+    mismatch_min_auc: Fraction = Field(description="0: the mismatches table is never withheld")
 
     @model_validator(mode="after")
     def _settings_agree(self) -> "ScoreConfig":

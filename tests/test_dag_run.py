@@ -304,6 +304,9 @@ def test_mismatches_table_lists_low_scoring_own_pairs(dag_run):
     mism = lake.read_partition("mismatches", DATE).to_pandas()
     assert (mism["match_score"] < mism["threshold"]).all()
     assert mism["match_score"].is_monotonic_increasing
+    scorer = lake.manifest(DATE)["mismatch_scorer"]  # real titles: the scorer judges, nothing is withheld
+    assert scorer["out_of_fold_auc"] >= cfg.score.mismatch_min_auc and "withheld" not in scorer
+    assert all(abs(t - scorer["threshold"]) < 1e-5 for t in mism["threshold"])
 
 
 def test_search_table_answers_the_configured_queries(dag_run):

@@ -61,6 +61,18 @@ def test_mislabelled_products_are_flagged_and_their_own_pair_would_have_passed_t
     assert scorer.describe()["folds"] == FOLDS and scorer.describe()["fit_products"] == len(ids)
 
 
+def test_titles_that_say_nothing_of_the_photo_give_a_scorer_at_chance_that_would_flag_many():
+    """What score.mismatch_min_auc guards: text independent of the photo (SKU codes as titles) gives an
+    out-of-fold AUC near 0.5, whose best-accuracy threshold would flag a large share of a sound catalog."""
+    ids, img, txt = _catalog()
+    informative = fit_cross_fitted(ids, img, txt, FOLDS)
+    noise = np.random.default_rng(7).normal(size=txt.shape).astype(txt.dtype)
+    chance = fit_cross_fitted(ids, img, noise, FOLDS)
+    assert informative.out_of_fold_auc > 0.9 and informative.describe()["out_of_fold_auc"] > 0.9
+    assert abs(chance.out_of_fold_auc - 0.5) < 0.1
+    assert (chance.own_pair_scores(ids, img, noise) < chance.threshold).mean() > 0.2
+
+
 def test_too_few_products_to_fill_the_folds_is_said():
     img, txt, _ = synthetic_features(8, image_dim=12, text_dim=8)
     ids = [f"P{i}" for i in range(8)]
@@ -99,6 +111,31 @@ def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_
     np.testing.assert_allclose(flagged["match_score"], [want[p] for p in flagged["product_id"]], atol=1e-5)
     assert (flagged["threshold"] == np.float32(expected.threshold)).all()
     assert flagged["match_score"].is_monotonic_increasing and stats["mismatches"] == len(flagged)
+
+
+@pytest.mark.integration
+def test_the_score_stage_flags_nothing_where_the_titles_say_nothing_of_the_photos(tmp_path):
+    n, date = 150, "2026-02-01"
+    cfg = load_config(overrides={
+        "run": {"lake": f"file://{tmp_path}/lake"},
+        "train": {"epochs": 3, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0},
+        "score": {"top_k": 5, "rerank_candidates": 10, "block_size": 64}})
+    ctx = RunContext(cfg, date)
+    write_synthetic_partition(ctx.lake, date, n=n)
+    features = ctx.lake.read_partition("features", date)
+    width = len(features.column("text_feat")[0].as_py())
+    noise = np.random.default_rng(5).normal(size=(n, width)).astype(np.float32)
+    features = features.set_column(features.schema.get_field_index("text_feat"), "text_feat",
+                                   pa.array(list(noise), features.schema.field("text_feat").type))
+    ctx.lake.write_partition("features", date, features)
+    run_stage("train", ctx)
+    stats = run_stage("score", ctx)
+
+    scorer = stats["mismatch_scorer"]
+    assert scorer["out_of_fold_auc"] < cfg.score.mismatch_min_auc
+    assert "score.mismatch_min_auc" in scorer["withheld"] and stats["mismatches"] == 0
+    files = [ctx.lake.path(f) for f in ctx.lake.staged_parts("mismatches", date)]
+    assert sum(pq.read_metadata(f, filesystem=ctx.lake.fs).num_rows for f in files) == 0
 
 
 def test_a_fold_scorer_refuses_a_pair_of_powered_features():

@@ -2,6 +2,7 @@
 report does not show has image bytes that are not an image, and a filesystem that counts the bytes read."""
 from __future__ import annotations
 
+import html
 import io
 import re
 from collections import defaultdict
@@ -360,6 +361,15 @@ def test_a_partition_without_rows_still_renders(tmp_path):
     assert 'class="product gallery-item"' not in page and "No recommendations." in page
     assert "No product's own photo and text scored below the match threshold." in page
     assert "No search queries configured" in page
+
+
+def test_a_night_whose_mismatch_scorer_was_withheld_says_why(lake):
+    manifest = lake.manifest(DATE)
+    why = "the scorer tells a product's own title from another product's in 0.512 of out-of-fold pairs (AUC)"
+    lake.write_json(Lake.manifest_file(DATE), {**manifest, "mismatch_scorer": {"scorer": "cca", "withheld": why}})
+    page = _render(lake)
+    assert f"No product flagged: {html.escape(why)}." in page
+    assert "scored below the match threshold" not in page
 
 
 def test_no_published_partition(tmp_path):

@@ -279,7 +279,9 @@ def _mismatch_rows(lake: Lake, date: str, manifest: dict, n: int) -> tuple[list[
     return rows, int(total)
 
 
-def _mismatches(rows: list[tuple[str, float]], total: int, catalog: _Catalog) -> str:
+def _mismatches(rows: list[tuple[str, float]], total: int, catalog: _Catalog, scorer: dict) -> str:
+    if scorer.get("withheld"):
+        return f"<p>No product flagged: {html.escape(str(scorer['withheld']))}.</p>"
     if not rows:
         return "<p>No product's own photo and text scored below the match threshold.</p>"
     return ('<div class="product">' + "".join(catalog.card(pid, f"{score:.2f}") for pid, score in rows) + "</div>"
@@ -342,7 +344,7 @@ published {html.escape(str(manifest.get('published_at')))}.</p>
 <h2>Run summary</h2>{_summary(manifest)}
 <h2>Quality (held-out)</h2>{_quality(lake, date, manifest)}
 <h2>Recommendations: a sample of products</h2>{_gallery(gallery, catalog)}
-<h2>Photo/title mismatches to fix</h2>{_mismatches(low, low_total, catalog)}
+<h2>Photo/title mismatches to fix</h2>{_mismatches(low, low_total, catalog, manifest.get("mismatch_scorer") or {})}
 <h2>Search</h2>{_search(results, catalog)}
 <h2>Tables</h2>{_tables(manifest, lake)}
 </body></html>"""

@@ -23,7 +23,7 @@ from matcher.steps.baselines import (
     product_folds,
     reduce_width,
 )
-from matcher.steps.evaluate import best_threshold, derangement
+from matcher.steps.evaluate import best_threshold, derangement, roc_auc
 
 # The fold scorers are fitted in float32: twice as fast as float64, the same setting and out-of-fold MRR to six
 # digits on the fashion catalog (the threshold moved in the fourth), and they score in float32 anyway.
@@ -71,6 +71,7 @@ class CrossFitScorer:
     params: tuple
     fit_products: int
     out_of_fold_mrr: float
+    out_of_fold_auc: float  # how often a true pair scores above a photo with another product's title, out of fold
 
     def own_pair_scores(self, product_ids, image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """Each product's own photo and title, scored by the scorer of its fold (one that never fitted on it)."""
@@ -84,7 +85,7 @@ class CrossFitScorer:
     def describe(self) -> dict:
         return {"scorer": self.kind, "setting": list(self.params), "folds": self.folds,
                 "fit_products": self.fit_products, "threshold": round(self.threshold, 6),
-                "out_of_fold_mrr": round(self.out_of_fold_mrr, 6)}
+                "out_of_fold_mrr": round(self.out_of_fold_mrr, 6), "out_of_fold_auc": round(self.out_of_fold_auc, 6)}
 
 
 class TooFewProducts(ValueError):
@@ -140,5 +141,6 @@ def _cross_fit(fold: np.ndarray, fits: list[PairFitters], image_feats: np.ndarra
         img, txt = image_feats[held].astype(np.float32), text_feats[held].astype(np.float32)
         pos.append(scorer.pair_scores(img, txt))
         neg.append(scorer.pair_scores(img, txt[derangement(len(held), k)]))
-    threshold = best_threshold(np.concatenate(pos), np.concatenate(neg))
-    return CrossFitScorer(len(fits), scorers, float(threshold), kind, setting, len(fold), float("nan"))
+    pos, neg = np.concatenate(pos), np.concatenate(neg)
+    return CrossFitScorer(len(fits), scorers, best_threshold(pos, neg), kind, setting, len(fold), float("nan"),
+                          roc_auc(pos, neg))

@@ -112,6 +112,18 @@ def test_a_stray_quote_costs_its_own_line_not_the_records_it_swallowed(tmp_path,
         assert title == f'Red cotton shirt 55" {closed}'
 
 
+@pytest.mark.parametrize("blank", [b"", b",,,,", b"  "])
+def test_a_blank_line_among_the_records_a_stray_quote_swallowed_loses_none_of_them(tmp_path, blank):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[2] = lines[2].replace(b"Red cotton", b'"Red, cotton')  # a quote opened, never closed there
+    lines.insert(8, blank)
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert [(b["reason"], b["raw"][:8]) for b in raw.bad_lines] == [("unparseable_line", "SKU-0002")]
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS) if i != 2]
+
+
 @pytest.mark.parametrize("value", [
     # a line with as many commas as a record, but no id shaped as the catalog's first
     b"Soft and light:\nblue, red, green, white, black\nwash cold",

@@ -628,6 +628,8 @@ def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shap
     records = []
     for line in lines[1:]:
         fields = next(csv.reader([line], strict=False, delimiter=delimiter), [])
+        if not any(f.strip() for f in fields):  # a blank line is no record, as outside the quote
+            continue
         if len(fields) != width or _id_shape(fields[0]) not in id_shapes or '"' in fields[0]:
             return []
         records.append(fields)

@@ -112,6 +112,15 @@ def test_a_stray_quote_costs_its_own_line_not_the_records_it_swallowed(tmp_path,
         assert title == f'Red cotton shirt 55" {closed}'
 
 
+def test_blank_lines_before_the_header_are_skipped(tmp_path):
+    root = catalog_dir(tmp_path)
+    write_csv(root, csv_lines())
+    body = (root / "products.csv").read_bytes()
+    (root / "products.csv").write_bytes(b"\r\n\n,,,\n" + body)
+    raw, result = clean_in_process(root)
+    assert raw.bad_lines == [] and sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS)]
+
+
 @pytest.mark.parametrize("blank", [b"", b",,,,", b"  "])
 def test_a_blank_line_among_the_records_a_stray_quote_swallowed_loses_none_of_them(tmp_path, blank):
     root = catalog_dir(tmp_path)

@@ -558,10 +558,15 @@ def _csv_header(fields: list[str]) -> list[str]:
     return names
 
 
+def _first_record(reader: Iterator[list[str]]) -> list[str] | None:
+    """The first record that is not a blank line (an export may start with one), or None."""
+    return next((fields for fields in reader if any(f.strip() for f in fields)), None)
+
+
 def _csv_columns(text: str, delimiter: str = ",") -> list[str]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
-        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), None)
+        header = _first_record(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     except csv.Error as exc:
         raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
     if not header or not any(h.strip() for h in header):
@@ -646,11 +651,12 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
     lines = _RawLines(stream)
     reader = csv.reader(lines, strict=False, delimiter=delimiter)
     try:
-        header = _csv_header(next(reader))
-    except StopIteration:
-        return
+        header = _first_record(reader)
     except csv.Error as exc:
         raise CatalogError(f"catalog CSV cannot be parsed: {exc}") from None
+    if header is None:
+        return
+    header = _csv_header(header)
     width = len(header)
     records: list[list[str]] = []
     bad: list[dict] = []

@@ -42,6 +42,46 @@ def test_torchvision_resnet_loads_a_users_weights_file(tmp_path):
     assert encoder.version == image_encoder_version("resnet18", str(weights))
 
 
+def test_a_weights_file_replaced_at_the_same_path_gives_another_feature_version(tmp_path):
+    """The version is what extract reuses features by: a new file under the old name must re-embed."""
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, weights)
+    before = image_encoder_version("resnet18", str(weights))
+    torch.save({k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    after = image_encoder_version("resnet18", str(weights))
+    assert before != after and str(weights) in after
+    assert load_image_encoder("resnet18", "cpu", str(weights)).version == after
+
+
+@pytest.mark.parametrize("name, content", [
+    ("efficientnet-lite0", b""),
+    ("efficientnet-lite0", b"not a weights file\n"),
+    ("efficientnet-lite0", "resnet18"),
+    ("resnet50", b"not a weights file\n"),
+    ("resnet50", b""),
+    ("resnet50", "resnet18"),
+])
+def test_a_weights_file_that_does_not_load_is_named_with_its_setting_in_one_short_line(tmp_path, name, content):
+    weights = tmp_path / "w.pth"
+    if content == "resnet18":  # another architecture's state dict: thousands of characters of shape mismatches
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    else:
+        weights.write_bytes(content)
+    with pytest.raises(EncoderError, match=f"extract.image_weights {weights} does not load as {name}") as caught:
+        load_image_encoder(name, "cpu", str(weights))
+    assert len(str(caught.value)) < 600 and "\n" not in str(caught.value)
+
+
+def test_a_missing_weights_file_is_named_with_its_setting(tmp_path):
+    missing = tmp_path / "missing.pth"
+    for call in (lambda: image_encoder_version("resnet50", str(missing)),
+                 lambda: load_image_encoder("efficientnet-lite0", "cpu", str(missing))):
+        with pytest.raises(EncoderError, match=f"extract.image_weights {missing}: cannot read it"):
+            call()
+
+
 def test_an_encoder_without_shipped_weights_needs_a_file():
     with pytest.raises(EncoderError, match="image_weights"):
         load_image_encoder("resnet50", "cpu")

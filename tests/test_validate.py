@@ -122,6 +122,14 @@ def test_the_quarantine_ceiling_comes_from_config(engine):
     assert validate_night(engine(clean_frame()), stats, "clean_products", "run_stats", 0.6).success
 
 
+def test_the_title_length_bound_is_the_clean_stages_cut(engine):
+    """clean.max_title_chars above the shipped 300 must not fail the gate on the titles the clean stage kept."""
+    long = clean_frame(title=["t" * 800] + ["short title"] * 4)
+    outcome = validate_night(engine(long.copy()), STATS, "clean_products", "run_stats", 0.2)
+    assert failed_expectations(outcome) == {("expect_column_value_lengths_to_be_between", "title")}
+    assert validate_night(engine(long), STATS, "clean_products", "run_stats", 0.2, max_title_chars=1000).success
+
+
 @pytest.mark.integration
 def test_spark_validation_never_reads_the_heavy_columns_nor_collects_the_table(spark, monkeypatch, tmp_path):
     from pyspark.sql import DataFrame

@@ -113,15 +113,17 @@ def _slim_table(clean: Any) -> Any:
 
 
 def validate_night(clean: Any, stats: dict, clean_suite: str, run_suite: str, max_quarantine_rate: float,
-                   schemas_dir: Path = SCHEMAS_DIR) -> ValidationOutcome:
-    """Run the clean-table suite and the run-statistics suite; success only if both pass.
+                   schemas_dir: Path = SCHEMAS_DIR, max_title_chars: int = 300) -> ValidationOutcome:
+    """Run the clean-table suite and the run-statistics suite; success only if both pass. The suites' parameters:
+    `max_quarantine_rate`, and `max_title_chars`, the clean stage's cut (clean.max_title_chars), which the
+    shipped suite checks the titles against.
 
     `clean` is a pandas DataFrame or a pyspark.sql.DataFrame; a Spark one is validated where it lives, never collected.
     """
     table = _slim_table(clean)
     run_stats = pd.DataFrame([{"quarantine_rate": float(stats["quarantine_rate"]),
                                "clean_rows": int(stats["clean_rows"]), "input_rows": int(stats["input_rows"])}])
-    params = {"max_quarantine_rate": max_quarantine_rate}
+    params = {"max_quarantine_rate": max_quarantine_rate, "max_title_chars": max_title_chars}
     results = [
         _validate_frame(table, load_suite_spec(clean_suite, schemas_dir), params),
         _validate_frame(run_stats, load_suite_spec(run_suite, schemas_dir), params),

@@ -296,6 +296,15 @@ def test_passthrough_names_free_a_name_only_where_it_cannot_stay():
         "DT": "DT_2", "Kind": "Kind_2", "content_hash": "content_hash_2", "tokens": "tokens_2"}
 
 
+def test_a_column_name_with_bytes_that_are_not_utf8_gets_a_name_arrow_can_write(tmp_path):
+    from jobs.clean import _parsed_schema
+
+    (tmp_path / "products.csv").write_bytes(b"product_id,title,image,Cat\xe9gorie\nP1,Red shirt,a.jpg,Hemden\n")
+    plan = CatalogReader(str(tmp_path), load_config().storage).plan()
+    assert plan.renamed_columns() == {"Cat\udce9gorie": "Cat_gorie"}
+    assert "Cat_gorie" in _parsed_schema(plan).names  # the stage's schema: a lone surrogate stopped it here
+
+
 def test_other_columns_spark_or_delta_cannot_hold_as_named_keep_their_values_under_a_free_name(tmp_path):
     awkward_catalog(tmp_path)
     reader = CatalogReader(str(tmp_path), load_config().storage)

@@ -61,8 +61,9 @@ REPAIR_BYTE_ORDER_MARK = "byte_order_mark"          # a BOM around the product_i
 # `_dup` too) and the partition column, in any case (Spark resolves names without case).
 _RESERVED_NAMES = frozenset(c.lower() for c in (*CANDIDATE_COLUMNS, *QUARANTINE_COLUMNS, *CLEAN_COLUMNS, IMAGE_DATA,
                                                 "kind", "rows_read", "_dup", "dt"))
-# Characters Delta Lake and Spark refuse in column names (a dot is Spark's field path), written "_" instead.
-_UNSAFE_IN_NAMES = re.compile(r"[ ,;{}()\n\t=.`]")
+# Characters Delta Lake and Spark refuse in column names (a dot is Spark's field path), and a header's bytes that
+# were not text (kept as lone surrogates, which Arrow cannot write), written "_" instead.
+_UNSAFE_IN_NAMES = re.compile(r"[ ,;{}()\n\t=.`\ud800-\udfff]")
 
 
 def passthrough_names(columns: list[str]) -> dict[str, str]:

@@ -153,6 +153,13 @@ def _spark_settings(conf: dict[str, str]) -> dict[str, str]:
     return conf
 
 
+def _jvm_memory(value: str) -> str:
+    """A JVM heap size as spark.driver.memory becomes -Xmx: digits and one of k, m, g, t (no space, no "b")."""
+    if not re.fullmatch(r"\d+[kmgtKMGT]?", value):
+        raise ValueError(f"must be a JVM memory size such as 2g or 512m, got {value!r}")
+    return value
+
+
 def _location(value: str) -> str:
     """A lake or catalog location: a local path, file://, s3:// or s3a:// (what matcher.io.storage opens)."""
     scheme = value.split("://", 1)[0] if "://" in value else ""
@@ -243,7 +250,7 @@ class ExtractConfig(_Section):
 class SparkConfig(_Section):
     master: str
     arrow_batch_size: Whole = Field(ge=1)
-    driver_memory: str
+    driver_memory: Annotated[str, AfterValidator(_jvm_memory)]
     partitions: Whole = Field(ge=0)
     executor_gpus: Whole = Field(ge=0)
     task_gpus: float = Field(gt=0)

@@ -12,7 +12,7 @@ from jobs.context import RunContext
 from jobs.pipeline import run_pipeline
 from jobs.spark_lake import conform
 from matcher.config import load_config
-from matcher.io.catalog import CatalogReader
+from matcher.io.catalog import CatalogError, CatalogReader
 from tests.reference import clean_catalog
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
@@ -110,6 +110,25 @@ def test_a_stray_quote_costs_its_own_line_not_the_records_it_swallowed(tmp_path,
     if closed is not None and closed != ROWS - 1:
         title = result.clean.set_index("product_id").loc[f"SKU-{closed:04d}", "title"]
         assert title == f'Red cotton shirt 55" {closed}'
+
+
+def test_a_zeroed_block_in_an_early_row_costs_only_that_row(tmp_path):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[2] = lines[2].replace(b"Red cotton", b"Red " + b"\x00" * 512 + b"cotton")  # a zeroed disk block
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS)]
+    assert result.clean.set_index("product_id").loc["SKU-0002", "repairs"] == "control_characters"
+
+
+def test_utf16_without_its_mark_is_refused_as_binary(tmp_path):
+    root = catalog_dir(tmp_path)
+    write_csv(root, csv_lines())
+    text = (root / "products.csv").read_bytes().decode()
+    (root / "products.csv").write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(CatalogError, match="looks binary"):
+        clean_in_process(root)
 
 
 def test_blank_lines_before_the_header_are_skipped(tmp_path):

@@ -174,7 +174,7 @@ class CatalogReader:
                     encoding = "utf-16"
                 text = head.decode(encoding, errors=_ESCAPE)
                 sample = text[:4096]
-                if sample.count("\x00") * 20 > len(sample):  # a stray NUL is damage in a row; many, a binary file
+                if _looks_binary(sample):
                     raise CatalogError("catalog CSV looks binary (NUL bytes); UTF-16 text needs its byte-order "
                                        "mark (or save the file as UTF-8)")
                 columns, delimiter, mapping = self._csv_layout(text, path)
@@ -556,6 +556,13 @@ def _csv_header(fields: list[str]) -> list[str]:
         seen.setdefault(name, 0)
         names.append(name)
     return names
+
+
+def _looks_binary(sample: str) -> bool:
+    """NUL bytes in most of the sample's lines and over 5% of it: a binary file, or UTF-16 read without its mark. A
+    NUL in one row, even a zeroed block of them, is that row's damage (its row is repaired or quarantined)."""
+    lines = sample.split("\n")
+    return sample.count("\x00") * 20 > len(sample) and sum("\x00" in line for line in lines) * 2 > len(lines)
 
 
 def _first_record(reader: Iterator[list[str]]) -> list[str] | None:

@@ -1,3 +1,5 @@
+import unicodedata
+
 from matcher.steps.text import normalize_text, tokenize
 
 
@@ -51,3 +53,15 @@ def test_tokenize_chinese_segments_words():
     tokens = tokenize("红色连衣裙 Nike运动鞋")
     assert "连衣裙" in tokens and "nike" in tokens
     assert "红色连衣裙" not in tokens  # segmented, not one run
+
+
+def test_format_characters_join_their_word_and_controls_part_words():
+    assert normalize_text("Blue\u00adberry jam", 100)[0] == "Blueberry jam"  # a soft hyphen
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # a word with a zero-width non-joiner
+    assert normalize_text(persian, 100)[0] == persian.replace("\u200c", "")
+    assert normalize_text("\U0001F469\u200d\U0001F4BB laptop", 100)[0] == "\U0001F469\U0001F4BB laptop"
+    assert normalize_text("tab\x07bell\x00nul", 100)[0] == "tab bell nul"
+    assert normalize_text("\u200b\u2060\ufeff", 100)[0] == ""  # zero-width only: no title
+    assert normalize_text("\U000f0000", 100)[0] == ""  # private use only: no title
+    new_emoji = next(chr(c) for c in range(0x1FA70, 0x1FB00) if unicodedata.category(chr(c)) == "Cn")
+    assert normalize_text(new_emoji, 100)[0] == new_emoji  # newer than this Python's Unicode tables: still text

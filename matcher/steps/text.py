@@ -49,6 +49,16 @@ def has_control_characters(value: str) -> bool:
     return any(unicodedata.category(ch)[0] == "C" and ch not in _LINE_BREAKS for ch in value)
 
 
+def _without_controls(ch: str) -> str:
+    """A format character (a soft hyphen, a zero-width joiner, a direction mark) goes without a trace: it sits inside
+    a word ("Blue\u00adberry") or an emoji sequence; a control or private-use character parts words as a space. An
+    unassigned one stays: emoji newer than this Python's Unicode tables are text."""
+    category = unicodedata.category(ch)
+    if category[0] != "C" or category == "Cn":
+        return ch
+    return "" if category == "Cf" else " "
+
+
 def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     """NFKC, HTML tags/entities removed, control characters dropped, whitespace collapsed, capped at max_chars.
 
@@ -61,7 +71,7 @@ def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     text = unicodedata.normalize("NFKC", text[:raw_cap])
     # Tags removed again after the entities: exports escape HTML twice ("&lt;b&gt;Bold&lt;/b&gt;").
     text = _TAG.sub(" ", html.unescape(_TAG.sub(" ", text)))
-    text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
+    text = "".join(_without_controls(ch) for ch in text)
     text = _WS.sub(" ", text).strip()
     if len(text) > max_chars:
         return text[:max_chars].rstrip(), True

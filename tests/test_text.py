@@ -65,3 +65,12 @@ def test_format_characters_join_their_word_and_controls_part_words():
     assert normalize_text("\U000f0000", 100)[0] == ""  # private use only: no title
     new_emoji = next(chr(c) for c in range(0x1FA70, 0x1FB00) if unicodedata.category(chr(c)) == "Cn")
     assert normalize_text(new_emoji, 100)[0] == new_emoji  # newer than this Python's Unicode tables: still text
+
+
+def test_a_word_in_angle_brackets_is_text_unless_it_is_markup():
+    assert normalize_text("<Unbranded>", 100)[0] == "<Unbranded>"
+    assert normalize_text("Tee <M> size", 100)[0] == "Tee <M> size"
+    markup = '<P class="x">Tee</P><o:p></o:p><x-icon name="s"></x-icon><BR/><Font size=2>cotton</font>'
+    assert normalize_text(markup, 100)[0] == "Tee cotton"
+    assert normalize_text("<m size=3>Tee</m>", 100)[0] == "Tee"  # an unknown name with attributes is markup
+    assert normalize_text("<bold>Tee", 100)[0] == "<bold>Tee"  # not an element's name ("b" is)

@@ -74,3 +74,9 @@ def test_a_word_in_angle_brackets_is_text_unless_it_is_markup():
     assert normalize_text(markup, 100)[0] == "Tee cotton"
     assert normalize_text("<m size=3>Tee</m>", 100)[0] == "Tee"  # an unknown name with attributes is markup
     assert normalize_text("<bold>Tee", 100)[0] == "<bold>Tee"  # not an element's name ("b" is)
+
+
+def test_tokens_keep_letters_of_any_script():
+    assert tokenize("Café Crème Größe") == ["café", "crème", "größe"]
+    assert tokenize("كرسي خشب") == ["كرسي", "خشب"]
+    assert tokenize("red_shirt x-large") == ["red", "shirt", "x-large"]

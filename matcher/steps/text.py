@@ -27,7 +27,7 @@ _TAG = re.compile(r"<!--(?:.*?-->|.*)"
 _RAW_CHARS_PER_CHAR, _RAW_CHARS_LEAST = 64, 1 << 20
 _WS = re.compile(r"\s+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN_WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
+_WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")  # letters and digits of any script: "crème", "größe", "كرسي"
 
 EN_STOP_WORDS = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the this to was were with".split()
@@ -130,7 +130,7 @@ def tokenize(text: str) -> list[str]:
             if word and word not in ZH_STOP_WORDS:
                 tokens.append(word)
             continue
-        for word in _LATIN_WORD.findall(piece):
+        for word in _WORD.findall(piece):
             if word not in EN_STOP_WORDS:
                 tokens.append(_stem(word))
     return tokens

@@ -318,6 +318,7 @@ def test_a_workspace_config_starts_the_embedded_s3_server_for_the_command_and_st
     ["tables", "vacuum", "--keep-nights", "31"],
     ["search", "dress", "-k", "0"],  # (-k 0 was a pyarrow traceback)
     ["query", "select 1", "--max-rows", "-1"],
+    ["query", "  "],  # (printed nothing, exit 0)
     ["query", "select 1", "--as-of", "2026-13-01"],
     ["recommend", "X", "--as-of", "last week"],
 ])
@@ -330,6 +331,13 @@ def test_a_wrong_argument_value_is_a_usage_error_before_anything_runs(argv, caps
     assert stop.value.code == 2 and "error: argument" in err, err
     if "2026-02-30" in argv:
         assert "no such date: '2026-02-30'" in err, err
+
+
+def test_models_on_a_lake_without_any_says_so(tmp_path, capsys):
+    from matcher.app.cli import main
+
+    assert main(["models", "--lake", f"file://{tmp_path}/lake"]) == 0
+    assert "no models in" in capsys.readouterr().err
 
 
 def test_partition_dates_are_written_with_dashes_only():

@@ -184,6 +184,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                   f"trained for {m['trained_for_date']}  mean R@10 {recall}")
         if models:
             print("(* current, ^ best served for its encoders: the model new ones are also compared with)")
+        else:
+            print(f"no models in {lake.display('')}: the train stage saves one each night", file=sys.stderr)
     return 0
 
 
@@ -226,6 +228,12 @@ def _refuse_non_queries(con, sql: str) -> None:
         if kind not in _QUERY_STATEMENTS:
             kind = "INSTALL or LOAD" if kind == "LOAD" else kind  # DuckDB parses INSTALL as a LOAD statement
             raise ValueError(f"matcher query is read-only: only SELECT (and EXPLAIN) statements run, got {kind}")
+
+
+def _statement(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty statement: e.g. \"select count(*) from recommendations\"")
+    return text
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -506,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="SQL (DuckDB) over the published tables: " + ", ".join(queryable_tables())
                        + " (each with a dt column); read-only")
     common(p, with_date=False)
-    p.add_argument("sql", help="one or more SELECT (or EXPLAIN) statements")
+    p.add_argument("sql", type=_statement, help="one or more SELECT (or EXPLAIN) statements")
     p.add_argument("--max-rows", type=_whole_number(1), default=50,
                    help="rows printed at most (default 50; not with --json)")
     p.add_argument("--json", action="store_true", help="print every result row as a JSON array instead of a table")

@@ -3,6 +3,7 @@ by a hash of product_id): a mislabelled product's own pair cannot teach its judg
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -80,8 +81,9 @@ def test_too_few_products_to_fill_the_folds_is_said():
         fit_cross_fitted(ids, img, txt, FOLDS)
 
 
-@pytest.mark.integration
-def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_them(tmp_path):
+def _scored_night(tmp_path, texts) -> tuple[RunContext, pa.Table, list, dict]:
+    """Train and score a synthetic night of 150 products whose text features are texts(those features): the
+    context, the features as extracted, the texts the night read and the score stage's stats."""
     n, date = 150, "2026-02-01"
     cfg = load_config(overrides={
         "run": {"lake": f"file://{tmp_path}/lake"},
@@ -90,22 +92,34 @@ def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_
     ctx = RunContext(cfg, date)
     write_synthetic_partition(ctx.lake, date, n=n)
     features = ctx.lake.read_partition("features", date)
-    text = features.column("text_feat").to_pylist()
-    for i in SWAPPED:
-        text[i] = text[(i + 50) % n]
+    text = texts(features.column("text_feat").to_pylist())
     features = features.set_column(features.schema.get_field_index("text_feat"), "text_feat",
                                    pa.array(text, features.schema.field("text_feat").type))
     ctx.lake.write_partition("features", date, features)
     run_stage("train", ctx)
-    stats = run_stage("score", ctx)
+    return ctx, features, text, run_stage("score", ctx)
 
+
+def _staged_mismatches(ctx: RunContext) -> pd.DataFrame:
+    files = [ctx.lake.path(f) for f in ctx.lake.staged_parts("mismatches", ctx.date)]  # what publish will commit
+    parts = [pq.read_table(f, filesystem=ctx.lake.fs) for f in files]  # none where nothing was flagged
+    return pa.concat_tables(parts).to_pandas() if parts else pd.DataFrame(columns=["product_id", "match_score"])
+
+
+@pytest.mark.integration
+def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_them(tmp_path):
+    def swapped(text: list) -> list:
+        for i in SWAPPED:
+            text[i] = text[(i + 50) % len(text)]
+        return text
+
+    ctx, features, text, stats = _scored_night(tmp_path, swapped)
     ids = np.array(features.column("product_id").to_pylist(), dtype=object)
     img = np.array(features.column("image_feat").to_pylist(), np.float32)
     txt = np.array(text, np.float32)
     expected = fit_cross_fitted(ids, img, txt, FOLDS)  # every product is in the fit sample (150 < 5,000)
     assert stats["mismatch_scorer"] == expected.describe()
-    files = [ctx.lake.path(f) for f in ctx.lake.staged_parts("mismatches", date)]  # what publish will commit
-    flagged = pa.concat_tables([pq.read_table(f, filesystem=ctx.lake.fs) for f in files]).to_pandas()
+    flagged = _staged_mismatches(ctx)
     assert set(ids[SWAPPED]) <= set(flagged["product_id"])
     want = dict(zip(ids, expected.own_pair_scores(ids, img, txt)))
     np.testing.assert_allclose(flagged["match_score"], [want[p] for p in flagged["product_id"]], atol=1e-5)
@@ -115,27 +129,14 @@ def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_
 
 @pytest.mark.integration
 def test_the_score_stage_flags_nothing_where_the_titles_say_nothing_of_the_photos(tmp_path):
-    n, date = 150, "2026-02-01"
-    cfg = load_config(overrides={
-        "run": {"lake": f"file://{tmp_path}/lake"},
-        "train": {"epochs": 3, "batch_size": 64, "dim": 16, "hidden": 32, "min_steps": 0},
-        "score": {"top_k": 5, "rerank_candidates": 10, "block_size": 64}})
-    ctx = RunContext(cfg, date)
-    write_synthetic_partition(ctx.lake, date, n=n)
-    features = ctx.lake.read_partition("features", date)
-    width = len(features.column("text_feat")[0].as_py())
-    noise = np.random.default_rng(5).normal(size=(n, width)).astype(np.float32)
-    features = features.set_column(features.schema.get_field_index("text_feat"), "text_feat",
-                                   pa.array(list(noise), features.schema.field("text_feat").type))
-    ctx.lake.write_partition("features", date, features)
-    run_stage("train", ctx)
-    stats = run_stage("score", ctx)
+    def noise(text: list) -> list:
+        return list(np.random.default_rng(5).normal(size=(len(text), len(text[0]))).astype(np.float32))
 
+    ctx, _, _, stats = _scored_night(tmp_path, noise)
     scorer = stats["mismatch_scorer"]
-    assert scorer["out_of_fold_auc"] < cfg.score.mismatch_min_auc
+    assert scorer["out_of_fold_auc"] < ctx.config.score.mismatch_min_auc
     assert "score.mismatch_min_auc" in scorer["withheld"] and stats["mismatches"] == 0
-    files = [ctx.lake.path(f) for f in ctx.lake.staged_parts("mismatches", date)]
-    assert sum(pq.read_metadata(f, filesystem=ctx.lake.fs).num_rows for f in files) == 0
+    assert len(_staged_mismatches(ctx)) == 0
 
 
 def test_a_fold_scorer_refuses_a_pair_of_powered_features():

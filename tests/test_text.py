@@ -74,6 +74,12 @@ def test_a_word_in_angle_brackets_is_text_unless_it_is_markup():
     assert normalize_text(markup, 100)[0] == "Tee cotton"
     assert normalize_text("<m size=3>Tee</m>", 100)[0] == "Tee"  # an unknown name with attributes is markup
     assert normalize_text("<bold>Tee", 100)[0] == "<bold>Tee"  # not an element's name ("b" is)
+    import time
+
+    started = time.perf_counter()
+    for hostile in ("<x-" + "b" * 1_000_000, "<x" + " " * 1_000_000 + "=", "<M " * 300_000):
+        normalize_text(hostile, 300)
+    assert time.perf_counter() - started < 5  # linear in the field, however the tag is judged
 
 
 def test_tokens_keep_letters_of_any_script():

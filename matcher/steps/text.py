@@ -10,19 +10,29 @@ from functools import lru_cache
 # ("Voltage <12V, current >2A" keeps both halves).
 # An unclosed comment runs to the end, as in a browser: searched for its end from each "<!--" again, it took
 # quadratic time ("<!--" repeated).
-# A "<word>" is a tag only where it is markup: an HTML element's name, a closing tag, a declaration, a namespaced
-# (Word's "<o:p>") or custom ("<x-icon>") name, or one with attributes; "<M>" or "<Unbranded>" in a title is text.
-_HTML_ELEMENTS = (
-    "a|abbr|address|area|article|aside|audio|b|base|bdi|bdo|big|blink|blockquote|body|br|button|canvas|caption|"
-    "center|cite|code|col|colgroup|data|datalist|dd|del|details|dfn|dialog|div|dl|dt|em|embed|fieldset|figcaption|"
-    "figure|font|footer|form|frame|frameset|h[1-6]|head|header|hgroup|hr|html|i|iframe|img|input|ins|kbd|label|"
-    "legend|li|link|main|map|mark|marquee|menu|meta|meter|nav|nobr|noscript|object|ol|optgroup|option|output|p|"
-    "param|picture|pre|progress|q|rp|rt|ruby|s|samp|script|section|select|small|source|span|strike|strong|style|"
-    "sub|summary|sup|svg|table|tbody|td|template|textarea|tfoot|th|thead|time|title|tr|track|tt|u|ul|var|video|wbr")
-_TAG = re.compile(r"<!--(?:.*?-->|.*)"
-                  r"|<[!?/][A-Za-z][^<>]*>"
-                  rf"|<(?:(?:{_HTML_ELEMENTS})(?![\w:-])|[A-Za-z][\w.]*[:-][\w.:-]*|[A-Za-z][\w.:-]*\s+[^<>]*=)[^<>]*>",
-                  re.DOTALL | re.IGNORECASE)
+_TAG = re.compile(r"<!--(?:.*?-->|.*)|<[/!?]?[A-Za-z][^<>]*>", re.DOTALL)
+# A "<word>" is markup only with an HTML element's name, a namespaced (Word's "<o:p>") or custom ("<x-icon>") name,
+# or attributes; a closing tag, comment or declaration always is. "<M>" or "<Unbranded>" in a title is text.
+_HTML_ELEMENTS = frozenset((
+    "a abbr address area article aside audio b base bdi bdo big blink blockquote body br button canvas caption "
+    "center cite code col colgroup data datalist dd del details dfn dialog div dl dt em embed fieldset figcaption "
+    "figure font footer form frame frameset h1 h2 h3 h4 h5 h6 head header hgroup hr html i iframe img input ins kbd "
+    "label legend li link main map mark marquee menu meta meter nav nobr noscript object ol optgroup option output "
+    "p param picture pre progress q rp rt ruby s samp script section select small source span strike strong style "
+    "sub summary sup svg table tbody td template textarea tfoot th thead time title tr track tt u ul var video "
+    "wbr").split())
+_TAG_NAME = re.compile(r"<([A-Za-z][\w.:-]*)")
+
+
+def _markup_removed(m: re.Match) -> str:
+    tag = m.group()
+    if tag[1] in "!?/":
+        return " "
+    name = _TAG_NAME.match(tag).group(1)
+    markup = name.lower() in _HTML_ELEMENTS or ":" in name or "-" in name or "=" in tag
+    return " " if markup else tag
+
+
 # Markup may outweigh the text it holds many times over, but not without end: past this the field is cut first.
 _RAW_CHARS_PER_CHAR, _RAW_CHARS_LEAST = 64, 1 << 20
 _WS = re.compile(r"\s+")
@@ -82,7 +92,7 @@ def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     cut = len(text) > raw_cap
     text = unicodedata.normalize("NFKC", text[:raw_cap])
     # Tags removed again after the entities: exports escape HTML twice ("&lt;b&gt;Bold&lt;/b&gt;").
-    text = _TAG.sub(" ", html.unescape(_TAG.sub(" ", text)))
+    text = _TAG.sub(_markup_removed, html.unescape(_TAG.sub(_markup_removed, text)))
     text = "".join(_without_controls(ch) for ch in text)
     text = _WS.sub(" ", text).strip()
     if len(text) > max_chars:

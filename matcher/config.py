@@ -154,8 +154,9 @@ def _spark_settings(conf: dict[str, str]) -> dict[str, str]:
 
 
 def _jvm_memory(value: str) -> str:
-    """A JVM heap size as spark.driver.memory becomes -Xmx: digits and one of k, m, g, t (no space, no "b")."""
-    if not re.fullmatch(r"\d+[kmgtKMGT]?", value):
+    """A JVM heap size as spark.driver.memory becomes -Xmx: digits and one of k, m, g, t (no space, no "b"; without a
+    unit the JVM reads bytes)."""
+    if not re.fullmatch(r"\d+[kmgtKMGT]", value):
         raise ValueError(f"must be a JVM memory size such as 2g or 512m, got {value!r}")
     return value
 

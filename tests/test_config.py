@@ -84,6 +84,7 @@ def test_file_overrides_subset(tmp_path):
      r"config key catalog.image_sources must be list\[str\], got \['s3://ok/', 3\]$"),
     ({"spark": {"conf": {"spark.x": 1}}}, r"config key spark.conf must be dict\[str, str\], got \{'spark.x': 1\}$"),
     ({"spark": {"driver_memory": "2 GB"}}, r"config key spark.driver_memory must be a JVM memory size such as 2g"),
+    ({"spark": {"driver_memory": "4096"}}, r"config key spark.driver_memory must be a JVM memory size such as 2g"),
     ({"score": {"ann_query_probes": 9, "ann_max_query_probes": 4}},
      r"^score.ann_max_query_probes \(4\) must be >= score.ann_query_probes \(9\)"),
 ])

@@ -122,6 +122,15 @@ def test_a_zeroed_block_in_an_early_row_costs_only_that_row(tmp_path):
     assert result.clean.set_index("product_id").loc["SKU-0002", "repairs"] == "control_characters"
 
 
+def test_a_zeroed_block_in_a_file_with_cr_line_endings_costs_only_its_row(tmp_path):
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[2] = lines[2].replace(b"Red cotton", b"Red " + b"\x00" * 512 + b"cotton")
+    write_csv(root, lines, ending=b"\r")
+    _, result = clean_in_process(root)
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS)]
+
+
 def test_utf16_without_its_mark_is_refused_as_binary(tmp_path):
     root = catalog_dir(tmp_path)
     write_csv(root, csv_lines())

@@ -74,6 +74,11 @@ def test_a_word_in_angle_brackets_is_text_unless_it_is_markup():
     assert normalize_text(markup, 100)[0] == "Tee cotton"
     assert normalize_text("<m size=3>Tee</m>", 100)[0] == "Tee"  # an unknown name with attributes is markup
     assert normalize_text("<bold>Tee", 100)[0] == "<bold>Tee"  # not an element's name ("b" is)
+    for title in ("T-shirt <S>", "Bra 75<B>", "<Small> bag", "<X-Large>", "Mug <Multi-Color>", "Tee <Size:XL>",
+                  "<M>Tee</M>"):
+        assert normalize_text(title, 100)[0] == title  # sizes and labels, not markup
+    assert normalize_text("<b>Tee</b><br>cotton<p/>", 100)[0] == "Tee cotton"
+    assert normalize_text("Blue\u200bShirt", 100)[0] == "Blue Shirt"  # a zero-width space parts words
     import time
 
     started = time.perf_counter()

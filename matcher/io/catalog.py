@@ -561,7 +561,7 @@ def _csv_header(fields: list[str]) -> list[str]:
 def _looks_binary(sample: str) -> bool:
     """NUL bytes in most of the sample's lines and over 5% of it: a binary file, or UTF-16 read without its mark. A
     NUL in one row, even a zeroed block of them, is that row's damage (its row is repaired or quarantined)."""
-    lines = sample.split("\n")
+    lines = re.split(r"\r\n?|\n", sample)  # LF, CRLF or CR, as the reader takes them
     return sample.count("\x00") * 20 > len(sample) and sum("\x00" in line for line in lines) * 2 > len(lines)
 
 

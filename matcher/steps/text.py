@@ -5,14 +5,17 @@ import html
 import re
 import unicodedata
 from functools import lru_cache
+from typing import Callable
 
 # An HTML tag, comment or declaration: "<" then a letter, "/", "!" or "?". A "<" before a digit or a space is text
 # ("Voltage <12V, current >2A" keeps both halves).
 # An unclosed comment runs to the end, as in a browser: searched for its end from each "<!--" again, it took
 # quadratic time ("<!--" repeated).
 _TAG = re.compile(r"<!--(?:.*?-->|.*)|<[/!?]?[A-Za-z][^<>]*>", re.DOTALL)
-# A "<word>" is markup only with an HTML element's name, a namespaced (Word's "<o:p>") or custom ("<x-icon>") name,
-# or attributes; a closing tag, comment or declaration always is. "<M>" or "<Unbranded>" in a title is text.
+# A "<word>" is markup only where HTML would make it so: a tag with attributes, an element's name that may stand
+# unclosed ("<br>", "<p>"), is self-closed or closed in the same field ("<b>..</b>"), a closing tag of an element, a
+# lower-case namespaced or custom name (Word's "<o:p>", "<x-icon>"); a comment or declaration always is. Sizes and
+# labels are text: "T-shirt <S>", "<M>", "<X-Large>", "<Size:XL>".
 _HTML_ELEMENTS = frozenset((
     "a abbr address area article aside audio b base bdi bdo big blink blockquote body br button canvas caption "
     "center cite code col colgroup data datalist dd del details dfn dialog div dl dt em embed fieldset figcaption "
@@ -21,16 +24,35 @@ _HTML_ELEMENTS = frozenset((
     "p param picture pre progress q rp rt ruby s samp script section select small source span strike strong style "
     "sub summary sup svg table tbody td template textarea tfoot th thead time title tr track tt u ul var video "
     "wbr").split())
-_TAG_NAME = re.compile(r"<([A-Za-z][\w.:-]*)")
+# Elements HTML lets stand unclosed: void ones, and those whose end tag may be left out ("<li>a<li>b", "<p>").
+_UNCLOSED_ELEMENTS = frozenset("area base br col embed hr img input link meta param source track wbr p li dt dd tr td "
+                               "th thead tbody tfoot option optgroup colgroup rt rp html head body".split())
+_ATTRIBUTE = re.compile(r"\s[A-Za-z_:][\w.:-]*\s*=")
+_TAG_NAME = re.compile(r"</?([A-Za-z][\w.:-]*)")
+_CLOSING_NAME = re.compile(r"</([A-Za-z][\w.:-]*)")
+_ATTRIBUTED_NAME = re.compile(r"<([A-Za-z][\w.:-]*)\s[^<>=]*=")
 
 
-def _markup_removed(m: re.Match) -> str:
-    tag = m.group()
-    if tag[1] in "!?/":
-        return " "
-    name = _TAG_NAME.match(tag).group(1)
-    markup = name.lower() in _HTML_ELEMENTS or ":" in name or "-" in name or "=" in tag
-    return " " if markup else tag
+def _markup_remover(field: str) -> Callable[[re.Match], str]:
+    """The _TAG replacement for one field: markup becomes a space, a word in angle brackets stays."""
+    closed = {name.lower() for name in _CLOSING_NAME.findall(field)}
+    attributed = {name.lower() for name in _ATTRIBUTED_NAME.findall(field)}
+
+    def removed(m: re.Match) -> str:
+        tag = m.group()
+        if tag[1] in "!?":
+            return " "
+        name = _TAG_NAME.match(tag).group(1)
+        lower = name.lower()
+        if (name == lower and (":" in name or "-" in name)) or _ATTRIBUTE.search(tag):
+            return " "
+        if tag[1] == "/":  # the end of an element, or of a tag given attributes in this field ("<m size=3>..</m>")
+            return " " if lower in _HTML_ELEMENTS or lower in attributed else tag
+        if lower not in _HTML_ELEMENTS:
+            return tag
+        return " " if lower in _UNCLOSED_ELEMENTS or lower in closed or tag.endswith("/>") else tag
+
+    return removed
 
 
 # Markup may outweigh the text it holds many times over, but not without end: past this the field is cut first.
@@ -71,6 +93,9 @@ def has_control_characters(value: str) -> bool:
     return any(unicodedata.category(ch)[0] == "C" and ch not in _LINE_BREAKS for ch in value)
 
 
+_ZERO_WIDTH_SPACE = "\u200b"  # a format character that marks a word boundary
+
+
 def _without_controls(ch: str) -> str:
     """A format character (a soft hyphen, a zero-width joiner, a direction mark) goes without a trace: it sits inside
     a word ("Blue\u00adberry") or an emoji sequence; a control or private-use character parts words as a space. An
@@ -78,7 +103,7 @@ def _without_controls(ch: str) -> str:
     category = unicodedata.category(ch)
     if category[0] != "C" or category == "Cn":
         return ch
-    return "" if category == "Cf" else " "
+    return "" if category == "Cf" and ch != _ZERO_WIDTH_SPACE else " "
 
 
 def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
@@ -92,7 +117,9 @@ def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     cut = len(text) > raw_cap
     text = unicodedata.normalize("NFKC", text[:raw_cap])
     # Tags removed again after the entities: exports escape HTML twice ("&lt;b&gt;Bold&lt;/b&gt;").
-    text = _TAG.sub(_markup_removed, html.unescape(_TAG.sub(_markup_removed, text)))
+    text = _TAG.sub(_markup_remover(text), text)
+    text = html.unescape(text)
+    text = _TAG.sub(_markup_remover(text), text)
     text = "".join(_without_controls(ch) for ch in text)
     text = _WS.sub(" ", text).strip()
     if len(text) > max_chars:

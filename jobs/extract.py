@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from typing import Iterator
 
@@ -17,7 +18,14 @@ from jobs.validate import judged_attempt, require_passed
 from matcher.config import ExtractConfig
 from matcher.io.lake import Lake, new_attempt_id
 from matcher.io.tables import to_arrow
-from matcher.steps.encoders import extract_precision, feature_versions, load_image_encoder, load_text_encoder
+from matcher.steps.encoders import (
+    EncoderError,
+    extract_precision,
+    feature_versions,
+    load_image_encoder,
+    load_text_encoder,
+    weights_digest,
+)
 from matcher.steps.features import extract_features
 
 INPUT_COLUMNS = ["product_id", "title", "description", "image_bytes", "content_hash"]
@@ -29,7 +37,9 @@ _worker_encoders: dict[tuple, tuple] = {}
 
 
 def _encoders(cfg: ExtractConfig, device: str, threads: int, precision: str):
-    key = (cfg.image_encoder, cfg.text_encoder, cfg.second_title_encoder, cfg.image_weights, cfg.image_colour,
+    # The weights file's digest too: a long-lived worker reloads a file replaced under the same name.
+    digest = weights_digest(cfg.image_weights) if cfg.image_weights else ""
+    key = (cfg.image_encoder, cfg.text_encoder, cfg.second_title_encoder, cfg.image_weights, digest, cfg.image_colour,
            cfg.description, cfg.title_words, device, precision)
     if key not in _worker_encoders:
         import torch
@@ -45,12 +55,17 @@ def _encoders(cfg: ExtractConfig, device: str, threads: int, precision: str):
     return _worker_encoders[key]
 
 
-def make_partition_extractor(cfg: ExtractConfig, threads: int, precision: str):
+def make_partition_extractor(cfg: ExtractConfig, threads: int, precision: str, image_version: str):
     """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded. `precision` was
-    resolved on the driver, so every executor computes in the one the features' version names."""
+    resolved on the driver, so every executor computes in the one the features' version names; `image_version` is
+    the driver's, which decided what to reuse: an executor whose weights file differs from it refuses to embed."""
 
     def extract_partition(batches: Iterator[pa.RecordBatch]):
         image_encoder, text_encoder = _encoders(cfg, task_device(cfg.device), threads, precision)
+        if image_encoder.version != image_version:
+            raise EncoderError(f"extract.image_weights {cfg.image_weights} on executor {socket.gethostname()} is "
+                               f"not the driver's file (features {image_encoder.version}, the driver's "
+                               f"{image_version}): every machine needs the same file")
         started, done = time.perf_counter(), 0
         for batch in batches:
             out = extract_features(batch.to_pandas(), image_encoder, text_encoder, cfg.batch_size)
@@ -117,7 +132,7 @@ def run(ctx: RunContext) -> dict:
     waves = math.ceil(to_embed / (_ROWS_PER_TASK * parallelism))
     tasks = max(1, min(parallelism * waves, to_embed))
     attempt = new_attempt_id()
-    fn = make_partition_extractor(cfg, threads, precision)
+    fn = make_partition_extractor(cfg, threads, precision, image_version)
     started = time.perf_counter()
     parts: list[str] = []
     if to_embed:

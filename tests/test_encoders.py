@@ -14,6 +14,7 @@ from matcher.steps.encoders import (
     TEXT_ENCODERS,
     EncoderError,
     colour_histogram,
+    feature_versions,
     image_encoder_version,
     load_image_encoder,
     load_text_encoder,
@@ -271,3 +272,21 @@ def test_the_default_encoders_load_and_encode_with_the_network_refused(monkeypat
                              title_words=cfg.title_words)
     feats = text.encode_products(["红色 连衣裙"], ["a red dress"])
     assert feats.shape == (1, text.dim) and np.isfinite(feats).all()
+
+
+def test_an_executor_whose_weights_file_is_not_the_drivers_refuses_to_embed(tmp_path):
+    """The driver's version decided which features to reuse; an executor holding another file under the same path
+    (another copy, or replaced since) would stamp rows with another version, and the night would mix them."""
+    from jobs.extract import make_partition_extractor
+
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, weights)
+    cfg = load_config(overrides={"extract": {"image_encoder": "resnet18", "image_weights": str(weights),
+                                             "text_encoder": "hashing-384", "device": "cpu"}}).extract
+    drivers = feature_versions(cfg, "fp32")[0]  # as the extract stage's driver takes it
+    assert list(make_partition_extractor(cfg, 1, "fp32", drivers)(iter([]))) == []
+    torch.save({k: v * 2 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    with pytest.raises(EncoderError, match="is not the driver's file"):
+        list(make_partition_extractor(cfg, 1, "fp32", drivers)(iter([])))

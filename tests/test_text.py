@@ -90,4 +90,5 @@ def test_a_word_in_angle_brackets_is_text_unless_it_is_markup():
 def test_tokens_keep_letters_of_any_script():
     assert tokenize("Café Crème Größe") == ["café", "crème", "größe"]
     assert tokenize("كرسي خشب") == ["كرسي", "خشب"]
+    assert tokenize("कुर्सी เก้าอี้") == ["कुर्सी", "เก้าอี้"]  # vowel signs and tone marks inside the word
     assert tokenize("red_shirt x-large") == ["red", "shirt", "x-large"]

@@ -59,7 +59,22 @@ def _markup_remover(field: str) -> Callable[[re.Match], str]:
 _RAW_CHARS_PER_CHAR, _RAW_CHARS_LEAST = 64, 1 << 20
 _WS = re.compile(r"\s+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")  # letters and digits of any script: "crème", "größe", "كرسي"
+
+
+def _combining_marks() -> str:
+    """The combining marks (Unicode M*) as a character class's ranges: Devanagari's vowel signs, Thai's tone marks,
+    Hebrew's points sit inside words, and are not "word" characters to `re`."""
+    marks = [c for c in range(0x110000) if unicodedata.category(chr(c))[0] == "M"]
+    ranges, start = [], marks[0]
+    for prev, c in zip(marks, marks[1:] + [-1]):
+        if c != prev + 1:
+            ranges.append(f"{chr(start)}-{chr(prev)}" if prev > start else chr(start))
+            start = c
+    return "".join(ranges)
+
+
+_LETTER = rf"[^\W_]|[{_combining_marks()}]"
+_WORD = re.compile(rf"(?:{_LETTER})+(?:['\-](?:{_LETTER})+)*")  # any script: "crème", "größe", "كرسي", "कुर्सी"
 
 EN_STOP_WORDS = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the this to was were with".split()

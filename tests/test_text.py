@@ -1,6 +1,6 @@
 import unicodedata
 
-from matcher.steps.text import normalize_text, tokenize
+from matcher.steps.text import has_control_characters, normalize_text, tokenize
 
 
 def test_normalize_strips_html_entities_controls_and_whitespace():
@@ -65,6 +65,7 @@ def test_format_characters_join_their_word_and_controls_part_words():
     assert normalize_text("\U000f0000", 100)[0] == ""  # private use only: no title
     new_emoji = next(chr(c) for c in range(0x1FA70, 0x1FB00) if unicodedata.category(chr(c)) == "Cn")
     assert normalize_text(new_emoji, 100)[0] == new_emoji  # newer than this Python's Unicode tables: still text
+    assert not has_control_characters(new_emoji) and has_control_characters("a\u00adb")  # no repair is noted
 
 
 def test_a_word_in_angle_brackets_is_text_unless_it_is_markup():

@@ -73,17 +73,17 @@ def image_encoder_version(name: str, weights: str = "", colour: bool = False, pr
 
 
 def weights_digest(path: str) -> str:
-    """The first 16 hex digits of the sha256 of a weights file (extract.image_weights), read once per size and
-    modification time."""
+    """The first 16 hex digits of the sha256 of a weights file (extract.image_weights), read again when its size,
+    times or inode change."""
     try:
         stat = os.stat(path)
     except OSError as exc:
         raise EncoderError(f"extract.image_weights {path}: cannot read it: {exc.strerror or exc}") from None
-    return _digest(path, stat.st_size, stat.st_mtime_ns)
+    return _digest(path, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(path: str, *_identity: int) -> str:  # size, times and inode: a copy kept its mtime (cp -p) still differs
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

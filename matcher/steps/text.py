@@ -105,7 +105,8 @@ def escape_undecodable(value: str) -> str:
 
 def has_control_characters(value: str) -> bool:
     """Control or format characters (NUL, escape, a byte-order mark...) other than tab and line breaks."""
-    return any(unicodedata.category(ch)[0] == "C" and ch not in _LINE_BREAKS for ch in value)
+    return any(unicodedata.category(ch)[0] == "C" and unicodedata.category(ch) != "Cn" and ch not in _LINE_BREAKS
+               for ch in value)  # an unassigned character (a newer emoji) is kept as text, not repaired
 
 
 _ZERO_WIDTH_SPACE = "\u200b"  # a format character that marks a word boundary

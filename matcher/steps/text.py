@@ -73,8 +73,12 @@ def _combining_marks() -> str:
     return "".join(ranges)
 
 
-_LETTER = rf"[^\W_]|[{_combining_marks()}]"
-_WORD = re.compile(rf"(?:{_LETTER})+(?:['\-](?:{_LETTER})+)*")  # any script: "crème", "größe", "كرسي", "कुर्सी"
+@lru_cache(maxsize=1)
+def _word() -> re.Pattern:
+    """A word of any script ("crème", "größe", "كرسي", "कुर्सी"); built on first use, not at every import (the marks'
+    class scans every code point)."""
+    letter = rf"[^\W_]|[{_combining_marks()}]"
+    return re.compile(rf"(?:{letter})+(?:['\-](?:{letter})+)*")
 
 EN_STOP_WORDS = frozenset(
     "a an and are as at be by for from has have in is it its of on or that the this to was were with".split()
@@ -103,10 +107,16 @@ def escape_undecodable(value: str) -> str:
     return _SURROGATE.sub(escape, value)
 
 
+def _control_category(ch: str) -> str | None:
+    """A control, format, private-use or surrogate character's category, else None. An unassigned character (an
+    emoji newer than this Python's Unicode tables) is text."""
+    category = unicodedata.category(ch)
+    return category if category[0] == "C" and category != "Cn" else None
+
+
 def has_control_characters(value: str) -> bool:
     """Control or format characters (NUL, escape, a byte-order mark...) other than tab and line breaks."""
-    return any(unicodedata.category(ch)[0] == "C" and unicodedata.category(ch) != "Cn" and ch not in _LINE_BREAKS
-               for ch in value)  # an unassigned character (a newer emoji) is kept as text, not repaired
+    return any(_control_category(ch) and ch not in _LINE_BREAKS for ch in value)
 
 
 _ZERO_WIDTH_SPACE = "\u200b"  # a format character that marks a word boundary
@@ -114,10 +124,9 @@ _ZERO_WIDTH_SPACE = "\u200b"  # a format character that marks a word boundary
 
 def _without_controls(ch: str) -> str:
     """A format character (a soft hyphen, a zero-width joiner, a direction mark) goes without a trace: it sits inside
-    a word ("Blue\u00adberry") or an emoji sequence; a control or private-use character parts words as a space. An
-    unassigned one stays: emoji newer than this Python's Unicode tables are text."""
-    category = unicodedata.category(ch)
-    if category[0] != "C" or category == "Cn":
+    a word ("Blue\u00adberry") or an emoji sequence; a control or private-use character parts words as a space."""
+    category = _control_category(ch)
+    if category is None:
         return ch
     return "" if category == "Cf" and ch != _ZERO_WIDTH_SPACE else " "
 
@@ -183,7 +192,7 @@ def tokenize(text: str) -> list[str]:
             if word and word not in ZH_STOP_WORDS:
                 tokens.append(word)
             continue
-        for word in _WORD.findall(piece):
+        for word in _word().findall(piece):
             if word not in EN_STOP_WORDS:
                 tokens.append(_stem(word))
     return tokens

@@ -161,6 +161,23 @@ def _jvm_memory(value: str) -> str:
     return value
 
 
+_HOST_PORT = r"(\[[0-9a-fA-F:.]+\]|[^\s/,:\[\]]+):\d+"  # host:port or [IPv6]:port
+_SPARK_MASTER = re.compile(
+    r"local(\[(\*|[1-9]\d*)(\s*,\s*[1-9]\d*)?\])?"           # local, local[4], local[*], local[4,2] (task retries)
+    r"|local-cluster\[[1-9]\d*,\s*[1-9]\d*,\s*[1-9]\d*\]"  # workers, cores and MiB each (Spark's own tests)
+    rf"|spark://{_HOST_PORT}(,{_HOST_PORT})*"                  # standalone, with standby masters after commas
+    r"|yarn|k8s://\S+")
+
+
+def _spark_master(value: str) -> str:
+    """A master URL Spark accepts: spelled wrong (local[two], spark://host without its port), the driver would fail
+    only when the night reaches its first Spark stage, after its reads of the catalog."""
+    if not _SPARK_MASTER.fullmatch(value):
+        raise ValueError("must be a Spark master such as local[2], local[*], spark://host:7077, yarn or "
+                         f"k8s://https://host:443, got {value!r}")
+    return value
+
+
 def _location(value: str) -> str:
     """A lake or catalog location: a local path, file://, s3:// or s3a:// (what matcher.io.storage opens)."""
     scheme = value.split("://", 1)[0] if "://" in value else ""
@@ -249,7 +266,7 @@ class ExtractConfig(_Section):
 
 
 class SparkConfig(_Section):
-    master: str
+    master: Annotated[str, AfterValidator(_spark_master)]
     arrow_batch_size: Whole = Field(ge=1)
     driver_memory: Annotated[str, AfterValidator(_jvm_memory)]
     partitions: Whole = Field(ge=0)

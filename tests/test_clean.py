@@ -123,6 +123,16 @@ def test_no_catalog_file(tmp_path):
         CatalogReader(str(tmp_path), load_config().storage).read()
 
 
+def test_two_catalog_files_in_one_folder_are_refused_unless_one_is_named(tmp_path):
+    (tmp_path / "products.csv").write_text("product_id,title,image\nOLD,stale shirt,a.jpg\n")
+    (tmp_path / "products.jsonl").write_text('{"product_id": "NEW", "title": "shirt", "image": "a.jpg"}\n')
+    with pytest.raises(CatalogError, match=r"products.csv and products.jsonl are both at .*: name the one to read "
+                                           r"with catalog.file"):
+        CatalogReader(str(tmp_path), load_config().storage).find_products_file()
+    named = load_config(overrides={"catalog": {"file": "products.jsonl"}}).catalog
+    assert CatalogReader(str(tmp_path), load_config().storage, named).find_products_file().endswith("products.jsonl")
+
+
 def _formats_catalog(tmp_path, fmt):
     import json
 

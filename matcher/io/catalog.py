@@ -136,10 +136,12 @@ class CatalogReader:
                 raise CatalogError(f"catalog file {self.options.file} must end in .csv, .parquet or .jsonl "
                                    "(.csv.gz and .jsonl.gz compressed)")
             return p
-        for name in CATALOG_FILES:
-            p = posixpath.join(self.root, name)
-            if exists(self.fs, p):
-                return p
+        found = [name for name in CATALOG_FILES if exists(self.fs, posixpath.join(self.root, name))]
+        if len(found) > 1:  # e.g. an exporter that moved to JSON Lines and left last month's CSV: which is today's?
+            raise CatalogError(f"{' and '.join(found)} are both at {self.uri}: name the one to read with catalog.file "
+                               "(or remove the other)")
+        if found:
+            return posixpath.join(self.root, found[0])
         raise CatalogError(f"no catalog at {self.uri}: expected one of {', '.join(CATALOG_FILES)}")
 
     def plan(self) -> CatalogPlan:

@@ -180,11 +180,14 @@ def _excel_unicode_text(text: str) -> bytes:
     ("products.csv", _excel_unicode_text(_PLAIN)),
     ("products.csv", b"\xfe\xff" + _PLAIN.encode("utf-16-be")),
     ("products.csv", _PLAIN.replace("product_id,title,category,image", " Product_ID ,TITLE,Category,Image").encode()),
+    ("products.csv", _PLAIN.replace("product_id,title,category,image", "Product ID,Title,Category,Image").encode()),
+    ("products.csv", _PLAIN.replace("product_id,title,category,image", "productId,title,category,image").encode()),
     ("products.csv.gz", __import__("gzip").compress(_PLAIN.encode())),
     ("products.jsonl.gz", __import__("gzip").compress(
         b'{"product_id": "1", "title": "Red kettle", "category": "Kettles", "image": "img/1.png"}\n'
         b'{"product_id": "2", "title": "Drill, 18V", "category": "Tools", "image": "img/2.png"}\n')),
-], ids=["comma", "semicolon", "pipe", "excel-utf16-tabs", "utf16-be", "header-case", "csv-gz", "jsonl-gz"])
+], ids=["comma", "semicolon", "pipe", "excel-utf16-tabs", "utf16-be", "header-case", "header-words",
+                          "header-camel", "csv-gz", "jsonl-gz"])
 def test_catalog_file_variants_read_the_same_rows(tmp_path, name, data):
     (tmp_path / "img").mkdir()
     for i in (1, 2):

@@ -266,7 +266,8 @@ class CatalogReader:
 
     def _mapping(self, columns: list[str], path: str) -> dict[str, str]:
         """matcher's column -> the file's: catalog.columns, and for each required or optional column not in the file
-        as such, the one column that names it in another case or with spaces ("Product_ID", " Title ")."""
+        as such, the one column that names it in another case, with spaces around it or with other separators
+        between its words ("Product_ID", " Title ", "Product ID", "product-id", "ProductId")."""
         mapping = dict(self.options.columns)
         absent = [src for src in mapping.values() if src not in columns]
         if absent:
@@ -274,7 +275,7 @@ class CatalogReader:
         for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
             if name in mapping or name in columns:
                 continue
-            like = [c for c in columns if c.strip().lower() == name and c not in mapping.values()]
+            like = [c for c in columns if _column_key(c) == _column_key(name) and c not in mapping.values()]
             if len(like) == 1:
                 mapping[name] = like[0]
         mapped = self._mapped_columns(columns, mapping)
@@ -513,6 +514,12 @@ def _reference_in_bytes(value: bytes | None) -> str | None:
     except UnicodeDecodeError:
         return None
     return text if text.strip() and not any(ord(ch) < 32 for ch in text) else None
+
+
+def _column_key(name: str) -> str:
+    """A column name without case, spaces, underscores or hyphens: how a header's "Product ID" is matched to
+    product_id."""
+    return re.sub(r"[\s_\-]+", "", name).lower()
 
 
 def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:

@@ -356,6 +356,35 @@ def test_file_uris_are_read_percent_decoded_and_in_any_case_and_stay_inside_the_
         "UPPER-OUTSIDE": "image_source_not_allowed", "DATA-URI": "image_unsupported_uri"}
 
 
+def test_relative_references_written_as_url_paths_are_read_decoded_and_stay_inside_the_root(tmp_path):
+    """"img/red%20shirt.jpg" is img/red shirt.jpg when only that exists; a name with a literal % is read as written;
+    decoded, a reference is checked as any other: ..%2F climbs out of nothing, %00 is refused."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.jpg").write_bytes(jpeg((250, 250, 0)))
+    root = make_catalog(tmp_path, {
+        "SPACE": "img/red%20shirt.jpg",
+        "UTF8": "img/caf%C3%A9.jpg",
+        "LITERAL-PERCENT": "img/100%25.jpg",  # the file's name is "100%25.jpg" as written
+        "ESCAPE": "img/..%2F..%2Felsewhere/secret.jpg",
+        "ESCAPE-BACKSLASH": "img%5C..%5C..%5Celsewhere%5Csecret.jpg",
+        "NUL": "img/x%00.jpg",
+        "ABSENT": "img/blue%20shirt.jpg",
+    })
+    (root / "img" / "red shirt.jpg").write_bytes(jpeg((200, 10, 10)))
+    (root / "img" / "café.jpg").write_bytes(jpeg((20, 10, 10)))
+    (root / "img" / "100%25.jpg").write_bytes(jpeg((40, 10, 10)))
+    (root / "img" / "100%.jpg").write_bytes(jpeg((60, 10, 10)))  # what the decoded name would read instead
+    cfg = load_config(overrides={"clean": {"image_size": 32}})
+    reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
+    assert reader.read_image("img/100%25.jpg") == (root / "img" / "100%25.jpg").read_bytes()
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert {"SPACE", "UTF8", "LITERAL-PERCENT"} <= set(result.clean["product_id"]) and len(result.clean) == GOOD + 3
+    assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
+        "ESCAPE": "image_path_escapes_root", "ESCAPE-BACKSLASH": "image_path_escapes_root",
+        "NUL": "image_reference_invalid", "ABSENT": "image_missing"}
+
+
 @pytest.mark.integration
 def test_s3_image_sources_let_a_named_prefix_through(tmp_path, s3_config):
     from matcher.io.storage import resolve_uri, write_bytes

@@ -319,14 +319,15 @@ class CatalogReader:
         elif "://" in ref or ref.lower().startswith("data:"):
             raise ImageRejected(Reason.IMAGE_UNSUPPORTED_URI, ref[:200])
         else:
-            rel = posixpath.normpath(ref.replace("\\", "/"))
-            if rel.startswith("/") or rel == ".." or rel.startswith("../"):
-                raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, ref[:200])
-            fs, path = self.fs, posixpath.join(self.root, rel)
-            if self.sources.local_root is not None:  # a symlink inside the root may point out of it
-                path = os.path.realpath(path)
-                if not _under(path, self.sources.local_root):
-                    raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, f"{ref[:200]}: a link out of the catalog root")
+            fs, path = self.fs, self._relative_path(ref, ref)
+            if "%" in ref and not _exists_quietly(fs, path):
+                # Written as a URL path is ("red%20shirt.jpg" for "red shirt.jpg"): decoded, then checked again as
+                # any reference is, so an escaped "..%2F" cannot climb out of the root.
+                decoded = urllib.parse.unquote(ref, errors="surrogateescape")
+                if any(ord(ch) < 32 for ch in decoded):
+                    raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: a control character escaped "
+                                                                        "in it")
+                path = self._relative_path(decoded, ref)
         if isinstance(fs, pafs.LocalFileSystem):
             _require_regular_file(path, ref)
         try:
@@ -351,6 +352,19 @@ class CatalogReader:
         if max_bytes is not None and len(data) > max_bytes:
             raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_bytes} bytes at {ref[:200]}")
         return data
+
+    def _relative_path(self, rel: str, ref: str) -> str:
+        """The path of a reference relative to the catalog root (`ref`: as the row wrote it, for the reason), refused
+        when it climbs out of the root, by `..` or, on a local root, by a link."""
+        rel = posixpath.normpath(rel.replace("\\", "/"))
+        if rel.startswith("/") or rel == ".." or rel.startswith("../"):
+            raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, ref[:200])
+        path = posixpath.join(self.root, rel)
+        if self.sources.local_root is not None:  # a symlink inside the root may point out of it
+            path = os.path.realpath(path)
+            if not _under(path, self.sources.local_root):
+                raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, f"{ref[:200]}: a link out of the catalog root")
+        return path
 
     def _file_uri_path(self, ref: str, literal: str) -> str:
         """The local path a file:// reference names: percent-decoded as a URI is (Path.as_uri() writes a space
@@ -414,6 +428,17 @@ def _damaged_or_unreachable(exc: Exception, where: str) -> Exception:
         return exc
     detail = " ".join(str(exc).split())[:300]  # not "OSError: ...": the name would read as a storage error's
     return CatalogError(f"{where} cannot be decoded, it is damaged ({detail})")
+
+
+def _exists_quietly(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether a file is at `path`; a lookup that fails says no (the read that follows reports why), unless the
+    store does not answer at all: then the task fails to be retried, as a read would."""
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as exc:
+        if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
+            raise
+        return False
 
 
 def _s3_key_path(uri: str) -> str:

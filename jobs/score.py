@@ -379,7 +379,8 @@ def _mismatch_scorer(ctx: RunContext) -> tuple[CrossFitScorer | None, dict]:
     sc = ctx.config.score
     fs = load_feature_set(ctx, "score", sc.mismatch_fit_products)
     try:
-        scorer = fit_cross_fitted(fs.product_ids, fs.image_feats, fs.text_feats, sc.mismatch_folds)
+        scorer = fit_cross_fitted(fs.product_ids, fs.image_feats, fs.text_feats, sc.mismatch_folds,
+                                  sc.mismatch_max_flagged_share)
     except TooFewProducts as exc:
         log.warning("score: no mismatches table: %s", exc)
         return None, {"scorer": "none", "reason": str(exc)}

@@ -352,6 +352,8 @@ class ScoreConfig(_Section):
     mismatch_folds: Whole = Field(ge=2, description="each product is judged by a scorer fitted without its fold")
     mismatch_fit_products: Whole
     mismatch_min_auc: Fraction = Field(description="0: the mismatches table is never withheld")
+    mismatch_max_flagged_share: Fraction = Field(description="0: the best-accuracy cut between as many true as "
+                                                 "false pairs, uncapped")
 
     @model_validator(mode="after")
     def _settings_agree(self) -> "ScoreConfig":

@@ -36,3 +36,22 @@ def test_the_quality_goal_check_counts_draws_below_each_kind_of_best_baseline(ca
     line = capsys.readouterr().out.splitlines()[0]
     assert "below the best baseline (worse direction's R@10) in 1 of 4 draws" in line
     assert "against cca, the best baseline on average, +0.010 a draw (std 0.000, below in 0)" in line
+
+
+def test_the_mismatch_benchmark_judges_each_cap_on_swapped_titles():
+    import numpy as np
+
+    from tests.synthetic import synthetic_features
+
+    bench = _load("mismatch_auc.py")
+    img, txt, _ = synthetic_features(200, seed=3, image_dim=24, text_dim=16)
+    ids = np.array([f"P{i:04d}" for i in range(200)], dtype=object)
+    mislabelled, swapped = bench.swap_pairs(txt, 0.05, np.random.default_rng(0))
+    assert len(swapped) == 10 and not np.allclose(mislabelled[swapped], txt[swapped])
+    row = bench.judge_draw(ids, img, mislabelled, swapped, 5)
+    assert row["auc"] > 0.9
+    for share in bench.SHARES:
+        if share:  # a cap flags at most its share (a quantile: one product over at most)
+            assert row[f"flagged @{share:g}"] <= share + 1 / 200
+        assert 0 <= row[f"F1 @{share:g}"] <= 1
+        assert row[f"flagged @{share:g}"] <= row["flagged @0"]  # a cap only lowers the cut

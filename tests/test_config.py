@@ -17,6 +17,8 @@ DOCUMENTED_DEFAULTS = [
     ("docs/lake.md", "`score = 0.7 * similarity + 0.3 * match probability`", "score.rerank_weight", 0.3),
     ("docs/lake.md", "(`score.mismatch_folds`, 5,", "score.mismatch_folds", 5),
     ("docs/lake.md", "`score.mismatch_min_auc` (AUC, default 0.75;", "score.mismatch_min_auc", 0.75),
+    ("docs/lake.md", "`score.mismatch_max_flagged_share` of the products (default 0.05)",
+     "score.mismatch_max_flagged_share", 0.05),
     ("docs/operations.md", "20% held out (metrics", "train.holdout_fraction", 0.2),
     ("docs/operations.md", "5% calibration (the match threshold)", "train.calibration_fraction", 0.05),
     ("docs/operations.md", "10% validation (model selection)", "train.validation_fraction", 0.1),

@@ -62,6 +62,23 @@ def test_mislabelled_products_are_flagged_and_their_own_pair_would_have_passed_t
     assert scorer.describe()["folds"] == FOLDS and scorer.describe()["fit_products"] == len(ids)
 
 
+def test_the_flag_threshold_is_capped_to_flag_the_lowest_share_of_the_products_at_most():
+    ids, img, txt = _catalog()  # 120 products, 3 of them mislabelled
+    uncapped = fit_cross_fitted(ids, img, txt, FOLDS)
+    own = uncapped.own_pair_scores(ids, img, txt)
+    capped = fit_cross_fitted(ids, img, txt, FOLDS, max_flagged_share=0.01)
+    flagged = np.nonzero(own < capped.threshold)[0]
+    assert len(flagged) == 2 and set(flagged) < set(SWAPPED)  # the two lowest of the three
+    described = capped.describe()
+    assert described["max_flagged_share"] == 0.01 and described["flagged_share"] == pytest.approx(2 / 120, abs=1e-6)
+    assert described["threshold"] < described["best_cut"]
+    # A cap above what the best-accuracy cut flags leaves the cut as it is.
+    assert fit_cross_fitted(ids, img, txt, FOLDS, max_flagged_share=0.5).threshold == uncapped.threshold
+    noise = np.random.default_rng(7).normal(size=txt.shape).astype(txt.dtype)
+    chance = fit_cross_fitted(ids, img, noise, FOLDS, max_flagged_share=0.05)
+    assert (chance.own_pair_scores(ids, img, noise) < chance.threshold).mean() <= 0.05
+
+
 def test_titles_that_say_nothing_of_the_photo_give_a_scorer_at_chance_that_would_flag_many():
     """What score.mismatch_min_auc guards: text independent of the photo (SKU codes as titles) gives an
     out-of-fold AUC near 0.5, whose best-accuracy threshold would flag a large share of a sound catalog."""
@@ -117,7 +134,8 @@ def test_the_score_stage_flags_mislabelled_products_with_scorers_fitted_without_
     ids = np.array(features.column("product_id").to_pylist(), dtype=object)
     img = np.array(features.column("image_feat").to_pylist(), np.float32)
     txt = np.array(text, np.float32)
-    expected = fit_cross_fitted(ids, img, txt, FOLDS)  # every product is in the fit sample (150 < 5,000)
+    expected = fit_cross_fitted(ids, img, txt, FOLDS,  # every product is in the fit sample (150 < 5,000)
+                                ctx.config.score.mismatch_max_flagged_share)
     assert stats["mismatch_scorer"] == expected.describe()
     flagged = _staged_mismatches(ctx)
     assert set(ids[SWAPPED]) <= set(flagged["product_id"])

@@ -372,6 +372,18 @@ def test_a_night_whose_mismatch_scorer_was_withheld_says_why(lake):
     assert "scored below the match threshold" not in page
 
 
+def test_a_capped_mismatch_threshold_is_said_with_the_cut_it_lowered(lake):
+    manifest = lake.manifest(DATE)
+    capped = {"scorer": "cca", "threshold": 0.213, "best_cut": 0.34, "max_flagged_share": 0.02}
+    lake.write_json(Lake.manifest_file(DATE), {**manifest, "mismatch_scorer": capped})
+    page = _render(lake)
+    assert ("88 products below the threshold (threshold 0.213, under the best-accuracy cut 0.340, which would flag "
+            "more than score.mismatch_max_flagged_share 0.02 of the products); lowest 8 shown.") in page
+    uncapped = {**capped, "threshold": 0.34}
+    lake.write_json(Lake.manifest_file(DATE), {**manifest, "mismatch_scorer": uncapped})
+    assert "88 products below the threshold; lowest 8 shown." in _render(lake)
+
+
 def test_no_published_partition(tmp_path):
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
     with pytest.raises(FileNotFoundError):

@@ -284,8 +284,13 @@ def _mismatches(rows: list[tuple[str, float]], total: int, catalog: _Catalog, sc
         return f"<p>No product flagged: {html.escape(str(scorer['withheld']))}.</p>"
     if not rows:
         return "<p>No product's own photo and text scored below the match threshold.</p>"
+    capped = ""
+    if scorer.get("best_cut") is not None and scorer.get("threshold", 0) < scorer["best_cut"]:
+        capped = (f" (threshold {scorer['threshold']:.3f}, under the best-accuracy cut {scorer['best_cut']:.3f}, "
+                  f"which would flag more than score.mismatch_max_flagged_share {scorer['max_flagged_share']:g} "
+                  "of the products)")
     return ('<div class="product">' + "".join(catalog.card(pid, f"{score:.2f}") for pid, score in rows) + "</div>"
-            + f"<p>{total} products below the threshold; lowest {len(rows)} shown.</p>")
+            + f"<p>{total} products below the threshold{html.escape(capped)}; lowest {len(rows)} shown.</p>")
 
 
 def _search_rows(lake: Lake, date: str, per_query: int) -> dict[str, list[tuple[str, float]]]:

@@ -5,7 +5,8 @@ matching network trained on its own pair.
 
 The setting (kind and penalty, or regulariser and width) is the one with the best out-of-fold mean reciprocal rank;
 the threshold is the best-accuracy cut between out-of-fold true pairs and each fold's photos paired with other
-products' titles. The fitted scorers are small (at most MAX_WIDTH columns per view and fold): the driver fits them
+products' titles, lowered so that at most score.mismatch_max_flagged_share of the products score under it. The fitted
+scorers are small (at most MAX_WIDTH columns per view and fold): the driver fits them
 on a bounded sample and executors score every product."""
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ class CrossFitScorer:
     fit_products: int
     out_of_fold_mrr: float
     out_of_fold_auc: float  # how often a true pair scores above a photo with another product's title, out of fold
+    max_flagged_share: float = 0.0  # the setting the threshold was set with (score.mismatch_max_flagged_share)
+    best_cut: float = float("nan")  # the best-accuracy cut, before the cap
+    flagged_share: float = float("nan")  # the share of the fit sample's own out-of-fold pairs under the threshold
 
     def own_pair_scores(self, product_ids, image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
         """Each product's own photo and title, scored by the scorer of its fold (one that never fitted on it)."""
@@ -85,16 +89,19 @@ class CrossFitScorer:
     def describe(self) -> dict:
         return {"scorer": self.kind, "setting": list(self.params), "folds": self.folds,
                 "fit_products": self.fit_products, "threshold": round(self.threshold, 6),
-                "out_of_fold_mrr": round(self.out_of_fold_mrr, 6), "out_of_fold_auc": round(self.out_of_fold_auc, 6)}
+                "out_of_fold_mrr": round(self.out_of_fold_mrr, 6), "out_of_fold_auc": round(self.out_of_fold_auc, 6),
+                "best_cut": round(self.best_cut, 6), "max_flagged_share": self.max_flagged_share,
+                "flagged_share": round(self.flagged_share, 6)}
 
 
 class TooFewProducts(ValueError):
     pass
 
 
-def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarray, folds: int) -> CrossFitScorer:
+def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarray, folds: int,
+                     max_flagged_share: float = 0.0) -> CrossFitScorer:
     """Fit K fold scorers on these products (a sample of the catalog): fold k's on the products outside fold k,
-    with the setting of the best out-of-fold mean reciprocal rank."""
+    with the setting of the best out-of-fold mean reciprocal rank; the threshold by capped_threshold."""
     fold = _folds(product_ids, folds)
     image_feats, text_feats = image_feats.astype(FIT_DTYPE), text_feats.astype(FIT_DTYPE)
     fits, totals = [], {kind: np.zeros(len(grid)) for kind, grid in SETTINGS.items()}
@@ -106,7 +113,7 @@ def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
             totals[kind] += np.asarray(scores) * held.sum()
     kind, best = max(((kind, i) for kind in SETTINGS for i in range(len(SETTINGS[kind]))),
                      key=lambda c: totals[c[0]][c[1]])  # the first of equals, in SETTINGS order
-    scorer = _cross_fit(fold, fits, image_feats, text_feats, kind, SETTINGS[kind][best])
+    scorer = _cross_fit(fold, fits, image_feats, text_feats, kind, SETTINGS[kind][best], max_flagged_share)
     scorer.out_of_fold_mrr = float(totals[kind][best] / len(fold))
     return scorer
 
@@ -120,6 +127,16 @@ def fit_with_setting(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
     return _cross_fit(fold, fits, image_feats, text_feats, kind, setting)
 
 
+def capped_threshold(best_cut: float, own_pair_scores: np.ndarray, share: float) -> float:
+    """The flag threshold: the best-accuracy cut between as many true as false pairs, lowered where more than
+    `share` of the products' own out-of-fold pairs score under it (score.mismatch_max_flagged_share; 0: the cut as
+    it is). A catalog's mislabelled products are a few in a hundred, not half: where the cut flags many, most of its
+    flags are sound products, and the lowest-scoring ones are the likeliest mismatches."""
+    if share <= 0 or len(own_pair_scores) == 0:
+        return best_cut
+    return min(best_cut, float(np.quantile(own_pair_scores, share)))
+
+
 def _folds(product_ids, folds: int) -> np.ndarray:
     fold = product_folds(product_ids, folds)
     if not folds_can_cross_validate(fold, folds):
@@ -129,7 +146,7 @@ def _folds(product_ids, folds: int) -> np.ndarray:
 
 
 def _cross_fit(fold: np.ndarray, fits: list[PairFitters], image_feats: np.ndarray, text_feats: np.ndarray,
-               kind: str, setting: tuple) -> CrossFitScorer:
+               kind: str, setting: tuple, max_flagged_share: float = 0.0) -> CrossFitScorer:
     """Each fold's scorer of this setting, and the threshold on the out-of-fold pairs: every fold's own pairs
     against its photos with other products' titles, each scored by the fold's scorer."""
     scorers, pos, neg = [], [], []
@@ -142,5 +159,7 @@ def _cross_fit(fold: np.ndarray, fits: list[PairFitters], image_feats: np.ndarra
         pos.append(scorer.pair_scores(img, txt))
         neg.append(scorer.pair_scores(img, txt[derangement(len(held), k)]))
     pos, neg = np.concatenate(pos), np.concatenate(neg)
-    return CrossFitScorer(len(fits), scorers, best_threshold(pos, neg), kind, setting, len(fold), float("nan"),
-                          roc_auc(pos, neg))
+    best_cut = best_threshold(pos, neg)
+    threshold = capped_threshold(best_cut, pos, max_flagged_share)
+    return CrossFitScorer(len(fits), scorers, threshold, kind, setting, len(fold), float("nan"), roc_auc(pos, neg),
+                          max_flagged_share, best_cut, float((pos < threshold).mean()))

@@ -110,6 +110,15 @@ def _run_stage_task(stage: str, ds: str, params: dict, run_id: str, outlet_event
     log.info("matcher: config %s", source)
     if stage == "clean" and (undated := undated_catalog_warning(params.get("catalog") or cfg.run.catalog)):
         log.warning(undated)  # a cleared clean of an old date reads today's catalog
+    if stage == "clean" and cfg.runner.mode != "spark_submit":
+        # The night's first task reads the files its later tasks will (a weights file that does not load would
+        # otherwise fail extract after clean and validate ran); under spark_submit they are read where it submits.
+        from jobs.pipeline import STAGES
+        from jobs.preflight import named_file_problems
+
+        if problems := named_file_problems(cfg, STAGES):
+            _fail("; ".join(f"stage {stage} would fail: {problem}" for stage, problem in problems)
+                  + " (checked by the night's first task)")
     if cfg.runner.mode == "spark_submit":
         summary = submit_stage(stage, ds, params, cfg.runner.spark_conn_id, run_id=run_id)
         if stage == "publish" and outlet_events is not None:

@@ -124,6 +124,21 @@ def test_a_run_without_a_logical_date_or_with_an_unknown_conf_key_fails_at_once_
     assert run_params("2026-01-02", {"model": "v1", "config": ""}) == {"model": "v1", "config": ""}
 
 
+def test_the_nights_first_airflow_task_fails_at_once_on_a_weights_file_that_extract_could_not_load(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs.airflow_tasks import run_stage_task
+
+    (tmp_path / "w.pth").write_text("not weights")
+    config = tmp_path / "m.toml"
+    config.write_text(f'[run]\nlake = "file://{tmp_path}/lake"\ncatalog = "{tmp_path}/absent"\n'
+                      f'[extract]\nimage_weights = "{tmp_path}/w.pth"\n')
+    with pytest.raises(AirflowFailException, match=r"^stage extract would fail: extract.image_weights .*w.pth does "
+                                                   r"not load as efficientnet-lite0 weights.*night's first task\)$"):
+        run_stage_task("clean", "2026-01-02", {"config": str(config)})
+    assert not (tmp_path / "lake").exists()  # clean did not start
+
+
 def test_a_rescore_with_a_named_model_trains_nothing_and_keeps_the_dates_own_train_record(tmp_path):
     from jobs.context import RunContext
     from jobs.pipeline import run_stage

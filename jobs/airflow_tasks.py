@@ -291,7 +291,7 @@ def catalog_ready(ds: str = "", params: dict | None = None) -> bool:
     """Sensor check: has the date's catalog snapshot arrived (its products file, and the ready marker when one is
     configured)? A storage error is transient: logged, and the sensor pokes again; a missing configuration fails
     at once."""
-    from matcher.io.catalog import CatalogReader
+    from matcher.io.catalog import AmbiguousCatalog, CatalogReader
 
     params = run_params(ds, params)
     cfg, _ = deployment_config(params)
@@ -303,6 +303,8 @@ def catalog_ready(ds: str = "", params: dict | None = None) -> bool:
         except (OSError, StorageError) as exc:
             log.warning("catalog check for %s failed, will poke again: %s", ds, " ".join(str(exc).split())[:300])
             return False
+        except AmbiguousCatalog as exc:  # waiting would not settle it: fail now, saying what would
+            _fail(str(exc))
         log.info("catalog for %s not there yet: %s", ds, catalog)
         return False
 

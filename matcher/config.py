@@ -164,7 +164,7 @@ def _jvm_memory(value: str) -> str:
 _HOST_PORT = r"(\[[0-9a-fA-F:.]+\]|[^\s/,:\[\]]+):\d+"  # host:port or [IPv6]:port
 _SPARK_MASTER = re.compile(
     r"local(\[(\*|[1-9]\d*)(\s*,\s*[1-9]\d*)?\])?"           # local, local[4], local[*], local[4,2] (task retries)
-    r"|local-cluster\[[1-9]\d*,\s*[1-9]\d*,\s*[1-9]\d*\]"  # workers, cores and MiB each (Spark's own tests)
+    r"|local-cluster\[\s*[1-9]\d*\s*,\s*[1-9]\d*\s*,\s*[1-9]\d*\s*\]"  # workers, cores, MiB each (Spark's tests)
     rf"|spark://{_HOST_PORT}(,{_HOST_PORT})*"                  # standalone, with standby masters after commas
     r"|yarn|k8s://\S+")
 

@@ -212,6 +212,12 @@ def test_a_damaged_utf16_row_costs_only_itself(tmp_path):
     assert result.quarantine[["product_id", "reason"]].values.tolist() == [["2", "text_invalid_utf8"]]
 
 
+def test_a_header_spelling_closer_to_the_column_wins_over_one_with_other_separators(tmp_path):
+    (tmp_path / "products.csv").write_text("Product ID,Product_ID,title,image\nlegacy,1,Kettle,a.jpg\n")
+    reader = CatalogReader(str(tmp_path), load_config().storage)
+    assert reader.plan().mapping["product_id"] == "Product_ID"
+
+
 def test_two_columns_naming_title_in_different_cases_are_not_guessed_between(tmp_path):
     (tmp_path / "products.csv").write_text("product_id,Title,TITLE\n1,a,b\n")
     with pytest.raises(CatalogError, match=r"lacks required columns \['title'\]"):

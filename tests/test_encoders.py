@@ -75,8 +75,11 @@ def test_a_weights_file_that_does_not_load_is_named_with_its_setting_in_one_shor
     assert len(str(caught.value)) < 600 and "\n" not in str(caught.value)
 
 
-def test_a_missing_weights_file_is_named_with_its_setting(tmp_path):
-    missing = tmp_path / "missing.pth"
+@pytest.mark.parametrize("name", ["missing.pth", "a-folder"])
+def test_a_missing_weights_file_is_named_with_its_setting(tmp_path, name):
+    missing = tmp_path / name
+    if name == "a-folder":
+        missing.mkdir()  # opened, a folder raised IsADirectoryError past every check
     for call in (lambda: image_encoder_version("resnet50", str(missing)),
                  lambda: load_image_encoder("efficientnet-lite0", "cpu", str(missing))):
         with pytest.raises(EncoderError, match=f"extract.image_weights {missing}: cannot read it"):

@@ -124,6 +124,20 @@ def test_a_run_without_a_logical_date_or_with_an_unknown_conf_key_fails_at_once_
     assert run_params("2026-01-02", {"model": "v1", "config": ""}) == {"model": "v1", "config": ""}
 
 
+def test_the_catalog_sensor_fails_at_once_on_a_folder_with_two_catalog_files(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs.airflow_tasks import catalog_ready
+
+    params = {"config": "", "catalog": str(tmp_path / "catalog"), "lake": f"file://{tmp_path}/lake"}
+    (tmp_path / "catalog").mkdir()
+    (tmp_path / "catalog" / "products.csv").write_text("product_id,title,image\n1,a,a.jpg\n")
+    assert catalog_ready("2026-01-02", params) is True
+    (tmp_path / "catalog" / "products.csv.gz").write_bytes(b"")
+    with pytest.raises(AirflowFailException, match="products.csv and products.csv.gz are both at .*catalog.file"):
+        catalog_ready("2026-01-02", params)
+
+
 def test_the_nights_first_airflow_task_fails_at_once_on_a_weights_file_that_extract_could_not_load(tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
 

@@ -343,6 +343,7 @@ def test_file_uris_are_read_percent_decoded_and_in_any_case_and_stay_inside_the_
         "LITERAL-PERCENT": f"file://{photos}/100%.jpg",
         "ENCODED-ESCAPE": f"file://{photos.as_uri()[7:]}/..%2F..%2Fphotos2/b.jpg",
         "ENCODED-NUL": f"file://{photos}/x%00.jpg",
+        "ENCODED-NOT-UTF8": f"file://{photos}/%C3%28.jpg",
         "UPPER-OUTSIDE": "FILE:///etc/hostname",
         "DATA-URI": "\"data:image/png;base64,iVBORw0KGgo=\"",  # quoted: the comma is the URI's
     })
@@ -353,6 +354,7 @@ def test_file_uris_are_read_percent_decoded_and_in_any_case_and_stay_inside_the_
     assert len(result.clean) == GOOD + 4
     assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
         "ENCODED-ESCAPE": "image_source_not_allowed", "ENCODED-NUL": "image_reference_invalid",
+        "ENCODED-NOT-UTF8": "image_reference_invalid",
         "UPPER-OUTSIDE": "image_source_not_allowed", "DATA-URI": "image_unsupported_uri"}
 
 
@@ -369,6 +371,7 @@ def test_relative_references_written_as_url_paths_are_read_decoded_and_stay_insi
         "ESCAPE": "img/..%2F..%2Felsewhere/secret.jpg",
         "ESCAPE-BACKSLASH": "img%5C..%5C..%5Celsewhere%5Csecret.jpg",
         "NUL": "img/x%00.jpg",
+        "NOT-UTF8": "img/%FF.jpg",  # no file name: bytes that are no text once decoded
         "ABSENT": "img/blue%20shirt.jpg",
     })
     (root / "img" / "red shirt.jpg").write_bytes(jpeg((200, 10, 10)))
@@ -382,7 +385,7 @@ def test_relative_references_written_as_url_paths_are_read_decoded_and_stay_insi
     assert {"SPACE", "UTF8", "LITERAL-PERCENT"} <= set(result.clean["product_id"]) and len(result.clean) == GOOD + 3
     assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
         "ESCAPE": "image_path_escapes_root", "ESCAPE-BACKSLASH": "image_path_escapes_root",
-        "NUL": "image_reference_invalid", "ABSENT": "image_missing"}
+        "NUL": "image_reference_invalid", "NOT-UTF8": "image_reference_invalid", "ABSENT": "image_missing"}
 
 
 @pytest.mark.integration

@@ -371,7 +371,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         if args.action == "check" and args.json:  # a check's answer on stdout too, for the program that asked
             _print_json({"valid": False, "problems": exc.problems})
         raise
-    if args.action == "check":
+    if args.action == "check" and not args.no_files:
         from jobs.pipeline import STAGES
         from jobs.preflight import named_file_problems
 
@@ -551,11 +551,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="check a config file, show the effective config (secrets hidden), or print "
                        "the JSON Schema of a config file for editors")
     p.add_argument("action", choices=("check", "show", "schema"),
-                   help="check: load the config and name every wrong key (exit 1) or say it is valid; show: the "
-                        "effective config, defaults filled in, as TOML; schema: the JSON Schema of a config file "
-                        "(types, ranges, choices, defaults, each key's comment)")
+                   help="check: load the config and name every wrong key and every file it names that is missing "
+                        "or does not load (exit 1), or say it is valid; show: the effective config, defaults filled "
+                        "in, as TOML; schema: the JSON Schema of a config file (types, ranges, choices, defaults, "
+                        "each key's comment)")
     config_option(p)
     p.add_argument("--json", action="store_true", help="check and show: print the result as JSON")
+    p.add_argument("--no-files", action="store_true",
+                   help="check: the keys only, not the files they name (where the check runs on another machine "
+                        "than the night, e.g. a CI lint step)")
     p.set_defaults(handler=cmd_config)
     for command in sub.choices.values():  # `matcher run -q` as well as `matcher -q run`
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,

@@ -45,6 +45,10 @@ class CatalogError(ValueError):
     """The input is not a catalog at all: the run stops with this message."""
 
 
+class AmbiguousCatalog(CatalogError):
+    """Two products files in one catalog folder and none named: waiting will not tell which to read."""
+
+
 class CatalogNotReady(CatalogError):
     """The snapshot's ready marker is not there yet: its producer is still writing it; a retry may find it."""
 
@@ -115,6 +119,8 @@ class CatalogReader:
         """Has the catalog fully arrived: its products file, and the ready marker when one is configured?"""
         try:
             self.require_ready()
+        except AmbiguousCatalog:
+            raise  # a sensor would wait for nothing: only a config change (catalog.file) settles it
         except CatalogError:
             return False
         return True
@@ -138,8 +144,8 @@ class CatalogReader:
             return p
         found = [name for name in CATALOG_FILES if exists(self.fs, posixpath.join(self.root, name))]
         if len(found) > 1:  # e.g. an exporter that moved to JSON Lines and left last month's CSV: which is today's?
-            raise CatalogError(f"{' and '.join(found)} are both at {self.uri}: name the one to read with catalog.file "
-                               "(or remove the other)")
+            raise AmbiguousCatalog(f"{' and '.join(found)} are both at {self.uri}: name the one to read with "
+                                   "catalog.file (or remove the other)")
         if found:
             return posixpath.join(self.root, found[0])
         raise CatalogError(f"no catalog at {self.uri}: expected one of {', '.join(CATALOG_FILES)}")
@@ -275,9 +281,12 @@ class CatalogReader:
         for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
             if name in mapping or name in columns:
                 continue
-            like = [c for c in columns if _column_key(c) == _column_key(name) and c not in mapping.values()]
-            if len(like) == 1:
-                mapping[name] = like[0]
+            for key in (_case_key, _column_key):
+                like = [c for c in columns if key(c) == key(name) and c not in mapping.values()]
+                if like:  # the closer spelling first: "Product_ID" before "Product ID"; two equally close: neither
+                    if len(like) == 1:
+                        mapping[name] = like[0]
+                    break
         mapped = self._mapped_columns(columns, mapping)
         missing = [c for c in REQUIRED_COLUMNS if c not in mapped]
         if missing:
@@ -319,39 +328,15 @@ class CatalogReader:
         elif "://" in ref or ref.lower().startswith("data:"):
             raise ImageRejected(Reason.IMAGE_UNSUPPORTED_URI, ref[:200])
         else:
-            fs, path = self.fs, self._relative_path(ref, ref)
-            if "%" in ref and not _exists_quietly(fs, path):
-                # Written as a URL path is ("red%20shirt.jpg" for "red shirt.jpg"): decoded, then checked again as
-                # any reference is, so an escaped "..%2F" cannot climb out of the root.
-                decoded = urllib.parse.unquote(ref, errors="surrogateescape")
-                if any(ord(ch) < 32 for ch in decoded):
-                    raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: a control character escaped "
-                                                                        "in it")
-                path = self._relative_path(decoded, ref)
-        if isinstance(fs, pafs.LocalFileSystem):
-            _require_regular_file(path, ref)
-        try:
-            with fs.open_input_stream(path) as fh:
-                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
-        except OSError as exc:  # not found included: on S3 a prefix with objects under it is no object of its own
             try:
-                kind = fs.get_file_info(path).type
-            except OSError as lookup:  # a path the filesystem cannot even look up (too long, bad characters)
-                if isinstance(fs, pafs.S3FileSystem) and classify(lookup).retryable:
-                    # The store does not answer at all (down, throttling): not this photo's fault. Fail the task
-                    # so the stage is retried, instead of quarantining every good product read in an outage.
-                    raise (lookup if isinstance(exc, FileNotFoundError) else exc) from None
-                kind = None
-            if kind == pafs.FileType.Directory:  # a bucket or a folder named as the photo
-                raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]} is a folder, not a file") from None
-            if kind == pafs.FileType.NotFound or isinstance(exc, FileNotFoundError):
-                raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
-            if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
-                raise  # the store answered the lookup but failed the read for now (a reset, a throttle): retried
-            raise ImageRejected(Reason.IMAGE_UNREADABLE, str(exc)[:200]) from None
-        if max_bytes is not None and len(data) > max_bytes:
-            raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_bytes} bytes at {ref[:200]}")
-        return data
+                return _read_file(self.fs, self._relative_path(ref, ref), ref, max_bytes)
+            except ImageRejected as rejected:
+                if "%" not in ref or rejected.reason != Reason.IMAGE_MISSING.value:
+                    raise
+            # Written as a URL path is ("red%20shirt.jpg" for "red shirt.jpg"): decoded, then checked again as any
+            # reference is, so an escaped "..%2F" cannot climb out of the root.
+            return _read_file(self.fs, self._relative_path(_decoded_reference(ref), ref), ref, max_bytes)
+        return _read_file(fs, path, ref, max_bytes)
 
     def _relative_path(self, rel: str, ref: str) -> str:
         """The path of a reference relative to the catalog root (`ref`: as the row wrote it, for the reason), refused
@@ -371,10 +356,7 @@ class CatalogReader:
         %20), unless only the name as written exists (a file whose name holds a literal %)."""
         if "%" not in ref:
             return literal
-        decoded_ref = urllib.parse.unquote(ref, errors="surrogateescape")
-        if any(ord(ch) < 32 for ch in decoded_ref):
-            raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: a control character escaped in it")
-        _, decoded = resolve_uri(decoded_ref, self.storage)
+        _, decoded = resolve_uri(_decoded_reference(ref), self.storage)
         return decoded if os.path.exists(decoded) or not os.path.exists(literal) else literal
 
 
@@ -430,15 +412,46 @@ def _damaged_or_unreachable(exc: Exception, where: str) -> Exception:
     return CatalogError(f"{where} cannot be decoded, it is damaged ({detail})")
 
 
-def _exists_quietly(fs: pafs.FileSystem, path: str) -> bool:
-    """Whether a file is at `path`; a lookup that fails says no (the read that follows reports why), unless the
-    store does not answer at all: then the task fails to be retried, as a read would."""
+def _read_file(fs: pafs.FileSystem, path: str, ref: str, max_bytes: int | None) -> bytes:
+    """The bytes at `path` (of `ref`, as the row wrote it), at most max_bytes; else ImageRejected with the reason,
+    or the store's error where a retry may read it."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        _require_regular_file(path, ref)
     try:
-        return fs.get_file_info(path).type == pafs.FileType.File
-    except OSError as exc:
+        with fs.open_input_stream(path) as fh:
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    except OSError as exc:  # not found included: on S3 a prefix with objects under it is no object of its own
+        try:
+            kind = fs.get_file_info(path).type
+        except OSError as lookup:  # a path the filesystem cannot even look up (too long, bad characters)
+            if isinstance(fs, pafs.S3FileSystem) and classify(lookup).retryable:
+                # The store does not answer at all (down, throttling): not this photo's fault. Fail the task
+                # so the stage is retried, instead of quarantining every good product read in an outage.
+                raise (lookup if isinstance(exc, FileNotFoundError) else exc) from None
+            kind = None
+        if kind == pafs.FileType.Directory:  # a bucket or a folder named as the photo
+            raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]} is a folder, not a file") from None
+        if kind == pafs.FileType.NotFound or isinstance(exc, FileNotFoundError):
+            raise ImageRejected(Reason.IMAGE_MISSING, ref[:200]) from None
         if isinstance(fs, pafs.S3FileSystem) and classify(exc).retryable:
-            raise
-        return False
+            raise  # the store answered the lookup but failed the read for now (a reset, a throttle): retried
+        raise ImageRejected(Reason.IMAGE_UNREADABLE, str(exc)[:200]) from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"more than {max_bytes} bytes at {ref[:200]}")
+    return data
+
+
+def _decoded_reference(ref: str) -> str:
+    """A reference percent-decoded as a URL path is; refused where an escape hides a control character or bytes
+    that are no UTF-8 text (no file name can hold them)."""
+    decoded = urllib.parse.unquote(ref, errors="surrogateescape")
+    if any(ord(ch) < 32 for ch in decoded):
+        raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: a control character escaped in it")
+    try:
+        decoded.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: escaped bytes that are not UTF-8") from None
+    return decoded
 
 
 def _s3_key_path(uri: str) -> str:
@@ -539,6 +552,10 @@ def _reference_in_bytes(value: bytes | None) -> str | None:
     except UnicodeDecodeError:
         return None
     return text if text.strip() and not any(ord(ch) < 32 for ch in text) else None
+
+
+def _case_key(name: str) -> str:
+    return name.strip().lower()
 
 
 def _column_key(name: str) -> str:

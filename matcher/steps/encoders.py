@@ -79,9 +79,9 @@ def weights_digest(path: str) -> str:
     times or inode change."""
     try:
         stat = os.stat(path)
-    except OSError as exc:
+        return _digest(path, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+    except OSError as exc:  # missing, a folder, no permission
         raise EncoderError(f"extract.image_weights {path}: cannot read it: {exc.strerror or exc}") from None
-    return _digest(path, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
 
 
 @functools.lru_cache(maxsize=8)

@@ -119,12 +119,12 @@ def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
 
 
 def fit_with_setting(product_ids, image_feats: np.ndarray, text_feats: np.ndarray, folds: int, kind: str,
-                     setting: tuple) -> CrossFitScorer:
+                     setting: tuple, max_flagged_share: float = 0.0) -> CrossFitScorer:
     """The fold scorers of one given setting (kind and parameters), fitted as fit_cross_fitted fits them."""
     fold = _folds(product_ids, folds)
     image_feats, text_feats = image_feats.astype(FIT_DTYPE), text_feats.astype(FIT_DTYPE)
     fits = [PairFitters(image_feats[fold != k], text_feats[fold != k], FIT_DTYPE) for k in range(folds)]
-    return _cross_fit(fold, fits, image_feats, text_feats, kind, setting)
+    return _cross_fit(fold, fits, image_feats, text_feats, kind, setting, max_flagged_share)
 
 
 def capped_threshold(best_cut: float, own_pair_scores: np.ndarray, share: float) -> float:

@@ -111,3 +111,18 @@ def test_a_spark_start_interrupted_while_pyspark_waits_for_its_jvm_leaves_no_jvm
     for pid in left:  # the test's own cleanup where the code under test failed
         os.kill(pid, signal.SIGKILL)
     assert said[-1] == "interrupted []", said[-20:]
+
+
+def test_a_keyboard_interrupt_raised_as_the_command_answers_is_still_130_said_once(monkeypatch, capsys):
+    """PySpark's handler may run only after the interrupt was noted below it and the command answered 130: its
+    KeyboardInterrupt, late, escaped main and the process died by the signal (status -2 to its parent)."""
+    import matcher.app.cli as cli
+
+    def answered_then_interrupted(argv):
+        cli._interrupted()
+        raise KeyboardInterrupt  # the late handler, as it runs at the next bytecode
+
+    monkeypatch.setattr(cli, "_command", answered_then_interrupted)
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "matcher: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # only the process's own command line ignores it

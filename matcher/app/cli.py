@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from jobs.submit import date_argument
@@ -567,12 +569,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_interrupt_said = False
+
+
 def _interrupted() -> int:
-    print("matcher: interrupted", file=sys.stderr)
+    global _interrupt_said
+    if not _interrupt_said:
+        print("matcher: interrupted", file=sys.stderr)
+        _interrupt_said = True
     return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line's answer (exit status). A Ctrl-C noted below Python's handlers (matcher.interrupts) may have
+    its Python handler (PySpark's, which raises KeyboardInterrupt) run only as the command answers: that late
+    KeyboardInterrupt is the same interrupt, 130, not an exit by the signal."""
+    global _interrupt_said
+    _interrupt_said = False
+    try:
+        code = _command(argv)
+    except KeyboardInterrupt:
+        code = _interrupted()
+    if code == EXIT_INTERRUPTED and argv is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the process ends now: a handler still pending stays quiet
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     global _quiet
     args = build_parser().parse_args(argv)
     _quiet = args.quiet

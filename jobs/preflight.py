@@ -3,6 +3,8 @@ Spark secret would otherwise fail the night at the stage that reads it, after th
 catalog, hours of cleaning and validation)."""
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 
 from matcher.config import Config, ConfigError
@@ -27,7 +29,8 @@ def named_file_problems(cfg: Config, stages: Sequence[str]) -> list[tuple[str, s
         from matcher.steps.encoders import EncoderError, load_image_encoder
 
         try:
-            load_image_encoder(extract.image_encoder, "cpu", extract.image_weights)
+            with contextlib.redirect_stdout(io.StringIO()):  # EfficientNet's loader prints on stdout (--json's)
+                load_image_encoder(extract.image_encoder, "cpu", extract.image_weights)
         except EncoderError as exc:
             problems.append(("extract", str(exc)))
     spark_stage = next((stage for stage in stages if stage != "publish"), None)  # publish starts no Spark

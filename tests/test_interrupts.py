@@ -126,3 +126,28 @@ def test_a_keyboard_interrupt_raised_as_the_command_answers_is_still_130_said_on
     assert cli.main(["models"]) == 130
     assert capsys.readouterr().err == "matcher: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # only the process's own command line ignores it
+
+
+def test_a_handler_still_pending_as_the_process_stops_listening_does_not_kill_it_by_the_signal(monkeypatch, capsys):
+    """signal.signal runs a pending handler before it replaces it (CPython): the process's own command line, having
+    answered 130, got that handler's KeyboardInterrupt out of its SIG_IGN and died by the signal (-2) in CI."""
+    import matcher.app.cli as cli
+
+    real_signal, before = signal.signal, signal.getsignal(signal.SIGINT)
+    pending = [True]
+
+    def pending_handler_runs_first(signum, handler):
+        if pending and signum == signal.SIGINT:
+            pending.clear()
+            raise KeyboardInterrupt  # the fault injected: PySpark's handler, pending until this call
+        return real_signal(signum, handler)
+
+    monkeypatch.setattr(cli, "_command", lambda argv: cli._interrupted())
+    monkeypatch.setattr(signal, "signal", pending_handler_runs_first)
+    try:
+        assert cli.main(None) == 130
+        assert not pending  # the injected handler did run
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        real_signal(signal.SIGINT, before)
+    assert capsys.readouterr().err == "matcher: interrupted\n"

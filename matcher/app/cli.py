@@ -589,8 +589,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = _interrupted()
     if code == EXIT_INTERRUPTED and argv is None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the process ends now: a handler still pending stays quiet
+        _ignore_further_interrupts()
     return code
+
+
+def _ignore_further_interrupts() -> None:
+    """The process ends now, having answered the interrupt. CPython runs a handler still pending before it replaces
+    it, so the handler's KeyboardInterrupt (PySpark's) may come out of signal.signal itself: the same interrupt,
+    answered already (uncaught, the process died by the signal, status -2, after saying "interrupted")."""
+    for _ in range(3):
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _command(argv: list[str] | None) -> int:

@@ -38,7 +38,8 @@ def run(ctx: RunContext) -> dict:
             clean = clean.withColumn(column, F.lit(None).cast("binary" if column == "image_bytes" else "array<string>"))
     cfg = ctx.config.validate
     outcome = validate_night(clean, clean_stats, cfg.clean_suite, cfg.run_suite, cfg.max_quarantine_rate,
-                             max_title_chars=ctx.config.clean.max_title_chars)
+                             max_title_chars=ctx.config.clean.max_title_chars,
+                             image_size=ctx.config.clean.image_size)
     report = Lake.validation_report_file(ctx.date)
     ctx.lake.write_json(Lake.validation_result_file(ctx.date), {**outcome.to_json(), "clean_attempt": judged})
     ctx.lake.write_bytes(report, render_html(outcome, f"matcher validation {ctx.date}").encode())

@@ -229,7 +229,7 @@ class CatalogConfig(_Section):
 
 
 class CleanConfig(_Section):
-    image_size: Whole = Field(ge=16)
+    image_size: Whole = Field(ge=16, le=1024)  # the validation suite checks each photo is this side
     jpeg_quality: Whole = Field(ge=1, le=100)
     max_image_bytes: Whole = Field(ge=1)
     max_image_pixels: Whole = Field(ge=1)

@@ -72,6 +72,7 @@ def test_file_overrides_subset(tmp_path):
     # sizes, counts and rates that made a run fail deep inside (a negative byte limit reached PyBytes on an executor)
     ({"clean": {"max_image_bytes": -5}}, r"config key clean.max_image_bytes must be >= 1, got -5$"),
     ({"clean": {"jpeg_quality": 500}}, r"config key clean.jpeg_quality must be in \[1, 100\], got 500$"),
+    ({"clean": {"image_size": 4096}}, r"config key clean.image_size must be in \[16, 1024\], got 4096$"),
     ({"clean": {"image_threads": 0}}, r"config key clean.image_threads must be >= 1, got 0$"),
     ({"validate": {"max_quarantine_rate": 1.5}}, r"validate.max_quarantine_rate must be in \[0.0, 1.0\], got 1.5$"),
     ({"train": {"learning_rate": -0.1}}, r"config key train.learning_rate must be > 0, got -0.1$"),

@@ -73,6 +73,10 @@ CASES = {
     "image height 2000": (clean_frame(image_height=[224] * 4 + [2000]),
                           {("expect_column_values_to_be_between", "image_height")}),
     "image 10 bytes": (clean_frame(image_nbytes=[10] * 5), {("expect_column_values_to_be_between", "image_nbytes")}),
+    "a photo not of the clean stage's side": (clean_frame(image_width=[224] * 4 + [256]),
+                                              {("expect_column_values_to_be_between", "image_width")}),
+    "image larger than a JPEG of its side": (clean_frame(image_nbytes=[500] * 4 + [4 * 224 * 224 + 65_537]),
+                                             {("expect_column_values_to_be_between", "image_nbytes")}),
     "short content hash": (clean_frame(content_hash=["a" * 64] * 4 + ["a" * 63]),
                            {("expect_column_value_lengths_to_equal", "content_hash")}),
     "width as text": (clean_frame(image_width=["224"] * 5), {("expect_column_values_to_be_in_type_list", "image_width"),
@@ -128,6 +132,17 @@ def test_the_title_length_bound_is_the_clean_stages_cut(engine):
     outcome = validate_night(engine(long.copy()), STATS, "clean_products", "run_stats", 0.2)
     assert failed_expectations(outcome) == {("expect_column_value_lengths_to_be_between", "title")}
     assert validate_night(engine(long), STATS, "clean_products", "run_stats", 0.2, max_title_chars=1000).success
+
+
+@pytest.mark.parametrize("side", [16, 1024])
+def test_the_photo_bounds_are_the_clean_stages_side(engine, side):
+    """clean.image_size 16 or 1024 passed the config check, then every night failed the gate (it checked 32-1024
+    pixels and 2 MB whatever the side)."""
+    from matcher.steps.validate import max_image_nbytes_for
+
+    photos = clean_frame(image_width=side, image_height=side, image_nbytes=min(900_000, max_image_nbytes_for(side)))
+    assert not validate_night(engine(photos.copy()), STATS, "clean_products", "run_stats", 0.2).success
+    assert validate_night(engine(photos), STATS, "clean_products", "run_stats", 0.2, image_size=side).success
 
 
 @pytest.mark.integration

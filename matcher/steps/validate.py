@@ -112,18 +112,27 @@ def _slim_table(clean: Any) -> Any:
     return table
 
 
+def max_image_nbytes_for(image_size: int) -> int:
+    """A bound no canonical photo of this side exceeds: an RGB JPEG at the clean stage's quality stays under 4
+    bytes a pixel even for noise, plus its headers (a larger file is not one the clean stage wrote)."""
+    return 4 * image_size * image_size + 65_536
+
+
 def validate_night(clean: Any, stats: dict, clean_suite: str, run_suite: str, max_quarantine_rate: float,
-                   schemas_dir: Path = SCHEMAS_DIR, max_title_chars: int = 300) -> ValidationOutcome:
+                   schemas_dir: Path = SCHEMAS_DIR, max_title_chars: int = 300,
+                   image_size: int = 224) -> ValidationOutcome:
     """Run the clean-table suite and the run-statistics suite; success only if both pass. The suites' parameters:
-    `max_quarantine_rate`, and `max_title_chars`, the clean stage's cut (clean.max_title_chars), which the
-    shipped suite checks the titles against.
+    `max_quarantine_rate`; `max_title_chars` and `image_size`, the clean stage's cut and photo side
+    (clean.max_title_chars, clean.image_size), which the shipped suite checks the titles and photos against; and
+    `max_image_nbytes`, the most a JPEG of that side can take (`max_image_nbytes_for`).
 
     `clean` is a pandas DataFrame or a pyspark.sql.DataFrame; a Spark one is validated where it lives, never collected.
     """
     table = _slim_table(clean)
     run_stats = pd.DataFrame([{"quarantine_rate": float(stats["quarantine_rate"]),
                                "clean_rows": int(stats["clean_rows"]), "input_rows": int(stats["input_rows"])}])
-    params = {"max_quarantine_rate": max_quarantine_rate, "max_title_chars": max_title_chars}
+    params = {"max_quarantine_rate": max_quarantine_rate, "max_title_chars": max_title_chars,
+              "image_size": image_size, "max_image_nbytes": max_image_nbytes_for(image_size)}
     results = [
         _validate_frame(table, load_suite_spec(clean_suite, schemas_dir), params),
         _validate_frame(run_stats, load_suite_spec(run_suite, schemas_dir), params),

@@ -270,7 +270,7 @@ def stage_lineage(stage: str, cfg: Config, params: dict, ds: str) -> tuple[list,
 class MatcherStageOperator(PythonOperator):
     """A stage task (run_stage_task). Killed by Airflow (cleared, marked failed, timed out), it stops the Spark
     application it submitted, which a plain PythonOperator would leave running beside the task's retry. In-process
-    Spark (runner.mode = "local") stops with the task's own process. Where the OpenLineage provider is configured,
+    Spark (runner.mode = "in_process") stops with the task's own process. Where the OpenLineage provider is configured,
     its events name the datasets the stage read and wrote."""
 
     def on_kill(self) -> None:

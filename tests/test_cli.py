@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -442,3 +443,19 @@ def test_every_command_the_docs_show_parses():
             parser.parse_args(args)
         except SystemExit:
             pytest.fail(f"{where}: matcher {' '.join(args)} does not parse")
+
+
+def test_the_demos_hint_names_its_config_where_the_later_commands_would_not_find_it(tmp_path, monkeypatch):
+    """`matcher demo --workdir DIR` wrote DIR/config.toml, and its hint's commands, run as printed, read the embedded
+    defaults' lake instead (only .matcher/config.toml is found on its own)."""
+    import shlex
+
+    from matcher.app.demo import later_commands_hint
+
+    monkeypatch.chdir(tmp_path)
+    assert "--config" not in later_commands_hint(Path(".matcher/config.toml"))
+    assert "--config" not in later_commands_hint(tmp_path / ".matcher" / "config.toml")
+    elsewhere = tmp_path / "my demo" / "config.toml"
+    for command in later_commands_hint(elsewhere).split(" | "):
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert Path(args.config) == elsewhere, command

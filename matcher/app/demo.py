@@ -4,12 +4,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
+import shlex
 import sys
 import time
 import tomllib
 from pathlib import Path
 
-from matcher.config import DAGS_DIR, dump_toml, load_config
+from matcher.config import DAGS_DIR, WORKSPACE_CONFIG, dump_toml, load_config
 
 DAG_ID = "product_matching_nightly"
 
@@ -137,8 +138,15 @@ def run_demo(workdir: Path, products: int = 300, date: str | None = None) -> int
         print(f"     catalog rows {counts['input_rows']}: {counts['clean_rows']} clean, {counts['quarantined_rows']} "
               f"quarantined {counts['quarantine_by_reason']}")
         print(f"     model {manifest['model_version']}: {manifest['promotion']}")
-    count = "select count(*) from recommendations"  # noqa: S608 (a hint printed for the user)
-    _say(f"done in {time.perf_counter() - started:.0f}s. Try: .venv/bin/matcher recommend D00003 | "
-         f".venv/bin/matcher search '红色 连衣裙' | .venv/bin/matcher query \"{count}\"")
+    _say(f"done in {time.perf_counter() - started:.0f}s. Try: {later_commands_hint(config_path)}")
     sys.stdout.flush()
     return 0
+
+
+def later_commands_hint(config_path: Path) -> str:
+    """The commands to try next. Run in this folder they find `.matcher/config.toml` on their own; a demo kept
+    elsewhere (--workdir) is named with --config, or they would read the embedded defaults' lake, not the demo's."""
+    flag = "" if config_path.resolve() == WORKSPACE_CONFIG.resolve() else f" --config {shlex.quote(str(config_path))}"
+    count = "select count(*) from recommendations"  # noqa: S608 (a hint printed for the user)
+    return (f".venv/bin/matcher recommend D00003{flag} | .venv/bin/matcher search '红色 连衣裙'{flag} | "
+            f".venv/bin/matcher query \"{count}\"{flag}")

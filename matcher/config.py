@@ -38,6 +38,12 @@ WORKSPACE_CONFIG = Path(".matcher/config.toml")
 # another fails when it is loaded, not inside a Spark worker.
 IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "thumbnail-8x8")
 TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
+# The held-out metrics the promotion gate may compare (matcher.steps.evaluate writes them; higher is better); here so
+# that a misspelt train.promotion_metric fails when the config loads, not at the train stage after extract.
+PROMOTION_METRICS = ("mean_recall_at_10", *(f"{way}_recall_at_{k}" for way in ("image_to_text", "text_to_image")
+                                             for k in (1, 5, 10)),
+                     "text_to_image_recall_at_10_hubness", "image_to_text_recall_at_10_hubness", "matching_auc",
+                     "matching_accuracy", "category_accuracy", "recommendation_precision_at_10")
 PRECISIONS = ("fp32", "bf16", "fp16")  # extract.precision, besides "auto"
 MAX_CATEGORY_CHARS = 200  # the clean stage cuts a category label to this
 CATEGORY_NAME_BYTES = 4 * MAX_CATEGORY_CHARS + 16  # a label (UTF-8) and its count, in the driver's budget
@@ -307,7 +313,7 @@ class TrainConfig(_Section):
     serve_refit: bool
     twin_text_cosine: Fraction = Field(description="0: off")
     seed: Whole = Field(ge=0)
-    promotion_metric: str
+    promotion_metric: Literal[PROMOTION_METRICS]
     promotion_tolerance: float = Field(ge=0)
     baseline_tolerance: float = Field(ge=0)
     promote_backfills: bool

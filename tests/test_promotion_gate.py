@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jobs.context import RunContext
@@ -440,3 +441,20 @@ def test_a_catalog_too_small_to_hold_products_out_keeps_the_served_model_without
     assert not passed and "too few to measure" in reason
     with pytest.raises(GateError, match="the new model has no usable"):
         gate_verdict({"heldout_products": 40}, [("current model", "m1", {METRIC: 0.5})], METRIC, 0.01, "")
+
+
+def test_every_metric_the_config_lets_the_gate_compare_is_one_the_held_out_split_measures():
+    """train.promotion_metric is checked when the config loads (a misspelt name failed at the train stage, after
+    clean, validate and extract): against names the evaluation writes, so none the check accepts is missing there."""
+    from matcher.config import PROMOTION_METRICS, ConfigError
+    from matcher.steps.evaluate import embedding_metrics
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(40, 4))
+    u = z + 0.1 * rng.normal(size=(40, 4))
+    z, u = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (z, u))
+    measured = embedding_metrics(z, u, z + u, np.array(["a", "b"] * 20), np.arange(40) >= 20,
+                                 lambda i, j: (z[i] * u[j]).sum(1), 0.0, hubness_bank=(np.arange(40), 0.1))
+    assert set(PROMOTION_METRICS) <= set(measured) - {"heldout_products", "matching_threshold"}
+    with pytest.raises(ConfigError, match="train.promotion_metric must be one of .* got 'mean_recal_at_10'"):
+        load_config(overrides={"train": {"promotion_metric": "mean_recal_at_10"}})

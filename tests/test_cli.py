@@ -459,3 +459,21 @@ def test_the_demos_hint_names_its_config_where_the_later_commands_would_not_find
     for command in later_commands_hint(elsewhere).split(" | "):
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert Path(args.config) == elsewhere, command
+
+
+@pytest.mark.parametrize("action", ["vacuum", "migrate"])
+def test_tables_maintenance_behind_another_publish_is_one_line_and_retryable(tmp_path, monkeypatch, capsys, action):
+    """The tables' lock held past the wait escaped as a traceback, exit 1 (docs: one line, exit 75)."""
+    import matcher.io.delta_tables as delta_tables
+    from matcher.app.cli import main
+    from matcher.config import load_config
+    from matcher.io.lake import Lake
+    from matcher.io.locks import date_lock
+
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}})
+    monkeypatch.setattr(delta_tables, "TABLES_LOCK_WAIT_SECONDS", 0.2)
+    with date_lock(Lake(cfg.run.lake, cfg.storage), delta_tables.TABLES_LOCK_KEY, holder="another publish"):
+        assert main(["-q", "tables", action, "--lake", cfg.run.lake]) == 75
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith("matcher: error: the tables' logs stayed locked"), said
+    assert "the lake's tables lock is held by another publish" in said[0]

@@ -26,6 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from matcher.config import ConfigError
     from matcher.io.catalog import CatalogError
     from matcher.io.delta_tables import TableVersionError
+    from matcher.io.locks import DateLockedError
     from matcher.io.published import NotPublishedError
     from matcher.io.s3server import S3ServerError
     from matcher.io.storage import StorageError
@@ -33,7 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from matcher.steps.model import ModelError
 
     return (StageError, CatalogError, ConfigError, EncoderError, ModelError, NotPublishedError, S3ServerError,
-            StorageError, TableVersionError, ValueError, FileNotFoundError, OSError)
+            StorageError, TableVersionError, DateLockedError, ValueError, FileNotFoundError, OSError)
 
 
 def resolve_config(path: str | None) -> Config:

@@ -215,8 +215,10 @@ class DateLock:
             live = self._live_others(now)
             if live:
                 name, doc = live[0]
+                # A lake-wide lock ("tables", "models") is named as such, not as a date.
+                held = f"date {self.dt} is being run" if self.dt[:1].isdigit() else f"the lake's {self.dt} lock is held"
                 raise DateLockedError(
-                    f"date {self.dt} is being run by {_describe(doc, name)}; wait for it to finish (a lock whose "
+                    f"{held} by {_describe(doc, name)}; wait for it to finish (a lock whose "
                     f"holder died expires {self.stale_after:.0f}s after its last heartbeat, by the lake's clock)")
             self._last_mtime = now
             self.active = True

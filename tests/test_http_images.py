@@ -102,6 +102,22 @@ def image_server():
                 self._redirect(f"/hop{chain}-{int(left) - 1}.jpg" if int(left) > 0 else "/ok.jpg")
             elif self.path == "/to-loopback.jpg":  # a redirect to a loopback address the config does not allow
                 self._redirect(f"http://127.0.0.2:{self.server.server_address[1]}/ok.jpg")
+            elif self.path == "/bad-location.jpg":  # a Location that is no URL
+                self._redirect("http://[::1")
+            elif self.path == "/odd-length.jpg":  # a Content-Length that str.isdigit() takes and int() does not
+                self.send_response(200)
+                self.send_header("Content-Length", "\u00b2")
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path == "/far-retry.jpg":  # busy, back in a year Python's dates cannot hold
+                self.send_response(503)
+                self.send_header("Retry-After", "Mon, 01 Jan 99999 00:00:00 GMT")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path.startswith("/slowhop"):  # /slowhopK.jpg: K more redirects, each a little under the timeout
+                time.sleep(0.4)
+                left = int(self.path[8:-4])
+                self._redirect(f"/slowhop{left - 1}.jpg" if left > 0 else "/ok.jpg")
 
         def _redirect(self, location: str):
             self.send_response(302)
@@ -153,6 +169,31 @@ def test_redirects_are_followed_five_deep_a_410_is_missing_and_a_refused_address
     assert details["six"].startswith("more than 5 redirects from ")
     assert hits["/removed.jpg"] == 1 and hits["/to-loopback.jpg"] == 1  # neither asked again (http_retries 2)
     assert sum(n for path, n in hits.items() if path.startswith("/hop6-")) == 6  # the sixth redirect not followed
+
+
+def test_a_servers_malformed_answer_or_slow_redirects_cost_their_own_row_not_the_batch(tmp_path, image_server):
+    """A Location that is no URL, a Content-Length int() refuses and a Retry-After date past Python's years each
+    raised ValueError out of the image threads: the whole batch (its good rows too) failed the task. Redirects each
+    under the timeout held a thread for every hop: a try, redirects included, now ends within its deadline."""
+    base, hits = image_server
+    refs = {"good": "ok.jpg", "bad-location": "bad-location.jpg", "odd-length": "odd-length.jpg",
+            "far-retry": "far-retry.jpg", "slow-chain": "slowhop4.jpg"}
+    (tmp_path / "products.csv").write_text("product_id,title,image\n" + "".join(
+        f"{p},Product {p},{base}/{r}\n" for p, r in refs.items()), encoding="utf-8")
+    cfg = load_config(overrides={"catalog": {"http_timeout": 0.5, "http_retries": 1, **ALLOW_LOOPBACK}})
+    reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
+    started = time.monotonic()
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    elapsed = time.monotonic() - started
+    assert sorted(result.clean["product_id"]) == ["good", "odd-length"]
+    reasons = dict(zip(result.quarantine["product_id"], result.quarantine["reason"]))
+    assert reasons == {"bad-location": "image_reference_invalid", "far-retry": "image_unreadable",
+                       "slow-chain": "image_unreadable"}
+    details = dict(zip(result.quarantine["product_id"], result.quarantine["detail"]))
+    assert "redirects to 'http://[::1'" in details["bad-location"]
+    assert details["far-retry"].startswith("HTTP 503") and hits["/far-retry.jpg"] == 2
+    # 5 hops of 0.4 s (2 s) against a deadline of 3 timeouts (1.5 s) a try, two tries
+    assert hits["/slowhop4.jpg"] == 2 and hits["/slowhop0.jpg"] == 0 and elapsed < 9, (hits, elapsed)
 
 
 def test_a_refused_connection_is_retried_then_quarantined(tmp_path):

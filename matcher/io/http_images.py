@@ -134,6 +134,10 @@ def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff:
             problem, retry_after = str(exc), exc.retry_after
         except (OSError, http.client.HTTPException, Urllib3Error) as exc:  # timeouts, refused or dropped, DNS, TLS
             problem = f"{type(exc).__name__}: {exc} at {url[:200]}"
+        except (ValueError, LookupError, TypeError) as exc:  # an answer the parsers choke on: the row's, not the task's
+            raise ImageRejected(Reason.IMAGE_UNREADABLE,
+                                f"an answer that could not be read ({type(exc).__name__}: {exc}) at {url[:200]}"
+                                [:400]) from None
         if attempt < retries:
             time.sleep(retry_pause(attempt, backoff, retry_after))
     raise ImageRejected(Reason.IMAGE_UNREADABLE, f"{problem} (after {retries + 1} tries)")
@@ -153,18 +157,25 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     try:
         return urllib3.Retry(retry_after_max=RETRY_AFTER_CAP).parse_retry_after(value)
-    except InvalidHeader:
+    except (InvalidHeader, ValueError, OverflowError):  # a date Python cannot hold (year 99999) as well
         return None
 
 
 def _follow(url: str, timeout: float, max_bytes: int, policy: AddressPolicy) -> bytes:
-    """GET `url`, following up to MAX_REDIRECTS redirects, each to a checked address."""
+    """GET `url`, following up to MAX_REDIRECTS redirects, each to a checked address, all within one deadline of
+    BODY_DEADLINE_TIMEOUTS timeouts: each hop's waits are cut to what is left of it (a chain of slow redirects, or a
+    name with many slow addresses, held a thread for every hop and address in turn)."""
     origin = url
+    deadline = time.monotonic() + BODY_DEADLINE_TIMEOUTS * timeout
     for _ in range(MAX_REDIRECTS + 1):
-        status, location, body = _get(url, timeout, max_bytes, policy, origin)
+        status, location, body = _get(url, timeout, max_bytes, policy, origin, deadline)
         if location is None:
             return body
-        url = urllib.parse.urljoin(url, urllib.parse.quote(location, safe=_URL_SAFE))
+        try:
+            url = urllib.parse.urljoin(url, urllib.parse.quote(location, safe=_URL_SAFE))
+        except ValueError as exc:  # the server's Location is no URL (`http://[::1`)
+            raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID,
+                                f"{origin[:200]} redirects to {location[:200]!r}: {exc}") from None
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme not in ("http", "https"):
             raise ImageRejected(Reason.IMAGE_ADDRESS_NOT_ALLOWED,
@@ -173,9 +184,10 @@ def _follow(url: str, timeout: float, max_bytes: int, policy: AddressPolicy) -> 
     raise ImageRejected(Reason.IMAGE_UNREADABLE, f"more than {MAX_REDIRECTS} redirects from {origin[:200]}")
 
 
-def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
-         origin: str) -> tuple[int, str | None, bytes]:
-    """One request: (status, redirect location or None, body). Raises ImageRejected, _Retry or a network error."""
+def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy, origin: str,
+         deadline: float) -> tuple[int, str | None, bytes]:
+    """One request, done by `deadline` (monotonic): (status, redirect location or None, body). Raises
+    ImageRejected, _Retry or a network error."""
     scheme, host, port, target = _parts(url)
     via = "" if url == origin else f" (redirected from {origin[:200]})"
     addresses = _resolve(host, port)
@@ -188,16 +200,21 @@ def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy,
                                 "catalog.http_allow_hosts or catalog.http_allow_networks")
     last_error: Exception | None = None
     for ip in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer in time ({BODY_DEADLINE_TIMEOUTS} timeouts, redirects and addresses "
+                               f"included) at {url[:200]}{via}")
+        wait = min(timeout, left / BODY_DEADLINE_TIMEOUTS)  # each wait's own cut then ends by the deadline too
         try:
             response = _pool(scheme, host, port, ip, policy).urlopen(
                 "GET", target, headers=_HEADERS, retries=False, redirect=False, preload_content=False,
                 assert_same_host=False, enforce_content_length=False,
-                timeout=urllib3.Timeout(connect=timeout, read=timeout))
+                timeout=urllib3.Timeout(connect=wait, read=wait))
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
             last_error = exc  # this address refuses or times out: the name's next one may answer
             continue
         try:
-            answer = _answer(response, url, via, max_bytes, time.monotonic() + BODY_DEADLINE_TIMEOUTS * timeout)
+            answer = _answer(response, url, via, max_bytes, deadline)
         except BaseException:
             response.close()  # a half-read body: the connection cannot serve another request
             response.release_conn()
@@ -245,7 +262,7 @@ def _answer(response: urllib3.BaseHTTPResponse, url: str, via: str,
     if not 200 <= status < 300:
         raise ImageRejected(Reason.IMAGE_UNREADABLE, problem)
     length = response.headers.get("Content-Length", "")
-    expected = int(length) if length.isdigit() else None
+    expected = int(length) if length.isascii() and length.isdigit() else None  # "²".isdigit(), but no int
     if expected is not None and expected > max_bytes:
         raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{expected} bytes > {max_bytes} at {url[:200]}")
     chunks, size = [], 0

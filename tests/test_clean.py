@@ -238,6 +238,21 @@ def test_column_mapping_and_image_template_read_a_foreign_catalog(tmp_path):
         ["7", "Blue Shirt", "Shirts"], ["8", "Red Shoe", "Shoes"]]
 
 
+def test_an_id_the_clean_stage_repairs_or_newer_than_pythons_unicode_keeps_its_row(tmp_path):
+    """image_template named the photo by the id before its byte-order mark was dropped (image_missing for a photo
+    that was there); a character newer than Python's Unicode tables (CJK Extension H) counted as a control."""
+    (tmp_path / "images").mkdir()
+    for pid in ("SKU2", "SKU-\U00031350"):
+        (tmp_path / "images" / f"{pid}.jpg").write_bytes(jpeg())
+    (tmp_path / "products.csv").write_text("product_id,title\n\ufeffSKU2,Blue Shirt\nSKU-\U00031350,Red Shoe\n"
+                                           "SKU-\u0007,Bell\n", encoding="utf-8")
+    cfg = load_config(overrides={"catalog": {"image_template": "images/{product_id}.jpg"}})
+    reader = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert sorted(result.clean["product_id"]) == ["SKU-\U00031350", "SKU2"]
+    assert result.quarantine["detail"].tolist() == ["control character U+0007 in product_id"]
+
+
 def test_column_mapping_naming_an_absent_column_is_a_clear_error(tmp_path):
     (tmp_path / "products.csv").write_text("product_id,title\n1,a\n")
     cfg = load_config(overrides={"catalog": {"columns": {"title": "productDisplayName"}}})

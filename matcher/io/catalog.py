@@ -24,7 +24,7 @@ from matcher.config import CatalogConfig, StorageConfig, load_config
 from matcher.failures import classify
 from matcher.io.http_images import AddressPolicy, fetch_image
 from matcher.io.storage import exists, is_s3, resolve_uri
-from matcher.steps.clean import CORE_COLUMNS, IMAGE_DATA, passthrough_names
+from matcher.steps.clean import CORE_COLUMNS, IMAGE_DATA, passthrough_names, repaired_product_id
 from matcher.steps.images import ImageRejected
 from matcher.steps.quarantine import Reason
 
@@ -253,7 +253,7 @@ class CatalogReader:
         df = df[plan.columns].copy()
         if self.options.image_template:
             no_ref = df["image"].str.strip() == ""
-            df.loc[no_ref, "image"] = [self.options.image_template.format(product_id=str(p).strip())
+            df.loc[no_ref, "image"] = [self.options.image_template.format(product_id=repaired_product_id(p))
                                        for p in df.loc[no_ref, "product_id"]]
         df.insert(0, "_row", range(offset, offset + len(df)))
         return RawCatalog(rows=df.reset_index(drop=True), bad_lines=bad, source=plan.path)

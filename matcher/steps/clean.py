@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -13,7 +12,14 @@ import pandas as pd
 from matcher.config import MAX_CATEGORY_CHARS, CleanConfig
 from matcher.steps.images import CanonicalImage, ImageRejected, canonicalize_image
 from matcher.steps.quarantine import Reason
-from matcher.steps.text import escape_undecodable, first_undecodable, has_control_characters, normalize_text, tokenize
+from matcher.steps.text import (
+    control_category,
+    escape_undecodable,
+    first_undecodable,
+    has_control_characters,
+    normalize_text,
+    tokenize,
+)
 
 CORE_COLUMNS = ("product_id", "title", "description", "category", "image")
 
@@ -103,14 +109,20 @@ def _text_problem(row: dict) -> tuple[str, str] | None:
     return None
 
 
+def repaired_product_id(value: object) -> str:
+    """The id as the clean stage keeps it: whitespace around it and byte-order marks dropped (the reader's
+    image_template names the photo by this, so a repaired row finds its own photo)."""
+    pid = str(value if value is not None else "").strip()
+    return pid.replace("\ufeff", "").strip() if "\ufeff" in pid else pid
+
+
 def _product_id(value: object) -> tuple[str, list[str], str]:
     """(product id, repairs, problem): whitespace and byte-order marks around it are dropped (a repair);
-    control characters inside or an absurd length make it no id at all."""
-    pid = str(value if value is not None else "").strip()
-    repairs = []
-    if "\ufeff" in pid:
-        pid, repairs = pid.replace("\ufeff", "").strip(), [REPAIR_BYTE_ORDER_MARK]
-    bad = next((ch for ch in pid if unicodedata.category(ch)[0] == "C"), None)
+    control characters inside or an absurd length make it no id at all. A character newer than this Python's
+    Unicode tables (unassigned to it) is no control."""
+    pid = repaired_product_id(value)
+    repairs = [REPAIR_BYTE_ORDER_MARK] if "\ufeff" in str(value if value is not None else "") else []
+    bad = next((ch for ch in pid if control_category(ch)), None)
     if bad is not None:
         return pid, repairs, f"control character U+{ord(bad):04X} in product_id"
     if len(pid) > MAX_PRODUCT_ID_CHARS:

@@ -107,7 +107,7 @@ def escape_undecodable(value: str) -> str:
     return _SURROGATE.sub(escape, value)
 
 
-def _control_category(ch: str) -> str | None:
+def control_category(ch: str) -> str | None:
     """A control, format, private-use or surrogate character's category, else None. An unassigned character (an
     emoji newer than this Python's Unicode tables) is text."""
     category = unicodedata.category(ch)
@@ -116,7 +116,7 @@ def _control_category(ch: str) -> str | None:
 
 def has_control_characters(value: str) -> bool:
     """Control or format characters (NUL, escape, a byte-order mark...) other than tab and line breaks."""
-    return any(_control_category(ch) and ch not in _LINE_BREAKS for ch in value)
+    return any(control_category(ch) and ch not in _LINE_BREAKS for ch in value)
 
 
 _ZERO_WIDTH_SPACE = "\u200b"  # a format character that marks a word boundary
@@ -125,7 +125,7 @@ _ZERO_WIDTH_SPACE = "\u200b"  # a format character that marks a word boundary
 def _without_controls(ch: str) -> str:
     """A format character (a soft hyphen, a zero-width joiner, a direction mark) goes without a trace: it sits inside
     a word ("Blue\u00adberry") or an emoji sequence; a control or private-use character parts words as a space."""
-    category = _control_category(ch)
+    category = control_category(ch)
     if category is None:
         return ch
     return "" if category == "Cf" and ch != _ZERO_WIDTH_SPACE else " "

@@ -113,6 +113,21 @@ def test_parquet_as_other_tools_write_it_reads_row_by_row(tmp_path, case):
         assert decode_canonical(photo).getpixel((16, 16))[0] > 180  # the red photo, read or embedded
 
 
+@pytest.mark.parametrize("twice", ["image", "title", "color"])
+def test_a_parquet_catalog_with_a_column_named_twice_is_refused_naming_it(tmp_path, twice):
+    """Two `image` columns raised pyarrow's KeyError on the executors; of two titles the last silently won."""
+    from matcher.io.catalog import CatalogError
+
+    names = ["product_id", "title", "image", "color", twice]
+    table = pa.Table.from_arrays([pa.array(["p1"]), pa.array(["Shirt"]), pa.array(["red.jpg"]), pa.array(["red"]),
+                                  pa.array(["other"])], names=names)
+    (tmp_path / "red.jpg").write_bytes(_jpeg(RED))
+    pq.write_table(table, tmp_path / "products.parquet")
+    cfg = load_config()
+    with pytest.raises(CatalogError, match=f"columns named more than once: {twice};"):
+        CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).read()
+
+
 def test_the_clean_stage_on_spark_reads_embedded_photos(tmp_path):
     _typed_catalog(tmp_path / "catalog")
     cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(tmp_path / "catalog")},

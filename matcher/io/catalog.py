@@ -163,6 +163,10 @@ class CatalogReader:
                     meta, columns = parquet.metadata, list(parquet.schema_arrow.names)  # top-level, not leaves
             except Exception as exc:
                 raise CatalogError(f"catalog file {path} is not readable Parquet: {exc}") from None
+            twice = sorted({c for c in columns if columns.count(c) > 1})
+            if twice:  # the reader cannot select either of them (and one of two titles would silently win)
+                raise CatalogError(f"catalog file {path} has columns named more than once: {', '.join(twice)}; "
+                                   "each column of a Parquet catalog needs a name of its own")
             rows = meta.num_rows
             offsets = [0]
             for g in range(meta.num_row_groups):

@@ -26,6 +26,8 @@ def decoded(data: bytes) -> Image.Image:
     (Image.new("I;16", (70, 70), 40000), "PNG"),
     (Image.new("CMYK", (70, 50), (0, 255, 255, 0)), "JPEG"),
     (Image.new("RGB", (30, 30), (0, 0, 255)), "WEBP"),
+    (Image.new("RGB", (30, 20), (0, 0, 255)), "BMP"),
+    (Image.new("RGB", (30, 20), (0, 0, 255)), "AVIF"),
 ])
 def test_any_mode_and_format_becomes_square_rgb_jpeg(img, fmt):
     out = canonicalize_image(encode(img, fmt), **LIMITS)
@@ -90,6 +92,17 @@ def test_a_file_that_is_no_image_is_described_by_its_kind_and_size_never_its_byt
     with pytest.raises(ImageRejected) as err:
         canonicalize_image(b"AWS_SECRET=hunter2\n", **LIMITS)
     assert err.value.detail == "not a recognised image format: text, 19 bytes"
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "ICNS", "TGA", "PCX"])
+def test_a_format_no_catalog_photo_comes_in_is_not_decoded(fmt):
+    """Pillow opens some 40 formats: an ICO or ICNS decodes its pictures before its declared size is checked (a
+    9000x9000 PNG inside an icon declaring 128x128 took 343 MiB past clean.max_image_pixels)."""
+    data = encode(Image.new("RGB", (128, 128), (200, 10, 10)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself reads it
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(data, **LIMITS)
+    assert err.value.reason == "not_an_image" and err.value.detail.endswith(f", {len(data)} bytes")
 
 
 def test_absurd_dimensions_are_rejected_before_decoding():

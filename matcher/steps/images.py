@@ -12,6 +12,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from matcher.steps.quarantine import Reason
 
 
+# The formats a catalog's photos come in. Pillow opens some 40 more (icons, scientific and print formats): an ICO
+# or ICNS decodes its pictures before their size is known, whatever size it declares, and EPS runs Ghostscript.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# The size check below is ours (clean.max_image_pixels); Pillow's warning for sizes past its own default is noise.
+# Set once here: warnings.catch_warnings around each open is not thread-safe (the image threads share the filters).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 class ImageRejected(Exception):
     """An image that cannot be used; `reason` is a stable quarantine code."""
 
@@ -76,14 +84,14 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
     if len(data) > max_bytes:
         raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{len(data)} bytes > {max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels > {max_pixels}")
-            img.seek(0)  # first frame of animations
-            img.load()
+        img = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
+        width, height = img.size
+        if width <= 0 or height <= 0 or width * height > max_pixels:
+            raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels > {max_pixels}")
+        img.seek(0)  # first frame of animations
+        img.load()
+        if img.size != (width, height):  # a format whose pictures say their size only as they decode
+            raise ImageRejected(Reason.IMAGE_CORRUPT, f"declared {width}x{height}, decoded {img.width}x{img.height}")
         with suppress(Exception):  # a broken EXIF block should not cost the product its photo
             img = ImageOps.exif_transpose(img)
         img = ImageOps.fit(_to_rgb(img), (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))

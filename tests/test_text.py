@@ -35,6 +35,23 @@ def test_a_field_far_past_its_cap_is_cut_before_it_is_normalised():
     assert text == "a a a" and cut
 
 
+def test_controls_are_removed_by_their_unicode_category_across_every_plane():
+    """The controls are removed by patterns built from Python's tables (a field of a million characters was cleaned
+    one character at a time in Python, seconds a field): each code point as the category rule says."""
+    import unicodedata
+
+    from matcher.steps.text import _without_controls, control_category, has_control_characters
+
+    samples = [c for c in range(0x110000) if c % 61 == 0 or unicodedata.category(chr(c))[:2] in ("Cc", "Cf")]
+    samples += [0xD800, 0xDFFF, 0xE000, 0xF8FF, 0xF0000, 0x10FFFD, 0x31350]  # surrogates, private use, CJK Ext. H
+    for c in samples:
+        ch = chr(c)
+        category = control_category(ch)
+        expected = ch if category is None else ("" if category == "Cf" and ch != "\u200b" else " ")
+        assert _without_controls(f"a{ch}b") == f"a{expected}b", hex(c)
+        assert has_control_characters(f"a{ch}b") == (category is not None and ch not in "\t\n\r"), hex(c)
+
+
 def test_normalize_caps_length_and_reports_it():
     text, cut = normalize_text("x" * 50, 10)
     assert text == "x" * 10 and cut

@@ -11,7 +11,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from matcher.steps.quarantine import Reason
 
-
 # The formats a catalog's photos come in. Pillow opens some 40 more (icons, scientific and print formats): an ICO
 # or ICNS decodes its pictures before their size is known, whatever size it declares, and EPS runs Ghostscript.
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")

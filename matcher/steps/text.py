@@ -61,16 +61,20 @@ _WS = re.compile(r"\s+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
+def _class_ranges(codes: list[int]) -> str:
+    """Code points (ascending) as the inside of a regex character class, in ranges, each an escape."""
+    ranges, start = [], codes[0]
+    for prev, c in zip(codes, codes[1:] + [-1]):
+        if c != prev + 1:
+            ranges.append(f"\\U{start:08x}-\\U{prev:08x}" if prev > start else f"\\U{start:08x}")
+            start = c
+    return "".join(ranges)
+
+
 def _combining_marks() -> str:
     """The combining marks (Unicode M*) as a character class's ranges: Devanagari's vowel signs, Thai's tone marks,
     Hebrew's points sit inside words, and are not "word" characters to `re`."""
-    marks = [c for c in range(0x110000) if unicodedata.category(chr(c))[0] == "M"]
-    ranges, start = [], marks[0]
-    for prev, c in zip(marks, marks[1:] + [-1]):
-        if c != prev + 1:
-            ranges.append(f"{chr(start)}-{chr(prev)}" if prev > start else chr(start))
-            start = c
-    return "".join(ranges)
+    return _class_ranges([c for c in range(0x110000) if unicodedata.category(chr(c))[0] == "M"])
 
 
 @lru_cache(maxsize=1)
@@ -116,19 +120,34 @@ def control_category(ch: str) -> str | None:
 
 def has_control_characters(value: str) -> bool:
     """Control or format characters (NUL, escape, a byte-order mark...) other than tab and line breaks."""
-    return any(control_category(ch) and ch not in _LINE_BREAKS for ch in value)
+    return _controls()[2].search(value) is not None
 
 
 _ZERO_WIDTH_SPACE = "\u200b"  # a format character that marks a word boundary
 
 
-def _without_controls(ch: str) -> str:
+@lru_cache(maxsize=1)
+def _controls() -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    """(format characters, the other controls, controls but tab and line breaks) as patterns over this Python's
+    Unicode tables: a long field is then cleaned in C, not a character at a time (built on first use: it scans
+    every code point)."""
+    dropped, parting, flagged = [], [], []
+    for c in range(0x110000):
+        category = control_category(chr(c))
+        if category is None:
+            continue
+        (dropped if category == "Cf" and chr(c) != _ZERO_WIDTH_SPACE else parting).append(c)
+        if chr(c) not in _LINE_BREAKS:
+            flagged.append(c)
+    return (re.compile(f"[{_class_ranges(dropped)}]+"), re.compile(f"[{_class_ranges(parting)}]+"),
+            re.compile(f"[{_class_ranges(flagged)}]"))
+
+
+def _without_controls(text: str) -> str:
     """A format character (a soft hyphen, a zero-width joiner, a direction mark) goes without a trace: it sits inside
     a word ("Blue\u00adberry") or an emoji sequence; a control or private-use character parts words as a space."""
-    category = control_category(ch)
-    if category is None:
-        return ch
-    return "" if category == "Cf" and ch != _ZERO_WIDTH_SPACE else " "
+    dropped, parting, _ = _controls()
+    return parting.sub(" ", dropped.sub("", text))
 
 
 def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
@@ -140,12 +159,15 @@ def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     text = str(value)
     raw_cap = max(_RAW_CHARS_PER_CHAR * max_chars, _RAW_CHARS_LEAST)
     cut = len(text) > raw_cap
+    # Cut again after NFKC: one character may become 18 (U+FDFA), so a capped field could still grow past the cap.
     text = unicodedata.normalize("NFKC", text[:raw_cap])
+    cut = cut or len(text) > raw_cap
+    text = text[:raw_cap]
     # Tags removed again after the entities: exports escape HTML twice ("&lt;b&gt;Bold&lt;/b&gt;").
     text = _TAG.sub(_markup_remover(text), text)
     text = html.unescape(text)
     text = _TAG.sub(_markup_remover(text), text)
-    text = "".join(_without_controls(ch) for ch in text)
+    text = _without_controls(text)
     text = _WS.sub(" ", text).strip()
     if len(text) > max_chars:
         return text[:max_chars].rstrip(), True

@@ -85,6 +85,14 @@ def _other_writers_tables() -> dict[str, tuple[pa.Table, dict[str, str]]]:
         "unannotated strings": (pa.table({name: pa.array([v.encode() for v in values], pa.binary()) for name, values
                                           in {"product_id": ["A", "B", "C"], "title": ["Red mug", "Blue", "Green"],
                                               "image": ["red.jpg"] * 3}.items()}), {}),
+        # References and photos in one binary column, a reference with a line break after it among them: each
+        # value read as what it is (the line break made the whole row group photos, every reference not_an_image)
+        "references and photos as bytes": (pa.table({"product_id": ["A", "B", "C"], "title": ["Red", "Blue", "Green"],
+                                                     "image": pa.array([b"red.jpg", b"red.jpg\n", _jpeg(RED)])}),
+                                           {}),
+        "a reference with a control character": (
+            pa.table({"product_id": ["A", "B", "C"], "title": ["Red", "Blue", "Green"],
+                      "image": pa.array([b"red.jpg", b"red\x1b.jpg", _jpeg(RED)])}), {"B": "image_reference_invalid"}),
         # Polars: view types, the photos in the file
         "view types": (pa.table({"product_id": pa.array(["A", "B", "C"]).cast(pa.string_view()),
                                  "title": ["Red mug", "Blue mug", "Green mug"],

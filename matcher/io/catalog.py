@@ -517,11 +517,11 @@ def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str
     (and maybe a `path`, as Hugging Face datasets write images); else None (references)."""
     kind = col.type
     if _holds_bytes(kind):
+        # Each value on its own: a reference written as bytes (Hive, Impala), or a photo (a damaged one: not_an_image).
+        # Decided for the whole column, one bad reference made every row of its row group a photo, and lost them.
         values = col.to_pylist()
         refs = [_reference_in_bytes(v) for v in values]
-        if all(r is not None for r, v in zip(refs, values) if v):  # references written as bytes (Hive, Impala)
-            return [None] * len(values), [r or "" for r in refs]
-        return [v or None for v in values], [""] * len(values)  # photos (a damaged one among them: not_an_image)
+        return [None if r is not None else (v or None) for r, v in zip(refs, values)], [r or "" for r in refs]
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         values = col.to_pylist()
         has_path = kind.get_field_index("path") >= 0
@@ -546,16 +546,23 @@ def _holds_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
 
 
+def _ascii_photo(value: bytes) -> bool:
+    """A GIF or WebP, whose first bytes are ASCII (a small one may be all valid UTF-8); JPEG and PNG start with bytes
+    UTF-8 never does, BMP and TIFF headers hold NUL bytes."""
+    return value.startswith((b"GIF87a", b"GIF89a")) or (value[:4] == b"RIFF" and value[8:12] == b"WEBP")
+
+
 def _reference_in_bytes(value: bytes | None) -> str | None:
-    """The image reference a binary value holds (short UTF-8 text, no control characters); None for a photo's
-    bytes (no image format starts as such text)."""
-    if not value or len(value) > _MAX_IMAGE_REF_CHARS * 4:
+    """The image reference a binary value holds: short UTF-8 text without NUL that no photo format starts as (one
+    with other control characters is a reference still, which the reference check quarantines as invalid); None
+    for a photo's bytes."""
+    if not value or len(value) > _MAX_IMAGE_REF_CHARS * 4 or b"\x00" in value or _ascii_photo(value):
         return None
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return text if text.strip() and not any(ord(ch) < 32 for ch in text) else None
+    return text if text.strip() else None
 
 
 def _case_key(name: str) -> str:

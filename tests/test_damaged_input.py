@@ -112,6 +112,38 @@ def test_a_stray_quote_costs_its_own_line_not_the_records_it_swallowed(tmp_path,
         assert title == f'Red cotton shirt 55" {closed}'
 
 
+def test_a_quote_never_closed_past_the_record_limit_costs_its_own_line_not_the_records_after_it(tmp_path,
+                                                                                                  monkeypatch):
+    """A quote left open read the rest of the file into one field, up to 1 GiB (a few hundred compressed kilobytes
+    held over a gigabyte in the executor): now up to the record limit (made small here), then its line is bad and
+    the records it had swallowed, and those after, are read."""
+    import matcher.io.catalog as catalog
+
+    monkeypatch.setattr(catalog, "_CSV_FIELD_LIMIT", 800)  # about 13 lines of this catalog
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[2] = lines[2].replace(b"Red cotton", b'"Red, cotton')
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert [(b["reason"], b["raw"][:8]) for b in raw.bad_lines] == [("unparseable_line", "SKU-0002")]
+    assert "field larger than field limit" in raw.bad_lines[0]["detail"]
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS) if i != 2]
+
+
+def test_a_json_lines_record_past_the_record_limit_is_a_bad_line_read_past(tmp_path, monkeypatch):
+    import matcher.io.catalog as catalog
+
+    monkeypatch.setattr(catalog, "MAX_RECORD_CHARS", 1000)
+    root = catalog_dir(tmp_path)
+    records = [{"product_id": f"SKU-{i}", "title": f"Shirt {i}", "image": "img/a.jpg"} for i in range(5)]
+    records[2]["description"] = "x" * 5000  # one record of 5 kB; the reader had no bound on a line
+    (root / "products.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw, result = clean_in_process(root)
+    assert [b["reason"] for b in raw.bad_lines] == ["malformed_json"]
+    assert raw.bad_lines[0]["detail"].startswith("a record of 5") and len(raw.bad_lines[0]["raw"]) <= 2000
+    assert sorted(result.clean["product_id"]) == ["SKU-0", "SKU-1", "SKU-3", "SKU-4"]
+
+
 def test_a_zeroed_block_in_an_early_row_costs_only_that_row(tmp_path):
     root = catalog_dir(tmp_path)
     lines = csv_lines()

@@ -597,8 +597,11 @@ codecs.register_error(_ESCAPE, _undecodable_as_surrogates)
 
 
 # A field may legitimately be long (a description) or be damage (a runaway title); either way it is read and then
-# capped by the clean step, never dropped by the parser (csv's default limit is 128 KiB).
-_CSV_FIELD_LIMIT = 1 << 30
+# capped by the clean step, not dropped by the parser (csv's default limit is 128 KiB), up to a size no catalog
+# text reaches: past it a record is a bad line, so that a few compressed kilobytes (one field repeated, a quote
+# never closed) cannot hold gigabytes in an executor.
+MAX_RECORD_CHARS = 16 << 20
+_CSV_FIELD_LIMIT = MAX_RECORD_CHARS
 _RAW_CHARS = 2000
 
 
@@ -751,8 +754,17 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
             fields = next(reader)
         except StopIteration:
             break
-        except csv.Error as exc:  # strict=False leaves few of these; the reader resumes at the next record
-            bad.append({"raw": "", "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {reader.line_num}: {exc}"})
+        except csv.Error as exc:  # a field past the limit (strict=False leaves few others): resumed at the next line
+            # A quote left open is the usual cause: the records it swallowed up to there are read as such.
+            swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes)
+                         if len(lines.taken) > 1 and not lines.overflowed else [])
+            first = reader.line_num - len(lines.taken) + 1
+            bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS] if lines.taken else "",
+                        "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {first}: {exc}"
+                        + (f"; the {len(swallowed)} lines after it are whole records: they are read as such"
+                           if swallowed else "")})
+            for record in swallowed:
+                take(record)
             continue
         swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(fields[0])})
                      if len(lines.taken) > 1 and fields and not lines.overflowed else [])
@@ -779,7 +791,13 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
     inside strings are accepted here and repaired there."""
     records: list[dict] = []
     bad: list[dict] = []
-    for raw_line in stream:
+    while raw_line := stream.readline(MAX_RECORD_CHARS + 1):
+        if len(raw_line) > MAX_RECORD_CHARS and not raw_line.endswith(b"\n"):
+            size = len(raw_line) + _skip_to_next_line(stream)
+            bad.append({"raw": raw_line[:_RAW_CHARS].decode("utf-8", errors="surrogateescape"),
+                        "reason": Reason.MALFORMED_JSON,
+                        "detail": f"a record of {size} bytes, over the {MAX_RECORD_CHARS} a record may take"})
+            continue
         line = raw_line.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
         if not line.strip():
             continue
@@ -799,6 +817,16 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
             bad.clear()
     if records or bad:
         yield pd.DataFrame.from_records(records).fillna(""), bad[:]
+
+
+def _skip_to_next_line(stream) -> int:
+    """Read past the rest of the current line, a chunk at a time; the bytes skipped."""
+    skipped = 0
+    while chunk := stream.readline(1 << 20):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
 
 
 # The columns of a JSON Lines catalog: the keys of its first records, up to these many records or bytes.

@@ -359,6 +359,7 @@ def test_a_workspace_config_starts_the_embedded_s3_server_for_the_command_and_st
     ["run", "--date", "2026-02-30"],
     ["recommend", "X", "--date", "yesterday"],
     ["backfill", "--from", "2026-01-01", "--to", "2026/01/03"],
+    ["backfill", "--from", "2026-01-07", "--to", "2026-01-01"],  # (exit 1)
     ["run", "--date", "2026-01-01", "--steps", "clean,bogus"],
     ["tables", "vacuum", "--keep-nights", "31"],
     ["search", "dress", "-k", "0"],  # (-k 0 was a pyarrow traceback)

@@ -194,8 +194,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     start, end = dt.date.fromisoformat(args.start), dt.date.fromisoformat(args.end)  # checked by date_argument
-    if end < start:
-        raise ValueError("--to is before --from")
+    if end < start:  # a wrong command line, exit 2, as every other
+        args.usage_error(f"argument --to: {args.end} is before --from {args.start}")
     return _run_dates(args, [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)])
 
 
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps_argument,
                    help="comma-separated subset of clean,validate,extract,train,score,publish")
     p.add_argument("--model", help="score every date with this model version")
-    p.set_defaults(handler=cmd_backfill)
+    p.set_defaults(handler=cmd_backfill, usage_error=p.error)
 
     p = sub.add_parser("report", help="write the nightly HTML report of a published partition")
     common(p)

@@ -87,13 +87,14 @@ def make_image_cleaner(reader: CatalogReader, cfg):
 
     def clean(batches: Iterator[pa.RecordBatch]):
         kept: set[str] = set()  # every row of a product comes to one task, in file order (run)
+        failed: dict[str, int] = {}
         for batch in batches:
             df = batch.to_pandas()
             rows_read = int(df.loc[df["kind"] == _ROWS_READ_KIND, "rows_read"].sum())
             candidates = df[df["kind"] == "candidate"].drop(columns=["kind", "reason", "detail", "rows_read"])
             rejected = df.loc[df["kind"] == "rejected", QUARANTINE_COLUMNS]
             good, bad_images = clean_images_one_per_product(
-                candidates, kept, partial(reader.read_image, max_bytes=cfg.max_image_bytes), cfg)
+                candidates, kept, partial(reader.read_image, max_bytes=cfg.max_image_bytes), cfg, failed)
             quarantine = pd.concat([rejected, bad_images], ignore_index=True).fillna({"product_id": "", "detail": ""})
             yield "clean", pa.Table.from_pandas(good, preserve_index=False)
             yield "quarantine", pa.Table.from_pandas(quarantine, preserve_index=False)

@@ -107,6 +107,32 @@ def test_a_duplicate_id_whose_first_photo_fails_keeps_its_next_good_row(tmp_path
             ("D2", "duplicate_product_id", DUPLICATE_DETAIL)]  # a duplicate's photo is never read
 
 
+def test_a_product_id_repeated_with_failing_photos_is_given_up_after_a_few(tmp_path):
+    """Rows of one id are tried one after another: thousands of them, each photo slow or missing, held a task for
+    hours. After MAX_PHOTO_TRIES_PER_PRODUCT failures the id's further rows are quarantined unread."""
+    from matcher.steps.clean import GAVE_UP_DETAIL, MAX_PHOTO_TRIES_PER_PRODUCT
+
+    root = tmp_path / "catalog"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.jpg").write_bytes(jpeg())
+    rows = [f"R,Row {i},,Lamps,images/missing-{i}.jpg" for i in range(MAX_PHOTO_TRIES_PER_PRODUCT + 20)]
+    rows += ["R,Good at last,,Lamps,images/ok.jpg", "S,Other,,Lamps,images/ok.jpg"]
+    (root / "products.csv").write_text("product_id,title,description,category,image\n" + "\n".join(rows) + "\n")
+    reader = CatalogReader(str(root), load_config().storage)
+    reads = []
+
+    def read_image(ref: str) -> bytes:
+        reads.append(ref)
+        return reader.read_image(ref)
+
+    result = clean_catalog(reader.read(), read_image, load_config().clean)
+    assert result.clean["product_id"].tolist() == ["S"]
+    reasons = result.quarantine.groupby(["reason", "detail"]).size().to_dict()
+    assert reasons[("duplicate_product_id", GAVE_UP_DETAIL)] == 21
+    assert sum(n for (reason, _), n in reasons.items() if reason == "image_missing") == MAX_PHOTO_TRIES_PER_PRODUCT
+    assert len(reads) == MAX_PHOTO_TRIES_PER_PRODUCT + 1  # R's first five rows and S
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "empty"),
     (b"sku,name\n1,shoe\n", "lacks required columns"),

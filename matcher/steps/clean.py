@@ -176,27 +176,38 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
 
 
 DUPLICATE_DETAIL = "an earlier row with this product_id was kept"
+# Photos tried for one product_id before its further rows are quarantined unread: its rows are tried one after
+# another, so a catalog repeating an id thousands of times, each with a slow or missing photo, held a task for hours.
+MAX_PHOTO_TRIES_PER_PRODUCT = 5
+GAVE_UP_DETAIL = f"not read: the photos of {MAX_PHOTO_TRIES_PER_PRODUCT} earlier rows with this product_id failed"
 
 
 def clean_images_one_per_product(candidates: pd.DataFrame, kept: set[str], read_image: Callable[[str], bytes],
-                                 cfg: CleanConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+                                 cfg: CleanConfig, failed: dict[str, int] | None = None
+                                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """clean_images where a product_id may come on several rows: of each product, the first row in file order
     (`_row`) whose photo is good is kept and its later rows are quarantined as duplicates (their photos never
     read). A row whose photo fails keeps its own reason and the product's next row is tried, so a bad first row
     does not cost the product its good one. `kept` holds the ids kept from earlier rows (a task's earlier
-    batches, in file order) and gains this call's."""
+    batches, in file order) and gains this call's; `failed`, the photos that failed by product_id, likewise: after
+    MAX_PHOTO_TRIES_PER_PRODUCT of them a product's further rows are quarantined unread."""
     pending = candidates.sort_values("_row", kind="stable")
     goods, quarantined = [], []
+    failed = {} if failed is None else failed
     while True:
-        duplicate = pending["product_id"].isin(kept)
-        quarantined.append(pending.loc[duplicate, ["product_id", "raw"]].assign(
-            reason=Reason.DUPLICATE_PRODUCT_ID.value, detail=DUPLICATE_DETAIL)[QUARANTINE_COLUMNS])
-        pending = pending[~duplicate]
+        gave_up = {pid for pid, n in failed.items() if n >= MAX_PHOTO_TRIES_PER_PRODUCT}
+        for ids, detail in ((kept, DUPLICATE_DETAIL), (gave_up, GAVE_UP_DETAIL)):
+            unread = pending["product_id"].isin(ids)
+            quarantined.append(pending.loc[unread, ["product_id", "raw"]].assign(
+                reason=Reason.DUPLICATE_PRODUCT_ID.value, detail=detail)[QUARANTINE_COLUMNS])
+            pending = pending[~unread]
         first = ~pending["product_id"].duplicated(keep="first")
         good, bad = clean_images(pending[first], read_image, cfg)
         goods.append(good)
         quarantined.append(bad)
         kept.update(good["product_id"])
+        for pid in bad["product_id"]:
+            failed[pid] = failed.get(pid, 0) + 1
         pending = pending[~first]
         if pending.empty:
             break

@@ -241,6 +241,7 @@ class CleanConfig(_Section):
     max_image_pixels: Whole = Field(ge=1)
     max_title_chars: Whole = Field(ge=1)
     max_description_chars: Whole = Field(ge=0)
+    max_passthrough_chars: Whole = Field(ge=1)
     image_threads: Whole = Field(ge=1)
 
 

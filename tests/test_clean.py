@@ -107,6 +107,21 @@ def test_a_duplicate_id_whose_first_photo_fails_keeps_its_next_good_row(tmp_path
             ("D2", "duplicate_product_id", DUPLICATE_DETAIL)]  # a duplicate's photo is never read
 
 
+def test_a_pass_through_value_past_its_cap_is_cut_and_the_row_says_so(tmp_path):
+    """A catalog's other columns went to the clean table whole: a 5 MB `notes` value each row grew it without end."""
+    root = tmp_path / "catalog"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.jpg").write_bytes(jpeg())
+    (root / "products.csv").write_text("product_id,title,image,notes,colour\n"
+                                       f"A,Lamp,images/ok.jpg,{'n' * 5000},red\nB,Desk,images/ok.jpg,short,blue\n")
+    cfg = load_config(overrides={"clean": {"max_passthrough_chars": 1000}})
+    reader = CatalogReader(str(root), cfg.storage)
+    clean = clean_catalog(reader.read(), reader.read_image, cfg.clean).clean.set_index("product_id")
+    assert clean.loc["A", "notes"] == "n" * 1000 and clean.loc["A", "colour"] == "red"
+    assert clean.loc["A", "repairs"] == "passthrough_truncated"
+    assert clean.loc["B", "notes"] == "short" and clean.loc["B", "repairs"] == ""
+
+
 def test_a_product_id_repeated_with_failing_photos_is_given_up_after_a_few(tmp_path):
     """Rows of one id are tried one after another: thousands of them, each photo slow or missing, held a task for
     hours. After MAX_PHOTO_TRIES_PER_PRODUCT failures the id's further rows are quarantined unread."""

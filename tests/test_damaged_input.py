@@ -4,6 +4,7 @@ import io
 import json
 import random
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -142,6 +143,29 @@ def test_a_json_lines_record_past_the_record_limit_is_a_bad_line_read_past(tmp_p
     assert [b["reason"] for b in raw.bad_lines] == ["malformed_json"]
     assert raw.bad_lines[0]["detail"].startswith("a record of 5") and len(raw.bad_lines[0]["raw"]) <= 2000
     assert sorted(result.clean["product_id"]) == ["SKU-0", "SKU-1", "SKU-3", "SKU-4"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_chunk_of_rows_ends_at_its_character_budget_and_no_row_is_lost(tmp_path, monkeypatch, fmt):
+    """5,000 records a chunk, each up to the record limit, could be gigabytes at once: a chunk ends at
+    CHUNK_CHARS characters too (made small here), and the rows keep their file order across chunks."""
+    import matcher.io.catalog as catalog
+
+    monkeypatch.setattr(catalog, "CHUNK_CHARS", 300)
+    root = catalog_dir(tmp_path)
+    if fmt == "csv":
+        write_csv(root, csv_lines())
+    else:
+        (root / "products.jsonl").write_text("".join(json.dumps(
+            {"product_id": f"SKU-{i:04d}", "title": f"Red cotton shirt {i}", "image": "img/a.jpg"}) + "\n"
+            for i in range(ROWS)))
+    reader = CatalogReader(str(root), load_config().storage)
+    plan = reader.plan()
+    chunks = [c.rows for split in plan.splits for c in reader.read_split(plan, split)]
+    assert len(chunks) >= 5 and all(len(c) < ROWS / 4 for c in chunks)
+    rows = pd.concat(chunks, ignore_index=True)
+    assert rows["product_id"].tolist() == [f"SKU-{i:04d}" for i in range(ROWS)]
+    assert rows["_row"].tolist() == list(range(ROWS))
 
 
 def test_a_zeroed_block_in_an_early_row_costs_only_that_row(tmp_path):

@@ -601,6 +601,9 @@ codecs.register_error(_ESCAPE, _undecodable_as_surrogates)
 # text reaches: past it a record is a bad line, so that a few compressed kilobytes (one field repeated, a quote
 # never closed) cannot hold gigabytes in an executor.
 MAX_RECORD_CHARS = 16 << 20
+# A chunk of rows ends at this many characters of fields too (at most a record more): 5,000 records of long fields
+# would otherwise be held at once.
+CHUNK_CHARS = 64 << 20
 _CSV_FIELD_LIMIT = MAX_RECORD_CHARS
 _RAW_CHARS = 2000
 
@@ -734,9 +737,10 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
     bad: list[dict] = []
     id_shapes: set[str] = set()
     shaped = 0  # records whose ids' shapes are in id_shapes
+    chars = 0  # in the chunk's records
 
     def take(fields: list[str]) -> None:
-        nonlocal shaped
+        nonlocal shaped, chars
         if not any(f.strip() for f in fields):
             return
         if len(fields) > width:
@@ -744,6 +748,7 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
                         "detail": f"{len(fields)} fields, the header has {width}"})
             return
         records.append(fields + [""] * (width - len(fields)))
+        chars += sum(map(len, fields))
         if shaped < _ID_SHAPE_RECORDS:
             id_shapes.add(_id_shape(fields[0]))
             shaped += 1
@@ -777,10 +782,11 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
                 take(record)
         else:
             take(fields)
-        if len(records) >= chunk_rows:
+        if len(records) >= chunk_rows or chars >= CHUNK_CHARS:
             yield pd.DataFrame(records, columns=header, dtype=object), bad[:]
             records.clear()
             bad.clear()
+            chars = 0
     if records or bad:
         yield pd.DataFrame(records, columns=header, dtype=object), bad[:]
 
@@ -791,6 +797,7 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
     inside strings are accepted here and repaired there."""
     records: list[dict] = []
     bad: list[dict] = []
+    chars = 0  # in the chunk's records
     while raw_line := stream.readline(MAX_RECORD_CHARS + 1):
         if len(raw_line) > MAX_RECORD_CHARS and not raw_line.endswith(b"\n"):
             size = len(raw_line) + _skip_to_next_line(stream)
@@ -811,10 +818,12 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
             continue
         records.append({str(k): "" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict))
                         else str(v) for k, v in obj.items()})
-        if len(records) >= chunk_rows:
+        chars += len(line)
+        if len(records) >= chunk_rows or chars >= CHUNK_CHARS:
             yield pd.DataFrame.from_records(records).fillna(""), bad[:]
             records.clear()
             bad.clear()
+            chars = 0
     if records or bad:
         yield pd.DataFrame.from_records(records).fillna(""), bad[:]
 

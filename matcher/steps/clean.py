@@ -63,6 +63,7 @@ CLEAN_COLUMNS = ["product_id", "title", "description", "category", "tokens", "te
 # Repairs a kept row may carry (its `repairs` column, comma-separated).
 REPAIR_CONTROL_CHARACTERS = "control_characters"  # NUL, escape, BOM... in the text: replaced by spaces
 REPAIR_BYTE_ORDER_MARK = "byte_order_mark"          # a BOM around the product_id (a file concatenated mid-row)
+REPAIR_PASSTHROUGH_TRUNCATED = "passthrough_truncated"  # a pass-through value cut at clean.max_passthrough_chars
 # Names a catalog's other columns may not take: the stage's own columns (jobs/clean.py's `kind`, `rows_read` and
 # `_dup` too) and the partition column, in any case (Spark resolves names without case).
 _RESERVED_NAMES = frozenset(c.lower() for c in (*CANDIDATE_COLUMNS, *QUARANTINE_COLUMNS, *CLEAN_COLUMNS, IMAGE_DATA,
@@ -165,11 +166,15 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
             continue
         description, desc_cut = normalize_text(row.get("description"), cfg.max_description_chars)
         category, _ = normalize_text(row.get("category"), MAX_CATEGORY_CHARS)
+        extra = {c: str(row.get(c, "")) for c in passthrough}
+        if any(len(v) > cfg.max_passthrough_chars for v in extra.values()):
+            extra = {c: v[:cfg.max_passthrough_chars] for c, v in extra.items()}
+            repairs.append(REPAIR_PASSTHROUGH_TRUNCATED)
         candidates.append({
             "_row": row["_row"], "product_id": pid, "title": title, "description": description,
             "category": category, "text_truncated": title_cut or desc_cut, "repairs": ",".join(repairs),
             "image_ref": str(row.get("image", "")), "image_data": row.get(IMAGE_DATA), "raw": _raw_json(row),
-            **{c: str(row.get(c, "")) for c in passthrough},
+            **extra,
         })
     return (pd.DataFrame(candidates, columns=CANDIDATE_COLUMNS + passthrough),
             pd.DataFrame(rejected, columns=["_row", *QUARANTINE_COLUMNS]))

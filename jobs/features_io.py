@@ -2,14 +2,17 @@
 arrays the model steps take."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError
 from jobs.spark import get_spark
-from jobs.spark_lake import read_partition
+from jobs.spark_lake import read_partition, write_parts
 from jobs.validate import judged_attempt
 from matcher.steps.vectors import vector_matrix
 
@@ -53,7 +56,9 @@ def require_features_of_clean_attempt(ctx: RunContext, stage: str) -> None:
 
 def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureSet:
     """At most `max_products` products in this process, always the same ones for the same catalog: those with the
-    smallest hash of their product_id (a bounded, deterministic sample of any catalog size)."""
+    smallest hash of their product_id (a bounded, deterministic sample of any catalog size). Executors write the
+    sample to the lake's work folder and this process reads it from there: collected, it would pass through the
+    driver's JVM heap whole, twice (fetched and deserialised), which a small driver does not have."""
     from pyspark.sql import functions as F
 
     frame = feature_frame(ctx, stage)
@@ -65,7 +70,7 @@ def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureS
         keep = min(_HASH_SPACE, int(_HASH_SPACE * max_products / n * 1.05) + 1)
         frame = (frame.withColumn("_h", h).filter(F.col("_h") < keep)
                  .orderBy("_h", "product_id").limit(max_products).drop("_h"))
-    table = frame.toArrow()
+    table = _through_the_lake(ctx, frame, stage)
     table = table.take(pc.sort_indices(table, [("product_id", "ascending")]))
     df = table.drop_columns(["image_feat", "text_feat"]).to_pandas()
     if len(df) < 2:
@@ -82,3 +87,20 @@ def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureS
         titles=df["title"].to_numpy(dtype=object),
         image_encoder=str(encoders.iloc[0, 0]), text_encoder=str(encoders.iloc[0, 1]),
     )
+
+
+def _through_the_lake(ctx: RunContext, frame, stage: str) -> pa.Table:
+    """`frame`'s rows in this process, written by executors to a work folder of their own and read from it."""
+    attempt = f"{stage}-sample-{uuid.uuid4().hex[:12]}"
+    try:
+        written = write_parts(frame, lambda batches: ((_SAMPLE, batch) for batch in batches), ctx.lake, ctx.date,
+                              attempt, [_SAMPLE])
+        parts = [pq.read_table(ctx.lake.path(p), filesystem=ctx.lake.fs) for p in written.parts[_SAMPLE]]
+    finally:
+        ctx.lake.clear_work(ctx.date, attempt)
+    if not parts:
+        raise StageError(stage, f"no products with features for {ctx.date}; need at least 2")
+    return pa.concat_tables(parts)
+
+
+_SAMPLE = "feature_sample"  # the work table of the sample (no lake table of that name: written as it comes)

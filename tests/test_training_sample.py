@@ -8,7 +8,15 @@ from tests.synthetic import write_synthetic_partition
 
 
 @pytest.mark.integration
-def test_the_training_sample_is_capped_and_chosen_by_product_hash(tmp_path):
+def test_the_training_sample_is_capped_and_chosen_by_product_hash(tmp_path, monkeypatch):
+    from pyspark.sql import DataFrame
+
+    def not_through_the_jvm(self):
+        raise AssertionError("the sample was collected: it passes through the driver's JVM heap whole")
+
+    # Executors write the sample to the lake and this process reads it there (a small driver's heap held it twice).
+    monkeypatch.setattr(DataFrame, "toArrow", not_through_the_jvm)
+    monkeypatch.setattr(DataFrame, "toPandas", not_through_the_jvm)
     ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), "2026-01-01")
     write_synthetic_partition(ctx.lake, ctx.date, n=300)
     everything = load_feature_set(ctx, "train", max_products=1000)
@@ -25,3 +33,4 @@ def test_the_training_sample_is_capped_and_chosen_by_product_hash(tmp_path):
     where = {p: i for i, p in enumerate(everything.product_ids)}
     for j, p in enumerate(first.product_ids):
         assert (first.text_feats[j] == everything.text_feats[where[p]]).all()
+    assert not list((tmp_path / "lake" / "_work").glob("dt=*/train-sample-*"))  # each sample's work folder is gone

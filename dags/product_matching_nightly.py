@@ -31,8 +31,11 @@ with DAG(
     max_active_runs=1,
     default_args={
         "retries": 2,
-        "retry_delay": timedelta(minutes=2),
-        "retry_exponential_backoff": True,
+        # At least a lock's stale time (matcher.io.locks.STALE_AFTER_SECONDS): a retry of a stage killed hard finds
+        # its date's lock free to take over, not held (which would spend the try). A multiplier, not True: Airflow 3
+        # reads True as 1.0, a constant delay.
+        "retry_delay": timedelta(minutes=5),
+        "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=30),
         "on_failure_callback": log_failure,
         # A stage stuck (a hung executor) holds its date's lock, renewed while it runs: the timeout fails it, and

@@ -51,7 +51,12 @@ def test_dag_imports_cleanly_and_every_task_retries():
     assert [t.task_id for t in dag.tasks] == ["wait_for_catalog", "clean", "validate", "extract", "train", "score",
                                               "publish"]
     assert all(t.retries == 2 for t in dag.tasks)  # as promised (docs/promises.md); the sensor too: a lost worker
-    assert all(t.retry_exponential_backoff for t in dag.tasks if t.task_id != "wait_for_catalog")
+    # Backing off for real (Airflow 3 reads True as the multiplier 1.0: a constant 2 minutes), and the first retry
+    # not before a dead try's date lock may be taken over (it spent its tries on the lock).
+    from matcher.io.locks import STALE_AFTER_SECONDS
+
+    assert all(t.retry_exponential_backoff >= 2 for t in dag.tasks if t.task_id != "wait_for_catalog")
+    assert all(t.retry_delay.total_seconds() >= STALE_AFTER_SECONDS for t in dag.tasks)
     assert float(dag.get_task("wait_for_catalog").timeout) == 6 * 3600
     assert all(t.execution_timeout.total_seconds() == 6 * 3600 for t in dag.tasks)  # a stuck stage frees its date
     assert dag.schedule == "@daily"

@@ -60,6 +60,9 @@ _READ_TRIES = 3
 _UNREADABLE = object()
 
 
+STALE_AFTER_SECONDS = 300.0  # a lock not renewed this long (its holder died) may be taken over
+
+
 class DateLockedError(RuntimeError):
     """Another run holds the date; the message is one line naming it. Retryable: a later try may find it done."""
 
@@ -135,7 +138,8 @@ def _describe(doc: object, name: str) -> str:
 class DateLock:
     """A held lease on one partition date. `token` grows with every acquisition of the date (the fencing token)."""
 
-    def __init__(self, lake: Lake, dt: str, holder: str, stale_after: float = 300.0, heartbeat_every: float = 30.0,
+    def __init__(self, lake: Lake, dt: str, holder: str, stale_after: float = STALE_AFTER_SECONDS,
+                 heartbeat_every: float = 30.0,
                  run_id: str = "", run_claim_ttl: float = 2 * 3600.0, clock: Callable[[], float] = time.time):
         if not 0 < heartbeat_every * 3 <= stale_after:
             raise ValueError(f"heartbeat_every ({heartbeat_every}s) must be at most a third of stale_after "
@@ -362,7 +366,8 @@ class DateLock:
 
 
 @contextmanager
-def date_lock(lake: Lake, dt: str, holder: str, stale_after: float = 300.0, heartbeat_every: float = 30.0,
+def date_lock(lake: Lake, dt: str, holder: str, stale_after: float = STALE_AFTER_SECONDS,
+              heartbeat_every: float = 30.0,
               run_id: str = "", held: DateLock | None = None,
               clock: Callable[[], float] = time.time) -> Iterator[DateLock]:
     """Hold partition date `dt` of the lake while the block runs, or raise DateLockedError at once.

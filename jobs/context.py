@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Mapping
 
-from matcher.config import Config, ConfigError, dated, load_config
+from matcher.config import Config, ConfigError, dated, load_config, location_problem
 from matcher.io.lake import Lake, partition_date
 from matcher.io.locks import DateLock
 
@@ -27,6 +28,9 @@ class StageError(RuntimeError):
 CONFIG_ENV = "MATCHER_CONFIG"
 
 
+_MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one path segment of models/, never ".."
+
+
 def load_deployment_config(config_file: str, environ: Mapping[str, str], catalog: str = "",
                            lake: str = "") -> tuple[Config, str]:
     """(config, where it came from) of a scheduled run, for both its entry points (an Airflow task and the
@@ -39,10 +43,11 @@ def load_deployment_config(config_file: str, environ: Mapping[str, str], catalog
     if not (catalog or cfg.run.catalog):
         raise ConfigError(f"no catalog configured: set run.catalog in the TOML file named by ${CONFIG_ENV} "
                           f"(now {path or 'unset'}) or pass one (a run's conf {{\"catalog\": ...}}, --catalog)")
-    lake = lake or cfg.run.lake
-    if lake.startswith("file://") and not lake[len("file://"):].startswith("/"):
-        raise ConfigError(f"run.lake {lake} is relative, and Airflow workers run in their own directories, as do "
-                          f"Spark drivers: give an absolute file:///... or s3:// lake")
+    for key, value in (("run.lake", lake or cfg.run.lake), ("run.catalog", catalog or cfg.run.catalog)):
+        local = value[len("file://"):] if value.startswith("file://") else value if "://" not in value else "/"
+        if not local.startswith("/"):
+            raise ConfigError(f"{key} {value} is relative, and Airflow workers run in their own directories, as do "
+                              f"Spark drivers: give an absolute path, file:///... or s3:// location")
     return cfg, path or "embedded defaults"
 
 
@@ -61,6 +66,12 @@ class RunContext:
 
     def __post_init__(self) -> None:
         partition_date(self.date)
+        for key, value in (("catalog", self.catalog), ("lake", self.lake_uri)):
+            if value and (problem := location_problem(value)):
+                raise ConfigError(f"{key} {problem}")
+        if self.model_version and not _MODEL_VERSION.fullmatch(self.model_version):
+            raise ConfigError(f"model {self.model_version!r} is no model version (a name such as "
+                              f"2026-01-01-3f9c2a7b1d, as `matcher models` lists them)")
         self.catalog = dated(self.catalog or self.config.run.catalog, self.date)
         self.lake_uri = self.lake_uri or self.config.run.lake
 

@@ -184,11 +184,22 @@ def _spark_master(value: str) -> str:
     return value
 
 
-def _location(value: str) -> str:
-    """A lake or catalog location: a local path, file://, s3:// or s3a:// (what matcher.io.storage opens)."""
+def location_problem(value: str) -> str | None:
+    """What is wrong with a lake or catalog location, or None: a local path, file://, s3:// or s3a:// (what
+    matcher.io.storage opens), whose only placeholders are {ds} and {ds_nodash} (`dated`)."""
     scheme = value.split("://", 1)[0] if "://" in value else ""
     if scheme not in ("", "file", "s3", "s3a"):
-        raise ValueError(f"must be a local path, file:///path or s3://bucket/prefix, got {value!r}")
+        return f"must be a local path, file:///path or s3://bucket/prefix, got {value!r}"
+    rest = value.replace("{ds}", "").replace("{ds_nodash}", "")
+    if "{" in rest or "}" in rest:
+        return (f"may hold the placeholders {{ds}} and {{ds_nodash}} only (Jinja's {{{{ ds }}}} is not rendered "
+                f"here), got {value!r}")
+    return None
+
+
+def _location(value: str) -> str:
+    if problem := location_problem(value):
+        raise ValueError(problem)
     return value
 
 

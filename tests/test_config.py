@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from matcher.config import ConfigError, dump_toml, load_config
@@ -315,3 +317,17 @@ def test_candidates_auto_is_exact_up_to_the_documented_size_and_ann_above():
     exact = load_config(overrides={"score": {"candidates": "exact"}}).score
     ann = load_config(overrides={"score": {"candidates": "ann"}}).score
     assert not exact.uses_ann(10_000_000) and ann.uses_ann(10)
+
+
+@pytest.mark.parametrize("context, message", [
+    ({"model_version": "../../etc"}, "model '../../etc' is no model version"),
+    ({"catalog": "s3://b/c/dt={date}"}, "catalog may hold the placeholders {ds} and {ds_nodash} only"),
+    ({"lake_uri": "http://lake"}, "lake must be a local path"),
+])
+def test_a_runs_own_catalog_lake_and_model_are_checked_before_any_stage(context, message):
+    """A run's conf or command line named them past the config's checks: `model: "../../etc"` read models/../../etc
+    in the lake after clean, validate and extract had run; a catalog with Jinja's braces waited six hours."""
+    from jobs.context import RunContext
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunContext(load_config(), "2026-01-01", **context)

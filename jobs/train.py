@@ -58,11 +58,18 @@ def run(ctx: RunContext) -> dict:
         metrics["refit_seconds"] = served.seconds
     fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
     version = f"{ctx.date}-{fingerprint[:10]}"
-    location = save_model(ctx.lake, version, served.model,
-                          {"train": cfg.model_dump(), "data_fingerprint": fingerprint, "trained_for_date": ctx.date,
-                           "products": int(len(fs.product_ids)), "heldout": int(heldout.sum()),
-                           "served_fit": served_fit, "judged_fit_rows": result.rows, "served_rows": served.rows},
-                          metrics, result.history, judged=result.model if served is not result else None)
+    saved = _saved_metrics(ctx.lake, version, fingerprint)
+    if saved is not None:
+        # A version is written once: a rerun that trained the same data again keeps the files the gate judged and
+        # the dates were scored with (training on other hardware need not give the same bits).
+        metrics, location = saved, ctx.lake.display(Lake.model_dir(version))
+        log.info("train: model %s is saved already (the same data and settings): its files are kept", version)
+    else:
+        location = save_model(ctx.lake, version, served.model,
+                              {"train": cfg.model_dump(), "data_fingerprint": fingerprint, "trained_for_date": ctx.date,
+                               "products": int(len(fs.product_ids)), "heldout": int(heldout.sum()),
+                               "served_fit": served_fit, "judged_fit_rows": result.rows, "served_rows": served.rows},
+                              metrics, result.history, judged=result.model if served is not result else None)
 
     # Promotion gate: the new model against the current and the best served model, all on this held-out split.
     def evaluate_served(served_version: str) -> dict:
@@ -105,6 +112,17 @@ def run(ctx: RunContext) -> dict:
             "best_served_version": gate.best_version, "best_served_metrics": gate.best_metrics,
             "model_location": location, "report": ctx.lake.display(report), "served_fit": served_fit,
             "recipe": recipe_summary(result)}
+
+
+def _saved_metrics(lake: Lake, version: str, fingerprint: str) -> dict | None:
+    """The held-out metrics of `version` when it is saved whole from the same data and settings (its config names
+    the fingerprint and its weights are there), else None (not saved, or a save a crash cut short: saved again)."""
+    config = lake.read_json(Lake.model_file(version, "config"))
+    metrics = lake.read_json(Lake.model_file(version, "metrics"))
+    if not isinstance(config, dict) or config.get("data_fingerprint") != fingerprint or not isinstance(metrics, dict):
+        return None
+    whole = all(lake.exists(Lake.model_file(version, part)) for part in ("weights", "history"))  # saved first, last
+    return metrics if whole else None
 
 
 def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision, baselines, served_note) -> str:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from jobs.standalone_cluster import free_port, port_open
-from matcher.config import load_config
+from matcher.config import load_config, undated_catalog_warning
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
 
@@ -178,6 +178,7 @@ def test_the_compose_cluster_requires_spark_and_seaweedfs_secrets_from_files():
     example = load_config(DOCKER / "matcher.example.toml")
     assert example.spark.auth_secret_file == "/run/secrets/spark_secret"
     assert example.storage.s3_access_key == example.storage.s3_secret_key == ""
+    assert undated_catalog_warning(example.run.catalog) is None  # a rerun of an old date reads that date's snapshot
     security = services["s3"]["secrets"]
     assert security == [{"source": "seaweedfs_security", "target": "/etc/seaweedfs/security.toml"}]
     assert spec["secrets"]["seaweedfs_security"] == {"file": "./seaweedfs-security.toml"}

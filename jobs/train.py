@@ -102,8 +102,9 @@ def run(ctx: RunContext) -> dict:
     served_note = (f"Served: this recipe trained again on all {served.rows} products ({served.seconds:.1f} s), "
                    f"held-out rows included. Every figure here is of the judged fit ({result.rows} products, the "
                    "held-out rows never among them), which the gate compared." if served is not result else "")
-    ctx.lake.write_bytes(report, _report(ctx.date, version, result, fs, heldout, metrics,
-                                         previous_metrics, decision, baselines, served_note).encode())
+    if saved is None or not ctx.lake.exists(report):  # the kept version's report shows the kept model
+        ctx.lake.write_bytes(report, _report(ctx.date, version, result, fs, heldout, metrics,
+                                             previous_metrics, decision, baselines, served_note).encode())
     log.info("train: model %s in %.1fs; %s; %s", version, result.seconds, decision,
              {k: round(v, 3) for k, v in metrics.items() if isinstance(v, float)})
     return {"model_version": version, "promoted": promoted, "decision": decision, "metrics": metrics,
@@ -117,8 +118,11 @@ def run(ctx: RunContext) -> dict:
 def _saved_metrics(lake: Lake, version: str, fingerprint: str) -> dict | None:
     """The held-out metrics of `version` when it is saved whole from the same data and settings (its config names
     the fingerprint and its weights are there), else None (not saved, or a save a crash cut short: saved again)."""
-    config = lake.read_json(Lake.model_file(version, "config"))
-    metrics = lake.read_json(Lake.model_file(version, "metrics"))
+    try:
+        config = lake.read_json(Lake.model_file(version, "config"))
+        metrics = lake.read_json(Lake.model_file(version, "metrics"))
+    except ValueError:  # a document a crash cut short
+        return None
     if not isinstance(config, dict) or config.get("data_fingerprint") != fingerprint or not isinstance(metrics, dict):
         return None
     whole = all(lake.exists(Lake.model_file(version, part)) for part in ("weights", "history"))  # saved first, last

@@ -184,14 +184,17 @@ def _spark_master(value: str) -> str:
     return value
 
 
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{[A-Za-z_]\w*\}")  # Jinja's braces, or a {name} as `dated` would replace
+
+
 def location_problem(value: str) -> str | None:
     """What is wrong with a lake or catalog location, or None: a local path, file://, s3:// or s3a:// (what
     matcher.io.storage opens), whose only placeholders are {ds} and {ds_nodash} (`dated`)."""
     scheme = value.split("://", 1)[0] if "://" in value else ""
     if scheme not in ("", "file", "s3", "s3a"):
         return f"must be a local path, file:///path or s3://bucket/prefix, got {value!r}"
-    rest = value.replace("{ds}", "").replace("{ds_nodash}", "")
-    if "{" in rest or "}" in rest:
+    unknown = [m.group(0) for m in _PLACEHOLDER.finditer(value) if m.group(0) not in ("{ds}", "{ds_nodash}")]
+    if unknown:
         return (f"may hold the placeholders {{ds}} and {{ds_nodash}} only (Jinja's {{{{ ds }}}} is not rendered "
                 f"here), got {value!r}")
     return None

@@ -123,29 +123,38 @@ def test_a_pass_through_value_past_its_cap_is_cut_and_the_row_says_so(tmp_path):
 
 
 def test_a_product_id_repeated_with_failing_photos_is_given_up_after_a_few(tmp_path):
-    """Rows of one id are tried one after another: thousands of them, each photo slow or missing, held a task for
-    hours. After MAX_PHOTO_TRIES_PER_PRODUCT failures the id's further rows are quarantined unread."""
+    """Rows of one id are tried one after another: thousands of them, each photo on a server that times out, held a
+    task for hours. After MAX_PHOTO_TRIES_PER_PRODUCT unreadable photos the id's further rows are quarantined unread;
+    missing photos fail at once and do not count."""
+    import socket
+
     from matcher.steps.clean import GAVE_UP_DETAIL, MAX_PHOTO_TRIES_PER_PRODUCT
 
+    with socket.socket() as s:  # a port nothing listens on: each photo there is unreadable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     root = tmp_path / "catalog"
     (root / "images").mkdir(parents=True)
     (root / "images" / "ok.jpg").write_bytes(jpeg())
-    rows = [f"R,Row {i},,Lamps,images/missing-{i}.jpg" for i in range(MAX_PHOTO_TRIES_PER_PRODUCT + 20)]
+    rows = [f"R,Row {i},,Lamps,images/missing-{i}.jpg" for i in range(MAX_PHOTO_TRIES_PER_PRODUCT + 3)]
+    rows += [f"R,Row {i},,Lamps,http://127.0.0.1:{port}/{i}.jpg" for i in range(MAX_PHOTO_TRIES_PER_PRODUCT + 20)]
     rows += ["R,Good at last,,Lamps,images/ok.jpg", "S,Other,,Lamps,images/ok.jpg"]
     (root / "products.csv").write_text("product_id,title,description,category,image\n" + "\n".join(rows) + "\n")
-    reader = CatalogReader(str(root), load_config().storage)
+    cfg = load_config(overrides={"catalog": {"http_retries": 0, "http_allow_networks": ["127.0.0.1/32"]}})
+    reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
     reads = []
 
     def read_image(ref: str) -> bytes:
         reads.append(ref)
         return reader.read_image(ref)
 
-    result = clean_catalog(reader.read(), read_image, load_config().clean)
+    result = clean_catalog(reader.read(), read_image, cfg.clean)
     assert result.clean["product_id"].tolist() == ["S"]
     reasons = result.quarantine.groupby(["reason", "detail"]).size().to_dict()
-    assert reasons[("duplicate_product_id", GAVE_UP_DETAIL)] == 21
-    assert sum(n for (reason, _), n in reasons.items() if reason == "image_missing") == MAX_PHOTO_TRIES_PER_PRODUCT
-    assert len(reads) == MAX_PHOTO_TRIES_PER_PRODUCT + 1  # R's first five rows and S
+    assert reasons[("image_unreadable", GAVE_UP_DETAIL)] == 21
+    missing = sum(n for (reason, _), n in reasons.items() if reason == "image_missing")
+    assert missing == MAX_PHOTO_TRIES_PER_PRODUCT + 3  # each tried: a missing photo costs no time
+    assert len(reads) == missing + MAX_PHOTO_TRIES_PER_PRODUCT + 1  # R's missing, its five unreadable, and S
 
 
 @pytest.mark.parametrize("content, message", [

@@ -131,6 +131,39 @@ def test_a_quote_never_closed_past_the_record_limit_costs_its_own_line_not_the_r
     assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS) if i != 2]
 
 
+def test_a_quote_never_closed_on_the_first_record_past_the_limit_loses_none_after_it(tmp_path, monkeypatch):
+    """No record read yet to compare the swallowed lines' ids with: the open quote's own line gives the shape."""
+    import matcher.io.catalog as catalog
+
+    monkeypatch.setattr(catalog, "_CSV_FIELD_LIMIT", 800)
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[0] = lines[0].replace(b"Red cotton", b'"Red, cotton')
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert [(b["reason"], b["raw"][:8]) for b in raw.bad_lines] == [("unparseable_line", "SKU-0000")]
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(1, ROWS)]
+
+
+def test_a_csv_line_past_the_record_limit_is_read_past_not_held(tmp_path, monkeypatch):
+    """The csv module's field limit came after the text reader had built the whole line: one line of 300 MiB (a
+    300 KB gzip) took 720 MiB. A line is now read up to the limit (made small here), its record a bad line."""
+    import matcher.io.catalog as catalog
+
+    monkeypatch.setattr(catalog, "MAX_RECORD_CHARS", 500)
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[5] = b"SKU-0005," + b"y" * 5000 + b",Soft,Shirts,img/a.jpg"
+    lines[9] = b'SKU-0009,"Red' + b"z" * 5000 + b'",Soft,Shirts,img/a.jpg'  # inside a quoted field too
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert [(b["reason"], b["raw"][:8], b["detail"]) for b in raw.bad_lines] == [
+        ("unparseable_line", f"SKU-000{i}", f"line {i + 2}: a line over 500 characters, read no further")
+        for i in (5, 9)]
+    assert len(raw.bad_lines[0]["raw"]) <= 2000
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS) if i not in (5, 9)]
+
+
 def test_a_json_lines_record_past_the_record_limit_is_a_bad_line_read_past(tmp_path, monkeypatch):
     import matcher.io.catalog as catalog
 

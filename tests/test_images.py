@@ -28,6 +28,7 @@ def decoded(data: bytes) -> Image.Image:
     (Image.new("RGB", (30, 30), (0, 0, 255)), "WEBP"),
     (Image.new("RGB", (30, 20), (0, 0, 255)), "BMP"),
     (Image.new("RGB", (30, 20), (0, 0, 255)), "AVIF"),
+    (Image.new("RGB", (30, 20), (0, 0, 255)), "JPEG2000"),
 ])
 def test_any_mode_and_format_becomes_square_rgb_jpeg(img, fmt):
     out = canonicalize_image(encode(img, fmt), **LIMITS)

@@ -32,7 +32,7 @@ def _catalog(root) -> None:
     ids = [f"SKU-{i:03d}" for i in range(ROWS)]
     ids[10], ids[25], ids[33] = "SKU-000", "SKU-001", None
     images = [_jpeg()] * ROWS
-    images[0] = b"not a photo"
+    images[0] = b"\x00\x01 not a photo"  # binary (short UTF-8 text in a binary column is read as a reference)
     table = pa.table({"product_id": ids, "title": [f"Red shirt {i}" for i in range(ROWS)],
                       "description": ["soft"] * ROWS, "category": ["Shirts"] * ROWS,
                       "image": pa.array(images, pa.binary())})
@@ -65,8 +65,8 @@ def test_input_rows_are_the_rows_the_reader_read_across_splits(tmp_path, caplog)
 
 def _drop_one_clean_row(clean_images):
     """A deliberate fault: the image step loses the first product it cleans in a batch that has any."""
-    def lossy(candidates, kept, read_image, cfg):
-        good, bad = clean_images(candidates, kept, read_image, cfg)
+    def lossy(candidates, kept, read_image, cfg, failed=None):
+        good, bad = clean_images(candidates, kept, read_image, cfg, failed)
         return good.iloc[1:], bad
     return lossy
 

@@ -598,8 +598,8 @@ codecs.register_error(_ESCAPE, _undecodable_as_surrogates)
 
 # A field may legitimately be long (a description) or be damage (a runaway title); either way it is read and then
 # capped by the clean step, not dropped by the parser (csv's default limit is 128 KiB), up to a size no catalog
-# text reaches: past it a record is a bad line, so that a few compressed kilobytes (one field repeated, a quote
-# never closed) cannot hold gigabytes in an executor.
+# text reaches: past it (a CSV line or field, a JSON Lines line in bytes) the record is a bad line, so that a few
+# compressed kilobytes (one field repeated, a quote never closed) cannot hold gigabytes in an executor.
 MAX_RECORD_CHARS = 16 << 20
 # A chunk of rows ends at this many characters of fields too (at most a record more): 5,000 records of long fields
 # would otherwise be held at once.
@@ -650,31 +650,47 @@ def _csv_columns(text: str, delimiter: str = ",") -> list[str]:
 
 
 class _RawLines:
-    """The lines the csv module reads, kept until the record they make is taken: that record's raw text (up to
-    _MAX_KEPT_LINES lines: a quote left open on a large file's first line is not recovered, nor held twice)."""
+    """The lines the csv module reads, kept until the record they make is taken: that record's raw text, up to
+    _KEPT_CHARS characters (a quote left open on a large file's first line is not recovered past them, nor held
+    twice). A line is read up to MAX_RECORD_CHARS characters: the rest is read past, not held (`cut`), and the
+    csv module gets a line break in its place."""
 
     def __init__(self, stream: io.TextIOBase):
-        self._lines = iter(stream)
+        self._stream = stream
         self.taken: list[str] = []
+        self.read = 0  # lines since the last clear
+        self._kept = 0  # characters in taken
         self.overflowed = False
+        self.cut = False
 
     def clear(self) -> None:
         self.taken.clear()
-        self.overflowed = False
+        self.read = self._kept = 0
+        self.overflowed = self.cut = False
 
     def __iter__(self) -> "_RawLines":
         return self
 
     def __next__(self) -> str:
-        line = next(self._lines)
-        if len(self.taken) < _MAX_KEPT_LINES:
-            self.taken.append(line)
+        line = self._stream.readline(MAX_RECORD_CHARS + 1)
+        if not line:
+            raise StopIteration
+        self.read += 1
+        if len(line) > MAX_RECORD_CHARS and not line.endswith(("\n", "\r")):
+            self.cut = True
+            _skip_to_next_line(self._stream)
+            line, kept = "\n", line[:_RAW_CHARS]
+        else:
+            kept = line
+        if self._kept + len(kept) <= _KEPT_CHARS:
+            self.taken.append(kept)
+            self._kept += len(kept)
         else:
             self.overflowed = True
         return line
 
 
-_MAX_KEPT_LINES = 100_000
+_KEPT_CHARS = 2 * MAX_RECORD_CHARS
 _ID_SHAPE = re.compile(r"[0-9]+|[^\W\d_]+")
 _ID_SHAPE_RECORDS = 1000  # the ids whose shapes a swallowed line's first field is compared with
 
@@ -761,9 +777,10 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
             break
         except csv.Error as exc:  # a field past the limit (strict=False leaves few others): resumed at the next line
             # A quote left open is the usual cause: the records it swallowed up to there are read as such.
-            swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes)
-                         if len(lines.taken) > 1 and not lines.overflowed else [])
-            first = reader.line_num - len(lines.taken) + 1
+            first_id = lines.taken[0].split(delimiter, 1)[0] if lines.taken else ""  # the id the quote opened after
+            swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(first_id)})
+                         if len(lines.taken) > 1 and not lines.overflowed and not lines.cut else [])
+            first = reader.line_num - lines.read + 1
             bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS] if lines.taken else "",
                         "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {first}: {exc}"
                         + (f"; the {len(swallowed)} lines after it are whole records: they are read as such"
@@ -771,10 +788,16 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
             for record in swallowed:
                 take(record)
             continue
+        if lines.cut:  # the record held a line past the limit: read past, and not a row
+            bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS] if lines.taken else "",
+                        "reason": Reason.UNPARSEABLE_LINE,
+                        "detail": f"line {reader.line_num - lines.read + 1}: a line over {MAX_RECORD_CHARS} "
+                                  "characters, read no further"})
+            continue
         swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(fields[0])})
                      if len(lines.taken) > 1 and fields and not lines.overflowed else [])
         if swallowed:
-            first = reader.line_num - len(lines.taken) + 1
+            first = reader.line_num - lines.read + 1
             bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS], "reason": Reason.UNPARSEABLE_LINE,
                         "detail": f"line {first}: a quote opened on it is not closed there, and the "
                                   f"{len(swallowed)} lines after it are whole records: they are read as such"})
@@ -829,11 +852,11 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
 
 
 def _skip_to_next_line(stream) -> int:
-    """Read past the rest of the current line, a chunk at a time; the bytes skipped."""
+    """Read past the rest of the current line, a chunk at a time (a binary or a text stream); what was skipped."""
     skipped = 0
     while chunk := stream.readline(1 << 20):
         skipped += len(chunk)
-        if chunk.endswith(b"\n"):
+        if chunk.endswith((b"\n",) if isinstance(chunk, bytes) else ("\n", "\r")):
             break
     return skipped
 

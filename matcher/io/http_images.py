@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import logging
 import random
 import socket
 import ssl
@@ -135,6 +136,9 @@ def fetch_image(url: str, timeout: float, retries: int, max_bytes: int, backoff:
         except (OSError, http.client.HTTPException, Urllib3Error) as exc:  # timeouts, refused or dropped, DNS, TLS
             problem = f"{type(exc).__name__}: {exc} at {url[:200]}"
         except (ValueError, LookupError, TypeError) as exc:  # an answer the parsers choke on: the row's, not the task's
+            # Logged whole: a bug of ours would surface here as well, not only in the quarantine.
+            logging.getLogger("matcher").warning("an http image answer that could not be read: %s", url[:200],
+                                                 exc_info=True)
             raise ImageRejected(Reason.IMAGE_UNREADABLE,
                                 f"an answer that could not be read ({type(exc).__name__}: {exc}) at {url[:200]}"
                                 [:400]) from None
@@ -204,7 +208,7 @@ def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy, origin
         if left <= 0:
             raise TimeoutError(f"no answer in time ({BODY_DEADLINE_TIMEOUTS} timeouts, redirects and addresses "
                                f"included) at {url[:200]}{via}")
-        wait = min(timeout, left / BODY_DEADLINE_TIMEOUTS)  # each wait's own cut then ends by the deadline too
+        wait = min(timeout, left)  # a later hop or address has what is left of the deadline, up to a timeout
         try:
             response = _pool(scheme, host, port, ip, policy).urlopen(
                 "GET", target, headers=_HEADERS, retries=False, redirect=False, preload_content=False,

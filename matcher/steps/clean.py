@@ -181,10 +181,12 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
 
 
 DUPLICATE_DETAIL = "an earlier row with this product_id was kept"
-# Photos tried for one product_id before its further rows are quarantined unread: its rows are tried one after
-# another, so a catalog repeating an id thousands of times, each with a slow or missing photo, held a task for hours.
+# Unreadable photos (a store or server failing, slowly) of one product_id before its further rows are quarantined
+# unread: its rows are tried one after another, so a catalog repeating an id thousands of times, each photo on a
+# server that times out, held a task for hours. A missing or damaged photo fails at once and does not count.
 MAX_PHOTO_TRIES_PER_PRODUCT = 5
-GAVE_UP_DETAIL = f"not read: the photos of {MAX_PHOTO_TRIES_PER_PRODUCT} earlier rows with this product_id failed"
+GAVE_UP_DETAIL = (f"not read: the photos of {MAX_PHOTO_TRIES_PER_PRODUCT} earlier rows with this product_id were "
+                  "unreadable")
 
 
 def clean_images_one_per_product(candidates: pd.DataFrame, kept: set[str], read_image: Callable[[str], bytes],
@@ -194,24 +196,25 @@ def clean_images_one_per_product(candidates: pd.DataFrame, kept: set[str], read_
     (`_row`) whose photo is good is kept and its later rows are quarantined as duplicates (their photos never
     read). A row whose photo fails keeps its own reason and the product's next row is tried, so a bad first row
     does not cost the product its good one. `kept` holds the ids kept from earlier rows (a task's earlier
-    batches, in file order) and gains this call's; `failed`, the photos that failed by product_id, likewise: after
+    batches, in file order) and gains this call's; `failed`, the unreadable photos by product_id, likewise: after
     MAX_PHOTO_TRIES_PER_PRODUCT of them a product's further rows are quarantined unread."""
     pending = candidates.sort_values("_row", kind="stable")
     goods, quarantined = [], []
     failed = {} if failed is None else failed
     while True:
         gave_up = {pid for pid, n in failed.items() if n >= MAX_PHOTO_TRIES_PER_PRODUCT}
-        for ids, detail in ((kept, DUPLICATE_DETAIL), (gave_up, GAVE_UP_DETAIL)):
+        for ids, reason, detail in ((kept, Reason.DUPLICATE_PRODUCT_ID, DUPLICATE_DETAIL),
+                                    (gave_up, Reason.IMAGE_UNREADABLE, GAVE_UP_DETAIL)):
             unread = pending["product_id"].isin(ids)
             quarantined.append(pending.loc[unread, ["product_id", "raw"]].assign(
-                reason=Reason.DUPLICATE_PRODUCT_ID.value, detail=detail)[QUARANTINE_COLUMNS])
+                reason=reason.value, detail=detail)[QUARANTINE_COLUMNS])
             pending = pending[~unread]
         first = ~pending["product_id"].duplicated(keep="first")
         good, bad = clean_images(pending[first], read_image, cfg)
         goods.append(good)
         quarantined.append(bad)
         kept.update(good["product_id"])
-        for pid in bad["product_id"]:
+        for pid in bad.loc[bad["reason"] == Reason.IMAGE_UNREADABLE.value, "product_id"]:
             failed[pid] = failed.get(pid, 0) + 1
         pending = pending[~first]
         if pending.empty:

@@ -13,7 +13,7 @@ from matcher.steps.quarantine import Reason
 
 # The formats a catalog's photos come in. Pillow opens some 40 more (icons, scientific and print formats): an ICO
 # or ICNS decodes its pictures before their size is known, whatever size it declares, and EPS runs Ghostscript.
-PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "JPEG2000")
 # The size check below is ours (clean.max_image_pixels); Pillow's warning for sizes past its own default is noise.
 # Set once here: warnings.catch_warnings around each open is not thread-safe (the image threads share the filters).
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

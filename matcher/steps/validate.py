@@ -113,8 +113,9 @@ def _slim_table(clean: Any) -> Any:
 
 
 def max_image_nbytes_for(image_size: int) -> int:
-    """A bound no canonical photo of this side exceeds: an RGB JPEG at the clean stage's quality stays under 4
-    bytes a pixel even for noise, plus its headers (a larger file is not one the clean stage wrote)."""
+    """A bound no canonical photo of this side exceeds: an RGB JPEG of noise at quality 100 takes about 2 bytes a
+    pixel at 224 pixels a side (a tiny one more, for its tables), plus its headers (a larger file is not one the
+    clean stage wrote)."""
     return 4 * image_size * image_size + 65_536
 
 

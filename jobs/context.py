@@ -44,8 +44,8 @@ def load_deployment_config(config_file: str, environ: Mapping[str, str], catalog
         raise ConfigError(f"no catalog configured: set run.catalog in the TOML file named by ${CONFIG_ENV} "
                           f"(now {path or 'unset'}) or pass one (a run's conf {{\"catalog\": ...}}, --catalog)")
     for key, value in (("run.lake", lake or cfg.run.lake), ("run.catalog", catalog or cfg.run.catalog)):
-        local = value[len("file://"):] if value.startswith("file://") else value if "://" not in value else "/"
-        if not local.startswith("/"):
+        local = "://" not in value or value.startswith("file://")  # s3:// is absolute
+        if local and not value.removeprefix("file://").startswith("/"):
             raise ConfigError(f"{key} {value} is relative, and Airflow workers run in their own directories, as do "
                               f"Spark drivers: give an absolute path, file:///... or s3:// location")
     return cfg, path or "embedded defaults"

@@ -11,7 +11,14 @@ from jobs.context import RunContext, StageError, log
 from jobs.features_io import load_feature_set
 from jobs.validate import require_passed
 from matcher.io.lake import Lake
-from matcher.io.promotion import EvaluationFailed, GateError, GateSettings, NotComparable, run_gate
+from matcher.io.promotion import (
+    EvaluationFailed,
+    GateError,
+    GateSettings,
+    NotComparable,
+    rerun_decision,
+    run_gate,
+)
 from matcher.io.registry import (
     SERVED_JUDGED_FIT,
     SERVED_REFIT,
@@ -41,6 +48,11 @@ def run(ctx: RunContext) -> dict:
     fs = load_feature_set(ctx, "train", ctx.config.train.max_products)
     cfg = ctx.config.train
     spec = model_spec(cfg, fs.image_feats.shape[1], fs.text_feats.shape[1], fs.image_encoder, fs.text_encoder)
+    fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
+    version = f"{ctx.date}-{fingerprint[:10]}"
+    kept = _earlier_night(ctx, version, fingerprint)
+    if kept is not None:
+        return kept
     result, heldout = train_on_split(fs.image_feats, fs.text_feats, fs.product_ids, spec, cfg)
     score = ctx.config.score  # R@10 also as the published hubness columns rank (the bank: this sample's products)
     bank = (bank_rows(fs.product_ids, score.hubness_bank), score.hubness_temperature)
@@ -56,8 +68,6 @@ def run(ctx: RunContext) -> dict:
     if cfg.serve_refit and heldout.any():
         served, served_fit = refit_on_all_rows(result, fs.image_feats, fs.text_feats, cfg), SERVED_REFIT
         metrics["refit_seconds"] = served.seconds
-    fingerprint = training_fingerprint(fs.content_hashes, spec, cfg)
-    version = f"{ctx.date}-{fingerprint[:10]}"
     saved = _saved_metrics(ctx.lake, version, fingerprint)
     if saved is not None:
         # A version is written once: a rerun that trained the same data again keeps the files the gate judged and
@@ -113,6 +123,20 @@ def run(ctx: RunContext) -> dict:
             "best_served_version": gate.best_version, "best_served_metrics": gate.best_metrics,
             "model_location": location, "report": ctx.lake.display(report), "served_fit": served_fit,
             "recipe": recipe_summary(result)}
+
+
+def _earlier_night(ctx: RunContext, version: str, fingerprint: str) -> dict | None:
+    """A rerun of a date whose earlier night trained and saved this same version (the same data and settings) and
+    decided on it: that night's statistics, with its decision kept as the gate keeps it, without training again.
+    None when there is no such night, or its model's files are not all there (then the stage trains)."""
+    earlier = ctx.stage_stats("train")
+    if not earlier or earlier.get("model_version") != version or not earlier.get("date_model"):
+        return None
+    if _saved_metrics(ctx.lake, version, fingerprint) is None:
+        return None
+    log.info("train: model %s was trained and judged for %s already (the same data and settings): not trained "
+             "again", version, ctx.date)
+    return {**{k: v for k, v in earlier.items() if k != "seconds"}, "decision": rerun_decision(ctx.date, earlier)}
 
 
 def _saved_metrics(lake: Lake, version: str, fingerprint: str) -> dict | None:

@@ -16,6 +16,7 @@ from matcher.io.lake import Lake
 from matcher.io.locks import DateLockedError, date_lock
 from matcher.io.registry import current_version, model_for_date, promote
 from matcher.steps.model import ModelError
+from matcher.steps.train import train_on_split
 from tests.synthetic import write_synthetic_partition
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
@@ -170,14 +171,18 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
     assert current_version(second.lake) == v2 != v1
 
     again = _ctx(tmp_path, D1)
-    # Training D1 again trains the same model: the date keeps its first night's decision, not a gate against v2,
-    # and v1's files as they were (they overwrote the judged model in place; other hardware may give other bits).
+    # Training D1 again would train the same model: the date keeps its first night's decision, not a gate against
+    # v2, and v1's files as they were (other hardware may give other bits), without training it again.
     import jobs.train
 
     def rewrite(*args, **kwargs):
         raise AssertionError("a saved model version was written again")
 
+    def train_again(*args, **kwargs):
+        raise AssertionError("a date's saved and judged model was trained again")
+
     monkeypatch.setattr(jobs.train, "save_model", rewrite)
+    monkeypatch.setattr(jobs.train, "train_on_split", train_again)
     retrained = run_stage("train", again)
     assert retrained["model_version"] == v1 and retrained["date_model"] == v1, retrained["decision"]
     assert retrained["decision"].startswith(f"rerun of {D1}: the model its earlier night trained")
@@ -201,6 +206,12 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
 
     # --model overrides the pin.
     assert run_stage("score", _ctx(tmp_path, D1, model_version=v2))["model_version"] == v2
+
+    # A night that saved its model and stopped before its statistics: the rerun trains (nothing says what was
+    # decided), and keeps the saved version's files.
+    again.lake.delete_file_quietly(Lake.stage_stats_file(D1, "train"))
+    monkeypatch.setattr(jobs.train, "train_on_split", train_on_split)
+    assert run_stage("train", _ctx(tmp_path, D1))["model_version"] == v1
 
 
 def test_one_writer_per_date(tmp_path):

@@ -109,6 +109,16 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
     return True, f"{metric} {new_value:.4f} vs {against} (tolerance {tolerance}, against the best)", []
 
 
+def rerun_decision(date: str, earlier: dict) -> str:
+    """The decision of a rerun of `date` that trained the model its earlier night trained (`earlier`: that night's
+    train statistics): that night's, said to be kept."""
+    then = str(earlier.get("decision"))
+    if then.startswith(f"rerun of {date}:"):
+        return then
+    return (f"rerun of {date}: the model its earlier night trained ({earlier['model_version']}); the date keeps "
+            f"{earlier['date_model']}, as decided then ({then})")
+
+
 def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: tuple[str, str], below_baseline: str,
              evaluate: Evaluate, settings: GateSettings, holder: str,
              fence: Callable[[], None] | None = None, earlier: dict | None = None) -> GateOutcome:
@@ -118,13 +128,10 @@ def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: t
     model keeps that night's decision (the registry may have moved on since; a rerun must not judge the date
     against models trained after it). Raises GateError when the gate cannot decide."""
     if earlier and earlier.get("model_version") == version and earlier.get("date_model"):
-        then = str(earlier.get("decision"))
         # promoted: as that night promoted it (the rerun writes no registry file): the date's model source says so
         return GateOutcome(bool(earlier.get("gate_passed")), bool(earlier.get("promoted")),
-                           then if then.startswith(f"rerun of {date}:") else
-                           f"rerun of {date}: the model its earlier night trained ({version}); the date keeps "
-                           f"{earlier['date_model']}, as decided then ({then})",
-                           earlier["date_model"], earlier.get("previous_version"), earlier.get("previous_metrics"),
+                           rerun_decision(date, earlier), earlier["date_model"], earlier.get("previous_version"),
+                           earlier.get("previous_metrics"),
                            earlier.get("best_served_version"), earlier.get("best_served_metrics"),
                            list(earlier.get("warnings") or []))
     key = encoders_key(*encoders)

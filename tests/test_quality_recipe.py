@@ -177,12 +177,15 @@ def test_a_recipe_without_the_closed_form_start_fits_the_gate_baselines_itself()
 
     split = split_rows(ids, cfg)
     used = split.fit | split.validation
-    want = fit_baselines(img[used], txt[used], split.validation[used], closed_form_folds(cfg, int(used.sum())),
+    assert cfg.image_power != 1.0  # the baselines read the photo features powered, as the heads do
+    powered = _powered(img, cfg.image_power)
+    want = fit_baselines(powered[used], txt[used], split.validation[used], closed_form_folds(cfg, int(used.sum())),
                          ids[used])
     got = gate_baselines(result, img, txt, ids, split, cfg)
     for name in want:
         assert got[name].params == want[name].params
-        np.testing.assert_allclose(got[name].embed_images(img), want[name].embed_images(img), atol=1e-6)
+        assert got[name].image_std.power == cfg.image_power
+        np.testing.assert_allclose(got[name].embed_images(img), want[name].embed_images(powered), atol=1e-6)
 
 
 def _standardised_model(spec, img, txt):

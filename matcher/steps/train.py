@@ -540,9 +540,19 @@ def train_on_split(image_feats: np.ndarray, text_feats: np.ndarray, product_ids:
 def gate_baselines(result: TrainResult, image_feats: np.ndarray, text_feats: np.ndarray, product_ids: np.ndarray,
                    split: Split, cfg: TrainConfig) -> dict[str, LinearPair]:
     """The closed-form baselines the promotion gate compares with: those the heads' start was chosen among, or (a
-    recipe without that start) fitted now the same way, on the split's training and validation rows."""
+    recipe without that start) fitted now the same way, on the split's training and validation rows, read as the
+    heads read them (their columns, photo features powered)."""
     if result.baselines is not None:
         return result.baselines
     used = split.fit | split.validation
-    return fit_baselines(image_feats[used], text_feats[used], split.validation[used],
-                         closed_form_folds(cfg, int(used.sum())), np.asarray(product_ids)[used])
+    image_head, text_head = result.model.image_head, result.model.text_head
+    fitted = fit_baselines(_head_inputs(image_head, image_feats[used]), _head_inputs(text_head, text_feats[used]),
+                           split.validation[used], closed_form_folds(cfg, int(used.sum())),
+                           np.asarray(product_ids)[used])
+    return {name: replace(pair, image_std=replace(pair.image_std, power=image_head.power, columns=image_head.columns),
+                          text_std=replace(pair.text_std, power=text_head.power, columns=text_head.columns))
+            for name, pair in fitted.items()}
+
+
+def _head_inputs(head, x: np.ndarray) -> np.ndarray:
+    return Standardiser(0.0, 1.0, power=head.power, columns=head.columns).inputs(x)

@@ -41,13 +41,22 @@ def test_the_defaults_the_docs_state_are_the_defaults(doc, words, key, value):
     assert getattr(getattr(load_config(), section), name) == value, f"{key}: {doc} says {words!r}"
 
 
-def test_extract_reuses_features_from_the_7_partitions_the_readme_states():
+def test_extract_reuses_features_from_the_7_partitions_the_readme_states(tmp_path):
     from pathlib import Path
 
-    from jobs.extract import REUSE_LOOKS
+    from jobs.extract import REUSE_LOOKS, reuse_source
+    from matcher.io.lake import Lake
+    from tests.synthetic import IMAGE_ENCODER, TEXT_ENCODER, write_synthetic_partition
 
     readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8").split())
     assert f"the newest of the last {REUSE_LOOKS} feature partitions" in readme
+    # The README's number is the code's: the partition 7 back (this one included) is reused, the one 8 back is not.
+    lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
+    dates = [f"2026-01-{day:02d}" for day in range(1, 10)]
+    for date in dates:
+        write_synthetic_partition(lake, date, n=3, image_encoder=IMAGE_ENCODER if date == dates[1] else "other@1")
+    assert reuse_source(lake, dates[7], IMAGE_ENCODER, TEXT_ENCODER) == dates[1]
+    assert reuse_source(lake, dates[8], IMAGE_ENCODER, TEXT_ENCODER) is None
 
 
 def test_file_overrides_subset(tmp_path):

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from pyarrow import fs
 
 from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
@@ -204,8 +205,18 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
     stats = run_stage("score", _ctx(tmp_path, D3))
     assert stats["model_version"] == v2 and stats["model_source"] == "pinned by this date's manifest"
 
-    # --model overrides the pin.
-    assert run_stage("score", _ctx(tmp_path, D1, model_version=v2))["model_version"] == v2
+    # --model overrides the pin, trains nothing, and moves neither current.json nor the date's own train record.
+    registry, own = again.lake.read_bytes("models/current.json"), again.lake.read_bytes(
+        Lake.stage_stats_file(D1, "train"))
+    models = sorted(i.path for i in again.lake.fs.get_file_info(fs.FileSelector(again.lake.path("models"))))
+    rescore = _ctx(tmp_path, D1, model_version=v2)
+    assert "skipped" in run_stage("train", rescore)
+    assert run_stage("score", rescore)["model_version"] == v2
+    run_stage("publish", rescore)
+    assert again.lake.manifest(D1)["model_version"] == v2
+    assert again.lake.read_bytes("models/current.json") == registry and current_version(again.lake) == v1
+    assert again.lake.read_bytes(Lake.stage_stats_file(D1, "train")) == own
+    assert sorted(i.path for i in again.lake.fs.get_file_info(fs.FileSelector(again.lake.path("models")))) == models
 
     # A night that saved its model and stopped before its statistics: the rerun trains (nothing says what was
     # decided), and keeps the saved version's files.
@@ -238,6 +249,15 @@ def test_matcher_run_exits_75_for_a_busy_date_and_1_for_bad_input(tmp_path, caps
         assert main(["-q", "run", "--config", str(config), "--date", D1, "--steps", "clean"]) == 75
     assert "is being run by another run" in capsys.readouterr().err
     assert main(["-q", "run", "--config", str(config), "--date", D1, "--steps", "train"]) == 1  # not validated
+    err = capsys.readouterr().err
+    assert "no validation result for 2026-01-01: run the validate stage first" in err and "bug" not in err, err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "products.csv").write_text("sku,name\n1,a shirt\n", encoding="utf-8")  # no product_id, title, image
+    config.write_text(dump_toml({"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(bad)}}))
+    assert main(["-q", "run", "--config", str(config), "--date", D2, "--steps", "clean"]) == 1
+    err = capsys.readouterr().err
+    assert "lacks required columns" in err and "bug" not in err and "Traceback" not in err, err
 
 
 def test_two_airflow_runs_of_one_date_cannot_interleave_stages(tmp_path):

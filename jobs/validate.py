@@ -5,6 +5,7 @@ later stage and publish refuse a clean table that is not that attempt."""
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
@@ -14,7 +15,10 @@ from jobs.spark_lake import read_partition
 from matcher.io.lake import Lake
 from matcher.io.tables import table_schema
 from matcher.steps.quarantine import Reason
-from matcher.steps.validate import HEAVY_COLUMNS, render_html, validate_night
+from matcher.steps.validate import HEAVY_COLUMNS, FrameToValidate, render_html, validate_night
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
 
 
 def run(ctx: RunContext) -> dict:
@@ -26,18 +30,15 @@ def run(ctx: RunContext) -> dict:
     if clean_stats.get("attempt") not in (None, judged["attempt"]):  # the run suite judges these statistics
         raise StageError("validate", f"the clean statistics are for attempt {clean_stats['attempt']} but the clean "
                                      f"table is attempt {judged['attempt']}: rerun clean")
-    from pyspark.sql import functions as F
-
-    # Executors read the clean parts without the image bytes; the suites see those columns as typed stand-ins.
+    # Executors read the clean parts without the image bytes; the suites see those columns as stand-ins.
     schema = pq.read_schema(files[0], filesystem=ctx.lake.fs) if files else table_schema("clean")
     light = [c for c in schema.names if c not in HEAVY_COLUMNS]
     clean = read_partition(get_spark(ctx.config.spark, ctx.lake), ctx.lake, "clean", ctx.date, columns=light,
                            schema=schema)
-    for column in HEAVY_COLUMNS:
-        if column in schema.names:
-            clean = clean.withColumn(column, F.lit(None).cast("binary" if column == "image_bytes" else "array<string>"))
+    heavy = [c for c in HEAVY_COLUMNS if c in schema.names]
     cfg = ctx.config.validate
-    outcome = validate_night(clean, clean_stats, cfg.clean_suite, cfg.run_suite, cfg.max_quarantine_rate,
+    outcome = validate_night(spark_frame_to_validate(clean, heavy), clean_stats, cfg.clean_suite, cfg.run_suite,
+                             cfg.max_quarantine_rate,
                              max_title_chars=ctx.config.clean.max_title_chars,
                              image_size=ctx.config.clean.image_size)
     report = Lake.validation_report_file(ctx.date)
@@ -48,6 +49,18 @@ def run(ctx: RunContext) -> dict:
                          + f" (report: {ctx.lake.display(report)})")
     log.info("validate: passed")
     return {"success": True, "report": ctx.lake.display(report)}
+
+
+def spark_frame_to_validate(clean: DataFrame, heavy: list[str] | None = None) -> FrameToValidate:
+    """A Spark clean table as the suites read it on the executors: without its heavy columns (`heavy`: those the
+    table has, read or not; by default those of `clean`), each stood in for by a literal (the table is never
+    collected), through GE's Spark data source, which persists the frame on the executors for its several metric
+    passes: released once the suite ran."""
+    heavy = [c for c in HEAVY_COLUMNS if c in clean.columns] if heavy is None else heavy
+    light = clean.selectExpr(*[f"`{c}`" for c in clean.columns if c not in HEAVY_COLUMNS],
+                             *[f"1 AS `{c}`" for c in heavy])
+    return FrameToValidate(light, lambda gx_context: gx_context.data_sources.add_spark("frames", persist=True),
+                           light.unpersist)
 
 
 # Reasons a setting, not the catalog, may explain: a whole night quarantined for one of them is most often the config.

@@ -34,8 +34,10 @@ def engine(request):
     """A function turning a pandas clean table into the frame this engine validates."""
     if request.param == "pandas":
         return lambda df: df
+    from jobs.validate import spark_frame_to_validate
+
     session = request.getfixturevalue("spark")
-    return lambda df: session.createDataFrame(df)
+    return lambda df: spark_frame_to_validate(session.createDataFrame(df))
 
 
 def failed_expectations(outcome):
@@ -150,6 +152,8 @@ def test_spark_validation_never_reads_the_heavy_columns_nor_collects_the_table(s
     from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
+    from jobs.validate import spark_frame_to_validate
+
     # Read on the executors like the lake's table; evaluating either heavy column fails the Spark job, so passing
     # proves they were pruned away.
     spark.createDataFrame(clean_frame(50).drop(columns=["image_bytes", "tokens"])).write.parquet(str(tmp_path / "c"))
@@ -166,14 +170,15 @@ def test_spark_validation_never_reads_the_heavy_columns_nor_collects_the_table(s
 
     monkeypatch.setattr(DataFrame, "toPandas", no_to_pandas)
     cached_before = spark.sparkContext._jsc.getPersistentRDDs().size()
-    outcome = validate_night(sdf, {**STATS, "clean_rows": 50, "input_rows": 50}, "clean_products", "run_stats", 0.2)
+    outcome = validate_night(spark_frame_to_validate(sdf), {**STATS, "clean_rows": 50, "input_rows": 50},
+                             "clean_products", "run_stats", 0.2)
     assert outcome.success, outcome.failures()
     # GE's persisted copy of the slimmed table is released afterwards.
     assert spark.sparkContext._jsc.getPersistentRDDs().size() == cached_before
 
 
 def test_validate_night_rejects_other_inputs():
-    with pytest.raises(TypeError, match="pandas or a Spark DataFrame"):
+    with pytest.raises(TypeError, match="a pandas DataFrame or a FrameToValidate, not list"):
         validate_night([{"product_id": "p0"}], STATS, "clean_products", "run_stats", 0.2)
 
 

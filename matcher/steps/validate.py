@@ -1,9 +1,9 @@
 """The validation gate: Great Expectations suites from schemas/ over the clean table and the night's statistics.
 
-The clean table may be a pandas DataFrame or a Spark DataFrame. A Spark one is validated by GE's Spark datasource on
-the executors (GE computes aggregates and at most a few sample rows of failures; the table is never collected); this
-step never imports pyspark, it uses the frame's own methods. The suites are engine-neutral: type expectations list
-both the pandas/Python names and the Spark type names, and each engine ignores the names it does not know.
+The clean table is a pandas DataFrame, or a FrameToValidate: a frame of another engine with the GE data source that
+reads it where it lives (jobs/validate.py makes one of a Spark DataFrame, validated on the executors, never
+collected). This step knows no engine but pandas. The suites are engine-neutral: type expectations list both the
+pandas/Python names and the Spark type names, and each engine ignores the names it does not know.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -50,14 +50,30 @@ def _gx():
     return gx
 
 
-def _is_spark_frame(df: Any) -> bool:
-    """True for a pyspark.sql.DataFrame (classic or Connect), told by its type alone: this step never imports
-    pyspark, it uses the frame's own methods."""
-    return not isinstance(df, pd.DataFrame) and type(df).__module__.startswith("pyspark.sql")
+@dataclass(frozen=True)
+class FrameToValidate:
+    """A clean table as Great Expectations reads it: the frame, its heavy columns (HEAVY_COLUMNS) already stood in
+    for by cheap literals; the GE data source for its engine (given GE's context, added under the name "frames");
+    and what to let go of once the suite ran (an engine's cache of the frame)."""
+    frame: Any
+    add_source: Callable[[Any], Any]
+    release: Callable[[], None] = lambda: None
 
 
-def _validate_frame(df: Any, spec: dict, parameters: dict) -> dict:
-    """Validate one suite over a pandas DataFrame or a Spark DataFrame (by GE's matching datasource)."""
+def pandas_frame_to_validate(clean: pd.DataFrame) -> FrameToValidate:
+    """A pandas clean table without its heavy columns; their names stay visible as literal stand-in columns, since
+    the column-set expectation is about the table."""
+    if not isinstance(clean, pd.DataFrame):
+        raise TypeError(f"validate_night needs a pandas DataFrame or a FrameToValidate, not {type(clean).__name__}")
+    table = clean.drop(columns=[c for c in HEAVY_COLUMNS if c in clean.columns])
+    for c in HEAVY_COLUMNS:
+        if c in clean.columns:
+            table[c] = 1
+    return FrameToValidate(table, lambda ctx: ctx.data_sources.add_pandas("frames"))
+
+
+def _validate_frame(table: FrameToValidate, spec: dict, parameters: dict) -> dict:
+    """Validate one suite over a frame, through the data source of its engine."""
     gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.registry import get_expectation_impl
@@ -66,17 +82,13 @@ def _validate_frame(df: Any, spec: dict, parameters: dict) -> dict:
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     expectations = [get_expectation_impl(e["type"])(**e["kwargs"]) for e in spec["expectations"]]
     suite = gx.ExpectationSuite(name=spec["name"], expectations=expectations)
-    spark = _is_spark_frame(df)
-    # The Spark datasource reuses the running session; persist=True caches the (slimmed) frame on the executors so
-    # that GE's several metric passes do not each recompute it; it is unpersisted below.
-    source = ctx.data_sources.add_spark("frames", persist=True) if spark else ctx.data_sources.add_pandas("frames")
+    source = table.add_source(ctx)
     try:
         batch = (source.add_dataframe_asset(spec["name"]).add_batch_definition_whole_dataframe("whole")
-                 .get_batch(batch_parameters={"dataframe": df}))
+                 .get_batch(batch_parameters={"dataframe": table.frame}))
         result = batch.validate(suite, expectation_parameters=parameters).to_json_dict()
     finally:
-        if spark:
-            df.unpersist()
+        table.release()
     failed = []
     for r in result["results"]:
         if not r["success"]:
@@ -97,21 +109,6 @@ def observed_text(result: dict) -> str:
     return f"{result['unexpected_count']} row{'s' if result['unexpected_count'] != 1 else ''} outside{values}"
 
 
-def _slim_table(clean: Any) -> Any:
-    """The clean table without its heavy columns; their names stay visible as cheap literal stand-in columns, since
-    the column-set expectation is about the table."""
-    if _is_spark_frame(clean):
-        return clean.selectExpr(*[f"`{c}`" for c in clean.columns if c not in HEAVY_COLUMNS],
-                                *[f"1 AS `{c}`" for c in HEAVY_COLUMNS if c in clean.columns])
-    if not isinstance(clean, pd.DataFrame):
-        raise TypeError(f"validate_night needs a pandas or a Spark DataFrame, not {type(clean).__name__}")
-    table = clean.drop(columns=[c for c in HEAVY_COLUMNS if c in clean.columns])
-    for c in HEAVY_COLUMNS:
-        if c in clean.columns:
-            table[c] = 1
-    return table
-
-
 def max_image_nbytes_for(image_size: int) -> int:
     """A bound no canonical photo of this side exceeds: an RGB JPEG of noise at quality 100 takes about 2 bytes a
     pixel at 224 pixels a side (a tiny one more, for its tables), plus its headers (a larger file is not one the
@@ -119,24 +116,24 @@ def max_image_nbytes_for(image_size: int) -> int:
     return 4 * image_size * image_size + 65_536
 
 
-def validate_night(clean: Any, stats: dict, clean_suite: str, run_suite: str, max_quarantine_rate: float,
-                   schemas_dir: Path = SCHEMAS_DIR, max_title_chars: int = 300,
+def validate_night(clean: pd.DataFrame | FrameToValidate, stats: dict, clean_suite: str, run_suite: str,
+                   max_quarantine_rate: float, schemas_dir: Path = SCHEMAS_DIR, max_title_chars: int = 300,
                    image_size: int = 224) -> ValidationOutcome:
     """Run the clean-table suite and the run-statistics suite; success only if both pass. The suites' parameters:
     `max_quarantine_rate`; `max_title_chars` and `image_size`, the clean stage's cut and photo side
     (clean.max_title_chars, clean.image_size), which the shipped suite checks the titles and photos against; and
     `max_image_nbytes`, the most a JPEG of that side can take (`max_image_nbytes_for`).
 
-    `clean` is a pandas DataFrame or a pyspark.sql.DataFrame; a Spark one is validated where it lives, never collected.
+    `clean`: a pandas DataFrame, or a FrameToValidate (another engine's frame, validated where it lives).
     """
-    table = _slim_table(clean)
+    table = clean if isinstance(clean, FrameToValidate) else pandas_frame_to_validate(clean)
     run_stats = pd.DataFrame([{"quarantine_rate": float(stats["quarantine_rate"]),
                                "clean_rows": int(stats["clean_rows"]), "input_rows": int(stats["input_rows"])}])
     params = {"max_quarantine_rate": max_quarantine_rate, "max_title_chars": max_title_chars,
               "image_size": image_size, "max_image_nbytes": max_image_nbytes_for(image_size)}
     results = [
         _validate_frame(table, load_suite_spec(clean_suite, schemas_dir), params),
-        _validate_frame(run_stats, load_suite_spec(run_suite, schemas_dir), params),
+        _validate_frame(pandas_frame_to_validate(run_stats), load_suite_spec(run_suite, schemas_dir), params),
     ]
     return ValidationOutcome(success=all(r["success"] for r in results), results=results)
 

@@ -505,7 +505,7 @@ def main() -> int:
                                       hubness_bank=bank), result.seconds)
 
     # Recommendation precision@10 after re-ranking each product's top-50 with the matching network.
-    from matcher.steps.evaluate import embed, model_pair_scorer
+    from matcher.steps.evaluate import cross_match, embed, model_pair_scorer
     from matcher.steps.scoring import rerank, topk
 
     z, u, v = embed(result.model, fs.image_feats, fs.text_feats)
@@ -513,7 +513,7 @@ def main() -> int:
     test = np.nonzero(heldout & (fs.categories != ""))[0]
     sim, cand = topk(v[test], v, 51, exclude=test)
     for weight in (0.3, 0.6):
-        _, _, idx = rerank(sim, cand, lambda p, q: (pair(q, test[p]) + pair(test[p], q)) / 2, 10, weight)
+        _, _, idx = rerank(sim, cand, lambda p, q: cross_match(pair, test[p], q), 10, weight)
         precision = float((fs.categories[idx] == fs.categories[test][:, None]).mean())
         rows[f"+ rerank w={weight}"] = ({"recommendation_precision_at_10": precision}, 0.0)
 

@@ -39,7 +39,7 @@ with DAG(
         "max_retry_delay": timedelta(minutes=30),
         "on_failure_callback": log_failure,
         # A stage stuck (a hung executor) holds its date's lock, renewed while it runs: the timeout fails it, and
-        # its retry or the next night can go on. Far above a night's stage (a million products: under an hour).
+        # its retry or the next night can go on. Far above a night's stage at the scale docs/benchmarks.md measured.
         "execution_timeout": timedelta(hours=6),
     },
     params={

@@ -31,7 +31,7 @@ from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import Lake
 from matcher.io.tables import table_schema
 from matcher.steps.ann import ListIndex, search_lists
-from matcher.steps.evaluate import model_pair_scorer
+from matcher.steps.evaluate import cross_match, model_pair_scorer
 from matcher.steps.model import MatcherModel, ModelSpec
 from matcher.steps.scoring import recommendation_table, topk_over_blocks
 from matcher.steps.vectors import vector_matrix
@@ -128,8 +128,7 @@ def _recommend_block(lake: Lake, parts: list[VectorPart], query: VectorPart, mod
         u = np.concatenate([u_q, _vectors(items, "u")])
         pair = model_pair_scorer(model, z, u)
         c = len(z_q) + local
-        # The mean of (candidate's photo, query's text) and (query's photo, candidate's text).
-        match[inside] = (pair(c, rows) + pair(rows, c)) / 2
+        match[inside] = cross_match(pair, rows, c)
         rec_ids[inside] = items.column("product_id").to_numpy(zero_copy_only=False)[local]
     table = recommendation_table(q.column("product_id").to_numpy(zero_copy_only=False), cands, rec_ids, similarity,
                                  match, k, weight, version)

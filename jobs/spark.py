@@ -70,8 +70,8 @@ def spark_settings(cfg: SparkConfig, submitted: bool | None = None,
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.driver.maxResultSize": cfg.max_result_size,
         # No automatic broadcast joins: a broadcast table is collected to the driver first, so the driver would
-        # hold a slice of the catalog that grows with it (the clean table's side of the feature join, ~10 MB at
-        # 200k products). Joins shuffle on executors instead; explicit broadcast hints of small lists still work.
+        # hold a slice of the catalog that grows with it (the clean table's side of the feature join). Joins
+        # shuffle on executors instead; explicit broadcast hints of small lists still work.
         "spark.sql.autoBroadcastJoinThreshold": "-1",
         "spark.sql.adaptive.autoBroadcastJoinThreshold": "-1",
     })

@@ -17,7 +17,7 @@ MD5_PREFIX_SPACE = 16 ** 12  # first_by_md5's filter key: md5(product_id)'s firs
 
 def first_by_md5(frame: DataFrame, size: int, n: int, columns: list[str]) -> pa.Table:
     """The `size` rows of `frame` (n rows) first by md5(product_id), then product_id, chosen on executors, as an
-    Arrow table (Rows of Python floats took about ten times its memory): the driver receives `size` rows whatever
+    Arrow table (Rows of Python floats take many times its memory): the driver receives `size` rows whatever
     n is (the ordered limit's last merge runs on an executor when collected as Arrow)."""
     if size <= 0:
         return frame.select(*columns).limit(0).toArrow()

@@ -76,7 +76,7 @@ class Written:
 
 
 # A part file's row groups: Spark hands a task's rows over in batches of spark.arrow_batch_size (256), and a row group
-# each made files three times larger, their footers a quarter of them, and every reader's scan slower. The bytes
+# each made files several times larger (mostly footers) and every reader's scan slower. The bytes
 # bound keeps the clean table's groups (photos) small: the run report reads whole groups to show a few products.
 ROW_GROUP_ROWS, ROW_GROUP_BYTES = 65_536, 8 << 20
 

@@ -17,6 +17,7 @@ from matcher.steps.clean import (
     clean_images_one_per_product,
     clean_text_rows,
 )
+from matcher.steps.evaluate import cross_match
 from matcher.steps.scoring import topk
 
 
@@ -67,13 +68,13 @@ def cross_match_scorer(pair: Callable[[np.ndarray, np.ndarray], np.ndarray]
     """(p, q) -> the mean of pair(q, p) and pair(p, q), `pair` being the matching network's probability for
     (photo, text): does q's photo go with p's text, and p's photo with q's text? That is symmetric in p and q, so
     a pair found in both products' candidate lists is scored once."""
-    def cross_match(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def each_pair_once(p: np.ndarray, q: np.ndarray) -> np.ndarray:
         p, q = np.asarray(p, dtype=np.int64), np.asarray(q, dtype=np.int64)
         if len(p) == 0:
             return np.zeros(0, dtype=np.float32)
         n = int(max(p.max(), q.max())) + 1
         keys, where = np.unique(np.minimum(p, q) * n + np.maximum(p, q), return_inverse=True)
         a, b = np.divmod(keys, n)
-        return ((pair(b, a) + pair(a, b)) / 2)[where]
+        return cross_match(pair, a, b)[where]
 
-    return cross_match
+    return each_pair_once

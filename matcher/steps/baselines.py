@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 # Each grid reaches past the values validation picks on the small-catalog protocol, so that the choice is
-# validation's and not the grid's edge (with 1,472 image and 768 text features, CCA chose the largest regulariser
-# offered in every draw when the grid stopped at 0.5).
+# validation's and not the grid's edge (on wide features CCA chose the largest regulariser offered in every draw
+# when the grid stopped at 0.5).
 RIDGE_PENALTIES = (0.01, 0.1, 0.3, 1.0, 10.0, 100.0)  # multiples of the mean squared feature norm / n (scale-free)
 CCA_REGULARISERS = (0.01, 0.1, 0.5, 1.0, 2.0, 5.0)    # added to the normalised covariances' diagonals
 CCA_WIDTHS = (16, 32, 48, 64, 128, 256)
@@ -121,7 +121,7 @@ class LinearPair:
 
 class _Views:
     """Two views' rows standardised once, and each view's Gram eigendecomposition computed once: the ridge maps
-    and CCA fitted on the same rows share both. `dtype`: what the fits compute in (float32: about twice as fast)."""
+    and CCA fitted on the same rows share both. `dtype`: what the fits compute in (float32: faster)."""
 
     def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, dtype: type = np.float64):
         self.si, self.st = Standardiser.fit(image_feats, dtype), Standardiser.fit(text_feats, dtype)
@@ -238,9 +238,9 @@ def fit_cca(image_feats: np.ndarray, text_feats: np.ndarray, regulariser: float,
 
 
 def _svd_by_gram(b: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """b = u diag(s) v.T, s descending, from the eigendecomposition of the smaller Gram matrix (about twice as fast
-    as an SVD); with `k`, only the top k singular triplets (the products that turn them into maps then cost k
-    columns, not all). The squaring costs accuracy only in singular values below sqrt(eps) of the largest, whose
+    """b = u diag(s) v.T, s descending, from the eigendecomposition of the smaller Gram matrix (faster than an
+    SVD); with `k`, only the top k singular triplets (the products that turn them into maps then cost k columns,
+    not all). The squaring costs accuracy only in singular values below sqrt(eps) of the largest, whose
     directions CCA weighs by s and so never uses; their columns are zeros here."""
     flip = b.shape[0] < b.shape[1]
     a = b.T if flip else b
@@ -331,7 +331,7 @@ def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: n
 
 class PairFitters:
     """Each kind's pair for a setting on one set of rows; CCA's factorisation shared by all its settings.
-    `dtype`: what the fits compute in (float64 by default; float32 about twice as fast)."""
+    `dtype`: what the fits compute in (float64 by default; float32 faster)."""
 
     def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, dtype: type = np.float64):
         self.image_feats, self.text_feats = image_feats, text_feats

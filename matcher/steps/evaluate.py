@@ -137,6 +137,12 @@ def model_pair_scorer(model: MatcherModel, z: np.ndarray, u: np.ndarray, batch_s
     return score
 
 
+def cross_match(pair: PairScorer, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How well products a and b match each other (row by row), by the matching network's probability `pair` of
+    (photo, text): the mean of (b's photo, a's text) and (a's photo, b's text), so symmetric in a and b."""
+    return (pair(b, a) + pair(a, b)) / 2
+
+
 def evaluate_model(model: MatcherModel, image_feats: np.ndarray, text_feats: np.ndarray, categories: np.ndarray,
                    heldout: np.ndarray, seed: int = 0,
                    hubness_bank: tuple[np.ndarray, float] | None = None) -> dict[str, float]:

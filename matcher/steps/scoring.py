@@ -262,7 +262,7 @@ class _BlockEngine:
             pass
 
 
-_BLAS = None  # threadpoolctl's view of the loaded BLAS libraries: looking them up costs about a millisecond
+_BLAS = None  # threadpoolctl's view of the loaded BLAS libraries: looked up once: a lookup per block adds up
 
 
 def _blas_threads(limit: int | None):

@@ -249,8 +249,8 @@ def _new_model(img: torch.Tensor, txt: torch.Tensor, spec: ModelSpec, cfg: Train
 
 
 def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW at the config's peak rate and decay, each step fused into one kernel: several times faster on the CPU
-    than the per-tensor loop (the same update, to float rounding)."""
+    """AdamW at the config's peak rate and decay, each step fused into one kernel: faster on the CPU than the
+    per-tensor loop (the same update, to float rounding)."""
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 

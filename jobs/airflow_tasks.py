@@ -5,7 +5,7 @@ import importlib.util
 import logging
 import os
 import re
-from typing import Mapping, NoReturn
+from typing import TYPE_CHECKING, Mapping, NoReturn
 
 from airflow.providers.standard.operators.python import PythonOperator
 
@@ -17,6 +17,10 @@ from matcher.io.s3server import storage_ready
 from matcher.io.storage import StorageError
 from matcher.io.tables import published_tables, run_tables
 from matcher.logs import context_in_messages, log_context
+
+if TYPE_CHECKING:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.providers.openlineage.extractors import OperatorLineage
 
 log = logging.getLogger("matcher")
 # The stages that use an accelerator where an executor has one run in this Airflow pool, so an operator sets how
@@ -91,7 +95,7 @@ def published_manifest(cfg: Config, params: dict, ds: str) -> dict:
 
 
 def run_stage_task(stage: str, ds: str = "", params: dict | None = None, run_id: str = "",
-                   outlet_events=None) -> dict:
+                   outlet_events: Mapping[object, object] | None = None) -> dict:
     """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
 
     params: "config" (a TOML file; empty = $MATCHER_CONFIG, else the embedded defaults), "catalog" and "lake"
@@ -277,7 +281,7 @@ class MatcherStageOperator(PythonOperator):
         if kill_submitted_stage():
             self.log.info("stopped the stage's Spark application")
 
-    def get_openlineage_facets_on_complete(self, task_instance):  # noqa: ANN201 (the provider's OperatorLineage)
+    def get_openlineage_facets_on_complete(self, task_instance: TaskInstance) -> OperatorLineage:
         from airflow.providers.openlineage.extractors import OperatorLineage
 
         context = task_instance.get_template_context()

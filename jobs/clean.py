@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 
 from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark
-from jobs.spark_lake import STATS, Progress, spark_schema, write_parts
+from jobs.spark_lake import STATS, BatchMapper, PartMapper, Progress, spark_schema, write_parts
+from matcher.config import CleanConfig
 from matcher.failures import classify
 from matcher.io.catalog import CatalogError, CatalogPlan, CatalogReader
 from matcher.io.delta_tables import logged_columns
@@ -56,7 +57,7 @@ def _catalog_rows(batch: pa.RecordBatch) -> int:
     return batch.num_rows - (pc.sum(pc.equal(batch.column("kind"), _ROWS_READ_KIND)).as_py() or 0)
 
 
-def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg):
+def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg: CleanConfig) -> BatchMapper:
     """Executors: a split's raw rows -> candidates and rejected rows (text checks), one schema for both, and per
     chunk one count of the rows the reader read."""
     schema = _parsed_schema(plan)
@@ -81,7 +82,7 @@ def make_split_parser(reader: CatalogReader, plan: CatalogPlan, cfg):
     return parse
 
 
-def make_image_cleaner(reader: CatalogReader, cfg):
+def make_image_cleaner(reader: CatalogReader, cfg: CleanConfig) -> PartMapper:
     """Executors: candidates -> clean rows (canonical images, one row a product) and quarantined rows; rejected
     rows pass through."""
 

@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 
 from jobs.context import RunContext, StageError, log
 from jobs.spark import get_spark, task_device
-from jobs.spark_lake import Progress, read_partition, write_parts
+from jobs.spark_lake import PartMapper, Progress, read_partition, write_parts
 from jobs.validate import judged_attempt, require_passed
 from matcher.config import ExtractConfig
 from matcher.io.lake import Lake, new_attempt_id
@@ -55,7 +55,7 @@ def _encoders(cfg: ExtractConfig, device: str, threads: int, precision: str):
     return _worker_encoders[key]
 
 
-def make_partition_extractor(cfg: ExtractConfig, threads: int, precision: str, image_version: str):
+def make_partition_extractor(cfg: ExtractConfig, threads: int, precision: str, image_version: str) -> PartMapper:
     """Executors: clean rows -> feature rows, with the encoders this Python worker keeps loaded. `precision` was
     resolved on the driver, so every executor computes in the one the features' version names; `image_version` is
     the driver's, which decided what to reuse: an executor whose weights file differs from it refuses to embed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,9 @@ from jobs.spark import get_spark
 from jobs.spark_lake import read_partition, write_parts
 from jobs.validate import judged_attempt
 from matcher.steps.vectors import vector_matrix
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
 
 _HASH_SPACE = 1 << 40
 
@@ -31,7 +35,7 @@ class FeatureSet:
     text_encoder: str
 
 
-def feature_frame(ctx: RunContext, stage: str):
+def feature_frame(ctx: RunContext, stage: str) -> DataFrame:
     """The date's feature rows joined with the clean table's category and title, as a DataFrame on executors."""
     require_features_of_clean_attempt(ctx, stage)
     spark = get_spark(ctx.config.spark, ctx.lake)

@@ -25,7 +25,7 @@ from jobs.score_queries import check_table_queries, clean_input_schema, night_in
 from jobs.score_spark import VECTORS_TABLE, make_recommender, recommendations_frame, vector_parts
 from jobs.spark import get_spark
 from jobs.spark_frames import first_by_md5, with_dense_index
-from jobs.spark_lake import STATS, Progress, Written, read_partition, spark_schema, write_parts
+from jobs.spark_lake import STATS, BatchMapper, PartMapper, Progress, Written, read_partition, spark_schema, write_parts
 from jobs.validate import judged_attempt, require_passed
 from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import new_attempt_id
@@ -41,7 +41,7 @@ from matcher.steps.categories import (
 from matcher.steps.evaluate import embed
 from matcher.steps.hubness import embeddings_table
 from matcher.steps.mismatches import CrossFitScorer, TooFewProducts, fit_cross_fitted
-from matcher.steps.model import MatcherModel, model_to_bytes
+from matcher.steps.model import MatcherModel, ModelSpec, model_to_bytes
 from matcher.steps.search import query_vectors, search_batch
 from matcher.steps.vectors import vector_column, vector_matrix
 
@@ -50,7 +50,7 @@ _VECTORS = pa.schema([("idx", pa.int64()), ("product_id", pa.string()), ("catego
                       ("v", pa.list_(pa.float32())), ("own_match", pa.float32())])
 
 
-def make_embedder(weights, spec, mismatch=None):
+def make_embedder(weights: Broadcast, spec: ModelSpec, mismatch: Broadcast | None = None) -> BatchMapper:
     """Executors: feature rows -> (idx, product_id, category, title, z, u, v, own photo-title match). The own match
     is the cross-fitted scorer's (`mismatch`, a broadcast CrossFitScorer: fitted without the product's fold), not
     the matching network's, which was trained on the product's own pair; null without a scorer."""
@@ -122,7 +122,7 @@ def _category_centroids(vectors: DataFrame, dim: int, min_products: int, max_cat
     return category_centroids(merged, minimum, dim)
 
 
-def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
+def make_categoriser(names: list[str], centroids: np.ndarray, version: str) -> PartMapper:
     def categorise(batches: Iterator[pa.RecordBatch]):
         for b in batches:
             table, agreement = predict_categories(b.column("product_id"), b.column("category").to_pylist(),
@@ -134,7 +134,7 @@ def make_categoriser(names: list[str], centroids: np.ndarray, version: str):
     return categorise
 
 
-def make_searcher(qvecs: np.ndarray, k: int, bank=None, temperature: float = 0.1):
+def make_searcher(qvecs: np.ndarray, k: int, bank: Broadcast | None = None, temperature: float = 0.1) -> BatchMapper:
     """Executors: each partition's top-k products for every query (merged per query afterwards). By the fused
     vectors (column v); with `bank` (the broadcast hubness bank), by the photos (column z) less their hubness
     against the bank's texts (matcher.steps.hubness.inner_product_form)."""
@@ -150,7 +150,7 @@ def make_searcher(qvecs: np.ndarray, k: int, bank=None, temperature: float = 0.1
     return search
 
 
-def make_embeddings_writer(bank, temperature: float, dim: int):
+def make_embeddings_writer(bank: Broadcast, temperature: float, dim: int) -> PartMapper:
     """Executors: the published embeddings with each vector's hubness against the bank (a broadcast pair of photo
     and text vectors; nulls when empty), and the vectors scoring streams (idx kept: a part holds consecutive idx)."""
 

@@ -96,7 +96,8 @@ def refine_lists(vectors: DataFrame, centroids: np.ndarray, iterations: int, dim
     return centroids
 
 
-def number_by_list(vectors: DataFrame, centroids: np.ndarray, partitions: int, dim: int):
+def number_by_list(vectors: DataFrame, centroids: np.ndarray, partitions: int, dim: int
+                   ) -> tuple[DataFrame, DataFrame]:
     """(vectors with a `list` column and idx renumbered list by list, the persisted sorted frame beneath)."""
     listed = vectors.drop("idx").withColumn("list", F.lit(0).cast("long"))
 

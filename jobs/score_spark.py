@@ -8,7 +8,7 @@ and the model's weights, broadcast as bytes. A task then
   2. streams every part's v in idx order through matcher.steps.scoring.topk_over_blocks: the exact top-M by cosine,
      ties by the lower idx, holding one item block and the running top-M (O(block^2 + block * M) memory);
   3. streams the parts holding candidates again for their z, u and product ids, and scores each (query, candidate)
-     pair with the matching network (the mean of both directions, as tests/reference.py's cross_match_scorer);
+     pair with the matching network (matcher.steps.evaluate.cross_match: the mean of both directions);
   4. re-ranks with matcher.steps.scoring.rerank and yields the query block's recommendation rows, already in
      (product_id, rank) order.
 Each unordered pair is multiplied twice (once from each side) instead of once as in the single-machine symmetric
@@ -24,9 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.spark import task_device
+from jobs.spark_lake import PartMapper
 from jobs.worker_models import model_key, worker_model
 from matcher.io.lake import Lake
 from matcher.io.tables import table_schema
@@ -76,9 +78,9 @@ def recommendations_frame(spark: SparkSession, parts: list[VectorPart]) -> DataF
     return spark.createDataFrame(numbers, "part long")
 
 
-def make_recommender(lake: Lake, parts: list[VectorPart], weights, spec: ModelSpec, k: int, m: int,
+def make_recommender(lake: Lake, parts: list[VectorPart], weights: Broadcast, spec: ModelSpec, k: int, m: int,
                      weight: float, version: str, index: ListIndex | None = None, device: str = "cpu",
-                     precision: str = "fp32"):
+                     precision: str = "fp32") -> PartMapper:
     """A write_parts mapper: for each query part named in its rows, yields ("recommendations", rows): each product's
     min(k, M) best other products, M = min(m, N - 1) cosine candidates re-ranked by
     (1 - weight) * similarity + weight * match. The candidates are exact, or with an index (the catalog numbered

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -17,6 +17,9 @@ from jobs.processes import children, proc_start_time, reap, terminate
 from matcher.config import ConfigError, SparkConfig
 from matcher.interrupts import note_interrupts
 from matcher.io.lake import Lake
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 _session = None
 _session_key: tuple | None = None  # (master or None under spark-submit, sorted settings) the session was built from
@@ -137,7 +140,7 @@ def _loopback_master(master: str) -> bool:
     return bool(m) and m.group(1) in ("127.0.0.1", "localhost")
 
 
-def get_spark(cfg: SparkConfig, lake: Lake | None = None):
+def get_spark(cfg: SparkConfig, lake: Lake | None = None) -> SparkSession:
     """The shared session, built from `cfg` (and `lake`, where a cluster night's event logs go); one built from other
     settings (another master, UI, ...) is stopped and replaced. The JVM is started once per process:
     spark.driver.memory only takes effect the first time."""

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,22 +23,30 @@ from matcher.io.lake import Lake
 from matcher.io.tables import table_schema
 from matcher.logs import progress_bar, progress_terminal
 
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
 log = logging.getLogger("matcher")
 
 # What a writer's mapper yields: (table name, rows) to write, or (STATS, {name: count}) to add up on the driver.
 STATS = "__stats__"
 Output = tuple[str, "pa.Table | pa.RecordBatch | dict[str, int]"]
+# What executors run over a Spark partition's Arrow batches: for write_parts (yielding (table, rows) outputs), or for
+# mapInArrow (yielding batches).
+PartMapper = Callable[[Iterator[pa.RecordBatch]], Iterable[Output]]
+BatchMapper = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 _META_SCHEMA = "table string, path string, rows long, stats string"
 
 
-def spark_schema(schema: pa.Schema):
+def spark_schema(schema: pa.Schema) -> StructType:
     from pyspark.sql.pandas.types import from_arrow_schema
 
     return from_arrow_schema(schema)
 
 
-def read_parts(spark, lake: Lake, files: list[str], schema: pa.Schema, columns: list[str] | None = None,
-               batch_rows: int = 1024):
+def read_parts(spark: SparkSession, lake: Lake, files: list[str], schema: pa.Schema, columns: list[str] | None = None,
+               batch_rows: int = 1024) -> DataFrame:
     """A DataFrame over Parquet part files (full paths on the lake), read by executors one file per task, a
     record batch at a time. `schema` is the table's Arrow schema (its `columns`, when given, are read)."""
     wanted = pa.schema([schema.field(c) for c in columns]) if columns else schema
@@ -56,8 +64,8 @@ def read_parts(spark, lake: Lake, files: list[str], schema: pa.Schema, columns: 
     return paths.repartition(max(1, len(files))).mapInArrow(read_files, spark_schema(wanted))
 
 
-def read_partition(spark, lake: Lake, table: str, dt: str, columns: list[str] | None = None,
-                   schema: pa.Schema | None = None):
+def read_partition(spark: SparkSession, lake: Lake, table: str, dt: str, columns: list[str] | None = None,
+                   schema: pa.Schema | None = None) -> DataFrame | None:
     """A committed partition of a lake table as a DataFrame read on executors; None when it does not exist."""
     files = lake.partition_files(table, dt)
     if not files and lake.committed(table, dt) is None and lake.manifest(dt) is None:
@@ -81,7 +89,7 @@ class Written:
 ROW_GROUP_ROWS, ROW_GROUP_BYTES = 65_536, 8 << 20
 
 
-def write_parts(df, mapper: Callable[[Iterator[pa.RecordBatch]], Iterable[Output]], lake: Lake, dt: str,
+def write_parts(df: DataFrame, mapper: PartMapper, lake: Lake, dt: str,
                 attempt: str, tables: Iterable[str], progress: "Progress | None" = None) -> Written:
     """Run `mapper` over each Spark partition of `df` on executors; each task writes what it yields as one Parquet
     part file per table under the attempt's work folder, cast to the table's schema (schemas/tables.json, extra
@@ -172,7 +180,7 @@ class Progress:
     job runs (tasks report products through an accumulator as they finish); on a terminal (matcher.logs), a bar
     redrawn in place instead, and one log line at the end."""
 
-    def __init__(self, spark, label: str, total: int, every: float = 5.0, unit: str = "products",
+    def __init__(self, spark: SparkSession, label: str, total: int, every: float = 5.0, unit: str = "products",
                  rows_of: Callable[[pa.RecordBatch], int] | None = None):
         self.sc = spark.sparkContext
         self.unit = unit

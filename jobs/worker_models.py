@@ -3,8 +3,12 @@ worker and set of weights, not once per task or batch."""
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 from matcher.steps.model import MatcherModel, ModelSpec, model_from_bytes
+
+if TYPE_CHECKING:
+    from pyspark import Broadcast
 
 _MODELS: dict[tuple[str, ModelSpec], MatcherModel] = {}
 
@@ -14,7 +18,7 @@ def model_key(weights: bytes, spec: ModelSpec) -> tuple[str, ModelSpec]:
     return hashlib.sha256(weights).hexdigest(), spec
 
 
-def worker_model(key: tuple[str, ModelSpec], weights, spec: ModelSpec) -> MatcherModel:
+def worker_model(key: tuple[str, ModelSpec], weights: Broadcast, spec: ModelSpec) -> MatcherModel:
     """On an executor: the model of a broadcast of its weights, built the first time this worker needs it."""
     model = _MODELS.get(key)
     if model is None:

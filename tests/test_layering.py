@@ -1,5 +1,6 @@
-"""Architecture rules as tests: imports point one way (core <- steps <- io <- jobs <- app, dags), and only
-matcher/io/lake.py spells the lake's layout. Each rule is also run on a planted violation, so it can fail."""
+"""Architecture rules as tests: imports point one way (core <- steps <- io <- jobs <- app, dags), only
+matcher/io/lake.py spells the lake's layout, and public functions have type hints. Each rule is also run on a
+planted violation, so it can fail."""
 from __future__ import annotations
 
 import ast
@@ -116,6 +117,40 @@ def lake_layout_spelled_outside(root: Path) -> list[str]:
                 if folder_rule.search(text) or file_rule.search(text) or partition_rule.search(text):
                     spelled.append(f"{path.relative_to(root)}:{lineno}")
     return sorted(set(spelled))
+
+
+def unhinted_public_functions(root: Path) -> list[str]:
+    """Public functions and methods (no leading underscore, in public classes; __init__ counts for its parameters)
+    of matcher/, jobs/ and dags/ with a parameter or a return value that has no type hint."""
+    found = []
+
+    def visit(path: Path, body: list, prefix: str = "") -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                visit(path, node.body, f"{prefix}{node.name}.")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                    not node.name.startswith("_") or node.name == "__init__"):
+                a = node.args
+                params = [p for p in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg)
+                          if p is not None and p.arg not in ("self", "cls")]
+                if any(p.annotation is None for p in params) or (node.returns is None and node.name != "__init__"):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {prefix}{node.name}")
+
+    for folder in ("matcher", "jobs", "dags"):
+        for path in sorted((root / folder).rglob("*.py")):
+            visit(path, ast.parse(path.read_text(encoding="utf-8")).body)
+    return found
+
+
+def test_public_functions_have_type_hints():
+    assert unhinted_public_functions(ROOT) == []
+
+
+@pytest.mark.parametrize("source", ["def run(ctx) -> dict:\n    return {}\n", "def run(ctx: int):\n    pass\n",
+                                    "class Stage:\n    def run(self, *rows) -> None:\n        pass\n"])
+def test_the_type_hint_rule_catches_a_planted_public_function(tmp_path, source):
+    _plant(tmp_path, "jobs/planted.py", source + "def _private(x):\n    pass\n")
+    assert [found.split(":")[0] for found in unhinted_public_functions(tmp_path)] == ["jobs/planted.py"]
 
 
 def test_imports_point_one_way_with_no_exemptions():

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Iterator
 
 import boto3
+from botocore.client import BaseClient
 from botocore.config import Config as BotoConfig
 
 from matcher.config import Config
@@ -100,7 +101,7 @@ class EmbeddedS3:
             raise S3ServerError("the embedded S3 server is not running")
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self):
+    def client(self) -> BaseClient:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1",
                             config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 2},

@@ -33,7 +33,7 @@ DEAD_COLUMN = 1e-6
 DEAD_COLUMN_STD = 1e6
 
 
-def product_folds(product_ids, folds: int) -> np.ndarray:
+def product_folds(product_ids: list[str] | np.ndarray, folds: int) -> np.ndarray:
     """Each product's fold, by a hash of its id: the same every night, on every machine and in any row order, and a
     product added to the catalog moves no other product's fold (a fold drawn by row position would reshuffle them
     all, and with them the night's choice between settings whose scores are close)."""
@@ -305,7 +305,7 @@ def refit(pair: LinearPair, image_feats: np.ndarray, text_feats: np.ndarray) -> 
 
 
 def fit_baselines(image_feats: np.ndarray, text_feats: np.ndarray, validation: np.ndarray,
-                  folds: int = 1, product_ids=None) -> dict[str, LinearPair]:
+                  folds: int = 1, product_ids: list[str] | np.ndarray | None = None) -> dict[str, LinearPair]:
     """Ridge both ways and CCA, each fitted on the rows outside `validation` (a mask) with its setting chosen by
     mean reciprocal rank: cross-validated over all the rows in `folds` folds by product id (`product_folds`; the
     rows' positions stand in for ids not given), or on the validation rows (folds <= 1, or too few rows to give

@@ -77,7 +77,8 @@ class CrossFitScorer:
     best_cut: float = float("nan")  # the best-accuracy cut, before the cap
     flagged_share: float = float("nan")  # the share of the fit sample's own out-of-fold pairs under the threshold
 
-    def own_pair_scores(self, product_ids, image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+    def own_pair_scores(self, product_ids: list[str] | np.ndarray, image_feats: np.ndarray,
+                        text_feats: np.ndarray) -> np.ndarray:
         """Each product's own photo and title, scored by the scorer of its fold (one that never fitted on it)."""
         fold = product_folds(product_ids, self.folds)
         out = np.empty(len(fold), np.float32)
@@ -98,7 +99,7 @@ class TooFewProducts(ValueError):
     pass
 
 
-def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarray, folds: int,
+def fit_cross_fitted(product_ids: list[str] | np.ndarray, image_feats: np.ndarray, text_feats: np.ndarray, folds: int,
                      max_flagged_share: float = 0.0) -> CrossFitScorer:
     """Fit K fold scorers on these products (a sample of the catalog): fold k's on the products outside fold k,
     with the setting of the best out-of-fold mean reciprocal rank; the threshold by capped_threshold."""
@@ -118,8 +119,8 @@ def fit_cross_fitted(product_ids, image_feats: np.ndarray, text_feats: np.ndarra
     return scorer
 
 
-def fit_with_setting(product_ids, image_feats: np.ndarray, text_feats: np.ndarray, folds: int, kind: str,
-                     setting: tuple, max_flagged_share: float = 0.0) -> CrossFitScorer:
+def fit_with_setting(product_ids: list[str] | np.ndarray, image_feats: np.ndarray, text_feats: np.ndarray,
+                     folds: int, kind: str, setting: tuple, max_flagged_share: float = 0.0) -> CrossFitScorer:
     """The fold scorers of one given setting (kind and parameters), fitted as fit_cross_fitted fits them."""
     fold = _folds(product_ids, folds)
     image_feats, text_feats = image_feats.astype(FIT_DTYPE), text_feats.astype(FIT_DTYPE)

@@ -8,10 +8,11 @@ import torch
 
 from matcher.steps.encoders import load_text_encoder_for
 from matcher.steps.hubness import hubness, inner_product_form
+from matcher.steps.model import MatcherModel
 from matcher.steps.scoring import topk
 
 
-def query_vectors(model, text_encoder_version: str, queries: list[str], device: str = "cpu",
+def query_vectors(model: MatcherModel, text_encoder_version: str, queries: list[str], device: str = "cpu",
                   space: str = "product") -> np.ndarray:
     """Text queries as vectors: `product`, where the products' fused vectors live (a query is a product whose photo
     and text are both the query's title, without description); `text`, the text head's vectors, which photos are

@@ -113,6 +113,23 @@ def test_a_stray_quote_costs_its_own_line_not_the_records_it_swallowed(tmp_path,
         assert title == f'Red cotton shirt 55" {closed}'
 
 
+@pytest.mark.parametrize("damaged, reason", [(b"SKU-0020,Too,many,fields,img/a.jpg,extra", "wrong_field_count"),
+                                             (b"SKU-0020,Too few", None)])
+def test_a_stray_quote_before_a_record_of_another_width_still_costs_only_its_own_line(tmp_path, damaged, reason):
+    """The records a stray quote swallowed are read as records are, a wrong field count among them (it had made
+    the quote's whole record one row, every record after it lost with it)."""
+    root = catalog_dir(tmp_path)
+    lines = csv_lines()
+    lines[5] = lines[5].replace(b"Red cotton", b'"Red, cotton')
+    lines[20] = damaged
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert [b["reason"] for b in raw.bad_lines] == ["unparseable_line"] + ([reason] if reason else [])
+    kept = {f"SKU-{i:04d}" for i in range(ROWS) if i != 5 and (i != 20 or reason is None)}
+    assert kept <= set(result.clean["product_id"]) | set(result.quarantine["product_id"].dropna())
+    assert len(result.clean) + len(result.quarantine) == ROWS
+
+
 @pytest.mark.parametrize("opened", [2, 0])  # 0: no record read yet, the open quote's own line gives the ids' shape
 def test_a_quote_never_closed_past_the_record_limit_costs_its_own_line_not_the_records_after_it(tmp_path,
                                                                                                   monkeypatch, opened):
@@ -450,3 +467,38 @@ def test_the_clean_stage_on_spark_keeps_awkwardly_named_columns_under_free_names
     assert (stats["input_rows"], stats["clean_rows"], stats["quarantined_rows"]) == (4, 4, 0)
     clean = ctx.lake.read_partition("clean", ctx.date).to_pandas().set_index("product_id")
     assert [clean.loc["P1", name] for name in AWKWARD_NAMES] == [f"{h}-1" for h in AWKWARD_HEADER[3:]]
+
+
+def test_the_clean_stage_on_spark_and_the_in_process_reference_clean_a_damaged_catalog_alike(tmp_path):
+    """The tests above judge damage through tests/reference.clean_catalog, which runs the clean steps in one
+    process: the stage wires the same steps across splits and tasks, and must clean and quarantine the same rows
+    the same way (every damage at once, a duplicate id whose first row's photo does not read, a photo outside the
+    catalog, a stray quote, a line with too many fields)."""
+    root = catalog_dir(tmp_path)
+    (root / "img" / "broken.jpg").write_bytes(b"not a photo")
+    lines = csv_lines(60)
+    for row, title in zip(range(3, 60, 6), [damage for damage, _ in DAMAGE.values()]):
+        lines[row] = f"SKU-{row:04d},".encode() + title + b",Soft,Shirts,img/a.jpg"
+    lines[10] = b"SKU-0011,Wool scarf,Warm,Scarves,img/broken.jpg"  # SKU-0011's first row: its photo does not read
+    lines[20] = b"SKU-0020,Outside,Soft,Shirts,../outside.jpg"
+    lines[22] = b'SKU-0022,"an unclosed quote,Soft,Shirts,img/a.jpg'
+    lines[26] = b"SKU-0026,Too,many,fields,img/a.jpg,extra"
+    write_csv(root, lines)
+
+    _, reference = clean_in_process(root)
+    cfg = load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake", "catalog": str(root)},
+                                 "clean": {"image_size": 32}, "spark": {"partitions": 3}})
+    ctx = RunContext(cfg, "2026-03-01")
+    stats = run_pipeline(ctx, ["clean"])["clean"]
+    clean = ctx.lake.read_partition("clean", ctx.date).to_pandas()
+    quarantine = ctx.lake.read_partition("quarantine", ctx.date).to_pandas()
+
+    def kept(frame: pd.DataFrame) -> list[tuple]:
+        return sorted(frame[["product_id", "title", "repairs", "content_hash"]].itertuples(index=False, name=None))
+
+    def refused(frame: pd.DataFrame) -> list[tuple]:
+        return sorted(frame[["product_id", "reason", "raw"]].fillna("").itertuples(index=False, name=None))
+
+    assert len(reference.quarantine) >= 7 and stats["input_rows"] == 60
+    assert kept(clean) == kept(reference.clean)
+    assert refused(quarantine) == refused(reference.quarantine)

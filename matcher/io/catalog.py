@@ -716,9 +716,9 @@ def _id_shape(value: str) -> str:
 
 def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shapes: set[str]) -> list[list[str]]:
     """The records a stray quote swallowed: when a record spans several lines, the quote that ends it does not end
-    a field (or none does), and every line after its first is a whole record on its own (the header's width, an id
-    shaped as the catalog's ids), its first line opened a quote it never closed; else [] (a quoted value with line
-    breaks, as descriptions have)."""
+    a field (or none does), and every line after its first is a record on its own (two fields or more, read as any
+    record is: more than the header's are a bad line, fewer are padded; an id shaped as the catalog's ids), its
+    first line opened a quote it never closed; else [] (a quoted value with line breaks, as descriptions have)."""
     if _closes_well_formed(lines[-1], delimiter):
         return []
     records = []
@@ -726,7 +726,7 @@ def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shap
         fields = next(csv.reader([line], strict=False, delimiter=delimiter), [])
         if not any(f.strip() for f in fields):  # a blank line is no record, as outside the quote
             continue
-        if len(fields) != width or _id_shape(fields[0]) not in id_shapes or '"' in fields[0]:
+        if len(fields) < min(2, width) or _id_shape(fields[0]) not in id_shapes or '"' in fields[0]:
             return []
         records.append(fields)
     return records

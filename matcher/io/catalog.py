@@ -716,20 +716,17 @@ def _id_shape(value: str) -> str:
 
 def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shapes: set[str]) -> list[list[str]]:
     """The records a stray quote swallowed: when a record spans several lines, the quote that ends it does not end
-    a field (or none does), and every line after its first is a record on its own (two fields or more, read as any
-    record is: more than the header's are a bad line, fewer are padded; an id shaped as the catalog's ids), its
-    first line opened a quote it never closed; else [] (a quoted value with line breaks, as descriptions have)."""
+    a field (or none does), and most lines after its first (more than half) look like records of the catalog (two
+    fields or more, an id shaped as the catalog's ids), its first line opened a quote it never closed: every line
+    after it is read as the record it was (a damaged one among them has its own outcome: a wrong field count, no
+    id); else [] (a quoted value with line breaks, as descriptions have)."""
     if _closes_well_formed(lines[-1], delimiter):
         return []
-    records = []
-    for line in lines[1:]:
-        fields = next(csv.reader([line], strict=False, delimiter=delimiter), [])
-        if not any(f.strip() for f in fields):  # a blank line is no record, as outside the quote
-            continue
-        if len(fields) < min(2, width) or _id_shape(fields[0]) not in id_shapes or '"' in fields[0]:
-            return []
-        records.append(fields)
-    return records
+    records = [fields for fields in (next(csv.reader([line], strict=False, delimiter=delimiter), [])
+                                     for line in lines[1:])
+               if any(f.strip() for f in fields)]  # a blank line is no record, as outside the quote
+    shaped = sum(len(f) >= min(2, width) and _id_shape(f[0]) in id_shapes and '"' not in f[0] for f in records)
+    return records if 2 * shaped > len(records) else []
 
 
 def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") -> Iterator[tuple[pd.DataFrame,

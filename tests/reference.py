@@ -18,7 +18,6 @@ from matcher.steps.clean import (
     clean_text_rows,
 )
 from matcher.steps.evaluate import cross_match
-from matcher.steps.scoring import topk
 
 
 @dataclass
@@ -47,20 +46,6 @@ def clean_catalog(raw: RawCatalog, read_image: Callable[[str], bytes], cfg: Clea
                             rejected.sort_values("_row", kind="stable")[QUARANTINE_COLUMNS], bad_images],
                            ignore_index=True)
     return CleanResult(clean=clean, quarantine=quarantine)
-
-
-def assign_categories(vectors: np.ndarray, categories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest category centroid (of the labelled products' normalised vectors) for every product.
-
-    Returns (predicted category, cosine score); all "" when no product has a category."""
-    labelled = categories != ""
-    names = np.unique(categories[labelled])
-    if len(names) == 0:
-        return np.full(len(vectors), "", dtype=object), np.zeros(len(vectors), dtype=np.float32)
-    centroids = np.stack([vectors[categories == name].mean(0) for name in names])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
-    scores, idx = topk(vectors, centroids, k=1)
-    return names[idx[:, 0]].astype(object), scores[:, 0]
 
 
 def cross_match_scorer(pair: Callable[[np.ndarray, np.ndarray], np.ndarray]

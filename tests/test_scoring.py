@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from matcher.steps.scoring import topk
-from tests.reference import assign_categories, cross_match_scorer
+from tests.reference import cross_match_scorer
 
 
 def brute_force(q, x, k, exclude_self):
@@ -161,12 +161,18 @@ def test_empty_and_degenerate_inputs():
     assert s.shape == (1, 0)
 
 
-def test_assign_categories_nearest_centroid():
+def test_categories_are_predicted_by_the_nearest_centroid_of_the_labelled_products():
+    import pyarrow as pa
+
+    from matcher.steps.categories import category_centroids, category_sums, predict_categories
+
     v = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.8, 0.2]], dtype=np.float32)
-    cats = np.array(["a", "a", "b", "b", ""], dtype=object)
-    pred, score = assign_categories(v, cats)
-    assert list(pred) == ["a", "a", "b", "b", "a"]
-    assert score.shape == (5,)
+    cats = ["a", "a", "b", "b", ""]
+    names, centroids = category_centroids(category_sums(cats, v), 1, 2)
+    table, agreement = predict_categories(pa.array(list("pqrst")), cats, v, names, centroids, "m1")
+    assert table.column("predicted_category").to_pylist() == ["a", "a", "b", "b", "a"]
+    assert table.column("agrees").to_pylist() == [True, True, True, True, None]  # no label: no verdict
+    assert agreement == {"labelled": 4, "agree": 4}
 
 
 def test_rerank_orders_by_the_blended_score_and_keeps_similarity():

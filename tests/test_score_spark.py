@@ -26,8 +26,10 @@ DATE = "2026-01-01"
 
 @pytest.fixture(scope="module")
 def spark():
-    return get_spark(load_config(overrides={**SMALL_DRIVER_SAMPLES, "spark": {
+    session = get_spark(load_config(overrides={**SMALL_DRIVER_SAMPLES, "spark": {
         "master": "local[2]", "max_result_size": "1m"}}).spark)
+    assert session.sparkContext.getConf().get("spark.driver.maxResultSize") == "1m"  # the cap these tests rely on
+    return session
 
 
 def unit_vectors(n: int, d: int, seed: int) -> np.ndarray:

@@ -16,8 +16,13 @@ def _load(script: str):
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
-def test_each_benchmark_imports_and_has_a_main(script):
-    assert callable(getattr(_load(script), "main", None)), f"bench/{script} has no main()"
+def test_each_benchmark_imports_and_offers_help(script, monkeypatch, capsys):
+    main = getattr(_load(script), "main", None)
+    assert callable(main), f"bench/{script} has no main()"
+    monkeypatch.setattr("sys.argv", [f"bench/{script}", "--help"])
+    with pytest.raises(SystemExit) as done:  # argparse answers --help before any work starts
+        main()
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
 def test_the_quality_goal_check_counts_draws_below_each_kind_of_best_baseline(capsys):

@@ -145,3 +145,38 @@ def test_the_clean_stage_on_spark_reads_embedded_photos(tmp_path):
     assert (stats["input_rows"], stats["clean_rows"], stats["quarantined_rows"]) == (5, 3, 2)
     _expect(ctx.lake.read_partition("clean", ctx.date).to_pandas(),
             ctx.lake.read_partition("quarantine", ctx.date).to_pandas())
+
+
+def test_a_row_group_is_read_in_batches_not_whole(tmp_path, monkeypatch):
+    """Writers put up to a million rows in a row group, photos embedded too: a split (one row group) becomes rows
+    in batches of about catalog.PARQUET_BATCH_BYTES, so a task holds one batch of Python rows, not the row group's
+    (pyarrow itself still decodes a row group's column chunk whole: docs/running.md)."""
+    import os
+    import tracemalloc
+
+    import matcher.io.catalog as catalog
+
+    root = tmp_path / "catalog"
+    root.mkdir()
+    rows, photo = 96, 256 << 10  # 24 MiB of photos (random bytes: incompressible), one row group
+    table = pa.table({"product_id": [f"P{i:03d}" for i in range(rows)], "title": [f"item {i}" for i in range(rows)],
+                      "image": pa.array([os.urandom(photo) for _ in range(rows)], pa.binary())})
+    pq.write_table(table, root / "products.parquet", row_group_size=rows, compression="none")
+    del table
+    monkeypatch.setattr(catalog, "PARQUET_BATCH_BYTES", 2 << 20)
+    reader = CatalogReader(str(root), load_config().storage)
+    plan = reader.plan()
+    assert len(plan.splits) == 1
+    seen, batches = [], 0
+    tracemalloc.start()
+    try:
+        for raw in reader.read_split(plan, plan.splits[0]):
+            batches += 1
+            seen += raw.rows["_row"].tolist()
+            assert all(len(b) == photo for b in raw.rows[catalog.IMAGE_DATA])
+            del raw
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == list(range(rows)) and batches >= 8
+    assert peak < (8 << 20), peak  # a few batches' photos as Python bytes, not the row group's 24 MiB

@@ -29,6 +29,9 @@ from matcher.steps.images import ImageRejected
 from matcher.steps.quarantine import Reason
 
 _HEAD_BYTES = 1 << 16
+# A Parquet catalog's rows are read in batches of about this many bytes (decoded), its pages through a buffer of
+# PARQUET_READ_BUFFER bytes: an executor holds one batch of a row group, not the row group.
+PARQUET_BATCH_BYTES, PARQUET_READ_BUFFER = 64 << 20, 8 << 20
 _MAX_IMAGE_REF_CHARS = 2048
 _URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 CATALOG_FILES = ("products.csv", "products.parquet", "products.jsonl", "products.csv.gz", "products.jsonl.gz")
@@ -204,22 +207,7 @@ class CatalogReader:
     def read_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int = 5000) -> Iterator[RawCatalog]:
         """The rows of one split, in chunks of about `chunk_rows`; `_row` numbers rows in file order."""
         if plan.format == "parquet":
-            try:
-                with self.fs.open_input_file(plan.path) as fh:
-                    table = pq.ParquetFile(fh).read_row_group(split.row_group)
-            except _DECODING_ERRORS as exc:
-                raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group} (from "
-                                                   f"row {split.row_offset})") from None
-            image_source = plan.mapping.get("image", "image")
-            images = (_embedded_images(table.column(image_source)) if image_source in table.column_names
-                      else None)
-            if images is not None:
-                data, paths = images
-                table = table.set_column(table.column_names.index(image_source), image_source, pa.array(paths))
-            raw = self._finish(_arrow_as_text(table), [], plan, split.row_offset)
-            if images is not None:
-                raw.rows[IMAGE_DATA] = data
-            yield raw
+            yield from self._parquet_split(plan, split, chunk_rows)
             return
         with self.fs.open_input_stream(plan.path) as raw:
             if plan.format == "csv":
@@ -239,6 +227,46 @@ class CatalogReader:
                     raise _damaged_or_unreachable(exc, f"catalog file {plan.path} after row {offset}") from None
                 yield self._finish(df, bad, plan, offset)
                 offset += len(df)
+
+    def _parquet_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int) -> Iterator[RawCatalog]:
+        """A row group's rows in batches of at most `chunk_rows` rows and about PARQUET_BATCH_BYTES (as the footer
+        sizes its rows), its column chunks read page by page: a writer's default row group holds up to a million
+        rows, photos embedded too, which read whole would be the whole catalog in one executor's memory."""
+        image_source = plan.mapping.get("image", "image")
+        offset = split.row_offset
+        try:
+            fh = self.fs.open_input_file(plan.path)
+        except _DECODING_ERRORS as exc:
+            raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group}") from None
+        with fh:
+            try:
+                parquet = pq.ParquetFile(fh, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
+                group = parquet.metadata.row_group(split.row_group)
+                row_bytes = group.total_byte_size / max(group.num_rows, 1)
+                batch_rows = max(1, min(chunk_rows, int(PARQUET_BATCH_BYTES // max(row_bytes, 1.0))))
+                batches = parquet.iter_batches(batch_size=batch_rows, row_groups=[split.row_group],
+                                               use_threads=False)
+            except _DECODING_ERRORS as exc:
+                raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group}") from None
+            while True:
+                try:
+                    batch = next(batches, None)
+                except _DECODING_ERRORS as exc:
+                    raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group} "
+                                                       f"(from row {offset})") from None
+                if batch is None:
+                    return
+                table = pa.Table.from_batches([batch])
+                images = (_embedded_images(table.column(image_source)) if image_source in table.column_names
+                          else None)
+                if images is not None:
+                    data, paths = images
+                    table = table.set_column(table.column_names.index(image_source), image_source, pa.array(paths))
+                raw = self._finish(_arrow_as_text(table), [], plan, offset)
+                if images is not None:
+                    raw.rows[IMAGE_DATA] = data
+                offset += table.num_rows
+                yield raw
 
     def read(self) -> RawCatalog:
         """The whole catalog in this process (small catalogs, tests); the clean stage reads splits on executors."""

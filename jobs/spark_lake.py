@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from matcher.io.lake import Lake
-from matcher.io.tables import table_schema
+from matcher.io.tables import cast_to_table_schema, table_schema
 from matcher.logs import progress_bar, progress_terminal
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def write_parts(df: DataFrame, mapper: PartMapper, lake: Lake, dt: str,
             table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
             if table.num_rows == 0:
                 continue
-            pending.setdefault(name, []).append(conform(name, table))
+            pending.setdefault(name, []).append(cast_to_table_schema(name, table))
             if sum(t.num_rows for t in pending[name]) >= ROW_GROUP_ROWS or \
                     sum(t.nbytes for t in pending[name]) >= ROW_GROUP_BYTES:
                 flush(name)
@@ -145,7 +146,7 @@ def write_parts(df: DataFrame, mapper: PartMapper, lake: Lake, dt: str,
                                                                 ("rows", pa.int64()), ("stats", pa.string())]))
 
     written = Written(parts={t: [] for t in tables})
-    with progress or _nothing():
+    with progress or nullcontext():
         for row in df.mapInArrow(write_task, _META_SCHEMA).collect():
             if row["table"] == STATS:
                 written.stats.update(json.loads(row["stats"]))
@@ -153,26 +154,6 @@ def write_parts(df: DataFrame, mapper: PartMapper, lake: Lake, dt: str,
                 written.parts.setdefault(row["table"], []).append(row["path"])
                 written.rows[row["table"]] += row["rows"]
     return written
-
-
-def conform(name: str, table: pa.Table) -> pa.Table:
-    """Cast a table's declared columns to schemas/tables.json (declared first, extra columns after)."""
-    try:
-        schema = table_schema(name)
-    except KeyError:
-        return table
-    declared = [c for c in schema.names if c in table.column_names]
-    extra = [c for c in table.column_names if c not in schema.names]
-    target = pa.schema([schema.field(c) for c in declared] + [table.schema.field(c) for c in extra])
-    return table.select(declared + extra).cast(target)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 class Progress:

@@ -11,9 +11,9 @@ from PIL import Image
 
 from jobs.context import RunContext
 from jobs.pipeline import run_pipeline
-from jobs.spark_lake import conform
 from matcher.config import load_config
 from matcher.io.catalog import CatalogError, CatalogReader
+from matcher.io.tables import cast_to_table_schema
 from tests.reference import clean_catalog
 
 pytestmark = pytest.mark.integration  # every test here starts Spark, Airflow, S3 or a process
@@ -44,9 +44,9 @@ def clean_in_process(root):
     reader = CatalogReader(str(root), cfg.storage)
     raw = reader.read()
     result = clean_catalog(raw, reader.read_image, cfg.clean)
-    # Both tables must be storable: conform casts to the lake schema and Arrow encodes every string as UTF-8.
-    conform("clean", pa.Table.from_pandas(result.clean, preserve_index=False))
-    conform("quarantine", pa.Table.from_pandas(result.quarantine, preserve_index=False))
+    # Both tables must be storable: cast to the lake schema, and Arrow encodes every string as UTF-8.
+    cast_to_table_schema("clean", pa.Table.from_pandas(result.clean, preserve_index=False))
+    cast_to_table_schema("quarantine", pa.Table.from_pandas(result.quarantine, preserve_index=False))
     return raw, result
 
 

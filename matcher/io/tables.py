@@ -110,6 +110,19 @@ def table_schema(name: str) -> pa.Schema:
         raise KeyError(f"no schema for table {name!r}") from None
 
 
+def cast_to_table_schema(name: str, table: pa.Table) -> pa.Table:
+    """Cast a table's declared columns to schemas/tables.json (declared first, extra columns after); a table the
+    registry does not declare, as it is."""
+    try:
+        schema = table_schema(name)
+    except KeyError:
+        return table
+    declared = [c for c in schema.names if c in table.column_names]
+    extra = [c for c in table.column_names if c not in schema.names]
+    target = pa.schema([schema.field(c) for c in declared] + [table.schema.field(c) for c in extra])
+    return table.select(declared + extra).cast(target)
+
+
 def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
     """Convert a DataFrame to the table's schema: declared columns first with their types, extra columns after."""
     schema = table_schema(name)

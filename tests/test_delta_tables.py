@@ -370,7 +370,7 @@ def test_a_column_in_another_case_is_refused_before_any_table_commits_and_the_cl
     # The clean stage reads the catalog's column under the logged spelling, so the night commits.
     catalog = tmp_path / "catalog"
     catalog.mkdir()
-    (catalog / "products.csv").write_text("product_id,title,Color\nP1,Lamp,blue\n")
+    (catalog / "products.csv").write_text("product_id,title,Color,image\nP1,Lamp,blue,lamp.jpg\n")
     plan = CatalogReader(str(catalog), load_config().storage).plan().spelled_as(logged_columns(lake, "clean"))
     assert "color" in plan.columns and "Color" not in plan.columns and plan.renamed_columns() == {"Color": "color"}
     raw = next(CatalogReader(str(catalog), load_config().storage).read_split(plan, plan.splits[0]))

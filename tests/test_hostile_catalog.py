@@ -134,6 +134,12 @@ def test_a_hostile_catalog_reads_nothing_it_may_not_and_publishes_nothing_of_it(
         "H-FILE-DOTDOT": (f"file://{root_path}/../elsewhere/secret.jpg", "image_source_not_allowed"),
         "H-FILE-LINK": (f"file://{root_path}/img/link.jpg", "image_source_not_allowed"),
         "H-REL-LINK": ("img/link.jpg", "image_path_escapes_root"),
+        # absolute paths are read as their file:// URIs are
+        "H-ABS": (f"{elsewhere}/secret.jpg", "image_source_not_allowed"),
+        "H-ABS-DOTDOT": (f"{root_path}/../elsewhere/secret.jpg", "image_source_not_allowed"),
+        "H-ABS-LINK": (f"{root_path}/img/link.jpg", "image_source_not_allowed"),
+        "H-ABS-PROC": ("/proc/self/environ", "image_source_not_allowed"),
+        "H-WINDOWS": ("C:\\export\\secret.jpg", "image_path_escapes_root"),
         # file:// paths are percent-decoded, then checked: %2e%2e is .., out of the root
         "H-FILE-ESCAPED": (f"file://{root_path}/%2e%2e/elsewhere/secret.jpg", "image_source_not_allowed"),
         "H-S3": ("s3://other-bucket/x.jpg", "image_source_not_allowed"),
@@ -151,7 +157,8 @@ def test_a_hostile_catalog_reads_nothing_it_may_not_and_publishes_nothing_of_it(
         "H-REDIRECT-META": (f"{r}/to-metadata", "image_address_not_allowed"),
         "H-REDIRECT-FILE": (f"{r}/to-file", "image_address_not_allowed"),
     }
-    root = make_catalog(tmp_path, {pid: ref for pid, (ref, _) in hostile.items()} | {"G-CDN": f"{r}/ok.jpg"})
+    root = make_catalog(tmp_path, {pid: ref for pid, (ref, _) in hostile.items()}
+                        | {"G-CDN": f"{r}/ok.jpg", "G-ABS": f"{root_path}/img/g0.jpg"})
     os.symlink(elsewhere / "secret.jpg", root / "img" / "link.jpg")
     lake = tmp_path / "lake"
     cfg = load_config(overrides={
@@ -167,8 +174,8 @@ def test_a_hostile_catalog_reads_nothing_it_may_not_and_publishes_nothing_of_it(
     clean = ctx.lake.read_partition("clean", ctx.date).to_pandas()
     assert dict(zip(quarantine["product_id"], quarantine["reason"])) == {
         pid: reason for pid, (_, reason) in hostile.items()}
-    assert sorted(clean["product_id"]) == sorted([f"G{i:02d}" for i in range(GOOD)] + ["G-CDN"])
-    assert stats["clean_rows"] == GOOD + 1 and stats["quarantined_rows"] == len(hostile)
+    assert sorted(clean["product_id"]) == sorted([f"G{i:02d}" for i in range(GOOD)] + ["G-CDN", "G-ABS"])
+    assert stats["clean_rows"] == GOOD + 2 and stats["quarantined_rows"] == len(hostile)
 
     # No request reached a refused address; the allowed host was asked once per redirect, and followed no further.
     assert sum(served.hits.values()) == 0, served.hits

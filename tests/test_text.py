@@ -18,6 +18,19 @@ def test_html_escaped_twice_and_comments_are_removed():
     assert text == "Steel kettle 1.7 L"
 
 
+def test_script_and_style_elements_are_no_text_and_cdata_content_is():
+    html = ("<div><h2>产品介绍</h2><p>高性能 &amp; 低功耗</p><script>var x = '<b>'; alert(1)</script>"
+            "<STYLE type='text/css'>.a{color:red}</STYLE ></div><![CDATA[Bluetooth 5.3]]>")
+    assert normalize_text(html, 300) == ("产品介绍 高性能 & 低功耗 Bluetooth 5.3", False)
+    assert normalize_text("&lt;script&gt;track()&lt;/script&gt;Kettle", 100) == ("Kettle", False)  # escaped twice
+    assert normalize_text("Kettle <script>never closed, 1.7 L", 100)[0] == "Kettle <script>never closed, 1.7 L"
+    import time
+
+    started = time.perf_counter()
+    assert normalize_text("Lamp " + "<script>" * 100_000, 300)[0].startswith("Lamp")
+    assert time.perf_counter() - started < 5  # one scan forward for each closing tag, not one per opening
+
+
 def test_hostile_markup_takes_linear_time():
     import time
 

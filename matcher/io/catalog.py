@@ -41,6 +41,8 @@ _TEXT_SUFFIXES = (".csv", ".jsonl", ".csv.gz", ".jsonl.gz")  # .gz: pyarrow's st
 _CSV_DELIMITERS = (",", ";", "\t", "|")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 REQUIRED_COLUMNS = ("product_id", "title")
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\x, C:/x, \\server\share
+_PHOTO_COLUMN_WORDS = re.compile(r"image|img|photo|picture|pic|thumbnail|url", re.I)
 OPTIONAL_COLUMNS = ("description", "category", "image")
 
 
@@ -292,15 +294,16 @@ class CatalogReader:
 
     def _csv_layout(self, text: str, path: str) -> tuple[list[str], str, dict[str, str]]:
         """The header's columns, the delimiter and the column mapping: the first delimiter whose header holds the
-        required columns; else the comma's error."""
-        first_error = None
+        required columns; else the error of the delimiter that splits the header into the most columns (the file's
+        own, most likely: the comma's error would show a semicolon header as one column)."""
+        errors = []
         for delimiter in _CSV_DELIMITERS:
             columns = _csv_columns(text, delimiter)
             try:
                 return columns, delimiter, self._mapping(columns, path)
             except CatalogError as exc:
-                first_error = first_error or exc
-        raise first_error
+                errors.append((len(columns), exc))
+        raise max(errors, key=lambda e: e[0])[1]
 
     def _mapping(self, columns: list[str], path: str) -> dict[str, str]:
         """matcher's column -> the file's: catalog.columns, and for each required or optional column not in the file
@@ -323,13 +326,24 @@ class CatalogReader:
         missing = [c for c in REQUIRED_COLUMNS if c not in mapped]
         if missing:
             raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {columns[:12]}")
+        if "image" not in mapping and "image" not in columns and not self.options.image_template:
+            # Every row would be quarantined (image_missing) and the night stopped by the gate: say so at once.
+            likely = [c for c in columns if _PHOTO_COLUMN_WORDS.search(c)]
+            raise CatalogError(f"catalog file {path} has no image column; it has {columns[:12]}: name the column "
+                               f"of photo references with catalog.columns (e.g. image = \"{(likely or ['...'])[0]}\"), "
+                               "or build them from the id with catalog.image_template")
         mapping.update({name: column for column, name in passthrough_names(mapped).items()})
         return mapping
 
     @staticmethod
     def _mapped_columns(columns: list[str], mapping: dict[str, str]) -> list[str]:
-        mapped = [c for c in columns if not (c in mapping and c not in mapping.values())]
-        mapped = [next((dst for dst, src in mapping.items() if src == c), c) for c in mapped]
+        """The columns as matcher names them: a mapped column under each field it is mapped to (one column may
+        fill two, e.g. title and description), a column named like a field another column is mapped to left out."""
+        sources, mapped = set(mapping.values()), []
+        for column in columns:
+            if column in mapping and column not in sources:
+                continue
+            mapped += [dst for dst, src in mapping.items() if src == column] or [column]
         return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
 
     def read_image(self, ref: str, max_bytes: int | None = None) -> bytes:
@@ -359,6 +373,15 @@ class CatalogReader:
             return fetch_image(ref, o.http_timeout, o.http_retries, o.http_max_bytes, policy=self.http_policy)
         elif "://" in ref or ref.lower().startswith("data:"):
             raise ImageRejected(Reason.IMAGE_UNSUPPORTED_URI, ref[:200])
+        elif _WINDOWS_ABSOLUTE.match(ref):
+            raise ImageRejected(Reason.IMAGE_PATH_ESCAPES_ROOT, f"{ref[:200]}: an absolute Windows path (of the "
+                                                                "machine that wrote the catalog); write photo paths "
+                                                                "relative to the catalog folder")
+        elif ref.startswith("/") and not ref.startswith("//") and self.sources.local_root is not None:
+            # An absolute path on a local catalog is read as its file:// URI is: inside the catalog folder or a
+            # file:// image source, links resolved first.
+            fs, path = resolve_uri("file://" + ref, self.storage)
+            path = self.sources.local_file(ref, path)
         else:
             try:
                 return _read_file(self.fs, self._relative_path(ref, ref), ref, max_bytes)
@@ -608,9 +631,11 @@ def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataF
     for src in mapping.values():
         if src not in df.columns:
             df[src] = ""
-    # A source column mapped to a matcher field replaces any column already named like that field.
-    renamed = df.drop(columns=[c for c in mapping if c in df.columns and c not in mapping.values()])
-    return renamed.rename(columns={src: dst for dst, src in mapping.items()})
+    # A source column mapped to a matcher field replaces any column already named like that field; one mapped to
+    # two fields fills both.
+    sources = set(mapping.values())
+    kept = {c: df[c] for c in df.columns if c not in sources and c not in mapping}
+    return pd.DataFrame({**kept, **{dst: df[src] for dst, src in mapping.items()}}, index=df.index)
 
 
 def _undecodable_as_surrogates(exc: UnicodeDecodeError) -> tuple[str, int]:

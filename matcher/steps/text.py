@@ -58,6 +58,27 @@ def _markup_remover(field: str) -> Callable[[re.Match], str]:
 # Markup may outweigh the text it holds many times over, but not without end: past this the field is cut first.
 _RAW_CHARS_PER_CHAR, _RAW_CHARS_LEAST = 64, 1 << 20
 _WS = re.compile(r"\s+")
+# Code and style in an HTML description are no text of the product; a CDATA section's content is.
+_CODE_OPEN = re.compile(r"<(script|style)\b[^<>]*>", re.IGNORECASE)
+_CDATA = re.compile(r"<!\[CDATA\[(.*?)\]\]>", re.DOTALL)
+
+
+def _without_code(text: str) -> str:
+    """`text` without its <script> and <style> elements (from the opening tag to the closing one; an element left
+    open is left to the tag remover, which drops its tag and keeps what follows), and with each CDATA section's
+    content in place of the section. Each closing tag is found by one scan forward: linear in the text's length."""
+    if "<" not in text:
+        return text
+    text = _CDATA.sub(r"\1", text) if "<![CDATA[" in text else text
+    lower, pieces, at = text.lower(), [], 0
+    while (opened := _CODE_OPEN.search(text, at)) is not None:
+        close = lower.find(f"</{opened.group(1).lower()}", opened.end())
+        if close < 0:
+            break
+        end = lower.find(">", close)
+        pieces += [text[at:opened.start()], " "]
+        at = len(text) if end < 0 else end + 1
+    return "".join(pieces) + text[at:] if pieces else text
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
@@ -164,8 +185,10 @@ def normalize_text(value: object, max_chars: int) -> tuple[str, bool]:
     cut = cut or len(text) > raw_cap
     text = text[:raw_cap]
     # Tags removed again after the entities: exports escape HTML twice ("&lt;b&gt;Bold&lt;/b&gt;").
+    text = _without_code(text)
     text = _TAG.sub(_markup_remover(text), text)
     text = html.unescape(text)
+    text = _without_code(text)
     text = _TAG.sub(_markup_remover(text), text)
     text = _without_controls(text)
     text = _WS.sub(" ", text).strip()

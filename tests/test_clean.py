@@ -303,8 +303,31 @@ def test_an_id_the_clean_stage_repairs_or_newer_than_pythons_unicode_keeps_its_r
     assert result.quarantine["detail"].tolist() == ["control character U+0007 in product_id"]
 
 
+def test_one_column_may_fill_two_fields_and_two_columns_may_swap(tmp_path):
+    (tmp_path / "products.csv").write_text("id,name,pic\n1,Red shirt,a.jpg\n")
+    both = load_config(overrides={"catalog": {"columns": {"product_id": "id", "title": "name", "image": "pic",
+                                                          "description": "name"}}})
+    rows = CatalogReader(str(tmp_path), both.storage, both.catalog).read().rows
+    assert rows[["title", "description", "image"]].values.tolist() == [["Red shirt", "Red shirt", "a.jpg"]]
+    swap = load_config(overrides={"catalog": {"columns": {"product_id": "id", "title": "pic", "image": "name"}}})
+    rows = CatalogReader(str(tmp_path), swap.storage, swap.catalog).read().rows
+    assert rows[["title", "image"]].values.tolist() == [["a.jpg", "Red shirt"]]
+
+
+def test_a_catalog_without_an_image_column_fails_at_once_naming_the_likely_one(tmp_path):
+    (tmp_path / "products.csv").write_text("product_id,title,image_url\n1,Red shirt,https://cdn/a.jpg\n")
+    cfg = load_config()
+    with pytest.raises(CatalogError, match='has no image column.*e.g. image = "image_url"'):
+        CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).plan()
+    built = load_config(overrides={"catalog": {"image_template": "img/{product_id}.jpg"}})
+    assert CatalogReader(str(tmp_path), built.storage, built.catalog).read().rows["image"].tolist() == ["img/1.jpg"]
+    (tmp_path / "products.csv").write_text("Artikel;Name;Bild\n1;Rotes Hemd;a.jpg\n")  # not mapped yet
+    with pytest.raises(CatalogError, match=r"it has \['Artikel', 'Name', 'Bild'\]"):  # its own split, not one column
+        CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).plan()
+
+
 def test_column_mapping_naming_an_absent_column_is_a_clear_error(tmp_path):
-    (tmp_path / "products.csv").write_text("product_id,title\n1,a\n")
+    (tmp_path / "products.csv").write_text("product_id,title,image\n1,a,a.jpg\n")
     cfg = load_config(overrides={"catalog": {"columns": {"title": "productDisplayName"}}})
     with pytest.raises(CatalogError, match="productDisplayName"):
         CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).read()

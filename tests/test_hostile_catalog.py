@@ -308,17 +308,24 @@ def test_image_sources_let_a_named_folder_through_and_nothing_beside_it(tmp_path
         "IN": f"file://{photos}/a.jpg",
         "BESIDE": f"file://{beside}/a.jpg",
         "OUT-AGAIN": f"file://{photos}/../photos2/a.jpg",
+        # an absolute path is read as its file:// URI is
+        "ABS-IN": f"{photos}/a.jpg", "ABS-ROOT": f"{tmp_path}/catalog/img/g0.jpg",
+        "ABS-BESIDE": f"{beside}/a.jpg", "ABS-OUT-AGAIN": f"{photos}/../photos2/a.jpg",
+        "ABS-ENVIRON": "/proc/self/environ", "WINDOWS": "C:\\export\\img\\a.jpg",
     })
     cfg = load_config(overrides={"catalog": {"image_sources": [f"file://{photos}/"]}, "clean": {"image_size": 32}})
     reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
     result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
-    assert "IN" in set(result.clean["product_id"]) and len(result.clean) == GOOD + 1
+    assert {"IN", "ABS-IN", "ABS-ROOT"} <= set(result.clean["product_id"]) and len(result.clean) == GOOD + 3
     assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
-        "BESIDE": "image_source_not_allowed", "OUT-AGAIN": "image_source_not_allowed"}
+        "BESIDE": "image_source_not_allowed", "OUT-AGAIN": "image_source_not_allowed",
+        "ABS-BESIDE": "image_source_not_allowed", "ABS-OUT-AGAIN": "image_source_not_allowed",
+        "ABS-ENVIRON": "image_source_not_allowed", "WINDOWS": "image_path_escapes_root"}
 
 
 def test_a_named_pipe_named_as_a_photo_is_quarantined_not_waited_on(tmp_path):
-    root = make_catalog(tmp_path, {"PIPE": "img/p.jpg", "PIPE-URI": f"file://{tmp_path}/catalog/img/p.jpg"})
+    root = make_catalog(tmp_path, {"PIPE": "img/p.jpg", "PIPE-URI": f"file://{tmp_path}/catalog/img/p.jpg",
+                                   "PIPE-ABS": f"{tmp_path}/catalog/img/p.jpg"})
     os.mkfifo(root / "img" / "p.jpg")  # opened for reading, it blocks until a writer comes: none ever does
     cfg = load_config(overrides={"clean": {"image_size": 32}})
     reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
@@ -333,7 +340,7 @@ def test_a_named_pipe_named_as_a_photo_is_quarantined_not_waited_on(tmp_path):
     result = done[0]
     assert len(result.clean) == GOOD
     assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
-        "PIPE": "image_reference_invalid", "PIPE-URI": "image_reference_invalid"}
+        "PIPE": "image_reference_invalid", "PIPE-URI": "image_reference_invalid", "PIPE-ABS": "image_reference_invalid"}
 
 
 def test_file_uris_are_read_percent_decoded_and_in_any_case_and_stay_inside_the_sources(tmp_path):

@@ -128,11 +128,13 @@ def run(ctx: RunContext) -> dict:
 def _earlier_night(ctx: RunContext, version: str, fingerprint: str) -> dict | None:
     """A rerun of a date whose earlier night trained and saved this same version (the same data and settings) and
     decided on it: that night's statistics, with its decision kept as the gate keeps it, without training again.
-    None when there is no such night, or its model's files are not all there (then the stage trains)."""
+    None when there is no such night, or its model's files (its report too) are not all there (then the stage
+    trains, and writes what is missing)."""
     earlier = ctx.stage_stats("train")
     if not earlier or earlier.get("model_version") != version or not earlier.get("date_model"):
         return None
-    if _saved_metrics(ctx.lake, version, fingerprint) is None:
+    report = Lake.model_file(version, "report")
+    if _saved_metrics(ctx.lake, version, fingerprint) is None or not ctx.lake.exists(report):
         return None
     log.info("train: model %s was trained and judged for %s already (the same data and settings): not trained "
              "again", version, ctx.date)

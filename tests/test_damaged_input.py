@@ -130,6 +130,20 @@ def test_a_stray_quote_before_a_record_of_another_width_still_costs_only_its_own
     assert len(result.clean) + len(result.quarantine) == ROWS
 
 
+@pytest.mark.parametrize("closing", [b'" ,Socks,img/a.jpg', b'"(new),Socks,img/a.jpg'])
+def test_a_quoted_description_with_line_breaks_is_one_value_even_when_its_lines_look_like_short_records(tmp_path,
+                                                                                                       closing):
+    """Lines of sizes ("42, 43") under numeric ids are no records of the header's width: the quote is a value's,
+    closed a little off (a space, a word after it), not a stray one."""
+    root = catalog_dir(tmp_path)
+    lines = [f"{1000 + i},Socks {i},Warm,Socks,img/a.jpg".encode() for i in range(8)]
+    lines[3] = b'1003,Socks,"Sizes:\n42, 43\n44, 45\n' + closing
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert raw.bad_lines == [] and sorted(result.clean["product_id"]) == [str(1000 + i) for i in range(8)]
+    assert result.clean.set_index("product_id").loc["1003", "description"].startswith("Sizes: 42, 43 44, 45")
+
+
 @pytest.mark.parametrize("opened", [2, 0])  # 0: no record read yet, the open quote's own line gives the ids' shape
 def test_a_quote_never_closed_past_the_record_limit_costs_its_own_line_not_the_records_after_it(tmp_path,
                                                                                                   monkeypatch, opened):

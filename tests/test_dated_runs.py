@@ -221,8 +221,9 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
     # A night that saved its model and stopped before its statistics: the rerun trains (nothing says what was
     # decided), and keeps the saved version's files.
     again.lake.delete_file_quietly(Lake.stage_stats_file(D1, "train"))
-    monkeypatch.setattr(jobs.train, "train_on_split", train_on_split)
-    assert run_stage("train", _ctx(tmp_path, D1))["model_version"] == v1
+    trained = []
+    monkeypatch.setattr(jobs.train, "train_on_split", lambda *a, **kw: trained.append(1) or train_on_split(*a, **kw))
+    assert run_stage("train", _ctx(tmp_path, D1))["model_version"] == v1 and trained == [1]
 
 
 def test_one_writer_per_date(tmp_path):

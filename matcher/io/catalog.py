@@ -29,8 +29,8 @@ from matcher.steps.images import ImageRejected
 from matcher.steps.quarantine import Reason
 
 _HEAD_BYTES = 1 << 16
-# A Parquet catalog's rows are read in batches of about this many bytes (decoded), its pages through a buffer of
-# PARQUET_READ_BUFFER bytes: an executor holds one batch of a row group, not the row group.
+# A Parquet catalog's rows become Python rows in batches of about this many bytes (decoded), its pages read through
+# a buffer of PARQUET_READ_BUFFER bytes (pyarrow still decodes a row group's column chunk whole).
 PARQUET_BATCH_BYTES, PARQUET_READ_BUFFER = 64 << 20, 8 << 20
 _MAX_IMAGE_REF_CHARS = 2048
 _URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
@@ -232,8 +232,8 @@ class CatalogReader:
 
     def _parquet_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int) -> Iterator[RawCatalog]:
         """A row group's rows in batches of at most `chunk_rows` rows and about PARQUET_BATCH_BYTES (as the footer
-        sizes its rows), its column chunks read page by page: a writer's default row group holds up to a million
-        rows, photos embedded too, which read whole would be the whole catalog in one executor's memory."""
+        sizes its rows): a writer's default row group holds up to a million rows, photos embedded too, which as
+        Python rows at once would be the whole catalog in one executor's memory beside pyarrow's copy of it."""
         image_source = plan.mapping.get("image", "image")
         offset = split.row_offset
         try:
@@ -244,7 +244,10 @@ class CatalogReader:
             try:
                 parquet = pq.ParquetFile(fh, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
                 group = parquet.metadata.row_group(split.row_group)
-                row_bytes = group.total_byte_size / max(group.num_rows, 1)
+                # The largest of the footer's sizes: a writer may leave the row group's own total at 0.
+                sized = max(group.total_byte_size, sum(group.column(c).total_uncompressed_size
+                                                       for c in range(group.num_columns)))
+                row_bytes = sized / max(group.num_rows, 1)
                 batch_rows = max(1, min(chunk_rows, int(PARQUET_BATCH_BYTES // max(row_bytes, 1.0))))
                 batches = parquet.iter_batches(batch_size=batch_rows, row_groups=[split.row_group],
                                                use_threads=False)
@@ -257,6 +260,8 @@ class CatalogReader:
                     raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group} "
                                                        f"(from row {offset})") from None
                 if batch is None:
+                    if offset == split.row_offset:  # no rows: one empty chunk, with the columns, as before
+                        yield self._finish(_arrow_as_text(parquet.schema_arrow.empty_table()), [], plan, offset)
                     return
                 table = pa.Table.from_batches([batch])
                 images = (_embedded_images(table.column(image_source)) if image_source in table.column_names
@@ -769,16 +774,16 @@ def _id_shape(value: str) -> str:
 
 def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shapes: set[str]) -> list[list[str]]:
     """The records a stray quote swallowed: when a record spans several lines, the quote that ends it does not end
-    a field (or none does), and most lines after its first (more than half) look like records of the catalog (two
-    fields or more, an id shaped as the catalog's ids), its first line opened a quote it never closed: every line
+    a field (or none does), and most lines after its first (more than half) look like records of the catalog (the
+    header's width, an id shaped as the catalog's ids), its first line opened a quote it never closed: every line
     after it is read as the record it was (a damaged one among them has its own outcome: a wrong field count, no
-    id); else [] (a quoted value with line breaks, as descriptions have)."""
+    id); else [] (a quoted value with line breaks, as descriptions have: "42, 43" is no record of five fields)."""
     if _closes_well_formed(lines[-1], delimiter):
         return []
     records = [fields for fields in (next(csv.reader([line], strict=False, delimiter=delimiter), [])
                                      for line in lines[1:])
                if any(f.strip() for f in fields)]  # a blank line is no record, as outside the quote
-    shaped = sum(len(f) >= min(2, width) and _id_shape(f[0]) in id_shapes and '"' not in f[0] for f in records)
+    shaped = sum(len(f) == width and _id_shape(f[0]) in id_shapes and '"' not in f[0] for f in records)
     return records if 2 * shaped > len(records) else []
 
 

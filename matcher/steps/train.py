@@ -159,7 +159,7 @@ def _matching_loss(model: MatcherModel, z: torch.Tensor, u: torch.Tensor, genera
     return F.binary_cross_entropy_with_logits(logits, labels, weight=weights)
 
 
-def twin_texts(txt: torch.Tensor, cosine: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def twin_texts(txt: torch.Tensor, cosine: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A function of a batch's row indices giving its pairs of different products whose text features are at
     least `cosine` alike (near-duplicate titles: in a catalog they are as likely the same product's twin as another
     product, so they are no negatives); None when `cosine` is 0 (off)."""
@@ -249,7 +249,7 @@ def _new_model(img: torch.Tensor, txt: torch.Tensor, spec: ModelSpec, cfg: Train
     return model
 
 
-def adamw(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+def adamw(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW at the config's peak rate and decay, each step fused into one kernel: faster on the CPU than the
     per-tensor loop (the same update, to float rounding)."""
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)

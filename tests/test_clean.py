@@ -192,7 +192,7 @@ def _formats_catalog(tmp_path, fmt):
     for i in range(3):
         (tmp_path / "img" / f"{i}.png").write_bytes(jpeg((i * 60, 0, 0)))
     rows = [{"product_id": str(i), "title": f"t{i}", "image": f"img/{i}.png", "colour": "red",
-             "sizes": ["S", "M"]} for i in range(3)]
+             "sizes": ["S", "M"], "price": [3.0, 2.5, 1004.0][i], "in_stock": i != 1} for i in range(3)]
     if fmt == "parquet":
         pd.DataFrame(rows).to_parquet(tmp_path / "products.parquet")
     else:
@@ -210,6 +210,9 @@ def test_parquet_and_json_lines_catalogs(tmp_path, fmt):
     assert sorted(result.clean["product_id"]) == ["0", "1", "2"]
     assert list(result.clean["colour"]) == ["red"] * 3  # pass-through column
     assert list(result.clean["sizes"]) == ['["S", "M"]'] * 3  # a list as JSON, whatever the format
+    # typed scalars read alike in both formats: a whole number without ".0", booleans as JSON writes them
+    assert list(result.clean["price"]) == ["3", "2.5", "1004"]
+    assert list(result.clean["in_stock"]) == ["true", "false", "true"]
     assert len(result.quarantine) == (1 if fmt == "jsonl" else 0)
 
 

@@ -894,8 +894,7 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
             bad.append({"raw": line.rstrip("\r\n")[:_RAW_CHARS], "reason": Reason.MALFORMED_JSON,
                         "detail": str(exc)[:200]})
             continue
-        records.append({str(k): "" if v is None else json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict))
-                        else str(v) for k, v in obj.items()})
+        records.append({str(k): _json_value_text(v) for k, v in obj.items()})
         chars += len(line)
         if len(records) >= chunk_rows or chars >= CHUNK_CHARS:
             yield pd.DataFrame.from_records(records).fillna(""), bad[:]
@@ -918,6 +917,23 @@ def _skip_to_next_line(stream) -> int:
 
 # The columns of a JSON Lines catalog: the keys of its first records, up to these many records or bytes.
 _JSONL_HEAD_RECORDS, _JSONL_HEAD_BYTES = 1000, 16 << 20
+
+
+def _json_value_text(value: object) -> str:
+    """A JSON value as catalog text, as a Parquet catalog's typed value reads: null "", a string as it is, true and
+    false as JSON writes them, a whole number without ".0" (an export that writes the id 1004 as 1004.0 on some
+    rows names the same product), lists and objects as JSON text."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        return str(int(value))
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def _jsonl_columns(stream) -> list[str]:

@@ -107,10 +107,12 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 def _check_each(check: Callable[[str], str | None]) -> AfterValidator:
     """A list key whose every entry passes `check` (which returns the problem, or None)."""
     def validate(values: list[str]) -> list[str]:
+        problems: dict[str, list[str]] = {}
         for value in values:
-            problem = check(value)
-            if problem:
-                raise ValueError(f"{problem}, got {value!r}")
+            if problem := check(value):
+                problems.setdefault(problem, []).append(repr(value))
+        if problems:  # every bad entry at once, as the file's other problems are
+            raise ValueError("; ".join(f"{problem}, got {', '.join(bad)}" for problem, bad in problems.items()))
         return values
     return AfterValidator(validate)
 

@@ -96,6 +96,8 @@ def test_file_overrides_subset(tmp_path):
     ({"extract": {"description": "both"}}, r"config key extract.description must be separate or joined, got 'both'$"),
     ({"catalog": {"image_sources": ["s3://ok/", 3]}},
      r"config key catalog.image_sources must be list\[str\], got \['s3://ok/', 3\]$"),
+    ({"catalog": {"image_sources": ["/photos/", "s3://ok/", "C:\\photos"]}},  # every bad entry, not the first
+     r"image_sources entries must be file:///absolute/path/ or s3://bucket/prefix/ .*got '/photos/', 'C:\\\\photos'$"),
     ({"spark": {"conf": {"spark.x": 1}}}, r"config key spark.conf must be dict\[str, str\], got \{'spark.x': 1\}$"),
     ({"spark": {"driver_memory": "2 GB"}}, r"config key spark.driver_memory must be a JVM memory size such as 2g"),
     ({"spark": {"driver_memory": "4096"}}, r"config key spark.driver_memory must be a JVM memory size such as 2g"),

@@ -34,7 +34,7 @@ def messy_catalog(tmp_path):
     bad = [
         ',"No id",,Dresses,images/g0.jpg',                       # missing product_id
         'G1,"Duplicate of G1",,Dresses,images/g1.jpg',             # duplicate product_id
-        'B2,"",,Dresses,images/g2.jpg',                            # empty title
+        'B2,"",Has a description,Dresses,images/g2.jpg',           # empty title
         'B3,"Missing photo",,Dresses,images/nope.jpg',             # image missing
         'B4,"Zero bytes",,Dresses,images/empty.jpg',               # zero-byte image
         'B5,"Truncated",,Dresses,images/trunc.jpg',                # truncated image
@@ -67,6 +67,9 @@ def test_every_bad_row_is_quarantined_and_every_good_row_kept(messy_catalog):
     by_id = dict(zip(q["product_id"], q["reason"]))
     for pid, reason in EXPECTED_REASONS.items():
         assert by_id.get(pid) == reason, (pid, by_id)
+    details = dict(zip(q["product_id"], q["detail"]))  # a reason says why in words too
+    assert details["B2"] == ("the title is empty (the description is not read as one: map a title column with "
+                             "catalog.columns)") and details[""] == "the product_id is empty"
     assert (q["reason"] == "duplicate_product_id").sum() == 1
     assert (q["reason"] == "wrong_field_count").sum() == 1
     # Counts reconcile: every input row is either clean or quarantined.

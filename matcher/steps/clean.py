@@ -156,13 +156,17 @@ def clean_text_rows(rows: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame,
             reject(row, pid, Reason.INVALID_PRODUCT_ID, pid_problem)
             continue
         if not pid:
-            reject(row, pid, Reason.MISSING_PRODUCT_ID)
+            reject(row, pid, Reason.MISSING_PRODUCT_ID, "the product_id is empty")
             continue
         if any(has_control_characters(str(row.get(c) or "")) for c in ("title", "description", "category")):
             repairs.append(REPAIR_CONTROL_CHARACTERS)
         title, title_cut = normalize_text(row.get("title"), cfg.max_title_chars)
         if not title:
-            reject(row, pid, Reason.MISSING_TITLE)
+            raw_title = str(row.get("title") or "")
+            reject(row, pid, Reason.MISSING_TITLE,
+                   f"the title is only markup or spaces: {raw_title[:80]!r}" if raw_title.strip() else
+                   "the title is empty" + (" (the description is not read as one: map a title column with "
+                                           "catalog.columns)" if str(row.get("description") or "").strip() else ""))
             continue
         description, desc_cut = normalize_text(row.get("description"), cfg.max_description_chars)
         category, _ = normalize_text(row.get("category"), MAX_CATEGORY_CHARS)

@@ -42,7 +42,7 @@ _CSV_DELIMITERS = (",", ";", "\t", "|")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 REQUIRED_COLUMNS = ("product_id", "title")
 _WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\x, C:/x, \\server\share
-_PHOTO_COLUMN_WORDS = re.compile(r"image|img|photo|picture|pic|thumbnail|url", re.I)
+_PHOTO_COLUMN_WORDS = (re.compile(r"image|img|photo|picture|pic|thumbnail", re.I), re.compile(r"url|link", re.I))
 OPTIONAL_COLUMNS = ("description", "category", "image")
 
 
@@ -333,7 +333,7 @@ class CatalogReader:
             raise CatalogError(f"catalog file {path} lacks required columns {missing}; it has {columns[:12]}")
         if "image" not in mapping and "image" not in columns and not self.options.image_template:
             # Every row would be quarantined (image_missing) and the night stopped by the gate: say so at once.
-            likely = [c for c in columns if _PHOTO_COLUMN_WORDS.search(c)]
+            likely = [c for words in _PHOTO_COLUMN_WORDS for c in columns if words.search(c)]
             raise CatalogError(f"catalog file {path} has no image column; it has {columns[:12]}: name the column "
                                f"of photo references with catalog.columns (e.g. image = \"{(likely or ['...'])[0]}\"), "
                                "or build them from the id with catalog.image_template")

@@ -64,9 +64,9 @@ _CDATA = re.compile(r"<!\[CDATA\[(.*?)\]\]>", re.DOTALL)
 
 
 def _without_code(text: str) -> str:
-    """`text` without its <script> and <style> elements (from the opening tag to the closing one; an element left
-    open is left to the tag remover, which drops its tag and keeps what follows), and with each CDATA section's
-    content in place of the section. Each closing tag is found by one scan forward: linear in the text's length."""
+    """`text` without its <script> and <style> elements (from the opening tag to the closing one; one never closed
+    is left to the tag remover, and what follows it kept), and with each CDATA section's content in place of the
+    section. Each closing tag is found by one scan forward: linear in the text's length."""
     if "<" not in text:
         return text
     text = _CDATA.sub(r"\1", text) if "<![CDATA[" in text else text
@@ -79,6 +79,8 @@ def _without_code(text: str) -> str:
         pieces += [text[at:opened.start()], " "]
         at = len(text) if end < 0 else end + 1
     return "".join(pieces) + text[at:] if pieces else text
+
+
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 

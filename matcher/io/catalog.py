@@ -235,11 +235,11 @@ class CatalogReader:
         sizes its rows): a writer's default row group holds up to a million rows, photos embedded too, which as
         Python rows at once would be the whole catalog in one executor's memory beside pyarrow's copy of it."""
         image_source = plan.mapping.get("image", "image")
-        offset = split.row_offset
+        offset, where = split.row_offset, f"catalog file {plan.path}, row group {split.row_group}"
         try:
             fh = self.fs.open_input_file(plan.path)
         except _DECODING_ERRORS as exc:
-            raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group}") from None
+            raise _damaged_or_unreachable(exc, where) from None
         with fh:
             try:
                 parquet = pq.ParquetFile(fh, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
@@ -252,13 +252,12 @@ class CatalogReader:
                 batches = parquet.iter_batches(batch_size=batch_rows, row_groups=[split.row_group],
                                                use_threads=False)
             except _DECODING_ERRORS as exc:
-                raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group}") from None
+                raise _damaged_or_unreachable(exc, where) from None
             while True:
                 try:
                     batch = next(batches, None)
                 except _DECODING_ERRORS as exc:
-                    raise _damaged_or_unreachable(exc, f"catalog file {plan.path}, row group {split.row_group} "
-                                                       f"(from row {offset})") from None
+                    raise _damaged_or_unreachable(exc, f"{where} (from row {offset})") from None
                 if batch is None:
                     if offset == split.row_offset:  # no rows: one empty chunk, with the columns, as before
                         yield self._finish(_arrow_as_text(parquet.schema_arrow.empty_table()), [], plan, offset)
@@ -342,13 +341,8 @@ class CatalogReader:
 
     @staticmethod
     def _mapped_columns(columns: list[str], mapping: dict[str, str]) -> list[str]:
-        """The columns as matcher names them: a mapped column under each field it is mapped to (one column may
-        fill two, e.g. title and description), a column named like a field another column is mapped to left out."""
-        sources, mapped = set(mapping.values()), []
-        for column in columns:
-            if column in mapping and column not in sources:
-                continue
-            mapped += [dst for dst, src in mapping.items() if src == column] or [column]
+        """The columns as matcher names them (`_named_columns`), and the optional ones the file lacks."""
+        mapped = [name for name, _ in _named_columns(columns, mapping)]
         return mapped + [c for c in OPTIONAL_COLUMNS if c not in mapped]
 
     def read_image(self, ref: str, max_bytes: int | None = None) -> bytes:
@@ -636,11 +630,20 @@ def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataF
     for src in mapping.values():
         if src not in df.columns:
             df[src] = ""
-    # A source column mapped to a matcher field replaces any column already named like that field; one mapped to
-    # two fields fills both.
-    sources = set(mapping.values())
-    kept = {c: df[c] for c in df.columns if c not in sources and c not in mapping}
-    return pd.DataFrame({**kept, **{dst: df[src] for dst, src in mapping.items()}}, index=df.index)
+    return pd.DataFrame({name: df[column] for name, column in _named_columns(list(df.columns), mapping)},
+                        index=df.index)
+
+
+def _named_columns(columns: list[str], mapping: dict[str, str]) -> list[tuple[str, str]]:
+    """(matcher's name, the file's column) of each column read, in the file's order: a mapped column under each
+    field it is mapped to (one column may fill two, e.g. title and description); a column named like a field that
+    another column is mapped to is left out (the mapped one replaces it)."""
+    sources, named = set(mapping.values()), []
+    for column in columns:
+        if column in mapping and column not in sources:
+            continue
+        named += [(dst, column) for dst, src in mapping.items() if src == column] or [(column, column)]
+    return named
 
 
 def _undecodable_as_surrogates(exc: UnicodeDecodeError) -> tuple[str, int]:
@@ -824,6 +827,11 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
             id_shapes.add(_id_shape(fields[0]))
             shaped += 1
 
+    def unparseable(detail: str) -> None:
+        """The record just read is a bad line: its first line's text, `detail` after that line's number."""
+        bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS] if lines.taken else "",
+                    "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {reader.line_num - lines.read + 1}: {detail}"})
+
     while True:
         lines.clear()
         try:
@@ -835,27 +843,19 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
             first_id = lines.taken[0].split(delimiter, 1)[0] if lines.taken else ""  # the id the quote opened after
             swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(first_id)})
                          if len(lines.taken) > 1 and not lines.overflowed and not lines.cut else [])
-            first = reader.line_num - lines.read + 1
-            bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS] if lines.taken else "",
-                        "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {first}: {exc}"
-                        + (f"; the {len(swallowed)} lines after it are whole records: they are read as such"
-                           if swallowed else "")})
+            unparseable(f"{exc}" + (f"; the {len(swallowed)} lines after it are whole records: they are read as such"
+                                    if swallowed else ""))
             for record in swallowed:
                 take(record)
             continue
         if lines.cut:  # the record held a line past the limit: read past, and not a row
-            bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS] if lines.taken else "",
-                        "reason": Reason.UNPARSEABLE_LINE,
-                        "detail": f"line {reader.line_num - lines.read + 1}: a line over {MAX_RECORD_CHARS} "
-                                  "characters, read no further"})
+            unparseable(f"a line over {MAX_RECORD_CHARS} characters, read no further")
             continue
         swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(fields[0])})
                      if len(lines.taken) > 1 and fields and not lines.overflowed else [])
         if swallowed:
-            first = reader.line_num - lines.read + 1
-            bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS], "reason": Reason.UNPARSEABLE_LINE,
-                        "detail": f"line {first}: a quote opened on it is not closed there, and the "
-                                  f"{len(swallowed)} lines after it are whole records: they are read as such"})
+            unparseable(f"a quote opened on it is not closed there, and the {len(swallowed)} lines after it are "
+                        "whole records: they are read as such")
             for record in swallowed:
                 take(record)
         else:

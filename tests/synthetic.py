@@ -27,8 +27,10 @@ def synthetic_features(n: int, seed: int = 0, image_dim: int = 48, text_dim: int
 
 
 def write_synthetic_partition(lake: Lake, date: str, n: int = 200, seed: int = 0,
-                              image_encoder: str = IMAGE_ENCODER) -> None:
-    img, txt, cats = synthetic_features(n, seed)
+                              image_encoder: str = IMAGE_ENCODER, text_encoder: str = TEXT_ENCODER,
+                              text_dim: int = 32) -> None:
+    """`text_encoder`/`text_dim`: a real encoder's version and width where the test embeds query texts."""
+    img, txt, cats = synthetic_features(n, seed, text_dim=text_dim)
     ids = [f"P{i:04d}" for i in range(n)]
     hashes = [hashlib.sha256(f"{p}-{seed}".encode()).hexdigest() for p in ids]
     clean = pd.DataFrame({
@@ -38,7 +40,7 @@ def write_synthetic_partition(lake: Lake, date: str, n: int = 200, seed: int = 0
         "image_width": 1, "image_height": 1, "content_hash": hashes,
     })
     features = pd.DataFrame({"product_id": ids, "content_hash": hashes, "image_feat": list(img),
-                             "text_feat": list(txt), "image_encoder": image_encoder, "text_encoder": TEXT_ENCODER})
+                             "text_feat": list(txt), "image_encoder": image_encoder, "text_encoder": text_encoder})
     lake.write_partition("clean", date, to_arrow("clean", clean))
     lake.write_partition("features", date, to_arrow("features", features))
     # A passed validation of exactly this clean attempt, as the validate stage records it.

@@ -5,6 +5,8 @@ import logging
 import threading
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 from pyarrow import fs
 
@@ -12,10 +14,12 @@ from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
 from matcher.app.cli import main
 from matcher.app.demo_catalog import make_demo_catalog
+from matcher.app.search import search_text
 from matcher.config import dated, dump_toml, load_config
 from matcher.io.lake import Lake
 from matcher.io.locks import DateLockedError, date_lock
 from matcher.io.registry import current_version, model_for_date, promote
+from matcher.steps.encoders import text_encoder_version
 from matcher.steps.model import ModelError
 from matcher.steps.train import train_on_split
 from tests.synthetic import write_synthetic_partition
@@ -157,16 +161,23 @@ def _tables(lake: Lake, date: str) -> dict:
         for t in ("recommendations", "categories")}
 
 
+def _search(lake: Lake, as_of: str | None = None) -> pd.DataFrame:
+    return search_text(lake, "product 7", k=5, date=D1, as_of=as_of)
+
+
 def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path, monkeypatch):
+    # The hashing text encoder (numpy, no weights) lets search embed its query text the way the features were made.
+    texts = {"text_encoder": text_encoder_version("hashing-384"), "text_dim": 384}
     first = _ctx(tmp_path, D1)
-    write_synthetic_partition(first.lake, D1, n=120)
+    write_synthetic_partition(first.lake, D1, n=120, **texts)
     v1 = run_stage("train", first)["model_version"]
     for stage in ("score", "publish"):
         run_stage(stage, first)
     before = _tables(first.lake, D1)
+    searched = _search(first.lake)  # the embeddings table's version 0, scored by v1
 
     second = _ctx(tmp_path, D2)
-    write_synthetic_partition(second.lake, D2, n=120, seed=7)
+    write_synthetic_partition(second.lake, D2, n=120, seed=7, **texts)
     v2 = run_stage("train", second)["model_version"]
     promote(second.lake, v2, D2)  # a newer model is current, whatever the gate said
     assert current_version(second.lake) == v2 != v1
@@ -198,7 +209,7 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
 
     # A date first scored without training keeps the model its manifest records.
     third = _ctx(tmp_path, D3)
-    write_synthetic_partition(third.lake, D3, n=120, seed=9)
+    write_synthetic_partition(third.lake, D3, n=120, seed=9, **texts)
     assert run_stage("score", third)["model_version"] == v2
     run_stage("publish", third)
     promote(third.lake, v1, D3)
@@ -217,6 +228,12 @@ def test_rescoring_an_old_date_after_newer_models_reproduces_its_tables(tmp_path
     assert again.lake.read_bytes("models/current.json") == registry and current_version(again.lake) == v1
     assert again.lake.read_bytes(Lake.stage_stats_file(D1, "train")) == own
     assert sorted(i.path for i in again.lake.fs.get_file_info(fs.FileSelector(again.lake.path("models")))) == models
+    # search reads the date's embeddings, and the model that scored them, as the tables' log held them: versions 0
+    # and 1 are D1's nights with v1, 2 is D3's publish (D1 still v1's), 3 this rescore with v2.
+    rescored = _search(again.lake)
+    assert not np.allclose(rescored["score"], searched["score"]), (rescored, searched)
+    pd.testing.assert_frame_equal(_search(again.lake, as_of="2"), searched)
+    pd.testing.assert_frame_equal(_search(again.lake, as_of="3"), rescored)
 
     # A night that saved its model and stopped before its statistics: the rerun trains (nothing says what was
     # decided), and keeps the saved version's files.

@@ -199,8 +199,21 @@ def _commit(lake: Lake, table: str, records_by_date: dict[str, list[FileRecord]]
                                               partition_by=[PARTITION], name=table, storage_options=options,
                                               commit_properties=about)
                 return open_table(lake, table).version()
-            current.create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=[PARTITION],
-                                             partition_filters=[(PARTITION, "in", dates)], commit_properties=about)
+            if _logged_paths(current, dates) == {a.path for a in adds}:
+                # The dates' files as logged (a rescore publishing the clean stage's files again): an overwrite
+                # would add and remove each path in one commit, which readers replaying actions in order (Spark)
+                # read as removed. A commit of no files keeps the version numbers of every table in step.
+                current.create_write_transaction([], mode="append", schema=schema, partition_by=[PARTITION],
+                                                 commit_properties=about)
+            else:
+                kept = _logged_paths(current, dates) & {a.path for a in adds}
+                if kept:
+                    raise ValueError(f"table {table}: a commit for {', '.join(dates)} would keep "
+                                     f"{sorted(kept)[0]} and replace other files of those dates; the log holds a "
+                                     "date's files whole")
+                current.create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=[PARTITION],
+                                                 partition_filters=[(PARTITION, "in", dates)],
+                                                 commit_properties=about)
             current.update_incremental()  # reads only the commit just made
             return current.version()
         except CommitFailedError:
@@ -208,6 +221,14 @@ def _commit(lake: Lake, table: str, records_by_date: dict[str, list[FileRecord]]
                 raise
             time.sleep(0.05 * 2 ** attempt * (0.5 + random.random()))  # noqa: S311 (jitter)
     raise AssertionError("unreachable")
+
+
+def _logged_paths(delta: DeltaTable, dates: list[str]) -> set[str]:
+    """The paths (relative to the table) of the files the log holds for these dates."""
+    actions = delta.get_add_actions(flatten=True)
+    in_dates = set(dates)
+    return {path for path, dt in zip(actions.column("path").to_pylist(),
+                                     actions.column(f"partition.{PARTITION}").to_pylist()) if dt in in_dates}
 
 
 def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) -> dict[str, Logged]:

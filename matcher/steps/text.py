@@ -60,7 +60,20 @@ _RAW_CHARS_PER_CHAR, _RAW_CHARS_LEAST = 64, 1 << 20
 _WS = re.compile(r"\s+")
 # Code and style in an HTML description are no text of the product; a CDATA section's content is.
 _CODE_OPEN = re.compile(r"<(script|style)\b[^<>]*>", re.IGNORECASE)
-_CDATA = re.compile(r"<!\[CDATA\[(.*?)\]\]>", re.DOTALL)
+_CDATA_OPEN, _CDATA_CLOSE = "<![CDATA[", "]]>"
+
+
+def _cdata_unwrapped(text: str) -> str:
+    """Each CDATA section's content in place of the section; one never closed is left as it is, and so is all
+    after it (a search for its end from every later opening would be quadratic)."""
+    pieces, at = [], 0
+    while (opened := text.find(_CDATA_OPEN, at)) >= 0:
+        close = text.find(_CDATA_CLOSE, opened + len(_CDATA_OPEN))
+        if close < 0:
+            break
+        pieces += [text[at:opened], text[opened + len(_CDATA_OPEN):close]]
+        at = close + len(_CDATA_CLOSE)
+    return "".join(pieces) + text[at:] if pieces else text
 
 
 def _without_code(text: str) -> str:
@@ -69,7 +82,7 @@ def _without_code(text: str) -> str:
     section. Each closing tag is found by one scan forward: linear in the text's length."""
     if "<" not in text:
         return text
-    text = _CDATA.sub(r"\1", text) if "<![CDATA[" in text else text
+    text = _cdata_unwrapped(text)
     lower, pieces, at = text.lower(), [], 0
     while (opened := _CODE_OPEN.search(text, at)) is not None:
         close = lower.find(f"</{opened.group(1).lower()}", opened.end())

@@ -336,6 +336,10 @@ def _mugs(n: int, first: dict | None = None) -> list[dict]:
     ({"product_id": "J0", "image": "img/a.jpg"}, None, {"J0": "missing_title"}),
     # A damaged first line nested past Python's recursion limit: a crash judged a bug.
     (None, b"[" * 5000, {"": "malformed_json"}),
+    # A record that parses but nests past what writing its value back as JSON text can recurse: a crash, at a depth
+    # that depended on the stack. Past 64 levels a record is refused wherever it is read.
+    (None, b'{"product_id": "J0", "title": "Mug", "image": "img/a.jpg", "tags": ' + b"[" * 900 + b"]" * 900 + b"}",
+     {"": "malformed_json"}),
 ])
 def test_a_json_lines_catalog_is_not_judged_by_its_first_record(tmp_path, first, first_line, quarantined):
     root = catalog_dir(tmp_path)

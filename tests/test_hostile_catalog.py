@@ -343,6 +343,21 @@ def test_a_named_pipe_named_as_a_photo_is_quarantined_not_waited_on(tmp_path):
         "PIPE": "image_reference_invalid", "PIPE-URI": "image_reference_invalid", "PIPE-ABS": "image_reference_invalid"}
 
 
+def test_a_link_loop_and_malformed_s3_uris_are_quarantined_not_a_failed_night(tmp_path):
+    root = make_catalog(tmp_path, {
+        "LOOP": "img/loop.jpg", "LOOP-URI": f"file://{tmp_path}/catalog/img/loop.jpg",
+        "LOOP-ABS": f"{tmp_path}/catalog/img/loop.jpg",
+        "S3-NO-BUCKET": "s3:///media/products/a.jpg", "S3-EMPTY-SEGMENT": "s3://media/products//a.jpg"})
+    os.symlink(root / "img" / "loop.jpg", root / "img" / "loop.jpg")  # resolving it never ends
+    cfg = load_config(overrides={"clean": {"image_size": 32}, "catalog": {"image_sources": ["s3://media/products/"]}})
+    reader = CatalogReader(str(root), cfg.storage, cfg.catalog)
+    result = clean_catalog(reader.read(), reader.read_image, cfg.clean)
+    assert len(result.clean) == GOOD
+    assert dict(zip(result.quarantine["product_id"], result.quarantine["reason"])) == {
+        "LOOP": "image_missing", "LOOP-URI": "image_reference_invalid", "LOOP-ABS": "image_reference_invalid",
+        "S3-NO-BUCKET": "image_reference_invalid", "S3-EMPTY-SEGMENT": "image_reference_invalid"}
+
+
 def test_file_uris_are_read_percent_decoded_and_in_any_case_and_stay_inside_the_sources(tmp_path):
     photos, beside = tmp_path / "my photos", tmp_path / "photos2"
     for folder in (photos, beside):

@@ -100,6 +100,15 @@ def _other_writers_tables() -> dict[str, tuple[pa.Table, dict[str, str]]]:
         # A value that is not UTF-8 costs its row, not the file
         "a title not utf-8": (pa.table({"product_id": ["A", "B", "C"], "title": _not_utf8_title(),
                                         "image": ["red.jpg"] * 3}), {"B": "text_invalid_utf8"}),
+        # ... inside a list column, or as the path beside an embedded photo (the whole file failed)
+        "a tag not utf-8": (pa.table({"product_id": ["A", "B", "C"], "title": ["Red", "Blue", "Green"],
+                                      "tags": pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()),
+                                                                       _not_utf8_title()),
+                                      "image": ["red.jpg"] * 3}), {"B": "text_invalid_utf8"}),
+        "a photo's path not utf-8": (pa.table({"product_id": ["A", "B", "C"], "title": ["Red", "Blue", "Green"],
+                                               "image": pa.StructArray.from_arrays(
+                                                   [pa.array([_jpeg(RED)] * 3), _not_utf8_title()],
+                                                   ["bytes", "path"])}), {"B": "text_invalid_utf8"}),
     }
 
 

@@ -267,7 +267,9 @@ class CatalogReader:
                           else None)
                 if images is not None:
                     data, paths = images
-                    table = table.set_column(table.column_names.index(image_source), image_source, pa.array(paths))
+                    # as bytes: a path that was not UTF-8 is kept for its row's quarantine (text_invalid_utf8)
+                    table = table.set_column(table.column_names.index(image_source), image_source, pa.array(
+                        [p.encode("utf-8", errors="surrogateescape") for p in paths], pa.binary()))
                 raw = self._finish(_arrow_as_text(table), [], plan, offset)
                 if images is not None:
                     raw.rows[IMAGE_DATA] = data
@@ -361,9 +363,9 @@ class CatalogReader:
             ref = scheme.group(1).lower() + ref[scheme.end(1):]
         if is_s3(ref):
             self.sources.check_s3_object(ref)  # before any connection to the store
-            fs, path = resolve_uri(ref, self.storage)
+            fs, path = _resolved(ref, ref, self.storage)
         elif ref.startswith("file://"):
-            fs, path = resolve_uri(ref, self.storage)
+            fs, path = _resolved(ref, ref, self.storage)
             path = self.sources.local_file(ref, self._file_uri_path(ref, path))
         elif ref.lower().startswith(("http://", "https://")):
             o = self.options
@@ -379,7 +381,7 @@ class CatalogReader:
         elif ref.startswith("/") and not ref.startswith("//") and self.sources.local_root is not None:
             # An absolute path on a local catalog is read as its file:// URI is: inside the catalog folder or a
             # file:// image source, links resolved first.
-            fs, path = resolve_uri("file://" + ref, self.storage)
+            fs, path = _resolved("file://" + ref, ref, self.storage)
             path = self.sources.local_file(ref, path)
         else:
             try:
@@ -442,6 +444,9 @@ class ImageSources:
         """Nothing for an s3:// reference inside the root or an s3:// source; else image_source_not_allowed.
         Keys with . or .. segments (escaped or not) are refused: stores differ on what they mean."""
         path = _s3_key_path(ref)
+        if not urllib.parse.urlparse(ref).netloc or "//" in ref.split("://", 1)[1]:
+            raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: an S3 URI without a bucket or with "
+                                                                "an empty key segment")
         segments = urllib.parse.unquote(path).split("/")
         if any(s in (".", "..") for s in segments):
             raise ImageRejected(Reason.IMAGE_SOURCE_NOT_ALLOWED, f"{ref[:200]}: '.' or '..' in an S3 key")
@@ -464,6 +469,15 @@ def _damaged_or_unreachable(exc: Exception, where: str) -> Exception:
         return exc
     detail = " ".join(str(exc).split())[:300]  # not "OSError: ...": the name would read as a storage error's
     return CatalogError(f"{where} cannot be decoded, it is damaged ({detail})")
+
+
+def _resolved(uri: str, ref: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """storage.resolve_uri of a photo's URI (`ref`: as the row wrote it); a URI it cannot resolve (a link loop)
+    is image_reference_invalid, not a failed task."""
+    try:
+        return resolve_uri(uri, storage)
+    except (RuntimeError, OSError) as exc:  # StorageError is a RuntimeError; Path.resolve raises either on a loop
+        raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: {exc}"[:300]) from None
 
 
 def _read_file(fs: pafs.FileSystem, path: str, ref: str, max_bytes: int | None) -> bytes:
@@ -550,7 +564,7 @@ def _arrow_as_text(table: pa.Table) -> pd.DataFrame:
             values = [str(v) if v is not None else "" for v in col.to_pylist()]
         elif pa.types.is_nested(kind):
             values = [json.dumps(v, ensure_ascii=False, default=str) if v is not None else ""
-                      for v in col.to_pylist()]
+                      for v in _python_values(col)]
         elif (_holds_bytes(kind) or pa.types.is_fixed_size_binary(kind)
               or (_is_text(kind) and not _valid_utf8(col))):
             # Bytes, or strings one of which is not UTF-8: that value costs its row (text_invalid_utf8), not the file.
@@ -573,11 +587,33 @@ def _embedded_images(col: pa.ChunkedArray) -> tuple[list[bytes | None], list[str
         refs = [_reference_in_bytes(v) for v in values]
         return [None if r is not None else (v or None) for r, v in zip(refs, values)], [r or "" for r in refs]
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        values = col.to_pylist()
         has_path = kind.get_field_index("path") >= 0
-        return ([(v or {}).get("bytes") or None for v in values],
-                [str((v or {}).get("path") or "") if has_path else "" for v in values])
+
+        def photo_and_path(v: dict | str | None) -> tuple[bytes | None, str]:
+            if isinstance(v, str):  # a path that is not UTF-8, its bytes as surrogates: refused as such
+                return None, v
+            return (v or {}).get("bytes") or None, str((v or {}).get("path") or "") if has_path else ""
+
+        photos, paths = zip(*map(photo_and_path, _python_values(col))) if len(col) else ((), ())
+        return list(photos), list(paths)
     return None
+
+
+def _python_values(col: pa.ChunkedArray) -> list:
+    """The column's values as Python's; a value holding a string that is not UTF-8 becomes that string's text with
+    its bytes kept as surrogates, which costs its row (text_invalid_utf8), not the file."""
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        pass
+
+    def value(scalar: pa.Scalar) -> object:
+        try:
+            return scalar.as_py()
+        except UnicodeDecodeError as exc:
+            return bytes(exc.object).decode("utf-8", errors="surrogateescape")
+
+    return [value(chunk[i]) for chunk in col.chunks for i in range(len(chunk))]
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -890,11 +926,14 @@ def _jsonl_chunks(stream: io.RawIOBase, chunk_rows: int) -> Iterator[tuple[pd.Da
             obj = json.loads(line, strict=False)
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
+            if _nested_deeper_than(obj, _JSON_MAX_DEPTH):  # written back as JSON text below, by recursion
+                raise ValueError(f"values nested deeper than {_JSON_MAX_DEPTH} levels")
+            record = {str(k): _json_value_text(v) for k, v in obj.items()}
         except (ValueError, RecursionError) as exc:
             bad.append({"raw": line.rstrip("\r\n")[:_RAW_CHARS], "reason": Reason.MALFORMED_JSON,
                         "detail": str(exc)[:200]})
             continue
-        records.append({str(k): _json_value_text(v) for k, v in obj.items()})
+        records.append(record)
         chars += len(line)
         if len(records) >= chunk_rows or chars >= CHUNK_CHARS:
             yield pd.DataFrame.from_records(records).fillna(""), bad[:]
@@ -917,6 +956,23 @@ def _skip_to_next_line(stream) -> int:
 
 # The columns of a JSON Lines catalog: the keys of its first records, up to these many records or bytes.
 _JSONL_HEAD_RECORDS, _JSONL_HEAD_BYTES = 1000, 16 << 20
+
+
+# A record's values are catalog fields: lists and objects in them are kept as JSON text. Deeper than this is no
+# catalog's, and the same row is refused wherever the stack happens to be.
+_JSON_MAX_DEPTH = 64
+
+
+def _nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether lists and objects nest in `value` more than `limit` levels (a walk without recursion)."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (list, dict)):
+            if depth >= limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _json_value_text(value: object) -> str:

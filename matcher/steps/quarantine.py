@@ -29,4 +29,5 @@ class Reason(StrEnum):
     IMAGE_ADDRESS_NOT_ALLOWED = "image_address_not_allowed"    # an http(s) photo at a non-public address
     IMAGE_UNSUPPORTED_URI = "image_unsupported_uri"
     IMAGE_UNREADABLE = "image_unreadable"              # the store or server kept failing, other HTTP 4xx
-    IMAGE_REFERENCE_INVALID = "image_reference_invalid"        # over 2,048 characters, control characters, a folder
+    IMAGE_REFERENCE_INVALID = "image_reference_invalid"        # over 2,048 characters, control characters, a folder,
+    #                                                            a malformed s3:// URI, a link loop

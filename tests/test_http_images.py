@@ -91,6 +91,18 @@ def image_server():
                         time.sleep(0.05)
                 except OSError:  # the client gave up
                     pass
+            elif self.path in ("/trailers.jpg", "/chunk-size.jpg"):  # chunked, then trailer lines or a size line
+                self.send_response(200)  # without end: read inside http.client, no byte reaches the size cap
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    self.wfile.write(b"1\r\nA\r\n0\r\n" if self.path == "/trailers.jpg" else b"1;ext=")
+                    for _ in range(400):
+                        self.wfile.write(b"X-Pad: a\r\n" if self.path == "/trailers.jpg" else b"a")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:  # the client gave up
+                    pass
             elif self.path == "/huge.jpg":
                 self._send(200, b"", length=10**9)
             elif self.path == "/redirect.jpg":
@@ -226,6 +238,23 @@ def test_a_server_trickling_its_body_is_cut_off_at_the_deadline(image_server):
     elapsed = time.monotonic() - started
     assert err.value.reason == "image_unreadable" and hits["/trickle.jpg"] == 2
     assert elapsed < 2 * (BODY_DEADLINE_TIMEOUTS * 0.3) + 2, elapsed  # two tries, each cut at its deadline
+    assert fetch_image(f"{base}/ok.jpg", timeout=0.3, retries=0, max_bytes=10**6, policy=policy)[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("path", ["/trailers.jpg", "/chunk-size.jpg"])
+def test_a_chunked_body_whose_trailer_or_size_line_never_ends_is_cut_off_at_the_deadline(image_server, path):
+    """http.client reads a chunk's size line and the trailer lines itself, between the reads the deadline is
+    checked at: the socket is shut at the deadline instead (a server could hold the thread for days)."""
+    from matcher.io.http_images import BODY_DEADLINE_TIMEOUTS, AddressPolicy, fetch_image
+    from matcher.steps.images import ImageRejected
+
+    base, hits = image_server
+    policy = AddressPolicy.from_settings([], ["127.0.0.1/32"])
+    started = time.monotonic()
+    with pytest.raises(ImageRejected, match="did not arrive in time") as err:
+        fetch_image(f"{base}{path}", timeout=0.3, retries=0, max_bytes=10**6, policy=policy)
+    assert err.value.reason == "image_unreadable" and hits[path] == 1
+    assert time.monotonic() - started < BODY_DEADLINE_TIMEOUTS * 0.3 + 2
     assert fetch_image(f"{base}/ok.jpg", timeout=0.3, retries=0, max_bytes=10**6, policy=policy)[:2] == b"\xff\xd8"
 
 

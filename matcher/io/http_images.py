@@ -217,12 +217,19 @@ def _get(url: str, timeout: float, max_bytes: int, policy: AddressPolicy, origin
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
             last_error = exc  # this address refuses or times out: the name's next one may answer
             continue
+        body_cut = getattr(response, "body_cut_handle", None)
         try:
-            answer = _answer(response, url, via, max_bytes, deadline)
+            # The deadline is checked between reads; a read inside http.client (a chunk's size line, trailer
+            # lines: neither bounded by the size cap) is ended by shutting the socket at the deadline.
+            with _cut_off_after(max(deadline - time.monotonic(), 0.001), lambda cut=body_cut: cut, "the body"):
+                answer = _answer(response, url, via, max_bytes, deadline)
         except BaseException:
             response.close()  # a half-read body: the connection cannot serve another request
             response.release_conn()
             raise
+        finally:
+            if body_cut is not None:
+                body_cut.close()
         response.release_conn()  # read to its end: back to the pool for the host's next photo
         return answer
     raise last_error if last_error else OSError(f"{host} has no address")
@@ -390,8 +397,17 @@ class _Deadlines:
             super().connect()  # type: ignore[misc]
 
     def getresponse(self, *args, **kwargs):
-        with self._within_deadline("the response's headers"):
-            response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        # The body's deadline needs a handle of its own: a response that ends the connection (HTTP/1.0, "Connection:
+        # close") closes the connection, and its handle with it, before the body is read. The caller closes it.
+        body_cut = self._cut_handle.dup() if self._cut_handle is not None else None
+        try:
+            with self._within_deadline("the response's headers"):
+                response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            if body_cut is not None:
+                body_cut.close()
+            raise
+        response.body_cut_handle = body_cut
         return response
 
 

@@ -127,6 +127,19 @@ def test_a_header_past_pillows_own_guard_is_rejected_naming_the_configs_limit():
     assert err.value.reason == "image_too_large" and err.value.detail.startswith("more than 40000000 pixels")
 
 
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_an_ordinary_progressive_one_is_read():
+    from matcher.steps.images import MAX_JPEG_SCANS
+
+    progressive = encode(Image.new("RGB", (120, 80), (200, 10, 10)), "JPEG", progressive=True)
+    assert canonicalize_image(progressive, **LIMITS).data[:2] == b"\xff\xd8"
+    last_scan = progressive.rindex(b"\xff\xda")
+    # The last scan repeated: each one a pass over the whole picture (minutes of CPU for a large one).
+    many = progressive[:last_scan] + progressive[last_scan:-2] * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    with pytest.raises(ImageRejected) as err:
+        canonicalize_image(many, **LIMITS)
+    assert err.value.reason == "image_corrupt" and f"over the {MAX_JPEG_SCANS}" in err.value.detail
+
+
 def test_oversized_file_is_rejected():
     with pytest.raises(ImageRejected) as err:
         canonicalize_image(b"x" * 2000, size=64, max_bytes=1000, max_pixels=10**6)

@@ -76,6 +76,13 @@ def content_kind(data: bytes) -> str:
     return "text"
 
 
+# A progressive JPEG refines the whole picture scan by scan: encoders write about ten. A file of thousands of tiny
+# scans costs minutes of CPU to decode. The marker is counted in the raw bytes (entropy-coded data escapes 0xFF;
+# only an EXIF thumbnail's or other metadata's bytes add to the count), in C, before any decoding.
+_JPEG_START_OF_SCAN = b"\xff\xda"
+MAX_JPEG_SCANS = 256
+
+
 def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, quality: int = 90) -> CanonicalImage:
     """Decode, orient by EXIF, convert to RGB, resize the short side to `size`, centre-crop, re-encode as JPEG."""
     if not data:
@@ -87,6 +94,9 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
         width, height = img.size
         if width <= 0 or height <= 0 or width * height > max_pixels:
             raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels > {max_pixels}")
+        if img.format == "JPEG" and (scans := data.count(_JPEG_START_OF_SCAN)) > MAX_JPEG_SCANS:
+            raise ImageRejected(Reason.IMAGE_CORRUPT, f"a JPEG of {scans} scans, over the {MAX_JPEG_SCANS} decoded "
+                                                      "(each scan costs a pass over the whole picture)")
         img.seek(0)  # first frame of animations
         img.load()
         if img.size != (width, height):  # a format whose pictures say their size only as they decode

@@ -181,6 +181,17 @@ def test_a_csv_line_past_the_record_limit_is_read_past_not_held(tmp_path, monkey
     assert len(raw.bad_lines[0]["raw"]) <= 2000
     assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS) if i not in (5, 9)]
 
+    # A stray quote before the long line: the records it swallowed, those beyond the long line too, are read
+    # (the whole stretch was one bad line, its records neither read nor counted).
+    lines[3] = lines[3].replace(b"Red cotton", b'"Red cotton')
+    lines[9] = csv_lines()[9].replace(b"Red cotton", b'"Red" cotton')  # the quote closed mid-field, after it
+    write_csv(root, lines)
+    raw, result = clean_in_process(root)
+    assert [(b["raw"][:8], b["detail"][:40]) for b in raw.bad_lines] == [
+        ("SKU-0003", "line 5: a quote opened on it is not clos"),
+        ("SKU-0005", "line 7: a line over 500 characters, read")]
+    assert sorted(result.clean["product_id"]) == [f"SKU-{i:04d}" for i in range(ROWS) if i not in (3, 5)]
+
 
 def test_a_json_lines_record_past_the_record_limit_is_a_bad_line_read_past(tmp_path, monkeypatch):
     import matcher.io.catalog as catalog

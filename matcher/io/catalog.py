@@ -759,9 +759,11 @@ class _RawLines:
         self._kept = 0  # characters in taken
         self.overflowed = False
         self.cut = False
+        self.cut_lines: set[int] = set()  # the places in `taken` of lines cut (their start kept, no line break)
 
     def clear(self) -> None:
         self.taken.clear()
+        self.cut_lines.clear()
         self.read = self._kept = 0
         self.overflowed = self.cut = False
 
@@ -780,6 +782,8 @@ class _RawLines:
         else:
             kept = line
         if self._kept + len(kept) <= _KEPT_CHARS:
+            if line is not kept:
+                self.cut_lines.add(len(self.taken))
             self.taken.append(kept)
             self._kept += len(kept)
         else:
@@ -811,19 +815,27 @@ def _id_shape(value: str) -> str:
     return _ID_SHAPE.sub(lambda m: "9" if m.group()[0].isdigit() else "a", value.strip())
 
 
-def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shapes: set[str]) -> list[list[str]]:
+def _stray_quote_swallowed(lines: list[str], width: int, delimiter: str, id_shapes: set[str],
+                           cut: set[int] = frozenset()) -> list[list[str] | int]:
     """The records a stray quote swallowed: when a record spans several lines, the quote that ends it does not end
     a field (or none does), and most lines after its first (more than half) look like records of the catalog (the
     header's width, an id shaped as the catalog's ids), its first line opened a quote it never closed: every line
     after it is read as the record it was (a damaged one among them has its own outcome: a wrong field count, no
-    id); else [] (a quoted value with line breaks, as descriptions have: "42, 43" is no record of five fields)."""
+    id; a line cut at the length limit, in `cut`, is given as its place in `lines`); else [] (a quoted value with
+    line breaks, as descriptions have: "42, 43" is no record of five fields)."""
     if _closes_well_formed(lines[-1], delimiter):
         return []
-    records = [fields for fields in (next(csv.reader([line], strict=False, delimiter=delimiter), [])
-                                     for line in lines[1:])
-               if any(f.strip() for f in fields)]  # a blank line is no record, as outside the quote
-    shaped = sum(len(f) == width and _id_shape(f[0]) in id_shapes and '"' not in f[0] for f in records)
-    return records if 2 * shaped > len(records) else []
+    records = [at if at in cut else fields for at, fields in
+               ((at, next(csv.reader([line], strict=False, delimiter=delimiter), []))
+                for at, line in enumerate(lines) if at > 0)
+               if at in cut or any(f.strip() for f in fields)]  # a blank line is no record, as outside the quote
+    whole = [f for f in records if not isinstance(f, int)]
+    shaped = sum(len(f) == width and _id_shape(f[0]) in id_shapes and '"' not in f[0] for f in whole)
+    return records if 2 * shaped > len(whole) else []
+
+
+def _records_in(swallowed: list[list[str] | int]) -> int:
+    return sum(not isinstance(record, int) for record in swallowed)
 
 
 def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") -> Iterator[tuple[pd.DataFrame,
@@ -863,10 +875,18 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
             id_shapes.add(_id_shape(fields[0]))
             shaped += 1
 
-    def unparseable(detail: str) -> None:
-        """The record just read is a bad line: its first line's text, `detail` after that line's number."""
-        bad.append({"raw": lines.taken[0].rstrip("\r\n")[:_RAW_CHARS] if lines.taken else "",
-                    "reason": Reason.UNPARSEABLE_LINE, "detail": f"line {reader.line_num - lines.read + 1}: {detail}"})
+    def unparseable(detail: str, at: int = 0) -> None:
+        """The record just read (its line `at`) is a bad line: that line's text, `detail` after its number."""
+        bad.append({"raw": lines.taken[at].rstrip("\r\n")[:_RAW_CHARS] if len(lines.taken) > at else "",
+                    "reason": Reason.UNPARSEABLE_LINE,
+                    "detail": f"line {reader.line_num - lines.read + 1 + at}: {detail}"})
+
+    def take_swallowed(swallowed: list[list[str] | int]) -> None:
+        for record in swallowed:
+            if isinstance(record, int):  # a line cut at the limit, its place in the record's lines
+                unparseable(f"a line over {MAX_RECORD_CHARS} characters, read no further", record)
+            else:
+                take(record)
 
     while True:
         lines.clear()
@@ -877,23 +897,22 @@ def _csv_chunks(stream: io.TextIOBase, chunk_rows: int, delimiter: str = ",") ->
         except csv.Error as exc:  # a field past the limit (strict=False leaves few others): resumed at the next line
             # A quote left open is the usual cause: the records it swallowed up to there are read as such.
             first_id = lines.taken[0].split(delimiter, 1)[0] if lines.taken else ""  # the id the quote opened after
-            swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(first_id)})
-                         if len(lines.taken) > 1 and not lines.overflowed and not lines.cut else [])
-            unparseable(f"{exc}" + (f"; the {len(swallowed)} lines after it are whole records: they are read as such"
-                                    if swallowed else ""))
-            for record in swallowed:
-                take(record)
+            swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(first_id)},
+                                                lines.cut_lines)
+                         if len(lines.taken) > 1 and not lines.overflowed and 0 not in lines.cut_lines else [])
+            unparseable(f"{exc}" + (f"; the {_records_in(swallowed)} lines after it are whole records: they are read "
+                                    "as such" if swallowed else ""))
+            take_swallowed(swallowed)
             continue
-        if lines.cut:  # the record held a line past the limit: read past, and not a row
-            unparseable(f"a line over {MAX_RECORD_CHARS} characters, read no further")
-            continue
-        swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(fields[0])})
-                     if len(lines.taken) > 1 and fields and not lines.overflowed else [])
+        swallowed = (_stray_quote_swallowed(lines.taken, width, delimiter, id_shapes | {_id_shape(fields[0])},
+                                            lines.cut_lines)
+                     if len(lines.taken) > 1 and fields and not lines.overflowed and 0 not in lines.cut_lines else [])
         if swallowed:
-            unparseable(f"a quote opened on it is not closed there, and the {len(swallowed)} lines after it are "
-                        "whole records: they are read as such")
-            for record in swallowed:
-                take(record)
+            unparseable(f"a quote opened on it is not closed there, and the {_records_in(swallowed)} lines after it "
+                        "are whole records: they are read as such")
+            take_swallowed(swallowed)
+        elif lines.cut:  # the record held a line past the limit: read past, and not a row
+            unparseable(f"a line over {MAX_RECORD_CHARS} characters, read no further")
         else:
             take(fields)
         if len(records) >= chunk_rows or chars >= CHUNK_CHARS:

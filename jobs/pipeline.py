@@ -121,7 +121,14 @@ def _run_stage(stage: str, run: Callable[[RunContext], dict], ctx: RunContext) -
     return stats
 
 
+# Airflow retries a task it cut off at its execution_timeout or killed (clear, mark failed) while retries are left:
+# the run keeps its claim on the date meanwhile (it expires if none comes).
+_RETRIED_BY_AIRFLOW = frozenset({"AirflowTaskTimeout", "AirflowTaskTerminated"})
+
+
 def _retryable(exc: BaseException) -> bool:
+    if type(exc).__name__ in _RETRIED_BY_AIRFLOW:
+        return True
     return exc.retryable if isinstance(exc, StageError) else classify(exc).retryable
 
 

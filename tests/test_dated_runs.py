@@ -278,7 +278,7 @@ def test_matcher_run_exits_75_for_a_busy_date_and_1_for_bad_input(tmp_path, caps
     assert "lacks required columns" in err and "bug" not in err and "Traceback" not in err, err
 
 
-def test_two_airflow_runs_of_one_date_cannot_interleave_stages(tmp_path):
+def test_two_airflow_runs_of_one_date_cannot_interleave_stages(tmp_path, monkeypatch):
     """Airflow runs each stage in its own process: the DAG run's id claims the date from its first stage until
     publish, so another run's stage (or a `matcher run`) is refused between them, and a stage of the same run is
     not. A permanent failure ends the run, and its claim with it."""
@@ -305,6 +305,20 @@ def test_two_airflow_runs_of_one_date_cannot_interleave_stages(tmp_path):
     with pytest.raises(StageError, match="between the stages of run scheduled__2026-01-01"):
         run_stage("clean", RunContext(cfg, D1))  # a plain `matcher run` too
     assert run_stage_task("clean", D1, params, run_id="scheduled__2026-01-01")["stage"] == "clean"  # its own rerun
+    # A stage cut off at its execution_timeout (or killed): Airflow retries it, so the run keeps the date.
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    import jobs.pipeline
+
+    def cut_off(ctx: RunContext) -> dict:
+        raise AirflowTaskTimeout("Timeout, PID: 1")  # the injected fault
+
+    with monkeypatch.context() as patched:
+        patched.setitem(jobs.pipeline.STAGE_RUNNERS, "validate", cut_off)
+        with pytest.raises(AirflowTaskTimeout):
+            run_stage_task("validate", D1, params, run_id="scheduled__2026-01-01")
+    with pytest.raises(StageError, match="between the stages of run scheduled__2026-01-01"):
+        run_stage_task("clean", D1, params, run_id="manual__2026-01-01T10")
     # The run's train fails for good (it has no features): Airflow will not retry it, so the date is free again.
     from airflow.sdk.exceptions import AirflowFailException
     with pytest.raises(AirflowFailException):

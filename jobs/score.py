@@ -283,7 +283,7 @@ def run(ctx: RunContext) -> dict:
     require_features_of_clean_attempt(ctx, "score")
     lake, date, sc = ctx.lake, ctx.date, ctx.config.score
     version, why = model_for_date(ctx.model_version, ctx.stage_stats("train"), lake.manifest(date),
-                                  current_version(lake))
+                                  lambda: current_version(lake))
     model, config = load_model(lake, version)
     log.info("score: model %s (%s)", version, why)
     spark = get_spark(ctx.config.spark, ctx.lake)

@@ -140,13 +140,19 @@ def test_model_for_date_prefers_the_dates_own_model():
     trained = {"model_version": "m2", "promoted": True, "previous_version": "m1"}
     refused = {"model_version": "m3", "promoted": False, "previous_version": "m1"}
     pinned = {"model_version": "m1"}
-    assert model_for_date("m9", trained, pinned, "m5")[0] == "m9"
-    assert model_for_date(None, trained, pinned, "m5")[0] == "m2"
-    assert model_for_date(None, refused, None, "m5")[0] == "m1"
-    assert model_for_date(None, None, pinned, "m5")[0] == "m1"
-    assert model_for_date(None, None, None, "m5")[0] == "m5"
+    assert model_for_date("m9", trained, pinned, lambda: "m5")[0] == "m9"
+    assert model_for_date(None, trained, pinned, lambda: "m5")[0] == "m2"
+    assert model_for_date(None, refused, None, lambda: "m5")[0] == "m1"
+    assert model_for_date(None, None, pinned, lambda: "m5")[0] == "m1"
+    assert model_for_date(None, None, None, lambda: "m5")[0] == "m5"
     with pytest.raises(ModelError, match="no promoted model"):
-        model_for_date(None, None, None, None)
+        model_for_date(None, None, None, lambda: None)
+
+    def unreadable() -> str:  # models/current.json damaged: a date whose model is named never reads it
+        raise ModelError("models/current.json is unreadable")
+
+    assert model_for_date(None, trained, pinned, unreadable)[0] == "m2"
+    assert model_for_date(None, None, pinned, unreadable)[0] == "m1"
 
 
 def _ctx(tmp_path, date, **kw):

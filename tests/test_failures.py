@@ -99,7 +99,7 @@ def test_bad_input_config_errors_and_refused_storage_are_permanent(tmp_path, s3_
         "ConfigError": _raised(lambda: load_config(bad_toml)),
         "CatalogError": _raised(lambda: CatalogReader(str(tmp_path / "empty"), load_config().storage,
                                                       load_config().catalog).plan()),
-        "ModelError": _raised(lambda: model_for_date(None, None, None, None)),
+        "ModelError": _raised(lambda: model_for_date(None, None, None, lambda: None)),
         "FileNotFoundError": _raised(lambda: open(tmp_path / "absent.csv")),
         "OSError": _raised(lambda: wrong_key.get_file_info("lake/anything")),  # the store refused the key
     }

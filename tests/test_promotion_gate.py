@@ -220,9 +220,9 @@ def test_models_on_other_encoders_are_not_compared_and_each_pair_keeps_its_best(
         in back.decision
     stats = {"model_version": "m3", "promoted": False, "date_model": back.date_model,
              "previous_version": back.current_version}
-    assert model_for_date(None, stats, None, "m2") == ("m1", "the best served model for this date's encoders (its "
-                                                       "new model was not promoted; the current model is for other "
-                                                       "features)")
+    assert model_for_date(None, stats, None, lambda: "m2") == (
+        "m1", "the best served model for this date's encoders (its new model was not promoted; the current model is "
+              "for other features)")
 
 
 # Backfills ------------------------------------------------------------------------------------------------------
@@ -237,9 +237,9 @@ def test_a_backfill_of_an_older_date_does_not_move_current_json_unless_asked(lak
     assert lake.read_bytes("models/current.json") == before
     # Its own date is scored with the model it trained (it passed); other dates keep theirs.
     stats = {"model_version": "m3", "promoted": False, "date_model": "m3", "previous_version": "m5"}
-    assert model_for_date(None, stats, None, "m5")[0] == "m3"
+    assert model_for_date(None, stats, None, lambda: "m5")[0] == "m3"
     refused = {"model_version": "m4", "promoted": False, "date_model": "m5", "previous_version": "m5"}
-    assert model_for_date(None, refused, None, "m5")[0] == "m5"
+    assert model_for_date(None, refused, None, lambda: "m5")[0] == "m5"
     # The same date again, or a newer one, may promote; so may a backfill when asked.
     assert night(lake, "2026-01-05", "m5b", {"m5": 0.80, "m5b": 0.81}).promoted
     asked = night(lake, "2026-01-02", "m2", {"m5": 0.80, "m5b": 0.81, "m2": 0.82},
@@ -267,7 +267,7 @@ def test_the_train_stage_backfilling_an_older_date_keeps_the_current_model(tmp_p
     assert f"backfill of an older date (current model {v_new} was promoted for 2026-02-01)" in stats["decision"]
     assert newer.lake.read_bytes("models/current.json") == before
     assert stats["previous_metrics"][METRIC] >= 0 and stats["date_model"] == stats["model_version"]
-    assert model_for_date(None, older.stage_stats("train"), None, v_new)[0] == stats["model_version"]
+    assert model_for_date(None, older.stage_stats("train"), None, lambda: v_new)[0] == stats["model_version"]
 
 
 @pytest.mark.integration
@@ -384,8 +384,8 @@ def test_a_manual_promotion_pins_the_bar_and_the_cli_says_how_to_rescore(lake, t
     assert night(lake, "2026-01-03", "m3", {"m1": 0.80, "m2": 0.85, "m3": 0.80}).promoted
     # A date that trained its own model still scores with it; --model rescores it with the rolled-back one.
     trained = {"model_version": "m2", "promoted": True, "date_model": "m2", "previous_version": "m1"}
-    assert model_for_date(None, trained, {"model_version": "m2"}, "m3")[0] == "m2"
-    assert model_for_date("m1", trained, {"model_version": "m2"}, "m3")[0] == "m1"
+    assert model_for_date(None, trained, {"model_version": "m2"}, lambda: "m3")[0] == "m2"
+    assert model_for_date("m1", trained, {"model_version": "m2"}, lambda: "m3")[0] == "m1"
     # A version that is not in the lake is refused and changes nothing.
     assert main(["-q", "models", "--config", str(config), "--promote", "nope"]) == 1
     assert current_version(lake) == "m3"

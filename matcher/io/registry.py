@@ -8,7 +8,7 @@ import datetime as _dt
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Iterator
+from typing import Callable, Iterator
 
 from matcher.io.lake import Lake, partition_date
 from matcher.io.locks import DateLock, DateLockedError, waited_lock
@@ -78,7 +78,7 @@ def current_version(lake: Lake) -> str | None:
 
 
 def model_for_date(override: str | None, train_stats: dict | None, manifest: dict | None,
-                   current: str | None) -> tuple[str, str]:
+                   current: Callable[[], str | None]) -> tuple[str, str]:
     """(version, why) of the model that scores a date, so that a date's tables never depend on what was promoted
     after it (a rerun, a backfill, nights running at once):
       1. `override` (`--model`), when given;
@@ -86,7 +86,8 @@ def model_for_date(override: str | None, train_stats: dict | None, manifest: dic
          of an older date that passed without moving models/current.json), else the current model it was compared
          with;
       3. the version recorded in the date's manifest (the model it was first scored with);
-      4. the current model, for a date scored for the first time without training."""
+      4. the current model, for a date scored for the first time without training: `current()` is read only
+         then, so a rerun of a pinned date does not depend on models/current.json (nor fail on it)."""
     if override:
         return override, "given with --model"
     if train_stats and train_stats.get("model_version"):
@@ -105,8 +106,8 @@ def model_for_date(override: str | None, train_stats: dict | None, manifest: dic
                          "there is no earlier model to score with")
     if manifest and manifest.get("model_version"):
         return manifest["model_version"], "pinned by this date's manifest"
-    if current:
-        return current, "the current model (first scoring of this date)"
+    if current_model := current():
+        return current_model, "the current model (first scoring of this date)"
     raise ModelError("no promoted model: run the train stage first")
 
 

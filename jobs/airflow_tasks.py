@@ -48,16 +48,23 @@ def deployment_config(params: dict, environ: Mapping[str, str] = os.environ) -> 
 RUN_PARAMS = ("config", "catalog", "lake", "model")  # the DAG's params, which a triggered run's conf may set
 
 
-def run_params(ds: str, params: dict | None) -> dict:
-    """A task's params, checked: the run has a logical date (Airflow 3 lets a manual run have none), and its conf
-    names no key the DAG does not take (a misspelt "model" would score with the date's own model and retrain)."""
+def run_params(ds: str, params: dict | None, conf: Mapping | None = None) -> dict:
+    """A task's params, checked: the run has a logical date (Airflow 3 lets a manual run have none), its conf
+    names no key the DAG does not take (a misspelt "model" would score with the date's own model and retrain), and
+    the params carry what the conf sets (with Airflow's core.dag_run_conf_overrides_params off they do not: a
+    rescore's "model" would be dropped, and the night would retrain and could move the current model)."""
     if not ds:
         _fail("this DAG runs for a logical date, and this run has none: trigger it with one (airflow dags trigger "
               "--logical-date YYYY-MM-DD, or the date field of a manual run)")
-    unknown = sorted(set(params or {}) - set(RUN_PARAMS))
+    params, conf = dict(params or {}), dict(conf or {})
+    unknown = sorted((set(params) | set(conf)) - set(RUN_PARAMS))
     if unknown:
         _fail(f"unknown conf key(s) {', '.join(map(repr, unknown))}: this DAG takes {', '.join(RUN_PARAMS)}")
-    return dict(params or {})
+    dropped = sorted(k for k in conf if params.get(k) != conf[k])
+    if dropped:
+        _fail(f"the run's conf sets {', '.join(map(repr, dropped))} but the task's params do not carry it: Airflow's "
+              "core.dag_run_conf_overrides_params is off here; turn it on (its default) for this DAG's conf to apply")
+    return params
 
 
 def _fail(message: str) -> NoReturn:
@@ -95,18 +102,20 @@ def published_manifest(cfg: Config, params: dict, ds: str) -> dict:
 
 
 def run_stage_task(stage: str, ds: str = "", params: dict | None = None, run_id: str = "",
-                   outlet_events: Mapping[object, object] | None = None) -> dict:
+                   outlet_events: Mapping[object, object] | None = None, dag_run: object = None) -> dict:
     """Idempotent for its `ds` partition: it reads only that date's inputs and replaces only that date's outputs.
 
     params: "config" (a TOML file; empty = $MATCHER_CONFIG, else the embedded defaults), "catalog" and "lake"
     (override the config's; the catalog may contain {ds}), "model" (score with this model version).
     run_id: the DAG run's (Airflow passes it by name): the run claims the date from its first stage to publish.
     outlet_events: Airflow's, for publish: each table's asset event names the date and rows it published.
+    dag_run: Airflow's, whose conf the params must carry (run_params).
     A retryable failure (matcher/failures.py: storage, network, a lost executor, a busy date) is raised for
     Airflow to retry; a permanent one (bad input, a failed gate, a config error, a bug) fails the task at once."""
     # Airflow's handlers format the task log: the stage, date and run in the message, from the task's first line
     with context_in_messages(), log_context(stage=stage, date=ds, run_id=run_id):
-        return _run_stage_task(stage, ds, run_params(ds, params), run_id, outlet_events)
+        return _run_stage_task(stage, ds, run_params(ds, params, getattr(dag_run, "conf", None)), run_id,
+                               outlet_events)
 
 
 def _run_stage_task(stage: str, ds: str, params: dict, run_id: str, outlet_events) -> dict:
@@ -291,13 +300,13 @@ class MatcherStageOperator(PythonOperator):
         return OperatorLineage(inputs=inputs, outputs=outputs)
 
 
-def catalog_ready(ds: str = "", params: dict | None = None) -> bool:
+def catalog_ready(ds: str = "", params: dict | None = None, dag_run: object = None) -> bool:
     """Sensor check: has the date's catalog snapshot arrived (its products file, and the ready marker when one is
     configured)? A storage error is transient: logged, and the sensor pokes again; a missing configuration fails
     at once."""
     from matcher.io.catalog import AmbiguousCatalog, CatalogReader
 
-    params = run_params(ds, params)
+    params = run_params(ds, params, getattr(dag_run, "conf", None))
     cfg, _ = deployment_config(params)
     with storage_ready(cfg) as cfg:
         catalog = dated(params.get("catalog") or cfg.run.catalog, ds)

@@ -122,6 +122,15 @@ def test_a_run_without_a_logical_date_or_with_an_unknown_conf_key_fails_at_once_
                                                    r"catalog, lake, model"):
         run_stage_task("score", "2026-01-02", {"modle": "2026-01-01-abc", "config": ""})
     assert run_params("2026-01-02", {"model": "v1", "config": ""}) == {"model": "v1", "config": ""}
+    # Airflow's core.dag_run_conf_overrides_params off: the run's conf never reaches the params, and a rescore
+    # would retrain instead; said, not done.
+    from types import SimpleNamespace
+
+    with pytest.raises(AirflowFailException, match=r"conf sets 'model' .*core.dag_run_conf_overrides_params is off"):
+        run_stage_task("score", "2026-01-02", {"config": ""}, dag_run=SimpleNamespace(conf={"model": "v1"}))
+    with pytest.raises(AirflowFailException, match=r"unknown conf key\(s\) 'modle'"):
+        catalog_ready("2026-01-02", {"config": ""}, dag_run=SimpleNamespace(conf={"modle": "v1"}))
+    assert run_params("2026-01-02", {"model": "v1", "config": ""}, {"model": "v1"}) == {"model": "v1", "config": ""}
 
 
 def test_the_catalog_sensor_fails_at_once_on_a_folder_with_two_catalog_files(tmp_path):

@@ -111,6 +111,7 @@ def run(ctx: RunContext) -> dict:
     clean = read_partition(spark, lake, "clean", date, columns=INPUT_COLUMNS)
     clean_keys = read_partition(spark, lake, "clean", date, columns=keys)
     source = reuse_source(lake, date, image_version, text_version)
+    source_commit = lake.committed("features", source) if source else None
     reused = None
     todo, todo_keys = clean, clean_keys
     if source:
@@ -135,12 +136,20 @@ def run(ctx: RunContext) -> dict:
     fn = make_partition_extractor(cfg, threads, precision, image_version)
     started = time.perf_counter()
     parts: list[str] = []
-    if to_embed:
-        parts += write_parts(todo.repartition(tasks), fn, lake, date, attempt, ["features"],
-                             Progress(spark, "extract", to_embed)).parts["features"]
-    seconds = time.perf_counter() - started
-    if reused is not None:
-        parts += write_parts(reused, _carry_forward, lake, date, attempt, ["features"]).parts["features"]
+    try:
+        if to_embed:
+            parts += write_parts(todo.repartition(tasks), fn, lake, date, attempt, ["features"],
+                                 Progress(spark, "extract", to_embed)).parts["features"]
+        seconds = time.perf_counter() - started
+        if reused is not None:
+            parts += write_parts(reused, _carry_forward, lake, date, attempt, ["features"]).parts["features"]
+    except Exception as exc:
+        if source and lake.committed("features", source) != source_commit:
+            # Its files are read as the executors go: a rerun of that date's extract replaced them meanwhile
+            raise StageError("extract", f"the features of {source} this night reuses were replaced while it ran (an "
+                                        f"extract of {source} at the same time); a retry reuses the new ones",
+                             retryable=True) from exc
+        raise
     doc = lake.commit_parts("features", date, parts, attempt)
     reused_rows = int(doc["rows"]) - to_embed
     rate = to_embed / seconds if seconds and to_embed else 0.0

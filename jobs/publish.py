@@ -75,7 +75,8 @@ def run(ctx: RunContext) -> dict:
     for name, committed in run_commits.items():
         tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt"),
-                        "schema": _schema_entry(name), "delta_version": logged[name].version}
+                        "schema": _schema_entry(name, lake, list(committed.get("files", []))),
+                        "delta_version": logged[name].version}
     tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
                           "path": lake.display(Lake.partition_dir("features", ctx.date))}
     stages = {s: ctx.stage_stats(s) for s in STAGES[:STAGES.index("publish")]}
@@ -125,9 +126,11 @@ def run(ctx: RunContext) -> dict:
     return {"tables": tables, "report": lake.display(report)}
 
 
-def _schema_entry(table: str) -> list[str]:
-    """The table's registry columns as schemas/tables.json spells their types ("score: float32")."""
-    return [f"{f.name}: {type_name(f.type)}" for f in table_schema(table)]
+def _schema_entry(table: str, lake: Lake | None = None, files: list[str] | None = None) -> list[str]:
+    """The table's columns as schemas/tables.json spells their types ("score: float32"): the registry's, or with
+    `files` their first footer's (clean: the registry's, then the catalog's pass-through columns)."""
+    schema = pq.read_schema(lake.path(files[0]), filesystem=lake.fs) if lake and files else table_schema(table)
+    return [f"{f.name}: {type_name(f.type)}" for f in schema]
 
 
 def _generation(lake: Lake, manifest: dict | None) -> dict | None:

@@ -172,3 +172,30 @@ def test_a_server_that_cannot_start_frees_its_data_folder(tmp_path, monkeypatch)
     monkeypatch.undo()
     with EmbeddedS3(folder, *keys, busy_wait=0.5) as server:  # the folder's lock went with the failed start
         assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_a_server_a_killed_holder_left_running_is_stopped_before_the_next_starts(tmp_path):
+    """A task killed (Airflow's SIGKILL after a clear) runs no clean-up: its server, in its own session, stayed up,
+    and the next command started a second one on the same store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    folder, keys = tmp_path / "s3", ("k" + secrets.token_hex(3), secrets.token_hex(16))
+    hold = ("import sys, time; from matcher.io.s3server import EmbeddedS3\n"
+            f"server = EmbeddedS3({str(folder)!r}, {keys[0]!r}, {keys[1]!r}).start()\n"
+            "print(server.process.pid, flush=True); sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    orphan = int(holder.stdout.readline())
+    holder.kill()  # the injected fault: no clean-up runs
+    holder.wait(timeout=30)
+    try:
+        assert os.path.exists(f"/proc/{orphan}")  # the holder is gone, its server is not
+        with EmbeddedS3(folder, *keys, busy_wait=1.0) as server:
+            assert not os.path.exists(f"/proc/{orphan}")
+            assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
+        assert not (folder / "server.pid").exists()
+    finally:
+        if os.path.exists(f"/proc/{orphan}"):
+            os.kill(orphan, signal.SIGKILL)

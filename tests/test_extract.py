@@ -24,7 +24,7 @@ def _ctx(tmp_path, catalog, date):
     return RunContext(cfg, date)
 
 
-def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_path, catalog):
+def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_path, catalog, monkeypatch):
     ctx = _ctx(tmp_path, catalog, "2026-02-01")
     stats = run_pipeline(ctx, ["clean", "validate", "extract"])["extract"]
     assert stats["embedded"] == 12 and stats["reused"] == 0
@@ -74,6 +74,26 @@ def test_spark_features_equal_a_plain_loop_and_only_changes_are_embedded(tmp_pat
     assert not np.allclose(f3.loc[edited, "text_feat"], features.loc[edited, "text_feat"])
     other = rows[0]["product_id"]
     assert np.array_equal(f3.loc[other, "image_feat"], features.loc[other, "image_feat"])
+
+    # The night it reuses from extracted again while it runs (two dates at once): its executors find the files it
+    # planned to read gone. Not a permanent failure: a retry reuses the new ones.
+    import jobs.extract
+    from jobs.context import StageError
+
+    ctx4 = _ctx(tmp_path, catalog, "2026-02-04")
+    run_pipeline(ctx4, ["clean", "validate"])
+    real_write_parts = jobs.extract.write_parts
+
+    def after_a_rerun_of_the_source(*args, **kwargs):
+        ctx3.lake.write_partition("features", ctx3.date, ctx3.lake.read_partition("features", ctx3.date))
+        return real_write_parts(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.extract, "write_parts", after_a_rerun_of_the_source)
+    with pytest.raises(StageError, match="the features of 2026-02-03 this night reuses were replaced") as err:
+        run_pipeline(ctx4, ["extract"])
+    assert err.value.retryable
+    monkeypatch.undo()
+    assert run_pipeline(ctx4, ["extract"])["extract"]["reused"] == 12
 
 
 def test_backfill_runs_each_date_into_its_own_partition(tmp_path, catalog):

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -122,6 +123,7 @@ class EmbeddedS3:
         self.data_dir.chmod(0o700)
         self._lock_folder()
         try:
+            self._stop_orphan()
             self._launch()
         except BaseException:
             self._unlock_folder()  # nothing started: the folder is free again
@@ -158,6 +160,28 @@ class EmbeddedS3:
                                             stdin=subprocess.DEVNULL, cwd=self.data_dir, start_new_session=True)
         finally:
             log_file.close()
+        _write_private(self.data_dir / "server.pid", str(self.process.pid))
+
+    def _stop_orphan(self) -> None:
+        """The server a holder that was killed left running (its own session, so the kill did not reach it), found
+        by the pid file and its command line naming this folder: stopped before this one starts on the folder.
+        Called holding the folder's lock, so no live holder owns it."""
+        pid_file = self.data_dir / "server.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            pid_file.unlink(missing_ok=True)
+            return
+        if Path(cmdline[0].decode(errors="replace")).name == "weed" and \
+                f"-dir={self.data_dir / 'data'}".encode() in cmdline:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+        pid_file.unlink(missing_ok=True)
 
     def _lock_folder(self) -> None:
         """Hold the data folder for this process's server: another process's server on it (SeaweedFS's store
@@ -217,6 +241,7 @@ class EmbeddedS3:
             self.process.kill()
             self.process.wait(timeout=5)
         self.process = None
+        (self.data_dir / "server.pid").unlink(missing_ok=True)
         self._unlock_folder()
 
     def __enter__(self) -> "EmbeddedS3":

@@ -126,17 +126,17 @@ def run(ctx: RunContext) -> dict:
             .filter((F.col("image_encoder") == image_version) & (F.col("text_encoder") == text_version)).select(keys)
         todo = clean.join(reused_keys, keys, "left_anti")
         todo_keys = clean_keys.join(reused_keys, keys, "left_anti")
-    to_embed = todo_keys.count()
     parallelism = ctx.config.spark.partitions or spark.sparkContext.defaultParallelism
     threads = max(1, (os.cpu_count() or 1) // parallelism) if ctx.config.spark.master.startswith("local") else 1
-    # Whole waves of tasks: a last wave of fewer tasks than slots would leave cores idle while it runs.
-    waves = math.ceil(to_embed / (_ROWS_PER_TASK * parallelism))
-    tasks = max(1, min(parallelism * waves, to_embed))
     attempt = new_attempt_id()
     fn = make_partition_extractor(cfg, threads, precision, image_version)
-    started = time.perf_counter()
     parts: list[str] = []
     try:
+        to_embed = todo_keys.count()
+        # Whole waves of tasks: a last wave of fewer tasks than slots would leave cores idle while it runs.
+        waves = math.ceil(to_embed / (_ROWS_PER_TASK * parallelism))
+        tasks = max(1, min(parallelism * waves, to_embed))
+        started = time.perf_counter()
         if to_embed:
             parts += write_parts(todo.repartition(tasks), fn, lake, date, attempt, ["features"],
                                  Progress(spark, "extract", to_embed)).parts["features"]

@@ -121,9 +121,9 @@ def _run_stage(stage: str, run: Callable[[RunContext], dict], ctx: RunContext) -
     return stats
 
 
-# Airflow retries a task it cut off at its execution_timeout or killed (clear, mark failed) while retries are left:
-# the run keeps its claim on the date meanwhile (it expires if none comes).
-_RETRIED_BY_AIRFLOW = frozenset({"AirflowTaskTimeout", "AirflowTaskTerminated"})
+# Airflow retries a task it cut off at its execution_timeout while retries are left: the run keeps its claim on
+# the date meanwhile (it expires if no retry comes). A task it terminates is failed, not retried.
+_RETRIED_BY_AIRFLOW = frozenset({"AirflowTaskTimeout"})
 
 
 def _retryable(exc: BaseException) -> bool:

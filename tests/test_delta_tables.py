@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 from pyarrow import fs as pafs
 
-from jobs.context import RunContext
+from jobs.context import RunContext, StageError
 from jobs.pipeline import run_stage
 from jobs.validate import judged_attempt
 from matcher.app.cli import main
@@ -114,6 +114,26 @@ def test_a_rescore_republishing_the_clean_stages_files_keeps_them_for_readers_re
     assert tags_by_date(delta(lake, "recommendations").to_pyarrow_table()) == {D1: {"r1"}, D2: {"g2"}}
     assert replayed_in_order(lake, "recommendations")[D1] == {
         f.removeprefix("recommendations/") for f in second["tables"]["recommendations"]["files"]}
+
+
+@pytest.mark.integration
+def test_a_night_keeping_some_of_a_dates_logged_files_and_replacing_others_commits_no_table(lake_config):
+    config = lake_config
+    lake = Lake(config.run.lake, config.storage)
+    first = publish_night(config, "g1", D1)
+    # clean's commit names one logged file and one new one (no stage writes that): an overwrite would add and
+    # remove the kept path in one commit
+    logged = first["tables"]["clean"]["files"][0]
+    extra = logged.replace(".parquet", "-extra.parquet")
+    lake.write_bytes(extra, lake.read_bytes(logged))
+    lake.write_json(f"clean/dt={D1}/_committed.json", lake.committed("clean", D1) | {"files": [logged, extra]})
+    lake.write_json(f"{Lake.validation_dir(D1)}/result.json",
+                    {"success": True, "clean_attempt": judged_attempt(lake, D1)})
+    stage_published_tables(lake, D1, "r1")
+    with pytest.raises(StageError, match=r"table clean: the night keeps .* and replaces others"):
+        run_stage("publish", RunContext(config, D1))
+    for table in queryable_tables():  # checked before any table commits: none did
+        assert delta(lake, table).version() == first["tables"][table]["delta_version"], table
 
 
 @pytest.mark.integration

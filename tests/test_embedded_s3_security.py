@@ -182,6 +182,8 @@ def test_a_server_a_killed_holder_left_running_is_stopped_before_the_next_starts
     import subprocess
     import sys
 
+    import matcher.io.s3server as s3server
+
     folder, keys = tmp_path / "s3", ("k" + secrets.token_hex(3), secrets.token_hex(16))
     hold = ("import sys, time; from matcher.io.s3server import EmbeddedS3\n"
             f"server = EmbeddedS3({str(folder)!r}, {keys[0]!r}, {keys[1]!r}).start()\n"
@@ -191,11 +193,11 @@ def test_a_server_a_killed_holder_left_running_is_stopped_before_the_next_starts
     holder.kill()  # the injected fault: no clean-up runs
     holder.wait(timeout=30)
     try:
-        assert os.path.exists(f"/proc/{orphan}")  # the holder is gone, its server is not
+        assert s3server._running(orphan)  # the holder is gone, its server is not
         with EmbeddedS3(folder, *keys, busy_wait=1.0) as server:
-            assert not os.path.exists(f"/proc/{orphan}")
+            assert not s3server._running(orphan)
             assert server.client().head_bucket(Bucket=server.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
         assert not (folder / "server.pid").exists()
     finally:
-        if os.path.exists(f"/proc/{orphan}"):
+        if s3server._running(orphan):
             os.kill(orphan, signal.SIGKILL)

@@ -140,6 +140,19 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_an_ordinary
     assert err.value.reason == "image_corrupt" and f"over the {MAX_JPEG_SCANS}" in err.value.detail
 
 
+def test_the_scan_limit_holds_for_a_jpeg_pillow_reads_as_mpo(monkeypatch):
+    import matcher.steps.images as images
+
+    buf = io.BytesIO()  # two pictures (a phone's gain map, a stereo pair): Pillow's "MPO", not "JPEG"
+    Image.new("RGB", (120, 80), (200, 10, 10)).save(buf, format="MPO", save_all=True, progressive=True,
+                                                     append_images=[Image.new("RGB", (120, 80), (10, 10, 200))])
+    assert decoded(buf.getvalue()).format == "MPO"
+    assert canonicalize_image(buf.getvalue(), **LIMITS).data[:2] == b"\xff\xd8"
+    monkeypatch.setattr(images, "MAX_JPEG_SCANS", 5)
+    with pytest.raises(ImageRejected, match="over the 5 decoded"):
+        canonicalize_image(buf.getvalue(), **LIMITS)
+
+
 def test_oversized_file_is_rejected():
     with pytest.raises(ImageRejected) as err:
         canonicalize_image(b"x" * 2000, size=64, max_bytes=1000, max_pixels=10**6)

@@ -363,7 +363,7 @@ class CatalogReader:
             ref = scheme.group(1).lower() + ref[scheme.end(1):]
         if is_s3(ref):
             self.sources.check_s3_object(ref)  # before any connection to the store
-            fs, path = _resolved(ref, ref, self.storage)
+            fs, path = resolve_uri(ref, self.storage)  # a storage setting's error fails the task, as it should
         elif ref.startswith("file://"):
             fs, path = _resolved(ref, ref, self.storage)
             path = self.sources.local_file(ref, self._file_uri_path(ref, path))
@@ -472,11 +472,11 @@ def _damaged_or_unreachable(exc: Exception, where: str) -> Exception:
 
 
 def _resolved(uri: str, ref: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
-    """storage.resolve_uri of a photo's URI (`ref`: as the row wrote it); a URI it cannot resolve (a link loop)
-    is image_reference_invalid, not a failed task."""
+    """storage.resolve_uri of a local photo's file:// URI (`ref`: as the row wrote it); one it cannot resolve (a
+    link loop) is image_reference_invalid, not a failed task."""
     try:
         return resolve_uri(uri, storage)
-    except (RuntimeError, OSError) as exc:  # StorageError is a RuntimeError; Path.resolve raises either on a loop
+    except (RuntimeError, OSError) as exc:  # Path.resolve raises either on a loop, by Python version
         raise ImageRejected(Reason.IMAGE_REFERENCE_INVALID, f"{ref[:200]}: {exc}"[:300]) from None
 
 

@@ -206,11 +206,6 @@ def _commit(lake: Lake, table: str, records_by_date: dict[str, list[FileRecord]]
                 current.create_write_transaction([], mode="append", schema=schema, partition_by=[PARTITION],
                                                  commit_properties=about)
             else:
-                kept = _logged_paths(current, dates) & {a.path for a in adds}
-                if kept:
-                    raise ValueError(f"table {table}: a commit for {', '.join(dates)} would keep "
-                                     f"{sorted(kept)[0]} and replace other files of those dates; the log holds a "
-                                     "date's files whole")
                 current.create_write_transaction(adds, mode="overwrite", schema=schema, partition_by=[PARTITION],
                                                  partition_filters=[(PARTITION, "in", dates)],
                                                  commit_properties=about)
@@ -246,6 +241,11 @@ def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) 
                                  f"({', '.join(f'{a!r} and {b!r}' for a, b in clashes)}); Delta Lake holds names "
                                  "without case: rename the catalog's column, or rerun the stages from clean (it "
                                  "takes the logged spelling)")
+            if opened.get(table) is not None:
+                logged, night = _logged_paths(opened[table], [dt]), {r.add.path for r in table_records}
+                if logged & night and logged != night:  # an overwrite would add and remove a path in one commit
+                    raise ValueError(f"table {table}: the night keeps {sorted(logged & night)[0]} of {dt}'s logged "
+                                     "files and replaces others; a date's files are published whole")
         migrated = _migrate(lake, [table for table, delta in opened.items() if delta is None], holder)
 
         def version(table: str, table_records: list[FileRecord]) -> int:

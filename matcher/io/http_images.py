@@ -363,6 +363,7 @@ def _cut_off_after(seconds: float | None, sock: Callable[[], socket.socket | Non
     finally:
         if timer is not None:
             timer.cancel()
+            timer.join()  # a cut under way ends before the caller may close the handle it shuts
     if fired.is_set():
         raise TimeoutError(f"{what} did not arrive in time ({seconds:.1f} s)")
 

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Iterator
@@ -175,12 +175,14 @@ class EmbeddedS3:
             return
         if Path(cmdline[0].decode(errors="replace")).name == "weed" and \
                 f"-dir={self.data_dir / 'data'}".encode() in cmdline:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if Path(f"/proc/{pid}").exists():
-                os.kill(pid, signal.SIGKILL)
+            for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+                with suppress(ProcessLookupError):  # gone meanwhile
+                    os.kill(pid, sig)
+                deadline = time.monotonic() + wait
+                while _running(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not _running(pid):
+                    break
         pid_file.unlink(missing_ok=True)
 
     def _lock_folder(self) -> None:
@@ -252,6 +254,14 @@ class EmbeddedS3:
 
 
 GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs: a zombie (exited, not yet reaped by a parent that has none to reap it) does not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _security_toml(tls_dir: Path) -> str:

@@ -94,7 +94,8 @@ def canonicalize_image(data: bytes, size: int, max_bytes: int, max_pixels: int, 
         width, height = img.size
         if width <= 0 or height <= 0 or width * height > max_pixels:
             raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels > {max_pixels}")
-        if img.format == "JPEG" and (scans := data.count(_JPEG_START_OF_SCAN)) > MAX_JPEG_SCANS:
+        # JPEG and what Pillow reads as MPO (a JPEG carrying more pictures: phones' gain maps, stereo pairs)
+        if data[:2] == b"\xff\xd8" and (scans := data.count(_JPEG_START_OF_SCAN)) > MAX_JPEG_SCANS:
             raise ImageRejected(Reason.IMAGE_CORRUPT, f"a JPEG of {scans} scans, over the {MAX_JPEG_SCANS} decoded "
                                                       "(each scan costs a pass over the whole picture)")
         img.seek(0)  # first frame of animations

@@ -82,11 +82,20 @@ def load_feature_set(ctx: RunContext, stage: str, max_products: int) -> FeatureS
     encoders = df[["image_encoder", "text_encoder"]].drop_duplicates()
     if len(encoders) != 1:
         raise StageError(stage, f"features for {ctx.date} mix encoders {encoders.values.tolist()}; rerun extract")
+    image_feats = vector_matrix(table.column("image_feat"), name="image_feat")
+    text_feats = vector_matrix(table.column("text_feat"), name="text_feat")
+    not_finite = ~(np.isfinite(image_feats).all(1) & np.isfinite(text_feats).all(1))
+    if not_finite.any():
+        # One such row makes the standardisation, hence every weight, NaN: a model that ranks nothing.
+        named = ", ".join(df["product_id"][not_finite].head(3))
+        raise StageError(stage, f"features of {int(not_finite.sum())} products for {ctx.date} are not finite (NaN "
+                                f"or inf), e.g. {named}: the encoders made them (the weights of extract.image_weights, "
+                                "or a precision that overflows); rerun the extract stage once that is fixed")
     return FeatureSet(
         product_ids=df["product_id"].to_numpy(dtype=object),
         content_hashes=df["content_hash"].tolist(),
-        image_feats=vector_matrix(table.column("image_feat"), name="image_feat"),
-        text_feats=vector_matrix(table.column("text_feat"), name="text_feat"),
+        image_feats=image_feats,
+        text_feats=text_feats,
         categories=df["category"].fillna("").to_numpy(dtype=object).astype(str),
         titles=df["title"].to_numpy(dtype=object),
         image_encoder=str(encoders.iloc[0, 0]), text_encoder=str(encoders.iloc[0, 1]),

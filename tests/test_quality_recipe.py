@@ -381,6 +381,11 @@ def test_recall_breaks_ties_with_the_true_match_at_random_in_expectation():
     u = np.random.default_rng(0).normal(size=(50, 8))
     chance = np.mean(1.0 / np.arange(1, 51))  # photos alike: the true text's rank is uniform over 1..50
     assert two_way_mrr(np.ones((50, 8)), u) == pytest.approx(chance)
+    # NaN scores (a model trained on a NaN feature) rank last: chance where all are NaN, a miss where the true
+    # match alone is; they measured as perfect, and such a model was promoted and then held as the best served.
+    assert recall_at_k(np.full((100, 100), np.nan), (1, 10)) == pytest.approx({1: 0.01, 10: 0.1})
+    assert recall_at_k(np.where(np.eye(5, dtype=bool), np.nan, 0.5), (1,)) == {1: 0.0}
+    assert two_way_mrr(np.full((50, 8), np.nan), u) == pytest.approx(chance)
 
 
 def test_cca_reaches_the_regularisation_that_wide_noisy_features_need():

@@ -34,3 +34,25 @@ def test_the_training_sample_is_capped_and_chosen_by_product_hash(tmp_path, monk
     for j, p in enumerate(first.product_ids):
         assert (first.text_feats[j] == everything.text_feats[where[p]]).all()
     assert not list((tmp_path / "lake" / "_work").glob("dt=*/train-sample-*"))  # each sample's work folder is gone
+
+
+@pytest.mark.integration
+def test_a_feature_that_is_not_finite_fails_the_stage_naming_the_product(tmp_path):
+    """One NaN made every weight NaN: the model measured as perfect, was promoted, and refused every later one."""
+    import numpy as np
+    import pyarrow as pa
+
+    from jobs.context import StageError
+    from matcher.steps.vectors import vector_column, vector_matrix
+
+    ctx = RunContext(load_config(overrides={"run": {"lake": f"file://{tmp_path}/lake"}}), "2026-01-01")
+    write_synthetic_partition(ctx.lake, ctx.date, n=50)
+    features = ctx.lake.read_partition("features", ctx.date)
+    image = vector_matrix(features.column("image_feat"))
+    image[7, 3] = np.nan
+    features = features.set_column(features.column_names.index("image_feat"), "image_feat",
+                                   pa.chunked_array([vector_column(image)]).cast(features.schema.field("image_feat").type))
+    ctx.lake.write_partition("features", ctx.date, features)
+    with pytest.raises(StageError, match=r"features of 1 products for 2026-01-01 are not finite \(NaN or inf\), "
+                                         r"e\.g\. P0007"):
+        load_feature_set(ctx, "train", max_products=1000)

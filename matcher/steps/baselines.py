@@ -75,7 +75,10 @@ class Standardiser:
 
 def true_match_standing(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row of a similarity matrix whose true match is the diagonal entry: how many items score above the
-    true match, and how many others tie with it (the counts recall and MRR break ties by)."""
+    true match, and how many others tie with it (the counts recall and MRR break ties by). A NaN similarity ranks
+    last: a model whose scores are NaN measures as chance or worse, never as perfect."""
+    if np.isnan(sim).any():
+        sim = np.where(np.isnan(sim), -np.inf, sim)
     true = np.diag(sim)[:, None]
     return (sim > true).sum(1), (sim == true).sum(1) - 1
 

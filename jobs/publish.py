@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.context import RunContext, StageError, log
@@ -75,7 +76,7 @@ def run(ctx: RunContext) -> dict:
     for name, committed in run_commits.items():
         tables[name] = {"rows": committed.get("rows", 0), "path": lake.display(Lake.partition_dir(name, ctx.date)),
                         "files": list(committed.get("files", [])), "attempt": committed.get("attempt"),
-                        "schema": _schema_entry(name, lake, list(committed.get("files", []))),
+                        "schema": _schema_entry(name, logged[name].schema),
                         "delta_version": logged[name].version}
     tables["features"] = {"rows": lake.partition_rows("features", ctx.date),
                           "path": lake.display(Lake.partition_dir("features", ctx.date))}
@@ -126,11 +127,10 @@ def run(ctx: RunContext) -> dict:
     return {"tables": tables, "report": lake.display(report)}
 
 
-def _schema_entry(table: str, lake: Lake | None = None, files: list[str] | None = None) -> list[str]:
-    """The table's columns as schemas/tables.json spells their types ("score: float32"): the registry's, or with
-    `files` their first footer's (clean: the registry's, then the catalog's pass-through columns)."""
-    schema = pq.read_schema(lake.path(files[0]), filesystem=lake.fs) if lake and files else table_schema(table)
-    return [f"{f.name}: {type_name(f.type)}" for f in schema]
+def _schema_entry(table: str, files_schema: pa.Schema | None = None) -> list[str]:
+    """The table's columns as schemas/tables.json spells their types ("score: float32"): the registry's, or those of
+    its files as the log read them (clean: the registry's, then the catalog's pass-through columns)."""
+    return [f"{f.name}: {type_name(f.type)}" for f in (files_schema or table_schema(table))]
 
 
 def _generation(lake: Lake, manifest: dict | None) -> dict | None:

@@ -171,9 +171,11 @@ def file_statistics(meta: pq.FileMetaData) -> dict:
 
 
 class Logged(NamedTuple):
-    """A table's date as its log now holds it: the version committed and the rows it added."""
+    """A table's date as its log now holds it: the version committed, the rows it added and the columns of its
+    first file's footer (None: no files)."""
     version: int
     rows: int
+    schema: pa.Schema | None
 
 
 def _commit(lake: Lake, table: str, records_by_date: dict[str, list[FileRecord]], by: str,
@@ -255,7 +257,8 @@ def commit_night(lake: Lake, dt: str, files: dict[str, list[str]], holder: str) 
             return _commit(lake, table, {dt: table_records}, holder, delta)
 
         return {table: Logged(version(table, table_records),
-                              sum(json.loads(r.add.stats)["numRecords"] for r in table_records))
+                              sum(json.loads(r.add.stats)["numRecords"] for r in table_records),
+                              table_records[0].schema if table_records else None)
                 for table, table_records in records.items()}
 
 

@@ -25,6 +25,7 @@ from matcher.io.registry import (
     baseline_verdict,
     check_encoders,
     load_model,
+    metric_on_split,
     save_model,
 )
 from matcher.steps.baselines import baseline_metrics
@@ -98,7 +99,8 @@ def run(ctx: RunContext) -> dict:
         except Exception as exc:  # fail closed: no promotion without a comparison
             raise EvaluationFailed(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
 
-    below = baseline_verdict(metrics, baselines, cfg.promotion_metric, cfg.baseline_tolerance)
+    split_metric = metric_on_split(cfg.promotion_metric, int(metrics.get("heldout_products") or 0))[0]
+    below = baseline_verdict(metrics, baselines, split_metric, cfg.baseline_tolerance)
     settings = GateSettings(cfg.promotion_metric, cfg.promotion_tolerance, cfg.promote_backfills)
     try:
         gate = run_gate(ctx.lake, ctx.date, version, metrics, (fs.image_encoder, fs.text_encoder), below,

@@ -40,8 +40,8 @@ IMAGE_ENCODERS = ("efficientnet-lite0", "resnet18", "resnet50", "resnet101", "th
 TEXT_ENCODERS = ("all-minilm-l6-v2", "multilingual-e5-small", "hashing-384")
 # The held-out metrics the promotion gate may compare (matcher.steps.evaluate writes them; higher is better); here so
 # that a misspelt train.promotion_metric fails when the config loads, not at the train stage after extract.
-PROMOTION_METRICS = ("mean_recall_at_10", *(f"{way}_recall_at_{k}" for way in ("image_to_text", "text_to_image")
-                                             for k in (1, 5, 10)),
+PROMOTION_METRICS = ("mean_recall_at_10", "mean_recall_at_1",
+                     *(f"{way}_recall_at_{k}" for way in ("image_to_text", "text_to_image") for k in (1, 5, 10)),
                      "text_to_image_recall_at_10_hubness", "image_to_text_recall_at_10_hubness", "matching_auc",
                      "matching_accuracy", "category_accuracy", "recommendation_precision_at_10")
 PRECISIONS = ("fp32", "bf16", "fp16")  # extract.precision, besides "auto"

@@ -271,6 +271,21 @@ def test_the_train_stage_backfilling_an_older_date_keeps_the_current_model(tmp_p
 
 
 @pytest.mark.integration
+def test_the_train_stage_of_a_catalog_with_few_held_out_products_compares_them_by_recall_at_1(tmp_path):
+    """The stage hands the split's metric to the baselines and the gate: a 40-product catalog holds about 8 out."""
+    first = _ctx(tmp_path, "2026-01-01")
+    write_synthetic_partition(first.lake, "2026-01-01", n=40)
+    run_stage("train", first)
+    second = _ctx(tmp_path, "2026-01-02")
+    write_synthetic_partition(second.lake, "2026-01-02", n=40, seed=4)
+    stats = run_stage("train", second)
+    held_out = stats["metrics"]["heldout_products"]
+    assert 2 <= held_out <= 10
+    assert f"compared by mean_recall_at_1: {METRIC} is 1.0 for any model among {held_out}" in stats["decision"]
+    assert stats["metrics"]["mean_recall_at_1"] < stats["metrics"][METRIC] == 1.0
+
+
+@pytest.mark.integration
 def test_the_train_stage_that_lost_its_date_lock_in_the_gate_does_not_move_current_json(tmp_path, monkeypatch):
     """The train stage hands the gate its date lock's fence: a night whose lock is lost while the gate decides
     fails as retryable, and its model, good enough to pass (tolerances 1.0), is not promoted."""
@@ -458,3 +473,33 @@ def test_every_metric_the_config_lets_the_gate_compare_is_one_the_held_out_split
     assert set(PROMOTION_METRICS) <= set(measured) - {"heldout_products", "matching_threshold"}
     with pytest.raises(ConfigError, match="train.promotion_metric must be one of .* got 'mean_recal_at_10'"):
         load_config(overrides={"train": {"promotion_metric": "mean_recal_at_10"}})
+
+
+def test_a_split_of_ten_or_fewer_products_compares_recall_at_1_so_a_model_that_does_not_match_is_refused():
+    """Among 10 or fewer held-out products every model has recall@10 1.0 (a small catalog's night compared "1.0000
+    with 1.0000" and promoted anything): such a split compares recall@1, measured by the same evaluation."""
+    from matcher.io.registry import baseline_verdict, metric_on_split
+    from matcher.steps.evaluate import embedding_metrics
+
+    rng = np.random.default_rng(0)
+
+    def held_out_metrics(z: np.ndarray, u: np.ndarray, n_held_out: int) -> dict:
+        z, u = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (z, u))
+        heldout = np.arange(len(z)) < n_held_out
+        return embedding_metrics(z, u, z + u, np.array([""] * len(z)), heldout,
+                                 lambda i, j: (z[i] * u[j]).sum(1), 0.0)
+
+    images = rng.normal(size=(40, 8))
+    matching = held_out_metrics(images, images + 0.05 * rng.normal(size=images.shape), 8)
+    unrelated = held_out_metrics(images, rng.normal(size=images.shape), 8)
+    assert matching[METRIC] == unrelated[METRIC] == 1.0  # why R@10 cannot judge this split
+    passed, reason, _ = gate_verdict(unrelated, [("current model", "m1", matching)], METRIC, 0.01, "")
+    assert not passed and "compared by mean_recall_at_1" in reason and "8 held-out products" in reason
+    passed, reason, _ = gate_verdict(matching, [("current model", "m1", unrelated)], METRIC, 0.01, "")
+    assert passed and "mean_recall_at_1 1.0000" in reason
+    assert "below the closed-form baseline cca" in baseline_verdict(unrelated, {"cca": matching},
+                                                                      metric_on_split(METRIC, 8)[0], 0.01)
+    # Past 10 held-out products recall@10 tells them apart and is compared as configured.
+    assert metric_on_split(METRIC, 11) == (METRIC, "")
+    assert metric_on_split("text_to_image_recall_at_10_hubness", 10)[0] == "text_to_image_recall_at_1"
+    assert metric_on_split("matching_auc", 3) == ("matching_auc", "")

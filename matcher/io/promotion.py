@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from matcher.io.lake import Lake
-from matcher.io.registry import CURRENT, encoders_key, is_date, models_lock, read_current, read_served, record_promotion
+from matcher.io.registry import (
+    CURRENT,
+    encoders_key,
+    is_date,
+    metric_on_split,
+    models_lock,
+    read_current,
+    read_served,
+    record_promotion,
+)
 from matcher.steps.model import ModelError
 
 # Metrics are fractions measured on the same rows: a difference below this is the float arithmetic of the
@@ -97,16 +106,18 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
     if metric not in new and held_out < 2:  # a tiny catalog: nothing measured, so nothing may replace what serves
         return False, (f"not compared: {held_out} held-out products, too few to measure {metric}; the served "
                        "model stays"), []
+    metric, why_metric = metric_on_split(metric, held_out)
     new_value = metric_value(new, metric, "the new model")
     values = [(role, version, metric_value(m, metric, f"{role} {version}")) for role, version, m in compared]
     role, bar_version, bar = max(values, key=lambda r: r[2])
     against = "; ".join(f"{r} {v} {x:.4f}" for r, v, x in values)
     if new_value + _FLOAT_SLACK < bar - tolerance:
         return False, (f"{metric} {new_value:.4f} is below {role} {bar_version} ({bar:.4f}) by more than the "
-                       f"tolerance {tolerance}; compared with {against}"), []
+                       f"tolerance {tolerance}; compared with {against}{'; ' + why_metric if why_metric else ''}"), []
     if below_baseline:
         return False, f"refused: {below_baseline}", []
-    return True, f"{metric} {new_value:.4f} vs {against} (tolerance {tolerance}, against the best)", []
+    return True, (f"{metric} {new_value:.4f} vs {against} (tolerance {tolerance}, against the best"
+                  f"{'; ' + why_metric if why_metric else ''})"), []
 
 
 def rerun_decision(date: str, earlier: dict) -> str:
@@ -197,15 +208,16 @@ def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: t
                                 f"model {current} was promoted for {promoted_for}); set train.promote_backfills = "
                                 f"true, or run `matcher models --promote {version}`, to serve it")
             return outcome
-        new_value = new_metrics.get(settings.metric)
-        scored = [(v, metric_value(m, settings.metric, v)) for _, v, m in compared]
+        metric = metric_on_split(settings.metric, int(new_metrics.get("heldout_products") or 0))[0]
+        new_value = new_metrics.get(metric)
+        scored = [(v, metric_value(m, metric, v)) for _, v, m in compared]
         if isinstance(new_value, (int, float)) and math.isfinite(new_value):
             scored.append((version, float(new_value)))
         best_now = max(scored, key=lambda s: s[1])[0] if scored else version
         if fence is not None:
             fence()
         record_promotion(lake, lock, version, date, "train stage", served, {**served["best"], key: best_now},
-                         {"encoders": key, "metric": settings.metric, "value": new_value,
+                         {"encoders": key, "metric": metric, "value": new_value,
                           "compared": {v: x for v, x in scored if v != version}, "warnings": warnings,
                           "best": best_now == version})
         outcome.promoted = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Callable, Iterator
@@ -201,9 +202,22 @@ def check_encoders(config: dict, image_encoder: str, text_encoder: str) -> None:
             "retrain (train stage)")
 
 
+_RECALL_AT_K = re.compile(r"recall_at_(\d+)")
+
+
+def metric_on_split(metric: str, held_out: int) -> tuple[str, str]:
+    """(the metric to compare, why it is not `metric`, or ""). Among k or fewer held-out products every model has
+    recall@k 1.0, so such a split compares recall@1, which still tells a model that matches from one that does not."""
+    found = _RECALL_AT_K.search(metric)
+    if found is None or int(found.group(1)) <= 1 or held_out > int(found.group(1)):
+        return metric, ""
+    at_one = metric[:found.start()] + "recall_at_1"  # the plain ranking's: no recall@1 is kept with hubness
+    return at_one, (f"compared by {at_one}: {metric} is 1.0 for any model among {held_out} held-out products")
+
+
 def baseline_verdict(new: dict, baselines: dict[str, dict], metric: str, tolerance: float) -> str:
     """Why a new model must not be promoted against the closed-form baselines fitted on the same split ("" when
-    it beats the best of them, within `tolerance`)."""
+    it beats the best of them, within `tolerance`). `metric` as `metric_on_split` gives it for the split."""
     scored = {name: float(m[metric]) for name, m in baselines.items() if metric in m}
     if not scored or metric not in new:
         return ""

@@ -90,7 +90,9 @@ def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: n
         metrics[f"image_to_text_recall_at_{k}"] = r
     for k, r in recall_at_k(sim.T).items():
         metrics[f"text_to_image_recall_at_{k}"] = r
-    metrics["mean_recall_at_10"] = (metrics["image_to_text_recall_at_10"] + metrics["text_to_image_recall_at_10"]) / 2
+    for k in (1, 10):
+        metrics[f"mean_recall_at_{k}"] = (metrics[f"image_to_text_recall_at_{k}"]
+                                          + metrics[f"text_to_image_recall_at_{k}"]) / 2
     if hubness_bank is not None and len(hubness_bank[0]):
         metrics |= recall_at_10_with_hubness(z, u, ho, *hubness_bank)
 

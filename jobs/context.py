@@ -67,7 +67,7 @@ class RunContext:
     def __post_init__(self) -> None:
         partition_date(self.date)
         for key, value in (("catalog", self.catalog), ("lake", self.lake_uri)):
-            if value and (problem := location_problem(value)):
+            if value and (problem := location_problem(value, dated_ok=key == "catalog")):
                 raise ConfigError(f"{key} {problem}")
         if self.model_version and not _MODEL_VERSION.fullmatch(self.model_version):
             raise ConfigError(f"model {self.model_version!r} is no model version (a name such as "

@@ -8,6 +8,7 @@ import logging
 import math
 import numbers
 import re
+import string
 import tomllib
 import typing
 import warnings
@@ -189,28 +190,49 @@ def _spark_master(value: str) -> str:
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{[A-Za-z_]\w*\}")  # Jinja's braces, or a {name} as `dated` would replace
 
 
-def location_problem(value: str) -> str | None:
+# A scheme without its "//" (s3:/bucket, file:/tmp/x as Spark prints paths) or a scheme's name as a folder
+# (s3//bucket): each is a relative local path to the storage layer, so the night would write under the working folder.
+_MISTYPED_URI = re.compile(r"[A-Za-z][\w+.-]*:(?!//)|(s3a?|file)//", re.I)
+
+
+def location_problem(value: str, dated_ok: bool = True) -> str | None:
     """What is wrong with a lake or catalog location, or None: a local path, file://, s3:// or s3a:// (what
-    matcher.io.storage opens), whose only placeholders are {ds} and {ds_nodash} (`dated`)."""
+    matcher.io.storage opens), whose only placeholders are {ds} and {ds_nodash} (`dated`); none where not
+    `dated_ok` (the lake is one root for every date)."""
     scheme = value.split("://", 1)[0] if "://" in value else ""
     if scheme not in ("", "file", "s3", "s3a"):
         return f"must be a local path, file:///path or s3://bucket/prefix, got {value!r}"
-    unknown = [m.group(0) for m in _PLACEHOLDER.finditer(value) if m.group(0) not in ("{ds}", "{ds_nodash}")]
+    if not scheme and _MISTYPED_URI.match(value):
+        return (f"looks like a mistyped URI (file:///path, s3://bucket/prefix; a local folder whose name holds a "
+                f"colon: ./name), got {value!r}")
+    if value.startswith("~"):
+        return f"starts with ~, which only a shell expands: write the whole path, got {value!r}"
+    placeholders = [m.group(0) for m in _PLACEHOLDER.finditer(value)]
+    if placeholders and not dated_ok:
+        return (f"is one location for every date (the lake keeps each date's partitions itself): no placeholder "
+                f"such as {placeholders[0]}, got {value!r}")
+    unknown = [p for p in placeholders if p not in ("{ds}", "{ds_nodash}")]
     if unknown:
         return (f"may hold the placeholders {{ds}} and {{ds_nodash}} only (Jinja's {{{{ ds }}}} is not rendered "
                 f"here), got {value!r}")
     return None
 
 
-def _location(value: str) -> str:
+def _catalog_location(value: str) -> str:
     if problem := location_problem(value):
         raise ValueError(problem)
     return value
 
 
+def _lake_location(value: str) -> str:
+    if problem := location_problem(value, dated_ok=False):
+        raise ValueError(problem)
+    return value
+
+
 class RunConfig(_Section):
-    catalog: Annotated[str, AfterValidator(_location)]
-    lake: Annotated[str, AfterValidator(_location)]
+    catalog: Annotated[str, AfterValidator(_catalog_location)]
+    lake: Annotated[str, AfterValidator(_lake_location)]
     profile: str
 
 
@@ -236,9 +258,25 @@ class RunnerConfig(_Section):
     spark_conn_id: str
 
 
+def _image_template(value: str) -> str:
+    """A template the reader fills with each row's product id alone: another name or a number's format would
+    fail on an executor, row by row, after the config and the catalog's columns were accepted."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        if names - {"product_id"}:
+            raise ValueError(f"names {sorted(names - {'product_id'})}")
+        if value and not names:
+            raise ValueError("no {product_id}: every such row would read the same photo")
+        value.format(product_id="P1")
+    except (ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"may hold {{product_id}} only, as text (e.g. images/{{product_id}}.jpg), got {value!r}: "
+                         f"{exc}") from None
+    return value
+
+
 class CatalogConfig(_Section):
     file: str
-    image_template: str
+    image_template: Annotated[str, AfterValidator(_image_template)]
     columns: Annotated[dict[str, str], AfterValidator(_known_columns)]
     ready_marker: str
     http_timeout: float = Field(gt=0)
@@ -521,7 +559,7 @@ def _bounds(metadata: list[Any]) -> str:
     return f"{sign} {limits[name]}"
 
 
-_SIZE = re.compile(r"\s*(\d+)\s*([kmgtp]?)i?b?\s*", re.I)
+_SIZE = re.compile(r"\s*(\d+)([kmgtp]b?|b)?\s*", re.I)  # Spark's own byte strings: no space, no "gib"
 
 
 def spark_size_bytes(text: str, name: str) -> int:
@@ -529,7 +567,7 @@ def spark_size_bytes(text: str, name: str) -> int:
     match = _SIZE.fullmatch(str(text))
     if not match:
         raise ConfigError(f"{name} must be a size such as 256m, 1g or 512k, got {text!r}")
-    return int(match.group(1)) * 1024 ** "bkmgtp".index((match.group(2) or "b").lower())
+    return int(match.group(1)) * 1024 ** "bkmgtp".index((match.group(2) or "b")[0].lower())
 
 
 def feature_floats(extract: ExtractConfig) -> tuple[int, int]:

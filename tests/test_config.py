@@ -89,6 +89,18 @@ def test_file_overrides_subset(tmp_path):
     ({"train": {"learning_rate": -0.1}}, r"config key train.learning_rate must be > 0, got -0.1$"),
     ({"score": {"block_size": 0}}, r"config key score.block_size must be >= 1, got 0$"),
     ({"run": {"lake": "ftp://host/lake"}}, r"run.lake must be a local path, file:///path or s3://bucket/prefix"),
+    # locations the storage layer would open as relative folders under the working directory
+    ({"run": {"lake": "s3:/shop-lake/matcher"}}, r"run.lake looks like a mistyped URI .* got 's3:/shop-lake/matcher'$"),
+    ({"run": {"lake": "s3//shop-lake/matcher"}}, r"run.lake looks like a mistyped URI"),
+    ({"run": {"catalog": "file:/data/catalog"}}, r"run.catalog looks like a mistyped URI"),
+    ({"run": {"lake": "~/lake"}}, r"run.lake starts with ~, which only a shell expands"),
+    ({"run": {"lake": "s3://b/lake/dt={ds}"}}, r"run.lake is one location for every date .* no placeholder such as"),
+    ({"catalog": {"image_template": "images/{sku}.jpg"}},
+     r"catalog.image_template may hold \{product_id\} only, as text .*got 'images/\{sku\}.jpg': names \['sku'\]$"),
+    ({"catalog": {"image_template": "images/{product_id:05d}.jpg"}}, r"catalog.image_template .* Unknown format code"),
+    ({"catalog": {"image_template": "images/photo.jpg"}}, r"no \{product_id\}: every such row would read the same"),
+    ({"spark": {"max_result_size": "1 GB"}}, r"spark.max_result_size must be a size such as 256m, 1g or 512k"),
+    ({"spark": {"max_result_size": "1gib"}}, r"spark.max_result_size must be a size such as 256m, 1g or 512k"),
     ({"extract": {"title_words": "yes"}}, "extract.title_words must be bool"),
     ({"score": {"mismatch_folds": 1}}, r"config key score.mismatch_folds must be >= 2, got 1: each product is judged"),
     ({"catalog": {"http_timeout": 0.0}}, r"config key catalog.http_timeout must be > 0, got 0.0$"),
@@ -109,6 +121,16 @@ def test_file_overrides_subset(tmp_path):
 def test_bad_config_is_a_clear_error_naming_key_rule_and_value(sections, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=sections)
+
+
+@pytest.mark.parametrize("size, nbytes", [("1g", 2 ** 30), ("1GB", 2 ** 30), ("512mb", 2 ** 29), ("1073741824", 2 ** 30),
+                                          (" 1024m ", 2 ** 30), ("0", 0)])
+def test_result_caps_in_the_spellings_spark_reads_load(size, nbytes):
+    """Spark's byte strings (a number, then b, k, kb, m, mb, ...; trimmed, any case): what it reads loads here."""
+    from matcher.config import spark_size_bytes
+
+    assert load_config(overrides={"spark": {"max_result_size": size}}).spark.max_result_size == size
+    assert spark_size_bytes(size, "spark.max_result_size") == nbytes
 
 
 @pytest.mark.parametrize("master", ["local", "local[*]", "local[4,2]", "spark://10.0.0.5:7077",
@@ -334,6 +356,8 @@ def test_candidates_auto_is_exact_up_to_the_documented_size_and_ann_above():
     ({"model_version": "../../etc"}, "model '../../etc' is no model version"),
     ({"catalog": "s3://b/c/dt={date}"}, "catalog may hold the placeholders {ds} and {ds_nodash} only"),
     ({"lake_uri": "http://lake"}, "lake must be a local path"),
+    ({"lake_uri": "s3:/lake"}, "lake looks like a mistyped URI"),
+    ({"lake_uri": "/data/lake/dt={ds}"}, "lake is one location for every date"),
 ])
 def test_a_runs_own_catalog_lake_and_model_are_checked_before_any_stage(context, message):
     """A run's conf or command line named them past the config's checks: `model: "../../etc"` read models/../../etc

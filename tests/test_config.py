@@ -123,8 +123,8 @@ def test_bad_config_is_a_clear_error_naming_key_rule_and_value(sections, message
         load_config(overrides=sections)
 
 
-@pytest.mark.parametrize("size, nbytes", [("1g", 2 ** 30), ("1GB", 2 ** 30), ("512mb", 2 ** 29), ("1073741824", 2 ** 30),
-                                          (" 1024m ", 2 ** 30), ("0", 0)])
+@pytest.mark.parametrize("size, nbytes", [("1g", 2 ** 30), ("1GB", 2 ** 30), ("512mb", 2 ** 29),
+                                          ("1073741824", 2 ** 30), (" 1024m ", 2 ** 30), ("0", 0)])
 def test_result_caps_in_the_spellings_spark_reads_load(size, nbytes):
     """Spark's byte strings (a number, then b, k, kb, m, mb, ...; trimmed, any case): what it reads loads here."""
     from matcher.config import spark_size_bytes

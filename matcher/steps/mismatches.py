@@ -133,9 +133,11 @@ def capped_threshold(best_cut: float, own_pair_scores: np.ndarray, share: float)
     `share` of the products' own out-of-fold pairs score under it (score.mismatch_max_flagged_share; 0: the cut as
     it is). A catalog's mislabelled products are a few in a hundred, not half: where the cut flags many, most of its
     flags are sound products, and the lowest-scoring ones are the likeliest mismatches."""
-    if share <= 0 or len(own_pair_scores) == 0:
+    allowed = int(np.floor(share * len(own_pair_scores) + 1e-9))  # products that may be flagged: a share, not more
+    if share <= 0 or allowed >= len(own_pair_scores):
         return best_cut
-    return min(best_cut, float(np.quantile(own_pair_scores, share)))
+    # A product is flagged strictly below the threshold: the allowed-th lowest score lets at most that many under.
+    return min(best_cut, float(np.partition(own_pair_scores, allowed)[allowed]))
 
 
 def _folds(product_ids, folds: int) -> np.ndarray:

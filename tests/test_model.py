@@ -353,3 +353,21 @@ def test_a_column_no_training_row_used_reads_as_nothing_later():
     std = Standardiser.fit(x.double().numpy())
     assert abs(std(with_word.double().numpy())[0, 5]) < 1e-5
     np.testing.assert_allclose(std(x.double().numpy()).std(0)[6], 1.0, atol=1e-4)
+
+
+def test_recommendation_precision_judges_only_neighbours_whose_category_is_known():
+    """A catalog labelled in part: an unlabelled neighbour is neither a right nor a wrong recommendation (every
+    labelled product "shoes", every second one unlabelled, read 0.475 for recommendations all of the right kind)."""
+    from matcher.steps.evaluate import embedding_metrics
+
+    rng = np.random.default_rng(0)
+    n = 150
+    z = rng.normal(size=(n, 8))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    heldout = np.arange(n) % 6 == 0
+    half = np.where(np.arange(n) % 2 == 0, "shoes", "")
+    metrics = embedding_metrics(z, z, z, half, heldout, lambda i, j: (z[i] * z[j]).sum(1), 0.0)
+    assert metrics["category_accuracy"] == metrics["recommendation_precision_at_10"] == 1.0
+    two = np.where(np.arange(n) % 2 == 0, np.where(np.arange(n) % 4 == 0, "shoes", "bags"), "")
+    mixed = embedding_metrics(z, z, z, two, heldout, lambda i, j: (z[i] * z[j]).sum(1), 0.0)
+    assert 0.3 < mixed["recommendation_precision_at_10"] < 0.7  # random vectors: about half of the known are right

@@ -371,3 +371,21 @@ def test_recommendation_precision_judges_only_neighbours_whose_category_is_known
     two = np.where(np.arange(n) % 2 == 0, np.where(np.arange(n) % 4 == 0, "shoes", "bags"), "")
     mixed = embedding_metrics(z, z, z, two, heldout, lambda i, j: (z[i] * z[j]).sum(1), 0.0)
     assert 0.3 < mixed["recommendation_precision_at_10"] < 0.7  # random vectors: about half of the known are right
+
+
+def test_the_training_report_of_a_catalog_too_small_to_hold_products_out_says_its_figures_are_in_sample():
+    """12 products hold none out: the histogram is of training pairs and says so, no empty recall chart is drawn,
+    and counts read as whole numbers (the page titled them held-out, with "heldout_products 0.0000")."""
+    from matcher.steps.training_report import render_training_report
+
+    rng = np.random.default_rng(0)
+    page = render_training_report("v1", "2026-01-01", {"heldout_products": 0, "best_epoch": 0}, None,
+                                  [{"epoch": 0}], rng.random(12), rng.random(12), "promoted (no current model)")
+    assert "Match probability, training pairs" in page and "held-out pairs" not in page
+    assert "No products held out" in page and "Held-out recall@K" not in page
+    assert "<td>heldout_products</td><td>0</td>" in page
+    measured = render_training_report("v1", "2026-01-01", {"heldout_products": 40, "mean_recall_at_10": 0.5,
+                                                           "image_to_text_recall_at_10": 0.5}, None,
+                                      [{"epoch": 0}], rng.random(40), rng.random(40), "promoted")
+    assert "Match probability, held-out pairs" in measured and "Held-out recall@K" in measured
+    assert "No products held out" not in measured

@@ -330,6 +330,28 @@ def test_the_fixed_recipe_stays_available():
     assert result.best_epoch is None and len(result.history) >= 2
 
 
+@pytest.mark.parametrize("n", [3, 12, 40, 90])
+def test_a_catalog_too_small_to_rank_epochs_serves_its_closed_form_start_not_random_heads(n):
+    """Under 99 products the validation split holds fewer than 8 products, too few to rank epochs: the heads are the
+    closed form the folds chose (epoch 0), as the gate's baselines are fitted, not heads started at random and
+    trained blind (which scored below those baselines on most such draws of both shared catalogs)."""
+    from matcher.steps.train import MIN_VALIDATION, recipe_summary, refit_on_all_rows, split_rows
+
+    img, txt, _ = synthetic_features(n)
+    ids = np.array([f"S{i:05d}" for i in range(n)])
+    assert split_rows(ids, recipe()).validation.sum() < MIN_VALIDATION
+    cfg = recipe()
+    result, _ = train_on_split(img, txt, ids, model_spec(cfg, 48, 32, "a", "b"), cfg)
+    assert result.start != "random" and result.start_pair is not None and result.best_epoch == 0
+    summary = recipe_summary(result)
+    assert summary["recipe"].startswith("closed-form start alone (fewer than 8 validation products")
+    assert summary["start_candidates"] and summary["epochs_tried"] == 0
+    served = refit_on_all_rows(result, img, txt, cfg)
+    assert served.best_epoch == 0 and not served.ranked_epochs
+    z, u, _ = embed(served.model, img, txt)
+    assert np.isfinite(z).all() and np.isfinite(u).all()
+
+
 @pytest.mark.parametrize("n, train", [
     (8, {"patience": 0, "init": "random"}),  # 10 steps: a 10% warm-up of one step once divided by zero
     (8, {}),

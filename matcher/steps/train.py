@@ -98,6 +98,7 @@ class TrainResult:
     # Each closed form's score when the start was chosen (validation MRR: cross-validated, or on the validation rows).
     start_scores: dict[str, float] = field(default_factory=dict)
     rows: int = 0  # the products the heads trained on
+    ranked_epochs: bool = True  # False: too few validation products to rank epochs, so the start alone (epoch 0)
 
 
 def recipe_summary(result: TrainResult) -> dict:
@@ -110,7 +111,10 @@ def recipe_summary(result: TrainResult) -> dict:
     kind = result.start_pair.kind if result.start_pair is not None else None
     if kind is not None and kind not in result.start_scores:  # candidates labelled by their text columns
         kind = f"{kind} ({_title_words_label(spec)})"
-    return {"recipe": "fixed epochs" if result.best_epoch is None else "closed-form start, early stopping",
+    recipe = ("fixed epochs" if result.best_epoch is None else "closed-form start, early stopping"
+              if result.ranked_epochs else f"closed-form start alone (fewer than {MIN_VALIDATION} validation "
+              "products: too few to rank epochs)")
+    return {"recipe": recipe,
             "start": result.start, "start_kind": kind,
             "title_words": (not spec.text_columns) if has_words else None,
             "start_candidates": dict(result.start_scores),
@@ -193,8 +197,14 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
     The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs.
     `fold_ids`: the product ids of the training rows then the validation rows, by which the closed forms' folds
     are drawn (their positions where not given)."""
-    if cfg.patience > 0 and validation is not None and len(validation[0]) >= MIN_VALIDATION:
-        return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids)
+    if cfg.patience > 0 and validation is not None:
+        if len(validation[0]) >= MIN_VALIDATION:
+            return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids)
+        if spec.head == "mlp+linear":
+            # Too few validation products to rank epochs, but the closed forms are still chosen by their folds:
+            # that start alone, rather than heads started at random and trained for epochs nothing chose.
+            return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids,
+                                              rank_epochs=False)
     return _train_fixed_epochs(image_feats, text_feats, spec, cfg, calibration)
 
 
@@ -273,8 +283,9 @@ def batch_size_for(n: int, configured: int) -> int:
 
 def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
                                calibration: tuple[np.ndarray, np.ndarray] | None,
-                               validation: tuple[np.ndarray, np.ndarray], fold_ids: np.ndarray | None
-                               ) -> TrainResult:
+                               validation: tuple[np.ndarray, np.ndarray], fold_ids: np.ndarray | None,
+                               rank_epochs: bool = True) -> TrainResult:
+    """`rank_epochs` False: the closed-form start alone (epoch 0), the validation rows too few to rank epochs."""
     started = time.perf_counter()
     img = torch.as_tensor(image_feats, dtype=torch.float32)
     txt = torch.as_tensor(text_feats, dtype=torch.float32)
@@ -306,8 +317,9 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
         model.train()
         return two_way_mrr(z, u)
 
-    best = {"mrr": validation_mrr(), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    history = [{"epoch": 0, "validation_mrr": best["mrr"]}]
+    best = {"mrr": validation_mrr() if len(val_img) >= 2 else float("nan"), "epoch": 0,
+            "state": copy.deepcopy(model.state_dict())}
+    history = [{"epoch": 0} | ({"validation_mrr": best["mrr"]} if len(val_img) >= 2 else {})]
 
     def after_epoch(epoch: int, loss: float) -> bool:
         mrr = validation_mrr()
@@ -317,7 +329,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
             best.update(mrr=mrr, epoch=epoch, state=copy.deepcopy(model.state_dict()))
         return epoch - best["epoch"] < cfg.patience  # go on?
 
-    _contrastive_epochs(model, img, txt, cfg, cfg.epochs, after_epoch)
+    _contrastive_epochs(model, img, txt, cfg, cfg.epochs if rank_epochs else 0, after_epoch)
     model.load_state_dict(best["state"])
     if cfg.refit:
         # The choices are made (start, epochs): the same recipe again on training + validation rows, since on a
@@ -329,7 +341,7 @@ def _train_with_early_stopping(image_feats: np.ndarray, text_feats: np.ndarray, 
     return TrainResult(model=model, history=history, seconds=time.perf_counter() - started,
                        best_epoch=best["epoch"], matching_loss=matching,
                        start=start.name if start is not None else "random", baselines=baselines, start_pair=start,
-                       rows=len(img), start_scores=start_scores)
+                       rows=len(img), start_scores=start_scores, ranked_epochs=rank_epochs)
 
 
 def _replay(spec: ModelSpec, cfg: TrainConfig, start: LinearPair | None, epochs: int, img: torch.Tensor,
@@ -360,7 +372,7 @@ def refit_on_all_rows(judged: TrainResult, image_feats: np.ndarray, text_feats: 
         matching = _train_matching_network(model, img, txt, cfg)
         result = TrainResult(model=model, history=judged.history, seconds=0.0, best_epoch=judged.best_epoch,
                              matching_loss=matching, start=judged.start, start_pair=judged.start_pair,
-                             start_scores=judged.start_scores)
+                             start_scores=judged.start_scores, ranked_epochs=judged.ranked_epochs)
     with torch.no_grad():
         result.model.match_threshold.copy_(judged.model.match_threshold)
     result.seconds, result.rows = time.perf_counter() - started, len(image_feats)

@@ -12,17 +12,23 @@ RECALL_KEYS = [("image_to_text_recall_at_1", "i→t R@1"), ("image_to_text_recal
                ("text_to_image_recall_at_5", "t→i R@5"), ("text_to_image_recall_at_10", "t→i R@10")]
 
 
+_COUNTS = {"heldout_products", "best_epoch"}  # shown as whole numbers
+
+
 def metrics_table(metrics: dict, previous: dict | None) -> str:
     rows = []
     for key in sorted(k for k, v in metrics.items() if isinstance(v, (int, float))):
         prev = previous.get(key) if previous else None
-        prev_cell = f"{prev:.4f}" if isinstance(prev, (int, float)) else ""
-        rows.append(f"<tr><td>{html.escape(key)}</td><td>{metrics[key]:.4f}</td><td>{prev_cell}</td></tr>")
+        shown = "{:.0f}" if key in _COUNTS else "{:.4f}"
+        prev_cell = shown.format(prev) if isinstance(prev, (int, float)) else ""
+        rows.append(f"<tr><td>{html.escape(key)}</td><td>{shown.format(metrics[key])}</td><td>{prev_cell}</td></tr>")
     return ("<table><tr><th>metric (held-out)</th><th>this model</th><th>current model</th></tr>"
             + "".join(rows) + "</table>")
 
 
 def recall_chart(metrics: dict, previous: dict | None) -> str:
+    if not any(k in metrics for k, _ in RECALL_KEYS):  # nothing held out: no chart of empty bars
+        return ""
     series = {"this model": [metrics.get(k) for k, _ in RECALL_KEYS]}
     if previous:
         series["current model"] = [previous.get(k) for k, _ in RECALL_KEYS]
@@ -78,7 +84,12 @@ def render_training_report(version: str, date: str, metrics: dict, previous_metr
     """`served_fit`: what the served model is, when it is not the fit these figures are of; `recipe`: what the
     recipe chose among (recipe_table)."""
     losses = training_curves(history)
-    scores = histogram("Match probability, held-out pairs", {"true pairs": true_scores, "false pairs": false_scores})
+    held_out = int(metrics.get("heldout_products") or 0) >= 2
+    scores = histogram("Match probability, held-out pairs" if held_out else "Match probability, training pairs",
+                       {"true pairs": true_scores, "false pairs": false_scores})
+    if not held_out:
+        decision += (" (No products held out: the catalog is too small to hold 2 out, so every figure here is "
+                     "measured on products the model trained on.)")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>matcher model {html.escape(version)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}td,th{{border:1px solid #ccc;padding:3px 8px}}
 table{{border-collapse:collapse}}.charts svg{{margin:6px;border:1px solid #eee}}</style></head><body>

@@ -123,6 +123,8 @@ def run(ctx: RunContext) -> dict:
         # The catalog may be missing (permanent) or its store unreachable (retryable): judged by the cause.
         raise StageError("clean", f"catalog for {ctx.date}: {exc}", retryable=classify(exc).retryable) from None
     plan = plan.spelled_as(logged_columns(ctx.lake, "clean"))  # Delta Lake holds names without case
+    for note in plan.notes:
+        log.warning("clean: catalog %s", note)
     renamed = plan.renamed_columns()
     if renamed:
         log.warning("clean: catalog columns renamed in the clean table (a name Spark or Delta Lake cannot hold, "

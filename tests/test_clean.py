@@ -320,6 +320,27 @@ def test_one_column_may_fill_two_fields_and_two_columns_may_swap(tmp_path):
     assert rows[["title", "image"]].values.tolist() == [["a.jpg", "Red shirt"]]
 
 
+def test_columns_left_unread_and_look_alikes_of_absent_fields_are_noted_for_the_driver_to_warn(tmp_path):
+    """A description or category under another name read as empty without a word; a file's own product_id column
+    left out for the one catalog.columns names was dropped silently."""
+    (tmp_path / "products.csv").write_text("id,product_id,title,image,product_description,category_name\n"
+                                           "1,SKU1,Red shirt,a.jpg,Soft cotton,Shirts\n")
+    cfg = load_config(overrides={"catalog": {"columns": {"product_id": "id"}}})
+    notes = CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).plan().notes
+    assert notes == ("column 'product_id' is not read: catalog.columns maps product_id = 'id' (map it to another "
+                     "field to keep it)",
+                     "no description column, so every description reads as empty; 'product_description' may be one: "
+                     "map it with catalog.columns (description = 'product_description')",
+                     "no category column, so every category reads as empty; 'category_name' may be one: map it with "
+                     "catalog.columns (category = 'category_name')")
+    mapped = load_config(overrides={"catalog": {"columns": {"product_id": "id", "description": "product_description",
+                                                            "category": "category_name"}}})
+    plan = CatalogReader(str(tmp_path), mapped.storage, mapped.catalog).plan()
+    assert len(plan.notes) == 1 and "'product_id' is not read" in plan.notes[0]
+    (tmp_path / "products.csv").write_text("product_id,title,image,description,category\n1,Red shirt,a.jpg,,\n")
+    assert CatalogReader(str(tmp_path), cfg.storage).plan().notes == ()
+
+
 def test_a_catalog_without_an_image_column_fails_at_once_naming_the_likely_one(tmp_path):
     (tmp_path / "products.csv").write_text("product_id,title,image_url\n1,Red shirt,https://cdn/a.jpg\n")
     cfg = load_config()

@@ -42,6 +42,9 @@ _CSV_DELIMITERS = (",", ";", "\t", "|")
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 REQUIRED_COLUMNS = ("product_id", "title")
 _WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")  # C:\x, C:/x, \\server\share
+# Columns that may hold an absent optional field under another name: read as nothing unless mapped, so say so.
+_FIELD_COLUMN_WORDS = {"description": re.compile(r"desc|detail|summary|about|body|long.?text", re.I),
+                       "category": re.compile(r"categ|class|department|taxonomy|breadcrumb|genre|product.?type", re.I)}
 _PHOTO_COLUMN_WORDS = (re.compile(r"image|img|photo|picture|pic|thumbnail", re.I), re.compile(r"url|link", re.I))
 OPTIONAL_COLUMNS = ("description", "category", "image")
 
@@ -76,6 +79,7 @@ class CatalogPlan:
     delimiter: str = ","       # csv only
     encoding: str = "utf-8-sig"  # csv only: "utf-16" for a file that starts with a UTF-16 byte-order mark
     rows: int | None = None    # parquet only: the row count in the footer
+    notes: tuple[str, ...] = ()  # what the driver should warn of: columns not read, look-alikes of absent fields
 
     def renamed_columns(self) -> dict[str, str]:
         """The file's columns that the clean table names otherwise: {the file's name: the table's}."""
@@ -204,7 +208,8 @@ class CatalogReader:
                 mapping = self._mapping(columns, path)
             splits = [CatalogSplit(None, 0)]  # one streaming task per text file: its rows may span lines
         return CatalogPlan(path=path, format=fmt, columns=self._mapped_columns(columns, mapping), splits=splits,
-                           mapping=mapping, delimiter=delimiter, encoding=encoding, rows=rows)
+                           mapping=mapping, delimiter=delimiter, encoding=encoding, rows=rows,
+                           notes=column_notes(columns, mapping))
 
     def read_split(self, plan: CatalogPlan, split: CatalogSplit, chunk_rows: int = 5000) -> Iterator[RawCatalog]:
         """The rows of one split, in chunks of about `chunk_rows`; `_row` numbers rows in file order."""
@@ -659,6 +664,24 @@ def _column_key(name: str) -> str:
     """A column name without case, spaces, underscores or hyphens: how a header's "Product ID" is matched to
     product_id."""
     return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+def column_notes(columns: list[str], mapping: dict[str, str]) -> tuple[str, ...]:
+    """Warnings about how the file's `columns` are read under `mapping`: a column named like a field another
+    column is mapped to is not read at all, and an optional field the file lacks may be in a look-alike column."""
+    notes, sources = [], set(mapping.values())
+    for column in columns:
+        if column in mapping and column not in sources:
+            notes.append(f"column {column!r} is not read: catalog.columns maps {column} = {mapping[column]!r} (map "
+                         f"it to another field to keep it)")
+    for name, words in _FIELD_COLUMN_WORDS.items():
+        if name in mapping or name in columns:
+            continue
+        like = [c for c in columns if words.search(c) and c not in sources]
+        if like:
+            notes.append(f"no {name} column, so every {name} reads as empty; {like[0]!r} may be one: map it with "
+                         f"catalog.columns ({name} = {like[0]!r})")
+    return tuple(notes)
 
 
 def _apply_column_mapping(df: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:

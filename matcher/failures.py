@@ -51,6 +51,7 @@ _PERMANENT_STORAGE = re.compile(
     r"AWS Error (?:ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|NO_SUCH_BUCKET|NO_SUCH_KEY|"
     r"NO_SUCH_UPLOAD|RESOURCE_NOT_FOUND|MISSING_AUTHENTICATION_TOKEN|INVALID_PARAMETER\w*|VALIDATION)"
     r"|HTTP status 4(?!08|29)\d\d|\bStatus Code: 4(?!08|29)\d\d"
+    r"|HTTP status 301|\bPermanentRedirect\b|configured region is"  # the bucket is in another region than set
     r"|\bAccessDenied\b|\bNoSuchBucket\b|\bNoSuchKey\b|\bInvalidAccessKeyId\b|\bSignatureDoesNotMatch\b"
     r"|No such file or directory|Permission denied|Path does not exist|Not a gzip file|inflate failed"
     r"|incorrect header check|cannot identify image file|magic bytes|[Cc]orrupt", re.ASCII)

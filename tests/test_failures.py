@@ -74,6 +74,16 @@ def test_storage_and_network_errors_are_retryable():
         assert "[retryable:" in failure.message()
 
 
+def test_a_bucket_in_another_region_than_the_configured_one_is_permanent():
+    """S3 answers 301 to a request signed for the wrong region: a retry asks the same (storage.s3_region)."""
+    for text in ("When getting information for bucket 'shop-lake': AWS Error UNKNOWN (HTTP status 301) during "
+                 "HeadBucket operation: No response body. Looks like the configured region is 'us-east-1' while "
+                 "the bucket is located in 'eu-west-1'.",
+                 "AWS Error UNKNOWN (HTTP status 301) during GetObject operation: PermanentRedirect"):
+        failure = classify(OSError(text))
+        assert not failure.retryable, failure
+
+
 def test_a_busy_date_is_retryable(tmp_path):
     lake = Lake(f"file://{tmp_path}/lake", load_config().storage)
     with date_lock(lake, D, holder="the other run"):

@@ -304,7 +304,7 @@ def catalog_ready(ds: str = "", params: dict | None = None, dag_run: object = No
     """Sensor check: has the date's catalog snapshot arrived (its products file, and the ready marker when one is
     configured)? A storage error is transient: logged, and the sensor pokes again; a missing configuration fails
     at once."""
-    from matcher.io.catalog import AmbiguousCatalog, CatalogReader
+    from matcher.io.catalog import CatalogMisconfigured, CatalogReader
 
     params = run_params(ds, params, getattr(dag_run, "conf", None))
     cfg, _ = deployment_config(params)
@@ -316,7 +316,7 @@ def catalog_ready(ds: str = "", params: dict | None = None, dag_run: object = No
         except (OSError, StorageError) as exc:
             log.warning("catalog check for %s failed, will poke again: %s", ds, " ".join(str(exc).split())[:300])
             return False
-        except AmbiguousCatalog as exc:  # waiting would not settle it: fail now, saying what would
+        except CatalogMisconfigured as exc:  # waiting would not settle it: fail now, saying what would
             _fail(str(exc))
         log.info("catalog for %s not there yet: %s", ds, catalog)
         return False

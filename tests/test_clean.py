@@ -341,6 +341,20 @@ def test_columns_left_unread_and_look_alikes_of_absent_fields_are_noted_for_the_
     assert CatalogReader(str(tmp_path), cfg.storage).plan().notes == ()
 
 
+def test_a_catalog_location_naming_the_products_file_says_to_give_its_folder_and_a_sensor_does_not_wait(tmp_path):
+    from matcher.io.catalog import CatalogMisconfigured
+
+    (tmp_path / "products.csv").write_text("product_id,title,image\n1,Red shirt,a.jpg\n")
+    (tmp_path / "export.csv").write_text("product_id,title,image\n1,Red shirt,a.jpg\n")
+    with pytest.raises(CatalogMisconfigured, match=r"products.csv is a file: give its folder \(photo paths are read "
+                                                   r"relative to it\)$"):
+        CatalogReader(str(tmp_path / "products.csv"), load_config().storage).ready()
+    with pytest.raises(CatalogMisconfigured, match=r"export.csv is a file: .* name the file with catalog.file = "
+                                                   r"'export.csv'$"):
+        CatalogReader(str(tmp_path / "export.csv"), load_config().storage).plan()
+    assert not CatalogReader(str(tmp_path / "absent"), load_config().storage).ready()  # not there yet: wait
+
+
 def test_a_catalog_without_an_image_column_fails_at_once_naming_the_likely_one(tmp_path):
     (tmp_path / "products.csv").write_text("product_id,title,image_url\n1,Red shirt,https://cdn/a.jpg\n")
     cfg = load_config()

@@ -53,7 +53,11 @@ class CatalogError(ValueError):
     """The input is not a catalog at all: the run stops with this message."""
 
 
-class AmbiguousCatalog(CatalogError):
+class CatalogMisconfigured(CatalogError):
+    """The catalog location or settings cannot name a products file however long one waits: a sensor fails."""
+
+
+class AmbiguousCatalog(CatalogMisconfigured):
     """Two products files in one catalog folder and none named: waiting will not tell which to read."""
 
 
@@ -128,8 +132,8 @@ class CatalogReader:
         """Has the catalog fully arrived: its products file, and the ready marker when one is configured?"""
         try:
             self.require_ready()
-        except AmbiguousCatalog:
-            raise  # a sensor would wait for nothing: only a config change (catalog.file) settles it
+        except CatalogMisconfigured:
+            raise  # a sensor would wait for nothing: only a config change settles it
         except CatalogError:
             return False
         return True
@@ -143,6 +147,11 @@ class CatalogReader:
         return path
 
     def find_products_file(self) -> str:
+        if self.fs.get_file_info(self.root).type == pafs.FileType.File:
+            name = posixpath.basename(self.root)
+            raise CatalogMisconfigured(
+                f"catalog {self.uri} is a file: give its folder (photo paths are read relative to it)"
+                + ("" if name in CATALOG_FILES else f" and name the file with catalog.file = {name!r}"))
         if self.options.file:
             p = posixpath.join(self.root, self.options.file)
             if not exists(self.fs, p):

@@ -355,6 +355,20 @@ def test_a_catalog_location_naming_the_products_file_says_to_give_its_folder_and
     assert not CatalogReader(str(tmp_path / "absent"), load_config().storage).ready()  # not there yet: wait
 
 
+def test_a_protocol_relative_photo_url_is_read_as_https_under_the_same_rules(tmp_path):
+    """//cdn/img.jpg, as web pages write photo links: an https URL (it was image_path_escapes_root, "a symlink or
+    .."), so catalog.http_images and the address rules decide, as for any URL."""
+    from matcher.steps.images import ImageRejected
+
+    for http_images, reason, detail in ((False, "image_source_not_allowed", "catalog.http_images is off"),
+                                        (True, "image_address_not_allowed", "a loopback address")):
+        cfg = load_config(overrides={"catalog": {"http_images": http_images}})
+        with pytest.raises(ImageRejected) as rejected:
+            CatalogReader(str(tmp_path), cfg.storage, cfg.catalog).read_image("//127.0.0.1:9/img/1.jpg")
+        assert rejected.value.reason == reason and "https://127.0.0.1:9/img/1.jpg" in str(rejected.value)
+        assert detail in str(rejected.value)
+
+
 def test_a_catalog_without_an_image_column_fails_at_once_naming_the_likely_one(tmp_path):
     (tmp_path / "products.csv").write_text("product_id,title,image_url\n1,Red shirt,https://cdn/a.jpg\n")
     cfg = load_config()

@@ -381,6 +381,8 @@ class CatalogReader:
         elif ref.startswith("file://"):
             fs, path = _resolved(ref, ref, self.storage)
             path = self.sources.local_file(ref, self._file_uri_path(ref, path))
+        elif ref.startswith("//") and not ref.startswith("///"):  # protocol-relative, as web pages write them
+            return self.read_image("https:" + ref, max_bytes)
         elif ref.lower().startswith(("http://", "https://")):
             o = self.options
             if not o.http_images:

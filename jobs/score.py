@@ -362,7 +362,8 @@ def run(ctx: RunContext) -> dict:
         lake.stage_parts(name, date, files)
     agree = written["categories"].stats
     agreement = agree["agree"] / agree["labelled"] if agree.get("labelled") else None
-    log.info("score: %d products, top-%d each, model %s", n, sc.top_k, version)
+    log.info("score: %d products, top-%d each%s, model %s", n, min(sc.top_k, max(0, n - 1)),
+             f" (score.top_k {sc.top_k}: a product is never its own)" if n - 1 < sc.top_k else "", version)
     return {"products": n, "recommendation_rows": int(written["recommendations"].rows["recommendations"]),
             "model_version": version, "model_source": why, "category_agreement": agreement,
             "mismatches": int(written["mismatches"].rows["mismatches"]), "mismatch_scorer": mismatch_stats,

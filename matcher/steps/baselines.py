@@ -389,6 +389,11 @@ def folds_can_cross_validate(fold: np.ndarray, folds: int) -> bool:
     return folds >= 2 and not ((sizes < 2).any() or (len(fold) - sizes < 2).any())
 
 
+def can_cross_validate(rows: int, folds: int, product_ids: list[str] | np.ndarray | None = None) -> bool:
+    """Whether fit_baselines chooses the settings of `rows` rows by cross-validation in `folds` folds."""
+    return _cross_validation_folds(rows, folds, product_ids) is not None
+
+
 def _cross_validation_folds(rows: int, folds: int, product_ids) -> np.ndarray | None:
     """Each row's fold, or None where cross-validation cannot run: one fold asked for, or a fold (or the rows outside
     it) under two rows."""

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from matcher.config import TrainConfig
-from matcher.steps.baselines import LinearPair, Standardiser, fit_baselines, reduce_width, refit, two_way_mrr
+from matcher.steps.baselines import (
+    LinearPair,
+    Standardiser,
+    can_cross_validate,
+    fit_baselines,
+    reduce_width,
+    refit,
+    two_way_mrr,
+)
 from matcher.steps.encoders import title_words_start
 from matcher.steps.evaluate import best_threshold, model_pair_scorer, true_and_false_pair_scores
 from matcher.steps.model import MatcherModel, ModelSpec
@@ -178,7 +186,7 @@ def twin_texts(txt: torch.Tensor, cosine: float) -> Callable[[torch.Tensor], tor
     return batch_twins
 
 
-MIN_VALIDATION = 8  # fewer validation products than this cannot rank epochs: train the fixed recipe instead
+MIN_VALIDATION = 8  # fewer validation products than this cannot rank epochs: the closed-form start alone
 
 
 def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec, cfg: TrainConfig,
@@ -191,8 +199,10 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
     the best closed-form baseline when the spec has linear paths, and the epoch with the best validation mean
     reciprocal rank (epoch 0 = the starting point) is kept; training stops `patience` epochs after it. With
     `cfg.refit` the chosen recipe then runs again on training + validation pairs. The matching network trains last,
-    on the chosen heads' frozen embeddings. Otherwise the fixed recipe: `epochs` (at least `min_steps` steps), heads
-    and matching network together.
+    on the chosen heads' frozen embeddings. With fewer than MIN_VALIDATION validation pairs, too few to rank epochs,
+    the closed form the folds chose is the heads (epoch 0), where the training + validation pairs are enough to
+    cross-validate it. Otherwise the fixed recipe: `epochs` (at least `min_steps` steps), heads and matching network
+    together.
 
     The match threshold is set on `calibration` (image, text) pairs not trained on, else on the training pairs.
     `fold_ids`: the product ids of the training rows then the validation rows, by which the closed forms' folds
@@ -200,9 +210,11 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
     if cfg.patience > 0 and validation is not None:
         if len(validation[0]) >= MIN_VALIDATION:
             return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids)
-        if spec.head == "mlp+linear":
-            # Too few validation products to rank epochs, but the closed forms are still chosen by their folds:
-            # that start alone, rather than heads started at random and trained for epochs nothing chose.
+        rows = len(image_feats) + len(validation[0])
+        if spec.head == "mlp+linear" and can_cross_validate(rows, closed_form_folds(cfg, rows), fold_ids):
+            # Too few validation products to rank epochs, but enough rows for folds to choose a closed form: that
+            # start alone, rather than heads started at random and trained for epochs nothing chose. (Fewer rows
+            # would choose it in-sample: the least regularised fit would always win.)
             return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids,
                                               rank_epochs=False)
     return _train_fixed_epochs(image_feats, text_feats, spec, cfg, calibration)

@@ -99,8 +99,8 @@ def run(ctx: RunContext) -> dict:
         except Exception as exc:  # fail closed: no promotion without a comparison
             raise EvaluationFailed(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
 
-    split_metric = metric_on_split(cfg.promotion_metric, int(metrics.get("heldout_products") or 0))[0]
-    below = baseline_verdict(metrics, baselines, split_metric, cfg.baseline_tolerance)
+    below = baseline_verdict(metrics, baselines, metric_on_split(cfg.promotion_metric, metrics)[0],
+                             cfg.baseline_tolerance)
     settings = GateSettings(cfg.promotion_metric, cfg.promotion_tolerance, cfg.promote_backfills)
     try:
         gate = run_gate(ctx.lake, ctx.date, version, metrics, (fs.image_encoder, fs.text_encoder), below,
@@ -154,6 +154,10 @@ def _saved_metrics(lake: Lake, version: str, fingerprint: str) -> dict | None:
     if not isinstance(config, dict) or config.get("data_fingerprint") != fingerprint or not isinstance(metrics, dict):
         return None
     whole = all(lake.exists(Lake.model_file(version, part)) for part in ("weights", "history"))  # saved first, last
+    if whole and "mean_recall_at_1" not in metrics and all(
+            isinstance(metrics.get(f"{way}_recall_at_1"), (int, float)) for way in ("image_to_text", "text_to_image")):
+        # saved by a release before the gate could compare recall@1 (a small split does): the mean of the two
+        metrics["mean_recall_at_1"] = (metrics["image_to_text_recall_at_1"] + metrics["text_to_image_recall_at_1"]) / 2
     return metrics if whole else None
 
 

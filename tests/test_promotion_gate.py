@@ -498,8 +498,25 @@ def test_a_split_of_ten_or_fewer_products_compares_recall_at_1_so_a_model_that_d
     passed, reason, _ = gate_verdict(matching, [("current model", "m1", unrelated)], METRIC, 0.01, "")
     assert passed and "mean_recall_at_1 1.0000" in reason
     assert "below the closed-form baseline cca" in baseline_verdict(unrelated, {"cca": matching},
-                                                                      metric_on_split(METRIC, 8)[0], 0.01)
-    # Past 10 held-out products recall@10 tells them apart and is compared as configured.
-    assert metric_on_split(METRIC, 11) == (METRIC, "")
-    assert metric_on_split("text_to_image_recall_at_10_hubness", 10)[0] == "text_to_image_recall_at_1"
-    assert metric_on_split("matching_auc", 3) == ("matching_auc", "")
+                                                                      metric_on_split(METRIC, unrelated)[0], 0.01)
+    # Past 10 held-out products recall@10 tells them apart and is compared as configured; below 2 nothing is.
+    assert metric_on_split(METRIC, {"heldout_products": 11}) == (METRIC, "")
+    assert metric_on_split(METRIC, {"heldout_products": 1}) == (METRIC, "")
+    assert metric_on_split("text_to_image_recall_at_10_hubness", {"heldout_products": 10})[0] == \
+        "text_to_image_recall_at_1"
+    assert metric_on_split("image_to_text_recall_at_5", {"heldout_products": 5})[0] == "image_to_text_recall_at_1"
+    assert metric_on_split("matching_auc", {"heldout_products": 3}) == ("matching_auc", "")
+
+
+def test_a_model_saved_before_recall_at_1_was_compared_is_reused_with_it_derived(lake):
+    """A rerun reuses a saved version's metrics (the same data and settings): one saved by an earlier release has no
+    mean_recall_at_1, which a small split's gate compares; it is the mean of the two directions' recall@1."""
+    from jobs.train import _saved_metrics
+
+    old = {"heldout_products": 8, METRIC: 1.0, "image_to_text_recall_at_1": 0.5, "text_to_image_recall_at_1": 0.75}
+    save_model(lake, "2026-01-01-aaaaaaaaaa", MatcherModel(SPEC), {"data_fingerprint": "f"}, old, [])
+    reused = _saved_metrics(lake, "2026-01-01-aaaaaaaaaa", "f")
+    assert reused["mean_recall_at_1"] == 0.625
+    passed, reason, _ = gate_verdict(reused, [("current model", "m1", {**old, "mean_recall_at_1": 0.9})],
+                                     METRIC, 0.01, "")
+    assert not passed and "mean_recall_at_1 0.6250 is below current model m1 (0.9000)" in reason

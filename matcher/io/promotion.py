@@ -106,7 +106,7 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
     if metric not in new and held_out < 2:  # a tiny catalog: nothing measured, so nothing may replace what serves
         return False, (f"not compared: {held_out} held-out products, too few to measure {metric}; the served "
                        "model stays"), []
-    metric, why_metric = metric_on_split(metric, held_out)
+    metric, why_metric = metric_on_split(metric, new)
     new_value = metric_value(new, metric, "the new model")
     values = [(role, version, metric_value(m, metric, f"{role} {version}")) for role, version, m in compared]
     role, bar_version, bar = max(values, key=lambda r: r[2])
@@ -208,7 +208,7 @@ def run_gate(lake: Lake, date: str, version: str, new_metrics: dict, encoders: t
                                 f"model {current} was promoted for {promoted_for}); set train.promote_backfills = "
                                 f"true, or run `matcher models --promote {version}`, to serve it")
             return outcome
-        metric = metric_on_split(settings.metric, int(new_metrics.get("heldout_products") or 0))[0]
+        metric = metric_on_split(settings.metric, new_metrics)[0]
         new_value = new_metrics.get(metric)
         scored = [(v, metric_value(m, metric, v)) for _, v, m in compared]
         if isinstance(new_value, (int, float)) and math.isfinite(new_value):

@@ -205,11 +205,13 @@ def check_encoders(config: dict, image_encoder: str, text_encoder: str) -> None:
 _RECALL_AT_K = re.compile(r"recall_at_(\d+)")
 
 
-def metric_on_split(metric: str, held_out: int) -> tuple[str, str]:
-    """(the metric to compare, why it is not `metric`, or ""). Among k or fewer held-out products every model has
-    recall@k 1.0, so such a split compares recall@1, which still tells a model that matches from one that does not."""
+def metric_on_split(metric: str, new_metrics: dict) -> tuple[str, str]:
+    """(the metric to compare on the split `new_metrics` were measured on, why it is not `metric`, or ""). Among k
+    or fewer held-out products every model has recall@k 1.0, so such a split compares recall@1, which still tells a
+    model that matches from one that does not (below 2 nothing is measured: the metric stays as configured)."""
+    held_out = int(new_metrics.get("heldout_products") or 0)
     found = _RECALL_AT_K.search(metric)
-    if found is None or int(found.group(1)) <= 1 or held_out > int(found.group(1)):
+    if found is None or int(found.group(1)) <= 1 or held_out > int(found.group(1)) or held_out < 2:
         return metric, ""
     at_one = metric[:found.start()] + "recall_at_1"  # the plain ranking's: no recall@1 is kept with hubness
     return at_one, (f"compared by {at_one}: {metric} is 1.0 for any model among {held_out} held-out products")

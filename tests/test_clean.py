@@ -339,6 +339,11 @@ def test_columns_left_unread_and_look_alikes_of_absent_fields_are_noted_for_the_
     assert len(plan.notes) == 1 and "'product_id' is not read" in plan.notes[0]
     (tmp_path / "products.csv").write_text("product_id,title,image,description,category\n1,Red shirt,a.jpg,,\n")
     assert CatalogReader(str(tmp_path), cfg.storage).plan().notes == ()
+    # a look-alike whose name the clean table must respell (a space) is still named
+    (tmp_path / "products.csv").write_text("product_id,title,image,Product Description\n1,Red shirt,a.jpg,Soft\n")
+    assert CatalogReader(str(tmp_path), cfg.storage).plan().notes == (
+        "no description column, so every description reads as empty; 'Product Description' may be one: map it with "
+        "catalog.columns (description = 'Product Description')",)
 
 
 def test_a_catalog_location_naming_the_products_file_says_to_give_its_folder_and_a_sensor_does_not_wait(tmp_path):

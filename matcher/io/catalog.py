@@ -147,7 +147,8 @@ class CatalogReader:
         return path
 
     def find_products_file(self) -> str:
-        if self.fs.get_file_info(self.root).type == pafs.FileType.File:
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File and (info.size or 0) > 0:  # not an empty "folder" marker object
             name = posixpath.basename(self.root)
             raise CatalogMisconfigured(
                 f"catalog {self.uri} is a file: give its folder (photo paths are read relative to it)"
@@ -680,9 +681,9 @@ def _column_key(name: str) -> str:
 def column_notes(columns: list[str], mapping: dict[str, str]) -> tuple[str, ...]:
     """Warnings about how the file's `columns` are read under `mapping`: a column named like a field another
     column is mapped to is not read at all, and an optional field the file lacks may be in a look-alike column."""
-    notes, sources = [], set(mapping.values())
-    for column in columns:
-        if column in mapping and column not in sources:
+    notes, sources = [], {mapping[f] for f in CORE_COLUMNS if f in mapping}  # not the pass-through renames
+    for column in CORE_COLUMNS:
+        if column in columns and column in mapping and column not in sources:
             notes.append(f"column {column!r} is not read: catalog.columns maps {column} = {mapping[column]!r} (map "
                          f"it to another field to keep it)")
     for name, words in _FIELD_COLUMN_WORDS.items():

@@ -12,7 +12,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 from jobs.context import CONFIG_ENV, RunContext, StageError, load_deployment_config
 from jobs.pipeline import run_stage, stage_data
 from matcher.config import Config, ConfigError, dated, undated_catalog_warning
-from matcher.failures import classify
+from matcher.failures import classify, wrong_region
 from matcher.io.s3server import storage_ready
 from matcher.io.storage import StorageError
 from matcher.io.tables import published_tables, run_tables
@@ -314,6 +314,9 @@ def catalog_ready(ds: str = "", params: dict | None = None, dag_run: object = No
             if CatalogReader(catalog, cfg.storage, cfg.catalog).ready():
                 return True
         except (OSError, StorageError) as exc:
+            if wrong_region(exc):  # every poke would be refused the same way
+                _fail(f"the catalog's bucket is in another region than storage.s3_region "
+                      f"({cfg.storage.s3_region}): {' '.join(str(exc).split())[:300]}")
             log.warning("catalog check for %s failed, will poke again: %s", ds, " ".join(str(exc).split())[:300])
             return False
         except CatalogMisconfigured as exc:  # waiting would not settle it: fail now, saying what would

@@ -47,11 +47,13 @@ _RETRYABLE_NAMES = frozenset({
 _PERMANENT_OS_ERRORS = frozenset({"FileNotFoundError", "PermissionError", "IsADirectoryError", "NotADirectoryError",
                                   "FileExistsError", "UnidentifiedImageError", "BadGzipFile",
                                   "SSLCertVerificationError"})
+# S3's answer to a request signed for another region than the bucket's: storage.s3_region is wrong.
+_WRONG_REGION = re.compile(r"HTTP status 301|\bPermanentRedirect\b|configured region is")
 _PERMANENT_STORAGE = re.compile(
     r"AWS Error (?:ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|NO_SUCH_BUCKET|NO_SUCH_KEY|"
     r"NO_SUCH_UPLOAD|RESOURCE_NOT_FOUND|MISSING_AUTHENTICATION_TOKEN|INVALID_PARAMETER\w*|VALIDATION)"
     r"|HTTP status 4(?!08|29)\d\d|\bStatus Code: 4(?!08|29)\d\d"
-    r"|HTTP status 301|\bPermanentRedirect\b|configured region is"  # the bucket is in another region than set
+    r"|" + _WRONG_REGION.pattern +
     r"|\bAccessDenied\b|\bNoSuchBucket\b|\bNoSuchKey\b|\bInvalidAccessKeyId\b|\bSignatureDoesNotMatch\b"
     r"|No such file or directory|Permission denied|Path does not exist|Not a gzip file|inflate failed"
     r"|incorrect header check|cannot identify image file|magic bytes|[Cc]orrupt", re.ASCII)
@@ -137,6 +139,11 @@ def classify(exc: BaseException) -> Failure:
     # Not known to be transient, nor a known kind of bad input: most likely a bug, which a retry would repeat.
     return Failure(False, _summary(exc), f"an unexpected {type(exc).__name__}, most likely a bug; a retry would "
                                          "fail the same way")
+
+
+def wrong_region(exc: BaseException) -> bool:
+    """Did the object store refuse a request for being signed for another region (storage.s3_region)?"""
+    return any(_WRONG_REGION.search(_text(e)) for e in _chain(exc))
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -120,6 +120,34 @@ def test_bad_input_config_errors_and_refused_storage_are_permanent(tmp_path, s3_
         assert "a retry would fail the same way" in failure.message()
 
 
+def test_the_catalog_sensor_fails_at_once_on_a_mistyped_catalog_or_a_bucket_in_another_region(monkeypatch,
+                                                                                               tmp_path):
+    """Waiting settles neither: a conf's catalog `s3:/bucket/...` read as a local folder, and a store answering 301
+    to every poke, waited out the sensor's six hours."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs.airflow_tasks import catalog_ready
+    from matcher.io.catalog import CatalogReader
+
+    lake = f"file://{tmp_path}"
+    with pytest.raises(AirflowFailException, match=r"run.catalog s3:/drops/dt=\{ds\} is relative"):
+        catalog_ready("2026-01-02", {"config": "", "lake": lake, "catalog": "s3:/drops/dt={ds}"})
+
+    def refused(self):  # the injected fault: pyarrow's answer from a bucket in another region
+        raise OSError("When getting information for key 'dt=2026-01-02' in bucket 'drops': AWS Error UNKNOWN (HTTP "
+                      "status 301) during HeadObject operation: No response body.")
+
+    monkeypatch.setattr(CatalogReader, "ready", refused)
+    with pytest.raises(AirflowFailException, match=r"in another region than storage.s3_region \(us-east-1\)"):
+        catalog_ready("2026-01-02", {"config": "", "lake": lake, "catalog": "s3://drops/dt={ds}"})
+
+    def flaky(self):  # a transient error: the sensor pokes again
+        raise OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect")
+
+    monkeypatch.setattr(CatalogReader, "ready", flaky)
+    assert catalog_ready("2026-01-02", {"config": "", "lake": lake, "catalog": "s3://drops/dt={ds}"}) is False
+
+
 def test_a_run_without_a_logical_date_or_with_an_unknown_conf_key_fails_at_once_saying_so(tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
 

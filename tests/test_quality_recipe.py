@@ -701,3 +701,22 @@ def test_the_night_chooses_whether_the_text_head_reads_the_title_words(informati
     on = recipe(title_words="on", init="closed_form", patience=2)
     assert list(text_column_candidates(model_spec(on, 40, full.shape[1], "a", version), on)) == [""]
     assert list(text_column_candidates(model_spec(cfg, 40, 30, "a", "b"), cfg)) == [""]
+
+
+def test_the_report_of_a_closed_form_start_chosen_with_no_validation_product_renders():
+    """18 products of these ids hold 2 out and none for validation, yet fill the closed forms' folds: the start alone,
+    with no validation score to show (the report formatted None and the train stage failed)."""
+    from matcher.steps.train import recipe_summary, split_rows
+    from matcher.steps.training_report import render_training_report
+
+    img, txt, _ = synthetic_features(18)
+    ids = np.array([f"item{i}" for i in range(18)])
+    cfg = recipe()
+    assert split_rows(ids, cfg).validation.sum() == 0
+    result, _ = train_on_split(img, txt, ids, model_spec(cfg, 48, 32, "a", "b"), cfg)
+    summary = recipe_summary(result)
+    assert result.start != "random" and summary["epoch_0_validation_mrr"] is None
+    page = render_training_report("v1", "2026-01-01", {"heldout_products": 2}, None, result.history,
+                                  np.ones(2), np.zeros(2), "promoted", recipe=summary)
+    assert "heads: the closed form alone (epoch 0)</td><td></td><td>chosen" in page
+    assert "heads: trained, best of" not in page

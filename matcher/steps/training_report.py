@@ -61,11 +61,15 @@ def recipe_table(recipe: dict) -> str:
                    f"<td>{chosen if name == recipe.get('start_kind') else ''}</td></tr>"
                    for name, score in sorted(recipe.get("start_candidates", {}).items()))
     if recipe.get("best_epoch") is not None:
-        rows += (f"<tr><td>heads: the closed form alone (epoch 0)</td><td>{recipe['epoch_0_validation_mrr']:.4f}</td>"
-                 f"<td>{'chosen' if recipe['best_epoch'] == 0 else ''}</td></tr>"
-                 f"<tr><td>heads: trained, best of {recipe['epochs_tried']} epochs</td>"
-                 f"<td>{recipe['best_validation_mrr']:.4f}</td>"
-                 f"<td>{'chosen: epoch ' + str(recipe['best_epoch']) if recipe['best_epoch'] else ''}</td></tr>")
+        # With fewer than 2 validation products there is no score, and with too few to rank epochs none was tried.
+        epoch_0 = recipe.get("epoch_0_validation_mrr")
+        rows += (f"<tr><td>heads: the closed form alone (epoch 0)</td>"
+                 f"<td>{'' if epoch_0 is None else f'{epoch_0:.4f}'}</td>"
+                 f"<td>{'chosen' if recipe['best_epoch'] == 0 else ''}</td></tr>")
+        if recipe.get("epochs_tried"):
+            rows += (f"<tr><td>heads: trained, best of {recipe['epochs_tried']} epochs</td>"
+                     f"<td>{recipe['best_validation_mrr']:.4f}</td>"
+                     f"<td>{'chosen: epoch ' + str(recipe['best_epoch']) if recipe['best_epoch'] else ''}</td></tr>")
     power = recipe.get("image_power", 1.0)
     inputs = (f"<p>Photo features raised to the power {power:g} (signed) before the heads and the closed forms "
               f"(train.image_power).</p>" if power != 1.0 else "")

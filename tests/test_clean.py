@@ -358,6 +358,9 @@ def test_a_catalog_location_naming_the_products_file_says_to_give_its_folder_and
                                                    r"'export.csv'$"):
         CatalogReader(str(tmp_path / "export.csv"), load_config().storage).plan()
     assert not CatalogReader(str(tmp_path / "absent"), load_config().storage).ready()  # not there yet: wait
+    (tmp_path / "empty.csv").write_bytes(b"")  # an empty local file is a file too (only S3 has empty "folders")
+    with pytest.raises(CatalogMisconfigured, match="empty.csv is a file"):
+        CatalogReader(str(tmp_path / "empty.csv"), load_config().storage).ready()
 
 
 def test_a_protocol_relative_photo_url_is_read_as_https_under_the_same_rules(tmp_path):

@@ -359,6 +359,10 @@ def test_a_catalog_too_small_to_rank_epochs_serves_its_closed_form_start_where_f
         assert result.start == "random" and summary["recipe"] == "fixed epochs"
     z, u, _ = embed(served.model, img, txt)
     assert np.isfinite(z).all() and np.isfinite(u).all()
+    # train.closed_form_folds = 1 chooses on the validation products alone: from 2 of them, the start alone too.
+    alone = recipe(closed_form_folds=1)
+    result, _ = train_on_split(img, txt, ids, model_spec(alone, 48, 32, "a", "b"), alone)
+    assert (result.start != "random") == (split.validation.sum() >= 2)
 
 
 @pytest.mark.parametrize("n, train", [

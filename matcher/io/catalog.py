@@ -148,7 +148,8 @@ class CatalogReader:
 
     def find_products_file(self) -> str:
         info = self.fs.get_file_info(self.root)
-        if info.type == pafs.FileType.File and (info.size or 0) > 0:  # not an empty "folder" marker object
+        # (on S3 an empty object at the prefix's own key is a "folder" marker some tools write, not a products file)
+        if info.type == pafs.FileType.File and not (is_s3(self.uri) and not info.size):
             name = posixpath.basename(self.root)
             raise CatalogMisconfigured(
                 f"catalog {self.uri} is a file: give its folder (photo paths are read relative to it)"

@@ -211,10 +211,12 @@ def train_model(image_feats: np.ndarray, text_feats: np.ndarray, spec: ModelSpec
         if len(validation[0]) >= MIN_VALIDATION:
             return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids)
         rows = len(image_feats) + len(validation[0])
-        if spec.head == "mlp+linear" and can_cross_validate(rows, closed_form_folds(cfg, rows), fold_ids):
-            # Too few validation products to rank epochs, but enough rows for folds to choose a closed form: that
-            # start alone, rather than heads started at random and trained for epochs nothing chose. (Fewer rows
-            # would choose it in-sample: the least regularised fit would always win.)
+        chosen_out_of_sample = can_cross_validate(rows, closed_form_folds(cfg, rows), fold_ids) or (
+            len(validation[0]) >= 2 and len(image_feats) >= 2)  # as fit_baselines chooses: folds, else validation
+        if spec.head == "mlp+linear" and chosen_out_of_sample:
+            # Too few validation products to rank epochs, but enough rows to choose a closed form on rows it was not
+            # fitted on: that start alone, rather than heads started at random and trained for epochs nothing chose.
+            # (Fewer rows would choose it in-sample: the least regularised fit would always win.)
             return _train_with_early_stopping(image_feats, text_feats, spec, cfg, calibration, validation, fold_ids,
                                               rank_epochs=False)
     return _train_fixed_epochs(image_feats, text_feats, spec, cfg, calibration)

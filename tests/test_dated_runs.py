@@ -107,7 +107,7 @@ def test_the_sensor_waits_for_the_dates_snapshot_and_its_marker_and_pokes_again_
 @pytest.mark.parametrize("run, message", [
     ({}, "no catalog configured: set run.catalog in the TOML file named by $MATCHER_CONFIG"),
     ({"catalog": "/data/c", "lake": "file://.matcher/lake"}, "is relative, and Airflow workers run"),
-    ({"catalog": "/data/c", "lake": "~/lake"}, "run.lake ~/lake is relative"),  # (each task wrote its own lake)
+    ({"catalog": "/data/c", "lake": "~/lake"}, "run.lake starts with ~, which only a shell expands"),
     ({"catalog": "data/c", "lake": "s3://b/lake"}, "run.catalog data/c is relative"),
     ({"catalog": "s3://b/c/dt={{ ds }}", "lake": "s3://b/lake"}, "placeholders {ds} and {ds_nodash} only"),
 ])

@@ -29,7 +29,13 @@ from matcher.io.registry import (
     save_model,
 )
 from matcher.steps.baselines import baseline_metrics
-from matcher.steps.evaluate import embed, evaluate_model, model_pair_scorer, true_and_false_pair_scores
+from matcher.steps.evaluate import (
+    embed,
+    evaluate_model,
+    mean_recalls,
+    model_pair_scorer,
+    true_and_false_pair_scores,
+)
 from matcher.steps.hubness import bank_rows
 from matcher.steps.model import ModelError
 from matcher.steps.train import (
@@ -154,11 +160,8 @@ def _saved_metrics(lake: Lake, version: str, fingerprint: str) -> dict | None:
     if not isinstance(config, dict) or config.get("data_fingerprint") != fingerprint or not isinstance(metrics, dict):
         return None
     whole = all(lake.exists(Lake.model_file(version, part)) for part in ("weights", "history"))  # saved first, last
-    if whole and "mean_recall_at_1" not in metrics and all(
-            isinstance(metrics.get(f"{way}_recall_at_1"), (int, float)) for way in ("image_to_text", "text_to_image")):
-        # saved by a release before the gate could compare recall@1 (a small split does): the mean of the two
-        metrics["mean_recall_at_1"] = (metrics["image_to_text_recall_at_1"] + metrics["text_to_image_recall_at_1"]) / 2
-    return metrics if whole else None
+    # Saved by a release before the gate could compare mean recall@1 (a small split does): derived, saved ones kept.
+    return {**mean_recalls(metrics), **metrics} if whole else None
 
 
 def _report(date, version, result, fs, heldout, metrics, previous_metrics, decision, baselines, served_note) -> str:

@@ -107,17 +107,17 @@ def gate_verdict(new: dict, compared: list[tuple[str, str, dict]], metric: str, 
         return False, (f"not compared: {held_out} held-out products, too few to measure {metric}; the served "
                        "model stays"), []
     metric, why_metric = metric_on_split(metric, new)
+    why_metric = f"; {why_metric}" if why_metric else ""
     new_value = metric_value(new, metric, "the new model")
     values = [(role, version, metric_value(m, metric, f"{role} {version}")) for role, version, m in compared]
     role, bar_version, bar = max(values, key=lambda r: r[2])
     against = "; ".join(f"{r} {v} {x:.4f}" for r, v, x in values)
     if new_value + _FLOAT_SLACK < bar - tolerance:
         return False, (f"{metric} {new_value:.4f} is below {role} {bar_version} ({bar:.4f}) by more than the "
-                       f"tolerance {tolerance}; compared with {against}{'; ' + why_metric if why_metric else ''}"), []
+                       f"tolerance {tolerance}; compared with {against}{why_metric}"), []
     if below_baseline:
         return False, f"refused: {below_baseline}", []
-    return True, (f"{metric} {new_value:.4f} vs {against} (tolerance {tolerance}, against the best"
-                  f"{'; ' + why_metric if why_metric else ''})"), []
+    return True, f"{metric} {new_value:.4f} vs {against} (tolerance {tolerance}, against the best{why_metric})", []
 
 
 def rerun_decision(date: str, earlier: dict) -> str:

@@ -77,6 +77,13 @@ def recall_at_10_with_hubness(z: np.ndarray, u: np.ndarray, rows: np.ndarray, ba
             recall_at_k(normalised_scores(z[rows], u[rows], text_hub), (10,))[10]}
 
 
+def mean_recalls(metrics: dict) -> dict[str, float]:
+    """mean_recall_at_1 and _at_10: each the mean of the two directions' recall, where `metrics` hold both."""
+    ways = ("image_to_text", "text_to_image")
+    return {f"mean_recall_at_{k}": sum(metrics[f"{w}_recall_at_{k}"] for w in ways) / 2 for k in (1, 10)
+            if all(isinstance(metrics.get(f"{w}_recall_at_{k}"), (int, float)) for w in ways)}
+
+
 def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: np.ndarray, heldout: np.ndarray,
                       pair_score: PairScorer, threshold: float, seed: int = 0,
                       hubness_bank: tuple[np.ndarray, float] | None = None) -> dict[str, float]:
@@ -90,9 +97,7 @@ def embedding_metrics(z: np.ndarray, u: np.ndarray, v: np.ndarray, categories: n
         metrics[f"image_to_text_recall_at_{k}"] = r
     for k, r in recall_at_k(sim.T).items():
         metrics[f"text_to_image_recall_at_{k}"] = r
-    for k in (1, 10):
-        metrics[f"mean_recall_at_{k}"] = (metrics[f"image_to_text_recall_at_{k}"]
-                                          + metrics[f"text_to_image_recall_at_{k}"]) / 2
+    metrics |= mean_recalls(metrics)
     if hubness_bank is not None and len(hubness_bank[0]):
         metrics |= recall_at_10_with_hubness(z, u, ho, *hubness_bank)
 
